@@ -1,0 +1,170 @@
+//! Types shared by the kernel programs (`sensor-ebpf`) and the agent (`sensor`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding and no `bool`, so both sides agree on the
+//! layout byte for byte; the size assertions below break the build if a field changes.
+#![no_std]
+
+/// Default capacity of the live-connection map (entries, one per open watched connection).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
+/// Default size of the ring buffer that carries closed-connection records (bytes, power of two).
+pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
+
+/// `ConnStats::proto`: nothing seen from the client yet.
+pub const PROTO_UNKNOWN: u8 = 0;
+/// `ConnStats::proto`: the first client payload began with an HTTP/1.x request method.
+pub const PROTO_HTTP1: u8 = 1;
+/// `ConnStats::proto`: anything else (TLS, HTTP/2, ...): requests are counted as turns.
+pub const PROTO_OTHER: u8 = 2;
+
+/// `ConnStats::req_start` when no new exchange is expected (the client is mid-request).
+pub const NO_EXCHANGE_PENDING: u64 = u64::MAX;
+
+/// Map names, shared so the agent and the kernel object cannot drift apart.
+pub const MAP_CONNS: &str = "CONNS";
+pub const MAP_CLOSED: &str = "CLOSED";
+pub const MAP_PORTS: &str = "PORTS";
+pub const MAP_LOSS: &str = "LOSS";
+
+/// Program names (the function names in `sensor-ebpf`).
+pub const PROG_INGRESS: &str = "sensor_ingress";
+pub const PROG_EGRESS: &str = "sensor_egress";
+pub const PROG_SOCKOPS: &str = "sensor_sockops";
+
+/// Per-connection counters: the value of the `CONNS` map, keyed by socket cookie (`u64`).
+///
+/// Addresses are 16 bytes in network order; IPv4 is stored as an IPv4-mapped IPv6 address.
+/// "in" is client -> this host, "out" is this host -> client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `AF_INET` or `AF_INET6` of the socket (a dual-stack socket may carry IPv4 traffic).
+    pub family: u16,
+    /// One of the `PROTO_*` constants.
+    pub proto: u8,
+    /// 1 once the kernel saw the connection close but could not push the record (ring buffer
+    /// full); the agent then takes the record from the map instead, so totals are never lost.
+    pub closed: u8,
+    /// TCP payload bytes, each sequence number counted once (retransmissions excluded).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// TCP segments as the kernel counts them (`ss -ti` segs_in / segs_out): a GRO/GSO packet
+    /// counts as the number of segments it carries.
+    pub packets_in: u64,
+    pub packets_out: u64,
+    /// HTTP/1.x requests, or request turns for other protocols (see docs/counters.md).
+    pub requests: u64,
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// Sequence numbers of the first payload byte each way (ISN + 1).
+    pub in_seq_base: u32,
+    pub out_seq_base: u32,
+    /// Ingress payload offset at which the next exchange is expected to start, or
+    /// `NO_EXCHANGE_PENDING`.
+    pub req_start: u64,
+}
+
+/// A record on the `CLOSED` ring buffer: the final counters of a connection that closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClosedConn {
+    pub cookie: u64,
+    pub stats: ConnStats,
+}
+
+/// Index into the per-CPU `LOSS` array: every way the kernel side can lose or skip data.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// A closed-connection record did not fit in the ring buffer (the agent reaps it from the map).
+    RingBufFull = 0,
+    /// A new watched connection found the connection map full: it is not counted at all.
+    ConnMapFull = 1,
+    /// A packet of a watched connection whose headers could not be read (counted, not parsed).
+    Unparsed = 2,
+}
+
+impl Loss {
+    pub const ALL: [Loss; 3] = [Loss::RingBufFull, Loss::ConnMapFull, Loss::Unparsed];
+    /// Number of slots in the `LOSS` map.
+    pub const SLOTS: u32 = 8;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Loss::RingBufFull => "ringbuf_full",
+            Loss::ConnMapFull => "conn_map_full",
+            Loss::Unparsed => "unparsed_packets",
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<ConnStats>() == 112);
+const _: () = assert!(core::mem::align_of::<ConnStats>() == 8);
+const _: () = assert!(core::mem::size_of::<ClosedConn>() == 120);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both are repr(C), contain only integers and byte arrays, and have no padding
+    // (the size assertions above pin that), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ConnStats {}
+    unsafe impl aya::Pod for super::ClosedConn {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Field offsets the kernel object was compiled with; a reorder would silently corrupt reads.
+    #[test]
+    fn layout_is_stable() {
+        assert_eq!(core::mem::offset_of!(ConnStats, local_port), 32);
+        assert_eq!(core::mem::offset_of!(ConnStats, bytes_in), 40);
+        assert_eq!(core::mem::offset_of!(ConnStats, first_seen_ns), 80);
+        assert_eq!(core::mem::offset_of!(ConnStats, in_seq_base), 96);
+        assert_eq!(core::mem::offset_of!(ConnStats, req_start), 104);
+        assert_eq!(core::mem::offset_of!(ClosedConn, stats), 8);
+    }
+
+    /// Records cross the kernel boundary as raw bytes: a byte copy must give the same value back.
+    #[test]
+    fn closed_conn_round_trips_through_bytes() {
+        let rec = ClosedConn {
+            cookie: 0x0102_0304_0506_0708,
+            stats: ConnStats {
+                local_addr: [7; 16],
+                remote_addr: [9; 16],
+                local_port: 8080,
+                remote_port: 51000,
+                family: 10,
+                proto: PROTO_HTTP1,
+                closed: 1,
+                bytes_in: 1,
+                bytes_out: 2,
+                packets_in: 3,
+                packets_out: 4,
+                requests: 5,
+                first_seen_ns: 6,
+                last_seen_ns: 7,
+                in_seq_base: 8,
+                out_seq_base: 9,
+                req_start: NO_EXCHANGE_PENDING,
+            },
+        };
+        let mut bytes = [0u8; core::mem::size_of::<ClosedConn>()];
+        // SAFETY: ClosedConn is repr(C) without padding; copying its bytes is well defined.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (&rec as *const ClosedConn).cast::<u8>(),
+                bytes.as_mut_ptr(),
+                bytes.len(),
+            );
+        }
+        // SAFETY: bytes has the exact size and any bit pattern is a valid ClosedConn.
+        let back: ClosedConn = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        assert_eq!(back, rec);
+    }
+}

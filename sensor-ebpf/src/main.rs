@@ -1,0 +1,469 @@
+//! Kernel programs of the traffic sensor.
+//!
+//! * `sensor_sockops` (sock_ops, cgroup): opens a record when a connection to a watched local
+//!   port is established and, when the connection closes, pushes its final counters to the agent
+//!   through the `CLOSED` ring buffer and frees the record.
+//! * `sensor_ingress` / `sensor_egress` (cgroup_skb): count payload bytes, segments and requests
+//!   of every packet of a recorded connection.
+//!
+//! A passive sensor never drops or alters traffic: every program returns "allow" on every path.
+#![no_std]
+#![no_main]
+// The bpf target has no `AtomicU64` read-modify-write methods; the intrinsics lower to the
+// kernel's BPF atomic instructions (BPF_ATOMIC add and cmpxchg, kernel >= 5.12).
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics is the only way to BPF atomics"
+)]
+
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
+};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    macros::{cgroup_skb, map, sock_ops},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{SkBuffContext, SockOpsContext},
+};
+use aya_log_ebpf::warn;
+use sensor_common::{
+    ClosedConn, ConnStats, DEFAULT_MAX_CONNECTIONS, DEFAULT_RING_BYTES, Loss, NO_EXCHANGE_PENDING,
+    PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN,
+};
+
+/// cgroup_skb verdict that lets the packet through.
+const ALLOW: i32 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HEADER_LEN: usize = 40;
+/// Attempts at the compare-and-swap that advances a byte counter; two CPUs racing on one
+/// direction of one connection is rare, three rounds always settle it in practice.
+const CAS_ATTEMPTS: usize = 3;
+
+/// Live connections, keyed by socket cookie. The agent sizes it at load time.
+#[map]
+static CONNS: HashMap<u64, ConnStats> = HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
+
+/// Final counters of closed connections, read by the agent.
+#[map]
+static CLOSED: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// Watched local ports: index = port, value 1 = watched. Filled by the agent.
+#[map]
+static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+
+/// Loss and skip counters, indexed by `sensor_common::Loss`.
+#[map]
+static LOSS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Loss::SLOTS, 0);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client -> this host.
+    In,
+    /// This host -> client.
+    Out,
+}
+
+/// Why a packet could not be parsed; every case is counted as `Loss::Unparsed`.
+struct Unparsed;
+
+fn count_loss(kind: Loss) {
+    if let Some(slot) = LOSS.get_ptr_mut(kind as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+fn watched(port: u32) -> bool {
+    matches!(PORTS.get(port), Some(&1))
+}
+
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// Atomically adds to a `u64` field of a map value.
+///
+/// SAFETY: `field` points into a live map value (8-byte aligned).
+unsafe fn atomic_add(field: *mut u64, value: u64) {
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, value) };
+}
+
+/// Compare-and-swap on a `u64` field of a map value; true when `new` was stored.
+///
+/// SAFETY: as `atomic_add`.
+unsafe fn atomic_replace(field: *mut u64, current: u64, new: u64) -> bool {
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+            field, current, new,
+        )
+    }
+    .1
+}
+
+/// Reads a `u64` field that other CPUs may update.
+///
+/// SAFETY: as `atomic_add`.
+unsafe fn read_shared(field: *const u64) -> u64 {
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+// --- sock_ops: connection lifecycle -------------------------------------------------------
+
+#[sock_ops]
+pub fn sensor_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => open_connection(&ctx),
+        // args[1] is the new state (include/net/tcp_states.h).
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => close_connection(&ctx),
+        _ => {}
+    }
+    // sock_ops return values are ignored for these callbacks; 1 means "ok".
+    1
+}
+
+/// A client connected to a local port: record it if the port is watched.
+///
+/// Runs when the server side reaches ESTABLISHED (tcp_init_transfer), before the payload of
+/// the handshake's final ACK, if any, is queued: rcv_nxt and snd_nxt are then ISN + 1 each way.
+fn open_connection(ctx: &SockOpsContext) {
+    if !watched(ctx.local_port()) {
+        return;
+    }
+    let ops = ctx.ops;
+    // SAFETY: ops is the context pointer the kernel passed; the fields are readable for
+    // full sockets, which PASSIVE_ESTABLISHED always has.
+    let (rcv_nxt, snd_nxt, segs_in, segs_out) = unsafe {
+        (
+            (*ops).rcv_nxt,
+            (*ops).snd_nxt,
+            (*ops).segs_in,
+            (*ops).segs_out,
+        )
+    };
+    let family = ctx.family() as u16;
+    let (local_addr, remote_addr) = if family == AF_INET {
+        (v4_mapped(ctx.local_ip4()), v4_mapped(ctx.remote_ip4()))
+    } else {
+        (ip6_bytes(ctx.local_ip6()), ip6_bytes(ctx.remote_ip6()))
+    };
+    let now = now_ns();
+    let stats = ConnStats {
+        local_addr,
+        remote_addr,
+        local_port: ctx.local_port() as u16,
+        // remote_port holds the port in network order in its upper half on little endian
+        // (sock_ops_convert_ctx_access shifts it); ntohl gives the host-order port.
+        remote_port: u32::from_be(ctx.remote_port()) as u16,
+        family,
+        proto: PROTO_UNKNOWN,
+        closed: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        // The handshake segments were counted by the kernel before the record existed.
+        packets_in: u64::from(segs_in),
+        packets_out: u64::from(segs_out),
+        requests: 0,
+        first_seen_ns: now,
+        last_seen_ns: now,
+        in_seq_base: rcv_nxt,
+        out_seq_base: snd_nxt,
+        req_start: 0,
+    };
+    // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if CONNS
+        .insert(&cookie, &stats, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        count_loss(Loss::ConnMapFull);
+        warn!(
+            ctx,
+            "connection map full: port {} not counted", stats.local_port
+        );
+        return;
+    }
+    // Ask for state callbacks on this socket only, to see it close.
+    if ctx
+        .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_err()
+    {
+        let _ = CONNS.remove(&cookie);
+        count_loss(Loss::ConnMapFull);
+    }
+}
+
+/// The connection reached TCP_CLOSE (normal close, reset, or moving to TIME_WAIT): push its
+/// final counters and free the record. Every packet of the connection has passed the cgroup_skb
+/// programs by now: the last one (FIN or ACK) is filtered before TCP processes it.
+fn close_connection(ctx: &SockOpsContext) {
+    // SAFETY: sock_ops context, accepted by the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(stats) = CONNS.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: pointer into a live map value.
+    let stats = unsafe { &mut *stats };
+    stats.last_seen_ns = now_ns();
+    match CLOSED.reserve::<ClosedConn>(0) {
+        Some(mut entry) => {
+            entry.write(ClosedConn {
+                cookie,
+                stats: *stats,
+            });
+            entry.submit(0);
+            let _ = CONNS.remove(&cookie);
+        }
+        None => {
+            // Keep the record; the agent's next poll takes it from the map. Nothing is lost.
+            stats.closed = 1;
+            count_loss(Loss::RingBufFull);
+        }
+    }
+}
+
+fn v4_mapped(addr_be: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    let b = addr_be.to_ne_bytes();
+    out[12] = b[0];
+    out[13] = b[1];
+    out[14] = b[2];
+    out[15] = b[3];
+    out
+}
+
+fn ip6_bytes(words_be: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words_be[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+// --- cgroup_skb: per-packet counting ------------------------------------------------------
+
+#[cgroup_skb]
+pub fn sensor_ingress(ctx: SkBuffContext) -> i32 {
+    if count_packet(&ctx, Direction::In).is_err() {
+        count_loss(Loss::Unparsed);
+    }
+    ALLOW
+}
+
+#[cgroup_skb]
+pub fn sensor_egress(ctx: SkBuffContext) -> i32 {
+    if count_packet(&ctx, Direction::Out).is_err() {
+        count_loss(Loss::Unparsed);
+    }
+    ALLOW
+}
+
+/// The one bounds-checked read from the packet: bpf_skb_load_bytes fails instead of reading
+/// past the end, also for non-linear (paged, GSO) buffers.
+fn load<T>(ctx: &SkBuffContext, offset: usize) -> Result<T, Unparsed> {
+    ctx.load::<T>(offset).map_err(|_| Unparsed)
+}
+
+/// TCP header facts of one packet. cgroup_skb buffers start at the network header.
+struct Segment {
+    seq: u32,
+    payload_offset: usize,
+    payload_len: u32,
+    /// Segments the buffer carries (GSO/GRO aggregate several), as the kernel's segs_in/out.
+    segments: u64,
+}
+
+fn parse(ctx: &SkBuffContext) -> Result<Segment, Unparsed> {
+    let skb = ctx.skb.skb;
+    // SAFETY: skb is the context pointer; these __sk_buff fields are readable by cgroup_skb.
+    let (protocol, gso_segs) = unsafe { ((*skb).protocol, (*skb).gso_segs) };
+    let l4_offset = if protocol == u32::from(ETH_P_IP.to_be()) {
+        let version_ihl: u8 = load(ctx, 0)?;
+        let proto: u8 = load(ctx, 9)?;
+        if proto != IPPROTO_TCP {
+            return Err(Unparsed);
+        }
+        usize::from(version_ihl & 0x0f) * 4
+    } else if protocol == u32::from(ETH_P_IPV6.to_be()) {
+        // Extension headers before TCP are not followed; such packets count as unparsed.
+        let next_header: u8 = load(ctx, 6)?;
+        if next_header != IPPROTO_TCP {
+            return Err(Unparsed);
+        }
+        IPV6_HEADER_LEN
+    } else {
+        return Err(Unparsed);
+    };
+    if l4_offset < 20 || l4_offset > 60 {
+        return Err(Unparsed);
+    }
+    let seq = u32::from_be(load::<u32>(ctx, l4_offset + 4)?);
+    let data_offset: u8 = load(ctx, l4_offset + 12)?;
+    let payload_offset = l4_offset + usize::from(data_offset >> 4) * 4;
+    // skb->len is the network-layer length: ip_rcv trims ingress padding, and a GSO buffer's
+    // length covers all its segments.
+    let payload_len = ctx.len().saturating_sub(payload_offset as u32);
+    Ok(Segment {
+        seq,
+        payload_offset,
+        payload_len,
+        segments: u64::from(if gso_segs == 0 { 1 } else { gso_segs }),
+    })
+}
+
+fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparsed> {
+    // SAFETY: context pointer; local_port is the socket's bound port in host order.
+    let local_port = unsafe { (*ctx.skb.skb).local_port };
+    if !watched(local_port) {
+        return Ok(());
+    }
+    // SAFETY: cgroup_skb context, accepted by the helper; returns the socket's cookie.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr() as *mut c_void) };
+    let Some(stats) = CONNS.get_ptr_mut(&cookie) else {
+        // The listener's own packets, or a connection established before the sensor attached.
+        return Ok(());
+    };
+    let segment = parse(ctx)?;
+    // SAFETY: stats points into a live map value; fields are only updated atomically or as
+    // single aligned stores, which tolerate concurrent readers.
+    unsafe {
+        let (packets, bytes, seq_base) = match direction {
+            Direction::In => (
+                &raw mut (*stats).packets_in,
+                &raw mut (*stats).bytes_in,
+                (*stats).in_seq_base,
+            ),
+            Direction::Out => (
+                &raw mut (*stats).packets_out,
+                &raw mut (*stats).bytes_out,
+                (*stats).out_seq_base,
+            ),
+        };
+        atomic_add(packets, segment.segments);
+        (*stats).last_seen_ns = now_ns();
+        if segment.payload_len == 0 {
+            return Ok(());
+        }
+        let (start, new_data) = advance(bytes, seq_base, &segment);
+        match direction {
+            Direction::In => track_request(ctx, &mut *stats, start, &segment)?,
+            Direction::Out => {
+                // New reply data: the next client payload starts a new exchange.
+                if new_data && (*stats).req_start == NO_EXCHANGE_PENDING {
+                    (*stats).req_start = read_shared(&raw const (*stats).bytes_in);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Advances a direction's byte counter to the end of this segment, if that is further than
+/// what was seen: each sequence number counts once, so retransmissions add nothing and a segment
+/// that arrives after a gap counts the gap, which the retransmission then fills.
+///
+/// The counter is the payload offset (bytes past ISN + 1) of the highest byte seen: its low
+/// 32 bits extend the 32-bit sequence space, so transfers over 4 GiB count right.
+/// Returns the segment's start offset and whether it carried new data.
+///
+/// SAFETY: `counter` points into a live map value.
+unsafe fn advance(counter: *mut u64, seq_base: u32, segment: &Segment) -> (i64, bool) {
+    let mut start = 0i64;
+    for _ in 0..CAS_ATTEMPTS {
+        // SAFETY: per the function contract.
+        let current = unsafe { read_shared(counter) };
+        let distance = segment
+            .seq
+            .wrapping_sub(seq_base)
+            .wrapping_sub(current as u32) as i32;
+        start = current as i64 + i64::from(distance);
+        let end = start + i64::from(segment.payload_len);
+        if end <= current as i64 {
+            return (start, false);
+        }
+        // SAFETY: per the function contract.
+        if unsafe { atomic_replace(counter, current, end as u64) } {
+            return (start, true);
+        }
+    }
+    (start, false)
+}
+
+/// Counts a request when client payload starts a new exchange (see docs/counters.md).
+///
+/// `req_start` is where the next exchange must begin: the client's byte offset when the server
+/// last sent new data. Deciding at that exact offset, not at "first new data", keeps the count
+/// right when the request's first segment is lost and arrives after later ones.
+fn track_request(
+    ctx: &SkBuffContext,
+    stats: &mut ConnStats,
+    start: i64,
+    segment: &Segment,
+) -> Result<(), Unparsed> {
+    let pending = stats.req_start;
+    if pending == NO_EXCHANGE_PENDING || start < pending as i64 {
+        return Ok(());
+    }
+    let at_exchange_start = start == pending as i64;
+    let counts = match stats.proto {
+        PROTO_HTTP1 if at_exchange_start => starts_with_method(ctx, segment)?,
+        PROTO_UNKNOWN if at_exchange_start => {
+            let http = starts_with_method(ctx, segment)?;
+            stats.proto = if http { PROTO_HTTP1 } else { PROTO_OTHER };
+            true
+        }
+        // Other protocols: any client payload after a reply is a new turn.
+        PROTO_OTHER => true,
+        // HTTP whose exchange start is still missing (lost, to be retransmitted): wait for it.
+        _ => return Ok(()),
+    };
+    // Decided either way: a continuation (e.g. a body after "100 Continue") is not a request.
+    stats.req_start = NO_EXCHANGE_PENDING;
+    if counts {
+        // SAFETY: field of a live map value.
+        unsafe { atomic_add(&raw mut stats.requests, 1) };
+    }
+    Ok(())
+}
+
+/// Whether the payload begins with an HTTP/1.x request method and a space (RFC 9110 methods).
+fn starts_with_method(ctx: &SkBuffContext, segment: &Segment) -> Result<bool, Unparsed> {
+    if segment.payload_len < 4 {
+        return Ok(false);
+    }
+    let head: [u8; 4] = load(ctx, segment.payload_offset)?;
+    Ok(matches!(
+        &head,
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
+    ))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
