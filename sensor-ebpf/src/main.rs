@@ -42,7 +42,6 @@ use sensor_common::{
 /// cgroup_skb verdict that lets the packet through.
 const ALLOW: i32 = 1;
 const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
@@ -157,7 +156,14 @@ fn open_connection(ctx: &SockOpsContext) {
     let (local_addr, remote_addr) = if family == AF_INET {
         (v4_mapped(ctx.local_ip4()), v4_mapped(ctx.remote_ip4()))
     } else {
-        (ip6_bytes(ctx.local_ip6()), ip6_bytes(ctx.remote_ip6()))
+        // SAFETY: context pointer; each word is read with its own constant ctx offset, which
+        // the verifier requires (copying the array would go through a derived pointer).
+        unsafe {
+            (
+                ip6_bytes(read_words(&raw const (*ops).local_ip6)),
+                ip6_bytes(read_words(&raw const (*ops).remote_ip6)),
+            )
+        }
     };
     let now = now_ns();
     let stats = ConnStats {
@@ -246,6 +252,22 @@ fn v4_mapped(addr_be: u32) -> [u8; 16] {
     out
 }
 
+/// Reads a 4-word context field word by word.
+///
+/// SAFETY: `field` points at a `[u32; 4]` field of the program context.
+#[inline(always)]
+unsafe fn read_words(field: *const [u32; 4]) -> [u32; 4] {
+    let words = field.cast::<u32>();
+    unsafe {
+        [
+            core::ptr::read_volatile(words),
+            core::ptr::read_volatile(words.add(1)),
+            core::ptr::read_volatile(words.add(2)),
+            core::ptr::read_volatile(words.add(3)),
+        ]
+    }
+}
+
 fn ip6_bytes(words_be: [u32; 4]) -> [u8; 16] {
     let mut out = [0u8; 16];
     let mut i = 0;
@@ -262,7 +284,7 @@ fn ip6_bytes(words_be: [u32; 4]) -> [u8; 16] {
 
 // --- cgroup_skb: per-packet counting ------------------------------------------------------
 
-#[cgroup_skb]
+#[cgroup_skb(ingress)]
 pub fn sensor_ingress(ctx: SkBuffContext) -> i32 {
     if count_packet(&ctx, Direction::In).is_err() {
         count_loss(Loss::Unparsed);
@@ -270,7 +292,7 @@ pub fn sensor_ingress(ctx: SkBuffContext) -> i32 {
     ALLOW
 }
 
-#[cgroup_skb]
+#[cgroup_skb(egress)]
 pub fn sensor_egress(ctx: SkBuffContext) -> i32 {
     if count_packet(&ctx, Direction::Out).is_err() {
         count_loss(Loss::Unparsed);

@@ -1,1 +1,24 @@
-fn main() {}
+//! `sensor`: the agent and its command line.
+
+mod agent;
+mod api;
+mod capture;
+mod cli;
+mod config;
+mod conntable;
+mod views;
+
+use clap::Parser as _;
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = cli::Cli::parse();
+    match cli.command {
+        cli::Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(agent::run(args)),
+        cli::Command::Conns(args) => views::conns(&args),
+    }
+}

@@ -1,0 +1,55 @@
+//! Command line: `sensor run` (the agent) and the read-only views.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sensor",
+    version,
+    about = "eBPF traffic sensor for AI inference hosts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: load and attach the kernel programs, count, serve the local API.
+    Run(RunArgs),
+    /// List live and recently closed connections to the watched ports.
+    Conns(ConnsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML); without it the embedded defaults apply.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// cgroup v2 to watch (absolute, or relative to the cgroup v2 mount); default: the root.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// Watched local ports, comma separated (replaces the configured list).
+    #[arg(long, value_name = "LIST", value_parser = crate::config::parse_ports)]
+    // Spelled `std::vec::Vec` so clap takes the whole list from one value parser call
+    // instead of treating it as a repeated argument.
+    pub ports: Option<std::vec::Vec<u16>>,
+    /// Local API socket (replaces the configured path).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Live-connection poll interval in milliseconds (replaces the configured value).
+    #[arg(long, value_name = "MS")]
+    pub poll_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConnsArgs {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The agent's local API socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
+    pub socket: PathBuf,
+}

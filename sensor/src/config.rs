@@ -1,0 +1,268 @@
+//! Agent configuration: an embedded default, overridden by an optional TOML file and flags.
+//!
+//! Errors name the file, the line and the key, because an operator fixing a config on a host
+//! should not have to guess.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// The defaults, documented; `sensor run` without `--config` uses exactly this.
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub capture: Capture,
+    #[serde(default)]
+    pub api: Api,
+    #[serde(default)]
+    pub connections: Connections,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capture {
+    pub ports: Vec<u16>,
+    pub cgroup: String,
+    pub poll_interval_ms: u64,
+    pub max_connections: u32,
+    pub ring_buffer_bytes: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Connections {
+    pub closed_retention_secs: u64,
+    pub closed_retention_max: usize,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Self {
+            ports: vec![8000, 8080, 11434, 80, 443],
+            cgroup: String::new(),
+            poll_interval_ms: 1000,
+            max_connections: sensor_common::DEFAULT_MAX_CONNECTIONS,
+            ring_buffer_bytes: sensor_common::DEFAULT_RING_BYTES,
+        }
+    }
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/sensor/sensor.sock"),
+        }
+    }
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            closed_retention_secs: 300,
+            closed_retention_max: 10_000,
+        }
+    }
+}
+
+/// A configuration error, located in its source.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.file, self.line)?;
+        if let Some(key) = &self.key {
+            write!(f, "key `{key}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl Config {
+    /// Parses and validates `text`, reporting errors against `file`.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let line = line_of(text, offset);
+            let key = key_on_line(text, line).or_else(|| unknown_field(e.message()));
+            ConfigError {
+                file: file.to_owned(),
+                line,
+                key,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError {
+            file: file.to_owned(),
+            line: find_key_line(text, key),
+            key: Some(key.to_owned()),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_CONFIG, "<embedded default>")
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        Ok(Self::parse(&text, &path.display().to_string())?)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let c = &self.capture;
+        if c.ports.is_empty() {
+            return Err(("ports", "at least one port must be watched".into()));
+        }
+        if c.ports.contains(&0) {
+            return Err(("ports", "port 0 cannot be watched".into()));
+        }
+        if c.poll_interval_ms == 0 || c.poll_interval_ms > 3_600_000 {
+            return Err((
+                "poll_interval_ms",
+                format!("{} is outside 1..=3600000", c.poll_interval_ms),
+            ));
+        }
+        if c.max_connections == 0 {
+            return Err(("max_connections", "must be at least 1".into()));
+        }
+        if c.ring_buffer_bytes < 4096 || !c.ring_buffer_bytes.is_power_of_two() {
+            return Err((
+                "ring_buffer_bytes",
+                format!("{} is not a power of two >= 4096", c.ring_buffer_bytes),
+            ));
+        }
+        if self.api.socket.as_os_str().is_empty() {
+            return Err(("socket", "must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a port list such as "8000,8080".
+pub fn parse_ports(list: &str) -> Result<Vec<u16>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("`{p}` is not a port (1-65535)")),
+            Ok(port) => Ok(port),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|ports| {
+            if ports.is_empty() {
+                Err("no ports given".into())
+            } else {
+                Ok(ports)
+            }
+        })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The key assigned on 1-based `line`, if the line is `key = value`.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let content = text.lines().nth(line.checked_sub(1)?)?;
+    let (key, _) = content.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('[') && !key.starts_with('#')).then(|| key.to_owned())
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.split_once("unknown field `")?.1;
+    Some(rest.split_once('`')?.0.to_owned())
+}
+
+/// Line where `key` is assigned, or 1 when it is not in the text (a default was invalid).
+fn find_key_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(1, |i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_matches_code_defaults() {
+        let embedded = Config::embedded().expect("embedded config parses");
+        assert_eq!(embedded.capture, Capture::default());
+        assert_eq!(embedded.api, Api::default());
+        assert_eq!(embedded.connections, Connections::default());
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", "x.toml").expect("empty config parses");
+        assert_eq!(c.capture.ports, vec![8000, 8080, 11434, 80, 443]);
+    }
+
+    #[test]
+    fn type_error_names_file_line_and_key() {
+        let text = "[capture]\nports = [8080]\npoll_interval_ms = \"fast\"\n";
+        let err = Config::parse(text, "/etc/sensor/sensor.toml").unwrap_err();
+        assert_eq!(err.file, "/etc/sensor/sensor.toml");
+        assert_eq!(err.line, 3);
+        assert_eq!(err.key.as_deref(), Some("poll_interval_ms"));
+        assert!(
+            err.to_string()
+                .starts_with("/etc/sensor/sensor.toml:3: key `poll_interval_ms`")
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = "[capture]\n\nprots = [8080]\n";
+        let err = Config::parse(text, "s.toml").unwrap_err();
+        assert_eq!(err.line, 3);
+        assert_eq!(err.key.as_deref(), Some("prots"));
+    }
+
+    #[test]
+    fn invalid_value_is_located() {
+        let text = "[capture]\nports = [8080]\nring_buffer_bytes = 5000\n";
+        let err = Config::parse(text, "s.toml").unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (3, Some("ring_buffer_bytes"))
+        );
+        let err = Config::parse("[capture]\nports = [0]\n", "s.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (2, Some("ports")));
+    }
+
+    #[test]
+    fn port_lists() {
+        assert_eq!(parse_ports("8000, 8080").unwrap(), vec![8000, 8080]);
+        assert!(parse_ports("80,x").is_err());
+        assert!(parse_ports("0").is_err());
+        assert!(parse_ports("").is_err());
+        assert!(parse_ports("70000").is_err());
+    }
+}
