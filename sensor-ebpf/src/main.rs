@@ -433,9 +433,14 @@ unsafe fn advance(counter: *mut u64, seq_base: u32, segment: &Segment) -> (i64, 
 
 /// Counts a request when client payload starts a new exchange (see docs/counters.md).
 ///
-/// `req_start` is where the next exchange must begin: the client's byte offset when the server
-/// last sent new data. Deciding at that exact offset, not at "first new data", keeps the count
-/// right when the request's first segment is lost and arrives after later ones.
+/// `req_start` arms when the server sends new data: it is the client's byte offset at that
+/// moment, and client payload at or past it may start the next exchange.
+/// * HTTP/1.x: the first armed segment that begins with a request method is a request. Other
+///   armed segments (a body still arriving after an early reply, a body after "100 Continue")
+///   leave it armed. Checking every armed segment, not only the one at `req_start`, also finds
+///   a request whose first segment was lost and arrives after later ones.
+/// * Other protocols: the first armed client payload is a turn.
+/// * Unknown (no payload yet): the payload at offset 0 decides which of the two it is.
 fn track_request(
     ctx: &SkBuffContext,
     stats: &mut ConnStats,
@@ -446,22 +451,19 @@ fn track_request(
     if pending == NO_EXCHANGE_PENDING || start < pending as i64 {
         return Ok(());
     }
-    let at_exchange_start = start == pending as i64;
     let counts = match stats.proto {
-        PROTO_HTTP1 if at_exchange_start => starts_with_method(ctx, segment)?,
-        PROTO_UNKNOWN if at_exchange_start => {
+        PROTO_HTTP1 => starts_with_method(ctx, segment)?,
+        PROTO_OTHER => true,
+        // The connection's first payload; wait for offset 0 if it was lost.
+        _ if start == 0 => {
             let http = starts_with_method(ctx, segment)?;
             stats.proto = if http { PROTO_HTTP1 } else { PROTO_OTHER };
             true
         }
-        // Other protocols: any client payload after a reply is a new turn.
-        PROTO_OTHER => true,
-        // HTTP whose exchange start is still missing (lost, to be retransmitted): wait for it.
-        _ => return Ok(()),
+        _ => false,
     };
-    // Decided either way: a continuation (e.g. a body after "100 Continue") is not a request.
-    stats.req_start = NO_EXCHANGE_PENDING;
     if counts {
+        stats.req_start = NO_EXCHANGE_PENDING;
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
     }

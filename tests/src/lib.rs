@@ -1,1 +1,581 @@
+//! Harness for the privileged end-to-end tests: a cgroup and (where needed) network namespaces
+//! per test, the real agent binary, real peers (nginx, curl), and ground truth taken from the
+//! peers themselves.
+//!
+//! Every wait is a condition with a deadline; nothing sleeps and hopes.
 
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+/// Returns true when the test may run. Without root it prints why it skips, unless
+/// SENSOR_REQUIRE_PRIVILEGED=1 (the README's test command), where skipping is a failure.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("SENSOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{test}: needs root (BPF, cgroups, network namespaces) and must not be skipped");
+    }
+    eprintln!("SKIPPED {test}: needs root (BPF, cgroups, network namespaces)");
+    false
+}
+
+/// Polls `probe` until it yields a value; panics with `what` and the last observation after
+/// `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn unique(name: &str) -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "sensor-test-{name}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A cgroup v2 of the test's own; processes started in it are what the sensor watches.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .expect("a cgroup v2 hierarchy is mounted")
+}
+
+impl Cgroup {
+    pub fn new(name: &str) -> Self {
+        let path = cgroup2_root().join(unique(name));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// A shell command prefix that moves itself into this cgroup, then execs `program`.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
+                self.path.display()
+            ))
+            .arg("sh")
+            .arg(program);
+        cmd
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A network namespace of the test's own.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        let name = unique(name);
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Self { name }
+    }
+
+    /// `ip netns exec NAME program`.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    pub fn ip(&self, args: &[&str]) {
+        run_ok(Command::new("ip").arg("-n").arg(&self.name).args(args));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Two namespaces joined by a veth pair: `a` has `addr_a`, `b` has `addr_b` (both /24).
+pub fn veth_pair(a: &Netns, addr_a: &str, b: &Netns, addr_b: &str) {
+    let (if_a, if_b) = ("veth-a", "veth-b");
+    run_ok(Command::new("ip").args([
+        "-n", &a.name, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", &b.name,
+    ]));
+    a.ip(&["addr", "add", &format!("{addr_a}/24"), "dev", if_a]);
+    b.ip(&["addr", "add", &format!("{addr_b}/24"), "dev", if_b]);
+    a.ip(&["link", "set", if_a, "up"]);
+    b.ip(&["link", "set", if_b, "up"]);
+}
+
+/// A free TCP port on loopback (both families), as the kernel hands them out.
+pub fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local addr").port();
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn sensor_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SENSOR_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sensor");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p sensor` or `cargo xtask test`",
+        bin.display()
+    );
+    bin
+}
+
+/// One row of `sensor conns --json`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Conn {
+    pub cookie: u64,
+    pub local: String,
+    pub remote: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub requests: u64,
+    pub protocol: String,
+    pub state: String,
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+/// The agent under test, scoped to one cgroup, with its own API socket.
+pub struct Agent {
+    child: Child,
+    pub socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Agent {
+    pub fn start(cgroup: &Cgroup, ports: &[u16], poll_ms: u64) -> Self {
+        Self::start_with(cgroup, ports, poll_ms, &[])
+    }
+
+    pub fn start_with(cgroup: &Cgroup, ports: &[u16], poll_ms: u64, extra: &[&str]) -> Self {
+        let dir = TempDir::new("agent");
+        let socket = dir.path.join("sensor.sock");
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let log = fs::File::create(dir.path.join("agent.log")).expect("agent log");
+        let child = Command::new(sensor_bin())
+            .arg("run")
+            .arg("--cgroup")
+            .arg(&cgroup.path)
+            .arg("--ports")
+            .arg(ports.join(","))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--poll-interval-ms")
+            .arg(poll_ms.to_string())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sensor run");
+        let mut agent = Self {
+            child,
+            socket,
+            _dir: dir,
+        };
+        wait_for("the agent's API", Duration::from_secs(30), || {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("agent exited early ({status}): {}", agent.log());
+            }
+            agent.try_conns().map(|_| ())
+        });
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self._dir.path.join("agent.log")).unwrap_or_default()
+    }
+
+    /// `sensor conns --json` through the real CLI.
+    pub fn try_conns(&self) -> Result<Vec<Conn>, String> {
+        let out = Command::new(sensor_bin())
+            .args(["conns", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    pub fn conns(&self) -> Vec<Conn> {
+        self.try_conns().expect("sensor conns --json")
+    }
+
+    pub fn health(&self) -> serde_json::Value {
+        let out = run_ok(
+            Command::new("curl")
+                .args(["-sf", "--unix-socket"])
+                .arg(&self.socket)
+                .arg("http://sensor/v1/health"),
+        );
+        serde_json::from_str(&out).expect("health JSON")
+    }
+
+    /// Waits until every connection in `expected_remotes` is reported closed.
+    pub fn wait_closed(&self, expected: usize, filter: impl Fn(&Conn) -> bool) -> Vec<Conn> {
+        wait_for(
+            "closed connections in the agent",
+            Duration::from_secs(30),
+            || {
+                let conns: Vec<Conn> = self.conns().into_iter().filter(|c| filter(c)).collect();
+                let closed = conns.iter().filter(|c| c.state == "closed").count();
+                if closed == expected && conns.len() == expected {
+                    Ok(conns)
+                } else {
+                    Err(format!(
+                        "{closed} closed of {} (want {expected})",
+                        conns.len()
+                    ))
+                }
+            },
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(name));
+        fs::create_dir_all(&path).expect("temp dir");
+        Self { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Files nginx serves, with their sizes.
+pub const SMALL: (&str, usize) = ("small.txt", 1_234);
+pub const BIG: (&str, usize) = ("big.bin", 2_000_000);
+pub const HUGE: (&str, usize) = ("huge.bin", 20_000_000);
+
+/// A real nginx in a test cgroup (optionally inside a network namespace).
+pub struct Nginx {
+    child: Child,
+    pub dir: TempDir,
+}
+
+/// One line of nginx's ground-truth access log.
+#[derive(Debug, Clone)]
+pub struct NginxRecord {
+    pub remote: String,
+    pub request_length: u64,
+    pub bytes_sent: u64,
+}
+
+impl Nginx {
+    /// `listen` are nginx listen addresses ("127.0.0.1:8080", "[::1]:8080", "10.0.0.1:80").
+    pub fn start(cgroup: &Cgroup, netns: Option<&Netns>, listen: &[String]) -> Self {
+        let dir = TempDir::new("nginx");
+        let www = dir.path.join("www");
+        fs::create_dir_all(&www).expect("www");
+        for (name, size) in [SMALL, BIG, HUGE] {
+            // Deterministic, incompressible-enough content.
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
+            fs::write(www.join(name), data).expect("write content");
+        }
+        let listens: String = listen
+            .iter()
+            .map(|l| format!("    listen {l};\n"))
+            .collect();
+        let d = dir.path.display();
+        let conf = format!(
+            "user root;\nworker_processes 1;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  log_format gt '$remote_addr $remote_port $request_length $bytes_sent';\n\
+             access_log {d}/gt.log gt;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             keepalive_requests 100000;\n  server {{\n{listens}    root {d}/www;\n\
+             client_max_body_size 100m;\n\
+             location /upload/ {{ alias {d}/uploads/; dav_methods PUT; create_full_put_path on; }}\n\
+             location /stream/ {{ alias {d}/www/; limit_rate 400k; }}\n  }}\n}}\n"
+        );
+        fs::write(dir.path.join("nginx.conf"), conf).expect("nginx.conf");
+        let conf = dir.path.join("nginx.conf");
+        let conf = conf.to_str().expect("utf-8 path");
+        // Join the cgroup first: `ip netns exec` remounts /sys, hiding the cgroup tree.
+        let enter_netns = netns.map_or(String::new(), |ns| format!("ip netns exec {} ", ns.name));
+        let script = format!(
+            "echo $$ > '{}/cgroup.procs' && exec {enter_netns}nginx -c '{conf}' -g 'daemon off;'",
+            cgroup.path.display()
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .spawn()
+            .expect("spawn nginx");
+        let nginx = Self { child, dir };
+        wait_for("nginx to listen", Duration::from_secs(10), || {
+            let pid =
+                fs::read_to_string(nginx.dir.path.join("nginx.pid")).map_err(|e| e.to_string())?;
+            if pid.trim().is_empty() {
+                return Err("no pid yet".into());
+            }
+            match netns {
+                None => listen.iter().try_for_each(|l| {
+                    TcpStream::connect(l.as_str())
+                        .map(drop)
+                        .map_err(|e| format!("{l}: {e}"))
+                }),
+                Some(_) => Ok(()),
+            }
+        });
+        nginx
+    }
+
+    /// nginx's own account of each request (written when the request completes).
+    pub fn records(&self) -> Vec<NginxRecord> {
+        fs::read_to_string(self.dir.path.join("gt.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() != 4 {
+                    return None;
+                }
+                Some(NginxRecord {
+                    remote: join_host_port(f[0], f[1]),
+                    request_length: f[2].parse().ok()?,
+                    bytes_sent: f[3].parse().ok()?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Nginx {
+    /// Ground truth for `transfers`, once nginx has logged every one of them (it logs when a
+    /// request completes, which may be just after the client has its reply).
+    pub fn truth(&self, transfers: &[Transfer]) -> BTreeMap<String, (u64, u64, u64)> {
+        let clients: std::collections::BTreeSet<&str> =
+            transfers.iter().map(|t| t.client.as_str()).collect();
+        wait_for(
+            "nginx to log every request",
+            Duration::from_secs(10),
+            || {
+                let logged = self
+                    .records()
+                    .iter()
+                    .filter(|r| clients.contains(r.remote.as_str()))
+                    .count();
+                if logged >= transfers.len() {
+                    Ok(())
+                } else {
+                    Err(format!("{logged} of {} logged", transfers.len()))
+                }
+            },
+        );
+        ground_truth(transfers, &self.records())
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn join_host_port(host: &str, port: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// One transfer as curl itself measured it.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    /// The client side of the connection, "ip:port": the sensor's `remote`.
+    pub client: String,
+    /// Bytes curl received: response heads plus body.
+    pub received: u64,
+    pub status: u16,
+}
+
+pub const CURL_WRITE_OUT: &str = "%{local_ip} %{local_port} %{size_request} %{size_upload} \
+     %{size_header} %{size_download} %{http_code}\\n";
+
+/// Runs one curl process performing `operations` in order (joined with `--next`, so they
+/// share curl's connection pool: keep-alive across operations) and returns each transfer's own
+/// measurements. Each operation is curl options followed by its URL.
+pub fn curl(mut cmd: Command, operations: &[Vec<String>]) -> Vec<Transfer> {
+    for (i, op) in operations.iter().enumerate() {
+        if i > 0 {
+            cmd.arg("--next");
+        }
+        // Per operation: --next resets options. "Expect:" stops curl's 100-continue dance so
+        // every request is one exchange.
+        cmd.args([
+            "-s",
+            "--show-error",
+            "-o",
+            "/dev/null",
+            "-H",
+            "Expect:",
+            "-w",
+            CURL_WRITE_OUT,
+        ])
+        .args(op);
+    }
+    parse_transfers(&run_ok(&mut cmd))
+}
+
+pub fn parse_transfers(write_out: &str) -> Vec<Transfer> {
+    write_out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 7, "curl write-out line: {l}");
+            let n = |i: usize| f[i].parse::<u64>().expect("curl number");
+            Transfer {
+                client: join_host_port(f[0], f[1]),
+                received: n(4) + n(5),
+                status: n(6) as u16,
+            }
+        })
+        .collect()
+}
+
+pub fn op(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Ground truth per client connection, (bytes in, bytes out, requests), from both peers:
+/// bytes in as the server read them (nginx's $request_length; curl's own upload figures are
+/// ambiguous when it sends head and body in one write), bytes out and requests as the client
+/// received them, cross-checked against what the server says it sent.
+pub fn ground_truth(
+    transfers: &[Transfer],
+    server: &[NginxRecord],
+) -> BTreeMap<String, (u64, u64, u64)> {
+    let mut client: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for t in transfers {
+        assert!((200..300).contains(&t.status), "HTTP status {}", t.status);
+        let e = client.entry(t.client.clone()).or_default();
+        e.0 += t.received;
+        e.1 += 1;
+    }
+    let mut truth: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    for r in server.iter().filter(|r| client.contains_key(&r.remote)) {
+        let e = truth.entry(r.remote.clone()).or_default();
+        e.0 += r.request_length;
+        e.1 += r.bytes_sent;
+        e.2 += 1;
+    }
+    for (conn, (received, requests)) in &client {
+        let (_, sent, logged) = truth.get(conn).copied().unwrap_or_default();
+        assert_eq!(
+            (sent, logged),
+            (*received, *requests),
+            "{conn}: server sent/logged vs client received/requested"
+        );
+    }
+    truth
+}
+
+/// What the sensor reported, keyed like `per_connection`.
+pub fn sensor_per_connection(conns: &[Conn]) -> BTreeMap<String, (u64, u64, u64)> {
+    let mut map: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    for c in conns {
+        let e = map.entry(c.remote.clone()).or_default();
+        e.0 += c.bytes_in;
+        e.1 += c.bytes_out;
+        e.2 += c.requests;
+    }
+    map
+}

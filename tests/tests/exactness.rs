@@ -1,0 +1,479 @@
+//! Exactness: the sensor's per-connection counters against what real clients and a real server
+//! sent and received, over loopback (IPv4 from several source addresses, IPv6) and across a
+//! lossy veth link between two network namespaces.
+
+use std::{collections::BTreeMap, process::Command, thread, time::Duration};
+
+use sensor_tests::*;
+
+const POLL_MS: u64 = 200;
+
+fn body_file(dir: &TempDir, size: usize) -> String {
+    let path = dir.path.join(format!("body-{size}.bin"));
+    let data: Vec<u8> = (0..size).map(|i| (i * 13 + i / 97) as u8).collect();
+    std::fs::write(&path, data).expect("body file");
+    format!("@{}", path.display())
+}
+
+fn assert_same(
+    what: &str,
+    truth: &BTreeMap<String, (u64, u64, u64)>,
+    seen: &BTreeMap<String, (u64, u64, u64)>,
+) {
+    assert_eq!(
+        truth, seen,
+        "{what}: ground truth (bytes in, bytes out, requests) per client connection vs sensor"
+    );
+}
+
+/// Keep-alive connections from three client addresses (two IPv4, one IPv6) each carry several
+/// requests, with request bodies and replies far larger than one segment.
+#[test]
+fn keepalive_connections_are_exact() {
+    if !privileged("keepalive_connections_are_exact") {
+        return;
+    }
+    let cg = Cgroup::new("keepalive");
+    let port = free_port();
+    let nginx = Nginx::start(
+        &cg,
+        None,
+        &[format!("127.0.0.1:{port}"), format!("[::1]:{port}")],
+    );
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let tmp = TempDir::new("bodies");
+    let body = body_file(&tmp, 300_000);
+
+    let mut transfers = Vec::new();
+    for (source, host) in [
+        ("127.0.0.2", "127.0.0.1".to_owned()),
+        ("127.0.0.3", "127.0.0.1".to_owned()),
+        ("::1", "[::1]".to_owned()),
+    ] {
+        let url = |path: &str| format!("http://{host}:{port}{path}");
+        let ops = vec![
+            op(&["--interface", source, &url("/small.txt")]),
+            op(&[
+                "--interface",
+                source,
+                "-X",
+                "PUT",
+                "--data-binary",
+                &body,
+                &url("/upload/a"),
+            ]),
+            op(&["--interface", source, &url("/big.bin")]),
+            op(&[
+                "--interface",
+                source,
+                "-X",
+                "PUT",
+                "--data-binary",
+                &body,
+                &url("/upload/a"),
+            ]),
+            op(&["--interface", source, &url("/small.txt")]),
+        ];
+        let t = curl(Command::new("curl"), &ops);
+        let clients: std::collections::BTreeSet<_> = t.iter().map(|t| t.client.clone()).collect();
+        assert_eq!(clients.len(), 1, "curl reused one connection: {clients:?}");
+        transfers.extend(t);
+    }
+    let truth = nginx.truth(&transfers);
+    // Connections close when curl exits; the final records come through the ring buffer.
+    let conns = agent.wait_closed(truth.len(), |_| true);
+    assert_same("keep-alive", &truth, &sensor_per_connection(&conns));
+    for c in &conns {
+        assert_eq!(c.protocol, "http1");
+        assert_eq!(
+            c.local.rsplit_once(':').map(|x| x.1),
+            Some(port.to_string().as_str())
+        );
+    }
+    let health = agent.health();
+    for (name, value) in health["loss"].as_object().expect("loss counters") {
+        assert_eq!(value, 0, "loss counter {name}");
+    }
+}
+
+/// A reply streamed over seconds (rate-limited like token streaming) shows progress in the
+/// live view between polls, and its final counters are exact.
+#[test]
+fn streamed_reply_shows_progress_and_ends_exact() {
+    if !privileged("streamed_reply_shows_progress_and_ends_exact") {
+        return;
+    }
+    let cg = Cgroup::new("stream");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let client = Command::new("curl")
+        .args([
+            "-s",
+            "--show-error",
+            "-o",
+            "/dev/null",
+            "-w",
+            CURL_WRITE_OUT,
+        ])
+        .arg(format!("http://127.0.0.1:{port}/stream/{}", BIG.0))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    // 2 MB at 400 kB/s: about five seconds of streaming.
+    let first = wait_for(
+        "a partly streamed open connection",
+        Duration::from_secs(10),
+        || match agent.conns().as_slice() {
+            [c] if c.state == "open" && c.bytes_out > 0 && (c.bytes_out as usize) < BIG.1 => {
+                Ok(c.clone())
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let later = wait_for(
+        "more bytes on the same open connection",
+        Duration::from_secs(10),
+        || match agent.conns().as_slice() {
+            [c] if c.cookie == first.cookie
+                && c.state == "open"
+                && c.bytes_out > first.bytes_out =>
+            {
+                Ok(c.clone())
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(later.requests == 1 && later.bytes_in > 0);
+    let out = client.wait_with_output().expect("curl output");
+    assert!(out.status.success());
+    let truth = nginx.truth(&parse_transfers(&String::from_utf8_lossy(&out.stdout)));
+    let conns = agent.wait_closed(1, |_| true);
+    assert_same("streamed", &truth, &sensor_per_connection(&conns));
+}
+
+/// A thousand short connections from ten source addresses, all opened and closed between two
+/// polls (the poll interval is a minute): every one reaches the agent through the ring buffer,
+/// with zero difference in bytes and requests.
+#[test]
+fn thousand_short_connections_between_polls() {
+    if !privileged("thousand_short_connections_between_polls") {
+        return;
+    }
+    const SOURCES: usize = 10;
+    const PER_SOURCE: usize = 100;
+    let cg = Cgroup::new("burst");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], 60_000);
+    let tmp = TempDir::new("burst-bodies");
+    let body = body_file(&tmp, 5_000);
+
+    let workers: Vec<_> = (0..SOURCES)
+        .map(|s| {
+            let source = format!("127.0.1.{}", s + 1);
+            let body = body.clone();
+            thread::spawn(move || {
+                let ops: Vec<Vec<String>> = (0..PER_SOURCE)
+                    .map(|i| {
+                        let mut o = op(&["--interface", &source, "-H", "Connection: close"]);
+                        if i % 2 == 1 {
+                            o.extend(op(&["-X", "PUT", "--data-binary", &body]));
+                            o.push(format!("http://127.0.0.1:{port}/upload/x{i}"));
+                        } else {
+                            o.push(format!("http://127.0.0.1:{port}/{}", SMALL.0));
+                        }
+                        o
+                    })
+                    .collect();
+                curl(Command::new("curl"), &ops)
+            })
+        })
+        .collect();
+    let transfers: Vec<Transfer> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("curl worker"))
+        .collect();
+    assert_eq!(transfers.len(), SOURCES * PER_SOURCE);
+
+    let conns = wait_for("1000 closed connections", Duration::from_secs(30), || {
+        let conns = agent.conns();
+        let closed = conns.iter().filter(|c| c.state == "closed").count();
+        if closed >= SOURCES * PER_SOURCE {
+            Ok(conns)
+        } else {
+            Err(format!("{closed} closed"))
+        }
+    });
+    assert_eq!(
+        conns.len(),
+        SOURCES * PER_SOURCE,
+        "one record per connection"
+    );
+    let total = |f: fn(&Conn) -> u64| conns.iter().map(f).sum::<u64>();
+    let truth = nginx.truth(&transfers);
+    let truth_in: u64 = truth.values().map(|t| t.0).sum();
+    let truth_out: u64 = truth.values().map(|t| t.1).sum();
+    assert_eq!(total(|c| c.bytes_in), truth_in, "total bytes in");
+    assert_eq!(total(|c| c.bytes_out), truth_out, "total bytes out");
+    assert_eq!(
+        total(|c| c.requests),
+        (SOURCES * PER_SOURCE) as u64,
+        "total requests"
+    );
+    // Per source address.
+    let mut truth_by_source: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (client, (bytes_in, bytes_out, _)) in &truth {
+        let e = truth_by_source
+            .entry(client.rsplit_once(':').expect("ip:port").0.to_owned())
+            .or_default();
+        e.0 += bytes_in;
+        e.1 += bytes_out;
+    }
+    let mut seen_by_source: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for c in &conns {
+        let e = seen_by_source
+            .entry(c.remote.rsplit_once(':').expect("ip:port").0.to_owned())
+            .or_default();
+        e.0 += c.bytes_in;
+        e.1 += c.bytes_out;
+    }
+    assert_eq!(truth_by_source, seen_by_source);
+    let health = agent.health();
+    assert_eq!(
+        health["closed_connections_total"],
+        (SOURCES * PER_SOURCE) as u64
+    );
+    for (name, value) in health["loss"].as_object().expect("loss counters") {
+        assert_eq!(value, 0, "loss counter {name}");
+    }
+}
+
+/// Traffic to a port that is not watched, or to a watched port of a server outside the
+/// sensor's cgroup, is not counted.
+#[test]
+fn unwatched_traffic_is_not_counted() {
+    if !privileged("unwatched_traffic_is_not_counted") {
+        return;
+    }
+    let cg = Cgroup::new("scoped");
+    let outside = Cgroup::new("outside");
+    let (watched, unwatched, other) = (free_port(), free_port(), free_port());
+    let inside = Nginx::start(
+        &cg,
+        None,
+        &[
+            format!("127.0.0.1:{watched}"),
+            format!("127.0.0.1:{unwatched}"),
+        ],
+    );
+    let _outside = Nginx::start(&outside, None, &[format!("127.0.0.1:{other}")]);
+    let agent = Agent::start(&cg, &[watched, other], POLL_MS);
+    for p in [unwatched, other, unwatched] {
+        curl(
+            Command::new("curl"),
+            &[op(&[&format!("http://127.0.0.1:{p}/{}", BIG.0)])],
+        );
+    }
+    let t = curl(
+        Command::new("curl"),
+        &[op(&[&format!("http://127.0.0.1:{watched}/{}", SMALL.0)])],
+    );
+    // The watched request's record arrives after the others would have.
+    let conns = agent.wait_closed(1, |_| true);
+    assert_same(
+        "watched only",
+        &inside.truth(&t),
+        &sensor_per_connection(&conns),
+    );
+    assert_eq!(conns[0].local, format!("127.0.0.1:{watched}"));
+}
+
+/// The kernel's own per-socket counters (`ss -ti` on the server socket) agree with the sensor
+/// on an idle keep-alive connection: payload bytes each way and segments each way.
+#[test]
+fn live_counters_match_ss() {
+    if !privileged("live_counters_match_ss") {
+        return;
+    }
+    let cg = Cgroup::new("ss");
+    let port = free_port();
+    let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    // A client that keeps its connection open after three requests, until told to exit.
+    let script = format!(
+        "import http.client, sys\n\
+         c = http.client.HTTPConnection('127.0.0.1', {port})\n\
+         for method, path, body in [('GET', '/{big}', None), ('PUT', '/upload/x', b'x' * 250000), ('GET', '/{small}', None)]:\n\
+         \x20   c.request(method, path, body=body)\n\
+         \x20   c.getresponse().read()\n\
+         print('done', flush=True)\n\
+         sys.stdin.read()\n",
+        big = BIG.0,
+        small = SMALL.0
+    );
+    let mut client = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 client");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("client output");
+    assert_eq!(line.trim(), "done");
+    let (sensor, kernel) = wait_for(
+        "sensor and ss to agree on the idle connection",
+        Duration::from_secs(15),
+        || {
+            let kernel = ss_server_socket(port)?;
+            let conns = agent.conns();
+            let [c] = conns.as_slice() else {
+                return Err(format!("{conns:?}"));
+            };
+            let sensor = (c.bytes_in, c.bytes_out, c.packets_in, c.packets_out);
+            if sensor == kernel {
+                Ok((c.clone(), kernel))
+            } else {
+                Err(format!("sensor {sensor:?} ss {kernel:?}"))
+            }
+        },
+    );
+    assert_eq!(sensor.state, "open");
+    assert_eq!(sensor.requests, 3);
+    assert!(kernel.0 > 250_000 && kernel.1 > BIG.1 as u64);
+    drop(client.stdin.take());
+    let _ = client.wait();
+}
+
+/// (bytes_received, bytes_acked, segs_in, segs_out) of the server socket on `port`.
+fn ss_server_socket(port: u16) -> Result<(u64, u64, u64, u64), String> {
+    let out = run_ok(Command::new("ss").args([
+        "-tinH",
+        "state",
+        "established",
+        &format!("( sport = :{port} )"),
+    ]));
+    let field = |name: &str| -> Result<u64, String> {
+        out.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {name} in ss output: {out}"))
+    };
+    Ok((
+        field("bytes_received:")?,
+        field("bytes_acked:")?,
+        field("segs_in:")?,
+        field("segs_out:")?,
+    ))
+}
+
+/// With random loss on both sides of a veth link, 20 MB each way on one connection still
+/// counts exactly: retransmitted data is counted once.
+#[test]
+fn retransmissions_are_counted_once() {
+    if !privileged("retransmissions_are_counted_once") {
+        return;
+    }
+    let cg = Cgroup::new("loss");
+    let server = Netns::new("srv");
+    let client = Netns::new("cli");
+    veth_pair(&server, "10.213.0.1", &client, "10.213.0.2");
+    for ns in [&server, &client] {
+        let rules = "add table inet loss\n\
+                     add chain inet loss input { type filter hook input priority 0; }\n\
+                     add rule inet loss input meta l4proto tcp numgen random mod 100 < 3 drop\n";
+        let mut nft = ns.command("nft");
+        nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+        let mut child = nft.spawn().expect("nft");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), rules.as_bytes())
+            .expect("nft rules");
+        assert!(
+            child.wait().expect("nft").success(),
+            "nft rules in {}",
+            ns.name
+        );
+    }
+    let port = 8080;
+    let nginx = Nginx::start(&cg, Some(&server), &[format!("10.213.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    wait_for(
+        "nginx in the server namespace",
+        Duration::from_secs(10),
+        || {
+            let ok = client
+                .command("curl")
+                .args(["-sf", "-o", "/dev/null"])
+                .arg(format!("http://10.213.0.1:{port}/{}", SMALL.0))
+                .status();
+            if ok.is_ok_and(|s| s.success()) {
+                Ok(())
+            } else {
+                Err("not reachable".into())
+            }
+        },
+    );
+    let before: Vec<u64> = [&server, &client]
+        .iter()
+        .map(|ns| retrans_segs(ns))
+        .collect();
+    let tmp = TempDir::new("loss-bodies");
+    let body = body_file(&tmp, HUGE.1);
+    let url = |p: &str| format!("http://10.213.0.1:{port}{p}");
+    let transfers = curl(
+        client.command("curl"),
+        &[
+            op(&["--max-time", "120", &url(&format!("/{}", HUGE.0))]),
+            op(&[
+                "--max-time",
+                "120",
+                "-X",
+                "PUT",
+                "--data-binary",
+                &body,
+                &url("/upload/x"),
+            ]),
+        ],
+    );
+    let after: Vec<u64> = [&server, &client]
+        .iter()
+        .map(|ns| retrans_segs(ns))
+        .collect();
+    let truth = nginx.truth(&transfers);
+    assert_eq!(truth.len(), 1, "one keep-alive connection");
+    // The warm-up request's connection is in the table too; compare the big one.
+    let conns = wait_for(
+        "the lossy connection's final record",
+        Duration::from_secs(30),
+        || {
+            let conns: Vec<Conn> = agent
+                .conns()
+                .into_iter()
+                .filter(|c| truth.contains_key(&c.remote))
+                .collect();
+            match conns.as_slice() {
+                [c] if c.state == "closed" => Ok(conns),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+    assert_same("lossy link", &truth, &sensor_per_connection(&conns));
+    let (srv_retrans, cli_retrans) = (after[0] - before[0], after[1] - before[1]);
+    eprintln!("retransmitted segments: server {srv_retrans}, client {cli_retrans}");
+    assert!(
+        srv_retrans > 0 && cli_retrans > 0,
+        "loss must cause retransmissions both ways"
+    );
+}
+
+fn retrans_segs(ns: &Netns) -> u64 {
+    let out = run_ok(ns.command("nstat").args(["-az", "TcpRetransSegs"]));
+    out.lines()
+        .find_map(|l| l.strip_prefix("TcpRetransSegs"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
