@@ -26,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "procps",
     "python3",
+    "bpftool",
+    "util-linux",
 ];
 
 #[derive(Parser)]

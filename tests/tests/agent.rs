@@ -1,0 +1,120 @@
+//! The agent as an operator meets it: clean attach and detach, and clear errors.
+
+use std::{process::Command, time::Duration};
+
+use sensor_tests::*;
+
+/// Programs the agent attaches to `cgroup`, by name, as the kernel lists them.
+fn attached(cgroup: &Cgroup) -> Vec<String> {
+    let out = run_ok(
+        Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&cgroup.path),
+    );
+    let progs: Vec<serde_json::Value> = serde_json::from_str(out.trim()).unwrap_or_default();
+    let mut names: Vec<String> = progs
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn attaches_to_its_cgroup_and_detaches_on_sigterm() {
+    if !privileged("attaches_to_its_cgroup_and_detaches_on_sigterm") {
+        return;
+    }
+    let cg = Cgroup::new("lifecycle");
+    let agent = Agent::start(&cg, &[free_port()], 200);
+    assert_eq!(
+        attached(&cg),
+        ["sensor_egress", "sensor_ingress", "sensor_sockops"]
+    );
+    let health = agent.health();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["cgroup"], cg.path.display().to_string());
+    drop(agent); // SIGTERM, then waits for exit
+    wait_for("programs to detach", Duration::from_secs(10), || {
+        let names = attached(&cg);
+        if names.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
+    });
+}
+
+fn sensor_run_fails(args: &[&str], prefix: &[&str]) -> String {
+    let mut cmd = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(sensor_bin());
+            c
+        }
+        None => Command::new(sensor_bin()),
+    };
+    let dir = TempDir::new("err");
+    let out = cmd
+        .arg("run")
+        .args(args)
+        .arg("--socket")
+        .arg(dir.path.join("s.sock"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run sensor");
+    assert!(
+        !out.status.success(),
+        "sensor run should fail with {args:?}"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn config_errors_name_file_line_and_key() {
+    // Parsing happens before anything privileged: runs as any user.
+    let dir = TempDir::new("config");
+    let path = dir.path.join("sensor.toml");
+    std::fs::write(
+        &path,
+        "[capture]\nports = [8000]\npoll_interval_ms = \"soon\"\n",
+    )
+    .expect("write");
+    let err = sensor_run_fails(&["--config", path.to_str().expect("utf-8")], &[]);
+    let want = format!("{}:3: key `poll_interval_ms`", path.display());
+    assert!(err.contains(&want), "want {want:?} in: {err}");
+
+    std::fs::write(
+        &path,
+        "[capture]\nports = [8000]\n\n[api]\nsockett = \"/x\"\n",
+    )
+    .expect("write");
+    let err = sensor_run_fails(&["--config", path.to_str().expect("utf-8")], &[]);
+    let want = format!("{}:5: key `sockett`", path.display());
+    assert!(err.contains(&want), "want {want:?} in: {err}");
+}
+
+#[test]
+fn missing_capabilities_and_bad_cgroup_are_clear_errors() {
+    if !privileged("missing_capabilities_and_bad_cgroup_are_clear_errors") {
+        return;
+    }
+    // Root without capabilities (empty bounding set), as in a locked-down container.
+    let err = sensor_run_fails(
+        &["--ports", "8000"],
+        &["setpriv", "--bounding-set=-all", "--"],
+    );
+    assert!(
+        err.contains("missing capabilities CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+        "{err}"
+    );
+
+    let err = sensor_run_fails(&["--cgroup", "/sys/fs/cgroup/no-such-cgroup-here"], &[]);
+    assert!(
+        err.contains("does not exist or is not a directory in the cgroup v2 hierarchy"),
+        "{err}"
+    );
+
+    let err = sensor_run_fails(&["--ports", "80,http"], &[]);
+    assert!(err.contains("`http` is not a port"), "{err}");
+}
