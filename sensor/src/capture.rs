@@ -67,6 +67,9 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureErr
     move |source| CaptureError::Map { name, source }
 }
 
+/// Connection records keyed by socket cookie.
+pub type Records = Vec<(u64, ConnStats)>;
+
 /// What the agent needs to attach.
 #[derive(Debug, Clone)]
 pub struct CaptureSettings {
@@ -259,7 +262,7 @@ impl Capture {
 
     /// Reads every live record; entries the kernel marked closed (ring buffer was full) are
     /// returned separately and removed from the map.
-    pub fn poll(&mut self) -> (Vec<(u64, ConnStats)>, Vec<(u64, ConnStats)>) {
+    pub fn poll(&mut self) -> (Records, Records) {
         let mut live = Vec::new();
         let mut closed = Vec::new();
         for entry in self.conns.iter() {

@@ -118,3 +118,60 @@ fn missing_capabilities_and_bad_cgroup_are_clear_errors() {
     let err = sensor_run_fails(&["--ports", "80,http"], &[]);
     assert!(err.contains("`http` is not a port"), "{err}");
 }
+
+/// A full connection map is loss the operator can see: connections beyond the bound are not
+/// counted, and `conn_map_full` says how many.
+#[test]
+fn full_connection_map_is_counted_loss() {
+    if !privileged("full_connection_map_is_counted_loss") {
+        return;
+    }
+    let cg = Cgroup::new("mapfull");
+    let port = free_port();
+    let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let dir = TempDir::new("mapfull-config");
+    let config = dir.path.join("sensor.toml");
+    std::fs::write(&config, "[capture]\nmax_connections = 2\n").expect("config");
+    let agent = Agent::start_with(
+        &cg,
+        &[port],
+        200,
+        &["--config", config.to_str().expect("utf-8")],
+    );
+    // Five connections held open at once.
+    let script = format!(
+        "import socket, sys\n\
+         conns = [socket.create_connection(('127.0.0.1', {port})) for _ in range(5)]\n\
+         print('open', flush=True)\n\
+         sys.stdin.read()\n"
+    );
+    let mut client = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("client output");
+    wait_for(
+        "two counted and three lost connections",
+        Duration::from_secs(10),
+        || {
+            let open = agent.conns().iter().filter(|c| c.state == "open").count();
+            let lost = agent.health()["loss"]["conn_map_full"]
+                .as_u64()
+                .unwrap_or(0);
+            if (open, lost) == (2, 3) {
+                Ok(())
+            } else {
+                Err(format!("open {open}, lost {lost}"))
+            }
+        },
+    );
+    drop(client.stdin.take());
+    let _ = client.wait();
+}
