@@ -6,8 +6,9 @@
 
 use std::{
     env,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -257,14 +258,66 @@ fn test() -> anyhow::Result<()> {
     run(cargo().args(["build", "--package", "sensor"]))?;
     let bin = workspace_root().join("target/debug/sensor");
     // Privileged tests fail instead of skipping: a skipped exactness test is not a pass.
-    run(cargo()
-        .args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "sensor-ebpf",
-            "--no-fail-fast",
-        ])
-        .env("SENSOR_BIN", &bin)
-        .env("SENSOR_REQUIRE_PRIVILEGED", "1"))
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "sensor-ebpf",
+        "--no-fail-fast",
+    ])
+    .env("SENSOR_BIN", &bin)
+    .env("SENSOR_REQUIRE_PRIVILEGED", "1")
+    .stdout(Stdio::piped());
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd.spawn().context("spawning cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run, whatever order the test binaries finished in.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !status.success() || totals.failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Sums libtest's "test result: ok. N passed; N failed; N ignored; ..." lines.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match kind {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
 }
