@@ -8,6 +8,12 @@
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 /// Default size of the ring buffer that carries closed-connection records (bytes, power of two).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
+/// Default size of the ring buffer that carries request events (bytes, power of two).
+pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 21;
+
+/// Version of the kernel/agent interface (map layouts). Pinned state from another version is
+/// replaced, never reused.
+pub const ABI_VERSION: u32 = 2;
 
 /// `ConnStats::proto`: nothing seen from the client yet.
 pub const PROTO_UNKNOWN: u8 = 0;
@@ -22,6 +28,7 @@ pub const NO_EXCHANGE_PENDING: u64 = u64::MAX;
 /// Map names, shared so the agent and the kernel object cannot drift apart.
 pub const MAP_CONNS: &str = "CONNS";
 pub const MAP_CLOSED: &str = "CLOSED";
+pub const MAP_REQUESTS: &str = "REQUESTS";
 pub const MAP_PORTS: &str = "PORTS";
 pub const MAP_LOSS: &str = "LOSS";
 
@@ -45,8 +52,8 @@ pub struct ConnStats {
     pub family: u16,
     /// One of the `PROTO_*` constants.
     pub proto: u8,
-    /// 1 once the kernel saw the connection close but could not push the record (ring buffer
-    /// full); the agent then takes the record from the map instead, so totals are never lost.
+    /// 1 once the connection closed. The kernel keeps the record and the agent deletes it after
+    /// it has durably accounted it, so totals survive an agent crash at any moment.
     pub closed: u8,
     /// TCP payload bytes, each sequence number counted once (retransmissions excluded).
     pub bytes_in: u64,
@@ -76,20 +83,40 @@ pub struct ClosedConn {
     pub stats: ConnStats,
 }
 
+/// A record on the `REQUESTS` ring buffer: one request (or turn) began. Feeds the
+/// inter-request timing statistics; the counts themselves are in `ConnStats`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestEvent {
+    pub cookie: u64,
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub ts_ns: u64,
+    pub remote_addr: [u8; 16],
+}
+
 /// Index into the per-CPU `LOSS` array: every way the kernel side can lose or skip data.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Loss {
-    /// A closed-connection record did not fit in the ring buffer (the agent reaps it from the map).
+    /// A close notification did not fit in the ring buffer (the agent finds the closed record in
+    /// the map at its next poll: a delay, not a loss).
     RingBufFull = 0,
     /// A new watched connection found the connection map full: it is not counted at all.
     ConnMapFull = 1,
     /// A packet of a watched connection whose headers could not be read (counted, not parsed).
     Unparsed = 2,
+    /// A request event did not fit in its ring buffer: the request is counted, but its time is
+    /// missing from the inter-request statistics.
+    RequestEventsDropped = 3,
 }
 
 impl Loss {
-    pub const ALL: [Loss; 3] = [Loss::RingBufFull, Loss::ConnMapFull, Loss::Unparsed];
+    pub const ALL: [Loss; 4] = [
+        Loss::RingBufFull,
+        Loss::ConnMapFull,
+        Loss::Unparsed,
+        Loss::RequestEventsDropped,
+    ];
     /// Number of slots in the `LOSS` map.
     pub const SLOTS: u32 = 8;
 
@@ -98,6 +125,7 @@ impl Loss {
             Loss::RingBufFull => "ringbuf_full",
             Loss::ConnMapFull => "conn_map_full",
             Loss::Unparsed => "unparsed_packets",
+            Loss::RequestEventsDropped => "request_events_dropped",
         }
     }
 }
@@ -105,6 +133,7 @@ impl Loss {
 const _: () = assert!(core::mem::size_of::<ConnStats>() == 112);
 const _: () = assert!(core::mem::align_of::<ConnStats>() == 8);
 const _: () = assert!(core::mem::size_of::<ClosedConn>() == 120);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 32);
 
 #[cfg(feature = "user")]
 mod user {
@@ -112,6 +141,7 @@ mod user {
     // (the size assertions above pin that), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::ConnStats {}
     unsafe impl aya::Pod for super::ClosedConn {}
+    unsafe impl aya::Pod for super::RequestEvent {}
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! Kernel programs of the traffic sensor.
 //!
 //! * `sensor_sockops` (sock_ops, cgroup): opens a record when a connection to a watched local
-//!   port is established and, when the connection closes, pushes its final counters to the agent
-//!   through the `CLOSED` ring buffer and frees the record.
+//!   port is established and, when the connection closes, marks it closed and pushes its final
+//!   counters to the agent through the `CLOSED` ring buffer. The agent frees the record once it
+//!   has durably accounted it, so a crashed agent finds every closed connection on restart.
 //! * `sensor_ingress` / `sensor_egress` (cgroup_skb): count payload bytes, segments and requests
 //!   of every packet of a recorded connection.
 //!
@@ -35,8 +36,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use sensor_common::{
-    ClosedConn, ConnStats, DEFAULT_MAX_CONNECTIONS, DEFAULT_RING_BYTES, Loss, NO_EXCHANGE_PENDING,
-    PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN,
+    ClosedConn, ConnStats, DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES,
+    Loss, NO_EXCHANGE_PENDING, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, RequestEvent,
 };
 
 /// cgroup_skb verdict that lets the packet through.
@@ -57,6 +58,10 @@ static CONNS: HashMap<u64, ConnStats> = HashMap::with_max_entries(DEFAULT_MAX_CO
 /// Final counters of closed connections, read by the agent.
 #[map]
 static CLOSED: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// Request start events, for inter-request timing in the agent.
+#[map]
+static REQUESTS: RingBuf = RingBuf::with_byte_size(DEFAULT_REQUEST_RING_BYTES, 0);
 
 /// Watched local ports: index = port, value 1 = watched. Filled by the agent.
 #[map]
@@ -211,9 +216,10 @@ fn open_connection(ctx: &SockOpsContext) {
     }
 }
 
-/// The connection reached TCP_CLOSE (normal close, reset, or moving to TIME_WAIT): push its
-/// final counters and free the record. Every packet of the connection has passed the cgroup_skb
-/// programs by now: the last one (FIN or ACK) is filtered before TCP processes it.
+/// The connection reached TCP_CLOSE (normal close, reset, or moving to TIME_WAIT): mark the
+/// record closed and push its final counters. Every packet of the connection has passed the
+/// cgroup_skb programs by now: the last one (FIN or ACK) is filtered before TCP processes it.
+/// The record stays in the map until the agent has accounted it durably and deletes it.
 fn close_connection(ctx: &SockOpsContext) {
     // SAFETY: sock_ops context, accepted by the helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -223,6 +229,7 @@ fn close_connection(ctx: &SockOpsContext) {
     // SAFETY: pointer into a live map value.
     let stats = unsafe { &mut *stats };
     stats.last_seen_ns = now_ns();
+    stats.closed = 1;
     match CLOSED.reserve::<ClosedConn>(0) {
         Some(mut entry) => {
             entry.write(ClosedConn {
@@ -230,13 +237,9 @@ fn close_connection(ctx: &SockOpsContext) {
                 stats: *stats,
             });
             entry.submit(0);
-            let _ = CONNS.remove(&cookie);
         }
-        None => {
-            // Keep the record; the agent's next poll takes it from the map. Nothing is lost.
-            stats.closed = 1;
-            count_loss(Loss::RingBufFull);
-        }
+        // The agent's next poll finds the closed record in the map: a delay, not a loss.
+        None => count_loss(Loss::RingBufFull),
     }
 }
 
@@ -466,8 +469,25 @@ fn track_request(
         stats.req_start = NO_EXCHANGE_PENDING;
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
+        report_request(ctx, stats);
     }
     Ok(())
+}
+
+/// Tells the agent when a request began, for inter-request timing.
+fn report_request(ctx: &SkBuffContext, stats: &ConnStats) {
+    match REQUESTS.reserve::<RequestEvent>(0) {
+        Some(mut entry) => {
+            entry.write(RequestEvent {
+                // SAFETY: cgroup_skb context, accepted by the helper.
+                cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr() as *mut c_void) },
+                ts_ns: stats.last_seen_ns,
+                remote_addr: stats.remote_addr,
+            });
+            entry.submit(0);
+        }
+        None => count_loss(Loss::RequestEventsDropped),
+    }
 }
 
 /// Whether the payload begins with an HTTP/1.x request method and a space (RFC 9110 methods).

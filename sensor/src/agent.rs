@@ -1,11 +1,17 @@
-//! `sensor run`: the agent's main loop (capture -> connection table -> local API).
+//! `sensor run`: the agent's pipeline, capture -> connection table -> aggregation -> views.
+//!
+//! Durability: closed connections stay in the kernel map until a snapshot that accounts them
+//! is on disk, and every observation is applied as a delta against what was accounted, so a
+//! kill -9 at any moment loses nothing the kernel counted.
 
 use std::{
+    collections::HashSet,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
 use tokio::{
     io::unix::AsyncFd,
@@ -13,11 +19,13 @@ use tokio::{
 };
 
 use crate::{
+    aggregate::{Aggregator, Now},
     api::{self, AgentState, SharedState},
-    capture::{Capture, CaptureSettings, decode_closed},
+    capture::{Capture, CaptureSettings, decode_closed, decode_request},
     cli::RunArgs,
     config::Config,
-    conntable::ConnTable,
+    conntable::{ConnTable, socket_addr},
+    state::{self, Snapshot},
 };
 
 /// Resolves the effective configuration: file (or embedded default), then flags.
@@ -39,82 +47,225 @@ pub fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
         anyhow::ensure!(ms > 0, "--poll-interval-ms must be at least 1");
         config.capture.poll_interval_ms = ms;
     }
+    if let Some(dir) = &args.state_dir {
+        config.state.dir.clone_from(dir);
+    }
+    if let Some(dir) = &args.pin_dir {
+        config.state.bpf_pin_dir.clone_from(dir);
+    }
     Ok(config)
+}
+
+/// Everything the main loop owns.
+struct Pipeline {
+    capture: Capture,
+    state: SharedState,
+    config: Config,
+    boot_id: String,
+}
+
+impl Pipeline {
+    fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, AgentState>> {
+        self.state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("agent state poisoned"))
+    }
+
+    fn drain_closed(&self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        let now = Now::system();
+        let mut s = self.lock()?;
+        let AgentState { table, agg, .. } = &mut *s;
+        while let Some(item) = ring.next() {
+            match decode_closed(&item) {
+                Some(rec) => table.observe(rec.cookie, &rec.stats, agg, now),
+                None => warn!("short close record ({} bytes)", item.len()),
+            }
+        }
+        Ok(())
+    }
+
+    fn drain_requests(&self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        let now = Now::system();
+        let mut s = self.lock()?;
+        while let Some(item) = ring.next() {
+            match decode_request(&item) {
+                Some(ev) => {
+                    let ip = socket_addr(ev.remote_addr, 0).ip();
+                    s.agg.request(ip, ev.ts_ns, now);
+                }
+                None => warn!("short request record ({} bytes)", item.len()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the whole kernel map and accounts every record.
+    fn poll(&self) -> anyhow::Result<()> {
+        let records = self.capture.poll();
+        let loss = self.capture.loss_counts();
+        let now = Now::system();
+        let mut s = self.lock()?;
+        let AgentState { table, agg, .. } = &mut *s;
+        for (cookie, stats) in &records {
+            table.observe(*cookie, stats, agg, now);
+        }
+        table.expire(Instant::now());
+        s.loss = loss;
+        Ok(())
+    }
+
+    /// Writes the state, then lets the kernel forget the closed connections it accounts.
+    fn snapshot(&mut self) -> anyhow::Result<()> {
+        let now = Now::system();
+        let (snapshot, reaped) = {
+            let mut s = self.lock()?;
+            let reaped = s.table.take_unreaped();
+            s.table.expire_tombstones(now);
+            let snapshot = Snapshot {
+                version: state::SNAPSHOT_VERSION,
+                boot_id: self.boot_id.clone(),
+                instance: self.capture.instance.clone(),
+                saved_unix_ms: now.unix_ms,
+                agg: s.agg.clone(),
+                conns: s.table.state(),
+            };
+            (snapshot, reaped)
+        };
+        if let Err(e) = state::save(&self.config.state.dir, &snapshot) {
+            // Keep the records in the kernel until a snapshot holds them.
+            let mut s = self.lock()?;
+            s.table.restore_unreaped(reaped);
+            return Err(e);
+        }
+        self.capture.delete(&reaped);
+        Ok(())
+    }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = effective_config(&args)?;
+    if args.fresh {
+        info!(
+            "--fresh: discarding saved state in {}",
+            config.state.dir.display()
+        );
+        state::remove(&config.state.dir);
+    }
     let mut capture = Capture::attach(&CaptureSettings {
         cgroup: config.capture.cgroup.clone().into(),
         ports: config.capture.ports.clone(),
         max_connections: config.capture.max_connections,
         ring_buffer_bytes: config.capture.ring_buffer_bytes,
+        pin_dir: config.state.bpf_pin_dir.clone(),
+        fresh: args.fresh,
     })
     .context("cannot start capture")?;
-    let closed = capture.take_closed()?;
-    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged while the AsyncFd
-    // owns the RingBuf.
-    let mut closed = unsafe { AsyncFd::register(closed) }.context("polling the ring buffer")?;
+    // SAFETY (both): the RingBuf owns its map fd, which stays open and unchanged while the
+    // AsyncFd owns the RingBuf.
+    let mut closed = unsafe { AsyncFd::register(capture.take_closed()?) }
+        .context("polling the close ring buffer")?;
+    let mut requests = unsafe { AsyncFd::register(capture.take_requests()?) }
+        .context("polling the request ring buffer")?;
 
+    let boot_id = state::boot_id();
+    let c = &config.clients;
+    let mut agg = Aggregator::new(c.max_clients, c.group_prefix_v4, c.group_prefix_v6);
+    let mut table = ConnTable::new(
+        Duration::from_secs(config.connections.closed_retention_secs),
+        config.connections.closed_retention_max,
+    );
+    if let Some(saved) = state::load(&config.state.dir) {
+        agg = saved.agg;
+        agg.configure(c.max_clients, c.group_prefix_v4, c.group_prefix_v6);
+        if saved.boot_id == boot_id {
+            // Live connections the kernel no longer holds are closed after the first poll.
+            table.restore(&saved.conns);
+        } else {
+            agg.reset_request_clocks();
+            agg.close_all_connections();
+        }
+        info!(
+            "restored per-client state saved at {} ({} addresses)",
+            humantime::format_rfc3339_millis(
+                SystemTime::UNIX_EPOCH + Duration::from_millis(saved.saved_unix_ms)
+            ),
+            agg.addresses.clients.len()
+        );
+    }
     let state: SharedState = Arc::new(Mutex::new(AgentState {
-        table: ConnTable::new(
-            Duration::from_secs(config.connections.closed_retention_secs),
-            config.connections.closed_retention_max,
-        ),
+        table,
+        agg,
+        max_clients: c.max_clients,
         loss: capture.loss_counts(),
         started: SystemTime::now(),
         cgroup: capture.cgroup.display().to_string(),
         ports: config.capture.ports.clone(),
+        continued_from_pinned_state: capture.reused,
     }));
+    let mut pipeline = Pipeline {
+        capture,
+        state: state.clone(),
+        config: config.clone(),
+        boot_id,
+    };
+    // Catch up: everything the kernel counted while no agent ran.
+    pipeline.drain_closed(closed.get_mut())?;
+    pipeline.drain_requests(requests.get_mut())?;
+    let records = pipeline.capture.poll();
+    {
+        let now = Now::system();
+        let mut s = pipeline.lock()?;
+        let AgentState { table, agg, .. } = &mut *s;
+        for (cookie, stats) in &records {
+            table.observe(*cookie, stats, agg, now);
+        }
+        let present: HashSet<u64> = records.iter().map(|(c, _)| *c).collect();
+        table.forget_missing(&present, agg, now);
+    }
+    pipeline
+        .snapshot()
+        .context("writing the first state snapshot")?;
+
     let listener = api::bind(&config.api.socket)?;
     tokio::spawn(api::serve(listener, state.clone()));
     info!("local API on {}", config.api.socket.display());
 
     let mut poll = tokio::time::interval(Duration::from_millis(config.capture.poll_interval_ms));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut save = tokio::time::interval(Duration::from_secs(config.state.snapshot_interval_secs));
+    save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     info!("sensor running");
     loop {
         tokio::select! {
             guard = closed.readable_mut() => {
-                let mut guard = guard.context("ring buffer")?;
-                let ring = guard.get_inner_mut();
-                let now = Instant::now();
-                let mut table = lock(&state)?;
-                while let Some(item) = ring.next() {
-                    match decode_closed(&item) {
-                        Some(rec) => table.table.close(rec.cookie, rec.stats, now),
-                        None => warn!("short ring buffer record ({} bytes)", item.len()),
-                    }
-                }
-                drop(table);
+                let mut guard = guard.context("close ring buffer")?;
+                pipeline.drain_closed(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
-            _ = poll.tick() => {
-                let (live, reaped) = capture.poll();
-                let loss = capture.loss_counts();
-                let now = Instant::now();
-                let mut s = lock(&state)?;
-                for (cookie, stats) in reaped {
-                    s.table.close(cookie, stats, now);
+            guard = requests.readable_mut() => {
+                let mut guard = guard.context("request ring buffer")?;
+                pipeline.drain_requests(guard.get_inner_mut())?;
+                guard.clear_ready();
+            }
+            _ = poll.tick() => pipeline.poll()?,
+            _ = save.tick() => {
+                if let Err(e) = pipeline.snapshot() {
+                    warn!("cannot save state: {e:#}");
                 }
-                s.table.set_live(live);
-                s.table.expire(now);
-                s.loss = loss;
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
     }
-    info!("shutting down: detaching programs");
-    drop(capture);
+    info!("shutting down: saving state and detaching programs");
+    pipeline.drain_closed(closed.get_mut())?;
+    pipeline.drain_requests(requests.get_mut())?;
+    pipeline.poll()?;
+    pipeline.snapshot()?;
+    drop((closed, requests));
+    pipeline.capture.detach();
     let _ = std::fs::remove_file(&config.api.socket);
     Ok(())
-}
-
-fn lock(state: &SharedState) -> anyhow::Result<std::sync::MutexGuard<'_, AgentState>> {
-    state
-        .lock()
-        .map_err(|_| anyhow::anyhow!("agent state poisoned"))
 }

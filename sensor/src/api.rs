@@ -20,7 +20,11 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::conntable::ConnTable;
+use crate::{
+    aggregate::{Aggregator, Now},
+    conntable::ConnTable,
+    report::{Query, client_rows},
+};
 
 const MAX_REQUEST_HEAD: usize = 8192;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,10 +32,14 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the agent shares with the API.
 pub struct AgentState {
     pub table: ConnTable,
+    pub agg: Aggregator,
+    pub max_clients: usize,
     pub loss: Vec<(&'static str, u64)>,
     pub started: SystemTime,
     pub cgroup: String,
     pub ports: Vec<u16>,
+    /// The programs were already attached (pinned) when this agent started.
+    pub continued_from_pinned_state: bool,
 }
 
 pub type SharedState = Arc<Mutex<AgentState>>;
@@ -42,9 +50,28 @@ struct Health<'a> {
     started: String,
     cgroup: &'a str,
     ports: &'a [u16],
+    continued_from_pinned_state: bool,
     live_connections: usize,
     closed_connections_total: u64,
     loss: std::collections::BTreeMap<&'static str, u64>,
+    clients: ClientsHealth,
+}
+
+/// How much of the per-client state is exact, and what was folded away.
+#[derive(Serialize)]
+struct ClientsHealth {
+    max_clients: usize,
+    tracked_addresses: usize,
+    tracked_groups: usize,
+    folded_addresses: u64,
+    folded_groups: u64,
+    folded_bytes_in: u64,
+    folded_bytes_out: u64,
+    folded_requests: u64,
+    /// Everything observed, exact clients and folded remainder together.
+    total_bytes_in: u64,
+    total_bytes_out: u64,
+    total_requests: u64,
 }
 
 /// Binds the socket, replacing a stale one, with root-only permissions.
@@ -104,28 +131,67 @@ async fn handle(mut stream: UnixStream, state: SharedState) -> anyhow::Result<()
     if method != "GET" {
         return respond(&mut stream, 405, "{\"error\":\"only GET\"}").await;
     }
-    let body = {
+    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+    let reply = {
         let state = state
             .lock()
             .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-        match path {
-            "/v1/conns" => serde_json::to_string(&state.table.rows())?,
-            "/v1/health" => serde_json::to_string(&Health {
+        route_request(&state, route, query)
+    };
+    match reply {
+        Ok(body) => respond(&mut stream, 200, &body).await,
+        Err((status, message)) => {
+            let body = serde_json::json!({ "error": message }).to_string();
+            respond(&mut stream, status, &body).await
+        }
+    }
+}
+
+/// Answers one API route from the agent's state.
+pub fn route_request(
+    state: &AgentState,
+    route: &str,
+    query: &str,
+) -> Result<String, (u16, String)> {
+    let json = |r: serde_json::Result<String>| r.map_err(|e| (500, e.to_string()));
+    match route {
+        "/v1/conns" => json(serde_json::to_string(&state.table.rows())),
+        "/v1/clients" => {
+            let q = Query::parse(query).map_err(|e| (400, e.to_string()))?;
+            json(serde_json::to_string(&client_rows(
+                &state.agg,
+                &q,
+                Now::system(),
+            )))
+        }
+        "/v1/health" => {
+            let (a, g) = (&state.agg.addresses, &state.agg.groups);
+            json(serde_json::to_string(&Health {
                 status: "ok",
                 started: humantime::format_rfc3339_millis(state.started).to_string(),
                 cgroup: &state.cgroup,
                 ports: &state.ports,
+                continued_from_pinned_state: state.continued_from_pinned_state,
                 live_connections: state.table.live_count(),
                 closed_connections_total: state.table.closed_total,
                 loss: state.loss.iter().copied().collect(),
-            })?,
-            _ => String::new(),
+                clients: ClientsHealth {
+                    max_clients: state.max_clients,
+                    tracked_addresses: a.clients.len(),
+                    tracked_groups: g.clients.len(),
+                    folded_addresses: a.folded.clients,
+                    folded_groups: g.folded.clients,
+                    folded_bytes_in: a.folded.totals.bytes_in,
+                    folded_bytes_out: a.folded.totals.bytes_out,
+                    folded_requests: a.folded.totals.requests,
+                    total_bytes_in: a.grand_total().bytes_in,
+                    total_bytes_out: a.grand_total().bytes_out,
+                    total_requests: a.grand_total().requests,
+                },
+            }))
         }
-    };
-    if body.is_empty() {
-        return respond(&mut stream, 404, "{\"error\":\"no such endpoint\"}").await;
+        _ => Err((404, "no such endpoint".into())),
     }
-    respond(&mut stream, 200, &body).await
 }
 
 async fn read_head(stream: &mut UnixStream) -> anyhow::Result<String> {
@@ -148,9 +214,11 @@ async fn read_head(stream: &mut UnixStream) -> anyhow::Result<String> {
 async fn respond(stream: &mut UnixStream, status: u16, body: &str) -> anyhow::Result<()> {
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
-        _ => "Method Not Allowed",
+        405 => "Method Not Allowed",
+        _ => "Internal Server Error",
     };
     let reply = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\

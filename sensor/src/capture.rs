@@ -7,14 +7,23 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use log::{info, warn};
 use sensor_common::{
-    ClosedConn, ConnStats, Loss, MAP_CLOSED, MAP_CONNS, MAP_LOSS, MAP_PORTS, PROG_EGRESS,
-    PROG_INGRESS, PROG_SOCKOPS,
+    ABI_VERSION, ClosedConn, ConnStats, Loss, MAP_CLOSED, MAP_CONNS, MAP_LOSS, MAP_PORTS,
+    MAP_REQUESTS, PROG_EGRESS, PROG_INGRESS, PROG_SOCKOPS, RequestEvent,
 };
+
+/// Maps pinned under the instance directory, by name.
+const PINNED_MAPS: [&str; 5] = [MAP_CONNS, MAP_CLOSED, MAP_REQUESTS, MAP_PORTS, MAP_LOSS];
+/// Program links pinned under the instance directory: while pinned, the programs stay
+/// attached and keep counting even when no agent runs.
+const PINNED_LINKS: [&str; 3] = [PROG_INGRESS, PROG_EGRESS, PROG_SOCKOPS];
 
 /// The kernel object built by build.rs (aya-build) from `sensor-ebpf`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor"));
@@ -56,6 +65,11 @@ pub enum CaptureError {
     },
     #[error("kernel object has no {0}")]
     Missing(&'static str),
+    #[error("pinning under {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("opening cgroup {path}: {source}")]
     Io {
         path: PathBuf,
@@ -78,15 +92,28 @@ pub struct CaptureSettings {
     pub ports: Vec<u16>,
     pub max_connections: u32,
     pub ring_buffer_bytes: u32,
+    /// bpffs directory for pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// Discard pinned state instead of continuing from it.
+    pub fresh: bool,
 }
 
-/// Loaded and attached programs. Dropping it detaches them.
+/// Attached programs and their maps, pinned under `instance_dir`. Dropping it leaves the
+/// programs attached and counting (crash-safe); `detach` removes them.
 pub struct Capture {
-    /// Owns the programs and their links; the links detach when it is dropped.
-    ebpf: Ebpf,
+    /// The loaded object when this agent loaded the programs (None when it re-attached to
+    /// pinned ones); kept for its kernel log buffer.
+    _ebpf: Option<Ebpf>,
     pub cgroup: PathBuf,
+    /// Pinned state directory: `<pin_dir>/<instance>`.
+    pub instance_dir: PathBuf,
+    pub instance: String,
+    /// True when the programs and maps were already running from a previous agent.
+    pub reused: bool,
     pub conns: HashMap<MapData, u64, ConnStats>,
     pub loss: PerCpuArray<MapData, u64>,
+    closed: Option<RingBuf<MapData>>,
+    requests: Option<RingBuf<MapData>>,
 }
 
 /// Checks what loading needs, so the operator gets one clear message instead of an EPERM.
@@ -155,6 +182,58 @@ pub fn resolve_cgroup(configured: &Path) -> Result<PathBuf, CaptureError> {
     Ok(path)
 }
 
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: valid NUL-terminated path and a zeroed statfs buffer.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Pinning needs a bpffs. systemd mounts one at /sys/fs/bpf on most distributions; where
+/// nothing did, mount it there (as `mount -t bpf bpf /sys/fs/bpf` would).
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
+    let mut probe = pin_dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&probe) {
+        return Ok(());
+    }
+    let root = Path::new(BPF_FS_ROOT);
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+        let (src, target, fstype) = (c("bpf"), c(BPF_FS_ROOT), c("bpf"));
+        // SAFETY: valid NUL-terminated strings; no mount data.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc == 0 {
+            info!("mounted a bpffs at {BPF_FS_ROOT}");
+            return Ok(());
+        }
+        return Err(pin_err(root, std::io::Error::last_os_error()));
+    }
+    Err(pin_err(
+        pin_dir,
+        std::io::Error::other("not on a bpffs (mount -t bpf bpf /sys/fs/bpf)"),
+    ))
+}
+
 /// Older kernels charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
@@ -167,15 +246,172 @@ fn raise_memlock_limit() {
     }
 }
 
+/// FNV-1a: a stable fingerprint of the kernel object and the attach point.
+fn fingerprint(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn pin_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> CaptureError {
+    CaptureError::Pin {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    }
+}
+
+/// Removes one pinned instance: unpinning a link detaches its program; removing a map pin
+/// frees the map once nothing else holds it.
+fn remove_instance(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_link = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("link-"));
+        if is_link {
+            match PinnedLink::from_pin(&path).map(PinnedLink::unpin) {
+                Ok(Ok(link)) => drop(link),
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn open_pinned_map(dir: &Path, name: &'static str) -> Result<MapData, CaptureError> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).map_err(|source| CaptureError::Map { name, source })
+}
+
 impl Capture {
     pub fn attach(settings: &CaptureSettings) -> Result<Self, CaptureError> {
         preflight()?;
         let cgroup = resolve_cgroup(&settings.cgroup)?;
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
+        let instance = format!(
+            "abi{ABI_VERSION}-{:016x}",
+            fingerprint(&[KERNEL_OBJECT, cgroup.as_os_str().as_encoded_bytes()])
+        );
+        let pin_dir = &settings.pin_dir;
+        ensure_bpffs(pin_dir)?;
+        let instance_dir = pin_dir.join(&instance);
+        std::fs::create_dir_all(pin_dir).map_err(|e| pin_err(pin_dir, e))?;
+        // Anything else pinned here is another version, kernel object or cgroup.
+        for entry in std::fs::read_dir(pin_dir)
+            .map_err(|e| pin_err(pin_dir, e))?
+            .flatten()
+        {
+            let path = entry.path();
+            if settings.fresh || path != instance_dir {
+                info!(
+                    "removing pinned sensor state {} ({})",
+                    path.display(),
+                    if settings.fresh {
+                        "--fresh"
+                    } else {
+                        "from another sensor version, kernel object or cgroup"
+                    }
+                );
+                remove_instance(&path);
+            }
+        }
+        let complete = PINNED_MAPS.iter().all(|m| instance_dir.join(m).exists())
+            && PINNED_LINKS
+                .iter()
+                .all(|l| instance_dir.join(format!("link-{l}")).exists());
+        if complete {
+            info!(
+                "continuing from pinned state {} (programs stayed attached)",
+                instance_dir.display()
+            );
+            return Self::reuse(settings, cgroup, instance, instance_dir);
+        }
+        if instance_dir.exists() {
+            warn!(
+                "incomplete pinned state {}: replacing it",
+                instance_dir.display()
+            );
+            remove_instance(&instance_dir);
+        }
+        Self::load_and_attach(settings, cgroup, instance, instance_dir)
+    }
+
+    fn reuse(
+        settings: &CaptureSettings,
+        cgroup: PathBuf,
+        instance: String,
+        instance_dir: PathBuf,
+    ) -> Result<Self, CaptureError> {
+        let mut ports: Array<MapData, u8> =
+            Array::try_from(Map::Array(open_pinned_map(&instance_dir, MAP_PORTS)?))
+                .map_err(map_err(MAP_PORTS))?;
+        let watched: std::collections::HashSet<u16> = settings.ports.iter().copied().collect();
+        for port in 0..=u16::MAX {
+            let want = u8::from(watched.contains(&port));
+            if ports.get(&u32::from(port), 0).unwrap_or(0) != want {
+                ports
+                    .set(u32::from(port), want, 0)
+                    .map_err(map_err(MAP_PORTS))?;
+            }
+        }
+        Ok(Self {
+            _ebpf: None,
+            cgroup,
+            instance_dir: instance_dir.clone(),
+            instance,
+            reused: true,
+            conns: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_CONNS)?))
+                .map_err(map_err(MAP_CONNS))?,
+            loss: PerCpuArray::try_from(Map::PerCpuArray(open_pinned_map(
+                &instance_dir,
+                MAP_LOSS,
+            )?))
+            .map_err(map_err(MAP_LOSS))?,
+            closed: Some(
+                RingBuf::try_from(Map::RingBuf(open_pinned_map(&instance_dir, MAP_CLOSED)?))
+                    .map_err(map_err(MAP_CLOSED))?,
+            ),
+            requests: Some(
+                RingBuf::try_from(Map::RingBuf(open_pinned_map(&instance_dir, MAP_REQUESTS)?))
+                    .map_err(map_err(MAP_REQUESTS))?,
+            ),
+        })
+    }
+
+    fn load_and_attach(
+        settings: &CaptureSettings,
+        cgroup: PathBuf,
+        instance: String,
+        instance_dir: PathBuf,
+    ) -> Result<Self, CaptureError> {
+        std::fs::create_dir_all(&instance_dir).map_err(|e| pin_err(&instance_dir, e))?;
+        let map_paths: Vec<(&'static str, PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|m| (*m, instance_dir.join(m)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(MAP_CONNS, settings.max_connections)
-            .map_max_entries(MAP_CLOSED, settings.ring_buffer_bytes)
-            .load(KERNEL_OBJECT)?;
+            .map_max_entries(MAP_CLOSED, settings.ring_buffer_bytes);
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(KERNEL_OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_kernel_log_forwarder(logger),
             Err(e) => warn!("kernel log forwarding unavailable: {e}"),
@@ -211,9 +447,13 @@ impl Capture {
             program
                 .load()
                 .map_err(|source| program_err(name, "load", source))?;
-            program
+            let link_id = program
                 .attach(&cgroup_fd, attach_type, CgroupAttachMode::Single)
                 .map_err(|source| program_err(name, "attach", source))?;
+            let link = program
+                .take_link(link_id)
+                .map_err(|source| program_err(name, "take link", source))?;
+            pin_link(FdLink::try_from(link), &instance_dir, name)?;
         }
         let sockops: &mut SockOps = ebpf
             .program_mut(PROG_SOCKOPS)
@@ -223,62 +463,73 @@ impl Capture {
         sockops
             .load()
             .map_err(|source| program_err(PROG_SOCKOPS, "load", source))?;
-        sockops
+        let link_id = sockops
             .attach(&cgroup_fd, CgroupAttachMode::Single)
             .map_err(|source| program_err(PROG_SOCKOPS, "attach", source))?;
+        let link = sockops
+            .take_link(link_id)
+            .map_err(|source| program_err(PROG_SOCKOPS, "take link", source))?;
+        pin_link(FdLink::try_from(link), &instance_dir, PROG_SOCKOPS)?;
         info!(
-            "attached to cgroup {} watching ports {:?}",
+            "attached to cgroup {} watching ports {:?}; pinned under {}",
             cgroup.display(),
-            settings.ports
+            settings.ports,
+            instance_dir.display()
         );
 
-        let conns = HashMap::try_from(
-            ebpf.take_map(MAP_CONNS)
-                .ok_or(CaptureError::Missing(MAP_CONNS))?,
-        )
-        .map_err(map_err(MAP_CONNS))?;
-        let loss = PerCpuArray::try_from(
-            ebpf.take_map(MAP_LOSS)
-                .ok_or(CaptureError::Missing(MAP_LOSS))?,
-        )
-        .map_err(map_err(MAP_LOSS))?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(CaptureError::Missing(name))
+        };
+        let conns = HashMap::try_from(take(&mut ebpf, MAP_CONNS)?).map_err(map_err(MAP_CONNS))?;
+        let loss = PerCpuArray::try_from(take(&mut ebpf, MAP_LOSS)?).map_err(map_err(MAP_LOSS))?;
+        let closed =
+            RingBuf::try_from(take(&mut ebpf, MAP_CLOSED)?).map_err(map_err(MAP_CLOSED))?;
+        let requests =
+            RingBuf::try_from(take(&mut ebpf, MAP_REQUESTS)?).map_err(map_err(MAP_REQUESTS))?;
         Ok(Self {
-            ebpf,
+            _ebpf: Some(ebpf),
             cgroup,
+            instance_dir,
+            instance,
+            reused: false,
             conns,
             loss,
+            closed: Some(closed),
+            requests: Some(requests),
         })
     }
 
-    /// The ring buffer of closed-connection records; taken once by the reader task.
-    pub fn take_closed(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
-        RingBuf::try_from(
-            self.ebpf
-                .take_map(MAP_CLOSED)
-                .ok_or(CaptureError::Missing(MAP_CLOSED))?,
-        )
-        .map_err(map_err(MAP_CLOSED))
+    /// Detaches the programs and removes the pinned state (a clean stop).
+    pub fn detach(self) {
+        let dir = self.instance_dir.clone();
+        drop(self);
+        remove_instance(&dir);
     }
 
-    /// Reads every live record; entries the kernel marked closed (ring buffer was full) are
-    /// returned separately and removed from the map.
-    pub fn poll(&mut self) -> (Records, Records) {
-        let mut live = Vec::new();
-        let mut closed = Vec::new();
-        for entry in self.conns.iter() {
-            // A key deleted between the kernel's get_next_key and lookup shows as an error;
-            // that connection's record arrives through the ring buffer.
-            let Ok((cookie, stats)) = entry else { continue };
-            if stats.closed != 0 {
-                closed.push((cookie, stats));
-            } else {
-                live.push((cookie, stats));
-            }
-        }
-        for (cookie, _) in &closed {
+    /// Deletes closed records the agent has durably accounted.
+    pub fn delete(&mut self, cookies: &[u64]) {
+        for cookie in cookies {
             let _ = self.conns.remove(cookie);
         }
-        (live, closed)
+    }
+
+    /// The ring buffer of request events; taken once by the agent loop.
+    pub fn take_requests(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
+        self.requests
+            .take()
+            .ok_or(CaptureError::Missing(MAP_REQUESTS))
+    }
+
+    /// The ring buffer of close notifications; taken once by the agent loop.
+    pub fn take_closed(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
+        self.closed.take().ok_or(CaptureError::Missing(MAP_CLOSED))
+    }
+
+    /// Reads every record in the kernel map, live and closed-but-not-yet-deleted.
+    pub fn poll(&self) -> Records {
+        // A key deleted between the kernel's get_next_key and lookup shows as an error; only
+        // the agent deletes, so that cannot lose a record.
+        self.conns.iter().filter_map(Result::ok).collect()
     }
 
     /// Loss counters summed over CPUs, by name.
@@ -297,6 +548,18 @@ impl Capture {
     }
 }
 
+fn pin_link(
+    link: Result<FdLink, aya::programs::links::LinkError>,
+    dir: &Path,
+    name: &str,
+) -> Result<(), CaptureError> {
+    let path = dir.join(format!("link-{name}"));
+    let link = link.map_err(|e| pin_err(&path, e))?;
+    // The pinned link keeps the program attached; the returned handle can be dropped.
+    link.pin(&path).map_err(|e| pin_err(&path, e))?;
+    Ok(())
+}
+
 fn program_err(name: &str, step: &str, source: aya::programs::ProgramError) -> CaptureError {
     CaptureError::Program {
         what: format!("{step} of program {name}"),
@@ -304,11 +567,19 @@ fn program_err(name: &str, step: &str, source: aya::programs::ProgramError) -> C
     }
 }
 
-/// Decodes a ring buffer record.
+/// Decodes a ring buffer record of a `Pod` type.
+pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= std::mem::size_of::<T>())
+        // SAFETY: length checked; T is Pod (any bit pattern is valid).
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
 pub fn decode_closed(bytes: &[u8]) -> Option<ClosedConn> {
-    (bytes.len() >= std::mem::size_of::<ClosedConn>())
-        // SAFETY: length checked; ClosedConn is Pod (any bit pattern is valid).
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ClosedConn>()) })
+    decode(bytes)
+}
+
+pub fn decode_request(bytes: &[u8]) -> Option<RequestEvent> {
+    decode(bytes)
 }
 
 /// Forwards `aya-log-ebpf` records from the kernel to the agent's logger. Needs a tokio runtime.

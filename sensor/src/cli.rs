@@ -21,6 +21,35 @@ pub enum Command {
     Run(RunArgs),
     /// List live and recently closed connections to the watched ports.
     Conns(ConnsArgs),
+    /// Per-client counters (one-shot table or JSON).
+    Clients(ClientsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ClientsArgs {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Sort column (descending): bytes_out, bytes_in, requests, connections, open_connections,
+    /// peak_open_connections, active_seconds, out_in_ratio, interval_mean_ms, interval_cv,
+    /// last_seen, first_seen, client.
+    #[arg(long, default_value = "bytes_out")]
+    pub sort: String,
+    /// Show at most N clients.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Sort and show this window's counters: 1m, 10m or 1h.
+    #[arg(long)]
+    pub window: Option<String>,
+    /// Group clients by address (default) or by address group.
+    #[arg(long, default_value = "address")]
+    pub by: String,
+    /// Only clients whose address or group contains this text.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// The agent's local API socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -42,6 +71,15 @@ pub struct RunArgs {
     /// Live-connection poll interval in milliseconds (replaces the configured value).
     #[arg(long, value_name = "MS")]
     pub poll_interval_ms: Option<u64>,
+    /// Directory for the saved state (replaces the configured one).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links (replaces the configured one).
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// Start from zero: discard pinned kernel state and saved per-client state.
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 #[derive(Debug, clap::Args)]

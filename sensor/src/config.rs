@@ -22,6 +22,66 @@ pub struct Config {
     pub api: Api,
     #[serde(default)]
     pub connections: Connections,
+    #[serde(default)]
+    pub clients: Clients,
+    #[serde(default)]
+    pub state: State,
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Clients {
+    pub max_clients: usize,
+    pub group_prefix_v4: u8,
+    pub group_prefix_v6: u8,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Self {
+            max_clients: 10_000,
+            group_prefix_v4: 24,
+            group_prefix_v6: 56,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct State {
+    pub dir: PathBuf,
+    pub bpf_pin_dir: PathBuf,
+    pub snapshot_interval_secs: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/sensor"),
+            bpf_pin_dir: PathBuf::from("/sys/fs/bpf/sensor"),
+            snapshot_interval_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    pub listen: String,
+    pub bearer_token_file: PathBuf,
+    pub top_clients: usize,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            bearer_token_file: PathBuf::new(),
+            top_clients: 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -155,6 +215,33 @@ impl Config {
         if self.api.socket.as_os_str().is_empty() {
             return Err(("socket", "must not be empty".into()));
         }
+        if self.clients.max_clients == 0 {
+            return Err(("max_clients", "must be at least 1".into()));
+        }
+        if self.clients.group_prefix_v4 > 32 {
+            return Err(("group_prefix_v4", "must be 0..=32".into()));
+        }
+        if self.clients.group_prefix_v6 > 128 {
+            return Err(("group_prefix_v6", "must be 0..=128".into()));
+        }
+        if self.state.snapshot_interval_secs == 0 {
+            return Err(("snapshot_interval_secs", "must be at least 1".into()));
+        }
+        if !self.state.bpf_pin_dir.is_absolute() {
+            return Err(("bpf_pin_dir", "must be an absolute path on a bpffs".into()));
+        }
+        let m = &self.metrics;
+        if !m.listen.is_empty() {
+            if m.listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(("listen", format!("`{}` is not an ip:port", m.listen)));
+            }
+            if m.bearer_token_file.as_os_str().is_empty() {
+                return Err((
+                    "bearer_token_file",
+                    "the metrics listener requires a bearer token file".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -216,6 +303,9 @@ mod tests {
         assert_eq!(embedded.capture, Capture::default());
         assert_eq!(embedded.api, Api::default());
         assert_eq!(embedded.connections, Connections::default());
+        assert_eq!(embedded.clients, Clients::default());
+        assert_eq!(embedded.state, State::default());
+        assert_eq!(embedded.metrics, Metrics::default());
     }
 
     #[test]
@@ -255,6 +345,13 @@ mod tests {
         );
         let err = Config::parse("[capture]\nports = [0]\n", "s.toml").unwrap_err();
         assert_eq!((err.line, err.key.as_deref()), (2, Some("ports")));
+    }
+
+    #[test]
+    fn metrics_listener_needs_a_token() {
+        let text = "[metrics]\nlisten = \"127.0.0.1:9465\"\n";
+        let err = Config::parse(text, "s.toml").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("bearer_token_file"));
     }
 
     #[test]

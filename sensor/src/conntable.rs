@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use crate::aggregate::{Aggregator, Counts, Delta, Now};
+
 use sensor_common::{ConnStats, PROTO_HTTP1, PROTO_OTHER};
 use serde::{Deserialize, Serialize};
 
@@ -99,52 +101,186 @@ struct Closed {
     at: Instant,
 }
 
-/// Live and recently closed connections, bounded by retention time and count.
+/// How long a reaped connection's cookie is remembered, so a late duplicate of its final record
+/// (the ring buffer and the map race by microseconds) is never counted twice.
+const TOMBSTONE_SECS: u64 = 120;
+
+/// Connections as the agent has accounted them, and the recently closed ones for display.
+///
+/// Every observation of a connection (a poll of the kernel map, or a close record) is turned
+/// into a delta against what was already accounted, so observing the same counters twice adds
+/// nothing: the map poll, the ring buffer and a restart can overlap freely.
+#[derive(Default)]
 pub struct ConnTable {
+    /// Last accounted counters of connections not yet closed.
     live: HashMap<u64, ConnStats>,
+    /// Closed connections accounted since the last reap: to delete from the kernel map once
+    /// a snapshot holds them.
+    unreaped: Vec<u64>,
+    /// Closed and accounted cookies -> unix seconds when accounted.
+    tombstones: HashMap<u64, u64>,
     closed: VecDeque<Closed>,
-    /// Cookies of retained closed connections: a poll that raced with the close must not
-    /// bring them back as open.
-    closed_cookies: HashSet<u64>,
     retention: Duration,
     max_closed: usize,
     /// Connections closed since start (all of them, also those no longer retained).
     pub closed_total: u64,
 }
 
+/// What a snapshot keeps of the connection table.
+#[derive(Default, Serialize, Deserialize)]
+pub struct ConnState {
+    pub live: Vec<(u64, ConnStatsRepr)>,
+    pub tombstones: Vec<(u64, u64)>,
+}
+
+/// Serializable copy of the counters that deltas are computed from.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct ConnStatsRepr {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub requests: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub proto: u8,
+}
+
+impl From<&ConnStats> for ConnStatsRepr {
+    fn from(s: &ConnStats) -> Self {
+        Self {
+            local_addr: s.local_addr,
+            remote_addr: s.remote_addr,
+            local_port: s.local_port,
+            remote_port: s.remote_port,
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            packets_in: s.packets_in,
+            packets_out: s.packets_out,
+            requests: s.requests,
+            first_seen_ns: s.first_seen_ns,
+            last_seen_ns: s.last_seen_ns,
+            proto: s.proto,
+        }
+    }
+}
+
+impl From<&ConnStatsRepr> for ConnStats {
+    fn from(r: &ConnStatsRepr) -> Self {
+        Self {
+            local_addr: r.local_addr,
+            remote_addr: r.remote_addr,
+            local_port: r.local_port,
+            remote_port: r.remote_port,
+            bytes_in: r.bytes_in,
+            bytes_out: r.bytes_out,
+            packets_in: r.packets_in,
+            packets_out: r.packets_out,
+            requests: r.requests,
+            first_seen_ns: r.first_seen_ns,
+            last_seen_ns: r.last_seen_ns,
+            proto: r.proto,
+            ..Default::default()
+        }
+    }
+}
+
+fn remote_ip(s: &ConnStats) -> IpAddr {
+    socket_addr(s.remote_addr, s.remote_port).ip()
+}
+
 impl ConnTable {
     pub fn new(retention: Duration, max_closed: usize) -> Self {
         Self {
-            live: HashMap::new(),
-            closed: VecDeque::new(),
-            closed_cookies: HashSet::new(),
             retention,
             max_closed,
-            closed_total: 0,
+            ..Default::default()
         }
     }
 
-    /// Replaces the live set with a fresh read of the kernel map.
-    pub fn set_live(&mut self, snapshot: impl IntoIterator<Item = (u64, ConnStats)>) {
-        self.live = snapshot
-            .into_iter()
-            .filter(|(cookie, _)| !self.closed_cookies.contains(cookie))
-            .collect();
-    }
-
-    /// Records the final counters of a connection that closed.
-    pub fn close(&mut self, cookie: u64, stats: ConnStats, now: Instant) {
-        self.live.remove(&cookie);
-        if !self.closed_cookies.insert(cookie) {
+    /// Accounts one observation of a connection's counters into `agg`.
+    pub fn observe(&mut self, cookie: u64, stats: &ConnStats, agg: &mut Aggregator, now: Now) {
+        if self.tombstones.contains_key(&cookie) {
             return;
         }
-        self.closed_total += 1;
-        self.closed.push_back(Closed {
-            cookie,
-            stats,
-            at: now,
-        });
-        self.expire(now);
+        let previous = self.live.get(&cookie);
+        let delta = Delta {
+            counts: Counts {
+                requests: stats
+                    .requests
+                    .saturating_sub(previous.map_or(0, |p| p.requests)),
+                bytes_in: stats
+                    .bytes_in
+                    .saturating_sub(previous.map_or(0, |p| p.bytes_in)),
+                bytes_out: stats
+                    .bytes_out
+                    .saturating_sub(previous.map_or(0, |p| p.bytes_out)),
+                connections: 0,
+            },
+            opened: previous.is_none(),
+            closed: stats.closed != 0,
+        };
+        agg.apply(remote_ip(stats), &delta, now);
+        if stats.closed != 0 {
+            self.live.remove(&cookie);
+            self.tombstones.insert(cookie, now.secs());
+            self.unreaped.push(cookie);
+            self.closed_total += 1;
+            self.closed.push_back(Closed {
+                cookie,
+                stats: *stats,
+                at: Instant::now(),
+            });
+            self.expire(Instant::now());
+        } else {
+            // Counters only grow; keep the larger of each in case observations cross.
+            let entry = self.live.entry(cookie).or_insert(*stats);
+            entry.bytes_in = entry.bytes_in.max(stats.bytes_in);
+            entry.bytes_out = entry.bytes_out.max(stats.bytes_out);
+            entry.requests = entry.requests.max(stats.requests);
+            entry.packets_in = entry.packets_in.max(stats.packets_in);
+            entry.packets_out = entry.packets_out.max(stats.packets_out);
+            entry.last_seen_ns = entry.last_seen_ns.max(stats.last_seen_ns);
+            entry.proto = stats.proto;
+        }
+    }
+
+    /// After a full read of the kernel map: live connections the kernel no longer holds can no
+    /// longer be observed (the kernel state was replaced); close them without new counts.
+    pub fn forget_missing(&mut self, present: &HashSet<u64>, agg: &mut Aggregator, now: Now) {
+        let gone: Vec<u64> = self
+            .live
+            .keys()
+            .filter(|c| !present.contains(c))
+            .copied()
+            .collect();
+        for cookie in gone {
+            if let Some(stats) = self.live.remove(&cookie) {
+                agg.apply(
+                    remote_ip(&stats),
+                    &Delta {
+                        closed: true,
+                        ..Default::default()
+                    },
+                    now,
+                );
+            }
+        }
+    }
+
+    /// Closed connections accounted since the last call: the kernel may now delete them.
+    pub fn take_unreaped(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.unreaped)
+    }
+
+    /// Gives back cookies whose deletion could not happen (the snapshot failed).
+    pub fn restore_unreaped(&mut self, mut cookies: Vec<u64>) {
+        cookies.append(&mut self.unreaped);
+        self.unreaped = cookies;
     }
 
     pub fn expire(&mut self, now: Instant) {
@@ -153,13 +289,37 @@ impl ConnTable {
             if !too_old && self.closed.len() <= self.max_closed {
                 break;
             }
-            self.closed_cookies.remove(&front.cookie);
             self.closed.pop_front();
         }
     }
 
+    pub fn expire_tombstones(&mut self, now: Now) {
+        self.tombstones
+            .retain(|_, at| now.secs().saturating_sub(*at) < TOMBSTONE_SECS);
+    }
+
     pub fn live_count(&self) -> usize {
         self.live.len()
+    }
+
+    pub fn state(&self) -> ConnState {
+        ConnState {
+            live: self
+                .live
+                .iter()
+                .map(|(c, s)| (*c, ConnStatsRepr::from(s)))
+                .collect(),
+            tombstones: self.tombstones.iter().map(|(c, t)| (*c, *t)).collect(),
+        }
+    }
+
+    pub fn restore(&mut self, state: &ConnState) {
+        self.live = state
+            .live
+            .iter()
+            .map(|(c, r)| (*c, ConnStats::from(r)))
+            .collect();
+        self.tombstones = state.tombstones.iter().copied().collect();
     }
 
     pub fn rows(&self) -> Vec<ConnRow> {
@@ -192,6 +352,12 @@ mod tests {
         s
     }
 
+    fn now() -> Now {
+        Now {
+            unix_ms: 1_000_000_000,
+        }
+    }
+
     #[test]
     fn addresses_render_as_ip_port() {
         let r = row(1, &stats(40000), true);
@@ -201,31 +367,59 @@ mod tests {
     }
 
     #[test]
-    fn closed_connection_is_not_resurrected_by_a_racing_poll() {
-        let now = Instant::now();
+    fn observations_are_idempotent() {
+        let mut agg = Aggregator::new(100, 24, 56);
         let mut t = ConnTable::new(Duration::from_secs(60), 10);
-        t.set_live([(1, stats(1)), (2, stats(2))]);
-        t.close(1, stats(1), now);
-        t.set_live([(1, stats(1)), (2, stats(2))]);
-        let rows = t.rows();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].state, "closed");
-        assert_eq!(rows[1].state, "open");
-        // A duplicate close (ring buffer and reap) counts once.
-        t.close(1, stats(1), now);
+        let mut s = stats(1);
+        s.bytes_in = 100;
+        s.requests = 1;
+        t.observe(7, &s, &mut agg, now());
+        t.observe(7, &s, &mut agg, now());
+        s.bytes_in = 150;
+        s.closed = 1;
+        t.observe(7, &s, &mut agg, now());
+        // A late duplicate of the close record, and a stale poll.
+        t.observe(7, &s, &mut agg, now());
+        s.closed = 0;
+        t.observe(7, &s, &mut agg, now());
+        let c = &agg.addresses.clients["::1"];
+        assert_eq!(c.totals.bytes_in, 150);
+        assert_eq!(c.totals.requests, 1);
+        assert_eq!(c.totals.connections, 1);
+        assert_eq!(c.open_connections, 0);
+        assert_eq!(t.take_unreaped(), vec![7]);
         assert_eq!(t.closed_total, 1);
+        assert_eq!(t.rows().len(), 1);
+    }
+
+    #[test]
+    fn state_round_trip_keeps_deltas_exact() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        let mut s = stats(1);
+        s.bytes_out = 1000;
+        t.observe(9, &s, &mut agg, now());
+        let saved = serde_json::to_string(&t.state()).expect("serialize");
+        let mut restored = ConnTable::new(Duration::from_secs(60), 10);
+        restored.restore(&serde_json::from_str(&saved).expect("deserialize"));
+        s.bytes_out = 1500;
+        restored.observe(9, &s, &mut agg, now());
+        assert_eq!(agg.addresses.clients["::1"].totals.bytes_out, 1500);
+        assert_eq!(agg.addresses.clients["::1"].totals.connections, 1);
     }
 
     #[test]
     fn closed_retention_is_bounded() {
-        let now = Instant::now();
+        let mut agg = Aggregator::new(100, 24, 56);
         let mut t = ConnTable::new(Duration::from_secs(60), 3);
         for c in 0..10 {
-            t.close(c, stats(c as u16), now);
+            let mut s = stats(c as u16);
+            s.closed = 1;
+            t.observe(c, &s, &mut agg, now());
         }
         assert_eq!(t.rows().len(), 3);
         assert_eq!(t.closed_total, 10);
-        t.expire(now + Duration::from_secs(61));
+        t.expire(Instant::now() + Duration::from_secs(61));
         assert!(t.rows().is_empty());
     }
 }

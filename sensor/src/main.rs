@@ -1,11 +1,14 @@
 //! `sensor`: the agent and its command line.
 
 mod agent;
+mod aggregate;
 mod api;
 mod capture;
 mod cli;
 mod config;
 mod conntable;
+mod report;
+mod state;
 mod views;
 
 use clap::Parser as _;
@@ -20,5 +23,6 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(agent::run(args)),
         cli::Command::Conns(args) => views::conns(&args),
+        cli::Command::Clients(args) => views::clients(&args),
     }
 }

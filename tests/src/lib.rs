@@ -208,6 +208,10 @@ pub struct Conn {
 pub struct Agent {
     child: Child,
     pub socket: PathBuf,
+    /// Its own bpffs pin directory and state directory, so agents of parallel tests never meet.
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    args: Vec<std::ffi::OsString>,
     _dir: TempDir,
 }
 
@@ -219,36 +223,84 @@ impl Agent {
     pub fn start_with(cgroup: &Cgroup, ports: &[u16], poll_ms: u64, extra: &[&str]) -> Self {
         let dir = TempDir::new("agent");
         let socket = dir.path.join("sensor.sock");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
+        let state_dir = dir.path.join("state");
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-        let log = fs::File::create(dir.path.join("agent.log")).expect("agent log");
-        let child = Command::new(sensor_bin())
-            .arg("run")
-            .arg("--cgroup")
-            .arg(&cgroup.path)
-            .arg("--ports")
-            .arg(ports.join(","))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--poll-interval-ms")
-            .arg(poll_ms.to_string())
-            .args(extra)
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "--cgroup".into(),
+            cgroup.path.clone().into(),
+            "--ports".into(),
+            ports.join(",").into(),
+            "--socket".into(),
+            socket.clone().into(),
+            "--poll-interval-ms".into(),
+            poll_ms.to_string().into(),
+            "--state-dir".into(),
+            state_dir.clone().into(),
+            "--pin-dir".into(),
+            pin_dir.clone().into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        let child = Self::spawn(&dir.path, &args);
+        let mut agent = Self {
+            child,
+            socket,
+            pin_dir,
+            state_dir,
+            args,
+            _dir: dir,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn spawn(dir: &Path, args: &[std::ffi::OsString]) -> Child {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .expect("agent log");
+        Command::new(sensor_bin())
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn sensor run");
-        let mut agent = Self {
-            child,
-            socket,
-            _dir: dir,
-        };
+            .expect("spawn sensor run")
+    }
+
+    fn wait_ready(&mut self) {
         wait_for("the agent's API", Duration::from_secs(30), || {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("agent exited early ({status}): {}", agent.log());
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("agent exited early ({status}): {}", self.log());
             }
-            agent.try_conns().map(|_| ())
+            self.try_conns().map(|_| ())
         });
-        agent
+    }
+
+    /// SIGKILL: the agent gets no chance to save or detach.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the agent again with the same arguments (after `kill9`).
+    pub fn restart(&mut self) {
+        let _ = fs::remove_file(&self.socket);
+        self.child = Self::spawn(&self._dir.path, &self.args);
+        self.wait_ready();
+    }
+
+    /// `GET path` on the agent's API through curl, parsed as JSON.
+    pub fn api(&self, path: &str) -> serde_json::Value {
+        let out = run_ok(
+            Command::new("curl")
+                .args(["-sf", "--unix-socket"])
+                .arg(&self.socket)
+                .arg(format!("http://sensor{path}")),
+        );
+        serde_json::from_str(&out).expect("API JSON")
     }
 
     pub fn log(&self) -> String {
@@ -273,13 +325,7 @@ impl Agent {
     }
 
     pub fn health(&self) -> serde_json::Value {
-        let out = run_ok(
-            Command::new("curl")
-                .args(["-sf", "--unix-socket"])
-                .arg(&self.socket)
-                .arg("http://sensor/v1/health"),
-        );
-        serde_json::from_str(&out).expect("health JSON")
+        self.api("/v1/health")
     }
 
     /// Waits until every connection in `expected_remotes` is reported closed.
@@ -316,6 +362,8 @@ impl Drop for Agent {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Pins left by a killed agent: removing a link pin detaches its program.
+        let _ = fs::remove_dir_all(&self.pin_dir);
     }
 }
 

@@ -1,0 +1,580 @@
+//! Per-client aggregation: connection deltas -> per-address and per-group totals, sliding
+//! windows, concurrency, and request timing, in bounded memory.
+//!
+//! Memory bound: each table keeps at most `max_clients` entries (plus a 10% batch slack). When it
+//! overflows, the lightest entries (by bytes in + out) are folded into a counted remainder. A
+//! client that is never among the lightest when the table overflows keeps exact counters; the
+//! heaviest clients, the ones that matter for extraction, are therefore exact.
+
+use std::{collections::HashMap, net::IpAddr, ops::AddAssign};
+
+use serde::{Deserialize, Serialize};
+
+/// Counters kept per client, in totals and in each window bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub requests: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Connections opened.
+    pub connections: u64,
+}
+
+impl AddAssign for Counts {
+    fn add_assign(&mut self, o: Self) {
+        self.requests += o.requests;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.connections += o.connections;
+    }
+}
+
+impl Counts {
+    pub fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The sliding windows a view can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    OneMinute,
+    TenMinutes,
+    OneHour,
+}
+
+impl Window {
+    pub const ALL: [Window; 3] = [Window::OneMinute, Window::TenMinutes, Window::OneHour];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Window::OneMinute => "1m",
+            Window::TenMinutes => "10m",
+            Window::OneHour => "1h",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.name() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Bucket {
+    /// Which period (unix seconds / period length) the counts belong to.
+    epoch: u64,
+    counts: Counts,
+}
+
+const TEN_SECONDS: usize = 6;
+const MINUTES: usize = 60;
+
+/// Sliding windows: the last minute at 10-second resolution, the last 10 minutes and hour at
+/// one-minute resolution. Each includes the current, partly elapsed, bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SparseWindows", into = "SparseWindows")]
+pub struct Windows {
+    tens: [Bucket; TEN_SECONDS],
+    minutes: [Bucket; MINUTES],
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Self {
+            tens: [Bucket::default(); TEN_SECONDS],
+            minutes: [Bucket::default(); MINUTES],
+        }
+    }
+}
+
+fn add_to(ring: &mut [Bucket], epoch: u64, c: Counts) {
+    let slot = &mut ring[(epoch % ring.len() as u64) as usize];
+    if slot.epoch != epoch {
+        *slot = Bucket {
+            epoch,
+            counts: Counts::default(),
+        };
+    }
+    slot.counts += c;
+}
+
+fn sum_recent(ring: &[Bucket], epoch: u64, span: u64) -> Counts {
+    let mut total = Counts::default();
+    for b in ring {
+        if b.epoch <= epoch && b.epoch + span > epoch {
+            total += b.counts;
+        }
+    }
+    total
+}
+
+impl Windows {
+    pub fn add(&mut self, now_s: u64, c: Counts) {
+        add_to(&mut self.tens, now_s / 10, c);
+        add_to(&mut self.minutes, now_s / 60, c);
+    }
+
+    pub fn get(&self, now_s: u64, w: Window) -> Counts {
+        match w {
+            Window::OneMinute => sum_recent(&self.tens, now_s / 10, TEN_SECONDS as u64),
+            Window::TenMinutes => sum_recent(&self.minutes, now_s / 60, 10),
+            Window::OneHour => sum_recent(&self.minutes, now_s / 60, MINUTES as u64),
+        }
+    }
+}
+
+/// Serialized form: only buckets that hold something.
+#[derive(Serialize, Deserialize)]
+struct SparseWindows {
+    tens: Vec<Bucket>,
+    minutes: Vec<Bucket>,
+}
+
+impl From<Windows> for SparseWindows {
+    fn from(w: Windows) -> Self {
+        let keep = |r: &[Bucket]| r.iter().copied().filter(|b| !b.counts.is_zero()).collect();
+        Self {
+            tens: keep(&w.tens),
+            minutes: keep(&w.minutes),
+        }
+    }
+}
+
+impl From<SparseWindows> for Windows {
+    fn from(s: SparseWindows) -> Self {
+        let mut w = Windows::default();
+        for b in s.tens {
+            w.tens[(b.epoch % TEN_SECONDS as u64) as usize] = b;
+        }
+        for b in s.minutes {
+            w.minutes[(b.epoch % MINUTES as u64) as usize] = b;
+        }
+        w
+    }
+}
+
+/// Running mean and variance of the gaps between consecutive requests (Welford).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Gaps {
+    pub n: u64,
+    pub mean_ns: f64,
+    m2: f64,
+    /// CLOCK_BOOTTIME of the latest request; 0 when unknown (e.g. after a reboot).
+    pub last_request_ns: u64,
+}
+
+impl Gaps {
+    pub fn request(&mut self, ts_ns: u64) {
+        if self.last_request_ns != 0 && ts_ns >= self.last_request_ns {
+            let gap = (ts_ns - self.last_request_ns) as f64;
+            self.n += 1;
+            let d = gap - self.mean_ns;
+            self.mean_ns += d / self.n as f64;
+            self.m2 += d * (gap - self.mean_ns);
+        }
+        self.last_request_ns = self.last_request_ns.max(ts_ns);
+    }
+
+    /// Coefficient of variation (stddev / mean) of the gaps; None before two gaps.
+    pub fn cv(&self) -> Option<f64> {
+        (self.n >= 2 && self.mean_ns > 0.0)
+            .then(|| (self.m2 / (self.n - 1) as f64).sqrt() / self.mean_ns)
+    }
+
+    pub fn mean_ms(&self) -> Option<f64> {
+        (self.n >= 1).then(|| self.mean_ns / 1e6)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientStats {
+    /// Unix milliseconds.
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    pub totals: Counts,
+    pub open_connections: u64,
+    pub peak_open_connections: u64,
+    /// Distinct seconds in which the agent observed traffic from the client (poll resolution).
+    pub active_seconds: u64,
+    last_active_s: u64,
+    pub windows: Windows,
+    pub gaps: Gaps,
+}
+
+impl ClientStats {
+    fn weight(&self) -> u64 {
+        self.totals.bytes_in + self.totals.bytes_out
+    }
+}
+
+/// What was folded away to keep memory bounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Folded {
+    /// Entries folded (a client folded twice counts twice).
+    pub clients: u64,
+    /// Their counters at the time they were folded.
+    pub totals: Counts,
+}
+
+/// One table of clients (by address, or by address group), bounded.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClientTable {
+    pub clients: HashMap<String, ClientStats>,
+    pub folded: Folded,
+    #[serde(skip)]
+    max: usize,
+}
+
+/// A change to one connection's counters, as observed by the agent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Delta {
+    pub counts: Counts,
+    /// First observation of the connection.
+    pub opened: bool,
+    /// Final observation of the connection.
+    pub closed: bool,
+}
+
+/// Wall-clock time of an observation.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub unix_ms: u64,
+}
+
+impl Now {
+    pub fn system() -> Self {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self { unix_ms }
+    }
+
+    pub fn secs(self) -> u64 {
+        self.unix_ms / 1000
+    }
+}
+
+impl ClientTable {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            ..Default::default()
+        }
+    }
+
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max.max(1);
+    }
+
+    fn entry(&mut self, key: &str, now: Now) -> &mut ClientStats {
+        if !self.clients.contains_key(key) {
+            self.clients.insert(
+                key.to_owned(),
+                ClientStats {
+                    first_seen_ms: now.unix_ms,
+                    last_seen_ms: now.unix_ms,
+                    ..Default::default()
+                },
+            );
+        }
+        // Present: inserted just above if it was missing.
+        self.clients
+            .get_mut(key)
+            .unwrap_or_else(|| unreachable!("entry inserted above"))
+    }
+
+    pub fn apply(&mut self, key: &str, delta: &Delta, now: Now) {
+        let c = self.entry(key, now);
+        let mut counts = delta.counts;
+        if delta.opened {
+            counts.connections = 1;
+            c.open_connections += 1;
+            c.peak_open_connections = c.peak_open_connections.max(c.open_connections);
+        }
+        if delta.closed {
+            c.open_connections = c.open_connections.saturating_sub(1);
+        }
+        if !counts.is_zero() {
+            c.totals += counts;
+            c.windows.add(now.secs(), counts);
+            c.last_seen_ms = c.last_seen_ms.max(now.unix_ms);
+            if now.secs() != c.last_active_s {
+                c.active_seconds += 1;
+                c.last_active_s = now.secs();
+            }
+        }
+        self.bound();
+    }
+
+    pub fn request(&mut self, key: &str, ts_ns: u64, now: Now) {
+        self.entry(key, now).gaps.request(ts_ns);
+        self.bound();
+    }
+
+    /// Folds the lightest entries once the table exceeds its bound by the slack.
+    fn bound(&mut self) {
+        let slack = (self.max / 10).max(1);
+        if self.clients.len() <= self.max + slack {
+            return;
+        }
+        let mut by_weight: Vec<(u64, String)> = self
+            .clients
+            .iter()
+            .map(|(k, c)| (c.weight(), k.clone()))
+            .collect();
+        let excess = by_weight.len() - self.max;
+        by_weight.select_nth_unstable(excess - 1);
+        for (_, key) in by_weight.into_iter().take(excess) {
+            if let Some(c) = self.clients.remove(&key) {
+                self.folded.clients += 1;
+                self.folded.totals += c.totals;
+            }
+        }
+    }
+
+    /// Sum over exact entries and the folded remainder: equals everything observed.
+    pub fn grand_total(&self) -> Counts {
+        let mut t = self.folded.totals;
+        for c in self.clients.values() {
+            t += c.totals;
+        }
+        t
+    }
+}
+
+/// Address-group key: the network of `ip` at the configured prefix, e.g. "10.1.2.0/24".
+pub fn group_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
+    match ip {
+        IpAddr::V4(a) => {
+            let p = v4_prefix.min(32);
+            let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+            format!("{}/{p}", std::net::Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let p = v6_prefix.min(128);
+            let mask = if p == 0 { 0 } else { u128::MAX << (128 - p) };
+            format!("{}/{p}", std::net::Ipv6Addr::from(u128::from(a) & mask))
+        }
+    }
+}
+
+/// Both client tables, fed from connection deltas and request events.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Aggregator {
+    pub addresses: ClientTable,
+    pub groups: ClientTable,
+    #[serde(skip)]
+    v4_prefix: u8,
+    #[serde(skip)]
+    v6_prefix: u8,
+}
+
+impl Aggregator {
+    pub fn new(max_clients: usize, v4_prefix: u8, v6_prefix: u8) -> Self {
+        Self {
+            addresses: ClientTable::new(max_clients),
+            groups: ClientTable::new(max_clients),
+            v4_prefix,
+            v6_prefix,
+        }
+    }
+
+    /// Re-applies settings that are not persisted (after loading a snapshot).
+    pub fn configure(&mut self, max_clients: usize, v4_prefix: u8, v6_prefix: u8) {
+        self.addresses.set_max(max_clients);
+        self.groups.set_max(max_clients);
+        self.v4_prefix = v4_prefix;
+        self.v6_prefix = v6_prefix;
+    }
+
+    pub fn group(&self, ip: IpAddr) -> String {
+        group_of(ip, self.v4_prefix, self.v6_prefix)
+    }
+
+    pub fn apply(&mut self, ip: IpAddr, delta: &Delta, now: Now) {
+        if delta.counts.is_zero() && !delta.opened && !delta.closed {
+            return;
+        }
+        self.addresses.apply(&ip.to_string(), delta, now);
+        self.groups.apply(&self.group(ip), delta, now);
+    }
+
+    pub fn request(&mut self, ip: IpAddr, ts_ns: u64, now: Now) {
+        self.addresses.request(&ip.to_string(), ts_ns, now);
+        self.groups.request(&self.group(ip), ts_ns, now);
+    }
+
+    /// After a reboot no connection of the saved state can still be open.
+    pub fn close_all_connections(&mut self) {
+        for table in [&mut self.addresses, &mut self.groups] {
+            for c in table.clients.values_mut() {
+                c.open_connections = 0;
+            }
+        }
+    }
+
+    /// Forgets request timestamps that refer to another boot's clock.
+    pub fn reset_request_clocks(&mut self) {
+        for table in [&mut self.addresses, &mut self.groups] {
+            for c in table.clients.values_mut() {
+                c.gaps.last_request_ns = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now(s: u64) -> Now {
+        Now { unix_ms: s * 1000 }
+    }
+
+    fn bytes(n: u64) -> Delta {
+        Delta {
+            counts: Counts {
+                requests: 1,
+                bytes_in: n,
+                bytes_out: 2 * n,
+                connections: 0,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn windows_slide() {
+        let mut w = Windows::default();
+        let t0 = 1_000_000_020; // 20 s into a minute
+        w.add(
+            t0,
+            Counts {
+                requests: 1,
+                ..Default::default()
+            },
+        );
+        w.add(
+            t0 + 30,
+            Counts {
+                requests: 2,
+                ..Default::default()
+            },
+        );
+        assert_eq!(w.get(t0 + 30, Window::OneMinute).requests, 3);
+        // 65 s later the first request is out of the 1-minute window (10-s resolution).
+        assert_eq!(w.get(t0 + 65, Window::OneMinute).requests, 2);
+        assert_eq!(w.get(t0 + 65, Window::TenMinutes).requests, 3);
+        assert_eq!(w.get(t0 + 11 * 60, Window::TenMinutes).requests, 0);
+        assert_eq!(w.get(t0 + 11 * 60, Window::OneHour).requests, 3);
+        assert_eq!(w.get(t0 + 61 * 60, Window::OneHour).requests, 0);
+        // A bucket slot reused an hour later starts from zero.
+        w.add(
+            t0 + 3600,
+            Counts {
+                requests: 5,
+                ..Default::default()
+            },
+        );
+        assert_eq!(w.get(t0 + 3600, Window::OneHour).requests, 5);
+    }
+
+    #[test]
+    fn windows_round_trip_sparse() {
+        let mut w = Windows::default();
+        w.add(
+            1_000,
+            Counts {
+                bytes_out: 7,
+                ..Default::default()
+            },
+        );
+        let json = serde_json::to_string(&w).expect("serialize");
+        assert!(json.len() < 200, "{json}");
+        let back: Windows = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, w);
+    }
+
+    #[test]
+    fn connections_and_concurrency() {
+        let mut t = ClientTable::new(10);
+        let open = Delta {
+            opened: true,
+            ..Default::default()
+        };
+        let close = Delta {
+            closed: true,
+            ..Default::default()
+        };
+        t.apply("a", &open, now(1));
+        t.apply("a", &open, now(2));
+        t.apply("a", &close, now(3));
+        t.apply("a", &open, now(4));
+        let c = &t.clients["a"];
+        assert_eq!(c.totals.connections, 3);
+        assert_eq!(c.open_connections, 2);
+        assert_eq!(c.peak_open_connections, 2);
+    }
+
+    #[test]
+    fn regular_requests_have_low_cv() {
+        let mut g = Gaps::default();
+        for i in 0..10 {
+            g.request(1_000_000_000 + i * 100_000_000);
+        }
+        assert_eq!(g.n, 9);
+        assert!((g.mean_ms().expect("mean") - 100.0).abs() < 1e-6);
+        assert!(g.cv().expect("cv") < 1e-9);
+        let mut irregular = Gaps::default();
+        for ts in [1, 2, 50, 51, 400, 401, 2000] {
+            irregular.request(ts * 1_000_000);
+        }
+        assert!(irregular.cv().expect("cv") > 1.0);
+    }
+
+    #[test]
+    fn bounded_table_keeps_heavy_clients_exact_and_counts_the_rest() {
+        let mut t = ClientTable::new(10);
+        for heavy in 0..5 {
+            t.apply(&format!("heavy{heavy}"), &bytes(1_000_000), now(1));
+        }
+        let mut expected_total = Counts::default();
+        for heavy in 0..5 {
+            expected_total += t.clients[&format!("heavy{heavy}")].totals;
+        }
+        for light in 0..1000 {
+            let d = bytes(10);
+            expected_total += d.counts;
+            t.apply(&format!("light{light}"), &d, now(2));
+        }
+        assert!(t.clients.len() <= 11, "bound holds: {}", t.clients.len());
+        for heavy in 0..5 {
+            assert_eq!(
+                t.clients[&format!("heavy{heavy}")].totals.bytes_in,
+                1_000_000
+            );
+        }
+        assert!(t.folded.clients >= 989);
+        assert_eq!(
+            t.grand_total(),
+            expected_total,
+            "nothing lost: exact + folded"
+        );
+    }
+
+    #[test]
+    fn groups() {
+        assert_eq!(
+            group_of("10.1.2.3".parse().expect("ip"), 24, 56),
+            "10.1.2.0/24"
+        );
+        assert_eq!(
+            group_of("2001:db8:1:2ff::1".parse().expect("ip"), 24, 56),
+            "2001:db8:1:200::/56"
+        );
+        assert_eq!(
+            group_of("10.1.2.3".parse().expect("ip"), 0, 56),
+            "0.0.0.0/0"
+        );
+    }
+}

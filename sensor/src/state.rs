@@ -1,0 +1,89 @@
+//! Durable agent state: per-client aggregates and connection bookkeeping, written atomically
+//! so a restarted agent (crash, kill -9, upgrade) continues where the last one left off.
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{aggregate::Aggregator, conntable::ConnState};
+
+/// Bumped when the snapshot format changes incompatibly.
+pub const SNAPSHOT_VERSION: u32 = 1;
+const FILE_NAME: &str = "state.json";
+
+#[derive(Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: u32,
+    /// /proc/sys/kernel/random/boot_id: socket cookies and CLOCK_BOOTTIME are per boot.
+    pub boot_id: String,
+    /// Which pinned kernel state the connection bookkeeping refers to.
+    pub instance: String,
+    pub saved_unix_ms: u64,
+    pub agg: Aggregator,
+    pub conns: ConnState,
+}
+
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE_NAME)
+}
+
+/// Writes the snapshot atomically (temporary file, fsync, rename).
+pub fn save(dir: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;
+    let tmp = dir.join(format!("{FILE_NAME}.tmp"));
+    let mut file = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    serde_json::to_writer(std::io::BufWriter::new(&mut file), snapshot)?;
+    file.flush()?;
+    file.sync_data()?;
+    fs::rename(&tmp, path(dir)).with_context(|| format!("replacing {}", path(dir).display()))?;
+    Ok(())
+}
+
+/// Loads the snapshot, if there is a usable one; explains in the log why not otherwise.
+pub fn load(dir: &Path) -> Option<Snapshot> {
+    let p = path(dir);
+    let text = match fs::read(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            log::warn!(
+                "cannot read saved state {}: {e}; starting from zero",
+                p.display()
+            );
+            return None;
+        }
+    };
+    match serde_json::from_slice::<Snapshot>(&text) {
+        Ok(s) if s.version == SNAPSHOT_VERSION => Some(s),
+        Ok(s) => {
+            log::warn!(
+                "saved state {} has format {} (this agent writes {SNAPSHOT_VERSION}); starting from zero",
+                p.display(),
+                s.version
+            );
+            None
+        }
+        Err(e) => {
+            log::warn!(
+                "saved state {} is unreadable ({e}); starting from zero",
+                p.display()
+            );
+            None
+        }
+    }
+}
+
+pub fn remove(dir: &Path) {
+    let _ = fs::remove_file(path(dir));
+}
