@@ -2,9 +2,10 @@
 //! windows, concurrency, and request timing, in bounded memory.
 //!
 //! Memory bound: each table keeps at most `max_clients` entries (plus a 10% batch slack). When it
-//! overflows, the lightest entries (by bytes in + out) are folded into a counted remainder. A
-//! client that is never among the lightest when the table overflows keeps exact counters; the
-//! heaviest clients, the ones that matter for extraction, are therefore exact.
+//! overflows, the lightest idle entries (no open connection; by bytes in + out) are folded into
+//! a counted remainder, then, only if that is not enough, the lightest active ones. A client
+//! that is never among those keeps exact counters; the heaviest clients, the ones that matter
+//! for extraction, are therefore exact.
 
 use std::{collections::HashMap, net::IpAddr, ops::AddAssign};
 
@@ -202,8 +203,12 @@ pub struct ClientStats {
 }
 
 impl ClientStats {
-    fn weight(&self) -> u64 {
-        self.totals.bytes_in + self.totals.bytes_out
+    /// Eviction order: idle before active, then light before heavy.
+    fn weight(&self) -> (bool, u64) {
+        (
+            self.open_connections > 0,
+            self.totals.bytes_in + self.totals.bytes_out,
+        )
     }
 }
 
@@ -317,7 +322,7 @@ impl ClientTable {
         if self.clients.len() <= self.max + slack {
             return;
         }
-        let mut by_weight: Vec<(u64, String)> = self
+        let mut by_weight: Vec<((bool, u64), String)> = self
             .clients
             .iter()
             .map(|(k, c)| (c.weight(), k.clone()))
@@ -560,6 +565,24 @@ mod tests {
             expected_total,
             "nothing lost: exact + folded"
         );
+    }
+
+    #[test]
+    fn active_clients_are_folded_last() {
+        let mut t = ClientTable::new(2);
+        let open = Delta {
+            opened: true,
+            ..Default::default()
+        };
+        t.apply("active", &open, now(1));
+        for light in 0..10 {
+            t.apply(&format!("idle{light}"), &bytes(10), now(2));
+        }
+        assert!(
+            t.clients.contains_key("active"),
+            "a client with an open connection stays"
+        );
+        assert_eq!(t.clients["active"].totals.connections, 1);
     }
 
     #[test]

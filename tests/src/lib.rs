@@ -324,6 +324,18 @@ impl Agent {
         self.try_conns().expect("sensor conns --json")
     }
 
+    /// `sensor clients --json --by BY` through the real CLI (all clients).
+    pub fn clients(&self, by: &str) -> Vec<serde_json::Value> {
+        let out = run_ok(
+            Command::new(sensor_bin())
+                .args([
+                    "clients", "--json", "--limit", "1000000", "--by", by, "--socket",
+                ])
+                .arg(&self.socket),
+        );
+        serde_json::from_str(&out).expect("clients JSON")
+    }
+
     pub fn health(&self) -> serde_json::Value {
         self.api("/v1/health")
     }
@@ -626,4 +638,47 @@ pub fn sensor_per_connection(conns: &[Conn]) -> BTreeMap<String, (u64, u64, u64)
         e.2 += c.requests;
     }
     map
+}
+
+/// Per-client ground truth: (bytes in, bytes out, requests, connections).
+pub type ClientTruth = BTreeMap<String, (u64, u64, u64, u64)>;
+
+/// Folds per-connection truth ("ip:port" keys) into per-address truth, or per-group truth
+/// when `group` maps an address to its group.
+pub fn per_client(
+    truth: &BTreeMap<String, (u64, u64, u64)>,
+    group: impl Fn(&str) -> String,
+) -> ClientTruth {
+    let mut out = ClientTruth::new();
+    for (conn, (i, o, r)) in truth {
+        let ip = conn
+            .rsplit_once(':')
+            .map_or(conn.as_str(), |(ip, _)| ip)
+            .trim_matches(['[', ']']);
+        let e = out.entry(group(ip)).or_default();
+        e.0 += i;
+        e.1 += o;
+        e.2 += r;
+        e.3 += 1;
+    }
+    out
+}
+
+/// The sensor's per-client rows in the same shape, optionally from a window ("1m", ...).
+pub fn sensor_per_client(rows: &[serde_json::Value], window: Option<&str>) -> ClientTruth {
+    rows.iter()
+        .map(|r| {
+            let src = window.map_or(r, |w| &r["windows"][w]);
+            let n = |k: &str| src[k].as_u64().unwrap_or(u64::MAX);
+            (
+                r["client"].as_str().unwrap_or("?").to_owned(),
+                (
+                    n("bytes_in"),
+                    n("bytes_out"),
+                    n("requests"),
+                    n("connections"),
+                ),
+            )
+        })
+        .collect()
 }
