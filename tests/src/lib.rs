@@ -287,8 +287,15 @@ impl Agent {
 
     /// Starts the agent again with the same arguments (after `kill9`).
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// Starts the agent again with the same arguments plus `extra` (this start only).
+    pub fn restart_with(&mut self, extra: &[&str]) {
         let _ = fs::remove_file(&self.socket);
-        self.child = Self::spawn(&self._dir.path, &self.args);
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(Into::into));
+        self.child = Self::spawn(&self._dir.path, &args);
         self.wait_ready();
     }
 

@@ -175,3 +175,57 @@ fn full_connection_map_is_counted_loss() {
     drop(client.stdin.take());
     let _ = client.wait();
 }
+
+/// Pinned state left by an incompatible sensor version is replaced, with a log line saying so;
+/// `--fresh` starts from zero.
+#[test]
+fn incompatible_pinned_state_is_replaced_and_fresh_starts_from_zero() {
+    if !privileged("incompatible_pinned_state_is_replaced_and_fresh_starts_from_zero") {
+        return;
+    }
+    let cg = Cgroup::new("pins");
+    let port = free_port();
+    let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let mut agent = Agent::start(&cg, &[port], 200);
+    curl(
+        Command::new("curl"),
+        &[op(&[&format!("http://127.0.0.1:{port}/{}", SMALL.0)])],
+    );
+    wait_for(
+        "the request in the per-client view",
+        Duration::from_secs(10),
+        || match agent.clients("address").as_slice() {
+            [c] if c["requests"] == 1 && c["open_connections"] == 0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    agent.kill9();
+    // A map pinned by an "older version" of the sensor.
+    let old = agent.pin_dir.join("abi1-0123456789abcdef");
+    std::fs::create_dir_all(&old).expect("old pin dir");
+    run_ok(
+        Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(old.join("CONNS"))
+            .args([
+                "type", "hash", "key", "8", "value", "8", "entries", "4", "name", "CONNS",
+            ]),
+    );
+    agent.restart();
+    assert!(!old.exists(), "old pinned state removed");
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("removing pinned sensor state {}", old.display())),
+        "{log}"
+    );
+    // Saved per-client state survived the kill.
+    assert_eq!(agent.clients("address")[0]["requests"], 1);
+
+    agent.kill9();
+    agent.restart_with(&["--fresh"]);
+    assert!(
+        agent.clients("address").is_empty(),
+        "--fresh starts from zero"
+    );
+    assert_eq!(agent.health()["continued_from_pinned_state"], false);
+}

@@ -22,7 +22,7 @@ fn client_ops(i: usize, source: &str, base: &str, body: &str) -> Vec<Vec<String>
                     o.extend(op(&["-X", "PUT", "--data-binary", body]));
                     o.push(format!("{base}/upload/c{i}"));
                 }
-                _ if i % 10 == 0 => o.push(format!("{base}/{}", BIG.0)),
+                _ if i.is_multiple_of(10) => o.push(format!("{base}/{}", BIG.0)),
                 _ => o.push(format!("{base}/{}", SMALL.0)),
             }
             o
