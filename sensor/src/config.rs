@@ -309,6 +309,15 @@ mod tests {
     }
 
     #[test]
+    fn documented_defaults_are_the_embedded_ones() {
+        let docs = include_str!("../../docs/configuration.md");
+        assert!(
+            docs.contains(DEFAULT_CONFIG),
+            "docs/configuration.md must quote sensor/src/default-config.toml verbatim"
+        );
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let c = Config::parse("", "x.toml").expect("empty config parses");
         assert_eq!(c.capture.ports, vec![8000, 8080, 11434, 80, 443]);
