@@ -373,10 +373,7 @@ impl Drop for Agent {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
+        while !matches!(self.child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
