@@ -25,6 +25,7 @@ use crate::{
     cli::RunArgs,
     config::Config,
     conntable::{ConnTable, socket_addr},
+    metrics,
     state::{self, Snapshot},
 };
 
@@ -144,6 +145,16 @@ impl Pipeline {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = effective_config(&args)?;
+    // Before touching saved state or the kernel: a bad token file or a taken address fails fast.
+    let metrics_server = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        Some(
+            metrics::Server::bind(&config.metrics)
+                .await
+                .context("cannot start the metrics listener")?,
+        )
+    };
     if args.fresh {
         info!(
             "--fresh: discarding saved state in {}",
@@ -229,6 +240,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = api::bind(&config.api.socket)?;
     tokio::spawn(api::serve(listener, state.clone()));
     info!("local API on {}", config.api.socket.display());
+    if let Some(server) = metrics_server {
+        tokio::spawn(server.serve(state.clone()));
+    }
 
     let mut poll = tokio::time::interval(Duration::from_millis(config.capture.poll_interval_ms));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

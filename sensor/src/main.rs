@@ -7,6 +7,7 @@ mod capture;
 mod cli;
 mod config;
 mod conntable;
+mod metrics;
 mod report;
 mod state;
 mod views;

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: real peers for the end-to-end tests (HTTP server and clients, netns and
-/// packet loss tooling).
+/// packet loss tooling, and `prometheus` for its `promtool`, which checks real scrapes).
 const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "curl",
@@ -29,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "bpftool",
     "util-linux",
+    "prometheus",
 ];
 
 #[derive(Parser)]
@@ -123,10 +124,13 @@ fn setup_packages() -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    // The package's own nginx service is not used: tests run their own instances.
-    let _ = Command::new("systemctl")
-        .args(["disable", "--now", "nginx"])
-        .output();
+    // The packages' own nginx and Prometheus services are not used: tests run their own nginx
+    // instances, and only promtool of the prometheus package.
+    for service in ["nginx", "prometheus"] {
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", service])
+            .output();
+    }
     Ok(())
 }
 
