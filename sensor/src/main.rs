@@ -9,6 +9,7 @@ mod config;
 mod conntable;
 mod report;
 mod state;
+mod top;
 mod views;
 
 use clap::Parser as _;
@@ -24,5 +25,6 @@ fn main() -> anyhow::Result<()> {
             .block_on(agent::run(args)),
         cli::Command::Conns(args) => views::conns(&args),
         cli::Command::Clients(args) => views::clients(&args),
+        cli::Command::Top(args) => top::run(&args),
     }
 }
