@@ -29,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "bpftool",
     "util-linux",
+    "tmux",
 ];
 
 #[derive(Parser)]
