@@ -23,6 +23,29 @@ pub enum Command {
     Conns(ConnsArgs),
     /// Per-client counters (one-shot table or JSON).
     Clients(ClientsArgs),
+    /// Live full-screen view of the per-client counters (keys: see the footer, q quits).
+    Top(TopArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// The agent's local API socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
+    pub socket: PathBuf,
+    /// Refresh interval in milliseconds.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    pub interval_ms: u64,
+    /// Group clients by address or by address group (toggle with `g`).
+    #[arg(long, default_value = "address", value_parser = ["address", "group"])]
+    pub by: String,
+    /// Show and sort by this window's counters: 1m, 10m or 1h (cycle with `w`); default: totals.
+    #[arg(long, value_parser = ["1m", "10m", "1h"])]
+    pub window: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

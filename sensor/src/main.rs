@@ -10,6 +10,7 @@ mod conntable;
 mod metrics;
 mod report;
 mod state;
+mod top;
 mod views;
 
 use clap::Parser as _;
@@ -25,5 +26,6 @@ fn main() -> anyhow::Result<()> {
             .block_on(agent::run(args)),
         cli::Command::Conns(args) => views::conns(&args),
         cli::Command::Clients(args) => views::clients(&args),
+        cli::Command::Top(args) => top::run(&args),
     }
 }

@@ -30,6 +30,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "prometheus",
+    "tmux",
 ];
 
 #[derive(Parser)]
