@@ -9,11 +9,26 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 /// Default size of the ring buffer that carries closed-connection records (bytes, power of two).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
 /// Default size of the ring buffer that carries request events (bytes, power of two).
-pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 21;
+pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
 
 /// Version of the kernel/agent interface (map layouts). Pinned state from another version is
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
+
+/// Most bytes of an HTTP/1.x request head the kernel copies to the agent per request.
+pub const HEAD_MAX: usize = 512;
+/// Bytes of an egress segment scanned for server-sent events, and of a response head scanned
+/// for `text/event-stream`.
+pub const SSE_SCAN_MAX: usize = 512;
+
+/// `CONFIG` slots (u32 each), written by the agent.
+pub const CONFIG_HEAD_BYTES: u32 = 0;
+pub const CONFIG_SLOTS: u32 = 4;
+
+/// `ConnStats::exchange_flags`: the current exchange's response has not started yet.
+pub const EXCHANGE_RESPONSE_PENDING: u32 = 1;
+/// `ConnStats::exchange_flags`: the current response is `text/event-stream`.
+pub const EXCHANGE_SSE: u32 = 2;
 
 /// `ConnStats::proto`: nothing seen from the client yet.
 pub const PROTO_UNKNOWN: u8 = 0;
@@ -29,6 +44,8 @@ pub const NO_EXCHANGE_PENDING: u64 = u64::MAX;
 pub const MAP_CONNS: &str = "CONNS";
 pub const MAP_CLOSED: &str = "CLOSED";
 pub const MAP_REQUESTS: &str = "REQUESTS";
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_PORTS: &str = "PORTS";
 pub const MAP_LOSS: &str = "LOSS";
 
@@ -73,6 +90,11 @@ pub struct ConnStats {
     /// Ingress payload offset at which the next exchange is expected to start, or
     /// `NO_EXCHANGE_PENDING`.
     pub req_start: u64,
+    /// Server-sent events (`data:` lines) in `text/event-stream` replies (see docs/counters.md).
+    pub events_out: u64,
+    /// `EXCHANGE_*` bits of the current request/response exchange.
+    pub exchange_flags: u32,
+    pub _pad: u32,
 }
 
 /// A record on the `CLOSED` ring buffer: the final counters of a connection that closed.
@@ -86,12 +108,39 @@ pub struct ClosedConn {
 /// A record on the `REQUESTS` ring buffer: one request (or turn) began. Feeds the
 /// inter-request timing statistics; the counts themselves are in `ConnStats`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestEvent {
     pub cookie: u64,
     /// `CLOCK_BOOTTIME` nanoseconds.
     pub ts_ns: u64,
     pub remote_addr: [u8; 16],
+    /// The connection's counters where this exchange begins: the request's first byte, and
+    /// the reply bytes and events sent before it. Exchanges split a connection's totals exactly.
+    pub bytes_in_start: u64,
+    pub bytes_out_start: u64,
+    pub events_out_start: u64,
+    /// Bytes of `head` that hold the start of the request (0 for non-HTTP turns).
+    pub head_len: u16,
+    pub _pad: [u8; 6],
+    /// The first bytes of the request: head, possibly followed by the start of a body, which
+    /// the agent discards unread.
+    pub head: [u8; HEAD_MAX],
+}
+
+impl Default for RequestEvent {
+    fn default() -> Self {
+        Self {
+            cookie: 0,
+            ts_ns: 0,
+            remote_addr: [0; 16],
+            bytes_in_start: 0,
+            bytes_out_start: 0,
+            events_out_start: 0,
+            head_len: 0,
+            _pad: [0; 6],
+            head: [0; HEAD_MAX],
+        }
+    }
 }
 
 /// Index into the per-CPU `LOSS` array: every way the kernel side can lose or skip data.
@@ -130,10 +179,10 @@ impl Loss {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<ConnStats>() == 112);
+const _: () = assert!(core::mem::size_of::<ConnStats>() == 128);
 const _: () = assert!(core::mem::align_of::<ConnStats>() == 8);
-const _: () = assert!(core::mem::size_of::<ClosedConn>() == 120);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 32);
+const _: () = assert!(core::mem::size_of::<ClosedConn>() == 136);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 64 + HEAD_MAX);
 
 #[cfg(feature = "user")]
 mod user {
@@ -156,6 +205,9 @@ mod tests {
         assert_eq!(core::mem::offset_of!(ConnStats, first_seen_ns), 80);
         assert_eq!(core::mem::offset_of!(ConnStats, in_seq_base), 96);
         assert_eq!(core::mem::offset_of!(ConnStats, req_start), 104);
+        assert_eq!(core::mem::offset_of!(ConnStats, events_out), 112);
+        assert_eq!(core::mem::offset_of!(RequestEvent, head_len), 56);
+        assert_eq!(core::mem::offset_of!(RequestEvent, head), 64);
         assert_eq!(core::mem::offset_of!(ClosedConn, stats), 8);
     }
 
@@ -182,6 +234,9 @@ mod tests {
                 in_seq_base: 8,
                 out_seq_base: 9,
                 req_start: NO_EXCHANGE_PENDING,
+                events_out: 10,
+                exchange_flags: EXCHANGE_SSE,
+                _pad: 0,
             },
         };
         let mut bytes = [0u8; core::mem::size_of::<ClosedConn>()];

@@ -29,15 +29,17 @@ use aya_ebpf::{
         BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_load_bytes},
     macros::{cgroup_skb, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use sensor_common::{
-    ClosedConn, ConnStats, DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES,
-    Loss, NO_EXCHANGE_PENDING, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, RequestEvent,
+    CONFIG_HEAD_BYTES, CONFIG_SLOTS, ClosedConn, ConnStats, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES, EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE,
+    HEAD_MAX, Loss, NO_EXCHANGE_PENDING, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, RequestEvent,
+    SSE_SCAN_MAX,
 };
 
 /// cgroup_skb verdict that lets the packet through.
@@ -47,6 +49,10 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const IPV6_HEADER_LEN: usize = 40;
+/// Largest copy out of a packet: both the request head copy and the reply scan.
+const LOAD_MAX: usize = 512;
+const _: () =
+    assert!(HEAD_MAX <= LOAD_MAX && SSE_SCAN_MAX <= LOAD_MAX && LOAD_MAX.is_power_of_two());
 /// Attempts at the compare-and-swap that advances a byte counter; two CPUs racing on one
 /// direction of one connection is rare, three rounds always settle it in practice.
 const CAS_ATTEMPTS: usize = 3;
@@ -66,6 +72,22 @@ static REQUESTS: RingBuf = RingBuf::with_byte_size(DEFAULT_REQUEST_RING_BYTES, 0
 /// Watched local ports: index = port, value 1 = watched. Filled by the agent.
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+
+/// Settings the agent writes, indexed by `sensor_common::CONFIG_*`.
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_SLOTS, 0);
+
+/// Per-CPU scratch space for scanning reply bytes (too large for the 512-byte stack).
+#[repr(C)]
+struct Scratch {
+    bytes: [u8; SSE_SCAN_MAX],
+    /// Matches found by a scan. Kept in memory rather than in a register: the verifier does
+    /// not track memory contents, so a count does not multiply the paths it explores.
+    found: u64,
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Loss and skip counters, indexed by `sensor_common::Loss`.
 #[map]
@@ -192,6 +214,9 @@ fn open_connection(ctx: &SockOpsContext) {
         in_seq_base: rcv_nxt,
         out_seq_base: snd_nxt,
         req_start: 0,
+        events_out: 0,
+        exchange_flags: 0,
+        _pad: 0,
     };
     // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -392,12 +417,16 @@ fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparse
         let (start, new_data) = advance(bytes, seq_base, &segment);
         match direction {
             Direction::In => track_request(ctx, &mut *stats, start, &segment)?,
-            Direction::Out => {
+            Direction::Out if new_data => {
                 // New reply data: the next client payload starts a new exchange.
-                if new_data && (*stats).req_start == NO_EXCHANGE_PENDING {
+                if (*stats).req_start == NO_EXCHANGE_PENDING {
                     (*stats).req_start = read_shared(&raw const (*stats).bytes_in);
                 }
+                if (*stats).proto == PROTO_HTTP1 {
+                    count_events(ctx, &mut *stats, &segment);
+                }
             }
+            Direction::Out => {}
         }
     }
     Ok(())
@@ -467,26 +496,172 @@ fn track_request(
     };
     if counts {
         stats.req_start = NO_EXCHANGE_PENDING;
+        stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
-        report_request(ctx, stats);
+        report_request(ctx, stats, start, segment);
     }
     Ok(())
 }
 
-/// Tells the agent when a request began, for inter-request timing.
-fn report_request(ctx: &SkBuffContext, stats: &ConnStats) {
-    match REQUESTS.reserve::<RequestEvent>(0) {
-        Some(mut entry) => {
-            entry.write(RequestEvent {
-                // SAFETY: cgroup_skb context, accepted by the helper.
-                cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr() as *mut c_void) },
-                ts_ns: stats.last_seen_ns,
-                remote_addr: stats.remote_addr,
-            });
-            entry.submit(0);
+/// Copies up to `cap` payload bytes at `offset` into `dst`, at most `available`; returns the
+/// number copied. Bounding the length to 1..=cap in one place keeps the verifier satisfied.
+///
+/// SAFETY: `dst` points to at least `cap` writable bytes (ring buffer or map memory).
+unsafe fn load_into(
+    ctx: &SkBuffContext,
+    offset: usize,
+    dst: *mut u8,
+    cap: usize,
+    available: u32,
+) -> usize {
+    let mut n = available as usize;
+    if n > cap {
+        n = cap;
+    }
+    if n == 0 {
+        return 0;
+    }
+    // Restate 1 <= n <= LOAD_MAX in a form the verifier tracks through compiler rewrites
+    // (an AND bound survives where a compare may be folded away).
+    let n = ((n - 1) & (LOAD_MAX - 1)) + 1;
+    // SAFETY: per the contract, dst has room for n <= cap bytes; the helper bounds-checks the
+    // packet side.
+    let ret =
+        unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), offset as u32, dst.cast(), n as u32) };
+    if ret == 0 { n } else { 0 }
+}
+
+/// Tells the agent that an exchange began: when, where in the connection's counters, and, for
+/// HTTP/1.x, the first bytes of the request (for identity; the agent reads only the head).
+fn report_request(ctx: &SkBuffContext, stats: &ConnStats, start: i64, segment: &Segment) {
+    let Some(mut entry) = REQUESTS.reserve::<RequestEvent>(0) else {
+        count_loss(Loss::RequestEventsDropped);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    let head_cap = match CONFIG.get(CONFIG_HEAD_BYTES) {
+        Some(&n) if stats.proto == PROTO_HTTP1 => n as usize,
+        _ => 0,
+    };
+    // SAFETY: ev points to a reserved, writable RequestEvent; every field is written before
+    // submit except the tail of `head`, which head_len excludes.
+    unsafe {
+        (*ev).cookie = bpf_get_socket_cookie(ctx.as_ptr() as *mut c_void);
+        (*ev).ts_ns = stats.last_seen_ns;
+        (*ev).remote_addr = stats.remote_addr;
+        (*ev).bytes_in_start = start as u64;
+        (*ev).bytes_out_start = read_shared(&raw const stats.bytes_out);
+        (*ev).events_out_start = stats.events_out;
+        (*ev)._pad = [0; 6];
+        let cap = if head_cap > HEAD_MAX {
+            HEAD_MAX
+        } else {
+            head_cap
+        };
+        let copied = load_into(
+            ctx,
+            segment.payload_offset,
+            (&raw mut (*ev).head).cast::<u8>(),
+            cap,
+            segment.payload_len,
+        );
+        (*ev).head_len = copied as u16;
+    }
+    entry.submit(0);
+}
+
+/// Counts server-sent events in a new reply segment of an HTTP/1.x connection.
+///
+/// The first reply segment after a request holds the response head: the exchange is SSE when
+/// it names `event-stream`. In SSE replies every `data:` at a line start (or segment start)
+/// within the first `SSE_SCAN_MAX` bytes of a segment counts one event. An estimate of output
+/// token chunks; see docs/counters.md for what it misses.
+fn count_events(ctx: &SkBuffContext, stats: &mut ConnStats, segment: &Segment) {
+    let head = stats.exchange_flags & EXCHANGE_RESPONSE_PENDING != 0;
+    if !head && stats.exchange_flags & EXCHANGE_SSE == 0 {
+        return;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: scratch is this CPU's map value; nothing else touches it while we run.
+    unsafe {
+        let base = (&raw mut (*scratch).bytes).cast::<u8>();
+        let n = load_into(
+            ctx,
+            segment.payload_offset,
+            base,
+            SSE_SCAN_MAX,
+            segment.payload_len,
+        );
+        if head {
+            let sse = names_event_stream(base, n);
+            stats.exchange_flags = if sse { EXCHANGE_SSE } else { 0 };
+            if !sse {
+                return;
+            }
         }
-        None => count_loss(Loss::RequestEventsDropped),
+        (*scratch).found = 0;
+        count_data_lines(base, n, &raw mut (*scratch).found);
+        let events = core::ptr::read_volatile(&raw const (*scratch).found);
+        if events > 0 {
+            atomic_add(&raw mut stats.events_out, events);
+        }
+    }
+}
+
+// The scans below keep no state from one position to the next except the position itself:
+// the verifier walks a bounded loop once per iteration, and state carried across iterations
+// (a partial-match length, say) multiplies the paths it must explore past its limit.
+
+/// Whether `pattern` starts at `base + i`.
+///
+/// SAFETY: `i + pattern.len() <= SSE_SCAN_MAX` and `base` points at SSE_SCAN_MAX bytes.
+#[inline(always)]
+unsafe fn matches_at(base: *const u8, i: usize, pattern: &[u8]) -> bool {
+    let mut k = 0;
+    while k < pattern.len() {
+        // SAFETY: per the contract.
+        if unsafe { *base.add(i + k) } != pattern[k] {
+            return false;
+        }
+        k += 1;
+    }
+    true
+}
+
+/// Whether the first `n` bytes at `base` contain `event-stream`.
+#[inline(never)]
+fn names_event_stream(base: *const u8, n: usize) -> bool {
+    const PATTERN: &[u8; 12] = b"event-stream";
+    let mut i = 0;
+    while i + PATTERN.len() <= SSE_SCAN_MAX && i + PATTERN.len() <= n {
+        // SAFETY: bounded by the loop condition.
+        if unsafe { matches_at(base, i, PATTERN) } {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Adds to `*found` the number of `data:` at a line start (or at offset 0) in the first `n`
+/// bytes at `base`.
+///
+/// SAFETY: `found` points to writable map memory.
+#[inline(never)]
+unsafe fn count_data_lines(base: *const u8, n: usize, found: *mut u64) {
+    const PATTERN: &[u8; 5] = b"data:";
+    let mut i = 0;
+    while i + PATTERN.len() <= SSE_SCAN_MAX && i + PATTERN.len() <= n {
+        // SAFETY: i - 1 < i, and i + 5 is bounded by the loop condition.
+        let line_start = i == 0 || unsafe { *base.add(i - 1) } == b'\n';
+        if line_start && unsafe { matches_at(base, i, PATTERN) } {
+            // SAFETY: per the contract.
+            unsafe { core::ptr::write_volatile(found, core::ptr::read_volatile(found) + 1) };
+        }
+        i += 1;
     }
 }
 

@@ -169,6 +169,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ring_buffer_bytes: config.capture.ring_buffer_bytes,
         pin_dir: config.state.bpf_pin_dir.clone(),
         fresh: args.fresh,
+        head_bytes: 512,
     })
     .context("cannot start capture")?;
     // SAFETY (both): the RingBuf owns its map fd, which stays open and unchanged while the

@@ -15,12 +15,20 @@ use aya::{
 };
 use log::{info, warn};
 use sensor_common::{
-    ABI_VERSION, ClosedConn, ConnStats, Loss, MAP_CLOSED, MAP_CONNS, MAP_LOSS, MAP_PORTS,
-    MAP_REQUESTS, PROG_EGRESS, PROG_INGRESS, PROG_SOCKOPS, RequestEvent,
+    ABI_VERSION, CONFIG_HEAD_BYTES, ClosedConn, ConnStats, HEAD_MAX, Loss, MAP_CLOSED, MAP_CONFIG,
+    MAP_CONNS, MAP_LOSS, MAP_PORTS, MAP_REQUESTS, PROG_EGRESS, PROG_INGRESS, PROG_SOCKOPS,
+    RequestEvent,
 };
 
 /// Maps pinned under the instance directory, by name.
-const PINNED_MAPS: [&str; 5] = [MAP_CONNS, MAP_CLOSED, MAP_REQUESTS, MAP_PORTS, MAP_LOSS];
+const PINNED_MAPS: [&str; 6] = [
+    MAP_CONNS,
+    MAP_CLOSED,
+    MAP_REQUESTS,
+    MAP_PORTS,
+    MAP_LOSS,
+    MAP_CONFIG,
+];
 /// Program links pinned under the instance directory: while pinned, the programs stay
 /// attached and keep counting even when no agent runs.
 const PINNED_LINKS: [&str; 3] = [PROG_INGRESS, PROG_EGRESS, PROG_SOCKOPS];
@@ -96,6 +104,19 @@ pub struct CaptureSettings {
     pub pin_dir: PathBuf,
     /// Discard pinned state instead of continuing from it.
     pub fresh: bool,
+    /// Bytes of each HTTP/1.x request head copied to the agent (0..=HEAD_MAX; 0 disables).
+    pub head_bytes: u32,
+}
+
+/// Writes the agent's settings for the kernel programs.
+fn write_config(
+    config: &mut Array<MapData, u32>,
+    settings: &CaptureSettings,
+) -> Result<(), CaptureError> {
+    let head = settings.head_bytes.min(HEAD_MAX as u32);
+    config
+        .set(CONFIG_HEAD_BYTES, head, 0)
+        .map_err(map_err(MAP_CONFIG))
 }
 
 /// Attached programs and their maps, pinned under `instance_dir`. Dropping it leaves the
@@ -369,6 +390,10 @@ impl Capture {
                     .map_err(map_err(MAP_PORTS))?;
             }
         }
+        let mut config: Array<MapData, u32> =
+            Array::try_from(Map::Array(open_pinned_map(&instance_dir, MAP_CONFIG)?))
+                .map_err(map_err(MAP_CONFIG))?;
+        write_config(&mut config, settings)?;
         Ok(Self {
             _ebpf: None,
             cgroup,

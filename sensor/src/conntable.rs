@@ -148,6 +148,8 @@ pub struct ConnStatsRepr {
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     pub proto: u8,
+    #[serde(default)]
+    pub events_out: u64,
 }
 
 impl From<&ConnStats> for ConnStatsRepr {
@@ -165,6 +167,7 @@ impl From<&ConnStats> for ConnStatsRepr {
             first_seen_ns: s.first_seen_ns,
             last_seen_ns: s.last_seen_ns,
             proto: s.proto,
+            events_out: s.events_out,
         }
     }
 }
@@ -184,6 +187,7 @@ impl From<&ConnStatsRepr> for ConnStats {
             first_seen_ns: r.first_seen_ns,
             last_seen_ns: r.last_seen_ns,
             proto: r.proto,
+            events_out: r.events_out,
             ..Default::default()
         }
     }
