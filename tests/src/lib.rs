@@ -549,10 +549,12 @@ pub struct Transfer {
     /// Bytes curl received: response heads plus body.
     pub received: u64,
     pub status: u16,
+    /// New connections curl opened for this transfer (0 when it reused one).
+    pub connects: u64,
 }
 
 pub const CURL_WRITE_OUT: &str = "%{local_ip} %{local_port} %{size_request} %{size_upload} \
-     %{size_header} %{size_download} %{http_code}\\n";
+     %{size_header} %{size_download} %{http_code} %{num_connects}\\n";
 
 /// Runs one curl process performing `operations` in order (joined with `--next`, so they
 /// share curl's connection pool: keep-alive across operations) and returns each transfer's own
@@ -584,12 +586,13 @@ pub fn parse_transfers(write_out: &str) -> Vec<Transfer> {
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(f.len(), 7, "curl write-out line: {l}");
+            assert_eq!(f.len(), 8, "curl write-out line: {l}");
             let n = |i: usize| f[i].parse::<u64>().expect("curl number");
             Transfer {
                 client: join_host_port(f[0], f[1]),
                 received: n(4) + n(5),
                 status: n(6) as u16,
+                connects: n(7),
             }
         })
         .collect()
@@ -648,22 +651,30 @@ pub fn sensor_per_connection(conns: &[Conn]) -> BTreeMap<String, (u64, u64, u64)
 pub type ClientTruth = BTreeMap<String, (u64, u64, u64, u64)>;
 
 /// Folds per-connection truth ("ip:port" keys) into per-address truth, or per-group truth
-/// when `group` maps an address to its group.
+/// when `group` maps an address to its group. Connections are counted by curl's own
+/// `num_connects` (a client port reused by a later connection is still two connections).
 pub fn per_client(
     truth: &BTreeMap<String, (u64, u64, u64)>,
+    transfers: &[Transfer],
     group: impl Fn(&str) -> String,
 ) -> ClientTruth {
+    let ip_of = |conn: &str| {
+        conn.rsplit_once(':')
+            .map_or(conn, |(ip, _)| ip)
+            .trim_matches(['[', ']'])
+            .to_owned()
+    };
     let mut out = ClientTruth::new();
     for (conn, (i, o, r)) in truth {
-        let ip = conn
-            .rsplit_once(':')
-            .map_or(conn.as_str(), |(ip, _)| ip)
-            .trim_matches(['[', ']']);
-        let e = out.entry(group(ip)).or_default();
+        let e = out.entry(group(&ip_of(conn))).or_default();
         e.0 += i;
         e.1 += o;
         e.2 += r;
-        e.3 += 1;
+    }
+    for t in transfers {
+        if let Some(e) = out.get_mut(&group(&ip_of(&t.client))) {
+            e.3 += t.connects;
+        }
     }
     out
 }

@@ -138,9 +138,9 @@ fn hundreds_of_clients_are_exact_per_client_and_group() {
     }
     let transfers = run_parallel(jobs, 8);
     let truth = nginx.truth(&transfers);
-    let by_address = per_client(&truth, str::to_owned);
+    let by_address = per_client(&truth, &transfers, str::to_owned);
     assert_eq!(by_address.len(), 240);
-    let by_group = per_client(&truth, |ip| {
+    let by_group = per_client(&truth, &transfers, |ip| {
         if ip.contains(':') {
             if ip.starts_with("fd00:1:0:100:") {
                 "fd00:1:0:100::/56".into()
@@ -248,7 +248,7 @@ fn bounded_memory_keeps_the_heaviest_clients_exact() {
     let mut transfers = run_parallel((0..75).map(light).collect(), 4);
     transfers.extend(run_parallel((0..10).map(heavy).collect(), 4));
     transfers.extend(run_parallel((75..150).map(light).collect(), 4));
-    let truth = per_client(&nginx.truth(&transfers), str::to_owned);
+    let truth = per_client(&nginx.truth(&transfers), &transfers, str::to_owned);
     let total_out: u64 = truth.values().map(|t| t.1).sum();
     let health = wait_for("all traffic accounted", Duration::from_secs(30), || {
         let h = agent.health();
@@ -355,7 +355,7 @@ fn agent_killed_mid_traffic_restarts_without_loss() {
     let out = stream.wait_with_output().expect("stream");
     assert!(out.status.success());
     transfers.extend(parse_transfers(&String::from_utf8_lossy(&out.stdout)));
-    let truth = per_client(&nginx.truth(&transfers), str::to_owned);
+    let truth = per_client(&nginx.truth(&transfers), &transfers, str::to_owned);
     wait_for(
         "per-client totals equal to ground truth",
         Duration::from_secs(30),
