@@ -1,0 +1,57 @@
+//! Property tests: hostile bytes never crash or confuse the head parser. Bounded: the test
+//! command runs them with a fixed number of cases.
+
+use proptest::prelude::*;
+use sensor_http::{Cidr, forwarded_client, parse_head};
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 4000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = parse_head(&bytes);
+    }
+
+    #[test]
+    fn well_formed_heads_parse_and_hide_the_key(
+        method in "(GET|POST|PUT|DELETE)",
+        path in "/[a-z0-9/_.-]{0,40}",
+        key in "sk-[A-Za-z0-9_]{16,48}",
+        filler in proptest::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,15}", "[ -~]{0,30}"), 0..10),
+        cut in 0usize..700,
+    ) {
+        let mut raw = format!("{method} {path} HTTP/1.1\r\n");
+        for (name, value) in &filler {
+            let lower = name.to_ascii_lowercase();
+            if lower != "authorization" && !lower.contains("api-key") {
+                raw.push_str(&format!("{name}: {}\r\n", value.trim()));
+            }
+        }
+        raw.push_str(&format!("Authorization: Bearer {key}\r\n\r\n"));
+        let head = parse_head(raw.as_bytes()).expect("well-formed head parses");
+        prop_assert_eq!(head.method, method.as_str());
+        prop_assert_eq!(head.path, path.as_str());
+        prop_assert_eq!(head.credential(), Some(key.as_bytes()));
+        let shown = format!("{:?}", head);
+        prop_assert!(!shown.contains(&key));
+        // Any prefix either parses (maybe truncated) or is an error; never a panic, and a
+        // truncated head never yields a partial credential.
+        let cut = cut.min(raw.len());
+        if let Ok(h) = parse_head(&raw.as_bytes()[..cut]) {
+            if let Some(c) = h.credential() {
+                prop_assert_eq!(c, key.as_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_never_panic(xff in "[ -~]{0,80}", fwd in "[ -~]{0,80}") {
+        let trusted: Vec<Cidr> = vec!["127.0.0.0/8".parse().expect("cidr")];
+        let _ = forwarded_client("127.0.0.1".parse().expect("ip"), Some(&xff), Some(&fwd), &trusted);
+        let _ = forwarded_client("127.0.0.1".parse().expect("ip"), None, Some(&fwd), &trusted);
+    }
+}
