@@ -144,11 +144,11 @@ pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
         } else if name.eq_ignore_ascii_case(b"forwarded") {
             head.forwarded = ascii(value).or(head.forwarded);
         } else if name.eq_ignore_ascii_case(b"authorization") {
-            if let Some(token) = bearer_token(value) {
-                if credential_rank > 0 {
-                    head.credential = Some(token);
-                    credential_rank = 0;
-                }
+            if let Some(token) = bearer_token(value)
+                && credential_rank > 0
+            {
+                head.credential = Some(token);
+                credential_rank = 0;
             }
         } else if name.eq_ignore_ascii_case(b"x-api-key") {
             if credential_rank > 1 && !value.is_empty() {

@@ -41,10 +41,10 @@ proptest! {
         // Any prefix either parses (maybe truncated) or is an error; never a panic, and a
         // truncated head never yields a partial credential.
         let cut = cut.min(raw.len());
-        if let Ok(h) = parse_head(&raw.as_bytes()[..cut]) {
-            if let Some(c) = h.credential() {
-                prop_assert_eq!(c, key.as_bytes());
-            }
+        if let Ok(h) = parse_head(&raw.as_bytes()[..cut])
+            && let Some(c) = h.credential()
+        {
+            prop_assert_eq!(c, key.as_bytes());
         }
     }
 

@@ -24,7 +24,8 @@ use crate::{
     capture::{Capture, CaptureSettings, decode_closed, decode_request},
     cli::RunArgs,
     config::Config,
-    conntable::{ConnTable, socket_addr},
+    conntable::{ConnTable, Progress, socket_addr},
+    identity::{HeadStats, Identities, load_secret, secret_path},
     metrics,
     state::{self, Snapshot},
 };
@@ -63,18 +64,17 @@ struct Pipeline {
     state: SharedState,
     config: Config,
     boot_id: String,
+    identities: Identities,
+    /// Request events are always drained first: the kernel emits a connection's request
+    /// events before its close, and exchanges must be split before the close is accounted.
+    requests: AsyncFd<RingBuf<MapData>>,
 }
 
 impl Pipeline {
-    fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, AgentState>> {
-        self.state
-            .lock()
-            .map_err(|_| anyhow::anyhow!("agent state poisoned"))
-    }
-
-    fn drain_closed(&self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+    fn drain_closed(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        self.drain_requests()?;
         let now = Now::system();
-        let mut s = self.lock()?;
+        let mut s = lock(&self.state)?;
         let AgentState { table, agg, .. } = &mut *s;
         while let Some(item) = ring.next() {
             match decode_closed(&item) {
@@ -85,27 +85,41 @@ impl Pipeline {
         Ok(())
     }
 
-    fn drain_requests(&self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+    fn drain_requests(&mut self) -> anyhow::Result<()> {
         let now = Now::system();
-        let mut s = self.lock()?;
+        let mut s = lock(&self.state)?;
+        let AgentState {
+            table, agg, heads, ..
+        } = &mut *s;
+        let ring = self.requests.get_mut();
         while let Some(item) = ring.next() {
-            match decode_request(&item) {
-                Some(ev) => {
-                    let ip = socket_addr(ev.remote_addr, 0).ip();
-                    s.agg.request(ip, ev.ts_ns, now);
-                }
-                None => warn!("short request record ({} bytes)", item.len()),
-            }
+            let Some(ev) = decode_request(&item) else {
+                warn!("short request record ({} bytes)", item.len());
+                continue;
+            };
+            drop(item);
+            let peer = socket_addr(ev.remote_addr, 0).ip();
+            let head_len = usize::from(ev.head_len).min(ev.head.len());
+            let keys = self.identities.keys(peer, &ev.head[..head_len]);
+            let start = Progress {
+                bytes_in: ev.bytes_in_start,
+                bytes_out: ev.bytes_out_start,
+                events_out: ev.events_out_start,
+            };
+            table.on_request(ev.cookie, peer, start, keys, ev.ts_ns, agg, now);
         }
+        *heads = self.identities.stats;
         Ok(())
     }
 
     /// Reads the whole kernel map and accounts every record.
-    fn poll(&self) -> anyhow::Result<()> {
+    fn poll(&mut self) -> anyhow::Result<()> {
         let records = self.capture.poll();
+        // After the read: every request whose bytes the read includes has its event queued.
+        self.drain_requests()?;
         let loss = self.capture.loss_counts();
         let now = Now::system();
-        let mut s = self.lock()?;
+        let mut s = lock(&self.state)?;
         let AgentState { table, agg, .. } = &mut *s;
         for (cookie, stats) in &records {
             table.observe(*cookie, stats, agg, now);
@@ -119,7 +133,7 @@ impl Pipeline {
     fn snapshot(&mut self) -> anyhow::Result<()> {
         let now = Now::system();
         let (snapshot, reaped) = {
-            let mut s = self.lock()?;
+            let mut s = lock(&self.state)?;
             let reaped = s.table.take_unreaped();
             s.table.expire_tombstones(now);
             let snapshot = Snapshot {
@@ -134,13 +148,19 @@ impl Pipeline {
         };
         if let Err(e) = state::save(&self.config.state.dir, &snapshot) {
             // Keep the records in the kernel until a snapshot holds them.
-            let mut s = self.lock()?;
+            let mut s = lock(&self.state)?;
             s.table.restore_unreaped(reaped);
             return Err(e);
         }
         self.capture.delete(&reaped);
         Ok(())
     }
+}
+
+fn lock(state: &SharedState) -> anyhow::Result<std::sync::MutexGuard<'_, AgentState>> {
+    state
+        .lock()
+        .map_err(|_| anyhow::anyhow!("agent state poisoned"))
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -169,15 +189,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ring_buffer_bytes: config.capture.ring_buffer_bytes,
         pin_dir: config.state.bpf_pin_dir.clone(),
         fresh: args.fresh,
-        head_bytes: 512,
+        head_bytes: config.identity.head_bytes,
     })
     .context("cannot start capture")?;
     // SAFETY (both): the RingBuf owns its map fd, which stays open and unchanged while the
     // AsyncFd owns the RingBuf.
     let mut closed = unsafe { AsyncFd::register(capture.take_closed()?) }
         .context("polling the close ring buffer")?;
-    let mut requests = unsafe { AsyncFd::register(capture.take_requests()?) }
+    let requests = unsafe { AsyncFd::register(capture.take_requests()?) }
         .context("polling the request ring buffer")?;
+    let secret = load_secret(&secret_path(&config), true)?;
+    let identities = Identities::new(&secret, &config);
 
     let boot_id = state::boot_id();
     let c = &config.clients;
@@ -213,20 +235,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup: capture.cgroup.display().to_string(),
         ports: config.capture.ports.clone(),
         continued_from_pinned_state: capture.reused,
+        heads: HeadStats::default(),
     }));
     let mut pipeline = Pipeline {
         capture,
         state: state.clone(),
         config: config.clone(),
         boot_id,
+        identities,
+        requests,
     };
     // Catch up: everything the kernel counted while no agent ran.
     pipeline.drain_closed(closed.get_mut())?;
-    pipeline.drain_requests(requests.get_mut())?;
     let records = pipeline.capture.poll();
+    pipeline.drain_requests()?;
     {
         let now = Now::system();
-        let mut s = pipeline.lock()?;
+        let mut s = lock(&pipeline.state)?;
         let AgentState { table, agg, .. } = &mut *s;
         for (cookie, stats) in &records {
             table.observe(*cookie, stats, agg, now);
@@ -259,10 +284,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 pipeline.drain_closed(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
-            guard = requests.readable_mut() => {
+            guard = pipeline.requests.readable() => {
                 let mut guard = guard.context("request ring buffer")?;
-                pipeline.drain_requests(guard.get_inner_mut())?;
                 guard.clear_ready();
+                drop(guard);
+                pipeline.drain_requests()?;
             }
             _ = poll.tick() => pipeline.poll()?,
             _ = save.tick() => {
@@ -276,10 +302,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("shutting down: saving state and detaching programs");
     pipeline.drain_closed(closed.get_mut())?;
-    pipeline.drain_requests(requests.get_mut())?;
     pipeline.poll()?;
     pipeline.snapshot()?;
-    drop((closed, requests));
+    drop(closed);
+    drop(pipeline.requests);
     pipeline.capture.detach();
     let _ = std::fs::remove_file(&config.api.socket);
     Ok(())

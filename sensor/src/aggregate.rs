@@ -7,18 +7,34 @@
 //! that is never among those keeps exact counters; the heaviest clients, the ones that matter
 //! for extraction, are therefore exact.
 
-use std::{collections::HashMap, net::IpAddr, ops::AddAssign};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    ops::AddAssign,
+};
 
 use serde::{Deserialize, Serialize};
 
-/// Counters kept per client, in totals and in each window bucket.
+/// Counters kept per client, in totals and in each window bucket. Zero fields are left out of
+/// snapshots (most window buckets are mostly zero).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub requests: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub bytes_in: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub bytes_out: u64,
     /// Connections opened.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub connections: u64,
+    /// Server-sent events in streamed replies.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub events_out: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl AddAssign for Counts {
@@ -27,12 +43,22 @@ impl AddAssign for Counts {
         self.bytes_in += o.bytes_in;
         self.bytes_out += o.bytes_out;
         self.connections += o.connections;
+        self.events_out += o.events_out;
     }
 }
 
 impl Counts {
     pub fn is_zero(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Takes `o` back out (a correction), never below zero.
+    pub fn saturating_sub(&mut self, o: Self) {
+        self.requests = self.requests.saturating_sub(o.requests);
+        self.bytes_in = self.bytes_in.saturating_sub(o.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_sub(o.bytes_out);
+        self.connections = self.connections.saturating_sub(o.connections);
+        self.events_out = self.events_out.saturating_sub(o.events_out);
     }
 }
 
@@ -113,6 +139,19 @@ impl Windows {
     pub fn add(&mut self, now_s: u64, c: Counts) {
         add_to(&mut self.tens, now_s / 10, c);
         add_to(&mut self.minutes, now_s / 60, c);
+    }
+
+    /// Takes `c` back out of the current buckets (a correction of something just added).
+    pub fn retract(&mut self, now_s: u64, c: Counts) {
+        for (ring, epoch) in [
+            (&mut self.tens[..], now_s / 10),
+            (&mut self.minutes[..], now_s / 60),
+        ] {
+            let slot = &mut ring[(epoch % ring.len() as u64) as usize];
+            if slot.epoch == epoch {
+                slot.counts.saturating_sub(c);
+            }
+        }
     }
 
     pub fn get(&self, now_s: u64, w: Window) -> Counts {
@@ -200,9 +239,32 @@ pub struct ClientStats {
     last_active_s: u64,
     pub windows: Windows,
     pub gaps: Gaps,
+    /// The most recent API identity seen from this client (for address and forwarded rows).
+    #[serde(default)]
+    pub last_identity: Option<String>,
+    /// The most recent forwarded client address (for address and identity rows).
+    #[serde(default)]
+    pub last_forwarded: Option<IpAddr>,
+    /// Distinct client addresses this key was used from (identity rows), up to
+    /// `MAX_SEEN_FROM`; `seen_from_more` says when there were more.
+    #[serde(default)]
+    pub seen_from: BTreeSet<IpAddr>,
+    #[serde(default)]
+    pub seen_from_more: bool,
 }
 
+/// Distinct source addresses remembered per identity.
+pub const MAX_SEEN_FROM: usize = 1024;
+
 impl ClientStats {
+    fn note_source(&mut self, ip: IpAddr) {
+        if self.seen_from.len() < MAX_SEEN_FROM {
+            self.seen_from.insert(ip);
+        } else if !self.seen_from.contains(&ip) {
+            self.seen_from_more = true;
+        }
+    }
+
     /// Eviction order: idle before active, then light before heavy.
     fn weight(&self) -> (bool, u64) {
         (
@@ -316,6 +378,37 @@ impl ClientTable {
         self.bound();
     }
 
+    /// Takes back counts attributed to `key` a moment ago (see `ConnTable::on_request`).
+    pub fn retract(&mut self, key: &str, c: Counts, now: Now) {
+        if let Some(stats) = self.clients.get_mut(key) {
+            stats.totals.saturating_sub(c);
+            stats.windows.retract(now.secs(), c);
+        }
+    }
+
+    /// Records who was seen behind this key.
+    pub fn annotate(
+        &mut self,
+        key: &str,
+        identity: Option<&str>,
+        forwarded: Option<IpAddr>,
+        source: Option<IpAddr>,
+        now: Now,
+    ) {
+        let c = self.entry(key, now);
+        if let Some(id) = identity
+            && c.last_identity.as_deref() != Some(id)
+        {
+            c.last_identity = Some(id.to_owned());
+        }
+        if forwarded.is_some() {
+            c.last_forwarded = forwarded;
+        }
+        if let Some(ip) = source {
+            c.note_source(ip);
+        }
+    }
+
     /// Folds the lightest entries once the table exceeds its bound by the slack.
     fn bound(&mut self) {
         let slack = (self.max / 10).max(1);
@@ -347,6 +440,21 @@ impl ClientTable {
     }
 }
 
+/// Who an exchange (one request and its reply) belongs to, beyond the connection's peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangeKeys {
+    /// Identity of the API credential (name if configured, else "k-" + keyed hash).
+    pub identity: Option<String>,
+    /// The client behind a trusted proxy.
+    pub forwarded: Option<IpAddr>,
+}
+
+impl ExchangeKeys {
+    pub fn is_empty(&self) -> bool {
+        self.identity.is_none() && self.forwarded.is_none()
+    }
+}
+
 /// Address-group key: the network of `ip` at the configured prefix, e.g. "10.1.2.0/24".
 pub fn group_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
     match ip {
@@ -368,6 +476,12 @@ pub fn group_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
 pub struct Aggregator {
     pub addresses: ClientTable,
     pub groups: ClientTable,
+    /// Keyed by API identity (keyed hash of the credential, or its configured name).
+    #[serde(default)]
+    pub identities: ClientTable,
+    /// Keyed by the client address a trusted proxy forwarded.
+    #[serde(default)]
+    pub forwarded: ClientTable,
     #[serde(skip)]
     v4_prefix: u8,
     #[serde(skip)]
@@ -379,6 +493,8 @@ impl Aggregator {
         Self {
             addresses: ClientTable::new(max_clients),
             groups: ClientTable::new(max_clients),
+            identities: ClientTable::new(max_clients),
+            forwarded: ClientTable::new(max_clients),
             v4_prefix,
             v6_prefix,
         }
@@ -386,8 +502,9 @@ impl Aggregator {
 
     /// Re-applies settings that are not persisted (after loading a snapshot).
     pub fn configure(&mut self, max_clients: usize, v4_prefix: u8, v6_prefix: u8) {
-        self.addresses.set_max(max_clients);
-        self.groups.set_max(max_clients);
+        for table in self.tables_mut() {
+            table.set_max(max_clients);
+        }
         self.v4_prefix = v4_prefix;
         self.v6_prefix = v6_prefix;
     }
@@ -409,9 +526,60 @@ impl Aggregator {
         self.groups.request(&self.group(ip), ts_ns, now);
     }
 
+    fn tables_mut(&mut self) -> [&mut ClientTable; 4] {
+        [
+            &mut self.addresses,
+            &mut self.groups,
+            &mut self.identities,
+            &mut self.forwarded,
+        ]
+    }
+
+    /// Accounts part of an exchange to its identity and forwarded client.
+    pub fn apply_exchange(&mut self, keys: &ExchangeKeys, delta: &Delta, now: Now) {
+        if delta.counts.is_zero() && !delta.opened && !delta.closed {
+            return;
+        }
+        if let Some(id) = &keys.identity {
+            self.identities.apply(id, delta, now);
+        }
+        if let Some(ip) = keys.forwarded {
+            self.forwarded.apply(&ip.to_string(), delta, now);
+        }
+    }
+
+    /// Takes back counts just attributed to an exchange (a correction).
+    pub fn retract_exchange(&mut self, keys: &ExchangeKeys, c: Counts, now: Now) {
+        if let Some(id) = &keys.identity {
+            self.identities.retract(id, c, now);
+        }
+        if let Some(ip) = keys.forwarded {
+            self.forwarded.retract(&ip.to_string(), c, now);
+        }
+    }
+
+    /// A request began: timing for every key, and who is behind whom.
+    pub fn request_keys(&mut self, peer: IpAddr, keys: &ExchangeKeys, ts_ns: u64, now: Now) {
+        self.request(peer, ts_ns, now);
+        let id = keys.identity.as_deref();
+        self.addresses
+            .annotate(&peer.to_string(), id, keys.forwarded, None, now);
+        if let Some(id) = id {
+            self.identities.request(id, ts_ns, now);
+            let source = keys.forwarded.unwrap_or(peer);
+            self.identities
+                .annotate(id, None, keys.forwarded, Some(source), now);
+        }
+        if let Some(ip) = keys.forwarded {
+            let key = ip.to_string();
+            self.forwarded.request(&key, ts_ns, now);
+            self.forwarded.annotate(&key, id, None, None, now);
+        }
+    }
+
     /// After a reboot no connection of the saved state can still be open.
     pub fn close_all_connections(&mut self) {
-        for table in [&mut self.addresses, &mut self.groups] {
+        for table in self.tables_mut() {
             for c in table.clients.values_mut() {
                 c.open_connections = 0;
             }
@@ -420,7 +588,7 @@ impl Aggregator {
 
     /// Forgets request timestamps that refer to another boot's clock.
     pub fn reset_request_clocks(&mut self) {
-        for table in [&mut self.addresses, &mut self.groups] {
+        for table in self.tables_mut() {
             for c in table.clients.values_mut() {
                 c.gaps.last_request_ns = 0;
             }
@@ -443,6 +611,7 @@ mod tests {
                 bytes_in: n,
                 bytes_out: 2 * n,
                 connections: 0,
+                events_out: 0,
             },
             ..Default::default()
         }

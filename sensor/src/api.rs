@@ -40,6 +40,8 @@ pub struct AgentState {
     pub ports: Vec<u16>,
     /// The programs were already attached (pinned) when this agent started.
     pub continued_from_pinned_state: bool,
+    /// Request heads parsed for identity.
+    pub heads: crate::identity::HeadStats,
 }
 
 pub type SharedState = Arc<Mutex<AgentState>>;
@@ -51,6 +53,7 @@ struct Health<'a> {
     cgroup: &'a str,
     ports: &'a [u16],
     continued_from_pinned_state: bool,
+    heads: crate::identity::HeadStats,
     live_connections: usize,
     closed_connections_total: u64,
     loss: std::collections::BTreeMap<&'static str, u64>,
@@ -172,6 +175,7 @@ pub fn route_request(
                 cgroup: &state.cgroup,
                 ports: &state.ports,
                 continued_from_pinned_state: state.continued_from_pinned_state,
+                heads: state.heads,
                 live_connections: state.table.live_count(),
                 closed_connections_total: state.table.closed_total,
                 loss: state.loss.iter().copied().collect(),

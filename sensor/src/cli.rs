@@ -23,6 +23,9 @@ pub enum Command {
     Conns(ConnsArgs),
     /// Per-client counters (one-shot table or JSON).
     Clients(ClientsArgs),
+    /// Print the identity an API key maps to (the key is read from standard input and never
+    /// echoed), for naming known keys in `[identity.names]`.
+    Identity(IdentityArgs),
     /// Live full-screen view of the per-client counters (keys: see the footer, q quits).
     Top(TopArgs),
 }
@@ -40,12 +43,23 @@ pub struct TopArgs {
         value_parser = clap::value_parser!(u64).range(100..)
     )]
     pub interval_ms: u64,
-    /// Group clients by address or by address group (toggle with `g`).
+    /// Group clients by address, address group, API identity or forwarded client (cycle with
+    /// `g`).
     #[arg(long, default_value = "address", value_parser = ["address", "group"])]
     pub by: String,
     /// Show and sort by this window's counters: 1m, 10m or 1h (cycle with `w`); default: totals.
     #[arg(long, value_parser = ["1m", "10m", "1h"])]
     pub window: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct IdentityArgs {
+    /// Configuration file whose identity secret to use (default: the embedded default's).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// State directory holding a generated secret (replaces the configured one).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,7 +78,8 @@ pub struct ClientsArgs {
     /// Sort and show this window's counters: 1m, 10m or 1h.
     #[arg(long)]
     pub window: Option<String>,
-    /// Group clients by address (default) or by address group.
+    /// Group clients by address (default), address group, API identity (keyed hash of the
+    /// credential) or forwarded client (behind a trusted proxy).
     #[arg(long, default_value = "address")]
     pub by: String,
     /// Only clients whose address or group contains this text.

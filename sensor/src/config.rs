@@ -28,6 +28,38 @@ pub struct Config {
     pub state: State,
     #[serde(default)]
     pub metrics: Metrics,
+    #[serde(default)]
+    pub identity: Identity,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Identity {
+    pub head_bytes: u32,
+    pub secret_file: PathBuf,
+    pub trusted_proxies: Vec<String>,
+    pub names: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Self {
+            head_bytes: sensor_common::HEAD_MAX as u32,
+            secret_file: PathBuf::new(),
+            trusted_proxies: Vec::new(),
+            names: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl Identity {
+    /// The trusted proxies as networks (validated at load).
+    pub fn trusted(&self) -> Vec<sensor_http::Cidr> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -230,6 +262,18 @@ impl Config {
         if !self.state.bpf_pin_dir.is_absolute() {
             return Err(("bpf_pin_dir", "must be an absolute path on a bpffs".into()));
         }
+        let id = &self.identity;
+        if id.head_bytes as usize > sensor_common::HEAD_MAX {
+            return Err((
+                "head_bytes",
+                format!("{} is more than {}", id.head_bytes, sensor_common::HEAD_MAX),
+            ));
+        }
+        for proxy in &id.trusted_proxies {
+            if let Err(e) = proxy.parse::<sensor_http::Cidr>() {
+                return Err(("trusted_proxies", e.to_string()));
+            }
+        }
         let m = &self.metrics;
         if !m.listen.is_empty() {
             if m.listen.parse::<std::net::SocketAddr>().is_err() {
@@ -306,6 +350,7 @@ mod tests {
         assert_eq!(embedded.clients, Clients::default());
         assert_eq!(embedded.state, State::default());
         assert_eq!(embedded.metrics, Metrics::default());
+        assert_eq!(embedded.identity, Identity::default());
     }
 
     #[test]
@@ -361,6 +406,21 @@ mod tests {
         let text = "[metrics]\nlisten = \"127.0.0.1:9465\"\n";
         let err = Config::parse(text, "s.toml").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("bearer_token_file"));
+    }
+
+    #[test]
+    fn identity_settings() {
+        let text = "[identity]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n\n\
+                    [identity.names]\n\"k-0011aabbccdd\" = \"batch\"\n";
+        let c = Config::parse(text, "s.toml").expect("parses");
+        assert_eq!(c.identity.trusted().len(), 2);
+        assert_eq!(c.identity.names["k-0011aabbccdd"], "batch");
+        let err = Config::parse(
+            "[identity]\ntrusted_proxies = [\"10.0.0.0/40\"]\n",
+            "s.toml",
+        )
+        .unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (2, Some("trusted_proxies")));
     }
 
     #[test]

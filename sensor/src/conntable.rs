@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::aggregate::{Aggregator, Counts, Delta, Now};
+use crate::aggregate::{Aggregator, Counts, Delta, ExchangeKeys, Now};
 
 use sensor_common::{ConnStats, PROTO_HTTP1, PROTO_OTHER};
 use serde::{Deserialize, Serialize};
@@ -22,11 +22,17 @@ pub struct ConnRow {
     pub local: String,
     /// The client's address and port.
     pub remote: String,
+    /// Identity of the current exchange's API credential, where known.
+    pub identity: Option<String>,
+    /// The client behind a trusted proxy for the current exchange, where known.
+    pub forwarded_for: Option<String>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub packets_in: u64,
     pub packets_out: u64,
     pub requests: u64,
+    /// Server-sent events in streamed replies (see docs/counters.md).
+    pub events_out: u64,
     /// "http1", "other" (requests are turns) or "unknown" (no client payload yet).
     pub protocol: String,
     /// "open" or "closed".
@@ -73,16 +79,19 @@ pub fn socket_addr(addr: [u8; 16], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-pub fn row(cookie: u64, s: &ConnStats, open: bool) -> ConnRow {
+pub fn row(cookie: u64, s: &ConnStats, open: bool, keys: Option<&ExchangeKeys>) -> ConnRow {
     ConnRow {
         cookie,
         local: socket_addr(s.local_addr, s.local_port).to_string(),
         remote: socket_addr(s.remote_addr, s.remote_port).to_string(),
+        identity: keys.and_then(|k| k.identity.clone()),
+        forwarded_for: keys.and_then(|k| k.forwarded.map(|ip| ip.to_string())),
         bytes_in: s.bytes_in,
         bytes_out: s.bytes_out,
         packets_in: s.packets_in,
         packets_out: s.packets_out,
         requests: s.requests,
+        events_out: s.events_out,
         protocol: match s.proto {
             PROTO_HTTP1 => "http1",
             PROTO_OTHER => "other",
@@ -98,8 +107,69 @@ pub fn row(cookie: u64, s: &ConnStats, open: bool) -> ConnRow {
 struct Closed {
     cookie: u64,
     stats: ConnStats,
+    keys: Option<ExchangeKeys>,
     at: Instant,
 }
+
+/// Where a connection's counters stand in the current exchange.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub events_out: u64,
+}
+
+impl Progress {
+    fn of(s: &ConnStats) -> Self {
+        Self {
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            events_out: s.events_out,
+        }
+    }
+
+    /// (what `to` adds beyond `self`, what `self` has beyond `to`), per field.
+    fn diff(self, to: Progress) -> (Counts, Counts) {
+        let gain = |a: u64, b: u64| b.saturating_sub(a);
+        (
+            Counts {
+                bytes_in: gain(self.bytes_in, to.bytes_in),
+                bytes_out: gain(self.bytes_out, to.bytes_out),
+                events_out: gain(self.events_out, to.events_out),
+                ..Default::default()
+            },
+            Counts {
+                bytes_in: gain(to.bytes_in, self.bytes_in),
+                bytes_out: gain(to.bytes_out, self.bytes_out),
+                events_out: gain(to.events_out, self.events_out),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn max(self, o: Progress) -> Self {
+        Self {
+            bytes_in: self.bytes_in.max(o.bytes_in),
+            bytes_out: self.bytes_out.max(o.bytes_out),
+            events_out: self.events_out.max(o.events_out),
+        }
+    }
+}
+
+/// The current exchange of a connection whose requests carry an identity or a forwarded
+/// client: its keys and how much of the connection's counters is already attributed to them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Exchange {
+    pub keys: ExchangeKeys,
+    pub attributed: Progress,
+    /// Identities seen on this connection (a proxy's pooled connection carries many), each
+    /// counted once as a connection of that identity.
+    pub identities: Vec<String>,
+    pub forwarded: Vec<IpAddr>,
+}
+
+/// Distinct identities remembered per connection.
+const MAX_KEYS_PER_CONNECTION: usize = 64;
 
 /// How long a reaped connection's cookie is remembered, so a late duplicate of its final record
 /// (the ring buffer and the map race by microseconds) is never counted twice.
@@ -120,6 +190,8 @@ pub struct ConnTable {
     /// Closed and accounted cookies -> unix seconds when accounted.
     tombstones: HashMap<u64, u64>,
     closed: VecDeque<Closed>,
+    /// Current exchange per connection (HTTP/1.x connections with identity or forwarding).
+    exchanges: HashMap<u64, Exchange>,
     retention: Duration,
     max_closed: usize,
     /// Connections closed since start (all of them, also those no longer retained).
@@ -131,6 +203,8 @@ pub struct ConnTable {
 pub struct ConnState {
     pub live: Vec<(u64, ConnStatsRepr)>,
     pub tombstones: Vec<(u64, u64)>,
+    #[serde(default)]
+    pub exchanges: Vec<(u64, Exchange)>,
 }
 
 /// Serializable copy of the counters that deltas are computed from.
@@ -193,6 +267,28 @@ impl From<&ConnStatsRepr> for ConnStats {
     }
 }
 
+/// A connection carrying these keys closed.
+fn close_exchange_connections(ex: &Exchange, agg: &mut Aggregator, now: Now) {
+    let closed = Delta {
+        closed: true,
+        ..Default::default()
+    };
+    for id in &ex.identities {
+        let keys = ExchangeKeys {
+            identity: Some(id.clone()),
+            forwarded: None,
+        };
+        agg.apply_exchange(&keys, &closed, now);
+    }
+    for ip in &ex.forwarded {
+        let keys = ExchangeKeys {
+            identity: None,
+            forwarded: Some(*ip),
+        };
+        agg.apply_exchange(&keys, &closed, now);
+    }
+}
+
 fn remote_ip(s: &ConnStats) -> IpAddr {
     socket_addr(s.remote_addr, s.remote_port).ip()
 }
@@ -223,13 +319,30 @@ impl ConnTable {
                 bytes_out: stats
                     .bytes_out
                     .saturating_sub(previous.map_or(0, |p| p.bytes_out)),
+                events_out: stats
+                    .events_out
+                    .saturating_sub(previous.map_or(0, |p| p.events_out)),
                 connections: 0,
             },
             opened: previous.is_none(),
             closed: stats.closed != 0,
         };
         agg.apply(remote_ip(stats), &delta, now);
+        if let Some(ex) = self.exchanges.get_mut(&cookie) {
+            let current = Progress::of(stats);
+            let (gain, _) = ex.attributed.diff(current);
+            ex.attributed = ex.attributed.max(current);
+            let gain = Delta {
+                counts: gain,
+                ..Default::default()
+            };
+            agg.apply_exchange(&ex.keys, &gain, now);
+        }
         if stats.closed != 0 {
+            let keys = self.exchanges.remove(&cookie).map(|ex| {
+                close_exchange_connections(&ex, agg, now);
+                ex.keys
+            });
             self.live.remove(&cookie);
             self.tombstones.insert(cookie, now.secs());
             self.unreaped.push(cookie);
@@ -237,6 +350,7 @@ impl ConnTable {
             self.closed.push_back(Closed {
                 cookie,
                 stats: *stats,
+                keys,
                 at: Instant::now(),
             });
             self.expire(Instant::now());
@@ -249,12 +363,94 @@ impl ConnTable {
             entry.packets_in = entry.packets_in.max(stats.packets_in);
             entry.packets_out = entry.packets_out.max(stats.packets_out);
             entry.last_seen_ns = entry.last_seen_ns.max(stats.last_seen_ns);
+            entry.events_out = entry.events_out.max(stats.events_out);
             entry.proto = stats.proto;
         }
     }
 
+    /// A request began on `cookie` at `start`, with `keys` from its head. Closes the previous
+    /// exchange at exactly that point: what the connection carried before `start` belongs to
+    /// the previous request, the rest to this one.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one event's fields, passed through"
+    )]
+    pub fn on_request(
+        &mut self,
+        cookie: u64,
+        peer: IpAddr,
+        start: Progress,
+        keys: ExchangeKeys,
+        ts_ns: u64,
+        agg: &mut Aggregator,
+        now: Now,
+    ) {
+        agg.request_keys(peer, &keys, ts_ns, now);
+        if self.tombstones.contains_key(&cookie) {
+            return;
+        }
+        let previous = self.exchanges.remove(&cookie);
+        if previous.is_none() && keys.is_empty() {
+            return;
+        }
+        let mut ex = previous.unwrap_or_default();
+        let (gain, overshoot) = ex.attributed.diff(start);
+        agg.apply_exchange(
+            &ex.keys,
+            &Delta {
+                counts: gain,
+                ..Default::default()
+            },
+            now,
+        );
+        // A poll that read the counters just after this request started attributed its first
+        // bytes to the previous exchange: move them.
+        agg.retract_exchange(&ex.keys, overshoot, now);
+        let opened = ExchangeKeys {
+            identity: keys
+                .identity
+                .clone()
+                .filter(|id| !ex.identities.contains(id)),
+            forwarded: keys.forwarded.filter(|ip| !ex.forwarded.contains(ip)),
+        };
+        agg.apply_exchange(
+            &opened,
+            &Delta {
+                opened: true,
+                ..Default::default()
+            },
+            now,
+        );
+        if let Some(id) = opened.identity
+            && ex.identities.len() < MAX_KEYS_PER_CONNECTION
+        {
+            ex.identities.push(id);
+        }
+        if let Some(ip) = opened.forwarded
+            && ex.forwarded.len() < MAX_KEYS_PER_CONNECTION
+        {
+            ex.forwarded.push(ip);
+        }
+        let request = Counts {
+            requests: 1,
+            ..overshoot
+        };
+        agg.apply_exchange(
+            &keys,
+            &Delta {
+                counts: request,
+                ..Default::default()
+            },
+            now,
+        );
+        ex.keys = keys;
+        ex.attributed = ex.attributed.max(start);
+        self.exchanges.insert(cookie, ex);
+    }
+
     /// After a full read of the kernel map: live connections the kernel no longer holds can no
     /// longer be observed (the kernel state was replaced); close them without new counts.
+    /// Their exchanges are closed too.
     pub fn forget_missing(&mut self, present: &HashSet<u64>, agg: &mut Aggregator, now: Now) {
         let gone: Vec<u64> = self
             .live
@@ -263,6 +459,9 @@ impl ConnTable {
             .copied()
             .collect();
         for cookie in gone {
+            if let Some(ex) = self.exchanges.remove(&cookie) {
+                close_exchange_connections(&ex, agg, now);
+            }
             if let Some(stats) = self.live.remove(&cookie) {
                 agg.apply(
                     remote_ip(&stats),
@@ -314,6 +513,11 @@ impl ConnTable {
                 .map(|(c, s)| (*c, ConnStatsRepr::from(s)))
                 .collect(),
             tombstones: self.tombstones.iter().map(|(c, t)| (*c, *t)).collect(),
+            exchanges: self
+                .exchanges
+                .iter()
+                .map(|(c, e)| (*c, e.clone()))
+                .collect(),
         }
     }
 
@@ -324,14 +528,26 @@ impl ConnTable {
             .map(|(c, r)| (*c, ConnStats::from(r)))
             .collect();
         self.tombstones = state.tombstones.iter().copied().collect();
+        self.exchanges = state.exchanges.iter().cloned().collect();
     }
 
     pub fn rows(&self) -> Vec<ConnRow> {
         let mut rows: Vec<ConnRow> = self
             .live
             .iter()
-            .map(|(cookie, s)| row(*cookie, s, true))
-            .chain(self.closed.iter().map(|c| row(c.cookie, &c.stats, false)))
+            .map(|(cookie, s)| {
+                row(
+                    *cookie,
+                    s,
+                    true,
+                    self.exchanges.get(cookie).map(|e| &e.keys),
+                )
+            })
+            .chain(
+                self.closed
+                    .iter()
+                    .map(|c| row(c.cookie, &c.stats, false, c.keys.as_ref())),
+            )
             .collect();
         rows.sort_by_key(|r| r.cookie);
         rows
@@ -364,7 +580,7 @@ mod tests {
 
     #[test]
     fn addresses_render_as_ip_port() {
-        let r = row(1, &stats(40000), true);
+        let r = row(1, &stats(40000), true, None);
         assert_eq!(r.local, "127.0.0.1:8080");
         assert_eq!(r.remote, "[::1]:40000");
         assert_eq!(r.state, "open");

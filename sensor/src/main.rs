@@ -7,6 +7,7 @@ mod capture;
 mod cli;
 mod config;
 mod conntable;
+mod identity;
 mod metrics;
 mod report;
 mod state;
@@ -26,6 +27,7 @@ fn main() -> anyhow::Result<()> {
             .block_on(agent::run(args)),
         cli::Command::Conns(args) => views::conns(&args),
         cli::Command::Clients(args) => views::clients(&args),
+        cli::Command::Identity(args) => views::identity(&args),
         cli::Command::Top(args) => top::run(&args),
     }
 }

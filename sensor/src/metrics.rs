@@ -681,6 +681,7 @@ mod tests {
             cgroup: "/sys/fs/cgroup".into(),
             ports: vec![8080],
             continued_from_pinned_state: false,
+            heads: Default::default(),
         }
     }
 
@@ -691,6 +692,7 @@ mod tests {
                 bytes_in: 10,
                 bytes_out,
                 connections: 0,
+                events_out: 0,
             },
             opened: true,
             closed: false,

@@ -14,6 +14,8 @@ pub struct WindowCounts {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub connections: u64,
+    #[serde(default)]
+    pub events_out: u64,
 }
 
 impl From<Counts> for WindowCounts {
@@ -23,6 +25,7 @@ impl From<Counts> for WindowCounts {
             bytes_in: c.bytes_in,
             bytes_out: c.bytes_out,
             connections: c.connections,
+            events_out: c.events_out,
         }
     }
 }
@@ -31,14 +34,25 @@ impl From<Counts> for WindowCounts {
 /// names are a public interface: add fields, never rename or remove them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientRow {
-    /// The address, or with `--by group` the group.
+    /// The address; with `--by group` the group, `--by identity` the identity, `--by forwarded`
+    /// the forwarded client address.
     pub client: String,
+    /// The address group (address and forwarded rows; else the same as `client`).
     pub group: String,
+    /// The API identity: for identity rows the row's own, for others the latest seen.
+    pub identity: Option<String>,
+    /// The client behind a trusted proxy: for forwarded rows the row's own, for others the
+    /// latest seen.
+    pub forwarded_for: Option<String>,
     pub requests: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// Connections opened.
+    /// Connections opened (for identity and forwarded rows: connections that carried them).
     pub connections: u64,
+    /// Server-sent events in streamed replies (an estimate of output token chunks).
+    pub events_out: u64,
+    /// Distinct client addresses an identity was used from (null for other rows).
+    pub distinct_addresses: Option<u64>,
     pub open_connections: u64,
     pub peak_open_connections: u64,
     pub first_seen: String,
@@ -59,14 +73,23 @@ pub enum By {
     #[default]
     Address,
     Group,
+    Identity,
+    Forwarded,
 }
 
 impl By {
+    pub const ALL: [By; 4] = [By::Address, By::Group, By::Identity, By::Forwarded];
+
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "address" => Some(By::Address),
-            "group" => Some(By::Group),
-            _ => None,
+        Self::ALL.into_iter().find(|b| b.name() == s)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            By::Address => "address",
+            By::Group => "group",
+            By::Identity => "identity",
+            By::Forwarded => "forwarded",
         }
     }
 }
@@ -77,6 +100,7 @@ pub const SORT_FIELDS: &[&str] = &[
     "bytes_in",
     "requests",
     "connections",
+    "events_out",
     "open_connections",
     "peak_open_connections",
     "active_seconds",
@@ -118,7 +142,7 @@ pub enum QueryError {
     Sort(String),
     #[error("unknown window `{0}` (1m, 10m or 1h)")]
     Window(String),
-    #[error("unknown grouping `{0}` (address or group)")]
+    #[error("unknown grouping `{0}` (address, group, identity or forwarded)")]
     By(String),
     #[error("bad limit `{0}`")]
     Limit(String),
@@ -214,15 +238,25 @@ fn rfc3339_ms(unix_ms: u64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn row(key: &str, group: String, c: &ClientStats, now: Now) -> ClientRow {
+fn row(key: &str, group: String, by: By, c: &ClientStats, now: Now) -> ClientRow {
     let t = &c.totals;
     ClientRow {
         client: key.to_owned(),
         group,
+        identity: match by {
+            By::Identity => Some(key.to_owned()),
+            _ => c.last_identity.clone(),
+        },
+        forwarded_for: match by {
+            By::Forwarded => Some(key.to_owned()),
+            _ => c.last_forwarded.map(|ip| ip.to_string()),
+        },
         requests: t.requests,
         bytes_in: t.bytes_in,
         bytes_out: t.bytes_out,
         connections: t.connections,
+        events_out: t.events_out,
+        distinct_addresses: (by == By::Identity).then_some(c.seen_from.len() as u64),
         open_connections: c.open_connections,
         peak_open_connections: c.peak_open_connections,
         first_seen: rfc3339_ms(c.first_seen_ms),
@@ -245,6 +279,7 @@ fn sort_key(r: &ClientRow, field: &str, window: Option<Window>) -> f64 {
         "bytes_in" => w.map_or(r.bytes_in, |w| w.bytes_in) as f64,
         "requests" => w.map_or(r.requests, |w| w.requests) as f64,
         "connections" => w.map_or(r.connections, |w| w.connections) as f64,
+        "events_out" => w.map_or(r.events_out, |w| w.events_out) as f64,
         "open_connections" => r.open_connections as f64,
         "peak_open_connections" => r.peak_open_connections as f64,
         "active_seconds" => r.active_seconds as f64,
@@ -261,23 +296,25 @@ pub fn client_rows(agg: &Aggregator, q: &Query, now: Now) -> Vec<ClientRow> {
     let table = match q.by {
         By::Address => &agg.addresses,
         By::Group => &agg.groups,
+        By::Identity => &agg.identities,
+        By::Forwarded => &agg.forwarded,
     };
+    let grouped = matches!(q.by, By::Address | By::Forwarded);
     let mut rows: Vec<ClientRow> = table
         .clients
         .iter()
         .filter(|(key, _)| {
             q.filter.as_deref().is_none_or(|f| {
                 key.contains(f)
-                    || (q.by == By::Address
-                        && key.parse().is_ok_and(|ip| agg.group(ip).contains(f)))
+                    || (grouped && key.parse().is_ok_and(|ip| agg.group(ip).contains(f)))
             })
         })
         .map(|(key, c)| {
-            let group = match (q.by, key.parse()) {
-                (By::Address, Ok(ip)) => agg.group(ip),
+            let group = match key.parse() {
+                Ok(ip) if grouped => agg.group(ip),
                 _ => key.clone(),
             };
-            row(key, group, c, now)
+            row(key, group, q.by, c, now)
         })
         .collect();
     match q.sort.as_str() {
@@ -333,6 +370,7 @@ mod tests {
                     bytes_in: 1,
                     bytes_out: out,
                     connections: 0,
+                    events_out: 0,
                 },
                 opened: true,
                 closed: false,

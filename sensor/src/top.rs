@@ -258,7 +258,9 @@ impl App {
             KeyCode::Char('g') => {
                 self.query.by = match self.query.by {
                     By::Address => By::Group,
-                    By::Group => By::Address,
+                    By::Group => By::Identity,
+                    By::Identity => By::Forwarded,
+                    By::Forwarded => By::Address,
                 };
                 self.scroll = 0;
                 Action::Refetch
@@ -375,10 +377,7 @@ pub fn header_line(app: &App) -> String {
         "sensor top | agent {} | by {} | window {} | sort {} | filter {} | {} | {} client{} | \
          refreshed {}",
         app.socket.display(),
-        match q.by {
-            By::Address => "address",
-            By::Group => "group",
-        },
+        q.by.name(),
         q.window.map_or("total", Window::name),
         q.sort,
         q.filter.as_deref().unwrap_or("-"),
@@ -547,7 +546,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     if !std::io::stdout().is_terminal() {
         anyhow::bail!("sensor top needs a terminal; for one-shot output use `sensor clients`");
     }
-    let by = By::parse(&args.by).context("--by: address or group")?;
+    let by = By::parse(&args.by).context("--by: address, group, identity or forwarded")?;
     let window = match &args.window {
         Some(w) => Some(Window::parse(w).context("--window: 1m, 10m or 1h")?),
         None => None,
@@ -644,10 +643,14 @@ mod tests {
         ClientRow {
             client: name.into(),
             group: "10.0.0.0/24".into(),
+            identity: None,
+            forwarded_for: None,
             requests,
             bytes_in: 2048,
             bytes_out,
             connections: 3,
+            events_out: 0,
+            distinct_addresses: None,
             open_connections: 1,
             peak_open_connections: 2,
             first_seen: "2026-01-01T00:00:00.000Z".into(),
@@ -663,6 +666,7 @@ mod tests {
                     bytes_in: 100,
                     bytes_out: 3 * 1024 * 1024,
                     connections: 1,
+                    events_out: 0,
                 },
             )]),
         }
@@ -722,6 +726,10 @@ mod tests {
         assert_eq!(a.handle_key(key('g')), Action::Refetch);
         assert_eq!(a.query.by, By::Group);
         assert!(a.api_path().contains("by=group"));
+        a.handle_key(key('g'));
+        assert_eq!(a.query.by, By::Identity);
+        a.handle_key(key('g'));
+        assert_eq!(a.query.by, By::Forwarded);
         a.handle_key(key('g'));
         assert_eq!(a.query.by, By::Address);
 

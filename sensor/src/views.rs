@@ -3,8 +3,10 @@
 use crate::{
     aggregate::Window,
     api,
-    cli::{ClientsArgs, ConnsArgs},
+    cli::{ClientsArgs, ConnsArgs, IdentityArgs},
+    config::Config,
     conntable::ConnRow,
+    identity::{Identities, load_secret, secret_path},
     report::{By, ClientRow, Query},
 };
 
@@ -61,7 +63,8 @@ pub fn human_bytes(n: u64) -> String {
 
 pub fn clients(args: &ClientsArgs) -> anyhow::Result<()> {
     let query = Query {
-        by: By::parse(&args.by).ok_or_else(|| anyhow::anyhow!("--by: address or group"))?,
+        by: By::parse(&args.by)
+            .ok_or_else(|| anyhow::anyhow!("--by: address, group, identity or forwarded"))?,
         sort: args.sort.clone(),
         window: match &args.window {
             Some(w) => {
@@ -82,27 +85,81 @@ pub fn clients(args: &ClientsArgs) -> anyhow::Result<()> {
     }
     let rows: Vec<ClientRow> = serde_json::from_str(&body)?;
     let scope = query.window.map_or("total", Window::name);
+    // The other dimension worth seeing next to each row.
+    let (other, other_of): (&str, fn(&ClientRow) -> Option<&str>) = match query.by {
+        By::Identity => ("FORWARDED_FOR", |r| r.forwarded_for.as_deref()),
+        _ => ("IDENTITY", |r| r.identity.as_deref()),
+    };
     println!(
-        "{:<40} {:>10} {:>12} {:>12} {:>7} {:>5} {:>5} {:>9} {:>8}  ({scope})",
-        "CLIENT", "REQUESTS", "BYTES_IN", "BYTES_OUT", "CONNS", "OPEN", "PEAK", "OUT/IN", "CV"
+        "{:<40} {:>10} {:>12} {:>12} {:>8} {:>7} {:>5} {:>5} {:>9} {:>8}  {:<20} ({scope})",
+        "CLIENT",
+        "REQUESTS",
+        "BYTES_IN",
+        "BYTES_OUT",
+        "EVENTS",
+        "CONNS",
+        "OPEN",
+        "PEAK",
+        "OUT/IN",
+        "CV",
+        other
     );
-    for r in rows {
-        let (req, bin, bout, conns) = match query.window.and_then(|w| r.windows.get(w.name())) {
-            Some(w) => (w.requests, w.bytes_in, w.bytes_out, w.connections),
-            None => (r.requests, r.bytes_in, r.bytes_out, r.connections),
-        };
+    for r in &rows {
+        let (req, bin, bout, events, conns) =
+            match query.window.and_then(|w| r.windows.get(w.name())) {
+                Some(w) => (
+                    w.requests,
+                    w.bytes_in,
+                    w.bytes_out,
+                    w.events_out,
+                    w.connections,
+                ),
+                None => (
+                    r.requests,
+                    r.bytes_in,
+                    r.bytes_out,
+                    r.events_out,
+                    r.connections,
+                ),
+            };
         println!(
-            "{:<40} {:>10} {:>12} {:>12} {:>7} {:>5} {:>5} {:>9} {:>8}",
+            "{:<40} {:>10} {:>12} {:>12} {:>8} {:>7} {:>5} {:>5} {:>9} {:>8}  {:<20}",
             r.client,
             req,
             human_bytes(bin),
             human_bytes(bout),
+            events,
             conns,
             r.open_connections,
             r.peak_open_connections,
             r.out_in_ratio.map_or("-".into(), |x| format!("{x:.1}")),
             r.interval_cv.map_or("-".into(), |x| format!("{x:.2}")),
+            other_of(r).unwrap_or("-"),
         );
     }
+    Ok(())
+}
+
+/// `sensor identity`: the identity a credential read from stdin maps to, with this
+/// deployment's secret, so operators can name known keys in the config without the agent
+/// ever showing a key.
+pub fn identity(args: &IdentityArgs) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded()?,
+    };
+    let mut config = config;
+    if let Some(dir) = &args.state_dir {
+        config.state.dir.clone_from(dir);
+    }
+    let secret = load_secret(&secret_path(&config), false).map_err(|e| {
+        e.context("no identity secret yet: start the agent once, or set [identity] secret_file")
+    })?;
+    let ids = Identities::new(&secret, &config);
+    let mut key = String::new();
+    std::io::stdin().read_line(&mut key)?;
+    let key = key.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!key.is_empty(), "expected the API key on standard input");
+    println!("{}", ids.identity_of(key.as_bytes()));
     Ok(())
 }
