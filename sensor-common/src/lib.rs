@@ -13,10 +13,10 @@ pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
 
 /// Version of the kernel/agent interface (map layouts). Pinned state from another version is
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Most bytes of an HTTP/1.x request head the kernel copies to the agent per request.
-pub const HEAD_MAX: usize = 512;
+pub const HEAD_MAX: usize = 1024;
 /// Bytes of an egress segment scanned for server-sent events, and of a response head scanned
 /// for `text/event-stream`.
 pub const SSE_SCAN_MAX: usize = 512;

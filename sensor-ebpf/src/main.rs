@@ -49,10 +49,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const IPV6_HEADER_LEN: usize = 40;
-/// Largest copy out of a packet: both the request head copy and the reply scan.
-const LOAD_MAX: usize = 512;
-const _: () =
-    assert!(HEAD_MAX <= LOAD_MAX && SSE_SCAN_MAX <= LOAD_MAX && LOAD_MAX.is_power_of_two());
+// Copy sizes are powers of two so that `load_into` can bound lengths with a mask.
+const _: () = assert!(HEAD_MAX.is_power_of_two() && SSE_SCAN_MAX.is_power_of_two());
 /// Attempts at the compare-and-swap that advances a byte counter; two CPUs racing on one
 /// direction of one connection is rare, three rounds always settle it in practice.
 const CAS_ATTEMPTS: usize = 3;
@@ -507,8 +505,9 @@ fn track_request(
 /// Copies up to `cap` payload bytes at `offset` into `dst`, at most `available`; returns the
 /// number copied. Bounding the length to 1..=cap in one place keeps the verifier satisfied.
 ///
-/// SAFETY: `dst` points to at least `cap` writable bytes (ring buffer or map memory).
-unsafe fn load_into(
+/// SAFETY: `dst` points to at least `BUF` writable bytes (ring buffer or map memory), and
+/// `cap <= BUF`.
+unsafe fn load_into<const BUF: usize>(
     ctx: &SkBuffContext,
     offset: usize,
     dst: *mut u8,
@@ -522,9 +521,9 @@ unsafe fn load_into(
     if n == 0 {
         return 0;
     }
-    // Restate 1 <= n <= LOAD_MAX in a form the verifier tracks through compiler rewrites
-    // (an AND bound survives where a compare may be folded away).
-    let n = ((n - 1) & (LOAD_MAX - 1)) + 1;
+    // Restate 1 <= n <= BUF in a form the verifier tracks through compiler rewrites (an AND
+    // bound survives where a compare may be folded away). BUF is a power of two.
+    let n = ((n - 1) & (BUF - 1)) + 1;
     // SAFETY: per the contract, dst has room for n <= cap bytes; the helper bounds-checks the
     // packet side.
     let ret =
@@ -559,7 +558,7 @@ fn report_request(ctx: &SkBuffContext, stats: &ConnStats, start: i64, segment: &
         } else {
             head_cap
         };
-        let copied = load_into(
+        let copied = load_into::<HEAD_MAX>(
             ctx,
             segment.payload_offset,
             (&raw mut (*ev).head).cast::<u8>(),
@@ -588,7 +587,7 @@ fn count_events(ctx: &SkBuffContext, stats: &mut ConnStats, segment: &Segment) {
     // SAFETY: scratch is this CPU's map value; nothing else touches it while we run.
     unsafe {
         let base = (&raw mut (*scratch).bytes).cast::<u8>();
-        let n = load_into(
+        let n = load_into::<SSE_SCAN_MAX>(
             ctx,
             segment.payload_offset,
             base,

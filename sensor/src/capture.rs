@@ -109,8 +109,8 @@ pub struct CaptureSettings {
 }
 
 /// Writes the agent's settings for the kernel programs.
-fn write_config(
-    config: &mut Array<MapData, u32>,
+fn write_config<T: std::borrow::BorrowMut<MapData>>(
+    config: &mut Array<T, u32>,
     settings: &CaptureSettings,
 ) -> Result<(), CaptureError> {
     let head = settings.head_bytes.min(HEAD_MAX as u32);
@@ -452,6 +452,12 @@ impl Capture {
                 .set(u32::from(*port), 1, 0)
                 .map_err(map_err(MAP_PORTS))?;
         }
+        let mut config: Array<&mut MapData, u32> = Array::try_from(
+            ebpf.map_mut(MAP_CONFIG)
+                .ok_or(CaptureError::Missing(MAP_CONFIG))?,
+        )
+        .map_err(map_err(MAP_CONFIG))?;
+        write_config(&mut config, settings)?;
 
         let cgroup_fd = File::open(&cgroup).map_err(|source| CaptureError::Io {
             path: cgroup.clone(),

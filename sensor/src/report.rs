@@ -174,14 +174,7 @@ impl Query {
 
     pub fn to_query_string(&self) -> String {
         let mut parts = vec![
-            format!(
-                "by={}",
-                if self.by == By::Group {
-                    "group"
-                } else {
-                    "address"
-                }
-            ),
+            format!("by={}", self.by.name()),
             format!("sort={}", self.sort),
         ];
         if let Some(w) = self.window {
@@ -349,6 +342,13 @@ mod tests {
         assert_eq!(q.limit, Some(5));
         assert_eq!(q.filter.as_deref(), Some("10.0./"));
         assert_eq!(Query::parse(&q.to_query_string()).expect("again"), q);
+        for by in By::ALL {
+            let q = Query {
+                by,
+                ..Default::default()
+            };
+            assert_eq!(Query::parse(&q.to_query_string()).expect("by").by, by);
+        }
         assert!(matches!(
             Query::parse("sort=nope"),
             Err(QueryError::Sort(_))

@@ -174,6 +174,21 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The Python with the `openai` SDK: SENSOR_PYTHON, else the venv `cargo xtask setup` makes.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("SENSOR_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let venv = home.join(".cache/sensor-venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} missing: run `cargo xtask setup`",
+        venv.display()
+    );
+    venv
+}
+
 pub fn sensor_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("SENSOR_BIN") {
         return PathBuf::from(bin);
@@ -423,6 +438,28 @@ pub struct NginxRecord {
 impl Nginx {
     /// `listen` are nginx listen addresses ("127.0.0.1:8080", "[::1]:8080", "10.0.0.1:80").
     pub fn start(cgroup: &Cgroup, netns: Option<&Netns>, listen: &[String]) -> Self {
+        Self::start_with(cgroup, netns, listen, "")
+    }
+
+    /// A reverse proxy to `upstream` ("127.0.0.1:8000") as deployments put in front of an
+    /// inference server: keep-alive upstream connections shared by all clients, streaming
+    /// replies unbuffered, and the client's address appended to X-Forwarded-For.
+    pub fn proxy(cgroup: &Cgroup, listen: &[String], upstream: &str) -> Self {
+        let location = "location /v1/ { proxy_pass http://inference; proxy_http_version 1.1; \
+             proxy_set_header Connection \"\"; proxy_buffering off; \
+             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }\n";
+        let upstream_block = format!("upstream inference {{ server {upstream}; keepalive 2; }}\n");
+        Self::start_with(
+            cgroup,
+            None,
+            listen,
+            &format!("{upstream_block}\u{0}{location}"),
+        )
+    }
+
+    /// `extra`: "http-level directives\0server-level directives".
+    fn start_with(cgroup: &Cgroup, netns: Option<&Netns>, listen: &[String], extra: &str) -> Self {
+        let (http_extra, server_extra) = extra.split_once('\u{0}').unwrap_or(("", extra));
         let dir = TempDir::new("nginx");
         let www = dir.path.join("www");
         fs::create_dir_all(&www).expect("www");
@@ -442,7 +479,7 @@ impl Nginx {
              http {{\n  log_format gt '$remote_addr $remote_port $request_length $bytes_sent';\n\
              access_log {d}/gt.log gt;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             keepalive_requests 100000;\n  server {{\n{listens}    root {d}/www;\n\
+             keepalive_requests 100000;\n{http_extra}  server {{\n{listens}    root {d}/www;\n{server_extra}\
              client_max_body_size 100m;\n\
              location /upload/ {{ alias {d}/uploads/; dav_methods PUT; create_full_put_path on; }}\n\
              location /stream/ {{ alias {d}/www/; limit_rate 400k; }}\n  }}\n}}\n"

@@ -105,7 +105,38 @@ fn output(cmd: &mut Command) -> Option<String> {
 
 fn setup() -> anyhow::Result<()> {
     setup_packages()?;
+    setup_python()?;
     setup_toolchain()
+}
+
+/// Python packages from PyPI the tests drive as real peers (the OpenAI SDK), in a venv.
+const PYTHON_PACKAGES: &[&str] = &["openai"];
+
+fn venv() -> PathBuf {
+    env::var_os("HOME")
+        .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+        .join(".cache/sensor-venv")
+}
+
+fn setup_python() -> anyhow::Result<()> {
+    let venv = venv();
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    let missing = PYTHON_PACKAGES.iter().any(|p| {
+        !Command::new(&python)
+            .args(["-c", &format!("import {p}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if missing {
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "-q"])
+            .args(PYTHON_PACKAGES))?;
+    }
+    Ok(())
 }
 
 fn setup_packages() -> anyhow::Result<()> {
