@@ -54,6 +54,12 @@ enum Task {
     },
     /// Set up, then run every check and test; privileged tests must run, never skip.
     Test,
+    /// Fuzz the request-head parser with cargo-fuzz (libFuzzer) for a bounded time.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +84,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test => test(),
+        Task::Fuzz { seconds } => fuzz(seconds),
     }
 }
 
@@ -272,6 +279,18 @@ fn cargo() -> Command {
     let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
     cmd
+}
+
+fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    setup_toolchain()?;
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    run(Command::new("cargo")
+        .arg(format!("+{EBPF_TOOLCHAIN}"))
+        .args(["fuzz", "run", "parse_head", "--"])
+        .arg(format!("-max_total_time={seconds}"))
+        .current_dir(workspace_root().join("fuzz")))
 }
 
 fn build_release() -> anyhow::Result<()> {
