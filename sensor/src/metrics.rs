@@ -647,7 +647,57 @@ pub fn render(state: &AgentState, top_n: usize) -> String {
         "Connections of one client address open now (top clients by bytes out only).",
         per_client(|c| c.open_connections),
     );
+    family(
+        &mut out,
+        "sensor_client_events_total",
+        Counter,
+        "Server-sent events streamed to one client address (top clients by bytes out only).",
+        per_client(|c| c.totals.events_out),
+    );
+    render_keyed(&mut out, "identity", &state.agg.identities, top_n);
+    render_keyed(&mut out, "forwarded", &state.agg.forwarded, top_n);
     out
+}
+
+/// Per-identity (`sensor_identity_*`, label `identity`) or per-forwarded-client
+/// (`sensor_forwarded_*`, label `client`) series for the top N by bytes out.
+fn render_keyed(out: &mut String, kind: &str, table: &ClientTable, top_n: usize) {
+    let top = top_clients(table, top_n);
+    let label = if kind == "identity" { "identity" } else { "client" };
+    let what = if kind == "identity" {
+        "one API identity (keyed hash of the credential, or its configured name)"
+    } else {
+        "one client address behind a trusted proxy"
+    };
+    family(
+        out,
+        &format!("sensor_{kind}_bytes_total"),
+        Kind::Counter,
+        &format!("TCP payload bytes of the exchanges of {what}; top {top_n} by bytes out only."),
+        top.iter().flat_map(|(key, c)| {
+            [
+                ([(label, *key), ("direction", "in")], c.totals.bytes_in),
+                ([(label, *key), ("direction", "out")], c.totals.bytes_out),
+            ]
+        }),
+    );
+    let series = |value: fn(&ClientStats) -> u64| {
+        top.iter().map(move |(key, c)| ([(label, *key)], value(c)))
+    };
+    family(
+        out,
+        &format!("sensor_{kind}_requests_total"),
+        Kind::Counter,
+        &format!("Requests of {what}; top {top_n} by bytes out only."),
+        series(|c| c.totals.requests),
+    );
+    family(
+        out,
+        &format!("sensor_{kind}_events_total"),
+        Kind::Counter,
+        &format!("Server-sent events streamed to {what}; top {top_n} by bytes out only."),
+        series(|c| c.totals.events_out),
+    );
 }
 
 /// Appends the listener's own metrics.
