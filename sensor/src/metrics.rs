@@ -663,7 +663,11 @@ pub fn render(state: &AgentState, top_n: usize) -> String {
 /// (`sensor_forwarded_*`, label `client`) series for the top N by bytes out.
 fn render_keyed(out: &mut String, kind: &str, table: &ClientTable, top_n: usize) {
     let top = top_clients(table, top_n);
-    let label = if kind == "identity" { "identity" } else { "client" };
+    let label = if kind == "identity" {
+        "identity"
+    } else {
+        "client"
+    };
     let what = if kind == "identity" {
         "one API identity (keyed hash of the credential, or its configured name)"
     } else {
