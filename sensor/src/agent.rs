@@ -25,6 +25,7 @@ use crate::{
     cli::RunArgs,
     config::Config,
     conntable::{ConnTable, Progress, socket_addr},
+    detect::{self, AlertEvent, Detector, DetectorState},
     identity::{HeadStats, Identities, load_secret, secret_path},
     metrics,
     state::{self, Snapshot},
@@ -143,6 +144,7 @@ impl Pipeline {
                 saved_unix_ms: now.unix_ms,
                 agg: s.agg.clone(),
                 conns: s.table.state(),
+                detector: s.detector.state.clone(),
             };
             (snapshot, reaped)
         };
@@ -154,6 +156,78 @@ impl Pipeline {
         }
         self.capture.delete(&reaped);
         Ok(())
+    }
+}
+
+/// Detection settings from the config (validated at load).
+fn detect_settings(config: &Config) -> anyhow::Result<detect::Settings> {
+    let d = &config.detect;
+    let rules = d
+        .rules
+        .iter()
+        .map(detect::Rule::from_config)
+        .collect::<Result<Vec<_>, _>>()?;
+    let allow_networks = d
+        .allow_addresses
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(detect::Settings {
+        rules,
+        allow_networks,
+        allow_identities: d.allow_identities.iter().cloned().collect(),
+        resolve_after_ms: d.resolve_after_secs * 1000,
+        suppress_ms: d.suppress_secs * 1000,
+        baseline_min_minutes: d.baseline_min_minutes,
+        host: hostname(),
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn alerts_path(config: &Config) -> std::path::PathBuf {
+    if config.detect.alerts_file.as_os_str().is_empty() {
+        config.state.dir.join("alerts.jsonl")
+    } else {
+        config.detect.alerts_file.clone()
+    }
+}
+
+/// Logs alert changes and appends them to the JSON lines file.
+fn record_alerts(path: &std::path::Path, events: &[AlertEvent]) {
+    if events.is_empty() {
+        return;
+    }
+    let mut lines = String::new();
+    for e in events {
+        let a = &e.alert;
+        if e.event != "update" {
+            let what = if a.mode == "log" {
+                "log-only match"
+            } else {
+                "alert"
+            };
+            info!(
+                "{what} {} {}: {} {} {} ({}) [{}]",
+                e.event, a.rule_id, a.key_kind, a.key, a.rule_name, a.severity, a.id
+            );
+        }
+        if let Ok(line) = serde_json::to_string(e) {
+            lines.push_str(&line);
+            lines.push('\n');
+        }
+    }
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()));
+    if let Err(e) = written {
+        warn!("cannot append alerts to {}: {e}", path.display());
     }
 }
 
@@ -208,7 +282,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(config.connections.closed_retention_secs),
         config.connections.closed_retention_max,
     );
+    let mut detector_state = DetectorState::default();
     if let Some(saved) = state::load(&config.state.dir) {
+        detector_state = saved.detector;
         agg = saved.agg;
         agg.configure(c.max_clients, c.group_prefix_v4, c.group_prefix_v6);
         if saved.boot_id == boot_id {
@@ -226,6 +302,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             agg.addresses.clients.len()
         );
     }
+    if config.detect.time_scale > 1 {
+        warn!(
+            "clock sped up {}x for evaluation (detect.time_scale): windows and rules run fast",
+            config.detect.time_scale
+        );
+        Now::set_scale(config.detect.time_scale);
+    }
+    let detector = Detector::new(detect_settings(&config)?, detector_state);
+    let alerts_file = alerts_path(&config);
     let state: SharedState = Arc::new(Mutex::new(AgentState {
         table,
         agg,
@@ -236,6 +321,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ports: config.capture.ports.clone(),
         continued_from_pinned_state: capture.reused,
         heads: HeadStats::default(),
+        detector,
     }));
     let mut pipeline = Pipeline {
         capture,
@@ -273,6 +359,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut poll = tokio::time::interval(Duration::from_millis(config.capture.poll_interval_ms));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut save = tokio::time::interval(Duration::from_secs(config.state.snapshot_interval_secs));
+    let mut detect = tokio::time::interval(Duration::from_secs(config.detect.interval_secs));
+    detect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -295,6 +383,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Err(e) = pipeline.snapshot() {
                     warn!("cannot save state: {e:#}");
                 }
+            }
+            _ = detect.tick() => {
+                let events = {
+                    let mut s = lock(&state)?;
+                    let AgentState { agg, detector, .. } = &mut *s;
+                    detector.evaluate(agg, Now::system())
+                };
+                record_alerts(&alerts_file, &events);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     net::IpAddr,
     ops::AddAssign,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use serde::{Deserialize, Serialize};
@@ -151,6 +152,18 @@ impl Windows {
             if slot.epoch == epoch {
                 slot.counts.saturating_sub(c);
             }
+        }
+    }
+
+    /// Counts of the minute `minutes_ago` complete minutes before the current one (0 = the
+    /// last complete minute).
+    pub fn minute(&self, now_s: u64, minutes_ago: u64) -> Counts {
+        let epoch = (now_s / 60).saturating_sub(minutes_ago + 1);
+        let b = &self.minutes[(epoch % MINUTES as u64) as usize];
+        if b.epoch == epoch {
+            b.counts
+        } else {
+            Counts::default()
         }
     }
 
@@ -302,6 +315,9 @@ pub struct Delta {
     pub closed: bool,
 }
 
+static CLOCK_SCALE: AtomicU64 = AtomicU64::new(1);
+static CLOCK_ORIGIN_MS: AtomicU64 = AtomicU64::new(0);
+
 /// Wall-clock time of an observation.
 #[derive(Debug, Clone, Copy)]
 pub struct Now {
@@ -309,11 +325,33 @@ pub struct Now {
 }
 
 impl Now {
+    /// Wall-clock time, sped up by the clock scale (1 outside evaluations and demos).
     pub fn system() -> Self {
-        let unix_ms = std::time::SystemTime::now()
+        let real = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        Self { unix_ms }
+        let scale = CLOCK_SCALE.load(Ordering::Relaxed);
+        let origin = CLOCK_ORIGIN_MS.load(Ordering::Relaxed);
+        if scale <= 1 || origin == 0 {
+            return Self { unix_ms: real };
+        }
+        Self {
+            unix_ms: origin + real.saturating_sub(origin) * scale,
+        }
+    }
+
+    pub fn scale() -> u64 {
+        CLOCK_SCALE.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Speeds the agent's clock up `scale` times from now on, so that windows, sustained-rate
+    /// rules and baselines of an evaluation run take minutes instead of hours.
+    pub fn set_scale(scale: u64) {
+        let real = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        CLOCK_ORIGIN_MS.store(real, Ordering::Relaxed);
+        CLOCK_SCALE.store(scale.max(1), Ordering::Relaxed);
     }
 
     pub fn secs(self) -> u64 {

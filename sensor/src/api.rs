@@ -42,6 +42,7 @@ pub struct AgentState {
     pub continued_from_pinned_state: bool,
     /// Request heads parsed for identity.
     pub heads: crate::identity::HeadStats,
+    pub detector: crate::detect::Detector,
 }
 
 pub type SharedState = Arc<Mutex<AgentState>>;
@@ -54,6 +55,11 @@ struct Health<'a> {
     ports: &'a [u16],
     continued_from_pinned_state: bool,
     heads: crate::identity::HeadStats,
+    detect: crate::detect::DetectCounters,
+    open_alerts: usize,
+    /// The agent's clock (unix ms), sped up by `time_scale` in evaluations.
+    clock_ms: u64,
+    time_scale: u64,
     live_connections: usize,
     closed_connections_total: u64,
     loss: std::collections::BTreeMap<&'static str, u64>,
@@ -167,6 +173,8 @@ pub fn route_request(
                 Now::system(),
             )))
         }
+        "/v1/alerts" => json(serde_json::to_string(&state.detector.list())),
+        "/v1/baseline" => json(serde_json::to_string(state.detector.baseline())),
         "/v1/health" => {
             let (a, g) = (&state.agg.addresses, &state.agg.groups);
             json(serde_json::to_string(&Health {
@@ -176,6 +184,16 @@ pub fn route_request(
                 ports: &state.ports,
                 continued_from_pinned_state: state.continued_from_pinned_state,
                 heads: state.heads,
+                detect: state.detector.state.counters,
+                open_alerts: state
+                    .detector
+                    .state
+                    .alerts
+                    .values()
+                    .filter(|a| a.state == "open")
+                    .count(),
+                clock_ms: Now::system().unix_ms,
+                time_scale: crate::aggregate::Now::scale(),
                 live_connections: state.table.live_count(),
                 closed_connections_total: state.table.closed_total,
                 loss: state.loss.iter().copied().collect(),

@@ -23,6 +23,8 @@ pub enum Command {
     Conns(ConnsArgs),
     /// Per-client counters (one-shot table or JSON).
     Clients(ClientsArgs),
+    /// Open and recent extraction alerts.
+    Alerts(AlertsArgs),
     /// Print the identity an API key maps to (the key is read from standard input and never
     /// echoed), for naming known keys in `[identity.names]`.
     Identity(IdentityArgs),
@@ -50,6 +52,16 @@ pub struct TopArgs {
     /// Show and sort by this window's counters: 1m, 10m or 1h (cycle with `w`); default: totals.
     #[arg(long, value_parser = ["1m", "10m", "1h"])]
     pub window: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AlertsArgs {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The agent's local API socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

@@ -13,7 +13,7 @@ use serde::Deserialize;
 /// The defaults, documented; `sensor run` without `--config` uses exactly this.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -30,6 +30,52 @@ pub struct Config {
     pub metrics: Metrics,
     #[serde(default)]
     pub identity: Identity,
+    #[serde(default)]
+    pub detect: Detect,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Detect {
+    pub interval_secs: u64,
+    pub resolve_after_secs: u64,
+    pub suppress_secs: u64,
+    pub allow_addresses: Vec<String>,
+    pub allow_identities: Vec<String>,
+    pub alerts_file: PathBuf,
+    pub baseline_min_minutes: u64,
+    pub time_scale: u64,
+    pub rules: Vec<crate::detect::RuleConfig>,
+}
+
+impl Default for Detect {
+    fn default() -> Self {
+        Self {
+            interval_secs: 2,
+            resolve_after_secs: 120,
+            suppress_secs: 600,
+            allow_addresses: Vec::new(),
+            allow_identities: Vec::new(),
+            alerts_file: PathBuf::new(),
+            baseline_min_minutes: 30,
+            time_scale: 1,
+            rules: default_rules(),
+        }
+    }
+}
+
+/// The embedded default rule set (what `[[detect.rules]]` in the default config lists).
+pub fn default_rules() -> Vec<crate::detect::RuleConfig> {
+    #[derive(Deserialize)]
+    struct Only {
+        detect: OnlyDetect,
+    }
+    #[derive(Deserialize)]
+    struct OnlyDetect {
+        rules: Vec<crate::detect::RuleConfig>,
+    }
+    // The embedded config is checked by a unit test; an error here cannot reach users.
+    toml::from_str::<Only>(DEFAULT_CONFIG).map_or_else(|_| Vec::new(), |o| o.detect.rules)
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -262,6 +308,27 @@ impl Config {
         if !self.state.bpf_pin_dir.is_absolute() {
             return Err(("bpf_pin_dir", "must be an absolute path on a bpffs".into()));
         }
+        let d = &self.detect;
+        if d.interval_secs == 0 {
+            return Err(("interval_secs", "must be at least 1".into()));
+        }
+        if d.time_scale == 0 || d.time_scale > 1000 {
+            return Err(("time_scale", "must be 1..=1000".into()));
+        }
+        for a in &d.allow_addresses {
+            if let Err(e) = a.parse::<sensor_http::Cidr>() {
+                return Err(("allow_addresses", e.to_string()));
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for rule in &d.rules {
+            if let Err(e) = crate::detect::Rule::from_config(rule) {
+                return Err((e.key, e.to_string()));
+            }
+            if !ids.insert(rule.id.as_str()) {
+                return Err(("id", format!("rule id `{}` is used twice", rule.id)));
+            }
+        }
         let id = &self.identity;
         if id.head_bytes as usize > sensor_common::HEAD_MAX {
             return Err((
@@ -351,6 +418,11 @@ mod tests {
         assert_eq!(embedded.state, State::default());
         assert_eq!(embedded.metrics, Metrics::default());
         assert_eq!(embedded.identity, Identity::default());
+        assert_eq!(embedded.detect, Detect::default());
+        assert!(
+            embedded.detect.rules.len() >= 8,
+            "the default rules are embedded"
+        );
     }
 
     #[test]
@@ -421,6 +493,19 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((err.line, err.key.as_deref()), (2, Some("trusted_proxies")));
+    }
+
+    #[test]
+    fn rule_errors_are_located() {
+        let text = "[detect]\n\n[[detect.rules]]\nid = \"x\"\nname = \"X\"\nkeys = [\"address\"]\n\
+                    when = [{ metric = \"requests\", window = \"2m\", op = \">\", value = 1 }]\n";
+        let err = Config::parse(text, "s.toml").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("window"));
+        assert!(err.message.contains("rule `x`"), "{err}");
+        let text = "[[detect.rules]]\nid = \"x\"\nname = \"X\"\nkeys = [\"address\"]\nseverity = \"dire\"\n\
+                    when = [{ metric = \"requests\", op = \">\", value = 1 }]\n";
+        let err = Config::parse(text, "s.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (5, Some("severity")));
     }
 
     #[test]

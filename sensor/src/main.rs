@@ -7,6 +7,7 @@ mod capture;
 mod cli;
 mod config;
 mod conntable;
+mod detect;
 mod identity;
 mod metrics;
 mod report;
@@ -28,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Conns(args) => views::conns(&args),
         cli::Command::Clients(args) => views::clients(&args),
         cli::Command::Identity(args) => views::identity(&args),
+        cli::Command::Alerts(args) => views::alerts(&args),
         cli::Command::Top(args) => top::run(&args),
     }
 }

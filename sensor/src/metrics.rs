@@ -736,6 +736,7 @@ mod tests {
             ports: vec![8080],
             continued_from_pinned_state: false,
             heads: Default::default(),
+            detector: crate::detect::Detector::without_rules(),
         }
     }
 

@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub saved_unix_ms: u64,
     pub agg: Aggregator,
     pub conns: ConnState,
+    #[serde(default)]
+    pub detector: crate::detect::DetectorState,
 }
 
 pub fn boot_id() -> String {

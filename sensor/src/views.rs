@@ -3,7 +3,7 @@
 use crate::{
     aggregate::Window,
     api,
-    cli::{ClientsArgs, ConnsArgs, IdentityArgs},
+    cli::{AlertsArgs, ClientsArgs, ConnsArgs, IdentityArgs},
     config::Config,
     conntable::ConnRow,
     identity::{Identities, load_secret, secret_path},
@@ -161,5 +161,57 @@ pub fn identity(args: &IdentityArgs) -> anyhow::Result<()> {
     let key = key.trim_end_matches(['\r', '\n']);
     anyhow::ensure!(!key.is_empty(), "expected the API key on standard input");
     println!("{}", ids.identity_of(key.as_bytes()));
+    Ok(())
+}
+
+pub fn alerts(args: &AlertsArgs) -> anyhow::Result<()> {
+    let body = api::get(&args.socket, "/v1/alerts")?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let alerts: Vec<crate::detect::Alert> = serde_json::from_str(&body)?;
+    if alerts.is_empty() {
+        println!("no alerts");
+        return Ok(());
+    }
+    println!(
+        "{:<9} {:<9} {:<22} {:<10} {:<40} {:<24} {:>7}  EVIDENCE",
+        "STATE", "SEVERITY", "RULE", "KEY_KIND", "KEY", "FIRST_SEEN", "UPDATES"
+    );
+    for a in alerts {
+        let state = if a.mode == "log" {
+            format!("{}(log)", a.state)
+        } else {
+            a.state.clone()
+        };
+        let evidence: Vec<String> = a
+            .conditions
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}{} {:.3} {} {}",
+                    c.metric,
+                    c.window
+                        .as_deref()
+                        .map_or(String::new(), |w| format!("[{w}]")),
+                    c.value,
+                    c.op,
+                    c.threshold
+                )
+            })
+            .collect();
+        println!(
+            "{:<9} {:<9} {:<22} {:<10} {:<40} {:<24} {:>7}  {}",
+            state,
+            a.severity,
+            a.rule_id,
+            a.key_kind,
+            a.key,
+            a.first_seen,
+            a.updates,
+            evidence.join(", ")
+        );
+    }
     Ok(())
 }
