@@ -54,6 +54,16 @@ enum Task {
     },
     /// Set up, then run every check and test; privileged tests must run, never skip.
     Test,
+    /// Evaluate detection on labelled scenarios (real traffic, compressed time) and write the
+    /// results table into docs/detection.md.
+    Eval {
+        /// Scaled minutes of traffic (at 10x: 40 minutes take 4 real minutes).
+        #[arg(long, default_value_t = 40)]
+        minutes: u64,
+    },
+    /// A live demo: an OpenAI-compatible server, a few normal users and one extraction bot,
+    /// watched by the agent until the alert fires.
+    Demo,
     /// Fuzz the request-head parser with cargo-fuzz (libFuzzer) for a bounded time.
     Fuzz {
         /// How long to fuzz.
@@ -85,6 +95,8 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test => test(),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Eval { minutes } => eval(minutes),
+        Task::Demo => demo(),
     }
 }
 
@@ -279,6 +291,196 @@ fn cargo() -> Command {
     let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
     cmd
+}
+
+const REPORT_BEGIN: &str = "<!-- eval:begin -->";
+const REPORT_END: &str = "<!-- eval:end -->";
+
+fn eval(minutes: u64) -> anyhow::Result<()> {
+    setup()?;
+    run(cargo().args(["build", "--package", "sensor"]))?;
+    let report = env::temp_dir().join(format!("sensor-eval-{}.md", std::process::id()));
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "sensor-tests",
+            "--test",
+            "detection",
+            "--",
+            "--nocapture",
+        ])
+        .env("SENSOR_BIN", workspace_root().join("target/debug/sensor"))
+        .env("SENSOR_PYTHON", venv().join("bin/python"))
+        .env("SENSOR_REQUIRE_PRIVILEGED", "1")
+        .env("SENSOR_EVAL_MINUTES", minutes.to_string())
+        .env("SENSOR_EVAL_REPORT", &report))?;
+    let table = std::fs::read_to_string(&report).context("evaluation report")?;
+    let _ = std::fs::remove_file(&report);
+    let doc_path = workspace_root().join("docs/detection.md");
+    let doc = std::fs::read_to_string(&doc_path).context("docs/detection.md")?;
+    let (Some(begin), Some(end)) = (doc.find(REPORT_BEGIN), doc.find(REPORT_END)) else {
+        bail!("docs/detection.md lacks the {REPORT_BEGIN} / {REPORT_END} markers");
+    };
+    let machine = output(Command::new("uname").arg("-r")).unwrap_or_default();
+    let updated = format!(
+        "{}{REPORT_BEGIN}\nMeasured by `cargo xtask eval --minutes {minutes}` (time compressed 10x) on a \
+         2-core machine, kernel {}, with the embedded default rules. Times are in scaled (real \
+         deployment) seconds from the start of the traffic.\n\n{table}{}",
+        &doc[..begin],
+        machine.trim(),
+        &doc[end..]
+    );
+    std::fs::write(&doc_path, updated)?;
+    eprintln!("xtask: wrote the results into {}", doc_path.display());
+    Ok(())
+}
+
+/// Runs the demo: everything on loopback, in a cgroup of its own, cleaned up at the end.
+fn demo() -> anyhow::Result<()> {
+    setup()?;
+    build_release()?;
+    let root = workspace_root();
+    let bin = root.join("target/release/sensor");
+    let cgroup2 = std::fs::read_to_string("/proc/mounts")?
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup v2 mounted")?;
+    let dir = env::temp_dir().join("sensor-demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let cgroup = cgroup2.join("sensor-demo");
+    let _ = std::fs::create_dir(&cgroup);
+    let port = "18000";
+    let mut children = Vec::new();
+    let in_cgroup = |program: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
+                cgroup.display()
+            ))
+            .arg("sh")
+            .arg(program);
+        cmd
+    };
+    children.push(
+        in_cgroup("python3")
+            .arg(root.join("tests/peers/openai_stub.py"))
+            .arg(port)
+            .arg(dir.join("ledger.jsonl"))
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let socket = dir.join("sensor.sock");
+    children.push(
+        Command::new(&bin)
+            .args(["run", "--fresh", "--ports", port, "--cgroup"])
+            .arg(&cgroup)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--pin-dir")
+            .arg("/sys/fs/bpf/sensor-demo")
+            .stderr(std::fs::File::create(dir.join("agent.log"))?)
+            .spawn()?,
+    );
+    let result = demo_loop(&root, &bin, &socket, port, &dir, &mut children);
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+    let _ = std::fs::remove_dir(&cgroup);
+    let _ = std::fs::remove_dir_all("/sys/fs/bpf/sensor-demo");
+    result
+}
+
+fn demo_loop(
+    root: &Path,
+    bin: &Path,
+    socket: &Path,
+    port: &str,
+    dir: &Path,
+    children: &mut Vec<std::process::Child>,
+) -> anyhow::Result<()> {
+    let ready = std::time::Instant::now();
+    while !socket.exists() {
+        anyhow::ensure!(
+            ready.elapsed() < std::time::Duration::from_secs(30),
+            "the agent did not start; see {}",
+            dir.join("agent.log").display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Five people, then a bot (8 parallel connections, long streamed replies).
+    children.push(
+        Command::new("python3")
+            .arg(root.join("tests/peers/scenarios.py"))
+            .args([
+                "--port",
+                port,
+                "--scale",
+                "1",
+                "--minutes",
+                "5",
+                "--only",
+                "normal",
+            ])
+            .arg("--labels")
+            .arg(dir.join("normal.json"))
+            .spawn()?,
+    );
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    children.push(
+        Command::new("python3")
+            .arg(root.join("tests/peers/scenarios.py"))
+            .args([
+                "--port",
+                port,
+                "--scale",
+                "1",
+                "--minutes",
+                "5",
+                "--only",
+                "bot",
+            ])
+            .arg("--labels")
+            .arg(dir.join("bot.json"))
+            .spawn()?,
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let clients = output(
+            Command::new(bin)
+                .args(["clients", "--limit", "10", "--socket"])
+                .arg(socket),
+        )
+        .unwrap_or_default();
+        let alerts =
+            output(Command::new(bin).args(["alerts", "--socket"]).arg(socket)).unwrap_or_default();
+        print!("\x1b[2J\x1b[H");
+        println!(
+            "sensor demo: 5 people (127.0.20.x) and, since 10 s ago, a bot (127.0.22.1) — {:>3} s\n",
+            started.elapsed().as_secs() + 10
+        );
+        println!("{clients}");
+        println!("{alerts}");
+        if alerts.contains("open") {
+            println!("\nThe bot was detected; the people were not. Stopping the demo.");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no alert within two minutes; see {}",
+            dir.join("agent.log").display()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 fn fuzz(seconds: u64) -> anyhow::Result<()> {
