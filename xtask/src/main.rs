@@ -326,7 +326,8 @@ fn eval(minutes: u64) -> anyhow::Result<()> {
     let updated = format!(
         "{}{REPORT_BEGIN}\nMeasured by `cargo xtask eval --minutes {minutes}` (time compressed 10x) on a \
          2-core machine, kernel {}, with the embedded default rules. Times are in scaled (real \
-         deployment) seconds from the start of the traffic.\n\n{table}{}",
+         deployment) seconds from the start of the traffic; the detector runs every 2 real \
+         seconds, 20 scaled ones, so times are rounded up to that.\n\n{table}{}",
         &doc[..begin],
         machine.trim(),
         &doc[end..]
