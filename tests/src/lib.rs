@@ -734,3 +734,61 @@ pub fn sensor_per_client(rows: &[serde_json::Value], window: Option<&str>) -> Cl
         })
         .collect()
 }
+
+/// The repository's peer scripts (tests/peers).
+pub fn peers() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers")
+}
+
+/// The OpenAI-compatible test server (tests/peers/openai_stub.py) in `cgroup`, writing its
+/// ground-truth ledger to `ledger`; killed on drop.
+pub struct OpenAiStub {
+    child: Child,
+}
+
+impl OpenAiStub {
+    pub fn start(cgroup: &Cgroup, port: u16, ledger: &Path) -> Self {
+        let mut child = cgroup
+            .command("python3")
+            .arg(peers().join("openai_stub.py"))
+            .arg(port.to_string())
+            .arg(ledger)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("stub server");
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut ready,
+        )
+        .expect("stub output");
+        assert_eq!(ready.trim(), "ready", "stub server did not start");
+        Self { child }
+    }
+}
+
+impl Drop for OpenAiStub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The identity `sensor identity ARGS` prints for `key` (fed on stdin, as users do).
+pub fn identity_of(args: &[&std::ffi::OsStr], key: &str) -> String {
+    let mut child = Command::new(sensor_bin())
+        .arg("identity")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sensor identity");
+    std::io::Write::write_all(
+        &mut child.stdin.take().expect("stdin"),
+        format!("{key}\n").as_bytes(),
+    )
+    .expect("key");
+    let out = child.wait_with_output().expect("identity output");
+    assert!(out.status.success(), "sensor identity failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

@@ -8,33 +8,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead as _, Write as _},
-    path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use sensor_tests::*;
 
 const SCALE: u64 = 10;
-
-fn peers() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers")
-}
-
-fn identity_of(config: &std::path::Path, key: &str) -> String {
-    let mut child = Command::new(sensor_bin())
-        .args(["identity", "--config"])
-        .arg(config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sensor identity");
-    writeln!(child.stdin.take().expect("stdin"), "{key}").expect("key");
-    let out = child.wait_with_output().expect("identity");
-    assert!(out.status.success(), "sensor identity failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 fn group24(ip: &str) -> String {
     let o: Vec<&str> = ip.split('.').collect();
@@ -53,19 +33,7 @@ fn labelled_scenarios_are_detected_without_false_alerts() {
     let cg = Cgroup::new("detect");
     let port = free_port();
     let tmp = TempDir::new("detect");
-    let mut stub = cg
-        .command("python3")
-        .arg(peers().join("openai_stub.py"))
-        .arg(port.to_string())
-        .arg(tmp.path.join("ledger.jsonl"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("stub");
-    let mut ready = String::new();
-    std::io::BufReader::new(stub.stdout.take().expect("stdout"))
-        .read_line(&mut ready)
-        .expect("stub output");
-    assert_eq!(ready.trim(), "ready");
+    let _stub = OpenAiStub::start(&cg, port, &tmp.path.join("ledger.jsonl"));
 
     // A fixed identity secret, so the batch job's identity can be allow-listed up front.
     let secret = tmp.path.join("identity.key");
@@ -78,7 +46,7 @@ fn labelled_scenarios_are_detected_without_false_alerts() {
         format!("[identity]\nsecret_file = \"{}\"\n", secret.display()),
     )
     .expect("config");
-    let batch_id = identity_of(&base, "sk-batch-job");
+    let batch_id = identity_of(&["--config".as_ref(), base.as_os_str()], "sk-batch-job");
     let config = tmp.path.join("sensor.toml");
     std::fs::write(
         &config,
@@ -128,7 +96,13 @@ fn labelled_scenarios_are_detected_without_false_alerts() {
             .iter()
             .filter_map(|k| k.as_str())
         {
-            owner.insert(("identity".into(), identity_of(&config, k)), name.clone());
+            owner.insert(
+                (
+                    "identity".into(),
+                    identity_of(&["--config".as_ref(), config.as_os_str()], k),
+                ),
+                name.clone(),
+            );
         }
     }
     let attacks: BTreeSet<String> = labels
@@ -213,6 +187,4 @@ fn labelled_scenarios_are_detected_without_false_alerts() {
         false_alerts.is_empty(),
         "false alerts: {false_alerts:?}\n{table}"
     );
-    let _ = stub.kill();
-    let _ = stub.wait();
 }

@@ -4,19 +4,9 @@
 //! per-forwarded-client counts must equal what the server itself read and wrote; spoofed
 //! forwarding is ignored; raw keys appear nowhere.
 
-use std::{
-    collections::BTreeMap,
-    io::{BufRead as _, Write as _},
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use sensor_tests::*;
-
-fn peers() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers")
-}
 
 /// (requests, bytes_in, bytes_out, events_out)
 type Truth = BTreeMap<String, (u64, u64, u64, u64)>;
@@ -50,19 +40,7 @@ fn identities_behind_a_proxy_are_exact_and_keys_never_leak() {
     let (stub_port, proxy_port, metrics_port) = (free_port(), free_port(), free_port());
     let tmp = TempDir::new("identity");
     let ledger = tmp.path.join("ledger.jsonl");
-    let mut stub = cg
-        .command("python3")
-        .arg(peers().join("openai_stub.py"))
-        .arg(stub_port.to_string())
-        .arg(&ledger)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("stub server");
-    let mut ready = String::new();
-    std::io::BufReader::new(stub.stdout.take().expect("stdout"))
-        .read_line(&mut ready)
-        .expect("stub output");
-    assert_eq!(ready.trim(), "ready");
+    let _stub = OpenAiStub::start(&cg, stub_port, &ledger);
     let _proxy = Nginx::proxy(
         &proxy_cg,
         &[format!("127.0.0.1:{proxy_port}")],
@@ -123,19 +101,8 @@ fn identities_behind_a_proxy_are_exact_and_keys_never_leak() {
         .map(|l| serde_json::from_str(l).expect("ledger line"))
         .collect();
     assert_eq!(entries.len(), 10);
-    let id_of = |key: &str| -> String {
-        let mut child = Command::new(sensor_bin())
-            .args(["identity", "--state-dir"])
-            .arg(&agent.state_dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("sensor identity");
-        writeln!(child.stdin.take().expect("stdin"), "{key}").expect("key");
-        let out = child.wait_with_output().expect("identity output");
-        assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let id_args = ["--state-dir".as_ref(), agent.state_dir.as_os_str()];
+    let id_of = |key: &str| identity_of(&id_args, key);
     let mut by_identity = Truth::new();
     let mut by_forwarded = Truth::new();
     for e in &entries {
@@ -244,6 +211,4 @@ fn identities_behind_a_proxy_are_exact_and_keys_never_leak() {
             "part of raw key {key} leaked"
         );
     }
-    let _ = stub.kill();
-    let _ = stub.wait();
 }
