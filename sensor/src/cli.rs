@@ -23,6 +23,15 @@ pub enum Command {
     Conns(ConnsArgs),
     /// Per-client counters (one-shot table or JSON).
     Clients(ClientsArgs),
+    // systemd service (sensor/src/service).
+    /// Install as a systemd service: binary, unit, default config, secret, state directory.
+    Install(crate::service::install::InstallArgs),
+    /// Stop, disable and remove the service; --purge also removes config and state.
+    Uninstall(crate::service::install::UninstallArgs),
+    /// Validate a configuration file; prints every error with file, line and key.
+    CheckConfig(crate::service::check::CheckConfigArgs),
+    /// Is the agent running: attach point, ports, uptime, counts and loss.
+    Status(crate::service::status::StatusArgs),
 }
 
 #[derive(Debug, clap::Args)]

@@ -28,6 +28,24 @@ pub struct Config {
     pub state: State,
     #[serde(default)]
     pub metrics: Metrics,
+    #[serde(default)]
+    pub identity: Identity,
+}
+
+/// Per-deployment secret for keyed hashing of client identities (read by the identity
+/// feature; `sensor install` and the package create the file).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Identity {
+    pub secret_file: PathBuf,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Self {
+            secret_file: PathBuf::from("/etc/sensor/identity.key"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -306,6 +324,7 @@ mod tests {
         assert_eq!(embedded.clients, Clients::default());
         assert_eq!(embedded.state, State::default());
         assert_eq!(embedded.metrics, Metrics::default());
+        assert_eq!(embedded.identity, Identity::default());
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod config;
 mod conntable;
 mod metrics;
 mod report;
+mod service;
 mod state;
 mod views;
 
@@ -25,5 +26,10 @@ fn main() -> anyhow::Result<()> {
             .block_on(agent::run(args)),
         cli::Command::Conns(args) => views::conns(&args),
         cli::Command::Clients(args) => views::clients(&args),
+        // systemd service (sensor/src/service).
+        cli::Command::Install(args) => service::install::install(&args),
+        cli::Command::Uninstall(args) => service::install::uninstall(&args),
+        cli::Command::CheckConfig(args) => service::check::check_config(&args),
+        cli::Command::Status(args) => service::status::status(&args),
     }
 }
