@@ -357,7 +357,18 @@ impl Capture {
         instance: String,
         instance_dir: PathBuf,
     ) -> Result<Self, CaptureError> {
-        write_ports(&instance_dir, &settings.ports)?;
+        let mut ports: Array<MapData, u8> =
+            Array::try_from(Map::Array(open_pinned_map(&instance_dir, MAP_PORTS)?))
+                .map_err(map_err(MAP_PORTS))?;
+        let watched: std::collections::HashSet<u16> = settings.ports.iter().copied().collect();
+        for port in 0..=u16::MAX {
+            let want = u8::from(watched.contains(&port));
+            if ports.get(&u32::from(port), 0).unwrap_or(0) != want {
+                ports
+                    .set(u32::from(port), want, 0)
+                    .map_err(map_err(MAP_PORTS))?;
+            }
+        }
         Ok(Self {
             _ebpf: None,
             cgroup,
@@ -543,7 +554,7 @@ impl Capture {
     }
 }
 
-/// Makes the pinned port map of an instance hold exactly `ports`.
+/// Makes the pinned port map of an instance hold exactly `ports` (as `reuse` does on start).
 fn write_ports(instance_dir: &Path, ports: &[u16]) -> Result<(), CaptureError> {
     let mut map: Array<MapData, u8> =
         Array::try_from(Map::Array(open_pinned_map(instance_dir, MAP_PORTS)?))

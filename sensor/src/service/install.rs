@@ -267,7 +267,9 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<()> {
     }
     let running_config = Config::load(&config).or_else(|_| Config::embedded())?;
     let secret_file = &running_config.identity.secret_file;
-    if !secret_file.is_absolute() {
+    if secret_file.as_os_str().is_empty() {
+        println!("[identity] secret_file is empty: no secret file created here");
+    } else if !secret_file.is_absolute() {
         eprintln!(
             "warning: [identity] secret_file `{}` is not an absolute path; no secret created",
             secret_file.display()
