@@ -28,6 +28,7 @@ use crate::{
     detect::{self, AlertEvent, Detector, DetectorState},
     identity::{HeadStats, Identities, load_secret, secret_path},
     metrics,
+    service::{self, notify::Notifier, reload},
     state::{self, Snapshot},
 };
 
@@ -157,6 +158,60 @@ impl Pipeline {
         self.capture.delete(&reaped);
         Ok(())
     }
+
+    /// Switches to `next` (a SIGHUP reload; `service::reload` decided what may change live).
+    fn apply_config(
+        &mut self,
+        next: Config,
+        poll: &mut tokio::time::Interval,
+        save: &mut tokio::time::Interval,
+    ) -> anyhow::Result<()> {
+        let old = &self.config;
+        if next.capture.ports != old.capture.ports {
+            self.capture
+                .set_ports(&next.capture.ports)
+                .context("writing the watched ports")?;
+            lock(&self.state)?.ports.clone_from(&next.capture.ports);
+        }
+        if next.connections != old.connections {
+            let c = &next.connections;
+            lock(&self.state)?.table.set_retention(
+                Duration::from_secs(c.closed_retention_secs),
+                c.closed_retention_max,
+            );
+        }
+        if next.capture.poll_interval_ms != old.capture.poll_interval_ms {
+            *poll = ticker(Duration::from_millis(next.capture.poll_interval_ms));
+        }
+        if next.state.snapshot_interval_secs != old.state.snapshot_interval_secs {
+            *save = ticker(Duration::from_secs(next.state.snapshot_interval_secs));
+        }
+        if next.detect != old.detect {
+            // Rules and allow-lists change; open alerts and the baseline stay.
+            let settings = detect_settings(&next)?;
+            lock(&self.state)?.detector.settings = settings;
+        }
+        if next.identity != old.identity {
+            self.identities.reconfigure(&next);
+        }
+        self.config = next;
+        Ok(())
+    }
+}
+
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
+
+/// systemd's one-line STATUS=.
+fn status_line(config: &Config, cgroup: &str) -> String {
+    format!(
+        "attached to {cgroup}, watching ports {:?}; API on {}",
+        config.capture.ports,
+        config.api.socket.display()
+    )
 }
 
 /// Detection settings from the config (validated at load).
@@ -238,7 +293,7 @@ fn lock(state: &SharedState) -> anyhow::Result<std::sync::MutexGuard<'_, AgentSt
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = effective_config(&args)?;
+    let config = service::exit_on_config_error(effective_config(&args))?;
     // Before touching saved state or the kernel: a bad token file or a taken address fails fast.
     let metrics_server = if config.metrics.listen.is_empty() {
         None
@@ -310,7 +365,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Now::set_scale(config.detect.time_scale);
     }
     let detector = Detector::new(detect_settings(&config)?, detector_state);
-    let alerts_file = alerts_path(&config);
     let state: SharedState = Arc::new(Mutex::new(AgentState {
         table,
         agg,
@@ -364,6 +418,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    // systemd (Type=notify): ready once attached and listening; the watchdog is fed from this
+    // loop, so a stuck loop gets the agent restarted.
+    let mut sighup = signal(SignalKind::hangup())?;
+    let notifier = Notifier::from_env();
+    let watchdog_period = notifier.watchdog_period();
+    let mut watchdog = ticker(watchdog_period.unwrap_or(Duration::from_secs(3600)));
+    let cgroup = pipeline.capture.cgroup.display().to_string();
+    notifier.ready(&status_line(&config, &cgroup));
     info!("sensor running");
     loop {
         tokio::select! {
@@ -390,12 +452,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let AgentState { agg, detector, .. } = &mut *s;
                     detector.evaluate(agg, Now::system())
                 };
-                record_alerts(&alerts_file, &events);
+                record_alerts(&alerts_path(&pipeline.config), &events);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                notifier.reloading();
+                if let Some(next) = reload::reread(&args, &pipeline.config) {
+                    pipeline.apply_config(next, &mut poll, &mut save)?;
+                }
+                notifier.ready(&status_line(&pipeline.config, &cgroup));
+            }
+            _ = watchdog.tick(), if watchdog_period.is_some() => notifier.watchdog(),
         }
     }
+    notifier.stopping();
     info!("shutting down: saving state and detaching programs");
     pipeline.drain_closed(closed.get_mut())?;
     pipeline.poll()?;

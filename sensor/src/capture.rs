@@ -290,7 +290,7 @@ fn pin_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> Ca
 
 /// Removes one pinned instance: unpinning a link detaches its program; removing a map pin
 /// frees the map once nothing else holds it.
-fn remove_instance(dir: &Path) {
+pub fn remove_instance(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -530,6 +530,12 @@ impl Capture {
         })
     }
 
+    /// Replaces the watched ports in the running programs (SIGHUP reload). Connections already
+    /// recorded keep being counted until they close; new ones follow the new list.
+    pub fn set_ports(&self, ports: &[u16]) -> Result<(), CaptureError> {
+        write_ports(&self.instance_dir, ports)
+    }
+
     /// Detaches the programs and removes the pinned state (a clean stop).
     pub fn detach(self) {
         let dir = self.instance_dir.clone();
@@ -577,6 +583,22 @@ impl Capture {
             })
             .collect()
     }
+}
+
+/// Makes the pinned port map of an instance hold exactly `ports` (as `reuse` does on start).
+fn write_ports(instance_dir: &Path, ports: &[u16]) -> Result<(), CaptureError> {
+    let mut map: Array<MapData, u8> =
+        Array::try_from(Map::Array(open_pinned_map(instance_dir, MAP_PORTS)?))
+            .map_err(map_err(MAP_PORTS))?;
+    let watched: std::collections::HashSet<u16> = ports.iter().copied().collect();
+    for port in 0..=u16::MAX {
+        let want = u8::from(watched.contains(&port));
+        if map.get(&u32::from(port), 0).unwrap_or(0) != want {
+            map.set(u32::from(port), want, 0)
+                .map_err(map_err(MAP_PORTS))?;
+        }
+    }
+    Ok(())
 }
 
 fn pin_link(

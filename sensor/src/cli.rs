@@ -23,6 +23,15 @@ pub enum Command {
     Conns(ConnsArgs),
     /// Per-client counters (one-shot table or JSON).
     Clients(ClientsArgs),
+    // systemd service (sensor/src/service).
+    /// Install as a systemd service: binary, unit, default config, secret, state directory.
+    Install(crate::service::install::InstallArgs),
+    /// Stop, disable and remove the service; --purge also removes config and state.
+    Uninstall(crate::service::install::UninstallArgs),
+    /// Validate a configuration file; prints every error with file, line and key.
+    CheckConfig(crate::service::check::CheckConfigArgs),
+    /// Is the agent running: attach point, ports, uptime, counts and loss.
+    Status(crate::service::status::StatusArgs),
     /// Open and recent extraction alerts.
     Alerts(AlertsArgs),
     /// Print the identity an API key maps to (the key is read from standard input and never
@@ -47,7 +56,11 @@ pub struct TopArgs {
     pub interval_ms: u64,
     /// Group clients by address, address group, API identity or forwarded client (cycle with
     /// `g`).
-    #[arg(long, default_value = "address", value_parser = ["address", "group"])]
+    #[arg(
+        long,
+        default_value = "address",
+        value_parser = ["address", "group", "identity", "forwarded"]
+    )]
     pub by: String,
     /// Show and sort by this window's counters: 1m, 10m or 1h (cycle with `w`); default: totals.
     #[arg(long, value_parser = ["1m", "10m", "1h"])]

@@ -13,6 +13,20 @@ use serde::Deserialize;
 /// The defaults, documented; `sensor run` without `--config` uses exactly this.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
 
+/// Where installs (`sensor install`, the Debian package) keep the identity secret: /etc is
+/// read-only for the hardened service, so the installer creates it there once.
+pub const INSTALLED_SECRET: &str = "/etc/sensor/identity.key";
+
+/// The configuration an install writes to /etc/sensor/sensor.toml: the defaults, with the
+/// identity secret in /etc (a development `sensor run` keeps it in its state directory).
+pub fn installed_config() -> String {
+    DEFAULT_CONFIG.replacen(
+        "secret_file = \"\"",
+        &format!("secret_file = \"{INSTALLED_SECRET}\""),
+        1,
+    )
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -432,6 +446,18 @@ mod tests {
             docs.contains(DEFAULT_CONFIG),
             "docs/configuration.md must quote sensor/src/default-config.toml verbatim"
         );
+    }
+
+    #[test]
+    fn packaged_config_is_the_installed_one() {
+        let packaged = include_str!("../../packaging/sensor.toml");
+        assert_eq!(
+            packaged,
+            installed_config(),
+            "regenerate packaging/sensor.toml"
+        );
+        let c = Config::parse(packaged, "packaging/sensor.toml").expect("parses");
+        assert_eq!(c.identity.secret_file, PathBuf::from(INSTALLED_SECRET));
     }
 
     #[test]

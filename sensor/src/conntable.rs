@@ -302,6 +302,12 @@ impl ConnTable {
         }
     }
 
+    /// Changes how long, and how many, closed connections stay listed (SIGHUP reload).
+    pub fn set_retention(&mut self, retention: Duration, max_closed: usize) {
+        self.retention = retention;
+        self.max_closed = max_closed;
+    }
+
     /// Accounts one observation of a connection's counters into `agg`.
     pub fn observe(&mut self, cookie: u64, stats: &ConnStats, agg: &mut Aggregator, now: Now) {
         if self.tombstones.contains_key(&cookie) {

@@ -97,6 +97,12 @@ impl Identities {
         }
     }
 
+    /// Applies reloaded trusted proxies and names (the secret stays).
+    pub fn reconfigure(&mut self, config: &Config) {
+        self.trusted = config.identity.trusted();
+        self.names = config.identity.names.clone();
+    }
+
     /// The identity shown for a credential: its configured name, else its keyed hash.
     pub fn identity_of(&self, credential: &[u8]) -> String {
         let id = self.key.id(credential);

@@ -11,6 +11,7 @@ mod detect;
 mod identity;
 mod metrics;
 mod report;
+mod service;
 mod state;
 mod top;
 mod views;
@@ -31,5 +32,10 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Identity(args) => views::identity(&args),
         cli::Command::Alerts(args) => views::alerts(&args),
         cli::Command::Top(args) => top::run(&args),
+        // systemd service (sensor/src/service).
+        cli::Command::Install(args) => service::install::install(&args),
+        cli::Command::Uninstall(args) => service::install::uninstall(&args),
+        cli::Command::CheckConfig(args) => service::check::check_config(&args),
+        cli::Command::Status(args) => service::status::status(&args),
     }
 }

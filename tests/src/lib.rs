@@ -16,6 +16,8 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod systemd;
+
 /// Returns true when the test may run. Without root it prints why it skips, unless
 /// SENSOR_REQUIRE_PRIVILEGED=1 (the README's test command), where skipping is a failure.
 pub fn privileged(test: &str) -> bool {

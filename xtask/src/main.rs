@@ -1,8 +1,9 @@
-//! Developer and CI tasks: `cargo xtask setup | build | run | test`.
+//! Developer and CI tasks: `cargo xtask setup | build | run | test | deb`.
 //!
 //! `setup` installs everything a fresh machine lacks, idempotently and quickly on a second run:
-//! Debian packages the tests drive, the pinned nightly with rust-src (kernel crate), and
-//! bpf-linker built against that nightly's own LLVM.
+//! Debian packages the tests drive, the pinned nightly with rust-src (kernel crate), bpf-linker
+//! built against that nightly's own LLVM, cargo-deb, and the cached Debian tree the systemd
+//! tests boot. `deb` builds the Debian package.
 
 use std::{
     env,
@@ -31,7 +32,12 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "prometheus",
     "tmux",
+    // systemd tests: a booted Debian tree (systemd-nspawn) built with debootstrap.
+    "systemd-container",
+    "debootstrap",
 ];
+/// cargo-deb builds the .deb (`cargo xtask deb`).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -70,6 +76,8 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         seconds: u64,
     },
+    /// Build the Debian package (cargo-deb); prints its path.
+    Deb,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +105,12 @@ fn main() -> anyhow::Result<()> {
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Eval { minutes } => eval(minutes),
         Task::Demo => demo(),
+        Task::Deb => {
+            setup_toolchain()?;
+            let deb = build_deb()?;
+            println!("{}", deb.display());
+            Ok(())
+        }
     }
 }
 
@@ -125,7 +139,53 @@ fn output(cmd: &mut Command) -> Option<String> {
 fn setup() -> anyhow::Result<()> {
     setup_packages()?;
     setup_python()?;
-    setup_toolchain()
+    setup_toolchain()?;
+    setup_cargo_deb()?;
+    // The systemd tests' Debian tree: debootstrap takes a minute or two once, then is cached.
+    let started = std::time::Instant::now();
+    let rootfs = sensor_tests::systemd::ensure_rootfs()?;
+    eprintln!(
+        "xtask: test tree {} ready ({:.0?})",
+        rootfs.display(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+fn setup_cargo_deb() -> anyhow::Result<()> {
+    let installed = output(cargo().args(["deb", "--version"])).unwrap_or_default();
+    if installed.trim() == format!("cargo-deb {CARGO_DEB_VERSION}") {
+        return Ok(());
+    }
+    run(cargo().args([
+        "install",
+        "cargo-deb",
+        "--version",
+        CARGO_DEB_VERSION,
+        "--locked",
+    ]))
+}
+
+/// Builds the release binary and the .deb; returns its path.
+fn build_deb() -> anyhow::Result<PathBuf> {
+    setup_cargo_deb()?;
+    let out = cargo()
+        .args(["deb", "--package", "sensor", "--locked"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("spawning cargo deb")?;
+    if !out.status.success() {
+        bail!("cargo deb failed with {}", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let deb = stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.ends_with(".deb"))
+        .map(PathBuf::from)
+        .context("cargo deb printed no .deb path")?;
+    Ok(deb)
 }
 
 /// Python packages from PyPI the tests drive as real peers (the OpenAI SDK), in a venv.
@@ -515,6 +575,7 @@ fn test() -> anyhow::Result<()> {
     ]))?;
     run(cargo().args(["build", "--package", "sensor"]))?;
     let bin = workspace_root().join("target/debug/sensor");
+    let deb = build_deb()?;
     // Privileged tests fail instead of skipping: a skipped exactness test is not a pass.
     let mut cmd = cargo();
     cmd.args([
@@ -525,6 +586,7 @@ fn test() -> anyhow::Result<()> {
         "--no-fail-fast",
     ])
     .env("SENSOR_BIN", &bin)
+    .env("SENSOR_DEB", &deb)
     .env("SENSOR_REQUIRE_PRIVILEGED", "1")
     .stdout(Stdio::piped());
     eprintln!("xtask: {cmd:?}");

@@ -1,0 +1,125 @@
+//! `sensor check-config [FILE]`: every error of a configuration file, each with its file, line
+//! and key, without starting anything.
+//!
+//! The parser stops at the first error, so after each located error the offending line is
+//! commented out (line numbers stay the same) and the text parsed again; the key then takes
+//! its default, which is valid. This ends at the first error that is not a single-line
+//! `key = value` (a syntax error, a multi-line value), which is reported last.
+
+use std::path::PathBuf;
+
+use crate::config::{Config, ConfigError};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sensor/sensor.toml";
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The configuration file to check.
+    #[arg(value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+    pub file: PathBuf,
+}
+
+/// All errors in `text`, by line (empty: the configuration is valid).
+pub fn check_text(text: &str, file: &str) -> Vec<ConfigError> {
+    let mut errors = collect(text, file);
+    errors.sort_by_key(|e| e.line);
+    errors
+}
+
+fn collect(text: &str, file: &str) -> Vec<ConfigError> {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut errors = Vec::new();
+    loop {
+        let current = lines.join("\n");
+        let Err(e) = Config::parse(&current, file) else {
+            return errors;
+        };
+        let maskable = e.line >= 1
+            && lines.get(e.line - 1).is_some_and(|l| {
+                e.key.as_deref().is_some_and(|key| assigns(l, key))
+                    // Without the line the rest must still be well-formed TOML.
+                    && {
+                        let mut probe = lines.clone();
+                        probe[e.line - 1] = format!("# {}", probe[e.line - 1]);
+                        probe.join("\n").parse::<toml::Table>().is_ok()
+                    }
+            });
+        let line = e.line;
+        errors.push(e);
+        if !maskable || errors.len() > lines.len() {
+            return errors;
+        }
+        lines[line - 1] = format!("# {}", lines[line - 1]);
+    }
+}
+
+/// Whether `line` is `key = ...` (possibly quoted, possibly indented).
+fn assigns(line: &str, key: &str) -> bool {
+    line.split_once('=').is_some_and(|(k, _)| {
+        let k = k.trim();
+        k == key || k.trim_matches('"') == key
+    })
+}
+
+pub fn check_config(args: &CheckConfigArgs) -> anyhow::Result<()> {
+    let file = args.file.display().to_string();
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| anyhow::anyhow!("cannot read config {file}: {e}"))?;
+    let errors = check_text(&text, &file);
+    if errors.is_empty() {
+        println!("{file}: OK");
+        return Ok(());
+    }
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    anyhow::bail!(
+        "{file}: {} error{}",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_text_has_no_errors() {
+        assert!(check_text(crate::config::DEFAULT_CONFIG, "d.toml").is_empty());
+        assert!(check_text("", "e.toml").is_empty());
+    }
+
+    #[test]
+    fn every_error_is_reported_with_line_and_key() {
+        let text = "[capture]\nports = [0]\npoll_interval_ms = \"soon\"\n\n[api]\nsockett = \"/x\"\n\
+                    [clients]\ngroup_prefix_v4 = 40\n";
+        let errors = check_text(text, "/etc/sensor/sensor.toml");
+        let found: Vec<(usize, Option<&str>)> =
+            errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
+        assert_eq!(
+            found,
+            [
+                (2, Some("ports")),
+                (3, Some("poll_interval_ms")),
+                (6, Some("sockett")),
+                (8, Some("group_prefix_v4")),
+            ]
+        );
+        assert!(
+            errors[1]
+                .to_string()
+                .starts_with("/etc/sensor/sensor.toml:3: key `poll_interval_ms`: ")
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_too() {
+        let text = "[capture]\npoll_interval_ms = \"soon\"\nports = [80,\n";
+        let errors = check_text(text, "s.toml");
+        let found: Vec<(usize, Option<&str>)> =
+            errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
+        assert_eq!(found, [(2, Some("poll_interval_ms")), (3, Some("ports"))]);
+        assert!(errors[1].message.contains("invalid array"), "{errors:?}");
+    }
+}
