@@ -15,7 +15,8 @@ use sensor_tests::{systemd::*, *};
 
 /// The unit's exposure target (`systemd-analyze security`, 0 best, 10 worst).
 const EXPOSURE_TARGET: f64 = 2.5;
-const DEFAULT_CONFIG: &str = include_str!("../../sensor/src/default-config.toml");
+/// What installs write to /etc/sensor/sensor.toml: the defaults with the secret in /etc.
+const DEFAULT_CONFIG: &str = include_str!("../../packaging/sensor.toml");
 const CONFIG: &str = "/etc/sensor/sensor.toml";
 
 /// "→ Overall exposure level for sensor.service: 1.9 OK 🙂" -> 1.9

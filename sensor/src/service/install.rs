@@ -361,6 +361,8 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
 
     if args.purge {
         remove_file(&config_path)?;
+        // The secret install created, and the configured one if it lives elsewhere.
+        remove_file(&layout.path(crate::config::INSTALLED_SECRET))?;
         if config.identity.secret_file.is_absolute() {
             remove_file(&layout.path(&config.identity.secret_file.display().to_string()))?;
         }
