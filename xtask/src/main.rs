@@ -479,7 +479,7 @@ fn demo_loop(
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // Five people, then a bot (8 parallel connections, long streamed replies).
-    children.push(
+    let scenario = |name: &str| {
         Command::new("python3")
             .arg(root.join("tests/peers/scenarios.py"))
             .args([
@@ -490,30 +490,15 @@ fn demo_loop(
                 "--minutes",
                 "5",
                 "--only",
-                "normal",
+                name,
             ])
             .arg("--labels")
-            .arg(dir.join("normal.json"))
-            .spawn()?,
-    );
+            .arg(dir.join(format!("{name}.json")))
+            .spawn()
+    };
+    children.push(scenario("normal")?);
     std::thread::sleep(std::time::Duration::from_secs(10));
-    children.push(
-        Command::new("python3")
-            .arg(root.join("tests/peers/scenarios.py"))
-            .args([
-                "--port",
-                port,
-                "--scale",
-                "1",
-                "--minutes",
-                "5",
-                "--only",
-                "bot",
-            ])
-            .arg("--labels")
-            .arg(dir.join("bot.json"))
-            .spawn()?,
-    );
+    children.push(scenario("bot")?);
     let started = std::time::Instant::now();
     loop {
         let clients = output(
