@@ -60,6 +60,7 @@ pub const PROG_SOCKOPS: &str = "sensor_sockops";
 /// "in" is client -> this host, "out" is this host -> client.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct ConnStats {
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],

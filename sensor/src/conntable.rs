@@ -201,70 +201,10 @@ pub struct ConnTable {
 /// What a snapshot keeps of the connection table.
 #[derive(Default, Serialize, Deserialize)]
 pub struct ConnState {
-    pub live: Vec<(u64, ConnStatsRepr)>,
+    pub live: Vec<(u64, ConnStats)>,
     pub tombstones: Vec<(u64, u64)>,
     #[serde(default)]
     pub exchanges: Vec<(u64, Exchange)>,
-}
-
-/// Serializable copy of the counters that deltas are computed from.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub struct ConnStatsRepr {
-    pub local_addr: [u8; 16],
-    pub remote_addr: [u8; 16],
-    pub local_port: u16,
-    pub remote_port: u16,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub packets_in: u64,
-    pub packets_out: u64,
-    pub requests: u64,
-    pub first_seen_ns: u64,
-    pub last_seen_ns: u64,
-    pub proto: u8,
-    #[serde(default)]
-    pub events_out: u64,
-}
-
-impl From<&ConnStats> for ConnStatsRepr {
-    fn from(s: &ConnStats) -> Self {
-        Self {
-            local_addr: s.local_addr,
-            remote_addr: s.remote_addr,
-            local_port: s.local_port,
-            remote_port: s.remote_port,
-            bytes_in: s.bytes_in,
-            bytes_out: s.bytes_out,
-            packets_in: s.packets_in,
-            packets_out: s.packets_out,
-            requests: s.requests,
-            first_seen_ns: s.first_seen_ns,
-            last_seen_ns: s.last_seen_ns,
-            proto: s.proto,
-            events_out: s.events_out,
-        }
-    }
-}
-
-impl From<&ConnStatsRepr> for ConnStats {
-    fn from(r: &ConnStatsRepr) -> Self {
-        Self {
-            local_addr: r.local_addr,
-            remote_addr: r.remote_addr,
-            local_port: r.local_port,
-            remote_port: r.remote_port,
-            bytes_in: r.bytes_in,
-            bytes_out: r.bytes_out,
-            packets_in: r.packets_in,
-            packets_out: r.packets_out,
-            requests: r.requests,
-            first_seen_ns: r.first_seen_ns,
-            last_seen_ns: r.last_seen_ns,
-            proto: r.proto,
-            events_out: r.events_out,
-            ..Default::default()
-        }
-    }
 }
 
 /// A connection carrying these keys closed.
@@ -513,11 +453,7 @@ impl ConnTable {
 
     pub fn state(&self) -> ConnState {
         ConnState {
-            live: self
-                .live
-                .iter()
-                .map(|(c, s)| (*c, ConnStatsRepr::from(s)))
-                .collect(),
+            live: self.live.iter().map(|(c, s)| (*c, *s)).collect(),
             tombstones: self.tombstones.iter().map(|(c, t)| (*c, *t)).collect(),
             exchanges: self
                 .exchanges
@@ -528,11 +464,7 @@ impl ConnTable {
     }
 
     pub fn restore(&mut self, state: &ConnState) {
-        self.live = state
-            .live
-            .iter()
-            .map(|(c, r)| (*c, ConnStats::from(r)))
-            .collect();
+        self.live = state.live.iter().copied().collect();
         self.tombstones = state.tombstones.iter().copied().collect();
         self.exchanges = state.exchanges.iter().cloned().collect();
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{aggregate::Aggregator, conntable::ConnState};
 
 /// Bumped when the snapshot format changes incompatibly.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 const FILE_NAME: &str = "state.json";
 
 #[derive(Serialize, Deserialize)]
