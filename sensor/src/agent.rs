@@ -310,6 +310,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Now::set_scale(config.detect.time_scale);
     }
     let detector = Detector::new(detect_settings(&config)?, detector_state);
+    // SIEM outputs: each a task of its own behind a bounded queue (see outputs/mod.rs).
+    let outputs = crate::outputs::Outputs::start(&config.outputs, &config.state.dir)
+        .context("cannot start the outputs")?;
+    outputs.register();
     let alerts_file = alerts_path(&config);
     let state: SharedState = Arc::new(Mutex::new(AgentState {
         table,
@@ -391,6 +395,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     detector.evaluate(agg, Now::system())
                 };
                 record_alerts(&alerts_file, &events);
+                outputs.publish(&events);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -403,6 +408,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(closed);
     drop(pipeline.requests);
     pipeline.capture.detach();
+    // Undelivered events stay in the outputs' spools for the next start.
+    outputs.shutdown(Duration::from_secs(2)).await;
     let _ = std::fs::remove_file(&config.api.socket);
     Ok(())
 }
