@@ -312,6 +312,26 @@ fn make_certs(dir: &Path) -> Certs {
     }
 }
 
+/// A free port on 127.0.0.1 for TCP and UDP, below the ephemeral range: client sockets of
+/// concurrent tests take ephemeral ports, which a listener must not collide with.
+fn listen_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    loop {
+        let n = seed.wrapping_add(SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919));
+        let port = 20_000 + (n % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
 /// An rsyslogd of the test's own (own config, pid file and work directory), writing what it
 /// parsed from each message as JSON to `out`.
 struct Rsyslog {
@@ -335,7 +355,8 @@ impl Rsyslog {
         fs::create_dir_all(dir.join("work")).expect("rsyslog dir");
         let out = dir.join("received.jsonl");
         let mut conf = format!(
-            "global(workDirectory=\"{}\" maxMessageSize=\"64k\"",
+            // LEEF's attribute delimiter is a tab, which rsyslog escapes (#011) unless told.
+            "global(workDirectory=\"{}\" maxMessageSize=\"64k\" parser.escapeControlCharacterTab=\"off\"",
             dir.join("work").display()
         );
         if let Some(c) = tls {
@@ -357,7 +378,7 @@ impl Rsyslog {
             conf.push_str("module(load=\"imtcp\")\n");
         }
         conf.push_str(&format!(
-            "module(load=\"mmpstrucdata\")\ninput(type=\"imtcp\" port=\"{tcp_port}\" ruleset=\"r\")\n"
+            "module(load=\"mmpstrucdata\")\ninput(type=\"imtcp\" address=\"127.0.0.1\" port=\"{tcp_port}\" ruleset=\"r\")\n"
         ));
         if let Some(udp) = udp_port {
             conf.push_str(&format!(
@@ -418,8 +439,9 @@ ruleset(name="r") {{
             .spawn()
             .expect("rsyslogd (apt-get install rsyslog rsyslog-gnutls)");
         let port = self.tcp_port;
+        self.child = Some(child);
         wait_for("rsyslogd to listen", Duration::from_secs(20), || {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!(
                     "rsyslogd exited ({status}): {}",
                     fs::read_to_string(&self.log).unwrap_or_default()
@@ -427,9 +449,13 @@ ruleset(name="r") {{
             }
             TcpStream::connect(("127.0.0.1", port))
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    format!(
+                        "{e}; rsyslogd said: {}",
+                        fs::read_to_string(&self.log).unwrap_or_default()
+                    )
+                })
         });
-        self.child = Some(child);
     }
 
     /// SIGTERM, as an operator's restart does; waits for the exit.
@@ -596,7 +622,7 @@ fn syslog_cef_and_leef_reach_rsyslog_over_tcp_tls_and_udp() {
     }
     let tmp = TempDir::new("out-syslog");
     let certs = make_certs(&tmp.path);
-    let (tcp, udp, tls) = (free_port(), free_port(), free_port());
+    let (tcp, udp, tls) = (listen_port(), listen_port(), listen_port());
     let plain = Rsyslog::start(&tmp.path, "plain", tcp, Some(udp), None);
     let secure = Rsyslog::start(&tmp.path, "tls", tls, None, Some(&certs));
     let outputs = format!(
@@ -891,7 +917,7 @@ fn ecs_ocsf_hec_and_webhook_outputs_are_valid_and_retried() {
     fs::write(&secret_file, "s3cret-for-hmac\n").expect("secret");
     let receiver_dir = tmp.path.join("receiver");
     fs::create_dir_all(&receiver_dir).expect("receiver dir");
-    let rport = free_port();
+    let rport = listen_port();
     let mut receiver = Command::new("python3")
         .arg(peers().join("siem_receiver.py"))
         .arg(rport.to_string())
@@ -1050,7 +1076,7 @@ fn syslog_receiver_outage_loses_nothing_and_duplicates_nothing() {
         return;
     }
     let tmp = TempDir::new("out-outage");
-    let tcp = free_port();
+    let tcp = listen_port();
     let mut rsyslog = Rsyslog::start(&tmp.path, "plain", tcp, None, None);
     let outputs = format!(
         r#"[[outputs]]
