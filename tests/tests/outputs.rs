@@ -428,7 +428,7 @@ ruleset(name="r") {{
             .open(&self.log)
             .expect("rsyslog log");
         let log2 = log.try_clone().expect("log");
-        let mut child = Command::new("rsyslogd")
+        let child = Command::new("rsyslogd")
             .arg("-n")
             .arg("-f")
             .arg(&self.conf)

@@ -109,6 +109,9 @@ impl Output for HecOutput {
     }
 
     async fn deliver(&mut self, batch: &[Record]) -> Delivery {
+        if batch.is_empty() {
+            return Delivery::default();
+        }
         let body = self.body(batch);
         let headers = [
             ("Authorization", format!("Splunk {}", self.token)),
@@ -127,8 +130,12 @@ impl Output for HecOutput {
             200..=299 => Delivery::all(batch.len()),
             400 => {
                 let at = invalid.unwrap_or(0).min(batch.len().saturating_sub(1));
-                let refused = if invalid.is_some() { 1 } else { batch.len() };
-                for r in &batch[at..at + refused] {
+                let refused = if invalid.is_some() {
+                    1
+                } else {
+                    batch.len() - at
+                };
+                for r in batch.iter().skip(at).take(refused) {
                     warn!(
                         "HEC {} refused event {}: {text}; dropped",
                         self.target(),
@@ -157,7 +164,7 @@ impl Output for HecOutput {
                 warn!(
                     "HEC {} refused event {} as too large; dropped",
                     self.target(),
-                    batch[0].id
+                    batch.first().map_or("?", |r| r.id.as_str())
                 );
                 Delivery {
                     rejected: 1,

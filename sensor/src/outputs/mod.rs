@@ -1019,6 +1019,88 @@ url = "http://127.0.0.1:9000/hook"
         assert_eq!(backoff(30, max), max);
     }
 
+    /// Fails its first `fail` attempts, refuses records whose id is in `refuse`.
+    struct Flaky {
+        fail: usize,
+        refuse: Vec<String>,
+        got: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Output for Flaky {
+        fn batch_max(&self) -> usize {
+            2
+        }
+
+        async fn deliver(&mut self, batch: &[Record]) -> Delivery {
+            if self.fail > 0 {
+                self.fail -= 1;
+                return Delivery::failed(0, OutputError::Protocol("receiver down".into()));
+            }
+            let mut got = self.got.lock().expect("lock");
+            for (i, r) in batch.iter().enumerate() {
+                if self.refuse.contains(&r.id) {
+                    return Delivery {
+                        sent: i,
+                        rejected: 1,
+                        ..Delivery::default()
+                    };
+                }
+                got.push(r.id.clone());
+            }
+            Delivery::all(batch.len())
+        }
+    }
+
+    async fn drive(out: Flaky, n: u32) -> (Vec<String>, OutputStats) {
+        let got = out.got.clone();
+        let stats: SharedStats = Arc::default();
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(worker(
+            out,
+            spool::Spool::memory(1 << 20),
+            rx,
+            stats.clone(),
+            Duration::from_millis(20),
+        ));
+        for i in 1..=n {
+            let mut r = record("address", "10.0.0.1");
+            r.id = format!("e{i}");
+            tx.send(r).await.expect("send");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = stats.lock().expect("lock").clone();
+            if s.sent + s.dropped == u64::from(n) && s.pending == 0 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "stuck: {s:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(tx);
+        task.await.expect("worker");
+        let s = stats.lock().expect("lock").clone();
+        let got = got.lock().expect("lock").clone();
+        (got, s)
+    }
+
+    #[tokio::test]
+    async fn worker_retries_in_order_and_counts() {
+        let out = Flaky {
+            fail: 3,
+            refuse: vec!["e3".into()],
+            got: Arc::default(),
+        };
+        let (got, s) = drive(out, 5).await;
+        assert_eq!(
+            got,
+            ["e1", "e2", "e4", "e5"],
+            "in order, the refused one dropped"
+        );
+        assert_eq!((s.sent, s.retried, s.spooled), (4, 3, 5));
+        assert_eq!((s.dropped, s.rejected), (1, 1));
+        assert_eq!(s.last_error.as_deref(), Some("receiver down"));
+    }
+
     #[test]
     fn counters_follow_the_alert_window() {
         let r = record("address", "10.0.0.1");
