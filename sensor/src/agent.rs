@@ -249,6 +249,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("cannot start the metrics listener")?,
         )
     };
+    // SIEM outputs, each a task of its own behind a bounded queue (see outputs/mod.rs); a
+    // missing token file or CA file fails here, before the kernel is touched.
+    let outputs = crate::outputs::Outputs::start(&config.outputs, &config.state.dir)
+        .context("cannot start the outputs")?;
+    outputs.register();
     if args.fresh {
         info!(
             "--fresh: discarding saved state in {}",
@@ -310,10 +315,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Now::set_scale(config.detect.time_scale);
     }
     let detector = Detector::new(detect_settings(&config)?, detector_state);
-    // SIEM outputs: each a task of its own behind a bounded queue (see outputs/mod.rs).
-    let outputs = crate::outputs::Outputs::start(&config.outputs, &config.state.dir)
-        .context("cannot start the outputs")?;
-    outputs.register();
     let alerts_file = alerts_path(&config);
     let state: SharedState = Arc::new(Mutex::new(AgentState {
         table,
