@@ -38,7 +38,7 @@ use crate::detect::{Alert, AlertEvent};
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
     #[error("{0}: {1}")]
-    Io(String, #[source] std::io::Error),
+    Io(String, std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("{0}")]
