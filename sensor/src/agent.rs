@@ -304,6 +304,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("cannot start the metrics listener")?,
         )
     };
+    // SIEM outputs, each a task of its own behind a bounded queue (see outputs/mod.rs); a
+    // missing token file or CA file fails here, before the kernel is touched.
+    let outputs = crate::outputs::Outputs::start(&config.outputs, &config.state.dir)
+        .context("cannot start the outputs")?;
+    outputs.register();
     if args.fresh {
         info!(
             "--fresh: discarding saved state in {}",
@@ -453,6 +458,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     detector.evaluate(agg, Now::system())
                 };
                 record_alerts(&alerts_path(&pipeline.config), &events);
+                outputs.publish(&events);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -474,6 +480,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(closed);
     drop(pipeline.requests);
     pipeline.capture.detach();
+    // Undelivered events stay in the outputs' spools for the next start.
+    outputs.shutdown(Duration::from_secs(2)).await;
     let _ = std::fs::remove_file(&config.api.socket);
     Ok(())
 }

@@ -64,6 +64,8 @@ struct Health<'a> {
     closed_connections_total: u64,
     loss: std::collections::BTreeMap<&'static str, u64>,
     clients: ClientsHealth,
+    /// Per SIEM output: sent, retried, spooled, pending, dropped, last error.
+    outputs: Vec<crate::outputs::OutputStats>,
 }
 
 /// How much of the per-client state is exact, and what was folded away.
@@ -210,6 +212,7 @@ pub fn route_request(
                     total_bytes_out: a.grand_total().bytes_out,
                     total_requests: a.grand_total().requests,
                 },
+                outputs: crate::outputs::health(),
             }))
         }
         _ => Err((404, "no such endpoint".into())),

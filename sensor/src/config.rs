@@ -46,6 +46,9 @@ pub struct Config {
     pub identity: Identity,
     #[serde(default)]
     pub detect: Detect,
+    /// SIEM outputs (`[[outputs]]`), none by default: see docs/outputs.md.
+    #[serde(default)]
+    pub outputs: Vec<crate::outputs::OutputConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -266,6 +269,12 @@ impl Config {
             line: find_key_line(text, key),
             key: Some(key.to_owned()),
             message,
+        })?;
+        crate::outputs::validate(&config.outputs).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            line: crate::outputs::locate(text, e.index, e.key),
+            key: Some(e.key.to_owned()),
+            message: e.to_string(),
         })?;
         Ok(config)
     }
@@ -532,6 +541,39 @@ mod tests {
                     when = [{ metric = \"requests\", op = \">\", value = 1 }]\n";
         let err = Config::parse(text, "s.toml").unwrap_err();
         assert_eq!((err.line, err.key.as_deref()), (5, Some("severity")));
+    }
+
+    #[test]
+    fn output_errors_name_file_line_and_key() {
+        let text = "[detect]\ntime_scale = 10\n\n[[outputs]]\ntype = \"ecs-file\"\npath = \"/tmp/e.jsonl\"\n\n\
+                    [[outputs]]\ntype = \"syslog\"\naddress = \"127.0.0.1:514\"\nprotocol = \"quic\"\n";
+        let err = Config::parse(text, "/etc/sensor/sensor.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (11, Some("protocol")));
+        assert!(
+            err.to_string()
+                .starts_with("/etc/sensor/sensor.toml:11: key `protocol`: outputs[1]"),
+            "{err}"
+        );
+        // A type error inside an output table, and an unknown key.
+        let err = Config::parse(
+            "[[outputs]]\ntype = \"hec\"\nbatch_max_events = \"many\"\n",
+            "s.toml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (3, Some("batch_max_events"))
+        );
+        let err =
+            Config::parse("[[outputs]]\ntype = \"hec\"\nurll = \"x\"\n", "s.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (3, Some("urll")));
+        // A required key that is missing points at its table.
+        let err =
+            Config::parse("[api]\n\n[[outputs]]\ntype = \"webhook\"\n", "s.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (3, Some("url")));
+        let ok = Config::parse(text.replace("quic", "tls").as_str(), "s.toml").expect("valid");
+        assert_eq!(ok.outputs.len(), 2);
+        assert!(Config::embedded().expect("embedded").outputs.is_empty());
     }
 
     #[test]

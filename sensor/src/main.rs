@@ -10,6 +10,7 @@ mod conntable;
 mod detect;
 mod identity;
 mod metrics;
+mod outputs;
 mod report;
 mod service;
 mod state;

@@ -35,6 +35,12 @@ const APT_PACKAGES: &[&str] = &[
     // systemd tests: a booted Debian tree (systemd-nspawn) built with debootstrap.
     "systemd-container",
     "debootstrap",
+    // SIEM output tests: real receivers (rsyslog with TLS, liblognorm's CEF parser), and
+    // openssl for their test certificates.
+    "rsyslog",
+    "rsyslog-gnutls",
+    "liblognorm-utils",
+    "openssl",
 ];
 /// cargo-deb builds the .deb (`cargo xtask deb`).
 const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -188,8 +194,13 @@ fn build_deb() -> anyhow::Result<PathBuf> {
     Ok(deb)
 }
 
-/// Python packages from PyPI the tests drive as real peers (the OpenAI SDK), in a venv.
-const PYTHON_PACKAGES: &[&str] = &["openai"];
+/// Python packages from PyPI the tests drive as real peers (the OpenAI SDK) or use as
+/// checkers (the OCSF schema and a JSON Schema validator), in a venv: (pip name, module).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("openai", "openai"),
+    ("ocsf-json-schema", "ocsf_json_schema"),
+    ("jsonschema", "jsonschema"),
+];
 
 fn venv() -> PathBuf {
     env::var_os("HOME")
@@ -203,9 +214,9 @@ fn setup_python() -> anyhow::Result<()> {
     if !python.exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    let missing = PYTHON_PACKAGES.iter().any(|p| {
+    let missing = PYTHON_PACKAGES.iter().any(|(_, module)| {
         !Command::new(&python)
-            .args(["-c", &format!("import {p}")])
+            .args(["-c", &format!("import {module}")])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
@@ -213,7 +224,7 @@ fn setup_python() -> anyhow::Result<()> {
     if missing {
         run(Command::new(venv.join("bin/pip"))
             .args(["install", "-q"])
-            .args(PYTHON_PACKAGES))?;
+            .args(PYTHON_PACKAGES.iter().map(|(name, _)| name)))?;
     }
     Ok(())
 }
@@ -235,9 +246,9 @@ fn setup_packages() -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    // The packages' own nginx and Prometheus services are not used: tests run their own nginx
-    // instances, and only promtool of the prometheus package.
-    for service in ["nginx", "prometheus"] {
+    // The packages' own nginx, Prometheus and rsyslog services are not used: tests run their
+    // own nginx and rsyslogd instances, and only promtool of the prometheus package.
+    for service in ["nginx", "prometheus", "rsyslog"] {
         let _ = Command::new("systemctl")
             .args(["disable", "--now", service])
             .output();
