@@ -23,6 +23,18 @@ pub enum Command {
     Conns(ConnsArgs),
     /// Per-client counters (one-shot table or JSON).
     Clients(ClientsArgs),
+    /// Benchmark helper (`cargo xtask bench`): fills the per-client aggregation with synthetic
+    /// clients, prints one JSON line, then waits for stdin to close so the caller can read this
+    /// process's memory.
+    #[command(hide = true)]
+    BenchAggregate(BenchAggregateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchAggregateArgs {
+    /// Distinct client addresses to aggregate (the table bound is raised to hold them all).
+    #[arg(long, value_name = "N")]
+    pub keys: usize,
 }
 
 #[derive(Debug, clap::Args)]

@@ -3,6 +3,7 @@
 mod agent;
 mod aggregate;
 mod api;
+mod benchagg;
 mod capture;
 mod cli;
 mod config;
@@ -25,5 +26,6 @@ fn main() -> anyhow::Result<()> {
             .block_on(agent::run(args)),
         cli::Command::Conns(args) => views::conns(&args),
         cli::Command::Clients(args) => views::clients(&args),
+        cli::Command::BenchAggregate(args) => benchagg::run(&args),
     }
 }

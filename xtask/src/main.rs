@@ -1,4 +1,4 @@
-//! Developer and CI tasks: `cargo xtask setup | build | run | test`.
+//! Developer and CI tasks: `cargo xtask setup | build | run | test | bench`.
 //!
 //! `setup` installs everything a fresh machine lacks, idempotently and quickly on a second run:
 //! Debian packages the tests drive, the pinned nightly with rust-src (kernel crate), and
@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 /// Must match `EBPF_TOOLCHAIN` in sensor/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
@@ -31,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "prometheus",
 ];
+/// Debian packages only `cargo xtask bench` needs (wrk, nginx and bpftool are above).
+const BENCH_PACKAGES: &[&str] = &["iperf3"];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -53,6 +57,9 @@ enum Task {
     },
     /// Set up, then run every check and test; privileged tests must run, never skip.
     Test,
+    /// Set up, build, and measure the sensor's overhead on this machine (needs root; a few
+    /// minutes); writes the results into BENCHMARKS.md.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +84,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test => test(),
+        Task::Bench(opts) => {
+            setup_packages(BENCH_PACKAGES)?;
+            setup()?;
+            build_release()?;
+            bench::run(&opts, &workspace_root())
+        }
     }
 }
 
@@ -103,12 +116,12 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 fn setup() -> anyhow::Result<()> {
-    setup_packages()?;
+    setup_packages(APT_PACKAGES)?;
     setup_toolchain()
 }
 
-fn setup_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn setup_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -124,9 +137,9 @@ fn setup_packages() -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    // The packages' own nginx and Prometheus services are not used: tests run their own nginx
-    // instances, and only promtool of the prometheus package.
-    for service in ["nginx", "prometheus"] {
+    // The packages' own nginx, Prometheus and iperf3 services are not used: tests and the bench
+    // run their own instances, and only promtool of the prometheus package.
+    for service in ["nginx", "prometheus", "iperf3"] {
         let _ = Command::new("systemctl")
             .args(["disable", "--now", service])
             .output();
