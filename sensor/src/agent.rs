@@ -26,7 +26,7 @@ use crate::{
     config::Config,
     conntable::{ConnTable, socket_addr},
     metrics,
-    state::{self, Snapshot},
+    state::{self, SnapshotRef},
 };
 
 /// How long the agent lets ring buffer records gather after a wakeup before it drains them.
@@ -129,21 +129,28 @@ impl Pipeline {
     /// Writes the state, then lets the kernel forget the closed connections it accounts.
     fn snapshot(&mut self) -> anyhow::Result<()> {
         let now = Now::system();
-        let (snapshot, reaped) = {
+        // Encoded under the lock, straight from the live aggregates (no copy of them).
+        let (encoded, reaped) = {
             let mut s = self.lock()?;
             let reaped = s.table.take_unreaped();
             s.table.expire_tombstones(now);
-            let snapshot = Snapshot {
+            let encoded = state::encode(&SnapshotRef {
                 version: state::SNAPSHOT_VERSION,
-                boot_id: self.boot_id.clone(),
-                instance: self.capture.instance.clone(),
+                boot_id: &self.boot_id,
+                instance: &self.capture.instance,
                 saved_unix_ms: now.unix_ms,
-                agg: s.agg.clone(),
+                agg: &s.agg,
                 conns: s.table.state(),
-            };
-            (snapshot, reaped)
+            });
+            match encoded {
+                Ok(encoded) => (encoded, reaped),
+                Err(e) => {
+                    s.table.restore_unreaped(reaped);
+                    return Err(e);
+                }
+            }
         };
-        if let Err(e) = state::save(&self.config.state.dir, &snapshot) {
+        if let Err(e) = state::save(&self.config.state.dir, &encoded) {
             // Keep the records in the kernel until a snapshot holds them.
             let mut s = self.lock()?;
             s.table.restore_unreaped(reaped);
