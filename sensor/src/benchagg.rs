@@ -3,7 +3,8 @@
 //!
 //! Every synthetic client goes through the agent's own aggregation path, as one short HTTP
 //! connection does: opened with its counters, one request event, closed. The table bound is
-//! raised to N so nothing is folded. No packet is sent.
+//! N unless `--max-clients` sets it (then the lightest clients are folded as in the agent). No
+//! packet is sent.
 
 use std::{
     io::{Read as _, Write as _},
@@ -27,7 +28,8 @@ pub fn run(args: &BenchAggregateArgs) -> anyhow::Result<()> {
         "--keys: at most {MAX_KEYS} synthetic clients"
     );
     let started = Instant::now();
-    let mut agg = Aggregator::new(args.keys.max(1), 24, 56);
+    let max_clients = args.max_clients.unwrap_or(args.keys).max(1);
+    let mut agg = Aggregator::new(max_clients, 24, 56);
     let now = Now::system();
     let base = u32::from(Ipv4Addr::new(127, 0, 0, 1));
     for i in 0..args.keys {
@@ -56,6 +58,7 @@ pub fn run(args: &BenchAggregateArgs) -> anyhow::Result<()> {
     let fill_ms = started.elapsed().as_millis();
     let report = serde_json::json!({
         "keys": args.keys,
+        "max_clients": max_clients,
         "tracked_addresses": agg.addresses.clients.len(),
         "tracked_groups": agg.groups.clients.len(),
         "folded_addresses": agg.addresses.folded.clients,

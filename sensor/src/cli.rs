@@ -32,9 +32,12 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchAggregateArgs {
-    /// Distinct client addresses to aggregate (the table bound is raised to hold them all).
+    /// Distinct client addresses to aggregate.
     #[arg(long, value_name = "N")]
     pub keys: usize,
+    /// The table bound (`[clients] max_clients`); default: N, so every client stays exact.
+    #[arg(long, value_name = "M")]
+    pub max_clients: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -54,9 +54,14 @@ pub struct Options {
     /// Poll-latency trials per connection kind.
     #[arg(long, default_value_t = 10)]
     pub latency_trials: usize,
-    /// Distinct client keys for the aggregation-memory measurement (comma separated).
+    /// Distinct client keys for the aggregation-memory measurement, all held exactly (comma
+    /// separated).
     #[arg(long, value_delimiter = ',', default_value = "0,10000,100000,1000000")]
     pub keys: Vec<usize>,
+    /// Distinct client keys sent through the agent's default bound (10 000 exact clients,
+    /// the rest folded); 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub bounded_keys: usize,
     /// Phases to run (comma separated): ab, bpf, load, latency, memory; and `profile` (not by
     /// default): the agent under valgrind's callgrind during the keep-alive load, output in
     /// target/bench/. The report is only written when all five measurements ran.
@@ -70,6 +75,9 @@ pub struct Options {
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
 }
+
+/// `[clients] max_clients` of the embedded default configuration.
+const DEFAULT_MAX_CLIENTS: usize = 10_000;
 
 const PHASES: [&str; 5] = ["ab", "bpf", "load", "latency", "memory"];
 
@@ -136,6 +144,8 @@ pub struct LoadRow {
 #[derive(Debug, Clone, Default)]
 pub struct MemoryRow {
     pub keys: usize,
+    /// The table bound when not every key is held (None: all exact).
+    pub bound: Option<usize>,
     pub tracked_addresses: u64,
     pub tracked_groups: u64,
     pub rss_kib: u64,
@@ -851,10 +861,19 @@ impl Bench<'_> {
 
     /// The aggregation's memory with N distinct clients, in a child process measured from here.
     fn aggregate_memory(&self, results: &mut Results) -> anyhow::Result<()> {
-        for &keys in &self.opts.keys {
+        let mut runs: Vec<(usize, Option<usize>)> =
+            self.opts.keys.iter().map(|k| (*k, None)).collect();
+        if self.opts.bounded_keys > 0 {
+            runs.push((self.opts.bounded_keys, Some(DEFAULT_MAX_CLIENTS)));
+        }
+        for (keys, bound) in runs {
             check_interrupted()?;
-            let child = Command::new(&self.bin)
-                .args(["bench-aggregate", "--keys", &keys.to_string()])
+            let mut cmd = Command::new(&self.bin);
+            cmd.args(["bench-aggregate", "--keys", &keys.to_string()]);
+            if let Some(bound) = bound {
+                cmd.args(["--max-clients", &bound.to_string()]);
+            }
+            let child = cmd
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -880,6 +899,7 @@ impl Bench<'_> {
             let pid = proc_.pid();
             let row = MemoryRow {
                 keys,
+                bound,
                 tracked_addresses: v["tracked_addresses"].as_u64().unwrap_or(0),
                 tracked_groups: v["tracked_groups"].as_u64().unwrap_or(0),
                 rss_kib: procs::status_kib(pid, "VmRSS")?,

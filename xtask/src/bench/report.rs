@@ -276,7 +276,7 @@ pub fn render(r: &Results) -> String {
         .iter()
         .find(|x| x.keys == 0)
         .map_or(0, |x| x.rss_kib);
-    for row in &r.memory {
+    for row in r.memory.iter().filter(|x| x.bound.is_none()) {
         let per = if row.keys > 0 {
             format!(
                 "{:.0} B",
@@ -309,6 +309,21 @@ pub fn render(r: &Results) -> String {
             } else {
                 ""
             }
+        );
+    }
+    for row in r.memory.iter().filter(|x| x.bound.is_some()) {
+        let _ = writeln!(
+            out,
+            "\nWith the default bound (`[clients] max_clients` = {}), {} distinct clients \
+             through the same code leave {} exact address entries and {} groups (the rest is \
+             folded into the counted remainder): RSS {:.1} MiB (peak {:.1} MiB), {} ms.",
+            row.bound.unwrap_or_default(),
+            row.keys,
+            row.tracked_addresses,
+            row.tracked_groups,
+            mib(row.rss_kib),
+            mib(row.hwm_kib),
+            row.fill_ms
         );
     }
 
