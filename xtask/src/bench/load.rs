@@ -51,6 +51,8 @@ impl Outcome {
 }
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on opening every keep-alive client's connection.
+const CONNECT_ALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn connect_from(src: Ipv4Addr, target: SocketAddrV4) -> anyhow::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
@@ -115,9 +117,17 @@ impl KeepAlive {
     pub fn connect(spec: &Spec) -> anyhow::Result<Self> {
         let threads = spec.threads.max(1);
         let mut pools: Vec<Vec<Option<TcpStream>>> = (0..threads).map(|_| Vec::new()).collect();
+        let deadline = Instant::now() + CONNECT_ALL_TIMEOUT;
         for i in 0..spec.clients {
             if i % 500 == 0 {
                 check_interrupted()?;
+                if Instant::now() > deadline {
+                    bail!(
+                        "opening {} client connections took over {CONNECT_ALL_TIMEOUT:?} \
+                         ({i} open)",
+                        spec.clients
+                    );
+                }
             }
             let stream = connect_from(client_addr(i), spec.target)
                 .with_context(|| format!("client {i} ({}) connecting", client_addr(i)))?;

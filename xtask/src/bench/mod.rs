@@ -37,10 +37,10 @@ use procs::{Agent, AgentSpec, Cgroup, Proc, Sysctl, TempDir, check_interrupted, 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
     /// A/B rounds (each: every workload without, then with the sensor).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     pub rounds: usize,
     /// Seconds per iperf3 / wrk measurement.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 4)]
     pub seconds: u64,
     /// Distinct client addresses of the agent-CPU load.
     #[arg(long, default_value_t = 10_000)]
@@ -418,6 +418,11 @@ fn prog_stats(id: u64) -> anyhow::Result<(u64, u64)> {
     ))
 }
 
+/// Rounds of the BPF-statistics phase (its figures vary little between rounds).
+pub fn bpf_rounds(opts: &Options) -> usize {
+    opts.rounds.min(5)
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
@@ -569,49 +574,52 @@ impl Bench<'_> {
         })
     }
 
-    fn workloads(&self, secs: u64) -> anyhow::Result<Round> {
-        Ok(Round {
-            iperf_gbps: self.iperf(secs)?,
-            keep_alive: self.wrk(false, secs)?,
-            close: self.wrk(true, secs)?,
-        })
-    }
-
-    /// A B A B: every workload without, then with the sensor, `rounds` times.
+    /// A B A B: in each round, each workload runs without, then right after with the sensor
+    /// (the agent started for it and stopped after it), so the two sides of a pair are seconds
+    /// apart and share the machine's background load as far as possible.
     fn ab_rounds(&self, results: &mut Results) -> anyhow::Result<()> {
         for round in 1..=self.opts.rounds {
-            for with in [false, true] {
-                check_interrupted()?;
-                let agent = if with {
-                    Some(self.agent()?)
-                } else {
-                    let attached = attached_programs(&self.cgroup.path)?;
-                    anyhow::ensure!(
-                        attached.is_empty(),
-                        "programs still attached without the agent: {attached:?}"
-                    );
-                    None
-                };
-                procs::sleep(Duration::from_millis(500))?;
-                let r = self.workloads(self.opts.seconds)?;
-                if let Some(agent) = agent {
-                    agent.stop()?;
-                }
-                eprintln!(
-                    "bench: round {round}/{} {}: iperf3 {:.2} Gbit/s, keep-alive {:.0} req/s, \
-                     new connections {:.0} req/s",
-                    self.opts.rounds,
-                    if with { "with   " } else { "without" },
-                    r.iperf_gbps,
-                    r.keep_alive.rps,
-                    r.close.rps
-                );
-                if with {
-                    results.with.push(r);
-                } else {
-                    results.without.push(r);
+            let mut pair = [Round::default(), Round::default()];
+            for workload in 0..3 {
+                for (side, with) in [false, true].into_iter().enumerate() {
+                    check_interrupted()?;
+                    let agent = if with {
+                        Some(self.agent()?)
+                    } else {
+                        let attached = attached_programs(&self.cgroup.path)?;
+                        anyhow::ensure!(
+                            attached.is_empty(),
+                            "programs still attached without the agent: {attached:?}"
+                        );
+                        None
+                    };
+                    procs::sleep(Duration::from_millis(300))?;
+                    let secs = self.opts.seconds;
+                    let r = &mut pair[side];
+                    match workload {
+                        0 => r.iperf_gbps = self.iperf(secs)?,
+                        1 => r.keep_alive = self.wrk(false, secs)?,
+                        _ => r.close = self.wrk(true, secs)?,
+                    }
+                    if let Some(agent) = agent {
+                        agent.stop()?;
+                    }
                 }
             }
+            let [without, with] = pair;
+            eprintln!(
+                "bench: round {round}/{} without / with: iperf3 {:.2} / {:.2} Gbit/s, keep-alive \
+                 {:.0} / {:.0} req/s, new connections {:.0} / {:.0} req/s",
+                self.opts.rounds,
+                without.iperf_gbps,
+                with.iperf_gbps,
+                without.keep_alive.rps,
+                with.keep_alive.rps,
+                without.close.rps,
+                with.close.rps
+            );
+            results.without.push(without);
+            results.with.push(with);
         }
         Ok(())
     }
@@ -636,7 +644,8 @@ impl Bench<'_> {
             );
         }
         let secs = self.opts.seconds.min(3);
-        for round in 1..=self.opts.rounds {
+        let rounds = bpf_rounds(self.opts);
+        for round in 1..=rounds {
             for workload in ["iperf3", "wrk keep-alive", "wrk new connection"] {
                 check_interrupted()?;
                 let before: Vec<(u64, u64)> = progs
@@ -675,7 +684,7 @@ impl Bench<'_> {
                         });
                 }
             }
-            eprintln!("bench: BPF statistics round {round}/{}", self.opts.rounds);
+            eprintln!("bench: BPF statistics round {round}/{rounds}");
         }
         agent.stop()?;
         Ok(())

@@ -77,7 +77,12 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Outpu
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        if Instant::now() >= deadline || interrupted() {
+        if interrupted() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("interrupted (stopped {cmd:?})");
+        }
+        if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
             bail!("{cmd:?} did not finish within {timeout:?} (killed)");

@@ -46,15 +46,22 @@ fn ratio(with: &[f64], without: &[f64]) -> f64 {
     median(with) / median(without)
 }
 
+/// Median of the per-round ratios with / without.
+fn paired(with: &[f64], without: &[f64]) -> f64 {
+    let ratios: Vec<f64> = with.iter().zip(without).map(|(b, a)| b / a).collect();
+    median(&ratios)
+}
+
 fn wrk_rows(out: &mut String, r: &Results, label: &str, pick: fn(&Round) -> Wrk) {
     let rps = |v: &[Round]| series(v, |x| pick(x).rps);
     let (a, b) = (rps(&r.without), rps(&r.with));
     let q = ratio(&b, &a);
     let _ = writeln!(
         out,
-        "| {label}: requests/s | {} | {} | **{q:.3}** | ≥ {WRK_RATIO_TARGET} | {} |",
+        "| {label}: requests/s | {} | {} | **{q:.3}** ({:.3}) | ≥ {WRK_RATIO_TARGET} | {} |",
         spread(&a, 0),
         spread(&b, 0),
+        paired(&b, &a),
         verdict(q >= WRK_RATIO_TARGET)
     );
     for (name, f) in [
@@ -68,10 +75,11 @@ fn wrk_rows(out: &mut String, r: &Results, label: &str, pick: fn(&Round) -> Wrk)
         );
         let _ = writeln!(
             out,
-            "| {label}: latency {name}, µs | {} | {} | {:.3} | | |",
+            "| {label}: latency {name}, µs | {} | {} | {:.3} ({:.3}) | | |",
             spread(&a, 0),
             spread(&b, 0),
-            ratio(&b, &a)
+            ratio(&b, &a),
+            paired(&b, &a)
         );
     }
     let errors: u64 = r
@@ -126,10 +134,11 @@ pub fn render(r: &Results) -> String {
 
     let _ = writeln!(
         out,
-        "### Data path with and without the sensor\n\n{} rounds A B A B (A = no program \
-         attached, B = agent running), {} s per measurement; median (min–max) over the rounds; \
-         ratio = median with / median without. wrk: {} thread, {} connections, {} B reply from \
-         nginx (2 workers).\n",
+        "### Data path with and without the sensor\n\n{} rounds; in each, every workload runs \
+         without (no program attached), then right after with the sensor (agent running), {} s \
+         each; median (min–max) over the rounds; ratio = median with / median without, and in \
+         brackets the median of the per-round ratios (each pair seconds apart). wrk: {} thread, \
+         {} connections, {} B reply from nginx (2 workers).\n",
         o.rounds,
         o.seconds,
         super::WRK_THREADS,
@@ -148,9 +157,10 @@ pub fn render(r: &Results) -> String {
     let q = ratio(&b, &a);
     let _ = writeln!(
         out,
-        "| iperf3 loopback, one stream: Gbit/s | {} | {} | **{q:.3}** | ≥ {IPERF_RATIO_TARGET} | {} |",
+        "| iperf3 loopback, one stream: Gbit/s | {} | {} | **{q:.3}** ({:.3}) | ≥ {IPERF_RATIO_TARGET} | {} |",
         spread(&a, 2),
         spread(&b, 2),
+        paired(&b, &a),
         verdict(q >= IPERF_RATIO_TARGET)
     );
     wrk_rows(&mut out, r, "wrk keep-alive", |x| x.keep_alive);
@@ -165,7 +175,7 @@ pub fn render(r: &Results) -> String {
          cgroup_skb program (`return allow`) attached beside the sensor's during the same windows: \
          the floor any program pays here.\n",
         o.seconds.min(3),
-        o.rounds
+        super::bpf_rounds(o)
     );
     let workloads = ["iperf3", "wrk keep-alive", "wrk new connection"];
     let _ = writeln!(
@@ -333,8 +343,8 @@ pub fn render(r: &Results) -> String {
          address per trial sends one request; the bench then runs the real `sensor clients \
          --json` every ~5 ms until that address shows the request (agent defaults: map poll every \
          1000 ms). The connection is either kept open (seen by the next map poll) or closed by \
-         the server after the reply (seen through the close ring buffer at once). Includes the \
-         CLI's own run time.\n"
+         the server after the reply (seen through the close ring buffer, which the agent drains \
+         50 ms after a wakeup). Includes the CLI's own run time.\n"
     );
     let _ = writeln!(
         out,
