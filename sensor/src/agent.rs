@@ -271,18 +271,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!("sensor running");
     loop {
         tokio::select! {
+            // Either ring waking the agent drains both after RING_BATCH: a request's event and
+            // its connection's close record, moments apart, share one delay.
             guard = closed.readable_mut() => {
                 let mut guard = guard.context("close ring buffer")?;
-                // Batch: see RING_BATCH.
                 tokio::time::sleep(RING_BATCH).await;
                 pipeline.drain_closed(guard.get_inner_mut())?;
                 guard.clear_ready();
+                pipeline.drain_requests(requests.get_mut())?;
             }
             guard = requests.readable_mut() => {
                 let mut guard = guard.context("request ring buffer")?;
                 tokio::time::sleep(RING_BATCH).await;
                 pipeline.drain_requests(guard.get_inner_mut())?;
                 guard.clear_ready();
+                pipeline.drain_closed(closed.get_mut())?;
             }
             _ = poll.tick() => pipeline.poll()?,
             _ = save.tick() => {
