@@ -117,6 +117,9 @@ pub struct Round {
     pub iperf_gbps: f64,
     pub keep_alive: Wrk,
     pub close: Wrk,
+    /// The agent's CPU (% of one core) during iperf3, wrk keep-alive and wrk new connection
+    /// (with the sensor only).
+    pub agent_cpu_pct: [f64; 3],
 }
 
 /// Per-run BPF cost of one program in one workload window.
@@ -350,7 +353,8 @@ fn machine(root: &Path) -> Machine {
             .current_dir(root),
     )
     .lines()
-    .any(|l| l.get(3..) != Some("BENCHMARKS.md"));
+    .filter_map(|l| l.trim_start().split_once(' ').map(|(_, path)| path.trim()))
+    .any(|path| path != "BENCHMARKS.md");
     Machine {
         cores: std::thread::available_parallelism().map_or(0, usize::from),
         cpu,
@@ -597,11 +601,20 @@ impl Bench<'_> {
                     };
                     procs::sleep(Duration::from_millis(300))?;
                     let secs = self.opts.seconds;
+                    let cpu0 = match &agent {
+                        Some(a) => Some((procs::cpu_seconds(a.pid())?, Instant::now())),
+                        None => None,
+                    };
                     let r = &mut pair[side];
                     match workload {
                         0 => r.iperf_gbps = self.iperf(secs)?,
                         1 => r.keep_alive = self.wrk(false, secs)?,
                         _ => r.close = self.wrk(true, secs)?,
+                    }
+                    if let (Some(a), Some(((u0, s0), t0))) = (&agent, cpu0) {
+                        let (u1, s1) = procs::cpu_seconds(a.pid())?;
+                        r.agent_cpu_pct[workload] =
+                            100.0 * ((u1 - u0) + (s1 - s0)) / t0.elapsed().as_secs_f64();
                     }
                     if let Some(agent) = agent {
                         agent.stop()?;

@@ -166,6 +166,16 @@ pub fn render(r: &Results) -> String {
     );
     wrk_rows(&mut out, r, "wrk keep-alive", |x| x.keep_alive);
     wrk_rows(&mut out, r, "wrk new connection per request", |x| x.close);
+    let agent_cpu = |i: usize| median(&series(&r.with, |x| x.agent_cpu_pct[i]));
+    let _ = writeln!(
+        out,
+        "\nThe agent's own CPU during the runs with the sensor (median, % of one of the \
+         machine's two cores): iperf3 {:.1} %, wrk keep-alive {:.1} %, wrk new connection \
+         {:.1} %. It competes with the workload for the same cores.",
+        agent_cpu(0),
+        agent_cpu(1),
+        agent_cpu(2)
+    );
 
     let _ = writeln!(
         out,
