@@ -48,9 +48,13 @@ const AF_INET: u16 = 2;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_HOPOPTS: u8 = 0;
 const IPV6_HEADER_LEN: usize = 40;
 // Copy sizes are powers of two so that `load_into` can bound lengths with a mask.
 const _: () = assert!(HEAD_MAX.is_power_of_two() && SSE_SCAN_MAX.is_power_of_two());
+/// Largest header length before TCP that is parsed: an IPv6 header and a hop-by-hop header of
+/// up to 64 bytes (BIG TCP's is 8); IPv4 headers are at most 60.
+const MAX_L4_OFFSET: usize = IPV6_HEADER_LEN + 64;
 /// Attempts at the compare-and-swap that advances a byte counter; two CPUs racing on one
 /// direction of one connection is rare, three rounds always settle it in practice.
 const CAS_ATTEMPTS: usize = 3;
@@ -326,9 +330,22 @@ pub fn sensor_egress(ctx: SkBuffContext) -> i32 {
     ALLOW
 }
 
-/// The one bounds-checked read from the packet: bpf_skb_load_bytes fails instead of reading
-/// past the end, also for non-linear (paged, GSO) buffers.
-fn load<T>(ctx: &SkBuffContext, offset: usize) -> Result<T, Unparsed> {
+/// Reads a `T` at `offset` from the packet (which starts at the network header).
+///
+/// Headers are in the buffer's linear part on every path the programs see, so the read is
+/// direct (bounds-checked against `data_end`, no helper call). Anything outside the linear
+/// part (payload in paged fragments of a large or GSO buffer) is read with
+/// bpf_skb_load_bytes, which fails instead of reading past the end.
+#[inline(always)]
+fn load<T: Copy>(ctx: &SkBuffContext, offset: usize) -> Result<T, Unparsed> {
+    let skb = ctx.skb.skb;
+    // SAFETY: context pointer; data and data_end are readable by cgroup_skb programs.
+    let (start, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    if start + offset + core::mem::size_of::<T>() <= end {
+        // SAFETY: the verifier-checked range [start + offset, + size_of::<T>()) lies inside
+        // the linear packet data, which stays valid while the program runs.
+        return Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
     ctx.load::<T>(offset).map_err(|_| Unparsed)
 }
 
@@ -345,29 +362,43 @@ fn parse(ctx: &SkBuffContext) -> Result<Segment, Unparsed> {
     let skb = ctx.skb.skb;
     // SAFETY: skb is the context pointer; these __sk_buff fields are readable by cgroup_skb.
     let (protocol, gso_segs) = unsafe { ((*skb).protocol, (*skb).gso_segs) };
+    // Multi-byte reads only: the verifier cannot follow the bounds check LLVM emits for a
+    // single-byte direct read (`data_end > ptr`), and fewer reads are cheaper anyway.
     let l4_offset = if protocol == u32::from(ETH_P_IP.to_be()) {
-        let version_ihl: u8 = load(ctx, 0)?;
-        let proto: u8 = load(ctx, 9)?;
-        if proto != IPPROTO_TCP {
+        // Version/IHL at 0, protocol at 9.
+        let ip: [u8; 10] = load(ctx, 0)?;
+        if ip[9] != IPPROTO_TCP {
             return Err(Unparsed);
         }
-        usize::from(version_ihl & 0x0f) * 4
+        usize::from(ip[0] & 0x0f) * 4
     } else if protocol == u32::from(ETH_P_IPV6.to_be()) {
-        // Extension headers before TCP are not followed; such packets count as unparsed.
-        let next_header: u8 = load(ctx, 6)?;
-        if next_header != IPPROTO_TCP {
-            return Err(Unparsed);
+        // Next header at 6.
+        let ip6: [u8; 8] = load(ctx, 0)?;
+        match ip6[6] {
+            IPPROTO_TCP => IPV6_HEADER_LEN,
+            // BIG TCP: a GSO/GRO buffer over 64 KiB carries a hop-by-hop header (with the
+            // jumbo payload option) before TCP. Other extension headers are not followed;
+            // such packets count as unparsed.
+            IPPROTO_HOPOPTS => {
+                // Next header at 0, length in 8-byte units after the first 8 at 1.
+                let hop: [u8; 8] = load(ctx, IPV6_HEADER_LEN)?;
+                if hop[0] != IPPROTO_TCP {
+                    return Err(Unparsed);
+                }
+                IPV6_HEADER_LEN + (usize::from(hop[1]) + 1) * 8
+            }
+            _ => return Err(Unparsed),
         }
-        IPV6_HEADER_LEN
     } else {
         return Err(Unparsed);
     };
-    if l4_offset < 20 || l4_offset > 60 {
+    if l4_offset < 20 || l4_offset > MAX_L4_OFFSET {
         return Err(Unparsed);
     }
-    let seq = u32::from_be(load::<u32>(ctx, l4_offset + 4)?);
-    let data_offset: u8 = load(ctx, l4_offset + 12)?;
-    let payload_offset = l4_offset + usize::from(data_offset >> 4) * 4;
+    // Sequence number at 4..8, data offset in the high nibble of byte 12.
+    let tcp: [u8; 14] = load(ctx, l4_offset)?;
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let payload_offset = l4_offset + usize::from(tcp[12] >> 4) * 4;
     // skb->len is the network-layer length: ip_rcv trims ingress padding, and a GSO buffer's
     // length covers all its segments.
     let payload_len = ctx.len().saturating_sub(payload_offset as u32);

@@ -99,31 +99,44 @@ const MINUTES: usize = 60;
 
 /// Sliding windows: the last minute at 10-second resolution, the last 10 minutes and hour at
 /// one-minute resolution. Each includes the current, partly elapsed, bucket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "SparseWindows", into = "SparseWindows")]
+///
+/// Only buckets that hold something are stored (at most 6 and 60), oldest first: most
+/// clients are active in a few periods of the hour, and a full ring of 66 buckets per client
+/// (2640 bytes) dominated the agent's memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Windows {
-    tens: [Bucket; TEN_SECONDS],
-    minutes: [Bucket; MINUTES],
+    tens: Vec<Bucket>,
+    minutes: Vec<Bucket>,
 }
 
-impl Default for Windows {
-    fn default() -> Self {
-        Self {
-            tens: [Bucket::default(); TEN_SECONDS],
-            minutes: [Bucket::default(); MINUTES],
-        }
+/// Adds to the bucket of `epoch` in `ring` (newest last), dropping buckets `span` or more
+/// periods old. Grows one bucket at a time: the few buckets most clients hold stay exact.
+fn add_to(ring: &mut Vec<Bucket>, epoch: u64, span: usize, c: Counts) {
+    if let Some(last) = ring.last_mut()
+        && last.epoch == epoch
+    {
+        last.counts += c;
+        return;
     }
-}
-
-fn add_to(ring: &mut [Bucket], epoch: u64, c: Counts) {
-    let slot = &mut ring[(epoch % ring.len() as u64) as usize];
-    if slot.epoch != epoch {
-        *slot = Bucket {
-            epoch,
-            counts: Counts::default(),
-        };
+    // Time may step back (clock adjustments): add to an existing bucket of that period.
+    if let Some(b) = ring.iter_mut().find(|b| b.epoch == epoch) {
+        b.counts += c;
+        return;
     }
-    slot.counts += c;
+    ring.retain(|b| b.epoch + span as u64 > epoch && b.epoch <= epoch + span as u64);
+    // Snapshots of the earlier fixed rings list buckets in slot order.
+    if !ring.is_sorted_by_key(|b| b.epoch) {
+        ring.sort_unstable_by_key(|b| b.epoch);
+    }
+    while ring.len() >= span {
+        // Only reachable after a clock step: keep the newest.
+        ring.remove(0);
+    }
+    if ring.len() == ring.capacity() {
+        ring.reserve_exact(1);
+    }
+    let at = ring.partition_point(|b| b.epoch < epoch);
+    ring.insert(at, Bucket { epoch, counts: c });
 }
 
 fn sum_recent(ring: &[Bucket], epoch: u64, span: u64) -> Counts {
@@ -138,18 +151,17 @@ fn sum_recent(ring: &[Bucket], epoch: u64, span: u64) -> Counts {
 
 impl Windows {
     pub fn add(&mut self, now_s: u64, c: Counts) {
-        add_to(&mut self.tens, now_s / 10, c);
-        add_to(&mut self.minutes, now_s / 60, c);
+        add_to(&mut self.tens, now_s / 10, TEN_SECONDS, c);
+        add_to(&mut self.minutes, now_s / 60, MINUTES, c);
     }
 
     /// Takes `c` back out of the current buckets (a correction of something just added).
     pub fn retract(&mut self, now_s: u64, c: Counts) {
         for (ring, epoch) in [
-            (&mut self.tens[..], now_s / 10),
-            (&mut self.minutes[..], now_s / 60),
+            (&mut self.tens, now_s / 10),
+            (&mut self.minutes, now_s / 60),
         ] {
-            let slot = &mut ring[(epoch % ring.len() as u64) as usize];
-            if slot.epoch == epoch {
+            if let Some(slot) = ring.iter_mut().find(|b| b.epoch == epoch) {
                 slot.counts.saturating_sub(c);
             }
         }
@@ -159,12 +171,10 @@ impl Windows {
     /// last complete minute).
     pub fn minute(&self, now_s: u64, minutes_ago: u64) -> Counts {
         let epoch = (now_s / 60).saturating_sub(minutes_ago + 1);
-        let b = &self.minutes[(epoch % MINUTES as u64) as usize];
-        if b.epoch == epoch {
-            b.counts
-        } else {
-            Counts::default()
-        }
+        self.minutes
+            .iter()
+            .find(|b| b.epoch == epoch)
+            .map_or_else(Counts::default, |b| b.counts)
     }
 
     pub fn get(&self, now_s: u64, w: Window) -> Counts {
@@ -173,36 +183,6 @@ impl Windows {
             Window::TenMinutes => sum_recent(&self.minutes, now_s / 60, 10),
             Window::OneHour => sum_recent(&self.minutes, now_s / 60, MINUTES as u64),
         }
-    }
-}
-
-/// Serialized form: only buckets that hold something.
-#[derive(Serialize, Deserialize)]
-struct SparseWindows {
-    tens: Vec<Bucket>,
-    minutes: Vec<Bucket>,
-}
-
-impl From<Windows> for SparseWindows {
-    fn from(w: Windows) -> Self {
-        let keep = |r: &[Bucket]| r.iter().copied().filter(|b| !b.counts.is_zero()).collect();
-        Self {
-            tens: keep(&w.tens),
-            minutes: keep(&w.minutes),
-        }
-    }
-}
-
-impl From<SparseWindows> for Windows {
-    fn from(s: SparseWindows) -> Self {
-        let mut w = Windows::default();
-        for b in s.tens {
-            w.tens[(b.epoch % TEN_SECONDS as u64) as usize] = b;
-        }
-        for b in s.minutes {
-            w.minutes[(b.epoch % MINUTES as u64) as usize] = b;
-        }
-        w
     }
 }
 
@@ -495,17 +475,105 @@ impl ExchangeKeys {
 
 /// Address-group key: the network of `ip` at the configured prefix, e.g. "10.1.2.0/24".
 pub fn group_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
-    match ip {
-        IpAddr::V4(a) => {
-            let p = v4_prefix.min(32);
-            let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
-            format!("{}/{p}", std::net::Ipv4Addr::from(u32::from(a) & mask))
+    Key::group(ip, v4_prefix, v6_prefix).as_str().to_owned()
+}
+
+/// A table key (an address, or an address group) formatted on the stack: the agent looks
+/// keys up once per observation and per request event, so they are formatted without
+/// allocating, and IPv4 (most clients) without `core::fmt`. The text is exactly what
+/// `IpAddr`'s `Display` gives, plus "/prefix" for groups.
+pub struct Key {
+    // The longest: "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128" (49 bytes).
+    buf: [u8; 56],
+    len: usize,
+}
+
+impl Key {
+    fn new() -> Self {
+        Self {
+            buf: [0; 56],
+            len: 0,
         }
-        IpAddr::V6(a) => {
-            let p = v6_prefix.min(128);
-            let mask = if p == 0 { 0 } else { u128::MAX << (128 - p) };
-            format!("{}/{p}", std::net::Ipv6Addr::from(u128::from(a) & mask))
+    }
+
+    pub fn address(ip: IpAddr) -> Self {
+        let mut k = Self::new();
+        k.push_ip(ip);
+        k
+    }
+
+    pub fn group(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> Self {
+        let (net, p) = match ip {
+            IpAddr::V4(a) => {
+                let p = v4_prefix.min(32);
+                let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+                (IpAddr::V4(std::net::Ipv4Addr::from(u32::from(a) & mask)), p)
+            }
+            IpAddr::V6(a) => {
+                let p = v6_prefix.min(128);
+                let mask = if p == 0 { 0 } else { u128::MAX << (128 - p) };
+                (
+                    IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a) & mask)),
+                    p,
+                )
+            }
+        };
+        let mut k = Self::new();
+        k.push_ip(net);
+        k.push(b"/");
+        k.push_decimal(p);
+        k
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let end = (self.len + bytes.len()).min(self.buf.len());
+        let n = end - self.len;
+        self.buf[self.len..end].copy_from_slice(&bytes[..n]);
+        self.len = end;
+    }
+
+    fn push_decimal(&mut self, v: u8) {
+        let digits = [b'0' + v / 100, b'0' + v / 10 % 10, b'0' + v % 10];
+        let skip = if v >= 100 {
+            0
+        } else if v >= 10 {
+            1
+        } else {
+            2
+        };
+        self.push(&digits[skip..]);
+    }
+
+    fn push_ip(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => {
+                for (i, octet) in a.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push(b".");
+                    }
+                    self.push_decimal(octet);
+                }
+            }
+            IpAddr::V6(a) => {
+                use std::fmt::Write as _;
+                let _ = write!(self, "{a}");
+            }
         }
+    }
+}
+
+impl std::fmt::Write for Key {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.len + s.len() > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.push(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -555,13 +623,16 @@ impl Aggregator {
         if delta.counts.is_zero() && !delta.opened && !delta.closed {
             return;
         }
-        self.addresses.apply(&ip.to_string(), delta, now);
-        self.groups.apply(&self.group(ip), delta, now);
+        let group = Key::group(ip, self.v4_prefix, self.v6_prefix);
+        self.addresses.apply(Key::address(ip).as_str(), delta, now);
+        self.groups.apply(group.as_str(), delta, now);
     }
 
     pub fn request(&mut self, ip: IpAddr, ts_ns: u64, now: Now) {
-        self.addresses.request(&ip.to_string(), ts_ns, now);
-        self.groups.request(&self.group(ip), ts_ns, now);
+        let group = Key::group(ip, self.v4_prefix, self.v6_prefix);
+        self.addresses
+            .request(Key::address(ip).as_str(), ts_ns, now);
+        self.groups.request(group.as_str(), ts_ns, now);
     }
 
     fn tables_mut(&mut self) -> [&mut ClientTable; 4] {
@@ -691,6 +762,48 @@ mod tests {
         assert_eq!(w.get(t0 + 3600, Window::OneHour).requests, 5);
     }
 
+    /// Every window equals the brute-force sum of what was added in its span, and each
+    /// client holds no more buckets than its windows need.
+    #[test]
+    fn sparse_windows_match_brute_force() {
+        let mut w = Windows::default();
+        let mut added: Vec<(u64, u64)> = Vec::new();
+        let mut t = 1_700_000_000u64;
+        let mut x: u64 = 7;
+        for i in 0..3_000u64 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            // Irregular gaps from 0 to ~4 minutes, so buckets are skipped and reused.
+            t += (x >> 56) % if i % 10 == 0 { 250 } else { 20 };
+            let n = 1 + (x >> 60);
+            w.add(
+                t,
+                Counts {
+                    requests: n,
+                    ..Default::default()
+                },
+            );
+            added.push((t, n));
+            assert!(w.tens.len() <= TEN_SECONDS && w.minutes.len() <= MINUTES);
+            if i % 97 == 0 {
+                let expect = |from: u64, to: u64| {
+                    added
+                        .iter()
+                        .filter(|(at, _)| *at >= from && *at <= to)
+                        .map(|(_, n)| *n)
+                        .sum::<u64>()
+                };
+                let tens_start = (t / 10 - (TEN_SECONDS as u64 - 1)) * 10;
+                let min_start = |k: u64| (t / 60 - (k - 1)) * 60;
+                assert_eq!(w.get(t, Window::OneMinute).requests, expect(tens_start, t));
+                assert_eq!(
+                    w.get(t, Window::TenMinutes).requests,
+                    expect(min_start(10), t)
+                );
+                assert_eq!(w.get(t, Window::OneHour).requests, expect(min_start(60), t));
+            }
+        }
+    }
+
     #[test]
     fn windows_round_trip_sparse() {
         let mut w = Windows::default();
@@ -790,6 +903,56 @@ mod tests {
             "a client with an open connection stays"
         );
         assert_eq!(t.clients["active"].totals.connections, 1);
+    }
+
+    /// The stack-formatted keys are exactly the text the tables always used.
+    #[test]
+    fn keys_match_display_and_the_group_format() {
+        let reference_group = |ip: IpAddr, p4: u8, p6: u8| match ip {
+            IpAddr::V4(a) => {
+                let p = p4.min(32);
+                let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+                format!("{}/{p}", std::net::Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let p = p6.min(128);
+                let mask = if p == 0 { 0 } else { u128::MAX << (128 - p) };
+                format!("{}/{p}", std::net::Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        let mut ips: Vec<IpAddr> = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "1.2.3.4",
+            "10.0.100.9",
+            "127.20.39.250",
+            "::",
+            "::1",
+            "2001:db8::1",
+            "::ffff:1.2.3.4",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "fe80::1:2:3:4",
+        ]
+        .iter()
+        .map(|s| s.parse().expect("ip"))
+        .collect();
+        // A spread of IPv4 addresses covering every octet width.
+        let mut x: u32 = 0x9e37_79b9;
+        for _ in 0..2000 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ips.push(IpAddr::V4(std::net::Ipv4Addr::from(x)));
+            ips.push(IpAddr::V4(std::net::Ipv4Addr::from(x % 1000)));
+        }
+        for ip in ips {
+            assert_eq!(Key::address(ip).as_str(), ip.to_string());
+            for (p4, p6) in [(24, 56), (0, 0), (32, 128), (8, 64), (200, 200)] {
+                assert_eq!(
+                    Key::group(ip, p4, p6).as_str(),
+                    reference_group(ip, p4, p6),
+                    "{ip} /{p4} /{p6}"
+                );
+            }
+        }
     }
 
     #[test]

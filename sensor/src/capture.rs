@@ -2,12 +2,13 @@
 
 use std::{
     fs::File,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps,
         links::{FdLink, PinnedLink},
@@ -543,10 +544,26 @@ impl Capture {
         remove_instance(&dir);
     }
 
-    /// Deletes closed records the agent has durably accounted.
+    /// Deletes closed records the agent has durably accounted: in batches of one syscall
+    /// each, or one by one where the kernel has no batch operations.
     pub fn delete(&mut self, cookies: &[u64]) {
-        for cookie in cookies {
-            let _ = self.conns.remove(cookie);
+        let fd = self.conns.map().fd().as_fd().as_raw_fd();
+        let mut rest = cookies;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(BATCH)];
+            match batch::delete(fd, chunk) {
+                Ok(()) => rest = &rest[chunk.len()..],
+                // The key at `done` is not in the map (nothing to delete): skip it.
+                Err((done, e)) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    rest = &rest[(done + 1).min(rest.len())..];
+                }
+                Err((done, _)) => {
+                    for cookie in &rest[done..] {
+                        let _ = self.conns.remove(cookie);
+                    }
+                    return;
+                }
+            }
         }
     }
 
@@ -562,11 +579,19 @@ impl Capture {
         self.closed.take().ok_or(CaptureError::Missing(MAP_CLOSED))
     }
 
-    /// Reads every record in the kernel map, live and closed-but-not-yet-deleted.
+    /// Reads every record in the kernel map, live and closed-but-not-yet-deleted: a few
+    /// batch syscalls (BPF_MAP_LOOKUP_BATCH, kernel >= 5.6) instead of two per record.
     pub fn poll(&self) -> Records {
-        // A key deleted between the kernel's get_next_key and lookup shows as an error; only
-        // the agent deletes, so that cannot lose a record.
-        self.conns.iter().filter_map(Result::ok).collect()
+        let fd = self.conns.map().fd().as_fd().as_raw_fd();
+        match batch::lookup_all(fd) {
+            Ok(records) => records,
+            Err(e) => {
+                log::debug!("batch lookup unavailable ({e}); reading the map key by key");
+                // A key deleted between the kernel's get_next_key and lookup shows as an
+                // error; only the agent deletes, so that cannot lose a record.
+                self.conns.iter().filter_map(Result::ok).collect()
+            }
+        }
     }
 
     /// Loss counters summed over CPUs, by name.
@@ -599,6 +624,104 @@ fn write_ports(instance_dir: &Path, ports: &[u16]) -> Result<(), CaptureError> {
         }
     }
     Ok(())
+}
+
+/// Records per batch syscall.
+const BATCH: usize = 4096;
+
+/// BPF_MAP_LOOKUP_BATCH / BPF_MAP_DELETE_BATCH on the connection map, with raw bpf(2) calls
+/// (aya has no batch operations).
+mod batch {
+    use std::os::fd::RawFd;
+
+    use sensor_common::ConnStats;
+
+    use super::{BATCH, Records};
+
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+    /// `union bpf_attr`'s `batch` member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+
+    fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+        // SAFETY: attr is a valid bpf_attr prefix of the size passed; the buffers it points
+        // to are sized for `count` elements and outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::from_mut(attr),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Every (key, value) of the map. ENOENT ends the walk (with the last elements read).
+    pub fn lookup_all(fd: RawFd) -> std::io::Result<Records> {
+        let mut records = Records::new();
+        let mut keys = vec![0u64; BATCH];
+        let mut values = vec![ConnStats::default(); BATCH];
+        // Opaque cursors (a bucket index for hash maps); 8 bytes covers every map type.
+        let mut cursor = 0u64;
+        let mut next = 0u64;
+        let mut first = true;
+        // Bounded: each round either ends the walk or moves the cursor past at least one
+        // bucket; the map has at most max_entries buckets worth of rounds.
+        for _ in 0..1_000_000 {
+            let mut attr = BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    std::ptr::from_mut(&mut cursor) as u64
+                },
+                out_batch: std::ptr::from_mut(&mut next) as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: BATCH as u32,
+                map_fd: fd as u32,
+                ..Default::default()
+            };
+            let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let n = (attr.count as usize).min(BATCH);
+            records.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+            match result {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(records),
+                Err(e) => return Err(e),
+            }
+            cursor = next;
+            first = false;
+        }
+        Ok(records)
+    }
+
+    /// Deletes `keys`; on failure, how many were deleted before the error.
+    pub fn delete(fd: RawFd, keys: &[u64]) -> Result<(), (usize, std::io::Error)> {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_DELETE_BATCH, &mut attr).map_err(|e| (attr.count as usize, e))
+    }
 }
 
 fn pin_link(

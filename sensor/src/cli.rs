@@ -39,6 +39,11 @@ pub enum Command {
     Identity(IdentityArgs),
     /// Live full-screen view of the per-client counters (keys: see the footer, q quits).
     Top(TopArgs),
+    /// Benchmark helper (`cargo xtask bench`): fills the per-client aggregation with synthetic
+    /// clients, prints one JSON line, then waits for stdin to close so the caller can read this
+    /// process's memory.
+    #[command(hide = true)]
+    BenchAggregate(BenchAggregateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -153,4 +158,14 @@ pub struct ConnsArgs {
     /// The agent's local API socket.
     #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
     pub socket: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchAggregateArgs {
+    /// Distinct client addresses to aggregate.
+    #[arg(long, value_name = "N")]
+    pub keys: usize,
+    /// The table bound (`[clients] max_clients`); default: N, so every client stays exact.
+    #[arg(long, value_name = "M")]
+    pub max_clients: Option<usize>,
 }

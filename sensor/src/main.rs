@@ -3,6 +3,7 @@
 mod agent;
 mod aggregate;
 mod api;
+mod benchagg;
 mod capture;
 mod cli;
 mod config;
@@ -38,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Uninstall(args) => service::install::uninstall(&args),
         cli::Command::CheckConfig(args) => service::check::check_config(&args),
         cli::Command::Status(args) => service::status::status(&args),
+        cli::Command::BenchAggregate(args) => benchagg::run(&args),
     }
 }

@@ -30,6 +30,24 @@ pub struct Snapshot {
     pub detector: crate::detect::DetectorState,
 }
 
+/// What the agent writes: the same fields as `Snapshot`, borrowing the aggregates so that
+/// saving does not copy them (at 10 000 clients the copy was ~30 MB per snapshot).
+#[derive(Serialize)]
+pub struct SnapshotRef<'a> {
+    pub version: u32,
+    pub boot_id: &'a str,
+    pub instance: &'a str,
+    pub saved_unix_ms: u64,
+    pub agg: &'a Aggregator,
+    pub conns: ConnState,
+    pub detector: &'a crate::detect::DetectorState,
+}
+
+/// The snapshot's file content.
+pub fn encode(snapshot: &SnapshotRef<'_>) -> anyhow::Result<Vec<u8>> {
+    serde_json::to_vec(snapshot).context("encoding the state snapshot")
+}
+
 pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
@@ -40,12 +58,13 @@ fn path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
-/// Writes the snapshot atomically (temporary file, fsync, rename).
-pub fn save(dir: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
+/// Writes an encoded snapshot atomically (temporary file, fsync, rename).
+pub fn save(dir: &Path, encoded: &[u8]) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
     let mut file = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    serde_json::to_writer(std::io::BufWriter::new(&mut file), snapshot)?;
+    file.write_all(encoded)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     file.flush()?;
     file.sync_data()?;
     fs::rename(&tmp, path(dir)).with_context(|| format!("replacing {}", path(dir).display()))?;

@@ -1,4 +1,4 @@
-//! Developer and CI tasks: `cargo xtask setup | build | run | test | deb`.
+//! Developer and CI tasks: `cargo xtask setup | build | run | test | deb | bench | eval | demo | fuzz`.
 //!
 //! `setup` installs everything a fresh machine lacks, idempotently and quickly on a second run:
 //! Debian packages the tests drive, the pinned nightly with rust-src (kernel crate), bpf-linker
@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 /// Must match `EBPF_TOOLCHAIN` in sensor/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
@@ -44,6 +46,8 @@ const APT_PACKAGES: &[&str] = &[
 ];
 /// cargo-deb builds the .deb (`cargo xtask deb`).
 const CARGO_DEB_VERSION: &str = "3.8.0";
+/// Debian packages only `cargo xtask bench` needs (wrk, nginx and bpftool are above).
+const BENCH_PACKAGES: &[&str] = &["iperf3"];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -84,6 +88,9 @@ enum Task {
     },
     /// Build the Debian package (cargo-deb); prints its path.
     Deb,
+    /// Set up, build, and measure the sensor's overhead on this machine (needs root; a few
+    /// minutes); writes the results into BENCHMARKS.md.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -117,6 +124,12 @@ fn main() -> anyhow::Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
+        Task::Bench(opts) => {
+            setup_packages(BENCH_PACKAGES)?;
+            setup()?;
+            build_release()?;
+            bench::run(&opts, &workspace_root())
+        }
     }
 }
 
@@ -143,7 +156,7 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 fn setup() -> anyhow::Result<()> {
-    setup_packages()?;
+    setup_packages(APT_PACKAGES)?;
     setup_python()?;
     setup_toolchain()?;
     setup_cargo_deb()?;
@@ -229,8 +242,8 @@ fn setup_python() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn setup_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn setup_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -246,9 +259,9 @@ fn setup_packages() -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    // The packages' own nginx, Prometheus and rsyslog services are not used: tests run their
-    // own nginx and rsyslogd instances, and only promtool of the prometheus package.
-    for service in ["nginx", "prometheus", "rsyslog"] {
+    // The packages' own nginx, Prometheus, rsyslog and iperf3 services are not used: tests and
+    // the bench run their own instances, and only promtool of the prometheus package.
+    for service in ["nginx", "prometheus", "rsyslog", "iperf3"] {
         let _ = Command::new("systemctl")
             .args(["disable", "--now", service])
             .output();

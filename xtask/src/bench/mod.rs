@@ -1,0 +1,947 @@
+//! `cargo xtask bench`: the sensor's overhead, measured on this machine in one run.
+//!
+//! The servers (nginx, an iperf3 server) run in a cgroup of the bench's own that the agent
+//! watches; the clients run outside it. Each A/B round measures every workload once without
+//! the sensor (nothing attached) and once with it (the agent started, programs attached, then
+//! stopped cleanly, which detaches them). Then, with the agent attached: the kernel's per-program
+//! run-time statistics, the agent's CPU and memory under load from thousands of client
+//! addresses, the latency from a request to its appearance in `sensor clients`, and the
+//! aggregation's memory with many distinct clients (synthetic, in a child process).
+//!
+//! All traffic goes to loopback addresses. Every loop is bounded in count and time. The cgroup,
+//! processes, pinned state, temporary files and the bpf_stats sysctl are restored by guards,
+//! also when a step fails or the run is interrupted.
+
+mod calib;
+mod load;
+mod procs;
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use procs::{Agent, AgentSpec, Cgroup, Proc, Sysctl, TempDir, check_interrupted, run_bounded};
+
+/// Command-line knobs of `cargo xtask bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// A/B rounds (each: every workload without, then with the sensor).
+    #[arg(long, default_value_t = 9)]
+    pub rounds: usize,
+    /// Seconds per iperf3 / wrk measurement.
+    #[arg(long, default_value_t = 4)]
+    pub seconds: u64,
+    /// Distinct client addresses of the agent-CPU load.
+    #[arg(long, default_value_t = 10_000)]
+    pub clients: usize,
+    /// Total request rate of the agent-CPU load (requests per second).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Seconds of each agent-CPU load.
+    #[arg(long, default_value_t = 20)]
+    pub load_seconds: u64,
+    /// Poll-latency trials per connection kind.
+    #[arg(long, default_value_t = 10)]
+    pub latency_trials: usize,
+    /// Distinct client keys for the aggregation-memory measurement, all held exactly (comma
+    /// separated).
+    #[arg(long, value_delimiter = ',', default_value = "0,10000,100000,1000000")]
+    pub keys: Vec<usize>,
+    /// Distinct client keys sent through the agent's default bound (10 000 exact clients,
+    /// the rest folded); 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub bounded_keys: usize,
+    /// Phases to run (comma separated): ab, bpf, load, latency, memory; and `profile` (not by
+    /// default): the agent under valgrind's callgrind during the keep-alive load, output in
+    /// target/bench/. The report is only written when all five measurements ran.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ab,bpf,load,latency,memory"
+    )]
+    pub phases: Vec<String>,
+    /// Markdown file whose generated section is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub output: PathBuf,
+}
+
+/// `[clients] max_clients` of the embedded default configuration.
+const DEFAULT_MAX_CLIENTS: usize = 10_000;
+
+const PHASES: [&str; 5] = ["ab", "bpf", "load", "latency", "memory"];
+
+/// wrk connections and threads: one wrk thread and one nginx worker leave the second core to
+/// the kernel's softirq work and the agent.
+const WRK_THREADS: usize = 1;
+const WRK_CONNECTIONS: usize = 32;
+const LOAD_THREADS: usize = 8;
+const REPLY_PATH: &str = "/reply.json";
+/// A small JSON reply, the size of a short API answer.
+const REPLY_BYTES: usize = 1024;
+
+const WRK_REPORT_LUA: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%d,"duration_us":%d,"errors":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d}\n',
+    summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+"#;
+
+/// One wrk run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wrk {
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub errors: u64,
+}
+
+/// One side (with or without the sensor) of one A/B round.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Round {
+    pub iperf_gbps: f64,
+    pub keep_alive: Wrk,
+    pub close: Wrk,
+    /// The agent's CPU (% of one core) during iperf3, wrk keep-alive and wrk new connection
+    /// (with the sensor only).
+    pub agent_cpu_pct: [f64; 3],
+}
+
+/// Per-run BPF cost of one program in one workload window.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BpfSample {
+    pub runs: u64,
+    pub ns_per_run: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadRow {
+    pub name: String,
+    pub clients: usize,
+    pub target_rate: u64,
+    pub outcome: load::Outcome,
+    pub cpu_pct: f64,
+    pub user_pct: f64,
+    pub system_pct: f64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    pub tracked_addresses: u64,
+    pub loss: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MemoryRow {
+    pub keys: usize,
+    /// The table bound when not every key is held (None: all exact).
+    pub bound: Option<usize>,
+    pub tracked_addresses: u64,
+    pub tracked_groups: u64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    pub fill_ms: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub mem_gib: f64,
+    pub kernel: String,
+    pub load_start: String,
+    pub load_end: String,
+    pub started_utc: String,
+    pub revision: String,
+    pub foreign_programs: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Results {
+    pub machine: Machine,
+    pub options: Option<Options>,
+    pub without: Vec<Round>,
+    pub with: Vec<Round>,
+    /// (program, workload) -> one sample per round.
+    pub bpf: BTreeMap<(String, String), Vec<BpfSample>>,
+    pub idle_cpu_pct: f64,
+    pub load: Vec<LoadRow>,
+    pub latency_open_ms: Vec<f64>,
+    pub latency_closed_ms: Vec<f64>,
+    pub memory: Vec<MemoryRow>,
+    pub elapsed: Duration,
+}
+
+/// Everything a phase needs.
+struct Bench<'a> {
+    opts: &'a Options,
+    bin: PathBuf,
+    cgroup: &'a Cgroup,
+    dir: PathBuf,
+    pin_dir: PathBuf,
+    http_port: u16,
+    iperf_port: u16,
+    lua: PathBuf,
+    nofile: u64,
+}
+
+pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the bench needs root (BPF, cgroups, sysctls)");
+    }
+    anyhow::ensure!(opts.rounds >= 1, "--rounds must be at least 1");
+    if let Some(p) = opts
+        .phases
+        .iter()
+        .find(|p| !PHASES.contains(&p.as_str()) && p.as_str() != "profile")
+    {
+        bail!("unknown phase {p} (one of: {}, profile)", PHASES.join(", "));
+    }
+    anyhow::ensure!(
+        (1..=60).contains(&opts.seconds) && (1..=120).contains(&opts.load_seconds),
+        "--seconds must be 1..=60 and --load-seconds 1..=120"
+    );
+    anyhow::ensure!(
+        (1..=60_000).contains(&opts.clients),
+        "--clients must be 1..=60000 (loopback source addresses)"
+    );
+    anyhow::ensure!(
+        (1..=100_000).contains(&opts.rate),
+        "--rate must be 1..=100000"
+    );
+    procs::install_signal_handlers();
+    let nofile = procs::raise_nofile()?;
+    anyhow::ensure!(
+        opts.clients as u64 + 1_000 <= nofile,
+        "--clients {} needs more open files than the limit here ({nofile})",
+        opts.clients
+    );
+    let started = Instant::now();
+    let mut results = Results {
+        machine: machine(root),
+        options: Some(opts.clone()),
+        ..Default::default()
+    };
+
+    let tag = format!("sensor-bench-{}", std::process::id());
+    let tmp = TempDir::create(std::env::temp_dir().join(&tag))?;
+    let cgroup = Cgroup::create(&tag)?;
+    let http_port = procs::free_port()?;
+    let mut iperf_port = procs::free_port()?;
+    while iperf_port == http_port {
+        iperf_port = procs::free_port()?;
+    }
+    let lua = tmp.path.join("report.lua");
+    fs::write(&lua, WRK_REPORT_LUA).context("writing the wrk script")?;
+    let bench = Bench {
+        opts,
+        bin: root.join("target/release/sensor"),
+        cgroup: &cgroup,
+        dir: tmp.path.clone(),
+        pin_dir: PathBuf::from("/sys/fs/bpf").join(&tag),
+        http_port,
+        iperf_port,
+        lua,
+        nofile,
+    };
+    let _nginx = bench.start_nginx()?;
+    let _iperf = bench.start_iperf()?;
+    results.machine.foreign_programs = effective_programs(&cgroup.path)?;
+    if results.machine.foreign_programs > 0 {
+        eprintln!(
+            "bench: warning: {} BPF programs of others are attached above the bench cgroup; \
+             they run in both the with and the without rounds",
+            results.machine.foreign_programs
+        );
+    }
+
+    let phase = |name: &str| opts.phases.iter().any(|p| p == name);
+    if phase("ab") {
+        bench.ab_rounds(&mut results)?;
+    }
+    if phase("bpf") {
+        bench.bpf_costs(&mut results)?;
+    }
+    if phase("load") {
+        bench.agent_load(&mut results)?;
+    }
+    if phase("latency") {
+        bench.poll_latency(&mut results)?;
+    }
+    if phase("memory") {
+        bench.aggregate_memory(&mut results)?;
+    }
+    if phase("profile") {
+        bench.profile_agent(&root.join("target/bench"))?;
+    }
+    let complete = PHASES.iter().all(|p| phase(p));
+
+    results.elapsed = started.elapsed();
+    results.machine.load_end = loadavg();
+    let generated = report::render(&results);
+    let output = if opts.output.is_absolute() {
+        opts.output.clone()
+    } else {
+        root.join(&opts.output)
+    };
+    println!("{generated}");
+    if complete {
+        report::write(&output, &generated)?;
+        eprintln!(
+            "bench: wrote {} ({:.0} s)",
+            output.display(),
+            results.elapsed.as_secs_f64()
+        );
+    } else {
+        eprintln!(
+            "bench: only some phases ran; {} left as it was",
+            output.display()
+        );
+    }
+    Ok(())
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn machine(root: &Path) -> Machine {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_default();
+    let mem_kib: f64 = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let text = |cmd: &mut Command| {
+        cmd.output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let revision = text(
+        Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(root),
+    );
+    // Changes to the report itself do not change what is measured.
+    let dirty = text(
+        Command::new("git")
+            .args(["status", "--porcelain", "--untracked-files=no"])
+            .current_dir(root),
+    )
+    .lines()
+    .filter_map(|l| l.trim_start().split_once(' ').map(|(_, path)| path.trim()))
+    .any(|path| path != "BENCHMARKS.md");
+    Machine {
+        cores: std::thread::available_parallelism().map_or(0, usize::from),
+        cpu,
+        mem_gib: mem_kib / 1024.0 / 1024.0,
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        load_start: loadavg(),
+        load_end: String::new(),
+        started_utc: text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        revision: if dirty {
+            format!("{revision} (with uncommitted changes)")
+        } else {
+            revision
+        },
+        foreign_programs: 0,
+    }
+}
+
+/// BPF programs effective on the cgroup that the bench did not attach (attached above it).
+fn effective_programs(cgroup: &Path) -> anyhow::Result<usize> {
+    let out = run_bounded(
+        Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(cgroup)
+            .arg("effective"),
+        Duration::from_secs(10),
+    )?;
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    Ok(v.as_array().map_or(0, Vec::len))
+}
+
+/// Programs attached directly to the cgroup: name -> id.
+fn attached_programs(cgroup: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
+    let out = run_bounded(
+        Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(cgroup),
+        Duration::from_secs(10),
+    )?;
+    // bpftool prints nothing at all for a cgroup without programs.
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(BTreeMap::new());
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("bpftool cgroup show JSON")?;
+    Ok(v.as_array()
+        .map(|progs| {
+            progs
+                .iter()
+                .filter_map(|p| Some((p["name"].as_str()?.to_owned(), p["id"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// (run_time_ns, run_cnt) of one program.
+fn prog_stats(id: u64) -> anyhow::Result<(u64, u64)> {
+    let out = run_bounded(
+        Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]),
+        Duration::from_secs(10),
+    )?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("bpftool prog show JSON")?;
+    Ok((
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// Rounds of the BPF-statistics phase (its figures vary little between rounds).
+pub fn bpf_rounds(opts: &Options) -> usize {
+    opts.rounds.min(5)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
+impl Bench<'_> {
+    fn agent(&self) -> anyhow::Result<Agent> {
+        self.agent_with(&[])
+    }
+
+    fn agent_with(&self, wrapper: &[String]) -> anyhow::Result<Agent> {
+        let dir = self.dir.join("agent");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Agent::start(&AgentSpec {
+            wrapper,
+            bin: &self.bin,
+            cgroup: &self.cgroup.path,
+            ports: &[self.http_port, self.iperf_port],
+            dir: &dir,
+            pin_dir: &self.pin_dir,
+        })
+    }
+
+    fn target(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.http_port)
+    }
+
+    fn start_nginx(&self) -> anyhow::Result<Proc> {
+        let d = self.dir.join("nginx");
+        let www = d.join("www");
+        fs::create_dir_all(&www).with_context(|| format!("creating {}", www.display()))?;
+        let mut body = String::from("{\"object\":\"list\",\"data\":\"");
+        while body.len() < REPLY_BYTES - 3 {
+            body.push('x');
+        }
+        body.push_str("\"}\n");
+        fs::write(www.join("reply.json"), body).context("writing the reply")?;
+        let d = d.display();
+        // Two workers (one per core) for the many-client load; wrk's single thread keeps one of
+        // them busy at a time. No access log: the bench measures the sensor, not logging.
+        let conf = format!(
+            "user root;\nworker_processes 2;\nworker_rlimit_nofile {nofile};\n\
+             error_log {d}/error.log;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections {conns}; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             keepalive_requests 10000000;\n  keepalive_timeout 300s;\n\
+             server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    root {d}/www;\n  }}\n}}\n",
+            port = self.http_port,
+            nofile = self.nofile,
+            conns = self.nofile.saturating_sub(100).max(1024),
+        );
+        let conf_path = self.dir.join("nginx/nginx.conf");
+        fs::write(&conf_path, conf).context("writing nginx.conf")?;
+        let mut proc_ = Proc::spawn(
+            self.cgroup
+                .command("nginx")
+                .arg("-c")
+                .arg(&conf_path)
+                .args(["-g", "daemon off;"]),
+            &self.dir.join("nginx/stderr.log"),
+        )?;
+        procs::wait_listening(self.http_port, "nginx", &mut proc_)?;
+        Ok(proc_)
+    }
+
+    fn start_iperf(&self) -> anyhow::Result<Proc> {
+        let mut proc_ = Proc::spawn(
+            self.cgroup.command("iperf3").args([
+                "-s",
+                "-B",
+                "127.0.0.1",
+                "-p",
+                &self.iperf_port.to_string(),
+            ]),
+            &self.dir.join("iperf3-server.log"),
+        )?;
+        procs::wait_listening(self.iperf_port, "iperf3 -s", &mut proc_)?;
+        Ok(proc_)
+    }
+
+    fn iperf(&self, secs: u64) -> anyhow::Result<f64> {
+        let out = run_bounded(
+            Command::new("iperf3").args([
+                "-c",
+                "127.0.0.1",
+                "-p",
+                &self.iperf_port.to_string(),
+                "-t",
+                &secs.to_string(),
+                "-O",
+                "1",
+                "-J",
+            ]),
+            Duration::from_secs(secs + 30),
+        )?;
+        let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9)
+            .context("no end.sum_received.bits_per_second in iperf3's report")
+    }
+
+    fn wrk(&self, close: bool, secs: u64) -> anyhow::Result<Wrk> {
+        let mut cmd = Command::new("wrk");
+        cmd.arg(format!("-t{WRK_THREADS}"))
+            .arg(format!("-c{WRK_CONNECTIONS}"))
+            .arg(format!("-d{secs}s"))
+            .args(["--timeout", "5s", "-s"])
+            .arg(&self.lua);
+        if close {
+            cmd.args(["-H", "Connection: close"]);
+        }
+        cmd.arg(format!("http://127.0.0.1:{}{REPLY_PATH}", self.http_port));
+        let out = run_bounded(&mut cmd, Duration::from_secs(secs + 30))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("{\"requests\""))
+            .context("no report line in wrk's output")?;
+        let v: Value = serde_json::from_str(line).context("wrk report JSON")?;
+        let n = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        Ok(Wrk {
+            rps: n("requests") / (n("duration_us") / 1e6),
+            p50_us: n("p50_us"),
+            p90_us: n("p90_us"),
+            p99_us: n("p99_us"),
+            errors: v["errors"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// A B A B: in each round, each workload runs without, then right after with the sensor
+    /// (the agent started for it and stopped after it), so the two sides of a pair are seconds
+    /// apart and share the machine's background load as far as possible.
+    fn ab_rounds(&self, results: &mut Results) -> anyhow::Result<()> {
+        for round in 1..=self.opts.rounds {
+            let mut pair = [Round::default(), Round::default()];
+            for workload in 0..3 {
+                for (side, with) in [false, true].into_iter().enumerate() {
+                    check_interrupted()?;
+                    let agent = if with {
+                        Some(self.agent()?)
+                    } else {
+                        let attached = attached_programs(&self.cgroup.path)?;
+                        anyhow::ensure!(
+                            attached.is_empty(),
+                            "programs still attached without the agent: {attached:?}"
+                        );
+                        None
+                    };
+                    procs::sleep(Duration::from_millis(300))?;
+                    let secs = self.opts.seconds;
+                    let cpu0 = match &agent {
+                        Some(a) => Some((procs::cpu_seconds(a.pid())?, Instant::now())),
+                        None => None,
+                    };
+                    let r = &mut pair[side];
+                    match workload {
+                        0 => r.iperf_gbps = self.iperf(secs)?,
+                        1 => r.keep_alive = self.wrk(false, secs)?,
+                        _ => r.close = self.wrk(true, secs)?,
+                    }
+                    if let (Some(a), Some(((u0, s0), t0))) = (&agent, cpu0) {
+                        let (u1, s1) = procs::cpu_seconds(a.pid())?;
+                        r.agent_cpu_pct[workload] =
+                            100.0 * ((u1 - u0) + (s1 - s0)) / t0.elapsed().as_secs_f64();
+                    }
+                    if let Some(agent) = agent {
+                        agent.stop()?;
+                    }
+                }
+            }
+            let [without, with] = pair;
+            eprintln!(
+                "bench: round {round}/{} without / with: iperf3 {:.2} / {:.2} Gbit/s, keep-alive \
+                 {:.0} / {:.0} req/s, new connections {:.0} / {:.0} req/s",
+                self.opts.rounds,
+                without.iperf_gbps,
+                with.iperf_gbps,
+                without.keep_alive.rps,
+                with.keep_alive.rps,
+                without.close.rps,
+                with.close.rps
+            );
+            results.without.push(without);
+            results.with.push(with);
+        }
+        Ok(())
+    }
+
+    /// Kernel-side cost per program run, from the kernel's own run-time statistics.
+    fn bpf_costs(&self, results: &mut Results) -> anyhow::Result<()> {
+        // Declared before the agent: restored after it stops, whatever happens.
+        let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
+        let agent = self.agent()?;
+        let _floor = calib::EmptyPrograms::attach(&self.cgroup.path)?;
+        let progs = attached_programs(&self.cgroup.path)?;
+        for name in [
+            "sensor_ingress",
+            "sensor_egress",
+            "sensor_sockops",
+            calib::EMPTY_INGRESS,
+            calib::EMPTY_EGRESS,
+        ] {
+            anyhow::ensure!(
+                progs.contains_key(name),
+                "{name} is not attached to the bench cgroup: {progs:?}"
+            );
+        }
+        let secs = self.opts.seconds.min(3);
+        let rounds = bpf_rounds(self.opts);
+        for round in 1..=rounds {
+            for workload in ["iperf3", "wrk keep-alive", "wrk new connection"] {
+                check_interrupted()?;
+                let before: Vec<(u64, u64)> = progs
+                    .values()
+                    .map(|id| prog_stats(*id))
+                    .collect::<Result<_, _>>()?;
+                match workload {
+                    "iperf3" => {
+                        self.iperf(secs)?;
+                    }
+                    "wrk keep-alive" => {
+                        self.wrk(false, secs)?;
+                    }
+                    _ => {
+                        self.wrk(true, secs)?;
+                    }
+                }
+                let after: Vec<(u64, u64)> = progs
+                    .values()
+                    .map(|id| prog_stats(*id))
+                    .collect::<Result<_, _>>()?;
+                for ((name, (t0, c0)), (t1, c1)) in progs.keys().zip(before).zip(after) {
+                    let runs = c1.saturating_sub(c0);
+                    let ns = t1.saturating_sub(t0);
+                    results
+                        .bpf
+                        .entry((name.clone(), workload.to_owned()))
+                        .or_default()
+                        .push(BpfSample {
+                            runs,
+                            ns_per_run: if runs == 0 {
+                                f64::NAN
+                            } else {
+                                ns as f64 / runs as f64
+                            },
+                        });
+                }
+            }
+            eprintln!("bench: BPF statistics round {round}/{rounds}");
+        }
+        agent.stop()?;
+        Ok(())
+    }
+
+    /// The agent's CPU and memory while many clients keep it busy.
+    fn agent_load(&self, results: &mut Results) -> anyhow::Result<()> {
+        let agent = self.agent()?;
+        let pid = agent.pid();
+        // Idle cost first: polls with nothing to read.
+        procs::sleep(Duration::from_secs(1))?;
+        let (c0, t0) = (procs::cpu_seconds(pid)?, Instant::now());
+        procs::sleep(Duration::from_secs(5))?;
+        let c1 = procs::cpu_seconds(pid)?;
+        results.idle_cpu_pct = 100.0 * ((c1.0 - c0.0) + (c1.1 - c0.1)) / t0.elapsed().as_secs_f64();
+
+        let spec = load::Spec {
+            target: self.target(),
+            path: REPLY_PATH.to_owned(),
+            clients: self.opts.clients,
+            rate: self.opts.rate,
+            duration: Duration::from_secs(self.opts.load_seconds),
+            threads: LOAD_THREADS,
+        };
+        for keep_alive in [true, false] {
+            check_interrupted()?;
+            let mut pool = if keep_alive {
+                let pool = load::KeepAlive::connect(&spec)?;
+                // Let the agent take in the new connections before the timed part.
+                procs::sleep(Duration::from_secs(2))?;
+                Some(pool)
+            } else {
+                None
+            };
+            let (c0, t0) = (procs::cpu_seconds(pid)?, Instant::now());
+            let outcome = match pool.as_mut() {
+                Some(pool) => pool.run(&spec),
+                None => load::new_connections(&spec),
+            };
+            let c1 = procs::cpu_seconds(pid)?;
+            let wall = t0.elapsed().as_secs_f64();
+            let (user, system) = (c1.0 - c0.0, c1.1 - c0.1);
+            let health: Value = serde_json::from_str(&procs::api_get(&agent.socket, "/v1/health")?)
+                .context("health JSON")?;
+            let loss = health["loss"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let row = LoadRow {
+                name: if keep_alive {
+                    "keep-alive, one connection per client".into()
+                } else {
+                    "new connection per request".into()
+                },
+                clients: spec.clients,
+                target_rate: spec.rate,
+                outcome,
+                cpu_pct: 100.0 * (user + system) / wall,
+                user_pct: 100.0 * user / wall,
+                system_pct: 100.0 * system / wall,
+                rss_kib: procs::status_kib(pid, "VmRSS")?,
+                hwm_kib: procs::status_kib(pid, "VmHWM")?,
+                tracked_addresses: health["clients"]["tracked_addresses"].as_u64().unwrap_or(0),
+                loss: if loss.is_empty() { "none".into() } else { loss },
+            };
+            eprintln!(
+                "bench: agent under load ({}): {:.0} req/s, {} errors, CPU {:.2}% of one core, \
+                 RSS {} KiB",
+                row.name,
+                row.outcome.rate(),
+                row.outcome.errors,
+                row.cpu_pct,
+                row.rss_kib
+            );
+            results.load.push(row);
+            drop(pool);
+        }
+        agent.stop()?;
+        Ok(())
+    }
+
+    /// Not a measurement: the agent under callgrind while the keep-alive load runs, for the
+    /// cost per call of its functions (this machine has no hardware counters for perf).
+    fn profile_agent(&self, out_dir: &Path) -> anyhow::Result<()> {
+        fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+        let out = out_dir.join("agent.callgrind");
+        let wrapper = [
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            format!("--callgrind-out-file={}", out.display()),
+        ];
+        let agent = self.agent_with(&wrapper)?;
+        let spec = load::Spec {
+            target: self.target(),
+            path: REPLY_PATH.to_owned(),
+            clients: self.opts.clients,
+            rate: self.opts.rate,
+            duration: Duration::from_secs(self.opts.load_seconds),
+            threads: LOAD_THREADS,
+        };
+        let mut pool = load::KeepAlive::connect(&spec)?;
+        let outcome = pool.run(&spec);
+        let health = procs::api_get(&agent.socket, "/v1/health")?;
+        drop(pool);
+        agent.stop()?;
+        let annotated = run_bounded(
+            Command::new("callgrind_annotate")
+                .arg("--inclusive=yes")
+                .arg(&out),
+            Duration::from_secs(120),
+        )?;
+        let text = out_dir.join("agent.callgrind.txt");
+        fs::write(&text, &annotated.stdout)?;
+        eprintln!(
+            "bench: profiled the agent under {:.0} req/s from {} clients; health {health}; \
+             callgrind output {} (annotated: {})",
+            outcome.rate(),
+            spec.clients,
+            out.display(),
+            text.display()
+        );
+        Ok(())
+    }
+
+    /// From the first request of a burst to the client's row in `sensor clients` counting it.
+    fn poll_latency(&self, results: &mut Results) -> anyhow::Result<()> {
+        let agent = self.agent()?;
+        for trial in 0..self.opts.latency_trials.min(250) {
+            for close in [false, true] {
+                check_interrupted()?;
+                let src = Ipv4Addr::new(127, 30, u8::from(close), (trial + 1) as u8);
+                let t0 = Instant::now();
+                let stream = load::one_request(src, self.target(), REPLY_PATH, close)?;
+                let deadline = t0 + Duration::from_secs(5);
+                let latency = loop {
+                    if self.clients_shows(&agent, src)? {
+                        break t0.elapsed();
+                    }
+                    if Instant::now() >= deadline {
+                        bail!("{src}'s request did not appear in `sensor clients` within 5 s");
+                    }
+                    procs::sleep(Duration::from_millis(5))?;
+                };
+                drop(stream);
+                let ms = latency.as_secs_f64() * 1e3;
+                if close {
+                    results.latency_closed_ms.push(ms);
+                } else {
+                    results.latency_open_ms.push(ms);
+                }
+                // Spread the trials over the poll interval instead of locking onto its phase.
+                procs::sleep(Duration::from_millis(50 + (trial as u64 * 137) % 400))?;
+            }
+        }
+        agent.stop()?;
+        Ok(())
+    }
+
+    /// Whether `sensor clients` (the real CLI) shows `src` with at least one request.
+    fn clients_shows(&self, agent: &Agent, src: Ipv4Addr) -> anyhow::Result<bool> {
+        let out = run_bounded(
+            Command::new(&self.bin)
+                .args(["clients", "--json", "--filter"])
+                .arg(src.to_string())
+                .arg("--socket")
+                .arg(&agent.socket),
+            Duration::from_secs(10),
+        )?;
+        let rows: Value = serde_json::from_slice(&out.stdout).context("sensor clients JSON")?;
+        let src = src.to_string();
+        Ok(rows.as_array().is_some_and(|rows| {
+            rows.iter().any(|r| {
+                r["client"].as_str() == Some(src.as_str()) && r["requests"].as_u64() >= Some(1)
+            })
+        }))
+    }
+
+    /// The aggregation's memory with N distinct clients, in a child process measured from here.
+    fn aggregate_memory(&self, results: &mut Results) -> anyhow::Result<()> {
+        let mut runs: Vec<(usize, Option<usize>)> =
+            self.opts.keys.iter().map(|k| (*k, None)).collect();
+        if self.opts.bounded_keys > 0 {
+            runs.push((self.opts.bounded_keys, Some(DEFAULT_MAX_CLIENTS)));
+        }
+        for (keys, bound) in runs {
+            check_interrupted()?;
+            let mut cmd = Command::new(&self.bin);
+            cmd.args(["bench-aggregate", "--keys", &keys.to_string()]);
+            if let Some(bound) = bound {
+                cmd.args(["--max-clients", &bound.to_string()]);
+            }
+            let child = cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("spawning sensor bench-aggregate")?;
+            let mut proc_ = Proc { child };
+            let stdout = proc_
+                .child
+                .stdout
+                .take()
+                .context("bench-aggregate stdout")?;
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(stdout).read_line(&mut line);
+                let _ = tx.send(line);
+            });
+            let line = rx
+                .recv_timeout(Duration::from_secs(300))
+                .context("sensor bench-aggregate did not report within 300 s")?;
+            let v: Value = serde_json::from_str(line.trim())
+                .with_context(|| format!("bench-aggregate report {line:?}"))?;
+            let pid = proc_.pid();
+            let row = MemoryRow {
+                keys,
+                bound,
+                tracked_addresses: v["tracked_addresses"].as_u64().unwrap_or(0),
+                tracked_groups: v["tracked_groups"].as_u64().unwrap_or(0),
+                rss_kib: procs::status_kib(pid, "VmRSS")?,
+                hwm_kib: procs::status_kib(pid, "VmHWM")?,
+                fill_ms: v["fill_ms"].as_u64().unwrap_or(0),
+            };
+            // Closing stdin lets it exit; Proc's drop reaps it (or kills it if it hangs).
+            drop(proc_.child.stdin.take());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while proc_.child.try_wait()?.is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!(
+                "bench: aggregation with {keys} clients: RSS {} KiB",
+                row.rss_kib
+            );
+            results.memory.push(row);
+        }
+        Ok(())
+    }
+}
