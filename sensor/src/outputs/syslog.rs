@@ -10,7 +10,11 @@
 //!
 //! TCP and TLS connections are kept open between messages; before each write the connection
 //! is checked for a close by the receiver, so a restarted receiver costs a reconnect, not an
-//! event. UDP has no delivery feedback: a datagram to a stopped receiver is lost.
+//! event. Syslog has no acknowledgements: a successful write only means the kernel took the
+//! bytes, and a receiver that dies before reading them loses them. So the messages written on
+//! a connection in the last seconds are written again on the next connection after a failure
+//! (at-least-once; receivers deduplicate by the record id in the structured data). UDP has no
+//! delivery feedback at all: a datagram to a stopped receiver is lost.
 
 use std::time::Duration;
 
@@ -154,7 +158,16 @@ pub struct SyslogOutput {
     timeout: Duration,
     render: Rfc5424,
     conn: Option<Conn>,
+    /// Messages written on the current connection recently, oldest first, written again on
+    /// the next connection if this one fails (see the module docs).
+    recent: std::collections::VecDeque<(std::time::Instant, String)>,
+    /// The connection was lost: replay `recent` on the next one.
+    replay: bool,
 }
+
+/// How long, and how many, written messages stay eligible for a replay after a failure.
+const REPLAY_WINDOW: Duration = Duration::from_secs(10);
+const REPLAY_MAX: usize = 512;
 
 impl SyslogOutput {
     pub fn new(c: &OutputConfig, timeout: Duration) -> Result<Self, OutputError> {
@@ -189,6 +202,8 @@ impl SyslogOutput {
                 msg,
             },
             conn: None,
+            recent: std::collections::VecDeque::new(),
+            replay: false,
         })
     }
 
@@ -251,11 +266,36 @@ impl SyslogOutput {
             && !Self::still_open(conn).await
         {
             self.conn = None;
+            self.replay = true;
         }
         if self.conn.is_none() {
             self.conn = Some(self.connect().await?);
         }
+        let stream = !matches!(self.conn, Some(Conn::Udp(_)));
+        if self.replay && stream {
+            let now = std::time::Instant::now();
+            self.recent
+                .retain(|(at, _)| now.duration_since(*at) <= REPLAY_WINDOW);
+            let again: Vec<String> = self.recent.iter().map(|(_, m)| m.clone()).collect();
+            for msg in &again {
+                self.write(msg).await?;
+            }
+        }
+        self.replay = false;
         let msg = self.render.render(rec);
+        self.write(&msg).await?;
+        if stream {
+            self.recent.push_back((std::time::Instant::now(), msg));
+            while self.recent.len() > REPLAY_MAX {
+                self.recent.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one message on the current connection; on failure the connection is dropped and
+    /// the next one starts with a replay.
+    async fn write(&mut self, msg: &str) -> Result<(), OutputError> {
         let timeout = self.timeout;
         let target = self.target();
         let Some(conn) = self.conn.as_mut() else {
@@ -265,25 +305,22 @@ impl SyslogOutput {
         let written = tokio::time::timeout(timeout, async {
             match conn {
                 Conn::Udp(s) => s.send(msg.as_bytes()).await.map(|_| ()),
-                Conn::Tcp(s) => s.write_all(octet_counted(&msg).as_bytes()).await,
+                Conn::Tcp(s) => s.write_all(octet_counted(msg).as_bytes()).await,
                 Conn::Tls(s) => {
-                    s.write_all(octet_counted(&msg).as_bytes()).await?;
+                    s.write_all(octet_counted(msg).as_bytes()).await?;
                     s.flush().await
                 }
             }
         })
         .await;
-        match written {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                self.conn = None;
-                Err(io(e))
-            }
-            Err(_) => {
-                self.conn = None;
-                Err(OutputError::Timeout(timeout))
-            }
-        }
+        let result = match written {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => Err(io(e)),
+            Err(_) => Err(OutputError::Timeout(timeout)),
+        };
+        self.conn = None;
+        self.replay = true;
+        result
     }
 }
 
