@@ -447,6 +447,17 @@ fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparse
         match direction {
             Direction::In => track_request(ctx, &mut *stats, start, &segment)?,
             Direction::Out if new_data => {
+                // A reply although no exchange start was ever seen: the client's first payload
+                // came in the packet that completed the handshake (its final ACK was lost),
+                // which passed these programs before the record existed. The server answering
+                // means that exchange happened: count it, and classify at the next one.
+                if (*stats).proto == PROTO_UNKNOWN
+                    && (*stats).req_start == 0
+                    && read_shared(&raw const (*stats).bytes_in) > 0
+                {
+                    atomic_add(&raw mut (*stats).requests, 1);
+                    (*stats).req_start = NO_EXCHANGE_PENDING;
+                }
                 // New reply data: the next client payload starts a new exchange.
                 if (*stats).req_start == NO_EXCHANGE_PENDING {
                     (*stats).req_start = read_shared(&raw const (*stats).bytes_in);
@@ -515,8 +526,9 @@ fn track_request(
     let counts = match stats.proto {
         PROTO_HTTP1 => starts_with_method(ctx, segment)?,
         PROTO_OTHER => true,
-        // The connection's first payload; wait for offset 0 if it was lost.
-        _ if start == 0 => {
+        // The first exchange start seen (offset 0, or the next one when the first came with the
+        // handshake); wait for it if it was lost.
+        _ if start == pending as i64 => {
             let http = starts_with_method(ctx, segment)?;
             stats.proto = if http { PROTO_HTTP1 } else { PROTO_OTHER };
             true
