@@ -78,22 +78,33 @@ pub struct Cgroup {
     pub path: PathBuf,
 }
 
-pub fn cgroup2_root() -> PathBuf {
-    let mounts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
-    mounts
+/// Mount point of the cgroup v2 hierarchy, from /proc/mounts.
+pub fn find_cgroup2_root() -> std::io::Result<PathBuf> {
+    fs::read_to_string("/proc/mounts")?
         .lines()
         .find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
         })
-        .expect("a cgroup v2 hierarchy is mounted")
+        .ok_or_else(|| std::io::Error::other("no cgroup v2 hierarchy is mounted"))
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    find_cgroup2_root().expect("a cgroup v2 hierarchy is mounted")
 }
 
 impl Cgroup {
+    /// Creates the cgroup `name` directly below the cgroup v2 root (removed on drop).
+    pub fn create(name: &str) -> std::io::Result<Self> {
+        let path = find_cgroup2_root()?.join(name);
+        fs::create_dir(&path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("mkdir {}: {e}", path.display())))?;
+        Ok(Self { path })
+    }
+
+    /// A cgroup with a unique name for one test.
     pub fn new(name: &str) -> Self {
-        let path = cgroup2_root().join(unique(name));
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Self { path }
+        Self::create(&unique(name)).unwrap_or_else(|e| panic!("test cgroup: {e}"))
     }
 
     /// A shell command prefix that moves itself into this cgroup, then execs `program`.

@@ -427,33 +427,20 @@ fn demo() -> anyhow::Result<()> {
     build_release()?;
     let root = workspace_root();
     let bin = root.join("target/release/sensor");
-    let cgroup2 = std::fs::read_to_string("/proc/mounts")?
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-        })
-        .context("no cgroup v2 mounted")?;
     let dir = env::temp_dir().join("sensor-demo");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let cgroup = cgroup2.join("sensor-demo");
-    let _ = std::fs::create_dir(&cgroup);
+    // A demo interrupted earlier may have left its cgroup: dropping it kills and removes it.
+    let stale = sensor_tests::find_cgroup2_root()?.join("sensor-demo");
+    if stale.exists() {
+        drop(sensor_tests::Cgroup { path: stale });
+    }
+    let cgroup = sensor_tests::Cgroup::create("sensor-demo").context("creating the demo cgroup")?;
     let port = "18000";
     let mut children = Vec::new();
-    let in_cgroup = |program: &str| {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!(
-                "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-                cgroup.display()
-            ))
-            .arg("sh")
-            .arg(program);
-        cmd
-    };
     children.push(
-        in_cgroup("python3")
+        cgroup
+            .command("python3")
             .arg(root.join("tests/peers/openai_stub.py"))
             .arg(port)
             .arg(dir.join("ledger.jsonl"))
@@ -464,7 +451,7 @@ fn demo() -> anyhow::Result<()> {
     children.push(
         Command::new(&bin)
             .args(["run", "--fresh", "--ports", port, "--cgroup"])
-            .arg(&cgroup)
+            .arg(&cgroup.path)
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
@@ -479,8 +466,7 @@ fn demo() -> anyhow::Result<()> {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
-    let _ = std::fs::remove_dir(&cgroup);
+    drop(cgroup);
     let _ = std::fs::remove_dir_all("/sys/fs/bpf/sensor-demo");
     result
 }

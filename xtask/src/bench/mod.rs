@@ -239,7 +239,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
     let tag = format!("sensor-bench-{}", std::process::id());
     let tmp = TempDir::create(std::env::temp_dir().join(&tag))?;
-    let cgroup = Cgroup::create(&tag)?;
+    let cgroup = Cgroup::create(&tag).context("creating the bench cgroup")?;
     let http_port = procs::free_port()?;
     let mut iperf_port = procs::free_port()?;
     while iperf_port == http_port {

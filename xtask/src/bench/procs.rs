@@ -103,52 +103,9 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Outpu
     Ok(output)
 }
 
-pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-        })
-        .context("no cgroup v2 hierarchy is mounted")
-}
-
-/// The bench's own cgroup: the servers run in it, and the agent watches only it.
-pub struct Cgroup {
-    pub path: PathBuf,
-}
-
-impl Cgroup {
-    pub fn create(name: &str) -> anyhow::Result<Self> {
-        let path = cgroup2_root()?.join(name);
-        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
-        Ok(Self { path })
-    }
-
-    /// `program` started inside this cgroup (a shell joins it, then execs the program).
-    pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!(
-                "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-                self.path.display()
-            ))
-            .arg("sh")
-            .arg(program);
-        cmd
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = fs::write(self.path.join("cgroup.kill"), "1");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
+/// The bench's own cgroup (the servers run in it, the agent watches only it): the test
+/// harness's, removed on drop.
+pub use sensor_tests::Cgroup;
 
 /// A child process killed on drop.
 pub struct Proc {
