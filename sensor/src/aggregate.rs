@@ -167,6 +167,14 @@ impl Windows {
         }
     }
 
+    /// Counts of the 10-second period `epoch` (unix seconds / 10), if still held.
+    pub fn ten_seconds(&self, epoch: u64) -> Counts {
+        self.tens
+            .iter()
+            .find(|b| b.epoch == epoch)
+            .map_or_else(Counts::default, |b| b.counts)
+    }
+
     /// Counts of the minute `minutes_ago` complete minutes before the current one (0 = the
     /// last complete minute).
     pub fn minute(&self, now_s: u64, minutes_ago: u64) -> Counts {

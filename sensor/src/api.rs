@@ -43,6 +43,8 @@ pub struct AgentState {
     /// Request heads parsed for identity.
     pub heads: crate::identity::HeadStats,
     pub detector: crate::detect::Detector,
+    /// Start (unix s) of the last summary period shipped to the collector.
+    pub shipped_through: u64,
 }
 
 pub type SharedState = Arc<Mutex<AgentState>>;

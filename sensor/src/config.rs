@@ -46,6 +46,9 @@ pub struct Config {
     pub identity: Identity,
     #[serde(default)]
     pub detect: Detect,
+    /// Shipping to a collector (`[ship]`), off by default: see docs/collector.md.
+    #[serde(default)]
+    pub ship: crate::ship::ShipConfig,
     /// SIEM outputs (`[[outputs]]`), none by default: see docs/outputs.md.
     #[serde(default)]
     pub outputs: Vec<crate::outputs::OutputConfig>,
@@ -364,6 +367,7 @@ impl Config {
                 return Err(("trusted_proxies", e.to_string()));
             }
         }
+        self.ship.validate()?;
         let m = &self.metrics;
         if !m.listen.is_empty() {
             if m.listen.parse::<std::net::SocketAddr>().is_err() {
@@ -442,6 +446,7 @@ mod tests {
         assert_eq!(embedded.metrics, Metrics::default());
         assert_eq!(embedded.identity, Identity::default());
         assert_eq!(embedded.detect, Detect::default());
+        assert_eq!(embedded.ship, crate::ship::ShipConfig::default());
         assert!(
             embedded.detect.rules.len() >= 8,
             "the default rules are embedded"

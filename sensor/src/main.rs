@@ -14,6 +14,7 @@ mod metrics;
 mod outputs;
 mod report;
 mod service;
+mod ship;
 mod state;
 mod top;
 mod views;

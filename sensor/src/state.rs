@@ -28,6 +28,9 @@ pub struct Snapshot {
     pub conns: ConnState,
     #[serde(default)]
     pub detector: crate::detect::DetectorState,
+    /// Start (unix s) of the last summary period shipped to the collector.
+    #[serde(default)]
+    pub shipped_through: u64,
 }
 
 /// What the agent writes: the same fields as `Snapshot`, borrowing the aggregates so that
@@ -41,6 +44,7 @@ pub struct SnapshotRef<'a> {
     pub agg: &'a Aggregator,
     pub conns: ConnState,
     pub detector: &'a crate::detect::DetectorState,
+    pub shipped_through: u64,
 }
 
 /// The snapshot's file content.

@@ -131,6 +131,7 @@ impl FileOutput {
 }
 
 impl Output for FileOutput {
+    type Item = Record;
     fn batch_max(&self) -> usize {
         256
     }

@@ -104,6 +104,7 @@ impl HecOutput {
 }
 
 impl Output for HecOutput {
+    type Item = Record;
     fn batch_max(&self) -> usize {
         self.batch
     }

@@ -93,6 +93,42 @@ pub fn join_host_port(host: &str, port: u16) -> String {
 
 /// A TLS connector trusting `ca_file` (PEM, one or more certificates), else the system roots.
 pub fn tls_connector(ca_file: Option<&Path>) -> Result<TlsConnector, OutputError> {
+    tls_connector_with_identity(ca_file, None)
+}
+
+/// A client certificate chain and its private key (PEM files), for mutual TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIdentity<'a> {
+    pub cert_file: &'a Path,
+    pub key_file: &'a Path,
+}
+
+/// Reads a PEM certificate chain (at least one certificate).
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, OutputError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| OutputError::Tls(format!("reading {}: {e}", path.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| OutputError::Tls(format!("reading {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(OutputError::Tls(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub fn read_key(path: &Path) -> Result<rustls_pki_types::PrivateKeyDer<'static>, OutputError> {
+    rustls_pki_types::PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| OutputError::Tls(format!("reading the private key {}: {e}", path.display())))
+}
+
+/// As [`tls_connector`], presenting `identity` when the server asks for a certificate.
+pub fn tls_connector_with_identity(
+    ca_file: Option<&Path>,
+    identity: Option<ClientIdentity<'_>>,
+) -> Result<TlsConnector, OutputError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -128,8 +164,19 @@ pub fn tls_connector(ca_file: Option<&Path>) -> Result<TlsConnector, OutputError
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| OutputError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some(id) => config
+            .with_client_auth_cert(read_certs(id.cert_file)?, read_key(id.key_file)?)
+            .map_err(|e| {
+                OutputError::Tls(format!(
+                    "client certificate {} / key {}: {e}",
+                    id.cert_file.display(),
+                    id.key_file.display()
+                ))
+            })?,
+        None => config.with_no_client_auth(),
+    };
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
@@ -184,7 +231,8 @@ impl Response {
     }
 }
 
-const MAX_RESPONSE: usize = 1024 * 1024;
+/// Large enough for a fleet-wide client list from the collector.
+const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 
 impl Client {
     pub fn new(
@@ -193,14 +241,36 @@ impl Client {
         server_name_override: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, OutputError> {
+        Self::with_identity(url, ca_file, server_name_override, None, timeout)
+    }
+
+    /// As [`Client::new`], with a client certificate for mutual TLS.
+    pub fn with_identity(
+        url: &str,
+        ca_file: Option<&Path>,
+        server_name_override: Option<&str>,
+        identity: Option<ClientIdentity<'_>>,
+        timeout: Duration,
+    ) -> Result<Self, OutputError> {
         let url = Url::parse(url).map_err(OutputError::Config)?;
         let tls = if url.tls {
             let name = server_name(server_name_override.unwrap_or(&url.host))?;
-            Some((tls_connector(ca_file)?, name))
+            Some((tls_connector_with_identity(ca_file, identity)?, name))
         } else {
             None
         };
         Ok(Self { url, tls, timeout })
+    }
+
+    /// GETs `path` (path and query, replacing the URL's) with `headers`.
+    pub async fn get(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> Result<Response, OutputError> {
+        tokio::time::timeout(self.timeout, self.exchange_with("GET", path, headers, None))
+            .await
+            .map_err(|_| OutputError::Timeout(self.timeout))?
     }
 
     /// POSTs `body` with `headers`; the whole exchange within the timeout.
@@ -209,15 +279,20 @@ impl Client {
         headers: &[(&str, String)],
         body: &[u8],
     ) -> Result<Response, OutputError> {
-        tokio::time::timeout(self.timeout, self.exchange(headers, body))
-            .await
-            .map_err(|_| OutputError::Timeout(self.timeout))?
+        tokio::time::timeout(
+            self.timeout,
+            self.exchange_with("POST", &self.url.path, headers, Some(body)),
+        )
+        .await
+        .map_err(|_| OutputError::Timeout(self.timeout))?
     }
 
-    async fn exchange(
+    async fn exchange_with(
         &self,
+        method: &str,
+        path: &str,
         headers: &[(&str, String)],
-        body: &[u8],
+        body: Option<&[u8]>,
     ) -> Result<Response, OutputError> {
         let tcp = connect(&self.url.host, self.url.port, self.timeout).await?;
         let mut stream: Box<dyn Stream> = match &self.tls {
@@ -230,13 +305,14 @@ impl Client {
             None => Box::new(tcp),
         };
         let mut head = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: sensor/{}\r\nContent-Length: {}\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: sensor/{}\r\n\
              Connection: close\r\n",
-            self.url.path,
             self.url.authority(),
             env!("CARGO_PKG_VERSION"),
-            body.len()
         );
+        if let Some(body) = body {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
         for (name, value) in headers {
             head.push_str(name);
             head.push_str(": ");
@@ -246,7 +322,9 @@ impl Client {
         head.push_str("\r\n");
         let io = |e| OutputError::io(format!("talking to {}", self.url.authority()), e);
         stream.write_all(head.as_bytes()).await.map_err(io)?;
-        stream.write_all(body).await.map_err(io)?;
+        if let Some(body) = body {
+            stream.write_all(body).await.map_err(io)?;
+        }
         stream.flush().await.map_err(io)?;
         let mut raw = Vec::new();
         let mut chunk = [0u8; 8192];

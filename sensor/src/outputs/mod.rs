@@ -531,12 +531,16 @@ impl Delivery {
 
 /// A transport: delivers batches of records, in order.
 pub trait Output: Send + 'static {
+    /// What it delivers: alert events ([`Record`]) for SIEM outputs.
+    type Item: spool::Spooled;
     /// Records per delivery attempt.
     fn batch_max(&self) -> usize {
         1
     }
-    fn deliver<'a>(&'a mut self, batch: &'a [Record])
-    -> impl Future<Output = Delivery> + Send + 'a;
+    fn deliver<'a>(
+        &'a mut self,
+        batch: &'a [Self::Item],
+    ) -> impl Future<Output = Delivery> + Send + 'a;
 }
 
 // --- counters -----------------------------------------------------------------------------
@@ -595,11 +599,19 @@ struct Running {
     stats: SharedStats,
 }
 
+/// Shipping to a collector (`[ship]`, see `crate::ship`): alerts and summaries.
+struct Shipping {
+    agent: String,
+    tx: mpsc::Sender<crate::ship::ShipRecord>,
+    stats: SharedStats,
+}
+
 /// The configured outputs, started: the agent publishes events, the API reads counters.
 #[derive(Default)]
 pub struct Outputs {
     running: Vec<Running>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    ship: Option<Shipping>,
 }
 
 impl Outputs {
@@ -672,6 +684,42 @@ impl Outputs {
         Ok(())
     }
 
+    /// Starts shipping to the collector `c` describes, as agent `agent` (the spool is opened
+    /// and the token read here: problems fail the agent's start).
+    pub fn start_shipping(
+        &mut self,
+        c: &crate::ship::ShipConfig,
+        agent: &str,
+        state_dir: &Path,
+    ) -> anyhow::Result<()> {
+        let dir = c.spool_dir(state_dir);
+        let spool = spool::Spool::open(&dir, c.spool_max_bytes)?;
+        let stream = crate::ship::stream_id(&dir)?;
+        let out = crate::ship::ShipOutput::new(c, agent, stream)?;
+        let stats: SharedStats = Arc::new(Mutex::new(OutputStats {
+            name: "collector".into(),
+            kind: "collector".into(),
+            target: out.target(),
+            ..OutputStats::default()
+        }));
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let retry_max = Duration::from_secs(c.retry_max_secs);
+        self.tasks.push(tokio::spawn(worker(
+            out,
+            spool,
+            rx,
+            stats.clone(),
+            retry_max,
+        )));
+        info!("shipping to the collector at {} as `{agent}`", c.url);
+        self.ship = Some(Shipping {
+            agent: agent.to_owned(),
+            tx,
+            stats,
+        });
+        Ok(())
+    }
+
     /// Queues alert events for every output; never waits (a full queue drops and counts).
     pub fn publish(&self, events: &[AlertEvent]) {
         for e in events {
@@ -682,13 +730,44 @@ impl Outputs {
                     warn!("output `{}`: event {} not queued: {err}", r.name, rec.id);
                 }
             }
+            if let Some(ship) = &self.ship {
+                ship_one(ship, crate::ship::ShipRecord::alert(&ship.agent, e));
+            }
         }
+    }
+
+    /// Queues already-built records (the collector forwarding agents' alerts).
+    pub fn publish_records(&self, records: &[Record]) {
+        for rec in records {
+            for r in &self.running {
+                if let Err(err) = r.tx.try_send(rec.clone()) {
+                    update(&r.stats, |s| s.dropped += 1);
+                    warn!("output `{}`: event {} not queued: {err}", r.name, rec.id);
+                }
+            }
+        }
+    }
+
+    /// Queues a per-client summary for the collector (when shipping is on).
+    pub fn ship_summary(&self, summary: crate::ship::Summary) {
+        if let Some(ship) = &self.ship {
+            ship_one(ship, crate::ship::ShipRecord::summary(&ship.agent, summary));
+        }
+    }
+
+    pub fn shipping(&self) -> bool {
+        self.ship.is_some()
     }
 
     /// Makes these outputs' counters the ones `/v1/health` shows (see [`health`]).
     pub fn register(&self) {
         if let Ok(mut r) = REGISTRY.lock() {
-            *r = self.running.iter().map(|r| r.stats.clone()).collect();
+            *r = self
+                .running
+                .iter()
+                .map(|r| r.stats.clone())
+                .chain(self.ship.as_ref().map(|s| s.stats.clone()))
+                .collect();
         }
     }
 
@@ -696,6 +775,7 @@ impl Outputs {
     /// (a network output's spool keeps the rest for the next start).
     pub async fn shutdown(mut self, grace: Duration) {
         self.running.clear();
+        self.ship = None;
         let tasks = std::mem::take(&mut self.tasks);
         let all = async {
             for t in tasks {
@@ -703,6 +783,13 @@ impl Outputs {
             }
         };
         let _ = tokio::time::timeout(grace, all).await;
+    }
+}
+
+fn ship_one(ship: &Shipping, rec: crate::ship::ShipRecord) {
+    if let Err(err) = ship.tx.try_send(rec) {
+        update(&ship.stats, |s| s.dropped += 1);
+        warn!("collector: record not queued: {err}");
     }
 }
 
@@ -732,10 +819,10 @@ pub fn backoff(failures: u32, max: Duration) -> Duration {
 }
 
 /// One output's task: spool what arrives, deliver in order, retry with backoff.
-async fn worker<O: Output>(
+pub async fn worker<O: Output>(
     mut out: O,
-    mut spool: spool::Spool,
-    mut rx: mpsc::Receiver<Record>,
+    mut spool: spool::Spool<O::Item>,
+    mut rx: mpsc::Receiver<O::Item>,
     stats: SharedStats,
     retry_max: Duration,
 ) {
@@ -784,7 +871,7 @@ async fn worker<O: Output>(
         let d = out.deliver(&batch).await;
         let done = (d.sent + d.rejected).min(batch.len());
         if done > 0
-            && let Err(e) = spool.ack(batch[done - 1].seq)
+            && let Err(e) = spool.ack(spool::Spooled::seq(&batch[done - 1]))
         {
             warn!("output `{name}`: cannot record delivery in the spool: {e}");
         }
@@ -826,7 +913,7 @@ async fn worker<O: Output>(
     }
 }
 
-fn append(spool: &mut spool::Spool, rec: Record, stats: &SharedStats, name: &str) {
+fn append<T: spool::Spooled>(spool: &mut spool::Spool<T>, rec: T, stats: &SharedStats, name: &str) {
     match spool.append(rec) {
         Ok(dropped) => update(stats, |s| {
             s.spooled += 1;
@@ -1027,6 +1114,7 @@ url = "http://127.0.0.1:9000/hook"
     }
 
     impl Output for Flaky {
+        type Item = Record;
         fn batch_max(&self) -> usize {
             2
         }

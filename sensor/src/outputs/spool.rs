@@ -20,7 +20,24 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use serde::{Serialize, de::DeserializeOwned};
+
 use super::{OutputError, Record};
+
+/// What a spool holds: records that carry their position in the stream.
+pub trait Spooled: Serialize + DeserializeOwned + Clone + Send + 'static {
+    fn seq(&self) -> u64;
+    fn set_seq(&mut self, seq: u64);
+}
+
+impl Spooled for Record {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn set_seq(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+}
 
 const CURSOR: &str = "cursor";
 
@@ -30,14 +47,14 @@ struct Segment {
     bytes: u64,
 }
 
-pub struct Spool {
+pub struct Spool<T = Record> {
     dir: Option<PathBuf>,
     max_bytes: u64,
     segment_bytes: u64,
     segments: VecDeque<Segment>,
     writer: Option<File>,
     /// Undelivered records and the size of each one's line.
-    pending: VecDeque<(Record, u64)>,
+    pending: VecDeque<(T, u64)>,
     pending_bytes: u64,
     next_seq: u64,
     /// Highest sequence number done.
@@ -48,7 +65,7 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> OutputError {
     OutputError::io(format!("{what} {}", path.display()), e)
 }
 
-impl Spool {
+impl<T: Spooled> Spool<T> {
     pub fn memory(max_bytes: u64) -> Self {
         Self {
             dir: None,
@@ -106,13 +123,13 @@ impl Spool {
                 let line = line.map_err(|e| io("reading", &path, e))?;
                 bytes += line.len() as u64 + 1;
                 // A line cut short by a crash mid-write is skipped; it never counted as spooled.
-                let Ok(rec) = serde_json::from_str::<Record>(&line) else {
+                let Ok(rec) = serde_json::from_str::<T>(&line) else {
                     log::warn!("spool {}: skipping an unreadable line", path.display());
                     continue;
                 };
-                last = last.max(rec.seq);
-                spool.next_seq = spool.next_seq.max(rec.seq + 1);
-                if rec.seq > cursor {
+                last = last.max(rec.seq());
+                spool.next_seq = spool.next_seq.max(rec.seq() + 1);
+                if rec.seq() > cursor {
                     let size = line.len() as u64 + 1;
                     spool.pending_bytes += size;
                     spool.pending.push_back((rec, size));
@@ -146,20 +163,20 @@ impl Spool {
 
     /// Appends `rec` with the next sequence number; returns how many oldest undelivered
     /// records were dropped to stay within the bound (`rec` itself if it alone is too big).
-    pub fn append(&mut self, mut rec: Record) -> Result<u64, OutputError> {
-        rec.seq = self.next_seq;
+    pub fn append(&mut self, mut rec: T) -> Result<u64, OutputError> {
+        rec.set_seq(self.next_seq);
         let mut line = serde_json::to_string(&rec)
             .map_err(|e| OutputError::Protocol(format!("encoding a record: {e}")))?;
         line.push('\n');
         let size = line.len() as u64;
         if size > self.max_bytes {
             self.next_seq += 1;
-            self.set_cursor_at_least(rec.seq)?;
+            self.set_cursor_at_least(rec.seq())?;
             return Ok(1);
         }
         let dropped = self.enforce_bound(size)?;
         if self.dir.is_some() {
-            self.write_line(rec.seq, &line)?;
+            self.write_line(rec.seq(), &line)?;
         }
         self.next_seq += 1;
         self.pending_bytes += size;
@@ -214,7 +231,7 @@ impl Spool {
                 break;
             };
             self.pending_bytes -= size;
-            last = Some(rec.seq);
+            last = Some(rec.seq());
             dropped += 1;
         }
         if let Some(seq) = last {
@@ -225,7 +242,7 @@ impl Spool {
     }
 
     /// The oldest `n` undelivered records, in order.
-    pub fn peek(&self, n: usize) -> Vec<Record> {
+    pub fn peek(&self, n: usize) -> Vec<T> {
         self.pending
             .iter()
             .take(n)
@@ -235,7 +252,7 @@ impl Spool {
 
     /// Everything up to and including `seq` is done.
     pub fn ack(&mut self, seq: u64) -> Result<(), OutputError> {
-        while self.pending.front().is_some_and(|(r, _)| r.seq <= seq) {
+        while self.pending.front().is_some_and(|(r, _)| r.seq() <= seq) {
             if let Some((_, size)) = self.pending.pop_front() {
                 self.pending_bytes -= size;
             }
@@ -320,7 +337,7 @@ mod tests {
     #[test]
     fn keeps_order_and_survives_restart() {
         let dir = temp("order");
-        let mut s = Spool::open(&dir, 1 << 20).expect("open");
+        let mut s = Spool::<Record>::open(&dir, 1 << 20).expect("open");
         for i in 1..=5 {
             assert_eq!(s.append(rec(i)).expect("append"), 0);
         }
@@ -331,7 +348,7 @@ mod tests {
         assert_eq!(s.len(), 3);
         drop(s);
         // Restart: the delivered ones stay delivered, the rest comes back in order.
-        let mut s = Spool::open(&dir, 1 << 20).expect("reopen");
+        let mut s = Spool::<Record>::open(&dir, 1 << 20).expect("reopen");
         assert_eq!(ids(&s, 10), ["id-3", "id-4", "id-5"]);
         s.append(rec(6)).expect("append");
         let seqs: Vec<u64> = s.peek(10).iter().map(|r| r.seq).collect();
@@ -339,7 +356,7 @@ mod tests {
         s.ack(6).expect("ack");
         assert!(s.is_empty());
         drop(s);
-        let s = Spool::open(&dir, 1 << 20).expect("reopen");
+        let s = Spool::<Record>::open(&dir, 1 << 20).expect("reopen");
         assert!(s.is_empty());
         let _ = fs::remove_dir_all(&dir);
     }
@@ -349,7 +366,7 @@ mod tests {
         let dir = temp("bound");
         let size = serde_json::to_string(&rec(1)).expect("json").len() as u64 + 1;
         // Room for three records.
-        let mut s = Spool::open(&dir, size * 3 + size / 2).expect("open");
+        let mut s = Spool::<Record>::open(&dir, size * 3 + size / 2).expect("open");
         let mut dropped = 0;
         for i in 1..=7 {
             dropped += s.append(rec(i)).expect("append");
@@ -357,11 +374,11 @@ mod tests {
         assert_eq!(dropped, 4);
         assert_eq!(ids(&s, 10), ["id-5", "id-6", "id-7"]);
         drop(s);
-        let s = Spool::open(&dir, size * 3 + size / 2).expect("reopen");
+        let s = Spool::<Record>::open(&dir, size * 3 + size / 2).expect("reopen");
         assert_eq!(ids(&s, 10), ["id-5", "id-6", "id-7"], "drops are durable");
         // A smaller bound at the next start drops more, oldest first.
         drop(s);
-        let s = Spool::open(&dir, size + 1).expect("reopen smaller");
+        let s = Spool::<Record>::open(&dir, size + 1).expect("reopen smaller");
         assert_eq!(ids(&s, 10), ["id-7"]);
         let _ = fs::remove_dir_all(&dir);
     }
@@ -369,7 +386,7 @@ mod tests {
     #[test]
     fn done_segments_are_deleted() {
         let dir = temp("segments");
-        let mut s = Spool::open(&dir, 64 * 1024).expect("open");
+        let mut s = Spool::<Record>::open(&dir, 64 * 1024).expect("open");
         for i in 1..=40 {
             s.append(rec(i)).expect("append");
         }
@@ -386,7 +403,7 @@ mod tests {
     #[test]
     fn a_torn_last_line_is_skipped() {
         let dir = temp("torn");
-        let mut s = Spool::open(&dir, 1 << 20).expect("open");
+        let mut s = Spool::<Record>::open(&dir, 1 << 20).expect("open");
         s.append(rec(1)).expect("append");
         s.append(rec(2)).expect("append");
         let seg = s.segments.back().expect("segment").path.clone();
@@ -394,11 +411,11 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&seg).expect("open");
         f.write_all(b"{\"id\":\"torn").expect("write");
         drop(f);
-        let mut s = Spool::open(&dir, 1 << 20).expect("reopen");
+        let mut s = Spool::<Record>::open(&dir, 1 << 20).expect("reopen");
         assert_eq!(ids(&s, 10), ["id-1", "id-2"]);
         s.append(rec(3)).expect("append");
         drop(s);
-        let s = Spool::open(&dir, 1 << 20).expect("reopen");
+        let s = Spool::<Record>::open(&dir, 1 << 20).expect("reopen");
         assert_eq!(ids(&s, 10), ["id-1", "id-2", "id-3"]);
         let _ = fs::remove_dir_all(&dir);
     }
@@ -406,7 +423,7 @@ mod tests {
     #[test]
     fn memory_spool_has_the_same_bound() {
         let size = serde_json::to_string(&rec(1)).expect("json").len() as u64 + 1;
-        let mut s = Spool::memory(size * 2);
+        let mut s = Spool::<Record>::memory(size * 2);
         let dropped: u64 = (1..=5).map(|i| s.append(rec(i)).expect("append")).sum();
         assert_eq!(dropped, 3);
         assert_eq!(ids(&s, 10), ["id-4", "id-5"]);

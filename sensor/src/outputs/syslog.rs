@@ -325,6 +325,7 @@ impl SyslogOutput {
 }
 
 impl Output for SyslogOutput {
+    type Item = Record;
     fn batch_max(&self) -> usize {
         64
     }

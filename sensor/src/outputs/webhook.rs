@@ -60,6 +60,7 @@ impl WebhookOutput {
 }
 
 impl Output for WebhookOutput {
+    type Item = Record;
     async fn deliver(&mut self, batch: &[Record]) -> Delivery {
         let Some(rec) = batch.first() else {
             return Delivery::default();

@@ -1,0 +1,553 @@
+//! Agent -> collector shipping: alert events and per-client summaries, batched, compressed,
+//! over HTTPS with a bearer token (and a client certificate when the collector asks for one).
+//!
+//! Delivery reuses the SIEM outputs' machinery ([`crate::outputs::worker`]): every record is
+//! appended to a durable, bounded spool on disk before it counts as shipped, delivered in
+//! order, retried with backoff, and what the bound forces out is dropped and counted.
+//!
+//! Exactly once: every record carries its position in the agent's stream (`seq`, from the
+//! spool) and the stream's id (created with the spool). The collector keeps the highest
+//! position it accepted per agent and stream, so a batch sent again after a lost answer is
+//! acknowledged without being counted twice. Summaries also carry their period, which the
+//! collector accepts once per agent (an agent restarted from an older state snapshot may
+//! build a period again).
+//!
+//! Summaries: every 10 seconds (the agent's finest window bucket), the counts each client
+//! added in the period just completed, for the `top_clients` heaviest clients of each key
+//! kind (address, group, identity, forwarded), and the rest of the period summed per kind.
+//! The collector adds them up across hosts, so a client spread over many hosts is seen whole.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    aggregate::{Aggregator, ClientTable, Counts},
+    detect::{Alert, AlertEvent},
+    outputs::{
+        Delivery, Output, OutputError,
+        http::{self, ClientIdentity},
+        spool::Spooled,
+    },
+    report::By,
+};
+
+/// Version of the batch format; the collector refuses others.
+pub const WIRE_VERSION: u32 = 1;
+/// Seconds per summary period: the agent's 10-second window buckets.
+pub const PERIOD_SECS: u64 = 10;
+/// Limits the collector enforces (and the agent stays within).
+pub const MAX_RECORDS_PER_BATCH: usize = 10_000;
+pub const MAX_CLIENTS_PER_SUMMARY: usize = 40_000;
+pub const MAX_NAME_LEN: usize = 128;
+pub const MAX_KEY_LEN: usize = 256;
+
+// --- wire format ----------------------------------------------------------------------------
+
+/// One POST to the collector's `/v1/ingest` (JSON, gzip-compressed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    pub version: u32,
+    /// The agent's name; must be the name its token is registered under.
+    pub agent: String,
+    /// Id of the agent's spool stream (hex): positions restart only with a new stream.
+    pub stream: String,
+    pub records: Vec<ShipRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipRecord {
+    /// Idempotent: `<agent>:<alert event id>` or `<agent>:summary:<period start>`.
+    pub id: String,
+    /// Position in the agent's stream (1, 2, ...).
+    pub seq: u64,
+    pub payload: Payload,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Payload {
+    Alert { event: String, alert: Alert },
+    Summary(Summary),
+}
+
+/// What the agent's clients did in one 10-second period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Summary {
+    /// Unix seconds; the period is [start_s, start_s + period_s).
+    pub start_s: u64,
+    pub period_s: u64,
+    pub clients: Vec<ClientDelta>,
+    /// Per key kind, the period's counts of the clients left out of `clients`.
+    #[serde(default)]
+    pub rest: BTreeMap<String, Counts>,
+}
+
+/// One client's counts in a period, and its state at the period's end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientDelta {
+    /// address, group, identity or forwarded.
+    pub by: String,
+    pub key: String,
+    pub counts: Counts,
+    pub open_connections: u64,
+    #[serde(default)]
+    pub identity: Option<String>,
+    #[serde(default)]
+    pub forwarded: Option<String>,
+}
+
+impl Spooled for ShipRecord {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn set_seq(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+}
+
+impl ShipRecord {
+    pub fn alert(agent: &str, e: &AlertEvent) -> Self {
+        Self {
+            id: format!("{agent}:{}", crate::outputs::event_id(&e.alert, e.event)),
+            seq: 0,
+            payload: Payload::Alert {
+                event: e.event.to_owned(),
+                alert: e.alert.clone(),
+            },
+        }
+    }
+
+    pub fn summary(agent: &str, s: Summary) -> Self {
+        Self {
+            id: format!("{agent}:summary:{}", s.start_s),
+            seq: 0,
+            payload: Payload::Summary(s),
+        }
+    }
+}
+
+/// Gzip of the batch's JSON.
+pub fn encode(batch: &Batch) -> Result<Vec<u8>, OutputError> {
+    let json = serde_json::to_vec(batch)
+        .map_err(|e| OutputError::Protocol(format!("encoding a batch: {e}")))?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&json)
+        .and_then(|()| gz.finish())
+        .map_err(|e| OutputError::io("compressing a batch", e))
+}
+
+// --- summaries ------------------------------------------------------------------------------
+
+fn table(agg: &Aggregator, by: By) -> &ClientTable {
+    match by {
+        By::Address => &agg.addresses,
+        By::Group => &agg.groups,
+        By::Identity => &agg.identities,
+        By::Forwarded => &agg.forwarded,
+    }
+}
+
+/// The summary of the 10-second period starting at `start_s`, or None when nothing happened
+/// and no connection is open.
+pub fn summarize(agg: &Aggregator, start_s: u64, top: usize) -> Option<Summary> {
+    let period = start_s / PERIOD_SECS;
+    let mut clients = Vec::new();
+    let mut rest = BTreeMap::new();
+    for by in By::ALL {
+        let mut rows: Vec<(&String, Counts, u64)> = table(agg, by)
+            .clients
+            .iter()
+            .filter_map(|(k, c)| {
+                let counts = c.windows.ten_seconds(period);
+                (!counts.is_zero() || c.open_connections > 0).then_some((
+                    k,
+                    counts,
+                    c.open_connections,
+                ))
+            })
+            .collect();
+        // Heaviest first: bytes, then requests, then the key (a stable order).
+        rows.sort_by(|a, b| {
+            (b.1.bytes_in + b.1.bytes_out, b.1.requests)
+                .cmp(&(a.1.bytes_in + a.1.bytes_out, a.1.requests))
+                .then_with(|| a.0.cmp(b.0))
+        });
+        let mut left = Counts::default();
+        for (i, (key, counts, open)) in rows.into_iter().enumerate() {
+            if i >= top {
+                left += counts;
+                continue;
+            }
+            let c = &table(agg, by).clients[key];
+            clients.push(ClientDelta {
+                by: by.name().to_owned(),
+                key: key.clone(),
+                counts,
+                open_connections: open,
+                identity: c.last_identity.clone(),
+                forwarded: c.last_forwarded.map(|ip| ip.to_string()),
+            });
+        }
+        if !left.is_zero() {
+            rest.insert(by.name().to_owned(), left);
+        }
+    }
+    (!clients.is_empty() || !rest.is_empty()).then(|| Summary {
+        start_s: period * PERIOD_SECS,
+        period_s: PERIOD_SECS,
+        clients,
+        rest,
+    })
+}
+
+// --- configuration ------------------------------------------------------------------------
+
+/// `[ship]`: where and how the agent ships to a collector (off while `url` is empty).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShipConfig {
+    pub url: String,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub server_name: String,
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+    pub agent_name: String,
+    pub top_clients: usize,
+    pub batch_max_records: usize,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub retry_max_secs: u64,
+    pub timeout_secs: u64,
+}
+
+impl Default for ShipConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            token_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            server_name: String::new(),
+            client_cert_file: PathBuf::new(),
+            client_key_file: PathBuf::new(),
+            agent_name: String::new(),
+            top_clients: 200,
+            batch_max_records: 100,
+            spool_dir: PathBuf::new(),
+            spool_max_bytes: 256 * 1024 * 1024,
+            retry_max_secs: 30,
+            timeout_secs: 10,
+        }
+    }
+}
+
+fn opt_path(p: &Path) -> Option<&Path> {
+    (!p.as_os_str().is_empty()).then_some(p)
+}
+
+/// Agent and collector names: what a token is registered under.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl ShipConfig {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    /// Validation errors as (key, message).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let url = http::Url::parse(&self.url).map_err(|e| ("url", e))?;
+        if !url.tls {
+            return Err((
+                "url",
+                "the collector URL must be https:// (tokens never travel in clear)".into(),
+            ));
+        }
+        if self.token_file.as_os_str().is_empty() {
+            return Err(("token_file", "shipping needs a token_file".into()));
+        }
+        if opt_path(&self.client_cert_file).is_some() != opt_path(&self.client_key_file).is_some() {
+            return Err((
+                "client_cert_file",
+                "client_cert_file and client_key_file go together".into(),
+            ));
+        }
+        if !self.agent_name.is_empty() && !valid_name(&self.agent_name) {
+            return Err((
+                "agent_name",
+                "names are 1-128 letters, digits, -, _ and .".into(),
+            ));
+        }
+        if !(1..=MAX_CLIENTS_PER_SUMMARY / 4).contains(&self.top_clients) {
+            return Err((
+                "top_clients",
+                format!("must be 1..={}", MAX_CLIENTS_PER_SUMMARY / 4),
+            ));
+        }
+        if !(1..=1000).contains(&self.batch_max_records) {
+            return Err(("batch_max_records", "must be 1..=1000".into()));
+        }
+        if self.spool_max_bytes < 4096 {
+            return Err(("spool_max_bytes", "must be at least 4096".into()));
+        }
+        if self.retry_max_secs == 0 {
+            return Err(("retry_max_secs", "must be at least 1".into()));
+        }
+        if self.timeout_secs == 0 {
+            return Err(("timeout_secs", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn spool_dir(&self, state_dir: &Path) -> PathBuf {
+        opt_path(&self.spool_dir).map_or_else(
+            || state_dir.join("spool").join("collector"),
+            Path::to_path_buf,
+        )
+    }
+}
+
+// --- the transport --------------------------------------------------------------------------
+
+/// The stream id kept beside the spool: created once, with the spool.
+pub fn stream_id(spool_dir: &Path) -> Result<String, OutputError> {
+    let path = spool_dir.join("stream");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(OutputError::io(format!("reading {}", path.display()), e)),
+    }
+    let mut raw = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+        .map_err(|e| OutputError::io("reading /dev/urandom", e))?;
+    let id = http::hex(&raw);
+    std::fs::create_dir_all(spool_dir)
+        .and_then(|()| std::fs::write(&path, &id))
+        .map_err(|e| OutputError::io(format!("writing {}", path.display()), e))?;
+    Ok(id)
+}
+
+/// Delivers batches of records to the collector.
+pub struct ShipOutput {
+    client: http::Client,
+    token: String,
+    agent: String,
+    stream: String,
+    batch_max: usize,
+    /// After the collector refused a batch, send one record at a time to find the bad one.
+    one_by_one: bool,
+}
+
+impl ShipOutput {
+    pub fn new(c: &ShipConfig, agent: &str, stream: String) -> Result<Self, OutputError> {
+        let identity = match (opt_path(&c.client_cert_file), opt_path(&c.client_key_file)) {
+            (Some(cert_file), Some(key_file)) => Some(ClientIdentity {
+                cert_file,
+                key_file,
+            }),
+            _ => None,
+        };
+        let client = http::Client::with_identity(
+            &c.url,
+            opt_path(&c.ca_file),
+            (!c.server_name.is_empty()).then_some(c.server_name.as_str()),
+            identity,
+            Duration::from_secs(c.timeout_secs),
+        )?;
+        Ok(Self {
+            client,
+            token: http::read_secret(&c.token_file, "collector token")?,
+            agent: agent.to_owned(),
+            stream,
+            batch_max: c.batch_max_records,
+            one_by_one: false,
+        })
+    }
+
+    pub fn target(&self) -> String {
+        format!(
+            "{}://{}{}",
+            if self.client.url.tls { "https" } else { "http" },
+            self.client.url.authority(),
+            self.client.url.path
+        )
+    }
+}
+
+impl Output for ShipOutput {
+    type Item = ShipRecord;
+
+    fn batch_max(&self) -> usize {
+        if self.one_by_one { 1 } else { self.batch_max }
+    }
+
+    async fn deliver(&mut self, batch: &[ShipRecord]) -> Delivery {
+        let body = match encode(&Batch {
+            version: WIRE_VERSION,
+            agent: self.agent.clone(),
+            stream: self.stream.clone(),
+            records: batch.to_vec(),
+        }) {
+            Ok(b) => b,
+            Err(e) => return Delivery::failed(0, e),
+        };
+        let headers = [
+            ("Authorization", format!("Bearer {}", self.token)),
+            ("Content-Type", "application/json".to_owned()),
+            ("Content-Encoding", "gzip".to_owned()),
+        ];
+        let r = match self.client.post(&headers, &body).await {
+            Ok(r) => r,
+            Err(e) => return Delivery::failed(0, e),
+        };
+        let error = OutputError::Http {
+            status: r.status,
+            reason: r.body.chars().take(200).collect(),
+        };
+        match r.status {
+            200..=299 => {
+                self.one_by_one = false;
+                Delivery::all(batch.len())
+            }
+            // Refused as malformed: find the bad record, then drop (and count) only it.
+            400 | 413 | 422 if batch.len() > 1 => {
+                self.one_by_one = true;
+                Delivery::failed(0, error)
+            }
+            400 | 413 | 422 => Delivery {
+                rejected: 1,
+                error: Some(error),
+                ..Delivery::default()
+            },
+            // Bad token, overload, outage: keep everything and retry.
+            _ => Delivery {
+                retry_after: r.retry_after(),
+                ..Delivery::failed(0, error)
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{Delta, Now};
+
+    fn bytes(n: u64) -> Delta {
+        Delta {
+            counts: Counts {
+                requests: 1,
+                bytes_in: n,
+                bytes_out: 10 * n,
+                ..Counts::default()
+            },
+            ..Delta::default()
+        }
+    }
+
+    #[test]
+    fn summaries_cover_one_period_and_cut_to_top() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let t = 1_800_000_000u64; // a multiple of 10
+        let at = |s: u64| Now { unix_ms: s * 1000 };
+        for i in 1..=5u8 {
+            let ip = std::net::IpAddr::from([10, 0, 0, i]);
+            agg.apply(ip, &bytes(u64::from(i) * 100), at(t + 3));
+            // The next period: not part of the summary of `t`.
+            agg.apply(ip, &bytes(1), at(t + 12));
+        }
+        let s = summarize(&agg, t, 2).expect("summary");
+        assert_eq!((s.start_s, s.period_s), (t, 10));
+        let addrs: Vec<_> = s
+            .clients
+            .iter()
+            .filter(|c| c.by == "address")
+            .map(|c| (c.key.as_str(), c.counts.bytes_in))
+            .collect();
+        assert_eq!(addrs, vec![("10.0.0.5", 500), ("10.0.0.4", 400)]);
+        assert_eq!(s.rest["address"].bytes_in, 300 + 200 + 100);
+        // Group: all five in one /24, whole.
+        let g: Vec<_> = s.clients.iter().filter(|c| c.by == "group").collect();
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].counts.bytes_in, 1500);
+        assert_eq!(g[0].counts.requests, 5);
+        assert!(summarize(&agg, t - 10, 2).is_none());
+    }
+
+    #[test]
+    fn batches_round_trip_through_gzip() {
+        let rec = ShipRecord::summary(
+            "host-a",
+            Summary {
+                start_s: 10,
+                period_s: 10,
+                clients: vec![ClientDelta {
+                    by: "address".into(),
+                    key: "10.0.0.1".into(),
+                    counts: Counts {
+                        requests: 3,
+                        ..Counts::default()
+                    },
+                    open_connections: 1,
+                    identity: Some("k-0123456789ab".into()),
+                    forwarded: None,
+                }],
+                rest: BTreeMap::new(),
+            },
+        );
+        let batch = Batch {
+            version: WIRE_VERSION,
+            agent: "host-a".into(),
+            stream: "00ff".into(),
+            records: vec![rec],
+        };
+        let gz = encode(&batch).expect("encode");
+        let mut json = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut json)
+            .expect("gunzip");
+        let back: Batch = serde_json::from_slice(&json).expect("decode");
+        assert_eq!(back, batch);
+        assert_eq!(back.records[0].id, "host-a:summary:10");
+    }
+
+    #[test]
+    fn config_validation() {
+        let ok = ShipConfig {
+            url: "https://collector.example.net:9443/v1/ingest".into(),
+            token_file: "/etc/sensor/ship.token".into(),
+            ..ShipConfig::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let plain = ShipConfig {
+            url: "http://collector:9443/v1/ingest".into(),
+            ..ok.clone()
+        };
+        assert_eq!(plain.validate().map_err(|e| e.0), Err("url"));
+        let half = ShipConfig {
+            client_cert_file: "/c.pem".into(),
+            ..ok.clone()
+        };
+        assert_eq!(half.validate().map_err(|e| e.0), Err("client_cert_file"));
+        assert!(ShipConfig::default().validate().is_ok());
+    }
+}
