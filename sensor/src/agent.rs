@@ -207,7 +207,7 @@ impl Pipeline {
         }
         if next.detect != old.detect {
             // Rules and allow-lists change; open alerts and the baseline stay.
-            let settings = detect_settings(&next)?;
+            let settings = detect_settings(&next.detect, hostname())?;
             lock(&self.state)?.detector.settings = settings;
         }
         if next.identity != old.identity {
@@ -234,8 +234,10 @@ fn status_line(config: &Config, cgroup: &str) -> String {
 }
 
 /// Detection settings from the config (validated at load).
-fn detect_settings(config: &Config) -> anyhow::Result<detect::Settings> {
-    let d = &config.detect;
+pub(crate) fn detect_settings(
+    d: &crate::config::Detect,
+    host: String,
+) -> anyhow::Result<detect::Settings> {
     let rules = d
         .rules
         .iter()
@@ -253,7 +255,7 @@ fn detect_settings(config: &Config) -> anyhow::Result<detect::Settings> {
         resolve_after_ms: d.resolve_after_secs * 1000,
         suppress_ms: d.suppress_secs * 1000,
         baseline_min_minutes: d.baseline_min_minutes,
-        host: hostname(),
+        host,
     })
 }
 
@@ -282,7 +284,7 @@ fn due_summaries(s: &mut AgentState, top: usize, now: Now) -> Vec<crate::ship::S
     out
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())
@@ -297,7 +299,7 @@ fn alerts_path(config: &Config) -> std::path::PathBuf {
 }
 
 /// Logs alert changes and appends them to the JSON lines file.
-fn record_alerts(path: &std::path::Path, events: &[AlertEvent]) {
+pub(crate) fn record_alerts(path: &std::path::Path, events: &[AlertEvent]) {
     if events.is_empty() {
         return;
     }
@@ -421,7 +423,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         Now::set_scale(config.detect.time_scale);
     }
-    let detector = Detector::new(detect_settings(&config)?, detector_state);
+    let detector = Detector::new(detect_settings(&config.detect, hostname())?, detector_state);
     let state: SharedState = Arc::new(Mutex::new(AgentState {
         table,
         agg,

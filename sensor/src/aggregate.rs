@@ -155,6 +155,19 @@ impl Windows {
         add_to(&mut self.minutes, now_s / 60, MINUTES, c);
     }
 
+    /// Adds counts that happened at `at_s`, observed at `now_s` (the collector merging a
+    /// late summary): only into the rings whose span still covers `at_s`, so that a period
+    /// delivered after an outage lands in its own bucket and never pushes newer ones out.
+    pub fn add_late(&mut self, now_s: u64, at_s: u64, c: Counts) {
+        let at_s = at_s.min(now_s);
+        if at_s / 10 + TEN_SECONDS as u64 > now_s / 10 {
+            add_to(&mut self.tens, at_s / 10, TEN_SECONDS, c);
+        }
+        if at_s / 60 + MINUTES as u64 > now_s / 60 {
+            add_to(&mut self.minutes, at_s / 60, MINUTES, c);
+        }
+    }
+
     /// Takes `c` back out of the current buckets (a correction of something just added).
     pub fn retract(&mut self, now_s: u64, c: Counts) {
         for (ring, epoch) in [
@@ -397,6 +410,31 @@ impl ClientTable {
             }
         }
         self.bound();
+    }
+
+    /// Merges counts another observer (an agent, at the collector) saw at `at`.
+    pub fn merge(&mut self, key: &str, counts: Counts, at: Now, now: Now) {
+        let c = self.entry(key, at);
+        c.first_seen_ms = c.first_seen_ms.min(at.unix_ms);
+        if !counts.is_zero() {
+            c.totals += counts;
+            c.windows.add_late(now.secs(), at.secs(), counts);
+            c.last_seen_ms = c.last_seen_ms.max(at.unix_ms);
+            if at.secs() / 10 != c.last_active_s / 10 {
+                // Resolution of merged activity: the 10-second summary period.
+                c.active_seconds += 10;
+                c.last_active_s = at.secs();
+            }
+        }
+        self.bound();
+    }
+
+    /// Sets the connections open now (the collector's sum over agents).
+    pub fn set_open(&mut self, key: &str, open: u64) {
+        if let Some(c) = self.clients.get_mut(key) {
+            c.open_connections = open;
+            c.peak_open_connections = c.peak_open_connections.max(open);
+        }
     }
 
     pub fn request(&mut self, key: &str, ts_ns: u64, now: Now) {

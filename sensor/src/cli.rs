@@ -19,6 +19,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: load and attach the kernel programs, count, serve the local API.
     Run(RunArgs),
+    /// Run the collector: receive agents' batches over HTTPS, merge clients across hosts, run
+    /// fleet rules, forward alerts to SIEMs, serve the fleet view (see docs/collector.md).
+    Collector(crate::collector::CollectorArgs),
     /// List live and recently closed connections to the watched ports.
     Conns(ConnsArgs),
     /// Per-client counters (one-shot table or JSON).
@@ -70,6 +73,23 @@ pub struct TopArgs {
     /// Show and sort by this window's counters: 1m, 10m or 1h (cycle with `w`); default: totals.
     #[arg(long, value_parser = ["1m", "10m", "1h"])]
     pub window: Option<String>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// Where the views read from: the local agent's socket, or a collector's fleet view.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteArgs {
+    /// Read the fleet-wide view from a collector (its base URL, e.g.
+    /// https://collector.example.net:9443) instead of the local agent.
+    #[arg(long, value_name = "URL")]
+    pub collector: Option<String>,
+    /// File holding a reader token of the collector (required with --collector).
+    #[arg(long, value_name = "FILE", requires = "collector")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that signed the collector's certificate; default: the system's.
+    #[arg(long, value_name = "FILE", requires = "collector")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,6 +100,8 @@ pub struct AlertsArgs {
     /// The agent's local API socket.
     #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
     pub socket: PathBuf,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,6 +140,8 @@ pub struct ClientsArgs {
     /// The agent's local API socket.
     #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
     pub socket: PathBuf,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -84,6 +84,34 @@ impl Default for Detect {
     }
 }
 
+impl Detect {
+    /// Validation errors as (key, message).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let d = self;
+        if d.interval_secs == 0 {
+            return Err(("interval_secs", "must be at least 1".into()));
+        }
+        if d.time_scale == 0 || d.time_scale > 1000 {
+            return Err(("time_scale", "must be 1..=1000".into()));
+        }
+        for a in &d.allow_addresses {
+            if let Err(e) = a.parse::<sensor_http::Cidr>() {
+                return Err(("allow_addresses", e.to_string()));
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for rule in &d.rules {
+            if let Err(e) = crate::detect::Rule::from_config(rule) {
+                return Err((e.key, e.to_string()));
+            }
+            if !ids.insert(rule.id.as_str()) {
+                return Err(("id", format!("rule id `{}` is used twice", rule.id)));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The embedded default rule set (what `[[detect.rules]]` in the default config lists).
 pub fn default_rules() -> Vec<crate::detect::RuleConfig> {
     #[derive(Deserialize)]
@@ -334,28 +362,9 @@ impl Config {
         if !self.state.bpf_pin_dir.is_absolute() {
             return Err(("bpf_pin_dir", "must be an absolute path on a bpffs".into()));
         }
-        let d = &self.detect;
-        if d.interval_secs == 0 {
-            return Err(("interval_secs", "must be at least 1".into()));
-        }
-        if d.time_scale == 0 || d.time_scale > 1000 {
-            return Err(("time_scale", "must be 1..=1000".into()));
-        }
-        for a in &d.allow_addresses {
-            if let Err(e) = a.parse::<sensor_http::Cidr>() {
-                return Err(("allow_addresses", e.to_string()));
-            }
-        }
-        let mut ids = std::collections::HashSet::new();
-        for rule in &d.rules {
-            if let Err(e) = crate::detect::Rule::from_config(rule) {
-                return Err((e.key, e.to_string()));
-            }
-            if !ids.insert(rule.id.as_str()) {
-                return Err(("id", format!("rule id `{}` is used twice", rule.id)));
-            }
-        }
+        self.detect.validate()?;
         let id = &self.identity;
+
         if id.head_bytes as usize > sensor_common::HEAD_MAX {
             return Err((
                 "head_bytes",
@@ -403,25 +412,25 @@ pub fn parse_ports(list: &str) -> Result<Vec<u16>, String> {
         })
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 /// The key assigned on 1-based `line`, if the line is `key = value`.
-fn key_on_line(text: &str, line: usize) -> Option<String> {
+pub(crate) fn key_on_line(text: &str, line: usize) -> Option<String> {
     let content = text.lines().nth(line.checked_sub(1)?)?;
     let (key, _) = content.split_once('=')?;
     let key = key.trim().trim_matches('"');
     (!key.is_empty() && !key.starts_with('[') && !key.starts_with('#')).then(|| key.to_owned())
 }
 
-fn unknown_field(message: &str) -> Option<String> {
+pub(crate) fn unknown_field(message: &str) -> Option<String> {
     let rest = message.split_once("unknown field `")?.1;
     Some(rest.split_once('`')?.0.to_owned())
 }
 
 /// Line where `key` is assigned, or 1 when it is not in the text (a default was invalid).
-fn find_key_line(text: &str, key: &str) -> usize {
+pub(crate) fn find_key_line(text: &str, key: &str) -> usize {
     text.lines()
         .position(|l| {
             l.trim_start()

@@ -6,6 +6,7 @@ mod api;
 mod benchagg;
 mod capture;
 mod cli;
+mod collector;
 mod config;
 mod conntable;
 mod detect;
@@ -30,6 +31,11 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(agent::run(args)),
+        cli::Command::Collector(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(collector::run(args)),
         cli::Command::Conns(args) => views::conns(&args),
         cli::Command::Clients(args) => views::clients(&args),
         cli::Command::Identity(args) => views::identity(&args),

@@ -74,7 +74,7 @@ pub struct ShipRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Payload {
-    Alert { event: String, alert: Alert },
+    Alert { event: String, alert: Box<Alert> },
     Summary(Summary),
 }
 
@@ -122,7 +122,7 @@ impl ShipRecord {
             seq: 0,
             payload: Payload::Alert {
                 event: e.event.to_owned(),
-                alert: e.alert.clone(),
+                alert: Box::new(e.alert.clone()),
             },
         }
     }

@@ -7,7 +7,7 @@
 
 use std::{
     io::IsTerminal as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc,
@@ -27,7 +27,6 @@ use ratatui::{
 
 use crate::{
     aggregate::Window,
-    api,
     cli::TopArgs,
     report::{By, ClientRow, Query},
     views::human_bytes,
@@ -492,14 +491,14 @@ struct Fetched {
     at: SystemTime,
 }
 
-fn fetch(socket: &Path, path: &str) -> anyhow::Result<Vec<ClientRow>> {
-    let body = api::get(socket, path)?;
-    serde_json::from_str(&body).context("decoding the agent's client rows")
+fn fetch(source: &crate::views::Source, path: &str) -> anyhow::Result<Vec<ClientRow>> {
+    let body = source.get(path)?;
+    serde_json::from_str(&body).context("decoding the client rows")
 }
 
 /// Answers API paths sent to it, one at a time, until either side hangs up.
 fn spawn_fetcher(
-    socket: PathBuf,
+    source: crate::views::Source,
 ) -> anyhow::Result<(mpsc::Sender<String>, mpsc::Receiver<Fetched>)> {
     let (req_tx, req_rx) = mpsc::channel::<String>();
     let (res_tx, res_rx) = mpsc::channel();
@@ -507,7 +506,7 @@ fn spawn_fetcher(
         .name("top-fetch".into())
         .spawn(move || {
             while let Ok(path) = req_rx.recv() {
-                let result = fetch(&socket, &path).map_err(|e| format!("{e:#}"));
+                let result = fetch(&source, &path).map_err(|e| format!("{e:#}"));
                 let at = SystemTime::now();
                 if res_tx.send(Fetched { path, result, at }).is_err() {
                     break;
@@ -552,8 +551,9 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         None => None,
     };
     let interval = Duration::from_millis(args.interval_ms);
-    let mut app = App::new(args.socket.clone(), interval, by, window);
-    let (requests, results) = spawn_fetcher(args.socket.clone())?;
+    let source = crate::views::Source::new(&args.socket, &args.remote)?;
+    let mut app = App::new(PathBuf::from(source.label()), interval, by, window);
+    let (requests, results) = spawn_fetcher(source)?;
     install_signal_handlers();
 
     let _restore = RestoreTerminal;

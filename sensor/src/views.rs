@@ -61,7 +61,75 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Where a view reads from: the local agent, or a collector's fleet-wide view.
+pub enum Source {
+    Agent(std::path::PathBuf),
+    Collector {
+        client: crate::outputs::http::Client,
+        token: String,
+        label: String,
+    },
+}
+
+impl Source {
+    pub fn new(socket: &std::path::Path, remote: &crate::cli::RemoteArgs) -> anyhow::Result<Self> {
+        let Some(url) = &remote.collector else {
+            return Ok(Self::Agent(socket.to_owned()));
+        };
+        let token_file = remote
+            .token_file
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--collector needs --token-file (a reader token)"))?;
+        let token = crate::outputs::http::read_secret(token_file, "collector reader token")?;
+        let client = crate::outputs::http::Client::new(
+            url,
+            remote.ca_file.as_deref(),
+            None,
+            std::time::Duration::from_secs(10),
+        )
+        .map_err(|e| anyhow::anyhow!("--collector {url}: {e}"))?;
+        Ok(Self::Collector {
+            client,
+            token,
+            label: url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// What the view shows as its source.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Agent(p) => p.display().to_string(),
+            Self::Collector { label, .. } => label.clone(),
+        }
+    }
+
+    /// GETs an API path (same paths and JSON from the agent and the collector).
+    pub fn get(&self, path: &str) -> anyhow::Result<String> {
+        let (client, token, label) = match self {
+            Self::Agent(socket) => return api::get(socket, path),
+            Self::Collector {
+                client,
+                token,
+                label,
+            } => (client, token, label),
+        };
+        let base = client.url.path.trim_end_matches('/');
+        let full = format!("{base}{path}");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let r = runtime
+            .block_on(client.get(&full, &[("Authorization", format!("Bearer {token}"))]))
+            .map_err(|e| anyhow::anyhow!("collector {label}: {e}"))?;
+        if r.status != 200 {
+            anyhow::bail!("collector {label} answered {}: {}", r.status, r.body.trim());
+        }
+        Ok(r.body)
+    }
+}
+
 pub fn clients(args: &ClientsArgs) -> anyhow::Result<()> {
+    let source = Source::new(&args.socket, &args.remote)?;
     let query = Query {
         by: By::parse(&args.by)
             .ok_or_else(|| anyhow::anyhow!("--by: address, group, identity or forwarded"))?,
@@ -75,10 +143,7 @@ pub fn clients(args: &ClientsArgs) -> anyhow::Result<()> {
         limit: args.limit,
         filter: args.filter.clone(),
     };
-    let body = api::get(
-        &args.socket,
-        &format!("/v1/clients?{}", query.to_query_string()),
-    )?;
+    let body = source.get(&format!("/v1/clients?{}", query.to_query_string()))?;
     if args.json {
         println!("{body}");
         return Ok(());
@@ -165,7 +230,7 @@ pub fn identity(args: &IdentityArgs) -> anyhow::Result<()> {
 }
 
 pub fn alerts(args: &AlertsArgs) -> anyhow::Result<()> {
-    let body = api::get(&args.socket, "/v1/alerts")?;
+    let body = Source::new(&args.socket, &args.remote)?.get("/v1/alerts")?;
     if args.json {
         println!("{body}");
         return Ok(());

@@ -1,0 +1,229 @@
+//! Collector configuration: an embedded default, overridden by a TOML file; errors name the
+//! file, line and key like the agent's.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::{
+    Clients, ConfigError, Detect, find_key_line, key_on_line, line_of, unknown_field,
+};
+
+pub const DEFAULT_COLLECTOR_CONFIG: &str = include_str!("../collector-default.toml");
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub state: State,
+    #[serde(default = "default_clients")]
+    pub clients: Clients,
+    #[serde(default = "default_detect")]
+    pub detect: Detect,
+    #[serde(default)]
+    pub outputs: Vec<crate::outputs::OutputConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub address: String,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    pub client_ca_file: PathBuf,
+    pub tokens_file: PathBuf,
+    pub max_body_bytes: usize,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            address: "0.0.0.0:9443".into(),
+            tls_cert_file: "/etc/sensor/collector/cert.pem".into(),
+            tls_key_file: "/etc/sensor/collector/key.pem".into(),
+            client_ca_file: PathBuf::new(),
+            tokens_file: "/etc/sensor/collector/tokens".into(),
+            max_body_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct State {
+    pub dir: PathBuf,
+    pub snapshot_interval_secs: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            dir: "/var/lib/sensor-collector".into(),
+            snapshot_interval_secs: 10,
+        }
+    }
+}
+
+fn default_clients() -> Clients {
+    Clients {
+        max_clients: 100_000,
+        ..Clients::default()
+    }
+}
+
+/// The fleet rules of the embedded collector config (used when `[detect]` is absent).
+fn default_detect() -> Detect {
+    #[derive(Deserialize)]
+    struct Only {
+        detect: Detect,
+    }
+    // The embedded config is checked by a unit test; an error here cannot reach users.
+    toml::from_str::<Only>(DEFAULT_COLLECTOR_CONFIG)
+        .map_or_else(|_| Detect::default(), |o| o.detect)
+}
+
+/// Metrics fleet rules cannot use: they need every request's timing or every source address,
+/// which summaries do not carry.
+pub const PER_HOST_METRICS: [&str; 2] = ["interval_cv", "distinct_addresses"];
+
+impl CollectorConfig {
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let mut config: Self = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let line = line_of(text, offset);
+            let key = key_on_line(text, line).or_else(|| unknown_field(e.message()));
+            ConfigError {
+                file: file.to_owned(),
+                line,
+                key,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        // A [detect] table without rules keeps the fleet rules (not the agent's defaults).
+        let has_rules = toml::from_str::<toml::Table>(text).is_ok_and(|t| {
+            t.get("detect")
+                .and_then(toml::Value::as_table)
+                .is_some_and(|d| d.contains_key("rules"))
+        });
+        if !has_rules {
+            config.detect.rules = default_detect().rules;
+        }
+        config.validate().map_err(|(key, message)| ConfigError {
+            file: file.to_owned(),
+            line: find_key_line(text, key),
+            key: Some(key.to_owned()),
+            message,
+        })?;
+        crate::outputs::validate(&config.outputs).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            line: crate::outputs::locate(text, e.index, e.key),
+            key: Some(e.key.to_owned()),
+            message: e.to_string(),
+        })?;
+        Ok(config)
+    }
+
+    pub fn embedded() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_COLLECTOR_CONFIG, "<embedded collector default>")
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        Ok(Self::parse(&text, &path.display().to_string())?)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let l = &self.listen;
+        if l.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(("address", format!("`{}` is not an ip:port", l.address)));
+        }
+        for (key, p) in [
+            ("tls_cert_file", &l.tls_cert_file),
+            ("tls_key_file", &l.tls_key_file),
+            ("tokens_file", &l.tokens_file),
+        ] {
+            if p.as_os_str().is_empty() {
+                return Err((
+                    key,
+                    "must be set: the collector only serves HTTPS with tokens".into(),
+                ));
+            }
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&l.max_body_bytes) {
+            return Err(("max_body_bytes", "must be 1024..=268435456".into()));
+        }
+        if self.state.snapshot_interval_secs == 0 {
+            return Err(("snapshot_interval_secs", "must be at least 1".into()));
+        }
+        let c = &self.clients;
+        if c.max_clients == 0 {
+            return Err(("max_clients", "must be at least 1".into()));
+        }
+        if c.group_prefix_v4 > 32 {
+            return Err(("group_prefix_v4", "must be 0..=32".into()));
+        }
+        if c.group_prefix_v6 > 128 {
+            return Err(("group_prefix_v6", "must be 0..=128".into()));
+        }
+        self.detect.validate()?;
+        for rule in &self.detect.rules {
+            for w in &rule.when {
+                if PER_HOST_METRICS.contains(&w.metric.as_str()) {
+                    return Err((
+                        "metric",
+                        format!(
+                            "rule `{}`: `{}` is per host only (summaries do not carry it); \
+                             use it in the agents' rules",
+                            rule.id, w.metric
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_config_parses_with_fleet_rules() {
+        let c = CollectorConfig::embedded().expect("embedded");
+        assert_eq!(c.listen, Listen::default());
+        assert_eq!(c.state, State::default());
+        assert_eq!(c.clients.max_clients, 100_000);
+        assert!(c.detect.rules.iter().all(|r| r.id.starts_with("fleet-")));
+        assert_eq!(c.detect.rules.len(), 3);
+        // Without [detect], the embedded fleet rules apply.
+        let c = CollectorConfig::parse("[state]\ndir = \"/tmp/x\"\n", "c.toml").expect("min");
+        assert_eq!(c.detect.rules.len(), 3);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = CollectorConfig::parse("[listen]\naddress = \"nope\"\n", "c.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (2, Some("address")));
+        assert!(e.to_string().starts_with("c.toml:2: key `address`"), "{e}");
+        let e = CollectorConfig::parse("[listen]\nbogus = 1\n", "c.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (2, Some("bogus")));
+        let text = "[detect]\n\n[[detect.rules]]\nid = \"x\"\nname = \"x\"\nkeys = [\"address\"]\n\
+                    when = [{ metric = \"interval_cv\", op = \"<\", value = 0.3 }]\n";
+        let e = CollectorConfig::parse(text, "c.toml").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("metric"));
+        assert!(e.message.contains("per host"), "{e}");
+    }
+
+    #[test]
+    fn documented_defaults_are_the_embedded_ones() {
+        let docs = include_str!("../../../docs/collector.md");
+        assert!(
+            docs.contains(DEFAULT_COLLECTOR_CONFIG),
+            "docs/collector.md must quote sensor/src/collector-default.toml verbatim"
+        );
+    }
+}

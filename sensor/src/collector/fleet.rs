@@ -1,0 +1,322 @@
+//! The fleet view: every agent's summaries merged per client, each agent's stream positions
+//! (so nothing counts twice), the agents' alerts, and the fleet rules' detector.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    aggregate::{Aggregator, ClientTable, Now},
+    detect::{Alert, AlertEvent, Detector, DetectorState},
+    outputs::Record,
+    report::By,
+    ship::{Batch, PERIOD_SECS, Payload, Summary},
+};
+
+/// An agent's summary older than this no longer tells which connections are open.
+const OPEN_FRESH_SECS: u64 = 3 * PERIOD_SECS;
+/// Agents' alerts kept for `/v1/alerts` (newest win).
+const AGENT_ALERTS_KEPT: usize = 5000;
+
+/// What the collector knows of one agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// Highest position accepted per stream.
+    pub streams: BTreeMap<String, u64>,
+    /// Start of the newest summary period merged.
+    pub last_summary_s: u64,
+    pub last_batch_ms: u64,
+    pub records: u64,
+    pub summaries: u64,
+    pub alerts: u64,
+    /// Records sent again (a retry after a lost answer), acknowledged and ignored.
+    pub duplicates: u64,
+    /// Positions skipped: records the agent's spool dropped at its bound.
+    pub gaps: u64,
+    /// Open connections per (key kind, key) at the end of the newest summary period.
+    #[serde(default)]
+    pub open: HashMap<String, u64>,
+}
+
+/// The merged state, saved in the collector's snapshot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FleetState {
+    pub agg: Aggregator,
+    pub agents: BTreeMap<String, AgentInfo>,
+    /// Agents' alerts by record-id prefix `<agent>:<alert id>`: the latest state of each.
+    pub agent_alerts: BTreeMap<String, Alert>,
+    pub detector: DetectorState,
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Applied {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+fn table_mut(agg: &mut Aggregator, by: By) -> &mut ClientTable {
+    match by {
+        By::Address => &mut agg.addresses,
+        By::Group => &mut agg.groups,
+        By::Identity => &mut agg.identities,
+        By::Forwarded => &mut agg.forwarded,
+    }
+}
+
+impl FleetState {
+    /// Merges a validated batch; returns what it did and the agents' alert events to forward
+    /// to the SIEM outputs, in order.
+    pub fn apply(&mut self, batch: &Batch, now: Now) -> (Applied, Vec<Record>) {
+        let mut applied = Applied::default();
+        let mut forward = Vec::new();
+        let info = self.agents.entry(batch.agent.clone()).or_default();
+        info.last_batch_ms = now.unix_ms;
+        let pos = info.streams.entry(batch.stream.clone()).or_default();
+        for rec in &batch.records {
+            if rec.seq <= *pos {
+                applied.duplicates += 1;
+                info.duplicates += 1;
+                continue;
+            }
+            if *pos > 0 && rec.seq > *pos + 1 {
+                info.gaps += rec.seq - *pos - 1;
+            }
+            *pos = rec.seq;
+            applied.accepted += 1;
+            info.records += 1;
+            match &rec.payload {
+                Payload::Summary(s) => {
+                    // A period is merged once per agent, whatever stream carried it (an agent
+                    // restored from an older state snapshot may build a period again).
+                    if s.start_s <= info.last_summary_s {
+                        info.duplicates += 1;
+                        continue;
+                    }
+                    info.last_summary_s = s.start_s;
+                    info.summaries += 1;
+                    info.open = s
+                        .clients
+                        .iter()
+                        .filter(|c| c.open_connections > 0)
+                        .map(|c| (format!("{}|{}", c.by, c.key), c.open_connections))
+                        .collect();
+                    merge_summary(&mut self.agg, s, now);
+                }
+                Payload::Alert { event, alert } => {
+                    info.alerts += 1;
+                    let key = format!("{}:{}", batch.agent, alert.id);
+                    self.agent_alerts.insert(key, (**alert).clone());
+                    forward.push(Record {
+                        id: rec.id.clone(),
+                        seq: 0,
+                        event: event.clone(),
+                        alert: (**alert).clone(),
+                    });
+                }
+            }
+        }
+        if self.agent_alerts.len() > AGENT_ALERTS_KEPT {
+            let mut by_age: Vec<(u64, String)> = self
+                .agent_alerts
+                .iter()
+                .map(|(k, a)| (a.last_seen_ms, k.clone()))
+                .collect();
+            by_age.sort();
+            let excess = by_age.len() - AGENT_ALERTS_KEPT;
+            for (_, k) in by_age.into_iter().take(excess) {
+                self.agent_alerts.remove(&k);
+            }
+        }
+        (applied, forward)
+    }
+
+    /// Open connections per client: the sum over agents whose newest summary is recent.
+    pub fn refresh_open(&mut self, now: Now) {
+        let mut sum: HashMap<&str, u64> = HashMap::new();
+        for info in self.agents.values() {
+            if info.last_summary_s + PERIOD_SECS + OPEN_FRESH_SECS < now.secs() {
+                continue;
+            }
+            for (k, n) in &info.open {
+                *sum.entry(k.as_str()).or_default() += n;
+            }
+        }
+        for by in By::ALL {
+            let table = table_mut(&mut self.agg, by);
+            let keys: Vec<String> = table
+                .clients
+                .iter()
+                .filter(|(_, c)| c.open_connections > 0)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                table.set_open(&k, 0);
+            }
+        }
+        for (k, n) in sum {
+            if let Some((by, key)) = k.split_once('|')
+                && let Some(by) = By::parse(by)
+            {
+                table_mut(&mut self.agg, by).set_open(key, n);
+            }
+        }
+    }
+
+    /// Runs the fleet rules.
+    pub fn evaluate(&mut self, detector: &mut Detector, now: Now) -> Vec<AlertEvent> {
+        self.refresh_open(now);
+        detector.evaluate(&self.agg, now)
+    }
+
+    /// Fleet alerts and the agents' alerts, open first, then newest.
+    pub fn alerts(&self, detector: &Detector) -> Vec<Alert> {
+        let mut v = detector.list();
+        v.extend(self.agent_alerts.values().cloned());
+        v.sort_by(|a, b| {
+            (b.state == "open")
+                .cmp(&(a.state == "open"))
+                .then(b.last_seen_ms.cmp(&a.last_seen_ms))
+        });
+        v
+    }
+}
+
+/// Adds one agent's period to the merged tables, at the period's own time.
+fn merge_summary(agg: &mut Aggregator, s: &Summary, now: Now) {
+    // The period's last moment, never in the collector's future (agents' clocks differ).
+    let at = Now {
+        unix_ms: ((s.start_s + s.period_s) * 1000 - 1).min(now.unix_ms),
+    };
+    for c in &s.clients {
+        let Some(by) = By::parse(&c.by) else {
+            continue;
+        };
+        let table = table_mut(agg, by);
+        table.merge(&c.key, c.counts, at, now);
+        let forwarded = c.forwarded.as_deref().and_then(|f| f.parse().ok());
+        if c.identity.is_some() || forwarded.is_some() {
+            table.annotate(&c.key, c.identity.as_deref(), forwarded, None, at);
+        }
+    }
+    for (kind, counts) in &s.rest {
+        if let Some(by) = By::parse(kind) {
+            table_mut(agg, by).folded.totals += *counts;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        aggregate::{Counts, Window},
+        ship::{ClientDelta, ShipRecord, WIRE_VERSION},
+    };
+
+    fn summary(agent: &str, seq: u64, start_s: u64, key: &str, requests: u64) -> ShipRecord {
+        ShipRecord {
+            seq,
+            ..ShipRecord::summary(
+                agent,
+                Summary {
+                    start_s,
+                    period_s: 10,
+                    clients: vec![ClientDelta {
+                        by: "address".into(),
+                        key: key.into(),
+                        counts: Counts {
+                            requests,
+                            bytes_out: requests * 1000,
+                            ..Counts::default()
+                        },
+                        open_connections: 2,
+                        identity: None,
+                        forwarded: None,
+                    }],
+                    rest: BTreeMap::new(),
+                },
+            )
+        }
+    }
+
+    fn batch(agent: &str, records: Vec<ShipRecord>) -> Batch {
+        Batch {
+            version: WIRE_VERSION,
+            agent: agent.into(),
+            stream: "ab".into(),
+            records,
+        }
+    }
+
+    #[test]
+    fn a_client_spread_over_hosts_is_summed_once() {
+        let t = 1_800_000_000;
+        let now = Now {
+            unix_ms: (t + 15) * 1000,
+        };
+        let mut f = FleetState::default();
+        for agent in ["a", "b", "c"] {
+            let b = batch(agent, vec![summary(agent, 1, t, "10.0.0.9", 100)]);
+            assert_eq!(f.apply(&b, now).0.accepted, 1);
+            // The same batch again (a retry): acknowledged, not counted.
+            assert_eq!(
+                f.apply(&b, now).0,
+                Applied {
+                    accepted: 0,
+                    duplicates: 1
+                }
+            );
+        }
+        let c = &f.agg.addresses.clients["10.0.0.9"];
+        assert_eq!(c.totals.requests, 300);
+        assert_eq!(c.windows.get(now.secs(), Window::OneMinute).requests, 300);
+        f.refresh_open(now);
+        assert_eq!(f.agg.addresses.clients["10.0.0.9"].open_connections, 6);
+        // Much later, stale open counts are forgotten.
+        f.refresh_open(Now {
+            unix_ms: (t + 120) * 1000,
+        });
+        assert_eq!(f.agg.addresses.clients["10.0.0.9"].open_connections, 0);
+    }
+
+    #[test]
+    fn late_periods_land_in_their_own_buckets() {
+        let t = 1_800_000_000;
+        let mut f = FleetState::default();
+        let now = Now {
+            unix_ms: (t + 300) * 1000,
+        };
+        // A period from 5 minutes ago (delivered after an outage), then a current one.
+        f.apply(&batch("a", vec![summary("a", 1, t, "10.0.0.9", 50)]), now);
+        f.apply(
+            &batch("a", vec![summary("a", 2, t + 290, "10.0.0.9", 7)]),
+            now,
+        );
+        let c = &f.agg.addresses.clients["10.0.0.9"];
+        assert_eq!(c.totals.requests, 57);
+        assert_eq!(c.windows.get(now.secs(), Window::OneMinute).requests, 7);
+        assert_eq!(c.windows.get(now.secs(), Window::TenMinutes).requests, 57);
+        // The same period in a new stream (agent restored from an older snapshot): once.
+        let mut again = batch("a", vec![summary("a", 1, t + 290, "10.0.0.9", 7)]);
+        again.stream = "cd".into();
+        f.apply(&again, now);
+        assert_eq!(f.agg.addresses.clients["10.0.0.9"].totals.requests, 57);
+        assert_eq!(f.agents["a"].duplicates, 1);
+    }
+
+    #[test]
+    fn skipped_positions_are_counted_as_gaps() {
+        let t = 1_800_000_000;
+        let now = Now {
+            unix_ms: (t + 30) * 1000,
+        };
+        let mut f = FleetState::default();
+        f.apply(&batch("a", vec![summary("a", 1, t, "10.0.0.9", 1)]), now);
+        f.apply(
+            &batch("a", vec![summary("a", 5, t + 10, "10.0.0.9", 1)]),
+            now,
+        );
+        assert_eq!(f.agents["a"].gaps, 3);
+    }
+}
