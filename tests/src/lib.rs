@@ -16,6 +16,7 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod siem;
 pub mod systemd;
 
 /// Returns true when the test may run. Without root it prints why it skips, unless

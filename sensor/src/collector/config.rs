@@ -55,6 +55,7 @@ impl Default for Listen {
 pub struct State {
     pub dir: PathBuf,
     pub snapshot_interval_secs: u64,
+    pub received_log: PathBuf,
 }
 
 impl Default for State {
@@ -62,6 +63,7 @@ impl Default for State {
         Self {
             dir: "/var/lib/sensor-collector".into(),
             snapshot_interval_secs: 10,
+            received_log: PathBuf::new(),
         }
     }
 }

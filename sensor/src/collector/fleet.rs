@@ -10,7 +10,7 @@ use crate::{
     detect::{Alert, AlertEvent, Detector, DetectorState},
     outputs::Record,
     report::By,
-    ship::{Batch, PERIOD_SECS, Payload, Summary},
+    ship::{Batch, PERIOD_SECS, Payload, ShipRecord, Summary},
 };
 
 /// An agent's summary older than this no longer tells which connections are open.
@@ -67,9 +67,14 @@ fn table_mut(agg: &mut Aggregator, by: By) -> &mut ClientTable {
 impl FleetState {
     /// Merges a validated batch; returns what it did and the agents' alert events to forward
     /// to the SIEM outputs, in order.
-    pub fn apply(&mut self, batch: &Batch, now: Now) -> (Applied, Vec<Record>) {
+    pub fn apply<'b>(
+        &mut self,
+        batch: &'b Batch,
+        now: Now,
+    ) -> (Applied, Vec<Record>, Vec<&'b ShipRecord>) {
         let mut applied = Applied::default();
         let mut forward = Vec::new();
+        let mut accepted = Vec::new();
         let info = self.agents.entry(batch.agent.clone()).or_default();
         info.last_batch_ms = now.unix_ms;
         let pos = info.streams.entry(batch.stream.clone()).or_default();
@@ -83,6 +88,7 @@ impl FleetState {
                 info.gaps += rec.seq - *pos - 1;
             }
             *pos = rec.seq;
+            accepted.push(rec);
             applied.accepted += 1;
             info.records += 1;
             match &rec.payload {
@@ -128,7 +134,7 @@ impl FleetState {
                 self.agent_alerts.remove(&k);
             }
         }
-        (applied, forward)
+        (applied, forward, accepted)
     }
 
     /// Open connections per client: the sum over agents whose newest summary is recent.
@@ -211,7 +217,7 @@ mod tests {
     use super::*;
     use crate::{
         aggregate::{Counts, Window},
-        ship::{ClientDelta, ShipRecord, WIRE_VERSION},
+        ship::{ClientDelta, WIRE_VERSION},
     };
 
     fn summary(agent: &str, seq: u64, start_s: u64, key: &str, requests: u64) -> ShipRecord {

@@ -69,13 +69,16 @@ pub struct Fleet {
     pub detector: Detector,
     journal: File,
     journal_path: PathBuf,
+    /// The SIEM outputs: fed under this lock, so forwarded alerts keep the agents' order.
+    outputs: Outputs,
+    /// `[state] received_log`: one line per accepted record.
+    received_log: Option<File>,
 }
 
 pub struct Shared {
     fleet: Mutex<Fleet>,
     tokens: ingest::Tokens,
     counters: server::Counters,
-    outputs: Outputs,
     max_body: usize,
     started: std::time::SystemTime,
 }
@@ -102,8 +105,28 @@ impl Shared {
             .write_all(&line)
             .and_then(|()| fleet.journal.sync_data())
             .with_context(|| format!("appending to {}", path.display()))?;
-        let (applied, forward) = fleet.state.apply(batch, Now::system());
-        self.outputs.publish_records(&forward);
+        let (applied, forward, accepted) = fleet.state.apply(batch, Now::system());
+        fleet.outputs.publish_records(&forward);
+        if let Some(log) = fleet.received_log.as_mut() {
+            let mut lines = String::new();
+            for rec in accepted {
+                let line = serde_json::json!({
+                    "agent": batch.agent,
+                    "stream": batch.stream,
+                    "seq": rec.seq,
+                    "id": rec.id,
+                    "kind": match rec.payload {
+                        crate::ship::Payload::Alert { .. } => "alert",
+                        crate::ship::Payload::Summary(_) => "summary",
+                    },
+                });
+                lines.push_str(&line.to_string());
+                lines.push('\n');
+            }
+            if let Err(e) = log.write_all(lines.as_bytes()) {
+                warn!("cannot append to the received log: {e}");
+            }
+        }
         Ok(applied)
     }
 
@@ -190,8 +213,14 @@ fn open_journal(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("opening the journal {}", path.display()))
 }
 
-/// The saved state, and the batches journaled after it.
-fn restore(dir: &Path, c: &CollectorConfig) -> anyhow::Result<(FleetState, DetectorState)> {
+/// The saved state, and the batches journaled after it; also the agents' alert events of
+/// those batches, to forward again (they may not have reached the outputs' spools before a
+/// crash: at least once, with the same ids).
+fn restore(
+    dir: &Path,
+    c: &CollectorConfig,
+) -> anyhow::Result<(FleetState, DetectorState, Vec<crate::outputs::Record>)> {
+    let mut forward = Vec::new();
     let mut state = FleetState::default();
     let mut detector = DetectorState::default();
     let snapshot_path = dir.join("state.json");
@@ -225,14 +254,14 @@ fn restore(dir: &Path, c: &CollectorConfig) -> anyhow::Result<(FleetState, Detec
             let Ok(batch) = serde_json::from_str::<Batch>(&line) else {
                 continue;
             };
-            state.apply(&batch, Now::system());
+            forward.extend(state.apply(&batch, Now::system()).1);
             replayed += 1;
         }
         if replayed > 0 {
             info!("replayed {replayed} journaled batch(es)");
         }
     }
-    Ok((state, detector))
+    Ok((state, detector, forward))
 }
 
 pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
@@ -261,7 +290,13 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     }
     let outputs = Outputs::start(&config.outputs, &dir).context("cannot start the outputs")?;
     outputs.register();
-    let (state, detector_state) = restore(&dir, &config)?;
+    let received_log = if config.state.received_log.as_os_str().is_empty() {
+        None
+    } else {
+        Some(open_journal(&config.state.received_log)?)
+    };
+    let (state, detector_state, replayed) = restore(&dir, &config)?;
+    outputs.publish_records(&replayed);
     let host = crate::agent::hostname();
     let detector = Detector::new(
         crate::agent::detect_settings(&config.detect, format!("fleet@{host}"))?,
@@ -274,10 +309,11 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
             detector,
             journal: open_journal(&journal_path)?,
             journal_path,
+            outputs,
+            received_log,
         }),
         tokens,
         counters: server::Counters::default(),
-        outputs,
         max_body: l.max_body_bytes,
         started: std::time::SystemTime::now(),
     });
@@ -314,11 +350,12 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = detect.tick() => {
                 let events = shared.with_fleet(|f| {
-                    let Fleet { state, detector, .. } = f;
-                    state.evaluate(detector, Now::system())
+                    let Fleet { state, detector, outputs, .. } = f;
+                    let events = state.evaluate(detector, Now::system());
+                    outputs.publish(&events);
+                    events
                 })?;
                 crate::agent::record_alerts(&alerts_path, &events);
-                shared.outputs.publish(&events);
             }
             _ = save.tick() => {
                 if let Err(e) = shared.snapshot(&dir) {
@@ -332,5 +369,8 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     notifier.stopping();
     info!("collector shutting down: saving state");
     shared.snapshot(&dir)?;
+    // What the outputs hold goes to their spools for the next start.
+    let outputs = shared.with_fleet(|f| std::mem::take(&mut f.outputs))?;
+    outputs.shutdown(Duration::from_secs(2)).await;
     Ok(())
 }
