@@ -90,6 +90,12 @@ pub struct RemoteArgs {
     /// CA certificate(s) (PEM) that signed the collector's certificate; default: the system's.
     #[arg(long, value_name = "FILE", requires = "collector")]
     pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a collector that requires mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -81,10 +81,18 @@ impl Source {
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("--collector needs --token-file (a reader token)"))?;
         let token = crate::outputs::http::read_secret(token_file, "collector reader token")?;
-        let client = crate::outputs::http::Client::new(
+        let identity = match (&remote.client_cert, &remote.client_key) {
+            (Some(cert_file), Some(key_file)) => Some(crate::outputs::http::ClientIdentity {
+                cert_file,
+                key_file,
+            }),
+            _ => None,
+        };
+        let client = crate::outputs::http::Client::with_identity(
             url,
             remote.ca_file.as_deref(),
             None,
+            identity,
             std::time::Duration::from_secs(10),
         )
         .map_err(|e| anyhow::anyhow!("--collector {url}: {e}"))?;

@@ -275,3 +275,42 @@ pub fn sd(m: &Value) -> Value {
         serde_json::from_str(m["sdparsed"].as_str().unwrap_or("{}")).unwrap_or_default();
     parsed["alert@32473"].clone()
 }
+
+/// A client certificate for `name` signed by the CA `make_certs` made in `dir` (mutual TLS).
+/// Returns (certificate, key).
+pub fn make_client_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let (key, csr, cert, ext) = (
+        p(&format!("{name}.key")),
+        p(&format!("{name}.csr")),
+        p(&format!("{name}.pem")),
+        p(&format!("{name}.ext")),
+    );
+    let s = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-newkey", "rsa:2048", "-nodes", "-keyout"])
+            .args([s(&key), "-out".into(), s(&csr), "-subj".into()])
+            .arg(format!("/CN={name}")),
+    );
+    fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .expect("client ext");
+    run_ok(Command::new("openssl").args(["x509", "-req", "-in"]).args([
+        s(&csr),
+        "-CA".into(),
+        s(&p("ca.pem")),
+        "-CAkey".into(),
+        s(&p("ca.key")),
+        "-CAcreateserial".into(),
+        "-out".into(),
+        s(&cert),
+        "-days".into(),
+        "2".into(),
+        "-extfile".into(),
+        s(&ext),
+    ]));
+    (cert, key)
+}

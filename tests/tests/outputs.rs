@@ -78,7 +78,6 @@ fn rfc3339_ms(t: &str) -> u64 {
     out.trim().parse().expect("date +%s%3N")
 }
 
-
 /// The stub server, the agent with `outputs` configured, in a cgroup of their own.
 struct Run {
     stub: Child,
@@ -237,8 +236,6 @@ fn assert_exactly_once_in_order(what: &str, got: &[String], expected: &[Expected
     let got: Vec<&str> = got.iter().map(String::as_str).collect();
     assert_eq!(got, want, "{what}: every event once, in order");
 }
-
-
 
 fn syslog_severity(e: &Expected) -> u64 {
     if e.event == "resolve" {

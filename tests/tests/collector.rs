@@ -1,0 +1,701 @@
+//! The collector with real agents: separate agent processes, each scoped to its own cgroup with
+//! its own nginx, ship to one `sensor collector` over HTTPS. Ground truth is nginx's own log
+//! and curl's own measurements; the fleet view must equal their sum over hosts.
+//!
+//! - A client split across three hosts crosses a fleet threshold that no agent crosses.
+//! - Outage: the collector and its rsyslog receiver are stopped during traffic and restarted:
+//!   every summary counts once (merged totals equal ground truth), every record arrives once
+//!   and in order per agent (the collector's received log), and every agent alert reaches
+//!   rsyslog exactly once, in order.
+//! - Mutual TLS required; bad tokens, wrong roles and another agent's name refused and counted;
+//!   fuzzed batches answered 400/413, counted, and the collector keeps serving.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use sensor_tests::{siem::*, *};
+use serde_json::Value;
+
+const AGENT_TOKENS: [(&str, &str); 4] = [
+    ("host-a", "agent-token-host-a-0123456789"),
+    ("host-b", "agent-token-host-b-0123456789"),
+    ("host-c", "agent-token-host-c-0123456789"),
+    ("host-fuzz", "agent-token-host-fuzz-0123456"),
+];
+const READER_TOKEN: &str = "reader-token-soc-0123456789";
+
+struct Collector {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    pub port: u16,
+    ca: PathBuf,
+    reader_token: PathBuf,
+    /// Client certificate and key, when the collector requires mutual TLS.
+    client: Option<(PathBuf, PathBuf)>,
+    received_log: PathBuf,
+}
+
+impl Collector {
+    /// `extra` is appended to the config (rules, outputs); `client_ca` turns mutual TLS on.
+    fn start(dir: &Path, certs: &Certs, client_ca: bool, extra: &str) -> Self {
+        fs::create_dir_all(dir).expect("collector dir");
+        let mut tokens: String = AGENT_TOKENS
+            .iter()
+            .map(|(name, token)| format!("agent {name} {token}\n"))
+            .collect();
+        // The reader's token as its hash: the file need not hold it in clear.
+        let hash = run_ok(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf %s '{READER_TOKEN}' | sha256sum")),
+        );
+        let hash = hash.split_whitespace().next().expect("sha256sum");
+        tokens.push_str(&format!("reader soc sha256:{hash}\n"));
+        fs::write(dir.join("tokens"), tokens).expect("tokens");
+        let reader_token = dir.join("reader.token");
+        fs::write(&reader_token, READER_TOKEN).expect("reader token");
+        let port = listen_port();
+        let received_log = dir.join("received.jsonl");
+        let client =
+            client_ca.then(|| make_client_cert(&certs.ca.parent().expect("cert dir"), "viewer"));
+        let config = dir.join("collector.toml");
+        fs::write(
+            &config,
+            format!(
+                "[listen]\naddress = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\n\
+                 tls_key_file = \"{}\"\ntokens_file = \"{}\"\nclient_ca_file = \"{}\"\n\n\
+                 [state]\ndir = \"{}\"\nsnapshot_interval_secs = 2\nreceived_log = \"{}\"\n\n\
+                 [detect]\ninterval_secs = 1\n\n{extra}",
+                certs.cert.display(),
+                certs.key.display(),
+                dir.join("tokens").display(),
+                if client_ca {
+                    certs.ca.display().to_string()
+                } else {
+                    String::new()
+                },
+                dir.join("state").display(),
+                received_log.display(),
+            ),
+        )
+        .expect("collector.toml");
+        let mut c = Self {
+            child: None,
+            config,
+            log: dir.join("collector.log"),
+            port,
+            ca: certs.ca.clone(),
+            reader_token,
+            client,
+            received_log,
+        };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("collector log");
+        let child = Command::new(sensor_bin())
+            .arg("collector")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sensor collector");
+        self.child = Some(child);
+        wait_for("the collector to serve", Duration::from_secs(20), || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("collector exited ({status}): {}", self.log_text());
+            }
+            self.try_get("/v1/health").map(|_| ())
+        });
+    }
+
+    /// SIGTERM, as an operator stopping the service; waits for the exit.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            wait_for("the collector to exit", Duration::from_secs(20), || {
+                child
+                    .try_wait()
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| "running".to_owned())
+            });
+        }
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// curl to the collector with its CA (and the client certificate, when required).
+    fn curl(&self) -> Command {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "--max-time", "10", "--cacert"])
+            .arg(&self.ca);
+        if let Some((cert, key)) = &self.client {
+            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        cmd
+    }
+
+    fn try_get(&self, path: &str) -> Result<Value, String> {
+        let out = self
+            .curl()
+            .arg("-f")
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {READER_TOKEN}"))
+            .arg(format!("{}{path}", self.url()))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("curl {path}: {}", out.status));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    fn get(&self, path: &str) -> Value {
+        self.try_get(path)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()))
+    }
+
+    /// HTTP status of a request with `token` and curl `args`.
+    fn status(&self, token: Option<&str>, args: &[&str]) -> u16 {
+        let mut cmd = self.curl();
+        cmd.args(["-o", "/dev/null", "-w", "%{http_code}"]);
+        if let Some(t) = token {
+            cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+        }
+        cmd.args(args);
+        let out = cmd.output().expect("curl");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
+    /// `sensor clients --collector ... --json`: the real CLI against the fleet view.
+    fn clients_cli(&self, by: &str) -> Vec<Value> {
+        let mut cmd = Command::new(sensor_bin());
+        cmd.args(["clients", "--json", "--by", by, "--collector"])
+            .arg(self.url())
+            .arg("--token-file")
+            .arg(&self.reader_token)
+            .arg("--ca-file")
+            .arg(&self.ca);
+        if let Some((cert, key)) = &self.client {
+            cmd.arg("--client-cert")
+                .arg(cert)
+                .arg("--client-key")
+                .arg(key);
+        }
+        let out = run_ok(&mut cmd);
+        serde_json::from_str(&out).expect("clients JSON")
+    }
+
+    fn received(&self) -> Vec<Value> {
+        read_jsonl(&self.received_log)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One inference host: a cgroup, an nginx on its own port, an agent shipping as `name`.
+struct Host {
+    nginx: Nginx,
+    agent: Agent,
+    port: u16,
+    _cg: Cgroup,
+}
+
+impl Host {
+    fn start(dir: &Path, name: &str, token: &str, collector: &Collector, mtls: bool) -> Self {
+        let cg = Cgroup::new(&format!("col-{name}"));
+        let port = free_port();
+        let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+        let token_file = dir.join(format!("{name}.token"));
+        fs::write(&token_file, token).expect("agent token");
+        let client = if mtls {
+            let (cert, key) = make_client_cert(&collector.ca.parent().expect("cert dir"), name);
+            format!(
+                "client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            )
+        } else {
+            String::new()
+        };
+        let config = dir.join(format!("{name}.toml"));
+        fs::write(
+            &config,
+            format!(
+                "[ship]\nurl = \"{}/v1/ingest\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n\
+                 agent_name = \"{name}\"\nretry_max_secs = 1\n{client}\n\
+                 [detect]\ninterval_secs = 1\n\n[[detect.rules]]\nid = \"host-flood\"\n\
+                 name = \"Request flood on one host\"\nkeys = [\"address\"]\nseverity = \"high\"\n\
+                 when = [{{ metric = \"requests\", window = \"1m\", op = \">\", value = 15 }}]\n",
+                collector.url(),
+                token_file.display(),
+                collector.ca.display(),
+            ),
+        )
+        .expect("agent config");
+        let agent = Agent::start_with(
+            &cg,
+            &[port],
+            200,
+            &["--config", config.to_str().expect("utf-8")],
+        );
+        Self {
+            nginx,
+            agent,
+            port,
+            _cg: cg,
+        }
+    }
+
+    /// `n` requests for the small file from `source`, on one keep-alive connection.
+    fn requests(&self, source: &str, n: usize) -> Vec<Transfer> {
+        let url = format!("http://127.0.0.1:{}/{}", self.port, SMALL.0);
+        let ops: Vec<Vec<String>> = (0..n)
+            .map(|_| op(&["--interface", source, url.as_str()]))
+            .collect();
+        curl(Command::new("curl"), &ops)
+    }
+
+    /// The agent's delivery counters for the collector.
+    fn shipping(&self) -> Value {
+        self.agent.health()["outputs"]
+            .as_array()
+            .and_then(|o| o.iter().find(|s| s["name"] == "collector").cloned())
+            .unwrap_or(Value::Null)
+    }
+}
+
+/// Ground truth per client address summed over hosts.
+fn fleet_truth(parts: &[(&Host, &[Transfer])]) -> ClientTruth {
+    let mut sum = ClientTruth::new();
+    for (host, transfers) in parts {
+        let truth = host.nginx.truth(transfers);
+        for (client, t) in per_client(&truth, transfers, str::to_owned) {
+            let e = sum.entry(client).or_default();
+            e.0 += t.0;
+            e.1 += t.1;
+            e.2 += t.2;
+            e.3 += t.3;
+        }
+    }
+    sum
+}
+
+fn fleet_row(rows: &[Value], client: &str) -> Option<(u64, u64, u64, u64)> {
+    let r = rows.iter().find(|r| r["client"] == client)?;
+    let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
+    Some((
+        n("bytes_in"),
+        n("bytes_out"),
+        n("requests"),
+        n("connections"),
+    ))
+}
+
+/// Waits until the fleet view (through the real CLI) shows exactly `truth` for its clients.
+fn wait_fleet_equals(c: &Collector, truth: &ClientTruth) {
+    wait_for(
+        "the fleet view to equal the summed ground truth",
+        Duration::from_secs(60),
+        || {
+            let rows = c.clients_cli("address");
+            for (client, t) in truth {
+                let seen = fleet_row(&rows, client);
+                if seen != Some(*t) {
+                    return Err(format!("{client}: fleet {seen:?}, truth {t:?}"));
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+/// Three agents, one client split across them: 12 requests on each host stay under the
+/// hosts' rule (more than 15 a minute) and cross the fleet rule (more than 30 a minute).
+#[test]
+fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
+    if !privileged("a_client_split_across_hosts_crosses_the_fleet_threshold") {
+        return;
+    }
+    let tmp = TempDir::new("collector-fleet");
+    let certs = make_certs(&tmp.path);
+    let collector = Collector::start(
+        &tmp.path.join("collector"),
+        &certs,
+        false,
+        "[[detect.rules]]\nid = \"fleet-flood\"\nname = \"Request flood over several hosts\"\n\
+         keys = [\"address\"]\nseverity = \"high\"\n\
+         when = [{ metric = \"requests\", window = \"1m\", op = \">\", value = 30 }]\n",
+    );
+    let hosts: Vec<Host> = AGENT_TOKENS[..3]
+        .iter()
+        .map(|(name, token)| Host::start(&tmp.path, name, token, &collector, false))
+        .collect();
+    let split: Vec<Vec<Transfer>> = hosts.iter().map(|h| h.requests("127.0.0.77", 12)).collect();
+    // A second client on one host only: its fleet row is that host's.
+    let single = hosts[0].requests("127.0.0.78", 5);
+    let mut parts: Vec<(&Host, &[Transfer])> = hosts
+        .iter()
+        .zip(&split)
+        .map(|(h, t)| (h, t.as_slice()))
+        .collect();
+    parts.push((&hosts[0], single.as_slice()));
+    let truth = fleet_truth(&parts);
+    assert_eq!(truth["127.0.0.77"].2, 36);
+    assert_eq!(truth["127.0.0.77"].3, 3, "one connection per host");
+    wait_fleet_equals(&collector, &truth);
+
+    let alert = wait_for("the fleet alert", Duration::from_secs(30), || {
+        let alerts = collector.get("/v1/alerts");
+        alerts
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == "127.0.0.77")
+                    .cloned()
+            })
+            .ok_or_else(|| alerts.to_string())
+    });
+    assert!(alert["host"].as_str().unwrap_or("").starts_with("fleet@"));
+    assert_eq!(alert["technique"]["id"], "AML.T0024.002");
+    assert!(alert["evidence"]["requests_1m"].as_f64().unwrap_or(0.0) >= 36.0);
+    let fleet_alerts = collector.get("/v1/alerts");
+    assert!(
+        !fleet_alerts
+            .as_array()
+            .expect("alerts")
+            .iter()
+            .any(|a| a["key"] == "127.0.0.78"),
+        "the single-host client stays under the fleet rule"
+    );
+    // No agent crossed its own threshold, so no agent alert reached the collector either.
+    for h in &hosts {
+        let alerts = h.agent.api("/v1/alerts");
+        assert_eq!(
+            alerts.as_array().map(Vec::len),
+            Some(0),
+            "agent alerts: {alerts}"
+        );
+    }
+    let health = collector.get("/v1/health");
+    assert_eq!(
+        health["agents"].as_array().map(Vec::len),
+        Some(3),
+        "{health}"
+    );
+    for a in health["agents"].as_array().expect("agents") {
+        assert_eq!(a["duplicates"], 0, "{a}");
+        assert_eq!(a["gaps"], 0, "{a}");
+    }
+    assert_eq!(health["ingest"]["unauthorized"], 0);
+    assert_eq!(health["ingest"]["malformed"], 0);
+    // Group rows are merged too: the two clients share 127.0.0.0/24.
+    let groups = collector.clients_cli("group");
+    let g = fleet_row(&groups, "127.0.0.0/24").expect("group row");
+    let (t77, t78) = (truth["127.0.0.77"], truth["127.0.0.78"]);
+    assert_eq!(
+        g,
+        (t77.0 + t78.0, t77.1 + t78.1, t77.2 + t78.2, t77.3 + t78.3)
+    );
+}
+
+/// A valid batch (JSON) for the fuzzing agent, to mutate.
+fn fuzz_seed() -> String {
+    serde_json::json!({
+        "version": 1,
+        "agent": "host-fuzz",
+        "stream": "abcdef",
+        "records": [{
+            "id": "host-fuzz:summary:1800000000",
+            "seq": 1,
+            "payload": {"summary": {
+                "start_s": 1_800_000_000u64, "period_s": 10,
+                "clients": [{"by": "address", "key": "10.9.9.9",
+                             "counts": {"requests": 1, "bytes_out": 100},
+                             "open_connections": 0}],
+                "rest": {}
+            }}
+        }]
+    })
+    .to_string()
+}
+
+/// Outage of the collector and its SIEM receiver during traffic; tokens and roles; mutual
+/// TLS; fuzzed batches.
+#[test]
+fn outage_loses_nothing_and_bad_clients_are_refused() {
+    if !privileged("outage_loses_nothing_and_bad_clients_are_refused") {
+        return;
+    }
+    let tmp = TempDir::new("collector-outage");
+    let certs = make_certs(&tmp.path);
+    let mut rsyslog = Rsyslog::start(&tmp.path, "rsyslog", listen_port(), None, None);
+    let mut collector = Collector::start(
+        &tmp.path.join("collector"),
+        &certs,
+        true,
+        &format!(
+            "[[outputs]]\ntype = \"syslog\"\nname = \"siem\"\naddress = \"127.0.0.1:{}\"\n\
+             protocol = \"tcp\"\nretry_max_secs = 1\n",
+            rsyslog.tcp_port
+        ),
+    );
+    let a = Host::start(&tmp.path, "host-a", AGENT_TOKENS[0].1, &collector, true);
+    // An agent whose token the collector does not know.
+    let b = Host::start(
+        &tmp.path,
+        "host-b",
+        "not-a-registered-token-0000",
+        &collector,
+        true,
+    );
+
+    // Before the outage: an alert at host-a (20 requests > 15) and summaries.
+    let before = a.requests("127.0.0.61", 20);
+    wait_for(
+        "host-a's first alert at rsyslog",
+        Duration::from_secs(40),
+        || {
+            let ids = rsyslog.ids();
+            if ids
+                .iter()
+                .any(|id| id.starts_with("host-a:host-flood:address:127.0.0.61:"))
+            {
+                Ok(())
+            } else {
+                Err(format!("{ids:?}"))
+            }
+        },
+    );
+
+    collector.stop();
+    rsyslog.stop();
+    let during = a.requests("127.0.0.62", 20);
+    let b_transfers = b.requests("127.0.0.63", 3);
+    wait_for("host-a to spool and retry", Duration::from_secs(40), || {
+        let s = a.shipping();
+        let (retried, pending) = (s["retried"].as_u64(), s["pending"].as_u64());
+        if retried >= Some(2) && pending >= Some(2) {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    rsyslog.spawn();
+    collector.spawn();
+
+    // Every count exactly once: the merged totals equal ground truth (host-b never got in).
+    let truth = fleet_truth(&[(&a, before.as_slice()), (&a, during.as_slice())]);
+    wait_fleet_equals(&collector, &truth);
+    let rows = collector.clients_cli("address");
+    assert!(
+        fleet_row(&rows, "127.0.0.63").is_none(),
+        "host-b's traffic must not be merged"
+    );
+
+    // Every record once, in order, per agent and stream: positions 1, 2, 3 ...
+    let received = collector.received();
+    let a_recs: Vec<&Value> = received.iter().filter(|r| r["agent"] == "host-a").collect();
+    let seqs: Vec<u64> = a_recs
+        .iter()
+        .map(|r| r["seq"].as_u64().expect("seq"))
+        .collect();
+    let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, want, "host-a's records: each once, in order");
+    let ids: HashSet<&str> = a_recs
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), a_recs.len(), "record ids unique");
+    assert!(a_recs.iter().any(|r| r["kind"] == "summary"));
+
+    // Every alert event of host-a reaches rsyslog exactly once, in order, by id.
+    let alerts_file = a.agent.state_dir.join("alerts.jsonl");
+    wait_for(
+        "rsyslog to hold each of host-a's alert events once, in order",
+        Duration::from_secs(60),
+        || {
+            let expected: Vec<String> = read_jsonl(&alerts_file)
+                .iter()
+                .map(|e| {
+                    format!(
+                        "host-a:{}:{}:{}",
+                        e["alert"]["id"].as_str().unwrap_or("?"),
+                        e["event"].as_str().unwrap_or("?"),
+                        e["alert"]["updates"]
+                    )
+                })
+                .collect();
+            // The syslog output replays its last messages after a reconnect (TCP syslog has
+            // no acknowledgements): receivers deduplicate by id.
+            let mut seen = HashSet::new();
+            let got: Vec<String> = rsyslog
+                .ids()
+                .into_iter()
+                .filter(|id| seen.insert(id.clone()))
+                .collect();
+            if expected.len() >= 2 && got == expected {
+                Ok(())
+            } else {
+                Err(format!("got {got:?}\nexpected {expected:?}"))
+            }
+        },
+    );
+
+    // host-b: refused (401), counted, and its records kept in its spool for retries.
+    let health = collector.get("/v1/health");
+    assert!(
+        health["ingest"]["unauthorized"].as_u64() >= Some(1),
+        "{health}"
+    );
+    let sb = b.shipping();
+    assert_eq!(sb["sent"], 0, "{sb}");
+    assert!(sb["pending"].as_u64() >= Some(1), "{sb}");
+    assert!(
+        sb["last_error"].as_str().unwrap_or("").contains("401"),
+        "{sb}"
+    );
+    assert!(!b_transfers.is_empty());
+
+    // Roles: a reader cannot send, an agent cannot read nor send as another agent.
+    let ingest = format!("{}/v1/ingest", collector.url());
+    let clients = format!("{}/v1/clients", collector.url());
+    let seed_file = tmp.path.join("seed.json");
+    fs::write(&seed_file, fuzz_seed()).expect("seed");
+    let data = format!("@{}", seed_file.display());
+    assert_eq!(
+        collector.status(Some(READER_TOKEN), &["--data-binary", &data, &ingest]),
+        403
+    );
+    assert_eq!(collector.status(Some(AGENT_TOKENS[0].1), &[&clients]), 403);
+    assert_eq!(
+        collector.status(Some(AGENT_TOKENS[0].1), &["--data-binary", &data, &ingest]),
+        403,
+        "host-a's token with host-fuzz's name"
+    );
+    assert_eq!(collector.status(None, &[&clients]), 401);
+    assert_eq!(
+        collector.status(Some("wrong-token-000000000000"), &[&clients]),
+        401
+    );
+    // Mutual TLS: without a client certificate there is no TLS session at all.
+    let no_cert = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--cacert"])
+        .arg(&certs.ca)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {READER_TOKEN}"))
+        .arg(&clients)
+        .status()
+        .expect("curl");
+    assert!(
+        !no_cert.success(),
+        "a client without a certificate must be refused"
+    );
+
+    // Fuzzed batches: mutated JSON (some gzip-compressed) from a valid agent.
+    let before_health = collector.get("/v1/health");
+    let seed = fuzz_seed().into_bytes();
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut cmd = collector.curl();
+    let rounds = 200;
+    for i in 0..rounds {
+        let mut body = seed.clone();
+        for _ in 0..(1 + next() % 4) {
+            let at = (next() as usize) % body.len();
+            body[at] = (next() % 256) as u8;
+        }
+        if i % 7 == 0 {
+            body.truncate((next() as usize) % body.len());
+        }
+        let path = tmp.path.join(format!("fuzz-{i}.json"));
+        fs::write(&path, &body).expect("fuzz body");
+        if i > 0 {
+            cmd.arg("--next");
+            if let Some((cert, key)) = &collector.client {
+                cmd.arg("--cacert").arg(&collector.ca);
+                cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+            }
+        }
+        if i % 3 == 0 {
+            let gz = tmp.path.join(format!("fuzz-{i}.gz"));
+            run_ok(Command::new("sh").arg("-c").arg(format!(
+                "gzip -c '{}' > '{}'",
+                path.display(),
+                gz.display()
+            )));
+            cmd.args(["-H", "Content-Encoding: gzip"])
+                .arg("--data-binary");
+            cmd.arg(format!("@{}", gz.display()));
+        } else {
+            cmd.arg("--data-binary").arg(format!("@{}", path.display()));
+        }
+        cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}\\n", "-H"])
+            .arg(format!("Authorization: Bearer {}", AGENT_TOKENS[3].1))
+            .arg(&ingest);
+    }
+    let out = run_ok(&mut cmd);
+    let codes: Vec<u16> = out.lines().map(|l| l.trim().parse().unwrap_or(0)).collect();
+    assert_eq!(codes.len(), rounds, "{out}");
+    let mut by_code: BTreeMap<u16, usize> = BTreeMap::new();
+    for c in &codes {
+        *by_code.entry(*c).or_default() += 1;
+    }
+    assert!(
+        codes.iter().all(|c| [200, 400, 403, 413].contains(c)),
+        "fuzzed batches: {by_code:?}"
+    );
+    assert!(
+        by_code.get(&400).copied().unwrap_or(0) > rounds / 2,
+        "{by_code:?}"
+    );
+    let after = collector.get("/v1/health");
+    let delta = |k: &str| {
+        after["ingest"][k].as_u64().unwrap_or(0) - before_health["ingest"][k].as_u64().unwrap_or(0)
+    };
+    assert_eq!(
+        delta("malformed") + delta("too_large") + delta("forbidden"),
+        (by_code.get(&400).copied().unwrap_or(0)
+            + by_code.get(&413).copied().unwrap_or(0)
+            + by_code.get(&403).copied().unwrap_or(0)) as u64,
+        "every refused batch counted: {by_code:?}"
+    );
+    // Still serving, and the real agent's view unchanged.
+    wait_fleet_equals(&collector, &truth);
+}
