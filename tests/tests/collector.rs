@@ -63,7 +63,7 @@ impl Collector {
         let port = listen_port();
         let received_log = dir.join("received.jsonl");
         let client =
-            client_ca.then(|| make_client_cert(&certs.ca.parent().expect("cert dir"), "viewer"));
+            client_ca.then(|| make_client_cert(certs.ca.parent().expect("cert dir"), "viewer"));
         let config = dir.join("collector.toml");
         fs::write(
             &config,
@@ -240,7 +240,7 @@ impl Host {
         let token_file = dir.join(format!("{name}.token"));
         fs::write(&token_file, token).expect("agent token");
         let client = if mtls {
-            let (cert, key) = make_client_cert(&collector.ca.parent().expect("cert dir"), name);
+            let (cert, key) = make_client_cert(collector.ca.parent().expect("cert dir"), name);
             format!(
                 "client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
                 cert.display(),
