@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 pub mod siem;
 pub mod systemd;
+pub mod tmux;
 
 /// Returns true when the test may run. Without root it prints why it skips, unless
 /// SENSOR_REQUIRE_PRIVILEGED=1 (the README's test command), where skipping is a failure.

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use sensor_tests::{siem::*, *};
+use sensor_tests::{siem::*, tmux::Tmux, *};
 use serde_json::Value;
 
 const AGENT_TOKENS: [(&str, &str); 4] = [
@@ -420,6 +420,26 @@ fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
     }
     assert_eq!(health["ingest"]["unauthorized"], 0);
     assert_eq!(health["ingest"]["malformed"], 0);
+    // `sensor top --collector` in a real terminal shows the fleet rows.
+    let command = format!(
+        "'{}' top --collector '{}' --token-file '{}' --ca-file '{}' --interval-ms 200",
+        sensor_bin().display(),
+        collector.url(),
+        collector.reader_token.display(),
+        collector.ca.display()
+    );
+    let tmux = Tmux::start("fleet-top", &command);
+    tmux.wait_screen("the fleet's rows in `sensor top`", |s| {
+        let row = s.row("127.0.0.77").ok_or("no row for 127.0.0.77")?;
+        if row.get(2).map(String::as_str) != Some("36") {
+            return Err(format!("127.0.0.77: {row:?}, want 36 requests"));
+        }
+        if !s.header.contains(&collector.url()) {
+            return Err("header does not name the collector".into());
+        }
+        Ok(())
+    });
+    tmux.send("q");
     // Group rows are merged too: the two clients share 127.0.0.0/24.
     let groups = collector.clients_cli("group");
     let g = fleet_row(&groups, "127.0.0.0/24").expect("group row");
