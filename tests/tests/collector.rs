@@ -137,6 +137,14 @@ impl Collector {
         }
     }
 
+    /// SIGKILL: no snapshot, no draining; the journal must cover what was acknowledged.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -717,5 +725,19 @@ fn outage_loses_nothing_and_bad_clients_are_refused() {
         "every refused batch counted: {by_code:?}"
     );
     // Still serving, and the real agent's view unchanged.
+    wait_fleet_equals(&collector, &truth);
+
+    // A crash (SIGKILL) while host-a ships: acknowledged batches come back from the journal,
+    // unacknowledged ones are sent again; still every count exactly once.
+    let crash = a.requests("127.0.0.64", 7);
+    collector.kill9();
+    let after_crash = a.requests("127.0.0.64", 6);
+    collector.spawn();
+    let truth = fleet_truth(&[
+        (&a, before.as_slice()),
+        (&a, during.as_slice()),
+        (&a, crash.as_slice()),
+        (&a, after_crash.as_slice()),
+    ]);
     wait_fleet_equals(&collector, &truth);
 }
