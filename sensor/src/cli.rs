@@ -47,6 +47,10 @@ pub enum Command {
     /// process's memory.
     #[command(hide = true)]
     BenchAggregate(BenchAggregateArgs),
+    /// Benchmark helper (`cargo xtask bench`): synthetic agents sending summaries to a running
+    /// collector as fast as it accepts them; prints one JSON line.
+    #[command(hide = true)]
+    BenchCollector(crate::collector::bench::BenchCollectorArgs),
 }
 
 #[derive(Debug, clap::Args)]

@@ -47,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         cli::Command::CheckConfig(args) => service::check::check_config(&args),
         cli::Command::Status(args) => service::status::status(&args),
         cli::Command::BenchAggregate(args) => benchagg::run(&args),
+        cli::Command::BenchCollector(args) => collector::bench::run(&args),
     }
 }

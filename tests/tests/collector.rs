@@ -602,17 +602,22 @@ fn outage_loses_nothing_and_bad_clients_are_refused() {
     );
 
     // host-b: refused (401), counted, and its records kept in its spool for retries.
-    let health = collector.get("/v1/health");
-    assert!(
-        health["ingest"]["unauthorized"].as_u64() >= Some(1),
-        "{health}"
-    );
-    let sb = b.shipping();
-    assert_eq!(sb["sent"], 0, "{sb}");
-    assert!(sb["pending"].as_u64() >= Some(1), "{sb}");
-    assert!(
-        sb["last_error"].as_str().unwrap_or("").contains("401"),
-        "{sb}"
+    wait_for(
+        "host-b refused, counted, and still retrying",
+        Duration::from_secs(30),
+        || {
+            let health = collector.get("/v1/health");
+            let sb = b.shipping();
+            let refused = health["ingest"]["unauthorized"].as_u64() >= Some(1);
+            let kept = sb["sent"] == 0
+                && sb["pending"].as_u64() >= Some(1)
+                && sb["last_error"].as_str().unwrap_or("").contains("401");
+            if refused && kept {
+                Ok(())
+            } else {
+                Err(format!("collector: {}; host-b: {sb}", health["ingest"]))
+            }
+        },
     );
     assert!(!b_transfers.is_empty());
 

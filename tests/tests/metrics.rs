@@ -8,7 +8,6 @@ use std::{
     net::TcpStream,
     path::Path,
     process::{Command, Stdio},
-    thread,
     time::Duration,
 };
 
@@ -141,11 +140,14 @@ fn metrics_match_ground_truth_and_pass_promtool() {
     });
 
     // Source s makes s keep-alive requests, every fourth one also a large download: distinct
-    // volumes, so the top clients are well defined.
+    // volumes, so the top clients are well defined. One source after the other: with 20
+    // clients active at once and a bound of 5, a client could be folded while it was still
+    // light (its connection then counts in the folded remainder), which is the bound working,
+    // not what this test checks.
     let workers: Vec<_> = (1..=SOURCES)
         .map(|s| {
             let source = format!("127.0.2.{s}");
-            thread::spawn(move || {
+            let run = move || {
                 let mut ops: Vec<Vec<String>> = (0..s)
                     .map(|_| {
                         op(&[
@@ -163,13 +165,11 @@ fn metrics_match_ground_truth_and_pass_promtool() {
                     ]));
                 }
                 curl(Command::new("curl"), &ops)
-            })
+            };
+            run()
         })
         .collect();
-    let transfers: Vec<Transfer> = workers
-        .into_iter()
-        .flat_map(|w| w.join().expect("curl worker"))
-        .collect();
+    let transfers: Vec<Transfer> = workers.into_iter().flatten().collect();
     let truth = nginx.truth(&transfers);
     let truth_in: u64 = truth.values().map(|t| t.0).sum();
     let truth_out: u64 = truth.values().map(|t| t.1).sum();

@@ -7,6 +7,7 @@
 //! snapshot and replays the journal, and the per-agent stream positions make the replay (and
 //! any retry) count each record once.
 
+pub mod bench;
 pub mod config;
 pub mod fleet;
 pub mod ingest;
