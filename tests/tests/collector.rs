@@ -460,15 +460,19 @@ fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
 
 /// A valid batch (JSON) for the fuzzing agent, to mutate.
 fn fuzz_seed() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let start = now / 10 * 10;
     serde_json::json!({
         "version": 1,
         "agent": "host-fuzz",
         "stream": "abcdef",
         "records": [{
-            "id": "host-fuzz:summary:1800000000",
+            "id": format!("host-fuzz:summary:{start}"),
             "seq": 1,
             "payload": {"summary": {
-                "start_s": 1_800_000_000u64, "period_s": 10,
+                "start_s": start, "period_s": 10,
                 "clients": [{"by": "address", "key": "10.9.9.9",
                              "counts": {"requests": 1, "bytes_out": 100},
                              "open_connections": 0}],

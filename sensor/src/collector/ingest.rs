@@ -169,6 +169,7 @@ pub fn decode(
     encoding: Option<&str>,
     max_bytes: usize,
     agent: &str,
+    now_s: u64,
 ) -> Result<Batch, IngestError> {
     let json = match encoding.map(str::trim) {
         None | Some("identity") => body.to_vec(),
@@ -193,7 +194,7 @@ pub fn decode(
     };
     let batch: Batch =
         serde_json::from_slice(&json).map_err(|e| IngestError::Malformed(format!("batch: {e}")))?;
-    validate(&batch, agent)?;
+    validate(&batch, agent, now_s)?;
     Ok(batch)
 }
 
@@ -201,8 +202,12 @@ fn valid_text(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
 }
 
+/// How far an agent's clock may run ahead of the collector's: a period further in the future
+/// would hold back every later summary of that agent (periods are merged once, in order).
+pub const MAX_CLOCK_AHEAD_SECS: u64 = 86_400;
+
 /// Checks everything the merge relies on; errors name the record and field.
-pub fn validate(b: &Batch, agent: &str) -> Result<(), IngestError> {
+pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
     let bad = |m: String| Err(IngestError::Malformed(m));
     if b.version != WIRE_VERSION {
         return bad(format!(
@@ -270,6 +275,13 @@ pub fn validate(b: &Batch, agent: &str) -> Result<(), IngestError> {
                         at("summary.start_s")
                     ));
                 }
+                if s.start_s > now_s + MAX_CLOCK_AHEAD_SECS {
+                    return bad(format!(
+                        "{}: {} is more than a day ahead of the collector's clock ({now_s})",
+                        at("summary.start_s"),
+                        s.start_s
+                    ));
+                }
                 if s.clients.len() > MAX_CLIENTS_PER_SUMMARY {
                     return Err(IngestError::TooLarge(format!(
                         "{}: more than {MAX_CLIENTS_PER_SUMMARY} clients",
@@ -326,6 +338,8 @@ mod tests {
         ship::{ClientDelta, ShipRecord, Summary, encode},
     };
 
+    const NOW: u64 = 1_800_000_100;
+
     fn batch() -> Batch {
         Batch {
             version: WIRE_VERSION,
@@ -375,47 +389,57 @@ mod tests {
     fn valid_batches_decode() {
         let b = batch();
         let gz = encode(&b).expect("encode");
-        assert_eq!(decode(&gz, Some("gzip"), 1 << 20, "host-a"), Ok(b.clone()));
+        assert_eq!(
+            decode(&gz, Some("gzip"), 1 << 20, "host-a", NOW),
+            Ok(b.clone())
+        );
         let json = serde_json::to_vec(&b).expect("json");
-        assert_eq!(decode(&json, None, 1 << 20, "host-a"), Ok(b));
+        assert_eq!(decode(&json, None, 1 << 20, "host-a", NOW), Ok(b));
     }
 
     #[test]
     fn bad_batches_are_refused_with_reasons() {
         let gz = encode(&batch()).expect("encode");
         assert!(matches!(
-            decode(&gz, Some("gzip"), 1 << 20, "host-b"),
+            decode(&gz, Some("gzip"), 1 << 20, "host-b", NOW),
             Err(IngestError::WrongAgent(_))
         ));
         assert!(matches!(
-            decode(&gz, Some("gzip"), 64, "host-a"),
+            decode(&gz, Some("gzip"), 64, "host-a", NOW),
             Err(IngestError::TooLarge(_))
         ));
         assert!(matches!(
-            decode(&gz, Some("br"), 1 << 20, "host-a"),
+            decode(&gz, Some("br"), 1 << 20, "host-a", NOW),
             Err(IngestError::Malformed(_))
         ));
         let mut b = batch();
         b.records[1].seq = 1;
         assert!(
-            matches!(validate(&b, "host-a"), Err(IngestError::Malformed(m)) if m.contains("records[1].seq"))
+            matches!(validate(&b, "host-a", NOW), Err(IngestError::Malformed(m)) if m.contains("records[1].seq"))
         );
         let mut b = batch();
         if let Payload::Summary(s) = &mut b.records[0].payload {
             s.clients[0].key = "not-an-ip".into();
         }
         assert!(
-            matches!(validate(&b, "host-a"), Err(IngestError::Malformed(m)) if m.contains("clients[0].key"))
+            matches!(validate(&b, "host-a", NOW), Err(IngestError::Malformed(m)) if m.contains("clients[0].key"))
         );
         let mut b = batch();
         b.records[0].id = "host-b:summary:1".into();
-        assert!(validate(&b, "host-a").is_err());
+        assert!(validate(&b, "host-a", NOW).is_err());
         let mut b = batch();
         b.version = 2;
-        assert!(validate(&b, "host-a").is_err());
+        assert!(validate(&b, "host-a", NOW).is_err());
+        // A period more than a day ahead of the collector's clock.
+        let b = batch();
+        assert!(validate(&b, "host-a", 1_800_000_000 - MAX_CLOCK_AHEAD_SECS).is_ok());
+        assert!(matches!(
+            validate(&b, "host-a", 1_800_000_000 - MAX_CLOCK_AHEAD_SECS - 1),
+            Err(IngestError::Malformed(m)) if m.contains("ahead")
+        ));
         // Unknown fields are refused (strict parsing).
         let json = br#"{"version":1,"agent":"host-a","stream":"ab","records":[],"extra":1}"#;
-        assert!(decode(json, None, 1 << 20, "host-a").is_err());
+        assert!(decode(json, None, 1 << 20, "host-a", NOW).is_err());
     }
 
     #[test]
@@ -426,7 +450,7 @@ mod tests {
         let gz = gz.finish().expect("finish");
         assert!(gz.len() < 64 * 1024);
         assert!(matches!(
-            decode(&gz, Some("gzip"), 1 << 20, "host-a"),
+            decode(&gz, Some("gzip"), 1 << 20, "host-a", NOW),
             Err(IngestError::TooLarge(_))
         ));
     }
@@ -440,8 +464,8 @@ mod tests {
             flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..8),
             gzip in proptest::prelude::any::<bool>(),
         ) {
-            let _ = decode(&raw, Some("gzip"), 1 << 20, "host-a");
-            let _ = decode(&raw, None, 1 << 20, "host-a");
+            let _ = decode(&raw, Some("gzip"), 1 << 20, "host-a", NOW);
+            let _ = decode(&raw, None, 1 << 20, "host-a", NOW);
             let mut body = if gzip {
                 encode(&batch()).expect("encode")
             } else {
@@ -451,7 +475,7 @@ mod tests {
                 let n = body.len();
                 body[at % n] ^= x;
             }
-            let _ = decode(&body, gzip.then_some("gzip"), 1 << 20, "host-a");
+            let _ = decode(&body, gzip.then_some("gzip"), 1 << 20, "host-a", NOW);
         }
     }
 

@@ -279,6 +279,7 @@ async fn ingest(req: Request<Incoming>, shared: &Shared, agent: &str, peer: Sock
         encoding.as_deref(),
         shared.max_body.saturating_mul(16),
         agent,
+        Now::system().secs(),
     ) {
         Ok(b) => b,
         Err(e) => {

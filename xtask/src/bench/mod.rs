@@ -13,6 +13,7 @@
 //! also when a step fails or the run is interrupted.
 
 mod calib;
+mod fleet;
 mod load;
 mod procs;
 mod report;
@@ -62,13 +63,14 @@ pub struct Options {
     /// the rest folded); 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     pub bounded_keys: usize,
-    /// Phases to run (comma separated): ab, bpf, load, latency, memory; and `profile` (not by
-    /// default): the agent under valgrind's callgrind during the keep-alive load, output in
-    /// target/bench/. The report is only written when all five measurements ran.
+    /// Phases to run (comma separated): ab, bpf, load, latency, memory, collector, alert; and
+    /// `profile` (not by default): the agent under valgrind's callgrind during the keep-alive
+    /// load, output in target/bench/. The report is only written when all seven measurements
+    /// ran.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ab,bpf,load,latency,memory"
+        default_value = "ab,bpf,load,latency,memory,collector,alert"
     )]
     pub phases: Vec<String>,
     /// Markdown file whose generated section is replaced.
@@ -79,7 +81,15 @@ pub struct Options {
 /// `[clients] max_clients` of the embedded default configuration.
 const DEFAULT_MAX_CLIENTS: usize = 10_000;
 
-const PHASES: [&str; 5] = ["ab", "bpf", "load", "latency", "memory"];
+const PHASES: [&str; 7] = [
+    "ab",
+    "bpf",
+    "load",
+    "latency",
+    "memory",
+    "collector",
+    "alert",
+];
 
 /// wrk connections and threads: one wrk thread and one nginx worker leave the second core to
 /// the kernel's softirq work and the agent.
@@ -182,6 +192,10 @@ pub struct Results {
     pub latency_open_ms: Vec<f64>,
     pub latency_closed_ms: Vec<f64>,
     pub memory: Vec<MemoryRow>,
+    /// The collector's ingest run.
+    pub ingest: Option<fleet::Ingest>,
+    /// Extraction bots: time to the agent's and the fleet's alert.
+    pub alert_times: Vec<fleet::AlertTime>,
     pub elapsed: Duration,
 }
 
@@ -284,6 +298,12 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     }
     if phase("memory") {
         bench.aggregate_memory(&mut results)?;
+    }
+    if phase("collector") {
+        bench.collector_ingest(&mut results)?;
+    }
+    if phase("alert") {
+        bench.time_to_alert(&mut results)?;
     }
     if phase("profile") {
         bench.profile_agent(&root.join("target/bench"))?;
@@ -468,6 +488,7 @@ impl Bench<'_> {
             ports: &[self.http_port, self.iperf_port],
             dir: &dir,
             pin_dir: &self.pin_dir,
+            config: None,
         })
     }
 

@@ -235,6 +235,8 @@ pub struct AgentSpec<'a> {
     pub ports: &'a [u16],
     pub dir: &'a Path,
     pub pin_dir: &'a Path,
+    /// `--config` for the agent, if not the embedded defaults.
+    pub config: Option<&'a Path>,
 }
 
 impl Agent {
@@ -263,6 +265,9 @@ impl Agent {
             .arg(spec.pin_dir)
             .arg("--fresh")
             .env("RUST_LOG", "warn");
+        if let Some(config) = spec.config {
+            cmd.arg("--config").arg(config);
+        }
         let log = spec.dir.join("agent.log");
         let log_file = fs::OpenOptions::new()
             .create(true)

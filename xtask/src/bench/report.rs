@@ -375,6 +375,75 @@ pub fn render(r: &Results) -> String {
             max
         );
     }
+
+    if let Some(i) = &r.ingest {
+        let _ = writeln!(
+            out,
+            "\n### Collector ingest\n\n`sensor collector` pinned to CPU 0, {} synthetic agents \
+             (`sensor bench-collector`) on CPU 1 sending batches of 20 summaries of 200 client \
+             rows each through the real path: TLS, bearer token, gzip, validation, journal (fsync \
+             per batch), merge into every window. A record here is one client row (one client's \
+             counts of one 10-second period from one agent), the unit the collector merges.\n",
+            super::fleet::AGENTS
+        );
+        let _ = writeln!(out, "| measurement | value | target | |\n|---|---|---|---|");
+        let per_core = i.rows_per_cpu_s();
+        let _ = writeln!(
+            out,
+            "| records merged per second of collector CPU | {:.0} | >= 200 000 | {} |",
+            per_core,
+            if per_core >= 200_000.0 {
+                "met"
+            } else {
+                "missed"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "| records per second (wall clock) | {:.0} at {:.0} % of one core | | |",
+            i.rows_per_s(),
+            i.cpu_pct()
+        );
+        let _ = writeln!(
+            out,
+            "| batches / summaries / records | {} / {} / {} in {:.1} s ({:.1} MB compressed) | | |",
+            i.batches,
+            i.summaries,
+            i.rows,
+            i.seconds,
+            i.compressed_bytes as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "| collector RSS after the run | {:.1} MiB | | |",
+            mib(i.rss_kib)
+        );
+    }
+    if !r.alert_times.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Time to alert\n\nAn extraction bot (one new connection per request, as fast \
+             as it gets answers) against nginx on a watched port; the agent runs the default \
+             rules (`request-flood`: more than 120 requests in a minute; map poll 1 s, rules \
+             every 2 s) and ships to a collector with the default fleet rules \
+             (`fleet-request-flood`: more than 300 a minute; summaries every 10 s, rules every \
+             5 s). Seconds from the bot's first request to the alert in `/v1/alerts`.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| bot | requests/s | agent alert | fleet alert |\n|---|---|---|---|"
+        );
+        for (n, t) in r.alert_times.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {:.2} s | {:.2} s |",
+                n + 1,
+                t.rate,
+                t.agent_s,
+                t.fleet_s
+            );
+        }
+    }
     out
 }
 
