@@ -530,6 +530,78 @@ mod tests {
         assert_eq!(back.records[0].id, "host-a:summary:10");
     }
 
+    /// With the collector unreachable, records wait in the disk spool within its bound; the
+    /// oldest beyond it are dropped and counted, never silently.
+    #[tokio::test]
+    async fn an_unreachable_collector_spools_within_the_bound_and_counts_drops() {
+        let dir = std::env::temp_dir().join(format!("sensor-ship-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("token"), "ship-token-0123456789").expect("token");
+        // Nothing listens on port 1.
+        let c = ShipConfig {
+            url: "https://127.0.0.1:1/v1/ingest".into(),
+            token_file: dir.join("token"),
+            spool_max_bytes: 4096,
+            ..ShipConfig::default()
+        };
+        let spool_dir = dir.join("spool");
+        let spool =
+            crate::outputs::spool::Spool::<ShipRecord>::open(&spool_dir, 4096).expect("spool");
+        let out =
+            ShipOutput::new(&c, "host-a", stream_id(&spool_dir).expect("stream")).expect("output");
+        let stats =
+            std::sync::Arc::new(std::sync::Mutex::new(crate::outputs::OutputStats::default()));
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let task = tokio::spawn(crate::outputs::worker(
+            out,
+            spool,
+            rx,
+            stats.clone(),
+            Duration::from_secs(60),
+        ));
+        let n = 40u64;
+        for i in 0..n {
+            let mut agg = Aggregator::new(10, 24, 56);
+            let t = 1_800_000_000 + 10 * i;
+            agg.apply(
+                std::net::IpAddr::from([10, 0, 0, 1]),
+                &bytes(100 + i),
+                Now { unix_ms: t * 1000 },
+            );
+            let s = summarize(&agg, t, 10).expect("summary");
+            tx.send(ShipRecord::summary("host-a", s))
+                .await
+                .expect("send");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            let s = stats.lock().expect("lock").clone();
+            if s.spooled == n && s.retried >= 1 {
+                break s;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "stuck: {s:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(s.sent, 0);
+        assert!(s.dropped > 0, "{s:?}");
+        assert_eq!(
+            s.dropped + s.pending,
+            n,
+            "every record pending or counted as dropped"
+        );
+        assert!(s.last_error.is_some(), "{s:?}");
+        // What is pending survives a restart, within the bound, newest kept.
+        drop(tx);
+        let _ = task.await;
+        let reopened =
+            crate::outputs::spool::Spool::<ShipRecord>::open(&spool_dir, 4096).expect("reopen");
+        assert_eq!(reopened.len() as u64, s.pending);
+        let kept = reopened.peek(usize::MAX);
+        assert_eq!(kept.last().map(|r| r.seq), Some(n));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn config_validation() {
         let ok = ShipConfig {
