@@ -15,6 +15,8 @@ use crate::{
 
 /// An agent's summary older than this no longer tells which connections are open.
 const OPEN_FRESH_SECS: u64 = 3 * PERIOD_SECS;
+/// Stream positions kept per agent.
+const MAX_STREAMS: usize = 16;
 /// Agents' alerts kept for `/v1/alerts` (newest win).
 const AGENT_ALERTS_KEPT: usize = 5000;
 
@@ -77,6 +79,14 @@ impl FleetState {
         let mut accepted = Vec::new();
         let info = self.agents.entry(batch.agent.clone()).or_default();
         info.last_batch_ms = now.unix_ms;
+        if !info.streams.contains_key(&batch.stream) && info.streams.len() >= MAX_STREAMS {
+            // A new spool (reinstall, lost disk) starts a new stream; old ones never return.
+            // Bounded so that a token cannot grow the collector's memory; summaries stay
+            // deduplicated by period whatever stream carries them.
+            if let Some(oldest) = info.streams.keys().next().cloned() {
+                info.streams.remove(&oldest);
+            }
+        }
         let pos = info.streams.entry(batch.stream.clone()).or_default();
         for rec in &batch.records {
             if rec.seq <= *pos {
