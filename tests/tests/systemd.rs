@@ -717,3 +717,108 @@ fn debian_package_installs_enables_and_purges() {
     assert_eq!(files_under(&c.bpffs), Vec::<String>::new());
     eprintln!("package test took {:.1?}", started.elapsed());
 }
+
+/// The collector as the packaged unit runs it: no root, no capability, key and tokens handed
+/// over as systemd credentials; the agent installed beside it ships to it, and the fleet view
+/// counts the container's traffic exactly.
+#[test]
+fn collector_runs_unprivileged_under_systemd_and_receives_the_agent() {
+    if !privileged("collector_runs_unprivileged_under_systemd_and_receives_the_agent") {
+        return;
+    }
+    let certs_dir = TempDir::new("collector-certs");
+    let certs = sensor_tests::siem::make_certs(&certs_dir.path);
+    let read = |p: &Path| std::fs::read(p).expect("cert file");
+    let c = Container::boot("collector");
+    let bin = std::fs::read(sensor_bin()).expect("sensor binary");
+    c.write("/usr/bin/sensor", &bin, 0o755);
+    c.write(
+        "/etc/systemd/system/sensor-collector.service",
+        include_bytes!("../../packaging/sensor-collector.service"),
+        0o644,
+    );
+    c.write(
+        "/etc/sensor/collector.toml",
+        include_bytes!("../../packaging/collector.toml"),
+        0o644,
+    );
+    c.write("/etc/sensor/collector/cert.pem", &read(&certs.cert), 0o644);
+    c.write("/etc/sensor/collector/key.pem", &read(&certs.key), 0o600);
+    let agent_token = "container-agent-token-0123456789";
+    let reader_token = "container-reader-token-0123456789";
+    c.write(
+        "/etc/sensor/collector/tokens",
+        format!("agent container {agent_token}\nreader soc {reader_token}\n").as_bytes(),
+        0o600,
+    );
+    c.write("/root/reader.token", reader_token.as_bytes(), 0o600);
+    c.write("/etc/sensor/collector-ca.pem", &read(&certs.ca), 0o644);
+    c.write("/etc/sensor/ship.token", agent_token.as_bytes(), 0o600);
+    c.sh_ok("systemctl daemon-reload && systemctl start sensor-collector");
+    assert_eq!(
+        c.sh_ok("systemctl is-active sensor-collector").trim(),
+        "active"
+    );
+    c.sh_ok("systemd-analyze verify /etc/systemd/system/sensor-collector.service");
+    let report = c.sh_ok("systemd-analyze security --no-pager sensor-collector.service");
+    let score = exposure(&report);
+    eprintln!("systemd-analyze security sensor-collector.service: exposure {score}");
+    assert!(score <= EXPOSURE_TARGET, "{report}");
+    // Not root, and no capability at all.
+    let status = c.sh_ok(
+        "grep -E '^(Uid|CapEff|CapBnd|CapAmb)' \
+         /proc/$(systemctl show -p MainPID --value sensor-collector)/status",
+    );
+    let fields: Vec<&str> = status.split_whitespace().collect();
+    assert_eq!(fields[0], "Uid:");
+    assert_ne!(
+        fields[1], "0",
+        "the collector must not run as root: {status}"
+    );
+    for cap in ["CapEff:", "CapBnd:", "CapAmb:"] {
+        let at = fields.iter().position(|f| *f == cap).expect("cap line");
+        assert_eq!(fields[at + 1], "0000000000000000", "{status}");
+    }
+
+    // The agent, installed from source, shipping to the collector on this host.
+    c.sh_ok("/usr/bin/sensor install --enable --now");
+    let config = config_with(&[
+        ("url", "\"https://127.0.0.1:9443/v1/ingest\""),
+        ("token_file", "\"/etc/sensor/ship.token\""),
+        ("ca_file", "\"/etc/sensor/collector-ca.pem\""),
+        ("agent_name", "\"container\""),
+    ]);
+    c.write(CONFIG, config.as_bytes(), 0o644);
+    c.sh_ok("systemctl restart sensor");
+    let (client, received) = get(&c, "http://127.0.0.1/");
+    counted(&c, &client);
+    let fleet = "sensor clients --json --collector https://127.0.0.1:9443 \
+                 --token-file /root/reader.token --ca-file /etc/sensor/collector-ca.pem";
+    wait_for(
+        "the container's request in the collector's fleet view",
+        Duration::from_secs(40),
+        || {
+            let rows = json(&c, fleet);
+            let row = rows
+                .as_array()
+                .and_then(|a| a.iter().find(|r| r["client"] == "127.0.0.1"))
+                .ok_or_else(|| rows.to_string())?;
+            let seen = (row["requests"].as_u64(), row["bytes_out"].as_u64());
+            if seen == (Some(requests_from_localhost(&c)), Some(received)) {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}, want (1, {received}): {row}"))
+            }
+        },
+    );
+    let journal = c.sh_ok("journalctl -u sensor-collector.service --no-pager -o cat");
+    assert!(
+        journal.contains("collector listening on https://0.0.0.0:9443"),
+        "{journal}"
+    );
+    c.sh_ok("systemctl stop sensor-collector");
+    assert_eq!(
+        c.sh("systemctl is-active sensor-collector").stdout.trim(),
+        "inactive"
+    );
+}

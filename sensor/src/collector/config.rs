@@ -11,6 +11,33 @@ use crate::config::{
 
 pub const DEFAULT_COLLECTOR_CONFIG: &str = include_str!("../collector-default.toml");
 
+/// Where the packaged unit (packaging/sensor-collector.service) hands the service its
+/// certificate, key and tokens (systemd credentials).
+#[cfg(test)]
+pub const CREDENTIALS: &str = "/run/credentials/sensor-collector.service";
+
+/// The configuration the Debian package installs as /etc/sensor/collector.toml: the defaults,
+/// reading the certificate, key and tokens from the unit's credentials.
+#[cfg(test)]
+pub fn packaged_config() -> String {
+    DEFAULT_COLLECTOR_CONFIG
+        .replacen(
+            "tls_cert_file = \"/etc/sensor/collector/cert.pem\"",
+            &format!("tls_cert_file = \"{CREDENTIALS}/cert.pem\""),
+            1,
+        )
+        .replacen(
+            "tls_key_file = \"/etc/sensor/collector/key.pem\"",
+            &format!("tls_key_file = \"{CREDENTIALS}/key.pem\""),
+            1,
+        )
+        .replacen(
+            "tokens_file = \"/etc/sensor/collector/tokens\"",
+            &format!("tokens_file = \"{CREDENTIALS}/tokens\""),
+            1,
+        )
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorConfig {
@@ -218,6 +245,20 @@ mod tests {
         let e = CollectorConfig::parse(text, "c.toml").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("metric"));
         assert!(e.message.contains("per host"), "{e}");
+    }
+
+    #[test]
+    fn packaged_config_reads_the_units_credentials() {
+        let packaged = include_str!("../../../packaging/collector.toml");
+        assert_eq!(
+            packaged,
+            packaged_config(),
+            "regenerate packaging/collector.toml"
+        );
+        let c = CollectorConfig::parse(packaged, "collector.toml").expect("valid");
+        assert!(c.listen.tls_key_file.starts_with(CREDENTIALS));
+        assert!(c.listen.tls_cert_file.starts_with(CREDENTIALS));
+        assert!(c.listen.tokens_file.starts_with(CREDENTIALS));
     }
 
     #[test]
