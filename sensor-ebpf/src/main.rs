@@ -445,7 +445,7 @@ fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparse
         }
         let (start, new_data) = advance(bytes, seq_base, &segment);
         match direction {
-            Direction::In => track_request(ctx, &mut *stats, start, &segment)?,
+            Direction::In => track_request(ctx, cookie, &mut *stats, start, &segment)?,
             Direction::Out if new_data => {
                 // A reply although no exchange start was ever seen: the client's first payload
                 // came in the packet that completed the handshake (its final ACK was lost),
@@ -515,6 +515,7 @@ unsafe fn advance(counter: *mut u64, seq_base: u32, segment: &Segment) -> (i64, 
 /// * Unknown (no payload yet): the payload at offset 0 decides which of the two it is.
 fn track_request(
     ctx: &SkBuffContext,
+    cookie: u64,
     stats: &mut ConnStats,
     start: i64,
     segment: &Segment,
@@ -540,7 +541,7 @@ fn track_request(
         stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
-        report_request(ctx, stats, start, segment);
+        report_request(ctx, cookie, stats, start, segment);
     }
     Ok(())
 }
@@ -576,7 +577,13 @@ unsafe fn load_into<const BUF: usize>(
 
 /// Tells the agent that an exchange began: when, where in the connection's counters, and, for
 /// HTTP/1.x, the first bytes of the request (for identity; the agent reads only the head).
-fn report_request(ctx: &SkBuffContext, stats: &ConnStats, start: i64, segment: &Segment) {
+fn report_request(
+    ctx: &SkBuffContext,
+    cookie: u64,
+    stats: &ConnStats,
+    start: i64,
+    segment: &Segment,
+) {
     let Some(mut entry) = REQUESTS.reserve::<RequestEvent>(0) else {
         count_loss(Loss::RequestEventsDropped);
         return;
@@ -589,7 +596,7 @@ fn report_request(ctx: &SkBuffContext, stats: &ConnStats, start: i64, segment: &
     // SAFETY: ev points to a reserved, writable RequestEvent; every field is written before
     // submit except the tail of `head`, which head_len excludes.
     unsafe {
-        (*ev).cookie = bpf_get_socket_cookie(ctx.as_ptr() as *mut c_void);
+        (*ev).cookie = cookie;
         (*ev).ts_ns = stats.last_seen_ns;
         (*ev).remote_addr = stats.remote_addr;
         (*ev).bytes_in_start = start as u64;
@@ -674,16 +681,40 @@ unsafe fn matches_at(base: *const u8, i: usize, pattern: &[u8]) -> bool {
 }
 
 /// Whether the first `n` bytes at `base` contain `event-stream`.
+///
+/// Looks for the pattern's `-` eight bytes at a time (a word-wide zero-byte test) and compares
+/// the whole pattern only around the few `-` a response head holds: about a tenth of the work
+/// of trying every offset.
 #[inline(never)]
 fn names_event_stream(base: *const u8, n: usize) -> bool {
     const PATTERN: &[u8; 12] = b"event-stream";
-    let mut i = 0;
-    while i + PATTERN.len() <= SSE_SCAN_MAX && i + PATTERN.len() <= n {
-        // SAFETY: bounded by the loop condition.
-        if unsafe { matches_at(base, i, PATTERN) } {
-            return true;
+    /// Offset of `-` in the pattern.
+    const DASH_AT: usize = 5;
+    const WORDS: usize = SSE_SCAN_MAX / 8;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut w = 0;
+    while w < WORDS && w * 8 < n {
+        // SAFETY: w * 8 + 8 <= SSE_SCAN_MAX; the scratch buffer is 8-byte aligned.
+        let word = unsafe { core::ptr::read_volatile(base.add(w * 8).cast::<u64>()) };
+        let x = word ^ (ONES * u64::from(b'-'));
+        // Non-zero iff some byte of x is zero, i.e. some byte of the word is `-`.
+        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
+            let mut k = 0;
+            while k < 8 {
+                let p = w * 8 + k;
+                if p >= DASH_AT
+                    && p - DASH_AT + PATTERN.len() <= n
+                    && p - DASH_AT + PATTERN.len() <= SSE_SCAN_MAX
+                    // SAFETY: bounded by the checks above.
+                    && unsafe { matches_at(base, p - DASH_AT, PATTERN) }
+                {
+                    return true;
+                }
+                k += 1;
+            }
         }
-        i += 1;
+        w += 1;
     }
     false
 }
