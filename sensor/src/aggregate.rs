@@ -276,10 +276,15 @@ pub struct Folded {
     pub totals: Counts,
 }
 
+/// Clients by key. foldhash instead of SipHash: several lookups per request event and per
+/// polled connection; its per-process random seed keeps keys chosen by clients from
+/// colliding on purpose.
+pub type ClientMap = HashMap<String, ClientStats, foldhash::fast::RandomState>;
+
 /// One table of clients (by address, or by address group), bounded.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClientTable {
-    pub clients: HashMap<String, ClientStats>,
+    pub clients: ClientMap,
     pub folded: Folded,
     #[serde(skip)]
     max: usize,
@@ -619,6 +624,11 @@ impl Aggregator {
         group_of(ip, self.v4_prefix, self.v6_prefix)
     }
 
+    /// The group key of `ip`, formatted on the stack.
+    pub fn group_key(&self, ip: IpAddr) -> Key {
+        Key::group(ip, self.v4_prefix, self.v6_prefix)
+    }
+
     pub fn apply(&mut self, ip: IpAddr, delta: &Delta, now: Now) {
         if delta.counts.is_zero() && !delta.opened && !delta.closed {
             return;
@@ -671,8 +681,11 @@ impl Aggregator {
     pub fn request_keys(&mut self, peer: IpAddr, keys: &ExchangeKeys, ts_ns: u64, now: Now) {
         self.request(peer, ts_ns, now);
         let id = keys.identity.as_deref();
-        self.addresses
-            .annotate(&peer.to_string(), id, keys.forwarded, None, now);
+        // `request` made the entry; annotating it with nothing is a no-op.
+        if id.is_some() || keys.forwarded.is_some() {
+            self.addresses
+                .annotate(Key::address(peer).as_str(), id, keys.forwarded, None, now);
+        }
         if let Some(id) = id {
             self.identities.request(id, ts_ns, now);
             let source = keys.forwarded.unwrap_or(peer);
