@@ -531,27 +531,35 @@ impl Key {
     }
 
     pub fn as_str(&self) -> &str {
-        // Only ASCII is ever written.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+        let bytes = &self.buf[..self.len.min(self.buf.len())];
+        debug_assert!(bytes.is_ascii());
+        // SAFETY: only ASCII is ever written (digits, '.', '/', and the ASCII text of an
+        // IPv6 address's Display), so any prefix is valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 
     fn push(&mut self, bytes: &[u8]) {
-        let end = (self.len + bytes.len()).min(self.buf.len());
-        let n = end - self.len;
-        self.buf[self.len..end].copy_from_slice(&bytes[..n]);
-        self.len = end;
+        for b in bytes {
+            self.push_byte(*b);
+        }
+    }
+
+    #[inline]
+    fn push_byte(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
     }
 
     fn push_decimal(&mut self, v: u8) {
-        let digits = [b'0' + v / 100, b'0' + v / 10 % 10, b'0' + v % 10];
-        let skip = if v >= 100 {
-            0
-        } else if v >= 10 {
-            1
-        } else {
-            2
-        };
-        self.push(&digits[skip..]);
+        if v >= 100 {
+            self.push_byte(b'0' + v / 100);
+        }
+        if v >= 10 {
+            self.push_byte(b'0' + v / 10 % 10);
+        }
+        self.push_byte(b'0' + v % 10);
     }
 
     fn push_ip(&mut self, ip: IpAddr) {
@@ -559,7 +567,7 @@ impl Key {
             IpAddr::V4(a) => {
                 for (i, octet) in a.octets().into_iter().enumerate() {
                     if i > 0 {
-                        self.push(b".");
+                        self.push_byte(b'.');
                     }
                     self.push_decimal(octet);
                 }
