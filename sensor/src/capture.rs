@@ -900,8 +900,21 @@ pub fn decode_closed(bytes: &[u8]) -> Option<ClosedConn> {
     decode(bytes)
 }
 
+/// Decodes a request record: the fixed fields and `head_len` bytes of `head` (the kernel
+/// sends only those); the rest of `head` is zero.
 pub fn decode_request(bytes: &[u8]) -> Option<RequestEvent> {
-    decode(bytes)
+    const FIXED: usize = std::mem::offset_of!(RequestEvent, head);
+    if bytes.len() < FIXED {
+        return None;
+    }
+    let mut ev = RequestEvent::default();
+    let n = bytes.len().min(std::mem::size_of::<RequestEvent>());
+    // SAFETY: RequestEvent is Pod (any bytes are a valid value) and n is at most its size.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), std::ptr::from_mut(&mut ev).cast::<u8>(), n);
+    }
+    ev.head_len = ev.head_len.min((n - FIXED) as u16);
+    Some(ev)
 }
 
 /// Forwards `aya-log-ebpf` records from the kernel to the agent's logger. Needs a tokio runtime.
