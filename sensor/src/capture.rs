@@ -638,10 +638,17 @@ fn iter_path(instance_dir: &Path) -> PathBuf {
     instance_dir.join(format!("link-{PROG_ITER}"))
 }
 
+/// Bytes the last walk of the iterator returned: the next read starts with room for as many
+/// (and some), instead of growing its buffer step by step through megabytes.
+static LAST_WALK_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Every live record: one walk of the iterator (opening the pinned link starts it).
 fn read_live(path: &Path) -> std::io::Result<Records> {
-    let mut bytes = Vec::new();
+    use std::sync::atomic::Ordering::Relaxed;
+    let last = LAST_WALK_BYTES.load(Relaxed);
+    let mut bytes = Vec::with_capacity(last + last / 8 + 4096);
     File::open(path)?.read_to_end(&mut bytes)?;
+    LAST_WALK_BYTES.store(bytes.len(), Relaxed);
     Ok(bytes
         .chunks_exact(std::mem::size_of::<ClosedConn>())
         .filter_map(decode_closed)
