@@ -13,7 +13,7 @@ pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
 
 /// Version of the kernel/agent interface (map layouts). Pinned state from another version is
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Most bytes of an HTTP/1.x request head the kernel copies to the agent per request.
 pub const HEAD_MAX: usize = 1024;
@@ -23,6 +23,8 @@ pub const SSE_SCAN_MAX: usize = 512;
 
 /// `CONFIG` slots (u32 each), written by the agent.
 pub const CONFIG_HEAD_BYTES: u32 = 0;
+/// Most live connections with a record (`[capture] max_connections`); 0 = the default.
+pub const CONFIG_MAX_CONNECTIONS: u32 = 1;
 pub const CONFIG_SLOTS: u32 = 4;
 
 /// `ConnStats::exchange_flags`: the current exchange's response has not started yet.
@@ -42,6 +44,8 @@ pub const NO_EXCHANGE_PENDING: u64 = u64::MAX;
 
 /// Map names, shared so the agent and the kernel object cannot drift apart.
 pub const MAP_CONNS: &str = "CONNS";
+pub const MAP_SOCKS: &str = "SOCKS";
+pub const MAP_LIVE: &str = "LIVE";
 pub const MAP_CLOSED: &str = "CLOSED";
 pub const MAP_REQUESTS: &str = "REQUESTS";
 pub const MAP_CONFIG: &str = "CONFIG";
@@ -53,8 +57,11 @@ pub const MAP_LOSS: &str = "LOSS";
 pub const PROG_INGRESS: &str = "sensor_ingress";
 pub const PROG_EGRESS: &str = "sensor_egress";
 pub const PROG_SOCKOPS: &str = "sensor_sockops";
+/// Iterator over the live records in `SOCKS` (`bpf_sk_storage_map` iterator).
+pub const PROG_ITER: &str = "sensor_conns";
 
-/// Per-connection counters: the value of the `CONNS` map, keyed by socket cookie (`u64`).
+/// Per-connection counters: with the socket cookie, the socket storage (`SOCKS`) of a live
+/// connection; the value of the `CONNS` map (keyed by socket cookie) once it closed.
 ///
 /// Addresses are 16 bytes in network order; IPv4 is stored as an IPv4-mapped IPv6 address.
 /// "in" is client -> this host, "out" is this host -> client.
@@ -98,7 +105,9 @@ pub struct ConnStats {
     pub _pad: u32,
 }
 
-/// A record on the `CLOSED` ring buffer: the final counters of a connection that closed.
+/// A connection record: the value of the `SOCKS` socket storage (live connections, read by the
+/// agent through the `sensor_conns` iterator), and a record on the `CLOSED` ring buffer (the
+/// final counters of a connection that closed).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClosedConn {

@@ -26,20 +26,24 @@ use core::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, seq_file,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_load_bytes},
-    macros::{cgroup_skb, map, sock_ops},
+    btf_maps::SkStorage,
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_seq_write, bpf_sk_storage_delete,
+        bpf_sk_storage_get, bpf_skb_load_bytes,
+    },
+    macros::{btf_map, cgroup_skb, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use sensor_common::{
-    CONFIG_HEAD_BYTES, CONFIG_SLOTS, ClosedConn, ConnStats, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES, EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE,
-    HEAD_MAX, Loss, NO_EXCHANGE_PENDING, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, RequestEvent,
-    SSE_SCAN_MAX,
+    CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, CONFIG_SLOTS, ClosedConn, ConnStats,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES,
+    EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, HEAD_MAX, Loss, NO_EXCHANGE_PENDING, PROTO_HTTP1,
+    PROTO_OTHER, PROTO_UNKNOWN, RequestEvent, SSE_SCAN_MAX,
 };
 
 /// cgroup_skb verdict that lets the packet through.
@@ -59,7 +63,19 @@ const MAX_L4_OFFSET: usize = IPV6_HEADER_LEN + 64;
 /// direction of one connection is rare, three rounds always settle it in practice.
 const CAS_ATTEMPTS: usize = 3;
 
-/// Live connections, keyed by socket cookie. The agent sizes it at load time.
+/// Live connections: the record (socket cookie and counters) lives in the socket's own
+/// storage, which the packet programs reach through the socket the packet points to (no hash
+/// lookup). The agent reads them through the `sensor_conns` iterator; the kernel frees a
+/// record with its socket.
+#[btf_map]
+static SOCKS: SkStorage<ClosedConn> = SkStorage::new();
+
+/// Number of records in `SOCKS` (slot 0), bounded by `CONFIG_MAX_CONNECTIONS`.
+#[map]
+static LIVE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Closed connections, keyed by socket cookie: the final record, kept until the agent has
+/// accounted it durably and deletes it. The agent sizes it at load time.
 #[map]
 static CONNS: HashMap<u64, ConnStats> = HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
 
@@ -67,9 +83,16 @@ static CONNS: HashMap<u64, ConnStats> = HashMap::with_max_entries(DEFAULT_MAX_CO
 #[map]
 static CLOSED: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-/// Request start events, for inter-request timing in the agent.
+/// Request start events, for inter-request timing in the agent. Records are as long as the
+/// head they carry (`RequestEvent` cut after `head_len` bytes of `head`).
 #[map]
 static REQUESTS: RingBuf = RingBuf::with_byte_size(DEFAULT_REQUEST_RING_BYTES, 0);
+
+/// Per-CPU space where a request event is put together before it is copied to `REQUESTS`:
+/// a variable-length record needs `bpf_ringbuf_output`, and a compact ring (a typical request
+/// head is ~100 bytes, not the 1 KiB maximum) runs through far fewer cache lines per request.
+#[map]
+static REQUEST_SCRATCH: PerCpuArray<RequestEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Watched local ports: index = port, value 1 = watched. Filled by the agent.
 #[map]
@@ -110,6 +133,48 @@ fn count_loss(kind: Loss) {
     if let Some(slot) = LOSS.get_ptr_mut(kind as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
         unsafe { *slot += 1 };
+    }
+}
+
+fn socks() -> *mut c_void {
+    (&raw const SOCKS).cast_mut().cast()
+}
+
+/// The connection record in a socket's storage, if the socket has one.
+///
+/// SAFETY: `sk` is a socket pointer the verifier knows as such (non-null).
+#[inline(always)]
+unsafe fn record_of(sk: *mut c_void) -> *mut ClosedConn {
+    // SAFETY: per the contract; no value and no flags: look up only.
+    unsafe { bpf_sk_storage_get(socks(), sk, core::ptr::null_mut(), 0) }.cast()
+}
+
+/// Takes a slot for a new live record; false when `max_connections` are live already.
+fn take_live_slot() -> bool {
+    let Some(live) = LIVE.get_ptr_mut(0) else {
+        return false;
+    };
+    let max = match CONFIG.get(CONFIG_MAX_CONNECTIONS) {
+        Some(&n) if n > 0 => u64::from(n),
+        _ => u64::from(DEFAULT_MAX_CONNECTIONS),
+    };
+    // SAFETY: live points into a map value. Add, then check (the bpf target has no fetch-add):
+    // two connections racing for the last slot may both be refused, never both admitted.
+    unsafe {
+        atomic_add(live, 1);
+        if read_shared(live) > max {
+            atomic_add(live, u64::MAX);
+            return false;
+        }
+    }
+    true
+}
+
+/// Gives back a slot taken by `take_live_slot`.
+fn release_live_slot() {
+    if let Some(live) = LIVE.get_ptr_mut(0) {
+        // SAFETY: live points into a map value; adding u64::MAX subtracts one.
+        unsafe { atomic_add(live, u64::MAX) };
     }
 }
 
@@ -220,16 +285,39 @@ fn open_connection(ctx: &SockOpsContext) {
         exchange_flags: 0,
         _pad: 0,
     };
-    // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if CONNS
-        .insert(&cookie, &stats, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
+    // SAFETY: context pointer; sk is the full socket (NULL otherwise).
+    let sk: *mut c_void = unsafe { (*ops).__bindgen_anon_2.sk }.cast();
+    if sk.is_null() {
+        return;
+    }
+    if !take_live_slot() {
         count_loss(Loss::ConnMapFull);
         warn!(
             ctx,
             "connection map full: port {} not counted", stats.local_port
+        );
+        return;
+    }
+    let mut record = ClosedConn {
+        // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        stats,
+    };
+    // SAFETY: sk is a non-null full socket; the initial value is a stack copy of the record.
+    let created = unsafe {
+        bpf_sk_storage_get(
+            socks(),
+            sk,
+            (&raw mut record).cast(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    };
+    if created.is_null() {
+        release_live_slot();
+        count_loss(Loss::ConnMapFull);
+        warn!(
+            ctx,
+            "no socket storage for a connection: port {} not counted", record.stats.local_port
         );
         return;
     }
@@ -238,7 +326,9 @@ fn open_connection(ctx: &SockOpsContext) {
         .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
         .is_err()
     {
-        let _ = CONNS.remove(&cookie);
+        // SAFETY: as above.
+        unsafe { bpf_sk_storage_delete(socks(), sk) };
+        release_live_slot();
         count_loss(Loss::ConnMapFull);
     }
 }
@@ -248,26 +338,75 @@ fn open_connection(ctx: &SockOpsContext) {
 /// cgroup_skb programs by now: the last one (FIN or ACK) is filtered before TCP processes it.
 /// The record stays in the map until the agent has accounted it durably and deletes it.
 fn close_connection(ctx: &SockOpsContext) {
-    // SAFETY: sock_ops context, accepted by the helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(stats) = CONNS.get_ptr_mut(&cookie) else {
+    // SAFETY: context pointer; sk is the full socket (NULL otherwise).
+    let sk: *mut c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
+    if sk.is_null() {
         return;
-    };
-    // SAFETY: pointer into a live map value.
-    let stats = unsafe { &mut *stats };
-    stats.last_seen_ns = now_ns();
-    stats.closed = 1;
-    match CLOSED.reserve::<ClosedConn>(0) {
-        Some(mut entry) => {
-            entry.write(ClosedConn {
-                cookie,
-                stats: *stats,
-            });
-            entry.submit(0);
-        }
-        // The agent's next poll finds the closed record in the map: a delay, not a loss.
-        None => count_loss(Loss::RingBufFull),
     }
+    // SAFETY: non-null full socket.
+    let record = unsafe { record_of(sk) };
+    if record.is_null() {
+        return;
+    }
+    // SAFETY: record points into the socket's live storage.
+    unsafe {
+        (*record).stats.last_seen_ns = now_ns();
+        (*record).stats.closed = 1;
+        let cookie = (*record).cookie;
+        // The final record stays in CONNS until the agent has accounted it durably.
+        if CONNS
+            .insert(&cookie, &(*record).stats, u64::from(BPF_ANY))
+            .is_err()
+        {
+            count_loss(Loss::ConnMapFull);
+        }
+        match CLOSED.reserve::<ClosedConn>(0) {
+            Some(mut entry) => {
+                entry.write(*record);
+                entry.submit(0);
+            }
+            // The agent's next poll finds the closed record in CONNS: a delay, not a loss.
+            None => count_loss(Loss::RingBufFull),
+        }
+        // Later packets (a reset after the close) are not counted, and the iterator no longer
+        // lists the connection as live.
+        if bpf_sk_storage_delete(socks(), sk) == 0 {
+            release_live_slot();
+        }
+    }
+}
+
+/// `struct bpf_iter_meta` (include/linux/bpf.h).
+#[repr(C)]
+struct IterMeta {
+    seq: *mut seq_file,
+    session_id: u64,
+    seq_num: u64,
+}
+
+/// Iterator over `SOCKS` (`bpf_iter__bpf_sk_storage_map`): writes every live record, as
+/// `ClosedConn` bytes, to the reader. The agent opens the pinned link to read them.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/bpf_sk_storage_map")]
+pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
+    // The context is { meta, map, sk, value }, each 8 bytes; value is NULL at the end.
+    let args = ctx.cast::<u64>();
+    // SAFETY: context reads at constant offsets, as the verifier requires.
+    let (meta, value) = unsafe {
+        (
+            core::ptr::read_volatile(args) as *const IterMeta,
+            core::ptr::read_volatile(args.add(3)) as *const c_void,
+        )
+    };
+    if meta.is_null() || value.is_null() {
+        return 0;
+    }
+    // SAFETY: meta is the kernel's iterator metadata; value is a SOCKS value.
+    unsafe {
+        let seq = (*meta).seq;
+        bpf_seq_write(seq, value, core::mem::size_of::<ClosedConn>() as u32);
+    }
+    0
 }
 
 fn v4_mapped(addr_be: u32) -> [u8; 16] {
@@ -416,12 +555,19 @@ fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparse
     if !watched(local_port) {
         return Ok(());
     }
-    // SAFETY: cgroup_skb context, accepted by the helper; returns the socket's cookie.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr() as *mut c_void) };
-    let Some(stats) = CONNS.get_ptr_mut(&cookie) else {
+    // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL).
+    let sk: *mut c_void = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.cast();
+    if sk.is_null() {
+        return Ok(());
+    }
+    // SAFETY: non-null socket pointer from the context.
+    let record = unsafe { record_of(sk) };
+    if record.is_null() {
         // The listener's own packets, or a connection established before the sensor attached.
         return Ok(());
-    };
+    }
+    // SAFETY: record points into the socket's live storage.
+    let (cookie, stats) = unsafe { ((*record).cookie, &raw mut (*record).stats) };
     let segment = parse(ctx)?;
     // SAFETY: stats points into a live map value; fields are only updated atomically or as
     // single aligned stores, which tolerate concurrent readers.
@@ -445,7 +591,7 @@ fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparse
         }
         let (start, new_data) = advance(bytes, seq_base, &segment);
         match direction {
-            Direction::In => track_request(ctx, &mut *stats, start, &segment)?,
+            Direction::In => track_request(ctx, cookie, &mut *stats, start, &segment)?,
             Direction::Out if new_data => {
                 // A reply although no exchange start was ever seen: the client's first payload
                 // came in the packet that completed the handshake (its final ACK was lost),
@@ -515,6 +661,7 @@ unsafe fn advance(counter: *mut u64, seq_base: u32, segment: &Segment) -> (i64, 
 /// * Unknown (no payload yet): the payload at offset 0 decides which of the two it is.
 fn track_request(
     ctx: &SkBuffContext,
+    cookie: u64,
     stats: &mut ConnStats,
     start: i64,
     segment: &Segment,
@@ -540,7 +687,7 @@ fn track_request(
         stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
-        report_request(ctx, stats, start, segment);
+        report_request(ctx, cookie, stats, start, segment);
     }
     Ok(())
 }
@@ -576,20 +723,25 @@ unsafe fn load_into<const BUF: usize>(
 
 /// Tells the agent that an exchange began: when, where in the connection's counters, and, for
 /// HTTP/1.x, the first bytes of the request (for identity; the agent reads only the head).
-fn report_request(ctx: &SkBuffContext, stats: &ConnStats, start: i64, segment: &Segment) {
-    let Some(mut entry) = REQUESTS.reserve::<RequestEvent>(0) else {
+fn report_request(
+    ctx: &SkBuffContext,
+    cookie: u64,
+    stats: &ConnStats,
+    start: i64,
+    segment: &Segment,
+) {
+    let Some(ev) = REQUEST_SCRATCH.get_ptr_mut(0) else {
         count_loss(Loss::RequestEventsDropped);
         return;
     };
-    let ev = entry.as_mut_ptr();
     let head_cap = match CONFIG.get(CONFIG_HEAD_BYTES) {
         Some(&n) if stats.proto == PROTO_HTTP1 => n as usize,
         _ => 0,
     };
-    // SAFETY: ev points to a reserved, writable RequestEvent; every field is written before
-    // submit except the tail of `head`, which head_len excludes.
-    unsafe {
-        (*ev).cookie = bpf_get_socket_cookie(ctx.as_ptr() as *mut c_void);
+    // SAFETY: ev points to this CPU's scratch RequestEvent; every field up to `head` and the
+    // first head_len bytes of `head` are written before the copy, which takes only those.
+    let len = unsafe {
+        (*ev).cookie = cookie;
         (*ev).ts_ns = stats.last_seen_ns;
         (*ev).remote_addr = stats.remote_addr;
         (*ev).bytes_in_start = start as u64;
@@ -609,9 +761,21 @@ fn report_request(ctx: &SkBuffContext, stats: &ConnStats, start: i64, segment: &
             segment.payload_len,
         );
         (*ev).head_len = copied as u16;
+        let mut len = HEAD_OFFSET + copied;
+        if len > core::mem::size_of::<RequestEvent>() {
+            len = core::mem::size_of::<RequestEvent>();
+        }
+        len
+    };
+    // SAFETY: the first `len` bytes of the scratch event (at most its size) are initialized.
+    let record = unsafe { core::slice::from_raw_parts(ev.cast::<u8>().cast_const(), len) };
+    if REQUESTS.output::<[u8]>(record, 0).is_err() {
+        count_loss(Loss::RequestEventsDropped);
     }
-    entry.submit(0);
 }
+
+/// Offset of `RequestEvent::head`: the fixed part of a request record.
+const HEAD_OFFSET: usize = core::mem::offset_of!(RequestEvent, head);
 
 /// Counts server-sent events in a new reply segment of an HTTP/1.x connection.
 ///
@@ -674,16 +838,40 @@ unsafe fn matches_at(base: *const u8, i: usize, pattern: &[u8]) -> bool {
 }
 
 /// Whether the first `n` bytes at `base` contain `event-stream`.
+///
+/// Looks for the pattern's `-` eight bytes at a time (a word-wide zero-byte test) and compares
+/// the whole pattern only around the few `-` a response head holds: about a tenth of the work
+/// of trying every offset.
 #[inline(never)]
 fn names_event_stream(base: *const u8, n: usize) -> bool {
     const PATTERN: &[u8; 12] = b"event-stream";
-    let mut i = 0;
-    while i + PATTERN.len() <= SSE_SCAN_MAX && i + PATTERN.len() <= n {
-        // SAFETY: bounded by the loop condition.
-        if unsafe { matches_at(base, i, PATTERN) } {
-            return true;
+    /// Offset of `-` in the pattern.
+    const DASH_AT: usize = 5;
+    const WORDS: usize = SSE_SCAN_MAX / 8;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut w = 0;
+    while w < WORDS && w * 8 < n {
+        // SAFETY: w * 8 + 8 <= SSE_SCAN_MAX; the scratch buffer is 8-byte aligned.
+        let word = unsafe { core::ptr::read_volatile(base.add(w * 8).cast::<u64>()) };
+        let x = word ^ (ONES * u64::from(b'-'));
+        // Non-zero iff some byte of x is zero, i.e. some byte of the word is `-`.
+        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
+            let mut k = 0;
+            while k < 8 {
+                let p = w * 8 + k;
+                if p >= DASH_AT
+                    && p - DASH_AT + PATTERN.len() <= n
+                    && p - DASH_AT + PATTERN.len() <= SSE_SCAN_MAX
+                    // SAFETY: bounded by the checks above.
+                    && unsafe { matches_at(base, p - DASH_AT, PATTERN) }
+                {
+                    return true;
+                }
+                k += 1;
+            }
         }
-        i += 1;
+        w += 1;
     }
     false
 }

@@ -297,10 +297,16 @@ pub struct Folded {
     pub totals: Counts,
 }
 
+/// Clients by key. foldhash instead of SipHash: several lookups per request event and per
+/// polled connection; its per-process random seed keeps keys chosen by clients from
+/// colliding on purpose. Values are boxed: a table of a million clients has two million slots,
+/// and a slot of a boxed value is 32 bytes instead of ~260.
+pub type ClientMap = HashMap<String, Box<ClientStats>, foldhash::fast::RandomState>;
+
 /// One table of clients (by address, or by address group), bounded.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClientTable {
-    pub clients: HashMap<String, ClientStats>,
+    pub clients: ClientMap,
     pub folded: Folded,
     #[serde(skip)]
     max: usize,
@@ -376,11 +382,11 @@ impl ClientTable {
         if !self.clients.contains_key(key) {
             self.clients.insert(
                 key.to_owned(),
-                ClientStats {
+                Box::new(ClientStats {
                     first_seen_ms: now.unix_ms,
                     last_seen_ms: now.unix_ms,
                     ..Default::default()
-                },
+                }),
             );
         }
         // Present: inserted just above if it was missing.
@@ -572,27 +578,35 @@ impl Key {
     }
 
     pub fn as_str(&self) -> &str {
-        // Only ASCII is ever written.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+        let bytes = &self.buf[..self.len.min(self.buf.len())];
+        debug_assert!(bytes.is_ascii());
+        // SAFETY: only ASCII is ever written (digits, '.', '/', and the ASCII text of an
+        // IPv6 address's Display), so any prefix is valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 
     fn push(&mut self, bytes: &[u8]) {
-        let end = (self.len + bytes.len()).min(self.buf.len());
-        let n = end - self.len;
-        self.buf[self.len..end].copy_from_slice(&bytes[..n]);
-        self.len = end;
+        for b in bytes {
+            self.push_byte(*b);
+        }
+    }
+
+    #[inline]
+    fn push_byte(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
     }
 
     fn push_decimal(&mut self, v: u8) {
-        let digits = [b'0' + v / 100, b'0' + v / 10 % 10, b'0' + v % 10];
-        let skip = if v >= 100 {
-            0
-        } else if v >= 10 {
-            1
-        } else {
-            2
-        };
-        self.push(&digits[skip..]);
+        if v >= 100 {
+            self.push_byte(b'0' + v / 100);
+        }
+        if v >= 10 {
+            self.push_byte(b'0' + v / 10 % 10);
+        }
+        self.push_byte(b'0' + v % 10);
     }
 
     fn push_ip(&mut self, ip: IpAddr) {
@@ -600,7 +614,7 @@ impl Key {
             IpAddr::V4(a) => {
                 for (i, octet) in a.octets().into_iter().enumerate() {
                     if i > 0 {
-                        self.push(b".");
+                        self.push_byte(b'.');
                     }
                     self.push_decimal(octet);
                 }
@@ -665,6 +679,11 @@ impl Aggregator {
         group_of(ip, self.v4_prefix, self.v6_prefix)
     }
 
+    /// The group key of `ip`, formatted on the stack.
+    pub fn group_key(&self, ip: IpAddr) -> Key {
+        Key::group(ip, self.v4_prefix, self.v6_prefix)
+    }
+
     pub fn apply(&mut self, ip: IpAddr, delta: &Delta, now: Now) {
         if delta.counts.is_zero() && !delta.opened && !delta.closed {
             return;
@@ -717,8 +736,11 @@ impl Aggregator {
     pub fn request_keys(&mut self, peer: IpAddr, keys: &ExchangeKeys, ts_ns: u64, now: Now) {
         self.request(peer, ts_ns, now);
         let id = keys.identity.as_deref();
-        self.addresses
-            .annotate(&peer.to_string(), id, keys.forwarded, None, now);
+        // `request` made the entry; annotating it with nothing is a no-op.
+        if id.is_some() || keys.forwarded.is_some() {
+            self.addresses
+                .annotate(Key::address(peer).as_str(), id, keys.forwarded, None, now);
+        }
         if let Some(id) = id {
             self.identities.request(id, ts_ns, now);
             let source = keys.forwarded.unwrap_or(peer);

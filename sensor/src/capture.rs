@@ -2,27 +2,30 @@
 
 use std::{
     fs::File,
+    io::Read as _,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Iter, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use log::{info, warn};
 use sensor_common::{
-    ABI_VERSION, CONFIG_HEAD_BYTES, ClosedConn, ConnStats, HEAD_MAX, Loss, MAP_CLOSED, MAP_CONFIG,
-    MAP_CONNS, MAP_LOSS, MAP_PORTS, MAP_REQUESTS, PROG_EGRESS, PROG_INGRESS, PROG_SOCKOPS,
-    RequestEvent,
+    ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ConnStats, HEAD_MAX, Loss,
+    MAP_CLOSED, MAP_CONFIG, MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS,
+    PROG_EGRESS, PROG_INGRESS, PROG_ITER, PROG_SOCKOPS, RequestEvent,
 };
 
 /// Maps pinned under the instance directory, by name.
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 8] = [
+    MAP_SOCKS,
+    MAP_LIVE,
     MAP_CONNS,
     MAP_CLOSED,
     MAP_REQUESTS,
@@ -32,7 +35,7 @@ const PINNED_MAPS: [&str; 6] = [
 ];
 /// Program links pinned under the instance directory: while pinned, the programs stay
 /// attached and keep counting even when no agent runs.
-const PINNED_LINKS: [&str; 3] = [PROG_INGRESS, PROG_EGRESS, PROG_SOCKOPS];
+const PINNED_LINKS: [&str; 4] = [PROG_INGRESS, PROG_EGRESS, PROG_SOCKOPS, PROG_ITER];
 
 /// The kernel object built by build.rs (aya-build) from `sensor-ebpf`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor"));
@@ -79,6 +82,8 @@ pub enum CaptureError {
         path: PathBuf,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("setting up the connection iterator: {0}")]
+    Iter(std::io::Error),
     #[error("opening cgroup {path}: {source}")]
     Io {
         path: PathBuf,
@@ -117,6 +122,9 @@ fn write_config<T: std::borrow::BorrowMut<MapData>>(
     let head = settings.head_bytes.min(HEAD_MAX as u32);
     config
         .set(CONFIG_HEAD_BYTES, head, 0)
+        .map_err(map_err(MAP_CONFIG))?;
+    config
+        .set(CONFIG_MAX_CONNECTIONS, settings.max_connections, 0)
         .map_err(map_err(MAP_CONFIG))
 }
 
@@ -132,7 +140,10 @@ pub struct Capture {
     pub instance: String,
     /// True when the programs and maps were already running from a previous agent.
     pub reused: bool,
+    /// Closed connections until the agent deletes them; live ones are read through `iter_path`.
     pub conns: HashMap<MapData, u64, ConnStats>,
+    /// The pinned iterator link over the live records: each open starts a new walk.
+    iter_path: PathBuf,
     pub loss: PerCpuArray<MapData, u64>,
     closed: Option<RingBuf<MapData>>,
     requests: Option<RingBuf<MapData>>,
@@ -401,6 +412,7 @@ impl Capture {
             instance_dir: instance_dir.clone(),
             instance,
             reused: true,
+            iter_path: iter_path(&instance_dir),
             conns: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_CONNS)?))
                 .map_err(map_err(MAP_CONNS))?,
             loss: PerCpuArray::try_from(Map::PerCpuArray(open_pinned_map(
@@ -502,6 +514,7 @@ impl Capture {
             .take_link(link_id)
             .map_err(|source| program_err(PROG_SOCKOPS, "take link", source))?;
         pin_link(FdLink::try_from(link), &instance_dir, PROG_SOCKOPS)?;
+        attach_iter(&mut ebpf, &instance_dir)?;
         info!(
             "attached to cgroup {} watching ports {:?}; pinned under {}",
             cgroup.display(),
@@ -521,6 +534,7 @@ impl Capture {
         Ok(Self {
             _ebpf: Some(ebpf),
             cgroup,
+            iter_path: iter_path(&instance_dir),
             instance_dir,
             instance,
             reused: false,
@@ -579,19 +593,29 @@ impl Capture {
         self.closed.take().ok_or(CaptureError::Missing(MAP_CLOSED))
     }
 
-    /// Reads every record in the kernel map, live and closed-but-not-yet-deleted: a few
-    /// batch syscalls (BPF_MAP_LOOKUP_BATCH, kernel >= 5.6) instead of two per record.
+    /// Reads every record the kernel holds: the live ones (socket storage, through the
+    /// iterator), then the closed-but-not-yet-deleted ones (the CONNS map, a few batch
+    /// syscalls). In that order, a connection that closes between the two reads shows in
+    /// both, never in neither; the later, closed record comes last.
     pub fn poll(&self) -> Records {
+        let mut records = match read_live(&self.iter_path) {
+            Ok(records) => records,
+            Err(e) => {
+                warn!("reading the live connections failed: {e}");
+                Records::new()
+            }
+        };
         let fd = self.conns.map().fd().as_fd().as_raw_fd();
         match batch::lookup_all(fd) {
-            Ok(records) => records,
+            Ok(closed) => records.extend(closed),
             Err(e) => {
                 log::debug!("batch lookup unavailable ({e}); reading the map key by key");
                 // A key deleted between the kernel's get_next_key and lookup shows as an
                 // error; only the agent deletes, so that cannot lose a record.
-                self.conns.iter().filter_map(Result::ok).collect()
+                records.extend(self.conns.iter().filter_map(Result::ok));
             }
         }
+        records
     }
 
     /// Loss counters summed over CPUs, by name.
@@ -607,6 +631,135 @@ impl Capture {
                 (kind.name(), total)
             })
             .collect()
+    }
+}
+
+fn iter_path(instance_dir: &Path) -> PathBuf {
+    instance_dir.join(format!("link-{PROG_ITER}"))
+}
+
+/// Bytes the last walk of the iterator returned: the next read starts with room for as many
+/// (and some), instead of growing its buffer step by step through megabytes.
+static LAST_WALK_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Every live record: one walk of the iterator (opening the pinned link starts it).
+fn read_live(path: &Path) -> std::io::Result<Records> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let last = LAST_WALK_BYTES.load(Relaxed);
+    let mut bytes = Vec::with_capacity(last + last / 8 + 4096);
+    File::open(path)?.read_to_end(&mut bytes)?;
+    LAST_WALK_BYTES.store(bytes.len(), Relaxed);
+    Ok(bytes
+        .chunks_exact(std::mem::size_of::<ClosedConn>())
+        .filter_map(decode_closed)
+        .map(|rec| (rec.cookie, rec.stats))
+        .collect())
+}
+
+/// Loads the iterator over the live records, links it to the socket storage map and pins the
+/// link where `read_live` opens it.
+fn attach_iter(ebpf: &mut Ebpf, instance_dir: &Path) -> Result<(), CaptureError> {
+    let map_fd = match ebpf.map(MAP_SOCKS) {
+        Some(Map::SkStorage(data)) => data.fd().as_fd().as_raw_fd(),
+        _ => return Err(CaptureError::Missing(MAP_SOCKS)),
+    };
+    let btf = Btf::from_sys_fs().map_err(|e| CaptureError::Iter(std::io::Error::other(e)))?;
+    let program: &mut Iter = ebpf
+        .program_mut(PROG_ITER)
+        .ok_or(CaptureError::Missing(PROG_ITER))?
+        .try_into()
+        .map_err(|source| program_err(PROG_ITER, "type", source))?;
+    program
+        .load("bpf_sk_storage_map", &btf)
+        .map_err(|source| program_err(PROG_ITER, "load", source))?;
+    let prog_fd = program
+        .fd()
+        .map_err(|source| program_err(PROG_ITER, "fd", source))?
+        .as_fd()
+        .as_raw_fd();
+    // aya's Iter::attach passes no map; a map iterator needs one (bpf_iter_link_info.map).
+    let link = iter_link::create(prog_fd, map_fd).map_err(CaptureError::Iter)?;
+    iter_link::pin(&link, &iter_path(instance_dir)).map_err(CaptureError::Iter)
+}
+
+/// BPF_LINK_CREATE of a map iterator and BPF_OBJ_PIN of the link, with raw bpf(2) calls.
+mod iter_link {
+    use std::{
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        path::Path,
+    };
+
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TRACE_ITER: u32 = 28;
+
+    /// `union bpf_attr`'s `link_create` member, iterator variant.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        iter_info: u64,
+        iter_info_len: u32,
+        _pad: u32,
+    }
+
+    /// `union bpf_attr`'s `obj_pin` member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjPinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+        // SAFETY: attr is a valid bpf_attr prefix of the size passed; what it points to
+        // outlives the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::from_mut(attr),
+                std::mem::size_of::<T>(),
+            )
+        };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+
+    pub fn create(prog_fd: RawFd, map_fd: RawFd) -> std::io::Result<OwnedFd> {
+        // union bpf_iter_link_info { struct { __u32 map_fd; } map; ... }
+        let mut info = [0u32; 4];
+        info[0] = map_fd as u32;
+        let mut attr = LinkCreateAttr {
+            prog_fd: prog_fd as u32,
+            attach_type: BPF_TRACE_ITER,
+            iter_info: info.as_mut_ptr() as u64,
+            iter_info_len: std::mem::size_of_val(&info) as u32,
+            ..Default::default()
+        };
+        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+        // SAFETY: the kernel returned a new link fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    pub fn pin(link: &OwnedFd, path: &Path) -> std::io::Result<()> {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?;
+        let mut attr = ObjPinAttr {
+            pathname: c.as_ptr() as u64,
+            bpf_fd: link.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
     }
 }
 
@@ -754,8 +907,21 @@ pub fn decode_closed(bytes: &[u8]) -> Option<ClosedConn> {
     decode(bytes)
 }
 
+/// Decodes a request record: the fixed fields and `head_len` bytes of `head` (the kernel
+/// sends only those); the rest of `head` is zero.
 pub fn decode_request(bytes: &[u8]) -> Option<RequestEvent> {
-    decode(bytes)
+    const FIXED: usize = std::mem::offset_of!(RequestEvent, head);
+    if bytes.len() < FIXED {
+        return None;
+    }
+    let mut ev = RequestEvent::default();
+    let n = bytes.len().min(std::mem::size_of::<RequestEvent>());
+    // SAFETY: RequestEvent is Pod (any bytes are a valid value) and n is at most its size.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), std::ptr::from_mut(&mut ev).cast::<u8>(), n);
+    }
+    ev.head_len = ev.head_len.min((n - FIXED) as u16);
+    Some(ev)
 }
 
 /// Forwards `aya-log-ebpf` records from the kernel to the agent's logger. Needs a tokio runtime.

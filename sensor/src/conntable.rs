@@ -180,18 +180,22 @@ const TOMBSTONE_SECS: u64 = 120;
 /// Every observation of a connection (a poll of the kernel map, or a close record) is turned
 /// into a delta against what was already accounted, so observing the same counters twice adds
 /// nothing: the map poll, the ring buffer and a restart can overlap freely.
+/// Maps keyed by socket cookie (kernel-made, so a fast hasher is safe): several lookups per
+/// polled connection and per request event.
+type CookieMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub struct ConnTable {
     /// Last accounted counters of connections not yet closed.
-    live: HashMap<u64, ConnStats>,
+    live: CookieMap<ConnStats>,
     /// Closed connections accounted since the last reap: to delete from the kernel map once
     /// a snapshot holds them.
     unreaped: Vec<u64>,
     /// Closed and accounted cookies -> unix seconds when accounted.
-    tombstones: HashMap<u64, u64>,
+    tombstones: CookieMap<u64>,
     closed: VecDeque<Closed>,
     /// Current exchange per connection (HTTP/1.x connections with identity or forwarding).
-    exchanges: HashMap<u64, Exchange>,
+    exchanges: CookieMap<Exchange>,
     retention: Duration,
     max_closed: usize,
     /// Connections closed since start (all of them, also those no longer retained).

@@ -596,10 +596,16 @@ impl Detector {
             let Ok(ip) = addr.parse::<IpAddr>() else {
                 continue;
             };
-            let group = agg.group(ip);
+            // Formatted on the stack; allocated once per group, not per address.
+            let group = agg.group_key(ip);
             for (i, w) in Window::ALL.into_iter().enumerate() {
                 if c.windows.get(now.secs(), w).requests > 0 {
-                    *active[i].entry(group.clone()).or_default() += 1;
+                    match active[i].get_mut(group.as_str()) {
+                        Some(n) => *n += 1,
+                        None => {
+                            active[i].insert(group.as_str().to_owned(), 1);
+                        }
+                    }
                 }
             }
         }
@@ -608,25 +614,31 @@ impl Detector {
         for rule in &self.settings.rules {
             for &by in &rule.keys {
                 for (key, c) in &Self::table(agg, by).clients {
-                    let mut crossed = Vec::with_capacity(rule.when.len());
-                    let holds = rule.when.iter().all(|cond| {
+                    let value = |cond: &Condition| {
                         let w = cond.window.unwrap_or(Window::TenMinutes);
                         let per_window =
                             &active[Window::ALL.iter().position(|x| *x == w).unwrap_or(1)];
-                        let v = self.value(cond, c, key, by, per_window, now);
-                        let ok = cond.op.holds(v, cond.value);
-                        crossed.push(Crossed {
+                        self.value(cond, c, key, by, per_window, now)
+                    };
+                    // Most keys cross nothing: test first, describe only what holds.
+                    if !rule
+                        .when
+                        .iter()
+                        .all(|cond| cond.op.holds(value(cond), cond.value))
+                    {
+                        continue;
+                    }
+                    let crossed: Vec<Crossed> = rule
+                        .when
+                        .iter()
+                        .map(|cond| Crossed {
                             metric: cond.metric.name().into(),
                             window: cond.window.map(|w| w.name().to_owned()),
                             op: cond.op.symbol().into(),
                             threshold: cond.value,
-                            value: v,
-                        });
-                        ok
-                    });
-                    if !holds {
-                        continue;
-                    }
+                            value: value(cond),
+                        })
+                        .collect();
                     let slot = format!("{}|{}|{key}", rule.id, by.name());
                     seen_now.insert(slot.clone());
                     let since = *self
