@@ -422,16 +422,16 @@ fn escape_help(text: &str) -> String {
 }
 
 #[derive(Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
 }
 
 /// Labels of a sample without labels.
-const NO_LABELS: [(&str, &str); 0] = [];
+pub(crate) const NO_LABELS: [(&str, &str); 0] = [];
 
 /// Writes HELP and TYPE, then one sample per `(labels, value)`; nothing when there are none.
-fn family<'a, L, V>(
+pub(crate) fn family<'a, L, V>(
     out: &mut String,
     name: &str,
     kind: Kind,

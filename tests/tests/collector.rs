@@ -218,6 +218,20 @@ impl Collector {
         serde_json::from_str(&out).expect("clients JSON")
     }
 
+    /// `GET /metrics` with the reader token: the exposition text.
+    fn metrics(&self) -> String {
+        let out = self
+            .curl()
+            .arg("-f")
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {READER_TOKEN}"))
+            .arg(format!("{}/metrics", self.url()))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "GET /metrics: {}", out.status);
+        String::from_utf8(out.stdout).expect("utf-8 exposition")
+    }
+
     fn received(&self) -> Vec<Value> {
         read_jsonl(&self.received_log)
     }
@@ -448,6 +462,65 @@ fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
         Ok(())
     });
     tmux.send("q");
+    // Prometheus: valid exposition (promtool), fleet totals equal ground truth, per-agent
+    // records equal what the collector's audit log says it accepted.
+    let text = collector.metrics();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs prometheus)");
+    std::io::Write::write_all(
+        promtool.stdin.as_mut().expect("promtool stdin"),
+        text.as_bytes(),
+    )
+    .expect("feed promtool");
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let sample = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    let all: u64 = truth.values().map(|t| t.2).sum();
+    assert_eq!(sample("sensor_collector_requests_total"), all);
+    let out_bytes: u64 = truth.values().map(|t| t.1).sum();
+    assert_eq!(
+        sample("sensor_collector_bytes_total{direction=\"out\"}"),
+        out_bytes
+    );
+    let received = collector.received();
+    for (name, _) in &AGENT_TOKENS[..3] {
+        let logged = received.iter().filter(|r| r["agent"] == *name).count() as u64;
+        assert_eq!(
+            sample(&format!(
+                "sensor_collector_agent_records_total{{agent=\"{name}\"}}"
+            )),
+            logged,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        collector.status(None, &[&format!("{}/metrics", collector.url())]),
+        401
+    );
+    assert_eq!(
+        collector.status(
+            Some(AGENT_TOKENS[0].1),
+            &[&format!("{}/metrics", collector.url())]
+        ),
+        403
+    );
+
     // Group rows are merged too: the two clients share 127.0.0.0/24.
     let groups = collector.clients_cli("group");
     let g = fleet_row(&groups, "127.0.0.0/24").expect("group row");

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod config;
 pub mod fleet;
 pub mod ingest;
+pub mod metrics;
 pub mod server;
 
 use std::{

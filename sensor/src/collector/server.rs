@@ -234,6 +234,23 @@ async fn handle(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Re
             }
             ingest(req, shared, &name, peer).await
         }
+        (&Method::GET, "/metrics") => {
+            if role != Role::Reader {
+                return forbidden("read the fleet view");
+            }
+            let outputs = crate::outputs::health();
+            match shared.with_fleet(|f| super::metrics::render(&shared.counters, f, &outputs)) {
+                Ok(text) => {
+                    let mut r = Response::new(Full::new(Bytes::from(text)));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    r
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+            }
+        }
         (&Method::GET, "/v1/clients" | "/v1/alerts" | "/v1/health") => {
             if role != Role::Reader {
                 return forbidden("read the fleet view");
