@@ -628,24 +628,17 @@ impl Detector {
                     {
                         continue;
                     }
-                    let crossed: Vec<Crossed> = rule
-                        .when
-                        .iter()
-                        .map(|cond| Crossed {
-                            metric: cond.metric.name().into(),
-                            window: cond.window.map(|w| w.name().to_owned()),
-                            op: cond.op.symbol().into(),
-                            threshold: cond.value,
-                            value: value(cond),
-                        })
-                        .collect();
                     let slot = format!("{}|{}|{key}", rule.id, by.name());
+                    let since = match self.state.pending.get(&slot) {
+                        Some(t) => *t,
+                        None => {
+                            self.state.pending.insert(slot.clone(), now.unix_ms);
+                            now.unix_ms
+                        }
+                    };
                     seen_now.insert(slot.clone());
-                    let since = *self
-                        .state
-                        .pending
-                        .entry(slot.clone())
-                        .or_insert(now.unix_ms);
+                    // Keys still inside `for_minutes` (often thousands under a timing rule)
+                    // and allow-listed ones need nothing more.
                     if now.unix_ms.saturating_sub(since) < rule.for_ms {
                         continue;
                     }
@@ -653,6 +646,22 @@ impl Detector {
                         self.state.counters.allowlisted += 1;
                         continue;
                     }
+                    let crossed: Vec<Crossed> = rule
+                        .when
+                        .iter()
+                        .map(|cond| {
+                            let w = cond.window.unwrap_or(Window::TenMinutes);
+                            let per_window =
+                                &active[Window::ALL.iter().position(|x| *x == w).unwrap_or(1)];
+                            Crossed {
+                                metric: cond.metric.name().into(),
+                                window: cond.window.map(|w| w.name().to_owned()),
+                                op: cond.op.symbol().into(),
+                                threshold: cond.value,
+                                value: self.value(cond, c, key, by, per_window, now),
+                            }
+                        })
+                        .collect();
                     if let Some(id) = self.state.open.get(&slot).cloned() {
                         if let Some(a) = self.state.alerts.get_mut(&id) {
                             a.updates += 1;
