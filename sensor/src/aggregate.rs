@@ -700,6 +700,27 @@ impl Aggregator {
         self.groups.request(group.as_str(), ts_ns, now);
     }
 
+    /// The table of one key kind.
+    pub fn table(&self, by: crate::report::By) -> &ClientTable {
+        use crate::report::By;
+        match by {
+            By::Address => &self.addresses,
+            By::Group => &self.groups,
+            By::Identity => &self.identities,
+            By::Forwarded => &self.forwarded,
+        }
+    }
+
+    pub fn table_mut(&mut self, by: crate::report::By) -> &mut ClientTable {
+        use crate::report::By;
+        match by {
+            By::Address => &mut self.addresses,
+            By::Group => &mut self.groups,
+            By::Identity => &mut self.identities,
+            By::Forwarded => &mut self.forwarded,
+        }
+    }
+
     fn tables_mut(&mut self) -> [&mut ClientTable; 4] {
         [
             &mut self.addresses,

@@ -11,7 +11,7 @@ use sensor_http::Cidr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::{Aggregator, ClientStats, ClientTable, Counts, Now, Window},
+    aggregate::{Aggregator, ClientStats, Counts, Now, Window},
     report::By,
 };
 
@@ -485,15 +485,6 @@ impl Detector {
         &self.state.baseline.view
     }
 
-    fn table(agg: &Aggregator, by: By) -> &ClientTable {
-        match by {
-            By::Address => &agg.addresses,
-            By::Group => &agg.groups,
-            By::Identity => &agg.identities,
-            By::Forwarded => &agg.forwarded,
-        }
-    }
-
     fn allowed(&self, by: By, key: &str, agg: &Aggregator) -> bool {
         match by {
             By::Address | By::Forwarded => key
@@ -613,7 +604,7 @@ impl Detector {
         let mut seen_now: HashSet<String> = HashSet::new();
         for rule in &self.settings.rules {
             for &by in &rule.keys {
-                for (key, c) in &Self::table(agg, by).clients {
+                for (key, c) in &agg.table(by).clients {
                     let value = |cond: &Condition| {
                         let w = cond.window.unwrap_or(Window::TenMinutes);
                         let per_window =

@@ -286,12 +286,7 @@ fn sort_key(r: &ClientRow, field: &str, window: Option<Window>) -> f64 {
 
 /// The rows a query selects, sorted and limited.
 pub fn client_rows(agg: &Aggregator, q: &Query, now: Now) -> Vec<ClientRow> {
-    let table = match q.by {
-        By::Address => &agg.addresses,
-        By::Group => &agg.groups,
-        By::Identity => &agg.identities,
-        By::Forwarded => &agg.forwarded,
-    };
+    let table = agg.table(q.by);
     let grouped = matches!(q.by, By::Address | By::Forwarded);
     let mut rows: Vec<ClientRow> = table
         .clients

@@ -27,7 +27,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::{Aggregator, ClientTable, Counts},
+    aggregate::{Aggregator, Counts},
     detect::{Alert, AlertEvent},
     outputs::{
         Delivery, Output, OutputError,
@@ -148,15 +148,6 @@ pub fn encode(batch: &Batch) -> Result<Vec<u8>, OutputError> {
 
 // --- summaries ------------------------------------------------------------------------------
 
-fn table(agg: &Aggregator, by: By) -> &ClientTable {
-    match by {
-        By::Address => &agg.addresses,
-        By::Group => &agg.groups,
-        By::Identity => &agg.identities,
-        By::Forwarded => &agg.forwarded,
-    }
-}
-
 /// The summary of the 10-second period starting at `start_s`, or None when nothing happened
 /// and no connection is open.
 pub fn summarize(agg: &Aggregator, start_s: u64, top: usize) -> Option<Summary> {
@@ -164,7 +155,8 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize) -> Option<Summary> 
     let mut clients = Vec::new();
     let mut rest = BTreeMap::new();
     for by in By::ALL {
-        let mut rows: Vec<(&String, Counts, u64)> = table(agg, by)
+        let mut rows: Vec<(&String, Counts, u64)> = agg
+            .table(by)
             .clients
             .iter()
             .filter_map(|(k, c)| {
@@ -188,7 +180,7 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize) -> Option<Summary> 
                 left += counts;
                 continue;
             }
-            let c = &table(agg, by).clients[key];
+            let c = &agg.table(by).clients[key];
             clients.push(ClientDelta {
                 by: by.name().to_owned(),
                 key: key.clone(),

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::{Aggregator, ClientTable, Now},
+    aggregate::{Aggregator, Now},
     detect::{Alert, AlertEvent, Detector, DetectorState},
     outputs::Record,
     report::By,
@@ -55,15 +55,6 @@ pub struct FleetState {
 pub struct Applied {
     pub accepted: usize,
     pub duplicates: usize,
-}
-
-fn table_mut(agg: &mut Aggregator, by: By) -> &mut ClientTable {
-    match by {
-        By::Address => &mut agg.addresses,
-        By::Group => &mut agg.groups,
-        By::Identity => &mut agg.identities,
-        By::Forwarded => &mut agg.forwarded,
-    }
 }
 
 impl FleetState {
@@ -159,7 +150,7 @@ impl FleetState {
             }
         }
         for by in By::ALL {
-            let table = table_mut(&mut self.agg, by);
+            let table = self.agg.table_mut(by);
             let keys: Vec<String> = table
                 .clients
                 .iter()
@@ -174,7 +165,7 @@ impl FleetState {
             if let Some((by, key)) = k.split_once('|')
                 && let Some(by) = By::parse(by)
             {
-                table_mut(&mut self.agg, by).set_open(key, n);
+                self.agg.table_mut(by).set_open(key, n);
             }
         }
     }
@@ -208,7 +199,7 @@ fn merge_summary(agg: &mut Aggregator, s: &Summary, now: Now) {
         let Some(by) = By::parse(&c.by) else {
             continue;
         };
-        let table = table_mut(agg, by);
+        let table = agg.table_mut(by);
         table.merge(&c.key, c.counts, at, now);
         let forwarded = c.forwarded.as_deref().and_then(|f| f.parse().ok());
         if c.identity.is_some() || forwarded.is_some() {
@@ -217,7 +208,7 @@ fn merge_summary(agg: &mut Aggregator, s: &Summary, now: Now) {
     }
     for (kind, counts) in &s.rest {
         if let Some(by) = By::parse(kind) {
-            table_mut(agg, by).folded.totals += *counts;
+            agg.table_mut(by).folded.totals += *counts;
         }
     }
 }
