@@ -132,17 +132,7 @@ pub fn tls_connector_with_identity(
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| OutputError::Tls(format!("reading {}: {e}", path.display())))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| OutputError::Tls(format!("reading {}: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(OutputError::Tls(format!(
-                    "{} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-            for cert in certs {
+            for cert in read_certs(path)? {
                 roots.add(cert).map_err(|e| {
                     OutputError::Tls(format!("certificate in {}: {e}", path.display()))
                 })?;
