@@ -281,32 +281,66 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Deserializes a config `text`, locating a syntax or type error in `file`.
+pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        let line = line_of(text, offset);
+        let key = key_on_line(text, line).or_else(|| unknown_field(e.message()));
+        ConfigError {
+            file: file.to_owned(),
+            line,
+            key,
+            message: e.message().trim().to_owned(),
+        }
+    })
+}
+
+/// Locates a validation error (key, message) and the `[[outputs]]` list's errors in `file`.
+pub(crate) fn check(
+    text: &str,
+    file: &str,
+    validated: Result<(), (&'static str, String)>,
+    outputs: &[crate::outputs::OutputConfig],
+) -> Result<(), ConfigError> {
+    validated.map_err(|(key, message)| ConfigError {
+        file: file.to_owned(),
+        line: find_key_line(text, key),
+        key: Some(key.to_owned()),
+        message,
+    })?;
+    crate::outputs::validate(outputs).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: crate::outputs::locate(text, e.index, e.key),
+        key: Some(e.key.to_owned()),
+        message: e.to_string(),
+    })
+}
+
+impl Clients {
+    /// Validation errors as (key, message).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.max_clients == 0 {
+            return Err(("max_clients", "must be at least 1".into()));
+        }
+        if self.group_prefix_v4 > 32 {
+            return Err(("group_prefix_v4", "must be 0..=32".into()));
+        }
+        if self.group_prefix_v6 > 128 {
+            return Err(("group_prefix_v6", "must be 0..=128".into()));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Parses and validates `text`, reporting errors against `file`.
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
-            let line = line_of(text, offset);
-            let key = key_on_line(text, line).or_else(|| unknown_field(e.message()));
-            ConfigError {
-                file: file.to_owned(),
-                line,
-                key,
-                message: e.message().trim().to_owned(),
-            }
-        })?;
-        config.validate().map_err(|(key, message)| ConfigError {
-            file: file.to_owned(),
-            line: find_key_line(text, key),
-            key: Some(key.to_owned()),
-            message,
-        })?;
-        crate::outputs::validate(&config.outputs).map_err(|e| ConfigError {
-            file: file.to_owned(),
-            line: crate::outputs::locate(text, e.index, e.key),
-            key: Some(e.key.to_owned()),
-            message: e.to_string(),
-        })?;
+        let config: Config = from_toml(text, file)?;
+        check(text, file, config.validate(), &config.outputs)?;
         Ok(config)
     }
 
@@ -347,15 +381,7 @@ impl Config {
         if self.api.socket.as_os_str().is_empty() {
             return Err(("socket", "must not be empty".into()));
         }
-        if self.clients.max_clients == 0 {
-            return Err(("max_clients", "must be at least 1".into()));
-        }
-        if self.clients.group_prefix_v4 > 32 {
-            return Err(("group_prefix_v4", "must be 0..=32".into()));
-        }
-        if self.clients.group_prefix_v6 > 128 {
-            return Err(("group_prefix_v6", "must be 0..=128".into()));
-        }
+        self.clients.validate()?;
         if self.state.snapshot_interval_secs == 0 {
             return Err(("snapshot_interval_secs", "must be at least 1".into()));
         }
@@ -412,25 +438,25 @@ pub fn parse_ports(list: &str) -> Result<Vec<u16>, String> {
         })
 }
 
-pub(crate) fn line_of(text: &str, offset: usize) -> usize {
+fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 /// The key assigned on 1-based `line`, if the line is `key = value`.
-pub(crate) fn key_on_line(text: &str, line: usize) -> Option<String> {
+fn key_on_line(text: &str, line: usize) -> Option<String> {
     let content = text.lines().nth(line.checked_sub(1)?)?;
     let (key, _) = content.split_once('=')?;
     let key = key.trim().trim_matches('"');
     (!key.is_empty() && !key.starts_with('[') && !key.starts_with('#')).then(|| key.to_owned())
 }
 
-pub(crate) fn unknown_field(message: &str) -> Option<String> {
+fn unknown_field(message: &str) -> Option<String> {
     let rest = message.split_once("unknown field `")?.1;
     Some(rest.split_once('`')?.0.to_owned())
 }
 
 /// Line where `key` is assigned, or 1 when it is not in the text (a default was invalid).
-pub(crate) fn find_key_line(text: &str, key: &str) -> usize {
+fn find_key_line(text: &str, key: &str) -> usize {
     text.lines()
         .position(|l| {
             l.trim_start()

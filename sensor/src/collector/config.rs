@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{
-    Clients, ConfigError, Detect, find_key_line, key_on_line, line_of, unknown_field,
-};
+use crate::config::{Clients, ConfigError, Detect, check, from_toml};
 
 pub const DEFAULT_COLLECTOR_CONFIG: &str = include_str!("../collector-default.toml");
 
@@ -119,17 +117,7 @@ pub const PER_HOST_METRICS: [&str; 2] = ["interval_cv", "distinct_addresses"];
 
 impl CollectorConfig {
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let mut config: Self = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
-            let line = line_of(text, offset);
-            let key = key_on_line(text, line).or_else(|| unknown_field(e.message()));
-            ConfigError {
-                file: file.to_owned(),
-                line,
-                key,
-                message: e.message().trim().to_owned(),
-            }
-        })?;
+        let mut config: Self = from_toml(text, file)?;
         // A [detect] table without rules keeps the fleet rules (not the agent's defaults).
         let has_rules = toml::from_str::<toml::Table>(text).is_ok_and(|t| {
             t.get("detect")
@@ -139,18 +127,7 @@ impl CollectorConfig {
         if !has_rules {
             config.detect.rules = default_detect().rules;
         }
-        config.validate().map_err(|(key, message)| ConfigError {
-            file: file.to_owned(),
-            line: find_key_line(text, key),
-            key: Some(key.to_owned()),
-            message,
-        })?;
-        crate::outputs::validate(&config.outputs).map_err(|e| ConfigError {
-            file: file.to_owned(),
-            line: crate::outputs::locate(text, e.index, e.key),
-            key: Some(e.key.to_owned()),
-            message: e.to_string(),
-        })?;
+        check(text, file, config.validate(), &config.outputs)?;
         Ok(config)
     }
 
@@ -187,16 +164,7 @@ impl CollectorConfig {
         if self.state.snapshot_interval_secs == 0 {
             return Err(("snapshot_interval_secs", "must be at least 1".into()));
         }
-        let c = &self.clients;
-        if c.max_clients == 0 {
-            return Err(("max_clients", "must be at least 1".into()));
-        }
-        if c.group_prefix_v4 > 32 {
-            return Err(("group_prefix_v4", "must be 0..=32".into()));
-        }
-        if c.group_prefix_v6 > 128 {
-            return Err(("group_prefix_v6", "must be 0..=128".into()));
-        }
+        self.clients.validate()?;
         self.detect.validate()?;
         for rule in &self.detect.rules {
             for w in &rule.when {
