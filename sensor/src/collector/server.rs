@@ -182,14 +182,18 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Sha
 
 type Reply = Response<Full<Bytes>>;
 
-fn json(status: StatusCode, body: String) -> Reply {
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Reply {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
+        header::HeaderValue::from_static(content_type),
     );
     r
+}
+
+fn json(status: StatusCode, body: String) -> Reply {
+    reply(status, "application/json", body)
 }
 
 fn error(status: StatusCode, message: &str) -> Reply {
@@ -234,30 +238,13 @@ async fn handle(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Re
             }
             ingest(req, shared, &name, peer).await
         }
-        (&Method::GET, "/metrics") => {
-            if role != Role::Reader {
-                return forbidden("read the fleet view");
-            }
-            let outputs = crate::outputs::health();
-            match shared.with_fleet(|f| super::metrics::render(&shared.counters, f, &outputs)) {
-                Ok(text) => {
-                    let mut r = Response::new(Full::new(Bytes::from(text)));
-                    r.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                    );
-                    r
-                }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
-            }
-        }
-        (&Method::GET, "/v1/clients" | "/v1/alerts" | "/v1/health") => {
+        (&Method::GET, "/v1/clients" | "/v1/alerts" | "/v1/health" | "/metrics") => {
             if role != Role::Reader {
                 return forbidden("read the fleet view");
             }
             read(shared, &path, &query)
         }
-        (_, "/v1/ingest" | "/v1/clients" | "/v1/alerts" | "/v1/health") => {
+        (_, "/v1/ingest" | "/v1/clients" | "/v1/alerts" | "/v1/health" | "/metrics") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "wrong method")
         }
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
@@ -355,6 +342,15 @@ fn read(shared: &Shared, path: &str, query: &str) -> Reply {
             })
         }
         "/v1/alerts" => shared.with_fleet(|f| serde_json::to_string(&f.state.alerts(&f.detector))),
+        "/metrics" => {
+            let outputs = crate::outputs::health();
+            return match shared
+                .with_fleet(|f| super::metrics::render(&shared.counters, f, &outputs))
+            {
+                Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+            };
+        }
         _ => shared.health(),
     };
     match body {
