@@ -20,7 +20,7 @@ use crate::{
     ship::{Batch, ClientDelta, PERIOD_SECS, ShipRecord, Summary, WIRE_VERSION, encode},
 };
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchCollectorArgs {
     /// The collector's ingest URL.
     #[arg(long)]
@@ -102,7 +102,11 @@ fn batch(
     }
 }
 
-async fn agent(name: String, token: String, a: &BenchCollectorArgs) -> anyhow::Result<Sent> {
+async fn agent(
+    name: String,
+    token: String,
+    a: std::sync::Arc<BenchCollectorArgs>,
+) -> anyhow::Result<Sent> {
     let client = Client::new(&a.url, Some(&a.ca_file), None, Duration::from_secs(30))?;
     let stream = http::hex(&Now::system().unix_ms.to_be_bytes());
     let (mut seq, mut start_s) = (0u64, Now::system().secs() / PERIOD_SECS * PERIOD_SECS);
@@ -114,7 +118,7 @@ async fn agent(name: String, token: String, a: &BenchCollectorArgs) -> anyhow::R
     };
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
     while Instant::now() < deadline {
-        let body = encode(&batch(&name, &stream, &mut seq, &mut start_s, a))?;
+        let body = encode(&batch(&name, &stream, &mut seq, &mut start_s, &a))?;
         let headers = [
             ("Authorization", format!("Bearer {token}")),
             ("Content-Encoding", "gzip".to_owned()),
@@ -147,11 +151,13 @@ pub fn run(args: &BenchCollectorArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let started = Instant::now();
+    let shared = std::sync::Arc::new(args.clone());
     let results = runtime.block_on(async {
-        let tasks = agents
-            .into_iter()
-            .map(|(name, token)| agent(name, token, args));
-        futures_join_all(tasks).await
+        let mut tasks = tokio::task::JoinSet::new();
+        for (name, token) in agents {
+            tasks.spawn(agent(name, token, shared.clone()));
+        }
+        tasks.join_all().await
     });
     let elapsed = started.elapsed().as_secs_f64();
     let (mut batches, mut records, mut rows, mut bytes) = (0, 0, 0, 0);
@@ -173,33 +179,4 @@ pub fn run(args: &BenchCollectorArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
-}
-
-/// Runs the futures concurrently on the current thread and collects their outputs in order.
-async fn futures_join_all<F: std::future::Future>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for f in futures {
-        set.push(Box::pin(f));
-    }
-    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }
