@@ -62,6 +62,41 @@ fn unique(name: &str) -> String {
     )
 }
 
+/// SIGTERM, as an operator stopping a service does; waits for `what` to exit.
+pub fn terminate(mut child: Child, what: &str) {
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_for(&format!("{what} to exit"), Duration::from_secs(20), || {
+        child
+            .try_wait()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "running".to_owned())
+    });
+}
+
+/// `promtool check metrics` on an exposition: its exit status and what it remarked.
+pub fn promtool_check(text: &str) -> (std::process::ExitStatus, String) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus, or cargo xtask setup)");
+    std::io::Write::write_all(
+        promtool.stdin.as_mut().expect("promtool stdin"),
+        text.as_bytes(),
+    )
+    .expect("feed promtool");
+    let checked = promtool.wait_with_output().expect("promtool");
+    let remarks = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    (checked.status, remarks)
+}
+
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd
         .output()

@@ -235,15 +235,8 @@ ruleset(name="r") {{
 
     /// SIGTERM, as an operator's restart does; waits for the exit.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            wait_for("rsyslogd to exit", Duration::from_secs(20), || {
-                child
-                    .try_wait()
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "running".to_owned())
-            });
+        if let Some(child) = self.child.take() {
+            crate::terminate(child, "rsyslogd");
         }
     }
 

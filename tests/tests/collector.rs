@@ -125,15 +125,8 @@ impl Collector {
 
     /// SIGTERM, as an operator stopping the service; waits for the exit.
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            wait_for("the collector to exit", Duration::from_secs(20), || {
-                child
-                    .try_wait()
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "running".to_owned())
-            });
+        if let Some(child) = self.child.take() {
+            terminate(child, "the collector");
         }
     }
 
@@ -465,24 +458,10 @@ fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
     // Prometheus: valid exposition (promtool), fleet totals equal ground truth, per-agent
     // records equal what the collector's audit log says it accepted.
     let text = collector.metrics();
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (cargo xtask setup installs prometheus)");
-    std::io::Write::write_all(
-        promtool.stdin.as_mut().expect("promtool stdin"),
-        text.as_bytes(),
-    )
-    .expect("feed promtool");
-    let checked = promtool.wait_with_output().expect("promtool");
+    let (status, remarks) = promtool_check(&text);
     assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
+        status.success(),
+        "promtool check metrics: {remarks}\n{text}"
     );
     let sample = |series: &str| -> u64 {
         text.lines()

@@ -7,7 +7,7 @@ use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -216,29 +216,10 @@ fn metrics_match_ground_truth_and_pass_promtool() {
     assert_eq!(value(&scraped, "sensor_up", &[]), Some(1));
 
     // The real scrape is valid exposition format, lint included.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (apt-get install prometheus, or cargo xtask setup)");
-    promtool
-        .stdin
-        .take()
-        .expect("promtool stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let checked = promtool.wait_with_output().expect("promtool");
-    let remarks = format!(
-        "{}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    let (status, remarks) = promtool_check(&text);
     assert!(
-        checked.status.success() && remarks.is_empty(),
-        "promtool check metrics: {}: {remarks}\n{text}",
-        checked.status
+        status.success() && remarks.is_empty(),
+        "promtool check metrics: {status}: {remarks}\n{text}"
     );
 
     // Clients were folded, host totals above still matched; per-client series are bounded
