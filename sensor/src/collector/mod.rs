@@ -207,7 +207,7 @@ impl Shared {
     }
 }
 
-fn open_journal(path: &Path) -> anyhow::Result<File> {
+fn open_append(path: &Path) -> anyhow::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -295,7 +295,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     let received_log = if config.state.received_log.as_os_str().is_empty() {
         None
     } else {
-        Some(open_journal(&config.state.received_log)?)
+        Some(open_append(&config.state.received_log)?)
     };
     let (state, detector_state, replayed) = restore(&dir, &config)?;
     outputs.publish_records(&replayed);
@@ -309,7 +309,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         fleet: Mutex::new(Fleet {
             state,
             detector,
-            journal: open_journal(&journal_path)?,
+            journal: open_append(&journal_path)?,
             journal_path,
             outputs,
             received_log,

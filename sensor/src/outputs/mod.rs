@@ -723,13 +723,7 @@ impl Outputs {
     /// Queues alert events for every output; never waits (a full queue drops and counts).
     pub fn publish(&self, events: &[AlertEvent]) {
         for e in events {
-            let rec = Record::new(e);
-            for r in &self.running {
-                if let Err(err) = r.tx.try_send(rec.clone()) {
-                    update(&r.stats, |s| s.dropped += 1);
-                    warn!("output `{}`: event {} not queued: {err}", r.name, rec.id);
-                }
-            }
+            self.queue(&Record::new(e));
             if let Some(ship) = &self.ship {
                 ship_one(ship, crate::ship::ShipRecord::alert(&ship.agent, e));
             }
@@ -739,11 +733,16 @@ impl Outputs {
     /// Queues already-built records (the collector forwarding agents' alerts).
     pub fn publish_records(&self, records: &[Record]) {
         for rec in records {
-            for r in &self.running {
-                if let Err(err) = r.tx.try_send(rec.clone()) {
-                    update(&r.stats, |s| s.dropped += 1);
-                    warn!("output `{}`: event {} not queued: {err}", r.name, rec.id);
-                }
+            self.queue(rec);
+        }
+    }
+
+    /// Queues one event for every SIEM output.
+    fn queue(&self, rec: &Record) {
+        for r in &self.running {
+            if let Err(err) = r.tx.try_send(rec.clone()) {
+                update(&r.stats, |s| s.dropped += 1);
+                warn!("output `{}`: event {} not queued: {err}", r.name, rec.id);
             }
         }
     }
