@@ -13,7 +13,7 @@ pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
 
 /// Version of the kernel/agent interface (map layouts). Pinned state from another version is
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Most bytes of an HTTP/1.x request head the kernel copies to the agent per request.
 pub const HEAD_MAX: usize = 1024;
@@ -53,6 +53,20 @@ pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_PORTS: &str = "PORTS";
 pub const MAP_LOSS: &str = "LOSS";
 
+/// How the agent reads live connections; the kernel programs keep records where that path
+/// reads them. Chosen by the agent at load time (the read-only global `GLOBAL_LIVE_READ`), so
+/// the verifier prunes the other path's code.
+///
+/// Socket storage (`SOCKS`) read through the `sensor_conns` iterator: the packet programs reach
+/// the record through the packet's socket, no hash lookup. Needs a tracing program (the
+/// iterator), which some kernels, lockdown modes and container policies refuse.
+pub const LIVE_READ_ITERATOR: u32 = 0;
+/// The cookie-keyed `CONNS` map holds live and closed records alike; the agent reads it with
+/// batch lookups. No tracing program at all.
+pub const LIVE_READ_MAP: u32 = 1;
+/// Symbol of the read-only global that holds the `LIVE_READ_*` path.
+pub const GLOBAL_LIVE_READ: &str = "LIVE_READ";
+
 /// Program names (the function names in `sensor-ebpf`).
 pub const PROG_INGRESS: &str = "sensor_ingress";
 pub const PROG_EGRESS: &str = "sensor_egress";
@@ -61,7 +75,8 @@ pub const PROG_SOCKOPS: &str = "sensor_sockops";
 pub const PROG_ITER: &str = "sensor_conns";
 
 /// Per-connection counters: with the socket cookie, the socket storage (`SOCKS`) of a live
-/// connection; the value of the `CONNS` map (keyed by socket cookie) once it closed.
+/// connection on the iterator path; the value of the `CONNS` map (keyed by socket cookie) once
+/// it closed, and on the map path also while it is live.
 ///
 /// Addresses are 16 bytes in network order; IPv4 is stored as an IPv4-mapped IPv6 address.
 /// "in" is client -> this host, "out" is this host -> client.

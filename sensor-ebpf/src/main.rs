@@ -6,6 +6,9 @@
 //!   has durably accounted it, so a crashed agent finds every closed connection on restart.
 //! * `sensor_ingress` / `sensor_egress` (cgroup_skb): count payload bytes, segments and requests
 //!   of every packet of a recorded connection.
+//! * `sensor_conns` (iterator over `SOCKS`): how the agent reads live records on the iterator
+//!   path. It is a tracing program, which some kernels refuse; on the map path it is never
+//!   loaded and live records sit in `CONNS` instead (see `LIVE_READ`).
 //!
 //! A passive sensor never drops or alters traffic: every program returns "allow" on every path.
 #![no_std]
@@ -26,7 +29,7 @@ use core::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_ANY, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, seq_file,
     },
     btf_maps::SkStorage,
@@ -42,8 +45,8 @@ use aya_log_ebpf::warn;
 use sensor_common::{
     CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, CONFIG_SLOTS, ClosedConn, ConnStats,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES,
-    EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, HEAD_MAX, Loss, NO_EXCHANGE_PENDING, PROTO_HTTP1,
-    PROTO_OTHER, PROTO_UNKNOWN, RequestEvent, SSE_SCAN_MAX,
+    EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, HEAD_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss,
+    NO_EXCHANGE_PENDING, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, RequestEvent, SSE_SCAN_MAX,
 };
 
 /// cgroup_skb verdict that lets the packet through.
@@ -63,10 +66,24 @@ const MAX_L4_OFFSET: usize = IPV6_HEADER_LEN + 64;
 /// direction of one connection is rare, three rounds always settle it in practice.
 const CAS_ATTEMPTS: usize = 3;
 
-/// Live connections: the record (socket cookie and counters) lives in the socket's own
-/// storage, which the packet programs reach through the socket the packet points to (no hash
-/// lookup). The agent reads them through the `sensor_conns` iterator; the kernel frees a
-/// record with its socket.
+/// Where live records are kept and how the agent reads them (`LIVE_READ_*`), written by the
+/// agent at load time. A read-only global: the kernel freezes it, the verifier reads it as a
+/// constant and removes the branches of the other path, so the choice costs nothing per packet.
+#[unsafe(no_mangle)]
+static LIVE_READ: u32 = LIVE_READ_ITERATOR;
+
+/// True on the map path (live records in `CONNS`), false on the iterator path (`SOCKS`).
+#[inline(always)]
+fn map_path() -> bool {
+    // SAFETY: a plain read of a global; volatile so the compiler keeps the load of the value
+    // the agent sets instead of folding in the default.
+    unsafe { core::ptr::read_volatile(&raw const LIVE_READ) == LIVE_READ_MAP }
+}
+
+/// Live connections on the iterator path: the record (socket cookie and counters) lives in the
+/// socket's own storage, which the packet programs reach through the socket the packet points
+/// to (no hash lookup). The agent reads them through the `sensor_conns` iterator; the kernel
+/// frees a record with its socket.
 #[btf_map]
 static SOCKS: SkStorage<ClosedConn> = SkStorage::new();
 
@@ -74,8 +91,9 @@ static SOCKS: SkStorage<ClosedConn> = SkStorage::new();
 #[map]
 static LIVE: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Closed connections, keyed by socket cookie: the final record, kept until the agent has
-/// accounted it durably and deletes it. The agent sizes it at load time.
+/// Records keyed by socket cookie. Closed connections: the final record, kept until the agent
+/// has accounted it durably and deletes it. On the map path also every live connection (the
+/// agent never deletes a record that is not closed). The agent sizes it at load time.
 #[map]
 static CONNS: HashMap<u64, ConnStats> = HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
 
@@ -231,6 +249,9 @@ pub fn sensor_sockops(ctx: SockOpsContext) -> u32 {
 ///
 /// Runs when the server side reaches ESTABLISHED (tcp_init_transfer), before the payload of
 /// the handshake's final ACK, if any, is queued: rcv_nxt and snd_nxt are then ISN + 1 each way.
+// A subprogram of its own: each record copy gets its own 512-byte stack frame instead of
+// sharing the caller's.
+#[inline(never)]
 fn open_connection(ctx: &SockOpsContext) {
     if !watched(ctx.local_port()) {
         return;
@@ -260,84 +281,117 @@ fn open_connection(ctx: &SockOpsContext) {
         }
     };
     let now = now_ns();
-    let stats = ConnStats {
-        local_addr,
-        remote_addr,
-        local_port: ctx.local_port() as u16,
-        // remote_port holds the port in network order in its upper half on little endian
-        // (sock_ops_convert_ctx_access shifts it); ntohl gives the host-order port.
-        remote_port: u32::from_be(ctx.remote_port()) as u16,
-        family,
-        proto: PROTO_UNKNOWN,
-        closed: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        // The handshake segments were counted by the kernel before the record existed.
-        packets_in: u64::from(segs_in),
-        packets_out: u64::from(segs_out),
-        requests: 0,
-        first_seen_ns: now,
-        last_seen_ns: now,
-        in_seq_base: rcv_nxt,
-        out_seq_base: snd_nxt,
-        req_start: 0,
-        events_out: 0,
-        exchange_flags: 0,
-        _pad: 0,
-    };
-    // SAFETY: context pointer; sk is the full socket (NULL otherwise).
-    let sk: *mut c_void = unsafe { (*ops).__bindgen_anon_2.sk }.cast();
-    if sk.is_null() {
-        return;
-    }
-    if !take_live_slot() {
-        count_loss(Loss::ConnMapFull);
-        warn!(
-            ctx,
-            "connection map full: port {} not counted", stats.local_port
-        );
-        return;
-    }
     let mut record = ClosedConn {
         // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        stats,
+        stats: ConnStats {
+            local_addr,
+            remote_addr,
+            local_port: ctx.local_port() as u16,
+            // remote_port holds the port in network order in its upper half on little endian
+            // (sock_ops_convert_ctx_access shifts it); ntohl gives the host-order port.
+            remote_port: u32::from_be(ctx.remote_port()) as u16,
+            family,
+            proto: PROTO_UNKNOWN,
+            closed: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            // The handshake segments were counted by the kernel before the record existed.
+            packets_in: u64::from(segs_in),
+            packets_out: u64::from(segs_out),
+            requests: 0,
+            first_seen_ns: now,
+            last_seen_ns: now,
+            in_seq_base: rcv_nxt,
+            out_seq_base: snd_nxt,
+            req_start: 0,
+            events_out: 0,
+            exchange_flags: 0,
+            _pad: 0,
+        },
     };
+    let recorded = if map_path() {
+        record_in_map(ctx, &record)
+    } else {
+        record_in_storage(ctx, &mut record)
+    };
+    if !recorded {
+        count_loss(Loss::ConnMapFull);
+        warn!(
+            ctx,
+            "no room for a connection record: port {} not counted", record.stats.local_port
+        );
+    }
+}
+
+/// Map path: the live record goes into CONNS under the socket's cookie. False when the map is
+/// full (`max_connections` live and unaccounted closed records).
+#[inline(always)]
+fn record_in_map(ctx: &SockOpsContext, record: &ClosedConn) -> bool {
+    // NOEXIST: a cookie is never reused while the kernel runs, so an existing entry would be a
+    // second callback for the same socket, whose counts must not restart.
+    if CONNS
+        .insert(&record.cookie, &record.stats, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        return false;
+    }
+    if watch_close(ctx) {
+        return true;
+    }
+    let _ = CONNS.remove(&record.cookie);
+    false
+}
+
+/// Iterator path: the live record goes into the socket's own storage. False when
+/// `max_connections` are live already or the kernel has no storage for it.
+#[inline(always)]
+fn record_in_storage(ctx: &SockOpsContext, record: &mut ClosedConn) -> bool {
+    // SAFETY: context pointer; sk is the full socket (NULL otherwise).
+    let sk: *mut c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
+    if sk.is_null() || !take_live_slot() {
+        return false;
+    }
     // SAFETY: sk is a non-null full socket; the initial value is a stack copy of the record.
     let created = unsafe {
         bpf_sk_storage_get(
             socks(),
             sk,
-            (&raw mut record).cast(),
+            core::ptr::from_mut(record).cast(),
             u64::from(BPF_SK_STORAGE_GET_F_CREATE),
         )
     };
     if created.is_null() {
         release_live_slot();
-        count_loss(Loss::ConnMapFull);
-        warn!(
-            ctx,
-            "no socket storage for a connection: port {} not counted", record.stats.local_port
-        );
-        return;
+        return false;
     }
-    // Ask for state callbacks on this socket only, to see it close.
-    if ctx
-        .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
-        .is_err()
-    {
-        // SAFETY: as above.
-        unsafe { bpf_sk_storage_delete(socks(), sk) };
-        release_live_slot();
-        count_loss(Loss::ConnMapFull);
+    if watch_close(ctx) {
+        return true;
     }
+    // SAFETY: as above.
+    unsafe { bpf_sk_storage_delete(socks(), sk) };
+    release_live_slot();
+    false
+}
+
+/// Asks for state callbacks on this socket only, to see it close.
+fn watch_close(ctx: &SockOpsContext) -> bool {
+    ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_ok()
 }
 
 /// The connection reached TCP_CLOSE (normal close, reset, or moving to TIME_WAIT): mark the
 /// record closed and push its final counters. Every packet of the connection has passed the
 /// cgroup_skb programs by now: the last one (FIN or ACK) is filtered before TCP processes it.
 /// The record stays in the map until the agent has accounted it durably and deletes it.
+// A subprogram of its own: each record copy gets its own 512-byte stack frame instead of
+// sharing the caller's.
+#[inline(never)]
 fn close_connection(ctx: &SockOpsContext) {
+    if map_path() {
+        close_in_map(ctx);
+        return;
+    }
     // SAFETY: context pointer; sk is the full socket (NULL otherwise).
     let sk: *mut c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
     if sk.is_null() {
@@ -372,6 +426,35 @@ fn close_connection(ctx: &SockOpsContext) {
         // lists the connection as live.
         if bpf_sk_storage_delete(socks(), sk) == 0 {
             release_live_slot();
+        }
+    }
+}
+
+/// `close_connection` on the map path: the record is already in CONNS, where it stays marked
+/// closed until the agent deletes it.
+fn close_in_map(ctx: &SockOpsContext) {
+    // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(stats) = CONNS.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: pointer into a live map value.
+    unsafe {
+        if (*stats).closed != 0 {
+            return;
+        }
+        (*stats).last_seen_ns = now_ns();
+        (*stats).closed = 1;
+        match CLOSED.reserve::<ClosedConn>(0) {
+            Some(mut entry) => {
+                entry.write(ClosedConn {
+                    cookie,
+                    stats: *stats,
+                });
+                entry.submit(0);
+            }
+            // The agent's next poll finds the closed record in CONNS: a delay, not a loss.
+            None => count_loss(Loss::RingBufFull),
         }
     }
 }
@@ -555,19 +638,10 @@ fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparse
     if !watched(local_port) {
         return Ok(());
     }
-    // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL).
-    let sk: *mut c_void = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.cast();
-    if sk.is_null() {
-        return Ok(());
-    }
-    // SAFETY: non-null socket pointer from the context.
-    let record = unsafe { record_of(sk) };
-    if record.is_null() {
+    let Some((cookie, stats)) = record_of_packet(ctx) else {
         // The listener's own packets, or a connection established before the sensor attached.
         return Ok(());
-    }
-    // SAFETY: record points into the socket's live storage.
-    let (cookie, stats) = unsafe { ((*record).cookie, &raw mut (*record).stats) };
+    };
     let segment = parse(ctx)?;
     // SAFETY: stats points into a live map value; fields are only updated atomically or as
     // single aligned stores, which tolerate concurrent readers.
@@ -616,6 +690,35 @@ fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparse
         }
     }
     Ok(())
+}
+
+/// The live record of the connection a packet belongs to: its cookie and counters.
+#[inline(always)]
+fn record_of_packet(ctx: &SkBuffContext) -> Option<(u64, *mut ConnStats)> {
+    if map_path() {
+        // SAFETY: cgroup_skb context, accepted by the helper; returns the socket's cookie.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let stats = CONNS.get_ptr_mut(&cookie)?;
+        // SAFETY: pointer into a live map value. A closed record waits in CONNS for the agent:
+        // later packets (a reset after the close) are not counted, as on the iterator path,
+        // where the close deletes the socket storage.
+        if unsafe { (*stats).closed } != 0 {
+            return None;
+        }
+        return Some((cookie, stats));
+    }
+    // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL).
+    let sk: *mut c_void = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.cast();
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: non-null socket pointer from the context.
+    let record = unsafe { record_of(sk) };
+    if record.is_null() {
+        return None;
+    }
+    // SAFETY: record points into the socket's live storage.
+    Some(unsafe { ((*record).cookie, &raw mut (*record).stats) })
 }
 
 /// Advances a direction's byte counter to the end of this segment, if that is further than

@@ -68,6 +68,9 @@ pub fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     if let Some(dir) = &args.pin_dir {
         config.state.bpf_pin_dir.clone_from(dir);
     }
+    if let Some(path) = args.live_read {
+        config.capture.live_read = path;
+    }
     Ok(config)
 }
 
@@ -376,6 +379,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: config.state.bpf_pin_dir.clone(),
         fresh: args.fresh,
         head_bytes: config.identity.head_bytes,
+        live_read: config.capture.live_read,
     })
     .context("cannot start capture")?;
     // SAFETY (both): the RingBuf owns its map fd, which stays open and unchanged while the
@@ -433,6 +437,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup: capture.cgroup.display().to_string(),
         ports: config.capture.ports.clone(),
         continued_from_pinned_state: capture.reused,
+        live_read: capture.path.name(),
+        live_read_reason: capture.path_reason.clone(),
         heads: HeadStats::default(),
         detector,
         shipped_through,

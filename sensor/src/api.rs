@@ -40,6 +40,9 @@ pub struct AgentState {
     pub ports: Vec<u16>,
     /// The programs were already attached (pinned) when this agent started.
     pub continued_from_pinned_state: bool,
+    /// How live connections are read from the kernel (`iterator` or `map`), and why.
+    pub live_read: &'static str,
+    pub live_read_reason: String,
     /// Request heads parsed for identity.
     pub heads: crate::identity::HeadStats,
     pub detector: crate::detect::Detector,
@@ -56,6 +59,8 @@ struct Health<'a> {
     cgroup: &'a str,
     ports: &'a [u16],
     continued_from_pinned_state: bool,
+    live_read: &'static str,
+    live_read_reason: &'a str,
     heads: crate::identity::HeadStats,
     detect: crate::detect::DetectCounters,
     open_alerts: usize,
@@ -187,6 +192,8 @@ pub fn route_request(
                 cgroup: &state.cgroup,
                 ports: &state.ports,
                 continued_from_pinned_state: state.continued_from_pinned_state,
+                live_read: state.live_read,
+                live_read_reason: &state.live_read_reason,
                 heads: state.heads,
                 detect: state.detector.state.counters,
                 open_alerts: state

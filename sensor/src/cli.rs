@@ -35,6 +35,10 @@ pub enum Command {
     CheckConfig(crate::service::check::CheckConfigArgs),
     /// Is the agent running: attach point, ports, uptime, counts and loss.
     Status(crate::service::status::StatusArgs),
+    /// What this kernel allows: kernel release, BTF, cgroup v2, capabilities, each probed BPF
+    /// feature and program, and the live-read path a start would use. Exits non-zero when the
+    /// agent cannot run here.
+    Doctor(DoctorArgs),
     /// Open and recent extraction alerts.
     Alerts(AlertsArgs),
     /// Print the identity an API key maps to (the key is read from standard input and never
@@ -182,6 +186,26 @@ pub struct RunArgs {
     /// Start from zero: discard pinned kernel state and saved per-client state.
     #[arg(long)]
     pub fresh: bool,
+    /// How live connections are read from the kernel (replaces `[capture] live_read`): the
+    /// BPF iterator where it loads (auto), or force the iterator or the map.
+    #[arg(long, value_name = "PATH")]
+    pub live_read: Option<crate::config::LiveRead>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    /// Configuration file (TOML) whose `[capture]` cgroup and live_read are checked.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// cgroup v2 to check (replaces the configured one).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// Live-read path to check (replaces `[capture] live_read`).
+    #[arg(long, value_name = "PATH")]
+    pub live_read: Option<crate::config::LiveRead>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]

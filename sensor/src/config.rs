@@ -218,6 +218,31 @@ pub struct Capture {
     pub poll_interval_ms: u64,
     pub max_connections: u32,
     pub ring_buffer_bytes: u32,
+    /// How live connections are read from the kernel (see `LiveRead`).
+    pub live_read: LiveRead,
+}
+
+/// `[capture] live_read`: the path by which the agent reads live connections.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LiveRead {
+    /// The iterator where the kernel loads it, else the map (probed at start).
+    #[default]
+    Auto,
+    /// Socket storage read through a BPF iterator (a tracing program); fails where refused.
+    Iterator,
+    /// A cookie-keyed map read with batch lookups; needs no tracing program.
+    Map,
+}
+
+impl std::fmt::Display for LiveRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LiveRead::Auto => "auto",
+            LiveRead::Iterator => "iterator",
+            LiveRead::Map => "map",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -241,6 +266,7 @@ impl Default for Capture {
             poll_interval_ms: 1000,
             max_connections: sensor_common::DEFAULT_MAX_CONNECTIONS,
             ring_buffer_bytes: sensor_common::DEFAULT_RING_BYTES,
+            live_read: LiveRead::Auto,
         }
     }
 }

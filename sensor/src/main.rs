@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Uninstall(args) => service::install::uninstall(&args),
         cli::Command::CheckConfig(args) => service::check::check_config(&args),
         cli::Command::Status(args) => service::status::status(&args),
+        cli::Command::Doctor(args) => service::doctor::doctor(&args),
         cli::Command::BenchAggregate(args) => benchagg::run(&args),
         cli::Command::BenchCollector(args) => collector::bench::run(&args),
     }

@@ -739,6 +739,8 @@ mod tests {
             cgroup: "/sys/fs/cgroup".into(),
             ports: vec![8080],
             continued_from_pinned_state: false,
+            live_read: "iterator",
+            live_read_reason: String::new(),
             heads: Default::default(),
             detector: crate::detect::Detector::without_rules(),
         }

@@ -1,5 +1,7 @@
 //! One-shot views that read the agent's local API.
 
+use anyhow::Context as _;
+
 use crate::{
     aggregate::Window,
     api,
@@ -287,4 +289,15 @@ pub fn alerts(args: &AlertsArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Writes to standard output; a reader that went away (`sensor ... | head -1`) ends the
+/// command quietly, as Unix tools do, instead of a panic.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("writing to standard output"),
+    }
 }

@@ -1,7 +1,8 @@
 //! The agent as a systemd service: install/uninstall, sd_notify and the watchdog, SIGHUP
-//! reloads, `check-config` and `status`. See docs/systemd.md.
+//! reloads, `check-config`, `status` and `doctor`. See docs/systemd.md.
 
 pub mod check;
+pub mod doctor;
 pub mod install;
 pub mod notify;
 pub mod reload;

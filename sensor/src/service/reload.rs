@@ -84,6 +84,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         capture.cgroup,
         capture.max_connections,
         capture.ring_buffer_bytes,
+        capture.live_read,
         api.socket,
         clients.max_clients,
         clients.group_prefix_v4,

@@ -81,12 +81,15 @@ pub fn render(h: &Value, socket: &str, uptime: Option<Duration>) -> String {
          \x20 uptime:       {uptime} (since {started})\n\
          \x20 cgroup:       {cgroup}\n\
          \x20 ports:        {ports}\n\
+         \x20 live read:    {live_read} ({live_read_reason})\n\
          \x20 connections:  {live} live, {closed} closed\n\
          \x20 clients:      {addrs} addresses, {groups} groups (max {max}); folded {fa} addresses\n\
          \x20 loss:         {loss}\n",
         started = h["started"].as_str().unwrap_or("?"),
         cgroup = h["cgroup"].as_str().unwrap_or("?"),
         ports = ports.join(", "),
+        live_read = h["live_read"].as_str().unwrap_or("?"),
+        live_read_reason = h["live_read_reason"].as_str().unwrap_or("?"),
         live = n(&h["live_connections"]),
         closed = n(&h["closed_connections_total"]),
         addrs = n(&c["tracked_addresses"]),
@@ -112,6 +115,8 @@ mod tests {
             "started": "2026-01-01T00:00:00.000Z",
             "cgroup": "/sys/fs/cgroup",
             "ports": [80, 8000],
+            "live_read": "map",
+            "live_read_reason": "auto: the kernel refused the iterator",
             "live_connections": 3,
             "closed_connections_total": 12,
             "loss": {"conn_map_full": 0, "ringbuf_full": 2},
@@ -129,6 +134,10 @@ mod tests {
         assert!(text.contains("uptime:       1h 2m 3s"), "{text}");
         assert!(text.contains("cgroup:       /sys/fs/cgroup\n"), "{text}");
         assert!(text.contains("ports:        80, 8000\n"), "{text}");
+        assert!(
+            text.contains("live read:    map (auto: the kernel refused the iterator)\n"),
+            "{text}"
+        );
         assert!(text.contains("3 live, 12 closed"), "{text}");
         assert!(text.contains("5 addresses, 2 groups (max 10000)"), "{text}");
         assert!(text.contains("conn_map_full 0, ringbuf_full 2"), "{text}");

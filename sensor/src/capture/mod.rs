@@ -1,4 +1,11 @@
 //! Capture: loads the kernel programs, attaches them to a cgroup, and reads what they count.
+//!
+//! Two live-read paths (`LivePath`): the iterator over socket storage where the kernel loads
+//! it, else the cookie-keyed map, which needs no tracing program. `probe` finds which one this
+//! kernel allows; `sys` holds every raw bpf(2) call.
+
+pub mod probe;
+pub mod sys;
 
 use std::{
     fs::File,
@@ -17,10 +24,15 @@ use aya::{
 };
 use log::{info, warn};
 use sensor_common::{
-    ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ConnStats, HEAD_MAX, Loss,
-    MAP_CLOSED, MAP_CONFIG, MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS,
-    PROG_EGRESS, PROG_INGRESS, PROG_ITER, PROG_SOCKOPS, RequestEvent,
+    ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ConnStats,
+    GLOBAL_LIVE_READ, HEAD_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss, MAP_CLOSED, MAP_CONFIG,
+    MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS, PROG_EGRESS, PROG_INGRESS,
+    PROG_ITER, PROG_SOCKOPS, RequestEvent,
 };
+
+pub use self::sys::Records;
+use self::sys::BATCH;
+pub use crate::config::LiveRead;
 
 /// Maps pinned under the instance directory, by name.
 const PINNED_MAPS: [&str; 8] = [
@@ -33,9 +45,46 @@ const PINNED_MAPS: [&str; 8] = [
     MAP_LOSS,
     MAP_CONFIG,
 ];
-/// Program links pinned under the instance directory: while pinned, the programs stay
-/// attached and keep counting even when no agent runs.
-const PINNED_LINKS: [&str; 4] = [PROG_INGRESS, PROG_EGRESS, PROG_SOCKOPS, PROG_ITER];
+/// The path by which live connections are read, fixed for the life of a pinned instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LivePath {
+    /// Records in socket storage, read through the `sensor_conns` iterator (a tracing program).
+    Iterator,
+    /// Records in the cookie-keyed `CONNS` map, read with batch lookups: no tracing program.
+    Map,
+}
+
+impl LivePath {
+    pub const fn name(self) -> &'static str {
+        match self {
+            LivePath::Iterator => "iterator",
+            LivePath::Map => "map",
+        }
+    }
+
+    /// Value of the kernel object's `LIVE_READ` global.
+    const fn global(self) -> u32 {
+        match self {
+            LivePath::Iterator => LIVE_READ_ITERATOR,
+            LivePath::Map => LIVE_READ_MAP,
+        }
+    }
+
+    /// Program links pinned under an instance directory: while pinned, the programs stay
+    /// attached and keep counting even when no agent runs.
+    fn pinned_links(self) -> &'static [&'static str] {
+        match self {
+            LivePath::Iterator => &[PROG_INGRESS, PROG_EGRESS, PROG_SOCKOPS, PROG_ITER],
+            LivePath::Map => &[PROG_INGRESS, PROG_EGRESS, PROG_SOCKOPS],
+        }
+    }
+}
+
+impl std::fmt::Display for LivePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The kernel object built by build.rs (aya-build) from `sensor-ebpf`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor"));
@@ -50,8 +99,8 @@ const CAP_BPF: u32 = 39;
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error(
-        "missing capabilities {0}: run as root, or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN \
-         (CAP_SYS_ADMIN on kernels before 5.8)"
+        "missing capabilities {0}: run as root, or grant CAP_BPF and CAP_NET_ADMIN (CAP_SYS_ADMIN \
+         on kernels before 5.8); CAP_PERFMON as well for the faster iterator path"
     )]
     MissingCapabilities(String),
     #[error("no cgroup v2 hierarchy is mounted (looked for a cgroup2 entry in /proc/mounts)")]
@@ -69,6 +118,17 @@ pub enum CaptureError {
     Program {
         what: String,
         source: aya::programs::ProgramError,
+    },
+    #[error(
+        "the kernel refused {feature} (program {program}). {hint} `sensor doctor` lists what \
+         this kernel allows."
+    )]
+    Refused {
+        program: &'static str,
+        feature: &'static str,
+        hint: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("kernel map {name}: {source}")]
     Map {
@@ -95,8 +155,35 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureErr
     move |source| CaptureError::Map { name, source }
 }
 
-/// Connection records keyed by socket cookie.
-pub type Records = Vec<(u64, ConnStats)>;
+/// What each program needs from the kernel, and what to do when it is refused.
+fn refused(
+    program: &'static str,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> CaptureError {
+    let (feature, hint) = match program {
+        PROG_ITER => (
+            "the socket-storage map iterator, a tracing program",
+            "Set `[capture] live_read = \"auto\"` or `\"map\"` (or `--live-read map`) to read live \
+             connections from a map instead; it needs no tracing program.",
+        ),
+        PROG_SOCKOPS => (
+            "a sock_ops program",
+            "The agent needs cgroup sock_ops programs (kernel 5.12 or newer) and CAP_BPF with \
+             CAP_NET_ADMIN.",
+        ),
+        _ => (
+            "a cgroup_skb program with BPF atomic compare-and-swap",
+            "The agent needs cgroup_skb programs with BPF atomics (kernel 5.12 or newer) and \
+             CAP_BPF with CAP_NET_ADMIN.",
+        ),
+    };
+    CaptureError::Refused {
+        program,
+        feature,
+        hint,
+        source: Box::new(source),
+    }
+}
 
 /// What the agent needs to attach.
 #[derive(Debug, Clone)]
@@ -112,6 +199,8 @@ pub struct CaptureSettings {
     pub fresh: bool,
     /// Bytes of each HTTP/1.x request head copied to the agent (0..=HEAD_MAX; 0 disables).
     pub head_bytes: u32,
+    /// Which live-read path to use, or to probe for (`auto`).
+    pub live_read: LiveRead,
 }
 
 /// Writes the agent's settings for the kernel programs.
@@ -140,7 +229,11 @@ pub struct Capture {
     pub instance: String,
     /// True when the programs and maps were already running from a previous agent.
     pub reused: bool,
-    /// Closed connections until the agent deletes them; live ones are read through `iter_path`.
+    /// How live connections are read, and why that path.
+    pub path: LivePath,
+    pub path_reason: String,
+    /// Closed connections until the agent deletes them; on the map path also the live ones
+    /// (on the iterator path those are read through `iter_path`).
     pub conns: HashMap<MapData, u64, ConnStats>,
     /// The pinned iterator link over the live records: each open starts a new walk.
     iter_path: PathBuf,
@@ -150,25 +243,38 @@ pub struct Capture {
 }
 
 /// Checks what loading needs, so the operator gets one clear message instead of an EPERM.
+/// CAP_PERFMON is not required: only the iterator (a tracing program) needs it, and without
+/// it `auto` reads live connections from the map.
 pub fn preflight() -> Result<(), CaptureError> {
-    let effective = effective_capabilities();
-    let has = |cap: u32| effective & (1u64 << cap) != 0;
-    if !(has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_NET_ADMIN))) {
-        let missing: Vec<&str> = [
-            (CAP_BPF, "CAP_BPF"),
-            (CAP_PERFMON, "CAP_PERFMON"),
-            (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        ]
-        .iter()
-        .filter(|(cap, _)| !has(*cap))
-        .map(|(_, name)| *name)
-        .collect();
+    let missing = missing_capabilities();
+    if !missing.is_empty() {
         return Err(CaptureError::MissingCapabilities(missing.join(", ")));
     }
     if !Path::new(BTF_PATH).exists() {
         return Err(CaptureError::NoBtf);
     }
     Ok(())
+}
+
+/// Capabilities the agent lacks to load and attach its programs (empty: none).
+pub fn missing_capabilities() -> Vec<&'static str> {
+    let effective = effective_capabilities();
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN)) {
+        return Vec::new();
+    }
+    [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
+        .iter()
+        .filter(|(cap, _)| !has(*cap))
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+/// Whether this process may load tracing programs (the iterator): CAP_PERFMON, or
+/// CAP_SYS_ADMIN on kernels before 5.8.
+pub fn has_perfmon() -> bool {
+    let effective = effective_capabilities();
+    effective & (1u64 << CAP_PERFMON) != 0 || effective & (1u64 << CAP_SYS_ADMIN) != 0
 }
 
 /// CapEff of this process, from /proc/self/status (0 when unreadable).
@@ -231,7 +337,8 @@ fn is_bpffs(path: &Path) -> bool {
 
 /// Pinning needs a bpffs. systemd mounts one at /sys/fs/bpf on most distributions; where
 /// nothing did, mount it there (as `mount -t bpf bpf /sys/fs/bpf` would).
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
+/// True when this call mounted it.
+fn ensure_bpffs(pin_dir: &Path) -> Result<bool, CaptureError> {
     let mut probe = pin_dir.to_path_buf();
     while !probe.exists() {
         if !probe.pop() {
@@ -239,7 +346,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
         }
     }
     if is_bpffs(&probe) {
-        return Ok(());
+        return Ok(false);
     }
     let root = Path::new(BPF_FS_ROOT);
     if pin_dir.starts_with(root) && !is_bpffs(root) {
@@ -257,7 +364,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
         };
         if rc == 0 {
             info!("mounted a bpffs at {BPF_FS_ROOT}");
-            return Ok(());
+            return Ok(true);
         }
         return Err(pin_err(root, std::io::Error::last_os_error()));
     }
@@ -265,6 +372,17 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
         pin_dir,
         std::io::Error::other("not on a bpffs (mount -t bpf bpf /sys/fs/bpf)"),
     ))
+}
+
+/// Unmounts the bpffs `ensure_bpffs` mounted (a failed start leaves the host as it was).
+fn unmount_bpffs() {
+    let Ok(target) = std::ffi::CString::new(BPF_FS_ROOT) else {
+        return;
+    };
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
+        info!("unmounted the bpffs this start mounted at {BPF_FS_ROOT}");
+    }
 }
 
 /// Older kernels charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
@@ -331,49 +449,91 @@ fn open_pinned_map(dir: &Path, name: &'static str) -> Result<MapData, CaptureErr
     MapData::from_pin(&path).map_err(|source| CaptureError::Map { name, source })
 }
 
+/// Removes an instance directory being built unless the start succeeds: a refused or failed
+/// start leaves nothing attached or pinned (the programs held only by the loader's fds detach
+/// when it drops).
+struct UnpinOnFailure {
+    dir: PathBuf,
+    armed: bool,
+}
+
+impl Drop for UnpinOnFailure {
+    fn drop(&mut self) {
+        if self.armed {
+            warn!(
+                "start failed: detaching and unpinning what this start attached ({})",
+                self.dir.display()
+            );
+            remove_instance(&self.dir);
+        }
+    }
+}
+
 impl Capture {
+    /// Loads and attaches the programs, or continues from pinned ones. A start that fails
+    /// leaves the bpffs as it found it: what it pinned is unpinned, a pin directory it created
+    /// is removed, a bpffs it mounted is unmounted; state pinned by an earlier run is kept.
     pub fn attach(settings: &CaptureSettings) -> Result<Self, CaptureError> {
         preflight()?;
         let cgroup = resolve_cgroup(&settings.cgroup)?;
         raise_memlock_limit();
-        let instance = format!(
-            "abi{ABI_VERSION}-{:016x}",
-            fingerprint(&[KERNEL_OBJECT, cgroup.as_os_str().as_encoded_bytes()])
-        );
         let pin_dir = &settings.pin_dir;
-        ensure_bpffs(pin_dir)?;
-        let instance_dir = pin_dir.join(&instance);
-        std::fs::create_dir_all(pin_dir).map_err(|e| pin_err(pin_dir, e))?;
-        // Anything else pinned here is another version, kernel object or cgroup.
-        for entry in std::fs::read_dir(pin_dir)
-            .map_err(|e| pin_err(pin_dir, e))?
-            .flatten()
-        {
-            let path = entry.path();
-            if settings.fresh || path != instance_dir {
-                info!(
-                    "removing pinned sensor state {} ({})",
-                    path.display(),
-                    if settings.fresh {
-                        "--fresh"
-                    } else {
-                        "from another sensor version, kernel object or cgroup"
-                    }
-                );
-                remove_instance(&path);
+        let mounted = ensure_bpffs(pin_dir)?;
+        let existed = pin_dir.exists();
+        let result = std::fs::create_dir_all(pin_dir)
+            .map_err(|e| pin_err(pin_dir, e))
+            .and_then(|()| Self::attach_in(settings, cgroup));
+        if result.is_err() {
+            if !existed {
+                // Only if empty: an earlier run's pinned state stays.
+                let _ = std::fs::remove_dir(pin_dir);
+            }
+            if mounted {
+                unmount_bpffs();
             }
         }
-        let complete = PINNED_MAPS.iter().all(|m| instance_dir.join(m).exists())
-            && PINNED_LINKS
-                .iter()
-                .all(|l| instance_dir.join(format!("link-{l}")).exists());
-        if complete {
-            info!(
-                "continuing from pinned state {} (programs stayed attached)",
-                instance_dir.display()
-            );
-            return Self::reuse(settings, cgroup, instance, instance_dir);
+        result
+    }
+
+    fn attach_in(settings: &CaptureSettings, cgroup: PathBuf) -> Result<Self, CaptureError> {
+        let fingerprint = fingerprint(&[KERNEL_OBJECT, cgroup.as_os_str().as_encoded_bytes()]);
+        let instance_of =
+            |path: LivePath| format!("abi{ABI_VERSION}-{}-{fingerprint:016x}", path.name());
+        let pin_dir = &settings.pin_dir;
+        if settings.fresh {
+            for entry in std::fs::read_dir(pin_dir)
+                .map_err(|e| pin_err(pin_dir, e))?
+                .flatten()
+            {
+                info!(
+                    "removing pinned sensor state {} (--fresh)",
+                    entry.path().display()
+                );
+                remove_instance(&entry.path());
+            }
         }
+        // A complete pinned instance of this object and cgroup is continued, on the path it
+        // was started with (auto keeps whichever it finds): the counts it holds survive.
+        let allowed: &[LivePath] = match settings.live_read {
+            LiveRead::Auto => &[LivePath::Iterator, LivePath::Map],
+            LiveRead::Iterator => &[LivePath::Iterator],
+            LiveRead::Map => &[LivePath::Map],
+        };
+        for path in allowed {
+            let dir = pin_dir.join(instance_of(*path));
+            if is_complete(&dir, *path) {
+                info!(
+                    "continuing from pinned state {} (programs stayed attached)",
+                    dir.display()
+                );
+                let capture = Self::reuse(settings, cgroup, *path, instance_of(*path), dir)?;
+                remove_other_instances(pin_dir, &capture.instance_dir);
+                return Ok(capture);
+            }
+        }
+        let (path, reason) = choose_path(settings.live_read);
+        let instance = instance_of(path);
+        let instance_dir = pin_dir.join(&instance);
         if instance_dir.exists() {
             warn!(
                 "incomplete pinned state {}: replacing it",
@@ -381,27 +541,21 @@ impl Capture {
             );
             remove_instance(&instance_dir);
         }
-        Self::load_and_attach(settings, cgroup, instance, instance_dir)
+        let capture =
+            Self::load_and_attach(settings, cgroup, path, reason, instance, instance_dir)?;
+        // Only now: state pinned by an earlier run stays until this one is attached.
+        remove_other_instances(pin_dir, &capture.instance_dir);
+        Ok(capture)
     }
 
     fn reuse(
         settings: &CaptureSettings,
         cgroup: PathBuf,
+        path: LivePath,
         instance: String,
         instance_dir: PathBuf,
     ) -> Result<Self, CaptureError> {
-        let mut ports: Array<MapData, u8> =
-            Array::try_from(Map::Array(open_pinned_map(&instance_dir, MAP_PORTS)?))
-                .map_err(map_err(MAP_PORTS))?;
-        let watched: std::collections::HashSet<u16> = settings.ports.iter().copied().collect();
-        for port in 0..=u16::MAX {
-            let want = u8::from(watched.contains(&port));
-            if ports.get(&u32::from(port), 0).unwrap_or(0) != want {
-                ports
-                    .set(u32::from(port), want, 0)
-                    .map_err(map_err(MAP_PORTS))?;
-            }
-        }
+        write_ports(&instance_dir, &settings.ports)?;
         let mut config: Array<MapData, u32> =
             Array::try_from(Map::Array(open_pinned_map(&instance_dir, MAP_CONFIG)?))
                 .map_err(map_err(MAP_CONFIG))?;
@@ -412,6 +566,8 @@ impl Capture {
             instance_dir: instance_dir.clone(),
             instance,
             reused: true,
+            path,
+            path_reason: "continued from the pinned state of the previous run".to_owned(),
             iter_path: iter_path(&instance_dir),
             conns: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_CONNS)?))
                 .map_err(map_err(MAP_CONNS))?,
@@ -434,16 +590,24 @@ impl Capture {
     fn load_and_attach(
         settings: &CaptureSettings,
         cgroup: PathBuf,
+        path: LivePath,
+        path_reason: String,
         instance: String,
         instance_dir: PathBuf,
     ) -> Result<Self, CaptureError> {
         std::fs::create_dir_all(&instance_dir).map_err(|e| pin_err(&instance_dir, e))?;
+        let mut cleanup = UnpinOnFailure {
+            dir: instance_dir.clone(),
+            armed: true,
+        };
         let map_paths: Vec<(&'static str, PathBuf)> = PINNED_MAPS
             .iter()
             .map(|m| (*m, instance_dir.join(m)))
             .collect();
+        let global = path.global();
         let mut loader = EbpfLoader::new();
         loader
+            .override_global(GLOBAL_LIVE_READ, &global, true)
             .map_max_entries(MAP_CONNS, settings.max_connections)
             .map_max_entries(MAP_CLOSED, settings.ring_buffer_bytes);
         for (name, path) in &map_paths {
@@ -472,10 +636,17 @@ impl Capture {
         .map_err(map_err(MAP_CONFIG))?;
         write_config(&mut config, settings)?;
 
+        // Every program is verified before anything is attached, so a kernel that refuses one
+        // refuses the start with nothing attached yet.
+        load_programs(&mut ebpf, path)?;
         let cgroup_fd = File::open(&cgroup).map_err(|source| CaptureError::Io {
             path: cgroup.clone(),
             source,
         })?;
+        if path == LivePath::Iterator {
+            let link = iter_link(&ebpf)?;
+            sys::obj_pin(&link, &iter_path(&instance_dir)).map_err(CaptureError::Iter)?;
+        }
         // Packet counters first, then the lifecycle hook that creates records, so no packet of
         // a recorded connection goes uncounted. These are BPF links (kernel >= 5.7), which always
         // coexist with other programs on the cgroup; link_create rejects the ALLOW_MULTI flag.
@@ -488,9 +659,6 @@ impl Capture {
                 .ok_or(CaptureError::Missing(name))?
                 .try_into()
                 .map_err(|source| program_err(name, "type", source))?;
-            program
-                .load()
-                .map_err(|source| program_err(name, "load", source))?;
             let link_id = program
                 .attach(&cgroup_fd, attach_type, CgroupAttachMode::Single)
                 .map_err(|source| program_err(name, "attach", source))?;
@@ -504,9 +672,6 @@ impl Capture {
             .ok_or(CaptureError::Missing(PROG_SOCKOPS))?
             .try_into()
             .map_err(|source| program_err(PROG_SOCKOPS, "type", source))?;
-        sockops
-            .load()
-            .map_err(|source| program_err(PROG_SOCKOPS, "load", source))?;
         let link_id = sockops
             .attach(&cgroup_fd, CgroupAttachMode::Single)
             .map_err(|source| program_err(PROG_SOCKOPS, "attach", source))?;
@@ -514,9 +679,9 @@ impl Capture {
             .take_link(link_id)
             .map_err(|source| program_err(PROG_SOCKOPS, "take link", source))?;
         pin_link(FdLink::try_from(link), &instance_dir, PROG_SOCKOPS)?;
-        attach_iter(&mut ebpf, &instance_dir)?;
         info!(
-            "attached to cgroup {} watching ports {:?}; pinned under {}",
+            "attached to cgroup {} watching ports {:?}; live connections read through the {path} \
+             ({path_reason}); pinned under {}",
             cgroup.display(),
             settings.ports,
             instance_dir.display()
@@ -531,6 +696,7 @@ impl Capture {
             RingBuf::try_from(take(&mut ebpf, MAP_CLOSED)?).map_err(map_err(MAP_CLOSED))?;
         let requests =
             RingBuf::try_from(take(&mut ebpf, MAP_REQUESTS)?).map_err(map_err(MAP_REQUESTS))?;
+        cleanup.armed = false;
         Ok(Self {
             _ebpf: Some(ebpf),
             cgroup,
@@ -538,6 +704,8 @@ impl Capture {
             instance_dir,
             instance,
             reused: false,
+            path,
+            path_reason,
             conns,
             loss,
             closed: Some(closed),
@@ -565,7 +733,7 @@ impl Capture {
         let mut rest = cookies;
         while !rest.is_empty() {
             let chunk = &rest[..rest.len().min(BATCH)];
-            match batch::delete(fd, chunk) {
+            match sys::delete_batch(fd, chunk) {
                 Ok(()) => rest = &rest[chunk.len()..],
                 // The key at `done` is not in the map (nothing to delete): skip it.
                 Err((done, e)) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -593,20 +761,21 @@ impl Capture {
         self.closed.take().ok_or(CaptureError::Missing(MAP_CLOSED))
     }
 
-    /// Reads every record the kernel holds: the live ones (socket storage, through the
-    /// iterator), then the closed-but-not-yet-deleted ones (the CONNS map, a few batch
-    /// syscalls). In that order, a connection that closes between the two reads shows in
-    /// both, never in neither; the later, closed record comes last.
+    /// Reads every record the kernel holds. Iterator path: the live ones (socket storage,
+    /// through the iterator), then the closed-but-not-yet-deleted ones (the CONNS map, a few
+    /// batch syscalls); in that order, a connection that closes between the two reads shows in
+    /// both, never in neither, and the later, closed record comes last. Map path: CONNS holds
+    /// both.
     pub fn poll(&self) -> Records {
-        let mut records = match read_live(&self.iter_path) {
-            Ok(records) => records,
-            Err(e) => {
+        let mut records = match self.path {
+            LivePath::Iterator => read_live(&self.iter_path).unwrap_or_else(|e| {
                 warn!("reading the live connections failed: {e}");
                 Records::new()
-            }
+            }),
+            LivePath::Map => Records::new(),
         };
         let fd = self.conns.map().fd().as_fd().as_raw_fd();
-        match batch::lookup_all(fd) {
+        match sys::lookup_all(fd) {
             Ok(closed) => records.extend(closed),
             Err(e) => {
                 log::debug!("batch lookup unavailable ({e}); reading the map key by key");
@@ -634,6 +803,123 @@ impl Capture {
     }
 }
 
+/// The path to start on when no pinned state is continued, and why.
+fn choose_path(live_read: LiveRead) -> (LivePath, String) {
+    match live_read {
+        LiveRead::Iterator => (LivePath::Iterator, "live_read = iterator".to_owned()),
+        LiveRead::Map => (LivePath::Map, "live_read = map".to_owned()),
+        LiveRead::Auto => match probe::iterator() {
+            Ok(()) => (
+                LivePath::Iterator,
+                "auto: the kernel loads the iterator".to_owned(),
+            ),
+            Err(e) => {
+                let why = probe::short_error(&e);
+                warn!(
+                    "the kernel refused the connection iterator ({why}): reading live \
+                     connections from the map instead (live_read = auto)"
+                );
+                (
+                    LivePath::Map,
+                    format!("auto: the kernel refused the iterator ({})", root_cause(&e)),
+                )
+            }
+        },
+    }
+}
+
+/// The innermost message of an error chain (e.g. "Operation not permitted").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Whether `dir` holds every map and link pinned for `path`.
+fn is_complete(dir: &Path, path: LivePath) -> bool {
+    PINNED_MAPS.iter().all(|m| dir.join(m).exists())
+        && path
+            .pinned_links()
+            .iter()
+            .all(|l| dir.join(format!("link-{l}")).exists())
+}
+
+/// Removes every pinned instance under `pin_dir` except `keep`: other versions, kernel objects,
+/// cgroups or live-read paths.
+fn remove_other_instances(pin_dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path != keep {
+            info!(
+                "removing pinned sensor state {} (from another sensor version, kernel object, \
+                 cgroup or live-read path)",
+                path.display()
+            );
+            remove_instance(&path);
+        }
+    }
+}
+
+/// Loads (verifies) the programs `path` uses, without attaching any.
+fn load_programs(ebpf: &mut Ebpf, path: LivePath) -> Result<(), CaptureError> {
+    for name in path.pinned_links() {
+        load_program(ebpf, name)?;
+    }
+    Ok(())
+}
+
+/// Loads (verifies) one program of the object; a refusal names what the kernel refused.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
+    let program = ebpf.program_mut(name).ok_or(CaptureError::Missing(name))?;
+    let loaded = match name {
+        PROG_ITER => {
+            let btf =
+                Btf::from_sys_fs().map_err(|e| CaptureError::Iter(std::io::Error::other(e)))?;
+            let iter: &mut Iter = program
+                .try_into()
+                .map_err(|source| program_err(name, "type", source))?;
+            iter.load("bpf_sk_storage_map", &btf)
+        }
+        PROG_SOCKOPS => {
+            let sockops: &mut SockOps = program
+                .try_into()
+                .map_err(|source| program_err(name, "type", source))?;
+            sockops.load()
+        }
+        _ => {
+            let skb: &mut CgroupSkb = program
+                .try_into()
+                .map_err(|source| program_err(name, "type", source))?;
+            skb.load()
+        }
+    };
+    loaded.map_err(|source| refused(name, source))
+}
+
+/// Links the loaded iterator to the socket storage map; the link is what readers open.
+fn iter_link(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, CaptureError> {
+    let map_fd = match ebpf.map(MAP_SOCKS) {
+        Some(Map::SkStorage(data)) => data.fd().as_fd().as_raw_fd(),
+        _ => return Err(CaptureError::Missing(MAP_SOCKS)),
+    };
+    let program: &Iter = ebpf
+        .program(PROG_ITER)
+        .ok_or(CaptureError::Missing(PROG_ITER))?
+        .try_into()
+        .map_err(|source| program_err(PROG_ITER, "type", source))?;
+    let prog_fd = program
+        .fd()
+        .map_err(|source| program_err(PROG_ITER, "fd", source))?
+        .as_fd()
+        .as_raw_fd();
+    sys::iter_link_create(prog_fd, map_fd).map_err(|e| refused(PROG_ITER, e))
+}
+
 fn iter_path(instance_dir: &Path) -> PathBuf {
     instance_dir.join(format!("link-{PROG_ITER}"))
 }
@@ -656,113 +942,6 @@ fn read_live(path: &Path) -> std::io::Result<Records> {
         .collect())
 }
 
-/// Loads the iterator over the live records, links it to the socket storage map and pins the
-/// link where `read_live` opens it.
-fn attach_iter(ebpf: &mut Ebpf, instance_dir: &Path) -> Result<(), CaptureError> {
-    let map_fd = match ebpf.map(MAP_SOCKS) {
-        Some(Map::SkStorage(data)) => data.fd().as_fd().as_raw_fd(),
-        _ => return Err(CaptureError::Missing(MAP_SOCKS)),
-    };
-    let btf = Btf::from_sys_fs().map_err(|e| CaptureError::Iter(std::io::Error::other(e)))?;
-    let program: &mut Iter = ebpf
-        .program_mut(PROG_ITER)
-        .ok_or(CaptureError::Missing(PROG_ITER))?
-        .try_into()
-        .map_err(|source| program_err(PROG_ITER, "type", source))?;
-    program
-        .load("bpf_sk_storage_map", &btf)
-        .map_err(|source| program_err(PROG_ITER, "load", source))?;
-    let prog_fd = program
-        .fd()
-        .map_err(|source| program_err(PROG_ITER, "fd", source))?
-        .as_fd()
-        .as_raw_fd();
-    // aya's Iter::attach passes no map; a map iterator needs one (bpf_iter_link_info.map).
-    let link = iter_link::create(prog_fd, map_fd).map_err(CaptureError::Iter)?;
-    iter_link::pin(&link, &iter_path(instance_dir)).map_err(CaptureError::Iter)
-}
-
-/// BPF_LINK_CREATE of a map iterator and BPF_OBJ_PIN of the link, with raw bpf(2) calls.
-mod iter_link {
-    use std::{
-        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-        path::Path,
-    };
-
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_TRACE_ITER: u32 = 28;
-
-    /// `union bpf_attr`'s `link_create` member, iterator variant.
-    #[repr(C)]
-    #[derive(Default)]
-    struct LinkCreateAttr {
-        prog_fd: u32,
-        target_fd: u32,
-        attach_type: u32,
-        flags: u32,
-        iter_info: u64,
-        iter_info_len: u32,
-        _pad: u32,
-    }
-
-    /// `union bpf_attr`'s `obj_pin` member.
-    #[repr(C)]
-    #[derive(Default)]
-    struct ObjPinAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-        // SAFETY: attr is a valid bpf_attr prefix of the size passed; what it points to
-        // outlives the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                std::ptr::from_mut(attr),
-                std::mem::size_of::<T>(),
-            )
-        };
-        if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
-    }
-
-    pub fn create(prog_fd: RawFd, map_fd: RawFd) -> std::io::Result<OwnedFd> {
-        // union bpf_iter_link_info { struct { __u32 map_fd; } map; ... }
-        let mut info = [0u32; 4];
-        info[0] = map_fd as u32;
-        let mut attr = LinkCreateAttr {
-            prog_fd: prog_fd as u32,
-            attach_type: BPF_TRACE_ITER,
-            iter_info: info.as_mut_ptr() as u64,
-            iter_info_len: std::mem::size_of_val(&info) as u32,
-            ..Default::default()
-        };
-        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
-        // SAFETY: the kernel returned a new link fd that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-    }
-
-    pub fn pin(link: &OwnedFd, path: &Path) -> std::io::Result<()> {
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)?;
-        let mut attr = ObjPinAttr {
-            pathname: c.as_ptr() as u64,
-            bpf_fd: link.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
-    }
-}
-
 /// Makes the pinned port map of an instance hold exactly `ports` (as `reuse` does on start).
 fn write_ports(instance_dir: &Path, ports: &[u16]) -> Result<(), CaptureError> {
     let mut map: Array<MapData, u8> =
@@ -777,104 +956,6 @@ fn write_ports(instance_dir: &Path, ports: &[u16]) -> Result<(), CaptureError> {
         }
     }
     Ok(())
-}
-
-/// Records per batch syscall.
-const BATCH: usize = 4096;
-
-/// BPF_MAP_LOOKUP_BATCH / BPF_MAP_DELETE_BATCH on the connection map, with raw bpf(2) calls
-/// (aya has no batch operations).
-mod batch {
-    use std::os::fd::RawFd;
-
-    use sensor_common::ConnStats;
-
-    use super::{BATCH, Records};
-
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-
-    /// `union bpf_attr`'s `batch` member.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-
-    fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
-        // SAFETY: attr is a valid bpf_attr prefix of the size passed; the buffers it points
-        // to are sized for `count` elements and outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                std::ptr::from_mut(attr),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Every (key, value) of the map. ENOENT ends the walk (with the last elements read).
-    pub fn lookup_all(fd: RawFd) -> std::io::Result<Records> {
-        let mut records = Records::new();
-        let mut keys = vec![0u64; BATCH];
-        let mut values = vec![ConnStats::default(); BATCH];
-        // Opaque cursors (a bucket index for hash maps); 8 bytes covers every map type.
-        let mut cursor = 0u64;
-        let mut next = 0u64;
-        let mut first = true;
-        // Bounded: each round either ends the walk or moves the cursor past at least one
-        // bucket; the map has at most max_entries buckets worth of rounds.
-        for _ in 0..1_000_000 {
-            let mut attr = BatchAttr {
-                in_batch: if first {
-                    0
-                } else {
-                    std::ptr::from_mut(&mut cursor) as u64
-                },
-                out_batch: std::ptr::from_mut(&mut next) as u64,
-                keys: keys.as_mut_ptr() as u64,
-                values: values.as_mut_ptr() as u64,
-                count: BATCH as u32,
-                map_fd: fd as u32,
-                ..Default::default()
-            };
-            let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-            let n = (attr.count as usize).min(BATCH);
-            records.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-            match result {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(records),
-                Err(e) => return Err(e),
-            }
-            cursor = next;
-            first = false;
-        }
-        Ok(records)
-    }
-
-    /// Deletes `keys`; on failure, how many were deleted before the error.
-    pub fn delete(fd: RawFd, keys: &[u64]) -> Result<(), (usize, std::io::Error)> {
-        let mut attr = BatchAttr {
-            keys: keys.as_ptr() as u64,
-            count: keys.len() as u32,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        bpf(BPF_MAP_DELETE_BATCH, &mut attr).map_err(|e| (attr.count as usize, e))
-    }
 }
 
 fn pin_link(

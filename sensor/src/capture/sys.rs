@@ -1,0 +1,230 @@
+//! Every raw bpf(2) call the agent makes itself: what aya 0.14 does not offer (a map iterator's
+//! link, batch map operations) and the probes `sensor doctor` runs. One chokepoint, so the
+//! attribute layouts and the unsafe code live in one place.
+
+use std::{
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::Path,
+};
+
+use sensor_common::ConnStats;
+
+// Commands and types from include/uapi/linux/bpf.h.
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_TRACE_ITER: u32 = 28;
+const BPF_MAP_TYPE_HASH: u32 = 1;
+
+/// Records per batch syscall.
+pub const BATCH: usize = 4096;
+
+/// Connection records keyed by socket cookie.
+pub type Records = Vec<(u64, ConnStats)>;
+
+/// bpf(2) with `attr` as the attribute union's member of the command.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed; the buffers it points to are
+    // sized as the command expects and outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `union bpf_attr`'s `link_create` member, iterator variant.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    iter_info: u64,
+    iter_info_len: u32,
+    _pad: u32,
+}
+
+/// `union bpf_attr`'s `obj_pin` member.
+#[repr(C)]
+#[derive(Default)]
+struct ObjPinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// `union bpf_attr`'s `batch` member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The first fields of `union bpf_attr`'s map-create member (the rest stays zero).
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    map_ifindex: u32,
+    btf_fd: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
+}
+
+/// BPF_LINK_CREATE of a map iterator (aya's `Iter::attach` passes no map; a map iterator needs
+/// one in `bpf_iter_link_info.map`).
+pub fn iter_link_create(prog_fd: RawFd, map_fd: RawFd) -> std::io::Result<OwnedFd> {
+    // union bpf_iter_link_info { struct { __u32 map_fd; } map; ... }
+    let mut info = [0u32; 4];
+    info[0] = map_fd as u32;
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog_fd as u32,
+        attach_type: BPF_TRACE_ITER,
+        iter_info: info.as_mut_ptr() as u64,
+        iter_info_len: std::mem::size_of_val(&info) as u32,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new link fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// BPF_OBJ_PIN of any BPF object fd at `path` on a bpffs.
+pub fn obj_pin(fd: &OwnedFd, path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    let mut attr = ObjPinAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Every (cookie, record) of a `u64 -> ConnStats` map, with BPF_MAP_LOOKUP_BATCH. ENOENT ends
+/// the walk (with the last elements read).
+pub fn lookup_all(fd: RawFd) -> std::io::Result<Records> {
+    let mut records = Records::new();
+    let mut keys = vec![0u64; BATCH];
+    let mut values = vec![ConnStats::default(); BATCH];
+    // Opaque cursors (a bucket index for hash maps); 8 bytes covers every map type.
+    let mut cursor = 0u64;
+    let mut next = 0u64;
+    let mut first = true;
+    // Bounded: each round either ends the walk or moves the cursor past at least one bucket;
+    // the map has at most max_entries buckets worth of rounds.
+    for _ in 0..1_000_000 {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_mut(&mut cursor) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(BATCH);
+        records.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match result {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(records),
+            Err(e) => return Err(e),
+        }
+        cursor = next;
+        first = false;
+    }
+    Ok(records)
+}
+
+/// Deletes `keys` with BPF_MAP_DELETE_BATCH; on failure, how many were deleted before the error.
+pub fn delete_batch(fd: RawFd, keys: &[u64]) -> Result<(), (usize, std::io::Error)> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_DELETE_BATCH, &mut attr)
+        .map(|_| ())
+        .map_err(|e| (attr.count as usize, e))
+}
+
+/// Whether the kernel has batch map operations (5.6+): a lookup on an empty throwaway hash
+/// map answers ENOENT where they exist and EINVAL where they do not.
+pub fn probe_batch_ops() -> std::io::Result<bool> {
+    let mut create = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size: 8,
+        value_size: 8,
+        max_entries: 1,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut create)?;
+    // SAFETY: the kernel returned a new map fd that nothing else owns.
+    let map = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let (mut key, mut value, mut next) = (0u64, 0u64, 0u64);
+    let mut attr = BatchAttr {
+        out_batch: std::ptr::from_mut(&mut next) as u64,
+        keys: std::ptr::from_mut(&mut key) as u64,
+        values: std::ptr::from_mut(&mut value) as u64,
+        count: 1,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attribute prefixes must match the kernel's field offsets.
+    #[test]
+    fn attribute_layouts() {
+        assert_eq!(std::mem::size_of::<LinkCreateAttr>(), 32);
+        assert_eq!(std::mem::offset_of!(LinkCreateAttr, iter_info), 16);
+        assert_eq!(std::mem::size_of::<ObjPinAttr>(), 24);
+        assert_eq!(std::mem::size_of::<BatchAttr>(), 56);
+        assert_eq!(std::mem::offset_of!(BatchAttr, map_fd), 36);
+        assert_eq!(std::mem::offset_of!(MapCreateAttr, map_name), 28);
+        assert_eq!(std::mem::offset_of!(MapCreateAttr, btf_fd), 48);
+    }
+}
