@@ -269,6 +269,13 @@ pub struct Conn {
     pub last_seen: String,
 }
 
+/// The live-read path every agent of this run is forced onto (`SENSOR_LIVE_READ`), if any.
+pub fn forced_live_read() -> Option<String> {
+    std::env::var("SENSOR_LIVE_READ")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 /// The agent under test, scoped to one cgroup, with its own API socket.
 pub struct Agent {
     child: Child,
@@ -307,6 +314,12 @@ impl Agent {
             pin_dir.clone().into(),
         ];
         args.extend(extra.iter().map(Into::into));
+        // The forced-fallback runs of the test command (SENSOR_LIVE_READ=map) put every agent
+        // of a test binary on that path, unless the test chooses one itself.
+        let forced = forced_live_read().filter(|_| !extra.contains(&"--live-read"));
+        if let Some(path) = &forced {
+            args.extend(["--live-read".into(), path.into()]);
+        }
         let child = Self::spawn(&dir.path, &args);
         let mut agent = Self {
             child,
@@ -317,6 +330,13 @@ impl Agent {
             _dir: dir,
         };
         agent.wait_ready();
+        if let Some(path) = forced {
+            assert_eq!(
+                agent.health()["live_read"],
+                path.as_str(),
+                "the agent must run on the forced live-read path"
+            );
+        }
         agent
     }
 

@@ -30,8 +30,8 @@ use sensor_common::{
     PROG_ITER, PROG_SOCKOPS, RequestEvent,
 };
 
-pub use self::sys::Records;
 use self::sys::BATCH;
+pub use self::sys::Records;
 pub use crate::config::LiveRead;
 
 /// Maps pinned under the instance directory, by name.
@@ -99,8 +99,8 @@ const CAP_BPF: u32 = 39;
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error(
-        "missing capabilities {0}: run as root, or grant CAP_BPF and CAP_NET_ADMIN (CAP_SYS_ADMIN \
-         on kernels before 5.8); CAP_PERFMON as well for the faster iterator path"
+        "missing capabilities {0}: run as root, or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN \
+         (CAP_SYS_ADMIN on kernels before 5.8)"
     )]
     MissingCapabilities(String),
     #[error("no cgroup v2 hierarchy is mounted (looked for a cgroup2 entry in /proc/mounts)")]
@@ -168,13 +168,13 @@ fn refused(
         ),
         PROG_SOCKOPS => (
             "a sock_ops program",
-            "The agent needs cgroup sock_ops programs (kernel 5.12 or newer) and CAP_BPF with \
-             CAP_NET_ADMIN.",
+            "The agent needs cgroup sock_ops programs (kernel 5.12 or newer) and CAP_BPF, \
+             CAP_PERFMON and CAP_NET_ADMIN.",
         ),
         _ => (
             "a cgroup_skb program with BPF atomic compare-and-swap",
             "The agent needs cgroup_skb programs with BPF atomics (kernel 5.12 or newer) and \
-             CAP_BPF with CAP_NET_ADMIN.",
+             CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN.",
         ),
     };
     CaptureError::Refused {
@@ -243,8 +243,8 @@ pub struct Capture {
 }
 
 /// Checks what loading needs, so the operator gets one clear message instead of an EPERM.
-/// CAP_PERFMON is not required: only the iterator (a tracing program) needs it, and without
-/// it `auto` reads live connections from the map.
+/// CAP_PERFMON is needed on both paths: without it the verifier refuses the packet programs'
+/// pointer arithmetic ("prohibited for !root"), not only the iterator.
 pub fn preflight() -> Result<(), CaptureError> {
     let missing = missing_capabilities();
     if !missing.is_empty() {
@@ -260,21 +260,18 @@ pub fn preflight() -> Result<(), CaptureError> {
 pub fn missing_capabilities() -> Vec<&'static str> {
     let effective = effective_capabilities();
     let has = |cap: u32| effective & (1u64 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN)) {
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_NET_ADMIN)) {
         return Vec::new();
     }
-    [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
-        .iter()
-        .filter(|(cap, _)| !has(*cap))
-        .map(|(_, name)| *name)
-        .collect()
-}
-
-/// Whether this process may load tracing programs (the iterator): CAP_PERFMON, or
-/// CAP_SYS_ADMIN on kernels before 5.8.
-pub fn has_perfmon() -> bool {
-    let effective = effective_capabilities();
-    effective & (1u64 << CAP_PERFMON) != 0 || effective & (1u64 << CAP_SYS_ADMIN) != 0
+    [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    ]
+    .iter()
+    .filter(|(cap, _)| !has(*cap))
+    .map(|(_, name)| *name)
+    .collect()
 }
 
 /// CapEff of this process, from /proc/self/status (0 when unreadable).

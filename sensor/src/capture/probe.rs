@@ -10,8 +10,8 @@ use sensor_common::{GLOBAL_LIVE_READ, MAP_CLOSED, MAP_CONNS, MAP_REQUESTS, PROG_
 use serde::Serialize;
 
 use super::{
-    BTF_PATH, CaptureError, KERNEL_OBJECT, LivePath, LiveRead, cgroup2_root, has_perfmon,
-    iter_link, load_program, missing_capabilities, resolve_cgroup, root_cause,
+    BTF_PATH, CaptureError, KERNEL_OBJECT, LivePath, LiveRead, cgroup2_root, iter_link,
+    load_program, missing_capabilities, resolve_cgroup, root_cause,
 };
 
 /// The object loaded with its maps at their smallest (nothing pinned): enough to verify
@@ -77,10 +77,7 @@ pub(super) fn short_error(e: &CaptureError) -> String {
         other => other.to_string(),
     };
     // The verifier's log follows on later lines; `sensor run` prints it in full.
-    text.lines()
-    .next()
-    .unwrap_or_default()
-    .to_owned()
+    text.lines().next().unwrap_or_default().to_owned()
 }
 
 /// One line of the doctor's report.
@@ -136,18 +133,11 @@ pub fn doctor(cgroup: &Path, live_read: LiveRead) -> Report {
         "capabilities",
         missing.is_empty(),
         if missing.is_empty() {
-            "CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN)".to_owned()
+            "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN)".to_owned()
         } else {
             format!("missing {}", missing.join(", "))
         },
         true,
-    ));
-    let perfmon = has_perfmon();
-    checks.push(check(
-        "CAP_PERFMON",
-        perfmon,
-        "tracing programs (the iterator path); without it the map path is used".to_owned(),
-        false,
     ));
     let btf = Path::new(BTF_PATH).exists();
     checks.push(check("btf", btf, BTF_PATH.to_owned(), true));
@@ -166,12 +156,20 @@ pub fn doctor(cgroup: &Path, live_read: LiveRead) -> Report {
         ("map: ring buffer", MapType::RingBuf, true),
         ("map: socket storage", MapType::SkStorage, true),
     ] {
-        checks.push(probe_result(name, aya::sys::is_map_supported(map), required));
+        checks.push(probe_result(
+            name,
+            aya::sys::is_map_supported(map),
+            required,
+        ));
     }
     for (name, program, required) in [
         ("program type: cgroup_skb", ProgramType::CgroupSkb, true),
         ("program type: sock_ops", ProgramType::SockOps, true),
-        ("program type: tracing (fentry)", ProgramType::Tracing, false),
+        (
+            "program type: tracing (fentry)",
+            ProgramType::Tracing,
+            false,
+        ),
     ] {
         checks.push(probe_result(
             name,
@@ -219,7 +217,9 @@ pub fn doctor(cgroup: &Path, live_read: LiveRead) -> Report {
             },
         ),
         LiveRead::Iterator => (
-            works.contains(&LivePath::Iterator).then_some(LivePath::Iterator),
+            works
+                .contains(&LivePath::Iterator)
+                .then_some(LivePath::Iterator),
             "live_read = iterator".to_owned(),
         ),
         LiveRead::Map => (
