@@ -258,6 +258,7 @@ impl Bench<'_> {
                 dir: &dir,
                 pin_dir: &self.pin_dir,
                 config: Some(&config),
+                live_read: &self.opts.live_read,
             })?;
             let src = Ipv4Addr::new(127, 40, 0, 1 + trial);
             let t = self.one_bot(&agent, &c, src)?;

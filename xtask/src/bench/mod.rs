@@ -76,6 +76,10 @@ pub struct Options {
     /// Markdown file whose generated section is replaced.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
+    /// The agent's live-read path (`sensor run --live-read`): auto, iterator or map. Run the
+    /// bench once per path to compare them where the kernel loads both.
+    #[arg(long, default_value = "auto")]
+    pub live_read: String,
 }
 
 /// `[clients] max_clients` of the embedded default configuration.
@@ -489,6 +493,7 @@ impl Bench<'_> {
             dir: &dir,
             pin_dir: &self.pin_dir,
             config: None,
+            live_read: &self.opts.live_read,
         })
     }
 

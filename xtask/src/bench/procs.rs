@@ -237,7 +237,12 @@ pub struct AgentSpec<'a> {
     pub pin_dir: &'a Path,
     /// `--config` for the agent, if not the embedded defaults.
     pub config: Option<&'a Path>,
+    /// `--live-read` for the agent: auto, iterator or map.
+    pub live_read: &'a str,
 }
+
+/// The live-read path the agents of this run took and why, as the first one reported it.
+pub static LIVE_READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 impl Agent {
     pub fn start(spec: &AgentSpec<'_>) -> anyhow::Result<Self> {
@@ -264,6 +269,8 @@ impl Agent {
             .arg("--pin-dir")
             .arg(spec.pin_dir)
             .arg("--fresh")
+            .arg("--live-read")
+            .arg(spec.live_read)
             .env("RUST_LOG", "warn");
         if let Some(config) = spec.config {
             cmd.arg("--config").arg(config);
@@ -299,6 +306,16 @@ impl Agent {
                 bail!("the agent's API did not answer within 60 s");
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if LIVE_READ.get().is_none() {
+            let health: serde_json::Value =
+                serde_json::from_str(&api_get(&agent.socket, "/v1/health")?)
+                    .context("health JSON")?;
+            let _ = LIVE_READ.set(format!(
+                "{} ({})",
+                health["live_read"].as_str().unwrap_or("?"),
+                health["live_read_reason"].as_str().unwrap_or("?")
+            ));
         }
         Ok(agent)
     }

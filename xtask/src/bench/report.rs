@@ -106,7 +106,7 @@ pub fn render(r: &Results) -> String {
     let _ = writeln!(
         out,
         "Measured {} on this project's machine: {} cores ({}), {:.0} GiB, kernel {}; sensor \
-         revision {}. Load average (1/5/15 min) {} at the start, {} at the end; the whole run \
+         revision {}; live-read path {}. Load average (1/5/15 min) {} at the start, {} at the end; the whole run \
          took {:.0} s.{}\n",
         m.started_utc,
         m.cores,
@@ -118,6 +118,9 @@ pub fn render(r: &Results) -> String {
         m.mem_gib,
         m.kernel,
         m.revision,
+        super::procs::LIVE_READ
+            .get()
+            .map_or("not started", String::as_str),
         m.load_start,
         m.load_end,
         r.elapsed.as_secs_f64(),
