@@ -260,7 +260,7 @@ kernel_info() {
 }
 "#;
 
-fn init_script(phases: &[&Phase]) -> String {
+fn init_script() -> String {
     let helpers = HELPERS
         .replace("@PORT_HEX@", &format!("{PORT:04X}"))
         .replace("@PORT@", &PORT.to_string())
@@ -270,16 +270,12 @@ fn init_script(phases: &[&Phase]) -> String {
         .replace("@POLL_MS@", &POLL_MS.to_string());
     let mut s = format!("{}{helpers}", guest::INIT_PRELUDE);
     s += "report kernel kernel_info\nreport features features\nreport nginx start_nginx\n";
-    // Phase 2 and doctor only where the binary has them (the test checks the same on the host).
+    // Doctor and phase 2 only where the binary has them (the test asks the same on the host).
     s += "if sensor --help | grep -q '^  doctor '; then report doctor sensor doctor; fi\n";
-    s += &phases[0].script();
-    for phase in &phases[1..] {
-        s += "if sensor run --help | grep -q -- '--live-read'; then\n";
-        s += "    report phase2 echo ran\n";
-        s += &phase.script();
-        s += "else\n    report phase2 echo 'skipped: this sensor run has no --live-read'\nfi\n";
-    }
-    s += "finish\n";
+    s += &PHASE1.script();
+    s += "if sensor run --help | grep -q -- '--live-read'; then\n    report phase2 echo ran\n";
+    s += &PHASE2.script();
+    s += "else\n    report phase2 echo 'skipped: this sensor run has no --live-read'\nfi\nfinish\n";
     s
 }
 
@@ -336,7 +332,7 @@ fn build_initramfs(dir: &TempDir) -> std::path::PathBuf {
         .expect("posted.txt");
     let body: Vec<u8> = (0..POST_BODY.1).map(|i| (i * 13 + i / 97) as u8).collect();
     fs.file(POST_BODY.0, &body, 0o644).expect("post body");
-    fs.file("/init", init_script(&[&PHASE1, &PHASE2]).as_bytes(), 0o755)
+    fs.file("/init", init_script().as_bytes(), 0o755)
         .expect("/init");
     let archive = dir.path.join("initramfs.cpio");
     let size = fs.pack(&archive).expect("cpio");
