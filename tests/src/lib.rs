@@ -16,6 +16,7 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod guest;
 pub mod siem;
 pub mod systemd;
 pub mod tmux;

@@ -48,10 +48,10 @@ fn stamp_path() -> PathBuf {
 }
 
 /// Holds an exclusive flock on a file while alive.
-struct FileLock(fs::File);
+pub(crate) struct FileLock(fs::File);
 
 impl FileLock {
-    fn acquire(path: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn acquire(path: &Path) -> anyhow::Result<Self> {
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)

@@ -2,8 +2,8 @@
 //!
 //! `setup` installs everything a fresh machine lacks, idempotently and quickly on a second run:
 //! Debian packages the tests drive, the pinned nightly with rust-src (kernel crate), bpf-linker
-//! built against that nightly's own LLVM, cargo-deb, and the cached Debian tree the systemd
-//! tests boot. `deb` builds the Debian package.
+//! built against that nightly's own LLVM, cargo-deb, the cached Debian tree the systemd
+//! tests boot, and the Debian 6.1 kernel the guest-kernel test boots under qemu. `deb` builds the Debian package.
 
 use std::{
     env,
@@ -43,6 +43,11 @@ const APT_PACKAGES: &[&str] = &[
     "rsyslog-gnutls",
     "liblognorm-utils",
     "openssl",
+    // Guest-kernel test: Debian's own 6.1 kernel under qemu (TCG), from an initramfs of static
+    // busybox and the host's programs, packed with cpio.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
 ];
 /// cargo-deb builds the .deb (`cargo xtask deb`).
 const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -166,6 +171,15 @@ fn setup() -> anyhow::Result<()> {
     eprintln!(
         "xtask: test tree {} ready ({:.0?})",
         rootfs.display(),
+        started.elapsed()
+    );
+    // The guest-kernel test's kernel: downloaded and unpacked once, never installed here.
+    let started = std::time::Instant::now();
+    let kernel = sensor_tests::guest::ensure_kernel()?;
+    eprintln!(
+        "xtask: guest kernel {} {} ready ({:.0?})",
+        kernel.package,
+        kernel.version,
         started.elapsed()
     );
     Ok(())
