@@ -4,14 +4,12 @@
 //! equal nginx's and curl's own accounts exactly, nothing may be lost, and after SIGTERM
 //! nothing may be attached to the cgroup or pinned in bpffs.
 //!
-//! A second phase repeats the traffic with `sensor run --live-read map` (the read path without
-//! the iterator program), and `sensor doctor` reports the kernel's features, when the binary
-//! under test has them; whether it does is read from the binary itself on the host, so the
-//! guest can never skip what the binary supports.
+//! `sensor doctor` runs first: it must find that the agent can run, and the first phase (the
+//! agent on `auto`) must take the path the doctor predicts. A second phase repeats the traffic
+//! with `sensor run --live-read map` (the read path without the iterator program).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    process::Command,
     time::Instant,
 };
 
@@ -248,10 +246,6 @@ start_nginx() {
     done
     echo "nginx listening on 127.0.0.1:@PORT@"
 }
-features() {
-    if sensor run --help | grep -q -- '--live-read'; then echo "live-read yes"; else echo "live-read no"; fi
-    if sensor --help | grep -q '^  doctor '; then echo "doctor yes"; else echo "doctor no"; fi
-}
 kernel_info() {
     echo "release $(uname -r)"
     echo "bpf_jit_enable $(cat /proc/sys/net/core/bpf_jit_enable)"
@@ -269,13 +263,11 @@ fn init_script() -> String {
         .replace("@PIN_DIR@", PIN_DIR)
         .replace("@POLL_MS@", &POLL_MS.to_string());
     let mut s = format!("{}{helpers}", guest::INIT_PRELUDE);
-    s += "report kernel kernel_info\nreport features features\nreport nginx start_nginx\n";
-    // Doctor and phase 2 only where the binary has them (the test asks the same on the host).
-    s += "if sensor --help | grep -q '^  doctor '; then report doctor sensor doctor; fi\n";
+    s += "report kernel kernel_info\nreport nginx start_nginx\n";
+    s += &format!("report doctor sensor doctor --json --cgroup {CGROUP}\n");
     s += &PHASE1.script();
-    s += "if sensor run --help | grep -q -- '--live-read'; then\n    report phase2 echo ran\n";
     s += &PHASE2.script();
-    s += "else\n    report phase2 echo 'skipped: this sensor run has no --live-read'\nfi\nfinish\n";
+    s += "finish\n";
     s
 }
 
@@ -396,7 +388,7 @@ fn program_names(json: &str) -> Vec<String> {
 }
 
 /// Checks one phase against ground truth and the clean stop; returns a one-line summary.
-fn check_phase(s: &BTreeMap<String, Section>, phase: &Phase) -> String {
+fn check_phase(s: &BTreeMap<String, Section>, phase: &Phase, live_read: &str) -> String {
     let p = phase.name;
     eprintln!("[{p}] {}", ok(s, &format!("{p}.start")).trim());
     assert_eq!(
@@ -476,20 +468,11 @@ fn check_phase(s: &BTreeMap<String, Section>, phase: &Phase) -> String {
     for (name, value) in loss {
         assert_eq!(value, 0, "{p}: loss counter {name}");
     }
-    let live_read = health
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(k, _)| k.contains("live_read") || k.contains("read_path"))
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>();
+    assert_eq!(health["live_read"], live_read, "{p}: {health}");
     eprintln!(
-        "[{p}] health: live_read {}; loss {}",
-        if live_read.is_empty() {
-            "not reported by this binary".to_owned()
-        } else {
-            live_read.join(", ")
-        },
+        "[{p}] health: live_read {} ({}); loss {}",
+        health["live_read"],
+        health["live_read_reason"],
         serde_json::Value::Object(loss.clone())
     );
     eprintln!(
@@ -542,11 +525,6 @@ fn check_phase(s: &BTreeMap<String, Section>, phase: &Phase) -> String {
     )
 }
 
-/// `sensor ARGS --help` of the binary under test, asked on the host.
-fn help(args: &[&str]) -> String {
-    run_ok(Command::new(sensor_bin()).args(args).arg("--help"))
-}
-
 #[test]
 fn debian_6_1_cloud_kernel_counts_exactly_and_stops_clean() {
     if !privileged("debian_6_1_cloud_kernel_counts_exactly_and_stops_clean") {
@@ -565,10 +543,6 @@ fn debian_6_1_cloud_kernel_counts_exactly_and_stops_clean() {
         eprintln!("  {key}={}", value.as_deref().unwrap_or("(not set)"));
         assert_eq!(value.as_deref(), Some("y"), "{}: {key}", kernel.package);
     }
-    // The same questions the guest's `features` asks (grep -- '--live-read', grep '^  doctor ').
-    let live_read = help(&["run"]).contains("--live-read");
-    let doctor = help(&[]).lines().any(|l| l.starts_with("  doctor "));
-
     let dir = TempDir::new("guest");
     let initrd = build_initramfs(&dir);
     let built = started.elapsed();
@@ -595,33 +569,20 @@ fn debian_6_1_cloud_kernel_counts_exactly_and_stops_clean() {
         kernel.release
     );
     eprintln!("{}", ok(&s, "nginx").trim());
-    let features = ok(&s, "features");
-    assert_eq!(
-        features,
-        format!(
-            "live-read {}\ndoctor {}\n",
-            if live_read { "yes" } else { "no" },
-            if doctor { "yes" } else { "no" }
-        ),
-        "the guest sees the binary the host sees"
+    // The doctor on this kernel: the agent can run, and the path it predicts for `auto` is
+    // the one the agent then takes; the forced map path must work too.
+    let doctor: serde_json::Value =
+        serde_json::from_str(ok(&s, "doctor")).expect("sensor doctor --json in the guest");
+    assert_eq!(doctor["can_run"], true, "{doctor:#}");
+    let predicted = doctor["live_read"].as_str().expect("a live-read path");
+    eprintln!(
+        "sensor doctor on {}: live read {predicted} ({})",
+        doctor["kernel"], doctor["live_read_reason"]
     );
-    if doctor {
-        // Informational: its verdict is checked by the agent starting, not by its exit code.
-        let d = section(&s, "doctor");
-        eprintln!("sensor doctor (exit {:?}):\n{}", d.rc, d.body.trim_end());
-    } else {
-        eprintln!("sensor doctor: not in this binary");
-    }
-
-    let mut summary = vec![check_phase(&s, &PHASE1)];
-    let phase2 = ok(&s, "phase2").trim().to_owned();
-    if live_read {
-        assert_eq!(phase2, "ran");
-        summary.push(check_phase(&s, &PHASE2));
-    } else {
-        assert!(phase2.starts_with("skipped"), "{phase2}");
-        summary.push(format!("p2 (--live-read map): {phase2}"));
-    }
+    let summary = [
+        check_phase(&s, &PHASE1, predicted),
+        check_phase(&s, &PHASE2, "map"),
+    ];
     for line in &summary {
         eprintln!("{line}");
     }
