@@ -668,13 +668,20 @@ pub const CURL_WRITE_OUT: &str = "%{local_ip} %{local_port} %{size_request} %{si
 /// share curl's connection pool: keep-alive across operations) and returns each transfer's own
 /// measurements. Each operation is curl options followed by its URL.
 pub fn curl(mut cmd: Command, operations: &[Vec<String>]) -> Vec<Transfer> {
+    cmd.args(curl_args(operations));
+    parse_transfers(&run_ok(&mut cmd))
+}
+
+/// curl's arguments for `operations`, each reporting its transfer with `CURL_WRITE_OUT`.
+pub fn curl_args(operations: &[Vec<String>]) -> Vec<String> {
+    let mut args = Vec::new();
     for (i, op) in operations.iter().enumerate() {
         if i > 0 {
-            cmd.arg("--next");
+            args.push("--next".to_owned());
         }
         // Per operation: --next resets options. "Expect:" stops curl's 100-continue dance so
         // every request is one exchange.
-        cmd.args([
+        for a in [
             "-s",
             "--show-error",
             "-o",
@@ -683,10 +690,28 @@ pub fn curl(mut cmd: Command, operations: &[Vec<String>]) -> Vec<Transfer> {
             "Expect:",
             "-w",
             CURL_WRITE_OUT,
-        ])
-        .args(op);
+        ] {
+            args.push(a.to_owned());
+        }
+        args.extend(op.iter().cloned());
     }
-    parse_transfers(&run_ok(&mut cmd))
+    args
+}
+
+/// Programs attached to `cgroup`, by name (sorted), as the kernel lists them.
+pub fn attached_programs(cgroup: &Cgroup) -> Vec<String> {
+    let out = run_ok(
+        Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&cgroup.path),
+    );
+    let progs: Vec<serde_json::Value> = serde_json::from_str(out.trim()).unwrap_or_default();
+    let mut names: Vec<String> = progs
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
 }
 
 pub fn parse_transfers(write_out: &str) -> Vec<Transfer> {

@@ -4,22 +4,6 @@ use std::{process::Command, time::Duration};
 
 use sensor_tests::*;
 
-/// Programs the agent attaches to `cgroup`, by name, as the kernel lists them.
-fn attached(cgroup: &Cgroup) -> Vec<String> {
-    let out = run_ok(
-        Command::new("bpftool")
-            .args(["-j", "cgroup", "show"])
-            .arg(&cgroup.path),
-    );
-    let progs: Vec<serde_json::Value> = serde_json::from_str(out.trim()).unwrap_or_default();
-    let mut names: Vec<String> = progs
-        .iter()
-        .filter_map(|p| p["name"].as_str().map(str::to_owned))
-        .collect();
-    names.sort();
-    names
-}
-
 #[test]
 fn attaches_to_its_cgroup_and_detaches_on_sigterm() {
     if !privileged("attaches_to_its_cgroup_and_detaches_on_sigterm") {
@@ -28,7 +12,7 @@ fn attaches_to_its_cgroup_and_detaches_on_sigterm() {
     let cg = Cgroup::new("lifecycle");
     let agent = Agent::start(&cg, &[free_port()], 200);
     assert_eq!(
-        attached(&cg),
+        attached_programs(&cg),
         ["sensor_egress", "sensor_ingress", "sensor_sockops"]
     );
     let health = agent.health();
@@ -36,7 +20,7 @@ fn attaches_to_its_cgroup_and_detaches_on_sigterm() {
     assert_eq!(health["cgroup"], cg.path.display().to_string());
     drop(agent); // SIGTERM, then waits for exit
     wait_for("programs to detach", Duration::from_secs(10), || {
-        let names = attached(&cg);
+        let names = attached_programs(&cg);
         if names.is_empty() {
             Ok(())
         } else {

@@ -125,27 +125,9 @@ impl Phase {
 
 /// curl with the same per-operation options as the host harness's `curl()`.
 fn curl_line(ops: &[Vec<String>]) -> String {
-    let mut args: Vec<String> = vec!["curl".into()];
-    for (i, op) in ops.iter().enumerate() {
-        if i > 0 {
-            args.push("--next".into());
-        }
-        for a in [
-            "-s",
-            "--show-error",
-            "-o",
-            "/dev/null",
-            "-H",
-            "Expect:",
-            "-w",
-            CURL_WRITE_OUT,
-        ] {
-            args.push(a.into());
-        }
-        args.extend(op.iter().cloned());
-    }
-    args.iter()
-        .map(|a| shell_quote(a))
+    std::iter::once("curl".to_owned())
+        .chain(curl_args(ops))
+        .map(|a| shell_quote(&a))
         .collect::<Vec<_>>()
         .join(" ")
 }

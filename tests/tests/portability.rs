@@ -5,20 +5,6 @@ use std::{path::Path, process::Command, time::Duration};
 
 use sensor_tests::*;
 
-/// Programs attached to `cgroup`, by name, as the kernel lists them.
-fn attached(cgroup: &Cgroup) -> Vec<String> {
-    let out = run_ok(
-        Command::new("bpftool")
-            .args(["-j", "cgroup", "show"])
-            .arg(&cgroup.path),
-    );
-    let progs: Vec<serde_json::Value> = serde_json::from_str(out.trim()).unwrap_or_default();
-    progs
-        .iter()
-        .filter_map(|p| p["name"].as_str().map(str::to_owned))
-        .collect()
-}
-
 /// `sensor doctor --json` for `cgroup`.
 fn doctor(cgroup: &Cgroup, extra: &[&str]) -> (bool, serde_json::Value) {
     let out = Command::new(sensor_bin())
@@ -143,7 +129,11 @@ fn refused_starts_leave_nothing_behind() {
             .expect("sensor run")
     };
     let assert_clean = |what: &str| {
-        assert!(attached(&cg).is_empty(), "{what}: {:?}", attached(&cg));
+        assert!(
+            attached_programs(&cg).is_empty(),
+            "{what}: {:?}",
+            attached_programs(&cg)
+        );
         assert!(!pins.exists(), "{what}: {} left behind", pins.display());
     };
 
@@ -201,10 +191,14 @@ fn refused_starts_leave_nothing_behind() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{err}");
     assert!(err.contains("cannot start capture"), "{err}");
-    assert!(attached(&other).is_empty(), "{:?}", attached(&other));
+    assert!(
+        attached_programs(&other).is_empty(),
+        "{:?}",
+        attached_programs(&other)
+    );
     assert!(pinned[0].exists(), "the earlier run's state is kept");
     assert_eq!(
-        attached(&cg).len(),
+        attached_programs(&cg).len(),
         3,
         "the earlier run's programs stay attached"
     );
@@ -212,7 +206,7 @@ fn refused_starts_leave_nothing_behind() {
     assert_eq!(agent.health()["continued_from_pinned_state"], true);
     drop(agent);
     wait_for("programs to detach", Duration::from_secs(10), || {
-        let names = attached(&cg);
+        let names = attached_programs(&cg);
         if names.is_empty() {
             Ok(())
         } else {
