@@ -44,6 +44,7 @@ pub const NO_EXCHANGE_PENDING: u64 = u64::MAX;
 
 /// Map names, shared so the agent and the kernel object cannot drift apart.
 pub const MAP_CONNS: &str = "CONNS";
+pub const MAP_OPEN: &str = "OPEN";
 pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_LIVE: &str = "LIVE";
 pub const MAP_CLOSED: &str = "CLOSED";
@@ -61,8 +62,8 @@ pub const MAP_LOSS: &str = "LOSS";
 /// the record through the packet's socket, no hash lookup. Needs a tracing program (the
 /// iterator), which some kernels, lockdown modes and container policies refuse.
 pub const LIVE_READ_ITERATOR: u32 = 0;
-/// The cookie-keyed `CONNS` map holds live and closed records alike; the agent reads it with
-/// batch lookups. No tracing program at all.
+/// Live records in the cookie-keyed `OPEN` map (closed ones in `CONNS`, as on the iterator
+/// path); the agent reads both with batch lookups. No tracing program at all.
 pub const LIVE_READ_MAP: u32 = 1;
 /// Symbol of the read-only global that holds the `LIVE_READ_*` path.
 pub const GLOBAL_LIVE_READ: &str = "LIVE_READ";
@@ -75,8 +76,8 @@ pub const PROG_SOCKOPS: &str = "sensor_sockops";
 pub const PROG_ITER: &str = "sensor_conns";
 
 /// Per-connection counters: with the socket cookie, the socket storage (`SOCKS`) of a live
-/// connection on the iterator path; the value of the `CONNS` map (keyed by socket cookie) once
-/// it closed, and on the map path also while it is live.
+/// connection on the iterator path, the value of the `OPEN` map (keyed by socket cookie) on the
+/// map path; the value of the `CONNS` map (keyed by socket cookie) once it closed.
 ///
 /// Addresses are 16 bytes in network order; IPv4 is stored as an IPv4-mapped IPv6 address.
 /// "in" is client -> this host, "out" is this host -> client.

@@ -8,7 +8,7 @@
 //!   of every packet of a recorded connection.
 //! * `sensor_conns` (iterator over `SOCKS`): how the agent reads live records on the iterator
 //!   path. It is a tracing program, which some kernels refuse; on the map path it is never
-//!   loaded and live records sit in `CONNS` instead (see `LIVE_READ`).
+//!   loaded and live records sit in `OPEN` instead (see `LIVE_READ`).
 //!
 //! A passive sensor never drops or alters traffic: every program returns "allow" on every path.
 #![no_std]
@@ -29,8 +29,9 @@ use core::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, seq_file,
+        BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, seq_file,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -72,7 +73,7 @@ const CAS_ATTEMPTS: usize = 3;
 #[unsafe(no_mangle)]
 static LIVE_READ: u32 = LIVE_READ_ITERATOR;
 
-/// True on the map path (live records in `CONNS`), false on the iterator path (`SOCKS`).
+/// True on the map path (live records in `OPEN`), false on the iterator path (`SOCKS`).
 #[inline(always)]
 fn map_path() -> bool {
     // SAFETY: a plain read of a global; volatile so the compiler keeps the load of the value
@@ -91,9 +92,18 @@ static SOCKS: SkStorage<ClosedConn> = SkStorage::new();
 #[map]
 static LIVE: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Records keyed by socket cookie. Closed connections: the final record, kept until the agent
-/// has accounted it durably and deletes it. On the map path also every live connection (the
-/// agent never deletes a record that is not closed). The agent sizes it at load time.
+/// Live connections on the map path, keyed by socket cookie; the close moves the record to
+/// `CONNS`. A map of its own, bounded by `max_connections` like `LIVE` on the iterator path, so
+/// closed records waiting for the agent can never crowd out live ones. Not preallocated: a
+/// deleted element is freed after an RCU grace period instead of being reused at once, so a
+/// packet program that found the record just before the close never writes into another
+/// connection's record. The agent sizes it at load time.
+#[map]
+static OPEN: HashMap<u64, ConnStats> =
+    HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, BPF_F_NO_PREALLOC);
+
+/// Closed connections, keyed by socket cookie: the final record, kept until the agent has
+/// accounted it durably and deletes it. The agent sizes it at load time.
 #[map]
 static CONNS: HashMap<u64, ConnStats> = HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
 
@@ -324,13 +334,13 @@ fn open_connection(ctx: &SockOpsContext) {
     }
 }
 
-/// Map path: the live record goes into CONNS under the socket's cookie. False when the map is
-/// full (`max_connections` live and unaccounted closed records).
+/// Map path: the live record goes into OPEN under the socket's cookie. False when
+/// `max_connections` are live already.
 #[inline(always)]
 fn record_in_map(ctx: &SockOpsContext, record: &ClosedConn) -> bool {
     // NOEXIST: a cookie is never reused while the kernel runs, so an existing entry would be a
     // second callback for the same socket, whose counts must not restart.
-    if CONNS
+    if OPEN
         .insert(&record.cookie, &record.stats, u64::from(BPF_NOEXIST))
         .is_err()
     {
@@ -339,7 +349,7 @@ fn record_in_map(ctx: &SockOpsContext, record: &ClosedConn) -> bool {
     if watch_close(ctx) {
         return true;
     }
-    let _ = CONNS.remove(&record.cookie);
+    let _ = OPEN.remove(&record.cookie);
     false
 }
 
@@ -430,21 +440,22 @@ fn close_connection(ctx: &SockOpsContext) {
     }
 }
 
-/// `close_connection` on the map path: the record is already in CONNS, where it stays marked
-/// closed until the agent deletes it.
+/// `close_connection` on the map path: the final record moves from OPEN to CONNS.
 fn close_in_map(ctx: &SockOpsContext) {
     // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(stats) = CONNS.get_ptr_mut(&cookie) else {
+    let Some(stats) = OPEN.get_ptr_mut(&cookie) else {
         return;
     };
-    // SAFETY: pointer into a live map value.
+    // SAFETY: pointer into a live map value, which stays valid (RCU) until this program ends
+    // even after the remove below.
     unsafe {
-        if (*stats).closed != 0 {
-            return;
-        }
         (*stats).last_seen_ns = now_ns();
         (*stats).closed = 1;
+        // The final record stays in CONNS until the agent has accounted it durably.
+        if CONNS.insert(&cookie, &*stats, u64::from(BPF_ANY)).is_err() {
+            count_loss(Loss::ConnMapFull);
+        }
         match CLOSED.reserve::<ClosedConn>(0) {
             Some(mut entry) => {
                 entry.write(ClosedConn {
@@ -456,6 +467,9 @@ fn close_in_map(ctx: &SockOpsContext) {
             // The agent's next poll finds the closed record in CONNS: a delay, not a loss.
             None => count_loss(Loss::RingBufFull),
         }
+        // Later packets (a reset after the close) find no record and are not counted, and
+        // the agent's read no longer lists the connection as live.
+        let _ = OPEN.remove(&cookie);
     }
 }
 
@@ -698,14 +712,7 @@ fn record_of_packet(ctx: &SkBuffContext) -> Option<(u64, *mut ConnStats)> {
     if map_path() {
         // SAFETY: cgroup_skb context, accepted by the helper; returns the socket's cookie.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let stats = CONNS.get_ptr_mut(&cookie)?;
-        // SAFETY: pointer into a live map value. A closed record waits in CONNS for the agent:
-        // later packets (a reset after the close) are not counted, as on the iterator path,
-        // where the close deletes the socket storage.
-        if unsafe { (*stats).closed } != 0 {
-            return None;
-        }
-        return Some((cookie, stats));
+        return OPEN.get_ptr_mut(&cookie).map(|stats| (cookie, stats));
     }
     // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL).
     let sk: *mut c_void = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.cast();

@@ -341,6 +341,26 @@ fn lock(state: &SharedState) -> anyhow::Result<std::sync::MutexGuard<'_, AgentSt
         .map_err(|_| anyhow::anyhow!("agent state poisoned"))
 }
 
+/// Detaches and unpins an instance this start attached (and removes the pin directory it
+/// created), when the start fails after the attach (an API socket that cannot be bound, an
+/// unwritable state directory, ...).
+struct DetachUntilRunning(Option<(std::path::PathBuf, Option<std::path::PathBuf>)>);
+
+impl Drop for DetachUntilRunning {
+    fn drop(&mut self) {
+        if let Some((dir, pin_dir)) = self.0.take() {
+            warn!(
+                "start failed: detaching and unpinning what this start attached ({})",
+                dir.display()
+            );
+            crate::capture::remove_instance(&dir);
+            if let Some(pin_dir) = pin_dir {
+                let _ = std::fs::remove_dir(pin_dir);
+            }
+        }
+    }
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = service::exit_on_config_error(effective_config(&args))?;
     // Before touching saved state or the kernel: a bad token file or a taken address fails fast.
@@ -382,6 +402,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         live_read: config.capture.live_read,
     })
     .context("cannot start capture")?;
+    // Until the agent serves, a failed start detaches what this start attached; state an
+    // earlier run pinned (continued here) stays for the next try.
+    let mut starting = DetachUntilRunning((!capture.reused).then(|| {
+        (
+            capture.instance_dir.clone(),
+            capture
+                .created_pin_dir
+                .then(|| config.state.bpf_pin_dir.clone()),
+        )
+    }));
     // SAFETY (both): the RingBuf owns its map fd, which stays open and unchanged while the
     // AsyncFd owns the RingBuf.
     let mut closed = unsafe { AsyncFd::register(capture.take_closed()?) }
@@ -494,6 +524,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let watchdog_period = notifier.watchdog_period();
     let mut watchdog = ticker(watchdog_period.unwrap_or(Duration::from_secs(3600)));
     let cgroup = pipeline.capture.cgroup.display().to_string();
+    starting.0 = None;
     notifier.ready(&status_line(&config, &cgroup));
     info!("sensor running");
     loop {

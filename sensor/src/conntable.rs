@@ -193,6 +193,11 @@ pub struct ConnTable {
     unreaped: Vec<u64>,
     /// Closed and accounted cookies -> unix seconds when accounted.
     tombstones: CookieMap<u64>,
+    /// Tombstones restored from a snapshot whose kernel records may still exist: an agent that
+    /// died between saving a snapshot and deleting the records it accounts leaves them in the
+    /// kernel map. Seen again, they are deleted without being counted (before the tombstone
+    /// expires and they would count twice).
+    restored: CookieMap<()>,
     closed: VecDeque<Closed>,
     /// Current exchange per connection (HTTP/1.x connections with identity or forwarding).
     exchanges: CookieMap<Exchange>,
@@ -255,6 +260,9 @@ impl ConnTable {
     /// Accounts one observation of a connection's counters into `agg`.
     pub fn observe(&mut self, cookie: u64, stats: &ConnStats, agg: &mut Aggregator, now: Now) {
         if self.tombstones.contains_key(&cookie) {
+            if stats.closed != 0 && self.restored.remove(&cookie).is_some() {
+                self.unreaped.push(cookie);
+            }
             return;
         }
         let previous = self.live.get(&cookie);
@@ -449,6 +457,8 @@ impl ConnTable {
     pub fn expire_tombstones(&mut self, now: Now) {
         self.tombstones
             .retain(|_, at| now.secs().saturating_sub(*at) < TOMBSTONE_SECS);
+        let tombstones = &self.tombstones;
+        self.restored.retain(|c, ()| tombstones.contains_key(c));
     }
 
     pub fn live_count(&self) -> usize {
@@ -470,6 +480,7 @@ impl ConnTable {
     pub fn restore(&mut self, state: &ConnState) {
         self.live = state.live.iter().copied().collect();
         self.tombstones = state.tombstones.iter().copied().collect();
+        self.restored = state.tombstones.iter().map(|(c, _)| (*c, ())).collect();
         self.exchanges = state.exchanges.iter().cloned().collect();
     }
 
@@ -568,6 +579,27 @@ mod tests {
         restored.observe(9, &s, &mut agg, now());
         assert_eq!(agg.addresses.clients["::1"].totals.bytes_out, 1500);
         assert_eq!(agg.addresses.clients["::1"].totals.connections, 1);
+    }
+
+    #[test]
+    fn records_left_by_a_crash_after_the_snapshot_are_deleted_not_counted() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        let mut s = stats(1);
+        s.closed = 1;
+        s.bytes_in = 100;
+        t.observe(7, &s, &mut agg, now());
+        assert_eq!(t.take_unreaped(), [7]);
+        // The snapshot holds the tombstone; the agent dies before deleting the record.
+        let saved = t.state();
+        let mut agg2 = Aggregator::new(100, 24, 56);
+        let mut restarted = ConnTable::new(Duration::from_secs(60), 10);
+        restarted.restore(&saved);
+        restarted.observe(7, &s, &mut agg2, now());
+        restarted.observe(7, &s, &mut agg2, now());
+        assert_eq!(restarted.take_unreaped(), [7], "queued for deletion once");
+        assert_eq!(restarted.closed_total, 0, "not counted again");
+        assert!(agg2.addresses.clients.is_empty(), "not counted again");
     }
 
     #[test]

@@ -705,7 +705,12 @@ pub fn attached_programs(cgroup: &Cgroup) -> Vec<String> {
             .args(["-j", "cgroup", "show"])
             .arg(&cgroup.path),
     );
-    let progs: Vec<serde_json::Value> = serde_json::from_str(out.trim()).unwrap_or_default();
+    // bpftool prints nothing at all when nothing is attached; anything else must parse.
+    let progs: Vec<serde_json::Value> = if out.trim().is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_str(out.trim()).expect("bpftool cgroup show JSON")
+    };
     let mut names: Vec<String> = progs
         .iter()
         .filter_map(|p| p["name"].as_str().map(str::to_owned))
@@ -887,4 +892,79 @@ pub fn identity_of(args: &[&std::ffi::OsStr], key: &str) -> String {
     let out = child.wait_with_output().expect("identity output");
     assert!(out.status.success(), "sensor identity failed");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A trivial sock_ops program attached to a cgroup the legacy, exclusive way (no
+/// BPF_F_ALLOW_MULTI), as an older tool might have left it: the kernel then refuses every
+/// other sock_ops attachment to that cgroup (EPERM), the agent's included. Detached on drop.
+pub struct ExclusiveSockOps {
+    prog: std::os::fd::OwnedFd,
+    cgroup: fs::File,
+}
+
+impl ExclusiveSockOps {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_PROG_DETACH: libc::c_long = 9;
+    const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
+    const BPF_CGROUP_SOCK_OPS: u32 = 3;
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i64> {
+        // SAFETY: attr is a zero-padded bpf_attr of the size passed; the buffers it points to
+        // outlive the call.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+
+    fn attr(fields: &[(usize, u64, usize)]) -> [u8; 128] {
+        let mut attr = [0u8; 128];
+        for (offset, value, size) in fields {
+            attr[*offset..offset + size].copy_from_slice(&value.to_ne_bytes()[..*size]);
+        }
+        attr
+    }
+
+    pub fn attach(cgroup: &Cgroup) -> Self {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        // r0 = 1; exit
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0x00, 0, 0, 1, 0, 0, 0]),
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let license = c"GPL";
+        let mut load = Self::attr(&[
+            (0, u64::from(Self::BPF_PROG_TYPE_SOCK_OPS), 4),
+            (4, insns.len() as u64, 4),
+            (8, insns.as_ptr() as u64, 8),
+            (16, license.as_ptr() as u64, 8),
+        ]);
+        let fd = Self::bpf(Self::BPF_PROG_LOAD, &mut load).expect("loading a sock_ops program");
+        // SAFETY: a new fd the kernel just returned.
+        let prog = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let cgroup = fs::File::open(&cgroup.path).expect("cgroup fd");
+        // bpf_attr's attach member: target_fd, attach_bpf_fd, attach_type, attach_flags = 0.
+        let mut attach = Self::attr(&[
+            (0, cgroup.as_raw_fd() as u64, 4),
+            (4, prog.as_raw_fd() as u64, 4),
+            (8, u64::from(Self::BPF_CGROUP_SOCK_OPS), 4),
+        ]);
+        Self::bpf(Self::BPF_PROG_ATTACH, &mut attach).expect("exclusive sock_ops attach");
+        Self { prog, cgroup }
+    }
+}
+
+impl Drop for ExclusiveSockOps {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        let mut detach = Self::attr(&[
+            (0, self.cgroup.as_raw_fd() as u64, 4),
+            (4, self.prog.as_raw_fd() as u64, 4),
+            (8, u64::from(Self::BPF_CGROUP_SOCK_OPS), 4),
+        ]);
+        let _ = Self::bpf(Self::BPF_PROG_DETACH, &mut detach);
+    }
 }

@@ -114,12 +114,13 @@ fn refused_starts_leave_nothing_behind() {
     std::fs::write(&config, "[capture]\nmax_connections = 2147483648\n").expect("config");
     let pins = Path::new("/sys/fs/bpf").join(format!("sensor-test-refused-{}", std::process::id()));
     let run = |extra: &[&str]| {
-        Command::new(sensor_bin())
-            .args(["run", "--ports", "8000", "--cgroup"])
-            .arg(&cg.path)
-            .arg("--socket")
-            .arg(dir.path.join("s.sock"))
-            .arg("--state-dir")
+        let mut cmd = Command::new(sensor_bin());
+        cmd.args(["run", "--ports", "8000", "--cgroup"])
+            .arg(&cg.path);
+        if !extra.contains(&"--socket") {
+            cmd.arg("--socket").arg(dir.path.join("s.sock"));
+        }
+        cmd.arg("--state-dir")
             .arg(dir.path.join("state"))
             .arg("--pin-dir")
             .arg(&pins)
@@ -142,6 +143,41 @@ fn refused_starts_leave_nothing_behind() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("cannot start capture"), "{err}");
     assert_clean("oversized map");
+
+    // Refusals after the packet programs are attached: the kernel refuses the sock_ops link
+    // (another tool holds the cgroup's sock_ops slot exclusively), and a start that fails
+    // after the attach (its API socket cannot be created).
+    let ours = |cg: &Cgroup| -> Vec<String> {
+        attached_programs(cg)
+            .into_iter()
+            .filter(|p| p.starts_with("sensor_"))
+            .collect()
+    };
+    {
+        let _exclusive = ExclusiveSockOps::attach(&cg);
+        let out = run(&[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("attach of program sensor_sockops"), "{err}");
+        assert!(ours(&cg).is_empty(), "sock_ops refused: {:?}", ours(&cg));
+        assert!(
+            !pins.exists(),
+            "sock_ops refused: {} left behind",
+            pins.display()
+        );
+    }
+    let not_a_dir = dir.path.join("file");
+    std::fs::write(&not_a_dir, "").expect("file");
+    let socket = not_a_dir.join("s.sock");
+    let out = run(&["--socket", socket.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("creating socket directory"), "{err}");
+    assert!(
+        err.contains("detaching and unpinning what this start attached"),
+        "{err}"
+    );
+    assert_clean("API socket refused after the attach");
 
     let (_, report) = doctor(&cg, &[]);
     if iterator_loads(&report) {
@@ -238,4 +274,87 @@ fn doctor_fails_where_the_agent_cannot_run() {
         text.contains("verdict: the agent cannot run here"),
         "{text}"
     );
+}
+
+/// Closed records waiting for the agent never take the room of live ones: with the agent down
+/// (nobody deletes closed records), more short connections close than `max_connections`, and
+/// a connection opened after them is still recorded. The closes beyond the closed-record map's
+/// room still reach the agent through the ring buffer: every request is counted, and
+/// `conn_map_full` says how many closed records the map could not keep. On both paths.
+#[test]
+fn closed_records_never_crowd_out_live_ones() {
+    if !privileged("closed_records_never_crowd_out_live_ones") {
+        return;
+    }
+    for live_read in ["auto", "map"] {
+        let cg = Cgroup::new("crowd");
+        let port = free_port();
+        let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+        let dir = TempDir::new("crowd-config");
+        let config = dir.path.join("sensor.toml");
+        std::fs::write(&config, "[capture]\nmax_connections = 4\n").expect("config");
+        let mut agent = Agent::start_with(
+            &cg,
+            &[port],
+            200,
+            &[
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--live-read",
+                live_read,
+            ],
+        );
+        agent.kill9();
+        let url = format!("http://127.0.0.1:{port}/{}", SMALL.0);
+        for _ in 0..6 {
+            curl(Command::new("curl"), &[op(&[&url])]);
+        }
+        let script = format!(
+            "import socket, sys\n\
+             c = socket.create_connection(('127.0.0.1', {port}))\n\
+             print(c.getsockname()[1], flush=True)\n\
+             sys.stdin.read()\n"
+        );
+        let mut client = Command::new("python3")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(client.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("client port");
+        let remote = format!("127.0.0.1:{}", line.trim());
+        agent.restart();
+        wait_for(
+            "the live connection and every short one",
+            Duration::from_secs(15),
+            || {
+                let conns = agent.conns();
+                let open = conns
+                    .iter()
+                    .any(|c| c.state == "open" && c.remote == remote);
+                let requests: u64 = agent
+                    .clients("address")
+                    .iter()
+                    .map(|c| c["requests"].as_u64().unwrap_or(0))
+                    .sum();
+                let lost = agent.health()["loss"]["conn_map_full"]
+                    .as_u64()
+                    .unwrap_or(0);
+                if open && requests == 6 && lost == 2 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{live_read}: open {open}, requests {requests}, conn_map_full {lost}"
+                    ))
+                }
+            },
+        );
+        drop(client.stdin.take());
+        let _ = client.wait();
+    }
 }

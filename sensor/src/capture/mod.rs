@@ -26,8 +26,8 @@ use log::{info, warn};
 use sensor_common::{
     ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ConnStats,
     GLOBAL_LIVE_READ, HEAD_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss, MAP_CLOSED, MAP_CONFIG,
-    MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS, PROG_EGRESS, PROG_INGRESS,
-    PROG_ITER, PROG_SOCKOPS, RequestEvent,
+    MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS, PROG_EGRESS,
+    PROG_INGRESS, PROG_ITER, PROG_SOCKOPS, RequestEvent,
 };
 
 use self::sys::BATCH;
@@ -35,9 +35,10 @@ pub use self::sys::Records;
 pub use crate::config::LiveRead;
 
 /// Maps pinned under the instance directory, by name.
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
     MAP_SOCKS,
     MAP_LIVE,
+    MAP_OPEN,
     MAP_CONNS,
     MAP_CLOSED,
     MAP_REQUESTS,
@@ -151,6 +152,20 @@ pub enum CaptureError {
     },
 }
 
+impl CaptureError {
+    /// The kernel refused the iterator itself (its load, link or pin), not something the map
+    /// path needs too.
+    fn is_iterator_refusal(&self) -> bool {
+        matches!(
+            self,
+            CaptureError::Refused {
+                program: PROG_ITER,
+                ..
+            } | CaptureError::Iter(_)
+        )
+    }
+}
+
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
     move |source| CaptureError::Map { name, source }
 }
@@ -229,12 +244,16 @@ pub struct Capture {
     pub instance: String,
     /// True when the programs and maps were already running from a previous agent.
     pub reused: bool,
+    /// This start created the pin directory (a failed start removes it again).
+    pub created_pin_dir: bool,
     /// How live connections are read, and why that path.
     pub path: LivePath,
     pub path_reason: String,
-    /// Closed connections until the agent deletes them; on the map path also the live ones
-    /// (on the iterator path those are read through `iter_path`).
+    /// Closed connections until the agent deletes them.
     pub conns: HashMap<MapData, u64, ConnStats>,
+    /// Live connections on the map path (on the iterator path they are read through
+    /// `iter_path`).
+    open: HashMap<MapData, u64, ConnStats>,
     /// The pinned iterator link over the live records: each open starts a new walk.
     iter_path: PathBuf,
     pub loss: PerCpuArray<MapData, u64>,
@@ -334,8 +353,7 @@ fn is_bpffs(path: &Path) -> bool {
 
 /// Pinning needs a bpffs. systemd mounts one at /sys/fs/bpf on most distributions; where
 /// nothing did, mount it there (as `mount -t bpf bpf /sys/fs/bpf` would).
-/// True when this call mounted it.
-fn ensure_bpffs(pin_dir: &Path) -> Result<bool, CaptureError> {
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
     let mut probe = pin_dir.to_path_buf();
     while !probe.exists() {
         if !probe.pop() {
@@ -343,7 +361,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<bool, CaptureError> {
         }
     }
     if is_bpffs(&probe) {
-        return Ok(false);
+        return Ok(());
     }
     let root = Path::new(BPF_FS_ROOT);
     if pin_dir.starts_with(root) && !is_bpffs(root) {
@@ -361,7 +379,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<bool, CaptureError> {
         };
         if rc == 0 {
             info!("mounted a bpffs at {BPF_FS_ROOT}");
-            return Ok(true);
+            return Ok(());
         }
         return Err(pin_err(root, std::io::Error::last_os_error()));
     }
@@ -369,17 +387,6 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<bool, CaptureError> {
         pin_dir,
         std::io::Error::other("not on a bpffs (mount -t bpf bpf /sys/fs/bpf)"),
     ))
-}
-
-/// Unmounts the bpffs `ensure_bpffs` mounted (a failed start leaves the host as it was).
-fn unmount_bpffs() {
-    let Ok(target) = std::ffi::CString::new(BPF_FS_ROOT) else {
-        return;
-    };
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
-        info!("unmounted the bpffs this start mounted at {BPF_FS_ROOT}");
-    }
 }
 
 /// Older kernels charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
@@ -468,28 +475,33 @@ impl Drop for UnpinOnFailure {
 
 impl Capture {
     /// Loads and attaches the programs, or continues from pinned ones. A start that fails
-    /// leaves the bpffs as it found it: what it pinned is unpinned, a pin directory it created
-    /// is removed, a bpffs it mounted is unmounted; state pinned by an earlier run is kept.
+    /// leaves nothing behind: what it attached is detached, what it pinned is unpinned, a pin
+    /// directory it created is removed; state pinned by an earlier run is kept. A bpffs it
+    /// mounted stays mounted: that is the normal state of a host, and another agent may already
+    /// have pinned into it.
     pub fn attach(settings: &CaptureSettings) -> Result<Self, CaptureError> {
         preflight()?;
         let cgroup = resolve_cgroup(&settings.cgroup)?;
         raise_memlock_limit();
         let pin_dir = &settings.pin_dir;
-        let mounted = ensure_bpffs(pin_dir)?;
+        ensure_bpffs(pin_dir)?;
         let existed = pin_dir.exists();
         let result = std::fs::create_dir_all(pin_dir)
             .map_err(|e| pin_err(pin_dir, e))
             .and_then(|()| Self::attach_in(settings, cgroup));
-        if result.is_err() {
-            if !existed {
-                // Only if empty: an earlier run's pinned state stays.
-                let _ = std::fs::remove_dir(pin_dir);
+        match result {
+            Ok(mut capture) => {
+                capture.created_pin_dir = !existed;
+                Ok(capture)
             }
-            if mounted {
-                unmount_bpffs();
+            Err(e) => {
+                if !existed {
+                    // Only if empty: an earlier run's pinned state stays.
+                    let _ = std::fs::remove_dir(pin_dir);
+                }
+                Err(e)
             }
         }
-        result
     }
 
     fn attach_in(settings: &CaptureSettings, cgroup: PathBuf) -> Result<Self, CaptureError> {
@@ -498,15 +510,9 @@ impl Capture {
             |path: LivePath| format!("abi{ABI_VERSION}-{}-{fingerprint:016x}", path.name());
         let pin_dir = &settings.pin_dir;
         if settings.fresh {
-            for entry in std::fs::read_dir(pin_dir)
-                .map_err(|e| pin_err(pin_dir, e))?
-                .flatten()
-            {
-                info!(
-                    "removing pinned sensor state {} (--fresh)",
-                    entry.path().display()
-                );
-                remove_instance(&entry.path());
+            for path in instances(pin_dir) {
+                info!("removing pinned sensor state {} (--fresh)", path.display());
+                remove_instance(&path);
             }
         }
         // A complete pinned instance of this object and cgroup is continued, on the path it
@@ -538,8 +544,36 @@ impl Capture {
             );
             remove_instance(&instance_dir);
         }
-        let capture =
-            Self::load_and_attach(settings, cgroup, path, reason, instance, instance_dir)?;
+        let capture = match Self::load_and_attach(
+            settings,
+            cgroup.clone(),
+            path,
+            reason,
+            instance,
+            instance_dir,
+        ) {
+            // The probe passed but the real start refused the iterator at a later step (its
+            // link or pin): `auto` still has the map path. What that start attached is gone.
+            Err(e) if settings.live_read == LiveRead::Auto && e.is_iterator_refusal() => {
+                warn!(
+                    "the iterator start failed ({}): reading live connections from the map \
+                     instead (live_read = auto)",
+                    probe::short_error(&e)
+                );
+                let instance = instance_of(LivePath::Map);
+                let dir = pin_dir.join(&instance);
+                remove_instance(&dir);
+                Self::load_and_attach(
+                    settings,
+                    cgroup,
+                    LivePath::Map,
+                    format!("auto: the iterator start failed ({})", root_cause(&e)),
+                    instance,
+                    dir,
+                )?
+            }
+            result => result?,
+        };
         // Only now: state pinned by an earlier run stays until this one is attached.
         remove_other_instances(pin_dir, &capture.instance_dir);
         Ok(capture)
@@ -563,11 +597,14 @@ impl Capture {
             instance_dir: instance_dir.clone(),
             instance,
             reused: true,
+            created_pin_dir: false,
             path,
             path_reason: "continued from the pinned state of the previous run".to_owned(),
             iter_path: iter_path(&instance_dir),
             conns: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_CONNS)?))
                 .map_err(map_err(MAP_CONNS))?,
+            open: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_OPEN)?))
+                .map_err(map_err(MAP_OPEN))?,
             loss: PerCpuArray::try_from(Map::PerCpuArray(open_pinned_map(
                 &instance_dir,
                 MAP_LOSS,
@@ -606,6 +643,7 @@ impl Capture {
         loader
             .override_global(GLOBAL_LIVE_READ, &global, true)
             .map_max_entries(MAP_CONNS, settings.max_connections)
+            .map_max_entries(MAP_OPEN, settings.max_connections)
             .map_max_entries(MAP_CLOSED, settings.ring_buffer_bytes);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -688,6 +726,7 @@ impl Capture {
             ebpf.take_map(name).ok_or(CaptureError::Missing(name))
         };
         let conns = HashMap::try_from(take(&mut ebpf, MAP_CONNS)?).map_err(map_err(MAP_CONNS))?;
+        let open = HashMap::try_from(take(&mut ebpf, MAP_OPEN)?).map_err(map_err(MAP_OPEN))?;
         let loss = PerCpuArray::try_from(take(&mut ebpf, MAP_LOSS)?).map_err(map_err(MAP_LOSS))?;
         let closed =
             RingBuf::try_from(take(&mut ebpf, MAP_CLOSED)?).map_err(map_err(MAP_CLOSED))?;
@@ -701,9 +740,11 @@ impl Capture {
             instance_dir,
             instance,
             reused: false,
+            created_pin_dir: false,
             path,
             path_reason,
             conns,
+            open,
             loss,
             closed: Some(closed),
             requests: Some(requests),
@@ -758,29 +799,21 @@ impl Capture {
         self.closed.take().ok_or(CaptureError::Missing(MAP_CLOSED))
     }
 
-    /// Reads every record the kernel holds. Iterator path: the live ones (socket storage,
-    /// through the iterator), then the closed-but-not-yet-deleted ones (the CONNS map, a few
-    /// batch syscalls); in that order, a connection that closes between the two reads shows in
-    /// both, never in neither, and the later, closed record comes last. Map path: CONNS holds
-    /// both.
+    /// Reads every record the kernel holds: the live ones (iterator path: socket storage,
+    /// through the iterator; map path: the OPEN map), then the closed-but-not-yet-deleted ones
+    /// (the CONNS map). In that order, a connection that closes between the two reads shows
+    /// in both, never in neither, and the later, closed record comes last.
     pub fn poll(&self) -> Records {
         let mut records = match self.path {
             LivePath::Iterator => read_live(&self.iter_path).unwrap_or_else(|e| {
                 warn!("reading the live connections failed: {e}");
                 Records::new()
             }),
-            LivePath::Map => Records::new(),
+            // A record the close removes between the kernel's get_next_key and lookup is not
+            // lost: the close put it in CONNS first, which is read next.
+            LivePath::Map => read_map(&self.open),
         };
-        let fd = self.conns.map().fd().as_fd().as_raw_fd();
-        match sys::lookup_all(fd) {
-            Ok(closed) => records.extend(closed),
-            Err(e) => {
-                log::debug!("batch lookup unavailable ({e}); reading the map key by key");
-                // A key deleted between the kernel's get_next_key and lookup shows as an
-                // error; only the agent deletes, so that cannot lose a record.
-                records.extend(self.conns.iter().filter_map(Result::ok));
-            }
-        }
+        records.extend(read_map(&self.conns));
         records
     }
 
@@ -797,6 +830,20 @@ impl Capture {
                 (kind.name(), total)
             })
             .collect()
+    }
+}
+
+/// Every record of a cookie-keyed map: a few batch syscalls, or key by key where the kernel
+/// has no batch operations.
+fn read_map(map: &HashMap<MapData, u64, ConnStats>) -> Records {
+    match sys::lookup_all(map.map().fd().as_fd().as_raw_fd()) {
+        Ok(records) => records,
+        Err(e) => {
+            log::debug!("batch lookup unavailable ({e}); reading the map key by key");
+            // A key deleted between the kernel's get_next_key and lookup shows as an error;
+            // only the agent deletes closed records, so that cannot lose one.
+            map.iter().filter_map(Result::ok).collect()
+        }
     }
 }
 
@@ -846,11 +893,7 @@ fn is_complete(dir: &Path, path: LivePath) -> bool {
 /// Removes every pinned instance under `pin_dir` except `keep`: other versions, kernel objects,
 /// cgroups or live-read paths.
 fn remove_other_instances(pin_dir: &Path, keep: &Path) {
-    let Ok(entries) = std::fs::read_dir(pin_dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
+    for path in instances(pin_dir) {
         if path != keep {
             info!(
                 "removing pinned sensor state {} (from another sensor version, kernel object, \
@@ -860,6 +903,25 @@ fn remove_other_instances(pin_dir: &Path, keep: &Path) {
             remove_instance(&path);
         }
     }
+}
+
+/// The sensor's pinned instances under `pin_dir` (`abi<N>-...`): anything else there belongs
+/// to someone else and is never touched, even where the pin directory is the bpffs root.
+fn instances(pin_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("abi"))
+                .and_then(|n| n.split_once('-'))
+                .is_some_and(|(v, _)| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 /// Loads (verifies) the programs `path` uses, without attaching any.

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use aya::{Ebpf, EbpfLoader, maps::MapType, programs::ProgramType};
-use sensor_common::{GLOBAL_LIVE_READ, MAP_CLOSED, MAP_CONNS, MAP_REQUESTS, PROG_ITER};
+use sensor_common::{GLOBAL_LIVE_READ, MAP_CLOSED, MAP_CONNS, MAP_OPEN, MAP_REQUESTS, PROG_ITER};
 use serde::Serialize;
 
 use super::{
@@ -23,6 +23,7 @@ fn load_unpinned(path: LivePath) -> Result<Ebpf, CaptureError> {
     loader
         .override_global(GLOBAL_LIVE_READ, &global, true)
         .map_max_entries(MAP_CONNS, 1)
+        .map_max_entries(MAP_OPEN, 1)
         .map_max_entries(MAP_CLOSED, page)
         .map_max_entries(MAP_REQUESTS, page);
     Ok(loader.load(KERNEL_OBJECT)?)
