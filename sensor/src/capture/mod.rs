@@ -591,6 +591,21 @@ impl Capture {
             Array::try_from(Map::Array(open_pinned_map(&instance_dir, MAP_CONFIG)?))
                 .map_err(map_err(MAP_CONFIG))?;
         write_config(&mut config, settings)?;
+        let conns: HashMap<MapData, u64, ConnStats> =
+            HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_CONNS)?))
+                .map_err(map_err(MAP_CONNS))?;
+        // Map sizes are fixed when the maps are created: a changed bound applies once the
+        // pinned state is replaced.
+        if let Ok(info) = conns.map().info()
+            && info.max_entries() != settings.max_connections
+        {
+            warn!(
+                "max_connections = {} applies when the pinned state is replaced (sensor run \
+                 --fresh, losing what it holds); the running maps keep {}",
+                settings.max_connections,
+                info.max_entries()
+            );
+        }
         Ok(Self {
             _ebpf: None,
             cgroup,
@@ -601,8 +616,7 @@ impl Capture {
             path,
             path_reason: "continued from the pinned state of the previous run".to_owned(),
             iter_path: iter_path(&instance_dir),
-            conns: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_CONNS)?))
-                .map_err(map_err(MAP_CONNS))?,
+            conns,
             open: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_OPEN)?))
                 .map_err(map_err(MAP_OPEN))?,
             loss: PerCpuArray::try_from(Map::PerCpuArray(open_pinned_map(
