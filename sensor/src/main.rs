@@ -1,26 +1,7 @@
-//! `sensor`: the agent and its command line.
-
-mod agent;
-mod aggregate;
-mod api;
-mod benchagg;
-mod capture;
-mod cli;
-mod collector;
-mod config;
-mod conntable;
-mod detect;
-mod identity;
-mod metrics;
-mod outputs;
-mod report;
-mod service;
-mod ship;
-mod state;
-mod top;
-mod views;
+//! `sensor`: parses the command line and dispatches to the library.
 
 use clap::Parser as _;
+use sensor::{agent, benchagg, cli, collector, service, top, views};
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
