@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     aggregate::{Aggregator, ClientStats, Counts, Now, Window},
-    report::By,
+    keys::By,
 };
 
 pub const TECHNIQUE_ID: &str = "AML.T0024.002";

@@ -12,6 +12,7 @@ mod config;
 mod conntable;
 mod detect;
 mod identity;
+mod keys;
 mod metrics;
 mod outputs;
 mod report;

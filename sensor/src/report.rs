@@ -5,7 +5,10 @@ use std::{cmp::Ordering, collections::BTreeMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{Aggregator, ClientStats, Counts, Now, Window};
+use crate::{
+    aggregate::{Aggregator, ClientStats, Counts, Now, Window},
+    keys::By,
+};
 
 /// Counters of one sliding window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,32 +69,6 @@ pub struct ClientRow {
     pub interval_cv: Option<f64>,
     /// Keyed "1m", "10m", "1h".
     pub windows: BTreeMap<String, WindowCounts>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum By {
-    #[default]
-    Address,
-    Group,
-    Identity,
-    Forwarded,
-}
-
-impl By {
-    pub const ALL: [By; 4] = [By::Address, By::Group, By::Identity, By::Forwarded];
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|b| b.name() == s)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            By::Address => "address",
-            By::Group => "group",
-            By::Identity => "identity",
-            By::Forwarded => "forwarded",
-        }
-    }
 }
 
 /// Sortable columns.

@@ -29,12 +29,12 @@ use serde::{Deserialize, Serialize};
 use crate::{
     aggregate::{Aggregator, Counts},
     detect::{Alert, AlertEvent},
+    keys::By,
     outputs::{
         Delivery, Output, OutputError,
         http::{self, ClientIdentity},
         spool::Spooled,
     },
-    report::By,
 };
 
 /// Version of the batch format; the collector refuses others.

@@ -28,7 +28,8 @@ use ratatui::{
 use crate::{
     aggregate::Window,
     cli::TopArgs,
-    report::{By, ClientRow, Query},
+    keys::By,
+    report::{ClientRow, Query},
     views::human_bytes,
 };
 

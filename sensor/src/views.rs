@@ -9,7 +9,8 @@ use crate::{
     config::Config,
     conntable::ConnRow,
     identity::{Identities, load_secret, secret_path},
-    report::{By, ClientRow, Query},
+    keys::By,
+    report::{ClientRow, Query},
 };
 
 pub fn conns(args: &ConnsArgs) -> anyhow::Result<()> {

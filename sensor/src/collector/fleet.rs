@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     aggregate::{Aggregator, Now},
     detect::{Alert, AlertEvent, Detector, DetectorState},
+    keys::By,
     outputs::Record,
-    report::By,
     ship::{Batch, PERIOD_SECS, Payload, ShipRecord, Summary},
 };
 

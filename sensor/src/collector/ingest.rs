@@ -258,7 +258,7 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                 if !valid_text(&alert.id, 512)
                     || !valid_text(&alert.rule_id, 128)
                     || !valid_text(&alert.key, MAX_KEY_LEN)
-                    || crate::report::By::parse(&alert.key_kind).is_none()
+                    || crate::keys::By::parse(&alert.key_kind).is_none()
                     || alert.evidence.len() > 256
                     || alert.conditions.len() > 64
                 {
@@ -289,13 +289,13 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     )));
                 }
                 for kind in s.rest.keys() {
-                    if crate::report::By::parse(kind).is_none() {
+                    if crate::keys::By::parse(kind).is_none() {
                         return bad(format!("{}: unknown key kind `{kind}`", at("summary.rest")));
                     }
                 }
                 for (j, c) in s.clients.iter().enumerate() {
                     let at = |f: &str| format!("records[{i}].summary.clients[{j}].{f}");
-                    let Some(by) = crate::report::By::parse(&c.by) else {
+                    let Some(by) = crate::keys::By::parse(&c.by) else {
                         return bad(format!("{}: unknown key kind `{}`", at("by"), c.by));
                     };
                     if !valid_text(&c.key, MAX_KEY_LEN) {
@@ -304,10 +304,8 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                             at("key")
                         ));
                     }
-                    let must_be_ip = matches!(
-                        by,
-                        crate::report::By::Address | crate::report::By::Forwarded
-                    );
+                    let must_be_ip =
+                        matches!(by, crate::keys::By::Address | crate::keys::By::Forwarded);
                     if must_be_ip && c.key.parse::<IpAddr>().is_err() {
                         return bad(format!("{}: `{}` is not an IP address", at("key"), c.key));
                     }
