@@ -20,12 +20,13 @@ use tokio::{
 
 use crate::{
     aggregate::{Aggregator, Now},
+    alerting::{alerts_path, detect_settings, hostname, record_alerts},
     api::{self, AgentState, SharedState},
     capture::{Capture, CaptureSettings, decode_closed, decode_request},
-    cli::RunArgs,
+    cli::{RunArgs, effective_config},
     config::Config,
     conntable::{ConnTable, Progress, socket_addr},
-    detect::{self, AlertEvent, Detector, DetectorState},
+    detect::{Detector, DetectorState},
     identity::{HeadStats, Identities, load_secret, secret_path},
     metrics,
     service::{self, notify::Notifier, reload},
@@ -42,37 +43,6 @@ use crate::{
 /// records, 2 MiB of request events: tens of thousands each), and a closed connection still
 /// shows within this delay.
 const RING_BATCH: Duration = Duration::from_millis(50);
-
-/// Resolves the effective configuration: file (or embedded default), then flags.
-pub fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::embedded()?,
-    };
-    if let Some(cgroup) = &args.cgroup {
-        config.capture.cgroup = cgroup.display().to_string();
-    }
-    if let Some(ports) = &args.ports {
-        config.capture.ports.clone_from(ports);
-    }
-    if let Some(socket) = &args.socket {
-        config.api.socket.clone_from(socket);
-    }
-    if let Some(ms) = args.poll_interval_ms {
-        anyhow::ensure!(ms > 0, "--poll-interval-ms must be at least 1");
-        config.capture.poll_interval_ms = ms;
-    }
-    if let Some(dir) = &args.state_dir {
-        config.state.dir.clone_from(dir);
-    }
-    if let Some(dir) = &args.pin_dir {
-        config.state.bpf_pin_dir.clone_from(dir);
-    }
-    if let Some(path) = args.live_read {
-        config.capture.live_read = path;
-    }
-    Ok(config)
-}
 
 /// Everything the main loop owns.
 struct Pipeline {
@@ -236,32 +206,6 @@ fn status_line(config: &Config, cgroup: &str) -> String {
     )
 }
 
-/// Detection settings from the config (validated at load).
-pub(crate) fn detect_settings(
-    d: &crate::config::Detect,
-    host: String,
-) -> anyhow::Result<detect::Settings> {
-    let rules = d
-        .rules
-        .iter()
-        .map(detect::Rule::from_config)
-        .collect::<Result<Vec<_>, _>>()?;
-    let allow_networks = d
-        .allow_addresses
-        .iter()
-        .map(|a| a.parse())
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(detect::Settings {
-        rules,
-        allow_networks,
-        allow_identities: d.allow_identities.iter().cloned().collect(),
-        resolve_after_ms: d.resolve_after_secs * 1000,
-        suppress_ms: d.suppress_secs * 1000,
-        baseline_min_minutes: d.baseline_min_minutes,
-        host,
-    })
-}
-
 /// The name the agent ships under: `[ship] agent_name`, else the host name.
 fn ship_name(config: &Config) -> String {
     if config.ship.agent_name.is_empty() {
@@ -285,54 +229,6 @@ fn due_summaries(s: &mut AgentState, top: usize, now: Now) -> Vec<crate::ship::S
     }
     s.shipped_through = s.shipped_through.max(current.saturating_sub(PERIOD_SECS));
     out
-}
-
-pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-fn alerts_path(config: &Config) -> std::path::PathBuf {
-    if config.detect.alerts_file.as_os_str().is_empty() {
-        config.state.dir.join("alerts.jsonl")
-    } else {
-        config.detect.alerts_file.clone()
-    }
-}
-
-/// Logs alert changes and appends them to the JSON lines file.
-pub(crate) fn record_alerts(path: &std::path::Path, events: &[AlertEvent]) {
-    if events.is_empty() {
-        return;
-    }
-    let mut lines = String::new();
-    for e in events {
-        let a = &e.alert;
-        if e.event != "update" {
-            let what = if a.mode == "log" {
-                "log-only match"
-            } else {
-                "alert"
-            };
-            info!(
-                "{what} {} {}: {} {} {} ({}) [{}]",
-                e.event, a.rule_id, a.key_kind, a.key, a.rule_name, a.severity, a.id
-            );
-        }
-        if let Ok(line) = serde_json::to_string(e) {
-            lines.push_str(&line);
-            lines.push('\n');
-        }
-    }
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()));
-    if let Err(e) = written {
-        warn!("cannot append alerts to {}: {e}", path.display());
-    }
 }
 
 fn lock(state: &SharedState) -> anyhow::Result<std::sync::MutexGuard<'_, AgentState>> {
@@ -567,7 +463,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let AgentState { agg, detector, .. } = &mut *s;
                     detector.evaluate(agg, Now::system())
                 };
-                record_alerts(&alerts_path(&pipeline.config), &events);
+                record_alerts(
+                    &alerts_path(&pipeline.config.detect, &pipeline.config.state.dir),
+                    &events,
+                );
                 outputs.publish(&events);
             }
             _ = sigint.recv() => break,

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::Config;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sensor",
@@ -190,6 +192,37 @@ pub struct RunArgs {
     /// BPF iterator where it loads (auto), or force the iterator or the map.
     #[arg(long, value_name = "PATH")]
     pub live_read: Option<crate::config::LiveRead>,
+}
+
+/// Resolves the effective configuration: file (or embedded default), then flags.
+pub fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded()?,
+    };
+    if let Some(cgroup) = &args.cgroup {
+        config.capture.cgroup = cgroup.display().to_string();
+    }
+    if let Some(ports) = &args.ports {
+        config.capture.ports.clone_from(ports);
+    }
+    if let Some(socket) = &args.socket {
+        config.api.socket.clone_from(socket);
+    }
+    if let Some(ms) = args.poll_interval_ms {
+        anyhow::ensure!(ms > 0, "--poll-interval-ms must be at least 1");
+        config.capture.poll_interval_ms = ms;
+    }
+    if let Some(dir) = &args.state_dir {
+        config.state.dir.clone_from(dir);
+    }
+    if let Some(dir) = &args.pin_dir {
+        config.state.bpf_pin_dir.clone_from(dir);
+    }
+    if let Some(path) = args.live_read {
+        config.capture.live_read = path;
+    }
+    Ok(config)
 }
 
 #[derive(Debug, clap::Args)]

@@ -3,6 +3,7 @@
 
 pub mod agent;
 mod aggregate;
+mod alerting;
 mod api;
 pub mod benchagg;
 mod capture;

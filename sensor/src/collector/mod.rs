@@ -299,9 +299,9 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     };
     let (state, detector_state, replayed) = restore(&dir, &config)?;
     outputs.publish_records(&replayed);
-    let host = crate::agent::hostname();
+    let host = crate::alerting::hostname();
     let detector = Detector::new(
-        crate::agent::detect_settings(&config.detect, format!("fleet@{host}"))?,
+        crate::alerting::detect_settings(&config.detect, format!("fleet@{host}"))?,
         detector_state,
     );
     let journal_path = dir.join(JOURNAL);
@@ -335,11 +335,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     );
     tokio::spawn(server::serve(listener, acceptor, shared.clone()));
 
-    let alerts_path = if config.detect.alerts_file.as_os_str().is_empty() {
-        dir.join("alerts.jsonl")
-    } else {
-        config.detect.alerts_file.clone()
-    };
+    let alerts_path = crate::alerting::alerts_path(&config.detect, &dir);
     let mut detect = tokio::time::interval(Duration::from_secs(config.detect.interval_secs));
     detect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut save = tokio::time::interval(Duration::from_secs(config.state.snapshot_interval_secs));
@@ -357,7 +353,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
                     outputs.publish(&events);
                     events
                 })?;
-                crate::agent::record_alerts(&alerts_path, &events);
+                crate::alerting::record_alerts(&alerts_path, &events);
             }
             _ = save.tick() => {
                 if let Err(e) = shared.snapshot(&dir) {

@@ -9,7 +9,10 @@ use std::fmt::Debug;
 
 use log::{error, info, warn};
 
-use crate::{agent::effective_config, cli::RunArgs, config::Config};
+use crate::{
+    cli::{RunArgs, effective_config},
+    config::Config,
+};
 
 /// One configuration key whose value differs.
 #[derive(Debug, Clone, PartialEq, Eq)]
