@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod counters;
 pub mod fleet;
 pub mod ingest;
 pub mod metrics;
@@ -80,7 +81,7 @@ pub struct Fleet {
 pub struct Shared {
     fleet: Mutex<Fleet>,
     tokens: ingest::Tokens,
-    counters: server::Counters,
+    counters: counters::Counters,
     max_body: usize,
     started: std::time::SystemTime,
 }
@@ -315,7 +316,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
             received_log,
         }),
         tokens,
-        counters: server::Counters::default(),
+        counters: counters::Counters::default(),
         max_body: l.max_body_bytes,
         started: std::time::SystemTime::now(),
     });

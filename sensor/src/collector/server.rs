@@ -17,7 +17,6 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -36,51 +35,6 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 512;
-
-/// Requests refused, by reason; served in `/v1/health`.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub batches: AtomicU64,
-    pub records: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub unauthorized: AtomicU64,
-    pub forbidden: AtomicU64,
-    pub malformed: AtomicU64,
-    pub too_large: AtomicU64,
-    pub tls_failures: AtomicU64,
-}
-
-#[derive(Serialize)]
-pub struct CountersView {
-    pub batches: u64,
-    pub records: u64,
-    pub duplicates: u64,
-    /// Missing or unknown token (HTTP 401).
-    pub unauthorized: u64,
-    /// A valid token used for something its role may not do, or another agent's name (403).
-    pub forbidden: u64,
-    /// Batches refused as malformed (400).
-    pub malformed: u64,
-    /// Bodies over the bound (413).
-    pub too_large: u64,
-    pub tls_failures: u64,
-}
-
-impl Counters {
-    pub fn view(&self) -> CountersView {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        CountersView {
-            batches: g(&self.batches),
-            records: g(&self.records),
-            duplicates: g(&self.duplicates),
-            unauthorized: g(&self.unauthorized),
-            forbidden: g(&self.forbidden),
-            malformed: g(&self.malformed),
-            too_large: g(&self.too_large),
-            tls_failures: g(&self.tls_failures),
-        }
-    }
-}
 
 fn bump(a: &AtomicU64) -> u64 {
     a.fetch_add(1, Ordering::Relaxed) + 1

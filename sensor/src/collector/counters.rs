@@ -1,0 +1,51 @@
+//! The collector's request counters: bumped by the server, read by `/v1/health` and
+//! `/metrics` (its own module so the server and the metrics both import it downward).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Requests refused, by reason; served in `/v1/health`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub batches: AtomicU64,
+    pub records: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub forbidden: AtomicU64,
+    pub malformed: AtomicU64,
+    pub too_large: AtomicU64,
+    pub tls_failures: AtomicU64,
+}
+
+#[derive(Serialize)]
+pub struct CountersView {
+    pub batches: u64,
+    pub records: u64,
+    pub duplicates: u64,
+    /// Missing or unknown token (HTTP 401).
+    pub unauthorized: u64,
+    /// A valid token used for something its role may not do, or another agent's name (403).
+    pub forbidden: u64,
+    /// Batches refused as malformed (400).
+    pub malformed: u64,
+    /// Bodies over the bound (413).
+    pub too_large: u64,
+    pub tls_failures: u64,
+}
+
+impl Counters {
+    pub fn view(&self) -> CountersView {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CountersView {
+            batches: g(&self.batches),
+            records: g(&self.records),
+            duplicates: g(&self.duplicates),
+            unauthorized: g(&self.unauthorized),
+            forbidden: g(&self.forbidden),
+            malformed: g(&self.malformed),
+            too_large: g(&self.too_large),
+            tls_failures: g(&self.tls_failures),
+        }
+    }
+}
