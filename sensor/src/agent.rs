@@ -217,14 +217,14 @@ fn ship_name(config: &Config) -> String {
 
 /// Summaries of the periods completed since the last one shipped (at most the last minute:
 /// older periods are no longer held at 10-second resolution).
-fn due_summaries(s: &mut AgentState, top: usize, now: Now) -> Vec<crate::ship::Summary> {
-    use crate::ship::PERIOD_SECS;
+fn due_summaries(s: &mut AgentState, top: usize, now: Now) -> Vec<crate::wire::Summary> {
+    use crate::wire::PERIOD_SECS;
     let current = now.secs() / PERIOD_SECS * PERIOD_SECS;
     let first = (s.shipped_through + PERIOD_SECS).max(current.saturating_sub(5 * PERIOD_SECS));
     let mut out = Vec::new();
     let mut start = first;
     while start < current {
-        out.extend(crate::ship::summarize(&s.agg, start, top));
+        out.extend(crate::wire::summarize(&s.agg, start, top));
         start += PERIOD_SECS;
     }
     s.shipped_through = s.shipped_through.max(current.saturating_sub(PERIOD_SECS));

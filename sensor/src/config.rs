@@ -48,7 +48,7 @@ pub struct Config {
     pub detect: Detect,
     /// Shipping to a collector (`[ship]`), off by default: see docs/collector.md.
     #[serde(default)]
-    pub ship: crate::ship::ShipConfig,
+    pub ship: crate::outputs::ship::ShipConfig,
     /// SIEM outputs (`[[outputs]]`), none by default: see docs/outputs.md.
     #[serde(default)]
     pub outputs: Vec<crate::outputs::OutputConfig>,
@@ -507,7 +507,7 @@ mod tests {
         assert_eq!(embedded.metrics, Metrics::default());
         assert_eq!(embedded.identity, Identity::default());
         assert_eq!(embedded.detect, Detect::default());
-        assert_eq!(embedded.ship, crate::ship::ShipConfig::default());
+        assert_eq!(embedded.ship, crate::outputs::ship::ShipConfig::default());
         assert!(
             embedded.detect.rules.len() >= 8,
             "the default rules are embedded"

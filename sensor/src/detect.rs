@@ -311,6 +311,12 @@ pub struct Alert {
     pub updates: u64,
 }
 
+/// One event of an alert (open, update, resolve): the id outputs and the collector
+/// deduplicate on.
+pub fn event_id(alert: &Alert, event: &str) -> String {
+    format!("{}:{event}:{}", alert.id, alert.updates)
+}
+
 /// What happened to an alert, for the JSON lines file and the shipping outputs.
 #[derive(Debug, Clone, Serialize)]
 pub struct AlertEvent {

@@ -18,7 +18,7 @@ mod metrics;
 mod outputs;
 mod report;
 pub mod service;
-mod ship;
 mod state;
 pub mod top;
 pub mod views;
+mod wire;

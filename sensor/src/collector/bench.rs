@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use crate::{
     aggregate::{Counts, Now},
     outputs::http::{self, Client},
-    ship::{Batch, ClientDelta, PERIOD_SECS, ShipRecord, Summary, WIRE_VERSION, encode},
+    wire::{Batch, ClientDelta, PERIOD_SECS, ShipRecord, Summary, WIRE_VERSION, encode},
 };
 
 #[derive(Debug, Clone, clap::Args)]

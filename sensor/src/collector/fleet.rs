@@ -10,7 +10,7 @@ use crate::{
     detect::{Alert, AlertEvent, Detector, DetectorState},
     keys::By,
     outputs::Record,
-    ship::{Batch, PERIOD_SECS, Payload, ShipRecord, Summary},
+    wire::{Batch, PERIOD_SECS, Payload, ShipRecord, Summary},
 };
 
 /// An agent's summary older than this no longer tells which connections are open.
@@ -218,7 +218,7 @@ mod tests {
     use super::*;
     use crate::{
         aggregate::{Counts, Window},
-        ship::{ClientDelta, WIRE_VERSION},
+        wire::{ClientDelta, WIRE_VERSION},
     };
 
     fn summary(agent: &str, seq: u64, start_s: u64, key: &str, requests: u64) -> ShipRecord {

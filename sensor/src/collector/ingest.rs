@@ -6,7 +6,7 @@ use std::{io::Read as _, net::IpAddr, path::Path};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::ship::{
+use crate::wire::{
     Batch, MAX_CLIENTS_PER_SUMMARY, MAX_KEY_LEN, MAX_RECORDS_PER_BATCH, PERIOD_SECS, Payload,
     WIRE_VERSION, valid_name,
 };
@@ -333,7 +333,7 @@ mod tests {
     use super::*;
     use crate::{
         aggregate::Counts,
-        ship::{ClientDelta, ShipRecord, Summary, encode},
+        wire::{ClientDelta, ShipRecord, Summary, encode},
     };
 
     const NOW: u64 = 1_800_000_100;

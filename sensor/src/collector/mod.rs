@@ -32,7 +32,7 @@ use crate::{
     aggregate::Now,
     detect::{Detector, DetectorState},
     outputs::Outputs,
-    ship::Batch,
+    wire::Batch,
 };
 use config::CollectorConfig;
 use fleet::{Applied, FleetState};
@@ -119,8 +119,8 @@ impl Shared {
                     "seq": rec.seq,
                     "id": rec.id,
                     "kind": match rec.payload {
-                        crate::ship::Payload::Alert { .. } => "alert",
-                        crate::ship::Payload::Summary(_) => "summary",
+                        crate::wire::Payload::Alert { .. } => "alert",
+                        crate::wire::Payload::Summary(_) => "summary",
                     },
                 });
                 lines.push_str(&line.to_string());

@@ -17,6 +17,7 @@ pub mod hec;
 pub mod http;
 pub mod leef;
 pub mod ocsf;
+pub mod ship;
 pub mod spool;
 pub mod syslog;
 pub mod webhook;
@@ -32,7 +33,7 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::detect::{Alert, AlertEvent};
+use crate::detect::{Alert, AlertEvent, event_id};
 
 /// Errors of the outputs module; the agent reports them with context (anyhow at the edges).
 #[derive(Debug, thiserror::Error)]
@@ -478,10 +479,6 @@ impl Record {
     }
 }
 
-pub fn event_id(alert: &Alert, event: &str) -> String {
-    format!("{}:{event}:{}", alert.id, alert.updates)
-}
-
 pub fn rfc3339_ms(ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
@@ -599,10 +596,10 @@ struct Running {
     stats: SharedStats,
 }
 
-/// Shipping to a collector (`[ship]`, see `crate::ship`): alerts and summaries.
+/// Shipping to a collector (`[ship]`, see `ship`): alerts and summaries.
 struct Shipping {
     agent: String,
-    tx: mpsc::Sender<crate::ship::ShipRecord>,
+    tx: mpsc::Sender<crate::wire::ShipRecord>,
     stats: SharedStats,
 }
 
@@ -688,14 +685,14 @@ impl Outputs {
     /// and the token read here: problems fail the agent's start).
     pub fn start_shipping(
         &mut self,
-        c: &crate::ship::ShipConfig,
+        c: &ship::ShipConfig,
         agent: &str,
         state_dir: &Path,
     ) -> anyhow::Result<()> {
         let dir = c.spool_dir(state_dir);
         let spool = spool::Spool::open(&dir, c.spool_max_bytes)?;
-        let stream = crate::ship::stream_id(&dir)?;
-        let out = crate::ship::ShipOutput::new(c, agent, stream)?;
+        let stream = ship::stream_id(&dir)?;
+        let out = ship::ShipOutput::new(c, agent, stream)?;
         let stats: SharedStats = Arc::new(Mutex::new(OutputStats {
             name: "collector".into(),
             kind: "collector".into(),
@@ -725,7 +722,7 @@ impl Outputs {
         for e in events {
             self.queue(&Record::new(e));
             if let Some(ship) = &self.ship {
-                ship_one(ship, crate::ship::ShipRecord::alert(&ship.agent, e));
+                ship_one(ship, crate::wire::ShipRecord::alert(&ship.agent, e));
             }
         }
     }
@@ -748,9 +745,9 @@ impl Outputs {
     }
 
     /// Queues a per-client summary for the collector (when shipping is on).
-    pub fn ship_summary(&self, summary: crate::ship::Summary) {
+    pub fn ship_summary(&self, summary: crate::wire::Summary) {
         if let Some(ship) = &self.ship {
-            ship_one(ship, crate::ship::ShipRecord::summary(&ship.agent, summary));
+            ship_one(ship, crate::wire::ShipRecord::summary(&ship.agent, summary));
         }
     }
 
@@ -785,7 +782,7 @@ impl Outputs {
     }
 }
 
-fn ship_one(ship: &Shipping, rec: crate::ship::ShipRecord) {
+fn ship_one(ship: &Shipping, rec: crate::wire::ShipRecord) {
     if let Err(err) = ship.tx.try_send(rec) {
         update(&ship.stats, |s| s.dropped += 1);
         warn!("collector: record not queued: {err}");
