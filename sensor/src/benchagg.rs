@@ -7,7 +7,7 @@
 //! packet is sent.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::{IpAddr, Ipv4Addr},
     time::Instant,
 };
@@ -65,9 +65,7 @@ pub fn run(args: &BenchAggregateArgs) -> anyhow::Result<()> {
         "folded_addresses": agg.addresses.folded.clients,
         "fill_ms": fill_ms,
     });
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{report}").context("writing the report")?;
-    out.flush().context("flushing the report")?;
+    crate::stdout::outln!("{report}")?;
     // Hold the state until the caller has measured us and closes our stdin.
     let mut sink = Vec::new();
     std::io::stdin()

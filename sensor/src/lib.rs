@@ -19,6 +19,7 @@ mod outputs;
 mod report;
 pub mod service;
 mod state;
+mod stdout;
 pub mod top;
 pub mod views;
 mod wire;

@@ -1,6 +1,6 @@
 //! One-shot views that read the agent's local API.
 
-use anyhow::Context as _;
+use std::fmt::Write as _;
 
 use crate::{
     aggregate::Window,
@@ -11,16 +11,18 @@ use crate::{
     identity::{Identities, load_secret, secret_path},
     keys::By,
     report::{ClientRow, Query},
+    stdout::{outln, print_out},
 };
 
 pub fn conns(args: &ConnsArgs) -> anyhow::Result<()> {
     let body = api::get(&args.socket, "/v1/conns")?;
     if args.json {
-        println!("{body}");
-        return Ok(());
+        return outln!("{body}");
     }
     let rows: Vec<ConnRow> = serde_json::from_str(&body)?;
-    println!(
+    let mut out = String::new();
+    writeln!(
+        out,
         "{:<46} {:<46} {:>12} {:>12} {:>9} {:>9} {:>8} {:<6} {:<24}",
         "LOCAL",
         "REMOTE",
@@ -31,9 +33,10 @@ pub fn conns(args: &ConnsArgs) -> anyhow::Result<()> {
         "REQS",
         "STATE",
         "LAST_SEEN"
-    );
+    )?;
     for r in rows {
-        println!(
+        writeln!(
+            out,
             "{:<46} {:<46} {:>12} {:>12} {:>9} {:>9} {:>8} {:<6} {:<24}",
             r.local,
             r.remote,
@@ -44,9 +47,9 @@ pub fn conns(args: &ConnsArgs) -> anyhow::Result<()> {
             r.requests,
             r.state,
             r.last_seen
-        );
+        )?;
     }
-    Ok(())
+    print_out(&out)
 }
 
 pub fn human_bytes(n: u64) -> String {
@@ -156,8 +159,7 @@ pub fn clients(args: &ClientsArgs) -> anyhow::Result<()> {
     };
     let body = source.get(&format!("/v1/clients?{}", query.to_query_string()))?;
     if args.json {
-        println!("{body}");
-        return Ok(());
+        return outln!("{body}");
     }
     let rows: Vec<ClientRow> = serde_json::from_str(&body)?;
     let scope = query.window.map_or("total", Window::name);
@@ -166,7 +168,9 @@ pub fn clients(args: &ClientsArgs) -> anyhow::Result<()> {
         By::Identity => ("FORWARDED_FOR", |r| r.forwarded_for.as_deref()),
         _ => ("IDENTITY", |r| r.identity.as_deref()),
     };
-    println!(
+    let mut out = String::new();
+    writeln!(
+        out,
         "{:<40} {:>10} {:>12} {:>12} {:>8} {:>7} {:>5} {:>5} {:>9} {:>8}  {:<20} ({scope})",
         "CLIENT",
         "REQUESTS",
@@ -179,7 +183,7 @@ pub fn clients(args: &ClientsArgs) -> anyhow::Result<()> {
         "OUT/IN",
         "CV",
         other
-    );
+    )?;
     for r in &rows {
         let (req, bin, bout, events, conns) =
             match query.window.and_then(|w| r.windows.get(w.name())) {
@@ -198,7 +202,8 @@ pub fn clients(args: &ClientsArgs) -> anyhow::Result<()> {
                     r.connections,
                 ),
             };
-        println!(
+        writeln!(
+            out,
             "{:<40} {:>10} {:>12} {:>12} {:>8} {:>7} {:>5} {:>5} {:>9} {:>8}  {:<20}",
             r.client,
             req,
@@ -211,9 +216,9 @@ pub fn clients(args: &ClientsArgs) -> anyhow::Result<()> {
             r.out_in_ratio.map_or("-".into(), |x| format!("{x:.1}")),
             r.interval_cv.map_or("-".into(), |x| format!("{x:.2}")),
             other_of(r).unwrap_or("-"),
-        );
+        )?;
     }
-    Ok(())
+    print_out(&out)
 }
 
 /// `sensor identity`: the identity a credential read from stdin maps to, with this
@@ -236,25 +241,24 @@ pub fn identity(args: &IdentityArgs) -> anyhow::Result<()> {
     std::io::stdin().read_line(&mut key)?;
     let key = key.trim_end_matches(['\r', '\n']);
     anyhow::ensure!(!key.is_empty(), "expected the API key on standard input");
-    println!("{}", ids.identity_of(key.as_bytes()));
-    Ok(())
+    outln!("{}", ids.identity_of(key.as_bytes()))
 }
 
 pub fn alerts(args: &AlertsArgs) -> anyhow::Result<()> {
     let body = Source::new(&args.socket, &args.remote)?.get("/v1/alerts")?;
     if args.json {
-        println!("{body}");
-        return Ok(());
+        return outln!("{body}");
     }
     let alerts: Vec<crate::detect::Alert> = serde_json::from_str(&body)?;
     if alerts.is_empty() {
-        println!("no alerts");
-        return Ok(());
+        return outln!("no alerts");
     }
-    println!(
+    let mut out = String::new();
+    writeln!(
+        out,
         "{:<9} {:<9} {:<22} {:<10} {:<40} {:<24} {:>7}  EVIDENCE",
         "STATE", "SEVERITY", "RULE", "KEY_KIND", "KEY", "FIRST_SEEN", "UPDATES"
-    );
+    )?;
     for a in alerts {
         let state = if a.mode == "log" {
             format!("{}(log)", a.state)
@@ -277,7 +281,8 @@ pub fn alerts(args: &AlertsArgs) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        println!(
+        writeln!(
+            out,
             "{:<9} {:<9} {:<22} {:<10} {:<40} {:<24} {:>7}  {}",
             state,
             a.severity,
@@ -287,18 +292,7 @@ pub fn alerts(args: &AlertsArgs) -> anyhow::Result<()> {
             a.first_seen,
             a.updates,
             evidence.join(", ")
-        );
+        )?;
     }
-    Ok(())
-}
-
-/// Writes to standard output; a reader that went away (`sensor ... | head -1`) ends the
-/// command quietly, as Unix tools do, instead of a panic.
-pub fn print_out(text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        result => result.context("writing to standard output"),
-    }
+    print_out(&out)
 }

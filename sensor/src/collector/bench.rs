@@ -168,7 +168,7 @@ pub fn run(args: &BenchCollectorArgs) -> anyhow::Result<()> {
         rows += s.rows;
         bytes += s.bytes;
     }
-    println!(
+    crate::stdout::outln!(
         "{}",
         serde_json::json!({
             "seconds": elapsed,
@@ -177,6 +177,5 @@ pub fn run(args: &BenchCollectorArgs) -> anyhow::Result<()> {
             "rows": rows,
             "compressed_bytes": bytes,
         })
-    );
-    Ok(())
+    )
 }

@@ -278,8 +278,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         (!l.client_ca_file.as_os_str().is_empty()).then_some(l.client_ca_file.as_path());
     let acceptor = server::tls_acceptor(&l.tls_cert_file, &l.tls_key_file, client_ca)?;
     if args.check {
-        println!("collector configuration, certificates and tokens are valid");
-        return Ok(());
+        return crate::stdout::outln!("collector configuration, certificates and tokens are valid");
     }
     let dir = config.state.dir.clone();
     std::fs::create_dir_all(&dir)

@@ -67,8 +67,7 @@ pub fn check_config(args: &CheckConfigArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot read config {file}: {e}"))?;
     let errors = check_text(&text, &file);
     if errors.is_empty() {
-        println!("{file}: OK");
-        return Ok(());
+        return crate::stdout::outln!("{file}: OK");
     }
     for e in &errors {
         eprintln!("{e}");

@@ -29,7 +29,7 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
     } else {
         report.text()
     };
-    crate::views::print_out(&text)?;
+    crate::stdout::print_out(&text)?;
     if !report.can_run {
         std::process::exit(EXIT_UNAVAILABLE);
     }

@@ -16,7 +16,10 @@ use std::{
     process::Command,
 };
 
-use crate::config::{Config, State, installed_config};
+use crate::{
+    config::{Config, State, installed_config},
+    stdout::{noteln, outln},
+};
 
 /// The unit as the Debian package ships it (binary in /usr/bin).
 pub const UNIT: &str = include_str!("../../../packaging/sensor.service");
@@ -241,26 +244,26 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
     let same = fs::canonicalize(&bin).is_ok_and(|b| fs::canonicalize(&exe).is_ok_and(|e| e == b));
     if same {
-        println!("{} is this binary; kept", bin.display());
+        outln!("{} is this binary; kept", bin.display())?;
     } else {
         let bytes = fs::read(&exe).map_err(io_err(&exe))?;
         write_atomic(&bin, &bytes, 0o755)?;
-        println!("installed {}", bin.display());
+        outln!("installed {}", bin.display())?;
     }
 
     // The unit: owned by the installer, always rewritten.
     let unit = layout.path(UNIT_PATH);
     write_atomic(&unit, render_unit(Path::new(BIN_PATH))?.as_bytes(), 0o644)?;
-    println!("installed {}", unit.display());
+    outln!("installed {}", unit.display())?;
 
     // Configuration and secret: created once, never overwritten.
     let config_dir = layout.path(CONFIG_DIR);
     fs::create_dir_all(&config_dir).map_err(io_err(&config_dir))?;
     let config = layout.path(CONFIG_PATH);
     if create_new(&config, installed_config().as_bytes(), 0o644)? {
-        println!("created {} (the commented defaults)", config.display());
+        outln!("created {} (the commented defaults)", config.display())?;
     } else {
-        println!("kept existing {}", config.display());
+        outln!("kept existing {}", config.display())?;
         if let Err(e) = Config::load(&config) {
             eprintln!("warning: {e:#} (see `sensor check-config`)");
         }
@@ -268,7 +271,7 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<()> {
     let running_config = Config::load(&config).or_else(|_| Config::embedded())?;
     let secret_file = &running_config.identity.secret_file;
     if secret_file.as_os_str().is_empty() {
-        println!("[identity] secret_file is empty: no secret file created here");
+        outln!("[identity] secret_file is empty: no secret file created here")?;
     } else if !secret_file.is_absolute() {
         eprintln!(
             "warning: [identity] secret_file `{}` is not an absolute path; no secret created",
@@ -277,16 +280,16 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<()> {
     } else {
         let key_path = layout.path(&secret_file.display().to_string());
         if create_new(&key_path, new_secret()?.as_bytes(), 0o600)? {
-            println!("created {} (mode 0600)", key_path.display());
+            outln!("created {} (mode 0600)", key_path.display())?;
         } else {
-            println!("kept existing {}", key_path.display());
+            outln!("kept existing {}", key_path.display())?;
         }
     }
 
     // State directory (systemd's StateDirectory= keeps it 0700 as well).
     let state = layout.path(STATE_DIR);
     private_dir(&state, 0o700)?;
-    println!("state directory {} (0700, root)", state.display());
+    outln!("state directory {} (0700, root)", state.display())?;
 
     if !Path::new(RELOAD_HELPER).exists() {
         eprintln!(
@@ -302,16 +305,16 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<()> {
     }
     if args.enable {
         systemctl(&["enable", UNIT_NAME])?;
-        println!("enabled {UNIT_NAME}");
+        outln!("enabled {UNIT_NAME}")?;
     }
     if args.now {
         systemctl(&["restart", UNIT_NAME])?;
-        println!("started {UNIT_NAME}");
+        outln!("started {UNIT_NAME}")?;
     } else {
-        println!(
+        outln!(
             "start it with: systemctl {} sensor",
             if args.enable { "start" } else { "enable --now" }
-        );
+        )?;
     }
     Ok(())
 }
@@ -376,7 +379,7 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         }
         let config_dir = layout.path(CONFIG_DIR);
         match fs::remove_dir(&config_dir) {
-            Ok(()) => println!("removed {}", config_dir.display()),
+            Ok(()) => outln!("removed {}", config_dir.display())?,
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(_) => eprintln!(
                 "warning: {} is not empty (files not created by sensor install); kept",
@@ -384,14 +387,14 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
             ),
         }
     } else {
-        println!(
+        outln!(
             "kept {}, {} and {} (remove them with --purge)",
             config_path.display(),
             layout
                 .path(&config.identity.secret_file.display().to_string())
                 .display(),
             layout.path(STATE_DIR).display()
-        );
+        )?;
     }
     Ok(())
 }
@@ -399,7 +402,7 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
 fn remove_file(path: &Path) -> Result<(), InstallError> {
     match fs::remove_file(path) {
         Ok(()) => {
-            println!("removed {}", path.display());
+            noteln!("removed {}", path.display());
             Ok(())
         }
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -410,7 +413,7 @@ fn remove_file(path: &Path) -> Result<(), InstallError> {
 fn remove_tree(path: &Path) -> Result<(), InstallError> {
     match fs::remove_dir_all(path) {
         Ok(()) => {
-            println!("removed {}", path.display());
+            noteln!("removed {}", path.display());
             Ok(())
         }
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -423,14 +426,14 @@ fn remove_pins(pin_dir: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        println!(
+        noteln!(
             "removing pinned state {} (detaches its programs)",
             entry.path().display()
         );
         crate::capture::remove_instance(&entry.path());
     }
     if fs::remove_dir(pin_dir).is_ok() {
-        println!("removed {}", pin_dir.display());
+        noteln!("removed {}", pin_dir.display());
     }
 }
 

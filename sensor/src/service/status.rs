@@ -7,7 +7,10 @@ use std::{
 
 use serde_json::Value;
 
-use crate::api;
+use crate::{
+    api,
+    stdout::{outln, print_out},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -30,9 +33,9 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
                     "socket": args.socket.display().to_string(),
                     "error": format!("{e:#}"),
                 });
-                println!("{down}");
+                outln!("{down}")?;
             } else {
-                println!("sensor: not running ({})", args.socket.display());
+                outln!("sensor: not running ({})", args.socket.display())?;
             }
             return Err(e);
         }
@@ -45,14 +48,10 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
             obj.insert("socket".into(), args.socket.display().to_string().into());
             obj.insert("uptime_secs".into(), uptime.map(|d| d.as_secs()).into());
         }
-        println!("{health}");
+        outln!("{health}")
     } else {
-        print!(
-            "{}",
-            render(&health, &args.socket.display().to_string(), uptime)
-        );
+        print_out(&render(&health, &args.socket.display().to_string(), uptime))
     }
-    Ok(())
 }
 
 fn uptime(health: &Value, now: SystemTime) -> Option<Duration> {
