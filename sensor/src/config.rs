@@ -325,16 +325,25 @@ pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Locates a validation error (key, message) and the `[[outputs]]` list's errors in `file`.
+/// A validation error: the table it is in (dotted, e.g. `ship`), the key and the message.
+pub(crate) type Invalid = (&'static str, &'static str, String);
+
+/// Puts a table's validation error (key, message) in that table.
+pub(crate) fn in_table(table: &'static str) -> impl Fn((&'static str, String)) -> Invalid {
+    move |(key, message)| (table, key, message)
+}
+
+/// Locates a validation error (table, key, message) and the `[[outputs]]` list's errors in
+/// `file`.
 pub(crate) fn check(
     text: &str,
     file: &str,
-    validated: Result<(), (&'static str, String)>,
+    validated: Result<(), Invalid>,
     outputs: &[crate::outputs::OutputConfig],
 ) -> Result<(), ConfigError> {
-    validated.map_err(|(key, message)| ConfigError {
+    validated.map_err(|(table, key, message)| ConfigError {
         file: file.to_owned(),
-        line: find_key_line(text, key),
+        line: find_key_line(text, table, key),
         key: Some(key.to_owned()),
         message,
     })?;
@@ -381,61 +390,81 @@ impl Config {
         Ok(Self::parse(&text, &path.display().to_string())?)
     }
 
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    fn validate(&self) -> Result<(), Invalid> {
         let c = &self.capture;
         if c.ports.is_empty() {
-            return Err(("ports", "at least one port must be watched".into()));
+            return Err((
+                "capture",
+                "ports",
+                "at least one port must be watched".into(),
+            ));
         }
         if c.ports.contains(&0) {
-            return Err(("ports", "port 0 cannot be watched".into()));
+            return Err(("capture", "ports", "port 0 cannot be watched".into()));
         }
         if c.poll_interval_ms == 0 || c.poll_interval_ms > 3_600_000 {
             return Err((
+                "capture",
                 "poll_interval_ms",
                 format!("{} is outside 1..=3600000", c.poll_interval_ms),
             ));
         }
         if c.max_connections == 0 {
-            return Err(("max_connections", "must be at least 1".into()));
+            return Err(("capture", "max_connections", "must be at least 1".into()));
         }
         if c.ring_buffer_bytes < 4096 || !c.ring_buffer_bytes.is_power_of_two() {
             return Err((
+                "capture",
                 "ring_buffer_bytes",
                 format!("{} is not a power of two >= 4096", c.ring_buffer_bytes),
             ));
         }
         if self.api.socket.as_os_str().is_empty() {
-            return Err(("socket", "must not be empty".into()));
+            return Err(("api", "socket", "must not be empty".into()));
         }
-        self.clients.validate()?;
+        self.clients.validate().map_err(in_table("clients"))?;
         if self.state.snapshot_interval_secs == 0 {
-            return Err(("snapshot_interval_secs", "must be at least 1".into()));
+            return Err((
+                "state",
+                "snapshot_interval_secs",
+                "must be at least 1".into(),
+            ));
         }
         if !self.state.bpf_pin_dir.is_absolute() {
-            return Err(("bpf_pin_dir", "must be an absolute path on a bpffs".into()));
+            return Err((
+                "state",
+                "bpf_pin_dir",
+                "must be an absolute path on a bpffs".into(),
+            ));
         }
-        self.detect.validate()?;
+        self.detect.validate().map_err(in_table("detect"))?;
         let id = &self.identity;
 
         if id.head_bytes as usize > sensor_common::HEAD_MAX {
             return Err((
+                "identity",
                 "head_bytes",
                 format!("{} is more than {}", id.head_bytes, sensor_common::HEAD_MAX),
             ));
         }
         for proxy in &id.trusted_proxies {
             if let Err(e) = proxy.parse::<sensor_http::Cidr>() {
-                return Err(("trusted_proxies", e.to_string()));
+                return Err(("identity", "trusted_proxies", e.to_string()));
             }
         }
-        self.ship.validate()?;
+        self.ship.validate().map_err(in_table("ship"))?;
         let m = &self.metrics;
         if !m.listen.is_empty() {
             if m.listen.parse::<std::net::SocketAddr>().is_err() {
-                return Err(("listen", format!("`{}` is not an ip:port", m.listen)));
+                return Err((
+                    "metrics",
+                    "listen",
+                    format!("`{}` is not an ip:port", m.listen),
+                ));
             }
             if m.bearer_token_file.as_os_str().is_empty() {
                 return Err((
+                    "metrics",
                     "bearer_token_file",
                     "the metrics listener requires a bearer token file".into(),
                 ));
@@ -481,15 +510,60 @@ fn unknown_field(message: &str) -> Option<String> {
     Some(rest.split_once('`')?.0.to_owned())
 }
 
-/// Line where `key` is assigned, or 1 when it is not in the text (a default was invalid).
-fn find_key_line(text: &str, key: &str) -> usize {
-    text.lines()
-        .position(|l| {
-            l.trim_start()
-                .strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map_or(1, |i| i + 1)
+/// Line where `key` is assigned in `table` (dotted; its sub-tables and inline tables are
+/// searched too, first match), else the table's header (the key kept an invalid default),
+/// else 1. Located by table because one key name can appear in several (`top_clients` is in
+/// `[metrics]` and `[ship]`).
+fn find_key_line(text: &str, table: &str, key: &str) -> usize {
+    // The text has parsed already; a failure here only loses the line.
+    let Ok(doc) = toml_edit::ImDocument::parse(text) else {
+        return 1;
+    };
+    let mut current: &dyn toml_edit::TableLike = doc.as_table();
+    let mut header = None;
+    for name in table.split('.').filter(|n| !n.is_empty()) {
+        let Some((k, item)) = current.get_key_value(name) else {
+            return header.map_or(1, |h| line_of(text, h));
+        };
+        header = item
+            .as_table()
+            .and_then(toml_edit::Table::span)
+            .or_else(|| k.span())
+            .map(|s| s.start)
+            .or(header);
+        let Some(t) = item.as_table_like() else {
+            return header.map_or(1, |h| line_of(text, h));
+        };
+        current = t;
+    }
+    key_in_table(current, key)
+        .or(header)
+        .map_or(1, |offset| line_of(text, offset))
+}
+
+/// Offset of `key` in `table`, else in its sub-tables, arrays of tables and inline tables.
+fn key_in_table(table: &dyn toml_edit::TableLike, key: &str) -> Option<usize> {
+    if let Some(span) = table.get_key_value(key).and_then(|(k, _)| k.span()) {
+        return Some(span.start);
+    }
+    table.iter().find_map(|(_, item)| key_in_item(item, key))
+}
+
+fn key_in_item(item: &toml_edit::Item, key: &str) -> Option<usize> {
+    match item {
+        toml_edit::Item::Table(t) => key_in_table(t, key),
+        toml_edit::Item::ArrayOfTables(a) => a.iter().find_map(|t| key_in_table(t, key)),
+        toml_edit::Item::Value(v) => key_in_value(v, key),
+        toml_edit::Item::None => None,
+    }
+}
+
+fn key_in_value(value: &toml_edit::Value, key: &str) -> Option<usize> {
+    match value {
+        toml_edit::Value::InlineTable(t) => key_in_table(t, key),
+        toml_edit::Value::Array(a) => a.iter().find_map(|v| key_in_value(v, key)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -572,6 +646,58 @@ mod tests {
         );
         let err = Config::parse("[capture]\nports = [0]\n", "s.toml").unwrap_err();
         assert_eq!((err.line, err.key.as_deref()), (2, Some("ports")));
+    }
+
+    /// One key name in two tables: the error is at the invalid table's line, not at the
+    /// first `top_clients =` in the file.
+    #[test]
+    fn invalid_value_is_located_in_its_table() {
+        let text = "[metrics]\ntop_clients = 20\n\n[ship]\n\
+                    url = \"https://collector.example.net:9443/v1/ingest\"\n\
+                    token_file = \"/etc/sensor/ship.token\"\ntop_clients = 0\n";
+        let err = Config::parse(text, "s.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (7, Some("top_clients")));
+        assert!(
+            err.to_string().starts_with("s.toml:7: key `top_clients`: "),
+            "{err}"
+        );
+        // The same in dotted keys and in an inline table.
+        let dotted = "ship.url = \"https://c:1/v1/ingest\"\nship.token_file = \"/t\"\n\
+                      ship.top_clients = 0\n\n[metrics]\ntop_clients = 20\n";
+        let err = Config::parse(dotted, "s.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (3, Some("top_clients")));
+        let inline = "metrics = { top_clients = 20 }\n\
+                      ship = { url = \"https://c:1/v1/ingest\", token_file = \"/t\",\
+                      top_clients = 0 }\n";
+        let err = Config::parse(inline, "s.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (2, Some("top_clients")));
+    }
+
+    /// A key that kept an invalid default is not in the text: its table's header.
+    #[test]
+    fn missing_key_is_located_at_its_table() {
+        let text = "[ship]\ntoken_file = \"/t\"\n\n[metrics]\nlisten = \"127.0.0.1:9465\"\n";
+        let err = Config::parse(text, "s.toml").unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (4, Some("bearer_token_file"))
+        );
+        // `[ship]` is not enabled (no url), so its token_file is not the missing key.
+        let text = "[metrics]\nbearer_token_file = \"/m\"\n\n[ship]\n\
+                    url = \"https://c:1/v1/ingest\"\n";
+        let err = Config::parse(text, "s.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (4, Some("token_file")));
+    }
+
+    /// Keys inside `[[detect.rules]]` and their inline `when` tables are found under
+    /// `[detect]` (the first such key: errors do not say which rule).
+    #[test]
+    fn rule_errors_are_located_in_the_rules() {
+        let text = "[detect]\ninterval_secs = 2\n\n[[detect.rules]]\nid = \"a\"\nname = \"a\"\n\
+                    keys = [\"address\"]\n\
+                    when = [{ metric = \"bogus\", op = \">\", value = 1 }]\n";
+        let err = Config::parse(text, "s.toml").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (8, Some("metric")), "{err}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{Clients, ConfigError, Detect, check, from_toml};
+use crate::config::{Clients, ConfigError, Detect, Invalid, check, from_toml, in_table};
 
 pub const DEFAULT_COLLECTOR_CONFIG: &str = include_str!("../collector-default.toml");
 
@@ -141,10 +141,14 @@ impl CollectorConfig {
         Ok(Self::parse(&text, &path.display().to_string())?)
     }
 
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    fn validate(&self) -> Result<(), Invalid> {
         let l = &self.listen;
         if l.address.parse::<std::net::SocketAddr>().is_err() {
-            return Err(("address", format!("`{}` is not an ip:port", l.address)));
+            return Err((
+                "listen",
+                "address",
+                format!("`{}` is not an ip:port", l.address),
+            ));
         }
         for (key, p) in [
             ("tls_cert_file", &l.tls_cert_file),
@@ -153,23 +157,33 @@ impl CollectorConfig {
         ] {
             if p.as_os_str().is_empty() {
                 return Err((
+                    "listen",
                     key,
                     "must be set: the collector only serves HTTPS with tokens".into(),
                 ));
             }
         }
         if !(1024..=256 * 1024 * 1024).contains(&l.max_body_bytes) {
-            return Err(("max_body_bytes", "must be 1024..=268435456".into()));
+            return Err((
+                "listen",
+                "max_body_bytes",
+                "must be 1024..=268435456".into(),
+            ));
         }
         if self.state.snapshot_interval_secs == 0 {
-            return Err(("snapshot_interval_secs", "must be at least 1".into()));
+            return Err((
+                "state",
+                "snapshot_interval_secs",
+                "must be at least 1".into(),
+            ));
         }
-        self.clients.validate()?;
-        self.detect.validate()?;
+        self.clients.validate().map_err(in_table("clients"))?;
+        self.detect.validate().map_err(in_table("detect"))?;
         for rule in &self.detect.rules {
             for w in &rule.when {
                 if PER_HOST_METRICS.contains(&w.metric.as_str()) {
                     return Err((
+                        "detect",
                         "metric",
                         format!(
                             "rule `{}`: `{}` is per host only (summaries do not carry it); \

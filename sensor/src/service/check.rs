@@ -112,6 +112,18 @@ mod tests {
         );
     }
 
+    /// `top_clients` is in `[metrics]` (valid) and `[ship]` (invalid): one error, at ship's
+    /// line, and the valid line is left alone.
+    #[test]
+    fn a_key_in_two_tables_is_reported_once_in_its_table() {
+        let text = "[metrics]\ntop_clients = 20\n\n[ship]\nurl = \"https://c:1/v1/ingest\"\n\
+                    token_file = \"/t\"\ntop_clients = 0\n";
+        let errors = check_text(text, "s.toml");
+        let found: Vec<(usize, Option<&str>)> =
+            errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
+        assert_eq!(found, [(7, Some("top_clients"))]);
+    }
+
     #[test]
     fn syntax_errors_are_reported_too() {
         let text = "[capture]\npoll_interval_ms = \"soon\"\nports = [80,\n";
