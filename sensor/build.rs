@@ -1,11 +1,24 @@
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
-/// The nightly that builds the kernel crate (`-Z build-std=core` for the bpf target). Pinned by
-/// date so every machine compiles the same object; xtask installs it with rust-src.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+/// The kernel crate's pinned nightly (see that file); a change rebuilds this script.
+const EBPF_TOOLCHAIN_FILE: &str = include_str!("../sensor-ebpf/rust-toolchain.toml");
+
+/// The `channel` of a rust-toolchain.toml.
+fn toolchain_channel(file: &str) -> Option<&str> {
+    file.lines().find_map(|l| {
+        let value = l
+            .trim()
+            .strip_prefix("channel")?
+            .trim_start()
+            .strip_prefix('=')?;
+        Some(value.trim().trim_matches('"'))
+    })
+}
 
 fn main() -> anyhow::Result<()> {
+    let toolchain = toolchain_channel(EBPF_TOOLCHAIN_FILE)
+        .ok_or_else(|| anyhow!("no channel in sensor-ebpf/rust-toolchain.toml"))?;
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -25,6 +38,6 @@ fn main() -> anyhow::Result<()> {
             root_dir: root_dir.as_str(),
             ..Default::default()
         }],
-        Toolchain::Custom(EBPF_TOOLCHAIN),
+        Toolchain::Custom(toolchain),
     )
 }

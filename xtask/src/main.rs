@@ -17,8 +17,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 
-/// Must match `EBPF_TOOLCHAIN` in sensor/build.rs.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+/// The kernel crate's pinned nightly, named once (sensor/build.rs reads the same file).
+const EBPF_TOOLCHAIN_FILE: &str = include_str!("../../sensor-ebpf/rust-toolchain.toml");
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: real peers for the end-to-end tests (HTTP server and clients, netns and
 /// packet loss tooling, and `prometheus` for its `promtool`, which checks real scrapes).
@@ -284,12 +284,13 @@ fn setup_packages(packages: &[&str]) -> anyhow::Result<()> {
 }
 
 fn setup_toolchain() -> anyhow::Result<()> {
+    let nightly = ebpf_toolchain()?;
     let installed = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
-    if !installed.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN)) {
+    if !installed.lines().any(|l| l.starts_with(nightly)) {
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            EBPF_TOOLCHAIN,
+            nightly,
             "--profile",
             "minimal",
             "--component",
@@ -301,42 +302,33 @@ fn setup_toolchain() -> anyhow::Result<()> {
         "list",
         "--installed",
         "--toolchain",
-        EBPF_TOOLCHAIN,
+        nightly,
     ]))
     .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            EBPF_TOOLCHAIN,
-        ]))?;
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", nightly]))?;
     }
     setup_bpf_linker()
 }
 
 /// bpf-linker must use the same LLVM as the nightly that emits the bitcode it links.
 fn setup_bpf_linker() -> anyhow::Result<()> {
+    let nightly = ebpf_toolchain()?;
     let working = output(Command::new("bpf-linker").arg("--version"))
         .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
-    let marker = cargo_home().join(format!(".sensor-bpf-linker-{EBPF_TOOLCHAIN}"));
+    let marker = cargo_home().join(format!(".sensor-bpf-linker-{nightly}"));
     if working && marker.exists() {
         return Ok(());
     }
     let sysroot = output(
         Command::new("rustc")
-            .arg(format!("+{EBPF_TOOLCHAIN}"))
+            .arg(format!("+{nightly}"))
             .args(["--print", "sysroot"]),
     )
     .context("rustc of the eBPF toolchain")?;
     let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
-    let version = output(
-        Command::new("rustc")
-            .arg(format!("+{EBPF_TOOLCHAIN}"))
-            .arg("-vV"),
-    )
-    .context("rustc -vV")?;
+    let version =
+        output(Command::new("rustc").arg(format!("+{nightly}")).arg("-vV")).context("rustc -vV")?;
     let llvm_major = version
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -353,7 +345,7 @@ fn setup_bpf_linker() -> anyhow::Result<()> {
         })
         .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
     // LLVM_PREFIX wants <prefix>/lib/libLLVM.so; point it at the toolchain's own library.
-    let prefix = cargo_home().join(format!("sensor-llvm-{EBPF_TOOLCHAIN}"));
+    let prefix = cargo_home().join(format!("sensor-llvm-{nightly}"));
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
@@ -554,12 +546,13 @@ fn demo_loop(
 }
 
 fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    let nightly = ebpf_toolchain()?;
     setup_toolchain()?;
     if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
     run(Command::new("cargo")
-        .arg(format!("+{EBPF_TOOLCHAIN}"))
+        .arg(format!("+{nightly}"))
         .args(["fuzz", "run", "parse_head", "--"])
         .arg(format!("-max_total_time={seconds}"))
         .current_dir(workspace_root().join("fuzz")))
@@ -677,5 +670,30 @@ impl Totals {
                 _ => {}
             }
         }
+    }
+}
+
+/// The kernel crate's pinned nightly: the `channel` of sensor-ebpf/rust-toolchain.toml.
+fn ebpf_toolchain() -> anyhow::Result<&'static str> {
+    EBPF_TOOLCHAIN_FILE
+        .lines()
+        .find_map(|l| {
+            let value = l
+                .trim()
+                .strip_prefix("channel")?
+                .trim_start()
+                .strip_prefix('=')?;
+            Some(value.trim().trim_matches('"'))
+        })
+        .context("no channel in sensor-ebpf/rust-toolchain.toml")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pinned_nightly_is_read_from_the_toolchain_file() {
+        let nightly = super::ebpf_toolchain().expect("channel");
+        assert!(nightly.starts_with("nightly-20"), "{nightly:?}");
+        assert!(!nightly.contains(['"', ' ']), "{nightly:?}");
     }
 }
