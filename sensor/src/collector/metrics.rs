@@ -9,7 +9,7 @@ use crate::{
     outputs::OutputStats,
 };
 
-use super::{Fleet, counters::Counters};
+use super::{counters::Counters, shared::Fleet};
 
 /// Renders the exposition (format 0.0.4).
 pub fn render(counters: &Counters, fleet: &Fleet, outputs: &[OutputStats]) -> String {

@@ -21,8 +21,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    Shared,
     ingest::{self, IngestError, Role},
+    shared::Shared,
 };
 use crate::{
     aggregate::Now,
