@@ -6,7 +6,7 @@
 //! (`\n`, `\r`). One space follows the seventh `|`: CEF parsers trim it, and liblognorm's
 //! (rsyslog mmnormalize, lognormalizer) would otherwise lose the first key's first character.
 
-use super::{Format, Record};
+use super::record::{Format, Record};
 
 pub const VENDOR: &str = "sensor";
 pub const PRODUCT: &str = "sensor";

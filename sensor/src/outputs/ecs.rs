@@ -7,7 +7,10 @@
 
 use serde_json::{Value, json};
 
-use super::{Format, Record, cef};
+use super::{
+    cef,
+    record::{Format, Record},
+};
 
 pub const ECS_VERSION: &str = "8.11.0";
 

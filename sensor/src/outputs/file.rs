@@ -11,7 +11,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Delivery, Format, Output, OutputConfig, OutputError, Record};
+use super::{
+    config::OutputConfig,
+    delivery::{Delivery, Output},
+    error::OutputError,
+    record::{Format, Record},
+};
 
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_KEEP_FILES: usize = 5;

@@ -14,7 +14,13 @@ use std::time::Duration;
 use log::warn;
 use serde_json::{Value, json};
 
-use super::{Delivery, Output, OutputConfig, OutputError, Record, http};
+use super::{
+    config::OutputConfig,
+    delivery::{Delivery, Output},
+    error::OutputError,
+    http,
+    record::Record,
+};
 
 pub const DEFAULT_SOURCETYPE: &str = "sensor:alert";
 pub const DEFAULT_SOURCE: &str = "sensor";

@@ -11,7 +11,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::OutputError;
+use super::error::OutputError;
 
 /// Splits "host:port", "[v6]:port" or "v6-without-brackets" is refused. Returns (host, port).
 pub fn split_host_port(s: &str) -> Option<(String, u16)> {

@@ -6,7 +6,10 @@
 //! `\` and `|`; attribute values cannot carry the delimiter, so tabs and line breaks in them
 //! become spaces. `devTime` is in epoch milliseconds (`devTimeFormat` is not needed for it).
 
-use super::{Format, Record, cef};
+use super::{
+    cef,
+    record::{Format, Record},
+};
 
 pub struct Leef;
 

@@ -8,7 +8,10 @@
 
 use serde_json::{Value, json};
 
-use super::{Format, Record, cef};
+use super::{
+    cef,
+    record::{Format, Record},
+};
 
 pub const OCSF_VERSION: &str = "1.5.0";
 pub const CLASS_UID: u32 = 2004;

@@ -2,7 +2,7 @@
 //! transport, batches of [`crate::wire`] records, compressed, over HTTPS with a bearer token
 //! (and a client certificate when the collector asks for one).
 //!
-//! Delivery reuses the SIEM outputs' machinery ([`super::worker`]): every record is appended
+//! Delivery reuses the SIEM outputs' machinery ([`super::delivery::worker`]): every record is appended
 //! to a durable, bounded spool on disk before it counts as shipped, delivered in order,
 //! retried with backoff, and what the bound forces out is dropped and counted.
 
@@ -14,7 +14,8 @@ use std::{
 use serde::Deserialize;
 
 use super::{
-    Delivery, Output, OutputError,
+    delivery::{Delivery, Output},
+    error::OutputError,
     http::{self, ClientIdentity},
     spool::Spooled,
 };

@@ -22,7 +22,7 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::{OutputError, Record};
+use super::{error::OutputError, record::Record};
 
 /// What a spool holds: records that carry their position in the stream.
 pub trait Spooled: Serialize + DeserializeOwned + Clone + Send + 'static {

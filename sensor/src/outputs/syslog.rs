@@ -25,20 +25,17 @@ use tokio::{
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{
-    Delivery, Format, JsonFormat, Output, OutputConfig, OutputError, Record, cef::Cef, http,
+    cef::Cef,
+    config::OutputConfig,
+    delivery::{Delivery, Output},
+    error::OutputError,
+    http,
     leef::Leef,
+    record::{Format, JsonFormat, Record},
 };
 
 pub const DEFAULT_SD_ID: &str = "alert@32473";
 pub const DEFAULT_APP_NAME: &str = "sensor";
-
-/// SD-NAME: 1-32 printable US-ASCII characters except '=', ' ', ']' and '"'.
-pub fn valid_sd_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| (33..=126).contains(&b) && !matches!(b, b'=' | b']' | b'"'))
-}
 
 /// Escapes an SD-PARAM value: '"', '\' and ']' get a backslash.
 pub fn escape_param(s: &str) -> String {
@@ -63,7 +60,7 @@ fn header_field(s: &str, max: usize) -> String {
 }
 
 pub fn facility_code(name: &str) -> u8 {
-    super::FACILITIES
+    super::config::FACILITIES
         .iter()
         .position(|f| *f == name)
         .map_or(16, |i| i as u8)
@@ -343,6 +340,7 @@ impl Output for SyslogOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outputs::config::valid_sd_name;
     use crate::outputs::tests::record;
 
     fn renderer(msg: Box<dyn Format>) -> Rfc5424 {

@@ -11,7 +11,13 @@ use hmac::{Hmac, Mac as _};
 use log::warn;
 use sha2::Sha256;
 
-use super::{Delivery, Format as _, JsonFormat, Output, OutputConfig, OutputError, Record, http};
+use super::{
+    config::OutputConfig,
+    delivery::{Delivery, Output},
+    error::OutputError,
+    http,
+    record::{Format as _, JsonFormat, Record},
+};
 
 pub const SIGNATURE_HEADER: &str = "X-Sensor-Signature";
 
