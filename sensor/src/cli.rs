@@ -6,6 +6,9 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 
+/// Where `check-config` looks without an argument: the installed configuration.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sensor/sensor.toml";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sensor",
@@ -23,20 +26,20 @@ pub enum Command {
     Run(RunArgs),
     /// Run the collector: receive agents' batches over HTTPS, merge clients across hosts, run
     /// fleet rules, forward alerts to SIEMs, serve the fleet view (see docs/collector.md).
-    Collector(crate::collector::CollectorArgs),
+    Collector(CollectorArgs),
     /// List live and recently closed connections to the watched ports.
     Conns(ConnsArgs),
     /// Per-client counters (one-shot table or JSON).
     Clients(ClientsArgs),
     // systemd service (sensor/src/service).
     /// Install as a systemd service: binary, unit, default config, secret, state directory.
-    Install(crate::service::install::InstallArgs),
+    Install(InstallArgs),
     /// Stop, disable and remove the service; --purge also removes config and state.
-    Uninstall(crate::service::install::UninstallArgs),
+    Uninstall(UninstallArgs),
     /// Validate a configuration file; prints every error with file, line and key.
-    CheckConfig(crate::service::check::CheckConfigArgs),
+    CheckConfig(CheckConfigArgs),
     /// Is the agent running: attach point, ports, uptime, counts and loss.
-    Status(crate::service::status::StatusArgs),
+    Status(StatusArgs),
     /// What this kernel allows: kernel release, BTF, cgroup v2, capabilities, each probed BPF
     /// feature and program, and the live-read path a start would use. Exits non-zero when the
     /// agent cannot run here.
@@ -56,7 +59,7 @@ pub enum Command {
     /// Benchmark helper (`cargo xtask bench`): synthetic agents sending summaries to a running
     /// collector as fast as it accepts them; prints one JSON line.
     #[command(hide = true)]
-    BenchCollector(crate::collector::bench::BenchCollectorArgs),
+    BenchCollector(BenchCollectorArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -259,4 +262,78 @@ pub struct BenchAggregateArgs {
     /// The table bound (`[clients] max_clients`); default: N, so every client stays exact.
     #[arg(long, value_name = "M")]
     pub max_clients: Option<usize>,
+}
+
+/// Command line of `sensor collector`.
+#[derive(Debug, clap::Args)]
+pub struct CollectorArgs {
+    /// Configuration file (TOML); without it the embedded defaults apply.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration, certificates and tokens, then exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchCollectorArgs {
+    /// The collector's ingest URL.
+    #[arg(long)]
+    pub url: String,
+    #[arg(long)]
+    pub ca_file: std::path::PathBuf,
+    /// Agent tokens, one per line (`<name> <token>`): one synthetic agent each.
+    #[arg(long)]
+    pub tokens_file: std::path::PathBuf,
+    /// Summaries per batch.
+    #[arg(long, default_value_t = 20)]
+    pub records: usize,
+    /// Client rows per summary.
+    #[arg(long, default_value_t = 200)]
+    pub rows: usize,
+    /// Distinct client addresses the rows are drawn from.
+    #[arg(long, default_value_t = 20_000)]
+    pub clients: usize,
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// Enable the service: start it at boot.
+    #[arg(long)]
+    pub enable: bool,
+    /// Start the service now (restart it when it runs: an upgrade).
+    #[arg(long)]
+    pub now: bool,
+    /// Stage the files under DIR instead of / and run no systemctl (packaging, inspection).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UninstallArgs {
+    /// Also remove the configuration, the identity secret and the saved state.
+    #[arg(long)]
+    pub purge: bool,
+    /// Remove what `install --root DIR` staged under DIR; runs no systemctl.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The configuration file to check.
+    #[arg(value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The agent's local API socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
+    pub socket: PathBuf,
+    /// Print JSON: the health document plus `socket` and `uptime_secs`.
+    #[arg(long)]
+    pub json: bool,
 }

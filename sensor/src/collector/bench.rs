@@ -16,32 +16,10 @@ use anyhow::Context as _;
 
 use crate::{
     aggregate::{Counts, Now},
+    cli::BenchCollectorArgs,
     outputs::http::{self, Client},
     wire::{Batch, ClientDelta, PERIOD_SECS, ShipRecord, Summary, WIRE_VERSION, encode},
 };
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchCollectorArgs {
-    /// The collector's ingest URL.
-    #[arg(long)]
-    pub url: String,
-    #[arg(long)]
-    pub ca_file: std::path::PathBuf,
-    /// Agent tokens, one per line (`<name> <token>`): one synthetic agent each.
-    #[arg(long)]
-    pub tokens_file: std::path::PathBuf,
-    /// Summaries per batch.
-    #[arg(long, default_value_t = 20)]
-    pub records: usize,
-    /// Client rows per summary.
-    #[arg(long, default_value_t = 200)]
-    pub rows: usize,
-    /// Distinct client addresses the rows are drawn from.
-    #[arg(long, default_value_t = 20_000)]
-    pub clients: usize,
-    #[arg(long, default_value_t = 10)]
-    pub seconds: u64,
-}
 
 struct Sent {
     batches: u64,

@@ -19,7 +19,7 @@ pub mod shared;
 use std::{
     fs::{File, OpenOptions},
     io::BufRead as _,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -30,6 +30,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     aggregate::Now,
+    cli::CollectorArgs,
     detect::{Detector, DetectorState},
     outputs::Outputs,
     wire::Batch,
@@ -37,17 +38,6 @@ use crate::{
 use config::CollectorConfig;
 use fleet::FleetState;
 use shared::{Fleet, SNAPSHOT_VERSION, Shared, Snapshot};
-
-/// Command line of `sensor collector`.
-#[derive(Debug, clap::Args)]
-pub struct CollectorArgs {
-    /// Configuration file (TOML); without it the embedded defaults apply.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Check the configuration, certificates and tokens, then exit.
-    #[arg(long)]
-    pub check: bool,
-}
 
 const JOURNAL: &str = "journal.jsonl";
 

@@ -6,18 +6,10 @@
 //! its default, which is valid. This ends at the first error that is not a single-line
 //! `key = value` (a syntax error, a multi-line value), which is reported last.
 
-use std::path::PathBuf;
-
-use crate::config::{Config, ConfigError};
-
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/sensor/sensor.toml";
-
-#[derive(Debug, clap::Args)]
-pub struct CheckConfigArgs {
-    /// The configuration file to check.
-    #[arg(value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
-    pub file: PathBuf,
-}
+use crate::{
+    cli::CheckConfigArgs,
+    config::{Config, ConfigError},
+};
 
 /// All errors in `text`, by line (empty: the configuration is valid).
 pub fn check_text(text: &str, file: &str) -> Vec<ConfigError> {

@@ -17,6 +17,7 @@ use std::{
 };
 
 use crate::{
+    cli::{InstallArgs, UninstallArgs},
     config::{Config, State, installed_config},
     stdout::{noteln, outln},
 };
@@ -37,29 +38,6 @@ pub const CONFIG_DIR: &str = "/etc/sensor";
 pub const CONFIG_PATH: &str = "/etc/sensor/sensor.toml";
 pub const STATE_DIR: &str = "/var/lib/sensor";
 const RELOAD_HELPER: &str = "/bin/kill";
-
-#[derive(Debug, clap::Args)]
-pub struct InstallArgs {
-    /// Enable the service: start it at boot.
-    #[arg(long)]
-    pub enable: bool,
-    /// Start the service now (restart it when it runs: an upgrade).
-    #[arg(long)]
-    pub now: bool,
-    /// Stage the files under DIR instead of / and run no systemctl (packaging, inspection).
-    #[arg(long, value_name = "DIR")]
-    pub root: Option<PathBuf>,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct UninstallArgs {
-    /// Also remove the configuration, the identity secret and the saved state.
-    #[arg(long)]
-    pub purge: bool,
-    /// Remove what `install --root DIR` staged under DIR; runs no systemctl.
-    #[arg(long, value_name = "DIR")]
-    pub root: Option<PathBuf>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {

@@ -1,26 +1,14 @@
 //! `sensor status`: is the agent running, and how is it doing (from the API's `/v1/health`).
 
-use std::{
-    path::PathBuf,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
 use crate::{
     api,
+    cli::StatusArgs,
     stdout::{outln, print_out},
 };
-
-#[derive(Debug, clap::Args)]
-pub struct StatusArgs {
-    /// The agent's local API socket.
-    #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
-    pub socket: PathBuf,
-    /// Print JSON: the health document plus `socket` and `uptime_secs`.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// Exits non-zero (through the error) when the agent cannot be reached.
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
