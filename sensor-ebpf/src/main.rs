@@ -35,8 +35,8 @@ use aya_ebpf::{
     },
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_seq_write, bpf_sk_storage_delete,
-        bpf_sk_storage_get, bpf_skb_load_bytes,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_seq_write, bpf_sk_fullsock,
+        bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skb_load_bytes, bpf_tcp_sock,
     },
     macros::{btf_map, cgroup_skb, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -685,12 +685,20 @@ fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparse
                 // came in the packet that completed the handshake (its final ACK was lost),
                 // which passed these programs before the record existed. The server answering
                 // means that exchange happened: count it, and classify at the next one.
-                if (*stats).proto == PROTO_UNKNOWN
-                    && (*stats).req_start == 0
-                    && read_shared(&raw const (*stats).bytes_in) > 0
-                {
-                    atomic_add(&raw mut (*stats).requests, 1);
-                    (*stats).req_start = NO_EXCHANGE_PENDING;
+                if (*stats).proto == PROTO_UNKNOWN && (*stats).req_start == 0 {
+                    let mut seen = read_shared(&raw const (*stats).bytes_in);
+                    if seen == 0 {
+                        // Nothing else came since: TCP has those bytes, in order, from ISN + 1
+                        // (the base of bytes_in), so its count is the exact high-water mark.
+                        seen = tcp_bytes_received(ctx);
+                        if seen > 0 {
+                            atomic_replace(&raw mut (*stats).bytes_in, 0, seen);
+                        }
+                    }
+                    if seen > 0 {
+                        atomic_add(&raw mut (*stats).requests, 1);
+                        (*stats).req_start = NO_EXCHANGE_PENDING;
+                    }
                 }
                 // New reply data: the next client payload starts a new exchange.
                 if (*stats).req_start == NO_EXCHANGE_PENDING {
@@ -726,6 +734,29 @@ fn record_of_packet(ctx: &SkBuffContext) -> Option<(u64, *mut ConnStats)> {
     }
     // SAFETY: record points into the socket's live storage.
     Some(unsafe { ((*record).cookie, &raw mut (*record).stats) })
+}
+
+/// Payload bytes the kernel's TCP has received in order on the packet's connection
+/// (`tcp_sock.bytes_received`), 0 where the packet has no full TCP socket.
+#[inline(never)]
+fn tcp_bytes_received(ctx: &SkBuffContext) -> u64 {
+    // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL). The
+    // helpers return NULL for sockets that are not full TCP sockets.
+    unsafe {
+        let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return 0;
+        }
+        let full = bpf_sk_fullsock(sk);
+        if full.is_null() {
+            return 0;
+        }
+        let tp = bpf_tcp_sock(full);
+        if tp.is_null() {
+            return 0;
+        }
+        (*tp).bytes_received
+    }
 }
 
 /// Advances a direction's byte counter to the end of this segment, if that is further than

@@ -477,3 +477,59 @@ fn retrans_segs(ns: &Netns) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// The client's first request arrives in the packet that completes the handshake (the final
+/// ACK was lost: here the server's firewall drops exactly that packet of each connection), so
+/// it passes the packet programs before the connection has a record. The server's reply still
+/// counts it, with its bytes taken from TCP itself, and the next request on the connection is
+/// classified and counted as usual.
+#[test]
+fn request_in_the_handshake_completing_packet_is_counted() {
+    if !privileged("request_in_the_handshake_completing_packet_is_counted") {
+        return;
+    }
+    let cg = Cgroup::new("lostack");
+    let server = Netns::new("srv");
+    let client = Netns::new("cli");
+    veth_pair(&server, "10.214.0.1", &client, "10.214.0.2");
+    let port = 8080;
+    // The second packet the client sends on a connection is the handshake's final ACK.
+    let rules = format!(
+        "add table inet lostack\n\
+         add chain inet lostack input {{ type filter hook input priority 0; }}\n\
+         add rule inet lostack input tcp dport {port} ct original packets 2 counter drop\n"
+    );
+    let mut nft = server.command("nft");
+    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let mut child = nft.spawn().expect("nft");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), rules.as_bytes())
+        .expect("nft rules");
+    assert!(child.wait().expect("nft").success(), "nft rules");
+    // Connection packet counts for `ct original packets` (per network namespace).
+    run_ok(
+        server
+            .command("sysctl")
+            .args(["-w", "net.netfilter.nf_conntrack_acct=1"]),
+    );
+    let nginx = Nginx::start(&cg, Some(&server), &[format!("10.214.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let url = format!("http://10.214.0.1:{port}/{}", SMALL.0);
+    let transfers = curl(client.command("curl"), &[op(&[&url]), op(&[&url])]);
+    let dropped = run_ok(
+        server
+            .command("nft")
+            .args(["list", "table", "inet", "lostack"]),
+    );
+    assert!(
+        dropped.contains("counter packets 1 "),
+        "exactly the final ACK was dropped: {dropped}"
+    );
+    let truth = nginx.truth(&transfers);
+    assert_eq!(truth.len(), 1, "one keep-alive connection");
+    let conns = agent.wait_closed(1, |c| truth.contains_key(&c.remote));
+    assert_same(
+        "request in the handshake's last packet",
+        &truth,
+        &sensor_per_connection(&conns),
+    );
+}
