@@ -968,3 +968,46 @@ impl Drop for ExclusiveSockOps {
         let _ = Self::bpf(Self::BPF_PROG_DETACH, &mut detach);
     }
 }
+
+/// `n` TCP connections to `127.0.0.1:port` held open by a real client process (Python's
+/// socket module) until dropped; `ports` are their local ports, the sensor's `remote` side.
+pub struct HeldConnections {
+    child: Child,
+    pub ports: Vec<u16>,
+}
+
+impl HeldConnections {
+    pub fn open(port: u16, n: usize) -> Self {
+        let script = format!(
+            "import socket, sys\n\
+             conns = [socket.create_connection(('127.0.0.1', {port})) for _ in range({n})]\n\
+             print(' '.join(str(c.getsockname()[1]) for c in conns), flush=True)\n\
+             sys.stdin.read()\n"
+        );
+        let mut child = Command::new("python3")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("client output");
+        let ports = line
+            .split_whitespace()
+            .map(|p| p.parse().expect("local port"))
+            .collect();
+        Self { child, ports }
+    }
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        // End of input closes the connections and ends the client.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}

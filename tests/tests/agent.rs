@@ -123,24 +123,7 @@ fn full_connection_map_is_counted_loss() {
         &["--config", config.to_str().expect("utf-8")],
     );
     // Five connections held open at once.
-    let script = format!(
-        "import socket, sys\n\
-         conns = [socket.create_connection(('127.0.0.1', {port})) for _ in range(5)]\n\
-         print('open', flush=True)\n\
-         sys.stdin.read()\n"
-    );
-    let mut client = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("client output");
+    let held = HeldConnections::open(port, 5);
     wait_for(
         "two counted and three lost connections",
         Duration::from_secs(10),
@@ -156,8 +139,7 @@ fn full_connection_map_is_counted_loss() {
             }
         },
     );
-    drop(client.stdin.take());
-    let _ = client.wait();
+    drop(held);
 }
 
 /// Pinned state left by an incompatible sensor version is replaced, with a log line saying so;

@@ -309,25 +309,8 @@ fn closed_records_never_crowd_out_live_ones() {
         for _ in 0..6 {
             curl(Command::new("curl"), &[op(&[&url])]);
         }
-        let script = format!(
-            "import socket, sys\n\
-             c = socket.create_connection(('127.0.0.1', {port}))\n\
-             print(c.getsockname()[1], flush=True)\n\
-             sys.stdin.read()\n"
-        );
-        let mut client = Command::new("python3")
-            .args(["-c", &script])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(client.stdout.take().expect("stdout")),
-            &mut line,
-        )
-        .expect("client port");
-        let remote = format!("127.0.0.1:{}", line.trim());
+        let held = HeldConnections::open(port, 1);
+        let remote = format!("127.0.0.1:{}", held.ports[0]);
         agent.restart();
         wait_for(
             "the live connection and every short one",
@@ -354,7 +337,6 @@ fn closed_records_never_crowd_out_live_ones() {
                 }
             },
         );
-        drop(client.stdin.take());
-        let _ = client.wait();
+        drop(held);
     }
 }
