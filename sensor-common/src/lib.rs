@@ -13,10 +13,23 @@ pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
 
 /// Version of the kernel/agent interface (map layouts). Pinned state from another version is
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
-/// Most bytes of an HTTP/1.x request head the kernel copies to the agent per request.
-pub const HEAD_MAX: usize = 1024;
+/// Most bytes of an HTTP/1.x request head the agent may ask the kernel to copy per request
+/// (`[identity] head_bytes`). Heads longer than one event's `HEAD_CHUNK` come in several events.
+pub const HEAD_BYTES_MAX: u32 = 64 * 1024;
+/// Default `[identity] head_bytes`: uvicorn/h11 (vLLM, TGI's router, most Python servers)
+/// refuses heads over 16 KiB, so a credential it accepts is never beyond the copy.
+pub const DEFAULT_HEAD_BYTES: u32 = 16 * 1024;
+/// Head bytes one request event carries at most (besides a method prefix); a head longer than
+/// the first event's comes in further events. A typical head (a few hundred bytes) is one
+/// event cut at its end, so the size only matters for long heads.
+pub const HEAD_CHUNK: usize = 16 * 1024;
+/// Longest request method the kernel keeps while it is split over segments (`G` | `ET /`); a
+/// longer run of method characters counts as a request.
+pub const METHOD_MAX: usize = 16;
+/// Capacity of `RequestEvent::head`: a chunk and the method bytes that came in earlier segments.
+pub const HEAD_EVENT_MAX: usize = HEAD_CHUNK + METHOD_MAX;
 /// Bytes of an egress segment scanned for server-sent events, and of a response head scanned
 /// for `text/event-stream`.
 pub const SSE_SCAN_MAX: usize = 512;
@@ -39,8 +52,32 @@ pub const PROTO_HTTP1: u8 = 1;
 /// `ConnStats::proto`: anything else (TLS, HTTP/2, ...): requests are counted as turns.
 pub const PROTO_OTHER: u8 = 2;
 
-/// `ConnStats::req_start` when no new exchange is expected (the client is mid-request).
-pub const NO_EXCHANGE_PENDING: u64 = u64::MAX;
+/// `ParseState::mode`: not looking for a request start (the client is mid-request).
+pub const MODE_IDLE: u8 = 0;
+/// `ParseState::mode`: the server answered; the client's next bytes start a turn, parsed from
+/// `ParseState::cursor`.
+pub const MODE_ARMED: u8 = 1;
+/// `ParseState::mode`: the turn's first bytes were not a request (a body after `100 Continue`
+/// or an early reply): every later segment start is a candidate request start.
+pub const MODE_BODY: u8 = 2;
+/// `ParseState::mode` flag: the current turn has been counted (a re-parse must not count it
+/// again).
+pub const MODE_COUNTED: u8 = 0x10;
+
+/// `RequestEvent::kind`: a request (or turn) began; `head` holds its first bytes.
+pub const EVENT_REQUEST: u8 = 0;
+/// `RequestEvent::kind`: more bytes of the current request's head, at `head_offset`.
+pub const EVENT_HEAD: u8 = 1;
+/// `RequestEvent::flags`: the kernel copies no more of this head (its blank line is in this
+/// event, the `head_bytes` bound was reached, or bytes were missed), unless a later event of
+/// the same request rewinds it.
+pub const HEAD_DONE: u8 = 1;
+/// `RequestEvent::flags`: the request was counted from turn-taking; its first bytes passed
+/// unseen (the handshake's final packet, a gap, or a long run of blank lines): no head.
+pub const HEAD_UNSEEN: u8 = 2;
+/// `RequestEvent::flags`: replaces every head byte from `head_offset` on. Bytes sent before
+/// came from a segment TCP did not accept (a forged or corrupt copy) and are void.
+pub const HEAD_REWIND: u8 = 4;
 
 /// Map names, shared so the agent and the kernel object cannot drift apart.
 pub const MAP_CONNS: &str = "CONNS";
@@ -111,14 +148,45 @@ pub struct ConnStats {
     /// Sequence numbers of the first payload byte each way (ISN + 1).
     pub in_seq_base: u32,
     pub out_seq_base: u32,
-    /// Ingress payload offset at which the next exchange is expected to start, or
-    /// `NO_EXCHANGE_PENDING`.
-    pub req_start: u64,
     /// Server-sent events (`data:` lines) in `text/event-stream` replies (see docs/counters.md).
     pub events_out: u64,
     /// `EXCHANGE_*` bits of the current request/response exchange.
     pub exchange_flags: u32,
     pub _pad: u32,
+    /// The kernel's request parser; not part of what the agent reports or saves.
+    #[cfg_attr(feature = "user", serde(skip))]
+    pub parse: ParseState,
+}
+
+/// Where the kernel's request parser stands on a connection. Positions are client payload
+/// offsets (bytes past ISN + 1), the same scale as `bytes_in` and TCP's `bytes_received`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParseState {
+    /// Where the current turn began (the first client byte after the server's last reply, or
+    /// the segment start a body-mode candidate began at): the request's `bytes_in_start`.
+    pub turn_start: u64,
+    /// The first byte of the method being parsed (after blank lines).
+    pub req_begin: u64,
+    /// The next byte the parser examines.
+    pub cursor: u64,
+    /// End of the furthest segment that was in order when it passed (TCP may still have it in
+    /// its backlog); segments up to here are parsed, later ones wait for TCP.
+    pub in_order_end: u64,
+    /// Head capture of the current request: its first byte, the next byte to copy, and where
+    /// copying stops (the head's end once found, else `head_from + head_bytes`).
+    pub head_from: u64,
+    pub head_next: u64,
+    pub head_limit: u64,
+    /// One past the position of a FIN seen in order + 1 (0: none): TCP counts an accepted FIN
+    /// as one byte of `bytes_received`, which is not payload.
+    pub fin_end: u64,
+    /// Method bytes seen so far (they may come in earlier segments than the rest of the head).
+    pub method: [u8; METHOD_MAX],
+    /// `MODE_*`.
+    pub mode: u8,
+    pub method_len: u8,
+    pub _pad: [u8; 6],
 }
 
 /// A connection record: the value of the `SOCKS` socket storage (live connections, read by the
@@ -131,8 +199,10 @@ pub struct ClosedConn {
     pub stats: ConnStats,
 }
 
-/// A record on the `REQUESTS` ring buffer: one request (or turn) began. Feeds the
-/// inter-request timing statistics; the counts themselves are in `ConnStats`.
+/// A record on the `REQUESTS` ring buffer: a request (or turn) began (`EVENT_REQUEST`), or more
+/// bytes of its head (`EVENT_HEAD`). Feeds identity and the inter-request timing statistics;
+/// the counts themselves are in `ConnStats`. Records are cut after `head_skip + head_len` bytes
+/// of `head`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestEvent {
@@ -145,12 +215,20 @@ pub struct RequestEvent {
     pub bytes_in_start: u64,
     pub bytes_out_start: u64,
     pub events_out_start: u64,
-    /// Bytes of `head` that hold the start of the request (0 for non-HTTP turns).
+    /// Client payload offset of the first head byte this record carries.
+    pub head_offset: u64,
+    /// Bytes of `head`, from `head_skip`, that hold request bytes (0 for non-HTTP turns).
     pub head_len: u16,
-    pub _pad: [u8; 6],
-    /// The first bytes of the request: head, possibly followed by the start of a body, which
-    /// the agent discards unread.
-    pub head: [u8; HEAD_MAX],
+    /// `EVENT_*`.
+    pub kind: u8,
+    /// `HEAD_*` bits.
+    pub flags: u8,
+    /// Where the request bytes begin in `head` (bytes before it are unused).
+    pub head_skip: u8,
+    pub _pad: [u8; 3],
+    /// Request bytes: the head, possibly followed by the start of a body, which the agent
+    /// discards unread.
+    pub head: [u8; HEAD_EVENT_MAX],
 }
 
 impl Default for RequestEvent {
@@ -162,10 +240,23 @@ impl Default for RequestEvent {
             bytes_in_start: 0,
             bytes_out_start: 0,
             events_out_start: 0,
+            head_offset: 0,
             head_len: 0,
-            _pad: [0; 6],
-            head: [0; HEAD_MAX],
+            kind: EVENT_REQUEST,
+            flags: 0,
+            head_skip: 0,
+            _pad: [0; 3],
+            head: [0; HEAD_EVENT_MAX],
         }
+    }
+}
+
+impl RequestEvent {
+    /// The request bytes this record carries (bounded by the array whatever the fields say).
+    pub fn head_bytes(&self) -> &[u8] {
+        let from = usize::from(self.head_skip).min(HEAD_EVENT_MAX);
+        let to = (from + usize::from(self.head_len)).min(HEAD_EVENT_MAX);
+        &self.head[from..to]
     }
 }
 
@@ -205,16 +296,20 @@ impl Loss {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<ConnStats>() == 128);
+const _: () = assert!(core::mem::size_of::<ParseState>() == 88);
+const _: () = assert!(core::mem::size_of::<ConnStats>() == 120 + 88);
 const _: () = assert!(core::mem::align_of::<ConnStats>() == 8);
-const _: () = assert!(core::mem::size_of::<ClosedConn>() == 136);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 64 + HEAD_MAX);
+const _: () = assert!(core::mem::size_of::<ClosedConn>() == 8 + 120 + 88);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 72 + HEAD_EVENT_MAX);
+const _: () = assert!(HEAD_EVENT_MAX % 8 == 0 && HEAD_CHUNK.is_power_of_two());
+const _: () = assert!(METHOD_MAX.is_power_of_two() && METHOD_MAX <= 255);
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both are repr(C), contain only integers and byte arrays, and have no padding
     // (the size assertions above pin that), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::ConnStats {}
+    unsafe impl aya::Pod for super::ParseState {}
     unsafe impl aya::Pod for super::ClosedConn {}
     unsafe impl aya::Pod for super::RequestEvent {}
 }
@@ -230,10 +325,15 @@ mod tests {
         assert_eq!(core::mem::offset_of!(ConnStats, bytes_in), 40);
         assert_eq!(core::mem::offset_of!(ConnStats, first_seen_ns), 80);
         assert_eq!(core::mem::offset_of!(ConnStats, in_seq_base), 96);
-        assert_eq!(core::mem::offset_of!(ConnStats, req_start), 104);
-        assert_eq!(core::mem::offset_of!(ConnStats, events_out), 112);
-        assert_eq!(core::mem::offset_of!(RequestEvent, head_len), 56);
-        assert_eq!(core::mem::offset_of!(RequestEvent, head), 64);
+        assert_eq!(core::mem::offset_of!(ConnStats, events_out), 104);
+        assert_eq!(core::mem::offset_of!(ConnStats, exchange_flags), 112);
+        assert_eq!(core::mem::offset_of!(ConnStats, parse), 120);
+        assert_eq!(core::mem::offset_of!(ParseState, method), 64);
+        assert_eq!(core::mem::offset_of!(ParseState, mode), 80);
+        assert_eq!(core::mem::offset_of!(RequestEvent, head_offset), 56);
+        assert_eq!(core::mem::offset_of!(RequestEvent, head_len), 64);
+        assert_eq!(core::mem::offset_of!(RequestEvent, head_skip), 68);
+        assert_eq!(core::mem::offset_of!(RequestEvent, head), 72);
         assert_eq!(core::mem::offset_of!(ClosedConn, stats), 8);
     }
 
@@ -259,10 +359,23 @@ mod tests {
                 last_seen_ns: 7,
                 in_seq_base: 8,
                 out_seq_base: 9,
-                req_start: NO_EXCHANGE_PENDING,
                 events_out: 10,
                 exchange_flags: EXCHANGE_SSE,
                 _pad: 0,
+                parse: ParseState {
+                    turn_start: 11,
+                    req_begin: 12,
+                    cursor: 13,
+                    in_order_end: 14,
+                    head_from: 15,
+                    head_next: 16,
+                    head_limit: 17,
+                    fin_end: 18,
+                    method: *b"PROPFIND\0\0\0\0\0\0\0\0",
+                    mode: MODE_BODY | MODE_COUNTED,
+                    method_len: 8,
+                    _pad: [0; 6],
+                },
             },
         };
         let mut bytes = [0u8; core::mem::size_of::<ClosedConn>()];

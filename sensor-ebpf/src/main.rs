@@ -45,9 +45,11 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use sensor_common::{
     CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, CONFIG_SLOTS, ClosedConn, ConnStats,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES,
-    EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, HEAD_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss,
-    NO_EXCHANGE_PENDING, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, RequestEvent, SSE_SCAN_MAX,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES, EVENT_HEAD,
+    EVENT_REQUEST, EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, HEAD_BYTES_MAX, HEAD_CHUNK, HEAD_DONE,
+    HEAD_EVENT_MAX, HEAD_REWIND, HEAD_UNSEEN, LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss, METHOD_MAX,
+    MODE_ARMED, MODE_BODY, MODE_COUNTED, MODE_IDLE, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN,
+    ParseState, RequestEvent, SSE_SCAN_MAX,
 };
 
 /// cgroup_skb verdict that lets the packet through.
@@ -58,8 +60,11 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPV6_HEADER_LEN: usize = 40;
+const TCP_FIN: u8 = 0x01;
+/// The state bits of `ParseState::mode` (the rest are flags).
+const MODE_STATE: u8 = 0x0f;
 // Copy sizes are powers of two so that `load_into` can bound lengths with a mask.
-const _: () = assert!(HEAD_MAX.is_power_of_two() && SSE_SCAN_MAX.is_power_of_two());
+const _: () = assert!(HEAD_CHUNK.is_power_of_two() && SSE_SCAN_MAX.is_power_of_two());
 /// Largest header length before TCP that is parsed: an IPv6 header and a hop-by-hop header of
 /// up to 64 bytes (BIG TCP's is 8); IPv4 headers are at most 60.
 const MAX_L4_OFFSET: usize = IPV6_HEADER_LEN + 64;
@@ -118,7 +123,8 @@ static REQUESTS: RingBuf = RingBuf::with_byte_size(DEFAULT_REQUEST_RING_BYTES, 0
 
 /// Per-CPU space where a request event is put together before it is copied to `REQUESTS`:
 /// a variable-length record needs `bpf_ringbuf_output`, and a compact ring (a typical request
-/// head is ~100 bytes, not the 1 KiB maximum) runs through far fewer cache lines per request.
+/// head is a few hundred bytes, not the 16 KiB maximum) runs through far fewer cache lines
+/// per request. Used by the ingress program only.
 #[map]
 static REQUEST_SCRATCH: PerCpuArray<RequestEvent> = PerCpuArray::with_max_entries(1, 0);
 
@@ -137,6 +143,11 @@ struct Scratch {
     /// Matches found by a scan. Kept in memory rather than in a register: the verifier does
     /// not track memory contents, so a count does not multiply the paths it explores.
     found: u64,
+    /// Bytes in `bytes`, handed to the scans through memory for the same reason: a length in
+    /// a register is one scalar with the caller's, and every loop exit would narrow the
+    /// caller's copy differently, making the verifier walk the rest of the program once per
+    /// exit.
+    len: u64,
 }
 
 #[map]
@@ -145,14 +156,6 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// Loss and skip counters, indexed by `sensor_common::Loss`.
 #[map]
 static LOSS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Loss::SLOTS, 0);
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    /// Client -> this host.
-    In,
-    /// This host -> client.
-    Out,
-}
 
 /// Why a packet could not be parsed; every case is counted as `Loss::Unparsed`.
 struct Unparsed;
@@ -314,10 +317,14 @@ fn open_connection(ctx: &SockOpsContext) {
             last_seen_ns: now,
             in_seq_base: rcv_nxt,
             out_seq_base: snd_nxt,
-            req_start: 0,
             events_out: 0,
             exchange_flags: 0,
             _pad: 0,
+            // The client's first bytes start the first turn.
+            parse: ParseState {
+                mode: MODE_ARMED,
+                ..ParseState::default()
+            },
         },
     };
     let recorded = if map_path() {
@@ -412,8 +419,12 @@ fn close_connection(ctx: &SockOpsContext) {
     if record.is_null() {
         return;
     }
+    // SAFETY: context pointer; bytes_received is readable for full sockets.
+    let rcvd = unsafe { (*ctx.ops).bytes_received };
     // SAFETY: record points into the socket's live storage.
     unsafe {
+        // TCP's final count: what it accepted, including bytes no later packet reported.
+        note_received(&mut (*record).stats, rcvd);
         (*record).stats.last_seen_ns = now_ns();
         (*record).stats.closed = 1;
         let cookie = (*record).cookie;
@@ -447,9 +458,13 @@ fn close_in_map(ctx: &SockOpsContext) {
     let Some(stats) = OPEN.get_ptr_mut(&cookie) else {
         return;
     };
+    // SAFETY: context pointer; bytes_received is readable for full sockets.
+    let rcvd = unsafe { (*ctx.ops).bytes_received };
     // SAFETY: pointer into a live map value, which stays valid (RCU) until this program ends
     // even after the remove below.
     unsafe {
+        // TCP's final count: what it accepted, including bytes no later packet reported.
+        note_received(&mut *stats, rcvd);
         (*stats).last_seen_ns = now_ns();
         (*stats).closed = 1;
         // The final record stays in CONNS until the agent has accounted it durably.
@@ -552,7 +567,7 @@ fn ip6_bytes(words_be: [u32; 4]) -> [u8; 16] {
 
 #[cgroup_skb(ingress)]
 pub fn sensor_ingress(ctx: SkBuffContext) -> i32 {
-    if count_packet(&ctx, Direction::In).is_err() {
+    if count_ingress(&ctx).is_err() {
         count_loss(Loss::Unparsed);
     }
     ALLOW
@@ -560,7 +575,7 @@ pub fn sensor_ingress(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn sensor_egress(ctx: SkBuffContext) -> i32 {
-    if count_packet(&ctx, Direction::Out).is_err() {
+    if count_egress(&ctx).is_err() {
         count_loss(Loss::Unparsed);
     }
     ALLOW
@@ -592,6 +607,9 @@ struct Segment {
     payload_len: u32,
     /// Segments the buffer carries (GSO/GRO aggregate several), as the kernel's segs_in/out.
     segments: u64,
+    /// 1 when the segment carries a FIN (a u8, not a bool: a bool's niche would give the
+    /// `Result<Segment, _>` a BTF layout the kernel refuses).
+    fin: u8,
 }
 
 fn parse(ctx: &SkBuffContext) -> Result<Segment, Unparsed> {
@@ -631,7 +649,7 @@ fn parse(ctx: &SkBuffContext) -> Result<Segment, Unparsed> {
     if l4_offset < 20 || l4_offset > MAX_L4_OFFSET {
         return Err(Unparsed);
     }
-    // Sequence number at 4..8, data offset in the high nibble of byte 12.
+    // Sequence number at 4..8, data offset in the high nibble of byte 12, flags at 13.
     let tcp: [u8; 14] = load(ctx, l4_offset)?;
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     let payload_offset = l4_offset + usize::from(tcp[12] >> 4) * 4;
@@ -643,72 +661,97 @@ fn parse(ctx: &SkBuffContext) -> Result<Segment, Unparsed> {
         payload_offset,
         payload_len,
         segments: u64::from(if gso_segs == 0 { 1 } else { gso_segs }),
+        fin: tcp[13] & TCP_FIN,
     })
 }
 
-fn count_packet(ctx: &SkBuffContext, direction: Direction) -> Result<(), Unparsed> {
+/// A packet of a recorded connection: its record, TCP facts, and what TCP has accepted from
+/// the client so far (None where the packet has no full TCP socket).
+struct Packet {
+    cookie: u64,
+    stats: *mut ConnStats,
+    segment: Segment,
+    received: Option<u64>,
+}
+
+/// The record and facts of a packet on a watched port; None for packets of connections
+/// without a record (the listener's own, or connections older than the sensor).
+#[inline(always)]
+fn packet(ctx: &SkBuffContext) -> Result<Option<Packet>, Unparsed> {
     // SAFETY: context pointer; local_port is the socket's bound port in host order.
     let local_port = unsafe { (*ctx.skb.skb).local_port };
     if !watched(local_port) {
-        return Ok(());
+        return Ok(None);
     }
     let Some((cookie, stats)) = record_of_packet(ctx) else {
-        // The listener's own packets, or a connection established before the sensor attached.
-        return Ok(());
+        return Ok(None);
     };
     let segment = parse(ctx)?;
+    // What TCP itself has accepted from the client, in order: it advances only for data that
+    // passed its checks (checksum, sequence window, PAWS, ACK), none of which have run yet for
+    // an ingress packet (cgroup_skb ingress runs from tcp_filter, before tcp_rcv_established).
+    let received = tcp_bytes_received(ctx);
     // SAFETY: stats points into a live map value; fields are only updated atomically or as
     // single aligned stores, which tolerate concurrent readers.
     unsafe {
-        let (packets, bytes, seq_base) = match direction {
-            Direction::In => (
-                &raw mut (*stats).packets_in,
-                &raw mut (*stats).bytes_in,
-                (*stats).in_seq_base,
-            ),
-            Direction::Out => (
-                &raw mut (*stats).packets_out,
-                &raw mut (*stats).bytes_out,
-                (*stats).out_seq_base,
-            ),
-        };
-        atomic_add(packets, segment.segments);
         (*stats).last_seen_ns = now_ns();
-        if segment.payload_len == 0 {
-            return Ok(());
+        if let Some(rcvd) = received {
+            note_received(&mut *stats, rcvd);
         }
-        let (start, new_data) = advance(bytes, seq_base, &segment);
-        match direction {
-            Direction::In => track_request(ctx, cookie, &mut *stats, start, &segment)?,
-            Direction::Out if new_data => {
-                // A reply although no exchange start was ever seen: the client's first payload
-                // came in the packet that completed the handshake (its final ACK was lost),
-                // which passed these programs before the record existed. The server answering
-                // means that exchange happened: count it, and classify at the next one.
-                if (*stats).proto == PROTO_UNKNOWN && (*stats).req_start == 0 {
-                    let mut seen = read_shared(&raw const (*stats).bytes_in);
-                    if seen == 0 {
-                        // Nothing else came since: TCP has those bytes, in order, from ISN + 1
-                        // (the base of bytes_in), so its count is the exact high-water mark.
-                        seen = tcp_bytes_received(ctx);
-                        if seen > 0 {
-                            atomic_replace(&raw mut (*stats).bytes_in, 0, seen);
-                        }
-                    }
-                    if seen > 0 {
-                        atomic_add(&raw mut (*stats).requests, 1);
-                        (*stats).req_start = NO_EXCHANGE_PENDING;
-                    }
-                }
-                // New reply data: the next client payload starts a new exchange.
-                if (*stats).req_start == NO_EXCHANGE_PENDING {
-                    (*stats).req_start = read_shared(&raw const (*stats).bytes_in);
-                }
-                if (*stats).proto == PROTO_HTTP1 {
-                    count_events(ctx, &mut *stats, &segment);
-                }
-            }
-            Direction::Out => {}
+    }
+    Ok(Some(Packet {
+        cookie,
+        stats,
+        segment,
+        received,
+    }))
+}
+
+fn count_ingress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
+    let Some(pkt) = packet(ctx)? else {
+        return Ok(());
+    };
+    // SAFETY: as in `packet`.
+    unsafe {
+        atomic_add(&raw mut (*pkt.stats).packets_in, pkt.segment.segments);
+    }
+    let Some(rcvd) = pkt.received else {
+        return Ok(());
+    };
+    if pkt.segment.payload_len == 0 && pkt.segment.fin == 0 {
+        return Ok(());
+    }
+    // SAFETY: as in `packet`.
+    client_segment(
+        ctx,
+        pkt.cookie,
+        unsafe { &mut *pkt.stats },
+        &pkt.segment,
+        rcvd,
+    )
+}
+
+fn count_egress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
+    let Some(pkt) = packet(ctx)? else {
+        return Ok(());
+    };
+    // SAFETY: as in `packet`.
+    let stats = unsafe { &mut *pkt.stats };
+    // SAFETY: field of a live map value.
+    unsafe { atomic_add(&raw mut stats.packets_out, pkt.segment.segments) };
+    let Some(rcvd) = pkt.received else {
+        return Ok(());
+    };
+    if pkt.segment.payload_len == 0 {
+        return Ok(());
+    }
+    // The host's own data: its sequence numbers come from the local TCP, so the high-water
+    // mark counts each byte sent once.
+    // SAFETY: field of a live map value.
+    if unsafe { advance(&raw mut stats.bytes_out, stats.out_seq_base, &pkt.segment) } {
+        server_replied(pkt.cookie, stats, rcvd);
+        if stats.proto == PROTO_HTTP1 {
+            count_events(ctx, stats, &pkt.segment);
         }
     }
     Ok(())
@@ -737,39 +780,68 @@ fn record_of_packet(ctx: &SkBuffContext) -> Option<(u64, *mut ConnStats)> {
 }
 
 /// Payload bytes the kernel's TCP has received in order on the packet's connection
-/// (`tcp_sock.bytes_received`), 0 where the packet has no full TCP socket.
+/// (`tcp_sock.bytes_received`, which a FIN also advances by one), None where the packet has no
+/// full TCP socket.
 #[inline(never)]
-fn tcp_bytes_received(ctx: &SkBuffContext) -> u64 {
+fn tcp_bytes_received(ctx: &SkBuffContext) -> Option<u64> {
     // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL). The
     // helpers return NULL for sockets that are not full TCP sockets.
     unsafe {
         let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return 0;
+            return None;
         }
         let full = bpf_sk_fullsock(sk);
         if full.is_null() {
-            return 0;
+            return None;
         }
         let tp = bpf_tcp_sock(full);
         if tp.is_null() {
-            return 0;
+            return None;
         }
-        (*tp).bytes_received
+        Some((*tp).bytes_received)
+    }
+}
+
+/// Payload bytes in TCP's `bytes_received` (`rcvd`): TCP counts an accepted FIN as a byte too.
+#[inline(always)]
+fn payload_received(stats: &ConnStats, rcvd: u64) -> u64 {
+    let fin_end = stats.parse.fin_end;
+    if fin_end != 0 && rcvd == fin_end {
+        rcvd - 1
+    } else {
+        rcvd
+    }
+}
+
+/// Advances `bytes_in` to what TCP has accepted. Client bytes are counted from TCP's own count,
+/// never from the sequence numbers of packets that TCP may still reject: a segment forged far
+/// ahead (or one TCP drops for a bad checksum or ACK) adds nothing and hides nothing.
+///
+/// SAFETY: none beyond `stats` being a live record; the store may race with another CPU's,
+/// which only delays the count to the next packet (both values are TCP's, and grow).
+#[inline(always)]
+unsafe fn note_received(stats: &mut ConnStats, rcvd: u64) {
+    let data = payload_received(stats, rcvd);
+    let field = &raw mut stats.bytes_in;
+    // SAFETY: field of a live map value.
+    unsafe {
+        let current = read_shared(field);
+        if data > current {
+            atomic_replace(field, current, data);
+        }
     }
 }
 
 /// Advances a direction's byte counter to the end of this segment, if that is further than
-/// what was seen: each sequence number counts once, so retransmissions add nothing and a segment
-/// that arrives after a gap counts the gap, which the retransmission then fills.
+/// what was seen: each sequence number counts once, so retransmissions add nothing. Used for
+/// the host's own (egress) data only. Returns whether the segment carried new data.
 ///
 /// The counter is the payload offset (bytes past ISN + 1) of the highest byte seen: its low
 /// 32 bits extend the 32-bit sequence space, so transfers over 4 GiB count right.
-/// Returns the segment's start offset and whether it carried new data.
 ///
 /// SAFETY: `counter` points into a live map value.
-unsafe fn advance(counter: *mut u64, seq_base: u32, segment: &Segment) -> (i64, bool) {
-    let mut start = 0i64;
+unsafe fn advance(counter: *mut u64, seq_base: u32, segment: &Segment) -> bool {
     for _ in 0..CAS_ATTEMPTS {
         // SAFETY: per the function contract.
         let current = unsafe { read_shared(counter) };
@@ -777,67 +849,553 @@ unsafe fn advance(counter: *mut u64, seq_base: u32, segment: &Segment) -> (i64, 
             .seq
             .wrapping_sub(seq_base)
             .wrapping_sub(current as u32) as i32;
-        start = current as i64 + i64::from(distance);
-        let end = start + i64::from(segment.payload_len);
+        let end = current as i64 + i64::from(distance) + i64::from(segment.payload_len);
         if end <= current as i64 {
-            return (start, false);
+            return false;
         }
         // SAFETY: per the function contract.
         if unsafe { atomic_replace(counter, current, end as u64) } {
-            return (start, true);
+            return true;
         }
     }
-    (start, false)
+    false
 }
 
-/// Counts a request when client payload starts a new exchange (see docs/counters.md).
+#[inline(always)]
+fn max3(a: i64, b: i64, c: i64) -> i64 {
+    let m = if a > b { a } else { b };
+    if m > c { m } else { c }
+}
+
+/// Where the client segment being handled lies in the client's stream, what TCP has accepted,
+/// and what the head functions pass each other. Kept in per-CPU map memory (ingress only) and
+/// read where needed instead of carried in registers: the verifier narrows a register's range
+/// at every comparison, and each distinct narrowing of a value that is still live when a
+/// subprogram is called makes it walk that subprogram (and all after it) once more.
+#[repr(C)]
+struct Pos {
+    /// The segment's first and last + 1 payload offsets.
+    start: i64,
+    end: i64,
+    /// What TCP has accepted (`bytes_received`) before this segment.
+    rcvd: i64,
+    cookie: u64,
+    /// The parser's cursor before this segment was read.
+    before: u64,
+    /// `HEAD_*` flags for the next head event.
+    flags: u64,
+    /// Method bytes from earlier segments that lead the request event.
+    prefix: u64,
+    /// `TURN_*`: what `parse_turn` decided.
+    verdict: u64,
+}
+
+#[map]
+static POS: PerCpuArray<Pos> = PerCpuArray::with_max_entries(1, 0);
+
+/// Reads a field of `Pos` (see there why through memory).
 ///
-/// `req_start` arms when the server sends new data: it is the client's byte offset at that
-/// moment, and client payload at or past it may start the next exchange.
-/// * HTTP/1.x: the first armed segment that begins with a request method is a request. Other
-///   armed segments (a body still arriving after an early reply, a body after "100 Continue")
-///   leave it armed. Checking every armed segment, not only the one at `req_start`, also finds
-///   a request whose first segment was lost and arrives after later ones.
-/// * Other protocols: the first armed client payload is a turn.
-/// * Unknown (no payload yet): the payload at offset 0 decides which of the two it is.
-fn track_request(
+/// SAFETY: `field` points into this CPU's `POS` value.
+#[inline(always)]
+unsafe fn get<T: Copy>(field: *const T) -> T {
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// Writes a field of `Pos`.
+///
+/// SAFETY: as `get`.
+#[inline(always)]
+unsafe fn put<T: Copy>(field: *mut T, value: T) {
+    unsafe { core::ptr::write_volatile(field, value) }
+}
+
+/// A client segment with payload (or a FIN) on a recorded connection.
+///
+/// Only segments TCP will take next are looked at: those starting at or before what TCP has
+/// accepted (`rcvd`) or at the end of an earlier such segment still in TCP's backlog. A
+/// segment beyond (out of order, or forged out of the window) waits: its bytes count when TCP
+/// accepts them, and it never moves the parser. A segment that re-sends bytes the parser has
+/// consumed while TCP has not accepted them means the earlier copy was dropped by TCP (a
+/// corrupt or forged segment): the parser goes back and reads the copy TCP will keep.
+// A subprogram of its own, called last: the verifier walks it once per packet program path
+// that reaches it, not once per path times everything after.
+#[inline(never)]
+fn client_segment(
     ctx: &SkBuffContext,
     cookie: u64,
     stats: &mut ConnStats,
-    start: i64,
     segment: &Segment,
+    rcvd: u64,
 ) -> Result<(), Unparsed> {
-    let pending = stats.req_start;
-    if pending == NO_EXCHANGE_PENDING || start < pending as i64 {
+    let Some(pos) = POS.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // Position of the segment in the client's byte stream, relative to what TCP accepted (the
+    // sequence space is 32 bits wide, TCP's count 64).
+    let distance = segment
+        .seq
+        .wrapping_sub(stats.in_seq_base)
+        .wrapping_sub(rcvd as u32) as i32;
+    let start = rcvd as i64 + i64::from(distance);
+    let end = start + i64::from(segment.payload_len);
+    let rcvd = rcvd as i64;
+    // SAFETY: this CPU's POS value.
+    unsafe {
+        put(&raw mut (*pos).start, start);
+        put(&raw mut (*pos).end, end);
+        put(&raw mut (*pos).rcvd, rcvd);
+        put(&raw mut (*pos).cookie, cookie);
+    }
+    let p = &mut stats.parse;
+    let frontier = if (p.in_order_end as i64) > rcvd {
+        p.in_order_end as i64
+    } else {
+        rcvd
+    };
+    if start > frontier || (end <= rcvd && segment.fin == 0) {
         return Ok(());
     }
-    let counts = match stats.proto {
-        PROTO_HTTP1 => starts_with_method(ctx, segment)?,
-        PROTO_OTHER => true,
-        // The first exchange start seen (offset 0, or the next one when the first came with the
-        // handshake); wait for it if it was lost.
-        _ if start == pending as i64 => {
-            let http = starts_with_method(ctx, segment)?;
-            stats.proto = if http { PROTO_HTTP1 } else { PROTO_OTHER };
-            true
-        }
-        _ => false,
-    };
-    if counts {
-        stats.req_start = NO_EXCHANGE_PENDING;
-        stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
+    if end > p.in_order_end as i64 {
+        p.in_order_end = end as u64;
+    }
+    if segment.fin != 0 {
+        p.fin_end = end as u64 + 1;
+    }
+    if end <= rcvd {
+        return Ok(());
+    }
+    let p = &stats.parse;
+    if stats.proto == PROTO_OTHER
+        && p.mode == MODE_BODY | MODE_COUNTED
+        && start < p.cursor as i64
+        && rcvd < p.cursor as i64
+    {
+        // The connection was classified as non-HTTP from a copy of its first bytes that TCP
+        // has not accepted; this segment carries them again: classify from it instead.
+        stats.proto = PROTO_UNKNOWN;
+    }
+    if stats.proto == PROTO_OTHER {
+        other_turn(cookie, stats);
+        return Ok(());
+    }
+    http_turn(ctx, stats, segment, pos)
+}
+
+/// Non-HTTP protocols: the first client payload after server payload is a turn.
+fn other_turn(cookie: u64, stats: &mut ConnStats) {
+    let mode = stats.parse.mode;
+    if mode & MODE_STATE == MODE_ARMED && mode & MODE_COUNTED == 0 {
+        stats.parse.mode = MODE_IDLE;
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
-        report_request(ctx, cookie, stats, start, segment);
+        report_turn(cookie, stats, 0);
+    }
+}
+
+/// HTTP/1.x (or not yet classified): parses the start of the client's turn, counts a request,
+/// and copies its head to the agent.
+#[inline(never)]
+fn http_turn(
+    ctx: &SkBuffContext,
+    stats: &mut ConnStats,
+    segment: &Segment,
+    pos: *mut Pos,
+) -> Result<(), Unparsed> {
+    // SAFETY: this CPU's POS value.
+    let (start, end, rcvd) = unsafe {
+        (
+            get(&raw const (*pos).start),
+            get(&raw const (*pos).end),
+            get(&raw const (*pos).rcvd),
+        )
+    };
+    let p = &mut stats.parse;
+    let counted = p.mode & MODE_COUNTED;
+    let mut state = p.mode & MODE_STATE;
+    let cursor = p.cursor as i64;
+    if state != MODE_IDLE && start < cursor && rcvd < cursor {
+        // The parser consumed bytes TCP has not accepted, and this segment carries them again.
+        let at = max3(start, rcvd, p.turn_start as i64) as u64;
+        p.cursor = at;
+        if at <= p.req_begin {
+            p.req_begin = at;
+            p.method_len = 0;
+        } else {
+            p.method_len = (at - p.req_begin) as u8;
+        }
+        state = MODE_ARMED;
+    } else if state == MODE_BODY && start >= cursor && start >= rcvd && stats.proto == PROTO_HTTP1 {
+        // After a body turn, a segment start may begin the next request (an early reply).
+        p.turn_start = start as u64;
+        p.req_begin = start as u64;
+        p.cursor = start as u64;
+        p.method_len = 0;
+        state = MODE_ARMED;
+    }
+    p.mode = state | counted;
+    let cursor = p.cursor as i64;
+    if state == MODE_ARMED && start <= cursor && cursor < end && cursor >= rcvd {
+        // SAFETY: this CPU's POS value.
+        unsafe { put(&raw mut (*pos).before, cursor as u64) };
+        match parse_turn(ctx, &mut stats.parse, segment, pos)? {
+            Turn::Undecided => {}
+            Turn::Request => {
+                stats.proto = PROTO_HTTP1;
+                let counted = stats.parse.mode & MODE_COUNTED != 0;
+                stats.parse.mode = MODE_IDLE;
+                let flags = if counted {
+                    // Read again after a dropped copy: the same turn, not a new request.
+                    HEAD_REWIND
+                } else {
+                    // SAFETY: field of a live map value.
+                    unsafe { atomic_add(&raw mut stats.requests, 1) };
+                    stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
+                    0
+                };
+                // SAFETY: this CPU's POS value.
+                unsafe { put(&raw mut (*pos).flags, u64::from(flags)) };
+                start_head(ctx, stats, segment, pos);
+                return Ok(());
+            }
+            Turn::NotRequest => {
+                let counted = stats.parse.mode & MODE_COUNTED;
+                if stats.proto == PROTO_UNKNOWN {
+                    stats.proto = PROTO_OTHER;
+                    stats.parse.mode = MODE_BODY | MODE_COUNTED;
+                    if counted == 0 {
+                        // SAFETY: field of a live map value.
+                        unsafe { atomic_add(&raw mut stats.requests, 1) };
+                        // SAFETY: this CPU's POS value.
+                        let cookie = unsafe { get(&raw const (*pos).cookie) };
+                        report_turn(cookie, stats, 0);
+                    }
+                    return Ok(());
+                }
+                stats.parse.mode = MODE_BODY | counted;
+            }
+        }
+    }
+    if stats.proto == PROTO_HTTP1 {
+        capture_head(ctx, stats, segment, pos);
     }
     Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Undecided,
+    Request,
+    NotRequest,
+}
+
+/// Bytes the request-start parser reads per round, and rounds per segment: up to 128 bytes of
+/// blank lines before a request are skipped within one segment (any number across segments;
+/// more in one segment is counted from turn-taking, without a head).
+const PARSE_LOAD: usize = 16;
+const PARSE_ROUNDS: usize = 8;
+
+/// RFC 9112 method characters as nginx accepts them: upper-case letters, `_` and `-`.
+#[inline(always)]
+fn method_byte(b: u8) -> bool {
+    b.is_ascii_uppercase() || b == b'_' || b == b'-'
+}
+
+/// Feeds the segment's bytes from the parser's cursor to the request-start parser: blank lines
+/// (CR, LF) before the method are skipped (RFC 9112 2.2; nginx skips any number), method
+/// characters are kept, a space after at least one decides a request, anything else decides
+/// "not a request". The method may come split over any number of segments.
+///
+/// The parser state lives in the record, not in registers: the verifier then sees one state
+/// per loop position instead of one per partial match.
+#[inline(never)]
+fn parse_turn(
+    ctx: &SkBuffContext,
+    p: &mut ParseState,
+    segment: &Segment,
+    pos: *mut Pos,
+) -> Result<Turn, Unparsed> {
+    let mut buf = [0u8; PARSE_LOAD];
+    // The outcome is written to memory and read once at the end: one exit, so the verifier
+    // joins the paths from every byte position instead of walking the caller once per exit.
+    // SAFETY: this CPU's POS value.
+    unsafe { put(&raw mut (*pos).verdict, TURN_UNDECIDED) };
+    'rounds: for _ in 0..PARSE_ROUNDS {
+        // SAFETY: fields of live map values; volatile so each round reads what the last wrote.
+        let (cursor, start, end) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const p.cursor) as i64,
+                get(&raw const (*pos).start),
+                get(&raw const (*pos).end),
+            )
+        };
+        if cursor >= end || cursor < start {
+            break;
+        }
+        let offset = segment.payload_offset + (cursor - start) as usize;
+        // SAFETY: buf has PARSE_LOAD bytes.
+        let n = unsafe {
+            load_into::<PARSE_LOAD>(
+                ctx,
+                offset,
+                buf.as_mut_ptr(),
+                PARSE_LOAD,
+                (end - cursor) as u32,
+            )
+        };
+        if n == 0 {
+            // SAFETY: this CPU's POS value.
+            unsafe { put(&raw mut (*pos).verdict, TURN_UNPARSED) };
+            break;
+        }
+        let mut i = 0;
+        while i < PARSE_LOAD && i < n {
+            let b = buf[i];
+            // SAFETY: as above.
+            let k = unsafe { core::ptr::read_volatile(&raw const p.method_len) };
+            let at = unsafe { core::ptr::read_volatile(&raw const p.cursor) } + 1;
+            let verdict = if k == 0 && (b == b'\r' || b == b'\n') {
+                p.req_begin = at;
+                TURN_UNDECIDED
+            } else if method_byte(b) {
+                p.method[usize::from(k) & (METHOD_MAX - 1)] = b;
+                p.method_len = k + 1;
+                if usize::from(k) + 1 >= METHOD_MAX {
+                    TURN_REQUEST
+                } else {
+                    TURN_UNDECIDED
+                }
+            } else if b == b' ' && k > 0 {
+                TURN_REQUEST
+            } else {
+                TURN_NOT_REQUEST
+            };
+            p.cursor = at;
+            if verdict != TURN_UNDECIDED {
+                // SAFETY: this CPU's POS value.
+                unsafe { put(&raw mut (*pos).verdict, verdict) };
+                break 'rounds;
+            }
+            i += 1;
+        }
+    }
+    // SAFETY: this CPU's POS value.
+    match unsafe { get(&raw const (*pos).verdict) } {
+        TURN_REQUEST => Ok(Turn::Request),
+        TURN_NOT_REQUEST => Ok(Turn::NotRequest),
+        TURN_UNPARSED => Err(Unparsed),
+        _ => Ok(Turn::Undecided),
+    }
+}
+
+const TURN_UNDECIDED: u64 = 0;
+const TURN_REQUEST: u64 = 1;
+const TURN_NOT_REQUEST: u64 = 2;
+const TURN_UNPARSED: u64 = 3;
+
+/// Head bytes the agent asks for (`[identity] head_bytes`), 0 when identity is off.
+#[inline(always)]
+fn head_bytes_wanted() -> u64 {
+    match CONFIG.get(CONFIG_HEAD_BYTES) {
+        Some(&n) if n as u64 <= HEAD_BYTES_MAX as u64 => u64::from(n),
+        Some(_) => HEAD_BYTES_MAX as u64,
+        None => 0,
+    }
+}
+
+/// A request was counted: starts copying its head and sends the request event with the first
+/// bytes (the method bytes that came in earlier segments, then this segment's).
+#[inline(never)]
+fn start_head(ctx: &SkBuffContext, stats: &mut ConnStats, segment: &Segment, pos: *mut Pos) {
+    let wanted = head_bytes_wanted();
+    let p = &mut stats.parse;
+    let begin = p.req_begin;
+    // SAFETY: this CPU's POS value.
+    let before = unsafe { get(&raw const (*pos).before) };
+    // Method bytes from earlier segments (fewer than METHOD_MAX, or the parser would have
+    // decided there).
+    let prefix = if begin < before && wanted > 0 {
+        before - begin
+    } else {
+        0
+    };
+    p.head_from = begin;
+    p.head_next = begin + prefix;
+    p.head_limit = begin + wanted;
+    // SAFETY: this CPU's POS value.
+    unsafe { put(&raw mut (*pos).prefix, prefix) };
+    emit_head::<true>(ctx, stats, segment, pos);
+    // SAFETY: this CPU's POS value.
+    unsafe { put(&raw mut (*pos).flags, 0) };
+    for _ in 1..CHUNKS_PER_SEGMENT {
+        if !emit_head::<false>(ctx, stats, segment, pos) {
+            break;
+        }
+    }
+}
+
+/// Head chunks one segment can carry (a GSO/GRO buffer holds up to 64 KiB).
+const CHUNKS_PER_SEGMENT: usize = (HEAD_BYTES_MAX as usize).div_ceil(HEAD_CHUNK);
+
+/// Copies more of the current request's head from a client segment TCP will take next.
+#[inline(never)]
+fn capture_head(ctx: &SkBuffContext, stats: &mut ConnStats, segment: &Segment, pos: *mut Pos) {
+    // SAFETY: this CPU's POS value.
+    let (start, end, rcvd) = unsafe {
+        (
+            get(&raw const (*pos).start),
+            get(&raw const (*pos).end),
+            get(&raw const (*pos).rcvd),
+        )
+    };
+    let p = &mut stats.parse;
+    let next = p.head_next as i64;
+    let mut flags = 0;
+    if (p.head_from as i64) < next && start < next && rcvd < next {
+        // Head bytes were copied from a segment TCP has not accepted, and this one carries
+        // them again: the agent replaces them with this copy.
+        let at = max3(start, rcvd, p.head_from as i64);
+        if at >= end {
+            return;
+        }
+        p.head_next = at as u64;
+        p.head_limit = p.head_from + head_bytes_wanted();
+        flags = HEAD_REWIND;
+    }
+    let next = p.head_next as i64;
+    if next >= p.head_limit as i64 {
+        return;
+    }
+    if next < rcvd {
+        // TCP accepted head bytes that never passed here in order (they came out of order
+        // and a retransmission filled the gap before them): the head stops where it is.
+        p.head_limit = p.head_next;
+        // SAFETY: this CPU's POS value.
+        let cookie = unsafe { get(&raw const (*pos).cookie) };
+        report_head_done(cookie, stats);
+        return;
+    }
+    // SAFETY: this CPU's POS value.
+    unsafe {
+        put(&raw mut (*pos).flags, u64::from(flags));
+        put(&raw mut (*pos).prefix, 0);
+    }
+    for _ in 0..CHUNKS_PER_SEGMENT {
+        if !emit_head::<false>(ctx, stats, segment, pos) {
+            break;
+        }
+        // SAFETY: this CPU's POS value.
+        unsafe { put(&raw mut (*pos).flags, 0) };
+    }
+}
+
+/// Sends the next chunk of the current head from `segment` (if it holds the byte at
+/// `head_next`), advancing `head_next`; false when there is nothing more to send from it. The
+/// first chunk of a request (`FIRST`, a request event) also carries the method bytes from
+/// earlier segments, and is searched for the blank line ending the head, so that a head in one
+/// segment is sent without its body.
+#[inline(never)]
+fn emit_head<const FIRST: bool>(
+    ctx: &SkBuffContext,
+    stats: &mut ConnStats,
+    segment: &Segment,
+    pos: *const Pos,
+) -> bool {
+    // SAFETY: this CPU's POS value.
+    let (start, end, cookie, flags, prefix) = unsafe {
+        (
+            get(&raw const (*pos).start),
+            get(&raw const (*pos).end),
+            get(&raw const (*pos).cookie),
+            get(&raw const (*pos).flags) as u8,
+            get(&raw const (*pos).prefix) as usize & (METHOD_MAX - 1),
+        )
+    };
+    let prefix = if FIRST { prefix } else { 0 };
+    let p = &mut stats.parse;
+    let next = p.head_next as i64;
+    let limit = p.head_limit as i64;
+    if !FIRST && (next >= limit || next < start || next >= end) {
+        return false;
+    }
+    let Some(ev) = REQUEST_SCRATCH.get_ptr_mut(0) else {
+        count_loss(Loss::RequestEventsDropped);
+        return false;
+    };
+    let stop = if end < limit { end } else { limit };
+    let available = if stop > next && next >= start {
+        (stop - next) as u32
+    } else {
+        0
+    };
+    // SAFETY: ev points to this CPU's scratch event (ingress only: egress, which softirqs may
+    // interrupt, never touches it); every field and the first head_len bytes of `head` are
+    // written before the copy, which takes only those.
+    let len = unsafe {
+        (*ev).cookie = cookie;
+        (*ev).ts_ns = stats.last_seen_ns;
+        (*ev).remote_addr = stats.remote_addr;
+        (*ev).bytes_in_start = p.turn_start;
+        (*ev).bytes_out_start = read_shared(&raw const stats.bytes_out);
+        (*ev).events_out_start = stats.events_out;
+        (*ev).kind = if FIRST { EVENT_REQUEST } else { EVENT_HEAD };
+        (*ev).head_skip = 0;
+        (*ev)._pad = [0; 3];
+        let head = (&raw mut (*ev).head).cast::<u8>();
+        if prefix > 0 {
+            core::ptr::copy_nonoverlapping(p.method.as_ptr(), head, METHOD_MAX);
+        }
+        let copied = if available > 0 {
+            load_into::<HEAD_CHUNK>(
+                ctx,
+                segment.payload_offset + (next - start) as usize,
+                head.add(prefix),
+                HEAD_CHUNK,
+                available,
+            )
+        } else {
+            0
+        };
+        let mut len = prefix + copied;
+        (*ev).head_offset = p.head_next - prefix as u64;
+        let mut done = false;
+        if FIRST && p.head_limit > p.head_from {
+            // The first chunk: cut it where the head ends. The length goes in and the
+            // position comes back through memory (see `Pos`).
+            core::ptr::write_volatile(&raw mut (*ev).head_len, len as u16);
+            find_head_end(head, &raw mut (*ev).head_len);
+            let found = usize::from(core::ptr::read_volatile(&raw const (*ev).head_len));
+            if found > 0 && found <= len {
+                len = found;
+                done = true;
+            }
+        }
+        p.head_next = (*ev).head_offset + len as u64;
+        if done || p.head_next >= p.head_limit {
+            p.head_limit = p.head_next;
+            done = true;
+        }
+        (*ev).flags = flags | if done { HEAD_DONE } else { 0 };
+        (*ev).head_len = len as u16;
+        HEAD_OFFSET + len
+    };
+    let len = if len > core::mem::size_of::<RequestEvent>() {
+        core::mem::size_of::<RequestEvent>()
+    } else {
+        len
+    };
+    // SAFETY: the first `len` bytes of the scratch event (at most its size) are initialized.
+    let record = unsafe { core::slice::from_raw_parts(ev.cast::<u8>().cast_const(), len) };
+    if REQUESTS.output::<[u8]>(record, 0).is_err() {
+        count_loss(Loss::RequestEventsDropped);
+    }
+    !FIRST && p.head_next < p.head_limit
 }
 
 /// Copies up to `cap` payload bytes at `offset` into `dst`, at most `available`; returns the
 /// number copied. Bounding the length to 1..=cap in one place keeps the verifier satisfied.
 ///
-/// SAFETY: `dst` points to at least `BUF` writable bytes (ring buffer or map memory), and
-/// `cap <= BUF`.
+/// SAFETY: `dst` points to at least `BUF` writable bytes (ring buffer, map or stack memory),
+/// and `cap <= BUF`.
 unsafe fn load_into<const BUF: usize>(
     ctx: &SkBuffContext,
     offset: usize,
@@ -862,61 +1420,173 @@ unsafe fn load_into<const BUF: usize>(
     if ret == 0 { n } else { 0 }
 }
 
-/// Tells the agent that an exchange began: when, where in the connection's counters, and, for
-/// HTTP/1.x, the first bytes of the request (for identity; the agent reads only the head).
-fn report_request(
-    ctx: &SkBuffContext,
+/// The fixed part of a `RequestEvent`, built on the stack for events without head bytes
+/// (egress may run in process context, where an ingress softirq could reuse the per-CPU
+/// scratch event).
+#[repr(C)]
+struct TurnEvent {
     cookie: u64,
-    stats: &ConnStats,
-    start: i64,
-    segment: &Segment,
-) {
-    let Some(ev) = REQUEST_SCRATCH.get_ptr_mut(0) else {
+    ts_ns: u64,
+    remote_addr: [u8; 16],
+    bytes_in_start: u64,
+    bytes_out_start: u64,
+    events_out_start: u64,
+    head_offset: u64,
+    head_len: u16,
+    kind: u8,
+    flags: u8,
+    head_skip: u8,
+    _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<TurnEvent>() == HEAD_OFFSET);
+const _: () = assert!(
+    core::mem::offset_of!(TurnEvent, head_offset)
+        == core::mem::offset_of!(RequestEvent, head_offset)
+        && core::mem::offset_of!(TurnEvent, head_skip)
+            == core::mem::offset_of!(RequestEvent, head_skip)
+);
+
+/// Tells the agent that a turn (or a request whose bytes passed unseen) began.
+fn report_turn(cookie: u64, stats: &ConnStats, flags: u8) {
+    let ev = TurnEvent {
+        cookie,
+        ts_ns: stats.last_seen_ns,
+        remote_addr: stats.remote_addr,
+        bytes_in_start: stats.parse.turn_start,
+        // SAFETY: field of a live map value.
+        bytes_out_start: unsafe { read_shared(&raw const stats.bytes_out) },
+        events_out_start: stats.events_out,
+        head_offset: stats.parse.turn_start,
+        head_len: 0,
+        kind: EVENT_REQUEST,
+        flags: flags | HEAD_DONE,
+        head_skip: 0,
+        _pad: [0; 3],
+    };
+    if REQUESTS.output::<TurnEvent>(&ev, 0).is_err() {
         count_loss(Loss::RequestEventsDropped);
-        return;
+    }
+}
+
+/// Tells the agent that no more head bytes of the current request will come.
+fn report_head_done(cookie: u64, stats: &ConnStats) {
+    let ev = TurnEvent {
+        cookie,
+        ts_ns: stats.last_seen_ns,
+        remote_addr: stats.remote_addr,
+        bytes_in_start: stats.parse.turn_start,
+        bytes_out_start: 0,
+        events_out_start: 0,
+        head_offset: stats.parse.head_next,
+        head_len: 0,
+        kind: EVENT_HEAD,
+        flags: HEAD_DONE,
+        head_skip: 0,
+        _pad: [0; 3],
     };
-    let head_cap = match CONFIG.get(CONFIG_HEAD_BYTES) {
-        Some(&n) if stats.proto == PROTO_HTTP1 => n as usize,
-        _ => 0,
-    };
-    // SAFETY: ev points to this CPU's scratch RequestEvent; every field up to `head` and the
-    // first head_len bytes of `head` are written before the copy, which takes only those.
-    let len = unsafe {
-        (*ev).cookie = cookie;
-        (*ev).ts_ns = stats.last_seen_ns;
-        (*ev).remote_addr = stats.remote_addr;
-        (*ev).bytes_in_start = start as u64;
-        (*ev).bytes_out_start = read_shared(&raw const stats.bytes_out);
-        (*ev).events_out_start = stats.events_out;
-        (*ev)._pad = [0; 6];
-        let cap = if head_cap > HEAD_MAX {
-            HEAD_MAX
-        } else {
-            head_cap
-        };
-        let copied = load_into::<HEAD_MAX>(
-            ctx,
-            segment.payload_offset,
-            (&raw mut (*ev).head).cast::<u8>(),
-            cap,
-            segment.payload_len,
-        );
-        (*ev).head_len = copied as u16;
-        let mut len = HEAD_OFFSET + copied;
-        if len > core::mem::size_of::<RequestEvent>() {
-            len = core::mem::size_of::<RequestEvent>();
-        }
-        len
-    };
-    // SAFETY: the first `len` bytes of the scratch event (at most its size) are initialized.
-    let record = unsafe { core::slice::from_raw_parts(ev.cast::<u8>().cast_const(), len) };
-    if REQUESTS.output::<[u8]>(record, 0).is_err() {
+    if REQUESTS.output::<TurnEvent>(&ev, 0).is_err() {
         count_loss(Loss::RequestEventsDropped);
+    }
+}
+
+/// New server data: the client's next bytes start a new turn.
+///
+/// If the parser never saw the bytes TCP accepted for the turn that just ended (the request
+/// came in the packet that completed the handshake, before the record existed; or after a
+/// gap, or behind more blank lines than one segment's scan), the server answering shows the
+/// turn happened: it is counted from turn-taking, without a head.
+// A subprogram of its own: its branches join before the SSE scan, which the verifier then
+// walks once instead of once per branch taken here.
+#[inline(never)]
+fn server_replied(cookie: u64, stats: &mut ConnStats, rcvd: u64) {
+    let state = stats.parse.mode & MODE_STATE;
+    let counted = stats.parse.mode & MODE_COUNTED != 0;
+    let stale = stats.parse.cursor < rcvd;
+    if state == MODE_ARMED && stale && !counted {
+        // SAFETY: field of a live map value.
+        unsafe { atomic_add(&raw mut stats.requests, 1) };
+        report_turn(cookie, stats, HEAD_UNSEEN);
+        stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
+    }
+    if state != MODE_ARMED || stale {
+        let at = payload_received(stats, rcvd);
+        let p = &mut stats.parse;
+        p.turn_start = at;
+        p.req_begin = at;
+        p.cursor = at;
+        p.method_len = 0;
+        p.mode = MODE_ARMED;
+    }
+    let p = &mut stats.parse;
+    if p.head_next < p.head_limit {
+        // The server answers once it has the whole head: whatever was not copied by now
+        // will not be.
+        p.head_limit = p.head_next;
+        report_head_done(cookie, stats);
     }
 }
 
 /// Offset of `RequestEvent::head`: the fixed part of a request record.
 const HEAD_OFFSET: usize = core::mem::offset_of!(RequestEvent, head);
+
+/// Bytes of a request's first chunk searched for the blank line that ends the head.
+const HEAD_SCAN_MAX: usize = 2048;
+const _: () = assert!(HEAD_SCAN_MAX <= HEAD_EVENT_MAX && HEAD_SCAN_MAX % 8 == 0);
+
+/// High bit of each byte of `x` that is zero, exactly (no false positives above a zero byte).
+#[inline(always)]
+fn zero_bytes(x: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7)
+}
+
+/// Writes to `*found` where the head in the first `*found` bytes at `base` ends (just past the LF
+/// of its blank line: `\n\r\n` or `\n\n`), 0 when it does not end within them (or within
+/// `HEAD_SCAN_MAX`).
+///
+/// Eight bytes at a time: a mask of LF and CR bytes per word, shifted by one and two bytes
+/// (carrying the previous word's top bytes) to find an LF preceded by LF, or by CR and LF.
+///
+/// SAFETY: `base` points at `HEAD_SCAN_MAX` readable bytes, `found` into writable map memory.
+#[inline(never)]
+unsafe fn find_head_end(base: *const u8, found: *mut u16) {
+    const WORDS: usize = HEAD_SCAN_MAX / 8;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // SAFETY: per the contract; the caller put the length there.
+    let n = usize::from(unsafe { core::ptr::read_volatile(found) });
+    // SAFETY: per the contract.
+    unsafe { core::ptr::write_volatile(found, 0) };
+    let mut prev_lf = 0u64;
+    let mut prev_cr = 0u64;
+    let mut w = 0;
+    while w < WORDS && w * 8 < n {
+        // SAFETY: w * 8 + 8 <= HEAD_SCAN_MAX <= the event's head array; 8-byte aligned.
+        let word = unsafe { core::ptr::read_volatile(base.add(w * 8).cast::<u64>()) };
+        let lf = zero_bytes(word ^ (ONES * u64::from(b'\n')));
+        let cr = zero_bytes(word ^ (ONES * u64::from(b'\r')));
+        let lf1 = (lf << 8) | (prev_lf >> 56);
+        let cr1 = (cr << 8) | (prev_cr >> 56);
+        let lf2 = (lf << 16) | (prev_lf >> 48);
+        let ends = lf & (lf1 | (cr1 & lf2));
+        if ends != 0 {
+            // The lowest set bit: a byte position, found without branches (popcount of the
+            // bits below it, in SWAR arithmetic), so that all paths join again.
+            let below = (ends & ends.wrapping_neg()).wrapping_sub(1);
+            let bytes = (below >> 7) & 0x0101_0101_0101_0101;
+            let k = (bytes.wrapping_mul(0x0101_0101_0101_0101) >> 56) as usize;
+            let at = w * 8 + k + 1;
+            // Bytes past n are stale: a match there is no match.
+            if at <= n {
+                // SAFETY: per the contract.
+                unsafe { core::ptr::write_volatile(found, at as u16) };
+            }
+            return;
+        }
+        prev_lf = lf;
+        prev_cr = cr;
+        w += 1;
+    }
+}
 
 /// Counts server-sent events in a new reply segment of an HTTP/1.x connection.
 ///
@@ -943,14 +1613,16 @@ fn count_events(ctx: &SkBuffContext, stats: &mut ConnStats, segment: &Segment) {
             segment.payload_len,
         );
         if head {
-            let sse = names_event_stream(base, n);
+            core::ptr::write_volatile(&raw mut (*scratch).len, n as u64);
+            let sse = names_event_stream(base, &raw const (*scratch).len);
             stats.exchange_flags = if sse { EXCHANGE_SSE } else { 0 };
             if !sse {
                 return;
             }
         }
         (*scratch).found = 0;
-        count_data_lines(base, n, &raw mut (*scratch).found);
+        core::ptr::write_volatile(&raw mut (*scratch).len, n as u64);
+        count_data_lines(base, &raw const (*scratch).len, &raw mut (*scratch).found);
         let events = core::ptr::read_volatile(&raw const (*scratch).found);
         if events > 0 {
             atomic_add(&raw mut stats.events_out, events);
@@ -978,13 +1650,15 @@ unsafe fn matches_at(base: *const u8, i: usize, pattern: &[u8]) -> bool {
     true
 }
 
-/// Whether the first `n` bytes at `base` contain `event-stream`.
+/// Whether the first `*len` bytes at `base` contain `event-stream`.
 ///
 /// Looks for the pattern's `-` eight bytes at a time (a word-wide zero-byte test) and compares
 /// the whole pattern only around the few `-` a response head holds: about a tenth of the work
 /// of trying every offset.
 #[inline(never)]
-fn names_event_stream(base: *const u8, n: usize) -> bool {
+fn names_event_stream(base: *const u8, len: *const u64) -> bool {
+    // SAFETY: len points into this CPU's scratch value (see `Scratch::len`).
+    let n = unsafe { core::ptr::read_volatile(len) } as usize;
     const PATTERN: &[u8; 12] = b"event-stream";
     /// Offset of `-` in the pattern.
     const DASH_AT: usize = 5;
@@ -1017,13 +1691,15 @@ fn names_event_stream(base: *const u8, n: usize) -> bool {
     false
 }
 
-/// Adds to `*found` the number of `data:` at a line start (or at offset 0) in the first `n`
-/// bytes at `base`.
+/// Adds to `*found` the number of `data:` at a line start (or at offset 0) in the first
+/// `*len` bytes at `base`.
 ///
 /// SAFETY: `found` points to writable map memory.
 #[inline(never)]
-unsafe fn count_data_lines(base: *const u8, n: usize, found: *mut u64) {
+unsafe fn count_data_lines(base: *const u8, len: *const u64, found: *mut u64) {
     const PATTERN: &[u8; 5] = b"data:";
+    // SAFETY: len points into this CPU's scratch value (see `Scratch::len`).
+    let n = unsafe { core::ptr::read_volatile(len) } as usize;
     let mut i = 0;
     while i + PATTERN.len() <= SSE_SCAN_MAX && i + PATTERN.len() <= n {
         // SAFETY: i - 1 < i, and i + 5 is bounded by the loop condition.
@@ -1034,18 +1710,6 @@ unsafe fn count_data_lines(base: *const u8, n: usize, found: *mut u64) {
         }
         i += 1;
     }
-}
-
-/// Whether the payload begins with an HTTP/1.x request method and a space (RFC 9110 methods).
-fn starts_with_method(ctx: &SkBuffContext, segment: &Segment) -> Result<bool, Unparsed> {
-    if segment.payload_len < 4 {
-        return Ok(false);
-    }
-    let head: [u8; 4] = load(ctx, segment.payload_offset)?;
-    Ok(matches!(
-        &head,
-        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
-    ))
 }
 
 #[cfg(not(test))]

@@ -1,42 +1,48 @@
 //! Bounded parsing of an HTTP/1.x request head (RFC 9112 request line and field lines).
+//!
+//! Built to be hard to shake off: blank lines before the request line are skipped (RFC 9112
+//! 2.2, as nginx does), field lines a server would ignore are skipped and counted instead of
+//! voiding the head, and a head with more lines than examined keeps what was seen.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
-/// Field lines examined at most; a head with more is rejected as malformed.
-pub const MAX_HEADERS: usize = 64;
+/// Field lines examined at most; a head with more keeps the fields before the cut
+/// (`RequestHead::fields_cut`).
+pub const MAX_HEADERS: usize = 4096;
 
-/// What the sensor needs from a request head. Borrowed from the input buffer; the credential
-/// is only exposed to be hashed (its `Debug` output is redacted).
+/// Credential carriers one policy may name.
+pub const MAX_CARRIERS: usize = 16;
+
+/// What the sensor needs from a request head. Borrowed from the input buffer; credentials are
+/// only exposed to be hashed (`Debug` never shows them).
 #[derive(Clone, PartialEq, Eq)]
 pub struct RequestHead<'a> {
     pub method: &'a str,
+    /// The request target (path and query).
     pub path: &'a str,
     pub host: Option<&'a str>,
-    pub x_forwarded_for: Option<&'a str>,
-    pub forwarded: Option<&'a str>,
-    credential: Option<&'a [u8]>,
+    /// The field lines examined (without the request line and the blank line).
+    fields: &'a [u8],
     /// The buffer ended before the blank line closing the head; fields after the cut are
     /// missing.
     pub truncated: bool,
-}
-
-impl<'a> RequestHead<'a> {
-    /// The API credential (Bearer token or API key), to be hashed and dropped; never store it.
-    pub fn credential(&self) -> Option<&'a [u8]> {
-        self.credential
-    }
+    /// More than `MAX_HEADERS` field lines: the fields after the limit were not examined.
+    pub fields_cut: bool,
+    /// Field lines that were not well-formed (no colon, a bad name or value, obs-fold): skipped,
+    /// as servers that ignore invalid header lines do.
+    pub skipped_fields: u32,
 }
 
 impl fmt::Debug for RequestHead<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequestHead")
             .field("method", &self.method)
-            .field("path", &self.path)
+            .field("path", &self.path.split('?').next())
             .field("host", &self.host)
-            .field("x_forwarded_for", &self.x_forwarded_for)
-            .field("forwarded", &self.forwarded)
-            .field("credential", &self.credential.map(|_| "<redacted>"))
+            .field("fields", &"<redacted>")
             .field("truncated", &self.truncated)
+            .field("fields_cut", &self.fields_cut)
+            .field("skipped_fields", &self.skipped_fields)
             .finish()
     }
 }
@@ -49,10 +55,6 @@ pub enum HeadError {
     RequestLine,
     #[error("unsupported HTTP version")]
     Version,
-    #[error("malformed field line")]
-    FieldLine,
-    #[error("more than {MAX_HEADERS} field lines")]
-    TooManyFields,
 }
 
 /// RFC 9110 token characters (method and field names).
@@ -87,9 +89,24 @@ fn trim(mut v: &[u8]) -> &[u8] {
     v
 }
 
-/// Parses the head at the start of `buf`. Bytes after the head (a body) are ignored.
+/// A well-formed field line's name and (trimmed) value; None for lines a server ignores.
+fn field(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+    (!name.is_empty()
+        && name.iter().all(|&b| is_tchar(b))
+        && value.iter().all(|&b| is_field_value_char(b)))
+    .then_some((name, value))
+}
+
+/// Parses the head at the start of `buf`. Blank lines before the request line are skipped;
+/// bytes after the head (a body) are ignored.
 pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
-    let (line, mut rest) = next_line(buf).ok_or(HeadError::IncompleteRequestLine)?;
+    let mut buf = buf;
+    while let [b'\r' | b'\n', rest @ ..] = buf {
+        buf = rest;
+    }
+    let (line, rest) = next_line(buf).ok_or(HeadError::IncompleteRequestLine)?;
     let mut parts = line.split(|&b| b == b' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -109,74 +126,378 @@ pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
         method: ascii(method).ok_or(HeadError::RequestLine)?,
         path: ascii(target).ok_or(HeadError::RequestLine)?,
         host: None,
-        x_forwarded_for: None,
-        forwarded: None,
-        credential: None,
+        fields: &[],
         truncated: true,
+        fields_cut: false,
+        skipped_fields: 0,
     };
-    // Precedence when several credentials are present: Authorization, x-api-key, api-key.
-    let mut credential_rank = u8::MAX;
-    for _ in 0..=MAX_HEADERS {
-        let Some((line, after)) = next_line(rest) else {
+    let start = rest;
+    let mut cursor = rest;
+    let mut lines = 0;
+    loop {
+        let Some((line, after)) = next_line(cursor) else {
             // The buffer was cut inside the head: keep what was complete.
-            return Ok(head);
+            break;
         };
-        rest = after;
         if line.is_empty() {
             head.truncated = false;
-            return Ok(head);
+            break;
         }
-        let colon = line
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(HeadError::FieldLine)?;
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
-            return Err(HeadError::FieldLine);
+        if lines == MAX_HEADERS {
+            head.fields_cut = true;
+            break;
         }
-        if !value.iter().all(|&b| is_field_value_char(b)) {
-            return Err(HeadError::FieldLine);
-        }
-        if name.eq_ignore_ascii_case(b"host") {
-            head.host = ascii(value).or(head.host);
-        } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            head.x_forwarded_for = ascii(value).or(head.x_forwarded_for);
-        } else if name.eq_ignore_ascii_case(b"forwarded") {
-            head.forwarded = ascii(value).or(head.forwarded);
-        } else if name.eq_ignore_ascii_case(b"authorization") {
-            if let Some(token) = bearer_token(value)
-                && credential_rank > 0
-            {
-                head.credential = Some(token);
-                credential_rank = 0;
+        lines += 1;
+        cursor = after;
+        match field(line) {
+            Some((name, value)) => {
+                if name.eq_ignore_ascii_case(b"host") && head.host.is_none() {
+                    head.host = ascii(value);
+                }
             }
-        } else if name.eq_ignore_ascii_case(b"x-api-key") {
-            if credential_rank > 1 && !value.is_empty() {
-                head.credential = Some(value);
-                credential_rank = 1;
-            }
-        } else if name.eq_ignore_ascii_case(b"api-key") && credential_rank > 2 && !value.is_empty()
-        {
-            head.credential = Some(value);
-            credential_rank = 2;
+            None => head.skipped_fields += 1,
         }
     }
-    Err(HeadError::TooManyFields)
+    head.fields = &start[..start.len() - cursor.len()];
+    Ok(head)
 }
 
-/// The token of `Bearer <token>` (scheme case-insensitive).
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    let (scheme, token) = value.split_at_checked(6)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer") {
+impl<'a> RequestHead<'a> {
+    /// The well-formed field lines examined, in order: (name, trimmed value).
+    pub fn fields(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let mut rest = self.fields;
+        std::iter::from_fn(move || {
+            loop {
+                let (line, after) = next_line(rest)?;
+                rest = after;
+                if let Some(f) = field(line) {
+                    return Some(f);
+                }
+            }
+        })
+    }
+
+    /// Every value of the forwarding header `header`, all of its lines joined in order with
+    /// ", " (a proxy that appends its own line after the client's keeps the order). None when
+    /// the head has no such line, and always None for a truncated or cut head: a line a
+    /// proxy appended at the end may be missing, and what remains is the client's to write.
+    pub fn forwarded_list(&self, header: ForwardedHeader) -> Option<String> {
+        if self.truncated || self.fields_cut {
+            return None;
+        }
+        let name = header.name().as_bytes();
+        let mut list: Option<String> = None;
+        for (n, v) in self.fields() {
+            if !n.eq_ignore_ascii_case(name) {
+                continue;
+            }
+            let v = String::from_utf8_lossy(v);
+            match &mut list {
+                Some(l) => {
+                    l.push_str(", ");
+                    l.push_str(&v);
+                }
+                None => list = Some(v.into_owned()),
+            }
+        }
+        list
+    }
+
+    /// The API credential under `policy`, to be hashed and dropped; never store it.
+    pub fn credential(&self, policy: &CredentialPolicy) -> Credential<'a> {
+        let mut seen: Vec<Seen<'a>> = policy.carriers.iter().map(|_| Seen::None).collect();
+        for (name, value) in self.fields() {
+            for (carrier, seen) in policy.carriers.iter().zip(seen.iter_mut()) {
+                if let Some(v) = carrier.from_field(name, value) {
+                    seen.add(v);
+                }
+            }
+        }
+        if let Some(query) = self.path.split_once('?').map(|(_, q)| q) {
+            for (carrier, seen) in policy.carriers.iter().zip(seen.iter_mut()) {
+                if let Carrier::Query(param) = carrier {
+                    for pair in query.split('&') {
+                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                        if percent_decode(k.as_bytes()).as_ref() == param.as_bytes() {
+                            let v = percent_decode(v.as_bytes());
+                            if !v.is_empty() {
+                                seen.add(v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if policy.ordered {
+            // The operator named the backend's carriers in order: the first present decides.
+            for s in seen {
+                match s {
+                    Seen::None => {}
+                    Seen::One(v) => return Credential::One(v),
+                    Seen::Conflict => return Credential::Ambiguous,
+                }
+            }
+            return Credential::None;
+        }
+        // Any carrier may be the backend's: several that disagree are ambiguous (a client
+        // could otherwise pick its own identity with a carrier the backend ignores).
+        let mut found: Option<Cow<'a, [u8]>> = None;
+        for s in seen {
+            match s {
+                Seen::None => {}
+                Seen::Conflict => return Credential::Ambiguous,
+                Seen::One(v) => match &found {
+                    Some(f) if f.as_ref() != v.as_ref() => return Credential::Ambiguous,
+                    Some(_) => {}
+                    None => found = Some(v),
+                },
+            }
+        }
+        found.map_or(Credential::None, Credential::One)
+    }
+}
+
+/// What a carrier held across a head's lines.
+enum Seen<'a> {
+    None,
+    One(Cow<'a, [u8]>),
+    /// Different values in several lines of one carrier.
+    Conflict,
+}
+
+impl<'a> Seen<'a> {
+    fn add(&mut self, v: Cow<'a, [u8]>) {
+        *self = match std::mem::replace(self, Seen::None) {
+            Seen::None => Seen::One(v),
+            Seen::One(old) if old == v => Seen::One(old),
+            _ => Seen::Conflict,
+        };
+    }
+}
+
+/// The credential of one request under a policy.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential<'a> {
+    None,
+    /// The credential bytes (a Bearer token, an API key, decoded Basic `user:password`, a
+    /// decoded query value).
+    One(Cow<'a, [u8]>),
+    /// Carriers disagree (or one carrier repeats with different values): which one the
+    /// backend uses cannot be told from the request.
+    Ambiguous,
+}
+
+impl fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Credential::None => "None",
+            Credential::One(_) => "One(<redacted>)",
+            Credential::Ambiguous => "Ambiguous",
+        })
+    }
+}
+
+/// Where a backend takes its API credential from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Carrier {
+    /// `Authorization: Bearer <token>`.
+    Bearer,
+    /// `Authorization: Basic <base64>` (the decoded `user:password` is the credential).
+    Basic,
+    /// A header whose whole value is the key (lower-case name): `x-api-key`, `api-key`, ...
+    Header(String),
+    /// A query parameter of the request target (`?key=...`), percent-decoded.
+    Query(String),
+}
+
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "not a credential carrier: use \"authorization\" (Bearer), \"basic\", a header name, or \
+     \"query:NAME\""
+)]
+pub struct CarrierError;
+
+impl std::str::FromStr for Carrier {
+    type Err = CarrierError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.trim().to_ascii_lowercase();
+        if let Some(param) = lower.strip_prefix("query:") {
+            return (!param.is_empty() && param.bytes().all(is_tchar))
+                .then(|| Carrier::Query(param.to_owned()))
+                .ok_or(CarrierError);
+        }
+        match lower.as_str() {
+            "authorization" | "bearer" => Ok(Carrier::Bearer),
+            "basic" => Ok(Carrier::Basic),
+            name if !name.is_empty() && name.bytes().all(is_tchar) => {
+                Ok(Carrier::Header(name.to_owned()))
+            }
+            _ => Err(CarrierError),
+        }
+    }
+}
+
+impl fmt::Display for Carrier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Carrier::Bearer => f.write_str("authorization"),
+            Carrier::Basic => f.write_str("basic"),
+            Carrier::Header(h) => f.write_str(h),
+            Carrier::Query(q) => write!(f, "query:{q}"),
+        }
+    }
+}
+
+impl Carrier {
+    /// The credential this field line carries for this carrier, if any.
+    fn from_field<'a>(&self, name: &[u8], value: &'a [u8]) -> Option<Cow<'a, [u8]>> {
+        match self {
+            Carrier::Bearer | Carrier::Basic if name.eq_ignore_ascii_case(b"authorization") => {
+                let (scheme, rest) = split_scheme(value)?;
+                let rest = trim(rest);
+                if rest.is_empty() {
+                    return None;
+                }
+                match self {
+                    Carrier::Bearer if scheme.eq_ignore_ascii_case(b"bearer") => {
+                        Some(Cow::Borrowed(rest))
+                    }
+                    Carrier::Basic if scheme.eq_ignore_ascii_case(b"basic") => {
+                        base64_decode(rest).map(Cow::Owned)
+                    }
+                    _ => None,
+                }
+            }
+            Carrier::Header(h) if name.eq_ignore_ascii_case(h.as_bytes()) => {
+                (!value.is_empty()).then_some(Cow::Borrowed(value))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `scheme SP rest` of an Authorization value.
+fn split_scheme(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    let sp = value.iter().position(|&b| b == b' ' || b == b'\t')?;
+    Some((&value[..sp], &value[sp + 1..]))
+}
+
+/// Percent-decodes `%XX` (other bytes as they are): the same key spelled with escapes is the
+/// same key.
+fn percent_decode(s: &[u8]) -> Cow<'_, [u8]> {
+    if !s.contains(&b'%') {
+        return Cow::Borrowed(s);
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%'
+            && let (Some(&a), Some(&b)) = (s.get(i + 1), s.get(i + 2))
+            && let (Some(a), Some(b)) = (hex(a), hex(b))
+        {
+            out.push(a * 16 + b);
+            i += 3;
+            continue;
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+/// Decodes standard base64 (padding optional); None when it is not base64. Decoding makes the
+/// credential canonical: spellings that decode alike (unused trailing bits) are one key.
+fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let s = s.strip_suffix(b"==").or(s.strip_suffix(b"=")).unwrap_or(s);
+    let val = |b: u8| -> Option<u32> {
+        Some(match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    if s.len() % 4 == 1 {
         return None;
     }
-    let token = trim(token);
-    (!token.is_empty() && token.len() < value.len()).then_some(token)
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &b) in chunk.iter().enumerate() {
+            acc |= val(b)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+/// Which carriers a backend's credential may come in, and how to choose between them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialPolicy {
+    pub carriers: Vec<Carrier>,
+    /// The operator listed the backend's carriers in order of precedence: the first present
+    /// decides. Otherwise (the default) any carrier may be the backend's, and carriers that
+    /// disagree make the request ambiguous rather than letting the client choose.
+    pub ordered: bool,
+}
+
+impl Default for CredentialPolicy {
+    fn default() -> Self {
+        Self {
+            carriers: vec![
+                Carrier::Bearer,
+                Carrier::Basic,
+                Carrier::Header("x-api-key".into()),
+                Carrier::Header("api-key".into()),
+                Carrier::Header("x-goog-api-key".into()),
+                Carrier::Query("key".into()),
+            ],
+            ordered: false,
+        }
+    }
+}
+
+/// The header forwarded client addresses are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, ...`.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for=proxy1`.
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one(c: Credential<'_>) -> Vec<u8> {
+        match c {
+            Credential::One(v) => v.into_owned(),
+            other => panic!("expected one credential, got {other:?}"),
+        }
+    }
+
+    fn ordered(list: &[&str]) -> CredentialPolicy {
+        CredentialPolicy {
+            carriers: list.iter().map(|s| s.parse().expect("carrier")).collect(),
+            ordered: true,
+        }
+    }
 
     #[test]
     fn openai_style_request() {
@@ -187,38 +508,137 @@ mod tests {
         assert_eq!(h.method, "POST");
         assert_eq!(h.path, "/v1/chat/completions");
         assert_eq!(h.host, Some("api.example"));
-        assert_eq!(h.x_forwarded_for, Some("203.0.113.9, 10.0.0.2"));
-        assert_eq!(h.credential(), Some(&b"sk-test-123"[..]));
+        assert_eq!(
+            h.forwarded_list(ForwardedHeader::XForwardedFor).as_deref(),
+            Some("203.0.113.9, 10.0.0.2")
+        );
+        let policy = CredentialPolicy::default();
+        assert_eq!(one(h.credential(&policy)), b"sk-test-123");
         assert!(!h.truncated);
-        assert!(
-            !format!("{h:?}").contains("sk-test"),
-            "Debug never shows the credential"
+        assert!(!format!("{h:?}").contains("sk-test"));
+        assert!(!format!("{:?}", h.credential(&policy)).contains("sk-test"));
+    }
+
+    #[test]
+    fn leading_blank_lines_are_skipped() {
+        let h = parse_head(b"\r\n\r\n\nGET /x HTTP/1.1\r\nx-api-key: k\r\n\r\n").expect("ok");
+        assert_eq!(h.path, "/x");
+        assert_eq!(one(h.credential(&CredentialPolicy::default())), b"k");
+    }
+
+    #[test]
+    fn carriers_are_recognised() {
+        let p = CredentialPolicy::default();
+        for (raw, key) in [
+            (&b"GET / HTTP/1.1\r\nx-api-key: a1\r\n\r\n"[..], &b"a1"[..]),
+            (b"GET / HTTP/1.1\r\napi-key: a2\r\n\r\n", b"a2"),
+            (b"GET / HTTP/1.1\r\nX-Goog-Api-Key: a3\r\n\r\n", b"a3"),
+            (b"GET /v1/m?alt=json&key=a%344 HTTP/1.1\r\n\r\n", b"a44"),
+            (
+                b"GET / HTTP/1.1\r\nAuthorization: Basic dXNlcjpzZWNyZXQ=\r\n\r\n",
+                b"user:secret",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nauthorization: bearer  tok \r\n\r\n",
+                b"tok",
+            ),
+        ] {
+            let h = parse_head(raw).expect("parses");
+            assert_eq!(
+                one(h.credential(&p)),
+                key,
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let h = parse_head(b"GET / HTTP/1.1\r\nAuthorization: Bearer \r\n\r\n").expect("ok");
+        assert_eq!(h.credential(&p), Credential::None);
+        // Basic spellings that decode alike are one key.
+        let a = parse_head(b"GET / HTTP/1.1\r\nAuthorization: Basic YQ==\r\n\r\n").expect("ok");
+        let b = parse_head(b"GET / HTTP/1.1\r\nAuthorization: Basic YR\r\n\r\n").expect("ok");
+        assert_eq!(one(a.credential(&p)), one(b.credential(&p)));
+    }
+
+    #[test]
+    fn a_second_carrier_cannot_choose_the_identity() {
+        let raw = b"GET / HTTP/1.1\r\nx-api-key: real\r\nAuthorization: Bearer random-1\r\n\r\n";
+        let h = parse_head(raw).expect("ok");
+        // Default: the client cannot tell which one counts, so neither does.
+        assert_eq!(
+            h.credential(&CredentialPolicy::default()),
+            Credential::Ambiguous
+        );
+        // Configured: the backend's carrier decides, whatever else the client sends.
+        assert_eq!(one(h.credential(&ordered(&["x-api-key"]))), b"real");
+        assert_eq!(
+            one(h.credential(&ordered(&["x-api-key", "authorization"]))),
+            b"real"
+        );
+        // The same key in two carriers is one key.
+        let h = parse_head(b"GET / HTTP/1.1\r\napi-key: k\r\nAuthorization: Bearer k\r\n\r\n")
+            .expect("ok");
+        assert_eq!(one(h.credential(&CredentialPolicy::default())), b"k");
+        // One carrier repeated with different values is ambiguous even when configured.
+        let h = parse_head(b"GET / HTTP/1.1\r\nx-api-key: a\r\nx-api-key: b\r\n\r\n").expect("ok");
+        assert_eq!(
+            h.credential(&ordered(&["x-api-key"])),
+            Credential::Ambiguous
         );
     }
 
     #[test]
-    fn api_key_headers_and_precedence() {
-        let h = parse_head(b"GET / HTTP/1.1\r\napi-key: a\r\nx-api-key: b\r\n\r\n").expect("ok");
-        assert_eq!(h.credential(), Some(&b"b"[..]));
-        let h = parse_head(b"GET / HTTP/1.1\r\nx-api-key: b\r\nauthorization: bearer c\r\n\r\n")
+    fn truncated_heads_keep_complete_fields_but_no_forwarding() {
+        let h = parse_head(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nAuthoriz")
             .expect("ok");
-        assert_eq!(h.credential(), Some(&b"c"[..]));
-        let h = parse_head(b"GET / HTTP/1.1\r\nAuthorization: Basic Zm9v\r\n\r\n").expect("ok");
-        assert_eq!(h.credential(), None, "only Bearer tokens are credentials");
-        let h = parse_head(b"GET / HTTP/1.1\r\nAuthorization: Bearer \r\n\r\n").expect("ok");
-        assert_eq!(h.credential(), None);
-    }
-
-    #[test]
-    fn truncated_heads_keep_complete_fields() {
-        let h = parse_head(b"GET /x HTTP/1.1\r\nHost: a\r\nAuthoriz").expect("ok");
         assert!(h.truncated);
         assert_eq!(h.host, Some("a"));
-        assert_eq!(h.credential(), None);
+        assert_eq!(h.credential(&CredentialPolicy::default()), Credential::None);
+        assert_eq!(h.forwarded_list(ForwardedHeader::XForwardedFor), None);
     }
 
     #[test]
-    fn malformed_heads_are_errors() {
+    fn forwarding_lines_are_joined_in_order() {
+        let h = parse_head(
+            b"GET / HTTP/1.1\r\nX-Forwarded-For: 6.6.6.6\r\nA: b\r\nx-forwarded-for: 1.2.3.4, 5.6.7.8\r\n\r\n",
+        )
+        .expect("ok");
+        assert_eq!(
+            h.forwarded_list(ForwardedHeader::XForwardedFor).as_deref(),
+            Some("6.6.6.6, 1.2.3.4, 5.6.7.8")
+        );
+        assert_eq!(h.forwarded_list(ForwardedHeader::Forwarded), None);
+    }
+
+    #[test]
+    fn bad_field_lines_are_skipped_not_fatal() {
+        let raw = b"GET /x HTTP/1.1\r\nNoColon\r\nBad Name: v\r\nA: b\x01\r\n folded\r\n\
+                    x-api-key: k\r\n\r\n";
+        let h = parse_head(raw).expect("ok");
+        assert_eq!(h.skipped_fields, 4);
+        assert_eq!(one(h.credential(&CredentialPolicy::default())), b"k");
+    }
+
+    #[test]
+    fn many_fields_degrade_to_what_was_seen() {
+        let raw = format!(
+            "GET / HTTP/1.1\r\nx-api-key: k\r\n{}\r\n",
+            "A: b\r\n".repeat(MAX_HEADERS + 10)
+        );
+        let h = parse_head(raw.as_bytes()).expect("ok");
+        assert!(h.fields_cut);
+        assert_eq!(one(h.credential(&CredentialPolicy::default())), b"k");
+        // Far more lines than the old limit of 64 before the key: still found.
+        let raw = format!(
+            "GET / HTTP/1.1\r\n{}x-api-key: k\r\n\r\n",
+            "A: b\r\n".repeat(1000)
+        );
+        let h = parse_head(raw.as_bytes()).expect("ok");
+        assert!(!h.fields_cut && !h.truncated);
+        assert_eq!(one(h.credential(&CredentialPolicy::default())), b"k");
+    }
+
+    #[test]
+    fn malformed_request_lines_are_errors() {
         assert_eq!(
             parse_head(b"GET /x HTTP/1.1"),
             Err(HeadError::IncompleteRequestLine)
@@ -232,21 +652,18 @@ mod tests {
             Err(HeadError::Version)
         );
         assert_eq!(
-            parse_head(b"GET /x HTTP/1.1\r\nNoColon\r\n\r\n"),
-            Err(HeadError::FieldLine)
-        );
-        assert_eq!(
-            parse_head(b"GET /x HTTP/1.1\r\nA: b\x01\r\n\r\n"),
-            Err(HeadError::FieldLine)
-        );
-        assert_eq!(
             parse_head(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n"),
             Err(HeadError::RequestLine)
         );
-        let many = format!(
-            "GET / HTTP/1.1\r\n{}\r\n",
-            "A: b\r\n".repeat(MAX_HEADERS + 1)
-        );
-        assert_eq!(parse_head(many.as_bytes()), Err(HeadError::TooManyFields));
+    }
+
+    #[test]
+    fn carriers_parse_from_config_names() {
+        assert_eq!("Authorization".parse(), Ok(Carrier::Bearer));
+        assert_eq!("basic".parse(), Ok(Carrier::Basic));
+        assert_eq!("X-Api-Key".parse(), Ok(Carrier::Header("x-api-key".into())));
+        assert_eq!("query:key".parse(), Ok(Carrier::Query("key".into())));
+        assert_eq!("query:".parse::<Carrier>(), Err(CarrierError));
+        assert_eq!("bad name".parse::<Carrier>(), Err(CarrierError));
     }
 }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::cidr::Cidr;
+use crate::{cidr::Cidr, head::ForwardedHeader};
 
 /// Bytes of the HMAC shown in an identity (48 bits: collisions are negligible for the number
 /// of API keys a deployment has, and the id stays short enough to read).
@@ -41,36 +41,31 @@ impl IdentityKey {
     }
 }
 
-/// The client address behind trusted proxies, from `X-Forwarded-For` (or `Forwarded: for=`)
-/// when the connection's peer is a trusted proxy. Walks the list from the right, skipping
-/// trusted proxies: the first untrusted address is the client (entries to its left may be
-/// spoofed by the client and are ignored). None when the peer is not trusted or no address
-/// qualifies.
+/// The client address behind trusted proxies: the `trusted_hops`-th address from the right
+/// of the forwarding list (`list`: every line of the header joined in order, see
+/// `RequestHead::forwarded_list`), when the connection's peer is a trusted proxy. Each trusted
+/// proxy appends the address it received from, so the entry `trusted_hops` from the right is
+/// the last one a trusted proxy wrote; entries to its left are the client's to invent and are
+/// never read. None when the peer is not trusted, the list is shorter, or that entry is not an
+/// address.
 pub fn forwarded_client(
     peer: IpAddr,
-    x_forwarded_for: Option<&str>,
-    forwarded: Option<&str>,
+    list: Option<&str>,
+    header: ForwardedHeader,
     trusted: &[Cidr],
+    trusted_hops: usize,
 ) -> Option<IpAddr> {
-    if !trusted.iter().any(|c| c.contains(peer)) {
+    if trusted_hops == 0 || !trusted.iter().any(|c| c.contains(peer)) {
         return None;
     }
-    let hops: Vec<IpAddr> = match (x_forwarded_for, forwarded) {
-        (Some(xff), _) => xff.split(',').filter_map(parse_hop).collect(),
-        (None, Some(fwd)) => fwd
-            .split(',')
-            .filter_map(|element| {
-                element.split(';').find_map(|pair| {
-                    let (k, v) = pair.split_once('=')?;
-                    k.trim().eq_ignore_ascii_case("for").then(|| parse_hop(v))?
-                })
-            })
-            .collect(),
-        (None, None) => return None,
-    };
-    hops.into_iter()
-        .rev()
-        .find(|hop| !trusted.iter().any(|c| c.contains(*hop)))
+    let entry = list?.rsplit(',').nth(trusted_hops - 1)?;
+    match header {
+        ForwardedHeader::XForwardedFor => parse_hop(entry),
+        ForwardedHeader::Forwarded => entry.split(';').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("for").then(|| parse_hop(v))?
+        }),
+    }
 }
 
 /// One hop: "203.0.113.9", "\"[2001:db8::1]:4711\"", "10.0.0.1:8080".
@@ -112,29 +107,51 @@ mod tests {
     fn forwarded_only_through_trusted_proxies() {
         let trusted: Vec<Cidr> = vec!["127.0.0.1/32".parse().expect("cidr")];
         let proxy = ip("127.0.0.1");
-        // The client spoofed "6.6.6.6"; the proxy appended the real address.
+        let xff = ForwardedHeader::XForwardedFor;
+        // The client wrote "6.6.6.6"; the proxy appended the real address.
         assert_eq!(
-            forwarded_client(proxy, Some("6.6.6.6, 127.0.0.9"), None, &trusted),
+            forwarded_client(proxy, Some("6.6.6.6, 127.0.0.9"), xff, &trusted, 1),
             Some(ip("127.0.0.9"))
+        );
+        // A client that writes a trusted address does not move the position.
+        assert_eq!(
+            forwarded_client(
+                proxy,
+                Some("6.6.6.6, 127.0.0.1, 10.1.1.1"),
+                xff,
+                &trusted,
+                1
+            ),
+            Some(ip("10.1.1.1"))
+        );
+        // Two trusted proxies: the second entry from the right.
+        assert_eq!(
+            forwarded_client(proxy, Some("6.6.6.6, 10.1.1.1, 10.9.9.9"), xff, &trusted, 2),
+            Some(ip("10.1.1.1"))
+        );
+        assert_eq!(
+            forwarded_client(proxy, Some("10.9.9.9"), xff, &trusted, 2),
+            None
         );
         // Not through a trusted proxy: ignored entirely.
         assert_eq!(
-            forwarded_client(ip("127.0.0.50"), Some("6.6.6.6"), None, &trusted),
+            forwarded_client(ip("127.0.0.50"), Some("6.6.6.6"), xff, &trusted, 1),
             None
         );
         assert_eq!(
             forwarded_client(
                 proxy,
-                None,
                 Some("for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\""),
-                &trusted
+                ForwardedHeader::Forwarded,
+                &trusted,
+                1
             ),
             Some(ip("2001:db8::1"))
         );
         assert_eq!(
-            forwarded_client(proxy, Some("garbage"), None, &trusted),
+            forwarded_client(proxy, Some("garbage"), xff, &trusted, 1),
             None
         );
-        assert_eq!(forwarded_client(proxy, None, None, &trusted), None);
+        assert_eq!(forwarded_client(proxy, None, xff, &trusted, 1), None);
     }
 }

@@ -2,13 +2,17 @@
 //! the client behind a trusted proxy, and a keyed hash of the API credential.
 //!
 //! Input comes from the network and may be hostile: parsing is bounded (it never reads past
-//! the buffer, allocates nothing per header, and gives up after `MAX_HEADERS`), rejects what is
-//! not a well-formed head with an error instead of guessing, and never panics (fuzzed).
+//! the buffer, allocates nothing per header, and stops after `MAX_HEADERS` keeping what it saw),
+//! rejects a request line that is not HTTP/1.x, skips field lines a server would ignore, and
+//! never panics (fuzzed).
 
 pub mod cidr;
 pub mod head;
 pub mod identity;
 
 pub use cidr::{Cidr, CidrError};
-pub use head::{HeadError, MAX_HEADERS, RequestHead, parse_head};
+pub use head::{
+    Carrier, CarrierError, Credential, CredentialPolicy, ForwardedHeader, HeadError, MAX_CARRIERS,
+    MAX_HEADERS, RequestHead, parse_head,
+};
 pub use identity::{IdentityKey, forwarded_client};

@@ -2,7 +2,9 @@
 //! command runs them with a fixed number of cases.
 
 use proptest::prelude::*;
-use sensor_http::{Cidr, forwarded_client, parse_head};
+use sensor_http::{
+    Cidr, Credential, CredentialPolicy, ForwardedHeader, forwarded_client, parse_head,
+};
 
 proptest! {
     #![proptest_config(ProptestConfig {
@@ -32,26 +34,42 @@ proptest! {
             }
         }
         raw.push_str(&format!("Authorization: Bearer {key}\r\n\r\n"));
+        let policy = CredentialPolicy::default();
         let head = parse_head(raw.as_bytes()).expect("well-formed head parses");
         prop_assert_eq!(head.method, method.as_str());
         prop_assert_eq!(head.path, path.as_str());
-        prop_assert_eq!(head.credential(), Some(key.as_bytes()));
-        let shown = format!("{:?}", head);
+        prop_assert_eq!(head.credential(&policy), Credential::One(key.as_bytes().into()));
+        let shown = format!("{:?} {:?}", head, head.credential(&policy));
         prop_assert!(!shown.contains(&key));
         // Any prefix either parses (maybe truncated) or is an error; never a panic, and a
         // truncated head never yields a partial credential.
         let cut = cut.min(raw.len());
         if let Ok(h) = parse_head(&raw.as_bytes()[..cut])
-            && let Some(c) = h.credential()
+            && let Credential::One(c) = h.credential(&policy)
         {
-            prop_assert_eq!(c, key.as_bytes());
+            prop_assert_eq!(c.as_ref(), key.as_bytes());
         }
     }
 
     #[test]
-    fn forwarded_headers_never_panic(xff in "[ -~]{0,80}", fwd in "[ -~]{0,80}") {
+    fn forwarded_headers_never_panic(xff in "[ -~]{0,80}", fwd in "[ -~]{0,80}", hops in 0usize..4) {
         let trusted: Vec<Cidr> = vec!["127.0.0.0/8".parse().expect("cidr")];
-        let _ = forwarded_client("127.0.0.1".parse().expect("ip"), Some(&xff), Some(&fwd), &trusted);
-        let _ = forwarded_client("127.0.0.1".parse().expect("ip"), None, Some(&fwd), &trusted);
+        let peer = "127.0.0.1".parse().expect("ip");
+        let _ = forwarded_client(peer, Some(&xff), ForwardedHeader::XForwardedFor, &trusted, hops);
+        let _ = forwarded_client(peer, Some(&fwd), ForwardedHeader::Forwarded, &trusted, hops);
+    }
+
+    #[test]
+    fn hostile_heads_never_panic_in_any_accessor(
+        bytes in proptest::collection::vec(any::<u8>(), 0..600),
+        prefix in "(GET / HTTP/1.1\r\n)?",
+    ) {
+        let mut raw = prefix.into_bytes();
+        raw.extend_from_slice(&bytes);
+        if let Ok(h) = parse_head(&raw) {
+            let _ = h.credential(&CredentialPolicy::default());
+            let _ = h.forwarded_list(ForwardedHeader::XForwardedFor);
+            let _ = h.fields().count();
+        }
     }
 }

@@ -25,9 +25,9 @@ use crate::{
     capture::{Capture, CaptureSettings, decode_closed, decode_request},
     cli::{RunArgs, effective_config},
     config::Config,
-    conntable::{ConnTable, Progress, socket_addr},
+    conntable::{ConnTable, socket_addr},
     detect::{Detector, DetectorState},
-    identity::{HeadStats, Identities, load_secret, secret_path},
+    identity::{HeadStats, Identities, Ready, load_secret, secret_path},
     metrics,
     service::{self, notify::Notifier, reload},
     state::{self, SnapshotRef},
@@ -64,7 +64,13 @@ impl Pipeline {
         let AgentState { table, agg, .. } = &mut *s;
         while let Some(item) = ring.next() {
             match decode_closed(&item) {
-                Some(rec) => table.observe(rec.cookie, &rec.stats, agg, now),
+                Some(rec) => {
+                    // The connection's last request is complete with what arrived.
+                    if let Some(r) = self.identities.close(rec.cookie) {
+                        apply_request(table, agg, r, now);
+                    }
+                    table.observe(rec.cookie, &rec.stats, agg, now);
+                }
                 None => warn!("short close record ({} bytes)", item.len()),
             }
         }
@@ -78,6 +84,7 @@ impl Pipeline {
             table, agg, heads, ..
         } = &mut *s;
         let ring = self.requests.get_mut();
+        let mut ready = Vec::new();
         while let Some(item) = ring.next() {
             let Some(ev) = decode_request(&item) else {
                 warn!("short request record ({} bytes)", item.len());
@@ -85,14 +92,12 @@ impl Pipeline {
             };
             drop(item);
             let peer = socket_addr(ev.remote_addr, 0).ip();
-            let head_len = usize::from(ev.head_len).min(ev.head.len());
-            let keys = self.identities.keys(peer, &ev.head[..head_len]);
-            let start = Progress {
-                bytes_in: ev.bytes_in_start,
-                bytes_out: ev.bytes_out_start,
-                events_out: ev.events_out_start,
-            };
-            table.on_request(ev.cookie, peer, start, keys, ev.ts_ns, agg, now);
+            // Heads come in chunks, and may be replaced while TCP has not accepted them: a
+            // request is applied once its head is complete (see `Identities`).
+            self.identities.on_event(&ev, peer, &mut ready);
+            for r in ready.drain(..) {
+                apply_request(table, agg, r, now);
+            }
         }
         *heads = self.identities.stats;
         Ok(())
@@ -106,10 +111,23 @@ impl Pipeline {
         let loss = self.capture.loss_counts();
         let now = Now::system();
         let mut s = lock(&self.state)?;
-        let AgentState { table, agg, .. } = &mut *s;
+        let AgentState {
+            table, agg, heads, ..
+        } = &mut *s;
         for (cookie, stats) in &records {
+            // A head whose bytes TCP has accepted (bytes_in is TCP's own count) can no longer
+            // be replaced: its request is complete.
+            let ready = if stats.closed != 0 {
+                self.identities.close(*cookie)
+            } else {
+                self.identities.settle(*cookie, stats.bytes_in)
+            };
+            if let Some(r) = ready {
+                apply_request(table, agg, r, now);
+            }
             table.observe(*cookie, stats, agg, now);
         }
+        *heads = self.identities.stats;
         table.expire(Instant::now());
         s.loss = loss;
         Ok(())
@@ -189,6 +207,11 @@ impl Pipeline {
         self.config = next;
         Ok(())
     }
+}
+
+/// A request whose head is complete: splits the connection's exchanges at its start.
+fn apply_request(table: &mut ConnTable, agg: &mut Aggregator, r: Ready, now: Now) {
+    table.on_request(r.cookie, r.peer, r.start, r.keys, r.ts_ns, agg, now);
 }
 
 fn ticker(period: Duration) -> tokio::time::Interval {

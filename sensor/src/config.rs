@@ -131,20 +131,34 @@ pub fn default_rules() -> Vec<crate::detect::RuleConfig> {
 pub struct Identity {
     pub head_bytes: u32,
     pub secret_file: PathBuf,
+    /// The backend's credential carriers in order of precedence ("authorization", "basic",
+    /// a header name, "query:NAME"); unset: any common carrier, ambiguous when they disagree.
+    pub credential: Option<Vec<String>>,
     pub trusted_proxies: Vec<String>,
+    /// How many trusted proxies append to the forwarding header before this host: the client
+    /// is that many entries from the right.
+    pub trusted_hops: usize,
+    /// "x-forwarded-for" or "forwarded".
+    pub forwarded_header: String,
     pub names: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Identity {
     fn default() -> Self {
         Self {
-            head_bytes: sensor_common::HEAD_MAX as u32,
+            head_bytes: sensor_common::DEFAULT_HEAD_BYTES,
             secret_file: PathBuf::new(),
+            credential: None,
             trusted_proxies: Vec::new(),
+            trusted_hops: 1,
+            forwarded_header: "x-forwarded-for".into(),
             names: std::collections::BTreeMap::new(),
         }
     }
 }
+
+/// Most trusted proxies in a row `trusted_hops` may name.
+const MAX_TRUSTED_HOPS: usize = 32;
 
 impl Identity {
     /// The trusted proxies as networks (validated at load).
@@ -153,6 +167,76 @@ impl Identity {
             .iter()
             .filter_map(|s| s.parse().ok())
             .collect()
+    }
+
+    /// How credentials are chosen (validated at load).
+    pub fn credential_policy(&self) -> sensor_http::CredentialPolicy {
+        match &self.credential {
+            None => sensor_http::CredentialPolicy::default(),
+            Some(list) => sensor_http::CredentialPolicy {
+                carriers: list.iter().filter_map(|c| c.parse().ok()).collect(),
+                ordered: true,
+            },
+        }
+    }
+
+    /// The forwarding header (validated at load).
+    pub fn forwarded_header(&self) -> sensor_http::ForwardedHeader {
+        if self.forwarded_header.eq_ignore_ascii_case("forwarded") {
+            sensor_http::ForwardedHeader::Forwarded
+        } else {
+            sensor_http::ForwardedHeader::XForwardedFor
+        }
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.head_bytes > sensor_common::HEAD_BYTES_MAX {
+            return Err((
+                "head_bytes",
+                format!(
+                    "{} is more than {}",
+                    self.head_bytes,
+                    sensor_common::HEAD_BYTES_MAX
+                ),
+            ));
+        }
+        if let Some(list) = &self.credential {
+            if list.is_empty() {
+                return Err((
+                    "credential",
+                    "name the backend's carriers (e.g. [\"x-api-key\"]), or leave the key out \
+                     for the default"
+                        .into(),
+                ));
+            }
+            if list.len() > sensor_http::MAX_CARRIERS {
+                return Err((
+                    "credential",
+                    format!("at most {} carriers", sensor_http::MAX_CARRIERS),
+                ));
+            }
+            for c in list {
+                if let Err(e) = c.parse::<sensor_http::Carrier>() {
+                    return Err(("credential", format!("{c:?}: {e}")));
+                }
+            }
+        }
+        for proxy in &self.trusted_proxies {
+            if let Err(e) = proxy.parse::<sensor_http::Cidr>() {
+                return Err(("trusted_proxies", e.to_string()));
+            }
+        }
+        if !(1..=MAX_TRUSTED_HOPS).contains(&self.trusted_hops) {
+            return Err(("trusted_hops", format!("must be 1..={MAX_TRUSTED_HOPS}")));
+        }
+        let header = self.forwarded_header.to_ascii_lowercase();
+        if header != "x-forwarded-for" && header != "forwarded" {
+            return Err((
+                "forwarded_header",
+                "must be \"x-forwarded-for\" or \"forwarded\"".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -438,20 +522,7 @@ impl Config {
             ));
         }
         self.detect.validate().map_err(in_table("detect"))?;
-        let id = &self.identity;
-
-        if id.head_bytes as usize > sensor_common::HEAD_MAX {
-            return Err((
-                "identity",
-                "head_bytes",
-                format!("{} is more than {}", id.head_bytes, sensor_common::HEAD_MAX),
-            ));
-        }
-        for proxy in &id.trusted_proxies {
-            if let Err(e) = proxy.parse::<sensor_http::Cidr>() {
-                return Err(("identity", "trusted_proxies", e.to_string()));
-            }
-        }
+        self.identity.validate().map_err(in_table("identity"))?;
         self.ship.validate().map_err(in_table("ship"))?;
         let m = &self.metrics;
         if !m.listen.is_empty() {

@@ -3,7 +3,7 @@
 //! are never stored, logged or shown: the head is parsed in place and dropped.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io::Read as _,
     net::IpAddr,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
@@ -11,30 +11,76 @@ use std::{
 };
 
 use anyhow::Context as _;
-use sensor_http::{Cidr, IdentityKey, forwarded_client, parse_head};
+use sensor_common::{
+    EVENT_HEAD, HEAD_BYTES_MAX, HEAD_DONE, HEAD_REWIND, HEAD_UNSEEN, RequestEvent,
+};
+use sensor_http::{
+    Cidr, Credential, CredentialPolicy, ForwardedHeader, IdentityKey, forwarded_client, parse_head,
+};
 use serde::Serialize;
 
-use crate::{aggregate::ExchangeKeys, config::Config};
+use crate::{aggregate::ExchangeKeys, config::Config, conntable::Progress};
 
 const SECRET_FILE: &str = "identity.key";
 const SECRET_BYTES: usize = 32;
+
+/// The identity of requests whose credential carriers disagree (see docs/identity.md): one
+/// bucket for all of them, so a client that adds a random credential in a carrier the backend
+/// ignores cannot spread its requests over identities of its choosing.
+pub const AMBIGUOUS: &str = "ambiguous-credential";
 
 /// Counts of request heads the agent parsed, for `/v1/health`.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct HeadStats {
     pub parsed: u64,
-    /// Not a well-formed HTTP/1.x head: rejected and counted, never fatal.
+    /// Not an HTTP/1.x request line: rejected and counted, never fatal.
     pub malformed: u64,
-    /// The copy ended inside the head; fields after the cut were not seen.
+    /// The copy ended inside the head (`head_bytes`), or more field lines than are examined:
+    /// fields after the cut were not seen, and forwarding is not believed.
     pub truncated: u64,
     pub with_credential: u64,
+    /// Credential carriers that disagree: counted under the `ambiguous-credential` identity.
+    pub ambiguous: u64,
     pub forwarded: u64,
+    /// Requests counted from turn-taking whose first bytes passed unseen: no head at all.
+    pub unseen: u64,
+    /// Field lines that were not well-formed, skipped (the rest of the head still counts).
+    pub skipped_fields: u64,
+}
+
+/// A request the agent has a complete view of: apply it to the connection table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub cookie: u64,
+    pub peer: IpAddr,
+    pub start: Progress,
+    pub keys: ExchangeKeys,
+    pub ts_ns: u64,
+}
+
+/// A request whose head is still arriving, or may still be replaced: the kernel sends the
+/// head in chunks, and sends bytes again when TCP dropped the copy it sent first.
+struct Pending {
+    peer: IpAddr,
+    start: Progress,
+    ts_ns: u64,
+    /// Client payload offset of `buf[0]`.
+    head_from: u64,
+    buf: Vec<u8>,
+    /// The kernel sends no more of this head (unless it rewinds).
+    done: bool,
+    /// Counted from turn-taking: no head was seen.
+    unseen: bool,
 }
 
 pub struct Identities {
     key: IdentityKey,
     trusted: Vec<Cidr>,
+    trusted_hops: usize,
+    forwarded_header: ForwardedHeader,
+    policy: CredentialPolicy,
     names: BTreeMap<String, String>,
+    pending: HashMap<u64, Pending>,
     pub stats: HeadStats,
 }
 
@@ -89,18 +135,28 @@ pub fn load_secret(path: &Path, create: bool) -> anyhow::Result<Vec<u8>> {
 
 impl Identities {
     pub fn new(secret: &[u8], config: &Config) -> Self {
-        Self {
+        let mut ids = Self {
             key: IdentityKey::new(secret),
-            trusted: config.identity.trusted(),
-            names: config.identity.names.clone(),
+            trusted: Vec::new(),
+            trusted_hops: 1,
+            forwarded_header: ForwardedHeader::default(),
+            policy: CredentialPolicy::default(),
+            names: BTreeMap::new(),
+            pending: HashMap::new(),
             stats: HeadStats::default(),
-        }
+        };
+        ids.reconfigure(config);
+        ids
     }
 
-    /// Applies reloaded trusted proxies and names (the secret stays).
+    /// Applies reloaded identity settings (the secret stays).
     pub fn reconfigure(&mut self, config: &Config) {
-        self.trusted = config.identity.trusted();
-        self.names = config.identity.names.clone();
+        let id = &config.identity;
+        self.trusted = id.trusted();
+        self.trusted_hops = id.trusted_hops;
+        self.forwarded_header = id.forwarded_header();
+        self.policy = id.credential_policy();
+        self.names = id.names.clone();
     }
 
     /// The identity shown for a credential: its configured name, else its keyed hash.
@@ -109,7 +165,97 @@ impl Identities {
         self.names.get(&id).cloned().unwrap_or(id)
     }
 
-    /// Keys of a request from `peer` whose copied head is `head` (empty for non-HTTP turns).
+    /// Takes one request record from the kernel; pushes to `ready` the requests now complete,
+    /// in order (a new request completes the connection's previous one).
+    pub fn on_event(&mut self, ev: &RequestEvent, peer: IpAddr, ready: &mut Vec<Ready>) {
+        let bytes = ev.head_bytes();
+        if ev.kind == EVENT_HEAD {
+            let Some(p) = self.pending.get_mut(&ev.cookie) else {
+                return;
+            };
+            let at = ev.head_offset.saturating_sub(p.head_from) as usize;
+            if ev.head_offset < p.head_from || at > p.buf.len() {
+                // A gap (lost records): the head stops where it was complete.
+                p.done = true;
+                return;
+            }
+            if ev.flags & HEAD_REWIND != 0 || at < p.buf.len() {
+                // Bytes the kernel sent from a copy TCP did not keep: replaced from here on.
+                p.buf.truncate(at);
+            }
+            let room = (HEAD_BYTES_MAX as usize).saturating_sub(p.buf.len());
+            p.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            p.done |= ev.flags & HEAD_DONE != 0;
+            return;
+        }
+        let start = Progress {
+            bytes_in: ev.bytes_in_start,
+            bytes_out: ev.bytes_out_start,
+            events_out: ev.events_out_start,
+        };
+        if ev.flags & HEAD_REWIND != 0
+            && let Some(p) = self.pending.get_mut(&ev.cookie)
+            && p.start.bytes_in == start.bytes_in
+        {
+            // The same request read again from the copy TCP kept.
+            p.head_from = ev.head_offset;
+            p.buf.clear();
+            p.buf.extend_from_slice(bytes);
+            p.done = ev.flags & HEAD_DONE != 0;
+            return;
+        }
+        ready.extend(self.finish(ev.cookie));
+        let next = Pending {
+            peer,
+            start,
+            ts_ns: ev.ts_ns,
+            head_from: ev.head_offset,
+            buf: bytes.to_vec(),
+            done: ev.flags & HEAD_DONE != 0,
+            unseen: ev.flags & HEAD_UNSEEN != 0,
+        };
+        let complete = next.buf.is_empty() && next.done;
+        self.pending.insert(ev.cookie, next);
+        if complete {
+            // A turn without head bytes (not HTTP, identity off, or unseen): nothing to wait
+            // for.
+            ready.extend(self.finish(ev.cookie));
+        }
+    }
+
+    /// The connection's counters as last read: a head whose bytes TCP has all accepted can no
+    /// longer be replaced, so its request is complete.
+    pub fn settle(&mut self, cookie: u64, bytes_in: u64) -> Option<Ready> {
+        let p = self.pending.get(&cookie)?;
+        if p.done && bytes_in >= p.head_from + p.buf.len() as u64 {
+            return self.finish(cookie);
+        }
+        None
+    }
+
+    /// The connection closed: its last request is complete with what arrived.
+    pub fn close(&mut self, cookie: u64) -> Option<Ready> {
+        self.finish(cookie)
+    }
+
+    fn finish(&mut self, cookie: u64) -> Option<Ready> {
+        let p = self.pending.remove(&cookie)?;
+        let keys = if p.unseen {
+            self.stats.unseen += 1;
+            ExchangeKeys::default()
+        } else {
+            self.keys(p.peer, &p.buf)
+        };
+        Some(Ready {
+            cookie,
+            peer: p.peer,
+            start: p.start,
+            keys,
+            ts_ns: p.ts_ns,
+        })
+    }
+
+    /// Keys of a request from `peer` whose head bytes are `head` (empty for non-HTTP turns).
     pub fn keys(&mut self, peer: IpAddr, head: &[u8]) -> ExchangeKeys {
         if head.is_empty() {
             return ExchangeKeys::default();
@@ -123,18 +269,28 @@ impl Identities {
             }
         };
         self.stats.parsed += 1;
-        if parsed.truncated {
+        self.stats.skipped_fields += u64::from(parsed.skipped_fields);
+        if parsed.truncated || parsed.fields_cut {
             self.stats.truncated += 1;
         }
-        let identity = parsed.credential().map(|c| self.identity_of(c));
-        if identity.is_some() {
-            self.stats.with_credential += 1;
-        }
+        let identity = match parsed.credential(&self.policy) {
+            Credential::None => None,
+            Credential::One(c) => {
+                self.stats.with_credential += 1;
+                Some(self.identity_of(&c))
+            }
+            Credential::Ambiguous => {
+                self.stats.ambiguous += 1;
+                Some(AMBIGUOUS.to_owned())
+            }
+        };
+        let list = parsed.forwarded_list(self.forwarded_header);
         let forwarded = forwarded_client(
             peer,
-            parsed.x_forwarded_for,
-            parsed.forwarded,
+            list.as_deref(),
+            self.forwarded_header,
             &self.trusted,
+            self.trusted_hops,
         );
         if forwarded.is_some() {
             self.stats.forwarded += 1;

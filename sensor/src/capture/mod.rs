@@ -25,9 +25,9 @@ use aya::{
 use log::{info, warn};
 use sensor_common::{
     ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ConnStats,
-    GLOBAL_LIVE_READ, HEAD_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss, MAP_CLOSED, MAP_CONFIG,
-    MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS, PROG_EGRESS,
-    PROG_INGRESS, PROG_ITER, PROG_SOCKOPS, RequestEvent,
+    GLOBAL_LIVE_READ, HEAD_BYTES_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss, MAP_CLOSED,
+    MAP_CONFIG, MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS,
+    PROG_EGRESS, PROG_INGRESS, PROG_ITER, PROG_SOCKOPS, RequestEvent,
 };
 
 use self::sys::BATCH;
@@ -212,7 +212,7 @@ pub struct CaptureSettings {
     pub pin_dir: PathBuf,
     /// Discard pinned state instead of continuing from it.
     pub fresh: bool,
-    /// Bytes of each HTTP/1.x request head copied to the agent (0..=HEAD_MAX; 0 disables).
+    /// Bytes of each HTTP/1.x request head copied to the agent (0..=HEAD_BYTES_MAX; 0 disables).
     pub head_bytes: u32,
     /// Which live-read path to use, or to probe for (`auto`).
     pub live_read: LiveRead,
@@ -223,7 +223,7 @@ fn write_config<T: std::borrow::BorrowMut<MapData>>(
     config: &mut Array<T, u32>,
     settings: &CaptureSettings,
 ) -> Result<(), CaptureError> {
-    let head = settings.head_bytes.min(HEAD_MAX as u32);
+    let head = settings.head_bytes.min(HEAD_BYTES_MAX);
     config
         .set(CONFIG_HEAD_BYTES, head, 0)
         .map_err(map_err(MAP_CONFIG))?;
@@ -1061,8 +1061,8 @@ pub fn decode_closed(bytes: &[u8]) -> Option<ClosedConn> {
     decode(bytes)
 }
 
-/// Decodes a request record: the fixed fields and `head_len` bytes of `head` (the kernel
-/// sends only those); the rest of `head` is zero.
+/// Decodes a request record: the fixed fields and the `head_skip + head_len` bytes of `head`
+/// the kernel sends; the rest of `head` is zero, and `head_len` never reaches past the record.
 pub fn decode_request(bytes: &[u8]) -> Option<RequestEvent> {
     const FIXED: usize = std::mem::offset_of!(RequestEvent, head);
     if bytes.len() < FIXED {
@@ -1074,7 +1074,8 @@ pub fn decode_request(bytes: &[u8]) -> Option<RequestEvent> {
     unsafe {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), std::ptr::from_mut(&mut ev).cast::<u8>(), n);
     }
-    ev.head_len = ev.head_len.min((n - FIXED) as u16);
+    let carried = (n - FIXED).saturating_sub(usize::from(ev.head_skip));
+    ev.head_len = ev.head_len.min(carried as u16);
     Some(ev)
 }
 
