@@ -1011,3 +1011,87 @@ impl Drop for HeldConnections {
         let _ = self.child.wait();
     }
 }
+
+/// What tests/peers/evasion_client.py reports: what a real client socket sent and received.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClientReport {
+    /// The client's port: the sensor's `remote` side.
+    pub local_port: u16,
+    /// Payload bytes the client wrote and read.
+    pub sent: u64,
+    pub received: u64,
+    /// Requests the server answered.
+    pub requests: u64,
+    /// Writes, each its own TCP segment (TCP_NODELAY, one write after the previous one left).
+    pub segments: u64,
+}
+
+/// An adversarial HTTP/1.1 client (tests/peers/evasion_client.py) on one connection: requests
+/// split into segments at chosen bytes, blank lines before requests, segments forged through
+/// a raw socket. With `"hold": true` in the spec the connection stays open until `finish`.
+pub struct EvasionClient {
+    child: Child,
+    pub report: ClientReport,
+}
+
+impl EvasionClient {
+    /// Runs the client until every request of `spec` is answered.
+    pub fn run(spec: &serde_json::Value) -> Self {
+        let mut child = Command::new("python3")
+            .arg(peers().join("evasion_client.py"))
+            .arg(spec.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 evasion client");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("client output");
+        let report = serde_json::from_str(&line).unwrap_or_else(|e| {
+            let _ = child.kill();
+            panic!("evasion client failed ({e}): {line:?}")
+        });
+        Self { child, report }
+    }
+
+    /// Closes the connection (and waits for the client to exit).
+    pub fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().expect("client exit");
+        assert!(status.success(), "evasion client: {status}");
+    }
+}
+
+/// A GET request for `path` with extra header lines (each ending in CRLF).
+pub fn http_get(path: &str, headers: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: sensor-test\r\n{headers}\r\n")
+}
+
+/// Kernel counters of the established server socket whose peer port is `client_port`:
+/// (bytes_received, bytes_acked, segs_in, segs_out), from `ss -ti`.
+pub fn ss_server_counters(
+    server_port: u16,
+    client_port: u16,
+) -> Result<(u64, u64, u64, u64), String> {
+    let out = run_ok(Command::new("ss").args([
+        "-tinH",
+        "state",
+        "established",
+        &format!("( sport = :{server_port} and dport = :{client_port} )"),
+    ]));
+    let field = |name: &str| -> Result<u64, String> {
+        out.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {name} in ss output: {out}"))
+    };
+    Ok((
+        field("bytes_received:")?,
+        field("bytes_acked:")?,
+        field("segs_in:")?,
+        field("segs_out:")?,
+    ))
+}

@@ -533,3 +533,155 @@ fn request_in_the_handshake_completing_packet_is_counted() {
         &sensor_per_connection(&conns),
     );
 }
+
+/// The sensor's open record of the connection from `client_port`, once it equals `want`
+/// (bytes in, bytes out, requests) and the kernel's own count of bytes received (`ss`) equals
+/// the bytes in: ground truth from both ends, while the connection is still open.
+fn wait_open_exact(agent: &Agent, server_port: u16, client_port: u16, want: (u64, u64, u64)) {
+    let remote = format!("127.0.0.1:{client_port}");
+    wait_for(
+        "the open connection to match the client and ss",
+        Duration::from_secs(15),
+        || {
+            let (received, acked, _, _) = ss_server_counters(server_port, client_port)?;
+            let conns = agent.conns();
+            let Some(c) = conns.iter().find(|c| c.remote == remote) else {
+                return Err(format!("no record for {remote}: {conns:?}"));
+            };
+            let seen = (c.bytes_in, c.bytes_out, c.requests);
+            if c.state == "open" && seen == want && (received, acked) == (want.0, want.1) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "want {want:?}, sensor {seen:?} ({}), ss received/acked {received}/{acked}",
+                    c.state
+                ))
+            }
+        },
+    );
+}
+
+/// After the close: the final record equals the client's account, and nginx logged exactly
+/// as many requests on that connection.
+fn assert_closed_exact(agent: &Agent, nginx: &Nginx, client: &ClientReport) {
+    let remote = format!("127.0.0.1:{}", client.local_port);
+    let conns = agent.wait_closed(1, |c| c.remote == remote);
+    let c = &conns[0];
+    assert_eq!(
+        (c.bytes_in, c.bytes_out, c.requests),
+        (client.sent, client.received, client.requests),
+        "closed record vs what the client sent, received and had answered"
+    );
+    let logged = wait_for(
+        "nginx to log every request",
+        Duration::from_secs(10),
+        || {
+            let n = nginx
+                .records()
+                .iter()
+                .filter(|r| r.remote == remote)
+                .count() as u64;
+            if n == client.requests {
+                Ok(n)
+            } else {
+                Err(format!("{n} logged of {}", client.requests))
+            }
+        },
+    );
+    assert_eq!(c.requests, logged, "requests vs nginx's access log");
+}
+
+/// Requests a client splits into segments at any byte (a method's first one to three bytes in
+/// segments of their own, TCP_NODELAY), or precedes with blank lines (RFC 9112 2.2: nginx
+/// skips them), each count once: the sensor's requests equal nginx's log, and bytes equal what
+/// the client sent and received and what the kernel's TCP says it received (`ss`).
+#[test]
+fn requests_split_at_any_byte_or_after_blank_lines_are_counted() {
+    if !privileged("requests_split_at_any_byte_or_after_blank_lines_are_counted") {
+        return;
+    }
+    let cg = Cgroup::new("split");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let small = format!("/{}", SMALL.0);
+    let get = http_get(&small, "");
+    let rest = |r: &str, n: usize| r[n..].to_owned();
+    // A first request whole: the connection is HTTP from its first bytes (a split first
+    // request is the identity test's case).
+    let mut requests = vec![serde_json::json!({"pieces": [get.clone()]})];
+    for round in 0..2 {
+        let put =
+            format!("PUT /upload/split{round} HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n");
+        requests.extend([
+            serde_json::json!({"pieces": ["G", rest(&get, 1)]}),
+            serde_json::json!({"pieces": ["\r\n", get.clone()]}),
+            serde_json::json!({"pieces": ["\r\nG", "E", rest(&get, 2)]}),
+            serde_json::json!({"pieces": ["PU", rest(&put, 2), "hello"]}),
+            serde_json::json!({"pieces": [format!("\r\n\r\n\n{}", http_get(&format!("/{}", BIG.0), ""))]}),
+            serde_json::json!({"pieces": [&get[..20], &get[20..]]}),
+        ]);
+    }
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "127.0.0.1", "port": port, "hold": true, "requests": requests,
+    }));
+    let report = client.report.clone();
+    assert_eq!(report.requests, 13);
+    assert_eq!(report.segments, 27, "every piece was its own write");
+    wait_open_exact(
+        &agent,
+        port,
+        report.local_port,
+        (report.sent, report.received, report.requests),
+    );
+    let (_, _, segs_in, _) = ss_server_counters(port, report.local_port).expect("ss");
+    assert!(
+        segs_in >= report.segments,
+        "the server received the pieces as separate segments ({segs_in} segments in)"
+    );
+    client.finish();
+    assert_closed_exact(&agent, &nginx, &report);
+}
+
+/// Segments forged on the connection's 4-tuple from a raw socket, which TCP drops, count for
+/// nothing and hide nothing: one far beyond the receive window (ISN + 2^30, which would have
+/// inflated bytes in by a GiB and suppressed every later count), and in-window ones whose ACK
+/// acknowledges data never sent, one carrying junk and one a fake request, each just before a
+/// real request at the same sequence numbers. Counts equal the client's, nginx's and `ss`'s.
+#[test]
+fn forged_segments_tcp_drops_count_nothing_and_hide_nothing() {
+    if !privileged("forged_segments_tcp_drops_count_nothing_and_hide_nothing") {
+        return;
+    }
+    let cg = Cgroup::new("forged");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let small = format!("/{}", SMALL.0);
+    let get = http_get(&small, "");
+    let fake = format!("{}{}", http_get("/forged", ""), "x".repeat(1000));
+    let put = "PUT /upload/forged HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello";
+    let requests = serde_json::json!([
+        {"pieces": [get]},
+        {"forge": {"seq_offset": 1u64 << 30, "ack_offset": 0, "payload": fake}, "pieces": [get]},
+        {"pieces": [get]},
+        {"forge": {"seq_offset": 0, "ack_offset": 1 << 20, "payload": "XXXX not a request"},
+         "pieces": [get]},
+        {"forge": {"seq_offset": 0, "ack_offset": 1 << 20, "payload": fake}, "pieces": [put]},
+        {"forge": {"seq_offset": 0, "ack_offset": 1 << 20, "payload": "G"}, "pieces": ["\r\n", get]},
+        {"pieces": [get]},
+    ]);
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "127.0.0.1", "port": port, "hold": true, "requests": requests,
+    }));
+    let report = client.report.clone();
+    assert_eq!(report.requests, 7);
+    wait_open_exact(
+        &agent,
+        port,
+        report.local_port,
+        (report.sent, report.received, report.requests),
+    );
+    client.finish();
+    assert_closed_exact(&agent, &nginx, &report);
+}
