@@ -212,3 +212,274 @@ fn identities_behind_a_proxy_are_exact_and_keys_never_leak() {
         );
     }
 }
+
+/// (requests, bytes_in, bytes_out) per client key, from what real client sockets sent.
+type ClientTruth3 = BTreeMap<String, (u64, u64, u64)>;
+
+fn rows3(agent: &Agent, by: &str) -> ClientTruth3 {
+    rows_by(agent, by)
+        .into_iter()
+        .map(|(k, (r, i, o, _))| (k, (r, i, o)))
+        .collect()
+}
+
+/// Runs one adversarial client connection to completion; adds its totals under `key`.
+fn run_client(truth: &mut ClientTruth3, key: &str, port: u16, requests: serde_json::Value) {
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "127.0.0.1", "port": port, "requests": requests,
+    }));
+    let r = client.report.clone();
+    client.finish();
+    let e = truth.entry(key.to_owned()).or_default();
+    e.0 += r.requests;
+    e.1 += r.sent;
+    e.2 += r.received;
+}
+
+fn agent_with_identity(cg: &Cgroup, port: u16, tmp: &TempDir, identity: &str) -> Agent {
+    let config = tmp.path.join("sensor.toml");
+    std::fs::write(&config, format!("[identity]\n{identity}")).expect("config");
+    Agent::start_with(
+        cg,
+        &[port],
+        200,
+        &["--config", config.to_str().expect("utf-8")],
+    )
+}
+
+fn wait_rows(agent: &Agent, by: &str, truth: &ClientTruth3) {
+    wait_for(
+        &format!("per-{by} counts equal to the clients'"),
+        Duration::from_secs(20),
+        || {
+            let seen = rows3(agent, by);
+            if &seen == truth {
+                Ok(())
+            } else {
+                Err(format!("truth {truth:?}\nseen  {seen:?}"))
+            }
+        },
+    );
+}
+
+/// A client cannot shake off its identity: a first segment of one byte, blank lines before
+/// the request line, 70 header lines or 8 KiB of padding before the credential (sent whole
+/// and in 1 KiB segments), the key in `x-goog-api-key`, `?key=` (percent-encoded) or HTTP
+/// Basic, and a segment forged with another key that TCP drops. A client that adds a random
+/// Bearer to its real `x-api-key` lands in one `ambiguous-credential` bucket under the default
+/// policy instead of a new identity per request. Per-identity counts equal what the clients
+/// sent and received; no raw key appears anywhere.
+#[test]
+fn identity_survives_segmentation_padding_and_other_carriers() {
+    if !privileged("identity_survives_segmentation_padding_and_other_carriers") {
+        return;
+    }
+    let cg = Cgroup::new("idevasion");
+    let port = free_port();
+    let tmp = TempDir::new("idevasion");
+    let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = agent_with_identity(&cg, port, &tmp, "trusted_proxies = [\"127.0.0.1\"]\n");
+    let id_args = ["--state-dir".as_ref(), agent.state_dir.as_os_str()];
+    let id_of = |key: &str| identity_of(&id_args, key);
+    let salt = std::process::id();
+    let key = |name: &str| format!("sk-{name}-{salt}-5e1d");
+    let small = format!("/{}", SMALL.0);
+    let mut truth = ClientTruth3::new();
+
+    let alpha = key("alpha");
+    let auth = format!("Authorization: Bearer {alpha}\r\n");
+    let plain = http_get(&small, &auth);
+    let fill: String = (0..70).map(|i| format!("X-Fill-{i}: v\r\n")).collect();
+    let pad: String = (0..8)
+        .map(|i| format!("X-Pad-{i}: {}\r\n", "p".repeat(1000)))
+        .collect();
+    let padded = http_get(&small, &format!("{pad}{auth}"));
+    let pieces: Vec<String> = padded
+        .as_bytes()
+        .chunks(1024)
+        .map(|c| String::from_utf8(c.to_vec()).expect("ascii"))
+        .collect();
+    run_client(
+        &mut truth,
+        &id_of(&alpha),
+        port,
+        serde_json::json!([
+            {"pieces": ["G", &plain[1..]]},
+            {"pieces": [http_get(&small, &format!("{fill}{auth}"))]},
+            {"pieces": [padded]},
+            {"pieces": pieces},
+            {"pieces": ["\r\n", plain.clone()]},
+        ]),
+    );
+    let beta = key("beta");
+    let req = http_get(&small, &format!("X-Goog-Api-Key: {beta}\r\n"));
+    run_client(
+        &mut truth,
+        &id_of(&beta),
+        port,
+        serde_json::json!([{"pieces": [req]}, {"pieces": [req]}]),
+    );
+    let gamma = key("gamma");
+    let req = http_get(
+        &format!("{small}?alt=json&key={}", gamma.replacen('g', "%67", 1)),
+        "",
+    );
+    run_client(
+        &mut truth,
+        &id_of(&gamma),
+        port,
+        serde_json::json!([{"pieces": [req]}, {"pieces": [req]}]),
+    );
+    let delta = format!("{}:pw", key("delta"));
+    let basic = base64(delta.as_bytes());
+    let req = http_get(&small, &format!("Authorization: Basic {basic}\r\n"));
+    run_client(
+        &mut truth,
+        &id_of(&delta),
+        port,
+        serde_json::json!([{"pieces": [req]}, {"pieces": [req]}]),
+    );
+    let epsilon = key("epsilon");
+    let requests: Vec<serde_json::Value> = (0..3)
+        .map(|i| {
+            serde_json::json!({"pieces": [http_get(
+                &small,
+                &format!("x-api-key: {epsilon}\r\nAuthorization: Bearer random-{salt}-{i}\r\n"),
+            )]})
+        })
+        .collect();
+    run_client(&mut truth, "ambiguous-credential", port, requests.into());
+    let pi = key("pi");
+    let forged = http_get(
+        &small,
+        &format!("Authorization: Bearer {}\r\n", key("forged")),
+    );
+    run_client(
+        &mut truth,
+        &id_of(&pi),
+        port,
+        serde_json::json!([
+            {"forge": {"seq_offset": 0, "ack_offset": 1 << 20, "payload": forged},
+             "pieces": [http_get(&small, &format!("Authorization: Bearer {pi}\r\n"))]},
+        ]),
+    );
+
+    wait_rows(&agent, "identity", &truth);
+    let heads = &agent.health()["heads"];
+    assert_eq!(heads["ambiguous"], 3, "{heads}");
+    assert_eq!(heads["malformed"], 0, "{heads}");
+    assert_eq!(heads["truncated"], 0, "{heads}");
+    assert_eq!(heads["unseen"], 0, "{heads}");
+    assert!(!rows3(&agent, "identity").contains_key(&id_of(&key("forged"))));
+
+    let mut haystack = agent.log();
+    haystack.push_str(&serde_json::to_string(&agent.clients("identity")).expect("json"));
+    haystack.push_str(&agent.health().to_string());
+    for k in [&alpha, &beta, &gamma, &delta, &epsilon, &pi] {
+        assert!(!haystack.contains(k.as_str()), "raw key {k} leaked");
+    }
+}
+
+/// With the backend's carrier configured (`credential = ["x-api-key"]`), a random Bearer the
+/// client adds changes nothing. The forwarded client is the configured hop from the right of
+/// all X-Forwarded-For lines joined in order (a proxy that appends its own line after the
+/// client's), and never comes from a head cut by `head_bytes`: a client that pads its request
+/// past the copy, so that only the line it wrote itself is seen, gets no forwarded address.
+#[test]
+fn configured_carrier_and_trusted_hop_cannot_be_chosen_by_the_client() {
+    if !privileged("configured_carrier_and_trusted_hop_cannot_be_chosen_by_the_client") {
+        return;
+    }
+    let cg = Cgroup::new("idconfig");
+    let port = free_port();
+    let tmp = TempDir::new("idconfig");
+    let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = agent_with_identity(
+        &cg,
+        port,
+        &tmp,
+        "head_bytes = 4096\ncredential = [\"x-api-key\"]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+         trusted_hops = 1\n",
+    );
+    let id_args = ["--state-dir".as_ref(), agent.state_dir.as_os_str()];
+    let id_of = |key: &str| identity_of(&id_args, key);
+    let salt = std::process::id();
+    let small = format!("/{}", SMALL.0);
+    let mut by_identity = ClientTruth3::new();
+    let mut by_forwarded = ClientTruth3::new();
+
+    let real = format!("sk-real-{salt}-77aa");
+    let requests: Vec<serde_json::Value> = (0..3)
+        .map(|i| {
+            serde_json::json!({"pieces": [http_get(
+                &small,
+                &format!("Authorization: Bearer random-{salt}-{i}\r\nx-api-key: {real}\r\n"),
+            )]})
+        })
+        .collect();
+    run_client(&mut by_identity, &id_of(&real), port, requests.into());
+
+    // Padded past head_bytes: only the client's own line is within the copy.
+    let padded_key = format!("sk-padded-{salt}-77ab");
+    let pad: String = (0..6)
+        .map(|i| format!("X-Pad-{i}: {}\r\n", "p".repeat(1000)))
+        .collect();
+    let padded = http_get(
+        &small,
+        &format!(
+            "x-api-key: {padded_key}\r\nX-Forwarded-For: 6.6.6.6\r\n{pad}X-Forwarded-For: 203.0.113.7\r\n"
+        ),
+    );
+    run_client(
+        &mut by_identity,
+        &id_of(&padded_key),
+        port,
+        serde_json::json!([{"pieces": [padded]}, {"pieces": [padded]}]),
+    );
+    // Within the copy: the appended line is the last hop.
+    let hop_key = format!("sk-hop-{salt}-77ac");
+    let req = http_get(
+        &small,
+        &format!(
+            "X-Forwarded-For: 6.6.6.6\r\nx-api-key: {hop_key}\r\nX-Forwarded-For: 203.0.113.8\r\n"
+        ),
+    );
+    let mut hop = ClientTruth3::new();
+    run_client(
+        &mut hop,
+        "203.0.113.8",
+        port,
+        serde_json::json!([{"pieces": [req]}, {"pieces": [req]}]),
+    );
+    by_identity.insert(id_of(&hop_key), hop["203.0.113.8"]);
+    by_forwarded.extend(hop);
+
+    wait_rows(&agent, "identity", &by_identity);
+    wait_rows(&agent, "forwarded", &by_forwarded);
+    let heads = &agent.health()["heads"];
+    assert_eq!(heads["truncated"], 2, "{heads}");
+    assert_eq!(heads["ambiguous"], 0, "{heads}");
+    assert_eq!(heads["forwarded"], 2, "{heads}");
+}
+
+/// Standard base64 with padding (the test's own, to build HTTP Basic credentials).
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
