@@ -301,7 +301,7 @@ const _: () = assert!(core::mem::size_of::<ConnStats>() == 120 + 88);
 const _: () = assert!(core::mem::align_of::<ConnStats>() == 8);
 const _: () = assert!(core::mem::size_of::<ClosedConn>() == 8 + 120 + 88);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 72 + HEAD_EVENT_MAX);
-const _: () = assert!(HEAD_EVENT_MAX % 8 == 0 && HEAD_CHUNK.is_power_of_two());
+const _: () = assert!(HEAD_EVENT_MAX.is_multiple_of(8) && HEAD_CHUNK.is_power_of_two());
 const _: () = assert!(METHOD_MAX.is_power_of_two() && METHOD_MAX <= 255);
 
 #[cfg(feature = "user")]

@@ -134,11 +134,8 @@ pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
     let start = rest;
     let mut cursor = rest;
     let mut lines = 0;
-    loop {
-        let Some((line, after)) = next_line(cursor) else {
-            // The buffer was cut inside the head: keep what was complete.
-            break;
-        };
+    // Without a complete next line the buffer was cut inside the head: what was complete stays.
+    while let Some((line, after)) = next_line(cursor) {
         if line.is_empty() {
             head.truncated = false;
             break;
@@ -208,7 +205,7 @@ impl<'a> RequestHead<'a> {
         let mut seen: Vec<Seen<'a>> = policy.carriers.iter().map(|_| Seen::None).collect();
         for (name, value) in self.fields() {
             for (carrier, seen) in policy.carriers.iter().zip(seen.iter_mut()) {
-                if let Some(v) = carrier.from_field(name, value) {
+                if let Some(v) = carrier.carried_in(name, value) {
                     seen.add(v);
                 }
             }
@@ -351,7 +348,7 @@ impl fmt::Display for Carrier {
 
 impl Carrier {
     /// The credential this field line carries for this carrier, if any.
-    fn from_field<'a>(&self, name: &[u8], value: &'a [u8]) -> Option<Cow<'a, [u8]>> {
+    fn carried_in<'a>(&self, name: &[u8], value: &'a [u8]) -> Option<Cow<'a, [u8]>> {
         match self {
             Carrier::Bearer | Carrier::Basic if name.eq_ignore_ascii_case(b"authorization") => {
                 let (scheme, rest) = split_scheme(value)?;
