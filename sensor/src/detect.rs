@@ -11,8 +11,8 @@ use sensor_http::Cidr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::{Aggregator, ClientStats, Counts, Now, Window},
-    keys::By,
+    model::aggregate::{Aggregator, ClientStats, Counts, Now, Window},
+    model::keys::By,
 };
 
 pub const TECHNIQUE_ID: &str = "AML.T0024.002";
@@ -808,7 +808,7 @@ impl Detector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::{Delta, ExchangeKeys};
+    use crate::model::aggregate::{Delta, ExchangeKeys};
 
     fn rule(text: &str) -> Rule {
         Rule::from_config(&toml::from_str::<RuleConfig>(text).expect("rule toml")).expect("rule")

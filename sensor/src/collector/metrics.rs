@@ -5,8 +5,8 @@
 use std::sync::atomic::Ordering;
 
 use crate::{
-    metrics::{Kind, NO_LABELS, family},
-    outputs::OutputStats,
+    agent::metrics::{Kind, NO_LABELS, family},
+    sinks::OutputStats,
 };
 
 use super::{counters::Counters, shared::Fleet};

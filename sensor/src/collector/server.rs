@@ -25,9 +25,9 @@ use super::{
     shared::Shared,
 };
 use crate::{
-    aggregate::Now,
-    outputs::http::{read_certs, read_key},
-    report::{Query, client_rows},
+    model::aggregate::Now,
+    model::report::{Query, client_rows},
+    sinks::http::{read_certs, read_key},
 };
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -297,7 +297,7 @@ fn read(shared: &Shared, path: &str, query: &str) -> Reply {
         }
         "/v1/alerts" => shared.with_fleet(|f| serde_json::to_string(&f.state.alerts(&f.detector))),
         "/metrics" => {
-            let outputs = crate::outputs::health();
+            let outputs = crate::sinks::health();
             return match shared
                 .with_fleet(|f| super::metrics::render(&shared.counters, f, &outputs))
             {

@@ -6,10 +6,7 @@
 //! `\` and `|`; attribute values cannot carry the delimiter, so tabs and line breaks in them
 //! become spaces. `devTime` is in epoch milliseconds (`devTimeFormat` is not needed for it).
 
-use super::{
-    cef,
-    record::{Format, Record},
-};
+use super::{Format, Record, cef};
 
 pub struct Leef;
 
@@ -94,7 +91,7 @@ impl Format for Leef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outputs::tests::record;
+    use crate::sinks::tests::record;
 
     #[test]
     fn alert_as_leef() {

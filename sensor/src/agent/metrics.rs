@@ -32,8 +32,8 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::{ClientStats, ClientTable},
-    api::{AgentState, SharedState},
+    agent::api::{AgentState, SharedState},
+    model::aggregate::{ClientStats, ClientTable},
 };
 
 /// The exposition format served.
@@ -724,8 +724,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        aggregate::{Aggregator, Counts, Delta, Now},
-        conntable::ConnTable,
+        model::aggregate::{Aggregator, Counts, Delta, Now},
+        model::conntable::ConnTable,
     };
 
     fn state(max_clients: usize) -> AgentState {

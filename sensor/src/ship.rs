@@ -1,5 +1,5 @@
 //! The agent -> collector wire format: batches of alert events and per-client summaries, as
-//! the agent's sink (`outputs::ship`) sends them and the collector receives them. Its own
+//! the agent's sink (`sinks::ship`) sends them and the collector receives them. Its own
 //! module so the sending and the receiving side both import it downward.
 //!
 //! Exactly once: every record carries its position in the agent's stream (`seq`, from the
@@ -19,9 +19,9 @@ use std::{collections::BTreeMap, io::Write as _};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::{Aggregator, Counts},
     detect::{self, Alert, AlertEvent},
-    keys::By,
+    model::aggregate::{Aggregator, Counts},
+    model::keys::By,
 };
 
 /// Version of the batch format; the collector refuses others.
@@ -199,7 +199,7 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize) -> Option<Summary> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::{Delta, Now};
+    use crate::model::aggregate::{Delta, Now};
 
     fn bytes(n: u64) -> Delta {
         Delta {

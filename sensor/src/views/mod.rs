@@ -1,16 +1,18 @@
 //! One-shot views that read the agent's local API.
 
+pub mod top;
+
 use std::fmt::Write as _;
 
 use crate::{
-    aggregate::Window,
-    api,
+    agent::api,
+    agent::identity::{Identities, load_secret, secret_path},
     cli::{AlertsArgs, ClientsArgs, ConnsArgs, IdentityArgs},
     config::Config,
-    conntable::ConnRow,
-    identity::{Identities, load_secret, secret_path},
-    keys::By,
-    report::{ClientRow, Query},
+    model::aggregate::Window,
+    model::conntable::ConnRow,
+    model::keys::By,
+    model::report::{ClientRow, Query},
     stdout::{outln, print_out},
 };
 
@@ -71,7 +73,7 @@ pub fn human_bytes(n: u64) -> String {
 pub enum Source {
     Agent(std::path::PathBuf),
     Collector {
-        client: crate::outputs::http::Client,
+        client: crate::sinks::http::Client,
         token: String,
         label: String,
     },
@@ -86,15 +88,15 @@ impl Source {
             .token_file
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("--collector needs --token-file (a reader token)"))?;
-        let token = crate::outputs::http::read_secret(token_file, "collector reader token")?;
+        let token = crate::sinks::http::read_secret(token_file, "collector reader token")?;
         let identity = match (&remote.client_cert, &remote.client_key) {
-            (Some(cert_file), Some(key_file)) => Some(crate::outputs::http::ClientIdentity {
+            (Some(cert_file), Some(key_file)) => Some(crate::sinks::http::ClientIdentity {
                 cert_file,
                 key_file,
             }),
             _ => None,
         };
-        let client = crate::outputs::http::Client::with_identity(
+        let client = crate::sinks::http::Client::with_identity(
             url,
             remote.ca_file.as_deref(),
             None,

@@ -8,10 +8,7 @@
 
 use serde_json::{Value, json};
 
-use super::{
-    cef,
-    record::{Format, Record},
-};
+use super::{Format, Record, cef};
 
 pub const OCSF_VERSION: &str = "1.5.0";
 pub const CLASS_UID: u32 = 2004;
@@ -158,7 +155,7 @@ impl Format for Ocsf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outputs::tests::record;
+    use crate::sinks::tests::record;
 
     #[test]
     fn detection_finding_fields() {
@@ -182,7 +179,7 @@ mod tests {
         assert_eq!(f["metadata"]["uid"], r.id);
         assert_eq!(f["evidences"][0]["src_endpoint"]["ip"], "10.1.2.3");
         r.event = "resolve".into();
-        r.alert.resolved_at = Some(crate::outputs::rfc3339_ms(1_800_000_100_000));
+        r.alert.resolved_at = Some(crate::sinks::rfc3339_ms(1_800_000_100_000));
         let f = finding(&r);
         assert_eq!(
             (f["activity_id"].clone(), f["type_uid"].clone()),

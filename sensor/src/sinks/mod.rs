@@ -13,17 +13,12 @@
 //! - Every event carries an idempotent id (alert id, event, the alert's update count), the
 //!   same at every output and on every retry, so a deduplicating receiver never counts twice.
 
-pub mod cef;
 pub mod config;
 pub mod delivery;
-pub mod ecs;
 pub mod error;
 pub mod file;
 pub mod hec;
 pub mod http;
-pub mod leef;
-pub mod ocsf;
-pub mod record;
 pub mod ship;
 pub mod spool;
 pub mod syslog;
@@ -41,10 +36,10 @@ use tokio::sync::mpsc;
 use crate::detect::AlertEvent;
 
 // What the rest of the crate uses, by the names it had when all of it was in this file.
+pub use crate::formats::{Format, Record, rfc3339_ms};
 pub use config::{OutputConfig, locate, validate};
 use delivery::update;
 pub use delivery::{OutputStats, SharedStats, worker};
-pub use record::{Format, Record, rfc3339_ms};
 
 // --- the running outputs ------------------------------------------------------------------
 
@@ -65,7 +60,7 @@ struct Running {
 /// Shipping to a collector (`[ship]`, see `ship`): alerts and summaries.
 struct Shipping {
     agent: String,
-    tx: mpsc::Sender<crate::wire::ShipRecord>,
+    tx: mpsc::Sender<crate::ship::ShipRecord>,
     stats: SharedStats,
 }
 
@@ -117,9 +112,9 @@ impl Outputs {
             }
             "ecs-file" | "ocsf-file" => {
                 let format: Box<dyn Format> = if c.kind == "ecs-file" {
-                    Box::new(ecs::Ecs)
+                    Box::new(crate::formats::ecs::Ecs)
                 } else {
-                    Box::new(ocsf::Ocsf)
+                    Box::new(crate::formats::ocsf::Ocsf)
                 };
                 let out = file::FileOutput::new(c, format)?;
                 set_target(&stats, out.target());
@@ -188,7 +183,7 @@ impl Outputs {
         for e in events {
             self.queue(&Record::new(e));
             if let Some(ship) = &self.ship {
-                ship_one(ship, crate::wire::ShipRecord::alert(&ship.agent, e));
+                ship_one(ship, crate::ship::ShipRecord::alert(&ship.agent, e));
             }
         }
     }
@@ -211,9 +206,9 @@ impl Outputs {
     }
 
     /// Queues a per-client summary for the collector (when shipping is on).
-    pub fn ship_summary(&self, summary: crate::wire::Summary) {
+    pub fn ship_summary(&self, summary: crate::ship::Summary) {
         if let Some(ship) = &self.ship {
-            ship_one(ship, crate::wire::ShipRecord::summary(&ship.agent, summary));
+            ship_one(ship, crate::ship::ShipRecord::summary(&ship.agent, summary));
         }
     }
 
@@ -248,7 +243,7 @@ impl Outputs {
     }
 }
 
-fn ship_one(ship: &Shipping, rec: crate::wire::ShipRecord) {
+fn ship_one(ship: &Shipping, rec: crate::ship::ShipRecord) {
     if let Err(err) = ship.tx.try_send(rec) {
         update(&ship.stats, |s| s.dropped += 1);
         warn!("collector: record not queued: {err}");

@@ -6,8 +6,8 @@ use std::{cmp::Ordering, collections::BTreeMap};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::{Aggregator, ClientStats, Counts, Now, Window},
-    keys::By,
+    model::aggregate::{Aggregator, ClientStats, Counts, Now, Window},
+    model::keys::By,
 };
 
 /// Counters of one sliding window.
@@ -302,7 +302,7 @@ pub fn client_rows(agg: &Aggregator, q: &Query, now: Now) -> Vec<ClientRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Delta;
+    use crate::model::aggregate::Delta;
 
     #[test]
     fn query_round_trip_and_errors() {

@@ -15,8 +15,8 @@ use super::{
     config::OutputConfig,
     delivery::{Delivery, Output},
     error::OutputError,
-    record::{Format, Record},
 };
+use crate::formats::{Format, Record};
 
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_KEEP_FILES: usize = 5;

@@ -1,5 +1,10 @@
 //! The events outputs deliver, and the [`Format`]s that render them.
 
+pub mod cef;
+pub mod ecs;
+pub mod leef;
+pub mod ocsf;
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};

@@ -6,7 +6,7 @@
 //! (`\n`, `\r`). One space follows the seventh `|`: CEF parsers trim it, and liblognorm's
 //! (rsyslog mmnormalize, lognormalizer) would otherwise lose the first key's first character.
 
-use super::record::{Format, Record};
+use crate::formats::{Format, Record};
 
 pub const VENDOR: &str = "sensor";
 pub const PRODUCT: &str = "sensor";
@@ -142,7 +142,7 @@ impl Format for Cef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outputs::tests::record;
+    use crate::sinks::tests::record;
 
     /// Splits a CEF line back into header fields and extension pairs, honouring escapes.
     pub fn parse(line: &str) -> (Vec<String>, Vec<(String, String)>) {

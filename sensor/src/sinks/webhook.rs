@@ -16,8 +16,8 @@ use super::{
     delivery::{Delivery, Output},
     error::OutputError,
     http,
-    record::{Format as _, JsonFormat, Record},
 };
+use crate::formats::{Format as _, JsonFormat, Record};
 
 pub const SIGNATURE_HEADER: &str = "X-Sensor-Signature";
 

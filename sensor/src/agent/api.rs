@@ -21,9 +21,9 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::{Aggregator, Now},
-    conntable::ConnTable,
-    report::{Query, client_rows},
+    model::aggregate::{Aggregator, Now},
+    model::conntable::ConnTable,
+    model::report::{Query, client_rows},
 };
 
 const MAX_REQUEST_HEAD: usize = 8192;
@@ -44,7 +44,7 @@ pub struct AgentState {
     pub live_read: &'static str,
     pub live_read_reason: String,
     /// Request heads parsed for identity.
-    pub heads: crate::identity::HeadStats,
+    pub heads: crate::agent::identity::HeadStats,
     pub detector: crate::detect::Detector,
     /// Start (unix s) of the last summary period shipped to the collector.
     pub shipped_through: u64,
@@ -61,7 +61,7 @@ struct Health<'a> {
     continued_from_pinned_state: bool,
     live_read: &'static str,
     live_read_reason: &'a str,
-    heads: crate::identity::HeadStats,
+    heads: crate::agent::identity::HeadStats,
     detect: crate::detect::DetectCounters,
     open_alerts: usize,
     /// The agent's clock (unix ms), sped up by `time_scale` in evaluations.
@@ -72,7 +72,7 @@ struct Health<'a> {
     loss: std::collections::BTreeMap<&'static str, u64>,
     clients: ClientsHealth,
     /// Per SIEM output: sent, retried, spooled, pending, dropped, last error.
-    outputs: Vec<crate::outputs::OutputStats>,
+    outputs: Vec<crate::sinks::OutputStats>,
 }
 
 /// How much of the per-client state is exact, and what was folded away.
@@ -204,7 +204,7 @@ pub fn route_request(
                     .filter(|a| a.state == "open")
                     .count(),
                 clock_ms: Now::system().unix_ms,
-                time_scale: crate::aggregate::Now::scale(),
+                time_scale: crate::model::aggregate::Now::scale(),
                 live_connections: state.table.live_count(),
                 closed_connections_total: state.table.closed_total,
                 loss: state.loss.iter().copied().collect(),
@@ -221,7 +221,7 @@ pub fn route_request(
                     total_bytes_out: a.grand_total().bytes_out,
                     total_requests: a.grand_total().requests,
                 },
-                outputs: crate::outputs::health(),
+                outputs: crate::sinks::health(),
             }))
         }
         _ => Err((404, "no such endpoint".into())),

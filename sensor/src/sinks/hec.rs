@@ -19,8 +19,8 @@ use super::{
     delivery::{Delivery, Output},
     error::OutputError,
     http,
-    record::Record,
 };
+use crate::formats::Record;
 
 pub const DEFAULT_SOURCETYPE: &str = "sensor:alert";
 pub const DEFAULT_SOURCE: &str = "sensor";
@@ -189,7 +189,7 @@ impl Output for HecOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outputs::tests::record;
+    use crate::sinks::tests::record;
 
     #[test]
     fn envelopes_concatenate() {

@@ -19,7 +19,7 @@ use super::{
     http::{self, ClientIdentity},
     spool::Spooled,
 };
-use crate::wire::{
+use crate::ship::{
     Batch, EncodeError, MAX_CLIENTS_PER_SUMMARY, ShipRecord, WIRE_VERSION, encode, valid_name,
 };
 
@@ -274,8 +274,8 @@ impl Output for ShipOutput {
 mod tests {
     use super::*;
     use crate::{
-        aggregate::{Aggregator, Counts, Delta, Now},
-        wire::summarize,
+        model::aggregate::{Aggregator, Counts, Delta, Now},
+        ship::summarize,
     };
 
     fn bytes(n: u64) -> Delta {
@@ -307,13 +307,13 @@ mod tests {
         };
         let spool_dir = dir.join("spool");
         let spool =
-            crate::outputs::spool::Spool::<ShipRecord>::open(&spool_dir, 4096).expect("spool");
+            crate::sinks::spool::Spool::<ShipRecord>::open(&spool_dir, 4096).expect("spool");
         let out =
             ShipOutput::new(&c, "host-a", stream_id(&spool_dir).expect("stream")).expect("output");
         let stats =
-            std::sync::Arc::new(std::sync::Mutex::new(crate::outputs::OutputStats::default()));
+            std::sync::Arc::new(std::sync::Mutex::new(crate::sinks::OutputStats::default()));
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let task = tokio::spawn(crate::outputs::worker(
+        let task = tokio::spawn(crate::sinks::worker(
             out,
             spool,
             rx,
@@ -355,7 +355,7 @@ mod tests {
         drop(tx);
         let _ = task.await;
         let reopened =
-            crate::outputs::spool::Spool::<ShipRecord>::open(&spool_dir, 4096).expect("reopen");
+            crate::sinks::spool::Spool::<ShipRecord>::open(&spool_dir, 4096).expect("reopen");
         assert_eq!(reopened.len() as u64, s.pending);
         let kept = reopened.peek(usize::MAX);
         assert_eq!(kept.last().map(|r| r.seq), Some(n));

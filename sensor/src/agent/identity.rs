@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use sensor_http::{Cidr, IdentityKey, forwarded_client, parse_head};
 use serde::Serialize;
 
-use crate::{aggregate::ExchangeKeys, config::Config};
+use crate::{config::Config, model::aggregate::ExchangeKeys};
 
 const SECRET_FILE: &str = "identity.key";
 const SECRET_BYTES: usize = 32;

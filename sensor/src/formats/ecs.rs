@@ -7,10 +7,7 @@
 
 use serde_json::{Value, json};
 
-use super::{
-    cef,
-    record::{Format, Record},
-};
+use super::{Format, Record, cef};
 
 pub const ECS_VERSION: &str = "8.11.0";
 
@@ -111,7 +108,7 @@ impl Format for Ecs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outputs::tests::record;
+    use crate::sinks::tests::record;
 
     #[test]
     fn ecs_fields() {

@@ -22,7 +22,8 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::{error::OutputError, record::Record};
+use super::error::OutputError;
+use crate::formats::Record;
 
 /// What a spool holds: records that carry their position in the stream.
 pub trait Spooled: Serialize + DeserializeOwned + Clone + Send + 'static {
@@ -315,7 +316,7 @@ impl<T: Spooled> Spool<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outputs::tests::record;
+    use crate::sinks::tests::record;
 
     fn temp(name: &str) -> PathBuf {
         let dir =

@@ -25,14 +25,12 @@ use tokio::{
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{
-    cef::Cef,
     config::OutputConfig,
     delivery::{Delivery, Output},
     error::OutputError,
     http,
-    leef::Leef,
-    record::{Format, JsonFormat, Record},
 };
+use crate::formats::{Format, JsonFormat, Record, cef::Cef, leef::Leef};
 
 pub const DEFAULT_SD_ID: &str = "alert@32473";
 pub const DEFAULT_APP_NAME: &str = "sensor";
@@ -340,8 +338,8 @@ impl Output for SyslogOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outputs::config::valid_sd_name;
-    use crate::outputs::tests::record;
+    use crate::sinks::config::valid_sd_name;
+    use crate::sinks::tests::record;
 
     fn renderer(msg: Box<dyn Format>) -> Rfc5424 {
         Rfc5424 {

@@ -701,8 +701,8 @@ impl Aggregator {
     }
 
     /// The table of one key kind.
-    pub fn table(&self, by: crate::keys::By) -> &ClientTable {
-        use crate::keys::By;
+    pub fn table(&self, by: crate::model::keys::By) -> &ClientTable {
+        use crate::model::keys::By;
         match by {
             By::Address => &self.addresses,
             By::Group => &self.groups,
@@ -711,8 +711,8 @@ impl Aggregator {
         }
     }
 
-    pub fn table_mut(&mut self, by: crate::keys::By) -> &mut ClientTable {
-        use crate::keys::By;
+    pub fn table_mut(&mut self, by: crate::model::keys::By) -> &mut ClientTable {
+        use crate::model::keys::By;
         match by {
             By::Address => &mut self.addresses,
             By::Group => &mut self.groups,

@@ -4,6 +4,10 @@
 //! is on disk, and every observation is applied as a delta against what was accounted, so a
 //! kill -9 at any moment loses nothing the kernel counted.
 
+pub mod api;
+pub mod identity;
+pub mod metrics;
+
 use std::{
     collections::HashSet,
     sync::{Arc, Mutex},
@@ -18,19 +22,19 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use api::{AgentState, SharedState};
+use identity::{HeadStats, Identities, load_secret, secret_path};
+
 use crate::{
-    aggregate::{Aggregator, Now},
     alerting::{alerts_path, detect_settings, hostname, record_alerts},
-    api::{self, AgentState, SharedState},
-    capture::{Capture, CaptureSettings, decode_closed, decode_request},
     cli::{RunArgs, effective_config},
     config::Config,
-    conntable::{ConnTable, Progress, socket_addr},
     detect::{Detector, DetectorState},
-    identity::{HeadStats, Identities, load_secret, secret_path},
-    metrics,
+    kernel::{Capture, CaptureSettings, decode_closed, decode_request},
+    model::aggregate::{Aggregator, Now},
+    model::conntable::{ConnTable, Progress, socket_addr},
+    model::state::{self, SnapshotRef},
     service::{self, notify::Notifier, reload},
-    state::{self, SnapshotRef},
 };
 
 /// How long the agent lets ring buffer records gather after a wakeup before it drains them.
@@ -217,14 +221,14 @@ fn ship_name(config: &Config) -> String {
 
 /// Summaries of the periods completed since the last one shipped (at most the last minute:
 /// older periods are no longer held at 10-second resolution).
-fn due_summaries(s: &mut AgentState, top: usize, now: Now) -> Vec<crate::wire::Summary> {
-    use crate::wire::PERIOD_SECS;
+fn due_summaries(s: &mut AgentState, top: usize, now: Now) -> Vec<crate::ship::Summary> {
+    use crate::ship::PERIOD_SECS;
     let current = now.secs() / PERIOD_SECS * PERIOD_SECS;
     let first = (s.shipped_through + PERIOD_SECS).max(current.saturating_sub(5 * PERIOD_SECS));
     let mut out = Vec::new();
     let mut start = first;
     while start < current {
-        out.extend(crate::wire::summarize(&s.agg, start, top));
+        out.extend(crate::ship::summarize(&s.agg, start, top));
         start += PERIOD_SECS;
     }
     s.shipped_through = s.shipped_through.max(current.saturating_sub(PERIOD_SECS));
@@ -249,7 +253,7 @@ impl Drop for DetachUntilRunning {
                 "start failed: detaching and unpinning what this start attached ({})",
                 dir.display()
             );
-            crate::capture::remove_instance(&dir);
+            crate::kernel::remove_instance(&dir);
             if let Some(pin_dir) = pin_dir {
                 let _ = std::fs::remove_dir(pin_dir);
             }
@@ -269,9 +273,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("cannot start the metrics listener")?,
         )
     };
-    // SIEM outputs, each a task of its own behind a bounded queue (see outputs/mod.rs); a
+    // SIEM outputs, each a task of its own behind a bounded queue (see sinks/mod.rs); a
     // missing token file or CA file fails here, before the kernel is touched.
-    let mut outputs = crate::outputs::Outputs::start(&config.outputs, &config.state.dir)
+    let mut outputs = crate::sinks::Outputs::start(&config.outputs, &config.state.dir)
         .context("cannot start the outputs")?;
     if config.ship.enabled() {
         let name = ship_name(&config);

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::aggregate::{Aggregator, Counts, Delta, ExchangeKeys, Now};
+use crate::model::aggregate::{Aggregator, Counts, Delta, ExchangeKeys, Now};
 
 use sensor_common::{ConnStats, PROTO_HTTP1, PROTO_OTHER};
 use serde::{Deserialize, Serialize};

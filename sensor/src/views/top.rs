@@ -26,10 +26,10 @@ use ratatui::{
 };
 
 use crate::{
-    aggregate::Window,
     cli::TopArgs,
-    keys::By,
-    report::{ClientRow, Query},
+    model::aggregate::Window,
+    model::keys::By,
+    model::report::{ClientRow, Query},
     views::human_bytes,
 };
 
@@ -621,7 +621,7 @@ mod tests {
     use ratatui::{Terminal, backend::TestBackend};
 
     use super::*;
-    use crate::report::WindowCounts;
+    use crate::model::report::WindowCounts;
 
     fn key(c: char) -> KeyEvent {
         KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE)

@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::{aggregate::Aggregator, conntable::ConnState};
+use crate::{model::aggregate::Aggregator, model::conntable::ConnState};
 
 /// Bumped when the snapshot format changes incompatibly.
 pub const SNAPSHOT_VERSION: u32 = 2;
