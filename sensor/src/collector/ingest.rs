@@ -259,7 +259,6 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     || !valid_text(&alert.rule_id, 128)
                     || !valid_text(&alert.key, MAX_KEY_LEN)
                     || crate::model::keys::By::parse(&alert.key_kind).is_none()
-                    || alert.evidence.len() > 256
                     || alert.conditions.len() > 64
                 {
                     return bad(format!(
@@ -376,7 +375,7 @@ mod tests {
                     ..ShipRecord::alert(
                         "host-a",
                         &crate::detect::AlertEvent {
-                            event: "open",
+                            event: crate::detect::EventKind::Open,
                             alert: crate::sinks::tests::alert("address", "10.1.2.3"),
                         },
                     )

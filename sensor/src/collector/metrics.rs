@@ -127,7 +127,7 @@ pub fn render(counters: &Counters, fleet: &Fleet, outputs: &[OutputStats]) -> St
         .state
         .alerts
         .values()
-        .filter(|a| a.state == "open")
+        .filter(|a| a.is_open())
         .count();
     family(
         &mut out,
