@@ -27,9 +27,11 @@ const LIMITS: Limits = Limits {
     header_timeout: IO_TIMEOUT,
     max_head: 8192,
     keep_alive: false,
-    deadline: Some(Duration::from_secs(15)),
+    deadline: Some(EXCHANGE_TIMEOUT),
 };
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// One exchange, both sides: the server drops a connection after it, the CLI gives up.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connections served at once (the socket is root-only; this only bounds a runaway script).
 const MAX_CONNECTIONS: usize = 64;
 
@@ -204,7 +206,7 @@ pub fn get(socket: &Path, path: &str) -> anyhow::Result<String> {
         .build()
         .context("starting the client runtime")?;
     runtime.block_on(async {
-        tokio::time::timeout(IO_TIMEOUT, fetch(socket, path))
+        tokio::time::timeout(EXCHANGE_TIMEOUT, fetch(socket, path))
             .await
             .with_context(|| format!("the agent at {} did not answer in time", socket.display()))?
     })
