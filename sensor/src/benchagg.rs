@@ -15,8 +15,8 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    aggregate::{Aggregator, Counts, Delta, Now},
     cli::BenchAggregateArgs,
+    model::aggregate::{Aggregator, Counts, Delta, Now},
 };
 
 /// Synthetic clients are numbered into 127.0.0.0/8 (16M addresses): never sent to, only keys.

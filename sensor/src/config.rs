@@ -48,10 +48,10 @@ pub struct Config {
     pub detect: Detect,
     /// Shipping to a collector (`[ship]`), off by default: see docs/collector.md.
     #[serde(default)]
-    pub ship: crate::outputs::ship::ShipConfig,
+    pub ship: crate::sinks::ship::ShipConfig,
     /// SIEM outputs (`[[outputs]]`), none by default: see docs/outputs.md.
     #[serde(default)]
-    pub outputs: Vec<crate::outputs::OutputConfig>,
+    pub outputs: Vec<crate::sinks::OutputConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -423,7 +423,7 @@ pub(crate) fn check(
     text: &str,
     file: &str,
     validated: Result<(), Invalid>,
-    outputs: &[crate::outputs::OutputConfig],
+    outputs: &[crate::sinks::OutputConfig],
 ) -> Result<(), ConfigError> {
     validated.map_err(|(table, key, message)| ConfigError {
         file: file.to_owned(),
@@ -431,9 +431,9 @@ pub(crate) fn check(
         key: Some(key.to_owned()),
         message,
     })?;
-    crate::outputs::validate(outputs).map_err(|e| ConfigError {
+    crate::sinks::validate(outputs).map_err(|e| ConfigError {
         file: file.to_owned(),
-        line: crate::outputs::locate(text, e.index, e.key),
+        line: crate::sinks::locate(text, e.index, e.key),
         key: Some(e.key.to_owned()),
         message: e.to_string(),
     })
@@ -652,7 +652,7 @@ mod tests {
         assert_eq!(embedded.metrics, Metrics::default());
         assert_eq!(embedded.identity, Identity::default());
         assert_eq!(embedded.detect, Detect::default());
-        assert_eq!(embedded.ship, crate::outputs::ship::ShipConfig::default());
+        assert_eq!(embedded.ship, crate::sinks::ship::ShipConfig::default());
         assert!(
             embedded.detect.rules.len() >= 8,
             "the default rules are embedded"

@@ -1,48 +1,50 @@
 //! `sensor`: the agent, the collector and the command-line views, as a library; the `sensor`
 //! binary (`main.rs`) only parses the command line and dispatches here.
 //!
-//! Modules import only downward, in this order (each may use those listed before it):
+//! The modules are the architecture (docs/architecture.md draws them and the data's path). Each
+//! imports only modules listed before it:
 //!
-//! 1. `keys`, `stdout`: key kinds; standard output for one-shot commands.
-//! 2. `aggregate`: per-client counters in bounded memory.
-//! 3. `conntable`, `detect`, `report`: connections, the rule engine, rows as views show them.
-//! 4. `state`, `wire`: saved state; the agent -> collector wire format.
-//! 5. `outputs`: SIEM outputs and the agent's shipping sink.
-//! 6. `config`: the agent's configuration (with the outputs' and the sink's sections).
-//! 7. `alerting`, `capture`, `cli`, `identity`: detection setup and the alert log, the kernel
-//!    programs, every command's arguments, API-key identities.
-//! 8. `api`, `benchagg`: the local API; the aggregation benchmark.
-//! 9. `metrics`, `service`, `views`: Prometheus, the systemd service, the one-shot views.
-//! 10. `agent`, `collector`, `top`: `sensor run`, `sensor collector`, `sensor top`.
+//! 1. `stdout`: standard output for one-shot commands (quiet on a closed pipe).
+//! 2. `model`: keys, per-client counters in bounded memory, the connection table, rows as views
+//!    show them, saved state.
+//! 3. `detect`: the rule engine, alert state, baselines.
+//! 4. `ship`: the agent -> collector wire format, shared by the agent's sink and the collector.
+//! 5. `formats`: the alert event model and its SIEM renderings (CEF, LEEF, ECS, OCSF).
+//! 6. `net`: the HTTP stack (hyper): server plumbing and the Prometheus exposition.
+//! 7. `sinks`: delivery of events (syslog, HEC, file, webhook, the collector) with spool and retry.
+//! 8. `config`: the agent's configuration (with the sinks' and shipping sections).
+//! 9. `alerting`, `kernel`, `cli`: detection setup and the alert log; the kernel programs (one
+//!    bpf syscall chokepoint, probing, decoding); every command's arguments.
+//! 10. `benchagg`: the aggregation benchmark (hidden command).
+//! 11. `agent`: `sensor run` (capture loop, state, identities, the local API, Prometheus).
+//! 12. `service`, `views`: the systemd service and its checks; the one-shot views and `top`.
+//! 13. `collector`: `sensor collector`, the fleet tier.
 
-mod keys;
 mod stdout;
 
-mod aggregate;
+mod model;
 
-mod conntable;
 mod detect;
-mod report;
 
-mod state;
-mod wire;
+mod ship;
 
-mod outputs;
+mod formats;
+
+mod net;
+
+mod sinks;
 
 mod config;
 
 mod alerting;
-mod capture;
 pub mod cli;
-mod identity;
+mod kernel;
 
-mod api;
 pub mod benchagg;
 
-mod metrics;
+pub mod agent;
+
 pub mod service;
 pub mod views;
 
-pub mod agent;
 pub mod collector;
-pub mod top;

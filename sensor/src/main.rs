@@ -1,7 +1,7 @@
 //! `sensor`: parses the command line and dispatches to the library.
 
 use clap::Parser as _;
-use sensor::{agent, benchagg, cli, collector, service, top, views};
+use sensor::{agent, benchagg, cli, collector, service, views, views::top};
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

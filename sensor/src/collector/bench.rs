@@ -15,10 +15,10 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    aggregate::{Counts, Now},
     cli::BenchCollectorArgs,
-    outputs::http::{self, Client},
-    wire::{Batch, ClientDelta, PERIOD_SECS, ShipRecord, Summary, WIRE_VERSION, encode},
+    model::aggregate::{Counts, Now},
+    ship::{Batch, ClientDelta, PERIOD_SECS, ShipRecord, Summary, WIRE_VERSION, encode},
+    sinks::http::{self, Client},
 };
 
 struct Sent {

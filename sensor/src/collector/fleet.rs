@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::{Aggregator, Now},
     detect::{Alert, AlertEvent, Detector, DetectorState},
-    keys::By,
-    outputs::Record,
-    wire::{Batch, PERIOD_SECS, Payload, ShipRecord, Summary},
+    model::aggregate::{Aggregator, Now},
+    model::keys::By,
+    ship::{Batch, PERIOD_SECS, Payload, ShipRecord, Summary},
+    sinks::Record,
 };
 
 /// An agent's summary older than this no longer tells which connections are open.
@@ -181,8 +181,8 @@ impl FleetState {
         let mut v = detector.list();
         v.extend(self.agent_alerts.values().cloned());
         v.sort_by(|a, b| {
-            (b.state == "open")
-                .cmp(&(a.state == "open"))
+            b.is_open()
+                .cmp(&a.is_open())
                 .then(b.last_seen_ms.cmp(&a.last_seen_ms))
         });
         v
@@ -217,8 +217,8 @@ fn merge_summary(agg: &mut Aggregator, s: &Summary, now: Now) {
 mod tests {
     use super::*;
     use crate::{
-        aggregate::{Counts, Window},
-        wire::{ClientDelta, WIRE_VERSION},
+        model::aggregate::{Counts, Window},
+        ship::{ClientDelta, WIRE_VERSION},
     };
 
     fn summary(agent: &str, seq: u64, start_s: u64, key: &str, requests: u64) -> ShipRecord {

@@ -6,7 +6,7 @@ use std::{io::Read as _, net::IpAddr, path::Path};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::wire::{
+use crate::ship::{
     Batch, MAX_CLIENTS_PER_SUMMARY, MAX_KEY_LEN, MAX_RECORDS_PER_BATCH, PERIOD_SECS, Payload,
     WIRE_VERSION, valid_name,
 };
@@ -258,8 +258,7 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                 if !valid_text(&alert.id, 512)
                     || !valid_text(&alert.rule_id, 128)
                     || !valid_text(&alert.key, MAX_KEY_LEN)
-                    || crate::keys::By::parse(&alert.key_kind).is_none()
-                    || alert.evidence.len() > 256
+                    || crate::model::keys::By::parse(&alert.key_kind).is_none()
                     || alert.conditions.len() > 64
                 {
                     return bad(format!(
@@ -289,13 +288,13 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     )));
                 }
                 for kind in s.rest.keys() {
-                    if crate::keys::By::parse(kind).is_none() {
+                    if crate::model::keys::By::parse(kind).is_none() {
                         return bad(format!("{}: unknown key kind `{kind}`", at("summary.rest")));
                     }
                 }
                 for (j, c) in s.clients.iter().enumerate() {
                     let at = |f: &str| format!("records[{i}].summary.clients[{j}].{f}");
-                    let Some(by) = crate::keys::By::parse(&c.by) else {
+                    let Some(by) = crate::model::keys::By::parse(&c.by) else {
                         return bad(format!("{}: unknown key kind `{}`", at("by"), c.by));
                     };
                     if !valid_text(&c.key, MAX_KEY_LEN) {
@@ -304,8 +303,10 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                             at("key")
                         ));
                     }
-                    let must_be_ip =
-                        matches!(by, crate::keys::By::Address | crate::keys::By::Forwarded);
+                    let must_be_ip = matches!(
+                        by,
+                        crate::model::keys::By::Address | crate::model::keys::By::Forwarded
+                    );
                     if must_be_ip && c.key.parse::<IpAddr>().is_err() {
                         return bad(format!("{}: `{}` is not an IP address", at("key"), c.key));
                     }
@@ -332,8 +333,8 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
 mod tests {
     use super::*;
     use crate::{
-        aggregate::Counts,
-        wire::{ClientDelta, ShipRecord, Summary, encode},
+        model::aggregate::Counts,
+        ship::{ClientDelta, ShipRecord, Summary, encode},
     };
 
     const NOW: u64 = 1_800_000_100;
@@ -374,8 +375,8 @@ mod tests {
                     ..ShipRecord::alert(
                         "host-a",
                         &crate::detect::AlertEvent {
-                            event: "open",
-                            alert: crate::outputs::tests::alert("address", "10.1.2.3"),
+                            event: crate::detect::EventKind::Open,
+                            alert: crate::sinks::tests::alert("address", "10.1.2.3"),
                         },
                     )
                 },
@@ -479,7 +480,7 @@ mod tests {
 
     #[test]
     fn tokens_by_role_hashed_and_checked() {
-        let hashed = crate::outputs::http::hex(&sha256(b"reader-token-0123456789"));
+        let hashed = crate::sinks::http::hex(&sha256(b"reader-token-0123456789"));
         let text =
             format!("# comment\nagent host-a agent-token-0123456789\nreader soc sha256:{hashed}\n");
         let t = Tokens::parse(&text, "tokens").expect("parse");

@@ -29,11 +29,11 @@ use log::{info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    aggregate::Now,
     cli::CollectorArgs,
     detect::{Detector, DetectorState},
-    outputs::Outputs,
-    wire::Batch,
+    model::aggregate::Now,
+    ship::Batch,
+    sinks::Outputs,
 };
 use config::CollectorConfig;
 use fleet::FleetState;
@@ -55,7 +55,7 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
 fn restore(
     dir: &Path,
     c: &CollectorConfig,
-) -> anyhow::Result<(FleetState, DetectorState, Vec<crate::outputs::Record>)> {
+) -> anyhow::Result<(FleetState, DetectorState, Vec<crate::sinks::Record>)> {
     let mut forward = Vec::new();
     let mut state = FleetState::default();
     let mut detector = DetectorState::default();

@@ -18,10 +18,10 @@ use super::{
     ingest::Tokens,
 };
 use crate::{
-    aggregate::Now,
     detect::{Detector, DetectorState},
-    outputs::Outputs,
-    wire::Batch,
+    model::aggregate::Now,
+    ship::Batch,
+    sinks::Outputs,
 };
 
 pub(super) const SNAPSHOT_VERSION: u32 = 1;
@@ -94,8 +94,8 @@ impl Shared {
                     "seq": rec.seq,
                     "id": rec.id,
                     "kind": match rec.payload {
-                        crate::wire::Payload::Alert { .. } => "alert",
-                        crate::wire::Payload::Summary(_) => "summary",
+                        crate::ship::Payload::Alert { .. } => "alert",
+                        crate::ship::Payload::Summary(_) => "summary",
                     },
                 });
                 lines.push_str(&line.to_string());
@@ -129,8 +129,8 @@ impl Shared {
                 .iter()
                 .map(|(name, a)| AgentView {
                     name,
-                    last_batch: crate::outputs::rfc3339_ms(a.last_batch_ms),
-                    last_summary_start: crate::outputs::rfc3339_ms(a.last_summary_s * 1000),
+                    last_batch: crate::sinks::rfc3339_ms(a.last_batch_ms),
+                    last_summary_start: crate::sinks::rfc3339_ms(a.last_summary_s * 1000),
                     streams: a.streams.len(),
                     records: a.records,
                     summaries: a.summaries,
@@ -158,7 +158,7 @@ impl Shared {
                     "total_bytes_out": agg.addresses.grand_total().bytes_out,
                 },
                 "detect": f.detector.state.counters,
-                "outputs": crate::outputs::health(),
+                "outputs": crate::sinks::health(),
             }))
         })
     }
@@ -173,7 +173,7 @@ impl Shared {
             detector: &fleet.detector.state,
         })
         .context("encoding the collector snapshot")?;
-        crate::state::save(dir, &encoded)?;
+        crate::model::state::save(dir, &encoded)?;
         let path = fleet.journal_path.clone();
         fleet
             .journal

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 
-use crate::{capture::probe, cli::DoctorArgs, config::Config};
+use crate::{cli::DoctorArgs, config::Config, kernel::probe};
 
 /// Exit status when the agent cannot run here (sysexits.h EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: i32 = 69;

@@ -408,7 +408,7 @@ fn remove_pins(pin_dir: &Path) {
             "removing pinned state {} (detaches its programs)",
             entry.path().display()
         );
-        crate::capture::remove_instance(&entry.path());
+        crate::kernel::remove_instance(&entry.path());
     }
     if fs::remove_dir(pin_dir).is_ok() {
         noteln!("removed {}", pin_dir.display());

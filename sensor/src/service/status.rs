@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use crate::{
-    api,
+    agent::api,
     cli::StatusArgs,
     stdout::{outln, print_out},
 };

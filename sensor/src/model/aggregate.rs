@@ -1,0 +1,1062 @@
+//! Per-client aggregation: connection deltas -> per-address and per-group totals, sliding
+//! windows, concurrency, and request timing, in bounded memory.
+//!
+//! Memory bound: each table keeps at most `max_clients` entries (plus a 10% batch slack). When it
+//! overflows, the lightest idle entries (no open connection; by bytes in + out) are folded into
+//! a counted remainder, then, only if that is not enough, the lightest active ones. A client
+//! that is never among those keeps exact counters; the heaviest clients, the ones that matter
+//! for extraction, are therefore exact.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    ops::AddAssign,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Counters kept per client, in totals and in each window bucket. Zero fields are left out of
+/// snapshots (most window buckets are mostly zero).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requests: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_in: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_out: u64,
+    /// Connections opened.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub connections: u64,
+    /// Server-sent events in streamed replies.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub events_out: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl AddAssign for Counts {
+    fn add_assign(&mut self, o: Self) {
+        self.requests += o.requests;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.connections += o.connections;
+        self.events_out += o.events_out;
+    }
+}
+
+impl Counts {
+    pub fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Takes `o` back out (a correction), never below zero.
+    pub fn saturating_sub(&mut self, o: Self) {
+        self.requests = self.requests.saturating_sub(o.requests);
+        self.bytes_in = self.bytes_in.saturating_sub(o.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_sub(o.bytes_out);
+        self.connections = self.connections.saturating_sub(o.connections);
+        self.events_out = self.events_out.saturating_sub(o.events_out);
+    }
+}
+
+/// The sliding windows a view can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    OneMinute,
+    TenMinutes,
+    OneHour,
+}
+
+impl Window {
+    pub const ALL: [Window; 3] = [Window::OneMinute, Window::TenMinutes, Window::OneHour];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Window::OneMinute => "1m",
+            Window::TenMinutes => "10m",
+            Window::OneHour => "1h",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.name() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Bucket {
+    /// Which period (unix seconds / period length) the counts belong to.
+    epoch: u64,
+    counts: Counts,
+}
+
+const TEN_SECONDS: usize = 6;
+const MINUTES: usize = 60;
+
+/// Sliding windows: the last minute at 10-second resolution, the last 10 minutes and hour at
+/// one-minute resolution. Each includes the current, partly elapsed, bucket.
+///
+/// Only buckets that hold something are stored (at most 6 and 60), oldest first: most
+/// clients are active in a few periods of the hour, and a full ring of 66 buckets per client
+/// (2640 bytes) dominated the agent's memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Windows {
+    tens: Vec<Bucket>,
+    minutes: Vec<Bucket>,
+}
+
+/// Adds to the bucket of `epoch` in `ring` (newest last), dropping buckets `span` or more
+/// periods old. Grows one bucket at a time: the few buckets most clients hold stay exact.
+fn add_to(ring: &mut Vec<Bucket>, epoch: u64, span: usize, c: Counts) {
+    if let Some(last) = ring.last_mut()
+        && last.epoch == epoch
+    {
+        last.counts += c;
+        return;
+    }
+    // Time may step back (clock adjustments): add to an existing bucket of that period.
+    if let Some(b) = ring.iter_mut().find(|b| b.epoch == epoch) {
+        b.counts += c;
+        return;
+    }
+    ring.retain(|b| b.epoch + span as u64 > epoch && b.epoch <= epoch + span as u64);
+    // Snapshots of the earlier fixed rings list buckets in slot order.
+    if !ring.is_sorted_by_key(|b| b.epoch) {
+        ring.sort_unstable_by_key(|b| b.epoch);
+    }
+    while ring.len() >= span {
+        // Only reachable after a clock step: keep the newest.
+        ring.remove(0);
+    }
+    if ring.len() == ring.capacity() {
+        ring.reserve_exact(1);
+    }
+    let at = ring.partition_point(|b| b.epoch < epoch);
+    ring.insert(at, Bucket { epoch, counts: c });
+}
+
+fn sum_recent(ring: &[Bucket], epoch: u64, span: u64) -> Counts {
+    let mut total = Counts::default();
+    for b in ring {
+        if b.epoch <= epoch && b.epoch + span > epoch {
+            total += b.counts;
+        }
+    }
+    total
+}
+
+impl Windows {
+    pub fn add(&mut self, now_s: u64, c: Counts) {
+        add_to(&mut self.tens, now_s / 10, TEN_SECONDS, c);
+        add_to(&mut self.minutes, now_s / 60, MINUTES, c);
+    }
+
+    /// Adds counts that happened at `at_s`, observed at `now_s` (the collector merging a
+    /// late summary): only into the rings whose span still covers `at_s`, so that a period
+    /// delivered after an outage lands in its own bucket and never pushes newer ones out.
+    pub fn add_late(&mut self, now_s: u64, at_s: u64, c: Counts) {
+        let at_s = at_s.min(now_s);
+        if at_s / 10 + TEN_SECONDS as u64 > now_s / 10 {
+            add_to(&mut self.tens, at_s / 10, TEN_SECONDS, c);
+        }
+        if at_s / 60 + MINUTES as u64 > now_s / 60 {
+            add_to(&mut self.minutes, at_s / 60, MINUTES, c);
+        }
+    }
+
+    /// Takes `c` back out of the current buckets (a correction of something just added).
+    pub fn retract(&mut self, now_s: u64, c: Counts) {
+        for (ring, epoch) in [
+            (&mut self.tens, now_s / 10),
+            (&mut self.minutes, now_s / 60),
+        ] {
+            if let Some(slot) = ring.iter_mut().find(|b| b.epoch == epoch) {
+                slot.counts.saturating_sub(c);
+            }
+        }
+    }
+
+    /// Counts of the 10-second period `epoch` (unix seconds / 10), if still held.
+    pub fn ten_seconds(&self, epoch: u64) -> Counts {
+        self.tens
+            .iter()
+            .find(|b| b.epoch == epoch)
+            .map_or_else(Counts::default, |b| b.counts)
+    }
+
+    /// Counts of the minute `minutes_ago` complete minutes before the current one (0 = the
+    /// last complete minute).
+    pub fn minute(&self, now_s: u64, minutes_ago: u64) -> Counts {
+        let epoch = (now_s / 60).saturating_sub(minutes_ago + 1);
+        self.minutes
+            .iter()
+            .find(|b| b.epoch == epoch)
+            .map_or_else(Counts::default, |b| b.counts)
+    }
+
+    pub fn get(&self, now_s: u64, w: Window) -> Counts {
+        match w {
+            Window::OneMinute => sum_recent(&self.tens, now_s / 10, TEN_SECONDS as u64),
+            Window::TenMinutes => sum_recent(&self.minutes, now_s / 60, 10),
+            Window::OneHour => sum_recent(&self.minutes, now_s / 60, MINUTES as u64),
+        }
+    }
+}
+
+/// Running mean and variance of the gaps between consecutive requests (Welford).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Gaps {
+    pub n: u64,
+    pub mean_ns: f64,
+    m2: f64,
+    /// CLOCK_BOOTTIME of the latest request; 0 when unknown (e.g. after a reboot).
+    pub last_request_ns: u64,
+}
+
+impl Gaps {
+    pub fn request(&mut self, ts_ns: u64) {
+        if self.last_request_ns != 0 && ts_ns >= self.last_request_ns {
+            let gap = (ts_ns - self.last_request_ns) as f64;
+            self.n += 1;
+            let d = gap - self.mean_ns;
+            self.mean_ns += d / self.n as f64;
+            self.m2 += d * (gap - self.mean_ns);
+        }
+        self.last_request_ns = self.last_request_ns.max(ts_ns);
+    }
+
+    /// Coefficient of variation (stddev / mean) of the gaps; None before two gaps.
+    pub fn cv(&self) -> Option<f64> {
+        (self.n >= 2 && self.mean_ns > 0.0)
+            .then(|| (self.m2 / (self.n - 1) as f64).sqrt() / self.mean_ns)
+    }
+
+    pub fn mean_ms(&self) -> Option<f64> {
+        (self.n >= 1).then(|| self.mean_ns / 1e6)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientStats {
+    /// Unix milliseconds.
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    pub totals: Counts,
+    pub open_connections: u64,
+    pub peak_open_connections: u64,
+    /// Distinct seconds in which the agent observed traffic from the client (poll resolution).
+    pub active_seconds: u64,
+    last_active_s: u64,
+    pub windows: Windows,
+    pub gaps: Gaps,
+    /// The most recent API identity seen from this client (for address and forwarded rows).
+    #[serde(default)]
+    pub last_identity: Option<String>,
+    /// The most recent forwarded client address (for address and identity rows).
+    #[serde(default)]
+    pub last_forwarded: Option<IpAddr>,
+    /// Distinct client addresses this key was used from (identity rows), up to
+    /// `MAX_SEEN_FROM`; `seen_from_more` says when there were more.
+    #[serde(default)]
+    pub seen_from: BTreeSet<IpAddr>,
+    #[serde(default)]
+    pub seen_from_more: bool,
+}
+
+/// Distinct source addresses remembered per identity.
+pub const MAX_SEEN_FROM: usize = 1024;
+
+impl ClientStats {
+    fn note_source(&mut self, ip: IpAddr) {
+        if self.seen_from.len() < MAX_SEEN_FROM {
+            self.seen_from.insert(ip);
+        } else if !self.seen_from.contains(&ip) {
+            self.seen_from_more = true;
+        }
+    }
+
+    /// Eviction order: idle before active, then light before heavy.
+    fn weight(&self) -> (bool, u64) {
+        (
+            self.open_connections > 0,
+            self.totals.bytes_in + self.totals.bytes_out,
+        )
+    }
+}
+
+/// What was folded away to keep memory bounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Folded {
+    /// Entries folded (a client folded twice counts twice).
+    pub clients: u64,
+    /// Their counters at the time they were folded.
+    pub totals: Counts,
+}
+
+/// Clients by key. foldhash instead of SipHash: several lookups per request event and per
+/// polled connection; its per-process random seed keeps keys chosen by clients from
+/// colliding on purpose. Values are boxed: a table of a million clients has two million slots,
+/// and a slot of a boxed value is 32 bytes instead of ~260.
+pub type ClientMap = HashMap<String, Box<ClientStats>, foldhash::fast::RandomState>;
+
+/// One table of clients (by address, or by address group), bounded.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClientTable {
+    pub clients: ClientMap,
+    pub folded: Folded,
+    #[serde(skip)]
+    max: usize,
+}
+
+/// A change to one connection's counters, as observed by the agent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Delta {
+    pub counts: Counts,
+    /// First observation of the connection.
+    pub opened: bool,
+    /// Final observation of the connection.
+    pub closed: bool,
+}
+
+static CLOCK_SCALE: AtomicU64 = AtomicU64::new(1);
+static CLOCK_ORIGIN_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Wall-clock time of an observation.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// Wall-clock time, sped up by the clock scale (1 outside evaluations and demos).
+    pub fn system() -> Self {
+        let real = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let scale = CLOCK_SCALE.load(Ordering::Relaxed);
+        let origin = CLOCK_ORIGIN_MS.load(Ordering::Relaxed);
+        if scale <= 1 || origin == 0 {
+            return Self { unix_ms: real };
+        }
+        Self {
+            unix_ms: origin + real.saturating_sub(origin) * scale,
+        }
+    }
+
+    pub fn scale() -> u64 {
+        CLOCK_SCALE.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Speeds the agent's clock up `scale` times from now on, so that windows, sustained-rate
+    /// rules and baselines of an evaluation run take minutes instead of hours.
+    pub fn set_scale(scale: u64) {
+        let real = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        CLOCK_ORIGIN_MS.store(real, Ordering::Relaxed);
+        CLOCK_SCALE.store(scale.max(1), Ordering::Relaxed);
+    }
+
+    pub fn secs(self) -> u64 {
+        self.unix_ms / 1000
+    }
+}
+
+impl ClientTable {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            ..Default::default()
+        }
+    }
+
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max.max(1);
+    }
+
+    fn entry(&mut self, key: &str, now: Now) -> &mut ClientStats {
+        if !self.clients.contains_key(key) {
+            self.clients.insert(
+                key.to_owned(),
+                Box::new(ClientStats {
+                    first_seen_ms: now.unix_ms,
+                    last_seen_ms: now.unix_ms,
+                    ..Default::default()
+                }),
+            );
+        }
+        // Present: inserted just above if it was missing.
+        self.clients
+            .get_mut(key)
+            .unwrap_or_else(|| unreachable!("entry inserted above"))
+    }
+
+    pub fn apply(&mut self, key: &str, delta: &Delta, now: Now) {
+        let c = self.entry(key, now);
+        let mut counts = delta.counts;
+        if delta.opened {
+            counts.connections = 1;
+            c.open_connections += 1;
+            c.peak_open_connections = c.peak_open_connections.max(c.open_connections);
+        }
+        if delta.closed {
+            c.open_connections = c.open_connections.saturating_sub(1);
+        }
+        if !counts.is_zero() {
+            c.totals += counts;
+            c.windows.add(now.secs(), counts);
+            c.last_seen_ms = c.last_seen_ms.max(now.unix_ms);
+            if now.secs() != c.last_active_s {
+                c.active_seconds += 1;
+                c.last_active_s = now.secs();
+            }
+        }
+        self.bound();
+    }
+
+    /// Merges counts another observer (an agent, at the collector) saw at `at`.
+    pub fn merge(&mut self, key: &str, counts: Counts, at: Now, now: Now) {
+        let c = self.entry(key, at);
+        c.first_seen_ms = c.first_seen_ms.min(at.unix_ms);
+        if !counts.is_zero() {
+            c.totals += counts;
+            c.windows.add_late(now.secs(), at.secs(), counts);
+            c.last_seen_ms = c.last_seen_ms.max(at.unix_ms);
+            if at.secs() / 10 != c.last_active_s / 10 {
+                // Resolution of merged activity: the 10-second summary period.
+                c.active_seconds += 10;
+                c.last_active_s = at.secs();
+            }
+        }
+        self.bound();
+    }
+
+    /// Sets the connections open now (the collector's sum over agents).
+    pub fn set_open(&mut self, key: &str, open: u64) {
+        if let Some(c) = self.clients.get_mut(key) {
+            c.open_connections = open;
+            c.peak_open_connections = c.peak_open_connections.max(open);
+        }
+    }
+
+    pub fn request(&mut self, key: &str, ts_ns: u64, now: Now) {
+        self.entry(key, now).gaps.request(ts_ns);
+        self.bound();
+    }
+
+    /// Takes back counts attributed to `key` a moment ago (see `ConnTable::on_request`).
+    pub fn retract(&mut self, key: &str, c: Counts, now: Now) {
+        if let Some(stats) = self.clients.get_mut(key) {
+            stats.totals.saturating_sub(c);
+            stats.windows.retract(now.secs(), c);
+        }
+    }
+
+    /// Records who was seen behind this key.
+    pub fn annotate(
+        &mut self,
+        key: &str,
+        identity: Option<&str>,
+        forwarded: Option<IpAddr>,
+        source: Option<IpAddr>,
+        now: Now,
+    ) {
+        let c = self.entry(key, now);
+        if let Some(id) = identity
+            && c.last_identity.as_deref() != Some(id)
+        {
+            c.last_identity = Some(id.to_owned());
+        }
+        if forwarded.is_some() {
+            c.last_forwarded = forwarded;
+        }
+        if let Some(ip) = source {
+            c.note_source(ip);
+        }
+    }
+
+    /// Folds the lightest entries once the table exceeds its bound by the slack.
+    fn bound(&mut self) {
+        let slack = (self.max / 10).max(1);
+        if self.clients.len() <= self.max + slack {
+            return;
+        }
+        let mut by_weight: Vec<((bool, u64), String)> = self
+            .clients
+            .iter()
+            .map(|(k, c)| (c.weight(), k.clone()))
+            .collect();
+        let excess = by_weight.len() - self.max;
+        by_weight.select_nth_unstable(excess - 1);
+        for (_, key) in by_weight.into_iter().take(excess) {
+            if let Some(c) = self.clients.remove(&key) {
+                self.folded.clients += 1;
+                self.folded.totals += c.totals;
+            }
+        }
+    }
+
+    /// Sum over exact entries and the folded remainder: equals everything observed.
+    pub fn grand_total(&self) -> Counts {
+        let mut t = self.folded.totals;
+        for c in self.clients.values() {
+            t += c.totals;
+        }
+        t
+    }
+}
+
+/// Who an exchange (one request and its reply) belongs to, beyond the connection's peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangeKeys {
+    /// Identity of the API credential (name if configured, else "k-" + keyed hash).
+    pub identity: Option<String>,
+    /// The client behind a trusted proxy.
+    pub forwarded: Option<IpAddr>,
+}
+
+impl ExchangeKeys {
+    pub fn is_empty(&self) -> bool {
+        self.identity.is_none() && self.forwarded.is_none()
+    }
+}
+
+/// Address-group key: the network of `ip` at the configured prefix, e.g. "10.1.2.0/24".
+pub fn group_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
+    Key::group(ip, v4_prefix, v6_prefix).as_str().to_owned()
+}
+
+/// A table key (an address, or an address group) formatted on the stack: the agent looks
+/// keys up once per observation and per request event, so they are formatted without
+/// allocating, and IPv4 (most clients) without `core::fmt`. The text is exactly what
+/// `IpAddr`'s `Display` gives, plus "/prefix" for groups.
+pub struct Key {
+    // The longest: "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128" (49 bytes).
+    buf: [u8; 56],
+    len: usize,
+}
+
+impl Key {
+    fn new() -> Self {
+        Self {
+            buf: [0; 56],
+            len: 0,
+        }
+    }
+
+    pub fn address(ip: IpAddr) -> Self {
+        let mut k = Self::new();
+        k.push_ip(ip);
+        k
+    }
+
+    pub fn group(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> Self {
+        let (net, p) = match ip {
+            IpAddr::V4(a) => {
+                let p = v4_prefix.min(32);
+                let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+                (IpAddr::V4(std::net::Ipv4Addr::from(u32::from(a) & mask)), p)
+            }
+            IpAddr::V6(a) => {
+                let p = v6_prefix.min(128);
+                let mask = if p == 0 { 0 } else { u128::MAX << (128 - p) };
+                (
+                    IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a) & mask)),
+                    p,
+                )
+            }
+        };
+        let mut k = Self::new();
+        k.push_ip(net);
+        k.push(b"/");
+        k.push_decimal(p);
+        k
+    }
+
+    pub fn as_str(&self) -> &str {
+        let bytes = &self.buf[..self.len.min(self.buf.len())];
+        debug_assert!(bytes.is_ascii());
+        // SAFETY: only ASCII is ever written (digits, '.', '/', and the ASCII text of an
+        // IPv6 address's Display), so any prefix is valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.push_byte(*b);
+        }
+    }
+
+    #[inline]
+    fn push_byte(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    fn push_decimal(&mut self, v: u8) {
+        if v >= 100 {
+            self.push_byte(b'0' + v / 100);
+        }
+        if v >= 10 {
+            self.push_byte(b'0' + v / 10 % 10);
+        }
+        self.push_byte(b'0' + v % 10);
+    }
+
+    fn push_ip(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => {
+                for (i, octet) in a.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push_byte(b'.');
+                    }
+                    self.push_decimal(octet);
+                }
+            }
+            IpAddr::V6(a) => {
+                use std::fmt::Write as _;
+                let _ = write!(self, "{a}");
+            }
+        }
+    }
+}
+
+impl std::fmt::Write for Key {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.len + s.len() > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.push(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Both client tables, fed from connection deltas and request events.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Aggregator {
+    pub addresses: ClientTable,
+    pub groups: ClientTable,
+    /// Keyed by API identity (keyed hash of the credential, or its configured name).
+    #[serde(default)]
+    pub identities: ClientTable,
+    /// Keyed by the client address a trusted proxy forwarded.
+    #[serde(default)]
+    pub forwarded: ClientTable,
+    #[serde(skip)]
+    v4_prefix: u8,
+    #[serde(skip)]
+    v6_prefix: u8,
+}
+
+impl Aggregator {
+    pub fn new(max_clients: usize, v4_prefix: u8, v6_prefix: u8) -> Self {
+        Self {
+            addresses: ClientTable::new(max_clients),
+            groups: ClientTable::new(max_clients),
+            identities: ClientTable::new(max_clients),
+            forwarded: ClientTable::new(max_clients),
+            v4_prefix,
+            v6_prefix,
+        }
+    }
+
+    /// Re-applies settings that are not persisted (after loading a snapshot).
+    pub fn configure(&mut self, max_clients: usize, v4_prefix: u8, v6_prefix: u8) {
+        for table in self.tables_mut() {
+            table.set_max(max_clients);
+        }
+        self.v4_prefix = v4_prefix;
+        self.v6_prefix = v6_prefix;
+    }
+
+    pub fn group(&self, ip: IpAddr) -> String {
+        group_of(ip, self.v4_prefix, self.v6_prefix)
+    }
+
+    /// The group key of `ip`, formatted on the stack.
+    pub fn group_key(&self, ip: IpAddr) -> Key {
+        Key::group(ip, self.v4_prefix, self.v6_prefix)
+    }
+
+    pub fn apply(&mut self, ip: IpAddr, delta: &Delta, now: Now) {
+        if delta.counts.is_zero() && !delta.opened && !delta.closed {
+            return;
+        }
+        let group = Key::group(ip, self.v4_prefix, self.v6_prefix);
+        self.addresses.apply(Key::address(ip).as_str(), delta, now);
+        self.groups.apply(group.as_str(), delta, now);
+    }
+
+    pub fn request(&mut self, ip: IpAddr, ts_ns: u64, now: Now) {
+        let group = Key::group(ip, self.v4_prefix, self.v6_prefix);
+        self.addresses
+            .request(Key::address(ip).as_str(), ts_ns, now);
+        self.groups.request(group.as_str(), ts_ns, now);
+    }
+
+    /// The table of one key kind.
+    pub fn table(&self, by: crate::model::keys::By) -> &ClientTable {
+        use crate::model::keys::By;
+        match by {
+            By::Address => &self.addresses,
+            By::Group => &self.groups,
+            By::Identity => &self.identities,
+            By::Forwarded => &self.forwarded,
+        }
+    }
+
+    pub fn table_mut(&mut self, by: crate::model::keys::By) -> &mut ClientTable {
+        use crate::model::keys::By;
+        match by {
+            By::Address => &mut self.addresses,
+            By::Group => &mut self.groups,
+            By::Identity => &mut self.identities,
+            By::Forwarded => &mut self.forwarded,
+        }
+    }
+
+    fn tables_mut(&mut self) -> [&mut ClientTable; 4] {
+        [
+            &mut self.addresses,
+            &mut self.groups,
+            &mut self.identities,
+            &mut self.forwarded,
+        ]
+    }
+
+    /// Accounts part of an exchange to its identity and forwarded client.
+    pub fn apply_exchange(&mut self, keys: &ExchangeKeys, delta: &Delta, now: Now) {
+        if delta.counts.is_zero() && !delta.opened && !delta.closed {
+            return;
+        }
+        if let Some(id) = &keys.identity {
+            self.identities.apply(id, delta, now);
+        }
+        if let Some(ip) = keys.forwarded {
+            self.forwarded.apply(&ip.to_string(), delta, now);
+        }
+    }
+
+    /// Takes back counts just attributed to an exchange (a correction).
+    pub fn retract_exchange(&mut self, keys: &ExchangeKeys, c: Counts, now: Now) {
+        if let Some(id) = &keys.identity {
+            self.identities.retract(id, c, now);
+        }
+        if let Some(ip) = keys.forwarded {
+            self.forwarded.retract(&ip.to_string(), c, now);
+        }
+    }
+
+    /// A request began: timing for every key, and who is behind whom.
+    pub fn request_keys(&mut self, peer: IpAddr, keys: &ExchangeKeys, ts_ns: u64, now: Now) {
+        self.request(peer, ts_ns, now);
+        let id = keys.identity.as_deref();
+        // `request` made the entry; annotating it with nothing is a no-op.
+        if id.is_some() || keys.forwarded.is_some() {
+            self.addresses
+                .annotate(Key::address(peer).as_str(), id, keys.forwarded, None, now);
+        }
+        if let Some(id) = id {
+            self.identities.request(id, ts_ns, now);
+            let source = keys.forwarded.unwrap_or(peer);
+            self.identities
+                .annotate(id, None, keys.forwarded, Some(source), now);
+        }
+        if let Some(ip) = keys.forwarded {
+            let key = ip.to_string();
+            self.forwarded.request(&key, ts_ns, now);
+            self.forwarded.annotate(&key, id, None, None, now);
+        }
+    }
+
+    /// After a reboot no connection of the saved state can still be open.
+    pub fn close_all_connections(&mut self) {
+        for table in self.tables_mut() {
+            for c in table.clients.values_mut() {
+                c.open_connections = 0;
+            }
+        }
+    }
+
+    /// Forgets request timestamps that refer to another boot's clock.
+    pub fn reset_request_clocks(&mut self) {
+        for table in self.tables_mut() {
+            for c in table.clients.values_mut() {
+                c.gaps.last_request_ns = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now(s: u64) -> Now {
+        Now { unix_ms: s * 1000 }
+    }
+
+    fn bytes(n: u64) -> Delta {
+        Delta {
+            counts: Counts {
+                requests: 1,
+                bytes_in: n,
+                bytes_out: 2 * n,
+                connections: 0,
+                events_out: 0,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn windows_slide() {
+        let mut w = Windows::default();
+        let t0 = 1_000_000_020; // 20 s into a minute
+        w.add(
+            t0,
+            Counts {
+                requests: 1,
+                ..Default::default()
+            },
+        );
+        w.add(
+            t0 + 30,
+            Counts {
+                requests: 2,
+                ..Default::default()
+            },
+        );
+        assert_eq!(w.get(t0 + 30, Window::OneMinute).requests, 3);
+        // 65 s later the first request is out of the 1-minute window (10-s resolution).
+        assert_eq!(w.get(t0 + 65, Window::OneMinute).requests, 2);
+        assert_eq!(w.get(t0 + 65, Window::TenMinutes).requests, 3);
+        assert_eq!(w.get(t0 + 11 * 60, Window::TenMinutes).requests, 0);
+        assert_eq!(w.get(t0 + 11 * 60, Window::OneHour).requests, 3);
+        assert_eq!(w.get(t0 + 61 * 60, Window::OneHour).requests, 0);
+        // A bucket slot reused an hour later starts from zero.
+        w.add(
+            t0 + 3600,
+            Counts {
+                requests: 5,
+                ..Default::default()
+            },
+        );
+        assert_eq!(w.get(t0 + 3600, Window::OneHour).requests, 5);
+    }
+
+    /// Every window equals the brute-force sum of what was added in its span, and each
+    /// client holds no more buckets than its windows need.
+    #[test]
+    fn sparse_windows_match_brute_force() {
+        let mut w = Windows::default();
+        let mut added: Vec<(u64, u64)> = Vec::new();
+        let mut t = 1_700_000_000u64;
+        let mut x: u64 = 7;
+        for i in 0..3_000u64 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            // Irregular gaps from 0 to ~4 minutes, so buckets are skipped and reused.
+            t += (x >> 56) % if i % 10 == 0 { 250 } else { 20 };
+            let n = 1 + (x >> 60);
+            w.add(
+                t,
+                Counts {
+                    requests: n,
+                    ..Default::default()
+                },
+            );
+            added.push((t, n));
+            assert!(w.tens.len() <= TEN_SECONDS && w.minutes.len() <= MINUTES);
+            if i % 97 == 0 {
+                let expect = |from: u64, to: u64| {
+                    added
+                        .iter()
+                        .filter(|(at, _)| *at >= from && *at <= to)
+                        .map(|(_, n)| *n)
+                        .sum::<u64>()
+                };
+                let tens_start = (t / 10 - (TEN_SECONDS as u64 - 1)) * 10;
+                let min_start = |k: u64| (t / 60 - (k - 1)) * 60;
+                assert_eq!(w.get(t, Window::OneMinute).requests, expect(tens_start, t));
+                assert_eq!(
+                    w.get(t, Window::TenMinutes).requests,
+                    expect(min_start(10), t)
+                );
+                assert_eq!(w.get(t, Window::OneHour).requests, expect(min_start(60), t));
+            }
+        }
+    }
+
+    #[test]
+    fn windows_round_trip_sparse() {
+        let mut w = Windows::default();
+        w.add(
+            1_000,
+            Counts {
+                bytes_out: 7,
+                ..Default::default()
+            },
+        );
+        let json = serde_json::to_string(&w).expect("serialize");
+        assert!(json.len() < 200, "{json}");
+        let back: Windows = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, w);
+    }
+
+    #[test]
+    fn connections_and_concurrency() {
+        let mut t = ClientTable::new(10);
+        let open = Delta {
+            opened: true,
+            ..Default::default()
+        };
+        let close = Delta {
+            closed: true,
+            ..Default::default()
+        };
+        t.apply("a", &open, now(1));
+        t.apply("a", &open, now(2));
+        t.apply("a", &close, now(3));
+        t.apply("a", &open, now(4));
+        let c = &t.clients["a"];
+        assert_eq!(c.totals.connections, 3);
+        assert_eq!(c.open_connections, 2);
+        assert_eq!(c.peak_open_connections, 2);
+    }
+
+    #[test]
+    fn regular_requests_have_low_cv() {
+        let mut g = Gaps::default();
+        for i in 0..10 {
+            g.request(1_000_000_000 + i * 100_000_000);
+        }
+        assert_eq!(g.n, 9);
+        assert!((g.mean_ms().expect("mean") - 100.0).abs() < 1e-6);
+        assert!(g.cv().expect("cv") < 1e-9);
+        let mut irregular = Gaps::default();
+        for ts in [1, 2, 50, 51, 400, 401, 2000] {
+            irregular.request(ts * 1_000_000);
+        }
+        assert!(irregular.cv().expect("cv") > 1.0);
+    }
+
+    #[test]
+    fn bounded_table_keeps_heavy_clients_exact_and_counts_the_rest() {
+        let mut t = ClientTable::new(10);
+        for heavy in 0..5 {
+            t.apply(&format!("heavy{heavy}"), &bytes(1_000_000), now(1));
+        }
+        let mut expected_total = Counts::default();
+        for heavy in 0..5 {
+            expected_total += t.clients[&format!("heavy{heavy}")].totals;
+        }
+        for light in 0..1000 {
+            let d = bytes(10);
+            expected_total += d.counts;
+            t.apply(&format!("light{light}"), &d, now(2));
+        }
+        assert!(t.clients.len() <= 11, "bound holds: {}", t.clients.len());
+        for heavy in 0..5 {
+            assert_eq!(
+                t.clients[&format!("heavy{heavy}")].totals.bytes_in,
+                1_000_000
+            );
+        }
+        assert!(t.folded.clients >= 989);
+        assert_eq!(
+            t.grand_total(),
+            expected_total,
+            "nothing lost: exact + folded"
+        );
+    }
+
+    #[test]
+    fn active_clients_are_folded_last() {
+        let mut t = ClientTable::new(2);
+        let open = Delta {
+            opened: true,
+            ..Default::default()
+        };
+        t.apply("active", &open, now(1));
+        for light in 0..10 {
+            t.apply(&format!("idle{light}"), &bytes(10), now(2));
+        }
+        assert!(
+            t.clients.contains_key("active"),
+            "a client with an open connection stays"
+        );
+        assert_eq!(t.clients["active"].totals.connections, 1);
+    }
+
+    /// The stack-formatted keys are exactly the text the tables always used.
+    #[test]
+    fn keys_match_display_and_the_group_format() {
+        let reference_group = |ip: IpAddr, p4: u8, p6: u8| match ip {
+            IpAddr::V4(a) => {
+                let p = p4.min(32);
+                let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+                format!("{}/{p}", std::net::Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let p = p6.min(128);
+                let mask = if p == 0 { 0 } else { u128::MAX << (128 - p) };
+                format!("{}/{p}", std::net::Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        let mut ips: Vec<IpAddr> = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "1.2.3.4",
+            "10.0.100.9",
+            "127.20.39.250",
+            "::",
+            "::1",
+            "2001:db8::1",
+            "::ffff:1.2.3.4",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "fe80::1:2:3:4",
+        ]
+        .iter()
+        .map(|s| s.parse().expect("ip"))
+        .collect();
+        // A spread of IPv4 addresses covering every octet width.
+        let mut x: u32 = 0x9e37_79b9;
+        for _ in 0..2000 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ips.push(IpAddr::V4(std::net::Ipv4Addr::from(x)));
+            ips.push(IpAddr::V4(std::net::Ipv4Addr::from(x % 1000)));
+        }
+        for ip in ips {
+            assert_eq!(Key::address(ip).as_str(), ip.to_string());
+            for (p4, p6) in [(24, 56), (0, 0), (32, 128), (8, 64), (200, 200)] {
+                assert_eq!(
+                    Key::group(ip, p4, p6).as_str(),
+                    reference_group(ip, p4, p6),
+                    "{ip} /{p4} /{p6}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn groups() {
+        assert_eq!(
+            group_of("10.1.2.3".parse().expect("ip"), 24, 56),
+            "10.1.2.0/24"
+        );
+        assert_eq!(
+            group_of("2001:db8:1:2ff::1".parse().expect("ip"), 24, 56),
+            "2001:db8:1:200::/56"
+        );
+        assert_eq!(
+            group_of("10.1.2.3".parse().expect("ip"), 0, 56),
+            "0.0.0.0/0"
+        );
+    }
+}

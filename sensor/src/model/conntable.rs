@@ -1,0 +1,619 @@
+//! The agent's view of connections: live ones (polled from the kernel map) and recently closed
+//! ones (final records from the ring buffer), rendered as the public JSON rows.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::model::aggregate::{Aggregator, Counts, Delta, ExchangeKeys, Now};
+
+use sensor_common::{ConnStats, PROTO_HTTP1, PROTO_OTHER};
+use serde::{Deserialize, Serialize};
+
+/// One connection as `sensor conns --json` and the local API show it. The field names are a
+/// public interface: add fields, never rename or remove them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnRow {
+    /// The kernel's socket cookie: unique per connection for the life of the boot.
+    pub cookie: u64,
+    /// This host's address and port, "ip:port" ("[ip6]:port" for IPv6).
+    pub local: String,
+    /// The client's address and port.
+    pub remote: String,
+    /// Identity of the current exchange's API credential, where known.
+    pub identity: Option<String>,
+    /// The client behind a trusted proxy for the current exchange, where known.
+    pub forwarded_for: Option<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub requests: u64,
+    /// Server-sent events in streamed replies (see docs/counters.md).
+    pub events_out: u64,
+    /// "http1", "other" (requests are turns) or "unknown" (no client payload yet).
+    pub protocol: String,
+    /// "open" or "closed".
+    pub state: String,
+    /// RFC 3339, UTC.
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+/// Converts the kernel's CLOCK_BOOTTIME stamps to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock;
+
+impl Clock {
+    pub fn boottime_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer to a timespec; CLOCK_BOOTTIME always exists on Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    pub fn wall(boot_ns: u64) -> SystemTime {
+        let now_boot = Self::boottime_ns();
+        let now = SystemTime::now();
+        if boot_ns <= now_boot {
+            now - Duration::from_nanos(now_boot - boot_ns)
+        } else {
+            now + Duration::from_nanos(boot_ns - now_boot)
+        }
+    }
+
+    pub fn rfc3339(boot_ns: u64) -> String {
+        humantime::format_rfc3339_millis(Self::wall(boot_ns)).to_string()
+    }
+}
+
+pub fn socket_addr(addr: [u8; 16], port: u16) -> SocketAddr {
+    let ip = Ipv6Addr::from(addr);
+    // Dual-stack sockets and our own IPv4 encoding both use IPv4-mapped addresses.
+    let ip: IpAddr = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+    SocketAddr::new(ip, port)
+}
+
+pub fn row(cookie: u64, s: &ConnStats, open: bool, keys: Option<&ExchangeKeys>) -> ConnRow {
+    ConnRow {
+        cookie,
+        local: socket_addr(s.local_addr, s.local_port).to_string(),
+        remote: socket_addr(s.remote_addr, s.remote_port).to_string(),
+        identity: keys.and_then(|k| k.identity.clone()),
+        forwarded_for: keys.and_then(|k| k.forwarded.map(|ip| ip.to_string())),
+        bytes_in: s.bytes_in,
+        bytes_out: s.bytes_out,
+        packets_in: s.packets_in,
+        packets_out: s.packets_out,
+        requests: s.requests,
+        events_out: s.events_out,
+        protocol: match s.proto {
+            PROTO_HTTP1 => "http1",
+            PROTO_OTHER => "other",
+            _ => "unknown",
+        }
+        .to_owned(),
+        state: if open { "open" } else { "closed" }.to_owned(),
+        first_seen: Clock::rfc3339(s.first_seen_ns),
+        last_seen: Clock::rfc3339(s.last_seen_ns),
+    }
+}
+
+struct Closed {
+    cookie: u64,
+    stats: ConnStats,
+    keys: Option<ExchangeKeys>,
+    at: Instant,
+}
+
+/// Where a connection's counters stand in the current exchange.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub events_out: u64,
+}
+
+impl Progress {
+    fn of(s: &ConnStats) -> Self {
+        Self {
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            events_out: s.events_out,
+        }
+    }
+
+    /// (what `to` adds beyond `self`, what `self` has beyond `to`), per field.
+    fn diff(self, to: Progress) -> (Counts, Counts) {
+        let gain = |a: u64, b: u64| b.saturating_sub(a);
+        (
+            Counts {
+                bytes_in: gain(self.bytes_in, to.bytes_in),
+                bytes_out: gain(self.bytes_out, to.bytes_out),
+                events_out: gain(self.events_out, to.events_out),
+                ..Default::default()
+            },
+            Counts {
+                bytes_in: gain(to.bytes_in, self.bytes_in),
+                bytes_out: gain(to.bytes_out, self.bytes_out),
+                events_out: gain(to.events_out, self.events_out),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn max(self, o: Progress) -> Self {
+        Self {
+            bytes_in: self.bytes_in.max(o.bytes_in),
+            bytes_out: self.bytes_out.max(o.bytes_out),
+            events_out: self.events_out.max(o.events_out),
+        }
+    }
+}
+
+/// The current exchange of a connection whose requests carry an identity or a forwarded
+/// client: its keys and how much of the connection's counters is already attributed to them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Exchange {
+    pub keys: ExchangeKeys,
+    pub attributed: Progress,
+    /// Identities seen on this connection (a proxy's pooled connection carries many), each
+    /// counted once as a connection of that identity.
+    pub identities: Vec<String>,
+    pub forwarded: Vec<IpAddr>,
+}
+
+/// Distinct identities remembered per connection.
+const MAX_KEYS_PER_CONNECTION: usize = 64;
+
+/// How long a reaped connection's cookie is remembered, so a late duplicate of its final record
+/// (the ring buffer and the map race by microseconds) is never counted twice.
+const TOMBSTONE_SECS: u64 = 120;
+
+/// Connections as the agent has accounted them, and the recently closed ones for display.
+///
+/// Every observation of a connection (a poll of the kernel map, or a close record) is turned
+/// into a delta against what was already accounted, so observing the same counters twice adds
+/// nothing: the map poll, the ring buffer and a restart can overlap freely.
+/// Maps keyed by socket cookie (kernel-made, so a fast hasher is safe): several lookups per
+/// polled connection and per request event.
+type CookieMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
+
+#[derive(Default)]
+pub struct ConnTable {
+    /// Last accounted counters of connections not yet closed.
+    live: CookieMap<ConnStats>,
+    /// Closed connections accounted since the last reap: to delete from the kernel map once
+    /// a snapshot holds them.
+    unreaped: Vec<u64>,
+    /// Closed and accounted cookies -> unix seconds when accounted.
+    tombstones: CookieMap<u64>,
+    /// Tombstones restored from a snapshot whose kernel records may still exist: an agent that
+    /// died between saving a snapshot and deleting the records it accounts leaves them in the
+    /// kernel map. Seen again, they are deleted without being counted (before the tombstone
+    /// expires and they would count twice).
+    restored: CookieMap<()>,
+    closed: VecDeque<Closed>,
+    /// Current exchange per connection (HTTP/1.x connections with identity or forwarding).
+    exchanges: CookieMap<Exchange>,
+    retention: Duration,
+    max_closed: usize,
+    /// Connections closed since start (all of them, also those no longer retained).
+    pub closed_total: u64,
+}
+
+/// What a snapshot keeps of the connection table.
+#[derive(Default, Serialize, Deserialize)]
+pub struct ConnState {
+    pub live: Vec<(u64, ConnStats)>,
+    pub tombstones: Vec<(u64, u64)>,
+    #[serde(default)]
+    pub exchanges: Vec<(u64, Exchange)>,
+}
+
+/// A connection carrying these keys closed.
+fn close_exchange_connections(ex: &Exchange, agg: &mut Aggregator, now: Now) {
+    let closed = Delta {
+        closed: true,
+        ..Default::default()
+    };
+    for id in &ex.identities {
+        let keys = ExchangeKeys {
+            identity: Some(id.clone()),
+            forwarded: None,
+        };
+        agg.apply_exchange(&keys, &closed, now);
+    }
+    for ip in &ex.forwarded {
+        let keys = ExchangeKeys {
+            identity: None,
+            forwarded: Some(*ip),
+        };
+        agg.apply_exchange(&keys, &closed, now);
+    }
+}
+
+fn remote_ip(s: &ConnStats) -> IpAddr {
+    socket_addr(s.remote_addr, s.remote_port).ip()
+}
+
+impl ConnTable {
+    pub fn new(retention: Duration, max_closed: usize) -> Self {
+        Self {
+            retention,
+            max_closed,
+            ..Default::default()
+        }
+    }
+
+    /// Changes how long, and how many, closed connections stay listed (SIGHUP reload).
+    pub fn set_retention(&mut self, retention: Duration, max_closed: usize) {
+        self.retention = retention;
+        self.max_closed = max_closed;
+    }
+
+    /// Accounts one observation of a connection's counters into `agg`.
+    pub fn observe(&mut self, cookie: u64, stats: &ConnStats, agg: &mut Aggregator, now: Now) {
+        if self.tombstones.contains_key(&cookie) {
+            if stats.closed != 0 && self.restored.remove(&cookie).is_some() {
+                self.unreaped.push(cookie);
+            }
+            return;
+        }
+        let previous = self.live.get(&cookie);
+        let delta = Delta {
+            counts: Counts {
+                requests: stats
+                    .requests
+                    .saturating_sub(previous.map_or(0, |p| p.requests)),
+                bytes_in: stats
+                    .bytes_in
+                    .saturating_sub(previous.map_or(0, |p| p.bytes_in)),
+                bytes_out: stats
+                    .bytes_out
+                    .saturating_sub(previous.map_or(0, |p| p.bytes_out)),
+                events_out: stats
+                    .events_out
+                    .saturating_sub(previous.map_or(0, |p| p.events_out)),
+                connections: 0,
+            },
+            opened: previous.is_none(),
+            closed: stats.closed != 0,
+        };
+        agg.apply(remote_ip(stats), &delta, now);
+        if let Some(ex) = self.exchanges.get_mut(&cookie) {
+            let current = Progress::of(stats);
+            let (gain, _) = ex.attributed.diff(current);
+            ex.attributed = ex.attributed.max(current);
+            let gain = Delta {
+                counts: gain,
+                ..Default::default()
+            };
+            agg.apply_exchange(&ex.keys, &gain, now);
+        }
+        if stats.closed != 0 {
+            let keys = self.exchanges.remove(&cookie).map(|ex| {
+                close_exchange_connections(&ex, agg, now);
+                ex.keys
+            });
+            self.live.remove(&cookie);
+            self.tombstones.insert(cookie, now.secs());
+            self.unreaped.push(cookie);
+            self.closed_total += 1;
+            self.closed.push_back(Closed {
+                cookie,
+                stats: *stats,
+                keys,
+                at: Instant::now(),
+            });
+            self.expire(Instant::now());
+        } else {
+            // Counters only grow; keep the larger of each in case observations cross.
+            let entry = self.live.entry(cookie).or_insert(*stats);
+            entry.bytes_in = entry.bytes_in.max(stats.bytes_in);
+            entry.bytes_out = entry.bytes_out.max(stats.bytes_out);
+            entry.requests = entry.requests.max(stats.requests);
+            entry.packets_in = entry.packets_in.max(stats.packets_in);
+            entry.packets_out = entry.packets_out.max(stats.packets_out);
+            entry.last_seen_ns = entry.last_seen_ns.max(stats.last_seen_ns);
+            entry.events_out = entry.events_out.max(stats.events_out);
+            entry.proto = stats.proto;
+        }
+    }
+
+    /// A request began on `cookie` at `start`, with `keys` from its head. Closes the previous
+    /// exchange at exactly that point: what the connection carried before `start` belongs to
+    /// the previous request, the rest to this one.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one event's fields, passed through"
+    )]
+    pub fn on_request(
+        &mut self,
+        cookie: u64,
+        peer: IpAddr,
+        start: Progress,
+        keys: ExchangeKeys,
+        ts_ns: u64,
+        agg: &mut Aggregator,
+        now: Now,
+    ) {
+        agg.request_keys(peer, &keys, ts_ns, now);
+        if self.tombstones.contains_key(&cookie) {
+            return;
+        }
+        let previous = self.exchanges.remove(&cookie);
+        if previous.is_none() && keys.is_empty() {
+            return;
+        }
+        let mut ex = previous.unwrap_or_default();
+        let (gain, overshoot) = ex.attributed.diff(start);
+        agg.apply_exchange(
+            &ex.keys,
+            &Delta {
+                counts: gain,
+                ..Default::default()
+            },
+            now,
+        );
+        // A poll that read the counters just after this request started attributed its first
+        // bytes to the previous exchange: move them.
+        agg.retract_exchange(&ex.keys, overshoot, now);
+        let opened = ExchangeKeys {
+            identity: keys
+                .identity
+                .clone()
+                .filter(|id| !ex.identities.contains(id)),
+            forwarded: keys.forwarded.filter(|ip| !ex.forwarded.contains(ip)),
+        };
+        agg.apply_exchange(
+            &opened,
+            &Delta {
+                opened: true,
+                ..Default::default()
+            },
+            now,
+        );
+        if let Some(id) = opened.identity
+            && ex.identities.len() < MAX_KEYS_PER_CONNECTION
+        {
+            ex.identities.push(id);
+        }
+        if let Some(ip) = opened.forwarded
+            && ex.forwarded.len() < MAX_KEYS_PER_CONNECTION
+        {
+            ex.forwarded.push(ip);
+        }
+        let request = Counts {
+            requests: 1,
+            ..overshoot
+        };
+        agg.apply_exchange(
+            &keys,
+            &Delta {
+                counts: request,
+                ..Default::default()
+            },
+            now,
+        );
+        ex.keys = keys;
+        ex.attributed = ex.attributed.max(start);
+        self.exchanges.insert(cookie, ex);
+    }
+
+    /// After a full read of the kernel map: live connections the kernel no longer holds can no
+    /// longer be observed (the kernel state was replaced); close them without new counts.
+    /// Their exchanges are closed too.
+    pub fn forget_missing(&mut self, present: &HashSet<u64>, agg: &mut Aggregator, now: Now) {
+        let gone: Vec<u64> = self
+            .live
+            .keys()
+            .filter(|c| !present.contains(c))
+            .copied()
+            .collect();
+        for cookie in gone {
+            if let Some(ex) = self.exchanges.remove(&cookie) {
+                close_exchange_connections(&ex, agg, now);
+            }
+            if let Some(stats) = self.live.remove(&cookie) {
+                agg.apply(
+                    remote_ip(&stats),
+                    &Delta {
+                        closed: true,
+                        ..Default::default()
+                    },
+                    now,
+                );
+            }
+        }
+    }
+
+    /// Closed connections accounted since the last call: the kernel may now delete them.
+    pub fn take_unreaped(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.unreaped)
+    }
+
+    /// Gives back cookies whose deletion could not happen (the snapshot failed).
+    pub fn restore_unreaped(&mut self, mut cookies: Vec<u64>) {
+        cookies.append(&mut self.unreaped);
+        self.unreaped = cookies;
+    }
+
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(front) = self.closed.front() {
+            let too_old = now.duration_since(front.at) > self.retention;
+            if !too_old && self.closed.len() <= self.max_closed {
+                break;
+            }
+            self.closed.pop_front();
+        }
+    }
+
+    pub fn expire_tombstones(&mut self, now: Now) {
+        self.tombstones
+            .retain(|_, at| now.secs().saturating_sub(*at) < TOMBSTONE_SECS);
+        let tombstones = &self.tombstones;
+        self.restored.retain(|c, ()| tombstones.contains_key(c));
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn state(&self) -> ConnState {
+        ConnState {
+            live: self.live.iter().map(|(c, s)| (*c, *s)).collect(),
+            tombstones: self.tombstones.iter().map(|(c, t)| (*c, *t)).collect(),
+            exchanges: self
+                .exchanges
+                .iter()
+                .map(|(c, e)| (*c, e.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn restore(&mut self, state: &ConnState) {
+        self.live = state.live.iter().copied().collect();
+        self.tombstones = state.tombstones.iter().copied().collect();
+        self.restored = state.tombstones.iter().map(|(c, _)| (*c, ())).collect();
+        self.exchanges = state.exchanges.iter().cloned().collect();
+    }
+
+    pub fn rows(&self) -> Vec<ConnRow> {
+        let mut rows: Vec<ConnRow> = self
+            .live
+            .iter()
+            .map(|(cookie, s)| {
+                row(
+                    *cookie,
+                    s,
+                    true,
+                    self.exchanges.get(cookie).map(|e| &e.keys),
+                )
+            })
+            .chain(
+                self.closed
+                    .iter()
+                    .map(|c| row(c.cookie, &c.stats, false, c.keys.as_ref())),
+            )
+            .collect();
+        rows.sort_by_key(|r| r.cookie);
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(port: u16) -> ConnStats {
+        let mut s = ConnStats {
+            remote_port: port,
+            local_port: 8080,
+            ..Default::default()
+        };
+        s.local_addr[10] = 0xff;
+        s.local_addr[11] = 0xff;
+        s.local_addr[12] = 127;
+        s.local_addr[15] = 1;
+        s.remote_addr = Ipv6Addr::LOCALHOST.octets();
+        s
+    }
+
+    fn now() -> Now {
+        Now {
+            unix_ms: 1_000_000_000,
+        }
+    }
+
+    #[test]
+    fn addresses_render_as_ip_port() {
+        let r = row(1, &stats(40000), true, None);
+        assert_eq!(r.local, "127.0.0.1:8080");
+        assert_eq!(r.remote, "[::1]:40000");
+        assert_eq!(r.state, "open");
+    }
+
+    #[test]
+    fn observations_are_idempotent() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        let mut s = stats(1);
+        s.bytes_in = 100;
+        s.requests = 1;
+        t.observe(7, &s, &mut agg, now());
+        t.observe(7, &s, &mut agg, now());
+        s.bytes_in = 150;
+        s.closed = 1;
+        t.observe(7, &s, &mut agg, now());
+        // A late duplicate of the close record, and a stale poll.
+        t.observe(7, &s, &mut agg, now());
+        s.closed = 0;
+        t.observe(7, &s, &mut agg, now());
+        let c = &agg.addresses.clients["::1"];
+        assert_eq!(c.totals.bytes_in, 150);
+        assert_eq!(c.totals.requests, 1);
+        assert_eq!(c.totals.connections, 1);
+        assert_eq!(c.open_connections, 0);
+        assert_eq!(t.take_unreaped(), vec![7]);
+        assert_eq!(t.closed_total, 1);
+        assert_eq!(t.rows().len(), 1);
+    }
+
+    #[test]
+    fn state_round_trip_keeps_deltas_exact() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        let mut s = stats(1);
+        s.bytes_out = 1000;
+        t.observe(9, &s, &mut agg, now());
+        let saved = serde_json::to_string(&t.state()).expect("serialize");
+        let mut restored = ConnTable::new(Duration::from_secs(60), 10);
+        restored.restore(&serde_json::from_str(&saved).expect("deserialize"));
+        s.bytes_out = 1500;
+        restored.observe(9, &s, &mut agg, now());
+        assert_eq!(agg.addresses.clients["::1"].totals.bytes_out, 1500);
+        assert_eq!(agg.addresses.clients["::1"].totals.connections, 1);
+    }
+
+    #[test]
+    fn records_left_by_a_crash_after_the_snapshot_are_deleted_not_counted() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        let mut s = stats(1);
+        s.closed = 1;
+        s.bytes_in = 100;
+        t.observe(7, &s, &mut agg, now());
+        assert_eq!(t.take_unreaped(), [7]);
+        // The snapshot holds the tombstone; the agent dies before deleting the record.
+        let saved = t.state();
+        let mut agg2 = Aggregator::new(100, 24, 56);
+        let mut restarted = ConnTable::new(Duration::from_secs(60), 10);
+        restarted.restore(&saved);
+        restarted.observe(7, &s, &mut agg2, now());
+        restarted.observe(7, &s, &mut agg2, now());
+        assert_eq!(restarted.take_unreaped(), [7], "queued for deletion once");
+        assert_eq!(restarted.closed_total, 0, "not counted again");
+        assert!(agg2.addresses.clients.is_empty(), "not counted again");
+    }
+
+    #[test]
+    fn closed_retention_is_bounded() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 3);
+        for c in 0..10 {
+            let mut s = stats(c as u16);
+            s.closed = 1;
+            t.observe(c, &s, &mut agg, now());
+        }
+        assert_eq!(t.rows().len(), 3);
+        assert_eq!(t.closed_total, 10);
+        t.expire(Instant::now() + Duration::from_secs(61));
+        assert!(t.rows().is_empty());
+    }
+}

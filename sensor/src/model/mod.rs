@@ -1,0 +1,9 @@
+//! What the sensor knows: key kinds, per-client counters in bounded memory, the connection
+//! table, the rows views show, and the state saved across restarts. Imports nothing of the
+//! sensor's above it.
+
+pub mod aggregate;
+pub mod conntable;
+pub mod keys;
+pub mod report;
+pub mod state;

@@ -1,0 +1,280 @@
+//! The agent -> collector wire format: batches of alert events and per-client summaries, as
+//! the agent's sink (`sinks::ship`) sends them and the collector receives them. Its own
+//! module so the sending and the receiving side both import it downward.
+//!
+//! Exactly once: every record carries its position in the agent's stream (`seq`, from the
+//! spool) and the stream's id (created with the spool). The collector keeps the highest
+//! position it accepted per agent and stream, so a batch sent again after a lost answer is
+//! acknowledged without being counted twice. Summaries also carry their period, which the
+//! collector accepts once per agent (an agent restarted from an older state snapshot may
+//! build a period again).
+//!
+//! Summaries: every 10 seconds (the agent's finest window bucket), the counts each client
+//! added in the period just completed, for the `top_clients` heaviest clients of each key
+//! kind (address, group, identity, forwarded), and the rest of the period summed per kind.
+//! The collector adds them up across hosts, so a client spread over many hosts is seen whole.
+
+use std::{collections::BTreeMap, io::Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    detect::{self, Alert, AlertEvent},
+    model::aggregate::{Aggregator, Counts},
+    model::keys::By,
+};
+
+/// Version of the batch format; the collector refuses others.
+pub const WIRE_VERSION: u32 = 1;
+/// Seconds per summary period: the agent's 10-second window buckets.
+pub const PERIOD_SECS: u64 = 10;
+/// Limits the collector enforces (and the agent stays within).
+pub const MAX_RECORDS_PER_BATCH: usize = 10_000;
+pub const MAX_CLIENTS_PER_SUMMARY: usize = 40_000;
+pub const MAX_NAME_LEN: usize = 128;
+pub const MAX_KEY_LEN: usize = 256;
+
+/// Agent and collector names: what a token is registered under.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+// --- wire format ----------------------------------------------------------------------------
+
+/// One POST to the collector's `/v1/ingest` (JSON, gzip-compressed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    pub version: u32,
+    /// The agent's name; must be the name its token is registered under.
+    pub agent: String,
+    /// Id of the agent's spool stream (hex): positions restart only with a new stream.
+    pub stream: String,
+    pub records: Vec<ShipRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipRecord {
+    /// Idempotent: `<agent>:<alert event id>` or `<agent>:summary:<period start>`.
+    pub id: String,
+    /// Position in the agent's stream (1, 2, ...).
+    pub seq: u64,
+    pub payload: Payload,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Payload {
+    Alert { event: String, alert: Box<Alert> },
+    Summary(Summary),
+}
+
+/// What the agent's clients did in one 10-second period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Summary {
+    /// Unix seconds; the period is [start_s, start_s + period_s).
+    pub start_s: u64,
+    pub period_s: u64,
+    pub clients: Vec<ClientDelta>,
+    /// Per key kind, the period's counts of the clients left out of `clients`.
+    #[serde(default)]
+    pub rest: BTreeMap<String, Counts>,
+}
+
+/// One client's counts in a period, and its state at the period's end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientDelta {
+    /// address, group, identity or forwarded.
+    pub by: String,
+    pub key: String,
+    pub counts: Counts,
+    pub open_connections: u64,
+    #[serde(default)]
+    pub identity: Option<String>,
+    #[serde(default)]
+    pub forwarded: Option<String>,
+}
+
+impl ShipRecord {
+    pub fn alert(agent: &str, e: &AlertEvent) -> Self {
+        Self {
+            id: format!("{agent}:{}", detect::event_id(&e.alert, e.event.as_str())),
+            seq: 0,
+            payload: Payload::Alert {
+                event: e.event.as_str().to_owned(),
+                alert: Box::new(e.alert.clone()),
+            },
+        }
+    }
+
+    pub fn summary(agent: &str, s: Summary) -> Self {
+        Self {
+            id: format!("{agent}:summary:{}", s.start_s),
+            seq: 0,
+            payload: Payload::Summary(s),
+        }
+    }
+}
+
+/// A batch that could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("encoding a batch: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("compressing a batch: {0}")]
+    Compress(#[from] std::io::Error),
+}
+
+/// Gzip of the batch's JSON.
+pub fn encode(batch: &Batch) -> Result<Vec<u8>, EncodeError> {
+    let json = serde_json::to_vec(batch)?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&json)?;
+    Ok(gz.finish()?)
+}
+
+// --- summaries ------------------------------------------------------------------------------
+
+/// The summary of the 10-second period starting at `start_s`, or None when nothing happened
+/// and no connection is open.
+pub fn summarize(agg: &Aggregator, start_s: u64, top: usize) -> Option<Summary> {
+    let period = start_s / PERIOD_SECS;
+    let mut clients = Vec::new();
+    let mut rest = BTreeMap::new();
+    for by in By::ALL {
+        let mut rows: Vec<(&String, Counts, u64)> = agg
+            .table(by)
+            .clients
+            .iter()
+            .filter_map(|(k, c)| {
+                let counts = c.windows.ten_seconds(period);
+                (!counts.is_zero() || c.open_connections > 0).then_some((
+                    k,
+                    counts,
+                    c.open_connections,
+                ))
+            })
+            .collect();
+        // Heaviest first: bytes, then requests, then the key (a stable order).
+        rows.sort_by(|a, b| {
+            (b.1.bytes_in + b.1.bytes_out, b.1.requests)
+                .cmp(&(a.1.bytes_in + a.1.bytes_out, a.1.requests))
+                .then_with(|| a.0.cmp(b.0))
+        });
+        let mut left = Counts::default();
+        for (i, (key, counts, open)) in rows.into_iter().enumerate() {
+            if i >= top {
+                left += counts;
+                continue;
+            }
+            let c = &agg.table(by).clients[key];
+            clients.push(ClientDelta {
+                by: by.name().to_owned(),
+                key: key.clone(),
+                counts,
+                open_connections: open,
+                identity: c.last_identity.clone(),
+                forwarded: c.last_forwarded.map(|ip| ip.to_string()),
+            });
+        }
+        if !left.is_zero() {
+            rest.insert(by.name().to_owned(), left);
+        }
+    }
+    (!clients.is_empty() || !rest.is_empty()).then(|| Summary {
+        start_s: period * PERIOD_SECS,
+        period_s: PERIOD_SECS,
+        clients,
+        rest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::aggregate::{Delta, Now};
+
+    fn bytes(n: u64) -> Delta {
+        Delta {
+            counts: Counts {
+                requests: 1,
+                bytes_in: n,
+                bytes_out: 10 * n,
+                ..Counts::default()
+            },
+            ..Delta::default()
+        }
+    }
+
+    #[test]
+    fn summaries_cover_one_period_and_cut_to_top() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let t = 1_800_000_000u64; // a multiple of 10
+        let at = |s: u64| Now { unix_ms: s * 1000 };
+        for i in 1..=5u8 {
+            let ip = std::net::IpAddr::from([10, 0, 0, i]);
+            agg.apply(ip, &bytes(u64::from(i) * 100), at(t + 3));
+            // The next period: not part of the summary of `t`.
+            agg.apply(ip, &bytes(1), at(t + 12));
+        }
+        let s = summarize(&agg, t, 2).expect("summary");
+        assert_eq!((s.start_s, s.period_s), (t, 10));
+        let addrs: Vec<_> = s
+            .clients
+            .iter()
+            .filter(|c| c.by == "address")
+            .map(|c| (c.key.as_str(), c.counts.bytes_in))
+            .collect();
+        assert_eq!(addrs, vec![("10.0.0.5", 500), ("10.0.0.4", 400)]);
+        assert_eq!(s.rest["address"].bytes_in, 300 + 200 + 100);
+        // Group: all five in one /24, whole.
+        let g: Vec<_> = s.clients.iter().filter(|c| c.by == "group").collect();
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].counts.bytes_in, 1500);
+        assert_eq!(g[0].counts.requests, 5);
+        assert!(summarize(&agg, t - 10, 2).is_none());
+    }
+
+    #[test]
+    fn batches_round_trip_through_gzip() {
+        let rec = ShipRecord::summary(
+            "host-a",
+            Summary {
+                start_s: 10,
+                period_s: 10,
+                clients: vec![ClientDelta {
+                    by: "address".into(),
+                    key: "10.0.0.1".into(),
+                    counts: Counts {
+                        requests: 3,
+                        ..Counts::default()
+                    },
+                    open_connections: 1,
+                    identity: Some("k-0123456789ab".into()),
+                    forwarded: None,
+                }],
+                rest: BTreeMap::new(),
+            },
+        );
+        let batch = Batch {
+            version: WIRE_VERSION,
+            agent: "host-a".into(),
+            stream: "00ff".into(),
+            records: vec![rec],
+        };
+        let gz = encode(&batch).expect("encode");
+        let mut json = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut json)
+            .expect("gunzip");
+        let back: Batch = serde_json::from_slice(&json).expect("decode");
+        assert_eq!(back, batch);
+        assert_eq!(back.records[0].id, "host-a:summary:10");
+    }
+}

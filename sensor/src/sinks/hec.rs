@@ -1,0 +1,242 @@
+//! Splunk HTTP Event Collector: batches of events POSTed to `/services/collector/event` with
+//! `Authorization: Splunk <token>`, each event `{"time", "host", "source", "sourcetype",
+//! ["index",] "event"}` and the batch their concatenation.
+//!
+//! Answers, as Splunk documents them: 200 delivered; 400 (invalid data, with
+//! `invalid-event-number`) refuses that event for good: the events before it were indexed,
+//! it is dropped and counted with the reason logged, the rest is sent again; 401/403 (token
+//! missing, invalid or disabled) are logged and retried, as are 429, 503 (server busy, HEC
+//! unhealthy) and any other error, with exponential backoff (at least Retry-After); 413 halves
+//! the batch.
+
+use std::time::Duration;
+
+use log::warn;
+use serde_json::{Value, json};
+
+use super::{
+    config::OutputConfig,
+    delivery::{Delivery, Output},
+    error::OutputError,
+    http,
+};
+use crate::formats::Record;
+
+pub const DEFAULT_SOURCETYPE: &str = "sensor:alert";
+pub const DEFAULT_SOURCE: &str = "sensor";
+pub const DEFAULT_BATCH: usize = 100;
+
+pub struct HecOutput {
+    client: http::Client,
+    token: String,
+    source: String,
+    sourcetype: String,
+    index: Option<String>,
+    batch: usize,
+}
+
+/// One event's envelope.
+pub fn envelope(rec: &Record, source: &str, sourcetype: &str, index: Option<&str>) -> Value {
+    let mut v = json!({
+        "time": rec.time_ms() as f64 / 1000.0,
+        "host": rec.alert.host,
+        "source": source,
+        "sourcetype": sourcetype,
+        "event": rec,
+    });
+    if let Some(index) = index {
+        v["index"] = json!(index);
+    }
+    v
+}
+
+/// Splunk's error body: `{"text": "...", "code": N, "invalid-event-number": N}`.
+fn reason(body: &str) -> (String, Option<usize>) {
+    match serde_json::from_str::<Value>(body) {
+        Ok(v) => {
+            let text = v["text"].as_str().unwrap_or("").to_owned();
+            let code = v["code"]
+                .as_i64()
+                .map(|c| format!(" (code {c})"))
+                .unwrap_or_default();
+            let invalid = v["invalid-event-number"].as_u64().map(|n| n as usize);
+            (format!("{text}{code}"), invalid)
+        }
+        Err(_) => (body.chars().take(200).collect(), None),
+    }
+}
+
+impl HecOutput {
+    pub fn new(c: &OutputConfig, timeout: Duration) -> Result<Self, OutputError> {
+        let url = c.url.as_deref().unwrap_or_default();
+        let token_file = c
+            .token_file
+            .as_deref()
+            .ok_or_else(|| OutputError::Config("no token_file".into()))?;
+        Ok(Self {
+            client: http::Client::new(
+                url,
+                c.ca_file.as_deref(),
+                c.server_name.as_deref(),
+                timeout,
+            )?,
+            token: http::read_secret(token_file, "HEC token file")?,
+            source: c.source.clone().unwrap_or_else(|| DEFAULT_SOURCE.into()),
+            sourcetype: c
+                .sourcetype
+                .clone()
+                .unwrap_or_else(|| DEFAULT_SOURCETYPE.into()),
+            index: c.index.clone(),
+            batch: c.batch_max_events.unwrap_or(DEFAULT_BATCH),
+        })
+    }
+
+    pub fn target(&self) -> String {
+        let u = &self.client.url;
+        format!(
+            "{}://{}{}",
+            if u.tls { "https" } else { "http" },
+            u.authority(),
+            u.path
+        )
+    }
+
+    pub fn body(&self, batch: &[Record]) -> String {
+        batch
+            .iter()
+            .map(|r| envelope(r, &self.source, &self.sourcetype, self.index.as_deref()).to_string())
+            .collect()
+    }
+}
+
+impl Output for HecOutput {
+    type Item = Record;
+    fn batch_max(&self) -> usize {
+        self.batch
+    }
+
+    async fn deliver(&mut self, batch: &[Record]) -> Delivery {
+        if batch.is_empty() {
+            return Delivery::default();
+        }
+        let body = self.body(batch);
+        let headers = [
+            ("Authorization", format!("Splunk {}", self.token)),
+            ("Content-Type", "application/json".to_owned()),
+        ];
+        let resp = match self.client.post(&headers, body.as_bytes()).await {
+            Ok(r) => r,
+            Err(e) => return Delivery::failed(0, e),
+        };
+        let (text, invalid) = reason(&resp.body);
+        let error = OutputError::Http {
+            status: resp.status,
+            reason: text.clone(),
+        };
+        match resp.status {
+            200..=299 => Delivery::all(batch.len()),
+            400 => {
+                let at = invalid.unwrap_or(0).min(batch.len().saturating_sub(1));
+                let refused = if invalid.is_some() {
+                    1
+                } else {
+                    batch.len() - at
+                };
+                for r in batch.iter().skip(at).take(refused) {
+                    warn!(
+                        "HEC {} refused event {}: {text}; dropped",
+                        self.target(),
+                        r.id
+                    );
+                }
+                Delivery {
+                    sent: at,
+                    rejected: refused,
+                    ..Delivery::default()
+                }
+            }
+            401 | 403 => {
+                warn!(
+                    "HEC {}: token refused (HTTP {}: {text}); check token_file; retrying",
+                    self.target(),
+                    resp.status
+                );
+                Delivery::failed(0, error)
+            }
+            413 if batch.len() > 1 => {
+                self.batch = (batch.len() / 2).max(1);
+                Delivery::failed(0, error)
+            }
+            413 => {
+                warn!(
+                    "HEC {} refused event {} as too large; dropped",
+                    self.target(),
+                    batch.first().map_or("?", |r| r.id.as_str())
+                );
+                Delivery {
+                    rejected: 1,
+                    ..Delivery::default()
+                }
+            }
+            _ => Delivery {
+                retry_after: resp.retry_after(),
+                ..Delivery::failed(0, error)
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::tests::record;
+
+    #[test]
+    fn envelopes_concatenate() {
+        let c = OutputConfig {
+            kind: "hec".into(),
+            url: Some("http://127.0.0.1:8088/services/collector/event".into()),
+            ..OutputConfig::default()
+        };
+        let out = HecOutput {
+            client: http::Client::new(
+                c.url.as_deref().unwrap_or_default(),
+                None,
+                None,
+                Duration::from_secs(1),
+            )
+            .expect("client"),
+            token: "t".into(),
+            source: DEFAULT_SOURCE.into(),
+            sourcetype: DEFAULT_SOURCETYPE.into(),
+            index: Some("main".into()),
+            batch: 2,
+        };
+        let (a, b) = (record("address", "10.0.0.1"), record("identity", "k-1"));
+        let body = out.body(&[a.clone(), b]);
+        let events: Vec<Value> = serde_json::Deserializer::from_str(&body)
+            .into_iter::<Value>()
+            .collect::<Result<_, _>>()
+            .expect("concatenated JSON objects");
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0]["time"], 1_800_000_002.0);
+        assert_eq!(events[0]["sourcetype"], "sensor:alert");
+        assert_eq!(events[0]["index"], "main");
+        assert_eq!(events[0]["host"], "gpu-host-1");
+        assert_eq!(events[0]["event"]["id"], a.id);
+        assert_eq!(events[1]["event"]["alert"]["key"], "k-1");
+    }
+
+    #[test]
+    fn splunk_error_bodies() {
+        let (text, n) =
+            reason(r#"{"text":"Invalid data format","code":6,"invalid-event-number":2}"#);
+        assert_eq!(
+            (text.as_str(), n),
+            ("Invalid data format (code 6)", Some(2))
+        );
+        let (text, n) = reason(r#"{"text":"Invalid token","code":4}"#);
+        assert_eq!((text.as_str(), n), ("Invalid token (code 4)", None));
+        assert_eq!(reason("busy").0, "busy");
+    }
+}
