@@ -59,15 +59,21 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers followed before TCP.
+const MAX_EXT_HEADERS: usize = 4;
 const IPV6_HEADER_LEN: usize = 40;
 const TCP_FIN: u8 = 0x01;
 /// The state bits of `ParseState::mode` (the rest are flags).
 const MODE_STATE: u8 = 0x0f;
 // Copy sizes are powers of two so that `load_into` can bound lengths with a mask.
 const _: () = assert!(HEAD_CHUNK.is_power_of_two() && SSE_SCAN_MAX.is_power_of_two());
-/// Largest header length before TCP that is parsed: an IPv6 header and a hop-by-hop header of
-/// up to 64 bytes (BIG TCP's is 8); IPv4 headers are at most 60.
-const MAX_L4_OFFSET: usize = IPV6_HEADER_LEN + 64;
+const _: () = assert!(core::mem::size_of::<ClosedConn>() % 8 == 0);
+/// Largest header length before TCP that is parsed: an IPv6 header and up to 512 bytes of
+/// extension headers (BIG TCP's hop-by-hop header is 8, a destination-options header usually
+/// 8 or 16); IPv4 headers are at most 60.
+const MAX_L4_OFFSET: usize = IPV6_HEADER_LEN + 512;
 /// Attempts at the compare-and-swap that advances a byte counter; two CPUs racing on one
 /// direction of one connection is rare, three rounds always settle it in practice.
 const CAS_ATTEMPTS: usize = 3;
@@ -250,7 +256,13 @@ unsafe fn read_shared(field: *const u64) -> u64 {
 #[sock_ops]
 pub fn sensor_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => open_connection(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // Logged from here, not from open_connection: its record takes most of the 512
+            // bytes of stack the whole call chain may use.
+            if let Some(port) = open_connection(&ctx) {
+                no_room(&ctx, port);
+            }
+        }
         // args[1] is the new state (include/net/tcp_states.h).
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => close_connection(&ctx),
         _ => {}
@@ -263,12 +275,12 @@ pub fn sensor_sockops(ctx: SockOpsContext) -> u32 {
 ///
 /// Runs when the server side reaches ESTABLISHED (tcp_init_transfer), before the payload of
 /// the handshake's final ACK, if any, is queued: rcv_nxt and snd_nxt are then ISN + 1 each way.
-// A subprogram of its own: each record copy gets its own 512-byte stack frame instead of
-// sharing the caller's.
+/// Returns the port of a watched connection that found no room for its record.
+// A subprogram of its own: the record takes most of the stack the call chain may use.
 #[inline(never)]
-fn open_connection(ctx: &SockOpsContext) {
+fn open_connection(ctx: &SockOpsContext) -> Option<u16> {
     if !watched(ctx.local_port()) {
-        return;
+        return None;
     }
     let ops = ctx.ops;
     // SAFETY: ops is the context pointer the kernel passed; the fields are readable for
@@ -295,51 +307,63 @@ fn open_connection(ctx: &SockOpsContext) {
         }
     };
     let now = now_ns();
-    let mut record = ClosedConn {
+    // Built in place, field by field, in one zeroed stack copy: the record is over 200 bytes,
+    // and the whole call chain has 512 bytes of stack (older kernels count every frame).
+    let mut slot = core::mem::MaybeUninit::<ClosedConn>::uninit();
+    let record = slot.as_mut_ptr();
+    // SAFETY: record points at the stack slot; it is zeroed word by word first (volatile
+    // stores: a memset call would add a frame to the chain), and all-zero is a valid
+    // ClosedConn.
+    unsafe {
+        let words = record.cast::<u64>();
+        let mut i = 0;
+        while i < core::mem::size_of::<ClosedConn>() / 8 {
+            core::ptr::write_volatile(words.add(i), 0);
+            i += 1;
+        }
         // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        stats: ConnStats {
-            local_addr,
-            remote_addr,
-            local_port: ctx.local_port() as u16,
-            // remote_port holds the port in network order in its upper half on little endian
-            // (sock_ops_convert_ctx_access shifts it); ntohl gives the host-order port.
-            remote_port: u32::from_be(ctx.remote_port()) as u16,
-            family,
-            proto: PROTO_UNKNOWN,
-            closed: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            // The handshake segments were counted by the kernel before the record existed.
-            packets_in: u64::from(segs_in),
-            packets_out: u64::from(segs_out),
-            requests: 0,
-            first_seen_ns: now,
-            last_seen_ns: now,
-            in_seq_base: rcv_nxt,
-            out_seq_base: snd_nxt,
-            events_out: 0,
-            exchange_flags: 0,
-            _pad: 0,
-            // The client's first bytes start the first turn.
-            parse: ParseState {
-                mode: MODE_ARMED,
-                ..ParseState::default()
-            },
-        },
-    };
-    let recorded = if map_path() {
-        record_in_map(ctx, &record)
-    } else {
-        record_in_storage(ctx, &mut record)
-    };
-    if !recorded {
-        count_loss(Loss::ConnMapFull);
-        warn!(
-            ctx,
-            "no room for a connection record: port {} not counted", record.stats.local_port
-        );
+        (*record).cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        let stats = &raw mut (*record).stats;
+        (*stats).local_addr = local_addr;
+        (*stats).remote_addr = remote_addr;
+        (*stats).local_port = ctx.local_port() as u16;
+        // remote_port holds the port in network order in its upper half on little endian
+        // (sock_ops_convert_ctx_access shifts it); ntohl gives the host-order port.
+        (*stats).remote_port = u32::from_be(ctx.remote_port()) as u16;
+        (*stats).family = family;
+        (*stats).proto = PROTO_UNKNOWN;
+        // The handshake segments were counted by the kernel before the record existed.
+        (*stats).packets_in = u64::from(segs_in);
+        (*stats).packets_out = u64::from(segs_out);
+        (*stats).first_seen_ns = now;
+        (*stats).last_seen_ns = now;
+        (*stats).in_seq_base = rcv_nxt;
+        (*stats).out_seq_base = snd_nxt;
+        // The client's first bytes start the first turn.
+        (*stats).parse.mode = MODE_ARMED;
     }
+    // SAFETY: every field is initialized (zero or written above).
+    let record = unsafe { slot.assume_init_mut() };
+    let recorded = if map_path() {
+        record_in_map(ctx, record)
+    } else {
+        record_in_storage(ctx, record)
+    };
+    if recorded {
+        return None;
+    }
+    count_loss(Loss::ConnMapFull);
+    Some(record.stats.local_port)
+}
+
+/// Logs a connection that found no room for its record (the log record is built on the
+/// stack).
+#[inline(never)]
+fn no_room(ctx: &SockOpsContext, port: u16) {
+    warn!(
+        ctx,
+        "no room for a connection record: port {} not counted", port
+    );
 }
 
 /// Map path: the live record goes into OPEN under the socket's cookie. False when
@@ -438,7 +462,9 @@ fn close_connection(ctx: &SockOpsContext) {
         }
         match CLOSED.reserve::<ClosedConn>(0) {
             Some(mut entry) => {
-                entry.write(*record);
+                // Copied straight from the record, not through the stack (512 bytes for the
+                // whole call chain).
+                core::ptr::copy_nonoverlapping(record.cast_const(), entry.as_mut_ptr(), 1);
                 entry.submit(0);
             }
             // The agent's next poll finds the closed record in CONNS: a delay, not a loss.
@@ -474,10 +500,11 @@ fn close_in_map(ctx: &SockOpsContext) {
         }
         match CLOSED.reserve::<ClosedConn>(0) {
             Some(mut entry) => {
-                entry.write(ClosedConn {
-                    cookie,
-                    stats: *stats,
-                });
+                // Copied straight from the map value, not through the stack (512 bytes for
+                // the whole call chain).
+                let out = entry.as_mut_ptr();
+                (*out).cookie = cookie;
+                core::ptr::copy_nonoverlapping(stats.cast_const(), &raw mut (*out).stats, 1);
                 entry.submit(0);
             }
             // The agent's next poll finds the closed record in CONNS: a delay, not a loss.
@@ -629,21 +656,31 @@ fn parse(ctx: &SkBuffContext) -> Result<Segment, Unparsed> {
     } else if protocol == u32::from(ETH_P_IPV6.to_be()) {
         // Next header at 6.
         let ip6: [u8; 8] = load(ctx, 0)?;
-        match ip6[6] {
-            IPPROTO_TCP => IPV6_HEADER_LEN,
-            // BIG TCP: a GSO/GRO buffer over 64 KiB carries a hop-by-hop header (with the
-            // jumbo payload option) before TCP. Other extension headers are not followed;
-            // such packets count as unparsed.
-            IPPROTO_HOPOPTS => {
-                // Next header at 0, length in 8-byte units after the first 8 at 1.
-                let hop: [u8; 8] = load(ctx, IPV6_HEADER_LEN)?;
-                if hop[0] != IPPROTO_TCP {
-                    return Err(Unparsed);
-                }
-                IPV6_HEADER_LEN + (usize::from(hop[1]) + 1) * 8
+        // Extension headers before TCP are followed: hop-by-hop (BIG TCP puts one in GSO/GRO
+        // buffers over 64 KiB), routing and destination options, which any client may add to
+        // its packets (IPV6_DSTOPTS on its socket). Each has its next header at 0 and its
+        // length in 8-byte units after the first 8 at 1. Fragment headers are gone by the time
+        // TCP sees a packet (reassembly); others (ESP, AH) make the packet unparsed.
+        let mut next = ip6[6];
+        let mut offset = IPV6_HEADER_LEN;
+        for _ in 0..MAX_EXT_HEADERS {
+            if next == IPPROTO_TCP {
+                break;
             }
-            _ => return Err(Unparsed),
+            if next != IPPROTO_HOPOPTS && next != IPPROTO_ROUTING && next != IPPROTO_DSTOPTS {
+                return Err(Unparsed);
+            }
+            let ext: [u8; 8] = load(ctx, offset)?;
+            next = ext[0];
+            offset += (usize::from(ext[1]) + 1) * 8;
+            if offset > MAX_L4_OFFSET {
+                return Err(Unparsed);
+            }
         }
+        if next != IPPROTO_TCP {
+            return Err(Unparsed);
+        }
+        offset
     } else {
         return Err(Unparsed);
     };
@@ -1377,13 +1414,17 @@ fn emit_head<const FIRST: bool>(
         }
         (*ev).flags = flags | if done { HEAD_DONE } else { 0 };
         (*ev).head_len = len as u16;
-        HEAD_OFFSET + len
+        // Read back from memory and bounded here, where the verifier sees it: the compiler
+        // knows `len` fits from comparisons between registers, which older verifiers (6.1)
+        // do not track, and would drop a bound on the value it computed.
+        usize::from(core::ptr::read_volatile(&raw const (*ev).head_len))
     };
-    let len = if len > core::mem::size_of::<RequestEvent>() {
-        core::mem::size_of::<RequestEvent>()
+    let len = if len > HEAD_EVENT_MAX {
+        HEAD_EVENT_MAX
     } else {
         len
     };
+    let len = HEAD_OFFSET + len;
     // SAFETY: the first `len` bytes of the scratch event (at most its size) are initialized.
     let record = unsafe { core::slice::from_raw_parts(ev.cast::<u8>().cast_const(), len) };
     if REQUESTS.output::<[u8]>(record, 0).is_err() {

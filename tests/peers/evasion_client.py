@@ -3,7 +3,9 @@ with an ordinary socket, and with a raw one.
 
 Usage: evasion_client.py SPEC_JSON
 
-SPEC: {"host": "127.0.0.1", "port": N, "hold": bool, "requests": [REQUEST, ...]}
+SPEC: {"host": "127.0.0.1" or "::1", "port": N, "hold": bool, "dstopts": bool,
+       "requests": [REQUEST, ...]}
+  dstopts: every packet the client sends carries an IPv6 destination-options header.
 REQUEST: {"pieces": [TEXT, ...], "forge": FORGE?}
   pieces are sent one write each on a TCP_NODELAY socket, each after the previous one has left
   (the socket's send queue is empty and a moment has passed), so every piece is its own TCP
@@ -28,6 +30,7 @@ import sys
 import time
 
 ETH_P_ALL = 0x0003
+IPV6_DSTOPTS = 59
 TIOCOUTQ = 0x5411
 
 
@@ -115,8 +118,12 @@ def main():
     if forging:
         sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         sniffer.bind(("lo", 0))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if spec.get("dstopts"):
+        # An IPv6 destination-options header (PadN, 8 bytes) on every packet the client sends.
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
     sock.bind((host, 0))
     client_port = sock.getsockname()[1]
     sock.connect((host, port))

@@ -538,7 +538,18 @@ fn request_in_the_handshake_completing_packet_is_counted() {
 /// (bytes in, bytes out, requests) and the kernel's own count of bytes received (`ss`) equals
 /// the bytes in: ground truth from both ends, while the connection is still open.
 fn wait_open_exact(agent: &Agent, server_port: u16, client_port: u16, want: (u64, u64, u64)) {
-    let remote = format!("127.0.0.1:{client_port}");
+    wait_open_exact_from(agent, "127.0.0.1", server_port, client_port, want);
+}
+
+/// `wait_open_exact` for a client on `host` ("127.0.0.1", "::1").
+fn wait_open_exact_from(
+    agent: &Agent,
+    host: &str,
+    server_port: u16,
+    client_port: u16,
+    want: (u64, u64, u64),
+) {
+    let remote = join_host_port(host, &client_port.to_string());
     wait_for(
         "the open connection to match the client and ss",
         Duration::from_secs(15),
@@ -564,7 +575,12 @@ fn wait_open_exact(agent: &Agent, server_port: u16, client_port: u16, want: (u64
 /// After the close: the final record equals the client's account, and nginx logged exactly
 /// as many requests on that connection.
 fn assert_closed_exact(agent: &Agent, nginx: &Nginx, client: &ClientReport) {
-    let remote = format!("127.0.0.1:{}", client.local_port);
+    assert_closed_exact_from(agent, nginx, "127.0.0.1", client);
+}
+
+/// `assert_closed_exact` for a client on `host` ("127.0.0.1", "::1").
+fn assert_closed_exact_from(agent: &Agent, nginx: &Nginx, host: &str, client: &ClientReport) {
+    let remote = join_host_port(host, &client.local_port.to_string());
     let conns = agent.wait_closed(1, |c| c.remote == remote);
     let c = &conns[0];
     assert_eq!(
@@ -688,4 +704,42 @@ fn forged_segments_tcp_drops_count_nothing_and_hide_nothing() {
     );
     client.finish();
     assert_closed_exact(&agent, &nginx, &report);
+}
+
+/// A client whose every packet carries an IPv6 destination-options header (any client may set
+/// IPV6_DSTOPTS on its socket) is counted like any other. Before, the sensor parsed no
+/// extension header but BIG TCP's hop-by-hop one: its packets were unparsed, and its requests
+/// and bytes never counted.
+#[test]
+fn ipv6_extension_headers_do_not_hide_requests() {
+    if !privileged("ipv6_extension_headers_do_not_hide_requests") {
+        return;
+    }
+    let cg = Cgroup::new("dstopts");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("[::1]:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let get = http_get(&format!("/{}", SMALL.0), "");
+    let put = "PUT /upload/dstopts HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n";
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "::1", "port": port, "hold": true, "dstopts": true,
+        "requests": [
+            {"pieces": [get]},
+            {"pieces": ["G", &get[1..]]},
+            {"pieces": [put, "hello"]},
+            {"pieces": [http_get(&format!("/{}", BIG.0), "")]},
+        ],
+    }));
+    let report = client.report.clone();
+    assert_eq!(report.requests, 4);
+    wait_open_exact_from(
+        &agent,
+        "::1",
+        port,
+        report.local_port,
+        (report.sent, report.received, report.requests),
+    );
+    client.finish();
+    assert_closed_exact_from(&agent, &nginx, "::1", &report);
+    assert_eq!(agent.health()["loss"]["unparsed_packets"], 0);
 }
