@@ -704,12 +704,12 @@ fn parse(ctx: &SkBuffContext) -> Result<Segment, Unparsed> {
 }
 
 /// A packet of a recorded connection: its record, TCP facts, and what TCP has accepted from
-/// the client so far (None where the packet has no full TCP socket).
+/// the client so far (`NOT_READ` for pure ACKs and packets without a full TCP socket).
 struct Packet {
     cookie: u64,
     stats: *mut ConnStats,
     segment: Segment,
-    received: Option<u64>,
+    received: u64,
 }
 
 /// The record and facts of a packet on a watched port; None for packets of connections
@@ -728,13 +728,19 @@ fn packet(ctx: &SkBuffContext) -> Result<Option<Packet>, Unparsed> {
     // What TCP itself has accepted from the client, in order: it advances only for data that
     // passed its checks (checksum, sequence window, PAWS, ACK), none of which have run yet for
     // an ingress packet (cgroup_skb ingress runs from tcp_filter, before tcp_rcv_established).
-    let received = tcp_bytes_received(ctx);
+    // Read where it matters: packets with payload or a FIN (a bulk transfer's pure ACKs are
+    // most packets, and TCP's count is read again at the next data packet and at the close).
+    let received = if segment.payload_len > 0 || segment.fin != 0 {
+        tcp_bytes_received(ctx)
+    } else {
+        NOT_READ
+    };
     // SAFETY: stats points into a live map value; fields are only updated atomically or as
     // single aligned stores, which tolerate concurrent readers.
     unsafe {
         (*stats).last_seen_ns = now_ns();
-        if let Some(rcvd) = received {
-            note_received(&mut *stats, rcvd);
+        if received != NOT_READ {
+            note_received(&mut *stats, received);
         }
     }
     Ok(Some(Packet {
@@ -753,9 +759,10 @@ fn count_ingress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
     unsafe {
         atomic_add(&raw mut (*pkt.stats).packets_in, pkt.segment.segments);
     }
-    let Some(rcvd) = pkt.received else {
+    let rcvd = pkt.received;
+    if rcvd == NOT_READ {
         return Ok(());
-    };
+    }
     if pkt.segment.payload_len == 0 && pkt.segment.fin == 0 {
         return Ok(());
     }
@@ -777,9 +784,10 @@ fn count_egress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
     let stats = unsafe { &mut *pkt.stats };
     // SAFETY: field of a live map value.
     unsafe { atomic_add(&raw mut stats.packets_out, pkt.segment.segments) };
-    let Some(rcvd) = pkt.received else {
+    let rcvd = pkt.received;
+    if rcvd == NOT_READ {
         return Ok(());
-    };
+    }
     if pkt.segment.payload_len == 0 {
         return Ok(());
     }
@@ -817,27 +825,32 @@ fn record_of_packet(ctx: &SkBuffContext) -> Option<(u64, *mut ConnStats)> {
     Some(unsafe { ((*record).cookie, &raw mut (*record).stats) })
 }
 
+/// `Packet::received` when TCP's count was not read (a pure ACK) or cannot be (no full TCP
+/// socket). A sentinel, not an Option: the compiler's code for the Option confused the
+/// verifier about an argument register.
+const NOT_READ: u64 = u64::MAX;
+
 /// Payload bytes the kernel's TCP has received in order on the packet's connection
-/// (`tcp_sock.bytes_received`, which a FIN also advances by one), None where the packet has no
-/// full TCP socket.
+/// (`tcp_sock.bytes_received`, which a FIN also advances by one), `NOT_READ` where the packet
+/// has no full TCP socket.
 #[inline(never)]
-fn tcp_bytes_received(ctx: &SkBuffContext) -> Option<u64> {
+fn tcp_bytes_received(ctx: &SkBuffContext) -> u64 {
     // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL). The
     // helpers return NULL for sockets that are not full TCP sockets.
     unsafe {
         let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return None;
+            return NOT_READ;
         }
         let full = bpf_sk_fullsock(sk);
         if full.is_null() {
-            return None;
+            return NOT_READ;
         }
         let tp = bpf_tcp_sock(full);
         if tp.is_null() {
-            return None;
+            return NOT_READ;
         }
-        Some((*tp).bytes_received)
+        (*tp).bytes_received
     }
 }
 
@@ -856,17 +869,17 @@ fn payload_received(stats: &ConnStats, rcvd: u64) -> u64 {
 /// never from the sequence numbers of packets that TCP may still reject: a segment forged far
 /// ahead (or one TCP drops for a bad checksum or ACK) adds nothing and hides nothing.
 ///
-/// SAFETY: none beyond `stats` being a live record; the store may race with another CPU's,
-/// which only delays the count to the next packet (both values are TCP's, and grow).
+/// SAFETY: none beyond `stats` being a live record. A plain store, not a compare-and-swap:
+/// it may race with another CPU's and leave the smaller of two of TCP's counts for a moment,
+/// which the next packet (or the close) corrects; readers keep the largest they saw.
 #[inline(always)]
 unsafe fn note_received(stats: &mut ConnStats, rcvd: u64) {
     let data = payload_received(stats, rcvd);
     let field = &raw mut stats.bytes_in;
-    // SAFETY: field of a live map value.
+    // SAFETY: field of a live map value; a single aligned store.
     unsafe {
-        let current = read_shared(field);
-        if data > current {
-            atomic_replace(field, current, data);
+        if data > read_shared(field) {
+            core::ptr::write_volatile(field, data);
         }
     }
 }
@@ -1717,6 +1730,15 @@ unsafe fn pattern_starts(words: *const u64, w: usize, pattern: &[u8]) -> u64 {
     m
 }
 
+/// High bit of byte `j` set where byte `8 * w + j + k` is `b`.
+///
+/// SAFETY: as `window`.
+#[inline(always)]
+unsafe fn pattern_starts_at(words: *const u64, w: usize, k: usize, b: u8) -> u64 {
+    // SAFETY: per the contract.
+    zero_bytes(unsafe { window(words, w, k) } ^ (ONES * u64::from(b)))
+}
+
 /// Zeroes the 16 bytes after the first `n` of the scratch buffer (see above).
 ///
 /// SAFETY: `base` points at this CPU's `Scratch::bytes`, `n <= SSE_SCAN_MAX`.
@@ -1745,12 +1767,20 @@ fn names_event_stream(base: *const u8, len: *const u64) -> bool {
         let word = unsafe { core::ptr::read_volatile(words.add(w)) };
         if zero_bytes(word ^ (ONES * u64::from(b'-'))) != 0 {
             // The pattern's `-` is its sixth byte: it starts in this word or the one before.
+            // Three of its bytes first (`e`, `v`, `-`), the rest only where those match.
             let from = if w > 0 { w - 1 } else { 0 };
             // SAFETY: words from ..= w + 2 lie in the buffer and its slack.
-            let found = unsafe {
-                pattern_starts(words, from, PATTERN) | pattern_starts(words, from + 1, PATTERN)
+            let maybe = unsafe {
+                pattern_starts(words, from, b"ev") & pattern_starts_at(words, from, 5, b'-')
+                    | pattern_starts(words, from + 1, b"ev")
+                        & pattern_starts_at(words, from + 1, 5, b'-')
             };
-            if found != 0 {
+            // SAFETY: as above.
+            if maybe != 0
+                && unsafe {
+                    pattern_starts(words, from, PATTERN) | pattern_starts(words, from + 1, PATTERN)
+                } != 0
+            {
                 return true;
             }
         }
