@@ -24,6 +24,7 @@ use crate::{
     model::aggregate::{Aggregator, Now},
     model::conntable::ConnTable,
     model::report::{Query, client_rows},
+    sinks::SinkHealth,
 };
 
 const MAX_REQUEST_HEAD: usize = 8192;
@@ -115,13 +116,14 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, state: SharedState) {
+/// Serves the API; `sinks` are the running sinks' counters (in `/v1/health`).
+pub async fn serve(listener: UnixListener, state: SharedState, sinks: SinkHealth) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let state = state.clone();
+                let (state, sinks) = (state.clone(), sinks.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, state).await {
+                    if let Err(e) = handle(stream, state, &sinks).await {
                         debug!("api request failed: {e:#}");
                     }
                 });
@@ -134,7 +136,11 @@ pub async fn serve(listener: UnixListener, state: SharedState) {
     }
 }
 
-async fn handle(mut stream: UnixStream, state: SharedState) -> anyhow::Result<()> {
+async fn handle(
+    mut stream: UnixStream,
+    state: SharedState,
+    sinks: &SinkHealth,
+) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     let own_uid = unsafe { libc::geteuid() };
     let peer = stream.peer_cred()?;
@@ -154,7 +160,7 @@ async fn handle(mut stream: UnixStream, state: SharedState) -> anyhow::Result<()
         let state = state
             .lock()
             .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-        route_request(&state, route, query)
+        route_request(&state, sinks, route, query)
     };
     match reply {
         Ok(body) => respond(&mut stream, 200, &body).await,
@@ -168,6 +174,7 @@ async fn handle(mut stream: UnixStream, state: SharedState) -> anyhow::Result<()
 /// Answers one API route from the agent's state.
 pub fn route_request(
     state: &AgentState,
+    sinks: &SinkHealth,
     route: &str,
     query: &str,
 ) -> Result<String, (u16, String)> {
@@ -221,7 +228,7 @@ pub fn route_request(
                     total_bytes_out: a.grand_total().bytes_out,
                     total_requests: a.grand_total().requests,
                 },
-                outputs: crate::sinks::health(),
+                outputs: sinks.stats(),
             }))
         }
         _ => Err((404, "no such endpoint".into())),

@@ -283,7 +283,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .start_shipping(&config.ship, &name, &config.state.dir)
             .context("cannot start shipping to the collector")?;
     }
-    outputs.register();
+    let sinks = outputs.health();
     if args.fresh {
         info!(
             "--fresh: discarding saved state in {}",
@@ -400,7 +400,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("writing the first state snapshot")?;
 
     let listener = api::bind(&config.api.socket)?;
-    tokio::spawn(api::serve(listener, state.clone()));
+    tokio::spawn(api::serve(listener, state.clone(), sinks));
     info!("local API on {}", config.api.socket.display());
     if let Some(server) = metrics_server {
         tokio::spawn(server.serve(state.clone()));

@@ -27,7 +27,7 @@ use super::{
 use crate::{
     model::aggregate::Now,
     model::report::{Query, client_rows},
-    sinks::http::{read_certs, read_key},
+    net::tls::{read_certs, read_key},
 };
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -297,9 +297,8 @@ fn read(shared: &Shared, path: &str, query: &str) -> Reply {
         }
         "/v1/alerts" => shared.with_fleet(|f| serde_json::to_string(&f.state.alerts(&f.detector))),
         "/metrics" => {
-            let outputs = crate::sinks::health();
             return match shared
-                .with_fleet(|f| super::metrics::render(&shared.counters, f, &outputs))
+                .with_fleet(|f| super::metrics::render(&shared.counters, f, &f.outputs.stats()))
             {
                 Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
