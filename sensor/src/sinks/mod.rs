@@ -35,12 +35,14 @@
 //! 3. Its keys in docs/outputs.md.
 
 pub mod config;
+pub mod configure;
 pub mod engine;
 pub mod error;
 pub mod fanout;
 pub mod file;
 pub mod hec;
 pub mod retry;
+pub mod running;
 pub mod ship;
 pub mod sink;
 pub mod spool;

@@ -4,23 +4,10 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::sink::{FileSink, RotatingFile};
-use crate::{
-    formats::{Format, ecs::Ecs, ocsf::Ocsf},
-    sinks::{
-        config::{Configure, Context, Invalid, positive},
-        error::SinkError,
-        fanout::{Running, alerts},
-        spool::Spool,
-    },
-};
+use crate::sinks::configure::{Invalid, positive};
 
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_KEEP_FILES: usize = 5;
-/// File sinks keep undelivered lines in memory only (the file is the durable copy).
-const MEMORY_SPOOL_MAX_BYTES: u64 = 16 * 1024 * 1024;
-/// Lines written per attempt.
-const BATCH: usize = 256;
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -32,12 +19,9 @@ pub struct FileConfig {
     pub keep_files: Option<usize>,
 }
 
-impl Configure for FileConfig {
-    fn name(&self) -> Option<&str> {
-        self.name.as_deref()
-    }
-
-    fn validate(&self) -> Result<(), Invalid> {
+impl FileConfig {
+    /// Checks what serde cannot (ranges, formats, keys that go together).
+    pub fn validate(&self) -> Result<(), Invalid> {
         positive("max_file_bytes", self.max_file_bytes)?;
         if let Some(n) = self.keep_files
             && !(1..=1000).contains(&n)
@@ -48,29 +32,5 @@ impl Configure for FileConfig {
             return Err(("path", "must be an absolute path".into()));
         }
         Ok(())
-    }
-
-    fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
-        // The variant picks the rendering: `ecs-file` or `ocsf-file`.
-        let format: Box<dyn Format> = if ctx.kind == "ocsf-file" {
-            Box::new(Ocsf)
-        } else {
-            Box::new(Ecs)
-        };
-        let mut file = RotatingFile::new(
-            &self.path,
-            self.max_file_bytes.unwrap_or(DEFAULT_MAX_FILE_BYTES),
-            self.keep_files.unwrap_or(DEFAULT_KEEP_FILES),
-        );
-        // Fail at start on an unwritable path.
-        file.open()?;
-        Ok(Running::spawn(
-            ctx,
-            FileSink::new(file, format, BATCH),
-            Spool::memory(MEMORY_SPOOL_MAX_BYTES),
-            std::time::Duration::from_secs(crate::sinks::config::DEFAULT_RETRY_MAX_SECS),
-            false,
-            alerts,
-        ))
     }
 }

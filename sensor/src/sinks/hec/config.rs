@@ -4,12 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::sink::HecSink;
-use crate::sinks::{
-    config::{Configure, Context, DeliveryKeys, Invalid, http_url, positive},
-    error::SinkError,
-    fanout::{Running, alerts},
-};
+use crate::sinks::configure::{DeliveryKeys, Invalid, http_url, positive};
 
 pub const DEFAULT_SOURCETYPE: &str = "sensor:alert";
 pub const DEFAULT_SOURCE: &str = "sensor";
@@ -47,12 +42,9 @@ impl HecConfig {
     }
 }
 
-impl Configure for HecConfig {
-    fn name(&self) -> Option<&str> {
-        self.name.as_deref()
-    }
-
-    fn validate(&self) -> Result<(), Invalid> {
+impl HecConfig {
+    /// Checks what serde cannot (ranges, formats, keys that go together).
+    pub fn validate(&self) -> Result<(), Invalid> {
         self.delivery().validate()?;
         positive("batch_max_events", self.batch_max_events.map(|n| n as u64))?;
         http_url(&self.url, self.ca_file.as_ref(), self.server_name.as_ref())?;
@@ -63,19 +55,5 @@ impl Configure for HecConfig {
             ));
         }
         Ok(())
-    }
-
-    fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
-        let delivery = self.delivery();
-        let spool = delivery.spool(ctx)?;
-        let sink = HecSink::new(self, delivery.timeout())?;
-        Ok(Running::spawn(
-            ctx,
-            sink,
-            spool,
-            delivery.retry_max(),
-            false,
-            alerts,
-        ))
     }
 }

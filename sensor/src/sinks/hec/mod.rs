@@ -9,3 +9,35 @@ pub mod config;
 pub mod sink;
 
 pub use config::HecConfig;
+
+use sink::HecSink;
+
+use crate::sinks::{
+    configure::{Configure, Invalid},
+    error::SinkError,
+    running::{Context, Running, alerts},
+};
+
+impl Configure for HecConfig {
+    fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        HecConfig::validate(self)
+    }
+
+    fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
+        let delivery = self.delivery();
+        let spool = delivery.spool(ctx)?;
+        let sink = HecSink::new(self, delivery.timeout())?;
+        Ok(Running::spawn(
+            ctx,
+            sink,
+            spool,
+            delivery.retry_max(),
+            false,
+            alerts,
+        ))
+    }
+}

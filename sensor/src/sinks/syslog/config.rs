@@ -4,14 +4,9 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{encoder, sink::SyslogSink};
 use crate::{
     formats::{Format, JsonFormat, cef::Cef, leef::Leef},
-    sinks::{
-        config::{Configure, Context, DeliveryKeys, Invalid, ca_file_set},
-        error::SinkError,
-        fanout::Running,
-    },
+    sinks::configure::{DeliveryKeys, Invalid, ca_file_set},
 };
 
 pub const DEFAULT_SD_ID: &str = "alert@32473";
@@ -163,26 +158,11 @@ impl SyslogConfig {
             timeout_secs: self.timeout_secs,
         }
     }
-
-    pub fn renderer(&self) -> encoder::Rfc5424 {
-        encoder::Rfc5424 {
-            facility: encoder::facility_code(self.facility.as_deref().unwrap_or("local0")),
-            app_name: self
-                .app_name
-                .clone()
-                .unwrap_or_else(|| DEFAULT_APP_NAME.into()),
-            sd_id: self.sd_id.clone().unwrap_or_else(|| DEFAULT_SD_ID.into()),
-            msg: self.message.format(),
-        }
-    }
 }
 
-impl Configure for SyslogConfig {
-    fn name(&self) -> Option<&str> {
-        self.name.as_deref()
-    }
-
-    fn validate(&self) -> Result<(), Invalid> {
+impl SyslogConfig {
+    /// Checks what serde cannot (ranges, formats, keys that go together).
+    pub fn validate(&self) -> Result<(), Invalid> {
         self.delivery().validate()?;
         if split_host_port(&self.address).is_none() {
             return Err(("address", format!("`{}` is not host:port", self.address)));
@@ -220,20 +200,6 @@ impl Configure for SyslogConfig {
             ));
         }
         ca_file_set(self.ca_file.as_ref())
-    }
-
-    fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
-        let delivery = self.delivery();
-        let spool = delivery.spool(ctx)?;
-        let sink = SyslogSink::new(self, delivery.timeout())?;
-        Ok(Running::spawn(
-            ctx,
-            sink,
-            spool,
-            delivery.retry_max(),
-            false,
-            crate::sinks::fanout::alerts,
-        ))
     }
 }
 

@@ -1,5 +1,6 @@
 //! RFC 5424 messages for alert events, and octet-counting framing.
 
+use super::config::{DEFAULT_APP_NAME, DEFAULT_SD_ID, FACILITIES, SyslogConfig};
 use crate::formats::{Format, Record};
 
 /// Escapes an SD-PARAM value: '"', '\' and ']' get a backslash.
@@ -25,7 +26,7 @@ fn header_field(s: &str, max: usize) -> String {
 }
 
 pub fn facility_code(name: &str) -> u8 {
-    super::config::FACILITIES
+    FACILITIES
         .iter()
         .position(|f| *f == name)
         .map_or(16, |i| i as u8)
@@ -53,6 +54,19 @@ pub struct Rfc5424 {
 }
 
 impl Rfc5424 {
+    /// The renderer `c` describes (defaults: local0, `sensor`, `alert@32473`).
+    pub fn new(c: &SyslogConfig) -> Self {
+        Self {
+            facility: facility_code(c.facility.as_deref().unwrap_or("local0")),
+            app_name: c
+                .app_name
+                .clone()
+                .unwrap_or_else(|| DEFAULT_APP_NAME.into()),
+            sd_id: c.sd_id.clone().unwrap_or_else(|| DEFAULT_SD_ID.into()),
+            msg: c.message.format(),
+        }
+    }
+
     /// The structured data element with the key evidence.
     pub fn structured_data(&self, rec: &Record) -> String {
         let a = &rec.alert;
@@ -116,7 +130,7 @@ mod tests {
         Rfc5424 {
             facility: facility_code("local0"),
             app_name: "sensor".into(),
-            sd_id: super::super::config::DEFAULT_SD_ID.into(),
+            sd_id: DEFAULT_SD_ID.into(),
             msg,
         }
     }

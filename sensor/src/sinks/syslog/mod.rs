@@ -17,3 +17,35 @@ pub mod encoder;
 pub mod sink;
 
 pub use config::SyslogConfig;
+
+use sink::SyslogSink;
+
+use crate::sinks::{
+    configure::{Configure, Invalid},
+    error::SinkError,
+    running::{Context, Running, alerts},
+};
+
+impl Configure for SyslogConfig {
+    fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        SyslogConfig::validate(self)
+    }
+
+    fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
+        let delivery = self.delivery();
+        let spool = delivery.spool(ctx)?;
+        let sink = SyslogSink::new(self, encoder::Rfc5424::new(self), delivery.timeout())?;
+        Ok(Running::spawn(
+            ctx,
+            sink,
+            spool,
+            delivery.retry_max(),
+            false,
+            alerts,
+        ))
+    }
+}

@@ -54,7 +54,7 @@ const REPLAY_WINDOW: Duration = Duration::from_secs(10);
 const REPLAY_MAX: usize = 512;
 
 impl SyslogSink {
-    pub fn new(c: &SyslogConfig, timeout: Duration) -> Result<Self, SinkError> {
+    pub fn new(c: &SyslogConfig, render: Rfc5424, timeout: Duration) -> Result<Self, SinkError> {
         let (host, port) = split_host_port(&c.address)
             .ok_or_else(|| SinkError::Config(format!("`{}` is not host:port", c.address)))?;
         let tls = if c.protocol == Protocol::Tls {
@@ -69,7 +69,7 @@ impl SyslogSink {
             protocol: c.protocol,
             tls,
             timeout,
-            render: c.renderer(),
+            render,
             conn: None,
             recent: std::collections::VecDeque::new(),
             replay: false,

@@ -4,12 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::sink::WebhookSink;
-use crate::sinks::{
-    config::{Configure, Context, DeliveryKeys, Invalid, http_url},
-    error::SinkError,
-    fanout::{Running, alerts},
-};
+use crate::sinks::configure::{DeliveryKeys, Invalid, http_url};
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -38,27 +33,10 @@ impl WebhookConfig {
     }
 }
 
-impl Configure for WebhookConfig {
-    fn name(&self) -> Option<&str> {
-        self.name.as_deref()
-    }
-
-    fn validate(&self) -> Result<(), Invalid> {
+impl WebhookConfig {
+    /// Checks what serde cannot (ranges, formats, keys that go together).
+    pub fn validate(&self) -> Result<(), Invalid> {
         self.delivery().validate()?;
         http_url(&self.url, self.ca_file.as_ref(), self.server_name.as_ref())
-    }
-
-    fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
-        let delivery = self.delivery();
-        let spool = delivery.spool(ctx)?;
-        let sink = WebhookSink::new(self, delivery.timeout())?;
-        Ok(Running::spawn(
-            ctx,
-            sink,
-            spool,
-            delivery.retry_max(),
-            false,
-            alerts,
-        ))
     }
 }

@@ -9,3 +9,35 @@ pub mod config;
 pub mod sink;
 
 pub use config::WebhookConfig;
+
+use sink::WebhookSink;
+
+use crate::sinks::{
+    configure::{Configure, Invalid},
+    error::SinkError,
+    running::{Context, Running, alerts},
+};
+
+impl Configure for WebhookConfig {
+    fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        WebhookConfig::validate(self)
+    }
+
+    fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
+        let delivery = self.delivery();
+        let spool = delivery.spool(ctx)?;
+        let sink = WebhookSink::new(self, delivery.timeout())?;
+        Ok(Running::spawn(
+            ctx,
+            sink,
+            spool,
+            delivery.retry_max(),
+            false,
+            alerts,
+        ))
+    }
+}
