@@ -173,8 +173,8 @@ mod tests {
     use crate::sinks::tests::record;
 
     #[test]
-    fn envelopes_concatenate() {
-        let out = HecSink {
+    fn sink(batch: usize) -> HecSink {
+        HecSink {
             client: HttpClient::new(
                 "http://127.0.0.1:8088/services/collector/event",
                 TlsOptions::default(),
@@ -185,8 +185,59 @@ mod tests {
             source: DEFAULT_SOURCE.into(),
             sourcetype: DEFAULT_SOURCETYPE.into(),
             index: Some("main".into()),
-            batch: 2,
-        };
+            batch,
+        }
+    }
+
+    fn answer(status: u16, retry_after: Option<&'static str>, body: &str) -> Response {
+        let mut headers = hyper::HeaderMap::new();
+        if let Some(v) = retry_after {
+            headers.insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from_static(v),
+            );
+        }
+        Response {
+            status,
+            headers,
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let mut out = sink(4);
+        let batch: Vec<Record> = (0..4)
+            .map(|i| Record {
+                id: format!("e{i}"),
+                ..record("address", "10.0.0.1")
+            })
+            .collect();
+        let ok = out.classify(&answer(200, None, ""), &batch);
+        assert_eq!(ok.expect("accepted"), Delivered::all(4));
+        // The third event is invalid: the two before it were indexed, it alone is refused.
+        let bad = r#"{"text":"Invalid data format","code":6,"invalid-event-number":2}"#;
+        let refused = out.classify(&answer(400, None, bad), &batch);
+        assert_eq!(refused.expect("refused"), Delivered::rejected(2, 1));
+        let token = out
+            .classify(&answer(403, None, r#"{"text":"Invalid token","code":4}"#), &batch)
+            .expect_err("retried");
+        assert_eq!(token.done, Delivered::default());
+        let busy = out
+            .classify(&answer(503, Some("7"), "busy"), &batch)
+            .expect_err("retried");
+        assert_eq!(busy.retry_after, Some(Duration::from_secs(7)));
+        assert!(busy.error.to_string().contains("503"), "{}", busy.error);
+        out.classify(&answer(413, None, ""), &batch)
+            .expect_err("halved and retried");
+        assert_eq!(out.batch_max(), 2);
+        let alone = out.classify(&answer(413, None, ""), &batch[..1]);
+        assert_eq!(alone.expect("dropped"), Delivered::rejected(0, 1));
+    }
+
+    #[test]
+    fn envelopes_concatenate() {
+        let out = sink(2);
         let (a, b) = (record("address", "10.0.0.1"), record("identity", "k-1"));
         let body = out.body(&[a.clone(), b]);
         let events: Vec<Value> = serde_json::Deserializer::from_str(&body)
