@@ -220,7 +220,10 @@ mod tests {
         let refused = out.classify(&answer(400, None, bad), &batch);
         assert_eq!(refused.expect("refused"), Delivered::rejected(2, 1));
         let token = out
-            .classify(&answer(403, None, r#"{"text":"Invalid token","code":4}"#), &batch)
+            .classify(
+                &answer(403, None, r#"{"text":"Invalid token","code":4}"#),
+                &batch,
+            )
             .expect_err("retried");
         assert_eq!(token.done, Delivered::default());
         let busy = out
