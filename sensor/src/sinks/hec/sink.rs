@@ -172,7 +172,6 @@ mod tests {
     use super::*;
     use crate::sinks::tests::record;
 
-    #[test]
     fn sink(batch: usize) -> HecSink {
         HecSink {
             client: HttpClient::new(
