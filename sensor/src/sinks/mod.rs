@@ -18,18 +18,23 @@
 //!   per sink; errors name the output and the key.
 //! - One folder per sink: `syslog/`, `hec/`, `file/` (ecs-file, ocsf-file), `webhook/`,
 //!   `ship/` (the collector, configured by `[ship]`), each with its `config.rs` (the typed
-//!   config, `deny_unknown_fields`, its validation, starting the sink) and the sink itself.
+//!   config, `deny_unknown_fields`, its validation), its `sink.rs` (the sink, its request and
+//!   the classification of its receiver's answers) and a `mod.rs` that wires the two.
+//!
+//! Within this module, imports go one way: `error`, `spool`, `stats`, `sink`, `retry`,
+//! `engine`, `running`, `configure`, the sink folders, `config`, `fanout`.
 //!
 //! Every event carries an idempotent id (alert id, event, the alert's update count), the same
 //! at every sink and on every retry, so a deduplicating receiver never counts twice.
 //!
 //! # Adding a sink
 //!
-//! 1. A folder `sinks/<name>/` with `mod.rs`, `config.rs` and `sink.rs`: the config struct
+//! 1. A folder `sinks/<name>/`: `config.rs` with the config struct
 //!    (`#[serde(deny_unknown_fields)]`, a `name: Option<String>`, and for a network sink the
-//!    spool and retry keys as [`config::DeliveryKeys`]) implementing [`config::Configure`]
-//!    (`validate`, and `start`: open the spool, build the sink, [`fanout::Running::spawn`]),
-//!    and the sink implementing [`sink::Sink`].
+//!    spool and retry keys, read through [`configure::DeliveryKeys`]) and its `validate`;
+//!    `sink.rs` with the sink implementing [`sink::Sink`]; `mod.rs` implementing
+//!    [`configure::Configure`] for the config (`start`: open the spool, build the sink,
+//!    [`running::Running::spawn`]).
 //! 2. One variant in [`config::SinkConfig`] (`#[serde(rename = "<type>")]`) and its line in
 //!    `SinkConfig::parts`.
 //! 3. Its keys in docs/outputs.md.
