@@ -138,15 +138,7 @@ impl Tokens {
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header value.
-pub fn bearer(header: Option<&str>) -> Option<&str> {
-    let v = header?.trim();
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
+pub use crate::net::secrets::bearer;
 
 // --- batches --------------------------------------------------------------------------------
 
@@ -480,7 +472,7 @@ mod tests {
 
     #[test]
     fn tokens_by_role_hashed_and_checked() {
-        let hashed = crate::sinks::http::hex(&sha256(b"reader-token-0123456789"));
+        let hashed = hex::encode(sha256(b"reader-token-0123456789"));
         let text =
             format!("# comment\nagent host-a agent-token-0123456789\nreader soc sha256:{hashed}\n");
         let t = Tokens::parse(&text, "tokens").expect("parse");

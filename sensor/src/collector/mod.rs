@@ -124,7 +124,6 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         Now::set_scale(config.detect.time_scale);
     }
     let outputs = Outputs::start(&config.outputs, &dir).context("cannot start the outputs")?;
-    outputs.register();
     let received_log = if config.state.received_log.as_os_str().is_empty() {
         None
     } else {

@@ -29,8 +29,8 @@ use crate::{
     net::{
         prometheus,
         server::{self, Limits},
+        tls::{read_certs, read_key},
     },
-    sinks::http::{read_certs, read_key},
 };
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -300,9 +300,8 @@ fn read(shared: &Shared, path: &str, query: &str) -> Reply {
         }
         "/v1/alerts" => shared.with_fleet(|f| serde_json::to_string(&f.state.alerts(&f.detector))),
         "/metrics" => {
-            let outputs = crate::sinks::health();
             return match shared
-                .with_fleet(|f| super::metrics::families(&shared.counters, f, &outputs))
+                .with_fleet(|f| super::metrics::families(&shared.counters, f, &f.outputs.stats()))
                 .and_then(|families| Ok(families.encode()?))
             {
                 Ok(text) => reply(StatusCode::OK, prometheus::CONTENT_TYPE, text),

@@ -158,7 +158,7 @@ impl Shared {
                     "total_bytes_out": agg.addresses.grand_total().bytes_out,
                 },
                 "detect": f.detector.state.counters,
-                "outputs": crate::sinks::health(),
+                "outputs": f.outputs.stats(),
             }))
         })
     }
