@@ -348,8 +348,9 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                         at("alert")
                     ));
                 }
+                // As far ahead as a summary period may end.
                 let limit_ms = now_s
-                    .saturating_add(MAX_CLOCK_AHEAD_SECS)
+                    .saturating_add(MAX_CLOCK_AHEAD_SECS + PERIOD_SECS)
                     .saturating_mul(1000);
                 if alert.first_seen_ms > alert.last_seen_ms || alert.last_seen_ms > limit_ms {
                     return implausible(format!(
@@ -565,7 +566,11 @@ mod tests {
                         "host-a",
                         &crate::detect::AlertEvent {
                             event: "open",
-                            alert: crate::sinks::tests::alert("address", "10.1.2.3"),
+                            alert: crate::detect::Alert {
+                                // The collector sets it to the token's agent name.
+                                host: "host-a".into(),
+                                ..crate::sinks::tests::alert("address", "10.1.2.3")
+                            },
                         },
                     )
                 },
