@@ -10,6 +10,7 @@ bombs HOST PORT TOKEN FILE N: N concurrent POSTs of the gzip body FILE to /v1/in
 
 import asyncio
 import json
+import os
 import ssl
 import sys
 
@@ -79,10 +80,10 @@ async def flood(host, port, seconds, specs):
             else:
                 tasks.append(asyncio.create_task(badtoken(host, port, src, stats, ctx)))
     await asyncio.sleep(seconds)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    # Not waiting for the tasks to finish: a cancellation can be lost inside wait_for
+    # (Python 3.11), and the process ends here anyway.
     print(json.dumps(stats), flush=True)
+    os._exit(0)
 
 
 async def bomb(host, port, token, body, ctx):
