@@ -35,6 +35,7 @@ async def badtoken(host, port, src, stats, ctx):
                 asyncio.open_connection(host, port, ssl=ctx, local_addr=(src, 0)), 15
             )
             stats["connected"] += 1
+            answered = 0
             try:
                 while True:
                     w.write(BAD)
@@ -44,6 +45,10 @@ async def badtoken(host, port, src, stats, ctx):
                         stats["closed_by_server"] += 1
                         break
                     stats["answers"] += 1
+                    answered += 1
+                    if answered == 2:
+                        # The server kept the connection for a second bad request.
+                        stats["kept_after_401"] += 1
                     await asyncio.sleep(3)
             finally:
                 w.close()
@@ -69,7 +74,7 @@ async def silent(host, port, src, stats):
 
 
 async def flood(host, port, seconds, specs):
-    stats = {k: 0 for k in ["connected", "answers", "closed_by_server", "silent_connected", "errors"]}
+    stats = {k: 0 for k in ["connected", "answers", "closed_by_server", "kept_after_401", "silent_connected", "errors"]}
     ctx = context()
     tasks = []
     for spec in specs:
