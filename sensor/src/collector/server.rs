@@ -15,7 +15,6 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -27,22 +26,31 @@ use super::{
     ingest::{self, IngestError, Role},
     shared::Shared,
 };
-
-/// Decompressed bytes allowed per compressed byte of the body bound (`max_body_bytes`).
-pub const DECOMPRESSION_RATIO: usize = 16;
 use crate::{
     model::aggregate::Now,
     model::report::{Query, client_rows},
+    net::{
+        prometheus,
+        server::{self, Limits},
+    },
     sinks::http::{read_certs, read_key},
 };
 
 /// A peer that has not finished its TLS handshake by then is cut off: a slow (or silent)
 /// handshake would otherwise hold a connection slot.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time to send a request head; hyper starts it whenever the connection waits for a head,
-/// so it is also the keep-alive idle timeout.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request heads: within 10 seconds, at most 64 KiB; bodies have their own timeout. hyper
+/// starts the head timeout whenever the connection waits for a head, so it is also the
+/// keep-alive idle timeout.
+const LIMITS: Limits = Limits {
+    header_timeout: Duration::from_secs(10),
+    max_head: 64 * 1024,
+    keep_alive: true,
+    deadline: None,
+};
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Decompressed bytes allowed per compressed byte of the body bound (`max_body_bytes`).
+pub const DECOMPRESSION_RATIO: usize = 16;
 
 fn bump(a: &AtomicU64) -> u64 {
     a.fetch_add(1, Ordering::Relaxed) + 1
@@ -165,18 +173,12 @@ async fn connection(
         ticket,
         cert_names,
     });
-    let service = hyper::service::service_fn(move |req| {
+    let respond = move |req| {
         let shared = shared.clone();
         let peer = peer.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &peer).await) }
-    });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(tls), service)
-        .await
-    {
+        async move { handle(req, &shared, &peer).await }
+    };
+    if let Err(e) = server::serve_connection(tls, &LIMITS, respond).await {
         debug!("connection from {addr}: {e}");
     }
 }
@@ -414,9 +416,10 @@ fn read(shared: &Shared, path: &str, query: &str) -> Reply {
         "/metrics" => {
             let outputs = crate::sinks::health();
             return match shared
-                .with_fleet(|f| super::metrics::render(&shared.counters, f, &outputs))
+                .with_fleet(|f| super::metrics::families(&shared.counters, f, &outputs))
+                .and_then(|families| Ok(families.encode()?))
             {
-                Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
+                Ok(text) => reply(StatusCode::OK, prometheus::CONTENT_TYPE, text),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
             };
         }
