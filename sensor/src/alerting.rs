@@ -8,7 +8,7 @@ use log::{info, warn};
 
 use crate::{
     config,
-    detect::{self, AlertEvent},
+    detect::{self, AlertEvent, EventKind, Mode},
 };
 
 /// Detection settings from the config (validated at load).
@@ -58,8 +58,8 @@ pub fn record_alerts(path: &Path, events: &[AlertEvent]) {
     let mut lines = String::new();
     for e in events {
         let a = &e.alert;
-        if e.event != "update" {
-            let what = if a.mode == "log" {
+        if e.event != EventKind::Update {
+            let what = if a.mode == Mode::Log {
                 "log-only match"
             } else {
                 "alert"

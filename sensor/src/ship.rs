@@ -105,10 +105,10 @@ pub struct ClientDelta {
 impl ShipRecord {
     pub fn alert(agent: &str, e: &AlertEvent) -> Self {
         Self {
-            id: format!("{agent}:{}", detect::event_id(&e.alert, e.event)),
+            id: format!("{agent}:{}", detect::event_id(&e.alert, e.event.as_str())),
             seq: 0,
             payload: Payload::Alert {
-                event: e.event.to_owned(),
+                event: e.event.as_str().to_owned(),
                 alert: Box::new(e.alert.clone()),
             },
         }

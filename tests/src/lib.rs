@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -17,6 +17,7 @@ use std::{
 use serde::Deserialize;
 
 pub mod guest;
+pub mod ports;
 pub mod siem;
 pub mod systemd;
 pub mod tmux;
@@ -37,17 +38,24 @@ pub fn privileged(test: &str) -> bool {
 
 /// Polls `probe` until it yields a value; panics with `what` and the last observation after
 /// `timeout`.
-pub fn wait_for<T>(
+pub fn wait_for<T>(what: &str, timeout: Duration, probe: impl FnMut() -> Result<T, String>) -> T {
+    try_wait_for(what, timeout, probe).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `wait_for` with the timeout as an error (for callers that clean up instead of panicking).
+pub fn try_wait_for<T>(
     what: &str,
     timeout: Duration,
     mut probe: impl FnMut() -> Result<T, String>,
-) -> T {
+) -> Result<T, String> {
     let deadline = Instant::now() + timeout;
     loop {
         match probe() {
-            Ok(v) => return v,
+            Ok(v) => return Ok(v),
             Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+                return Err(format!(
+                    "timed out after {timeout:?} waiting for {what}; last: {last}"
+                ));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
@@ -214,15 +222,9 @@ pub fn veth_pair(a: &Netns, addr_a: &str, b: &Netns, addr_b: &str) {
     b.ip(&["link", "set", if_b, "up"]);
 }
 
-/// A free TCP port on loopback (both families), as the kernel hands them out.
+/// A free TCP port on loopback (both families) for a server of the caller's; see `ports`.
 pub fn free_port() -> u16 {
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = l.local_addr().expect("local addr").port();
-        if TcpListener::bind(("::1", port)).is_ok() {
-            return port;
-        }
-    }
+    ports::free_port().unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 /// The Python with the `openai` SDK: SENSOR_PYTHON, else the venv `cargo xtask setup` makes.
@@ -277,6 +279,39 @@ pub fn forced_live_read() -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+/// How to start an agent. `Agent::start_with` covers the tests; the bench and the demo set
+/// the binary, a wrapper, the log level and the patience they need.
+pub struct Launch<'a> {
+    pub cgroup: &'a Path,
+    pub ports: &'a [u16],
+    /// `--poll-interval-ms`, if not the configuration's.
+    pub poll_ms: Option<u64>,
+    /// More arguments for `sensor run`.
+    pub extra: Vec<std::ffi::OsString>,
+    pub bin: PathBuf,
+    /// Runs the agent under this command (valgrind, perf), if not empty.
+    pub wrapper: Vec<std::ffi::OsString>,
+    /// `RUST_LOG` of the agent.
+    pub log_level: &'a str,
+    /// How long the API may take to answer.
+    pub ready_within: Duration,
+}
+
+impl<'a> Launch<'a> {
+    pub fn new(cgroup: &'a Path, ports: &'a [u16]) -> Self {
+        Self {
+            cgroup,
+            ports,
+            poll_ms: None,
+            extra: Vec::new(),
+            bin: sensor_bin(),
+            wrapper: Vec::new(),
+            log_level: "info",
+            ready_within: Duration::from_secs(30),
+        }
+    }
+}
+
 /// The agent under test, scoped to one cgroup, with its own API socket.
 pub struct Agent {
     child: Child,
@@ -284,7 +319,11 @@ pub struct Agent {
     /// Its own bpffs pin directory and state directory, so agents of parallel tests never meet.
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// The wrapper and the binary, then the arguments.
+    command: Vec<std::ffi::OsString>,
     args: Vec<std::ffi::OsString>,
+    log_level: String,
+    ready_within: Duration,
     _dir: TempDir,
 }
 
@@ -294,75 +333,130 @@ impl Agent {
     }
 
     pub fn start_with(cgroup: &Cgroup, ports: &[u16], poll_ms: u64, extra: &[&str]) -> Self {
+        Self::launch(Launch {
+            poll_ms: Some(poll_ms),
+            extra: extra.iter().map(Into::into).collect(),
+            ..Launch::new(&cgroup.path, ports)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Starts an agent and waits for its API; an error (the agent stopped) if it does not come
+    /// up.
+    pub fn launch(l: Launch<'_>) -> anyhow::Result<Self> {
         let dir = TempDir::new("agent");
         let socket = dir.path.join("sensor.sock");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
         let state_dir = dir.path.join("state");
-        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let ports: Vec<String> = l.ports.iter().map(u16::to_string).collect();
         let mut args: Vec<std::ffi::OsString> = vec![
             "run".into(),
             "--cgroup".into(),
-            cgroup.path.clone().into(),
+            l.cgroup.into(),
             "--ports".into(),
             ports.join(",").into(),
             "--socket".into(),
             socket.clone().into(),
-            "--poll-interval-ms".into(),
-            poll_ms.to_string().into(),
+        ];
+        if let Some(ms) = l.poll_ms {
+            args.extend(["--poll-interval-ms".into(), ms.to_string().into()]);
+        }
+        args.extend([
             "--state-dir".into(),
             state_dir.clone().into(),
             "--pin-dir".into(),
             pin_dir.clone().into(),
-        ];
-        args.extend(extra.iter().map(Into::into));
+        ]);
         // The forced-fallback runs of the test command (SENSOR_LIVE_READ=map) put every agent
-        // of a test binary on that path, unless the test chooses one itself.
-        let forced = forced_live_read().filter(|_| !extra.contains(&"--live-read"));
+        // of a test binary on that path, unless the caller chooses one itself.
+        let forced = forced_live_read().filter(|_| !l.extra.iter().any(|a| a == "--live-read"));
+        args.extend(l.extra);
         if let Some(path) = &forced {
             args.extend(["--live-read".into(), path.into()]);
         }
-        let child = Self::spawn(&dir.path, &args);
+        let mut command = l.wrapper;
+        command.push(l.bin.into());
+        let child = Self::spawn(&dir.path, &command, &args, l.log_level)?;
         let mut agent = Self {
             child,
             socket,
             pin_dir,
             state_dir,
+            command,
             args,
+            log_level: l.log_level.to_owned(),
+            ready_within: l.ready_within,
             _dir: dir,
         };
-        agent.wait_ready();
+        agent.wait_ready()?;
         if let Some(path) = forced {
-            assert_eq!(
-                agent.health()["live_read"],
-                path.as_str(),
-                "the agent must run on the forced live-read path"
+            let health = agent.health();
+            anyhow::ensure!(
+                health["live_read"] == path.as_str(),
+                "the agent must run on the forced live-read path {path}: {health}"
             );
         }
-        agent
+        Ok(agent)
     }
 
-    fn spawn(dir: &Path, args: &[std::ffi::OsString]) -> Child {
+    fn spawn(
+        dir: &Path,
+        command: &[std::ffi::OsString],
+        args: &[std::ffi::OsString],
+        log_level: &str,
+    ) -> anyhow::Result<Child> {
+        use anyhow::Context as _;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("agent.log"))
-            .expect("agent log");
-        Command::new(sensor_bin())
+            .context("agent log")?;
+        let (program, wrapped) = command.split_first().context("no agent binary")?;
+        Command::new(program)
+            .args(wrapped)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_level)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn sensor run")
+            .with_context(|| format!("spawning {program:?} run"))
     }
 
-    fn wait_ready(&mut self) {
-        wait_for("the agent's API", Duration::from_secs(30), || {
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        try_wait_for("the agent's API", self.ready_within, || {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("agent exited early ({status}): {}", self.log());
+                return Ok(Err(format!(
+                    "agent exited early ({status}): {}",
+                    self.log()
+                )));
             }
-            self.try_conns().map(|_| ())
-        });
+            self.try_conns().map(|_| Ok(()))
+        })
+        .and_then(|exited| exited)
+        .map_err(anyhow::Error::msg)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, as an operator stopping the service does; an error unless the agent exits
+    /// cleanly within `within`.
+    pub fn stop(mut self, within: Duration) -> anyhow::Result<()> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            anyhow::bail!("the agent had already exited ({status})");
+        }
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = try_wait_for("the agent to stop", within, || {
+            self.child
+                .try_wait()
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "running".to_owned())
+        })
+        .map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(status.success(), "the agent exited with {status}");
+        Ok(())
     }
 
     /// SIGKILL: the agent gets no chance to save or detach.
@@ -381,8 +475,9 @@ impl Agent {
         let _ = fs::remove_file(&self.socket);
         let mut args = self.args.clone();
         args.extend(extra.iter().map(Into::into));
-        self.child = Self::spawn(&self._dir.path, &args);
-        self.wait_ready();
+        self.child = Self::spawn(&self._dir.path, &self.command, &args, &self.log_level)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        self.wait_ready().unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// `GET path` on the agent's API through curl, parsed as JSON.
@@ -456,8 +551,11 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // Only a child not yet reaped: a reaped one's pid may belong to another process now.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: plain kill(2) on our own, unreaped child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !matches!(self.child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));

@@ -162,6 +162,53 @@ fn large_views_into_a_reader_that_leaves_exit_zero() {
     }
 }
 
+/// `sensor top` without a terminal prints one plain snapshot (header, titles, rows) and ends;
+/// a snapshot larger than the pipe buffer into a reader that reads one byte and leaves exits
+/// 0 without a panic.
+#[test]
+fn top_without_a_terminal_prints_one_snapshot_and_survives_a_reader_that_leaves() {
+    let row = |i: usize| {
+        format!(
+            "{{\"client\":\"10.0.{}.{}\",\"group\":\"10.0.{}.0/24\",\"identity\":null,\
+             \"forwarded_for\":null,\"requests\":{i},\"bytes_in\":1,\"bytes_out\":2,\
+             \"connections\":1,\"events_out\":0,\"distinct_addresses\":null,\
+             \"open_connections\":0,\"peak_open_connections\":1,\
+             \"first_seen\":\"2026-01-01T00:00:00.000Z\",\
+             \"last_seen\":\"2026-01-01T00:00:01.000Z\",\"active_seconds\":1,\
+             \"out_in_ratio\":2.0,\"interval_mean_ms\":null,\"interval_cv\":null,\
+             \"windows\":{{}}}}",
+            i / 250,
+            i % 250,
+            i / 250
+        )
+    };
+    let rows: Vec<String> = (0..LARGE / 100).map(row).collect();
+    let agent = FakeAgent::serve(format!("[{}]", rows.join(",")));
+    let a = agent.args(&["top"]);
+    // With a reader that reads everything: one snapshot, every row.
+    let out = Command::new(sensor_bin())
+        .args(&a)
+        .stdin(Stdio::null())
+        .output()
+        .expect("sensor top");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    assert!(
+        lines.next().is_some_and(|l| l.starts_with("sensor top | ")),
+        "{text:.300}"
+    );
+    assert!(lines.next().is_some_and(|l| l.starts_with("CLIENT")));
+    assert_eq!(lines.count(), rows.len());
+    assert!(text.len() > LARGE / 16, "larger than the pipe buffer");
+    let ran = run(&a, None, Reader::ClosesAfterOneByte);
+    assert_clean(&a, &ran, Some(0));
+}
+
 /// Every view of the agent's API into a reader that closed before the command wrote: exit 0,
 /// no panic.
 #[test]
@@ -178,6 +225,7 @@ fn views_into_a_closed_reader_exit_zero() {
         &["alerts", "--json"],
         &["status"],
         &["status", "--json"],
+        &["top"],
     ] {
         let a = agent.args(view);
         let ran = run(&a, None, Reader::ClosedBeforeWrite);
@@ -198,6 +246,7 @@ fn views_without_an_agent_fail_cleanly_into_a_closed_reader() {
         &["alerts"],
         &["status"],
         &["status", "--json"],
+        &["top"],
     ] {
         let mut a = args(view);
         a.push("--socket".into());

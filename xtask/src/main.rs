@@ -433,47 +433,37 @@ fn demo() -> anyhow::Result<()> {
     build_release()?;
     let root = workspace_root();
     let bin = root.join("target/release/sensor");
-    let dir = env::temp_dir().join("sensor-demo");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let dir = sensor_tests::TempDir::new("demo");
     // A demo interrupted earlier may have left its cgroup: dropping it kills and removes it.
     let stale = sensor_tests::find_cgroup2_root()?.join("sensor-demo");
     if stale.exists() {
         drop(sensor_tests::Cgroup { path: stale });
     }
     let cgroup = sensor_tests::Cgroup::create("sensor-demo").context("creating the demo cgroup")?;
-    let port = "18000";
-    let mut children = Vec::new();
-    children.push(
+    let port = sensor_tests::ports::free_port()?;
+    let mut children = vec![
         cgroup
             .command("python3")
             .arg(root.join("tests/peers/openai_stub.py"))
-            .arg(port)
-            .arg(dir.join("ledger.jsonl"))
+            .arg(port.to_string())
+            .arg(dir.path.join("ledger.jsonl"))
             .stdout(Stdio::null())
             .spawn()?,
-    );
-    let socket = dir.join("sensor.sock");
-    children.push(
-        Command::new(&bin)
-            .args(["run", "--fresh", "--ports", port, "--cgroup"])
-            .arg(&cgroup.path)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--pin-dir")
-            .arg("/sys/fs/bpf/sensor-demo")
-            .stderr(std::fs::File::create(dir.join("agent.log"))?)
-            .spawn()?,
-    );
-    let result = demo_loop(&root, &bin, &socket, port, &dir, &mut children);
+    ];
+    let agent = sensor_tests::Agent::launch(sensor_tests::Launch {
+        extra: vec!["--fresh".into()],
+        bin: bin.clone(),
+        ..sensor_tests::Launch::new(&cgroup.path, &[port])
+    });
+    let result = agent.and_then(|agent| {
+        demo_loop(&root, &bin, &agent.socket, port, &dir.path, &mut children)
+            .with_context(|| format!("the agent's log:\n{}", agent.log()))
+    });
     for mut child in children {
         let _ = child.kill();
         let _ = child.wait();
     }
     drop(cgroup);
-    let _ = std::fs::remove_dir_all("/sys/fs/bpf/sensor-demo");
     result
 }
 
@@ -481,26 +471,18 @@ fn demo_loop(
     root: &Path,
     bin: &Path,
     socket: &Path,
-    port: &str,
+    port: u16,
     dir: &Path,
     children: &mut Vec<std::process::Child>,
 ) -> anyhow::Result<()> {
-    let ready = std::time::Instant::now();
-    while !socket.exists() {
-        anyhow::ensure!(
-            ready.elapsed() < std::time::Duration::from_secs(30),
-            "the agent did not start; see {}",
-            dir.join("agent.log").display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let port = port.to_string();
     // Five people, then a bot (8 parallel connections, long streamed replies).
     let scenario = |name: &str| {
         Command::new("python3")
             .arg(root.join("tests/peers/scenarios.py"))
             .args([
                 "--port",
-                port,
+                &port,
                 "--scale",
                 "1",
                 "--minutes",
@@ -538,8 +520,7 @@ fn demo_loop(
         }
         anyhow::ensure!(
             started.elapsed() < std::time::Duration::from_secs(120),
-            "no alert within two minutes; see {}",
-            dir.join("agent.log").display()
+            "no alert within two minutes"
         );
         std::thread::sleep(std::time::Duration::from_secs(1));
     }

@@ -172,7 +172,7 @@ pub fn route_request(
                     .state
                     .alerts
                     .values()
-                    .filter(|a| a.state == "open")
+                    .filter(|a| a.is_open())
                     .count(),
                 clock_ms: Now::system().unix_ms,
                 time_scale: crate::model::aggregate::Now::scale(),

@@ -62,6 +62,36 @@ struct Pipeline {
     requests: AsyncFd<RingBuf<MapData>>,
 }
 
+/// One read of the kernel's live connection map.
+struct LiveRead {
+    records: crate::kernel::Records,
+    loss: Vec<(&'static str, u64)>,
+    now: Now,
+}
+
+/// The main loop's clocks.
+struct Timers {
+    poll: tokio::time::Interval,
+    save: tokio::time::Interval,
+    detect: tokio::time::Interval,
+    /// Summaries go out as each 10-second period completes; checked often so that a sped-up
+    /// evaluation clock (detect.time_scale) still ships every period.
+    ship: tokio::time::Interval,
+    watchdog: tokio::time::Interval,
+}
+
+impl Timers {
+    fn new(config: &Config, watchdog: Option<Duration>) -> Self {
+        Self {
+            poll: ticker(Duration::from_millis(config.capture.poll_interval_ms)),
+            save: ticker(Duration::from_secs(config.state.snapshot_interval_secs)),
+            detect: ticker(Duration::from_secs(config.detect.interval_secs)),
+            ship: ticker(Duration::from_millis(1000 / Now::scale().min(10))),
+            watchdog: ticker(watchdog.unwrap_or(Duration::from_secs(3600))),
+        }
+    }
+}
+
 impl Pipeline {
     fn drain_closed(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         self.drain_requests()?;
@@ -104,8 +134,9 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Reads the whole kernel map and accounts every record.
-    fn poll(&mut self) -> anyhow::Result<()> {
+    /// Reads the whole kernel map and accounts every record (after the request events the
+    /// read covers), then runs `then` under the same lock with what was read.
+    fn read_live(&mut self, then: impl FnOnce(&mut AgentState, LiveRead)) -> anyhow::Result<()> {
         let records = self.capture.poll();
         // After the read: every request whose bytes the read includes has its event queued.
         self.drain_requests()?;
@@ -116,9 +147,67 @@ impl Pipeline {
         for (cookie, stats) in &records {
             table.observe(*cookie, stats, agg, now);
         }
-        table.expire(Instant::now());
-        s.loss = loss;
+        then(&mut s, LiveRead { records, loss, now });
         Ok(())
+    }
+
+    /// The periodic read: accounts live connections, expires closed ones past retention.
+    fn poll(&mut self) -> anyhow::Result<()> {
+        self.read_live(|s, read| {
+            s.table.expire(Instant::now());
+            s.loss = read.loss;
+        })
+    }
+
+    /// At start: accounts everything the kernel counted while no agent ran, and closes the
+    /// restored connections the kernel no longer holds.
+    fn catch_up(&mut self, closed: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        self.drain_closed(closed)?;
+        self.read_live(|s, read| {
+            let present: HashSet<u64> = read.records.iter().map(|(c, _)| *c).collect();
+            let AgentState { table, agg, .. } = s;
+            table.forget_missing(&present, agg, read.now);
+        })
+    }
+
+    /// At stop: accounts what is left in the rings and the map.
+    fn final_read(&mut self, closed: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        self.drain_closed(closed)?;
+        self.poll()
+    }
+
+    /// Ships the summaries of the periods completed since the last call.
+    fn ship(&self, outputs: &crate::sinks::Outputs) -> anyhow::Result<()> {
+        let summaries = {
+            let mut s = lock(&self.state)?;
+            due_summaries(&mut s, self.config.ship.top_clients, Now::system())
+        };
+        for summary in summaries {
+            outputs.ship_summary(summary);
+        }
+        Ok(())
+    }
+
+    /// Evaluates the rules; records and publishes what changed.
+    fn detect(&self, outputs: &crate::sinks::Outputs) -> anyhow::Result<()> {
+        let events = {
+            let mut s = lock(&self.state)?;
+            let AgentState { agg, detector, .. } = &mut *s;
+            detector.evaluate(agg, Now::system())
+        };
+        record_alerts(
+            &alerts_path(&self.config.detect, &self.config.state.dir),
+            &events,
+        );
+        outputs.publish(&events);
+        Ok(())
+    }
+
+    /// A periodic snapshot; a failure is logged and the next one tries again.
+    fn save(&mut self) {
+        if let Err(e) = self.snapshot() {
+            warn!("cannot save state: {e:#}");
+        }
     }
 
     /// Writes the state, then lets the kernel forget the closed connections it accounts.
@@ -158,12 +247,7 @@ impl Pipeline {
     }
 
     /// Switches to `next` (a SIGHUP reload; `service::reload` decided what may change live).
-    fn apply_config(
-        &mut self,
-        next: Config,
-        poll: &mut tokio::time::Interval,
-        save: &mut tokio::time::Interval,
-    ) -> anyhow::Result<()> {
+    fn apply_config(&mut self, next: Config, timers: &mut Timers) -> anyhow::Result<()> {
         let old = &self.config;
         if next.capture.ports != old.capture.ports {
             self.capture
@@ -179,10 +263,10 @@ impl Pipeline {
             );
         }
         if next.capture.poll_interval_ms != old.capture.poll_interval_ms {
-            *poll = ticker(Duration::from_millis(next.capture.poll_interval_ms));
+            timers.poll = ticker(Duration::from_millis(next.capture.poll_interval_ms));
         }
         if next.state.snapshot_interval_secs != old.state.snapshot_interval_secs {
-            *save = ticker(Duration::from_secs(next.state.snapshot_interval_secs));
+            timers.save = ticker(Duration::from_secs(next.state.snapshot_interval_secs));
         }
         if next.detect != old.detect {
             // Rules and allow-lists change; open alerts and the baseline stay.
@@ -263,67 +347,74 @@ impl Drop for DetachUntilRunning {
     }
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = service::exit_on_config_error(effective_config(&args))?;
-    // Before touching saved state or the kernel: a bad token file or a taken address fails fast.
-    let metrics_server = if config.metrics.listen.is_empty() {
-        None
-    } else {
-        Some(
-            metrics::Server::bind(&config.metrics)
-                .await
-                .context("cannot start the metrics listener")?,
-        )
-    };
-    // SIEM outputs, each a task of its own behind a bounded queue (see sinks/mod.rs); a
-    // missing token file or CA file fails here, before the kernel is touched.
+impl DetachUntilRunning {
+    fn new(capture: &Capture, config: &Config) -> Self {
+        Self((!capture.reused).then(|| {
+            (
+                capture.instance_dir.clone(),
+                capture
+                    .created_pin_dir
+                    .then(|| config.state.bpf_pin_dir.clone()),
+            )
+        }))
+    }
+
+    /// The agent serves: what it attached stays.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// Binds the metrics listener, if configured.
+async fn bind_metrics(config: &Config) -> anyhow::Result<Option<metrics::Server>> {
+    if config.metrics.listen.is_empty() {
+        return Ok(None);
+    }
+    let server = metrics::Server::bind(&config.metrics)
+        .await
+        .context("cannot start the metrics listener")?;
+    Ok(Some(server))
+}
+
+/// SIEM outputs, each a task of its own behind a bounded queue (see sinks/mod.rs), and
+/// shipping to the collector; a missing token file or CA file fails here.
+fn start_outputs(config: &Config) -> anyhow::Result<crate::sinks::Outputs> {
     let mut outputs = crate::sinks::Outputs::start(&config.outputs, &config.state.dir)
         .context("cannot start the outputs")?;
     if config.ship.enabled() {
-        let name = ship_name(&config);
+        let name = ship_name(config);
         outputs
             .start_shipping(&config.ship, &name, &config.state.dir)
             .context("cannot start shipping to the collector")?;
     }
     outputs.register();
-    if args.fresh {
+    Ok(outputs)
+}
+
+/// Loads and attaches the kernel programs (after discarding saved state on `--fresh`).
+fn attach(config: &Config, fresh: bool) -> anyhow::Result<Capture> {
+    if fresh {
         info!(
             "--fresh: discarding saved state in {}",
             config.state.dir.display()
         );
         state::remove(&config.state.dir);
     }
-    let mut capture = Capture::attach(&CaptureSettings {
+    Capture::attach(&CaptureSettings {
         cgroup: config.capture.cgroup.clone().into(),
         ports: config.capture.ports.clone(),
         max_connections: config.capture.max_connections,
         ring_buffer_bytes: config.capture.ring_buffer_bytes,
         pin_dir: config.state.bpf_pin_dir.clone(),
-        fresh: args.fresh,
+        fresh,
         head_bytes: config.identity.head_bytes,
         live_read: config.capture.live_read,
     })
-    .context("cannot start capture")?;
-    // Until the agent serves, a failed start detaches what this start attached; state an
-    // earlier run pinned (continued here) stays for the next try.
-    let mut starting = DetachUntilRunning((!capture.reused).then(|| {
-        (
-            capture.instance_dir.clone(),
-            capture
-                .created_pin_dir
-                .then(|| config.state.bpf_pin_dir.clone()),
-        )
-    }));
-    // SAFETY (both): the RingBuf owns its map fd, which stays open and unchanged while the
-    // AsyncFd owns the RingBuf.
-    let mut closed = unsafe { AsyncFd::register(capture.take_closed()?) }
-        .context("polling the close ring buffer")?;
-    let requests = unsafe { AsyncFd::register(capture.take_requests()?) }
-        .context("polling the request ring buffer")?;
-    let secret = load_secret(&secret_path(&config), true)?;
-    let identities = Identities::new(&secret, &config);
+    .context("cannot start capture")
+}
 
-    let boot_id = state::boot_id();
+/// The agent's state: saved aggregates, connections and alerts where a snapshot exists.
+fn restore_state(config: &Config, capture: &Capture, boot_id: &str) -> anyhow::Result<AgentState> {
     let c = &config.clients;
     let mut agg = Aggregator::new(c.max_clients, c.group_prefix_v4, c.group_prefix_v6);
     let mut table = ConnTable::new(
@@ -360,7 +451,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Now::set_scale(config.detect.time_scale);
     }
     let detector = Detector::new(detect_settings(&config.detect, hostname())?, detector_state);
-    let state: SharedState = Arc::new(Mutex::new(AgentState {
+    Ok(AgentState {
         table,
         agg,
         max_clients: c.max_clients,
@@ -374,61 +465,53 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         heads: HeadStats::default(),
         detector,
         shipped_through,
-    }));
-    let mut pipeline = Pipeline {
-        capture,
-        state: state.clone(),
-        config: config.clone(),
-        boot_id,
-        identities,
-        requests,
-    };
-    // Catch up: everything the kernel counted while no agent ran.
-    pipeline.drain_closed(closed.get_mut())?;
-    let records = pipeline.capture.poll();
-    pipeline.drain_requests()?;
-    {
-        let now = Now::system();
-        let mut s = lock(&pipeline.state)?;
-        let AgentState { table, agg, .. } = &mut *s;
-        for (cookie, stats) in &records {
-            table.observe(*cookie, stats, agg, now);
-        }
-        let present: HashSet<u64> = records.iter().map(|(c, _)| *c).collect();
-        table.forget_missing(&present, agg, now);
-    }
-    pipeline
-        .snapshot()
-        .context("writing the first state snapshot")?;
+    })
+}
 
+/// The local API and, if configured, the metrics endpoint.
+fn serve(
+    config: &Config,
+    state: &SharedState,
+    metrics_server: Option<metrics::Server>,
+) -> anyhow::Result<()> {
     let listener = api::bind(&config.api.socket)?;
     tokio::spawn(api::serve(listener, state.clone()));
     info!("local API on {}", config.api.socket.display());
     if let Some(server) = metrics_server {
         tokio::spawn(server.serve(state.clone()));
     }
+    Ok(())
+}
 
-    let mut poll = tokio::time::interval(Duration::from_millis(config.capture.poll_interval_ms));
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut save = tokio::time::interval(Duration::from_secs(config.state.snapshot_interval_secs));
-    let mut detect = tokio::time::interval(Duration::from_secs(config.detect.interval_secs));
-    detect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Summaries go out as each 10-second period completes; checked often so that a sped-up
-    // evaluation clock (detect.time_scale) still ships every period.
-    let mut ship = ticker(Duration::from_millis(1000 / Now::scale().min(10)));
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    // systemd (Type=notify): ready once attached and listening; the watchdog is fed from this
-    // loop, so a stuck loop gets the agent restarted.
-    let mut sighup = signal(SignalKind::hangup())?;
-    let notifier = Notifier::from_env();
+/// SIGINT and SIGTERM stop the agent; SIGHUP reloads its configuration.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// The main loop: the rings, the timers and the signals, until SIGINT or SIGTERM.
+async fn run_until_stopped(
+    pipeline: &mut Pipeline,
+    closed: &mut AsyncFd<RingBuf<MapData>>,
+    outputs: &crate::sinks::Outputs,
+    signals: &mut Signals,
+    args: &RunArgs,
+    notifier: &Notifier,
+    cgroup: &str,
+) -> anyhow::Result<()> {
     let watchdog_period = notifier.watchdog_period();
-    let mut watchdog = ticker(watchdog_period.unwrap_or(Duration::from_secs(3600)));
-    let cgroup = pipeline.capture.cgroup.display().to_string();
-    starting.0 = None;
-    notifier.ready(&status_line(&config, &cgroup));
-    info!("sensor running");
+    let mut timers = Timers::new(&pipeline.config, watchdog_period);
     loop {
         tokio::select! {
             // Either ring waking the agent drains both after RING_BATCH: a request's event and
@@ -445,52 +528,81 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(RING_BATCH).await;
                 guard.clear_ready();
                 drop(guard);
-                pipeline.drain_requests()?;
                 pipeline.drain_closed(closed.get_mut())?;
             }
-            _ = poll.tick() => pipeline.poll()?,
-            _ = ship.tick(), if outputs.shipping() => {
-                let summaries = {
-                    let mut s = lock(&state)?;
-                    due_summaries(&mut s, pipeline.config.ship.top_clients, Now::system())
-                };
-                for summary in summaries {
-                    outputs.ship_summary(summary);
-                }
-            }
-            _ = save.tick() => {
-                if let Err(e) = pipeline.snapshot() {
-                    warn!("cannot save state: {e:#}");
-                }
-            }
-            _ = detect.tick() => {
-                let events = {
-                    let mut s = lock(&state)?;
-                    let AgentState { agg, detector, .. } = &mut *s;
-                    detector.evaluate(agg, Now::system())
-                };
-                record_alerts(
-                    &alerts_path(&pipeline.config.detect, &pipeline.config.state.dir),
-                    &events,
-                );
-                outputs.publish(&events);
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = sighup.recv() => {
+            _ = timers.poll.tick() => pipeline.poll()?,
+            _ = timers.ship.tick(), if outputs.shipping() => pipeline.ship(outputs)?,
+            _ = timers.save.tick() => pipeline.save(),
+            _ = timers.detect.tick() => pipeline.detect(outputs)?,
+            _ = signals.interrupt.recv() => break,
+            _ = signals.terminate.recv() => break,
+            _ = signals.hangup.recv() => {
                 notifier.reloading();
-                if let Some(next) = reload::reread(&args, &pipeline.config) {
-                    pipeline.apply_config(next, &mut poll, &mut save)?;
+                if let Some(next) = reload::reread(args, &pipeline.config) {
+                    pipeline.apply_config(next, &mut timers)?;
                 }
-                notifier.ready(&status_line(&pipeline.config, &cgroup));
+                notifier.ready(&status_line(&pipeline.config, cgroup));
             }
-            _ = watchdog.tick(), if watchdog_period.is_some() => notifier.watchdog(),
+            _ = timers.watchdog.tick(), if watchdog_period.is_some() => notifier.watchdog(),
         }
     }
+    Ok(())
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = service::exit_on_config_error(effective_config(&args))?;
+    // Before touching saved state or the kernel: a bad token file or a taken address fails fast.
+    let metrics_server = bind_metrics(&config).await?;
+    let outputs = start_outputs(&config)?;
+    let mut capture = attach(&config, args.fresh)?;
+    // Until the agent serves, a failed start detaches what this start attached; state an
+    // earlier run pinned (continued here) stays for the next try.
+    let mut starting = DetachUntilRunning::new(&capture, &config);
+    // SAFETY (both): the RingBuf owns its map fd, which stays open and unchanged while the
+    // AsyncFd owns the RingBuf.
+    let mut closed = unsafe { AsyncFd::register(capture.take_closed()?) }
+        .context("polling the close ring buffer")?;
+    let requests = unsafe { AsyncFd::register(capture.take_requests()?) }
+        .context("polling the request ring buffer")?;
+    let secret = load_secret(&secret_path(&config), true)?;
+    let identities = Identities::new(&secret, &config);
+    let boot_id = state::boot_id();
+    let state: SharedState = Arc::new(Mutex::new(restore_state(&config, &capture, &boot_id)?));
+    let mut pipeline = Pipeline {
+        capture,
+        state: state.clone(),
+        config: config.clone(),
+        boot_id,
+        identities,
+        requests,
+    };
+    pipeline.catch_up(closed.get_mut())?;
+    pipeline
+        .snapshot()
+        .context("writing the first state snapshot")?;
+    serve(&config, &state, metrics_server)?;
+
+    // systemd (Type=notify): ready once attached and listening; the watchdog is fed from the
+    // loop, so a stuck loop gets the agent restarted.
+    let notifier = Notifier::from_env();
+    let mut signals = Signals::new()?;
+    let cgroup = pipeline.capture.cgroup.display().to_string();
+    starting.disarm();
+    notifier.ready(&status_line(&config, &cgroup));
+    info!("sensor running");
+    run_until_stopped(
+        &mut pipeline,
+        &mut closed,
+        &outputs,
+        &mut signals,
+        &args,
+        &notifier,
+        &cgroup,
+    )
+    .await?;
     notifier.stopping();
     info!("shutting down: saving state and detaching programs");
-    pipeline.drain_closed(closed.get_mut())?;
-    pipeline.poll()?;
+    pipeline.final_read(closed.get_mut())?;
     pipeline.snapshot()?;
     drop(closed);
     drop(pipeline.requests);

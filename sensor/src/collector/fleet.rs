@@ -182,8 +182,8 @@ impl FleetState {
         let mut v = detector.list();
         v.extend(self.agent_alerts.values().cloned());
         v.sort_by(|a, b| {
-            (b.state == "open")
-                .cmp(&(a.state == "open"))
+            b.is_open()
+                .cmp(&a.is_open())
                 .then(b.last_seen_ms.cmp(&a.last_seen_ms))
         });
         v

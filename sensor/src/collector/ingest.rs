@@ -340,7 +340,6 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     || !valid_text(&alert.rule_id, 128)
                     || !valid_text(&alert.key, MAX_KEY_LEN)
                     || crate::model::keys::By::parse(&alert.key_kind).is_none()
-                    || alert.evidence.len() > 256
                     || alert.conditions.len() > 64
                 {
                     return bad(format!(
@@ -358,7 +357,9 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                         at("alert")
                     ));
                 }
-                let finite = alert.evidence.values().all(|v| v.is_finite())
+                let finite = BTreeMap::<String, f64>::from(alert.evidence)
+                    .values()
+                    .all(|v| v.is_finite())
                     && alert
                         .conditions
                         .iter()
@@ -483,7 +484,8 @@ fn one_of(s: &str, allowed: &[&str], fallback: &str) -> String {
 
 /// Rewrites an accepted batch's agent-written text so that it can neither impersonate
 /// another host nor forge SIEM fields: each alert's `host` becomes the authenticated agent
-/// name (the token's), fixed-vocabulary fields are checked, and free text is cleaned.
+/// name (the token's), fixed-vocabulary fields are checked (mode, state and evidence are
+/// typed by the wire format itself), and free text is cleaned.
 /// Runs before the batch is journaled, so a replay forwards the same cleaned alert.
 pub fn sanitize(b: &mut Batch, agent: &str) {
     for r in &mut b.records {
@@ -498,8 +500,6 @@ pub fn sanitize(b: &mut Batch, agent: &str) {
             &["low", "medium", "high", "critical"],
             "medium",
         );
-        a.mode = one_of(&a.mode, &["alert", "log"], "alert");
-        a.state = one_of(&a.state, &["open", "resolved"], "open");
         a.window = one_of(&a.window, &["1m", "10m", "1h", "total"], "total");
         a.first_seen = clean_text(&a.first_seen, 64);
         a.last_seen = clean_text(&a.last_seen, 64);
@@ -507,10 +507,6 @@ pub fn sanitize(b: &mut Batch, agent: &str) {
         a.technique.framework = clean_text(&a.technique.framework, 64);
         a.technique.id = clean_text(&a.technique.id, 64);
         a.technique.name = clean_text(&a.technique.name, MAX_TEXT_LEN);
-        a.evidence = std::mem::take(&mut a.evidence)
-            .into_iter()
-            .map(|(k, v)| (clean_text(&k, 64), v))
-            .collect();
         for c in &mut a.conditions {
             c.metric = clean_text(&c.metric, 64);
             c.op = clean_text(&c.op, 8);
@@ -565,7 +561,7 @@ mod tests {
                     ..ShipRecord::alert(
                         "host-a",
                         &crate::detect::AlertEvent {
-                            event: "open",
+                            event: crate::detect::EventKind::Open,
                             alert: crate::detect::Alert {
                                 // The collector sets it to the token's agent name.
                                 host: "host-a".into(),
@@ -692,7 +688,7 @@ mod tests {
         ));
         let mut b = batch();
         if let Payload::Alert { alert, .. } = &mut b.records[1].payload {
-            alert.evidence.insert("requests_1m".into(), f64::NAN);
+            alert.evidence.requests_total = f64::NAN;
         }
         assert!(matches!(
             validate(&b, "host-a", NOW),
@@ -709,7 +705,6 @@ mod tests {
             alert.severity = "high\nsev=1".into();
             alert.window = "1m|x".into();
             alert.technique.name = "t\u{85}u".into();
-            alert.evidence.insert("a\nb".into(), 1.0);
         }
         let json = serde_json::to_vec(&b).expect("json");
         let b = decode(&json, None, 1 << 20, "host-a", NOW).expect("accepted");
@@ -729,7 +724,6 @@ mod tests {
             ("medium", "total")
         );
         assert_eq!(alert.technique.name, "t u");
-        assert!(alert.evidence.contains_key("a b"));
         assert_eq!(clean_text("ééé", 5), "éé", "cut on a character boundary");
     }
 

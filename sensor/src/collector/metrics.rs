@@ -104,7 +104,7 @@ pub fn families(counters: &Counters, fleet: &Fleet, outputs: &[OutputStats]) -> 
         .state
         .alerts
         .values()
-        .filter(|a| a.state == "open")
+        .filter(|a| a.is_open())
         .count();
     out.gauge(
         "sensor_collector_fleet_alerts_open",

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::detect::{Alert, AlertEvent, event_id};
+use crate::{
+    detect::{Alert, AlertEvent, event_id},
+    model::aggregate::Window,
+};
 
 /// One alert event as outputs carry it, and as the webhook posts it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,9 +29,9 @@ pub struct Record {
 impl Record {
     pub fn new(e: &AlertEvent) -> Self {
         Self {
-            id: event_id(&e.alert, e.event),
+            id: event_id(&e.alert, e.event.as_str()),
             seq: 0,
-            event: e.event.to_owned(),
+            event: e.event.as_str().to_owned(),
             alert: e.alert.clone(),
         }
     }
@@ -62,17 +65,10 @@ impl Record {
 
     /// (requests, bytes in, bytes out) of the alert's window (1h for totals-only rules).
     pub fn counters(&self) -> (u64, u64, u64) {
-        let e = &self.alert.evidence;
-        let w = match self.alert.window.as_str() {
-            w @ ("1m" | "10m" | "1h") => w,
-            _ => "1h",
-        };
-        let get = |k: String| e.get(&k).copied().unwrap_or(0.0).max(0.0) as u64;
-        (
-            get(format!("requests_{w}")),
-            get(format!("bytes_in_{w}")),
-            get(format!("bytes_out_{w}")),
-        )
+        let w = Window::parse(&self.alert.window).unwrap_or(Window::OneHour);
+        let e = self.alert.evidence.window(w);
+        let count = |v: f64| v.max(0.0) as u64;
+        (count(e.requests), count(e.bytes_in), count(e.bytes_out))
     }
 }
 

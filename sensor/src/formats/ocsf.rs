@@ -100,7 +100,7 @@ pub fn finding(rec: &Record) -> Value {
         "start_time": a.first_seen_ms,
         "end_time": a.last_seen_ms,
         "count": requests,
-        "is_alert": a.mode == "alert",
+        "is_alert": a.mode == crate::detect::Mode::Alert,
         "message": cef::summary(rec),
         "finding_info": {
             "uid": a.id,

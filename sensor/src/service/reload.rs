@@ -1,8 +1,10 @@
 //! SIGHUP: re-read the configuration and work out what the running agent can apply.
 //!
-//! Applied live: watched ports (the kernel's port map), the poll and snapshot intervals and the
-//! closed-connection retention. Everything else (cgroup, map sizes, socket, directories, client
-//! bounds, metrics, the identity secret and head size, the detection interval) takes a restart; the agent says so and keeps its current value.
+//! Which keys apply live is listed once, in `compare`: watched ports (the kernel's port map), the
+//! poll and snapshot intervals, the closed-connection retention, the detection rules and
+//! allow-lists, and the identity proxies and names. Everything else (cgroup, map sizes, socket,
+//! directories, client bounds, metrics, the identity secret and head size, the detection
+//! interval) takes a restart; the agent says so and keeps its current value.
 //! Counters are never touched: the aggregator and the connection table stay as they are.
 
 use std::fmt::Debug;
@@ -50,8 +52,20 @@ fn change<T: Debug + PartialEq>(
 
 /// Every key that differs between the running and the new configuration.
 pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
+    compare(old, new).0
+}
+
+/// The configuration the agent runs on after a reload: `running`, with the live keys of `new`.
+pub fn apply_live(running: &Config, new: &Config) -> Config {
+    compare(running, new).1
+}
+
+/// The one list of keys, live and restart-bound: every difference between `old` and `new`,
+/// and `old` with the live keys taken from `new`.
+fn compare(old: &Config, new: &Config) -> (Vec<Change>, Config) {
     let mut out = Vec::new();
-    // What `new` would be if only the listed keys could differ from `old`.
+    // `old` with each listed key taken from `new`, in turn: first the live ones (what the agent
+    // runs on next), then the rest (to find keys listed nowhere).
     let mut listed = old.clone();
     macro_rules! keys {
         ($live:expr; $($section:ident . $key:ident),+ $(,)?) => {
@@ -83,6 +97,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         identity.trusted_proxies,
         identity.names,
     );
+    let live = listed.clone();
     keys!(false;
         capture.cgroup,
         capture.max_connections,
@@ -111,30 +126,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             live: false,
         });
     }
-    out
-}
-
-/// The configuration the agent runs on after a reload: `running`, with the live keys of `new`.
-pub fn apply_live(running: &Config, new: &Config) -> Config {
-    let mut next = running.clone();
-    next.capture.ports.clone_from(&new.capture.ports);
-    next.capture.poll_interval_ms = new.capture.poll_interval_ms;
-    next.state.snapshot_interval_secs = new.state.snapshot_interval_secs;
-    next.connections.closed_retention_secs = new.connections.closed_retention_secs;
-    next.connections.closed_retention_max = new.connections.closed_retention_max;
-    let (d, n) = (&mut next.detect, &new.detect);
-    d.rules.clone_from(&n.rules);
-    d.allow_addresses.clone_from(&n.allow_addresses);
-    d.allow_identities.clone_from(&n.allow_identities);
-    d.resolve_after_secs = n.resolve_after_secs;
-    d.suppress_secs = n.suppress_secs;
-    d.baseline_min_minutes = n.baseline_min_minutes;
-    d.alerts_file.clone_from(&n.alerts_file);
-    next.identity
-        .trusted_proxies
-        .clone_from(&new.identity.trusted_proxies);
-    next.identity.names.clone_from(&new.identity.names);
-    next
+    (out, live)
 }
 
 /// Handles SIGHUP: reads and validates the configuration (flags still override the file) and

@@ -279,7 +279,7 @@ pub mod tests {
         error::OutputError,
         *,
     };
-    use crate::detect::{Alert, Technique, event_id};
+    use crate::detect::{Alert, AlertState, Mode, Technique, event_id};
 
     /// A sample alert for the formatters' tests.
     pub fn alert(key_kind: &str, key: &str) -> Alert {
@@ -295,10 +295,10 @@ pub mod tests {
             key_kind: key_kind.into(),
             key: key.into(),
             severity: "high".into(),
-            mode: "alert".into(),
-            state: "open".into(),
+            mode: Mode::Alert,
+            state: AlertState::Open,
             window: "1m".into(),
-            evidence,
+            evidence: evidence.into(),
             conditions: Vec::new(),
             baseline: None,
             first_seen: rfc3339_ms(1_800_000_000_000),

@@ -99,7 +99,7 @@ impl Rfc5424 {
             ("key_kind", a.key_kind.clone()),
             ("key", a.key.clone()),
             ("severity", a.severity.clone()),
-            ("mode", a.mode.clone()),
+            ("mode", a.mode.to_string()),
             ("window", a.window.clone()),
             ("requests", requests.to_string()),
             ("bytes_in", bytes_in.to_string()),

@@ -262,10 +262,9 @@ pub fn alerts(args: &AlertsArgs) -> anyhow::Result<()> {
         "STATE", "SEVERITY", "RULE", "KEY_KIND", "KEY", "FIRST_SEEN", "UPDATES"
     )?;
     for a in alerts {
-        let state = if a.mode == "log" {
-            format!("{}(log)", a.state)
-        } else {
-            a.state.clone()
+        let state = match a.mode {
+            crate::detect::Mode::Log => format!("{}(log)", a.state),
+            crate::detect::Mode::Alert => a.state.to_string(),
         };
         let evidence: Vec<String> = a
             .conditions

@@ -542,10 +542,43 @@ impl Drop for RestoreTerminal {
     }
 }
 
-pub fn run(args: &TopArgs) -> anyhow::Result<()> {
-    if !std::io::stdout().is_terminal() {
-        anyhow::bail!("sensor top needs a terminal; for one-shot output use `sensor clients`");
+/// The screen as plain text: the header line, then the table with aligned columns.
+pub fn plain(app: &App, now: SystemTime) -> String {
+    let mut lines: Vec<Vec<String>> = vec![COLUMNS.iter().map(|c| c.title.to_owned()).collect()];
+    lines.extend(
+        app.rows
+            .iter()
+            .map(|r| row_cells(r, app.query.window, now).to_vec()),
+    );
+    let mut widths = [0usize; COLUMNS.len()];
+    for line in &lines {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.chars().count());
+        }
     }
+    let mut out = header_line(app);
+    out.push('\n');
+    for line in &lines {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(widths)
+            .enumerate()
+            // Names left-aligned, numbers right-aligned, as on screen.
+            .map(|(i, (cell, w))| {
+                if i < 2 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     let by = By::parse(&args.by).context("--by: address, group, identity or forwarded")?;
     let window = match &args.window {
         Some(w) => Some(Window::parse(w).context("--window: 1m, 10m or 1h")?),
@@ -554,6 +587,15 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     let interval = Duration::from_millis(args.interval_ms);
     let source = crate::views::Source::new(&args.socket, &args.remote)?;
     let mut app = App::new(PathBuf::from(source.label()), interval, by, window);
+    // Not a terminal (`sensor top | head`, a log): one snapshot as plain text, like the
+    // one-shot views, quiet when the reader has gone.
+    if !std::io::stdout().is_terminal() {
+        let path = app.api_path();
+        let rows = fetch(&source, &path)?;
+        let now = SystemTime::now();
+        app.apply(&path, Ok(rows), now);
+        return crate::stdout::print_out(&plain(&app, now));
+    }
     let (requests, results) = spawn_fetcher(source)?;
     install_signal_handlers();
 
@@ -872,6 +914,30 @@ mod tests {
             ..r
         };
         assert_eq!(&row_cells(&none, None, now)[8..10], ["-", "-"]);
+    }
+
+    #[test]
+    fn plain_snapshot_has_the_header_the_titles_and_aligned_rows() {
+        let mut a = app();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_700);
+        a.apply(
+            &a.api_path(),
+            Ok(vec![
+                client("10.0.0.1", 5, 10),
+                client("10.0.0.22", 12345, 20),
+            ]),
+            now,
+        );
+        let text = plain(&a, now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("sensor top | agent "), "{text}");
+        assert!(lines[0].contains("| 2 clients |"), "{text}");
+        assert!(lines[1].starts_with("CLIENT     GROUP"), "{text}");
+        // Numbers end in the same column as their title.
+        let end = |l: &str, word: &str| l.find(word).map(|i| i + word.len());
+        assert_eq!(end(lines[1], "REQUESTS"), end(lines[2], " 5"));
+        assert_eq!(end(lines[1], "REQUESTS"), end(lines[3], "12345"));
     }
 
     #[test]

@@ -250,13 +250,11 @@ impl Bench<'_> {
         )?;
         for trial in 0..3u8 {
             check_interrupted()?;
-            let agent = Agent::start(&AgentSpec {
+            let agent = procs::start_agent(&AgentSpec {
                 wrapper: &[],
                 bin: &self.bin,
                 cgroup: &self.cgroup.path,
                 ports: &[self.http_port],
-                dir: &dir,
-                pin_dir: &self.pin_dir,
                 config: Some(&config),
                 live_read: &self.opts.live_read,
             })?;
@@ -267,7 +265,7 @@ impl Bench<'_> {
                 t.rate, t.agent_s, t.fleet_s
             );
             results.alert_times.push(t);
-            agent.stop()?;
+            agent.stop(procs::AGENT_PATIENCE)?;
         }
         Ok(())
     }

@@ -209,7 +209,6 @@ struct Bench<'a> {
     bin: PathBuf,
     cgroup: &'a Cgroup,
     dir: PathBuf,
-    pin_dir: PathBuf,
     http_port: u16,
     iperf_port: u16,
     lua: PathBuf,
@@ -256,13 +255,10 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     };
 
     let tag = format!("sensor-bench-{}", std::process::id());
-    let tmp = TempDir::create(std::env::temp_dir().join(&tag))?;
+    let tmp = TempDir::new("bench");
     let cgroup = Cgroup::create(&tag).context("creating the bench cgroup")?;
     let http_port = procs::free_port()?;
-    let mut iperf_port = procs::free_port()?;
-    while iperf_port == http_port {
-        iperf_port = procs::free_port()?;
-    }
+    let iperf_port = procs::free_port()?;
     let lua = tmp.path.join("report.lua");
     fs::write(&lua, WRK_REPORT_LUA).context("writing the wrk script")?;
     let bench = Bench {
@@ -270,7 +266,6 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         bin: root.join("target/release/sensor"),
         cgroup: &cgroup,
         dir: tmp.path.clone(),
-        pin_dir: PathBuf::from("/sys/fs/bpf").join(&tag),
         http_port,
         iperf_port,
         lua,
@@ -483,15 +478,11 @@ impl Bench<'_> {
     }
 
     fn agent_with(&self, wrapper: &[String]) -> anyhow::Result<Agent> {
-        let dir = self.dir.join("agent");
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Agent::start(&AgentSpec {
+        procs::start_agent(&AgentSpec {
             wrapper,
             bin: &self.bin,
             cgroup: &self.cgroup.path,
             ports: &[self.http_port, self.iperf_port],
-            dir: &dir,
-            pin_dir: &self.pin_dir,
             config: None,
             live_read: &self.opts.live_read,
         })
@@ -643,7 +634,7 @@ impl Bench<'_> {
                             100.0 * ((u1 - u0) + (s1 - s0)) / t0.elapsed().as_secs_f64();
                     }
                     if let Some(agent) = agent {
-                        agent.stop()?;
+                        agent.stop(procs::AGENT_PATIENCE)?;
                     }
                 }
             }
@@ -727,7 +718,7 @@ impl Bench<'_> {
             }
             eprintln!("bench: BPF statistics round {round}/{rounds}");
         }
-        agent.stop()?;
+        agent.stop(procs::AGENT_PATIENCE)?;
         Ok(())
     }
 
@@ -809,7 +800,7 @@ impl Bench<'_> {
             results.load.push(row);
             drop(pool);
         }
-        agent.stop()?;
+        agent.stop(procs::AGENT_PATIENCE)?;
         Ok(())
     }
 
@@ -836,7 +827,7 @@ impl Bench<'_> {
         let outcome = pool.run(&spec);
         let health = procs::api_get(&agent.socket, "/v1/health")?;
         drop(pool);
-        agent.stop()?;
+        agent.stop(procs::AGENT_PATIENCE)?;
         let annotated = run_bounded(
             Command::new("callgrind_annotate")
                 .arg("--inclusive=yes")
@@ -886,7 +877,7 @@ impl Bench<'_> {
                 procs::sleep(Duration::from_millis(50 + (trial as u64 * 137) % 400))?;
             }
         }
-        agent.stop()?;
+        agent.stop(procs::AGENT_PATIENCE)?;
         Ok(())
     }
 

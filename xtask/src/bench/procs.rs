@@ -136,24 +136,6 @@ impl Drop for Proc {
     }
 }
 
-/// A temporary directory removed on drop.
-pub struct TempDir {
-    pub path: PathBuf,
-}
-
-impl TempDir {
-    pub fn create(path: PathBuf) -> anyhow::Result<Self> {
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
-    }
-}
-
 /// A sysctl set for the bench and restored to its old value on drop.
 pub struct Sysctl {
     path: PathBuf,
@@ -211,30 +193,21 @@ pub fn wait_listening(port: u16, what: &str, proc_: &mut Proc) -> anyhow::Result
     Ok(())
 }
 
-/// A free TCP port on 127.0.0.1, as the kernel hands them out.
-pub fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
+/// The agent, temporary directories and ports come from the test harness: one `sensor run`
+/// launcher, and ports outside the ephemeral range (a port of 0 released for a server to bind
+/// can be taken as the source port of any outgoing connection meanwhile).
+pub use sensor_tests::{Agent, TempDir, ports::free_port};
 
-/// `sensor run` scoped to the bench cgroup with its own pin directory, state directory and
-/// socket. Stopped with SIGTERM on drop (a clean stop detaches the programs); its pin
-/// directory is removed in any case.
-pub struct Agent {
-    proc_: Proc,
-    pub socket: PathBuf,
-    pub pin_dir: PathBuf,
-    pub state_dir: PathBuf,
-}
+/// How long an agent may take to answer or to stop (a profiled agent is slow).
+pub const AGENT_PATIENCE: Duration = Duration::from_secs(60);
 
+/// The bench's agents: scoped to the bench cgroup, from a fresh state, quiet.
 pub struct AgentSpec<'a> {
     /// Runs the agent under this command (e.g. valgrind), if not empty.
     pub wrapper: &'a [String],
     pub bin: &'a Path,
     pub cgroup: &'a Path,
     pub ports: &'a [u16],
-    pub dir: &'a Path,
-    pub pin_dir: &'a Path,
     /// `--config` for the agent, if not the embedded defaults.
     pub config: Option<&'a Path>,
     /// `--live-read` for the agent: auto, iterator or map.
@@ -244,128 +217,33 @@ pub struct AgentSpec<'a> {
 /// The live-read path the agents of this run took and why, as the first one reported it.
 pub static LIVE_READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-impl Agent {
-    pub fn start(spec: &AgentSpec<'_>) -> anyhow::Result<Self> {
-        let socket = spec.dir.join("sensor.sock");
-        let state_dir = spec.dir.join("state");
-        let ports: Vec<String> = spec.ports.iter().map(u16::to_string).collect();
-        let mut cmd = match spec.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(args).arg(spec.bin);
-                cmd
-            }
-            None => Command::new(spec.bin),
-        };
-        cmd.arg("run")
-            .arg("--cgroup")
-            .arg(spec.cgroup)
-            .arg("--ports")
-            .arg(ports.join(","))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--pin-dir")
-            .arg(spec.pin_dir)
-            .arg("--fresh")
-            .arg("--live-read")
-            .arg(spec.live_read)
-            .env("RUST_LOG", "warn");
-        if let Some(config) = spec.config {
-            cmd.arg("--config").arg(config);
-        }
-        let log = spec.dir.join("agent.log");
-        let log_file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("{}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("spawning {cmd:?}"))?;
-        let mut agent = Self {
-            proc_: Proc { child },
-            socket,
-            pin_dir: spec.pin_dir.to_path_buf(),
-            state_dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while api_get(&agent.socket, "/v1/health").is_err() {
-            check_interrupted()?;
-            if let Some(status) = agent.proc_.child.try_wait()? {
-                bail!(
-                    "the agent exited at start ({status}): {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!("the agent's API did not answer within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if LIVE_READ.get().is_none() {
-            let health: serde_json::Value =
-                serde_json::from_str(&api_get(&agent.socket, "/v1/health")?)
-                    .context("health JSON")?;
-            let _ = LIVE_READ.set(format!(
-                "{} ({})",
-                health["live_read"].as_str().unwrap_or("?"),
-                health["live_read_reason"].as_str().unwrap_or("?")
-            ));
-        }
-        Ok(agent)
+pub fn start_agent(spec: &AgentSpec<'_>) -> anyhow::Result<Agent> {
+    let mut extra: Vec<std::ffi::OsString> = vec![
+        "--fresh".into(),
+        "--live-read".into(),
+        spec.live_read.into(),
+    ];
+    if let Some(config) = spec.config {
+        extra.extend(["--config".into(), config.into()]);
     }
-
-    pub fn pid(&self) -> u32 {
-        self.proc_.pid()
+    let agent = Agent::launch(sensor_tests::Launch {
+        extra,
+        bin: spec.bin.to_path_buf(),
+        wrapper: spec.wrapper.iter().map(Into::into).collect(),
+        log_level: "warn",
+        ready_within: AGENT_PATIENCE,
+        ..sensor_tests::Launch::new(spec.cgroup, spec.ports)
+    })?;
+    if LIVE_READ.get().is_none() {
+        let health: serde_json::Value =
+            serde_json::from_str(&api_get(&agent.socket, "/v1/health")?).context("health JSON")?;
+        let _ = LIVE_READ.set(format!(
+            "{} ({})",
+            health["live_read"].as_str().unwrap_or("?"),
+            health["live_read_reason"].as_str().unwrap_or("?")
+        ));
     }
-
-    /// Clean stop; an error if the agent does not exit cleanly within 60 s (a profiled agent
-    /// is slow).
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        let result = self.terminate();
-        // Drop removes the pins whatever happened.
-        drop(self);
-        result
-    }
-
-    fn terminate(&mut self) -> anyhow::Result<()> {
-        if self.proc_.child.try_wait()?.is_some() {
-            bail!("the agent had already exited");
-        }
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.proc_.pid() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.proc_.child.try_wait()? {
-                if !status.success() {
-                    bail!("the agent exited with {status}");
-                }
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("the agent did not stop within 60 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.terminate();
-        // Proc's drop kills it if SIGTERM was not enough. Removing a link pin detaches its
-        // program, so nothing stays attached even after a kill.
-        let _ = self.proc_.child.kill();
-        let _ = self.proc_.child.wait();
-        let _ = fs::remove_dir_all(&self.pin_dir);
-        let _ = fs::remove_dir_all(&self.state_dir);
-        let _ = fs::remove_file(&self.socket);
-    }
+    Ok(agent)
 }
 
 /// GET on the agent's local API; the body of a 200 reply.

@@ -1,0 +1,186 @@
+//! The alert lifecycle (open -> update -> resolve, then suppression), saved with the agent's
+//! snapshot. Field names are the snapshot's format.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    alert::{Alert, AlertEvent, AlertState, Crossed, EventKind, Evidence, Mode},
+    baseline::Baseline,
+};
+use crate::model::aggregate::Now;
+
+/// Resolved alerts kept for display (every open one is kept).
+const RESOLVED_KEPT: usize = 1000;
+
+/// An open alert sends at most one update event per this many evaluations (a minute at the
+/// default 5-second interval).
+const UPDATE_EVERY: u64 = 12;
+
+/// Alert lifecycle state, saved with the agent's snapshot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DetectorState {
+    /// Open alerts and resolved ones kept for display (bounded).
+    pub alerts: BTreeMap<String, Alert>,
+    /// (rule, kind, key) -> since when the rule's conditions hold.
+    pending: HashMap<String, u64>,
+    /// (rule, kind, key) -> id of its open alert.
+    open: HashMap<String, String>,
+    /// (rule, kind, key) -> no new alert before this time (unix ms).
+    suppressed_until: HashMap<String, u64>,
+    pub(super) baseline: Baseline,
+    pub counters: DetectCounters,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct DetectCounters {
+    pub evaluations: u64,
+    pub opened: u64,
+    pub resolved: u64,
+    /// Alerts not raised because the same rule and key alerted recently.
+    pub suppressed: u64,
+    /// Rule matches on allow-listed keys.
+    pub allowlisted: u64,
+    /// Matches of log-only rules.
+    pub logged: u64,
+}
+
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+impl DetectorState {
+    /// Since when the conditions of `slot` have held (now, if they just started to).
+    pub(super) fn holding_since(&mut self, slot: &str, now: Now) -> u64 {
+        match self.pending.get(slot) {
+            Some(t) => *t,
+            None => {
+                self.pending.insert(slot.to_owned(), now.unix_ms);
+                now.unix_ms
+            }
+        }
+    }
+
+    /// The id of the open alert of `slot`, if any.
+    pub(super) fn open_id(&self, slot: &str) -> Option<&String> {
+        self.open.get(slot)
+    }
+
+    /// The conditions of an open alert still hold: counts the update, refreshes its evidence,
+    /// and returns an update event once per `UPDATE_EVERY`.
+    pub(super) fn update(
+        &mut self,
+        id: &str,
+        evidence: Evidence,
+        conditions: Vec<Crossed>,
+        now: Now,
+    ) -> Option<AlertEvent> {
+        let a = self.alerts.get_mut(id)?;
+        a.updates += 1;
+        a.last_seen_ms = now.unix_ms;
+        a.last_seen = rfc3339(now.unix_ms);
+        a.evidence = evidence;
+        a.conditions = conditions;
+        (a.updates % UPDATE_EVERY == 0).then(|| AlertEvent {
+            event: EventKind::Update,
+            alert: a.clone(),
+        })
+    }
+
+    /// Whether a new alert of `slot` is held back (it resolved recently); counts it if so.
+    pub(super) fn suppressed(&mut self, slot: &str, now: Now) -> bool {
+        let held = self
+            .suppressed_until
+            .get(slot)
+            .is_some_and(|t| *t > now.unix_ms);
+        if held {
+            self.counters.suppressed += 1;
+        }
+        held
+    }
+
+    pub(super) fn open(&mut self, slot: String, alert: Alert) -> AlertEvent {
+        match alert.mode {
+            Mode::Log => self.counters.logged += 1,
+            Mode::Alert => self.counters.opened += 1,
+        }
+        self.open.insert(slot, alert.id.clone());
+        self.alerts.insert(alert.id.clone(), alert.clone());
+        AlertEvent {
+            event: EventKind::Open,
+            alert,
+        }
+    }
+
+    /// After an evaluation: forgets pending matches that no longer hold, resolves open alerts
+    /// whose conditions have not held for `resolve_after_ms` (then suppresses their slot for
+    /// `suppress_ms`), and bounds what is kept.
+    pub(super) fn settle(
+        &mut self,
+        held: &HashSet<String>,
+        resolve_after_ms: u64,
+        suppress_ms: u64,
+        now: Now,
+    ) -> Vec<AlertEvent> {
+        self.pending.retain(|slot, _| held.contains(slot));
+        let events = self.resolve_cleared(held, resolve_after_ms, suppress_ms, now);
+        self.suppressed_until.retain(|_, t| *t > now.unix_ms);
+        self.prune_resolved();
+        events
+    }
+
+    fn resolve_cleared(
+        &mut self,
+        held: &HashSet<String>,
+        resolve_after_ms: u64,
+        suppress_ms: u64,
+        now: Now,
+    ) -> Vec<AlertEvent> {
+        let mut events = Vec::new();
+        let mut resolved = Vec::new();
+        for (slot, id) in &self.open {
+            if held.contains(slot) {
+                continue;
+            }
+            // An open slot without its alert has nothing to resolve: just close the slot.
+            let Some(a) = self.alerts.get_mut(id) else {
+                resolved.push(slot.clone());
+                continue;
+            };
+            if now.unix_ms.saturating_sub(a.last_seen_ms) >= resolve_after_ms {
+                a.state = AlertState::Resolved;
+                a.resolved_at = Some(rfc3339(now.unix_ms));
+                events.push(AlertEvent {
+                    event: EventKind::Resolve,
+                    alert: a.clone(),
+                });
+                resolved.push(slot.clone());
+            }
+        }
+        for slot in resolved {
+            self.open.remove(&slot);
+            self.suppressed_until
+                .insert(slot, now.unix_ms + suppress_ms);
+            self.counters.resolved += 1;
+        }
+        events
+    }
+
+    /// Keeps every open alert and the most recent resolved ones.
+    fn prune_resolved(&mut self) {
+        let mut resolved: Vec<(u64, String)> = self
+            .alerts
+            .values()
+            .filter(|a| a.state == AlertState::Resolved)
+            .map(|a| (a.last_seen_ms, a.id.clone()))
+            .collect();
+        if resolved.len() > RESOLVED_KEPT {
+            resolved.sort();
+            for (_, id) in resolved.iter().take(resolved.len() - RESOLVED_KEPT) {
+                self.alerts.remove(id);
+            }
+        }
+    }
+}
