@@ -365,11 +365,15 @@ fn identity_survives_segmentation_padding_and_other_carriers() {
     );
 
     wait_rows(&agent, "identity", &truth);
-    let heads = &agent.health()["heads"];
-    assert_eq!(heads["ambiguous"], 3, "{heads}");
-    assert_eq!(heads["malformed"], 0, "{heads}");
-    assert_eq!(heads["truncated"], 0, "{heads}");
-    assert_eq!(heads["unseen"], 0, "{heads}");
+    wait_heads(
+        &agent,
+        &[
+            ("ambiguous", 3),
+            ("malformed", 0),
+            ("truncated", 0),
+            ("unseen", 0),
+        ],
+    );
     assert!(!rows3(&agent, "identity").contains_key(&id_of(&key("forged"))));
 
     let mut haystack = agent.log();
@@ -456,10 +460,22 @@ fn configured_carrier_and_trusted_hop_cannot_be_chosen_by_the_client() {
 
     wait_rows(&agent, "identity", &by_identity);
     wait_rows(&agent, "forwarded", &by_forwarded);
-    let heads = &agent.health()["heads"];
-    assert_eq!(heads["truncated"], 2, "{heads}");
-    assert_eq!(heads["ambiguous"], 0, "{heads}");
-    assert_eq!(heads["forwarded"], 2, "{heads}");
+    wait_heads(
+        &agent,
+        &[("truncated", 2), ("ambiguous", 0), ("forwarded", 2)],
+    );
+}
+
+/// Waits until `/v1/health`'s head counters hold `want`.
+fn wait_heads(agent: &Agent, want: &[(&str, u64)]) {
+    wait_for("the head counters", Duration::from_secs(10), || {
+        let heads = agent.health()["heads"].clone();
+        if want.iter().all(|(k, v)| heads[*k] == *v) {
+            Ok(())
+        } else {
+            Err(format!("want {want:?}, heads {heads}"))
+        }
+    });
 }
 
 /// Standard base64 with padding (the test's own, to build HTTP Basic credentials).

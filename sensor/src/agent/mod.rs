@@ -97,7 +97,9 @@ impl Pipeline {
         self.drain_requests()?;
         let now = Now::system();
         let mut s = lock(&self.state)?;
-        let AgentState { table, agg, .. } = &mut *s;
+        let AgentState {
+            table, agg, heads, ..
+        } = &mut *s;
         while let Some(item) = ring.next() {
             match decode_closed(&item) {
                 Some(rec) => {
@@ -110,6 +112,7 @@ impl Pipeline {
                 None => warn!("short close record ({} bytes)", item.len()),
             }
         }
+        *heads = self.identities.stats;
         Ok(())
     }
 
