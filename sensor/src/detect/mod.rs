@@ -8,7 +8,10 @@
 
 mod alert;
 mod baseline;
+mod ring;
 mod rule;
+mod score;
+mod signals;
 mod state;
 
 use std::{
@@ -19,11 +22,12 @@ use std::{
 use sensor_http::Cidr;
 
 pub use alert::{
-    Alert, AlertEvent, AlertState, Crossed, EventKind, Evidence, Mode, TECHNIQUE_ID,
+    Alert, AlertEvent, AlertState, Crossed, EventKind, Evidence, Explanation, Mode, TECHNIQUE_ID,
     TECHNIQUE_NAME, Technique, event_id,
 };
 pub use baseline::BaselineView;
 pub use rule::{Rule, RuleConfig, SEVERITIES};
+pub use signals::SignalConfig;
 pub use state::{DetectCounters, DetectorState};
 
 use crate::model::{
@@ -31,7 +35,12 @@ use crate::model::{
     keys::By,
 };
 use rule::Inputs;
+use signals::IdentitiesBehind;
 use state::rfc3339;
+
+/// The ring rule's id and name (built in; `[detect.signals] rings` turns it off).
+pub const RING_RULE_ID: &str = "extraction-ring";
+const RING_RULE_NAME: &str = "Ring of keys extracting together";
 
 /// Detection settings (from `[detect]`).
 #[derive(Debug, Clone)]
@@ -43,6 +52,8 @@ pub struct Settings {
     pub suppress_ms: u64,
     pub baseline_min_minutes: u64,
     pub host: String,
+    /// `[detect.signals]`: score and ring scales, rings on or off, learning mode.
+    pub signals: SignalConfig,
 }
 
 impl Settings {
@@ -143,33 +154,51 @@ impl Candidate<'_> {
             .collect()
     }
 
-    fn new_alert(
-        &self,
-        host: &str,
-        baseline: &BaselineView,
-        crossed: Vec<Crossed>,
-        now: Now,
-    ) -> Alert {
-        let rule = self.rule;
-        let id = format!(
-            "{}:{}:{}:{}",
-            rule.id,
-            self.by.name(),
+    fn explain(&self, inputs: &Inputs) -> Explanation {
+        score::score(
+            self.stats,
+            self.by,
             self.key,
-            rule.window_start(now)
-        );
+            inputs.behind,
+            inputs.signals,
+            inputs.now,
+        )
+    }
+}
+
+/// What a new alert is made of, besides the time and the detector's settings.
+struct Draft<'a> {
+    rule_id: &'a str,
+    rule_name: &'a str,
+    key_kind: &'a str,
+    key: &'a str,
+    severity: &'a str,
+    mode: Mode,
+    /// The shortest window of the conditions ("total" for none) and its start.
+    window: &'a str,
+    window_start: u64,
+    evidence: Evidence,
+    crossed: Vec<Crossed>,
+    explain: Explanation,
+}
+
+impl Draft<'_> {
+    fn alert(self, host: &str, baseline: &BaselineView, now: Now) -> Alert {
         Alert {
-            id,
-            rule_id: rule.id.clone(),
-            rule_name: rule.name.clone(),
-            key_kind: self.by.name().into(),
+            id: format!(
+                "{}:{}:{}:{}",
+                self.rule_id, self.key_kind, self.key, self.window_start
+            ),
+            rule_id: self.rule_id.to_owned(),
+            rule_name: self.rule_name.to_owned(),
+            key_kind: self.key_kind.to_owned(),
             key: self.key.to_owned(),
-            severity: rule.severity.clone(),
-            mode: rule.mode,
+            severity: self.severity.to_owned(),
+            mode: self.mode,
             state: AlertState::Open,
-            window: rule.shortest_window().map_or("total", Window::name).into(),
-            evidence: Evidence::of(self.stats, now),
-            conditions: crossed,
+            window: self.window.to_owned(),
+            evidence: self.evidence,
+            conditions: self.crossed,
             baseline: (baseline.history_minutes > 0).then(|| baseline.clone()),
             first_seen: rfc3339(now.unix_ms),
             last_seen: rfc3339(now.unix_ms),
@@ -183,6 +212,7 @@ impl Candidate<'_> {
                 name: TECHNIQUE_NAME.into(),
             },
             updates: 0,
+            explain: Some(self.explain),
         }
     }
 }
@@ -209,6 +239,7 @@ impl Detector {
                 suppress_ms: 0,
                 baseline_min_minutes: 30,
                 host: "test".into(),
+                signals: SignalConfig::default(),
             },
             DetectorState::default(),
         )
@@ -223,15 +254,15 @@ impl Detector {
         self.state.baseline.update(agg, now);
         self.state.counters.evaluations += 1;
         let active = ActiveAddresses::count(agg, now);
+        let behind = IdentitiesBehind::count(agg, now);
+        let Self { settings, state } = self;
         let inputs = Inputs {
             now,
             active: &active,
-            baseline_p99: self
-                .state
-                .baseline
-                .requests_p99(self.settings.baseline_min_minutes),
+            baseline_p99: state.baseline.requests_p99(settings.baseline_min_minutes),
+            behind: &behind,
+            signals: &settings.signals,
         };
-        let Self { settings, state } = self;
         let mut events = Vec::new();
         // Slots whose conditions hold in this evaluation.
         let mut held = HashSet::new();
@@ -252,6 +283,15 @@ impl Detector {
                     held.insert(slot.clone());
                     events.extend(matched(state, settings, slot, &cand, &inputs, agg));
                 }
+            }
+        }
+        if settings.signals.rings {
+            let allowed = |by: By, key: &str| settings.allowed(by, key, agg);
+            let started = state.started_ms(now);
+            for r in ring::find(agg, &behind, &allowed, &settings.signals, started, now) {
+                let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
+                held.insert(slot.clone());
+                events.extend(ring_matched(state, settings, slot, r, now));
             }
         }
         events.extend(state.settle(&held, settings.resolve_after_ms, settings.suppress_ms, now));
@@ -294,13 +334,82 @@ fn matched(
         return None;
     }
     let crossed = cand.crossed(inputs);
+    let explain = cand.explain(inputs);
     if let Some(id) = state.open_id(&slot).cloned() {
-        return state.update(&id, Evidence::of(cand.stats, now), crossed, now);
+        return state.update(
+            &id,
+            Evidence::of(cand.stats, now),
+            crossed,
+            Some(explain),
+            now,
+        );
     }
     if state.suppressed(&slot, now) {
         return None;
     }
-    let alert = cand.new_alert(&settings.host, &state.baseline.view, crossed, now);
+    let rule = cand.rule;
+    let draft = Draft {
+        rule_id: &rule.id,
+        rule_name: &rule.name,
+        key_kind: cand.by.name(),
+        key: cand.key,
+        severity: &rule.severity,
+        mode: learning_mode(state, settings, rule.mode),
+        window: rule.shortest_window().map_or("total", Window::name),
+        window_start: rule.window_start(now),
+        evidence: Evidence::of(cand.stats, now),
+        crossed,
+        explain,
+    };
+    let alert = draft.alert(&settings.host, &state.baseline.view, now);
+    Some(state.open(slot, alert))
+}
+
+/// In learning mode, matches before the baseline exists are only recorded.
+fn learning_mode(state: &DetectorState, settings: &Settings, mode: Mode) -> Mode {
+    let learned = state.baseline.view.history_minutes >= settings.baseline_min_minutes;
+    if settings.signals.learning && !learned {
+        Mode::Log
+    } else {
+        mode
+    }
+}
+
+/// A ring found: updates its open alert, or opens one (unless suppressed or allow-listed:
+/// allow-listed members never join a ring).
+fn ring_matched(
+    state: &mut DetectorState,
+    settings: &Settings,
+    slot: String,
+    r: ring::Ring,
+    now: Now,
+) -> Option<AlertEvent> {
+    state.holding_since(&slot, now);
+    let explain = Explanation {
+        score: 0.0,
+        parts: Vec::new(),
+        ring: Some(r.info),
+    };
+    if let Some(id) = state.open_id(&slot).cloned() {
+        return state.update(&id, r.evidence, r.crossed, Some(explain), now);
+    }
+    if state.suppressed(&slot, now) {
+        return None;
+    }
+    let draft = Draft {
+        rule_id: RING_RULE_ID,
+        rule_name: RING_RULE_NAME,
+        key_kind: "ring",
+        key: &r.key,
+        severity: "high",
+        mode: learning_mode(state, settings, Mode::Alert),
+        window: "10m",
+        window_start: now.unix_ms / 600_000 * 600,
+        evidence: r.evidence,
+        crossed: r.crossed,
+        explain,
+    };
+    let alert = draft.alert(&settings.host, &state.baseline.view, now);
     Some(state.open(slot, alert))
 }
 

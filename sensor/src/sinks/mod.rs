@@ -313,6 +313,7 @@ pub mod tests {
                 name: "Extract AI Model".into(),
             },
             updates: 0,
+            explain: None,
         }
     }
 
