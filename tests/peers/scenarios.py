@@ -320,14 +320,15 @@ def agent_loop(clk, c, rng, p):
     call), runs the tool, and goes on; a new task starts from a fresh context."""
     clk.pause(rng.uniform(0, 60))
     while clk.running():
-        context = rng.randint(*p["initial"])
-        for _ in range(rng.randint(*p["steps"])):
+        context = int(p["initial"] * rng.uniform(0.5, 1.5))
+        for _ in range(rng.randint(max(1, p["steps"] // 2), p["steps"])):
             if not clk.running():
                 return
-            c.request(rng.randint(*p["tokens"]), stream=rng.random() < 0.5, prompt_len=context)
-            context += rng.randint(*p["growth"])
-            clk.pause(rng.uniform(*p["step"]))
-        clk.pause(rng.uniform(*p["rest"]))
+            c.request(rng.randint(max(1, p["tokens"] // 3), p["tokens"]), stream=rng.random() < 0.5,
+                      prompt_len=context)
+            context += int(p["growth"] * rng.uniform(0.5, 1.5))
+            clk.pause(p["step"] * rng.uniform(0.5, 1.5))
+        clk.pause(p["rest"] * rng.uniform(0.5, 1.5))
 
 
 def bounded(clk, c, rng, start_min, duration_min, per_conn, tokens):

@@ -587,6 +587,122 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
     }
 
     #[test]
+    fn update_events_go_out_once_a_minute_whatever_the_interval() {
+        for interval in [1, 2, 5] {
+            let mut d = detector(vec![rule(FLOOD)]);
+            let mut agg = Aggregator::new(100, 24, 56);
+            let mut updates = 0;
+            for s in (0..=200).step_by(interval) {
+                requests(&mut agg, "10.0.0.1", 10 * interval as u64, at(s as u64));
+                updates += d
+                    .evaluate(&agg, at(s as u64))
+                    .iter()
+                    .filter(|e| e.event == EventKind::Update)
+                    .count();
+            }
+            // Open at ~20 s (the 1m window passes 100), then one update a minute.
+            assert_eq!(updates, 3, "interval {interval}");
+        }
+    }
+
+    /// `n` identities from `ip(i)`, each first seen at `start(i)` and making `per_min`
+    /// requests of `reply` bytes every `step` seconds until `until` (seconds).
+    fn keys(
+        agg: &mut Aggregator,
+        n: u64,
+        ip: impl Fn(u64) -> String,
+        start: impl Fn(u64) -> u64,
+        per_min: u64,
+        reply: u64,
+        step: u64,
+        until: u64,
+    ) {
+        for i in 0..n {
+            let addr: IpAddr = ip(i).parse().expect("ip");
+            let keys = ExchangeKeys {
+                identity: Some(format!("k-{}", ip(i))),
+                forwarded: None,
+            };
+            let mut t = start(i);
+            while t < until {
+                let d = Delta {
+                    counts: Counts {
+                        requests: per_min,
+                        bytes_in: per_min * 800,
+                        bytes_out: per_min * reply,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                agg.apply(addr, &d, at(t));
+                agg.apply_exchange(&keys, &d, at(t));
+                agg.request_keys(addr, &keys, t * 1_000_000_000, at(t));
+                t += step;
+            }
+        }
+    }
+
+    #[test]
+    fn a_ring_of_small_keys_started_together_alerts_and_explains_itself() {
+        let mut d = detector(Vec::new());
+        let mut agg = Aggregator::new(1000, 24, 56);
+        d.evaluate(&agg, at(0));
+        // 12 accounts over three /24s, started within a minute at 10 min, 2 requests a minute
+        // of ~600 tokens each: far below any per-key rule, ~14000 tokens/min together.
+        keys(
+            &mut agg,
+            12,
+            |i| format!("10.{}.0.{}", i % 3, i + 1),
+            |i| 600 + i * 5,
+            2,
+            3000,
+            60,
+            2000,
+        );
+        // People behind one network with the same shape, but starting minutes apart and
+        // pausing every other minute: no ring.
+        keys(
+            &mut agg,
+            12,
+            |i| format!("10.9.0.{}", i + 1),
+            |i| 800 + i * 200,
+            2,
+            3000,
+            120,
+            2000,
+        );
+        let ev = d.evaluate(&agg, at(2000));
+        let rings: Vec<&Alert> = ev
+            .iter()
+            .map(|e| &e.alert)
+            .filter(|a| a.rule_id == RING_RULE_ID)
+            .collect();
+        assert_eq!(rings.len(), 1, "{rings:#?}");
+        let ring = rings[0].explain.as_ref().and_then(|e| e.ring.as_ref());
+        let ring = ring.expect("ring explained");
+        assert_eq!(ring.member_count, 12);
+        assert!(
+            ring.members.iter().all(|m| !m.contains("10.9.")),
+            "{ring:?}"
+        );
+        assert!(ring.max_member_share < 0.2, "{ring:?}");
+        assert!(ring.tokens_per_minute >= 4000.0, "{ring:?}");
+        assert_eq!(rings[0].key_kind, "ring");
+        assert!(rings[0].key.starts_with("sync:"), "{}", rings[0].key);
+    }
+
+    #[test]
+    fn learning_mode_only_logs_until_the_baseline_exists() {
+        let mut d = detector(vec![rule(FLOOD)]);
+        d.settings.signals.learning = true;
+        let mut agg = Aggregator::new(100, 24, 56);
+        requests(&mut agg, "10.0.0.1", 500, at(0));
+        let ev = d.evaluate(&agg, at(1));
+        assert_eq!(ev[0].alert.mode, Mode::Log);
+        assert!(ev[0].alert.explain.is_some());
+    }
+
+    #[test]
     fn baseline_learns_population_percentiles() {
         let mut d = detector(Vec::new());
         let mut agg = Aggregator::new(1000, 24, 56);

@@ -4,9 +4,9 @@
 //!
 //! | signal | points | why |
 //! |---|---|---|
-//! | `output` | 0-4: 1 at the floor of sustained estimated output tokens/minute, +1 per doubling | distillation needs volume |
+//! | `output` | 0-5: 1 at the floor of sustained estimated output tokens/minute, +1 per doubling | distillation needs volume |
 //! | `persistence` | 0-3: share of the last hour's minutes with requests (0.5 -> 0, 0.9 -> full), times the share of the hour observed | people pause; harvesters run unbroken for hours |
-//! | `long_outputs` | +1 when out/in over the hour >= 4; -1 when <= 0.5 | harvesting long outputs from short prompts; agents send big contexts for short answers |
+//! | `long_outputs` | +1 when est. output tokens over the hour >= 4x the prompt tokens (request bytes / 5); -1 when <= 0.5x | harvesting long outputs from short prompts; agents send big contexts for short answers |
 //! | `parallel` | +1 with >= 3 open connections | scripts fan out |
 //! | `regular` | +1 when the CV of the last ~10 minutes' gaps < 0.35 | scripts are regular (jitter defeats it: one point, never alone) |
 //! | `sources` | +1 for an identity used from >= 5 addresses in the last hour | rotation |
@@ -65,7 +65,7 @@ pub fn score(
     let rate = signals::est_tokens(&hour) / age.max(MIN_RATE_SPAN_MINUTES) as f64;
     let level = rate / cfg.output_floor_tokens_per_minute;
     let output = if level > 0.0 {
-        (level.log2() + 1.0).clamp(0.0, 4.0)
+        (level.log2() + 1.0).clamp(0.0, 5.0)
     } else {
         0.0
     };
@@ -89,8 +89,9 @@ pub fn score(
             (duty * 100.0).min(100.0)
         ),
     ));
+    // In tokens both ways: bytes would count a streamed reply's framing as output.
     let out_in = if hour.bytes_in > 0 {
-        hour.bytes_out as f64 / hour.bytes_in as f64
+        signals::est_tokens(&hour) / (hour.bytes_in as f64 / 5.0)
     } else {
         0.0
     };
@@ -99,14 +100,14 @@ pub fn score(
             "long_outputs",
             out_in,
             1.0,
-            format!("replies {out_in:.1}x the size of requests"),
+            format!("{out_in:.1} est. output tokens per prompt token"),
         ));
     } else if hour.requests > 0 && out_in <= 0.5 {
         parts.push(part(
             "long_outputs",
             out_in,
             -1.0,
-            format!("requests larger than replies (out/in {out_in:.2}): context-heavy"),
+            format!("{out_in:.2} est. output tokens per prompt token: context-heavy"),
         ));
     }
     if c.open_connections >= 3 {
@@ -191,7 +192,7 @@ mod tests {
     fn an_unbroken_hour_at_a_fast_human_rate_adds_up_a_pausing_person_does_not() {
         // 4 requests a minute of 600 tokens, every minute for an hour: no single rule.
         let slow = traffic(4, 600, 60, |_| false);
-        assert!(total(&slow, 60) >= 6.0, "{}", total(&slow, 60));
+        assert!(total(&slow, 60) >= 5.5, "{}", total(&slow, 60));
         // The same person's pace with a break every few minutes.
         let human = traffic(4, 600, 60, |m| m % 3 == 2 || (20..30).contains(&m));
         assert!(total(&human, 60) < 5.0, "{}", total(&human, 60));
