@@ -10,14 +10,15 @@
 //! 3. `detect`: the rule engine, alert state, baselines.
 //! 4. `ship`: the agent -> collector wire format, shared by the agent's sink and the collector.
 //! 5. `formats`: the alert event model and its SIEM renderings (CEF, LEEF, ECS, OCSF).
-//! 6. `sinks`: delivery of events (syslog, HEC, file, webhook, the collector) with spool and retry.
-//! 7. `config`: the agent's configuration (with the sinks' and shipping sections).
-//! 8. `alerting`, `kernel`, `cli`: detection setup and the alert log; the kernel programs (one
+//! 6. `net`: the HTTP stack (hyper): server plumbing and the Prometheus exposition.
+//! 7. `sinks`: delivery of events (syslog, HEC, file, webhook, the collector) with spool and retry.
+//! 8. `config`: the agent's configuration (with the sinks' and shipping sections).
+//! 9. `alerting`, `kernel`, `cli`: detection setup and the alert log; the kernel programs (one
 //!    bpf syscall chokepoint, probing, decoding); every command's arguments.
-//! 9. `benchagg`: the aggregation benchmark (hidden command).
-//! 10. `agent`: `sensor run` (capture loop, identities, the local API, Prometheus).
-//! 11. `service`, `views`: the systemd service and its checks; the one-shot views and `top`.
-//! 12. `collector`: `sensor collector`, the fleet tier.
+//! 10. `benchagg`: the aggregation benchmark (hidden command).
+//! 11. `agent`: `sensor run` (capture loop, state, identities, the local API, Prometheus).
+//! 12. `service`, `views`: the systemd service and its checks; the one-shot views and `top`.
+//! 13. `collector`: `sensor collector`, the fleet tier.
 
 mod stdout;
 
@@ -28,6 +29,8 @@ mod detect;
 mod ship;
 
 mod formats;
+
+mod net;
 
 mod sinks;
 

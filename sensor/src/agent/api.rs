@@ -4,53 +4,36 @@
 //! Access control is the socket itself (mode 0600, owned by the agent's user) plus a peer
 //! credential check, so nothing else on the host can read what clients do.
 
-use std::{
-    io::{Read as _, Write as _},
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
-};
+use std::{os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
-use log::{debug, warn};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{UnixListener, UnixStream},
-};
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::{
-    model::aggregate::{Aggregator, Now},
-    model::conntable::ConnTable,
+    agent::shared::{AgentState, SharedState},
+    model::aggregate::Now,
     model::report::{Query, client_rows},
+    net::server::{self, Limits, Reply},
 };
 
-const MAX_REQUEST_HEAD: usize = 8192;
+/// The request head within 8 KiB and 5 seconds, the whole exchange within 15; one request per
+/// connection (the CLI makes one call per connection).
+const LIMITS: Limits = Limits {
+    header_timeout: IO_TIMEOUT,
+    max_head: 8192,
+    keep_alive: false,
+    deadline: Some(EXCHANGE_TIMEOUT),
+};
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the agent shares with the API.
-pub struct AgentState {
-    pub table: ConnTable,
-    pub agg: Aggregator,
-    pub max_clients: usize,
-    pub loss: Vec<(&'static str, u64)>,
-    pub started: SystemTime,
-    pub cgroup: String,
-    pub ports: Vec<u16>,
-    /// The programs were already attached (pinned) when this agent started.
-    pub continued_from_pinned_state: bool,
-    /// How live connections are read from the kernel (`iterator` or `map`), and why.
-    pub live_read: &'static str,
-    pub live_read_reason: String,
-    /// Request heads parsed for identity.
-    pub heads: crate::agent::identity::HeadStats,
-    pub detector: crate::detect::Detector,
-    /// Start (unix s) of the last summary period shipped to the collector.
-    pub shipped_through: u64,
-}
-
-pub type SharedState = Arc<Mutex<AgentState>>;
+/// One exchange, both sides: the server drops a connection after it, the CLI gives up.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connections served at once (the socket is root-only; this only bounds a runaway script).
+const MAX_CONNECTIONS: usize = 64;
 
 #[derive(Serialize)]
 struct Health<'a> {
@@ -116,52 +99,40 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 pub async fn serve(listener: UnixListener, state: SharedState) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = handle(stream, state).await {
-                        debug!("api request failed: {e:#}");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!("api accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn handle(mut stream: UnixStream, state: SharedState) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     let own_uid = unsafe { libc::geteuid() };
-    let peer = stream.peer_cred()?;
-    if peer.uid() != 0 && peer.uid() != own_uid {
-        return respond(&mut stream, 403, "{\"error\":\"forbidden\"}").await;
+    server::serve_unix(listener, LIMITS, MAX_CONNECTIONS, move |stream| {
+        // The socket's mode already keeps others out; the peer check also covers a socket
+        // whose permissions were loosened by hand.
+        let allowed = stream
+            .peer_cred()
+            .is_ok_and(|peer| peer.uid() == 0 || peer.uid() == own_uid);
+        let state = state.clone();
+        move |req| {
+            let reply = handle(&req, allowed, &state);
+            async move { reply }
+        }
+    })
+    .await;
+}
+
+fn handle<B>(req: &Request<B>, allowed: bool, state: &SharedState) -> Reply {
+    if !allowed {
+        return server::json_error(StatusCode::FORBIDDEN, "forbidden");
     }
-    let head = tokio::time::timeout(IO_TIMEOUT, read_head(&mut stream))
-        .await
-        .context("request timed out")??;
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" {
-        return respond(&mut stream, 405, "{\"error\":\"only GET\"}").await;
+    if req.method() != Method::GET {
+        return server::json_error(StatusCode::METHOD_NOT_ALLOWED, "only GET");
     }
-    let (route, query) = path.split_once('?').unwrap_or((path, ""));
-    let reply = {
-        let state = state
-            .lock()
-            .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-        route_request(&state, route, query)
+    let reply = match state.lock() {
+        Ok(state) => route_request(&state, req.uri().path(), req.uri().query().unwrap_or("")),
+        Err(_) => Err((500, "agent state poisoned".into())),
     };
     match reply {
-        Ok(body) => respond(&mut stream, 200, &body).await,
-        Err((status, message)) => {
-            let body = serde_json::json!({ "error": message }).to_string();
-            respond(&mut stream, status, &body).await
-        }
+        Ok(body) => server::reply(StatusCode::OK, "application/json", body),
+        Err((status, message)) => server::json_error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &message,
+        ),
     }
 }
 
@@ -228,63 +199,49 @@ pub fn route_request(
     }
 }
 
-async fn read_head(stream: &mut UnixStream) -> anyhow::Result<String> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_REQUEST_HEAD {
-            anyhow::bail!("request head too large");
-        }
-    }
-    let head = String::from_utf8_lossy(&buf);
-    Ok(head.lines().next().unwrap_or("").to_owned())
-}
-
-async fn respond(stream: &mut UnixStream, status: u16, body: &str) -> anyhow::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Internal Server Error",
-    };
-    let reply = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(reply.as_bytes()).await?;
-    stream.shutdown().await?;
-    Ok(())
-}
-
 /// Client side: GETs `path` from the agent's socket and returns the body.
 pub fn get(socket: &Path, path: &str) -> anyhow::Result<String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the client runtime")?;
+    runtime.block_on(async {
+        tokio::time::timeout(EXCHANGE_TIMEOUT, fetch(socket, path))
+            .await
+            .with_context(|| format!("the agent at {} did not answer in time", socket.display()))?
+    })
+}
+
+async fn fetch(socket: &Path, path: &str) -> anyhow::Result<String> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
             "cannot reach the agent at {} (is `sensor run` running, and are you root?)",
             socket.display()
         )
     })?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: sensor\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    let (head, body) = reply
-        .split_once("\r\n\r\n")
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("talking to the agent")?;
+    // Drives the connection while the request is sent and the body read.
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(header::HOST, "sensor")
+        .body(Empty::<Bytes>::new())
+        .with_context(|| format!("API path {path}"))?;
+    let response = sender
+        .send_request(request)
+        .await
         .context("malformed reply from the agent")?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        anyhow::bail!("agent answered {status}: {body}");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("reading the agent's reply")?
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if status != StatusCode::OK {
+        anyhow::bail!("agent answered {}: {body}", status.as_u16());
     }
-    Ok(body.to_owned())
+    Ok(body)
 }

@@ -8,12 +8,11 @@
 //! changes; a client that drops out and comes back continues its counters, a client that was
 //! folded away (see `aggregate`) and comes back starts again from zero (a counter reset).
 //!
-//! The HTTP side is a deliberately small HTTP/1.1 subset (one request per connection, no
-//! bodies), like the local API: bounded request head, read and write timeouts, a bounded number
-//! of connections at once, and every malformed request answered with an error status.
+//! The HTTP side is hyper (`net::server`), like the local API and the collector: one request
+//! per connection, a bounded request head, header and whole-connection timeouts, a bounded
+//! number of connections at once, and every malformed request answered with an error status.
 
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -24,28 +23,30 @@ use std::{
     time::{Duration, UNIX_EPOCH},
 };
 
-use log::{debug, info, warn};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
+use hyper::{
+    Method, Request, StatusCode,
+    header::{self, HeaderValue},
 };
+use log::{info, warn};
+use tokio::net::TcpListener;
 
 use crate::{
-    agent::api::{AgentState, SharedState},
+    agent::shared::{AgentState, SharedState},
     model::aggregate::{ClientStats, ClientTable},
+    net::{
+        prometheus::{CONTENT_TYPE, Exposition, NO_LABELS},
+        server::{self, Bearer, Limits, Reply},
+    },
 };
 
-/// The exposition format served.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-/// Request heads larger than this are refused (431).
-const MAX_REQUEST_HEAD: usize = 8192;
-/// The whole request head must arrive within this (slow clients get 408).
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// After replying, how long unread client bytes are drained so the reply is not lost to a reset.
-const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
-const MAX_DRAIN: usize = 64 * 1024;
+/// Connections: a request head larger than 8 KiB is refused (431), one not complete within 5
+/// seconds is dropped, and the reply must be written within 10 more; one request each.
+const LIMITS: Limits = Limits {
+    header_timeout: Duration::from_secs(5),
+    max_head: 8192,
+    keep_alive: false,
+    deadline: Some(Duration::from_secs(15)),
+};
 /// Connections served at once; further ones wait in the listen backlog.
 const MAX_CONCURRENT: usize = 16;
 
@@ -130,27 +131,14 @@ impl Server {
             auth_failures: self.auth_failures,
             state,
         });
-        let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return; // the semaphore is never closed
-            };
-            match self.listener.accept().await {
-                Ok((stream, peer)) => {
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = handle(stream, &ctx).await {
-                            debug!("metrics request from {peer} failed: {e}");
-                        }
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    warn!("metrics accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+        server::serve_tcp(self.listener, LIMITS, MAX_CONCURRENT, move |_peer| {
+            let ctx = ctx.clone();
+            move |req| {
+                let reply = ctx.respond(&req);
+                async move { reply }
             }
-        }
+        })
+        .await;
     }
 }
 
@@ -161,310 +149,76 @@ struct Context {
     state: SharedState,
 }
 
-enum Head {
-    Complete(Vec<u8>),
-    TooLarge,
-    /// The peer closed before sending a complete head; holds what it sent.
-    Truncated(Vec<u8>),
-}
-
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(Head::Truncated(buf));
-        }
-        let scan_from = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = head_end(&buf[scan_from..]) {
-            buf.truncate(scan_from + end);
-            return Ok(Head::Complete(buf));
-        }
-        if buf.len() > MAX_REQUEST_HEAD {
-            return Ok(Head::TooLarge);
-        }
-    }
-}
-
-/// Length of the head (through its blank line) if `buf` contains one; bare-LF lines are accepted.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    (0..buf.len()).find_map(|i| {
-        if buf[i..].starts_with(b"\r\n\r\n") {
-            Some(i + 4)
-        } else if buf[i..].starts_with(b"\n\n") {
-            Some(i + 2)
-        } else {
-            None
-        }
-    })
-}
-
-async fn handle(mut stream: TcpStream, ctx: &Context) -> std::io::Result<()> {
-    let reply = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Err(_) => Reply::error(408, "request head not received in time\n"),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(Head::TooLarge)) => Reply::error(431, "request head too large\n"),
-        Ok(Ok(Head::Truncated(partial))) if partial.is_empty() => return Ok(()),
-        Ok(Ok(Head::Truncated(_))) => Reply::error(400, "incomplete request\n"),
-        Ok(Ok(Head::Complete(head))) => answer(&head, &ctx.token, &ctx.auth_failures, || {
-            let state = ctx.state.lock().ok()?;
-            let mut body = render(&state, ctx.top_n);
+impl Context {
+    fn respond<B>(&self, req: &Request<B>) -> Reply {
+        answer(req, &self.token, &self.auth_failures, || {
+            // Gathered under the lock, encoded after it.
+            let state = self.state.lock().ok()?;
+            let mut exposition = families(&state, self.top_n);
             drop(state);
-            render_listener(&mut body, ctx.auth_failures.load(Ordering::Relaxed));
-            Some(body)
-        }),
-    };
-    let bytes = reply.to_bytes();
-    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&bytes))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))??;
-    stream.shutdown().await?;
-    // Read what the client may still send (a body, the rest of an oversized head), so closing
-    // with unread data does not reset the connection before the client read the reply.
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        let mut sink = [0u8; 4096];
-        let mut drained = 0;
-        while drained < MAX_DRAIN {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
-    })
-    .await;
-    Ok(())
-}
-
-/// An HTTP reply; `head_only` for HEAD requests.
-#[derive(Debug, PartialEq, Eq)]
-struct Reply {
-    status: u16,
-    content_type: &'static str,
-    extra_headers: Vec<(&'static str, &'static str)>,
-    body: String,
-    head_only: bool,
-}
-
-impl Reply {
-    fn error(status: u16, body: &str) -> Self {
-        Self {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            extra_headers: Vec::new(),
-            body: body.to_owned(),
-            head_only: false,
-        }
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            401 => "Unauthorized",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            408 => "Request Timeout",
-            431 => "Request Header Fields Too Large",
-            _ => "Internal Server Error",
-        };
-        let mut head = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
-             Cache-Control: no-store\r\nConnection: close\r\n",
-            self.status,
-            self.content_type,
-            self.body.len()
-        );
-        for (name, value) in &self.extra_headers {
-            let _ = write!(head, "{name}: {value}\r\n");
-        }
-        head.push_str("\r\n");
-        let mut bytes = head.into_bytes();
-        if !self.head_only {
-            bytes.extend_from_slice(self.body.as_bytes());
-        }
-        bytes
+            listener_families(&mut exposition, self.auth_failures.load(Ordering::Relaxed));
+            exposition.encode().ok()
+        })
     }
 }
 
-/// A request head, as much of it as the listener needs.
-#[derive(Debug, PartialEq, Eq)]
-struct Request<'a> {
-    method: &'a str,
-    target: &'a str,
-    authorization: Option<&'a str>,
+/// A plain-text reply; nothing here may be cached (counters, or a refusal).
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::Bytes>) -> Reply {
+    let mut r = server::reply(status, content_type, body);
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
-/// Parses a request head; `None` when it is not a well-formed HTTP/1.x head.
-fn parse_request(head: &[u8]) -> Option<Request<'_>> {
-    let text = std::str::from_utf8(head).ok()?;
-    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let mut request_line = lines.next()?.split(' ');
-    let (method, target, version) = (
-        request_line.next()?,
-        request_line.next()?,
-        request_line.next()?,
-    );
-    let valid_method = !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase());
-    if request_line.next().is_some()
-        || !valid_method
-        || !target.starts_with('/')
-        || !matches!(version, "HTTP/1.0" | "HTTP/1.1")
-    {
-        return None;
-    }
-    let mut authorization = None;
-    for line in lines.take_while(|l| !l.is_empty()) {
-        let (name, value) = line.split_once(':')?;
-        if name.is_empty()
-            || name
-                .bytes()
-                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-        {
-            return None;
-        }
-        if name.eq_ignore_ascii_case("authorization") {
-            if authorization.is_some() {
-                return None; // ambiguous: which one to check?
-            }
-            authorization = Some(value.trim());
-        }
-    }
-    Some(Request {
-        method,
-        target,
-        authorization,
-    })
+fn error(status: StatusCode, message: &'static str) -> Reply {
+    text(status, "text/plain; charset=utf-8", message)
 }
 
-/// Compares in time that depends only on the length of `presented`, never on where it differs
-/// from `expected` (nor on `expected`'s length beyond equality of lengths).
-fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
-    if expected.is_empty() {
-        return false;
-    }
-    let mut diff = u8::from(presented.len() != expected.len());
-    for (i, b) in presented.iter().enumerate() {
-        diff |= b ^ expected[i % expected.len()];
-    }
-    std::hint::black_box(diff) == 0
-}
-
-fn authorized(header: Option<&str>, token: &[u8]) -> bool {
-    let Some((scheme, credentials)) = header.and_then(|h| h.split_once(' ')) else {
-        return false;
-    };
-    scheme.eq_ignore_ascii_case("bearer") && constant_time_eq(credentials.trim().as_bytes(), token)
-}
-
-/// Answers one request head: 400 malformed, 401 unauthenticated (counted), 405, 404, or the
-/// metrics `body()` renders (500 if it cannot).
-fn answer(
-    head: &[u8],
+/// Answers one request (hyper already answered a malformed one with 400 or 431): 400 for an
+/// ambiguous token, 401 unauthenticated (counted), 405, 404, or the metrics `body()` renders
+/// (500 if it cannot).
+fn answer<B>(
+    req: &Request<B>,
     token: &[u8],
     auth_failures: &AtomicU64,
     body: impl FnOnce() -> Option<String>,
 ) -> Reply {
-    let Some(req) = parse_request(head) else {
-        return Reply::error(400, "malformed request\n");
-    };
-    if !authorized(req.authorization, token) {
-        auth_failures.fetch_add(1, Ordering::Relaxed);
-        let mut reply = Reply::error(401, "a valid bearer token is required\n");
-        reply
-            .extra_headers
-            .push(("WWW-Authenticate", "Bearer realm=\"sensor\""));
-        return reply;
-    }
-    let head_only = match req.method {
-        "GET" => false,
-        "HEAD" => true,
-        _ => {
-            let mut reply = Reply::error(405, "only GET and HEAD\n");
-            reply.extra_headers.push(("Allow", "GET, HEAD"));
+    match server::bearer(req.headers(), token) {
+        Bearer::Accepted => {}
+        Bearer::Ambiguous => return error(StatusCode::BAD_REQUEST, "malformed request\n"),
+        Bearer::Refused => {
+            auth_failures.fetch_add(1, Ordering::Relaxed);
+            let mut reply = error(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required\n",
+            );
+            reply.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"sensor\""),
+            );
             return reply;
         }
-    };
-    let path = req.target.split_once('?').map_or(req.target, |(p, _)| p);
-    if path != "/metrics" {
-        return Reply::error(404, "not found; metrics are at /metrics\n");
+    }
+    // hyper sends no body in reply to HEAD.
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut reply = error(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+        reply
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return reply;
+    }
+    if req.uri().path() != "/metrics" {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not found; metrics are at /metrics\n",
+        );
     }
     match body() {
-        Some(body) => Reply {
-            status: 200,
-            content_type: CONTENT_TYPE,
-            extra_headers: Vec::new(),
-            body,
-            head_only,
-        },
-        None => Reply::error(500, "agent state unavailable\n"),
-    }
-}
-
-/// Escapes a label value (exposition format 0.0.4): backslash, double quote, line feed.
-pub fn escape_label(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// Escapes HELP text: backslash and line feed.
-fn escape_help(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-#[derive(Clone, Copy)]
-pub(crate) enum Kind {
-    Counter,
-    Gauge,
-}
-
-/// Labels of a sample without labels.
-pub(crate) const NO_LABELS: [(&str, &str); 0] = [];
-
-/// Writes HELP and TYPE, then one sample per `(labels, value)`; nothing when there are none.
-pub(crate) fn family<'a, L, V>(
-    out: &mut String,
-    name: &str,
-    kind: Kind,
-    help: &str,
-    samples: impl IntoIterator<Item = (L, V)>,
-) where
-    L: AsRef<[(&'a str, &'a str)]>,
-    V: std::fmt::Display,
-{
-    let mut samples = samples.into_iter().peekable();
-    if samples.peek().is_none() {
-        return;
-    }
-    let kind = match kind {
-        Kind::Counter => "counter",
-        Kind::Gauge => "gauge",
-    };
-    let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        out.push_str(name);
-        let labels = labels.as_ref();
-        if !labels.is_empty() {
-            out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let _ = write!(out, "{k}=\"{}\"", escape_label(v));
-            }
-            out.push('}');
-        }
-        let _ = writeln!(out, " {value}");
+        Some(body) => text(StatusCode::OK, CONTENT_TYPE, body),
+        None => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "agent state unavailable\n",
+        ),
     }
 }
 
@@ -493,47 +247,38 @@ fn top_clients(table: &ClientTable, n: usize) -> Vec<(&str, &ClientStats)> {
     all
 }
 
-/// Renders the agent's metrics in the Prometheus text exposition format 0.0.4.
+/// Gathers the agent's metrics (encoded by `Exposition::encode` in the text format 0.0.4).
 ///
 /// Host totals (`sensor_bytes_total`, `sensor_requests_total`, `sensor_connections_*`) are the
 /// grand totals, folded clients included; per-client series (`sensor_client_*`) exist only for
 /// the `top_n` heaviest addresses by bytes out.
-pub fn render(state: &AgentState, top_n: usize) -> String {
-    use Kind::{Counter, Gauge};
-    let mut out = String::with_capacity(4096 + top_n * 512);
+pub fn families(state: &AgentState, top_n: usize) -> Exposition {
+    let mut out = Exposition::default();
     let (addresses, groups) = (&state.agg.addresses, &state.agg.groups);
     let total = addresses.grand_total();
     let live = state.table.live_count() as u64;
 
-    family(
-        &mut out,
+    out.gauge(
         "sensor_up",
-        Gauge,
         "1 while the agent is running and serving metrics.",
-        [(NO_LABELS, 1)],
+        [(NO_LABELS, 1u64)],
     );
-    family(
-        &mut out,
+    out.gauge(
         "sensor_build_info",
-        Gauge,
         "The agent's version, as a label; the value is always 1.",
-        [([("version", env!("CARGO_PKG_VERSION"))], 1)],
+        [([("version", env!("CARGO_PKG_VERSION"))], 1u64)],
     );
     let started = state
         .started
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    family(
-        &mut out,
+    out.gauge(
         "sensor_start_time_seconds",
-        Gauge,
         "When this agent process started, in seconds since the Unix epoch.",
-        [(NO_LABELS, format!("{started:.3}"))],
+        [(NO_LABELS, started)],
     );
-    family(
-        &mut out,
+    out.counter(
         "sensor_bytes_total",
-        Counter,
         "TCP payload bytes on watched connections (in: client to this host, out: this host to \
          client), all clients including folded ones.",
         [
@@ -541,62 +286,46 @@ pub fn render(state: &AgentState, top_n: usize) -> String {
             ([("direction", "out")], total.bytes_out),
         ],
     );
-    family(
-        &mut out,
+    out.counter(
         "sensor_requests_total",
-        Counter,
         "Requests (HTTP/1.x) or request turns (other protocols) on watched connections.",
         [(NO_LABELS, total.requests)],
     );
-    family(
-        &mut out,
+    out.counter(
         "sensor_connections_opened_total",
-        Counter,
         "Watched connections opened.",
         [(NO_LABELS, total.connections)],
     );
-    family(
-        &mut out,
+    out.gauge(
         "sensor_connections_open",
-        Gauge,
         "Watched connections open now.",
         [(NO_LABELS, live)],
     );
-    family(
-        &mut out,
+    out.counter(
         "sensor_connections_closed_total",
-        Counter,
         "Watched connections closed (opened minus open now).",
         [(NO_LABELS, total.connections.saturating_sub(live))],
     );
-    family(
-        &mut out,
+    out.counter(
         "sensor_loss_total",
-        Counter,
         "Events the kernel programs lost or skipped, by kind (see docs/counters.md).",
         state.loss.iter().map(|(kind, n)| ([("kind", *kind)], *n)),
     );
-    family(
-        &mut out,
+    out.gauge(
         "sensor_clients_max",
-        Gauge,
         "Configured bound on clients kept exactly, per table (clients.max_clients).",
         [(NO_LABELS, state.max_clients as u64)],
     );
-    family(
-        &mut out,
+    out.gauge(
         "sensor_clients_tracked",
-        Gauge,
         "Clients kept exactly, by address or by address group.",
         [
             ([("by", "address")], addresses.clients.len() as u64),
             ([("by", "group")], groups.clients.len() as u64),
         ],
     );
-    family(
-        &mut out,
+    out.counter(
         "sensor_clients_folded_total",
-        Counter,
         "Clients folded into the counted remainder to keep memory bounded (a client folded \
          twice counts twice).",
         [
@@ -606,10 +335,8 @@ pub fn render(state: &AgentState, top_n: usize) -> String {
     );
 
     let top = top_clients(addresses, top_n);
-    family(
-        &mut out,
+    out.counter(
         "sensor_client_bytes_total",
-        Counter,
         "TCP payload bytes of one client address; only the top clients by bytes out have \
          series, so series come and go as the top changes.",
         top.iter().flat_map(|(client, c)| {
@@ -629,42 +356,34 @@ pub fn render(state: &AgentState, top_n: usize) -> String {
         top.iter()
             .map(move |(client, c)| ([("client", *client)], value(c)))
     };
-    family(
-        &mut out,
+    out.counter(
         "sensor_client_requests_total",
-        Counter,
         "Requests of one client address (top clients by bytes out only).",
         per_client(|c| c.totals.requests),
     );
-    family(
-        &mut out,
+    out.counter(
         "sensor_client_connections_opened_total",
-        Counter,
         "Connections opened by one client address (top clients by bytes out only).",
         per_client(|c| c.totals.connections),
     );
-    family(
-        &mut out,
+    out.gauge(
         "sensor_client_connections_open",
-        Gauge,
         "Connections of one client address open now (top clients by bytes out only).",
         per_client(|c| c.open_connections),
     );
-    family(
-        &mut out,
+    out.counter(
         "sensor_client_events_total",
-        Counter,
         "Server-sent events streamed to one client address (top clients by bytes out only).",
         per_client(|c| c.totals.events_out),
     );
-    render_keyed(&mut out, "identity", &state.agg.identities, top_n);
-    render_keyed(&mut out, "forwarded", &state.agg.forwarded, top_n);
+    keyed_families(&mut out, "identity", &state.agg.identities, top_n);
+    keyed_families(&mut out, "forwarded", &state.agg.forwarded, top_n);
     out
 }
 
 /// Per-identity (`sensor_identity_*`, label `identity`) or per-forwarded-client
 /// (`sensor_forwarded_*`, label `client`) series for the top N by bytes out.
-fn render_keyed(out: &mut String, kind: &str, table: &ClientTable, top_n: usize) {
+fn keyed_families(out: &mut Exposition, kind: &'static str, table: &ClientTable, top_n: usize) {
     let top = top_clients(table, top_n);
     let label = if kind == "identity" {
         "identity"
@@ -676,10 +395,8 @@ fn render_keyed(out: &mut String, kind: &str, table: &ClientTable, top_n: usize)
     } else {
         "one client address behind a trusted proxy"
     };
-    family(
-        out,
+    out.counter(
         &format!("sensor_{kind}_bytes_total"),
-        Kind::Counter,
         &format!("TCP payload bytes of the exchanges of {what}; top {top_n} by bytes out only."),
         top.iter().flat_map(|(key, c)| {
             [
@@ -691,28 +408,22 @@ fn render_keyed(out: &mut String, kind: &str, table: &ClientTable, top_n: usize)
     let series = |value: fn(&ClientStats) -> u64| {
         top.iter().map(move |(key, c)| ([(label, *key)], value(c)))
     };
-    family(
-        out,
+    out.counter(
         &format!("sensor_{kind}_requests_total"),
-        Kind::Counter,
         &format!("Requests of {what}; top {top_n} by bytes out only."),
         series(|c| c.totals.requests),
     );
-    family(
-        out,
+    out.counter(
         &format!("sensor_{kind}_events_total"),
-        Kind::Counter,
         &format!("Server-sent events streamed to {what}; top {top_n} by bytes out only."),
         series(|c| c.totals.events_out),
     );
 }
 
 /// Appends the listener's own metrics.
-fn render_listener(out: &mut String, auth_failures: u64) {
-    family(
-        out,
+fn listener_families(out: &mut Exposition, auth_failures: u64) {
+    out.counter(
         "sensor_metrics_auth_failures_total",
-        Kind::Counter,
         "Requests to the metrics listener rejected for a missing or wrong bearer token.",
         [(NO_LABELS, auth_failures)],
     );
@@ -871,13 +582,14 @@ mod tests {
             .apply("10.0.0.1".parse().expect("ip"), &traffic(500), now);
         s.agg
             .apply("2001:db8::1".parse().expect("ip"), &traffic(70), now);
-        let mut text = render(&s, 20);
-        render_listener(&mut text, 4);
+        let mut exposition = families(&s, 20);
+        listener_families(&mut exposition, 4);
+        let text = exposition.encode().expect("encode");
         let (samples, types) = parse(&text);
         assert_eq!(types["sensor_bytes_total"], "counter");
         assert_eq!(types["sensor_connections_open"], "gauge");
         assert_eq!(value(&samples, "sensor_up", &[]), 1);
-        assert!(text.contains("\nsensor_start_time_seconds 1700000000.250\n"));
+        assert!(text.contains("\nsensor_start_time_seconds 1700000000.25\n"));
         assert_eq!(
             value(&samples, "sensor_bytes_total", &[("direction", "out")]),
             570
@@ -934,7 +646,6 @@ mod tests {
         );
         let (samples, _) = parse(&text);
         assert_eq!(client_labels(&samples), BTreeSet::from([weird.to_owned()]));
-        assert_eq!(escape_help("a\\b\nc"), "a\\\\b\\nc");
     }
 
     #[test]
@@ -1006,114 +717,160 @@ mod tests {
         assert_eq!(client_labels(&samples).len(), 3);
     }
 
-    #[test]
-    fn constant_time_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secreT", b"secret"));
-        assert!(!constant_time_eq(b"secret2", b"secret"));
-        assert!(!constant_time_eq(b"secre", b"secret"));
-        assert!(!constant_time_eq(b"", b"secret"));
-        assert!(!constant_time_eq(b"", b""));
+    /// Gathers and encodes, as the listener does.
+    fn render(state: &AgentState, top_n: usize) -> String {
+        families(state, top_n).encode().expect("encode")
     }
 
-    fn ask(head: &str, failures: &AtomicU64) -> Reply {
-        answer(head.as_bytes(), b"tok", failures, || Some("x 1\n".into()))
+    fn ask(method: &str, target: &str, auth: &[&str], failures: &AtomicU64) -> Reply {
+        let mut req = Request::builder().method(method).uri(target);
+        for value in auth {
+            req = req.header(header::AUTHORIZATION, *value);
+        }
+        let req = req.body(()).expect("request");
+        answer(&req, b"tok", failures, || Some("x 1\n".into()))
     }
 
     #[test]
     fn http_answers() {
         let failures = AtomicU64::new(0);
-        let ok = ask(
-            "GET /metrics HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer tok\r\n\r\n",
-            &failures,
-        );
-        assert_eq!((ok.status, ok.content_type), (200, CONTENT_TYPE));
-        let bytes = String::from_utf8(ok.to_bytes()).expect("utf-8");
-        assert!(bytes.starts_with("HTTP/1.1 200 OK\r\n"));
-        assert!(bytes.contains("\r\nContent-Length: 4\r\n"));
-        assert!(bytes.ends_with("\r\n\r\nx 1\n"));
-        // Scheme is case-insensitive, header names too; a query string is ignored.
+        let ok = ask("GET", "/metrics", &["Bearer tok"], &failures);
+        assert_eq!(ok.status(), 200);
+        assert_eq!(ok.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
+        assert_eq!(ok.headers()[header::CACHE_CONTROL], "no-store");
+        // Scheme is case-insensitive; a query string is ignored.
         assert_eq!(
-            ask(
-                "GET /metrics?x=1 HTTP/1.0\nauthorization: bearer  tok \n\n",
-                &failures
-            )
-            .status,
+            ask("GET", "/metrics?x=1", &["bearer  tok "], &failures).status(),
             200
         );
-        let head = ask(
-            "HEAD /metrics HTTP/1.1\r\nAuthorization: Bearer tok\r\n\r\n",
-            &failures,
-        );
-        assert!(
-            String::from_utf8(head.to_bytes())
-                .expect("utf-8")
-                .ends_with("\r\n\r\n")
+        assert_eq!(
+            ask("HEAD", "/metrics", &["Bearer tok"], &failures).status(),
+            200
         );
         assert_eq!(failures.load(Ordering::Relaxed), 0);
 
-        for unauthenticated in [
-            "GET /metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer tok2\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nAuthorization: Basic dG9rOg==\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer\r\n\r\n",
-            "GET /other HTTP/1.1\r\n\r\n",
+        for (target, auth) in [
+            ("/metrics", &[][..]),
+            ("/metrics", &["Bearer tok2"]),
+            ("/metrics", &["Basic dG9rOg=="]),
+            ("/metrics", &["Bearer"]),
+            ("/other", &[]),
         ] {
-            let r = ask(unauthenticated, &failures);
-            assert_eq!(r.status, 401, "{unauthenticated:?}");
-            assert!(
-                String::from_utf8(r.to_bytes())
-                    .expect("utf-8")
-                    .contains("\r\nWWW-Authenticate: Bearer realm=\"sensor\"\r\n")
+            let r = ask("GET", target, auth, &failures);
+            assert_eq!(r.status(), 401, "{target} {auth:?}");
+            assert_eq!(
+                r.headers()[header::WWW_AUTHENTICATE],
+                "Bearer realm=\"sensor\""
             );
         }
         assert_eq!(failures.load(Ordering::Relaxed), 5);
 
-        let auth = "Authorization: Bearer tok\r\n";
         assert_eq!(
-            ask(&format!("GET /nope HTTP/1.1\r\n{auth}\r\n"), &failures).status,
+            ask("GET", "/nope", &["Bearer tok"], &failures).status(),
             404
         );
+        let post = ask("POST", "/metrics", &["Bearer tok"], &failures);
+        assert_eq!(post.status(), 405);
+        assert_eq!(post.headers()[header::ALLOW], "GET, HEAD");
         assert_eq!(
-            ask(&format!("POST /metrics HTTP/1.1\r\n{auth}\r\n"), &failures).status,
-            405
+            ask("GET", "/metrics", &["Bearer tok", "Bearer x"], &failures).status(),
+            400
         );
-        for malformed in [
-            "\r\n\r\n",
-            "GET\r\n\r\n",
-            "GET /metrics\r\n\r\n",
-            "GET /metrics HTTP/2.0\r\n\r\n",
-            "GET  /metrics HTTP/1.1\r\n\r\n",
-            "get /metrics HTTP/1.1\r\n\r\n",
-            "GET metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics HTTP/1.1 x\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nno colon\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer tok\r\nAuthorization: Bearer x\r\n\r\n",
-        ] {
-            assert_eq!(ask(malformed, &failures).status, 400, "{malformed:?}");
-        }
-        let invalid_utf8 = answer(b"GET /\xff HTTP/1.1\r\n\r\n", b"tok", &failures, || None);
-        assert_eq!(invalid_utf8.status, 400);
         assert_eq!(
             failures.load(Ordering::Relaxed),
             5,
             "400s are not auth failures"
         );
-        let unavailable = answer(
-            format!("GET /metrics HTTP/1.1\r\n{auth}\r\n").as_bytes(),
-            b"tok",
-            &failures,
-            || None,
-        );
-        assert_eq!(unavailable.status, 500);
+        let req = Request::get("/metrics")
+            .header(header::AUTHORIZATION, "Bearer tok")
+            .body(())
+            .expect("request");
+        assert_eq!(answer(&req, b"tok", &failures, || None).status(), 500);
     }
 
-    #[test]
-    fn head_detection() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(16));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+    /// Sends raw bytes to a real listener and returns its whole reply.
+    async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(bytes).await.expect("send");
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply)).await;
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+
+    /// The listener over a real socket: hyper parses, bounds and answers malformed requests.
+    #[tokio::test]
+    async fn listener_over_tcp() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = Server {
+            listener,
+            token: b"tok".to_vec(),
+            top_n: 5,
+            auth_failures: Arc::new(AtomicU64::new(0)),
+        };
+        let state = Arc::new(std::sync::Mutex::new(state(10)));
+        tokio::spawn(server.serve(state));
+
+        let ok = exchange(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer tok\r\n\r\n",
+        )
+        .await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        let (head, body) = ok.split_once("\r\n\r\n").expect("head and body");
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+            "{head}"
+        );
+        assert!(
+            body.contains("\nsensor_metrics_auth_failures_total 0\n"),
+            "{body}"
+        );
+        let head_only = exchange(
+            addr,
+            b"HEAD /metrics HTTP/1.0\r\nAuthorization: Bearer tok\r\n\r\n",
+        )
+        .await;
+        assert!(head_only.starts_with("HTTP/1.0 200 OK\r\n"), "{head_only}");
+        assert!(head_only.ends_with("\r\n\r\n"), "no body: {head_only}");
+
+        for malformed in [
+            &b"GET\r\n\r\n"[..],
+            b"GET /metrics\r\n\r\n",
+            b"GET /metrics HTTP/2.0\r\n\r\n",
+            b"GET  /metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/1.1 x\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            b"GET /\xff HTTP/1.1\r\n\r\n",
+            b"\x16\x03\x01garbage\r\n\r\n",
+        ] {
+            let reply = exchange(addr, malformed).await;
+            assert!(
+                reply.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+                "{}: {reply}",
+                String::from_utf8_lossy(malformed)
+            );
+        }
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 20_000));
+        let reply = exchange(addr, &huge).await;
+        assert!(
+            reply.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{reply}"
+        );
+        let after = exchange(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nAuthorization: Bearer tok\r\n\r\n",
+        )
+        .await;
+        assert!(
+            after.contains("\nsensor_metrics_auth_failures_total 0\n"),
+            "malformed requests are not auth failures: {after}"
+        );
     }
 
     #[test]

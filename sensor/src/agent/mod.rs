@@ -7,6 +7,8 @@
 pub mod api;
 pub mod identity;
 pub mod metrics;
+/// The state the loop owns and the API and `/metrics` read.
+pub mod shared;
 
 use std::{
     collections::HashSet,
@@ -22,8 +24,8 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use api::{AgentState, SharedState};
 use identity::{HeadStats, Identities, load_secret, secret_path};
+use shared::{AgentState, SharedState};
 
 use crate::{
     alerting::{alerts_path, detect_settings, hostname, record_alerts},

@@ -15,7 +15,6 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -27,11 +26,21 @@ use super::{
 use crate::{
     model::aggregate::Now,
     model::report::{Query, client_rows},
+    net::{
+        prometheus,
+        server::{self, Limits},
+    },
     sinks::http::{read_certs, read_key},
 };
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request heads: within 10 seconds, at most 64 KiB; bodies have their own timeout.
+const LIMITS: Limits = Limits {
+    header_timeout: Duration::from_secs(10),
+    max_head: 64 * 1024,
+    keep_alive: true,
+    deadline: None,
+};
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 512;
@@ -117,17 +126,11 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Sha
                     return;
                 }
             };
-            let service = hyper::service::service_fn(move |req| {
+            let respond = move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, peer).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
+                async move { handle(req, &shared, peer).await }
+            };
+            if let Err(e) = server::serve_connection(tls, &LIMITS, respond).await {
                 debug!("connection from {peer}: {e}");
             }
         });
@@ -299,9 +302,10 @@ fn read(shared: &Shared, path: &str, query: &str) -> Reply {
         "/metrics" => {
             let outputs = crate::sinks::health();
             return match shared
-                .with_fleet(|f| super::metrics::render(&shared.counters, f, &outputs))
+                .with_fleet(|f| super::metrics::families(&shared.counters, f, &outputs))
+                .and_then(|families| Ok(families.encode()?))
             {
-                Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
+                Ok(text) => reply(StatusCode::OK, prometheus::CONTENT_TYPE, text),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
             };
         }

@@ -81,6 +81,12 @@ pub fn save(dir: &Path, encoded: &[u8]) -> anyhow::Result<()> {
     file.flush()?;
     file.sync_data()?;
     fs::rename(&tmp, path(dir)).with_context(|| format!("replacing {}", path(dir).display()))?;
+    // The rename is durable only once the directory entry is: without this, a power loss
+    // after the rename can bring back the previous snapshot, whose tombstones the agent has
+    // already expired (connections counted twice).
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing state dir {}", dir.display()))?;
     Ok(())
 }
 
