@@ -607,6 +607,10 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
 
     /// `n` identities from `ip(i)`, each first seen at `start(i)` and making `per_min`
     /// requests of `reply` bytes every `step` seconds until `until` (seconds).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one test population's parameters"
+    )]
     fn keys(
         agg: &mut Aggregator,
         n: u64,

@@ -148,8 +148,8 @@ fn shape_components(members: &[Member], idx: &[usize]) -> Vec<Vec<usize>> {
         }
     }
     let mut comps: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for pos in 0..idx.len() {
-        comps.entry(sets.find(pos)).or_default().push(idx[pos]);
+    for (pos, &i) in idx.iter().enumerate() {
+        comps.entry(sets.find(pos)).or_default().push(i);
     }
     comps.into_values().collect()
 }
