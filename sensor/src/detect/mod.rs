@@ -696,6 +696,35 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
     }
 
     #[test]
+    fn two_farms_started_together_with_different_shapes_are_two_rings() {
+        let mut d = detector(Vec::new());
+        let mut agg = Aggregator::new(1000, 24, 56);
+        d.evaluate(&agg, at(0));
+        let farm = |agg: &mut Aggregator, net: u64, reply: u64| {
+            keys(
+                agg,
+                8,
+                move |i| format!("10.{net}.{}.{}", i % 2, i + 1),
+                |i| 600 + i * 3,
+                2,
+                reply,
+                60,
+                2000,
+            )
+        };
+        farm(&mut agg, 20, 3000);
+        farm(&mut agg, 30, 9000);
+        let ev = d.evaluate(&agg, at(2000));
+        let mut counts: Vec<u64> = ev
+            .iter()
+            .filter_map(|e| e.alert.explain.as_ref()?.ring.as_ref())
+            .map(|r| r.member_count)
+            .collect();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![8, 8]);
+    }
+
+    #[test]
     fn learning_mode_only_logs_until_the_baseline_exists() {
         let mut d = detector(vec![rule(FLOOD)]);
         d.settings.signals.learning = true;

@@ -21,7 +21,7 @@
 //!
 //! Alerts carry the ring (`explain.ring`): members, what they share, combined volume and the
 //! heaviest member's share. The ring key is its basis (`net:<group>` or `sync:<minute of the
-//! first member's start>`), stable while the ring runs.
+//! window's start>`) and its earliest member, stable while the ring runs.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -334,8 +334,14 @@ fn ring(
             value: info.tokens_per_minute,
         },
     ];
+    // Two rings can share a basis (two farms started in the same window, two shapes in one
+    // network): the earliest member, which stays while the ring runs, tells them apart.
+    let earliest = sorted
+        .iter()
+        .min_by_key(|m| (m.stats.first_seen_ms, m.key))
+        .map_or("", |m| m.key);
     Some(Ring {
-        key: basis,
+        key: format!("{basis}:{earliest}"),
         info,
         evidence,
         crossed,

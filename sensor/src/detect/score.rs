@@ -51,7 +51,16 @@ pub fn score(
 ) -> Explanation {
     let mut parts = Vec::new();
     let identities = behind.of(by, key);
-    if by == By::Group || identities >= SHARED_EGRESS_IDENTITIES {
+    if by == By::Group {
+        parts.push(part(
+            "group",
+            0.0,
+            0.0,
+            "a network is judged by its addresses and identities, and rings".into(),
+        ));
+        return Explanation::scored(parts);
+    }
+    if identities >= SHARED_EGRESS_IDENTITIES {
         parts.push(part(
             "shared_egress",
             f64::from(identities),
