@@ -51,7 +51,7 @@ pub struct Config {
     pub ship: crate::sinks::ship::ShipConfig,
     /// SIEM outputs (`[[outputs]]`), none by default: see docs/outputs.md.
     #[serde(default)]
-    pub outputs: Vec<crate::sinks::OutputConfig>,
+    pub outputs: Vec<crate::sinks::SinkConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -317,6 +317,15 @@ pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
     file: &str,
 ) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| {
+        // An error inside an `[[outputs]]` table: the sinks know which key it is about.
+        if let Some(o) = crate::sinks::deserialize_error(text, &e) {
+            return ConfigError {
+                file: file.to_owned(),
+                line: crate::sinks::locate(text, o.index, &o.key),
+                message: o.to_string(),
+                key: Some(o.key),
+            };
+        }
         let offset = e.span().map_or(0, |s| s.start);
         let line = line_of(text, offset);
         let key = key_on_line(text, line).or_else(|| unknown_field(e.message()));
@@ -343,7 +352,7 @@ pub(crate) fn check(
     text: &str,
     file: &str,
     validated: Result<(), Invalid>,
-    outputs: &[crate::sinks::OutputConfig],
+    outputs: &[crate::sinks::SinkConfig],
 ) -> Result<(), ConfigError> {
     validated.map_err(|(table, key, message)| ConfigError {
         file: file.to_owned(),
@@ -353,9 +362,9 @@ pub(crate) fn check(
     })?;
     crate::sinks::validate(outputs).map_err(|e| ConfigError {
         file: file.to_owned(),
-        line: crate::sinks::locate(text, e.index, e.key),
-        key: Some(e.key.to_owned()),
+        line: crate::sinks::locate(text, e.index, &e.key),
         message: e.to_string(),
+        key: Some(e.key),
     })
 }
 

@@ -10,7 +10,8 @@
 //! 3. `detect`: the rule engine, alert state, baselines.
 //! 4. `ship`: the agent -> collector wire format, shared by the agent's sink and the collector.
 //! 5. `formats`: the alert event model and its SIEM renderings (CEF, LEEF, ECS, OCSF).
-//! 6. `net`: the HTTP stack (hyper): server plumbing and the Prometheus exposition.
+//! 6. `net`: the network stack (hyper, rustls): server plumbing, the Prometheus exposition,
+//!    the HTTP client, TLS material and secret files.
 //! 7. `sinks`: delivery of events (syslog, HEC, file, webhook, the collector) with spool and retry.
 //! 8. `config`: the agent's configuration (with the sinks' and shipping sections).
 //! 9. `alerting`, `kernel`, `cli`: detection setup and the alert log; the kernel programs (one

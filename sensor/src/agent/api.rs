@@ -19,6 +19,7 @@ use crate::{
     model::aggregate::Now,
     model::report::{Query, client_rows},
     net::server::{self, Limits, Reply},
+    sinks::SinkHealth,
 };
 
 /// The request head within 8 KiB and 5 seconds, the whole exchange within 15; one request per
@@ -98,7 +99,8 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, state: SharedState) {
+/// Serves the API; `sinks` are the running sinks' counters (in `/v1/health`).
+pub async fn serve(listener: UnixListener, state: SharedState, sinks: SinkHealth) {
     // SAFETY: geteuid has no preconditions.
     let own_uid = unsafe { libc::geteuid() };
     server::serve_unix(listener, LIMITS, MAX_CONNECTIONS, move |stream| {
@@ -107,16 +109,16 @@ pub async fn serve(listener: UnixListener, state: SharedState) {
         let allowed = stream
             .peer_cred()
             .is_ok_and(|peer| peer.uid() == 0 || peer.uid() == own_uid);
-        let state = state.clone();
+        let (state, sinks) = (state.clone(), sinks.clone());
         move |req| {
-            let reply = handle(&req, allowed, &state);
+            let reply = handle(&req, allowed, &state, &sinks);
             async move { reply }
         }
     })
     .await;
 }
 
-fn handle<B>(req: &Request<B>, allowed: bool, state: &SharedState) -> Reply {
+fn handle<B>(req: &Request<B>, allowed: bool, state: &SharedState, sinks: &SinkHealth) -> Reply {
     if !allowed {
         return server::json_error(StatusCode::FORBIDDEN, "forbidden");
     }
@@ -124,7 +126,12 @@ fn handle<B>(req: &Request<B>, allowed: bool, state: &SharedState) -> Reply {
         return server::json_error(StatusCode::METHOD_NOT_ALLOWED, "only GET");
     }
     let reply = match state.lock() {
-        Ok(state) => route_request(&state, req.uri().path(), req.uri().query().unwrap_or("")),
+        Ok(state) => route_request(
+            &state,
+            sinks,
+            req.uri().path(),
+            req.uri().query().unwrap_or(""),
+        ),
         Err(_) => Err((500, "agent state poisoned".into())),
     };
     match reply {
@@ -139,6 +146,7 @@ fn handle<B>(req: &Request<B>, allowed: bool, state: &SharedState) -> Reply {
 /// Answers one API route from the agent's state.
 pub fn route_request(
     state: &AgentState,
+    sinks: &SinkHealth,
     route: &str,
     query: &str,
 ) -> Result<String, (u16, String)> {
@@ -192,7 +200,7 @@ pub fn route_request(
                     total_bytes_out: a.grand_total().bytes_out,
                     total_requests: a.grand_total().requests,
                 },
-                outputs: crate::sinks::health(),
+                outputs: sinks.stats(),
             }))
         }
         _ => Err((404, "no such endpoint".into())),

@@ -387,7 +387,6 @@ fn start_outputs(config: &Config) -> anyhow::Result<crate::sinks::Outputs> {
             .start_shipping(&config.ship, &name, &config.state.dir)
             .context("cannot start shipping to the collector")?;
     }
-    outputs.register();
     Ok(outputs)
 }
 
@@ -472,10 +471,11 @@ fn restore_state(config: &Config, capture: &Capture, boot_id: &str) -> anyhow::R
 fn serve(
     config: &Config,
     state: &SharedState,
+    sinks: crate::sinks::SinkHealth,
     metrics_server: Option<metrics::Server>,
 ) -> anyhow::Result<()> {
     let listener = api::bind(&config.api.socket)?;
-    tokio::spawn(api::serve(listener, state.clone()));
+    tokio::spawn(api::serve(listener, state.clone(), sinks));
     info!("local API on {}", config.api.socket.display());
     if let Some(server) = metrics_server {
         tokio::spawn(server.serve(state.clone()));
@@ -580,7 +580,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     pipeline
         .snapshot()
         .context("writing the first state snapshot")?;
-    serve(&config, &state, metrics_server)?;
+    serve(&config, &state, outputs.health(), metrics_server)?;
 
     // systemd (Type=notify): ready once attached and listening; the watchdog is fed from the
     // loop, so a stuck loop gets the agent restarted.

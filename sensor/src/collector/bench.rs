@@ -17,8 +17,11 @@ use anyhow::Context as _;
 use crate::{
     cli::BenchCollectorArgs,
     model::aggregate::{Counts, Now},
+    net::{
+        client::{HttpClient, TlsOptions},
+        secrets,
+    },
     ship::{Batch, ClientDelta, PERIOD_SECS, ShipRecord, Summary, WIRE_VERSION, encode},
-    sinks::http::{self, Client},
 };
 
 struct Sent {
@@ -85,8 +88,12 @@ async fn agent(
     token: String,
     a: std::sync::Arc<BenchCollectorArgs>,
 ) -> anyhow::Result<Sent> {
-    let client = Client::new(&a.url, Some(&a.ca_file), None, Duration::from_secs(30))?;
-    let stream = http::hex(&Now::system().unix_ms.to_be_bytes());
+    let tls = TlsOptions {
+        ca_file: Some(&a.ca_file),
+        ..TlsOptions::default()
+    };
+    let client = HttpClient::new(&a.url, tls, Duration::from_secs(30))?;
+    let stream = hex::encode(Now::system().unix_ms.to_be_bytes());
     let (mut seq, mut start_s) = (0u64, Now::system().secs() / PERIOD_SECS * PERIOD_SECS);
     let mut sent = Sent {
         batches: 0,
@@ -98,7 +105,7 @@ async fn agent(
     while Instant::now() < deadline {
         let body = encode(&batch(&name, &stream, &mut seq, &mut start_s, &a))?;
         let headers = [
-            ("Authorization", format!("Bearer {token}")),
+            ("Authorization", secrets::bearer_header(&token)),
             ("Content-Encoding", "gzip".to_owned()),
         ];
         let r = client.post(&headers, &body).await?;

@@ -48,7 +48,7 @@ pub struct CollectorConfig {
     #[serde(default = "default_detect")]
     pub detect: Detect,
     #[serde(default)]
-    pub outputs: Vec<crate::sinks::OutputConfig>,
+    pub outputs: Vec<crate::sinks::SinkConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -16,6 +16,10 @@ pub struct Counters {
     pub malformed: AtomicU64,
     pub too_large: AtomicU64,
     pub tls_failures: AtomicU64,
+    /// Of `malformed`: summaries or alerts no real host could have sent.
+    pub implausible: AtomicU64,
+    /// Batches refused because the memory budget of requests in flight was spent (503).
+    pub busy: AtomicU64,
 }
 
 #[derive(Serialize)]
@@ -32,6 +36,11 @@ pub struct CountersView {
     /// Bodies over the bound (413).
     pub too_large: u64,
     pub tls_failures: u64,
+    /// Of `malformed`: counters beyond what a host can carry in a period, alerts from the
+    /// far future, non-finite numbers.
+    pub implausible: u64,
+    /// Refused with 503: the memory budget of requests in flight was spent.
+    pub busy: u64,
 }
 
 impl Counters {
@@ -46,6 +55,8 @@ impl Counters {
             malformed: g(&self.malformed),
             too_large: g(&self.too_large),
             tls_failures: g(&self.tls_failures),
+            implausible: g(&self.implausible),
+            busy: g(&self.busy),
         }
     }
 }

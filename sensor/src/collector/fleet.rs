@@ -86,7 +86,7 @@ impl FleetState {
                 continue;
             }
             if *pos > 0 && rec.seq > *pos + 1 {
-                info.gaps += rec.seq - *pos - 1;
+                info.gaps = info.gaps.saturating_add(rec.seq - *pos - 1);
             }
             *pos = rec.seq;
             accepted.push(rec);
@@ -146,7 +146,8 @@ impl FleetState {
                 continue;
             }
             for (k, n) in &info.open {
-                *sum.entry(k.as_str()).or_default() += n;
+                let s = sum.entry(k.as_str()).or_default();
+                *s = s.saturating_add(*n);
             }
         }
         for by in By::ALL {
@@ -310,6 +311,28 @@ mod tests {
         f.apply(&again, now);
         assert_eq!(f.agg.addresses.clients["10.0.0.9"].totals.requests, 57);
         assert_eq!(f.agents["a"].duplicates, 1);
+    }
+
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        // What the ingest bounds refuse long before: even so, merging never wraps.
+        let t = 1_800_000_000;
+        let now = Now {
+            unix_ms: (t + 15) * 1000,
+        };
+        let mut f = FleetState::default();
+        f.apply(&batch("a", vec![summary("a", 1, t, "10.0.0.9", 100)]), now);
+        f.apply(
+            &batch("b", vec![summary("b", 1, t, "10.0.0.9", u64::MAX / 1000)]),
+            now,
+        );
+        let c = &f.agg.addresses.clients["10.0.0.9"];
+        assert_eq!(c.totals.requests, 100 + u64::MAX / 1000);
+        assert_eq!(
+            c.totals.bytes_out,
+            u64::MAX,
+            "saturated, not wrapped to a small value"
+        );
     }
 
     #[test]

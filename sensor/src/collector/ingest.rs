@@ -2,10 +2,11 @@
 //! within a bound, parsed strictly, every field checked). Anything else is refused with an
 //! error that says what is wrong, and counted; nothing an agent sends can crash the collector.
 
-use std::{io::Read as _, net::IpAddr, path::Path};
+use std::{collections::BTreeMap, io::Read as _, net::IpAddr, path::Path};
 
 use sha2::{Digest as _, Sha256};
 
+use crate::model::aggregate::Counts;
 use crate::ship::{
     Batch, MAX_CLIENTS_PER_SUMMARY, MAX_KEY_LEN, MAX_RECORDS_PER_BATCH, PERIOD_SECS, Payload,
     WIRE_VERSION, valid_name,
@@ -138,15 +139,7 @@ impl Tokens {
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header value.
-pub fn bearer(header: Option<&str>) -> Option<&str> {
-    let v = header?.trim();
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
+pub use crate::net::secrets::bearer;
 
 // --- batches --------------------------------------------------------------------------------
 
@@ -161,6 +154,13 @@ pub enum IngestError {
     /// HTTP 403: the batch claims another agent's name.
     #[error("{0}")]
     WrongAgent(String),
+    /// HTTP 400, counted apart: well-formed, but no real host could have sent it (more bytes
+    /// than a link carries in the period, alert times from the far future ...).
+    #[error("{0}")]
+    Implausible(String),
+    /// HTTP 503: the collector's memory budget for requests in flight is spent; retry later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Decompresses (gzip, or identity) at most `max_bytes` and parses and validates the batch.
@@ -171,20 +171,28 @@ pub fn decode(
     agent: &str,
     now_s: u64,
 ) -> Result<Batch, IngestError> {
+    decode_reserving(body, encoding, max_bytes, &mut |_| true, agent, now_s)
+}
+
+/// Decompression works in steps of this many bytes, each reserved before it is held.
+const INFLATE_STEP: usize = 64 * 1024;
+
+/// As [`decode`], reserving every decompressed step with `reserve` first (the collector's
+/// budget shared by all requests in flight): a refusal stops decompression at once.
+pub fn decode_reserving(
+    body: &[u8],
+    encoding: Option<&str>,
+    max_bytes: usize,
+    reserve: &mut dyn FnMut(usize) -> bool,
+    agent: &str,
+    now_s: u64,
+) -> Result<Batch, IngestError> {
+    let inflated;
     let json = match encoding.map(str::trim) {
-        None | Some("identity") => body.to_vec(),
+        None | Some("identity") => body,
         Some(e) if e.eq_ignore_ascii_case("gzip") => {
-            let mut out = Vec::new();
-            flate2::read::GzDecoder::new(body)
-                .take(max_bytes as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| IngestError::Malformed(format!("gzip: {e}")))?;
-            if out.len() > max_bytes {
-                return Err(IngestError::TooLarge(format!(
-                    "the batch decompresses to more than {max_bytes} bytes"
-                )));
-            }
-            out
+            inflated = inflate(body, max_bytes, reserve)?;
+            &inflated[..]
         }
         Some(other) => {
             return Err(IngestError::Malformed(format!(
@@ -192,14 +200,78 @@ pub fn decode(
             )));
         }
     };
-    let batch: Batch =
-        serde_json::from_slice(&json).map_err(|e| IngestError::Malformed(format!("batch: {e}")))?;
+    let mut batch: Batch =
+        serde_json::from_slice(json).map_err(|e| IngestError::Malformed(format!("batch: {e}")))?;
     validate(&batch, agent, now_s)?;
+    sanitize(&mut batch, agent);
     Ok(batch)
+}
+
+fn inflate(
+    body: &[u8],
+    max_bytes: usize,
+    reserve: &mut dyn FnMut(usize) -> bool,
+) -> Result<Vec<u8>, IngestError> {
+    let mut out = Vec::new();
+    let mut gz = flate2::read::GzDecoder::new(body);
+    loop {
+        if out.len() > max_bytes {
+            return Err(IngestError::TooLarge(format!(
+                "the batch decompresses to more than {max_bytes} bytes"
+            )));
+        }
+        let step = INFLATE_STEP.min(max_bytes + 1 - out.len());
+        // Grow the buffer by doubling (linear copying in all), and reserve what it will
+        // allocate before it does.
+        let cap = out.capacity();
+        if cap < out.len() + step {
+            let new_cap = (cap * 2).max(out.len() + step).min(max_bytes + 1);
+            if !reserve(new_cap - cap) {
+                return Err(IngestError::Busy(
+                    "the collector is decompressing too much at once; retry later".into(),
+                ));
+            }
+            out.reserve_exact(new_cap - out.len());
+        }
+        let before = out.len();
+        (&mut gz)
+            .take(step as u64)
+            .read_to_end(&mut out)
+            .map_err(|e| IngestError::Malformed(format!("gzip: {e}")))?;
+        if out.len() - before < step {
+            return Ok(out);
+        }
+    }
 }
 
 fn valid_text(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
+}
+
+// --- plausibility ----------------------------------------------------------------------------
+
+/// Bytes one host can move in one direction in one summary period: a 400 Gbit/s link for
+/// 10 s. A summary claiming more (for one client, or for all clients of a key kind) did not
+/// come from real traffic; it is refused before it can be added to anything.
+pub const MAX_BYTES_PER_PERIOD: u64 = 50_000_000_000 * PERIOD_SECS;
+/// Requests, connections and server-sent events one host can see in one period (10 million
+/// a second, far above any inference server).
+pub const MAX_EVENTS_PER_PERIOD: u64 = 10_000_000 * PERIOD_SECS;
+/// Connections open at once on one host (TCP's port space times a generous fan-in).
+pub const MAX_OPEN_CONNECTIONS: u64 = 1 << 24;
+
+/// The first counter of `c` beyond the per-period bounds, by name.
+fn implausible_counts(c: &Counts) -> Option<&'static str> {
+    [
+        ("bytes_in", c.bytes_in, MAX_BYTES_PER_PERIOD),
+        ("bytes_out", c.bytes_out, MAX_BYTES_PER_PERIOD),
+        ("requests", c.requests, MAX_EVENTS_PER_PERIOD),
+        ("connections", c.connections, MAX_EVENTS_PER_PERIOD),
+        ("events_out", c.events_out, MAX_EVENTS_PER_PERIOD),
+    ]
+    .into_iter()
+    .find(|(_, v, max)| v > max)
+    .map(|(name, _, _)| name)
 }
 
 /// How far an agent's clock may run ahead of the collector's: a period further in the future
@@ -209,6 +281,7 @@ pub const MAX_CLOCK_AHEAD_SECS: u64 = 86_400;
 /// Checks everything the merge relies on; errors name the record and field.
 pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
     let bad = |m: String| Err(IngestError::Malformed(m));
+    let implausible = |m: String| Err(IngestError::Implausible(format!("implausible: {m}")));
     if b.version != WIRE_VERSION {
         return bad(format!(
             "version {} is not supported (this collector speaks {WIRE_VERSION})",
@@ -266,6 +339,26 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                         at("alert")
                     ));
                 }
+                // As far ahead as a summary period may end.
+                let limit_ms = now_s
+                    .saturating_add(MAX_CLOCK_AHEAD_SECS + PERIOD_SECS)
+                    .saturating_mul(1000);
+                if alert.first_seen_ms > alert.last_seen_ms || alert.last_seen_ms > limit_ms {
+                    return implausible(format!(
+                        "{}: first_seen_ms after last_seen_ms, or more than a day ahead",
+                        at("alert")
+                    ));
+                }
+                let finite = BTreeMap::<String, f64>::from(alert.evidence)
+                    .values()
+                    .all(|v| v.is_finite())
+                    && alert
+                        .conditions
+                        .iter()
+                        .all(|c| c.value.is_finite() && c.threshold.is_finite());
+                if !finite {
+                    return implausible(format!("{}: numbers must be finite", at("alert")));
+                }
             }
             Payload::Summary(s) => {
                 if s.period_s != PERIOD_SECS || s.start_s % PERIOD_SECS != 0 {
@@ -287,10 +380,17 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                         at("summary.clients")
                     )));
                 }
-                for kind in s.rest.keys() {
+                // Per key kind, the period's sum over the host (clients and the rest): each
+                // client may be plausible while their sum is not.
+                let mut per_kind: BTreeMap<&str, Counts> = BTreeMap::new();
+                for (kind, counts) in &s.rest {
                     if crate::model::keys::By::parse(kind).is_none() {
                         return bad(format!("{}: unknown key kind `{kind}`", at("summary.rest")));
                     }
+                    if let Some(f) = implausible_counts(counts) {
+                        return implausible(format!("{}.{f}", at(&format!("summary.rest.{kind}"))));
+                    }
+                    *per_kind.entry(kind).or_default() += *counts;
                 }
                 for (j, c) in s.clients.iter().enumerate() {
                     let at = |f: &str| format!("records[{i}].summary.clients[{j}].{f}");
@@ -322,11 +422,89 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     {
                         return bad(format!("{}: not an IP address", at("forwarded")));
                     }
+                    if let Some(f) = implausible_counts(&c.counts) {
+                        return implausible(format!("{}.{f}", at("counts")));
+                    }
+                    if c.open_connections > MAX_OPEN_CONNECTIONS {
+                        return implausible(at("open_connections"));
+                    }
+                    *per_kind.entry(c.by.as_str()).or_default() += c.counts;
+                }
+                for (kind, sum) in &per_kind {
+                    if let Some(f) = implausible_counts(sum) {
+                        return implausible(format!(
+                            "{}: the period's {f} over all `{kind}` clients",
+                            at("summary")
+                        ));
+                    }
                 }
             }
         }
     }
     Ok(())
+}
+
+// --- sanitising ----------------------------------------------------------------------------
+
+/// Longest free text kept from an agent's alert (rule names, technique names ...).
+pub const MAX_TEXT_LEN: usize = 256;
+
+/// `s` without control characters or Unicode line and paragraph separators (each becomes a
+/// space), cut to `max` bytes on a character boundary. Such characters are how text forges
+/// a second line or field in a SIEM format whose receiver splits on them; no legitimate
+/// alert text carries them.
+pub fn clean_text(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars() {
+        let c = if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+            ' '
+        } else {
+            c
+        };
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One of `allowed`, or `fallback`: fields with a fixed vocabulary keep it.
+fn one_of(s: &str, allowed: &[&str], fallback: &str) -> String {
+    if allowed.contains(&s) { s } else { fallback }.to_owned()
+}
+
+/// Rewrites an accepted batch's agent-written text so that it can neither impersonate
+/// another host nor forge SIEM fields: each alert's `host` becomes the authenticated agent
+/// name (the token's), fixed-vocabulary fields are checked (mode, state and evidence are
+/// typed by the wire format itself), and free text is cleaned.
+/// Runs before the batch is journaled, so a replay forwards the same cleaned alert.
+pub fn sanitize(b: &mut Batch, agent: &str) {
+    for r in &mut b.records {
+        let Payload::Alert { alert, .. } = &mut r.payload else {
+            continue;
+        };
+        let a = &mut **alert;
+        a.host = agent.to_owned();
+        a.rule_name = clean_text(&a.rule_name, MAX_TEXT_LEN);
+        a.severity = one_of(
+            &a.severity,
+            &["low", "medium", "high", "critical"],
+            "medium",
+        );
+        a.window = one_of(&a.window, &["1m", "10m", "1h", "total"], "total");
+        a.first_seen = clean_text(&a.first_seen, 64);
+        a.last_seen = clean_text(&a.last_seen, 64);
+        a.resolved_at = a.resolved_at.as_deref().map(|t| clean_text(t, 64));
+        a.technique.framework = clean_text(&a.technique.framework, 64);
+        a.technique.id = clean_text(&a.technique.id, 64);
+        a.technique.name = clean_text(&a.technique.name, MAX_TEXT_LEN);
+        for c in &mut a.conditions {
+            c.metric = clean_text(&c.metric, 64);
+            c.op = clean_text(&c.op, 8);
+            c.window = c.window.as_deref().map(|w| clean_text(w, 16));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -376,7 +554,11 @@ mod tests {
                         "host-a",
                         &crate::detect::AlertEvent {
                             event: crate::detect::EventKind::Open,
-                            alert: crate::sinks::tests::alert("address", "10.1.2.3"),
+                            alert: crate::detect::Alert {
+                                // The collector sets it to the token's agent name.
+                                host: "host-a".into(),
+                                ..crate::sinks::tests::alert("address", "10.1.2.3")
+                            },
                         },
                     )
                 },
@@ -441,6 +623,141 @@ mod tests {
         assert!(decode(json, None, 1 << 20, "host-a", NOW).is_err());
     }
 
+    fn summary_counts(b: &mut Batch) -> &mut ClientDelta {
+        match &mut b.records[0].payload {
+            Payload::Summary(s) => &mut s.clients[0],
+            Payload::Alert { .. } => unreachable!("record 0 is a summary"),
+        }
+    }
+
+    #[test]
+    fn implausible_counters_are_refused_and_named() {
+        // 2^64 - 1000 bytes: once added with wrapping arithmetic, it zeroed another host's
+        // client. No link carries that in 10 s.
+        let mut b = batch();
+        summary_counts(&mut b).counts.bytes_out = u64::MAX - 1000;
+        assert!(matches!(
+            validate(&b, "host-a", NOW),
+            Err(IngestError::Implausible(m)) if m.contains("clients[0].counts.bytes_out")
+        ));
+        let mut b = batch();
+        summary_counts(&mut b).counts.requests = MAX_EVENTS_PER_PERIOD + 1;
+        assert!(matches!(
+            validate(&b, "host-a", NOW),
+            Err(IngestError::Implausible(_))
+        ));
+        let mut b = batch();
+        summary_counts(&mut b).open_connections = MAX_OPEN_CONNECTIONS + 1;
+        assert!(matches!(
+            validate(&b, "host-a", NOW),
+            Err(IngestError::Implausible(_))
+        ));
+        // At the bound: accepted. Each client plausible but the host's sum not: refused.
+        let mut b = batch();
+        summary_counts(&mut b).counts.bytes_in = MAX_BYTES_PER_PERIOD;
+        assert_eq!(validate(&b, "host-a", NOW), Ok(()));
+        if let Payload::Summary(s) = &mut b.records[0].payload {
+            s.rest.insert(
+                "address".into(),
+                Counts {
+                    bytes_in: 1,
+                    ..Counts::default()
+                },
+            );
+        }
+        assert!(matches!(
+            validate(&b, "host-a", NOW),
+            Err(IngestError::Implausible(m)) if m.contains("over all `address` clients")
+        ));
+        // Alerts: times from the far future, last before first, non-finite evidence.
+        let mut b = batch();
+        if let Payload::Alert { alert, .. } = &mut b.records[1].payload {
+            alert.last_seen_ms = (NOW + 2 * MAX_CLOCK_AHEAD_SECS) * 1000;
+        }
+        assert!(matches!(
+            validate(&b, "host-a", NOW),
+            Err(IngestError::Implausible(_))
+        ));
+        let mut b = batch();
+        if let Payload::Alert { alert, .. } = &mut b.records[1].payload {
+            alert.evidence.requests_total = f64::NAN;
+        }
+        assert!(matches!(
+            validate(&b, "host-a", NOW),
+            Err(IngestError::Implausible(_))
+        ));
+    }
+
+    #[test]
+    fn alerts_take_the_token_name_and_lose_forging_characters() {
+        let mut b = batch();
+        if let Payload::Alert { alert, .. } = &mut b.records[1].payload {
+            alert.host = "host-b".into();
+            alert.rule_name = "Flood\r\n<13>1 - host-b sensor - - CEF:0|x\u{2028}|y\u{0}".into();
+            alert.severity = "high\nsev=1".into();
+            alert.window = "1m|x".into();
+            alert.technique.name = "t\u{85}u".into();
+        }
+        let json = serde_json::to_vec(&b).expect("json");
+        let b = decode(&json, None, 1 << 20, "host-a", NOW).expect("accepted");
+        let Payload::Alert { alert, .. } = &b.records[1].payload else {
+            panic!("alert")
+        };
+        assert_eq!(
+            alert.host, "host-a",
+            "the authenticated name, not the claimed one"
+        );
+        assert_eq!(
+            alert.rule_name,
+            "Flood  <13>1 - host-b sensor - - CEF:0|x |y "
+        );
+        assert_eq!(
+            (alert.severity.as_str(), alert.window.as_str()),
+            ("medium", "total")
+        );
+        assert_eq!(alert.technique.name, "t u");
+        assert_eq!(clean_text("ééé", 5), "éé", "cut on a character boundary");
+    }
+
+    #[test]
+    fn decompression_stops_when_the_shared_budget_is_spent() {
+        let b = batch();
+        let gz = encode(&b).expect("encode");
+        let mut reserved = 0usize;
+        let mut within = |n: usize| {
+            reserved += n;
+            reserved <= 1 << 20
+        };
+        assert_eq!(
+            decode_reserving(&gz, Some("gzip"), 1 << 20, &mut within, "host-a", NOW),
+            Ok(b.clone())
+        );
+        assert!(reserved > 0, "decompressed bytes are reserved");
+        assert!(matches!(
+            decode_reserving(&gz, Some("gzip"), 1 << 20, &mut |_| false, "host-a", NOW),
+            Err(IngestError::Busy(_))
+        ));
+        // A bomb reserves no more than its bound (plus one step) before it is refused.
+        let zeros = vec![b' '; 4 << 20];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &zeros).expect("write");
+        let gz = gz.finish().expect("finish");
+        let mut reserved = 0usize;
+        let r = decode_reserving(
+            &gz,
+            Some("gzip"),
+            1 << 20,
+            &mut |n| {
+                reserved += n;
+                true
+            },
+            "host-a",
+            NOW,
+        );
+        assert!(matches!(r, Err(IngestError::TooLarge(_))));
+        assert!(reserved <= (1 << 20) + 1, "{reserved}");
+    }
+
     #[test]
     fn zip_bombs_stop_at_the_bound() {
         let zeros = vec![b' '; 4 << 20];
@@ -480,7 +797,7 @@ mod tests {
 
     #[test]
     fn tokens_by_role_hashed_and_checked() {
-        let hashed = crate::sinks::http::hex(&sha256(b"reader-token-0123456789"));
+        let hashed = hex::encode(sha256(b"reader-token-0123456789"));
         let text =
             format!("# comment\nagent host-a agent-token-0123456789\nreader soc sha256:{hashed}\n");
         let t = Tokens::parse(&text, "tokens").expect("parse");

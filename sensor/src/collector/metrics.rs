@@ -33,12 +33,13 @@ pub fn families(counters: &Counters, fleet: &Fleet, outputs: &[OutputStats]) -> 
     out.counter(
         "sensor_collector_refused_total",
         "Requests refused, by reason: unauthorized (401), forbidden (403), malformed (400), \
-         too_large (413), tls (handshake failed).",
+         too_large (413), busy (503, memory budget spent), tls (handshake failed).",
         [
             ("unauthorized", c(&counters.unauthorized)),
             ("forbidden", c(&counters.forbidden)),
             ("malformed", c(&counters.malformed)),
             ("too_large", c(&counters.too_large)),
+            ("busy", c(&counters.busy)),
             ("tls", c(&counters.tls_failures)),
         ]
         .map(|(reason, n)| ([("reason", reason)], n)),

@@ -7,7 +7,10 @@
 //! snapshot and replays the journal, and the per-agent stream positions make the replay (and
 //! any retry) count each record once.
 
+pub mod admission;
 pub mod bench;
+pub mod budget;
+pub mod certname;
 pub mod config;
 pub mod counters;
 pub mod fleet;
@@ -100,6 +103,15 @@ fn restore(
     Ok((state, detector, forward))
 }
 
+/// Bytes all requests in flight may hold together: one request at the largest body and its
+/// decompression bound (136 MiB with the default `max_body_bytes`), and never less than
+/// 64 MiB. Agents' batches are far smaller; a refused one (503) is sent again.
+pub fn inflight_budget(max_body: usize) -> usize {
+    max_body
+        .saturating_mul(server::DECOMPRESSION_RATIO + 1)
+        .max(64 << 20)
+}
+
 pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(p) => CollectorConfig::load(p)?,
@@ -124,7 +136,6 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         Now::set_scale(config.detect.time_scale);
     }
     let outputs = Outputs::start(&config.outputs, &dir).context("cannot start the outputs")?;
-    outputs.register();
     let received_log = if config.state.received_log.as_os_str().is_empty() {
         None
     } else {
@@ -151,6 +162,8 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         counters: counters::Counters::default(),
         max_body: l.max_body_bytes,
         started: std::time::SystemTime::now(),
+        admission: admission::Admission::new(admission::Limits::default()),
+        budget: budget::Budget::new(inflight_budget(l.max_body_bytes)),
     });
     // The replayed batches are in the snapshot from now on.
     shared.snapshot(&dir)?;

@@ -13,13 +13,16 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use log::{debug, warn};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
+    admission::Ticket,
+    budget::Reservation,
+    certname,
     ingest::{self, IngestError, Role},
     shared::Shared,
 };
@@ -29,12 +32,16 @@ use crate::{
     net::{
         prometheus,
         server::{self, Limits},
+        tls::{read_certs, read_key},
     },
-    sinks::http::{read_certs, read_key},
 };
 
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Request heads: within 10 seconds, at most 64 KiB; bodies have their own timeout.
+/// A peer that has not finished its TLS handshake by then is cut off: a slow (or silent)
+/// handshake would otherwise hold a connection slot.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Request heads: within 10 seconds, at most 64 KiB; bodies have their own timeout. hyper
+/// starts the head timeout whenever the connection waits for a head, so it is also the
+/// keep-alive idle timeout.
 const LIMITS: Limits = Limits {
     header_timeout: Duration::from_secs(10),
     max_head: 64 * 1024,
@@ -42,8 +49,8 @@ const LIMITS: Limits = Limits {
     deadline: None,
 };
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 512;
+/// Decompressed bytes allowed per compressed byte of the body bound (`max_body_bytes`).
+pub const DECOMPRESSION_RATIO: usize = 16;
 
 fn bump(a: &AtomicU64) -> u64 {
     a.fetch_add(1, Ordering::Relaxed) + 1
@@ -95,13 +102,17 @@ pub fn tls_acceptor(
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// What a connection's requests need to know about it.
+struct Peer {
+    addr: SocketAddr,
+    ticket: Ticket,
+    /// Names of the verified client certificate (mutual TLS), else None.
+    cert_names: Option<Vec<String>>,
+}
+
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (tcp, peer) = match listener.accept().await {
+        let (tcp, addr) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 warn!("collector accept failed: {e}");
@@ -109,31 +120,66 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Sha
                 continue;
             }
         };
+        // Admission before any TLS work: a peer over its bound costs one accept and a close.
+        let ticket = match shared.admission.admit(addr.ip()) {
+            Ok(t) => t,
+            Err(e) => {
+                let n = shared.admission.refused.load(Ordering::Relaxed);
+                log_sparsely(n, || format!("closed a connection from {addr}: {e}"));
+                drop(tcp);
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    let n = bump(&shared.counters.tls_failures);
-                    log_sparsely(n, || format!("TLS handshake with {peer} failed: {e}"));
-                    return;
-                }
-                Err(_) => {
-                    bump(&shared.counters.tls_failures);
-                    return;
-                }
-            };
-            let respond = move |req| {
-                let shared = shared.clone();
-                async move { handle(req, &shared, peer).await }
-            };
-            if let Err(e) = server::serve_connection(tls, &LIMITS, respond).await {
-                debug!("connection from {peer}: {e}");
+            let evicted = ticket.evicted.clone();
+            tokio::select! {
+                () = connection(tcp, addr, ticket, acceptor, shared) => {}
+                // Evicted while still unauthenticated: dropping the future closes the socket.
+                () = evicted.notified() => debug!("evicted an unauthenticated connection from {addr}"),
             }
         });
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    ticket: Ticket,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+) {
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let n = bump(&shared.counters.tls_failures);
+            log_sparsely(n, || format!("TLS handshake with {addr} failed: {e}"));
+            return;
+        }
+        Err(_) => {
+            bump(&shared.counters.tls_failures);
+            return;
+        }
+    };
+    let cert_names = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .map(|c| certname::names(c));
+    let peer = Arc::new(Peer {
+        addr,
+        ticket,
+        cert_names,
+    });
+    let respond = move |req| {
+        let shared = shared.clone();
+        let peer = peer.clone();
+        async move { handle(req, &shared, &peer).await }
+    };
+    if let Err(e) = server::serve_connection(tls, &LIMITS, respond).await {
+        debug!("connection from {addr}: {e}");
     }
 }
 
@@ -157,7 +203,8 @@ fn error(status: StatusCode, message: &str) -> Reply {
     json(status, serde_json::json!({ "error": message }).to_string())
 }
 
-async fn handle(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Reply {
+async fn handle(req: Request<Incoming>, shared: &Shared, p: &Peer) -> Reply {
+    let peer = p.addr;
     let presented = ingest::bearer(
         req.headers()
             .get(header::AUTHORIZATION)
@@ -178,8 +225,15 @@ async fn handle(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Re
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer"),
         );
+        // Closed after the answer: a peer without a valid token must not keep a connection
+        // (and its slot) by sending a bad request now and then.
+        r.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
         return r;
     };
+    p.ticket.authenticated();
     let (role, name) = (token.role, token.name.clone());
     let forbidden = |what: &str| {
         let n = bump(&shared.counters.forbidden);
@@ -192,6 +246,15 @@ async fn handle(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Re
         (&Method::POST, "/v1/ingest") => {
             if role != Role::Agent {
                 return forbidden("send batches");
+            }
+            // Mutual TLS: the certificate must have been issued for this agent, so a token
+            // leaked from one host cannot be used from another host's (or any) certificate.
+            if let Some(names) = &p.cert_names
+                && !names.iter().any(|n| n == &name)
+            {
+                return forbidden(&format!(
+                    "send batches with a client certificate for {names:?}"
+                ));
             }
             ingest(req, shared, &name, peer).await
         }
@@ -214,48 +277,45 @@ async fn ingest(req: Request<Incoming>, shared: &Shared, agent: &str, peer: Sock
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let limited = Limited::new(req.into_body(), shared.max_body);
-    let body = match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                bump(&shared.counters.too_large);
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("bodies are at most {} bytes", shared.max_body),
-                );
-            }
-            bump(&shared.counters.malformed);
-            return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}"));
-        }
+    // Everything this request holds in memory (body, decompressed JSON) is reserved in the
+    // budget shared by all requests in flight first.
+    let mut reservation = shared.budget.reservation();
+    let body = match tokio::time::timeout(
+        BODY_TIMEOUT,
+        read_body(req.into_body(), shared.max_body, &mut reservation),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return refuse(shared, agent, peer, &e),
         Err(_) => {
             bump(&shared.counters.malformed);
             return error(StatusCode::REQUEST_TIMEOUT, "body not received in time");
         }
     };
-    let batch = match ingest::decode(
-        &body,
-        encoding.as_deref(),
-        shared.max_body.saturating_mul(16),
-        agent,
-        Now::system().secs(),
-    ) {
-        Ok(b) => b,
+    // Decompressing up to 128 MiB takes a while: off the async workers, so that a few large
+    // batches cannot stall every other connection.
+    let max = shared.max_body.saturating_mul(DECOMPRESSION_RATIO);
+    let name = agent.to_owned();
+    let decoded = tokio::task::spawn_blocking(move || {
+        let r = ingest::decode_reserving(
+            &body,
+            encoding.as_deref(),
+            max,
+            &mut |n| reservation.grow(n),
+            &name,
+            Now::system().secs(),
+        );
+        (r, reservation)
+    })
+    .await;
+    // Held until the batch is merged: the parsed batch is about as large as its JSON.
+    let (batch, _reservation) = match decoded {
+        Ok((Ok(b), reservation)) => (b, reservation),
+        Ok((Err(e), _)) => return refuse(shared, agent, peer, &e),
         Err(e) => {
-            let (counter, status) = match &e {
-                IngestError::TooLarge(_) => {
-                    (&shared.counters.too_large, StatusCode::PAYLOAD_TOO_LARGE)
-                }
-                IngestError::Malformed(_) => (&shared.counters.malformed, StatusCode::BAD_REQUEST),
-                IngestError::WrongAgent(_) => (&shared.counters.forbidden, StatusCode::FORBIDDEN),
-            };
-            let n = bump(counter);
-            log_sparsely(n, || {
-                format!("refused a batch from `{agent}` ({peer}): {e}")
-            });
-            return error(status, &e.to_string());
+            warn!("decoding a batch from `{agent}` failed: {e}");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "decoding failed");
         }
     };
     match shared.accept(&batch) {
@@ -285,6 +345,60 @@ async fn ingest(req: Request<Incoming>, shared: &Shared, agent: &str, peer: Sock
     }
 }
 
+/// The request body, at most `max` bytes, each frame reserved in the budget before it is kept.
+async fn read_body(
+    mut body: Incoming,
+    max: usize,
+    reservation: &mut Reservation,
+) -> Result<Vec<u8>, IngestError> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| IngestError::Malformed(format!("reading the body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if out.len() + data.len() > max {
+            return Err(IngestError::TooLarge(format!(
+                "bodies are at most {max} bytes"
+            )));
+        }
+        if !reservation.grow(data.len()) {
+            return Err(IngestError::Busy(
+                "the collector holds too many request bodies at once; retry later".into(),
+            ));
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
+}
+
+/// The answer to a refused batch, counted by reason (and logged sparsely).
+fn refuse(shared: &Shared, agent: &str, peer: SocketAddr, e: &IngestError) -> Reply {
+    let c = &shared.counters;
+    let (counter, status) = match e {
+        IngestError::TooLarge(_) => (&c.too_large, StatusCode::PAYLOAD_TOO_LARGE),
+        IngestError::Malformed(_) => (&c.malformed, StatusCode::BAD_REQUEST),
+        IngestError::Implausible(_) => {
+            // Refused as malformed (the agent drops just that record), and counted apart.
+            bump(&c.implausible);
+            (&c.malformed, StatusCode::BAD_REQUEST)
+        }
+        IngestError::WrongAgent(_) => (&c.forbidden, StatusCode::FORBIDDEN),
+        IngestError::Busy(_) => (&c.busy, StatusCode::SERVICE_UNAVAILABLE),
+    };
+    let n = bump(counter);
+    log_sparsely(n, || {
+        format!("refused a batch from `{agent}` ({peer}): {e}")
+    });
+    let mut r = error(status, &e.to_string());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // Not the batch's fault: the agent keeps it and retries (never drops it).
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+    }
+    r
+}
+
 fn read(shared: &Shared, path: &str, query: &str) -> Reply {
     let now = Now::system();
     let body = match path {
@@ -300,9 +414,8 @@ fn read(shared: &Shared, path: &str, query: &str) -> Reply {
         }
         "/v1/alerts" => shared.with_fleet(|f| serde_json::to_string(&f.state.alerts(&f.detector))),
         "/metrics" => {
-            let outputs = crate::sinks::health();
             return match shared
-                .with_fleet(|f| super::metrics::families(&shared.counters, f, &outputs))
+                .with_fleet(|f| super::metrics::families(&shared.counters, f, &f.outputs.stats()))
                 .and_then(|families| Ok(families.encode()?))
             {
                 Ok(text) => reply(StatusCode::OK, prometheus::CONTENT_TYPE, text),

@@ -13,6 +13,8 @@ use log::warn;
 use serde::{Deserialize, Serialize};
 
 use super::{
+    admission::Admission,
+    budget::Budget,
     counters::Counters,
     fleet::{Applied, FleetState},
     ingest::Tokens,
@@ -59,6 +61,10 @@ pub struct Shared {
     pub(super) counters: Counters,
     pub(super) max_body: usize,
     pub(super) started: std::time::SystemTime,
+    /// Which connections are served (per-address and unauthenticated bounds).
+    pub(super) admission: std::sync::Arc<Admission>,
+    /// Bytes all requests in flight may hold (bodies and decompressed batches).
+    pub(super) budget: std::sync::Arc<Budget>,
 }
 
 impl Shared {
@@ -147,6 +153,14 @@ impl Shared {
                 "clock_ms": Now::system().unix_ms,
                 "time_scale": Now::scale(),
                 "ingest": counters,
+                "connections": {
+                    "refused": self.admission.refused.load(std::sync::atomic::Ordering::Relaxed),
+                    "evicted": self.admission.evicted.load(std::sync::atomic::Ordering::Relaxed),
+                },
+                "memory_budget": {
+                    "capacity_bytes": self.budget.capacity(),
+                    "used_bytes": self.budget.used(),
+                },
                 "agents": agents,
                 "clients": {
                     "tracked_addresses": agg.addresses.clients.len(),
@@ -158,7 +172,7 @@ impl Shared {
                     "total_bytes_out": agg.addresses.grand_total().bytes_out,
                 },
                 "detect": f.detector.state.counters,
-                "outputs": crate::sinks::health(),
+                "outputs": f.outputs.stats(),
             }))
         })
     }

@@ -11,21 +11,30 @@ use crate::formats::{Format, Record};
 pub const VENDOR: &str = "sensor";
 pub const PRODUCT: &str = "sensor";
 
-/// Escapes a header field: backslash and pipe; line breaks become spaces (not allowed).
+/// Characters a receiver may take for the end of a line or a field separator besides `\n`
+/// and `\r` (other C0/C1 controls, NUL for C-string parsers, Unicode line and paragraph
+/// separators): they become spaces, so text from an alert cannot forge a line or a field.
+pub fn is_breaking(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// Escapes a header field: backslash and pipe; line breaks and other controls become spaces
+/// (not allowed).
 pub fn escape_header(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
             '|' => out.push_str("\\|"),
-            '\r' | '\n' => out.push(' '),
+            c if is_breaking(c) => out.push(' '),
             c => out.push(c),
         }
     }
     out
 }
 
-/// Escapes an extension value: backslash, equals sign, and line breaks.
+/// Escapes an extension value: backslash, equals sign, and line breaks; other controls
+/// become spaces.
 pub fn escape_value(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -34,6 +43,7 @@ pub fn escape_value(s: &str) -> String {
             '=' => out.push_str("\\="),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
+            c if is_breaking(c) => out.push(' '),
             c => out.push(c),
         }
     }
@@ -266,6 +276,21 @@ mod tests {
         let r = record("address", "2001:db8::1");
         let (_, pairs) = parse(&Cef.format(&r));
         assert!(pairs.contains(&("c6a2".into(), "2001:db8::1".into())));
+    }
+
+    #[test]
+    fn other_controls_and_unicode_separators_cannot_break_lines_or_fields() {
+        let mut r = record("group", "10.0.0.0/24");
+        let hostile = "x\u{0}y\u{b}z\u{c}w\u{85}v\u{2028}CEF:0|forged|\u{2029}cs1=evil\u{1b}[2J";
+        r.alert.rule_name = hostile.into();
+        r.alert.rule_id = hostile.into();
+        r.alert.host = hostile.into();
+        let line = Cef.format(&r);
+        assert!(!line.chars().any(is_breaking), "{line:?}");
+        let (fields, pairs) = parse(&line);
+        assert_eq!(fields.len(), 7);
+        assert_eq!(fields[6], "8", "the severity stays the seventh field");
+        assert_eq!(pairs.iter().filter(|(k, _)| k == "cs1").count(), 1);
     }
 
     #[test]

@@ -14,15 +14,11 @@ fn escape_header(s: &str) -> String {
     cef::escape_header(s)
 }
 
+/// Tabs (the delimiter), line breaks and every other control or Unicode separator become
+/// spaces: a value cannot start another attribute or line.
 fn clean_value(s: &str) -> String {
     s.chars()
-        .map(|c| {
-            if matches!(c, '\t' | '\n' | '\r') {
-                ' '
-            } else {
-                c
-            }
-        })
+        .map(|c| if cef::is_breaking(c) { ' ' } else { c })
         .collect()
 }
 
@@ -125,6 +121,30 @@ mod tests {
         assert_eq!(get("techniqueId"), Some("AML.T0024.002"));
         assert_eq!(get("eventId"), Some(r.id.as_str()));
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn hostile_text_cannot_forge_attributes_or_lines() {
+        let mut r = record("address", "10.1.2.3");
+        r.alert.rule_name = "n\u{0}\u{b}\u{2028}\tsrc=6.6.6.6\u{85}".into();
+        r.alert.rule_id = "id|x\u{2029}\ny".into();
+        r.alert.host = "h\tsev=1".into();
+        let line = Leef.format(&r);
+        assert!(
+            !line.chars().any(|c| c != '\t' && cef::is_breaking(c)),
+            "{line:?}"
+        );
+        let attrs = &line[line.find("x09|").expect("delimiter field") + 4..];
+        let keys: Vec<&str> = attrs
+            .split('\t')
+            .map(|kv| kv.split_once('=').expect("key=value").0)
+            .collect();
+        assert_eq!(keys.iter().filter(|k| **k == "src").count(), 1);
+        assert_eq!(keys.iter().filter(|k| **k == "sev").count(), 1);
+        assert_eq!(
+            keys,
+            attributes(&r).iter().map(|(k, _)| *k).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -38,13 +38,15 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// Saturating: counts added from outside (a collector adding agents' summaries) must never
+/// wrap, which would turn a huge value into a small one and zero a client's totals.
 impl AddAssign for Counts {
     fn add_assign(&mut self, o: Self) {
-        self.requests += o.requests;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-        self.connections += o.connections;
-        self.events_out += o.events_out;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.bytes_in = self.bytes_in.saturating_add(o.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_add(o.bytes_out);
+        self.connections = self.connections.saturating_add(o.connections);
+        self.events_out = self.events_out.saturating_add(o.events_out);
     }
 }
 
@@ -393,7 +395,7 @@ impl ClientStats {
     fn weight(&self) -> (bool, u64) {
         (
             self.open_connections > 0,
-            self.totals.bytes_in + self.totals.bytes_out,
+            self.totals.bytes_in.saturating_add(self.totals.bytes_out),
         )
     }
 }

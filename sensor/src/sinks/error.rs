@@ -1,14 +1,17 @@
-//! The outputs' error type, below every output and the machinery they share.
+//! The sinks' error type, below every sink and the machinery they share.
 
 use std::time::Duration;
 
-/// Errors of the outputs module; the agent reports them with context (anyhow at the edges).
+use crate::net::NetError;
+
+/// Errors of the sinks; the agent reports them with context (anyhow at the edges).
 #[derive(Debug, thiserror::Error)]
-pub enum OutputError {
+pub enum SinkError {
+    /// Connecting, TLS, an HTTP exchange, a secret file.
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
-    #[error("TLS: {0}")]
-    Tls(String),
     #[error("{0}")]
     Config(String),
     #[error("receiver answered HTTP {status}: {reason}")]
@@ -19,7 +22,7 @@ pub enum OutputError {
     Timeout(Duration),
 }
 
-impl OutputError {
+impl SinkError {
     pub fn io(what: impl Into<String>, e: std::io::Error) -> Self {
         Self::Io(what.into(), e)
     }

@@ -1,282 +1,83 @@
-//! SIEM outputs: every alert event (open, update, resolve) shipped to the receivers listed
-//! under `[[outputs]]`, in order, each by a task of its own so the agent's loop never waits.
+//! Sinks: every alert event (open, update, resolve) delivered to the receivers listed under
+//! `[[outputs]]` (and, on an agent with `[ship]`, alerts and summaries to the collector), in
+//! order, each by a task of its own so the agent's loop never waits. Shaped like Vector's
+//! sinks:
 //!
-//! - A [`Format`] renders one event (CEF, LEEF 2.0, JSON, ECS, OCSF, Splunk HEC, webhook body).
-//! - A [`delivery::Output`] delivers a batch of events (syslog over UDP/TCP/TLS, a rotated
-//!   JSON lines file, Splunk HEC, a webhook) and says how many were sent, rejected or must be
-//!   retried.
-//! - Each output kind is a module of its own; what they share sits below them, in
-//!   [`error`], [`config`], [`record`] and [`delivery`], and this module only runs them.
-//! - Network outputs append every event to a durable, bounded [`spool::Spool`] on disk first
-//!   and deliver from it with retries and exponential backoff: a receiver outage loses
-//!   nothing, and when the bound is hit the oldest are dropped and counted.
-//! - Every event carries an idempotent id (alert id, event, the alert's update count), the
-//!   same at every output and on every retry, so a deduplicating receiver never counts twice.
+//! - [`sink::Sink`]: a destination; `deliver` takes a batch and says what arrived
+//!   ([`sink::Delivered`]) or why it failed ([`sink::Failed`]). Each sink classifies its
+//!   receiver's answers itself (refused for good, or retry); [`retry::Retry`] only decides
+//!   the waiting (exponential backoff, at least the receiver's Retry-After).
+//! - [`spool::Spool`]: network sinks append every item to a durable, bounded spool on disk
+//!   first and deliver from it: a receiver outage loses nothing, and when the bound is hit
+//!   the oldest are dropped and counted.
+//! - [`engine::worker`]: the delivery engine, generic over `Sink`: spool, deliver in order,
+//!   retry, count ([`stats::OutputStats`], owned per sink).
+//! - [`fanout::Outputs`]: the running sinks; offers every input to each, and hands their
+//!   counters to whoever serves them ([`Outputs::stats`], [`Outputs::health`]).
+//! - [`config::SinkConfig`]: `[[outputs]]` as an internally tagged enum (`type`), one variant
+//!   per sink; errors name the output and the key.
+//! - One folder per sink: `syslog/`, `hec/`, `file/` (ecs-file, ocsf-file), `webhook/`,
+//!   `ship/` (the collector, configured by `[ship]`), each with its `config.rs` (the typed
+//!   config, `deny_unknown_fields`, its validation), its `sink.rs` (the sink, its request and
+//!   the classification of its receiver's answers) and a `mod.rs` that wires the two.
+//!
+//! Within this module, imports go one way: `error`, `spool`, `stats`, `sink`, `retry`,
+//! `engine`, `running`, `configure`, the sink folders, `config`, `fanout`.
+//!
+//! Every event carries an idempotent id (alert id, event, the alert's update count), the same
+//! at every sink and on every retry, so a deduplicating receiver never counts twice.
+//!
+//! # Adding a sink
+//!
+//! 1. A folder `sinks/<name>/`: `config.rs` with the config struct
+//!    (`#[serde(deny_unknown_fields)]`, a `name: Option<String>`, and for a network sink the
+//!    spool and retry keys, read through [`configure::DeliveryKeys`]) and its `validate`;
+//!    `sink.rs` with the sink implementing [`sink::Sink`]; `mod.rs` implementing
+//!    [`configure::Configure`] for the config (`start`: open the spool, build the sink,
+//!    [`running::Running::spawn`]).
+//! 2. One variant in [`config::SinkConfig`] (`#[serde(rename = "<type>")]`) and its line in
+//!    `SinkConfig::parts`.
+//! 3. Its keys in docs/outputs.md.
 
 pub mod config;
-pub mod delivery;
+pub mod configure;
+pub mod engine;
 pub mod error;
+pub mod fanout;
 pub mod file;
 pub mod hec;
-pub mod http;
+pub mod retry;
+pub mod running;
 pub mod ship;
+pub mod sink;
 pub mod spool;
+pub mod stats;
 pub mod syslog;
 pub mod webhook;
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
-
-use log::{info, warn};
-use tokio::sync::mpsc;
-
-use crate::detect::AlertEvent;
-
-// What the rest of the crate uses, by the names it had when all of it was in this file.
-pub use crate::formats::{Format, Record, rfc3339_ms};
-pub use config::{OutputConfig, locate, validate};
-use delivery::update;
-pub use delivery::{OutputStats, SharedStats, worker};
-
-// --- the running outputs ------------------------------------------------------------------
-
-/// Events queued per output between the agent's loop and the output's task.
-const QUEUE: usize = 4096;
-const DEFAULT_SPOOL_MAX_BYTES: u64 = 64 * 1024 * 1024;
-/// File outputs keep undelivered lines in memory only (the file is the durable copy).
-const MEMORY_SPOOL_MAX_BYTES: u64 = 16 * 1024 * 1024;
-const DEFAULT_RETRY_MAX_SECS: u64 = 60;
-pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
-
-struct Running {
-    name: String,
-    tx: mpsc::Sender<Record>,
-    stats: SharedStats,
-}
-
-/// Shipping to a collector (`[ship]`, see `ship`): alerts and summaries.
-struct Shipping {
-    agent: String,
-    tx: mpsc::Sender<crate::ship::ShipRecord>,
-    stats: SharedStats,
-}
-
-/// The configured outputs, started: the agent publishes events, the API reads counters.
-#[derive(Default)]
-pub struct Outputs {
-    running: Vec<Running>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    ship: Option<Shipping>,
-}
-
-impl Outputs {
-    /// Builds and starts every output (spools are opened here: an unusable spool directory or
-    /// a missing token file fails the agent's start, not later).
-    pub fn start(configs: &[OutputConfig], state_dir: &Path) -> anyhow::Result<Self> {
-        let mut outputs = Self::default();
-        for (i, c) in configs.iter().enumerate() {
-            let name = c.display_name(i);
-            outputs
-                .start_one(c, &name, state_dir)
-                .map_err(|e| anyhow::anyhow!("output `{name}`: {e:#}"))?;
-        }
-        Ok(outputs)
-    }
-
-    fn start_one(&mut self, c: &OutputConfig, name: &str, state_dir: &Path) -> anyhow::Result<()> {
-        let timeout = Duration::from_secs(c.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS));
-        let spool = if c.is_network() {
-            let dir = c
-                .spool_dir
-                .clone()
-                .unwrap_or_else(|| state_dir.join("spool").join(name));
-            spool::Spool::open(&dir, c.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES))?
-        } else {
-            spool::Spool::memory(MEMORY_SPOOL_MAX_BYTES)
-        };
-        let retry_max = Duration::from_secs(c.retry_max_secs.unwrap_or(DEFAULT_RETRY_MAX_SECS));
-        let stats: SharedStats = Arc::new(Mutex::new(OutputStats {
-            name: name.to_owned(),
-            kind: c.kind.clone(),
-            ..OutputStats::default()
-        }));
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let task = match c.kind.as_str() {
-            "syslog" => {
-                let out = syslog::SyslogOutput::new(c, timeout)?;
-                set_target(&stats, out.target());
-                tokio::spawn(worker(out, spool, rx, stats.clone(), retry_max))
-            }
-            "ecs-file" | "ocsf-file" => {
-                let format: Box<dyn Format> = if c.kind == "ecs-file" {
-                    Box::new(crate::formats::ecs::Ecs)
-                } else {
-                    Box::new(crate::formats::ocsf::Ocsf)
-                };
-                let out = file::FileOutput::new(c, format)?;
-                set_target(&stats, out.target());
-                tokio::spawn(worker(out, spool, rx, stats.clone(), retry_max))
-            }
-            "hec" => {
-                let out = hec::HecOutput::new(c, timeout)?;
-                set_target(&stats, out.target());
-                tokio::spawn(worker(out, spool, rx, stats.clone(), retry_max))
-            }
-            "webhook" => {
-                let out = webhook::WebhookOutput::new(c, timeout)?;
-                set_target(&stats, out.target());
-                tokio::spawn(worker(out, spool, rx, stats.clone(), retry_max))
-            }
-            other => anyhow::bail!("unknown output type `{other}`"),
-        };
-        info!("output `{name}` ({}) started", c.kind);
-        self.running.push(Running {
-            name: name.to_owned(),
-            tx,
-            stats,
-        });
-        self.tasks.push(task);
-        Ok(())
-    }
-
-    /// Starts shipping to the collector `c` describes, as agent `agent` (the spool is opened
-    /// and the token read here: problems fail the agent's start).
-    pub fn start_shipping(
-        &mut self,
-        c: &ship::ShipConfig,
-        agent: &str,
-        state_dir: &Path,
-    ) -> anyhow::Result<()> {
-        let dir = c.spool_dir(state_dir);
-        let spool = spool::Spool::open(&dir, c.spool_max_bytes)?;
-        let stream = ship::stream_id(&dir)?;
-        let out = ship::ShipOutput::new(c, agent, stream)?;
-        let stats: SharedStats = Arc::new(Mutex::new(OutputStats {
-            name: "collector".into(),
-            kind: "collector".into(),
-            target: out.target(),
-            ..OutputStats::default()
-        }));
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let retry_max = Duration::from_secs(c.retry_max_secs);
-        self.tasks.push(tokio::spawn(worker(
-            out,
-            spool,
-            rx,
-            stats.clone(),
-            retry_max,
-        )));
-        info!("shipping to the collector at {} as `{agent}`", c.url);
-        self.ship = Some(Shipping {
-            agent: agent.to_owned(),
-            tx,
-            stats,
-        });
-        Ok(())
-    }
-
-    /// Queues alert events for every output; never waits (a full queue drops and counts).
-    pub fn publish(&self, events: &[AlertEvent]) {
-        for e in events {
-            self.queue(&Record::new(e));
-            if let Some(ship) = &self.ship {
-                ship_one(ship, crate::ship::ShipRecord::alert(&ship.agent, e));
-            }
-        }
-    }
-
-    /// Queues already-built records (the collector forwarding agents' alerts).
-    pub fn publish_records(&self, records: &[Record]) {
-        for rec in records {
-            self.queue(rec);
-        }
-    }
-
-    /// Queues one event for every SIEM output.
-    fn queue(&self, rec: &Record) {
-        for r in &self.running {
-            if let Err(err) = r.tx.try_send(rec.clone()) {
-                update(&r.stats, |s| s.dropped += 1);
-                warn!("output `{}`: event {} not queued: {err}", r.name, rec.id);
-            }
-        }
-    }
-
-    /// Queues a per-client summary for the collector (when shipping is on).
-    pub fn ship_summary(&self, summary: crate::ship::Summary) {
-        if let Some(ship) = &self.ship {
-            ship_one(ship, crate::ship::ShipRecord::summary(&ship.agent, summary));
-        }
-    }
-
-    pub fn shipping(&self) -> bool {
-        self.ship.is_some()
-    }
-
-    /// Makes these outputs' counters the ones `/v1/health` shows (see [`health`]).
-    pub fn register(&self) {
-        if let Ok(mut r) = REGISTRY.lock() {
-            *r = self
-                .running
-                .iter()
-                .map(|r| r.stats.clone())
-                .chain(self.ship.as_ref().map(|s| s.stats.clone()))
-                .collect();
-        }
-    }
-
-    /// Stops taking events and lets each output deliver what it holds, for at most `grace`
-    /// (a network output's spool keeps the rest for the next start).
-    pub async fn shutdown(mut self, grace: Duration) {
-        self.running.clear();
-        self.ship = None;
-        let tasks = std::mem::take(&mut self.tasks);
-        let all = async {
-            for t in tasks {
-                let _ = t.await;
-            }
-        };
-        let _ = tokio::time::timeout(grace, all).await;
-    }
-}
-
-fn ship_one(ship: &Shipping, rec: crate::ship::ShipRecord) {
-    if let Err(err) = ship.tx.try_send(rec) {
-        update(&ship.stats, |s| s.dropped += 1);
-        warn!("collector: record not queued: {err}");
-    }
-}
-
-/// The running outputs' counters, for `/v1/health` (one agent per process).
-static REGISTRY: Mutex<Vec<SharedStats>> = Mutex::new(Vec::new());
-
-/// A copy of every running output's counters.
-pub fn health() -> Vec<OutputStats> {
-    REGISTRY
-        .lock()
-        .map(|r| {
-            r.iter()
-                .filter_map(|s| s.lock().ok().map(|s| s.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn set_target(stats: &SharedStats, target: String) {
-    update(stats, |s| s.target = target);
-}
+// What the rest of the crate uses.
+pub use crate::formats::{Record, rfc3339_ms};
+pub use config::{SinkConfig, deserialize_error, locate, validate};
+pub use fanout::Outputs;
+pub use stats::{OutputStats, SinkHealth};
 
 #[cfg(test)]
 pub mod tests {
     use serde::Deserialize;
 
+    use std::{
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use tokio::sync::mpsc;
+
     use super::{
         config::ConfigError,
-        delivery::{Delivery, Output, backoff},
-        error::OutputError,
+        error::SinkError,
+        retry::Retry,
+        sink::{Delivered, Failed, Sink},
+        stats::SharedStats,
         *,
     };
     use crate::detect::{Alert, AlertState, Mode, Technique, event_id};
@@ -327,12 +128,13 @@ pub mod tests {
         }
     }
 
-    fn parse(text: &str) -> Result<Vec<OutputConfig>, ConfigError> {
+    fn parse(text: &str) -> Result<Vec<SinkConfig>, ConfigError> {
         #[derive(Deserialize)]
         struct Only {
-            outputs: Vec<OutputConfig>,
+            outputs: Vec<SinkConfig>,
         }
-        let o: Only = toml::from_str(text).expect("toml");
+        let o: Only = toml::from_str(text)
+            .map_err(|e| deserialize_error(text, &e).expect("an error in an output"))?;
         validate(&o.outputs).map(|()| o.outputs)
     }
 
@@ -410,7 +212,7 @@ url = "http://127.0.0.1:9000/hook"
             let text =
                 format!("[[outputs]]\ntype = \"ocsf-file\"\npath = \"/o\"\n\n[[outputs]]\n{body}");
             let err = parse(&text).expect_err(body);
-            assert_eq!((err.index, err.key), (1, key), "{body}: {err}");
+            assert_eq!((err.index, err.key.as_str()), (1, key), "{body}: {err}");
         }
         let dup = "[[outputs]]\ntype = \"ecs-file\"\npath = \"/a\"\nname = \"x\"\n\
                    [[outputs]]\ntype = \"ocsf-file\"\npath = \"/b\"\nname = \"x\"\n";
@@ -443,15 +245,6 @@ url = "http://127.0.0.1:9000/hook"
         assert_ne!(event_id(&a, "update"), event_id(&a, "resolve"));
     }
 
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let max = Duration::from_secs(60);
-        assert_eq!(backoff(1, max), Duration::from_secs(1));
-        assert_eq!(backoff(2, max), Duration::from_secs(2));
-        assert_eq!(backoff(4, max), Duration::from_secs(8));
-        assert_eq!(backoff(30, max), max);
-    }
-
     /// Fails its first `fail` attempts, refuses records whose id is in `refuse`.
     struct Flaky {
         fail: usize,
@@ -459,29 +252,32 @@ url = "http://127.0.0.1:9000/hook"
         got: Arc<Mutex<Vec<String>>>,
     }
 
-    impl Output for Flaky {
+    impl Sink for Flaky {
         type Item = Record;
+        fn target(&self) -> String {
+            "flaky".into()
+        }
+
         fn batch_max(&self) -> usize {
             2
         }
 
-        async fn deliver(&mut self, batch: &[Record]) -> Delivery {
+        async fn deliver(&mut self, batch: &[Record]) -> Result<Delivered, Failed> {
             if self.fail > 0 {
                 self.fail -= 1;
-                return Delivery::failed(0, OutputError::Protocol("receiver down".into()));
+                return Err(Failed::after(
+                    0,
+                    SinkError::Protocol("receiver down".into()),
+                ));
             }
             let mut got = self.got.lock().expect("lock");
             for (i, r) in batch.iter().enumerate() {
                 if self.refuse.contains(&r.id) {
-                    return Delivery {
-                        sent: i,
-                        rejected: 1,
-                        ..Delivery::default()
-                    };
+                    return Ok(Delivered::rejected(i, 1));
                 }
                 got.push(r.id.clone());
             }
-            Delivery::all(batch.len())
+            Ok(Delivered::all(batch.len()))
         }
     }
 
@@ -489,12 +285,12 @@ url = "http://127.0.0.1:9000/hook"
         let got = out.got.clone();
         let stats: SharedStats = Arc::default();
         let (tx, rx) = mpsc::channel(16);
-        let task = tokio::spawn(worker(
+        let task = tokio::spawn(engine::worker(
             out,
             spool::Spool::memory(1 << 20),
             rx,
             stats.clone(),
-            Duration::from_millis(20),
+            Retry::new(Duration::from_millis(20)),
         ));
         for i in 1..=n {
             let mut r = record("address", "10.0.0.1");

@@ -22,7 +22,7 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::error::OutputError;
+use super::error::SinkError;
 use crate::formats::Record;
 
 /// What a spool holds: records that carry their position in the stream.
@@ -62,8 +62,8 @@ pub struct Spool<T = Record> {
     cursor: u64,
 }
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> OutputError {
-    OutputError::io(format!("{what} {}", path.display()), e)
+fn io(what: &str, path: &Path, e: std::io::Error) -> SinkError {
+    SinkError::io(format!("{what} {}", path.display()), e)
 }
 
 impl<T: Spooled> Spool<T> {
@@ -82,7 +82,7 @@ impl<T: Spooled> Spool<T> {
     }
 
     /// Opens (or creates) the spool in `dir` and loads what is still undelivered.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, OutputError> {
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, SinkError> {
         fs::create_dir_all(dir).map_err(|e| io("creating spool", dir, e))?;
         let cursor_path = dir.join(CURSOR);
         let cursor = match fs::read_to_string(&cursor_path) {
@@ -164,10 +164,10 @@ impl<T: Spooled> Spool<T> {
 
     /// Appends `rec` with the next sequence number; returns how many oldest undelivered
     /// records were dropped to stay within the bound (`rec` itself if it alone is too big).
-    pub fn append(&mut self, mut rec: T) -> Result<u64, OutputError> {
+    pub fn append(&mut self, mut rec: T) -> Result<u64, SinkError> {
         rec.set_seq(self.next_seq);
         let mut line = serde_json::to_string(&rec)
-            .map_err(|e| OutputError::Protocol(format!("encoding a record: {e}")))?;
+            .map_err(|e| SinkError::Protocol(format!("encoding a record: {e}")))?;
         line.push('\n');
         let size = line.len() as u64;
         if size > self.max_bytes {
@@ -185,7 +185,7 @@ impl<T: Spooled> Spool<T> {
         Ok(dropped)
     }
 
-    fn write_line(&mut self, seq: u64, line: &str) -> Result<(), OutputError> {
+    fn write_line(&mut self, seq: u64, line: &str) -> Result<(), SinkError> {
         let Some(dir) = self.dir.clone() else {
             return Ok(());
         };
@@ -213,7 +213,7 @@ impl<T: Spooled> Spool<T> {
             });
         }
         let (Some(file), Some(seg)) = (self.writer.as_mut(), self.segments.back_mut()) else {
-            return Err(OutputError::Protocol("spool segment missing".into()));
+            return Err(SinkError::Protocol("spool segment missing".into()));
         };
         file.write_all(line.as_bytes())
             .and_then(|()| file.sync_data())
@@ -224,7 +224,7 @@ impl<T: Spooled> Spool<T> {
     }
 
     /// Drops the oldest undelivered records until `extra` more bytes fit.
-    fn enforce_bound(&mut self, extra: u64) -> Result<u64, OutputError> {
+    fn enforce_bound(&mut self, extra: u64) -> Result<u64, SinkError> {
         let mut dropped = 0;
         let mut last = None;
         while self.pending_bytes + extra > self.max_bytes {
@@ -252,7 +252,7 @@ impl<T: Spooled> Spool<T> {
     }
 
     /// Everything up to and including `seq` is done.
-    pub fn ack(&mut self, seq: u64) -> Result<(), OutputError> {
+    pub fn ack(&mut self, seq: u64) -> Result<(), SinkError> {
         while self.pending.front().is_some_and(|(r, _)| r.seq() <= seq) {
             if let Some((_, size)) = self.pending.pop_front() {
                 self.pending_bytes -= size;
@@ -263,7 +263,7 @@ impl<T: Spooled> Spool<T> {
         Ok(())
     }
 
-    fn set_cursor_at_least(&mut self, seq: u64) -> Result<(), OutputError> {
+    fn set_cursor_at_least(&mut self, seq: u64) -> Result<(), SinkError> {
         if seq <= self.cursor {
             return Ok(());
         }

@@ -73,7 +73,7 @@ pub fn human_bytes(n: u64) -> String {
 pub enum Source {
     Agent(std::path::PathBuf),
     Collector {
-        client: crate::sinks::http::Client,
+        client: crate::net::client::HttpClient,
         token: String,
         label: String,
     },
@@ -88,22 +88,22 @@ impl Source {
             .token_file
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("--collector needs --token-file (a reader token)"))?;
-        let token = crate::sinks::http::read_secret(token_file, "collector reader token")?;
+        let token = crate::net::secrets::read_secret(token_file, "collector reader token")?;
         let identity = match (&remote.client_cert, &remote.client_key) {
-            (Some(cert_file), Some(key_file)) => Some(crate::sinks::http::ClientIdentity {
+            (Some(cert_file), Some(key_file)) => Some(crate::net::tls::ClientIdentity {
                 cert_file,
                 key_file,
             }),
             _ => None,
         };
-        let client = crate::sinks::http::Client::with_identity(
-            url,
-            remote.ca_file.as_deref(),
-            None,
+        let tls = crate::net::client::TlsOptions {
+            ca_file: remote.ca_file.as_deref(),
+            server_name: None,
             identity,
-            std::time::Duration::from_secs(10),
-        )
-        .map_err(|e| anyhow::anyhow!("--collector {url}: {e}"))?;
+        };
+        let client =
+            crate::net::client::HttpClient::new(url, tls, std::time::Duration::from_secs(10))
+                .map_err(|e| anyhow::anyhow!("--collector {url}: {e}"))?;
         Ok(Self::Collector {
             client,
             token,
@@ -129,13 +129,16 @@ impl Source {
                 label,
             } => (client, token, label),
         };
-        let base = client.url.path.trim_end_matches('/');
+        let base = client.url().path().trim_end_matches('/');
         let full = format!("{base}{path}");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let r = runtime
-            .block_on(client.get(&full, &[("Authorization", format!("Bearer {token}"))]))
+            .block_on(client.get(
+                &full,
+                &[("Authorization", crate::net::secrets::bearer_header(token))],
+            ))
             .map_err(|e| anyhow::anyhow!("collector {label}: {e}"))?;
         if r.status != 200 {
             anyhow::bail!("collector {label} answered {}: {}", r.status, r.body.trim());

@@ -1,33 +1,30 @@
-//! Splunk HTTP Event Collector: batches of events POSTed to `/services/collector/event` with
-//! `Authorization: Splunk <token>`, each event `{"time", "host", "source", "sourcetype",
-//! ["index",] "event"}` and the batch their concatenation.
-//!
-//! Answers, as Splunk documents them: 200 delivered; 400 (invalid data, with
-//! `invalid-event-number`) refuses that event for good: the events before it were indexed,
-//! it is dropped and counted with the reason logged, the rest is sent again; 401/403 (token
-//! missing, invalid or disabled) are logged and retried, as are 429, 503 (server busy, HEC
-//! unhealthy) and any other error, with exponential backoff (at least Retry-After); 413 halves
-//! the batch.
+//! The HEC request and how Splunk's answers are taken, as Splunk documents them: 200
+//! delivered; 400 (invalid data, with `invalid-event-number`) refuses that event for good:
+//! the events before it were indexed, it is dropped and counted with the reason logged, the
+//! rest is sent again; 401/403 (token missing, invalid or disabled) are logged and retried,
+//! as are 429, 503 (server busy, HEC unhealthy) and any other error, with exponential backoff
+//! (at least Retry-After); 413 halves the batch.
 
 use std::time::Duration;
 
 use log::warn;
 use serde_json::{Value, json};
 
-use super::{
-    config::OutputConfig,
-    delivery::{Delivery, Output},
-    error::OutputError,
-    http,
+use super::config::{DEFAULT_BATCH, DEFAULT_SOURCE, DEFAULT_SOURCETYPE, HecConfig};
+use crate::{
+    formats::Record,
+    net::{
+        client::{HttpClient, Response, TlsOptions},
+        secrets,
+    },
+    sinks::{
+        error::SinkError,
+        sink::{Delivered, Failed, Sink},
+    },
 };
-use crate::formats::Record;
 
-pub const DEFAULT_SOURCETYPE: &str = "sensor:alert";
-pub const DEFAULT_SOURCE: &str = "sensor";
-pub const DEFAULT_BATCH: usize = 100;
-
-pub struct HecOutput {
-    client: http::Client,
+pub struct HecSink {
+    client: HttpClient,
     token: String,
     source: String,
     sourcetype: String,
@@ -66,21 +63,16 @@ fn reason(body: &str) -> (String, Option<usize>) {
     }
 }
 
-impl HecOutput {
-    pub fn new(c: &OutputConfig, timeout: Duration) -> Result<Self, OutputError> {
-        let url = c.url.as_deref().unwrap_or_default();
-        let token_file = c
-            .token_file
-            .as_deref()
-            .ok_or_else(|| OutputError::Config("no token_file".into()))?;
+impl HecSink {
+    pub fn new(c: &HecConfig, timeout: Duration) -> Result<Self, SinkError> {
+        let tls = TlsOptions {
+            ca_file: c.ca_file.as_deref(),
+            server_name: c.server_name.as_deref(),
+            identity: None,
+        };
         Ok(Self {
-            client: http::Client::new(
-                url,
-                c.ca_file.as_deref(),
-                c.server_name.as_deref(),
-                timeout,
-            )?,
-            token: http::read_secret(token_file, "HEC token file")?,
+            client: HttpClient::new(&c.url, tls, timeout)?,
+            token: secrets::read_secret(&c.token_file, "HEC token file")?,
             source: c.source.clone().unwrap_or_else(|| DEFAULT_SOURCE.into()),
             sourcetype: c
                 .sourcetype
@@ -91,16 +83,6 @@ impl HecOutput {
         })
     }
 
-    pub fn target(&self) -> String {
-        let u = &self.client.url;
-        format!(
-            "{}://{}{}",
-            if u.tls { "https" } else { "http" },
-            u.authority(),
-            u.path
-        )
-    }
-
     pub fn body(&self, batch: &[Record]) -> String {
         batch
             .iter()
@@ -109,32 +91,41 @@ impl HecOutput {
     }
 }
 
-impl Output for HecOutput {
+impl Sink for HecSink {
     type Item = Record;
+
+    fn target(&self) -> String {
+        self.client.target()
+    }
+
     fn batch_max(&self) -> usize {
         self.batch
     }
 
-    async fn deliver(&mut self, batch: &[Record]) -> Delivery {
+    async fn deliver(&mut self, batch: &[Record]) -> Result<Delivered, Failed> {
         if batch.is_empty() {
-            return Delivery::default();
+            return Ok(Delivered::default());
         }
         let body = self.body(batch);
         let headers = [
             ("Authorization", format!("Splunk {}", self.token)),
             ("Content-Type", "application/json".to_owned()),
         ];
-        let resp = match self.client.post(&headers, body.as_bytes()).await {
-            Ok(r) => r,
-            Err(e) => return Delivery::failed(0, e),
-        };
+        let resp = self.client.post(&headers, body.as_bytes()).await?;
+        self.classify(&resp, batch)
+    }
+}
+
+impl HecSink {
+    /// What Splunk's answer means for the batch (see the module docs).
+    fn classify(&mut self, resp: &Response, batch: &[Record]) -> Result<Delivered, Failed> {
         let (text, invalid) = reason(&resp.body);
-        let error = OutputError::Http {
+        let error = SinkError::Http {
             status: resp.status,
             reason: text.clone(),
         };
         match resp.status {
-            200..=299 => Delivery::all(batch.len()),
+            200..=299 => Ok(Delivered::all(batch.len())),
             400 => {
                 let at = invalid.unwrap_or(0).min(batch.len().saturating_sub(1));
                 let refused = if invalid.is_some() {
@@ -149,11 +140,7 @@ impl Output for HecOutput {
                         r.id
                     );
                 }
-                Delivery {
-                    sent: at,
-                    rejected: refused,
-                    ..Delivery::default()
-                }
+                Ok(Delivered::rejected(at, refused))
             }
             401 | 403 => {
                 warn!(
@@ -161,11 +148,11 @@ impl Output for HecOutput {
                     self.target(),
                     resp.status
                 );
-                Delivery::failed(0, error)
+                Err(Failed::after(0, error))
             }
             413 if batch.len() > 1 => {
                 self.batch = (batch.len() / 2).max(1);
-                Delivery::failed(0, error)
+                Err(Failed::after(0, error))
             }
             413 => {
                 warn!(
@@ -173,15 +160,9 @@ impl Output for HecOutput {
                     self.target(),
                     batch.first().map_or("?", |r| r.id.as_str())
                 );
-                Delivery {
-                    rejected: 1,
-                    ..Delivery::default()
-                }
+                Ok(Delivered::rejected(0, 1))
             }
-            _ => Delivery {
-                retry_after: resp.retry_after(),
-                ..Delivery::failed(0, error)
-            },
+            _ => Err(Failed::after(0, error).retry_after(resp.retry_after())),
         }
     }
 }
@@ -191,18 +172,11 @@ mod tests {
     use super::*;
     use crate::sinks::tests::record;
 
-    #[test]
-    fn envelopes_concatenate() {
-        let c = OutputConfig {
-            kind: "hec".into(),
-            url: Some("http://127.0.0.1:8088/services/collector/event".into()),
-            ..OutputConfig::default()
-        };
-        let out = HecOutput {
-            client: http::Client::new(
-                c.url.as_deref().unwrap_or_default(),
-                None,
-                None,
+    fn sink(batch: usize) -> HecSink {
+        HecSink {
+            client: HttpClient::new(
+                "http://127.0.0.1:8088/services/collector/event",
+                TlsOptions::default(),
                 Duration::from_secs(1),
             )
             .expect("client"),
@@ -210,8 +184,62 @@ mod tests {
             source: DEFAULT_SOURCE.into(),
             sourcetype: DEFAULT_SOURCETYPE.into(),
             index: Some("main".into()),
-            batch: 2,
-        };
+            batch,
+        }
+    }
+
+    fn answer(status: u16, retry_after: Option<&'static str>, body: &str) -> Response {
+        let mut headers = hyper::HeaderMap::new();
+        if let Some(v) = retry_after {
+            headers.insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from_static(v),
+            );
+        }
+        Response {
+            status,
+            headers,
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let mut out = sink(4);
+        let batch: Vec<Record> = (0..4)
+            .map(|i| Record {
+                id: format!("e{i}"),
+                ..record("address", "10.0.0.1")
+            })
+            .collect();
+        let ok = out.classify(&answer(200, None, ""), &batch);
+        assert_eq!(ok.expect("accepted"), Delivered::all(4));
+        // The third event is invalid: the two before it were indexed, it alone is refused.
+        let bad = r#"{"text":"Invalid data format","code":6,"invalid-event-number":2}"#;
+        let refused = out.classify(&answer(400, None, bad), &batch);
+        assert_eq!(refused.expect("refused"), Delivered::rejected(2, 1));
+        let token = out
+            .classify(
+                &answer(403, None, r#"{"text":"Invalid token","code":4}"#),
+                &batch,
+            )
+            .expect_err("retried");
+        assert_eq!(token.done, Delivered::default());
+        let busy = out
+            .classify(&answer(503, Some("7"), "busy"), &batch)
+            .expect_err("retried");
+        assert_eq!(busy.retry_after, Some(Duration::from_secs(7)));
+        assert!(busy.error.to_string().contains("503"), "{}", busy.error);
+        out.classify(&answer(413, None, ""), &batch)
+            .expect_err("halved and retried");
+        assert_eq!(out.batch_max(), 2);
+        let alone = out.classify(&answer(413, None, ""), &batch[..1]);
+        assert_eq!(alone.expect("dropped"), Delivered::rejected(0, 1));
+    }
+
+    #[test]
+    fn envelopes_concatenate() {
+        let out = sink(2);
         let (a, b) = (record("address", "10.0.0.1"), record("identity", "k-1"));
         let body = out.body(&[a.clone(), b]);
         let events: Vec<Value> = serde_json::Deserializer::from_str(&body)

@@ -1,4 +1,4 @@
-//! JSON lines files for log shippers (Filebeat, Fluent Bit, Vector), rotated by size.
+//! The rotating JSON lines file and the sink writing to it.
 //!
 //! Each event is one line, written whole with one `write` to a file opened for appending.
 //! When the next line would take the file past `max_file_bytes`, it is renamed to `PATH.1`
@@ -11,15 +11,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{
-    config::OutputConfig,
-    delivery::{Delivery, Output},
-    error::OutputError,
+use crate::{
+    formats::{Format, Record},
+    sinks::{
+        error::SinkError,
+        sink::{Delivered, Failed, Sink},
+    },
 };
-use crate::formats::{Format, Record};
-
-pub const DEFAULT_MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
-pub const DEFAULT_KEEP_FILES: usize = 5;
 
 pub struct RotatingFile {
     path: PathBuf,
@@ -44,41 +42,41 @@ impl RotatingFile {
         }
     }
 
-    fn open(&mut self) -> Result<(), OutputError> {
+    pub fn open(&mut self) -> Result<(), SinkError> {
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir)
-                .map_err(|e| OutputError::io(format!("creating {}", dir.display()), e))?;
+                .map_err(|e| SinkError::io(format!("creating {}", dir.display()), e))?;
         }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
-            .map_err(|e| OutputError::io(format!("opening {}", self.path.display()), e))?;
+            .map_err(|e| SinkError::io(format!("opening {}", self.path.display()), e))?;
         let size = file
             .metadata()
-            .map_err(|e| OutputError::io(format!("reading {}", self.path.display()), e))?
+            .map_err(|e| SinkError::io(format!("reading {}", self.path.display()), e))?
             .len();
         self.file = Some((file, size));
         Ok(())
     }
 
-    fn rotate(&mut self) -> Result<(), OutputError> {
+    fn rotate(&mut self) -> Result<(), SinkError> {
         self.file = None;
         let _ = fs::remove_file(rotated(&self.path, self.keep));
         for n in (1..self.keep).rev() {
             let from = rotated(&self.path, n);
             if from.exists() {
                 fs::rename(&from, rotated(&self.path, n + 1))
-                    .map_err(|e| OutputError::io(format!("rotating {}", from.display()), e))?;
+                    .map_err(|e| SinkError::io(format!("rotating {}", from.display()), e))?;
             }
         }
         fs::rename(&self.path, rotated(&self.path, 1))
-            .map_err(|e| OutputError::io(format!("rotating {}", self.path.display()), e))?;
+            .map_err(|e| SinkError::io(format!("rotating {}", self.path.display()), e))?;
         self.open()
     }
 
     /// Appends one line (a newline is added).
-    pub fn write_line(&mut self, line: &str) -> Result<(), OutputError> {
+    pub fn write_line(&mut self, line: &str) -> Result<(), SinkError> {
         if self.file.is_none() {
             self.open()?;
         }
@@ -91,7 +89,7 @@ impl RotatingFile {
             self.rotate()?;
         }
         let Some((file, size)) = self.file.as_mut() else {
-            return Err(OutputError::Protocol("file not open".into()));
+            return Err(SinkError::Protocol("file not open".into()));
         };
         let mut buf = String::with_capacity(line.len() + 1);
         buf.push_str(line);
@@ -99,56 +97,48 @@ impl RotatingFile {
         if let Err(e) = file.write_all(buf.as_bytes()) {
             // Reopen next time (the file may have been removed or the disk filled).
             self.file = None;
-            return Err(OutputError::io(
-                format!("writing {}", self.path.display()),
-                e,
-            ));
+            return Err(SinkError::io(format!("writing {}", self.path.display()), e));
         }
         *size += len;
         Ok(())
     }
 }
 
-pub struct FileOutput {
+pub struct FileSink {
     file: RotatingFile,
     format: Box<dyn Format>,
+    batch: usize,
 }
 
-impl FileOutput {
-    pub fn new(c: &OutputConfig, format: Box<dyn Format>) -> Result<Self, OutputError> {
-        let path = c
-            .path
-            .clone()
-            .ok_or_else(|| OutputError::Config("no path".into()))?;
-        let mut file = RotatingFile::new(
-            &path,
-            c.max_file_bytes.unwrap_or(DEFAULT_MAX_FILE_BYTES),
-            c.keep_files.unwrap_or(DEFAULT_KEEP_FILES),
-        );
-        // Fail at start on an unwritable path.
-        file.open()?;
-        Ok(Self { file, format })
+impl FileSink {
+    pub fn new(file: RotatingFile, format: Box<dyn Format>, batch: usize) -> Self {
+        Self {
+            file,
+            format,
+            batch,
+        }
     }
+}
 
-    pub fn target(&self) -> String {
+impl Sink for FileSink {
+    type Item = Record;
+
+    fn target(&self) -> String {
         self.file.path.display().to_string()
     }
-}
 
-impl Output for FileOutput {
-    type Item = Record;
     fn batch_max(&self) -> usize {
-        256
+        self.batch
     }
 
-    async fn deliver(&mut self, batch: &[Record]) -> Delivery {
+    async fn deliver(&mut self, batch: &[Record]) -> Result<Delivered, Failed> {
         for (i, rec) in batch.iter().enumerate() {
             let line = self.format.format(rec);
             if let Err(e) = self.file.write_line(&line) {
-                return Delivery::failed(i, e);
+                return Err(Failed::after(i, e));
             }
         }
-        Delivery::all(batch.len())
+        Ok(Delivered::all(batch.len()))
     }
 }
 

@@ -1,0 +1,123 @@
+//! The fan-out: the running sinks, each a task of its own behind a bounded queue. The agent
+//! (and the collector) offer every input to every sink without waiting; each sink takes the
+//! inputs it delivers and converts them to its items.
+
+use std::{path::Path, time::Duration};
+
+use log::{info, warn};
+
+use super::{
+    config::SinkConfig,
+    error::SinkError,
+    running::{Context, Input, Running},
+    stats::{OutputStats, SinkHealth, update},
+};
+use crate::{detect::AlertEvent, formats::Record};
+
+/// The configured sinks, started: the agent publishes events, the API reads counters.
+#[derive(Default)]
+pub struct Outputs {
+    running: Vec<Running>,
+}
+
+impl Outputs {
+    /// Builds and starts every `[[outputs]]` sink (spools are opened here: an unusable spool
+    /// directory or a missing token file fails the agent's start, not later).
+    pub fn start(configs: &[SinkConfig], state_dir: &Path) -> anyhow::Result<Self> {
+        let mut outputs = Self::default();
+        for (i, c) in configs.iter().enumerate() {
+            let name = c.display_name(i);
+            let ctx = Context {
+                name: &name,
+                kind: c.kind(),
+                state_dir,
+            };
+            let running = c
+                .start(&ctx)
+                .map_err(|e| anyhow::anyhow!("output `{name}`: {e:#}"))?;
+            info!("output `{name}` ({}) started", c.kind());
+            outputs.running.push(running);
+        }
+        Ok(outputs)
+    }
+
+    /// Starts shipping to the collector `c` describes, as agent `agent`: one more sink,
+    /// after the `[[outputs]]` ones (the spool is opened and the token read here: problems
+    /// fail the agent's start).
+    pub fn start_shipping(
+        &mut self,
+        c: &super::ship::ShipConfig,
+        agent: &str,
+        state_dir: &Path,
+    ) -> Result<(), SinkError> {
+        self.running.push(c.start(agent, state_dir)?);
+        info!("shipping to the collector at {} as `{agent}`", c.url);
+        Ok(())
+    }
+
+    /// Queues alert events for every sink; never waits (a full queue drops and counts).
+    pub fn publish(&self, events: &[AlertEvent]) {
+        for e in events {
+            self.offer(&Input::Alert(&Record::new(e)), || {
+                crate::detect::event_id(&e.alert, e.event.as_str())
+            });
+        }
+    }
+
+    /// Queues already-built records (the collector forwarding agents' alerts).
+    pub fn publish_records(&self, records: &[Record]) {
+        for rec in records {
+            self.offer(&Input::Alert(rec), || rec.id.clone());
+        }
+    }
+
+    /// Queues a per-client summary for the collector (when shipping is on).
+    pub fn ship_summary(&self, summary: crate::ship::Summary) {
+        let start = summary.start_s;
+        self.offer(&Input::Summary(&summary), || format!("summary {start}"));
+    }
+
+    fn offer(&self, input: &Input<'_>, what: impl Fn() -> String) {
+        for r in &self.running {
+            if let Err(err) = r.feed.offer(input) {
+                update(&r.stats, |s| s.dropped += 1);
+                warn!("output `{}`: {} not queued: {err}", r.name(), what());
+            }
+        }
+    }
+
+    /// Whether a sink takes summaries (the agent builds them only then).
+    pub fn shipping(&self) -> bool {
+        self.running.iter().any(|r| r.feed.takes_summaries())
+    }
+
+    /// The sinks' counters, for the tasks that serve them (`/v1/health`, `/metrics`).
+    pub fn health(&self) -> SinkHealth {
+        SinkHealth::new(self.running.iter().map(|r| r.stats.clone()).collect())
+    }
+
+    /// A copy of every running sink's counters (what `/v1/health` shows under `outputs`).
+    pub fn stats(&self) -> Vec<OutputStats> {
+        self.health().stats()
+    }
+
+    /// Stops taking events and lets each sink deliver what it holds, for at most `grace`
+    /// (a network sink's spool keeps the rest for the next start).
+    pub async fn shutdown(self, grace: Duration) {
+        let tasks: Vec<_> = self
+            .running
+            .into_iter()
+            .map(|r| {
+                // Closing the queue tells the task to finish.
+                drop(r.feed);
+                r.task
+            })
+            .collect();
+        let all = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        let _ = tokio::time::timeout(grace, all).await;
+    }
+}

@@ -1,0 +1,137 @@
+//! `[ship]`: where and how the agent ships to a collector (off while `url` is empty).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ship::{MAX_CLIENTS_PER_SUMMARY, valid_name};
+
+/// `[ship]`: where and how the agent ships to a collector (off while `url` is empty).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShipConfig {
+    pub url: String,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub server_name: String,
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+    pub agent_name: String,
+    pub top_clients: usize,
+    pub batch_max_records: usize,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub retry_max_secs: u64,
+    pub timeout_secs: u64,
+}
+
+impl Default for ShipConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            token_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            server_name: String::new(),
+            client_cert_file: PathBuf::new(),
+            client_key_file: PathBuf::new(),
+            agent_name: String::new(),
+            top_clients: 200,
+            batch_max_records: 100,
+            spool_dir: PathBuf::new(),
+            spool_max_bytes: 256 * 1024 * 1024,
+            retry_max_secs: 30,
+            timeout_secs: 10,
+        }
+    }
+}
+
+pub(super) fn opt_path(p: &Path) -> Option<&Path> {
+    (!p.as_os_str().is_empty()).then_some(p)
+}
+
+impl ShipConfig {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    /// Validation errors as (key, message).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let url = crate::net::client::parse_url(&self.url).map_err(|e| ("url", e.to_string()))?;
+        if url.scheme() != "https" {
+            return Err((
+                "url",
+                "the collector URL must be https:// (tokens never travel in clear)".into(),
+            ));
+        }
+        if self.token_file.as_os_str().is_empty() {
+            return Err(("token_file", "shipping needs a token_file".into()));
+        }
+        if opt_path(&self.client_cert_file).is_some() != opt_path(&self.client_key_file).is_some() {
+            return Err((
+                "client_cert_file",
+                "client_cert_file and client_key_file go together".into(),
+            ));
+        }
+        if !self.agent_name.is_empty() && !valid_name(&self.agent_name) {
+            return Err((
+                "agent_name",
+                "names are 1-128 letters, digits, -, _ and .".into(),
+            ));
+        }
+        if !(1..=MAX_CLIENTS_PER_SUMMARY / 4).contains(&self.top_clients) {
+            return Err((
+                "top_clients",
+                format!("must be 1..={}", MAX_CLIENTS_PER_SUMMARY / 4),
+            ));
+        }
+        if !(1..=1000).contains(&self.batch_max_records) {
+            return Err(("batch_max_records", "must be 1..=1000".into()));
+        }
+        if self.spool_max_bytes < 4096 {
+            return Err(("spool_max_bytes", "must be at least 4096".into()));
+        }
+        if self.retry_max_secs == 0 {
+            return Err(("retry_max_secs", "must be at least 1".into()));
+        }
+        if self.timeout_secs == 0 {
+            return Err(("timeout_secs", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn spool_dir(&self, state_dir: &Path) -> PathBuf {
+        opt_path(&self.spool_dir).map_or_else(
+            || state_dir.join("spool").join("collector"),
+            Path::to_path_buf,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation() {
+        let ok = ShipConfig {
+            url: "https://collector.example.net:9443/v1/ingest".into(),
+            token_file: "/etc/sensor/ship.token".into(),
+            ..ShipConfig::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let plain = ShipConfig {
+            url: "http://collector:9443/v1/ingest".into(),
+            ..ok.clone()
+        };
+        assert_eq!(plain.validate().map_err(|e| e.0), Err("url"));
+        let half = ShipConfig {
+            client_cert_file: "/c.pem".into(),
+            ..ok.clone()
+        };
+        assert_eq!(half.validate().map_err(|e| e.0), Err("client_cert_file"));
+        assert!(ShipConfig::default().validate().is_ok());
+    }
+}

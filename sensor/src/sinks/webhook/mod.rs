@@ -1,0 +1,43 @@
+//! Generic webhook: one JSON POST per alert event, the body being the record (`id`, `seq`,
+//! `event`, `alert`), with `X-Sensor-Event-Id` and, when a secret is configured,
+//! `X-Sensor-Signature: sha256=<hex HMAC-SHA256 of the body keyed with the secret>`.
+//!
+//! - [`config`]: `type = "webhook"` and its validation.
+//! - [`sink`]: the signed request, and how answers are taken.
+
+pub mod config;
+pub mod sink;
+
+pub use config::WebhookConfig;
+
+use sink::WebhookSink;
+
+use crate::sinks::{
+    configure::{Configure, Invalid},
+    error::SinkError,
+    running::{Context, Running, alerts},
+};
+
+impl Configure for WebhookConfig {
+    fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        WebhookConfig::validate(self)
+    }
+
+    fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
+        let delivery = self.delivery();
+        let spool = delivery.spool(ctx)?;
+        let sink = WebhookSink::new(self, delivery.timeout())?;
+        Ok(Running::spawn(
+            ctx,
+            sink,
+            spool,
+            delivery.retry_max(),
+            false,
+            alerts,
+        ))
+    }
+}
