@@ -31,6 +31,7 @@ pub fn detect_settings(d: &config::Detect, host: String) -> anyhow::Result<detec
         suppress_ms: d.suppress_secs * 1000,
         baseline_min_minutes: d.baseline_min_minutes,
         host,
+        signals: d.signals.clone(),
     })
 }
 

@@ -116,6 +116,10 @@ pub struct AlertsArgs {
     /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Under each alert, its score's signals with their points, and a ring's members, what
+    /// they share and their combined volume.
+    #[arg(long)]
+    pub explain: bool,
     /// The agent's local API socket.
     #[arg(long, value_name = "PATH", default_value = "/run/sensor/sensor.sock")]
     pub socket: PathBuf,

@@ -65,6 +65,8 @@ pub struct Detect {
     pub alerts_file: PathBuf,
     pub baseline_min_minutes: u64,
     pub time_scale: u64,
+    /// `[detect.signals]`: the score's and the ring rule's scales, learning mode.
+    pub signals: crate::detect::SignalConfig,
     pub rules: Vec<crate::detect::RuleConfig>,
 }
 
@@ -79,6 +81,7 @@ impl Default for Detect {
             alerts_file: PathBuf::new(),
             baseline_min_minutes: 30,
             time_scale: 1,
+            signals: crate::detect::SignalConfig::default(),
             rules: default_rules(),
         }
     }
@@ -94,6 +97,7 @@ impl Detect {
         if d.time_scale == 0 || d.time_scale > 1000 {
             return Err(("time_scale", "must be 1..=1000".into()));
         }
+        d.signals.validate()?;
         for a in &d.allow_addresses {
             if let Err(e) = a.parse::<sensor_http::Cidr>() {
                 return Err(("allow_addresses", e.to_string()));

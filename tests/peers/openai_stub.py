@@ -76,6 +76,17 @@ class Handler(BaseHTTPRequestHandler):
                     "events": self.events,
                 }) + "\n")
 
+    def do_GET(self):
+        # Load-balancer health checks and model listings: a tiny reply.
+        self.key = None
+        body = b'{"status":"ok"}' if self.path.startswith("/health") else b'{"object":"list","data":[]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
     def do_POST(self):
         auth = self.headers.get("Authorization", "")
         self.key = auth[7:] if auth.lower().startswith("bearer ") else None

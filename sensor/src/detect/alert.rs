@@ -231,6 +231,56 @@ impl From<BTreeMap<String, f64>> for Evidence {
     }
 }
 
+/// One signal's contribution to a score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Part {
+    pub signal: String,
+    /// The signal's value (tokens/minute, a share, a ratio, a count: see `why`).
+    pub value: f64,
+    pub points: f64,
+    /// The value in words.
+    pub why: String,
+}
+
+/// A ring: keys that behave alike and share infrastructure or timing, alerted together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RingInfo {
+    /// Member keys' kind (identity or address) and the keys, heaviest first (at most 100).
+    pub member_kind: String,
+    pub members: Vec<String>,
+    pub member_count: u64,
+    /// What ties the members together: the shared network, a synchronized start, the
+    /// matching request and reply sizes.
+    pub shared: Vec<String>,
+    /// The members together over the last 10 minutes.
+    pub requests_10m: u64,
+    pub bytes_out_10m: u64,
+    pub tokens_per_minute: f64,
+    /// The heaviest member's share of the combined output: small when every member is.
+    pub max_member_share: f64,
+}
+
+/// Why an alert fired beyond its crossed conditions: the key's score with every signal's
+/// points, and for ring alerts the ring.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub score: f64,
+    pub parts: Vec<Part>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring: Option<RingInfo>,
+}
+
+impl Explanation {
+    pub fn scored(parts: Vec<Part>) -> Self {
+        let score = parts.iter().map(|p| p.points).sum::<f64>();
+        Self {
+            score: (score * 100.0).round() / 100.0,
+            parts,
+            ring: None,
+        }
+    }
+}
+
 /// One alert, as `sensor alerts --json`, the JSON lines file and the outputs carry it. Field
 /// names are a public interface.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -261,6 +311,10 @@ pub struct Alert {
     pub technique: Technique,
     /// How many evaluations found the condition still true.
     pub updates: u64,
+    /// The score and its signals (and the ring) when the alert last fired; absent from
+    /// alerts of older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain: Option<Explanation>,
 }
 
 impl Alert {

@@ -8,7 +8,10 @@
 
 mod alert;
 mod baseline;
+mod ring;
 mod rule;
+mod score;
+mod signals;
 mod state;
 
 use std::{
@@ -19,11 +22,12 @@ use std::{
 use sensor_http::Cidr;
 
 pub use alert::{
-    Alert, AlertEvent, AlertState, Crossed, EventKind, Evidence, Mode, TECHNIQUE_ID,
+    Alert, AlertEvent, AlertState, Crossed, EventKind, Evidence, Explanation, Mode, TECHNIQUE_ID,
     TECHNIQUE_NAME, Technique, event_id,
 };
 pub use baseline::BaselineView;
 pub use rule::{Rule, RuleConfig, SEVERITIES};
+pub use signals::SignalConfig;
 pub use state::{DetectCounters, DetectorState};
 
 use crate::model::{
@@ -31,7 +35,12 @@ use crate::model::{
     keys::By,
 };
 use rule::Inputs;
+use signals::IdentitiesBehind;
 use state::rfc3339;
+
+/// The ring rule's id and name (built in; `[detect.signals] rings` turns it off).
+pub const RING_RULE_ID: &str = "extraction-ring";
+const RING_RULE_NAME: &str = "Ring of keys extracting together";
 
 /// Detection settings (from `[detect]`).
 #[derive(Debug, Clone)]
@@ -43,6 +52,8 @@ pub struct Settings {
     pub suppress_ms: u64,
     pub baseline_min_minutes: u64,
     pub host: String,
+    /// `[detect.signals]`: score and ring scales, rings on or off, learning mode.
+    pub signals: SignalConfig,
 }
 
 impl Settings {
@@ -143,33 +154,51 @@ impl Candidate<'_> {
             .collect()
     }
 
-    fn new_alert(
-        &self,
-        host: &str,
-        baseline: &BaselineView,
-        crossed: Vec<Crossed>,
-        now: Now,
-    ) -> Alert {
-        let rule = self.rule;
-        let id = format!(
-            "{}:{}:{}:{}",
-            rule.id,
-            self.by.name(),
+    fn explain(&self, inputs: &Inputs) -> Explanation {
+        score::score(
+            self.stats,
+            self.by,
             self.key,
-            rule.window_start(now)
-        );
+            inputs.behind,
+            inputs.signals,
+            inputs.now,
+        )
+    }
+}
+
+/// What a new alert is made of, besides the time and the detector's settings.
+struct Draft<'a> {
+    rule_id: &'a str,
+    rule_name: &'a str,
+    key_kind: &'a str,
+    key: &'a str,
+    severity: &'a str,
+    mode: Mode,
+    /// The shortest window of the conditions ("total" for none) and its start.
+    window: &'a str,
+    window_start: u64,
+    evidence: Evidence,
+    crossed: Vec<Crossed>,
+    explain: Explanation,
+}
+
+impl Draft<'_> {
+    fn alert(self, host: &str, baseline: &BaselineView, now: Now) -> Alert {
         Alert {
-            id,
-            rule_id: rule.id.clone(),
-            rule_name: rule.name.clone(),
-            key_kind: self.by.name().into(),
+            id: format!(
+                "{}:{}:{}:{}",
+                self.rule_id, self.key_kind, self.key, self.window_start
+            ),
+            rule_id: self.rule_id.to_owned(),
+            rule_name: self.rule_name.to_owned(),
+            key_kind: self.key_kind.to_owned(),
             key: self.key.to_owned(),
-            severity: rule.severity.clone(),
-            mode: rule.mode,
+            severity: self.severity.to_owned(),
+            mode: self.mode,
             state: AlertState::Open,
-            window: rule.shortest_window().map_or("total", Window::name).into(),
-            evidence: Evidence::of(self.stats, now),
-            conditions: crossed,
+            window: self.window.to_owned(),
+            evidence: self.evidence,
+            conditions: self.crossed,
             baseline: (baseline.history_minutes > 0).then(|| baseline.clone()),
             first_seen: rfc3339(now.unix_ms),
             last_seen: rfc3339(now.unix_ms),
@@ -183,6 +212,7 @@ impl Candidate<'_> {
                 name: TECHNIQUE_NAME.into(),
             },
             updates: 0,
+            explain: Some(self.explain),
         }
     }
 }
@@ -209,6 +239,7 @@ impl Detector {
                 suppress_ms: 0,
                 baseline_min_minutes: 30,
                 host: "test".into(),
+                signals: SignalConfig::default(),
             },
             DetectorState::default(),
         )
@@ -223,15 +254,15 @@ impl Detector {
         self.state.baseline.update(agg, now);
         self.state.counters.evaluations += 1;
         let active = ActiveAddresses::count(agg, now);
+        let behind = IdentitiesBehind::count(agg, now);
+        let Self { settings, state } = self;
         let inputs = Inputs {
             now,
             active: &active,
-            baseline_p99: self
-                .state
-                .baseline
-                .requests_p99(self.settings.baseline_min_minutes),
+            baseline_p99: state.baseline.requests_p99(settings.baseline_min_minutes),
+            behind: &behind,
+            signals: &settings.signals,
         };
-        let Self { settings, state } = self;
         let mut events = Vec::new();
         // Slots whose conditions hold in this evaluation.
         let mut held = HashSet::new();
@@ -252,6 +283,15 @@ impl Detector {
                     held.insert(slot.clone());
                     events.extend(matched(state, settings, slot, &cand, &inputs, agg));
                 }
+            }
+        }
+        if settings.signals.rings {
+            let allowed = |by: By, key: &str| settings.allowed(by, key, agg);
+            let started = state.started_ms(now);
+            for r in ring::find(agg, &behind, &allowed, &settings.signals, started, now) {
+                let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
+                held.insert(slot.clone());
+                events.extend(ring_matched(state, settings, slot, r, now));
             }
         }
         events.extend(state.settle(&held, settings.resolve_after_ms, settings.suppress_ms, now));
@@ -294,13 +334,82 @@ fn matched(
         return None;
     }
     let crossed = cand.crossed(inputs);
+    let explain = cand.explain(inputs);
     if let Some(id) = state.open_id(&slot).cloned() {
-        return state.update(&id, Evidence::of(cand.stats, now), crossed, now);
+        return state.update(
+            &id,
+            Evidence::of(cand.stats, now),
+            crossed,
+            Some(explain),
+            now,
+        );
     }
     if state.suppressed(&slot, now) {
         return None;
     }
-    let alert = cand.new_alert(&settings.host, &state.baseline.view, crossed, now);
+    let rule = cand.rule;
+    let draft = Draft {
+        rule_id: &rule.id,
+        rule_name: &rule.name,
+        key_kind: cand.by.name(),
+        key: cand.key,
+        severity: &rule.severity,
+        mode: learning_mode(state, settings, rule.mode),
+        window: rule.shortest_window().map_or("total", Window::name),
+        window_start: rule.window_start(now),
+        evidence: Evidence::of(cand.stats, now),
+        crossed,
+        explain,
+    };
+    let alert = draft.alert(&settings.host, &state.baseline.view, now);
+    Some(state.open(slot, alert))
+}
+
+/// In learning mode, matches before the baseline exists are only recorded.
+fn learning_mode(state: &DetectorState, settings: &Settings, mode: Mode) -> Mode {
+    let learned = state.baseline.view.history_minutes >= settings.baseline_min_minutes;
+    if settings.signals.learning && !learned {
+        Mode::Log
+    } else {
+        mode
+    }
+}
+
+/// A ring found: updates its open alert, or opens one (unless suppressed or allow-listed:
+/// allow-listed members never join a ring).
+fn ring_matched(
+    state: &mut DetectorState,
+    settings: &Settings,
+    slot: String,
+    r: ring::Ring,
+    now: Now,
+) -> Option<AlertEvent> {
+    state.holding_since(&slot, now);
+    let explain = Explanation {
+        score: 0.0,
+        parts: Vec::new(),
+        ring: Some(r.info),
+    };
+    if let Some(id) = state.open_id(&slot).cloned() {
+        return state.update(&id, r.evidence, r.crossed, Some(explain), now);
+    }
+    if state.suppressed(&slot, now) {
+        return None;
+    }
+    let draft = Draft {
+        rule_id: RING_RULE_ID,
+        rule_name: RING_RULE_NAME,
+        key_kind: "ring",
+        key: &r.key,
+        severity: "high",
+        mode: learning_mode(state, settings, Mode::Alert),
+        window: "10m",
+        window_start: now.unix_ms / 600_000 * 600,
+        evidence: r.evidence,
+        crossed: r.crossed,
+        explain,
+    };
+    let alert = draft.alert(&settings.host, &state.baseline.view, now);
     Some(state.open(slot, alert))
 }
 
@@ -475,6 +584,155 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
         let bad =
             toml::from_str::<RuleConfig>(&FLOOD.replace("\"address\"", "\"asn\"")).expect("toml");
         assert_eq!(Rule::from_config(&bad).unwrap_err().key, "keys");
+    }
+
+    #[test]
+    fn update_events_go_out_once_a_minute_whatever_the_interval() {
+        for interval in [1, 2, 5] {
+            let mut d = detector(vec![rule(FLOOD)]);
+            let mut agg = Aggregator::new(100, 24, 56);
+            let mut updates = 0;
+            for s in (0..=200).step_by(interval) {
+                requests(&mut agg, "10.0.0.1", 10 * interval as u64, at(s as u64));
+                updates += d
+                    .evaluate(&agg, at(s as u64))
+                    .iter()
+                    .filter(|e| e.event == EventKind::Update)
+                    .count();
+            }
+            // Open at ~20 s (the 1m window passes 100), then one update a minute.
+            assert_eq!(updates, 3, "interval {interval}");
+        }
+    }
+
+    /// `n` identities from `ip(i)`, each first seen at `start(i)` and making `per_min`
+    /// requests of `reply` bytes every `step` seconds until `until` (seconds).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one test population's parameters"
+    )]
+    fn keys(
+        agg: &mut Aggregator,
+        n: u64,
+        ip: impl Fn(u64) -> String,
+        start: impl Fn(u64) -> u64,
+        per_min: u64,
+        reply: u64,
+        step: u64,
+        until: u64,
+    ) {
+        for i in 0..n {
+            let addr: IpAddr = ip(i).parse().expect("ip");
+            let keys = ExchangeKeys {
+                identity: Some(format!("k-{}", ip(i))),
+                forwarded: None,
+            };
+            let mut t = start(i);
+            while t < until {
+                let d = Delta {
+                    counts: Counts {
+                        requests: per_min,
+                        bytes_in: per_min * 800,
+                        bytes_out: per_min * reply,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                agg.apply(addr, &d, at(t));
+                agg.apply_exchange(&keys, &d, at(t));
+                agg.request_keys(addr, &keys, t * 1_000_000_000, at(t));
+                t += step;
+            }
+        }
+    }
+
+    #[test]
+    fn a_ring_of_small_keys_started_together_alerts_and_explains_itself() {
+        let mut d = detector(Vec::new());
+        let mut agg = Aggregator::new(1000, 24, 56);
+        d.evaluate(&agg, at(0));
+        // 12 accounts over three /24s, started within a minute at 10 min, 2 requests a minute
+        // of ~600 tokens each: far below any per-key rule, ~14000 tokens/min together.
+        keys(
+            &mut agg,
+            12,
+            |i| format!("10.{}.0.{}", i % 3, i + 1),
+            |i| 600 + i * 5,
+            2,
+            3000,
+            60,
+            2000,
+        );
+        // People behind one network with the same shape, but starting minutes apart and
+        // pausing every other minute: no ring.
+        keys(
+            &mut agg,
+            12,
+            |i| format!("10.9.0.{}", i + 1),
+            |i| 800 + i * 200,
+            2,
+            3000,
+            120,
+            2000,
+        );
+        let ev = d.evaluate(&agg, at(2000));
+        let rings: Vec<&Alert> = ev
+            .iter()
+            .map(|e| &e.alert)
+            .filter(|a| a.rule_id == RING_RULE_ID)
+            .collect();
+        assert_eq!(rings.len(), 1, "{rings:#?}");
+        let ring = rings[0].explain.as_ref().and_then(|e| e.ring.as_ref());
+        let ring = ring.expect("ring explained");
+        assert_eq!(ring.member_count, 12);
+        assert!(
+            ring.members.iter().all(|m| !m.contains("10.9.")),
+            "{ring:?}"
+        );
+        assert!(ring.max_member_share < 0.2, "{ring:?}");
+        assert!(ring.tokens_per_minute >= 4000.0, "{ring:?}");
+        assert_eq!(rings[0].key_kind, "ring");
+        assert!(rings[0].key.starts_with("sync:"), "{}", rings[0].key);
+    }
+
+    #[test]
+    fn two_farms_started_together_with_different_shapes_are_two_rings() {
+        let mut d = detector(Vec::new());
+        let mut agg = Aggregator::new(1000, 24, 56);
+        d.evaluate(&agg, at(0));
+        let farm = |agg: &mut Aggregator, net: u64, reply: u64| {
+            keys(
+                agg,
+                8,
+                move |i| format!("10.{net}.{}.{}", i % 2, i + 1),
+                |i| 600 + i * 3,
+                2,
+                reply,
+                60,
+                2000,
+            )
+        };
+        farm(&mut agg, 20, 3000);
+        farm(&mut agg, 30, 9000);
+        let ev = d.evaluate(&agg, at(2000));
+        let mut counts: Vec<u64> = ev
+            .iter()
+            .filter_map(|e| e.alert.explain.as_ref()?.ring.as_ref())
+            .map(|r| r.member_count)
+            .collect();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![8, 8]);
+    }
+
+    #[test]
+    fn learning_mode_only_logs_until_the_baseline_exists() {
+        let mut d = detector(vec![rule(FLOOD)]);
+        d.settings.signals.learning = true;
+        let mut agg = Aggregator::new(100, 24, 56);
+        requests(&mut agg, "10.0.0.1", 500, at(0));
+        let ev = d.evaluate(&agg, at(1));
+        assert_eq!(ev[0].alert.mode, Mode::Log);
+        assert!(ev[0].alert.explain.is_some());
     }
 
     #[test]

@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::alert::Mode;
+use super::{
+    alert::Mode,
+    signals::{self, minutes},
+};
 use crate::model::{
     aggregate::{ClientStats, Counts, Now, Window},
     keys::By,
@@ -63,10 +66,17 @@ pub enum Metric {
     DistinctAddresses,
     ActiveAddresses,
     BaselineRatio,
+    ActiveMinutes,
+    ReplyBytes,
+    RequestBytes,
+    PromptGrowth,
+    OutputTokens,
+    Identities,
+    Score,
 }
 
 impl Metric {
-    const ALL: [(&'static str, Metric); 12] = [
+    const ALL: [(&'static str, Metric); 19] = [
         ("requests", Metric::Requests),
         ("bytes_in", Metric::BytesIn),
         ("bytes_out", Metric::BytesOut),
@@ -79,6 +89,13 @@ impl Metric {
         ("distinct_addresses", Metric::DistinctAddresses),
         ("active_addresses", Metric::ActiveAddresses),
         ("baseline_ratio", Metric::BaselineRatio),
+        ("active_minutes", Metric::ActiveMinutes),
+        ("reply_bytes", Metric::ReplyBytes),
+        ("request_bytes", Metric::RequestBytes),
+        ("prompt_growth", Metric::PromptGrowth),
+        ("output_tokens", Metric::OutputTokens),
+        ("identities", Metric::Identities),
+        ("score", Metric::Score),
     ];
 
     fn parse(s: &str) -> Option<Self> {
@@ -277,6 +294,9 @@ pub struct Inputs<'a> {
     /// The population's 99th percentile of requests per minute, once enough history is
     /// learned (`None` before: baseline conditions never hold).
     pub baseline_p99: Option<f64>,
+    /// Identities seen from each address in the last hour.
+    pub behind: &'a super::signals::IdentitiesBehind,
+    pub signals: &'a super::signals::SignalConfig,
 }
 
 impl Inputs<'_> {
@@ -298,8 +318,29 @@ impl Inputs<'_> {
                 let t = counts(w);
                 ratio(t.bytes_out, t.bytes_in)
             }
-            Metric::IntervalCv => c.gaps.cv().unwrap_or(f64::INFINITY),
-            Metric::DistinctAddresses => c.seen_from.len() as f64,
+            // Windowed: the last ~10 minutes (1m, 10m) or ~hour; without a window, every
+            // gap since first seen, as before (kept for configs that say so).
+            Metric::IntervalCv => match w {
+                Some(w) => c.gaps.cv_recent(w, self.now.unix_ms),
+                None => c.gaps.cv(),
+            }
+            .unwrap_or(f64::INFINITY),
+            Metric::DistinctAddresses => match w {
+                Some(w) => c.distinct_sources(self.now.secs(), minutes(w) * 60) as f64,
+                None => c.seen_from.len() as f64,
+            },
+            Metric::ActiveMinutes => c
+                .windows
+                .active_minutes(self.now.secs(), minutes(w.unwrap_or(Window::TenMinutes)))
+                as f64,
+            Metric::ReplyBytes => signals::reply_bytes(&counts(w)),
+            Metric::RequestBytes => signals::request_bytes(&counts(w)),
+            Metric::PromptGrowth => signals::prompt_growth(c, self.now),
+            Metric::OutputTokens => signals::est_tokens(&counts(w)),
+            Metric::Identities => f64::from(self.behind.of(by, key)),
+            Metric::Score => {
+                super::score::score(c, by, key, self.behind, self.signals, self.now).score
+            }
             Metric::ActiveAddresses => match by {
                 By::Group => self.active.in_window(w.unwrap_or(Window::TenMinutes), key) as f64,
                 _ => 1.0,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    alert::{Alert, AlertEvent, AlertState, Crossed, EventKind, Evidence, Mode},
+    alert::{Alert, AlertEvent, AlertState, Crossed, EventKind, Evidence, Explanation, Mode},
     baseline::Baseline,
 };
 use crate::model::aggregate::Now;
@@ -14,9 +14,10 @@ use crate::model::aggregate::Now;
 /// Resolved alerts kept for display (every open one is kept).
 const RESOLVED_KEPT: usize = 1000;
 
-/// An open alert sends at most one update event per this many evaluations (a minute at the
-/// default 5-second interval).
-const UPDATE_EVERY: u64 = 12;
+/// An open alert sends at most one update event per this long (agent clock): a count of
+/// evaluations would tie the cadence to `interval_secs` (12 evaluations were a minute at
+/// 5 s, but 24 s at the default 2 s).
+const UPDATE_EVERY_MS: u64 = 60_000;
 
 /// Alert lifecycle state, saved with the agent's snapshot.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -29,6 +30,13 @@ pub struct DetectorState {
     open: HashMap<String, String>,
     /// (rule, kind, key) -> no new alert before this time (unix ms).
     suppressed_until: HashMap<String, u64>,
+    /// When this detector first evaluated (unix ms, agent clock): rings do not judge keys
+    /// by a start that is only the detector's own.
+    #[serde(default)]
+    started_ms: u64,
+    /// Alert id -> when its last open or update event went out (unix ms).
+    #[serde(default)]
+    event_sent_ms: HashMap<String, u64>,
     pub(super) baseline: Baseline,
     pub counters: DetectCounters,
 }
@@ -63,18 +71,27 @@ impl DetectorState {
         }
     }
 
+    /// When the detector started (set by the first call).
+    pub(super) fn started_ms(&mut self, now: Now) -> u64 {
+        if self.started_ms == 0 {
+            self.started_ms = now.unix_ms;
+        }
+        self.started_ms
+    }
+
     /// The id of the open alert of `slot`, if any.
     pub(super) fn open_id(&self, slot: &str) -> Option<&String> {
         self.open.get(slot)
     }
 
     /// The conditions of an open alert still hold: counts the update, refreshes its evidence,
-    /// and returns an update event once per `UPDATE_EVERY`.
+    /// and returns an update event at most once per `UPDATE_EVERY_MS`.
     pub(super) fn update(
         &mut self,
         id: &str,
         evidence: Evidence,
         conditions: Vec<Crossed>,
+        explain: Option<Explanation>,
         now: Now,
     ) -> Option<AlertEvent> {
         let a = self.alerts.get_mut(id)?;
@@ -83,7 +100,17 @@ impl DetectorState {
         a.last_seen = rfc3339(now.unix_ms);
         a.evidence = evidence;
         a.conditions = conditions;
-        (a.updates % UPDATE_EVERY == 0).then(|| AlertEvent {
+        a.explain = explain;
+        // An alert restored without a record (an older snapshot) counts from its opening.
+        let sent = self
+            .event_sent_ms
+            .entry(id.to_owned())
+            .or_insert(a.first_seen_ms);
+        if now.unix_ms.saturating_sub(*sent) < UPDATE_EVERY_MS {
+            return None;
+        }
+        *sent = now.unix_ms;
+        Some(AlertEvent {
             event: EventKind::Update,
             alert: a.clone(),
         })
@@ -107,6 +134,8 @@ impl DetectorState {
             Mode::Alert => self.counters.opened += 1,
         }
         self.open.insert(slot, alert.id.clone());
+        self.event_sent_ms
+            .insert(alert.id.clone(), alert.first_seen_ms);
         self.alerts.insert(alert.id.clone(), alert.clone());
         AlertEvent {
             event: EventKind::Open,
@@ -160,7 +189,9 @@ impl DetectorState {
             }
         }
         for slot in resolved {
-            self.open.remove(&slot);
+            if let Some(id) = self.open.remove(&slot) {
+                self.event_sent_ms.remove(&id);
+            }
             self.suppressed_until
                 .insert(slot, now.unix_ms + suppress_ms);
             self.counters.resolved += 1;

@@ -8,7 +8,7 @@
 //! for extraction, are therefore exact.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     ops::AddAssign,
     sync::atomic::{AtomicU64, Ordering},
@@ -200,6 +200,16 @@ impl Windows {
             .map_or_else(Counts::default, |b| b.counts)
     }
 
+    /// Minutes of the last `span` (the current one included) in which the client made a
+    /// request: how sustained its activity is. People pause; harvesting scripts do not.
+    pub fn active_minutes(&self, now_s: u64, span: u64) -> u64 {
+        let epoch = now_s / 60;
+        self.minutes
+            .iter()
+            .filter(|b| b.epoch <= epoch && b.epoch + span > epoch && b.counts.requests > 0)
+            .count() as u64
+    }
+
     pub fn get(&self, now_s: u64, w: Window) -> Counts {
         match w {
             Window::OneMinute => sum_recent(&self.tens, now_s / 10, TEN_SECONDS as u64),
@@ -209,7 +219,58 @@ impl Windows {
     }
 }
 
-/// Running mean and variance of the gaps between consecutive requests (Welford).
+/// Exponentially decayed moments of the gaps between requests: the regularity of roughly
+/// the last time constant, which forgets. A running CV over every gap since first seen
+/// (`Gaps::cv`) never forgets: one busy hour and a week of health checks blend, and a bot
+/// that was regular yesterday stays "regular" while it jitters today.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Decayed {
+    /// Decayed count of gaps, sum of gaps and sum of squared gaps (seconds of the kernel's
+    /// clock: the CV is a ratio, so the agent's sped-up evaluation clock does not matter).
+    w: f64,
+    s1: f64,
+    s2: f64,
+    /// When the sums were last decayed (unix ms of the agent's clock).
+    at_ms: u64,
+}
+
+/// Gaps weighing less than this (about this many within the time constant) have no CV yet.
+const DECAYED_MIN_WEIGHT: f64 = 5.0;
+
+impl Decayed {
+    fn factor(&self, now_ms: u64, tau_ms: f64) -> f64 {
+        (-(now_ms.saturating_sub(self.at_ms) as f64) / tau_ms).exp()
+    }
+
+    fn add(&mut self, gap_s: f64, now_ms: u64, tau_ms: f64) {
+        let f = self.factor(now_ms, tau_ms);
+        self.w = self.w * f + 1.0;
+        self.s1 = self.s1 * f + gap_s;
+        self.s2 = self.s2 * f + gap_s * gap_s;
+        self.at_ms = self.at_ms.max(now_ms);
+    }
+
+    /// CV of the recent gaps, if enough of them are recent at `now_ms`.
+    fn cv(&self, now_ms: u64, tau_ms: f64) -> Option<f64> {
+        if self.w * self.factor(now_ms, tau_ms) < DECAYED_MIN_WEIGHT || self.s1 <= 0.0 {
+            return None;
+        }
+        let mean = self.s1 / self.w;
+        // Unbiased for the effective count; never negative from rounding.
+        let var = ((self.s2 / self.w - mean * mean) * self.w / (self.w - 1.0)).max(0.0);
+        Some(var.sqrt() / mean)
+    }
+
+    fn mean_s(&self) -> Option<f64> {
+        (self.w > 0.0).then(|| self.s1 / self.w)
+    }
+}
+
+/// Time constants of `Gaps::recent`: about 10 minutes and about an hour.
+const RECENT_TAU_MS: [f64; 2] = [600_000.0, 3_600_000.0];
+
+/// Running mean and variance of the gaps between consecutive requests (Welford), and the
+/// same over the last ~10 minutes and ~hour (decayed).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Gaps {
     pub n: u64,
@@ -217,18 +278,45 @@ pub struct Gaps {
     m2: f64,
     /// CLOCK_BOOTTIME of the latest request; 0 when unknown (e.g. after a reboot).
     pub last_request_ns: u64,
+    /// Decayed over ~10 minutes and ~1 hour (`RECENT_TAU_MS`).
+    #[serde(default)]
+    pub recent: [Decayed; 2],
 }
 
 impl Gaps {
     pub fn request(&mut self, ts_ns: u64) {
+        self.request_at(ts_ns, None);
+    }
+
+    /// A request at kernel time `ts_ns`, observed at the agent's `now_ms` (which decays the
+    /// recent moments; `None` keeps only the running ones).
+    pub fn request_at(&mut self, ts_ns: u64, now_ms: Option<u64>) {
         if self.last_request_ns != 0 && ts_ns >= self.last_request_ns {
             let gap = (ts_ns - self.last_request_ns) as f64;
             self.n += 1;
             let d = gap - self.mean_ns;
             self.mean_ns += d / self.n as f64;
             self.m2 += d * (gap - self.mean_ns);
+            if let Some(now_ms) = now_ms {
+                for (r, tau) in self.recent.iter_mut().zip(RECENT_TAU_MS) {
+                    r.add(gap / 1e9, now_ms, tau);
+                }
+            }
         }
         self.last_request_ns = self.last_request_ns.max(ts_ns);
+    }
+
+    /// CV of the gaps of about the last 10 minutes (`Window::TenMinutes`, and for 1m) or
+    /// hour; None until enough recent gaps.
+    pub fn cv_recent(&self, w: Window, now_ms: u64) -> Option<f64> {
+        let i = usize::from(w == Window::OneHour);
+        self.recent[i].cv(now_ms, RECENT_TAU_MS[i])
+    }
+
+    /// Mean recent gap (ms), same windows as `cv_recent`.
+    pub fn mean_recent_ms(&self, w: Window) -> Option<f64> {
+        let i = usize::from(w == Window::OneHour);
+        self.recent[i].mean_s().map(|s| s * 1000.0)
     }
 
     /// Coefficient of variation (stddev / mean) of the gaps; None before two gaps.
@@ -267,18 +355,40 @@ pub struct ClientStats {
     pub seen_from: BTreeSet<IpAddr>,
     #[serde(default)]
     pub seen_from_more: bool,
+    /// When (unix seconds, the agent's clock) each source address was last seen, for
+    /// distinct sources over a window: `seen_from` never forgets, so a key shared by a
+    /// roaming user for a month would look like a rotation ring. Bounded like `seen_from`;
+    /// entries older than an hour go first.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_seen_s: BTreeMap<IpAddr, u64>,
 }
 
 /// Distinct source addresses remembered per identity.
 pub const MAX_SEEN_FROM: usize = 1024;
 
 impl ClientStats {
-    fn note_source(&mut self, ip: IpAddr) {
+    fn note_source(&mut self, ip: IpAddr, now: Now) {
         if self.seen_from.len() < MAX_SEEN_FROM {
             self.seen_from.insert(ip);
         } else if !self.seen_from.contains(&ip) {
             self.seen_from_more = true;
         }
+        let now_s = now.secs();
+        if self.source_seen_s.len() >= MAX_SEEN_FROM && !self.source_seen_s.contains_key(&ip) {
+            self.source_seen_s
+                .retain(|_, t| t.saturating_add(3600) > now_s);
+        }
+        if self.source_seen_s.len() < MAX_SEEN_FROM || self.source_seen_s.contains_key(&ip) {
+            self.source_seen_s.insert(ip, now_s);
+        }
+    }
+
+    /// Distinct source addresses seen in the last `span_s` seconds.
+    pub fn distinct_sources(&self, now_s: u64, span_s: u64) -> usize {
+        self.source_seen_s
+            .values()
+            .filter(|t| t.saturating_add(span_s) > now_s)
+            .count()
     }
 
     /// Eviction order: idle before active, then light before heavy.
@@ -446,7 +556,9 @@ impl ClientTable {
     }
 
     pub fn request(&mut self, key: &str, ts_ns: u64, now: Now) {
-        self.entry(key, now).gaps.request(ts_ns);
+        self.entry(key, now)
+            .gaps
+            .request_at(ts_ns, Some(now.unix_ms));
         self.bound();
     }
 
@@ -477,7 +589,7 @@ impl ClientTable {
             c.last_forwarded = forwarded;
         }
         if let Some(ip) = source {
-            c.note_source(ip);
+            c.note_source(ip, now);
         }
     }
 

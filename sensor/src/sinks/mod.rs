@@ -114,6 +114,7 @@ pub mod tests {
                 name: "Extract AI Model".into(),
             },
             updates: 0,
+            explain: None,
         }
     }
 

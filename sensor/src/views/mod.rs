@@ -297,6 +297,33 @@ pub fn alerts(args: &AlertsArgs) -> anyhow::Result<()> {
             a.updates,
             evidence.join(", ")
         )?;
+        if args.explain
+            && let Some(e) = &a.explain
+        {
+            explain(&mut out, e)?;
+        }
     }
     print_out(&out)
+}
+
+/// The `--explain` lines under an alert.
+fn explain(out: &mut String, e: &crate::detect::Explanation) -> std::fmt::Result {
+    if let Some(r) = &e.ring {
+        writeln!(
+            out,
+            "    ring of {} {} keys, {:.0} est. output tokens/min together, heaviest member {:.0}%",
+            r.member_count,
+            r.member_kind,
+            r.tokens_per_minute,
+            r.max_member_share * 100.0
+        )?;
+        writeln!(out, "    shared: {}", r.shared.join("; "))?;
+        writeln!(out, "    members: {}", r.members.join(" "))?;
+        return Ok(());
+    }
+    writeln!(out, "    score {:.2}:", e.score)?;
+    for p in &e.parts {
+        writeln!(out, "      {:<14} {:>+5.2}  {}", p.signal, p.points, p.why)?;
+    }
+    Ok(())
 }
