@@ -331,8 +331,10 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                 if !valid_text(&alert.id, 512)
                     || !valid_text(&alert.rule_id, 128)
                     || !valid_text(&alert.key, MAX_KEY_LEN)
-                    || crate::model::keys::By::parse(&alert.key_kind).is_none()
+                    || !(crate::model::keys::By::parse(&alert.key_kind).is_some()
+                        || alert.key_kind == "ring")
                     || alert.conditions.len() > 64
+                    || !explain_in_bounds(alert.explain.as_ref())
                 {
                     return bad(format!(
                         "{}: id, rule_id, key_kind or key out of bounds",
@@ -355,7 +357,8 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     && alert
                         .conditions
                         .iter()
-                        .all(|c| c.value.is_finite() && c.threshold.is_finite());
+                        .all(|c| c.value.is_finite() && c.threshold.is_finite())
+                    && alert.explain.as_ref().is_none_or(explain_finite);
                 if !finite {
                     return implausible(format!("{}: numbers must be finite", at("alert")));
                 }
@@ -444,6 +447,33 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
     Ok(())
 }
 
+/// Most signals a score explains, members a ring lists, and ties it names: what an agent's
+/// detection produces, with room to spare.
+const MAX_EXPLAIN_PARTS: usize = 32;
+const MAX_RING_MEMBERS: usize = 100;
+const MAX_RING_SHARED: usize = 16;
+
+fn explain_in_bounds(e: Option<&crate::detect::Explanation>) -> bool {
+    let Some(e) = e else { return true };
+    e.parts.len() <= MAX_EXPLAIN_PARTS
+        && e.ring.as_ref().is_none_or(|r| {
+            r.members.len() <= MAX_RING_MEMBERS
+                && r.shared.len() <= MAX_RING_SHARED
+                && r.members.iter().all(|m| valid_text(m, MAX_KEY_LEN))
+                && r.member_count >= r.members.len() as u64
+        })
+}
+
+fn explain_finite(e: &crate::detect::Explanation) -> bool {
+    e.score.is_finite()
+        && e.parts
+            .iter()
+            .all(|p| p.value.is_finite() && p.points.is_finite())
+        && e.ring
+            .as_ref()
+            .is_none_or(|r| r.tokens_per_minute.is_finite() && r.max_member_share.is_finite())
+}
+
 // --- sanitising ----------------------------------------------------------------------------
 
 /// Longest free text kept from an agent's alert (rule names, technique names ...).
@@ -503,6 +533,18 @@ pub fn sanitize(b: &mut Batch, agent: &str) {
             c.metric = clean_text(&c.metric, 64);
             c.op = clean_text(&c.op, 8);
             c.window = c.window.as_deref().map(|w| clean_text(w, 16));
+        }
+        if let Some(e) = &mut a.explain {
+            for p in &mut e.parts {
+                p.signal = clean_text(&p.signal, 64);
+                p.why = clean_text(&p.why, MAX_TEXT_LEN);
+            }
+            if let Some(r) = &mut e.ring {
+                r.member_kind = clean_text(&r.member_kind, 64);
+                for s in &mut r.shared {
+                    *s = clean_text(s, MAX_TEXT_LEN);
+                }
+            }
         }
     }
 }
@@ -621,6 +663,83 @@ mod tests {
         // Unknown fields are refused (strict parsing).
         let json = br#"{"version":1,"agent":"host-a","stream":"ab","records":[],"extra":1}"#;
         assert!(decode(json, None, 1 << 20, "host-a", NOW).is_err());
+    }
+
+    fn alert_mut(b: &mut Batch) -> &mut crate::detect::Alert {
+        match &mut b.records[1].payload {
+            Payload::Alert { alert, .. } => alert,
+            Payload::Summary(_) => unreachable!("record 1 is an alert"),
+        }
+    }
+
+    #[test]
+    fn ring_alerts_and_explanations_pass_bounded_and_cleaned() {
+        use crate::detect::{Explanation, Part, RingInfo};
+        let ring = RingInfo {
+            member_kind: "identity".into(),
+            members: vec!["key-a".into(), "key-b".into()],
+            member_count: 2,
+            shared: vec!["network 10.1.2.0/24\n<13>forged".into()],
+            requests_10m: 10,
+            bytes_out_10m: 1000,
+            tokens_per_minute: 40.0,
+            max_member_share: 0.5,
+        };
+        let mut b = batch();
+        let a = alert_mut(&mut b);
+        a.key_kind = "ring".into();
+        a.key = "ring:key-a".into();
+        a.explain = Some(Explanation {
+            score: 6.0,
+            parts: vec![Part {
+                signal: "output".into(),
+                value: 1.0,
+                points: 6.0,
+                why: "long\u{2028}outputs".into(),
+            }],
+            ring: Some(ring.clone()),
+        });
+        // An agent's ring alert is a valid record (it once made the whole batch a 400).
+        assert_eq!(validate(&b, "host-a", NOW), Ok(()));
+        sanitize(&mut b, "host-a");
+        let e = alert_mut(&mut b).explain.clone().expect("explain kept");
+        assert_eq!(e.parts[0].why, "long outputs");
+        let r = e.ring.expect("ring kept");
+        assert!(!r.shared[0].contains('\n'), "{:?}", r.shared);
+
+        // More members than any agent lists, a count below the list, and NaN are refused.
+        let mut b = batch();
+        alert_mut(&mut b).explain = Some(Explanation {
+            ring: Some(RingInfo {
+                members: vec!["k".into(); MAX_RING_MEMBERS + 1],
+                member_count: u64::MAX,
+                ..ring.clone()
+            }),
+            ..Explanation::default()
+        });
+        assert!(validate(&b, "host-a", NOW).is_err());
+        let mut b = batch();
+        alert_mut(&mut b).explain = Some(Explanation {
+            ring: Some(RingInfo {
+                member_count: 1,
+                ..ring.clone()
+            }),
+            ..Explanation::default()
+        });
+        assert!(validate(&b, "host-a", NOW).is_err());
+        let mut b = batch();
+        alert_mut(&mut b).explain = Some(Explanation {
+            score: f64::NAN,
+            ..Explanation::default()
+        });
+        assert!(matches!(
+            validate(&b, "host-a", NOW),
+            Err(IngestError::Implausible(_))
+        ));
+        // Other key kinds stay refused.
+        let mut b = batch();
+        alert_mut(&mut b).key_kind = "rings".into();
+        assert!(validate(&b, "host-a", NOW).is_err());
     }
 
     fn summary_counts(b: &mut Batch) -> &mut ClientDelta {
