@@ -674,7 +674,7 @@ mod tests {
 
     #[test]
     fn ring_alerts_and_explanations_pass_bounded_and_cleaned() {
-        use crate::detect::{Explanation, Part, RingInfo};
+        use crate::detect::alert::{Explanation, Part, RingInfo};
         let ring = RingInfo {
             member_kind: "identity".into(),
             members: vec!["key-a".into(), "key-b".into()],

@@ -6,7 +6,7 @@
 //! carry them; `state`: the lifecycle, saved with the snapshot; `baseline`: the population's
 //! percentiles. This module evaluates rules over the aggregates and drives the lifecycle.
 
-mod alert;
+pub(crate) mod alert;
 mod baseline;
 mod ring;
 mod rule;
@@ -22,8 +22,8 @@ use std::{
 use sensor_http::Cidr;
 
 pub use alert::{
-    Alert, AlertEvent, AlertState, Crossed, EventKind, Evidence, Explanation, Mode, Part, RingInfo,
-    TECHNIQUE_ID, TECHNIQUE_NAME, Technique, event_id,
+    Alert, AlertEvent, AlertState, Crossed, EventKind, Evidence, Explanation, Mode, TECHNIQUE_ID,
+    TECHNIQUE_NAME, Technique, event_id,
 };
 pub use baseline::BaselineView;
 pub use rule::{Rule, RuleConfig, SEVERITIES};
