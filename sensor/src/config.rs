@@ -381,17 +381,29 @@ impl Default for Connections {
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
+    /// The key at fault as a dotted path from the file's root (`ship.top_clients`,
+    /// `outputs[1].protocol`), when it is known.
     pub key: Option<String>,
     pub message: String,
 }
 
 impl fmt::Display for ConfigError {
+    /// `file:line: section.key: message`, the form editors and `grep -n` use.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}: ", self.file, self.line)?;
         if let Some(key) = &self.key {
-            write!(f, "key `{key}`: ")?;
+            write!(f, "{key}: ")?;
         }
         f.write_str(&self.message)
+    }
+}
+
+/// `table.key`, or `key` at the root.
+fn dotted(table: &str, key: &str) -> String {
+    if table.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{table}.{key}")
     }
 }
 
@@ -406,13 +418,15 @@ pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
             return ConfigError {
                 file: file.to_owned(),
                 line: crate::sinks::locate(text, o.index, &o.key),
-                message: o.to_string(),
-                key: Some(o.key),
+                key: Some(format!("outputs[{}].{}", o.index, o.key)),
+                message: o.message,
             };
         }
         let offset = e.span().map_or(0, |s| s.start);
         let line = line_of(text, offset);
-        let key = key_on_line(text, line).or_else(|| unknown_field(e.message()));
+        let key = path_at(text, offset)
+            .or_else(|| key_on_line(text, line).map(|k| dotted(&table_above(text, line), &k)))
+            .or_else(|| unknown_field(e.message()));
         ConfigError {
             file: file.to_owned(),
             line,
@@ -438,17 +452,25 @@ pub(crate) fn check(
     validated: Result<(), Invalid>,
     outputs: &[crate::sinks::SinkConfig],
 ) -> Result<(), ConfigError> {
-    validated.map_err(|(table, key, message)| ConfigError {
-        file: file.to_owned(),
-        line: find_key_line(text, table, key),
-        key: Some(key.to_owned()),
-        message,
+    validated.map_err(|(table, key, message)| {
+        let offset = find_key(text, table, key);
+        // The full path where the key was found (`detect.rules[0].when[0].metric`).
+        let path = offset
+            .and_then(|o| path_at(text, o))
+            .filter(|p| p.ends_with(key))
+            .unwrap_or_else(|| dotted(table, key));
+        ConfigError {
+            file: file.to_owned(),
+            line: offset.map_or(1, |o| line_of(text, o)),
+            key: Some(path),
+            message,
+        }
     })?;
     crate::sinks::validate(outputs).map_err(|e| ConfigError {
         file: file.to_owned(),
         line: crate::sinks::locate(text, e.index, &e.key),
-        message: e.to_string(),
-        key: Some(e.key),
+        key: Some(format!("outputs[{}].{}", e.index, e.key)),
+        message: e.message,
     })
 }
 
@@ -589,25 +611,86 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
     (!key.is_empty() && !key.starts_with('[') && !key.starts_with('#')).then(|| key.to_owned())
 }
 
+/// The `[table]` or `[[table]]` header last opened before 1-based `line` ("" for the root):
+/// a syntax error leaves no document to take the path from.
+fn table_above(text: &str, line: usize) -> String {
+    text.lines()
+        .take(line.saturating_sub(1))
+        .filter_map(|l| {
+            let l = l.trim();
+            let name = l
+                .strip_prefix("[[")
+                .and_then(|r| r.split_once("]]"))
+                .or_else(|| l.strip_prefix('[').and_then(|r| r.split_once(']')))?
+                .0;
+            Some(name.trim().to_owned())
+        })
+        .last()
+        .unwrap_or_default()
+}
+
 fn unknown_field(message: &str) -> Option<String> {
     let rest = message.split_once("unknown field `")?.1;
     Some(rest.split_once('`')?.0.to_owned())
 }
 
-/// Line where `key` is assigned in `table` (dotted; its sub-tables and inline tables are
-/// searched too, first match), else the table's header (the key kept an invalid default),
-/// else 1. Located by table because one key name can appear in several (`top_clients` is in
-/// `[metrics]` and `[ship]`).
-fn find_key_line(text: &str, table: &str, key: &str) -> usize {
-    // The text has parsed already; a failure here only loses the line.
-    let Ok(doc) = toml_edit::ImDocument::parse(text) else {
-        return 1;
+/// Dotted path of the key whose name or value holds `offset` (`capture.poll_interval_ms`,
+/// `detect.rules[2].threshold`): toml's errors carry a span, not a path.
+fn path_at(text: &str, offset: usize) -> Option<String> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    path_in_table(doc.as_table(), offset, "")
+}
+
+fn path_in_table(table: &dyn toml_edit::TableLike, offset: usize, prefix: &str) -> Option<String> {
+    let holds = |span: Option<std::ops::Range<usize>>| span.is_some_and(|s| s.contains(&offset));
+    table.iter().find_map(|(name, item)| {
+        let path = dotted(prefix, name);
+        if holds(table.get_key_value(name).and_then(|(k, _)| k.span())) {
+            return Some(path);
+        }
+        match item {
+            toml_edit::Item::Value(v) => path_in_value(v, offset, path),
+            toml_edit::Item::Table(t) => {
+                path_in_table(t, offset, &path).or_else(|| holds(t.span()).then_some(path))
+            }
+            toml_edit::Item::ArrayOfTables(a) => a.iter().enumerate().find_map(|(i, t)| {
+                let path = format!("{path}[{i}]");
+                path_in_table(t, offset, &path).or_else(|| holds(t.span()).then_some(path))
+            }),
+            toml_edit::Item::None => None,
+        }
+    })
+}
+
+fn path_in_value(value: &toml_edit::Value, offset: usize, path: String) -> Option<String> {
+    let inner = match value {
+        toml_edit::Value::InlineTable(t) => path_in_table(t, offset, &path),
+        toml_edit::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| path_in_value(v, offset, format!("{path}[{i}]"))),
+        _ => None,
     };
+    inner.or_else(|| {
+        value
+            .span()
+            .is_some_and(|s| s.contains(&offset))
+            .then_some(path)
+    })
+}
+
+/// Offset where `key` is assigned in `table` (dotted; its sub-tables and inline tables are
+/// searched too, first match), else the table's header (the key kept an invalid default),
+/// else none. Located by table because one key name can appear in several (`top_clients` is in
+/// `[metrics]` and `[ship]`).
+fn find_key(text: &str, table: &str, key: &str) -> Option<usize> {
+    // The text has parsed already; a failure here only loses the line.
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
     let mut current: &dyn toml_edit::TableLike = doc.as_table();
     let mut header = None;
     for name in table.split('.').filter(|n| !n.is_empty()) {
         let Some((k, item)) = current.get_key_value(name) else {
-            return header.map_or(1, |h| line_of(text, h));
+            return header;
         };
         header = item
             .as_table()
@@ -616,13 +699,11 @@ fn find_key_line(text: &str, table: &str, key: &str) -> usize {
             .map(|s| s.start)
             .or(header);
         let Some(t) = item.as_table_like() else {
-            return header.map_or(1, |h| line_of(text, h));
+            return header;
         };
         current = t;
     }
-    key_in_table(current, key)
-        .or(header)
-        .map_or(1, |offset| line_of(text, offset))
+    key_in_table(current, key).or(header)
 }
 
 /// Offset of `key` in `table`, else in its sub-tables, arrays of tables and inline tables.
@@ -705,10 +786,10 @@ mod tests {
         let err = Config::parse(text, "/etc/sensor/sensor.toml").unwrap_err();
         assert_eq!(err.file, "/etc/sensor/sensor.toml");
         assert_eq!(err.line, 3);
-        assert_eq!(err.key.as_deref(), Some("poll_interval_ms"));
+        assert_eq!(err.key.as_deref(), Some("capture.poll_interval_ms"));
         assert!(
             err.to_string()
-                .starts_with("/etc/sensor/sensor.toml:3: key `poll_interval_ms`")
+                .starts_with("/etc/sensor/sensor.toml:3: capture.poll_interval_ms: ")
         );
     }
 
@@ -717,7 +798,7 @@ mod tests {
         let text = "[capture]\n\nprots = [8080]\n";
         let err = Config::parse(text, "s.toml").unwrap_err();
         assert_eq!(err.line, 3);
-        assert_eq!(err.key.as_deref(), Some("prots"));
+        assert_eq!(err.key.as_deref(), Some("capture.prots"));
     }
 
     #[test]
@@ -726,10 +807,10 @@ mod tests {
         let err = Config::parse(text, "s.toml").unwrap_err();
         assert_eq!(
             (err.line, err.key.as_deref()),
-            (3, Some("ring_buffer_bytes"))
+            (3, Some("capture.ring_buffer_bytes"))
         );
         let err = Config::parse("[capture]\nports = [0]\n", "s.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (2, Some("ports")));
+        assert_eq!((err.line, err.key.as_deref()), (2, Some("capture.ports")));
     }
 
     /// One key name in two tables: the error is at the invalid table's line, not at the
@@ -740,21 +821,30 @@ mod tests {
                     url = \"https://collector.example.net:9443/v1/ingest\"\n\
                     token_file = \"/etc/sensor/ship.token\"\ntop_clients = 0\n";
         let err = Config::parse(text, "s.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (7, Some("top_clients")));
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (7, Some("ship.top_clients"))
+        );
         assert!(
-            err.to_string().starts_with("s.toml:7: key `top_clients`: "),
+            err.to_string().starts_with("s.toml:7: ship.top_clients: "),
             "{err}"
         );
         // The same in dotted keys and in an inline table.
         let dotted = "ship.url = \"https://c:1/v1/ingest\"\nship.token_file = \"/t\"\n\
                       ship.top_clients = 0\n\n[metrics]\ntop_clients = 20\n";
         let err = Config::parse(dotted, "s.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (3, Some("top_clients")));
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (3, Some("ship.top_clients"))
+        );
         let inline = "metrics = { top_clients = 20 }\n\
                       ship = { url = \"https://c:1/v1/ingest\", token_file = \"/t\",\
                       top_clients = 0 }\n";
         let err = Config::parse(inline, "s.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (2, Some("top_clients")));
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (2, Some("ship.top_clients"))
+        );
     }
 
     /// A key that kept an invalid default is not in the text: its table's header.
@@ -764,13 +854,13 @@ mod tests {
         let err = Config::parse(text, "s.toml").unwrap_err();
         assert_eq!(
             (err.line, err.key.as_deref()),
-            (4, Some("bearer_token_file"))
+            (4, Some("metrics.bearer_token_file"))
         );
         // `[ship]` is not enabled (no url), so its token_file is not the missing key.
         let text = "[metrics]\nbearer_token_file = \"/m\"\n\n[ship]\n\
                     url = \"https://c:1/v1/ingest\"\n";
         let err = Config::parse(text, "s.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (4, Some("token_file")));
+        assert_eq!((err.line, err.key.as_deref()), (4, Some("ship.token_file")));
     }
 
     /// Keys inside `[[detect.rules]]` and their inline `when` tables are found under
@@ -781,14 +871,18 @@ mod tests {
                     keys = [\"address\"]\n\
                     when = [{ metric = \"bogus\", op = \">\", value = 1 }]\n";
         let err = Config::parse(text, "s.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (8, Some("metric")), "{err}");
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (8, Some("detect.rules[0].when[0].metric")),
+            "{err}"
+        );
     }
 
     #[test]
     fn metrics_listener_needs_a_token() {
         let text = "[metrics]\nlisten = \"127.0.0.1:9465\"\n";
         let err = Config::parse(text, "s.toml").unwrap_err();
-        assert_eq!(err.key.as_deref(), Some("bearer_token_file"));
+        assert_eq!(err.key.as_deref(), Some("metrics.bearer_token_file"));
     }
 
     #[test]
@@ -803,7 +897,10 @@ mod tests {
             "s.toml",
         )
         .unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (2, Some("trusted_proxies")));
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (2, Some("identity.trusted_proxies"))
+        );
     }
 
     #[test]
@@ -811,12 +908,15 @@ mod tests {
         let text = "[detect]\n\n[[detect.rules]]\nid = \"x\"\nname = \"X\"\nkeys = [\"address\"]\n\
                     when = [{ metric = \"requests\", window = \"2m\", op = \">\", value = 1 }]\n";
         let err = Config::parse(text, "s.toml").unwrap_err();
-        assert_eq!(err.key.as_deref(), Some("window"));
+        assert_eq!(err.key.as_deref(), Some("detect.rules[0].when[0].window"));
         assert!(err.message.contains("rule `x`"), "{err}");
         let text = "[[detect.rules]]\nid = \"x\"\nname = \"X\"\nkeys = [\"address\"]\nseverity = \"dire\"\n\
                     when = [{ metric = \"requests\", op = \">\", value = 1 }]\n";
         let err = Config::parse(text, "s.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (5, Some("severity")));
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (5, Some("detect.rules[0].severity"))
+        );
     }
 
     #[test]
@@ -824,10 +924,13 @@ mod tests {
         let text = "[detect]\ntime_scale = 10\n\n[[outputs]]\ntype = \"ecs-file\"\npath = \"/tmp/e.jsonl\"\n\n\
                     [[outputs]]\ntype = \"syslog\"\naddress = \"127.0.0.1:514\"\nprotocol = \"quic\"\n";
         let err = Config::parse(text, "/etc/sensor/sensor.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (11, Some("protocol")));
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (11, Some("outputs[1].protocol"))
+        );
         assert!(
             err.to_string()
-                .starts_with("/etc/sensor/sensor.toml:11: key `protocol`: outputs[1]"),
+                .starts_with("/etc/sensor/sensor.toml:11: outputs[1].protocol: `quic`"),
             "{err}"
         );
         // A type error inside an output table, and an unknown key.
@@ -838,15 +941,15 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             (err.line, err.key.as_deref()),
-            (3, Some("batch_max_events"))
+            (3, Some("outputs[0].batch_max_events"))
         );
         let err =
             Config::parse("[[outputs]]\ntype = \"hec\"\nurll = \"x\"\n", "s.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (3, Some("urll")));
+        assert_eq!((err.line, err.key.as_deref()), (3, Some("outputs[0].urll")));
         // A required key that is missing points at its table.
         let err =
             Config::parse("[api]\n\n[[outputs]]\ntype = \"webhook\"\n", "s.toml").unwrap_err();
-        assert_eq!((err.line, err.key.as_deref()), (3, Some("url")));
+        assert_eq!((err.line, err.key.as_deref()), (3, Some("outputs[0].url")));
         let ok = Config::parse(text.replace("quic", "tls").as_str(), "s.toml").expect("valid");
         assert_eq!(ok.outputs.len(), 2);
         assert!(Config::embedded().expect("embedded").outputs.is_empty());

@@ -65,7 +65,7 @@ fn config_errors_name_file_line_and_key() {
     )
     .expect("write");
     let err = sensor_run_fails(&["--config", path.to_str().expect("utf-8")], &[]);
-    let want = format!("{}:3: key `poll_interval_ms`", path.display());
+    let want = format!("{}:3: capture.poll_interval_ms: ", path.display());
     assert!(err.contains(&want), "want {want:?} in: {err}");
 
     std::fs::write(
@@ -74,7 +74,7 @@ fn config_errors_name_file_line_and_key() {
     )
     .expect("write");
     let err = sensor_run_fails(&["--config", path.to_str().expect("utf-8")], &[]);
-    let want = format!("{}:5: key `sockett`", path.display());
+    let want = format!("{}:5: api.sockett: ", path.display());
     assert!(err.contains(&want), "want {want:?} in: {err}");
 }
 

@@ -170,9 +170,9 @@ fn check_config_reports_every_error_with_file_line_and_key() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     for want in [
-        format!("{p}:2: key `ports`: port 0 cannot be watched"),
-        format!("{p}:3: key `poll_interval_ms`: invalid type"),
-        format!("{p}:6: key `sockett`: unknown field"),
+        format!("{p}:2: capture.ports: port 0 cannot be watched"),
+        format!("{p}:3: capture.poll_interval_ms: invalid type"),
+        format!("{p}:6: api.sockett: unknown field"),
         format!("{p}: 3 errors"),
     ] {
         assert!(err.contains(&want), "want {want:?} in:\n{err}");
@@ -419,7 +419,7 @@ fn source_install_runs_under_systemd() {
         ("poll_interval_ms", "\"soon\""),
     ]);
     let line = line_of(&broken, "poll_interval_ms");
-    let located = format!("{CONFIG}:{line}: key `poll_interval_ms`");
+    let located = format!("{CONFIG}:{line}: capture.poll_interval_ms: ");
     c.write(CONFIG, broken.as_bytes(), 0o644);
     let check = c.sh("sensor check-config");
     assert_eq!(check.status.code(), Some(1), "{}", check.stdout);

@@ -218,14 +218,14 @@ mod tests {
     #[test]
     fn errors_name_file_line_and_key() {
         let e = CollectorConfig::parse("[listen]\naddress = \"nope\"\n", "c.toml").unwrap_err();
-        assert_eq!((e.line, e.key.as_deref()), (2, Some("address")));
-        assert!(e.to_string().starts_with("c.toml:2: key `address`"), "{e}");
+        assert_eq!((e.line, e.key.as_deref()), (2, Some("listen.address")));
+        assert!(e.to_string().starts_with("c.toml:2: listen.address"), "{e}");
         let e = CollectorConfig::parse("[listen]\nbogus = 1\n", "c.toml").unwrap_err();
-        assert_eq!((e.line, e.key.as_deref()), (2, Some("bogus")));
+        assert_eq!((e.line, e.key.as_deref()), (2, Some("listen.bogus")));
         let text = "[detect]\n\n[[detect.rules]]\nid = \"x\"\nname = \"x\"\nkeys = [\"address\"]\n\
                     when = [{ metric = \"interval_cv\", op = \"<\", value = 0.3 }]\n";
         let e = CollectorConfig::parse(text, "c.toml").unwrap_err();
-        assert_eq!(e.key.as_deref(), Some("metric"));
+        assert_eq!(e.key.as_deref(), Some("detect.rules[0].when[0].metric"));
         assert!(e.message.contains("per host"), "{e}");
     }
 

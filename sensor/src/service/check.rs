@@ -45,11 +45,12 @@ fn collect(text: &str, file: &str) -> Vec<ConfigError> {
     }
 }
 
-/// Whether `line` is `key = ...` (possibly quoted, possibly indented).
-fn assigns(line: &str, key: &str) -> bool {
+/// Whether `line` is `key = ...` (possibly quoted, possibly indented, possibly dotted) for the
+/// key at dotted `path` (`capture.ports`, `outputs[1].protocol`).
+fn assigns(line: &str, path: &str) -> bool {
     line.split_once('=').is_some_and(|(k, _)| {
-        let k = k.trim();
-        k == key || k.trim_matches('"') == key
+        let k = k.trim().trim_matches('"');
+        !k.is_empty() && (path == k || path.ends_with(&format!(".{k}")))
     })
 }
 
@@ -91,16 +92,16 @@ mod tests {
         assert_eq!(
             found,
             [
-                (2, Some("ports")),
-                (3, Some("poll_interval_ms")),
-                (6, Some("sockett")),
-                (8, Some("group_prefix_v4")),
+                (2, Some("capture.ports")),
+                (3, Some("capture.poll_interval_ms")),
+                (6, Some("api.sockett")),
+                (8, Some("clients.group_prefix_v4")),
             ]
         );
         assert!(
             errors[1]
                 .to_string()
-                .starts_with("/etc/sensor/sensor.toml:3: key `poll_interval_ms`: ")
+                .starts_with("/etc/sensor/sensor.toml:3: capture.poll_interval_ms: ")
         );
     }
 
@@ -113,7 +114,7 @@ mod tests {
         let errors = check_text(text, "s.toml");
         let found: Vec<(usize, Option<&str>)> =
             errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
-        assert_eq!(found, [(7, Some("top_clients"))]);
+        assert_eq!(found, [(7, Some("ship.top_clients"))]);
     }
 
     #[test]
@@ -122,7 +123,13 @@ mod tests {
         let errors = check_text(text, "s.toml");
         let found: Vec<(usize, Option<&str>)> =
             errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
-        assert_eq!(found, [(2, Some("poll_interval_ms")), (3, Some("ports"))]);
+        assert_eq!(
+            found,
+            [
+                (2, Some("capture.poll_interval_ms")),
+                (3, Some("capture.ports"))
+            ]
+        );
         assert!(errors[1].message.contains("invalid array"), "{errors:?}");
     }
 }
