@@ -14,8 +14,7 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -27,7 +26,7 @@ use hyper::{
     Method, Request, StatusCode,
     header::{self, HeaderValue},
 };
-use log::{info, warn};
+use log::info;
 use tokio::net::TcpListener;
 
 use crate::{
@@ -52,13 +51,8 @@ const MAX_CONCURRENT: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("cannot read the metrics bearer token file {}", path.display())]
-    TokenUnreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the metrics bearer token file {} is empty", path.display())]
-    TokenEmpty { path: PathBuf },
+    #[error(transparent)]
+    Token(#[from] crate::net::NetError),
     #[error("cannot listen for metrics on {addr}")]
     Bind {
         addr: String,
@@ -66,28 +60,10 @@ pub enum MetricsError {
     },
 }
 
-/// Reads the bearer token: the file's content without surrounding whitespace.
+/// Reads the bearer token (the one secret reader: surrounding whitespace dropped, a file
+/// others can read warned about).
 pub fn read_token(path: &Path) -> Result<Vec<u8>, MetricsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| MetricsError::TokenUnreadable {
-        path: path.to_owned(),
-        source,
-    })?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(MetricsError::TokenEmpty {
-            path: path.to_owned(),
-        });
-    }
-    let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
-    if mode & 0o077 != 0 {
-        warn!(
-            "the metrics bearer token file {} is accessible to other users (mode {:o}); \
-             consider chmod 600",
-            path.display(),
-            mode & 0o777
-        );
-    }
-    Ok(token.as_bytes().to_vec())
+    Ok(crate::net::secrets::read_secret(path, "metrics bearer token file")?.into_bytes())
 }
 
 /// A bound metrics listener, ready to serve.
@@ -101,7 +77,11 @@ pub struct Server {
 impl Server {
     /// Reads the token and binds `listen`; both fail with an error naming the file or address.
     pub async fn bind(config: &crate::config::Metrics) -> Result<Self, MetricsError> {
-        let token = read_token(&config.bearer_token_file)?;
+        let token = crate::net::secrets::read_secret(
+            &config.bearer_token_file,
+            "metrics bearer token file",
+        )?
+        .into_bytes();
         let listener =
             TcpListener::bind(&config.listen)
                 .await

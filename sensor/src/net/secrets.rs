@@ -4,17 +4,27 @@ use std::path::Path;
 
 use super::NetError;
 
-/// Reads a secret (token, key) from a file: its contents without trailing whitespace. `what`
-/// names it in errors ("HEC token file").
+/// Reads a secret (token, key) from a file: its contents without surrounding whitespace.
+/// `what` names it in errors ("HEC token file"). A file other users can read is used, with a
+/// warning: refusing it would stop an agent over a permission an operator can fix later.
 pub fn read_secret(path: &Path, what: &str) -> Result<String, NetError> {
+    use std::os::unix::fs::PermissionsExt;
     let text = std::fs::read_to_string(path)
         .map_err(|e| NetError::io(format!("reading the {what} {}", path.display()), e))?;
-    let secret = text.trim_end().to_owned();
+    let secret = text.trim().to_owned();
     if secret.is_empty() {
         return Err(NetError::Config(format!(
             "the {what} {} is empty",
             path.display()
         )));
+    }
+    let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
+    if mode & 0o077 != 0 {
+        log::warn!(
+            "the {what} {} is accessible to other users (mode {:o}); consider chmod 600",
+            path.display(),
+            mode & 0o777
+        );
     }
     Ok(secret)
 }
