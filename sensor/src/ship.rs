@@ -197,11 +197,12 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize) -> Option<Summary> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::aggregate::{Delta, Now};
 
-    fn bytes(n: u64) -> Delta {
+    /// One request of `n` bytes in and `10 n` out (also the ship sink's fixture).
+    pub(crate) fn bytes(n: u64) -> Delta {
         Delta {
             counts: Counts {
                 requests: 1,

@@ -7,7 +7,8 @@ use std::{
 
 use super::{
     error::SinkError,
-    running::{Context, Running},
+    running::{Context, Running, alerts},
+    sink::Sink,
     spool::Spool,
 };
 use crate::formats::Record;
@@ -32,6 +33,8 @@ pub const DEFAULT_RETRY_MAX_SECS: u64 = 60;
 pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
 
 /// The spool and retry keys of a network sink (syslog, hec, webhook), as its config has them.
+/// Each config lists the four keys itself: serde's `flatten` does not combine with
+/// `deny_unknown_fields`, and a misspelt key must stay an error.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeliveryKeys<'a> {
     pub spool_dir: Option<&'a Path>,
@@ -53,6 +56,25 @@ impl DeliveryKeys<'_> {
 
     pub fn retry_max(&self) -> Duration {
         Duration::from_secs(self.retry_max_secs.unwrap_or(DEFAULT_RETRY_MAX_SECS))
+    }
+
+    /// Starts a network sink that carries alerts: its disk spool, the sink `build` makes with
+    /// the request timeout, and its task.
+    pub fn start<S: Sink<Item = Record>>(
+        &self,
+        ctx: &Context<'_>,
+        build: impl FnOnce(Duration) -> Result<S, SinkError>,
+    ) -> Result<Running, SinkError> {
+        let spool = self.spool(ctx)?;
+        let sink = build(self.timeout())?;
+        Ok(Running::spawn(
+            ctx,
+            sink,
+            spool,
+            self.retry_max(),
+            false,
+            alerts,
+        ))
     }
 
     /// Opens the sink's disk spool (`spool_dir`, else `<state dir>/spool/<name>`).

@@ -15,7 +15,7 @@ use sink::HecSink;
 use crate::sinks::{
     configure::{Configure, Invalid},
     error::SinkError,
-    running::{Context, Running, alerts},
+    running::{Context, Running},
 };
 
 impl Configure for HecConfig {
@@ -28,16 +28,7 @@ impl Configure for HecConfig {
     }
 
     fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
-        let delivery = self.delivery();
-        let spool = delivery.spool(ctx)?;
-        let sink = HecSink::new(self, delivery.timeout())?;
-        Ok(Running::spawn(
-            ctx,
-            sink,
-            spool,
-            delivery.retry_max(),
-            false,
-            alerts,
-        ))
+        self.delivery()
+            .start(ctx, |timeout| HecSink::new(self, timeout))
     }
 }

@@ -155,21 +155,9 @@ impl Sink for ShipSink {
 mod tests {
     use super::*;
     use crate::{
-        model::aggregate::{Aggregator, Counts, Delta, Now},
-        ship::summarize,
+        model::aggregate::{Aggregator, Now},
+        ship::{summarize, tests::bytes},
     };
-
-    fn bytes(n: u64) -> Delta {
-        Delta {
-            counts: Counts {
-                requests: 1,
-                bytes_in: n,
-                bytes_out: 10 * n,
-                ..Counts::default()
-            },
-            ..Delta::default()
-        }
-    }
 
     /// With the collector unreachable, records wait in the disk spool within its bound; the
     /// oldest beyond it are dropped and counted, never silently.

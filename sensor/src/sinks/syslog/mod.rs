@@ -23,7 +23,7 @@ use sink::SyslogSink;
 use crate::sinks::{
     configure::{Configure, Invalid},
     error::SinkError,
-    running::{Context, Running, alerts},
+    running::{Context, Running},
 };
 
 impl Configure for SyslogConfig {
@@ -36,16 +36,8 @@ impl Configure for SyslogConfig {
     }
 
     fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
-        let delivery = self.delivery();
-        let spool = delivery.spool(ctx)?;
-        let sink = SyslogSink::new(self, encoder::Rfc5424::new(self), delivery.timeout())?;
-        Ok(Running::spawn(
-            ctx,
-            sink,
-            spool,
-            delivery.retry_max(),
-            false,
-            alerts,
-        ))
+        self.delivery().start(ctx, |timeout| {
+            SyslogSink::new(self, encoder::Rfc5424::new(self), timeout)
+        })
     }
 }

@@ -15,7 +15,7 @@ use sink::WebhookSink;
 use crate::sinks::{
     configure::{Configure, Invalid},
     error::SinkError,
-    running::{Context, Running, alerts},
+    running::{Context, Running},
 };
 
 impl Configure for WebhookConfig {
@@ -28,16 +28,7 @@ impl Configure for WebhookConfig {
     }
 
     fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
-        let delivery = self.delivery();
-        let spool = delivery.spool(ctx)?;
-        let sink = WebhookSink::new(self, delivery.timeout())?;
-        Ok(Running::spawn(
-            ctx,
-            sink,
-            spool,
-            delivery.retry_max(),
-            false,
-            alerts,
-        ))
+        self.delivery()
+            .start(ctx, |timeout| WebhookSink::new(self, timeout))
     }
 }
