@@ -195,3 +195,24 @@ fn incompatible_pinned_state_is_replaced_and_fresh_starts_from_zero() {
     );
     assert_eq!(agent.health()["continued_from_pinned_state"], false);
 }
+
+/// A reader token never crosses the network in clear: `--collector http://` to anything but a
+/// loopback address is refused before a connection is made (10.255.255.1 would hang if dialed).
+#[test]
+fn collector_views_refuse_a_token_over_plain_http() {
+    let dir = TempDir::new("clear");
+    let token = dir.path.join("reader.token");
+    std::fs::write(&token, "r-secret\n").expect("write");
+    for view in ["clients", "alerts"] {
+        let out = Command::new(sensor_bin())
+            .args([view, "--collector", "http://10.255.255.1:9443"])
+            .arg("--token-file")
+            .arg(&token)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run sensor");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{view}: {err}");
+        assert!(err.contains("would travel in clear"), "{view}: {err}");
+    }
+}

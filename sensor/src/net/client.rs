@@ -67,6 +67,19 @@ pub fn parse_url(s: &str) -> Result<Url, NetError> {
     Ok(url)
 }
 
+/// Whether a token may travel to `url`: https, or plain http to a loopback address (a local
+/// forwarder on this host; the bytes never leave it). A token sent in clear over a network
+/// is a token anyone on the path can replay.
+pub fn may_carry_token(url: &Url) -> bool {
+    url.scheme() == "https"
+        || match url.host() {
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => a.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        }
+}
+
 /// The host of a parsed URL as one connects to it and names it in TLS (IPv6 without brackets).
 fn host_of(url: &Url) -> String {
     match url.host() {
@@ -289,6 +302,19 @@ mod tests {
         assert_eq!(c.target(), "http://example.net:80/");
         assert!(parse_url("ftp://x/").is_err());
         assert!(parse_url("http://u:p@x/").is_err());
+        for (u, ok) in [
+            ("https://siem.example.net/x", true),
+            ("http://127.0.0.1:8088/x", true),
+            ("http://127.9.9.9/x", true),
+            ("http://[::1]:8088/x", true),
+            ("http://localhost/x", true),
+            ("http://siem.example.net/x", false),
+            ("http://10.0.0.1/x", false),
+            ("http://[fd00::1]/x", false),
+            ("http://localhost.evil.net/x", false),
+        ] {
+            assert_eq!(may_carry_token(&parse_url(u).expect("url")), ok, "{u}");
+        }
         assert!(parse_url("http://::1:80/").is_err());
     }
 

@@ -198,6 +198,11 @@ url = "http://127.0.0.1:9000/hook"
                 "spool_dir",
             ),
             ("type = \"hec\"\nurl = \"http://h:8088/\"\n", "token_file"),
+            // The token would cross the network in clear.
+            (
+                "type = \"hec\"\nurl = \"http://h:8088/\"\ntoken_file = \"/t\"\n",
+                "url",
+            ),
             ("type = \"webhook\"\nurl = \"ftp://h/\"\n", "url"),
             (
                 "type = \"webhook\"\nurl = \"http://h/\"\nca_file = \"/ca.pem\"\n",

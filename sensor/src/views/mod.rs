@@ -88,6 +88,12 @@ impl Source {
             .token_file
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("--collector needs --token-file (a reader token)"))?;
+        let parsed =
+            crate::net::client::parse_url(url).map_err(|e| anyhow::anyhow!("--collector: {e}"))?;
+        anyhow::ensure!(
+            crate::net::client::may_carry_token(&parsed),
+            "--collector {url}: the reader token would travel in clear; use https://"
+        );
         let token = crate::net::secrets::read_secret(token_file, "collector reader token")?;
         let identity = match (&remote.client_cert, &remote.client_key) {
             (Some(cert_file), Some(key_file)) => Some(crate::net::tls::ClientIdentity {

@@ -14,7 +14,7 @@ pub const DEFAULT_BATCH: usize = 100;
 #[serde(deny_unknown_fields)]
 pub struct HecConfig {
     pub name: Option<String>,
-    /// `.../services/collector/event`, http:// or https://.
+    /// `.../services/collector/event`, https://, or http:// to a loopback address (the token is sent with each request).
     pub url: String,
     /// File holding the HEC token.
     pub token_file: PathBuf,
@@ -48,6 +48,16 @@ impl HecConfig {
         self.delivery().validate()?;
         positive("batch_max_events", self.batch_max_events.map(|n| n as u64))?;
         http_url(&self.url, self.ca_file.as_ref(), self.server_name.as_ref())?;
+        if let Ok(url) = crate::net::client::parse_url(&self.url)
+            && !crate::net::client::may_carry_token(&url)
+        {
+            return Err((
+                "url",
+                "the HEC token would travel in clear: use https:// (plain http only to a \
+                 loopback address)"
+                    .into(),
+            ));
+        }
         if self.token_file.as_os_str().is_empty() {
             return Err((
                 "token_file",
