@@ -54,6 +54,8 @@ struct Health<'a> {
     live_connections: usize,
     closed_connections_total: u64,
     loss: std::collections::BTreeMap<&'static str, u64>,
+    /// Alert events the alert log could not take (the outputs still got them).
+    alert_log_lost: u64,
     clients: ClientsHealth,
     /// Per SIEM output: sent, retried, spooled, pending, dropped, last error.
     outputs: Vec<crate::sinks::OutputStats>,
@@ -187,6 +189,7 @@ pub fn route_request(
                 live_connections: state.table.live_count(),
                 closed_connections_total: state.table.closed_total,
                 loss: state.loss.iter().copied().collect(),
+                alert_log_lost: state.alert_log_lost,
                 clients: ClientsHealth {
                     max_clients: state.max_clients,
                     tracked_addresses: a.clients.len(),

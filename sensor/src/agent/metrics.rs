@@ -291,6 +291,11 @@ pub fn families(state: &AgentState, top_n: usize) -> Exposition {
         "Events the kernel programs lost or skipped, by kind (see docs/counters.md).",
         state.loss.iter().map(|(kind, n)| ([("kind", *kind)], *n)),
     );
+    out.counter(
+        "sensor_alert_log_lost_total",
+        "Alert events the alert log (alerts.jsonl) could not take; the outputs still got them.",
+        [(NO_LABELS, state.alert_log_lost)],
+    );
     out.gauge(
         "sensor_clients_max",
         "Configured bound on clients kept exactly, per table (clients.max_clients).",
@@ -422,6 +427,7 @@ mod tests {
     fn state(max_clients: usize) -> AgentState {
         AgentState {
             shipped_through: 0,
+            alert_log_lost: 0,
             table: ConnTable::new(Duration::from_secs(60), 10),
             agg: Aggregator::new(max_clients, 24, 56),
             max_clients,

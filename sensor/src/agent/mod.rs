@@ -216,10 +216,13 @@ impl Pipeline {
             let AgentState { agg, detector, .. } = &mut *s;
             detector.evaluate(agg, Now::system())
         };
-        record_alerts(
+        let lost = record_alerts(
             &alerts_path(&self.config.detect, &self.config.state.dir),
             &events,
         );
+        if lost > 0 {
+            lock(&self.state)?.alert_log_lost += lost;
+        }
         outputs.publish(&events);
         Ok(())
     }
@@ -490,6 +493,7 @@ fn restore_state(config: &Config, capture: &Capture, boot_id: &str) -> anyhow::R
         heads: HeadStats::default(),
         detector,
         shipped_through,
+        alert_log_lost: 0,
     })
 }
 

@@ -20,6 +20,8 @@ pub struct Counters {
     pub implausible: AtomicU64,
     /// Batches refused because the memory budget of requests in flight was spent (503).
     pub busy: AtomicU64,
+    /// Alert events the alert log could not take (the outputs still got them).
+    pub alert_log_lost: AtomicU64,
 }
 
 #[derive(Serialize)]
@@ -41,6 +43,8 @@ pub struct CountersView {
     pub implausible: u64,
     /// Refused with 503: the memory budget of requests in flight was spent.
     pub busy: u64,
+    /// Alert events the alert log (alerts.jsonl) could not take.
+    pub alert_log_lost: u64,
 }
 
 impl Counters {
@@ -57,6 +61,7 @@ impl Counters {
             tls_failures: g(&self.tls_failures),
             implausible: g(&self.implausible),
             busy: g(&self.busy),
+            alert_log_lost: g(&self.alert_log_lost),
         }
     }
 }

@@ -44,6 +44,11 @@ pub fn families(counters: &Counters, fleet: &Fleet, outputs: &[OutputStats]) -> 
         ]
         .map(|(reason, n)| ([("reason", reason)], n)),
     );
+    out.counter(
+        "sensor_collector_alert_log_lost_total",
+        "Alert events the alert log (alerts.jsonl) could not take; the outputs still got them.",
+        [(NO_LABELS, c(&counters.alert_log_lost))],
+    );
     let agents = &fleet.state.agents;
     let per_agent = |f: &dyn Fn(&super::fleet::AgentInfo) -> Value| {
         agents

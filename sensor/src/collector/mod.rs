@@ -199,7 +199,8 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
                     outputs.publish(&events);
                     events
                 })?;
-                crate::alerting::record_alerts(&alerts_path, &events);
+                let lost = crate::alerting::record_alerts(&alerts_path, &events);
+                shared.count_alert_log_lost(lost);
             }
             _ = save.tick() => {
                 if let Err(e) = shared.snapshot(&dir) {

@@ -74,6 +74,13 @@ impl Shared {
             .map_err(|_| anyhow::anyhow!("collector state poisoned"))
     }
 
+    /// Counts alert events the alert log could not take.
+    pub fn count_alert_log_lost(&self, lost: u64) {
+        self.counters
+            .alert_log_lost
+            .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn with_fleet<T>(&self, f: impl FnOnce(&mut Fleet) -> T) -> anyhow::Result<T> {
         Ok(f(&mut *self.lock()?))
     }
