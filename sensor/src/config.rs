@@ -94,6 +94,13 @@ impl Detect {
         if d.interval_secs == 0 {
             return Err(("interval_secs", "must be at least 1".into()));
         }
+        at_most_a_year("interval_secs", d.interval_secs)?;
+        at_most_a_year("resolve_after_secs", d.resolve_after_secs)?;
+        at_most_a_year("suppress_secs", d.suppress_secs)?;
+        at_most_a_year(
+            "baseline_min_minutes",
+            d.baseline_min_minutes.saturating_mul(60),
+        )?;
         if d.time_scale == 0 || d.time_scale > 1000 {
             return Err(("time_scale", "must be 1..=1000".into()));
         }
@@ -439,6 +446,8 @@ pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
 /// A validation error: the table it is in (dotted, e.g. `ship`), the key and the message.
 pub(crate) type Invalid = (&'static str, &'static str, String);
 
+pub(crate) use crate::sinks::configure::at_most_a_year;
+
 /// Puts a table's validation error (key, message) in that table.
 pub(crate) fn in_table(table: &'static str) -> impl Fn((&'static str, String)) -> Invalid {
     move |(key, message)| (table, key, message)
@@ -451,6 +460,8 @@ pub(crate) fn check(
     file: &str,
     validated: Result<(), Invalid>,
     outputs: &[crate::sinks::SinkConfig],
+    state_dir: &Path,
+    taken: &[PathBuf],
 ) -> Result<(), ConfigError> {
     validated.map_err(|(table, key, message)| {
         let offset = find_key(text, table, key);
@@ -466,7 +477,7 @@ pub(crate) fn check(
             message,
         }
     })?;
-    crate::sinks::validate(outputs).map_err(|e| ConfigError {
+    crate::sinks::validate(outputs, state_dir, taken).map_err(|e| ConfigError {
         file: file.to_owned(),
         line: crate::sinks::locate(text, e.index, &e.key),
         key: Some(format!("outputs[{}].{}", e.index, e.key)),
@@ -494,7 +505,20 @@ impl Config {
     /// Parses and validates `text`, reporting errors against `file`.
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
         let config: Config = from_toml(text, file)?;
-        check(text, file, config.validate(), &config.outputs)?;
+        let ship_spool: Vec<PathBuf> = config
+            .ship
+            .enabled()
+            .then(|| config.ship.spool_dir(&config.state.dir))
+            .into_iter()
+            .collect();
+        check(
+            text,
+            file,
+            config.validate(),
+            &config.outputs,
+            &config.state.dir,
+            &ship_spool,
+        )?;
         Ok(config)
     }
 
@@ -541,6 +565,15 @@ impl Config {
         if self.api.socket.as_os_str().is_empty() {
             return Err(("api", "socket", "must not be empty".into()));
         }
+        at_most_a_year("poll_interval_ms", c.poll_interval_ms / 1000)
+            .map_err(in_table("capture"))?;
+        at_most_a_year(
+            "closed_retention_secs",
+            self.connections.closed_retention_secs,
+        )
+        .map_err(in_table("connections"))?;
+        at_most_a_year("snapshot_interval_secs", self.state.snapshot_interval_secs)
+            .map_err(in_table("state"))?;
         self.clients.validate().map_err(in_table("clients"))?;
         if self.state.snapshot_interval_secs == 0 {
             return Err((

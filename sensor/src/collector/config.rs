@@ -127,7 +127,14 @@ impl CollectorConfig {
         if !has_rules {
             config.detect.rules = default_detect().rules;
         }
-        check(text, file, config.validate(), &config.outputs)?;
+        check(
+            text,
+            file,
+            config.validate(),
+            &config.outputs,
+            &config.state.dir,
+            &[],
+        )?;
         Ok(config)
     }
 
@@ -170,6 +177,8 @@ impl CollectorConfig {
                 "must be 1024..=268435456".into(),
             ));
         }
+        crate::config::at_most_a_year("snapshot_interval_secs", self.state.snapshot_interval_secs)
+            .map_err(in_table("state"))?;
         if self.state.snapshot_interval_secs == 0 {
             return Err((
                 "state",

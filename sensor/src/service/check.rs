@@ -117,6 +117,33 @@ mod tests {
         assert_eq!(found, [(7, Some("ship.top_clients"))]);
     }
 
+    /// Values that overflow once in milliseconds, and spools that two writers would share.
+    #[test]
+    fn overflowing_durations_and_shared_spools_are_errors() {
+        let text = "[detect]\nresolve_after_secs = 9223372036854775807\nsuppress_secs = 31622401\n\
+                    [connections]\nclosed_retention_secs = 18446744073709551615\n\
+                    [ship]\nurl = \"https://c:9443/v1/ingest\"\ntoken_file = \"/t\"\n\
+                    [[outputs]]\ntype = \"webhook\"\nurl = \"https://w/\"\n\
+                    spool_dir = \"/var/lib/sensor/spool/collector\"\n";
+        let errors = check_text(text, "s.toml");
+        let found: Vec<(usize, Option<&str>)> =
+            errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
+        assert_eq!(
+            found,
+            [
+                (2, Some("detect.resolve_after_secs")),
+                (3, Some("detect.suppress_secs")),
+                (5, Some("connections.closed_retention_secs")),
+                (12, Some("outputs[0].spool_dir")),
+            ],
+            "{errors:?}"
+        );
+        assert!(errors[0].message.contains("more than a year"), "{errors:?}");
+        assert!(errors[3].message.contains("another spool"), "{errors:?}");
+        let year = crate::sinks::configure::MAX_DURATION_SECS;
+        assert!(check_text(&format!("[detect]\nsuppress_secs = {year}\n"), "s.toml").is_empty());
+    }
+
     #[test]
     fn syntax_errors_are_reported_too() {
         let text = "[capture]\npoll_interval_ms = \"soon\"\nports = [80,\n";

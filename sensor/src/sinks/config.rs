@@ -95,9 +95,16 @@ fn valid_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
-/// Validates every output and that names are unique.
-pub fn validate(outputs: &[SinkConfig]) -> Result<(), ConfigError> {
+/// Validates every output, that names are unique, and that no two spools share a directory
+/// (`taken`: spool directories of others, the collector shipping's): two writers of one spool
+/// journal corrupt each other's records.
+pub fn validate(
+    outputs: &[SinkConfig],
+    state_dir: &std::path::Path,
+    taken: &[std::path::PathBuf],
+) -> Result<(), ConfigError> {
     let mut names = std::collections::HashSet::new();
+    let mut spools: std::collections::HashSet<std::path::PathBuf> = taken.iter().cloned().collect();
     for (i, o) in outputs.iter().enumerate() {
         o.validate(i)?;
         let name = o.display_name(i);
@@ -108,8 +115,37 @@ pub fn validate(outputs: &[SinkConfig]) -> Result<(), ConfigError> {
                 message: format!("output name `{name}` is used twice"),
             });
         }
+        if let Some(written) = o.parts().1.disk_spool() {
+            let dir = written.map_or_else(
+                || state_dir.join("spool").join(&name),
+                std::path::Path::to_path_buf,
+            );
+            if !spools.insert(normalized(&dir)) {
+                return Err(ConfigError {
+                    index: i,
+                    key: if written.is_some() {
+                        "spool_dir"
+                    } else {
+                        "name"
+                    }
+                    .into(),
+                    message: format!(
+                        "spool directory {} is already another spool's (each output needs its own)",
+                        dir.display()
+                    ),
+                });
+            }
+        }
     }
     Ok(())
+}
+
+/// `dir` without `.` components and trailing slashes, so that spellings of one directory
+/// compare equal (symlinks are not followed: the directory may not exist yet).
+fn normalized(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }
 
 fn is_header(line: &str) -> bool {

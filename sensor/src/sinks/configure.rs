@@ -24,6 +24,11 @@ pub trait Configure {
     fn validate(&self) -> Result<(), Invalid>;
     /// Builds the sink, opens its spool and starts its task.
     fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError>;
+    /// Whether it keeps a disk spool (`None`: no), and the `spool_dir` written (`Some(None)`:
+    /// the default, `<state dir>/spool/<name>`).
+    fn disk_spool(&self) -> Option<Option<&Path>> {
+        None
+    }
 }
 
 // --- what network sinks share -----------------------------------------------------------------
@@ -47,7 +52,9 @@ impl DeliveryKeys<'_> {
     pub fn validate(&self) -> Result<(), Invalid> {
         positive("spool_max_bytes", self.spool_max_bytes)?;
         positive("retry_max_secs", self.retry_max_secs)?;
-        positive("timeout_secs", self.timeout_secs)
+        positive("timeout_secs", self.timeout_secs)?;
+        at_most_a_year("retry_max_secs", self.retry_max_secs.unwrap_or(0))?;
+        at_most_a_year("timeout_secs", self.timeout_secs.unwrap_or(0))
     }
 
     pub fn timeout(&self) -> Duration {
@@ -88,6 +95,22 @@ impl DeliveryKeys<'_> {
             self.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
         )
     }
+}
+
+/// The longest time a duration key may hold: a year (every config shares this check; it
+/// lives here, below `config`, so that sinks can use it too). Longer values are mistakes, and the
+/// largest overflow once in milliseconds (`resolve_after_secs = 9223372036854775807`).
+pub const MAX_DURATION_SECS: u64 = 366 * 24 * 3600;
+
+/// `secs` (of `key`) is at most [`MAX_DURATION_SECS`].
+pub fn at_most_a_year(key: &'static str, secs: u64) -> Result<(), Invalid> {
+    if secs > MAX_DURATION_SECS {
+        return Err((
+            key,
+            format!("{secs} is more than a year ({MAX_DURATION_SECS} s)"),
+        ));
+    }
+    Ok(())
 }
 
 /// `Some(0)` is refused: "must be at least 1".

@@ -135,7 +135,7 @@ pub mod tests {
         }
         let o: Only = toml::from_str(text)
             .map_err(|e| deserialize_error(text, &e).expect("an error in an output"))?;
-        validate(&o.outputs).map(|()| o.outputs)
+        validate(&o.outputs, std::path::Path::new("/var/lib/sensor"), &[]).map(|()| o.outputs)
     }
 
     #[test]
@@ -222,6 +222,18 @@ url = "http://127.0.0.1:9000/hook"
         let dup = "[[outputs]]\ntype = \"ecs-file\"\npath = \"/a\"\nname = \"x\"\n\
                    [[outputs]]\ntype = \"ocsf-file\"\npath = \"/b\"\nname = \"x\"\n";
         assert_eq!(parse(dup).expect_err("dup").key, "name");
+        // Two spools in one directory: written, or written as another's default.
+        let shared = "[[outputs]]\ntype = \"webhook\"\nurl = \"https://a/\"\nspool_dir = \"/s\"\n\
+                      [[outputs]]\ntype = \"syslog\"\naddress = \"h:514\"\nspool_dir = \"/s/./\"\n";
+        let err = parse(shared).expect_err("shared");
+        assert_eq!((err.index, err.key.as_str()), (1, "spool_dir"), "{err}");
+        let shadow = "[[outputs]]\ntype = \"webhook\"\nurl = \"https://a/\"\nname = \"w\"\n\
+                      [[outputs]]\ntype = \"syslog\"\naddress = \"h:514\"\n\
+                      spool_dir = \"/var/lib/sensor/spool/w\"\n";
+        assert_eq!(parse(shadow).expect_err("shadow").key, "spool_dir");
+        let apart = "[[outputs]]\ntype = \"webhook\"\nurl = \"https://a/\"\nspool_dir = \"/s1\"\n\
+                     [[outputs]]\ntype = \"syslog\"\naddress = \"h:514\"\nspool_dir = \"/s2\"\n";
+        assert!(parse(apart).is_ok());
     }
 
     #[test]

@@ -27,6 +27,10 @@ impl Configure for HecConfig {
         HecConfig::validate(self)
     }
 
+    fn disk_spool(&self) -> Option<Option<&std::path::Path>> {
+        Some(self.spool_dir.as_deref())
+    }
+
     fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
         self.delivery()
             .start(ctx, |timeout| HecSink::new(self, timeout))

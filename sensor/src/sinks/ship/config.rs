@@ -93,6 +93,8 @@ impl ShipConfig {
         if self.spool_max_bytes < 4096 {
             return Err(("spool_max_bytes", "must be at least 4096".into()));
         }
+        crate::sinks::configure::at_most_a_year("retry_max_secs", self.retry_max_secs)?;
+        crate::sinks::configure::at_most_a_year("timeout_secs", self.timeout_secs)?;
         if self.retry_max_secs == 0 {
             return Err(("retry_max_secs", "must be at least 1".into()));
         }

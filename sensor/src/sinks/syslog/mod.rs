@@ -35,9 +35,35 @@ impl Configure for SyslogConfig {
         SyslogConfig::validate(self)
     }
 
+    fn disk_spool(&self) -> Option<Option<&std::path::Path>> {
+        Some(self.spool_dir.as_deref())
+    }
+
     fn start(&self, ctx: &Context<'_>) -> Result<Running, SinkError> {
+        // Alerts name clients and keys' fingerprints: in clear they are readable on the path.
+        if self.protocol != config::Protocol::Tls && !loopback(&self.address) {
+            log::warn!(
+                "output {}: alerts go to {} in clear over {:?}; protocol = \"tls\" encrypts them",
+                ctx.name,
+                self.address,
+                self.protocol
+            );
+        }
         self.delivery().start(ctx, |timeout| {
             SyslogSink::new(self, encoder::Rfc5424::new(self), timeout)
         })
     }
+}
+
+/// Whether `address` (`host:port`) names this host's loopback.
+fn loopback(address: &str) -> bool {
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
