@@ -240,8 +240,9 @@ impl Pipeline {
         // Encoded under the lock, straight from the live aggregates (no copy of them).
         let (encoded, reaped) = {
             let mut s = lock(&self.state)?;
-            let reaped = s.table.take_unreaped();
+            // Before taking the unreaped ones: their tombstones stay until they are deleted.
             s.table.expire_tombstones(now);
+            let reaped = s.table.take_unreaped();
             let encoded = state::encode(&SnapshotRef {
                 version: state::SNAPSHOT_VERSION,
                 boot_id: &self.boot_id,

@@ -454,9 +454,13 @@ impl ConnTable {
         }
     }
 
+    /// Forgets tombstones older than `TOMBSTONE_SECS`, except those of records still waiting
+    /// to be deleted from the kernel map: while snapshots fail (a full disk) the records stay
+    /// in the kernel, and without their tombstone they would be counted again.
     pub fn expire_tombstones(&mut self, now: Now) {
+        let pending: std::collections::HashSet<u64> = self.unreaped.iter().copied().collect();
         self.tombstones
-            .retain(|_, at| now.secs().saturating_sub(*at) < TOMBSTONE_SECS);
+            .retain(|c, at| now.secs().saturating_sub(*at) < TOMBSTONE_SECS || pending.contains(c));
         let tombstones = &self.tombstones;
         self.restored.retain(|c, ()| tombstones.contains_key(c));
     }
@@ -600,6 +604,37 @@ mod tests {
         assert_eq!(restarted.take_unreaped(), [7], "queued for deletion once");
         assert_eq!(restarted.closed_total, 0, "not counted again");
         assert!(agg2.addresses.clients.is_empty(), "not counted again");
+    }
+
+    /// Snapshots that keep failing (a full disk) keep the closed records in the kernel; their
+    /// tombstones must outlive them, or each record is counted again once they expire.
+    #[test]
+    fn failing_snapshots_never_count_a_closed_record_twice() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        let mut s = stats(1);
+        s.closed = 1;
+        s.bytes_in = 100;
+        t.observe(7, &s, &mut agg, now());
+        let mut later = now();
+        for _ in 0..5 {
+            // One snapshot attempt as the agent makes it: the saving fails.
+            later.unix_ms += 60_000;
+            t.expire_tombstones(later);
+            let reaped = t.take_unreaped();
+            assert_eq!(reaped, [7]);
+            t.restore_unreaped(reaped);
+            // The record is still in the kernel map and read again.
+            t.observe(7, &s, &mut agg, later);
+        }
+        assert_eq!(agg.addresses.clients["::1"].totals.bytes_in, 100);
+        assert_eq!(agg.addresses.clients["::1"].totals.connections, 1);
+        assert_eq!(t.closed_total, 1);
+        // Once deleted from the kernel, the tombstone may go.
+        assert_eq!(t.take_unreaped(), [7]);
+        later.unix_ms += 1000 * (TOMBSTONE_SECS + 1);
+        t.expire_tombstones(later);
+        assert!(t.tombstones.is_empty());
     }
 
     #[test]
