@@ -1,9 +1,14 @@
-//! The delivery engine, generic over [`Sink`]: one task per sink takes in what the fan-out
-//! queues, appends it to the sink's spool, and delivers from the spool in order, retrying
-//! failures with backoff ([`Retry`]) and counting everything in the sink's [`OutputStats`].
+//! The delivery engine, generic over [`Sink`]: the fan-out appends to each sink's spool
+//! ([`Queue`]), and one task per sink delivers from the spool in order, retrying failures with
+//! backoff ([`Retry`]) and counting everything in the sink's [`OutputStats`].
+
+use std::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicBool, Ordering},
+};
 
 use log::warn;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use super::{
     retry::Retry,
@@ -12,72 +17,120 @@ use super::{
     stats::{OutputStats, SharedStats, now_rfc3339, update},
 };
 
-/// One sink's task: spool what arrives, deliver in order, retry with backoff. Returns when
-/// the queue is closed and the spool is empty, or the receiver is away (the spool keeps the
-/// rest for the next start).
-pub async fn worker<S: Sink>(
-    mut sink: S,
-    mut spool: Spool<S::Item>,
-    mut rx: mpsc::Receiver<S::Item>,
+/// A sink's spool, shared by the fan-out and the sink's task. The fan-out appends on the
+/// caller's thread, so an event is in the spool (on disk, synced, for network sinks) before
+/// `push` returns: a snapshot the agent saves afterwards never records an alert or a shipped
+/// period that a crash could still lose. No in-memory queue stands before the spool.
+pub struct Queue<T> {
+    spool: Mutex<Spool<T>>,
+    wake: Notify,
+    closed: AtomicBool,
     stats: SharedStats,
-    mut retry: Retry,
-) {
-    let name = stats.lock().map(|s| s.name.clone()).unwrap_or_default();
-    let mut next_attempt = tokio::time::Instant::now();
-    let mut closed = false;
-    update(&stats, |s| s.pending = spool.len() as u64);
-    loop {
-        // Take in everything queued, without waiting.
-        loop {
-            match rx.try_recv() {
-                Ok(item) => append(&mut spool, item, &stats, &name),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
+}
+
+impl<T: Spooled> Queue<T> {
+    pub fn new(spool: Spool<T>, stats: SharedStats) -> Arc<Self> {
+        update(&stats, |s| s.pending = spool.len() as u64);
+        Arc::new(Self {
+            spool: Mutex::new(spool),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            stats,
+        })
+    }
+
+    fn spool(&self) -> MutexGuard<'_, Spool<T>> {
+        // A panic while holding the spool leaves it consistent (every change is one call).
+        self.spool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends `item` to the spool (counted as spooled, and the oldest dropped to stay within
+    /// the bound counted as dropped) and wakes the task. `Err`: it could not be spooled.
+    pub fn push(&self, item: T) -> Result<(), String> {
+        let mut spool = self.spool();
+        match spool.append(item) {
+            Ok(dropped) => {
+                let pending = spool.len() as u64;
+                drop(spool);
+                update(&self.stats, |s| {
+                    s.spooled += 1;
+                    s.dropped += dropped;
+                    s.pending = pending;
+                });
+                self.wake.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                drop(spool);
+                let msg = format!("spool: {e}");
+                update(&self.stats, |s: &mut OutputStats| {
+                    s.last_error = Some(msg.clone());
+                    s.last_error_at = Some(now_rfc3339());
+                });
+                Err(msg)
             }
         }
-        if spool.is_empty() {
-            if closed {
+    }
+
+    /// Takes no more; the task delivers what it can and returns.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// One sink's task: deliver from the spool in order, retry with backoff. Returns when the
+/// queue is closed and the spool is empty, or closed while the receiver is away (the spool
+/// keeps the rest for the next start).
+pub async fn worker<S: Sink>(mut sink: S, queue: Arc<Queue<S::Item>>, mut retry: Retry) {
+    let stats = queue.stats.clone();
+    let name = stats.lock().map(|s| s.name.clone()).unwrap_or_default();
+    let mut next_attempt = tokio::time::Instant::now();
+    loop {
+        if queue.spool().is_empty() {
+            if queue.is_closed() {
                 return;
             }
-            match rx.recv().await {
-                Some(item) => append(&mut spool, item, &stats, &name),
-                None => closed = true,
-            }
+            queue.wake.notified().await;
             continue;
         }
         if tokio::time::Instant::now() < next_attempt {
-            if closed {
+            if queue.is_closed() {
                 // Shutting down while the receiver is away: the spool keeps the rest.
                 return;
             }
             tokio::select! {
-                item = rx.recv() => match item {
-                    Some(item) => append(&mut spool, item, &stats, &name),
-                    None => closed = true,
-                },
-                _ = tokio::time::sleep_until(next_attempt) => {}
+                () = queue.wake.notified() => {}
+                () = tokio::time::sleep_until(next_attempt) => {}
             }
             continue;
         }
-        let batch = spool.peek(sink.batch_max().max(1));
+        let batch = queue.spool().peek(sink.batch_max().max(1));
         let (delivered, failure) = match sink.deliver(&batch).await {
             Ok(d) => (d, None),
             Err(f) => (f.done, Some((f.error, f.retry_after))),
         };
         let done = (delivered.sent + delivered.rejected).min(batch.len());
-        if done > 0
-            && let Err(e) = spool.ack(batch[done - 1].seq())
-        {
-            warn!("output `{name}`: cannot record delivery in the spool: {e}");
-        }
+        let pending = {
+            let mut spool = queue.spool();
+            if done > 0
+                && let Err(e) = spool.ack(batch[done - 1].seq())
+            {
+                warn!("output `{name}`: cannot record delivery in the spool: {e}");
+            }
+            spool.len() as u64
+        };
         update(&stats, |s| {
             s.sent += delivered.sent as u64;
             s.rejected += delivered.rejected as u64;
             s.dropped += delivered.rejected as u64;
-            s.pending = spool.len() as u64;
+            s.pending = pending;
             if delivered.sent > 0 {
                 s.last_sent_at = Some(now_rfc3339());
             }
@@ -95,8 +148,7 @@ pub async fn worker<S: Sink>(
                 if retry.worth_logging() {
                     warn!(
                         "output `{name}`: delivery failed ({msg}); {} event(s) spooled, retrying in {:?}",
-                        spool.len(),
-                        wait
+                        pending, wait
                     );
                 }
                 update(&stats, |s| {
@@ -105,24 +157,6 @@ pub async fn worker<S: Sink>(
                     s.last_error_at = Some(now_rfc3339());
                 });
             }
-        }
-    }
-}
-
-fn append<T: Spooled>(spool: &mut Spool<T>, item: T, stats: &SharedStats, name: &str) {
-    match spool.append(item) {
-        Ok(dropped) => update(stats, |s| {
-            s.spooled += 1;
-            s.dropped += dropped;
-            s.pending = spool.len() as u64;
-        }),
-        Err(e) => {
-            warn!("output `{name}`: cannot spool an event: {e}");
-            update(stats, |s: &mut OutputStats| {
-                s.dropped += 1;
-                s.last_error = Some(format!("spool: {e}"));
-                s.last_error_at = Some(now_rfc3339());
-            });
         }
     }
 }

@@ -1,6 +1,6 @@
-//! The fan-out: the running sinks, each a task of its own behind a bounded queue. The agent
-//! (and the collector) offer every input to every sink without waiting; each sink takes the
-//! inputs it delivers and converts them to its items.
+//! The fan-out: the running sinks, each delivering from its spool in a task of its own. The
+//! agent (and the collector) offer every input to every sink, which spools what it takes
+//! (converted to its items) before the offer returns; no one waits for a receiver.
 
 use std::{path::Path, time::Duration};
 
@@ -55,7 +55,8 @@ impl Outputs {
         Ok(())
     }
 
-    /// Queues alert events for every sink; never waits (a full queue drops and counts).
+    /// Spools alert events for every sink (synced to disk for network sinks) before returning;
+    /// never waits for a receiver. An event that cannot be spooled is dropped and counted.
     pub fn publish(&self, events: &[AlertEvent]) {
         for e in events {
             self.offer(&Input::Alert(&Record::new(e)), || {
@@ -109,7 +110,7 @@ impl Outputs {
             .into_iter()
             .map(|r| {
                 // Closing the queue tells the task to finish.
-                drop(r.feed);
+                r.feed.close();
                 r.task
             })
             .collect();

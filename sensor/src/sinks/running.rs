@@ -1,12 +1,10 @@
 //! A started sink: its task (the engine), its queue, its counters, and what it takes of the
 //! inputs the fan-out offers.
 
-use std::{path::Path, time::Duration};
-
-use tokio::sync::mpsc;
+use std::{path::Path, sync::Arc, time::Duration};
 
 use super::{
-    engine,
+    engine::{self, Queue},
     retry::Retry,
     sink::Sink,
     spool::Spool,
@@ -21,9 +19,6 @@ pub struct Context<'a> {
     pub state_dir: &'a Path,
 }
 
-/// Items queued per sink between the agent's loop and the sink's task.
-const QUEUE: usize = 4096;
-
 /// What the fan-out offers the sinks.
 #[derive(Debug, Clone, Copy)]
 pub enum Input<'a> {
@@ -33,29 +28,35 @@ pub enum Input<'a> {
     Summary(&'a crate::ship::Summary),
 }
 
-/// A sink's queue and its conversion of inputs to its items.
+/// A sink's spool and its conversion of inputs to its items.
 pub(super) trait Feed: Send + Sync {
-    /// Queues what this sink takes of `input`; `Err` names why it could not be queued.
+    /// Spools what this sink takes of `input`; `Err` names why it could not be spooled.
     fn offer(&self, input: &Input<'_>) -> Result<(), String>;
     fn takes_summaries(&self) -> bool;
+    /// Takes no more: the task delivers what it can, then ends.
+    fn close(&self);
 }
 
 struct Feeder<T, F> {
-    tx: mpsc::Sender<T>,
+    queue: Arc<Queue<T>>,
     accept: F,
     summaries: bool,
 }
 
-impl<T: Send, F: Fn(&Input<'_>) -> Option<T> + Send + Sync> Feed for Feeder<T, F> {
+impl<T: super::spool::Spooled, F: Fn(&Input<'_>) -> Option<T> + Send + Sync> Feed for Feeder<T, F> {
     fn offer(&self, input: &Input<'_>) -> Result<(), String> {
         match (self.accept)(input) {
-            Some(item) => self.tx.try_send(item).map_err(|e| e.to_string()),
+            Some(item) => self.queue.push(item),
             None => Ok(()),
         }
     }
 
     fn takes_summaries(&self) -> bool {
         self.summaries
+    }
+
+    fn close(&self) {
+        self.queue.close();
     }
 }
 
@@ -83,18 +84,12 @@ impl Running {
             target: sink.target(),
             ..OutputStats::default()
         }));
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(engine::worker(
-            sink,
-            spool,
-            rx,
-            stats.clone(),
-            Retry::new(retry_max),
-        ));
+        let queue = Queue::new(spool, stats.clone());
+        let task = tokio::spawn(engine::worker(sink, queue.clone(), Retry::new(retry_max)));
         Self {
             stats,
             feed: Box::new(Feeder {
-                tx,
+                queue,
                 accept,
                 summaries,
             }),

@@ -181,12 +181,10 @@ mod tests {
             ShipSink::new(&c, "host-a", stream_id(&spool_dir).expect("stream")).expect("output");
         let stats =
             std::sync::Arc::new(std::sync::Mutex::new(crate::sinks::OutputStats::default()));
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let queue = crate::sinks::engine::Queue::new(spool, stats.clone());
         let task = tokio::spawn(crate::sinks::engine::worker(
             out,
-            spool,
-            rx,
-            stats.clone(),
+            queue.clone(),
             crate::sinks::retry::Retry::new(Duration::from_secs(60)),
         ));
         let n = 40u64;
@@ -199,9 +197,9 @@ mod tests {
                 Now { unix_ms: t * 1000 },
             );
             let s = summarize(&agg, t, 10).expect("summary");
-            tx.send(ShipRecord::summary("host-a", s))
-                .await
-                .expect("send");
+            queue
+                .push(ShipRecord::summary("host-a", s))
+                .expect("spooled");
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let s = loop {
@@ -221,7 +219,7 @@ mod tests {
         );
         assert!(s.last_error.is_some(), "{s:?}");
         // What is pending survives a restart, within the bound, newest kept.
-        drop(tx);
+        queue.close();
         let _ = task.await;
         let reopened =
             crate::sinks::spool::Spool::<ShipRecord>::open(&spool_dir, 4096).expect("reopen");
