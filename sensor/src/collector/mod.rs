@@ -44,6 +44,25 @@ use shared::{Fleet, SNAPSHOT_VERSION, Shared, Snapshot};
 
 const JOURNAL: &str = "journal.jsonl";
 
+/// Cuts a line torn by a crash (bytes after the last newline) off the end of the journal. Left
+/// there, the next batch appended would continue it, and the merged line (an acknowledged
+/// batch among it) would fail to parse at the next replay. Returns the bytes cut.
+fn drop_torn_tail(path: &Path) -> std::io::Result<u64> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn = (bytes.len() - complete) as u64;
+    if torn > 0 {
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(complete as u64)?;
+        f.sync_all()?;
+    }
+    Ok(torn)
+}
+
 fn open_append(path: &Path) -> anyhow::Result<File> {
     OpenOptions::new()
         .create(true)
@@ -85,6 +104,11 @@ fn restore(
         c.clients.group_prefix_v6,
     );
     let journal = dir.join(JOURNAL);
+    match drop_torn_tail(&journal) {
+        Ok(0) => {}
+        Ok(n) => warn!("dropped a torn journal line ({n} bytes, never acknowledged)"),
+        Err(e) => return Err(e).context(format!("repairing {}", journal.display())),
+    }
     if let Ok(file) = File::open(&journal) {
         let mut replayed = 0;
         for line in std::io::BufReader::new(file).lines() {
@@ -218,4 +242,31 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     let outputs = shared.with_fleet(|f| std::mem::take(&mut f.outputs))?;
     outputs.shutdown(Duration::from_secs(2)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crash mid-append leaves a torn line; the next batch must start a line of its own.
+    #[test]
+    fn a_torn_journal_line_is_cut_before_appending() {
+        let dir = std::env::temp_dir().join(format!("sensor-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(JOURNAL);
+        std::fs::write(&path, "{\"a\":1}\n{\"b\":2}\n{\"torn\":").expect("write");
+        assert_eq!(drop_torn_tail(&path).expect("repair"), 8);
+        let mut f = open_append(&path).expect("open");
+        std::io::Write::write_all(&mut f, b"{\"c\":3}\n").expect("append");
+        drop(f);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            ["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"]
+        );
+        assert_eq!(drop_torn_tail(&path).expect("whole"), 0);
+        assert_eq!(drop_torn_tail(&dir.join("none")).expect("missing"), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
