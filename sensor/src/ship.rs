@@ -142,9 +142,51 @@ pub fn encode(batch: &Batch) -> Result<Vec<u8>, EncodeError> {
 
 // --- summaries ------------------------------------------------------------------------------
 
+/// Which clients below the `top_clients` cut a summary still names: a fixed share of all
+/// keys, chosen by HMAC under the fleet's identity secret. A ring that keeps every member
+/// below the cut on every host (tens of thousands of modest keys) still reaches the fleet
+/// rules through its sampled members, each with its exact counts. The choice is the same on
+/// every agent sharing the secret (so a sampled key's fleet totals are complete), the same
+/// for a key over time, and cannot be predicted (or avoided) by a client without the secret.
+pub struct Sample {
+    key: sensor_http::IdentityKey,
+    /// Keys sampled per 10 000.
+    per_10k: u32,
+    /// Sampled rows per key kind and period, at most (the lowest HMAC values are kept, which
+    /// is again the same choice on every agent).
+    max_rows: usize,
+}
+
+impl Sample {
+    pub fn new(secret: &[u8], percent: u32, max_rows: usize) -> Self {
+        Self {
+            key: sensor_http::IdentityKey::new(secret),
+            per_10k: percent.min(100) * 100,
+            max_rows,
+        }
+    }
+
+    /// No sampling: only the heaviest clients are named.
+    #[cfg(test)]
+    pub fn off() -> Self {
+        Self::new(&[0; 16], 0, 0)
+    }
+
+    /// The key's rank in the sample (0..10 000): sampled when below the share.
+    fn rank(&self, by: By, key: &str) -> u32 {
+        let id = self
+            .key
+            .id(format!("ship-sample\0{}\0{key}", by.name()).as_bytes());
+        // "k-" and 12 hex digits of the HMAC: uniform, so its value mod 10 000 is too.
+        let v = u64::from_str_radix(id.get(2..).unwrap_or_default(), 16).unwrap_or(u64::MAX);
+        (v % 10_000) as u32
+    }
+}
+
 /// The summary of the 10-second period starting at `start_s`, or None when nothing happened
-/// and no connection is open.
-pub fn summarize(agg: &Aggregator, start_s: u64, top: usize) -> Option<Summary> {
+/// and no connection is open: the `top` heaviest clients of each key kind and those of the
+/// rest that `sample` picks, each with its counts, and the remainder summed.
+pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) -> Option<Summary> {
     let period = start_s / PERIOD_SECS;
     let mut clients = Vec::new();
     let mut rest = BTreeMap::new();
@@ -169,11 +211,30 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize) -> Option<Summary> 
                 .then_with(|| a.0.cmp(b.0))
         });
         let mut left = Counts::default();
-        for (i, (key, counts, open)) in rows.into_iter().enumerate() {
-            if i >= top {
-                left += counts;
+        let mut named = Vec::with_capacity(rows.len().min(top));
+        let mut sampled = Vec::new();
+        for (i, row) in rows.into_iter().enumerate() {
+            if i < top {
+                named.push(row);
                 continue;
             }
+            if sample.per_10k > 0 {
+                let rank = sample.rank(by, row.0);
+                if rank < sample.per_10k {
+                    sampled.push((rank, row));
+                    continue;
+                }
+            }
+            left += row.1;
+        }
+        if sampled.len() > sample.max_rows {
+            sampled.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.0.cmp(b.1.0)));
+            for (_, row) in sampled.drain(sample.max_rows..) {
+                left += row.1;
+            }
+        }
+        named.extend(sampled.into_iter().map(|(_, row)| row));
+        for (key, counts, open) in named {
             let c = &agg.table(by).clients[key];
             clients.push(ClientDelta {
                 by: by.name().to_owned(),
@@ -225,7 +286,7 @@ pub(crate) mod tests {
             // The next period: not part of the summary of `t`.
             agg.apply(ip, &bytes(1), at(t + 12));
         }
-        let s = summarize(&agg, t, 2).expect("summary");
+        let s = summarize(&agg, t, 2, &Sample::off()).expect("summary");
         assert_eq!((s.start_s, s.period_s), (t, 10));
         let addrs: Vec<_> = s
             .clients
@@ -240,7 +301,75 @@ pub(crate) mod tests {
         assert_eq!(g.len(), 1);
         assert_eq!(g[0].counts.bytes_in, 1500);
         assert_eq!(g[0].counts.requests, 5);
-        assert!(summarize(&agg, t - 10, 2).is_none());
+        assert!(summarize(&agg, t - 10, 2, &Sample::off()).is_none());
+    }
+
+    /// A ring of modest keys below the cut on every host: a tenth of them (the same tenth on
+    /// every agent sharing the secret) is named with exact counts; every byte is still in the
+    /// named rows or the remainder, and another secret picks other keys.
+    #[test]
+    fn a_keyed_sample_names_clients_below_the_cut_the_same_on_every_host() {
+        let t = 1_800_000_000u64;
+        let at = Now {
+            unix_ms: (t + 3) * 1000,
+        };
+        let host = |ring_bytes: u64| {
+            let mut agg = Aggregator::new(20_000, 24, 56);
+            // 50 heavy clients take the top; 3000 ring members stay below them.
+            for i in 0..50u32 {
+                agg.apply(
+                    std::net::IpAddr::from([10, 9, 0, i as u8]),
+                    &bytes(10_000),
+                    at,
+                );
+            }
+            for i in 0..3000u32 {
+                let [_, _, a, b] = i.to_be_bytes();
+                agg.apply(
+                    std::net::IpAddr::from([10, 1, a, b]),
+                    &bytes(ring_bytes),
+                    at,
+                );
+            }
+            agg
+        };
+        let secret = [7u8; 32];
+        let sample = Sample::new(&secret, 10, 2000);
+        let names = |agg: &Aggregator, sample: &Sample| {
+            let s = summarize(agg, t, 50, sample).expect("summary");
+            let named: Vec<(String, u64)> = s
+                .clients
+                .iter()
+                .filter(|c| c.by == "address" && c.key.starts_with("10.1."))
+                .map(|c| (c.key.clone(), c.counts.bytes_in))
+                .collect();
+            let shipped: u64 = s
+                .clients
+                .iter()
+                .filter(|c| c.by == "address")
+                .map(|c| c.counts.bytes_in)
+                .sum::<u64>()
+                + s.rest.get("address").map_or(0, |r| r.bytes_in);
+            (named, shipped)
+        };
+        let (a, total_a) = names(&host(100), &sample);
+        let (b, total_b) = names(&host(70), &sample);
+        assert!((200..=400).contains(&a.len()), "about a tenth: {}", a.len());
+        assert!(a.iter().all(|(_, n)| *n == 100), "exact counts");
+        assert_eq!(total_a, 50 * 10_000 + 3000 * 100, "nothing lost");
+        assert_eq!(total_b, 50 * 10_000 + 3000 * 70);
+        let keys = |v: &[(String, u64)]| v.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        assert_eq!(keys(&a), keys(&b), "the same members on every host");
+        let (other, _) = names(&host(100), &Sample::new(&[8u8; 32], 10, 2000));
+        assert_ne!(keys(&a), keys(&other), "another secret, other members");
+        // The bound keeps the lowest ranks: again the same on every host.
+        let capped = Sample::new(&secret, 10, 100);
+        let (c1, t1) = names(&host(100), &capped);
+        let (c2, _) = names(&host(70), &capped);
+        assert_eq!(c1.len(), 100);
+        assert_eq!(keys(&c1), keys(&c2));
+        assert_eq!(t1, total_a);
+        assert!(names(&host(100), &Sample::off()).0.is_empty());
     }
 
     #[test]

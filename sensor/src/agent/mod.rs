@@ -60,6 +60,8 @@ struct Pipeline {
     /// Request events are always drained first: the kernel emits a connection's request
     /// events before its close, and exchanges must be split before the close is accounted.
     requests: AsyncFd<RingBuf<MapData>>,
+    /// Which clients below the summaries' cut are still named (keyed by the identity secret).
+    sample: crate::ship::Sample,
 }
 
 /// One read of the kernel's live connection map.
@@ -201,7 +203,12 @@ impl Pipeline {
     fn ship(&self, outputs: &crate::sinks::Outputs) -> anyhow::Result<()> {
         let summaries = {
             let mut s = lock(&self.state)?;
-            due_summaries(&mut s, self.config.ship.top_clients, Now::system())
+            due_summaries(
+                &mut s,
+                self.config.ship.top_clients,
+                &self.sample,
+                Now::system(),
+            )
         };
         for summary in summaries {
             outputs.ship_summary(summary);
@@ -337,14 +344,19 @@ fn ship_name(config: &Config) -> String {
 
 /// Summaries of the periods completed since the last one shipped (at most the last minute:
 /// older periods are no longer held at 10-second resolution).
-fn due_summaries(s: &mut AgentState, top: usize, now: Now) -> Vec<crate::ship::Summary> {
+fn due_summaries(
+    s: &mut AgentState,
+    top: usize,
+    sample: &crate::ship::Sample,
+    now: Now,
+) -> Vec<crate::ship::Summary> {
     use crate::ship::PERIOD_SECS;
     let current = now.secs() / PERIOD_SECS * PERIOD_SECS;
     let first = (s.shipped_through + PERIOD_SECS).max(current.saturating_sub(5 * PERIOD_SECS));
     let mut out = Vec::new();
     let mut start = first;
     while start < current {
-        out.extend(crate::ship::summarize(&s.agg, start, top));
+        out.extend(crate::ship::summarize(&s.agg, start, top, sample));
         start += PERIOD_SECS;
     }
     s.shipped_through = s.shipped_through.max(current.saturating_sub(PERIOD_SECS));
@@ -597,6 +609,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("polling the request ring buffer")?;
     let secret = load_secret(&secret_path(&config), true)?;
     let identities = Identities::new(&secret, &config);
+    let sample = crate::ship::Sample::new(
+        &secret,
+        config.ship.sample_percent,
+        config.ship.sample_max_clients,
+    );
     let boot_id = state::boot_id();
     let state: SharedState = Arc::new(Mutex::new(restore_state(&config, &capture, &boot_id)?));
     let mut pipeline = Pipeline {
@@ -606,6 +623,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         boot_id,
         identities,
         requests,
+        sample,
     };
     pipeline.catch_up(closed.get_mut())?;
     pipeline

@@ -18,6 +18,11 @@ pub struct ShipConfig {
     pub client_key_file: PathBuf,
     pub agent_name: String,
     pub top_clients: usize,
+    /// Share (%) of the clients below `top_clients` still named in summaries, chosen by the
+    /// identity secret ([`crate::ship::Sample`]); 0: none.
+    pub sample_percent: u32,
+    /// Sampled clients per key kind and period, at most.
+    pub sample_max_clients: usize,
     pub batch_max_records: usize,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
@@ -36,6 +41,8 @@ impl Default for ShipConfig {
             client_key_file: PathBuf::new(),
             agent_name: String::new(),
             top_clients: 200,
+            sample_percent: 10,
+            sample_max_clients: 2000,
             batch_max_records: 100,
             spool_dir: PathBuf::new(),
             spool_max_bytes: 256 * 1024 * 1024,
@@ -85,6 +92,18 @@ impl ShipConfig {
             return Err((
                 "top_clients",
                 format!("must be 1..={}", MAX_CLIENTS_PER_SUMMARY / 4),
+            ));
+        }
+        if self.sample_percent > 100 {
+            return Err(("sample_percent", "must be 0..=100".into()));
+        }
+        if self.top_clients + self.sample_max_clients > MAX_CLIENTS_PER_SUMMARY / 4 {
+            return Err((
+                "sample_max_clients",
+                format!(
+                    "top_clients + sample_max_clients must be at most {}",
+                    MAX_CLIENTS_PER_SUMMARY / 4
+                ),
             ));
         }
         if !(1..=1000).contains(&self.batch_max_records) {

@@ -196,7 +196,7 @@ mod tests {
                 &bytes(100 + i),
                 Now { unix_ms: t * 1000 },
             );
-            let s = summarize(&agg, t, 10).expect("summary");
+            let s = summarize(&agg, t, 10, &crate::ship::Sample::off()).expect("summary");
             queue
                 .push(ShipRecord::summary("host-a", s))
                 .expect("spooled");
