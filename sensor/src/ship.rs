@@ -149,18 +149,28 @@ pub fn encode(batch: &Batch) -> Result<Vec<u8>, EncodeError> {
 /// every agent sharing the secret (so a sampled key's fleet totals are complete), the same
 /// for a key over time, and cannot be predicted (or avoided) by a client without the secret.
 pub struct Sample {
+    /// Keyed with a subkey of the identity secret, so that no rank equals any identity's id
+    /// (a client could otherwise present a credential whose id is another key's rank).
     key: sensor_http::IdentityKey,
     /// Keys sampled per 10 000.
     per_10k: u32,
-    /// Sampled rows per key kind and period, at most (the lowest HMAC values are kept, which
-    /// is again the same choice on every agent).
+    /// Sampled rows per key kind and period, at most: past it the share is halved (and halved
+    /// again) for that period, so that a host under pressure samples a subset of what the
+    /// others sample and every key it names is named by all of them.
     max_rows: usize,
 }
 
 impl Sample {
     pub fn new(secret: &[u8], percent: u32, max_rows: usize) -> Self {
+        use hmac::Mac as _;
+        let subkey = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(secret)
+            .map(|mut m| {
+                m.update(b"sensor ship sample v1");
+                m.finalize().into_bytes().to_vec()
+            })
+            .unwrap_or_default();
         Self {
-            key: sensor_http::IdentityKey::new(secret),
+            key: sensor_http::IdentityKey::new(&subkey),
             per_10k: percent.min(100) * 100,
             max_rows,
         }
@@ -227,13 +237,17 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
             }
             left += row.1;
         }
-        if sampled.len() > sample.max_rows {
-            sampled.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.0.cmp(b.1.0)));
-            for (_, row) in sampled.drain(sample.max_rows..) {
+        let mut level = sample.per_10k;
+        while level > 0 && sampled.iter().filter(|(r, _)| *r < level).count() > sample.max_rows {
+            level /= 2;
+        }
+        for (rank, row) in sampled {
+            if rank < level {
+                named.push(row);
+            } else {
                 left += row.1;
             }
         }
-        named.extend(sampled.into_iter().map(|(_, row)| row));
         for (key, counts, open) in named {
             let c = &agg.table(by).clients[key];
             clients.push(ClientDelta {
@@ -362,13 +376,41 @@ pub(crate) mod tests {
         assert_eq!(keys(&a), keys(&b), "the same members on every host");
         let (other, _) = names(&host(100), &Sample::new(&[8u8; 32], 10, 2000));
         assert_ne!(keys(&a), keys(&other), "another secret, other members");
-        // The bound keeps the lowest ranks: again the same on every host.
+        // Past the bound the share halves: a host with more clients names a subset of what a
+        // host with fewer names, so every key it names is named everywhere.
         let capped = Sample::new(&secret, 10, 100);
         let (c1, t1) = names(&host(100), &capped);
-        let (c2, _) = names(&host(70), &capped);
-        assert_eq!(c1.len(), 100);
-        assert_eq!(keys(&c1), keys(&c2));
+        assert!(c1.len() <= 100 && c1.len() >= 20, "{}", c1.len());
         assert_eq!(t1, total_a);
+        let small = {
+            let mut agg = Aggregator::new(20_000, 24, 56);
+            for i in 0..50u32 {
+                agg.apply(
+                    std::net::IpAddr::from([10, 9, 0, i as u8]),
+                    &bytes(10_000),
+                    at,
+                );
+            }
+            for i in 0..600u32 {
+                let [_, _, a, b] = i.to_be_bytes();
+                agg.apply(std::net::IpAddr::from([10, 1, a, b]), &bytes(100), at);
+            }
+            agg
+        };
+        let (c2, _) = names(&small, &capped);
+        let in_small: std::collections::HashSet<String> = keys(&c2).into_iter().collect();
+        for k in keys(&c1) {
+            let [_, _, a, b] = k
+                .split('.')
+                .map(|p| p.parse::<u8>().expect("octet"))
+                .collect::<Vec<_>>()[..]
+            else {
+                panic!("{k}")
+            };
+            if u32::from(a) * 256 + u32::from(b) < 600 {
+                assert!(in_small.contains(&k), "{k} named on the busy host only");
+            }
+        }
         assert!(names(&host(100), &Sample::off()).0.is_empty());
     }
 

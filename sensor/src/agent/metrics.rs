@@ -82,6 +82,17 @@ impl Server {
             "metrics bearer token file",
         )?
         .into_bytes();
+        if config
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback())
+        {
+            log::warn!(
+                "metrics listener on {} serves plain HTTP: scrapers' bearer tokens cross the \
+                 network in clear; listen on loopback behind a TLS-terminating proxy",
+                config.listen
+            );
+        }
         let listener =
             TcpListener::bind(&config.listen)
                 .await

@@ -274,7 +274,15 @@ impl Pipeline {
             s.table.restore_unreaped(reaped);
             return Err(e);
         }
-        self.capture.delete(&reaped);
+        let left = self.capture.delete(&reaped);
+        if !left.is_empty() {
+            // Still in the kernel: their tombstones must stay until they are gone.
+            warn!(
+                "{} closed record(s) could not be deleted; retrying",
+                left.len()
+            );
+            lock(&self.state)?.table.restore_unreaped(left);
+        }
         Ok(())
     }
 
@@ -609,6 +617,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("polling the request ring buffer")?;
     let secret = load_secret(&secret_path(&config), true)?;
     let identities = Identities::new(&secret, &config);
+    if config.ship.enabled() && config.identity.secret_file.as_os_str().is_empty() {
+        warn!(
+            "shipping with this host's own identity secret: identities and the summaries' \
+             sample differ from other hosts'; give every agent the same [identity] secret_file"
+        );
+    }
     let sample = crate::ship::Sample::new(
         &secret,
         config.ship.sample_percent,

@@ -541,6 +541,9 @@ pub fn sanitize(b: &mut Batch, agent: &str) {
             }
             if let Some(r) = &mut e.ring {
                 r.member_kind = clean_text(&r.member_kind, 64);
+                for m in &mut r.members {
+                    *m = clean_text(m, MAX_KEY_LEN);
+                }
                 for s in &mut r.shared {
                     *s = clean_text(s, MAX_TEXT_LEN);
                 }

@@ -46,18 +46,34 @@ const JOURNAL: &str = "journal.jsonl";
 
 /// Cuts a line torn by a crash (bytes after the last newline) off the end of the journal. Left
 /// there, the next batch appended would continue it, and the merged line (an acknowledged
-/// batch among it) would fail to parse at the next replay. Returns the bytes cut.
+/// batch among it) would fail to parse at the next replay. Returns the bytes cut. Reads
+/// backwards from the end, a block at a time (the journal may be large).
 fn drop_torn_tail(path: &Path) -> std::io::Result<u64> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
-    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let torn = (bytes.len() - complete) as u64;
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut block = vec![0u8; 64 * 1024];
+    let complete = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(block.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut block[..n])?;
+        if let Some(i) = block[..n].iter().rposition(|&b| b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        end = start;
+    };
+    let torn = len - complete;
     if torn > 0 {
-        let f = OpenOptions::new().write(true).open(path)?;
-        f.set_len(complete as u64)?;
+        f.set_len(complete)?;
         f.sync_all()?;
     }
     Ok(torn)
@@ -111,10 +127,11 @@ fn restore(
     }
     if let Ok(file) = File::open(&journal) {
         let mut replayed = 0;
-        for line in std::io::BufReader::new(file).lines() {
+        // Bytes, not text: one unreadable line must not stop the replay of later batches.
+        for line in std::io::BufReader::new(file).split(b'\n') {
             let Ok(line) = line else { break };
             // A line torn by a crash was never acknowledged: the agent sends it again.
-            let Ok(batch) = serde_json::from_str::<Batch>(&line) else {
+            let Ok(batch) = serde_json::from_slice::<Batch>(&line) else {
                 continue;
             };
             forward.extend(state.apply(&batch, Now::system()).1);
@@ -266,6 +283,18 @@ mod tests {
             ["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"]
         );
         assert_eq!(drop_torn_tail(&path).expect("whole"), 0);
+        // A torn batch longer than the blocks read from the end.
+        let mut big = std::fs::read(&path).expect("read");
+        big.extend(std::iter::repeat_n(b'x', 200_000));
+        std::fs::write(&path, &big).expect("write");
+        assert_eq!(drop_torn_tail(&path).expect("repair"), 200_000);
+        assert_eq!(
+            std::fs::read_to_string(&path)
+                .expect("read")
+                .lines()
+                .count(),
+            3
+        );
         assert_eq!(drop_torn_tail(&dir.join("none")).expect("missing"), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -91,11 +91,21 @@ impl Shared {
         let mut line = serde_json::to_vec(batch).context("encoding the journal line")?;
         line.push(b'\n');
         let path = fleet.journal_path.clone();
-        fleet
+        let before = fleet
+            .journal
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        if let Err(e) = fleet
             .journal
             .write_all(&line)
             .and_then(|()| fleet.journal.sync_data())
-            .with_context(|| format!("appending to {}", path.display()))?;
+        {
+            // The batch is refused (the agent sends it again); a partial line left behind
+            // would merge with the next batch and both would be lost at replay.
+            let _ = fleet.journal.set_len(before);
+            return Err(e).with_context(|| format!("appending to {}", path.display()));
+        }
         let (applied, forward, accepted) = fleet.state.apply(batch, Now::system());
         fleet.outputs.publish_records(&forward);
         if let Some(log) = fleet.received_log.as_mut() {

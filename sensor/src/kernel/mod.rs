@@ -779,8 +779,9 @@ impl Capture {
     }
 
     /// Deletes closed records the agent has durably accounted: in batches of one syscall
-    /// each, or one by one where the kernel has no batch operations.
-    pub fn delete(&mut self, cookies: &[u64]) {
+    /// each, or one by one where the kernel has no batch operations. Returns the cookies whose
+    /// records are still in the map (the agent keeps their tombstones and tries again).
+    pub fn delete(&mut self, cookies: &[u64]) -> Vec<u64> {
         let fd = self.conns.map().fd().as_fd().as_raw_fd();
         let mut rest = cookies;
         while !rest.is_empty() {
@@ -792,13 +793,17 @@ impl Capture {
                     rest = &rest[(done + 1).min(rest.len())..];
                 }
                 Err((done, _)) => {
+                    let mut left = Vec::new();
                     for cookie in &rest[done..] {
-                        let _ = self.conns.remove(cookie);
+                        if self.conns.remove(cookie).is_err() && self.conns.get(cookie, 0).is_ok() {
+                            left.push(*cookie);
+                        }
                     }
-                    return;
+                    return left;
                 }
             }
         }
+        Vec::new()
     }
 
     /// The ring buffer of request events; taken once by the agent loop.

@@ -140,12 +140,23 @@ pub fn validate(
     Ok(())
 }
 
-/// `dir` without `.` components and trailing slashes, so that spellings of one directory
-/// compare equal (symlinks are not followed: the directory may not exist yet).
+/// `dir` without `.` and `..` components and trailing slashes, so that spellings of one
+/// directory compare equal; an existing directory by its canonical path (symlinks resolved).
 fn normalized(dir: &std::path::Path) -> std::path::PathBuf {
-    dir.components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
-        .collect()
+    if let Ok(real) = std::fs::canonicalize(dir) {
+        return real;
+    }
+    let mut out = std::path::PathBuf::new();
+    for c in dir.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn is_header(line: &str) -> bool {

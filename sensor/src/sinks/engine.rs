@@ -46,30 +46,43 @@ impl<T: Spooled> Queue<T> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends `item` to the spool (counted as spooled, and the oldest dropped to stay within
-    /// the bound counted as dropped) and wakes the task. `Err`: it could not be spooled.
+    /// Appends `item` to the spool; see [`Queue::push_all`].
+    #[cfg(test)]
     pub fn push(&self, item: T) -> Result<(), String> {
+        self.push_all(vec![item]).map_err(|(_, e)| e)
+    }
+
+    /// Appends `items` to the spool with one sync (counted as spooled, and the oldest dropped
+    /// to stay within the bound counted as dropped) and wakes the task. `Err`: how many could
+    /// not be spooled, and why (the caller counts them as dropped).
+    pub fn push_all(&self, items: Vec<T>) -> Result<(), (usize, String)> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let n = items.len();
         let mut spool = self.spool();
-        match spool.append(item) {
+        let appended = spool.append_all(items);
+        let pending = spool.len() as u64;
+        drop(spool);
+        self.wake.notify_one();
+        match appended {
             Ok(dropped) => {
-                let pending = spool.len() as u64;
-                drop(spool);
                 update(&self.stats, |s| {
-                    s.spooled += 1;
+                    s.spooled += n as u64;
                     s.dropped += dropped;
                     s.pending = pending;
                 });
-                self.wake.notify_one();
                 Ok(())
             }
-            Err(e) => {
-                drop(spool);
+            Err((done, e)) => {
                 let msg = format!("spool: {e}");
                 update(&self.stats, |s: &mut OutputStats| {
+                    s.spooled += done as u64;
+                    s.pending = pending;
                     s.last_error = Some(msg.clone());
                     s.last_error_at = Some(now_rfc3339());
                 });
-                Err(msg)
+                Err((n - done.min(n), msg))
             }
         }
     }

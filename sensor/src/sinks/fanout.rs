@@ -58,31 +58,34 @@ impl Outputs {
     /// Spools alert events for every sink (synced to disk for network sinks) before returning;
     /// never waits for a receiver. An event that cannot be spooled is dropped and counted.
     pub fn publish(&self, events: &[AlertEvent]) {
-        for e in events {
-            self.offer(&Input::Alert(&Record::new(e)), || {
-                crate::detect::event_id(&e.alert, e.event.as_str())
-            });
-        }
+        let records: Vec<Record> = events.iter().map(Record::new).collect();
+        self.publish_records(&records);
     }
 
-    /// Queues already-built records (the collector forwarding agents' alerts).
+    /// Spools already-built records (the collector forwarding agents' alerts).
     pub fn publish_records(&self, records: &[Record]) {
-        for rec in records {
-            self.offer(&Input::Alert(rec), || rec.id.clone());
-        }
+        let inputs: Vec<Input<'_>> = records.iter().map(Input::Alert).collect();
+        self.offer(&inputs, || format!("{} alert event(s)", records.len()));
     }
 
-    /// Queues a per-client summary for the collector (when shipping is on).
+    /// Spools a per-client summary for the collector (when shipping is on).
     pub fn ship_summary(&self, summary: crate::ship::Summary) {
         let start = summary.start_s;
-        self.offer(&Input::Summary(&summary), || format!("summary {start}"));
+        self.offer(&[Input::Summary(&summary)], || format!("summary {start}"));
     }
 
-    fn offer(&self, input: &Input<'_>, what: impl Fn() -> String) {
+    fn offer(&self, inputs: &[Input<'_>], what: impl Fn() -> String) {
+        if inputs.is_empty() {
+            return;
+        }
         for r in &self.running {
-            if let Err(err) = r.feed.offer(input) {
-                update(&r.stats, |s| s.dropped += 1);
-                warn!("output `{}`: {} not queued: {err}", r.name(), what());
+            if let Err((lost, err)) = r.feed.offer(inputs) {
+                update(&r.stats, |s| s.dropped += lost as u64);
+                warn!(
+                    "output `{}`: {lost} of {} not spooled: {err}",
+                    r.name(),
+                    what()
+                );
             }
         }
     }

@@ -268,6 +268,10 @@ url = "http://127.0.0.1:9000/hook"
                       [[outputs]]\ntype = \"syslog\"\naddress = \"h:514\"\n\
                       spool_dir = \"/var/lib/sensor/spool/w\"\n";
         assert_eq!(parse(shadow).expect_err("shadow").key, "spool_dir");
+        let dotted = "[[outputs]]\ntype = \"webhook\"\nurl = \"https://a/\"\nspool_dir = \"/s/x\"\n\
+                      [[outputs]]\ntype = \"syslog\"\naddress = \"h:514\"\n\
+                      spool_dir = \"/s/y/../x\"\n";
+        assert_eq!(parse(dotted).expect_err("dotted").key, "spool_dir");
         let apart = "[[outputs]]\ntype = \"webhook\"\nurl = \"https://a/\"\nspool_dir = \"/s1\"\n\
                      [[outputs]]\ntype = \"syslog\"\naddress = \"h:514\"\nspool_dir = \"/s2\"\n";
         assert!(parse(apart).is_ok());

@@ -30,8 +30,9 @@ pub enum Input<'a> {
 
 /// A sink's spool and its conversion of inputs to its items.
 pub(super) trait Feed: Send + Sync {
-    /// Spools what this sink takes of `input`; `Err` names why it could not be spooled.
-    fn offer(&self, input: &Input<'_>) -> Result<(), String>;
+    /// Spools what this sink takes of `inputs`, with one sync; `Err`: how many could not be
+    /// spooled, and why.
+    fn offer(&self, inputs: &[Input<'_>]) -> Result<(), (usize, String)>;
     fn takes_summaries(&self) -> bool;
     /// Takes no more: the task delivers what it can, then ends.
     fn close(&self);
@@ -44,11 +45,9 @@ struct Feeder<T, F> {
 }
 
 impl<T: super::spool::Spooled, F: Fn(&Input<'_>) -> Option<T> + Send + Sync> Feed for Feeder<T, F> {
-    fn offer(&self, input: &Input<'_>) -> Result<(), String> {
-        match (self.accept)(input) {
-            Some(item) => self.queue.push(item),
-            None => Ok(()),
-        }
+    fn offer(&self, inputs: &[Input<'_>]) -> Result<(), (usize, String)> {
+        self.queue
+            .push_all(inputs.iter().filter_map(|i| (self.accept)(i)).collect())
     }
 
     fn takes_summaries(&self) -> bool {

@@ -120,11 +120,12 @@ impl<T: Spooled> Spool<T> {
             let file = File::open(&path).map_err(|e| io("reading", &path, e))?;
             let mut last = first;
             let mut bytes = 0;
-            for line in BufReader::new(file).lines() {
+            // Bytes, not text: a line torn inside a UTF-8 character must not stop the read.
+            for line in BufReader::new(file).split(b'\n') {
                 let line = line.map_err(|e| io("reading", &path, e))?;
                 bytes += line.len() as u64 + 1;
                 // A line cut short by a crash mid-write is skipped; it never counted as spooled.
-                let Ok(rec) = serde_json::from_str::<T>(&line) else {
+                let Ok(rec) = serde_json::from_slice::<T>(&line) else {
                     log::warn!("spool {}: skipping an unreadable line", path.display());
                     continue;
                 };
@@ -164,7 +165,39 @@ impl<T: Spooled> Spool<T> {
 
     /// Appends `rec` with the next sequence number; returns how many oldest undelivered
     /// records were dropped to stay within the bound (`rec` itself if it alone is too big).
-    pub fn append(&mut self, mut rec: T) -> Result<u64, SinkError> {
+    pub fn append(&mut self, rec: T) -> Result<u64, SinkError> {
+        let dropped = self.append_unsynced(rec)?;
+        self.sync()?;
+        Ok(dropped)
+    }
+
+    /// Appends `recs` in order with one sync at the end (what one publish adds): the records
+    /// are durable when it returns `Ok`. On `Err`, the number of records appended before it.
+    pub fn append_all(&mut self, recs: Vec<T>) -> Result<u64, (usize, SinkError)> {
+        let mut dropped = 0;
+        for (i, rec) in recs.into_iter().enumerate() {
+            dropped += self.append_unsynced(rec).map_err(|e| (i, e))?;
+        }
+        // A failed sync leaves them pending in memory (delivered if the agent lives on).
+        let n = self.pending.len();
+        self.sync().map_err(|e| (n, e))?;
+        Ok(dropped)
+    }
+
+    fn sync(&mut self) -> Result<(), SinkError> {
+        let (Some(file), Some(seg)) = (self.writer.as_ref(), self.segments.back()) else {
+            return Ok(());
+        };
+        if let Err(e) = file.sync_data() {
+            let path = seg.path.clone();
+            // Later appends go to a fresh segment, not after bytes of unknown fate.
+            self.writer = None;
+            return Err(io("syncing", &path, e));
+        }
+        Ok(())
+    }
+
+    fn append_unsynced(&mut self, mut rec: T) -> Result<u64, SinkError> {
         rec.set_seq(self.next_seq);
         let mut line = serde_json::to_string(&rec)
             .map_err(|e| SinkError::Protocol(format!("encoding a record: {e}")))?;
@@ -215,9 +248,14 @@ impl<T: Spooled> Spool<T> {
         let (Some(file), Some(seg)) = (self.writer.as_mut(), self.segments.back_mut()) else {
             return Err(SinkError::Protocol("spool segment missing".into()));
         };
-        file.write_all(line.as_bytes())
-            .and_then(|()| file.sync_data())
-            .map_err(|e| io("appending to", &seg.path, e))?;
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            // A partial line (a full disk) would merge with the next record and both would be
+            // unreadable: cut it, and append to a fresh segment from now on.
+            let _ = file.set_len(seg.bytes);
+            let path = seg.path.clone();
+            self.writer = None;
+            return Err(io("appending to", &path, e));
+        }
         seg.bytes += line.len() as u64;
         seg.last_seq = seq;
         Ok(())

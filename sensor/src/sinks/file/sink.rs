@@ -95,7 +95,9 @@ impl RotatingFile {
         buf.push_str(line);
         buf.push('\n');
         if let Err(e) = file.write_all(buf.as_bytes()) {
-            // Reopen next time (the file may have been removed or the disk filled).
+            // Cut a partial line (a full disk): it would merge with the next one. Reopen next
+            // time (the file may have been removed).
+            let _ = file.set_len(*size);
             self.file = None;
             return Err(SinkError::io(format!("writing {}", self.path.display()), e));
         }
