@@ -11,9 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use sensor_common::{
-    EVENT_HEAD, HEAD_BYTES_MAX, HEAD_DONE, HEAD_REWIND, HEAD_UNSEEN, RequestEvent,
-};
+use sensor_common::{EVENT_HEAD, HEAD_BYTES_MAX, HEAD_DONE, HEAD_REWIND, HEAD_UNSEEN};
 use sensor_http::{
     Cidr, Credential, CredentialPolicy, ForwardedHeader, IdentityKey, forwarded_client, parse_head,
 };
@@ -170,7 +168,12 @@ impl Identities {
 
     /// Takes one request record from the kernel; pushes to `ready` the requests now complete,
     /// in order (a new request completes the connection's previous one).
-    pub fn on_event(&mut self, ev: &RequestEvent, peer: IpAddr, ready: &mut Vec<Ready>) {
+    pub fn on_event(
+        &mut self,
+        ev: &crate::kernel::RequestRecord<'_>,
+        peer: IpAddr,
+        ready: &mut Vec<Ready>,
+    ) {
         let bytes = ev.head_bytes();
         if ev.kind == EVENT_HEAD {
             let Some(p) = self.pending.get_mut(&ev.cookie) else {

@@ -131,11 +131,11 @@ impl Pipeline {
                 warn!("short request record ({} bytes)", item.len());
                 continue;
             };
-            drop(item);
             let peer = socket_addr(ev.remote_addr, 0).ip();
             // Heads come in chunks, and may be replaced while TCP has not accepted them: a
             // request is applied once its head is complete (see `Identities`).
             self.identities.on_event(&ev, peer, &mut ready);
+            drop(item);
             for r in ready.drain(..) {
                 apply_request(table, agg, r, now);
             }

@@ -1066,22 +1066,93 @@ pub fn decode_closed(bytes: &[u8]) -> Option<ClosedConn> {
     decode(bytes)
 }
 
-/// Decodes a request record: the fixed fields and the `head_skip + head_len` bytes of `head`
-/// the kernel sends; the rest of `head` is zero, and `head_len` never reaches past the record.
-pub fn decode_request(bytes: &[u8]) -> Option<RequestEvent> {
-    const FIXED: usize = std::mem::offset_of!(RequestEvent, head);
+/// The fixed part of a `RequestEvent` (everything before `head`), read without copying the
+/// record's 16 KiB head buffer: a request event is decoded at every request.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RequestFixed {
+    cookie: u64,
+    ts_ns: u64,
+    remote_addr: [u8; 16],
+    bytes_in_start: u64,
+    bytes_out_start: u64,
+    events_out_start: u64,
+    head_offset: u64,
+    head_len: u16,
+    kind: u8,
+    flags: u8,
+    head_skip: u8,
+    _pad: [u8; 3],
+}
+
+// The prefix of `RequestEvent`, field for field.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<RequestFixed>() == offset_of!(RequestEvent, head));
+    assert!(offset_of!(RequestFixed, cookie) == offset_of!(RequestEvent, cookie));
+    assert!(offset_of!(RequestFixed, ts_ns) == offset_of!(RequestEvent, ts_ns));
+    assert!(offset_of!(RequestFixed, remote_addr) == offset_of!(RequestEvent, remote_addr));
+    assert!(offset_of!(RequestFixed, bytes_in_start) == offset_of!(RequestEvent, bytes_in_start));
+    assert!(offset_of!(RequestFixed, bytes_out_start) == offset_of!(RequestEvent, bytes_out_start));
+    assert!(
+        offset_of!(RequestFixed, events_out_start) == offset_of!(RequestEvent, events_out_start)
+    );
+    assert!(offset_of!(RequestFixed, head_offset) == offset_of!(RequestEvent, head_offset));
+    assert!(offset_of!(RequestFixed, head_len) == offset_of!(RequestEvent, head_len));
+    assert!(offset_of!(RequestFixed, kind) == offset_of!(RequestEvent, kind));
+    assert!(offset_of!(RequestFixed, flags) == offset_of!(RequestEvent, flags));
+    assert!(offset_of!(RequestFixed, head_skip) == offset_of!(RequestEvent, head_skip));
+};
+
+/// A request event as the ring buffer holds it: its fields, and its head bytes borrowed from
+/// the record.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRecord<'a> {
+    pub cookie: u64,
+    pub ts_ns: u64,
+    pub remote_addr: [u8; 16],
+    pub bytes_in_start: u64,
+    pub bytes_out_start: u64,
+    pub events_out_start: u64,
+    pub head_offset: u64,
+    pub kind: u8,
+    pub flags: u8,
+    /// The request bytes the record carries (`head_len` bytes from `head_skip`, within what
+    /// the record holds).
+    pub head: &'a [u8],
+}
+
+impl RequestRecord<'_> {
+    pub fn head_bytes(&self) -> &[u8] {
+        self.head
+    }
+}
+
+/// Decodes a request event record (the kernel sends it only as long as the head it carries).
+pub fn decode_request(bytes: &[u8]) -> Option<RequestRecord<'_>> {
+    const FIXED: usize = std::mem::size_of::<RequestFixed>();
     if bytes.len() < FIXED {
         return None;
     }
-    let mut ev = RequestEvent::default();
-    let n = bytes.len().min(std::mem::size_of::<RequestEvent>());
-    // SAFETY: RequestEvent is Pod (any bytes are a valid value) and n is at most its size.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), std::ptr::from_mut(&mut ev).cast::<u8>(), n);
-    }
-    let carried = (n - FIXED).saturating_sub(usize::from(ev.head_skip));
-    ev.head_len = ev.head_len.min(carried as u16);
-    Some(ev)
+    // SAFETY: RequestFixed is plain data (any bytes are a valid value) and `bytes` holds at
+    // least its size; the read is unaligned-safe.
+    let f: RequestFixed = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let from = (FIXED + usize::from(f.head_skip)).min(bytes.len());
+    let to = (from + usize::from(f.head_len))
+        .min(bytes.len())
+        .min(FIXED + sensor_common::HEAD_EVENT_MAX);
+    Some(RequestRecord {
+        cookie: f.cookie,
+        ts_ns: f.ts_ns,
+        remote_addr: f.remote_addr,
+        bytes_in_start: f.bytes_in_start,
+        bytes_out_start: f.bytes_out_start,
+        events_out_start: f.events_out_start,
+        head_offset: f.head_offset,
+        kind: f.kind,
+        flags: f.flags,
+        head: &bytes[from..to.max(from)],
+    })
 }
 
 /// Forwards `aya-log-ebpf` records from the kernel to the agent's logger. Needs a tokio runtime.
@@ -1111,4 +1182,70 @@ fn spawn_kernel_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The borrowed decoding reads what the kernel wrote: the fields, and the head from
+    /// `head_skip` for `head_len` bytes within what the record holds.
+    #[test]
+    fn request_records_decode_without_copying_the_head_buffer() {
+        let mut ev = RequestEvent {
+            cookie: 7,
+            ts_ns: 11,
+            remote_addr: [1; 16],
+            bytes_in_start: 100,
+            bytes_out_start: 200,
+            events_out_start: 3,
+            head_offset: 42,
+            head_len: 5,
+            kind: sensor_common::EVENT_HEAD,
+            flags: 1,
+            head_skip: 2,
+            ..RequestEvent::default()
+        };
+        ev.head[..7].copy_from_slice(b"xxGET /");
+        const FIXED: usize = std::mem::offset_of!(RequestEvent, head);
+        // SAFETY: RequestEvent is plain data; the slice covers part of it.
+        let all = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&ev).cast::<u8>(),
+                std::mem::size_of::<RequestEvent>(),
+            )
+        };
+        // The kernel sends the record only as long as the head it carries.
+        let r = decode_request(&all[..FIXED + 7]).expect("decodes");
+        assert_eq!(
+            (
+                r.cookie,
+                r.ts_ns,
+                r.bytes_in_start,
+                r.bytes_out_start,
+                r.events_out_start
+            ),
+            (7, 11, 100, 200, 3)
+        );
+        assert_eq!(
+            (r.head_offset, r.kind, r.flags),
+            (42, sensor_common::EVENT_HEAD, 1)
+        );
+        assert_eq!(r.remote_addr, [1; 16]);
+        assert_eq!(r.head_bytes(), b"GET /");
+        // A record cut short keeps what it holds; one without its fixed part is refused.
+        assert_eq!(
+            decode_request(&all[..FIXED + 4])
+                .expect("short")
+                .head_bytes(),
+            b"GE"
+        );
+        assert_eq!(
+            decode_request(&all[..FIXED + 1])
+                .expect("shorter")
+                .head_bytes(),
+            b""
+        );
+        assert!(decode_request(&all[..FIXED - 1]).is_none());
+    }
 }
