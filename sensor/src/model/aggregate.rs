@@ -107,8 +107,18 @@ const MINUTES: usize = 60;
 /// (2640 bytes) dominated the agent's memory.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Windows {
+    #[serde(deserialize_with = "sorted")]
     tens: Vec<Bucket>,
+    #[serde(deserialize_with = "sorted")]
     minutes: Vec<Bucket>,
+}
+
+/// Buckets oldest first, whatever order a snapshot lists them in (snapshots of the earlier
+/// fixed rings list them in slot order): `sum_recent` relies on it.
+fn sorted<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Bucket>, D::Error> {
+    let mut v = Vec::<Bucket>::deserialize(d)?;
+    v.sort_unstable_by_key(|b| b.epoch);
+    Ok(v)
 }
 
 /// Adds to the bucket of `epoch` in `ring` (newest last), dropping buckets `span` or more
@@ -141,12 +151,20 @@ fn add_to(ring: &mut Vec<Bucket>, epoch: u64, span: usize, c: Counts) {
     ring.insert(at, Bucket { epoch, counts: c });
 }
 
+/// The buckets of the last `span` periods up to `epoch`. Buckets are kept sorted (oldest
+/// first), so the walk starts at the newest and stops at the first one too old: the 10-minute
+/// window reads at most 10 of the hour's 60 buckets (detection reads windows for every key at
+/// every evaluation).
 fn sum_recent(ring: &[Bucket], epoch: u64, span: u64) -> Counts {
     let mut total = Counts::default();
-    for b in ring {
-        if b.epoch <= epoch && b.epoch + span > epoch {
-            total += b.counts;
+    for b in ring.iter().rev() {
+        if b.epoch > epoch {
+            continue;
         }
+        if b.epoch + span <= epoch {
+            break;
+        }
+        total += b.counts;
     }
     total
 }
@@ -911,6 +929,60 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The early-stopping window sums equal a sum over every bucket, whatever the order of
+    /// arrival (time stepping back included) and for a snapshot listing buckets unsorted.
+    #[test]
+    fn window_sums_stop_early_and_stay_exact() {
+        let naive = |w: &Windows, now_s: u64, win: Window| {
+            let (ring, epoch, span) = match win {
+                Window::OneMinute => (&w.tens, now_s / 10, TEN_SECONDS as u64),
+                Window::TenMinutes => (&w.minutes, now_s / 60, 10),
+                Window::OneHour => (&w.minutes, now_s / 60, MINUTES as u64),
+            };
+            let mut t = Counts::default();
+            for b in ring {
+                if b.epoch <= epoch && b.epoch + span > epoch {
+                    t += b.counts;
+                }
+            }
+            t
+        };
+        let mut seed = 12345u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        let mut w = Windows::default();
+        let mut now = 1_800_000_000u64;
+        for _ in 0..2000 {
+            // Mostly forward, sometimes a step back (a clock adjustment).
+            now = if next() % 20 == 0 {
+                now - next() % 120
+            } else {
+                now + next() % 40
+            };
+            let c = Counts {
+                requests: 1,
+                bytes_in: next() % 1000,
+                ..Counts::default()
+            };
+            w.add(now, c);
+            for win in Window::ALL {
+                assert_eq!(w.get(now, win), naive(&w, now, win), "{win:?} at {now}");
+            }
+        }
+        let mut shuffled = w.clone();
+        shuffled.minutes.reverse();
+        shuffled.tens.reverse();
+        let back: Windows =
+            serde_json::from_str(&serde_json::to_string(&shuffled).expect("json")).expect("load");
+        for win in Window::ALL {
+            assert_eq!(back.get(now, win), w.get(now, win), "{win:?}");
+        }
+    }
 
     fn now(s: u64) -> Now {
         Now { unix_ms: s * 1000 }
