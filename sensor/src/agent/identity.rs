@@ -81,7 +81,7 @@ pub struct Identities {
     forwarded_header: ForwardedHeader,
     policy: CredentialPolicy,
     names: BTreeMap<String, String>,
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<u64, Pending, foldhash::fast::RandomState>,
     pub stats: HeadStats,
 }
 
@@ -143,7 +143,7 @@ impl Identities {
             forwarded_header: ForwardedHeader::default(),
             policy: CredentialPolicy::default(),
             names: BTreeMap::new(),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             stats: HeadStats::default(),
         };
         ids.reconfigure(config);

@@ -187,7 +187,8 @@ impl Pipeline {
     fn catch_up(&mut self, closed: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         self.drain_closed(closed)?;
         self.read_live(|s, read| {
-            let present: HashSet<u64> = read.records.iter().map(|(c, _)| *c).collect();
+            let present: HashSet<u64, foldhash::fast::RandomState> =
+                read.records.iter().map(|(c, _)| *c).collect();
             let AgentState { table, agg, .. } = s;
             table.forget_missing(&present, agg, read.now);
         })

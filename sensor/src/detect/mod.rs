@@ -83,7 +83,7 @@ impl Settings {
 
 /// Active addresses per group, per window (group rules' `active_addresses`).
 #[derive(Default)]
-pub struct ActiveAddresses([HashMap<String, u64>; 3]);
+pub struct ActiveAddresses([HashMap<String, u64, foldhash::fast::RandomState>; 3]);
 
 impl ActiveAddresses {
     fn count(agg: &Aggregator, now: Now) -> Self {

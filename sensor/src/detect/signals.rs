@@ -131,11 +131,11 @@ pub fn prompt_growth(c: &ClientStats, now: Now) -> f64 {
 /// hour. An address with several is a shared egress (an office NAT, a proxy, a frontend
 /// pool): its traffic is many people's, and it is judged per identity.
 #[derive(Default)]
-pub struct IdentitiesBehind(HashMap<IpAddr, u32>);
+pub struct IdentitiesBehind(HashMap<IpAddr, u32, foldhash::fast::RandomState>);
 
 impl IdentitiesBehind {
     pub fn count(agg: &Aggregator, now: Now) -> Self {
-        let mut m: HashMap<IpAddr, u32> = HashMap::new();
+        let mut m: HashMap<IpAddr, u32, foldhash::fast::RandomState> = HashMap::default();
         let now_s = now.secs();
         for c in agg.identities.clients.values() {
             for (ip, t) in &c.source_seen_s {

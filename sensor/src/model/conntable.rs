@@ -409,7 +409,12 @@ impl ConnTable {
     /// After a full read of the kernel map: live connections the kernel no longer holds can no
     /// longer be observed (the kernel state was replaced); close them without new counts.
     /// Their exchanges are closed too.
-    pub fn forget_missing(&mut self, present: &HashSet<u64>, agg: &mut Aggregator, now: Now) {
+    pub fn forget_missing(
+        &mut self,
+        present: &HashSet<u64, foldhash::fast::RandomState>,
+        agg: &mut Aggregator,
+        now: Now,
+    ) {
         let gone: Vec<u64> = self
             .live
             .keys()
