@@ -288,6 +288,7 @@ pub struct Launch<'a> {
     pub poll_ms: Option<u64>,
     /// More arguments for `sensor run`.
     pub extra: Vec<std::ffi::OsString>,
+    /// The agent binary; empty: `sensor_bin()` (SENSOR_BIN, else the debug build).
     pub bin: PathBuf,
     /// Runs the agent under this command (valgrind, perf), if not empty.
     pub wrapper: Vec<std::ffi::OsString>,
@@ -304,7 +305,9 @@ impl<'a> Launch<'a> {
             ports,
             poll_ms: None,
             extra: Vec::new(),
-            bin: sensor_bin(),
+            // Resolved at launch: a caller that names its own binary (the bench's release
+            // build) must not need the debug one.
+            bin: PathBuf::new(),
             wrapper: Vec::new(),
             log_level: "info",
             ready_within: Duration::from_secs(30),
@@ -375,7 +378,11 @@ impl Agent {
             args.extend(["--live-read".into(), path.into()]);
         }
         let mut command = l.wrapper;
-        command.push(l.bin.into());
+        command.push(if l.bin.as_os_str().is_empty() {
+            sensor_bin().into()
+        } else {
+            l.bin.into()
+        });
         let child = Self::spawn(&dir.path, &command, &args, l.log_level)?;
         let mut agent = Self {
             child,
