@@ -10,7 +10,7 @@ use super::NetError;
 pub fn read_secret(path: &Path, what: &str) -> Result<String, NetError> {
     use std::os::unix::fs::PermissionsExt;
     let text = std::fs::read_to_string(path)
-        .map_err(|e| NetError::io(format!("reading the {what} {}", path.display()), e))?;
+        .map_err(|e| NetError::io(format!("cannot read the {what} {}", path.display()), e))?;
     let secret = text.trim().to_owned();
     if secret.is_empty() {
         return Err(NetError::Config(format!(
