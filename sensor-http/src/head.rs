@@ -138,6 +138,16 @@ fn field(line: &[u8]) -> Option<(&[u8], &[u8])> {
 /// Parses the head at the start of `buf`. Blank lines before the request line are skipped;
 /// bytes after the head (a body) are ignored.
 pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
+    parse_head_with(buf, |_, _| {})
+}
+
+/// `parse_head`, handing each well-formed field line examined (name, trimmed value) to
+/// `visit` as it goes: the agent takes credential and forwarding from the same pass instead
+/// of walking the lines again (see `HeadScan`).
+pub fn parse_head_with<'a>(
+    buf: &'a [u8],
+    mut visit: impl FnMut(&'a [u8], &'a [u8]),
+) -> Result<RequestHead<'a>, HeadError> {
     let mut buf = buf;
     while let [b'\r' | b'\n', rest @ ..] = buf {
         buf = rest;
@@ -187,6 +197,7 @@ pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
                 if name.eq_ignore_ascii_case(b"host") && head.host.is_none() {
                     head.host = ascii(value);
                 }
+                visit(name, value);
             }
             None => head.skipped_fields += 1,
         }
@@ -215,39 +226,118 @@ impl<'a> RequestHead<'a> {
     /// the head has no such line, and always None for a truncated or cut head: a line a
     /// proxy appended at the end may be missing, and what remains is the client's to write.
     pub fn forwarded_list(&self, header: ForwardedHeader) -> Option<String> {
-        if self.truncated || self.fields_cut {
-            return None;
-        }
-        let name = header.name().as_bytes();
-        let mut list: Option<String> = None;
-        for (n, v) in self.fields() {
-            if !n.eq_ignore_ascii_case(name) {
-                continue;
-            }
-            let v = String::from_utf8_lossy(v);
-            match &mut list {
-                Some(l) => {
-                    l.push_str(", ");
-                    l.push_str(&v);
-                }
-                None => list = Some(v.into_owned()),
-            }
-        }
-        list
+        let mut fwd = ForwardedScan::new(header);
+        self.fields().for_each(|(n, v)| fwd.field(n, v));
+        fwd.finish(self)
     }
 
     /// The API credential under `policy`, to be hashed and dropped; never store it.
     pub fn credential(&self, policy: &CredentialPolicy) -> Credential<'a> {
-        let mut seen: Vec<Seen<'a>> = policy.carriers.iter().map(|_| Seen::None).collect();
-        for (name, value) in self.fields() {
-            for (carrier, seen) in policy.carriers.iter().zip(seen.iter_mut()) {
-                if let Some(v) = carrier.carried_in(name, value) {
-                    seen.add(v);
-                }
+        let mut cred = CredentialScan::new(policy);
+        self.fields().for_each(|(n, v)| cred.field(n, v));
+        cred.finish(self.path)
+    }
+}
+
+/// Credential and forwarded list of one head from a single pass over its field lines
+/// (`parse_head_with`): what `RequestHead::credential` and `RequestHead::forwarded_list` give,
+/// without walking the lines three times for every request the agent sees.
+pub struct HeadScan<'a, 'p> {
+    cred: CredentialScan<'a, 'p>,
+    fwd: ForwardedScan,
+}
+
+impl<'a, 'p> HeadScan<'a, 'p> {
+    pub fn new(policy: &'p CredentialPolicy, header: ForwardedHeader) -> Self {
+        Self {
+            cred: CredentialScan::new(policy),
+            fwd: ForwardedScan::new(header),
+        }
+    }
+
+    /// One well-formed field line, in order.
+    pub fn field(&mut self, name: &'a [u8], value: &'a [u8]) {
+        self.cred.field(name, value);
+        self.fwd.field(name, value);
+    }
+
+    /// The credential and the forwarded list of `head`, the head the lines came from.
+    pub fn finish(self, head: &RequestHead<'a>) -> (Credential<'a>, Option<String>) {
+        (self.cred.finish(head.path), self.fwd.finish(head))
+    }
+}
+
+/// Collects the lines of one forwarding header, joined in order.
+struct ForwardedScan {
+    name: &'static [u8],
+    list: Option<String>,
+}
+
+impl ForwardedScan {
+    fn new(header: ForwardedHeader) -> Self {
+        Self {
+            name: header.name().as_bytes(),
+            list: None,
+        }
+    }
+
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if !name.eq_ignore_ascii_case(self.name) {
+            return;
+        }
+        let v = String::from_utf8_lossy(value);
+        match &mut self.list {
+            Some(l) => {
+                l.push_str(", ");
+                l.push_str(&v);
+            }
+            None => self.list = Some(v.into_owned()),
+        }
+    }
+
+    /// None for a truncated or cut head: a line a proxy appended at the end may be missing,
+    /// and what remains is the client's to write.
+    fn finish(self, head: &RequestHead<'_>) -> Option<String> {
+        if head.truncated || head.fields_cut {
+            return None;
+        }
+        self.list
+    }
+}
+
+/// What each carrier of a policy held across a head's lines. On the stack: a policy names at
+/// most `MAX_CARRIERS` (the agent's config refuses more; any beyond are ignored here).
+struct CredentialScan<'a, 'p> {
+    policy: &'p CredentialPolicy,
+    seen: [Seen<'a>; MAX_CARRIERS],
+}
+
+impl<'a, 'p> CredentialScan<'a, 'p> {
+    fn new(policy: &'p CredentialPolicy) -> Self {
+        Self {
+            policy,
+            seen: std::array::from_fn(|_| Seen::None),
+        }
+    }
+
+    fn field(&mut self, name: &'a [u8], value: &'a [u8]) {
+        for (carrier, seen) in self.policy.carriers.iter().zip(self.seen.iter_mut()) {
+            if let Some(v) = carrier.carried_in(name, value) {
+                seen.add(v);
             }
         }
-        if let Some(query) = self.path.split_once('?').map(|(_, q)| q) {
-            for (carrier, seen) in policy.carriers.iter().zip(seen.iter_mut()) {
+    }
+
+    fn finish(mut self, path: &'a str) -> Credential<'a> {
+        let policy = self.policy;
+        let n = policy.carriers.len().min(MAX_CARRIERS);
+        let has_query = policy
+            .carriers
+            .iter()
+            .any(|c| matches!(c, Carrier::Query(_)));
+        if has_query && let Some(q) = memchr::memchr(b'?', path.as_bytes()) {
+            let query = &path[q + 1..];
+            for (carrier, seen) in policy.carriers.iter().zip(self.seen.iter_mut()) {
                 if let Carrier::Query(param) = carrier {
                     for pair in query.split('&') {
                         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -261,6 +351,7 @@ impl<'a> RequestHead<'a> {
                 }
             }
         }
+        let seen = self.seen.into_iter().take(n);
         if policy.ordered {
             // The operator named the backend's carriers in order: the first present decides.
             for s in seen {

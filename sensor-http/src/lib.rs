@@ -12,7 +12,7 @@ pub mod identity;
 
 pub use cidr::{Cidr, CidrError};
 pub use head::{
-    Carrier, CarrierError, Credential, CredentialPolicy, ForwardedHeader, HeadError, MAX_CARRIERS,
-    MAX_HEADERS, RequestHead, parse_head,
+    Carrier, CarrierError, Credential, CredentialPolicy, ForwardedHeader, HeadError, HeadScan,
+    MAX_CARRIERS, MAX_HEADERS, RequestHead, parse_head, parse_head_with,
 };
 pub use identity::{IdentityKey, forwarded_client};

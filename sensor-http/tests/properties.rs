@@ -3,7 +3,8 @@
 
 use proptest::prelude::*;
 use sensor_http::{
-    Cidr, Credential, CredentialPolicy, ForwardedHeader, forwarded_client, parse_head,
+    Carrier, Cidr, Credential, CredentialPolicy, ForwardedHeader, HeadScan, forwarded_client,
+    parse_head, parse_head_with,
 };
 
 proptest! {
@@ -70,6 +71,43 @@ proptest! {
             let _ = h.credential(&CredentialPolicy::default());
             let _ = h.forwarded_list(ForwardedHeader::XForwardedFor);
             let _ = h.fields().count();
+        }
+    }
+
+    /// The agent's one-pass scan sees exactly what the per-accessor walks see, on hostile
+    /// heads with repeated, conflicting and folded credential and forwarding lines.
+    #[test]
+    fn one_pass_scan_equals_the_accessors(
+        lines in proptest::collection::vec(
+            ("(Authorization|authorization|X-Api-Key|api-key|X-Forwarded-For|Forwarded|Host|[A-Za-z-]{1,8})",
+             "(Bearer |Basic |)[ -~]{0,24}"),
+            0..12),
+        query in "(\\?key=[a-z%0-9]{0,8}(&key=[a-z0-9]{0,4})?)?",
+        junk in proptest::collection::vec(any::<u8>(), 0..40),
+        ordered in any::<bool>(),
+        cut in 0usize..400,
+    ) {
+        let mut raw = format!("GET /v1/chat{query} HTTP/1.1\r\n").into_bytes();
+        for (name, value) in &lines {
+            raw.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        raw.extend_from_slice(&junk);
+        raw.extend_from_slice(b"\r\n\r\n");
+        let raw = &raw[..cut.min(raw.len())];
+        let carriers: Vec<Carrier> = ["authorization", "basic", "x-api-key", "api-key", "query:key"]
+            .iter()
+            .map(|c| c.parse().expect("carrier"))
+            .collect();
+        let policy = CredentialPolicy { carriers, ordered };
+        for header in [ForwardedHeader::XForwardedFor, ForwardedHeader::Forwarded] {
+            let mut scan = HeadScan::new(&policy, header);
+            let one = parse_head_with(raw, |n, v| scan.field(n, v));
+            prop_assert_eq!(one.is_ok(), parse_head(raw).is_ok());
+            if let Ok(head) = one {
+                let (credential, list) = scan.finish(&head);
+                prop_assert_eq!(credential, head.credential(&policy));
+                prop_assert_eq!(list, head.forwarded_list(header));
+            }
         }
     }
 }

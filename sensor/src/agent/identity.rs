@@ -13,7 +13,8 @@ use std::{
 use anyhow::Context as _;
 use sensor_common::{EVENT_HEAD, HEAD_BYTES_MAX, HEAD_DONE, HEAD_REWIND, HEAD_UNSEEN};
 use sensor_http::{
-    Cidr, Credential, CredentialPolicy, ForwardedHeader, IdentityKey, forwarded_client, parse_head,
+    Cidr, Credential, CredentialPolicy, ForwardedHeader, HeadScan, IdentityKey, forwarded_client,
+    parse_head_with,
 };
 use serde::Serialize;
 
@@ -266,7 +267,9 @@ impl Identities {
         if head.is_empty() {
             return ExchangeKeys::default();
         }
-        let parsed = match parse_head(head) {
+        // One pass over the field lines gives the head, its credential and its forwarded list.
+        let mut scan = HeadScan::new(&self.policy, self.forwarded_header);
+        let parsed = match parse_head_with(head, |n, v| scan.field(n, v)) {
             Ok(h) => h,
             Err(e) => {
                 self.stats.malformed += 1;
@@ -279,7 +282,8 @@ impl Identities {
         if parsed.truncated || parsed.fields_cut {
             self.stats.truncated += 1;
         }
-        let identity = match parsed.credential(&self.policy) {
+        let (credential, list) = scan.finish(&parsed);
+        let identity = match credential {
             Credential::None => None,
             Credential::One(c) => {
                 self.stats.with_credential += 1;
@@ -290,7 +294,6 @@ impl Identities {
                 Some(AMBIGUOUS.to_owned())
             }
         };
-        let list = parsed.forwarded_list(self.forwarded_header);
         let forwarded = forwarded_client(
             peer,
             list.as_deref(),

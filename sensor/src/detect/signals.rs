@@ -2,12 +2,12 @@
 //! request shape (sizes, out/in), estimated output tokens, identities behind an address, and
 //! the settings that scale them (`[detect.signals]`).
 
-use std::{collections::HashMap, net::IpAddr};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    aggregate::{Aggregator, ClientStats, Counts, Now, Window},
+    aggregate::{Aggregator, ClientStats, Counts, Key, Now, Window},
     keys::By,
 };
 
@@ -129,18 +129,26 @@ pub fn prompt_growth(c: &ClientStats, now: Now) -> f64 {
 
 /// Per evaluation: how many API identities were seen from each source address in the last
 /// hour. An address with several is a shared egress (an office NAT, a proxy, a frontend
-/// pool): its traffic is many people's, and it is judged per identity.
+/// pool): its traffic is many people's, and it is judged per identity. Keyed by the address
+/// as the client tables spell it, so looking a table key up needs no parsing (the detector
+/// asks for every address and forwarded key at every evaluation).
 #[derive(Default)]
-pub struct IdentitiesBehind(HashMap<IpAddr, u32, foldhash::fast::RandomState>);
+pub struct IdentitiesBehind(HashMap<String, u32, foldhash::fast::RandomState>);
 
 impl IdentitiesBehind {
     pub fn count(agg: &Aggregator, now: Now) -> Self {
-        let mut m: HashMap<IpAddr, u32, foldhash::fast::RandomState> = HashMap::default();
+        let mut m: HashMap<String, u32, foldhash::fast::RandomState> = HashMap::default();
         let now_s = now.secs();
         for c in agg.identities.clients.values() {
             for (ip, t) in &c.source_seen_s {
                 if t.saturating_add(3600) > now_s {
-                    *m.entry(*ip).or_default() += 1;
+                    let key = Key::address(*ip);
+                    match m.get_mut(key.as_str()) {
+                        Some(n) => *n += 1,
+                        None => {
+                            m.insert(key.as_str().to_owned(), 1);
+                        }
+                    }
                 }
             }
         }
@@ -153,11 +161,7 @@ impl IdentitiesBehind {
         match by {
             By::Identity => 1,
             By::Group => 0,
-            By::Address | By::Forwarded => key
-                .parse::<IpAddr>()
-                .ok()
-                .and_then(|ip| self.0.get(&ip).copied())
-                .unwrap_or(0),
+            By::Address | By::Forwarded => self.0.get(key).copied().unwrap_or(0),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! for extraction, are therefore exact.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     ops::AddAssign,
     sync::atomic::{AtomicU64, Ordering},
@@ -431,7 +431,7 @@ pub struct Folded {
 /// polled connection; its per-process random seed keeps keys chosen by clients from
 /// colliding on purpose. Values are boxed: a table of a million clients has two million slots,
 /// and a slot of a boxed value is 32 bytes instead of ~260.
-pub type ClientMap = HashMap<String, Box<ClientStats>, foldhash::fast::RandomState>;
+pub type ClientMap = hashbrown::HashMap<String, Box<ClientStats>, foldhash::fast::RandomState>;
 
 /// One table of clients (by address, or by address group), bounded.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -509,20 +509,14 @@ impl ClientTable {
     }
 
     fn entry(&mut self, key: &str, now: Now) -> &mut ClientStats {
-        if !self.clients.contains_key(key) {
-            self.clients.insert(
-                key.to_owned(),
-                Box::new(ClientStats {
-                    first_seen_ms: now.unix_ms,
-                    last_seen_ms: now.unix_ms,
-                    ..Default::default()
-                }),
-            );
-        }
-        // Present: inserted just above if it was missing.
-        self.clients
-            .get_mut(key)
-            .unwrap_or_else(|| unreachable!("entry inserted above"))
+        // One probe; the key is copied only when it is new.
+        self.clients.entry_ref(key).or_insert_with(|| {
+            Box::new(ClientStats {
+                first_seen_ms: now.unix_ms,
+                last_seen_ms: now.unix_ms,
+                ..Default::default()
+            })
+        })
     }
 
     pub fn apply(&mut self, key: &str, delta: &Delta, now: Now) {
