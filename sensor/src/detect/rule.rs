@@ -338,9 +338,7 @@ impl Inputs<'_> {
             Metric::PromptGrowth => signals::prompt_growth(c, self.now),
             Metric::OutputTokens => signals::est_tokens(&counts(w)),
             Metric::Identities => f64::from(self.behind.of(by, key)),
-            Metric::Score => {
-                super::score::score(c, by, key, self.behind, self.signals, self.now).score
-            }
+            Metric::Score => super::score::points(c, by, key, self.behind, self.signals, self.now),
             Metric::ActiveAddresses => match by {
                 By::Group => self.active.in_window(w.unwrap_or(Window::TenMinutes), key) as f64,
                 _ => 1.0,

@@ -31,12 +31,37 @@ fn clamp01(x: f64) -> f64 {
     if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) }
 }
 
-fn part(signal: &str, value: f64, points: f64, why: String) -> Part {
-    Part {
-        signal: signal.into(),
-        value: (value * 1000.0).round() / 1000.0,
-        points: (points * 100.0).round() / 100.0,
-        why,
+/// The parts of one key's score as they are added. Detection asks for the score of every key
+/// at every evaluation (the `score` metric) and needs the words only for the few that alert:
+/// `explain` off, only the sum is kept and no text is formatted.
+struct Parts {
+    explain: bool,
+    parts: Vec<Part>,
+    total: f64,
+}
+
+impl Parts {
+    fn add(&mut self, signal: &str, value: f64, points: f64, why: impl FnOnce() -> String) {
+        let points = (points * 100.0).round() / 100.0;
+        self.total += points;
+        if self.explain {
+            self.parts.push(Part {
+                signal: signal.into(),
+                value: (value * 1000.0).round() / 1000.0,
+                points,
+                why: why(),
+            });
+        }
+    }
+
+    fn finish(self) -> Explanation {
+        if self.explain {
+            return Explanation::scored(self.parts);
+        }
+        Explanation {
+            score: (self.total * 100.0).round() / 100.0,
+            ..Explanation::default()
+        }
     }
 }
 
@@ -49,25 +74,47 @@ pub fn score(
     cfg: &SignalConfig,
     now: Now,
 ) -> Explanation {
-    let mut parts = Vec::new();
+    scored(c, by, key, behind, cfg, now, true)
+}
+
+/// The score of one key alone: `score(..).score`, without formatting its explanation.
+pub fn points(
+    c: &ClientStats,
+    by: By,
+    key: &str,
+    behind: &IdentitiesBehind,
+    cfg: &SignalConfig,
+    now: Now,
+) -> f64 {
+    scored(c, by, key, behind, cfg, now, false).score
+}
+
+fn scored(
+    c: &ClientStats,
+    by: By,
+    key: &str,
+    behind: &IdentitiesBehind,
+    cfg: &SignalConfig,
+    now: Now,
+    explain: bool,
+) -> Explanation {
+    let mut parts = Parts {
+        explain,
+        parts: Vec::new(),
+        total: 0.0,
+    };
     let identities = behind.of(by, key);
     if by == By::Group {
-        parts.push(part(
-            "group",
-            0.0,
-            0.0,
-            "a network is judged by its addresses and identities, and rings".into(),
-        ));
-        return Explanation::scored(parts);
+        parts.add("group", 0.0, 0.0, || {
+            String::from("a network is judged by its addresses and identities, and rings")
+        });
+        return parts.finish();
     }
     if identities >= SHARED_EGRESS_IDENTITIES {
-        parts.push(part(
-            "shared_egress",
-            f64::from(identities),
-            0.0,
-            format!("{identities} identities behind this key: judged per identity"),
-        ));
-        return Explanation::scored(parts);
+        parts.add("shared_egress", f64::from(identities), 0.0, || {
+            format!("{identities} identities behind this key: judged per identity")
+        });
+        return parts.finish();
     }
     let hour = c.windows.get(now.secs(), Window::OneHour);
     let age = signals::age_minutes(c, now, 60);
@@ -78,26 +125,20 @@ pub fn score(
     } else {
         0.0
     };
-    parts.push(part(
-        "output",
-        rate,
-        output,
+    parts.add("output", rate, output, || {
         format!(
             "{rate:.0} est. output tokens/min over {age} min (floor {:.0})",
             cfg.output_floor_tokens_per_minute
-        ),
-    ));
+        )
+    });
     let duty = signals::duty(c, now, Window::OneHour);
     let persistence = 3.0 * clamp01((duty - 0.5) / 0.4) * age as f64 / 60.0;
-    parts.push(part(
-        "persistence",
-        duty,
-        persistence,
+    parts.add("persistence", duty, persistence, || {
         format!(
             "active in {:.0}% of the last {age} min",
             (duty * 100.0).min(100.0)
-        ),
-    ));
+        )
+    });
     // In tokens both ways: bytes would count a streamed reply's framing as output.
     let out_in = if hour.bytes_in > 0 {
         signals::est_tokens(&hour) / (hour.bytes_in as f64 / 5.0)
@@ -105,50 +146,35 @@ pub fn score(
         0.0
     };
     if hour.requests > 0 && out_in >= 4.0 {
-        parts.push(part(
-            "long_outputs",
-            out_in,
-            1.0,
-            format!("{out_in:.1} est. output tokens per prompt token"),
-        ));
+        parts.add("long_outputs", out_in, 1.0, || {
+            format!("{out_in:.1} est. output tokens per prompt token")
+        });
     } else if hour.requests > 0 && out_in <= 0.5 {
-        parts.push(part(
-            "long_outputs",
-            out_in,
-            -1.0,
-            format!("{out_in:.2} est. output tokens per prompt token: context-heavy"),
-        ));
+        parts.add("long_outputs", out_in, -1.0, || {
+            format!("{out_in:.2} est. output tokens per prompt token: context-heavy")
+        });
     }
     if c.open_connections >= 3 {
-        parts.push(part(
-            "parallel",
-            c.open_connections as f64,
-            1.0,
-            format!("{} open connections", c.open_connections),
-        ));
+        parts.add("parallel", c.open_connections as f64, 1.0, || {
+            format!("{} open connections", c.open_connections)
+        });
     }
     if let Some(cv) = c.gaps.cv_recent(Window::TenMinutes, now.unix_ms)
         && cv < 0.35
     {
-        parts.push(part(
-            "regular",
-            cv,
-            1.0,
-            format!("gaps between requests vary by {:.0}% (10 min)", cv * 100.0),
-        ));
+        parts.add("regular", cv, 1.0, || {
+            format!("gaps between requests vary by {:.0}% (10 min)", cv * 100.0)
+        });
     }
     if by == By::Identity {
         let sources = c.distinct_sources(now.secs(), 3600);
         if sources >= 5 {
-            parts.push(part(
-                "sources",
-                sources as f64,
-                1.0,
-                format!("used from {sources} addresses in the last hour"),
-            ));
+            parts.add("sources", sources as f64, 1.0, || {
+                format!("used from {sources} addresses in the last hour")
+            });
         }
     }
-    Explanation::scored(parts)
+    parts.finish()
 }
 
 #[cfg(test)]
@@ -237,5 +263,23 @@ mod tests {
         );
         assert_eq!(e.score, 0.0);
         assert_eq!(e.parts[0].signal, "shared_egress");
+    }
+
+    #[test]
+    fn points_alone_equal_the_explained_score() {
+        let cfg = SignalConfig::default();
+        let none = IdentitiesBehind::default();
+        for (per_min, tokens, minutes) in [(4, 600, 60), (100, 20, 30), (1, 5000, 90), (1, 1, 5)] {
+            let c = traffic(per_min, tokens, minutes, |m| m % 7 == 3);
+            for by in [By::Address, By::Group, By::Identity, By::Forwarded] {
+                let now = at(minutes * 60 - 1);
+                let explained = score(&c, by, "10.0.0.1", &none, &cfg, now);
+                assert_eq!(
+                    points(&c, by, "10.0.0.1", &none, &cfg, now),
+                    explained.score
+                );
+                assert!(!explained.parts.is_empty());
+            }
+        }
     }
 }
