@@ -52,7 +52,7 @@ const APT_PACKAGES: &[&str] = &[
 /// cargo-deb builds the .deb (`cargo xtask deb`).
 const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Debian packages only `cargo xtask bench` needs (wrk, nginx and bpftool are above).
-const BENCH_PACKAGES: &[&str] = &["iperf3"];
+const BENCH_PACKAGES: &[&str] = &["iperf3", "linux-perf", "valgrind"];
 
 #[derive(Parser)]
 #[command(name = "xtask")]

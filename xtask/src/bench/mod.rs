@@ -63,10 +63,12 @@ pub struct Options {
     /// the rest folded); 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     pub bounded_keys: usize,
-    /// Phases to run (comma separated): ab, bpf, load, latency, memory, collector, alert; and
-    /// `profile` (not by default): the agent under valgrind's callgrind during the keep-alive
-    /// load, output in target/bench/. The report is only written when all seven measurements
-    /// ran.
+    /// Phases to run (comma separated): ab, bpf, load, latency, memory, collector, alert; and,
+    /// not by default, `profile` (the agent under valgrind's callgrind during the keep-alive
+    /// load: instructions per function) and `sample` (the agent sampled by `perf record -e
+    /// cpu-clock` during the keep-alive load: where its time goes, cache misses and kernel
+    /// time included), output in target/bench/. The report is only written when all seven
+    /// measurements ran.
     #[arg(
         long,
         value_delimiter = ',',
@@ -84,6 +86,9 @@ pub struct Options {
 
 /// `[clients] max_clients` of the embedded default configuration.
 const DEFAULT_MAX_CLIENTS: usize = 10_000;
+
+/// Phases that only profile the agent (not measurements; never in the report).
+const PROFILERS: [&str; 2] = ["profile", "sample"];
 
 const PHASES: [&str; 7] = [
     "ab",
@@ -224,9 +229,13 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     if let Some(p) = opts
         .phases
         .iter()
-        .find(|p| !PHASES.contains(&p.as_str()) && p.as_str() != "profile")
+        .find(|p| !PHASES.contains(&p.as_str()) && !PROFILERS.contains(&p.as_str()))
     {
-        bail!("unknown phase {p} (one of: {}, profile)", PHASES.join(", "));
+        bail!(
+            "unknown phase {p} (one of: {}, {})",
+            PHASES.join(", "),
+            PROFILERS.join(", ")
+        );
     }
     anyhow::ensure!(
         (1..=60).contains(&opts.seconds) && (1..=120).contains(&opts.load_seconds),
@@ -306,6 +315,9 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     }
     if phase("profile") {
         bench.profile_agent(&root.join("target/bench"))?;
+    }
+    if phase("sample") {
+        bench.sample_agent(&root.join("target/bench"))?;
     }
     let complete = PHASES.iter().all(|p| phase(p));
 
@@ -842,6 +854,74 @@ impl Bench<'_> {
             outcome.rate(),
             spec.clients,
             out.display(),
+            text.display()
+        );
+        Ok(())
+    }
+
+    /// Not a measurement: the agent sampled at ~1 kHz of CPU time by `perf record -e
+    /// cpu-clock` (a software clock: this machine kind has no hardware counters) while the
+    /// keep-alive load runs. Unlike callgrind, it sees what instructions do not (cache misses,
+    /// time in the kernel) and runs the agent at full speed, batching as it does in production.
+    fn sample_agent(&self, out_dir: &Path) -> anyhow::Result<()> {
+        fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+        let data = out_dir.join("agent.perf.data");
+        let agent = self.agent()?;
+        let spec = load::Spec {
+            target: self.target(),
+            path: REPLY_PATH.to_owned(),
+            clients: self.opts.clients,
+            rate: self.opts.rate,
+            duration: Duration::from_secs(self.opts.load_seconds),
+            threads: LOAD_THREADS,
+        };
+        let mut pool = load::KeepAlive::connect(&spec)?;
+        let mut perf = Command::new("perf")
+            .args(["record", "-q", "-F", "999", "-e", "cpu-clock", "-g", "-p"])
+            .arg(agent.pid().to_string())
+            .arg("-o")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting perf (Debian package linux-perf; `cargo xtask setup --bench`)")?;
+        let outcome = pool.run(&spec);
+        // perf writes its data on SIGINT.
+        let stopped = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status()
+            .context("stopping perf")?;
+        anyhow::ensure!(stopped.success(), "could not stop perf");
+        let status = perf.wait().context("waiting for perf")?;
+        drop(pool);
+        agent.stop(procs::AGENT_PATIENCE)?;
+        // perf writes its data, then re-raises the SIGINT it was stopped with.
+        anyhow::ensure!(
+            status.success() || std::os::unix::process::ExitStatusExt::signal(&status) == Some(2),
+            "perf record failed: {status}"
+        );
+        let report = run_bounded(
+            Command::new("perf")
+                .args([
+                    "report",
+                    "--no-children",
+                    "--sort",
+                    "dso,symbol",
+                    "-g",
+                    "none",
+                    "-i",
+                ])
+                .arg(&data),
+            Duration::from_secs(120),
+        )?;
+        let text = out_dir.join("agent.perf.txt");
+        fs::write(&text, &report.stdout)?;
+        eprintln!(
+            "bench: sampled the agent under {:.0} req/s from {} clients; perf data {} \
+             (report: {})",
+            outcome.rate(),
+            spec.clients,
+            data.display(),
             text.display()
         );
         Ok(())
