@@ -48,6 +48,8 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    // JetStream transport tests (tests/tests/nats.rs): real nats-server processes, clustered.
+    "nats-server",
 ];
 /// cargo-deb builds the .deb (`cargo xtask deb`).
 const CARGO_DEB_VERSION: &str = "3.8.0";
