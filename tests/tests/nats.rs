@@ -528,7 +528,7 @@ fn agents_ship_through_jetstream_exactly_across_a_collector_kill() {
     );
     for h in &hosts {
         let s = h.shipping();
-        assert_eq!(s["kind"], "jetstream", "{s}");
+        assert_eq!(s["type"], "jetstream", "{s}");
         assert!(s["sent"].as_u64().unwrap_or(0) >= 1, "{s}");
         assert_eq!(s["dropped"], 0, "{s}");
     }

@@ -279,6 +279,48 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// A batch that came from JetStream is journaled with its stream sequence: a replay after
+    /// a crash restores where the consumer resumes, and HTTPS batches beside it still replay.
+    #[test]
+    fn a_replay_restores_the_jetstream_checkpoint() {
+        use crate::ship::{ShipRecord, Summary, WIRE_VERSION};
+        let dir = std::env::temp_dir().join(format!("sensor-replay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let batch = |agent: &str, seq: u64, start_s: u64| Batch {
+            version: WIRE_VERSION,
+            agent: agent.into(),
+            stream: "ab".into(),
+            records: vec![ShipRecord {
+                seq,
+                ..ShipRecord::summary(
+                    agent,
+                    Summary {
+                        start_s,
+                        period_s: 10,
+                        clients: Vec::new(),
+                        rest: Default::default(),
+                    },
+                )
+            }],
+        };
+        let lines = [
+            serde_json::json!({ "nats_seq": 7, "batch": batch("host-a", 1, 1_800_000_000) }),
+            serde_json::to_value(batch("host-b", 1, 1_800_000_000)).expect("json"),
+            serde_json::json!({ "nats_seq": 9, "batch": batch("host-a", 2, 1_800_000_010) }),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(dir.join(JOURNAL), text).expect("journal");
+        let c =
+            CollectorConfig::parse(&format!("[state]\ndir = \"{}\"\n", dir.display()), "c.toml")
+                .expect("config");
+        let (state, _, _) = restore(&dir, &c).expect("restore");
+        assert_eq!(state.nats_seq, 9);
+        assert_eq!(state.agents["host-a"].records, 2);
+        assert_eq!(state.agents["host-b"].records, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A crash mid-append leaves a torn line; the next batch must start a line of its own.
     #[test]
     fn a_torn_journal_line_is_cut_before_appending() {

@@ -240,7 +240,14 @@ impl Source {
                 .messages()
                 .await
                 .context("pulling messages")?;
-            while let Some(message) = messages.next().await {
+            loop {
+                // A pull whose answer went down with a server must not hang the consumer.
+                let Some(message) = tokio::time::timeout(FETCH_WAIT + TIMEOUT, messages.next())
+                    .await
+                    .context("no answer to a pull request")?
+                else {
+                    break;
+                };
                 let message = message.map_err(|e| anyhow::anyhow!("pulling messages: {e}"))?;
                 let seq = message
                     .info()

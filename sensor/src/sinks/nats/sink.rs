@@ -186,3 +186,82 @@ impl Sink for JetStreamSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ship::{ClientDelta, Summary};
+
+    fn sink(dir: &std::path::Path) -> JetStreamSink {
+        std::fs::create_dir_all(dir).expect("dir");
+        std::fs::write(dir.join("creds"), "host-a:secret-password").expect("creds");
+        std::fs::write(
+            dir.join("ca.pem"),
+            include_str!("../../collector/testdata/client-host-a.pem"),
+        )
+        .expect("ca");
+        let (creds, ca) = (dir.join("creds"), dir.join("ca.pem"));
+        let keys = NatsKeys {
+            url: "tls://127.0.0.1:4222",
+            credentials_file: &creds,
+            ca_file: &ca,
+            client_cert_file: std::path::Path::new(""),
+            client_key_file: std::path::Path::new(""),
+            token_file: std::path::Path::new(""),
+            server_name: "",
+            stream: "SENSOR",
+            subject_prefix: "sensor.ship",
+            batch_max_records: 100,
+            timeout_secs: 1,
+        };
+        JetStreamSink::new(&keys, "host-a", "ab12".into()).expect("sink")
+    }
+
+    /// A record of `clients` distinct clients (about 100 bytes each, compressed less well
+    /// than repeated text).
+    fn record(seq: u64, clients: u64) -> ShipRecord {
+        ShipRecord {
+            seq,
+            ..ShipRecord::summary(
+                "host-a",
+                Summary {
+                    start_s: 1_800_000_000 + 10 * seq,
+                    period_s: 10,
+                    clients: (0..clients)
+                        .map(|i| ClientDelta {
+                            by: "identity".into(),
+                            key: format!("k-{:012x}", (seq << 32) ^ i.wrapping_mul(0x9e37_79b9)),
+                            counts: Default::default(),
+                            open_connections: i,
+                            identity: None,
+                            forwarded: None,
+                        })
+                        .collect(),
+                    rest: Default::default(),
+                },
+            )
+        }
+    }
+
+    /// Batches larger than the server's max_payload are cut to what fits; a record that fits
+    /// no message is refused for good (dropped and counted), never retried forever.
+    #[test]
+    fn messages_fit_the_servers_max_payload() {
+        let dir = std::env::temp_dir().join(format!("sensor-nats-sink-{}", std::process::id()));
+        let s = sink(&dir);
+        assert_eq!(s.subject, "sensor.ship.host-a");
+        let batch: Vec<ShipRecord> = (1..=8).map(|i| record(i, 300)).collect();
+        let (whole, n) = s.message(&batch, 1 << 20).expect("fits");
+        assert_eq!(n, 8);
+        let one = s.message(&batch[..1], 1 << 20).expect("one").0.len();
+        let (part, n) = s.message(&batch, one * 3 + HEADERS_ROOM).expect("part");
+        assert!((1..8).contains(&n), "{n}");
+        assert!(part.len() + HEADERS_ROOM <= one * 3 + HEADERS_ROOM);
+        assert!(whole.len() > part.len());
+        let Err(f) = s.message(&batch, one / 2) else {
+            panic!("a record over max_payload")
+        };
+        assert_eq!(f.done, Delivered::rejected(0, 1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
