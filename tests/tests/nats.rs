@@ -626,7 +626,9 @@ fn an_agent_cannot_publish_on_another_agents_subject() {
         || {
             let s = impostor.shipping();
             let e = s["last_error"].as_str().unwrap_or("").to_owned();
-            if s["retried"].as_u64().unwrap_or(0) >= 2 && e.contains("ermissions") {
+            if s["retried"].as_u64().unwrap_or(0) >= 2
+                && e.contains("Permissions Violation for Publish to \"sensor.ship.host-b\"")
+            {
                 Ok(s)
             } else {
                 Err(s.to_string())
@@ -634,13 +636,6 @@ fn an_agent_cannot_publish_on_another_agents_subject() {
         },
     );
     assert_eq!(err["sent"], 0, "{err}");
-    assert!(
-        err["last_error"]
-            .as_str()
-            .unwrap_or("")
-            .contains("sensor.ship.host-b"),
-        "{err}"
-    );
     let log = nats.log_text();
     assert!(
         log.lines()
