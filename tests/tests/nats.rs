@@ -9,7 +9,7 @@
 //! - Server-side permissions: an agent publishing on another agent's subject with its own
 //!   credentials is refused by the server (its log, the agent's error, nothing merged).
 //! - A three-node cluster (stream replicated 3 times): kill -9 of one node mid-run loses
-//!   and doubles nothing.
+//!   and doubles nothing; every agent alert reaches rsyslog once, in order.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -205,7 +205,8 @@ struct Collector {
 }
 
 impl Collector {
-    fn start(dir: &Path, certs: &Certs, nats_urls: &str, replicas: usize) -> Self {
+    /// `extra` is appended to the config (outputs).
+    fn start(dir: &Path, certs: &Certs, nats_urls: &str, replicas: usize, extra: &str) -> Self {
         fs::create_dir_all(dir).expect("collector dir");
         let hash = run_ok(
             Command::new("sh")
@@ -228,7 +229,7 @@ impl Collector {
                  tls_key_file = \"{}\"\ntokens_file = \"{}\"\n\n\
                  [state]\ndir = \"{}\"\nsnapshot_interval_secs = 2\nreceived_log = \"{}\"\n\n\
                  [nats]\nurl = \"{nats_urls}\"\ncredentials_file = \"{}\"\nca_file = \"{}\"\n\
-                 replicas = {replicas}\n\n[detect]\ninterval_secs = 1\n",
+                 replicas = {replicas}\n\n[detect]\ninterval_secs = 1\n\n{extra}",
                 certs.cert.display(),
                 certs.key.display(),
                 dir.join("tokens").display(),
@@ -339,6 +340,7 @@ impl Drop for Collector {
 /// One inference host: a cgroup, an nginx on its own port, an agent shipping to JetStream as
 /// `name` with `user`'s credentials.
 struct Host {
+    name: String,
     nginx: Nginx,
     agent: Agent,
     port: u16,
@@ -357,7 +359,10 @@ impl Host {
             &config,
             format!(
                 "[ship]\ntransport = \"nats\"\nurl = \"{nats_urls}\"\ncredentials_file = \"{}\"\n\
-                 ca_file = \"{}\"\nagent_name = \"{name}\"\nretry_max_secs = 1\ntimeout_secs = 3\n",
+                 ca_file = \"{}\"\nagent_name = \"{name}\"\nretry_max_secs = 1\ntimeout_secs = 3\n\n\
+                 [detect]\ninterval_secs = 1\n\n[[detect.rules]]\nid = \"host-flood\"\n\
+                 name = \"Request flood on one host\"\nkeys = [\"address\"]\nseverity = \"high\"\n\
+                 when = [{{ metric = \"requests\", window = \"1m\", op = \">\", value = 12 }}]\n",
                 creds.display(),
                 ca.display(),
             ),
@@ -370,6 +375,7 @@ impl Host {
             &["--config", config.to_str().expect("utf-8")],
         );
         Self {
+            name: name.to_owned(),
             nginx,
             agent,
             port,
@@ -492,7 +498,7 @@ fn agents_ship_through_jetstream_exactly_across_a_collector_kill() {
         listen_port(),
         None,
     );
-    let mut collector = Collector::start(&tmp.path.join("collector"), &certs, &nats.url(), 1);
+    let mut collector = Collector::start(&tmp.path.join("collector"), &certs, &nats.url(), 1, "");
     let hosts: Vec<Host> = users
         .iter()
         .map(|u| Host::start(&tmp.path, u.agent, u, &nats.url(), &certs.ca))
@@ -611,7 +617,7 @@ fn an_agent_cannot_publish_on_another_agents_subject() {
         listen_port(),
         None,
     );
-    let collector = Collector::start(&tmp.path.join("collector"), &certs, &nats.url(), 1);
+    let collector = Collector::start(&tmp.path.join("collector"), &certs, &nats.url(), 1, "");
     let honest = Host::start(&tmp.path, "host-a", &users[0], &nats.url(), &certs.ca);
     // host-a's credentials, host-b's name: publishes on sensor.ship.host-b.
     let impostor = Host::start(&tmp.path, "host-b", &users[0], &nats.url(), &certs.ca);
@@ -691,7 +697,18 @@ fn a_three_node_cluster_loses_nothing_when_a_node_dies() {
         .map(NatsServer::url)
         .collect::<Vec<_>>()
         .join(",");
-    let collector = Collector::start(&tmp.path.join("collector"), &certs, &urls, 3);
+    let rsyslog = Rsyslog::start(&tmp.path, "rsyslog", listen_port(), None, None);
+    let collector = Collector::start(
+        &tmp.path.join("collector"),
+        &certs,
+        &urls,
+        3,
+        &format!(
+            "[[outputs]]\ntype = \"syslog\"\nname = \"siem\"\naddress = \"127.0.0.1:{}\"\n\
+             protocol = \"tcp\"\nretry_max_secs = 1\n",
+            rsyslog.tcp_port
+        ),
+    );
     let hosts: Vec<Host> = users
         .iter()
         .map(|u| Host::start(&tmp.path, u.agent, u, &urls, &certs.ca))
@@ -729,4 +746,36 @@ fn a_three_node_cluster_loses_nothing_when_a_node_dies() {
         assert_eq!(a["gaps"], 0, "{a}");
     }
     assert_each_record_once_in_order(&collector, &["host-a", "host-b", "host-c"]);
+
+    // Every agent's alert events (15 requests from 127.0.0.91 on each host cross its rule),
+    // published around the node's death, reach rsyslog once each, in each agent's order.
+    wait_for(
+        "rsyslog to hold every agent alert event once, in order",
+        Duration::from_secs(60),
+        || {
+            let ids = rsyslog.ids();
+            for h in &hosts {
+                let name = h.name.as_str();
+                let expected: Vec<String> = read_jsonl(&h.agent.state_dir.join("alerts.jsonl"))
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{name}:{}:{}:{}",
+                            e["alert"]["id"].as_str().unwrap_or("?"),
+                            e["event"].as_str().unwrap_or("?"),
+                            e["alert"]["updates"]
+                        )
+                    })
+                    .collect();
+                let got: Vec<&String> = ids
+                    .iter()
+                    .filter(|id| id.starts_with(&format!("{name}:")))
+                    .collect();
+                if expected.is_empty() || got != expected.iter().collect::<Vec<_>>() {
+                    return Err(format!("{name}: got {got:?}, expected {expected:?}"));
+                }
+            }
+            Ok(())
+        },
+    );
 }
