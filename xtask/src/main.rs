@@ -48,6 +48,8 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    // JetStream transport tests (tests/tests/nats.rs): real nats-server processes, clustered.
+    "nats-server",
 ];
 /// cargo-deb builds the .deb (`cargo xtask deb`).
 const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -276,9 +278,9 @@ fn setup_packages(packages: &[&str]) -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    // The packages' own nginx, Prometheus, rsyslog and iperf3 services are not used: tests and
-    // the bench run their own instances, and only promtool of the prometheus package.
-    for service in ["nginx", "prometheus", "rsyslog", "iperf3"] {
+    // The packages' own nginx, Prometheus, rsyslog, iperf3 and NATS services are not used:
+    // tests and the bench run their own instances, and only promtool of the prometheus package.
+    for service in ["nginx", "prometheus", "rsyslog", "iperf3", "nats-server"] {
         let _ = Command::new("systemctl")
             .args(["disable", "--now", service])
             .output();

@@ -43,6 +43,8 @@ pub struct CollectorConfig {
     pub listen: Listen,
     #[serde(default)]
     pub state: State,
+    #[serde(default)]
+    pub nats: Nats,
     #[serde(default = "default_clients")]
     pub clients: Clients,
     #[serde(default = "default_detect")]
@@ -90,6 +92,88 @@ impl Default for State {
             snapshot_interval_secs: 10,
             received_log: PathBuf::new(),
         }
+    }
+}
+
+/// `[nats]`: consuming agents' batches from a JetStream stream (off while `url` is empty).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Nats {
+    pub url: String,
+    pub credentials_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub replicas: usize,
+    pub max_age_secs: u64,
+    pub consumer: String,
+}
+
+impl Default for Nats {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            credentials_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            client_cert_file: PathBuf::new(),
+            client_key_file: PathBuf::new(),
+            stream: "SENSOR".into(),
+            subject_prefix: "sensor.ship".into(),
+            replicas: 1,
+            max_age_secs: 7 * 86_400,
+            consumer: "sensor-collector".into(),
+        }
+    }
+}
+
+impl Nats {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        use crate::net::nats::{parse_servers, valid_name, valid_subject};
+        if !self.enabled() {
+            return Ok(());
+        }
+        parse_servers(&self.url).map_err(|e| ("url", e))?;
+        if self.credentials_file.as_os_str().is_empty() {
+            return Err((
+                "credentials_file",
+                "consuming from NATS needs a credentials_file (`<user>:<password>` or an nkey seed)"
+                    .into(),
+            ));
+        }
+        if self.client_cert_file.as_os_str().is_empty()
+            != self.client_key_file.as_os_str().is_empty()
+        {
+            return Err((
+                "client_cert_file",
+                "client_cert_file and client_key_file go together".into(),
+            ));
+        }
+        if !valid_name(&self.stream) {
+            return Err(("stream", "1-64 letters, digits, - and _".into()));
+        }
+        if !valid_name(&self.consumer) {
+            return Err(("consumer", "1-64 letters, digits, - and _".into()));
+        }
+        if !valid_subject(&self.subject_prefix) {
+            return Err((
+                "subject_prefix",
+                "tokens of letters, digits, - and _ joined by dots (no wildcards)".into(),
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(("replicas", "must be 1..=5 (JetStream's bound)".into()));
+        }
+        crate::config::at_most_a_year("max_age_secs", self.max_age_secs)?;
+        if self.max_age_secs < 60 {
+            return Err(("max_age_secs", "must be at least 60".into()));
+        }
+        Ok(())
     }
 }
 
@@ -186,6 +270,7 @@ impl CollectorConfig {
                 "must be at least 1".into(),
             ));
         }
+        self.nats.validate().map_err(in_table("nats"))?;
         self.clients.validate().map_err(in_table("clients"))?;
         self.detect.validate().map_err(in_table("detect"))?;
         for rule in &self.detect.rules {
@@ -216,6 +301,7 @@ mod tests {
         let c = CollectorConfig::embedded().expect("embedded");
         assert_eq!(c.listen, Listen::default());
         assert_eq!(c.state, State::default());
+        assert_eq!(c.nats, Nats::default());
         assert_eq!(c.clients.max_clients, 100_000);
         assert!(c.detect.rules.iter().all(|r| r.id.starts_with("fleet-")));
         assert_eq!(c.detect.rules.len(), 3);
@@ -231,6 +317,20 @@ mod tests {
         assert!(e.to_string().starts_with("c.toml:2: listen.address"), "{e}");
         let e = CollectorConfig::parse("[listen]\nbogus = 1\n", "c.toml").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (2, Some("listen.bogus")));
+        let nats = "[nats]\nurl = \"tls://127.0.0.1:4222\"\ncredentials_file = \"/c\"\n";
+        assert!(CollectorConfig::parse(nats, "c.toml").is_ok());
+        for (extra, key) in [
+            ("replicas = 7\n", "nats.replicas"),
+            ("consumer = \"a.b\"\n", "nats.consumer"),
+            ("subject_prefix = \"s.*\"\n", "nats.subject_prefix"),
+            ("max_age_secs = 1\n", "nats.max_age_secs"),
+            ("client_key_file = \"/k\"\n", "nats.client_cert_file"),
+        ] {
+            let e = CollectorConfig::parse(&format!("{nats}{extra}"), "c.toml").unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{extra}: {e}");
+        }
+        let e = CollectorConfig::parse("[nats]\nurl = \"nats://h:4222\"\n", "c.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (2, Some("nats.url")), "{e}");
         let text = "[detect]\n\n[[detect.rules]]\nid = \"x\"\nname = \"x\"\nkeys = [\"address\"]\n\
                     when = [{ metric = \"interval_cv\", op = \"<\", value = 0.3 }]\n";
         let e = CollectorConfig::parse(text, "c.toml").unwrap_err();

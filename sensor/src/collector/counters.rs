@@ -22,6 +22,14 @@ pub struct Counters {
     pub busy: AtomicU64,
     /// Alert events the alert log could not take (the outputs still got them).
     pub alert_log_lost: AtomicU64,
+    /// JetStream messages merged (or refused for good).
+    pub nats_messages: AtomicU64,
+    /// JetStream messages delivered again after they were merged (acknowledged, skipped).
+    pub nats_already_merged: AtomicU64,
+    /// Consumers recreated at the checkpoint after a message arrived out of order.
+    pub nats_resets: AtomicU64,
+    /// Stream sequences gone from the stream (limits, age) before they were merged.
+    pub nats_missing: AtomicU64,
 }
 
 #[derive(Serialize)]

@@ -48,6 +48,10 @@ pub struct FleetState {
     /// Agents' alerts by record-id prefix `<agent>:<alert id>`: the latest state of each.
     pub agent_alerts: BTreeMap<String, Alert>,
     pub detector: DetectorState,
+    /// JetStream: the stream sequence of the last message merged (or refused for good). The
+    /// consumer resumes right after it, so a message is merged once whatever was acknowledged.
+    #[serde(default)]
+    pub nats_seq: u64,
 }
 
 /// What one batch did.

@@ -1,4 +1,5 @@
-//! `sensor collector`: receives agents' batches over HTTPS, merges every client's counters
+//! `sensor collector`: receives agents' batches over HTTPS (and from a JetStream stream,
+//! [`nats`]), merges every client's counters
 //! across hosts, runs fleet rules with the agent's rule engine, forwards fleet alerts and the
 //! agents' alerts to SIEM outputs, and serves the fleet-wide per-client view.
 //!
@@ -16,6 +17,7 @@ pub mod counters;
 pub mod fleet;
 pub mod ingest;
 pub mod metrics;
+pub mod nats;
 pub mod server;
 pub mod shared;
 
@@ -131,10 +133,14 @@ fn restore(
         for line in std::io::BufReader::new(file).split(b'\n') {
             let Ok(line) = line else { break };
             // A line torn by a crash was never acknowledged: the agent sends it again.
-            let Ok(batch) = serde_json::from_slice::<Batch>(&line) else {
+            if let Ok(batch) = serde_json::from_slice::<Batch>(&line) {
+                forward.extend(state.apply(&batch, Now::system()).1);
+            } else if let Ok(s) = serde_json::from_slice::<shared::StreamLine>(&line) {
+                forward.extend(state.apply(&s.batch, Now::system()).1);
+                state.nats_seq = state.nats_seq.max(s.nats_seq);
+            } else {
                 continue;
-            };
-            forward.extend(state.apply(&batch, Now::system()).1);
+            }
             replayed += 1;
         }
         if replayed > 0 {
@@ -163,6 +169,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     let client_ca =
         (!l.client_ca_file.as_os_str().is_empty()).then_some(l.client_ca_file.as_path());
     let acceptor = server::tls_acceptor(&l.tls_cert_file, &l.tls_key_file, client_ca)?;
+    let source = nats::Source::new(&config.nats)?;
     if args.check {
         return crate::stdout::outln!("collector configuration, certificates and tokens are valid");
     }
@@ -221,6 +228,13 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         }
     );
     tokio::spawn(server::serve(listener, acceptor, shared.clone()));
+    if let Some(source) = source {
+        info!(
+            "reading agents' batches from JetStream at {}",
+            source.target()
+        );
+        tokio::spawn(source.run(shared.clone()));
+    }
 
     let alerts_path = crate::alerting::alerts_path(&config.detect, &dir);
     let mut detect = tokio::time::interval(Duration::from_secs(config.detect.interval_secs));
@@ -264,6 +278,48 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch that came from JetStream is journaled with its stream sequence: a replay after
+    /// a crash restores where the consumer resumes, and HTTPS batches beside it still replay.
+    #[test]
+    fn a_replay_restores_the_jetstream_checkpoint() {
+        use crate::ship::{ShipRecord, Summary, WIRE_VERSION};
+        let dir = std::env::temp_dir().join(format!("sensor-replay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let batch = |agent: &str, seq: u64, start_s: u64| Batch {
+            version: WIRE_VERSION,
+            agent: agent.into(),
+            stream: "ab".into(),
+            records: vec![ShipRecord {
+                seq,
+                ..ShipRecord::summary(
+                    agent,
+                    Summary {
+                        start_s,
+                        period_s: 10,
+                        clients: Vec::new(),
+                        rest: Default::default(),
+                    },
+                )
+            }],
+        };
+        let lines = [
+            serde_json::json!({ "nats_seq": 7, "batch": batch("host-a", 1, 1_800_000_000) }),
+            serde_json::to_value(batch("host-b", 1, 1_800_000_000)).expect("json"),
+            serde_json::json!({ "nats_seq": 9, "batch": batch("host-a", 2, 1_800_000_010) }),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(dir.join(JOURNAL), text).expect("journal");
+        let c =
+            CollectorConfig::parse(&format!("[state]\ndir = \"{}\"\n", dir.display()), "c.toml")
+                .expect("config");
+        let (state, _, _) = restore(&dir, &c).expect("restore");
+        assert_eq!(state.nats_seq, 9);
+        assert_eq!(state.agents["host-a"].records, 2);
+        assert_eq!(state.agents["host-b"].records, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// A crash mid-append leaves a torn line; the next batch must start a line of its own.
     #[test]

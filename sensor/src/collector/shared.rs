@@ -43,6 +43,20 @@ pub(super) struct Snapshot {
     pub(super) detector: DetectorState,
 }
 
+/// A journal line of a batch that came from JetStream: the batch and its stream sequence.
+#[derive(Serialize)]
+struct StreamLineRef<'a> {
+    nats_seq: u64,
+    batch: &'a Batch,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StreamLine {
+    pub(super) nats_seq: u64,
+    pub(super) batch: Batch,
+}
+
 /// The merged state and what guards it.
 pub struct Fleet {
     pub state: FleetState,
@@ -87,8 +101,38 @@ impl Shared {
 
     /// Journals the batch, merges it, forwards its alerts; the answer to the agent follows.
     pub fn accept(&self, batch: &Batch) -> anyhow::Result<Applied> {
+        self.journal_and_apply(batch, None)
+    }
+
+    /// As [`Shared::accept`], for the JetStream message at stream sequence `seq`: the
+    /// journal line carries the sequence, so a replay restores where the consumer resumes.
+    pub fn accept_from_stream(&self, batch: &Batch, seq: u64) -> anyhow::Result<Applied> {
+        self.journal_and_apply(batch, Some(seq))
+    }
+
+    /// The stream sequence of the last JetStream message merged (0: none).
+    pub fn nats_seq(&self) -> anyhow::Result<u64> {
+        Ok(self.lock()?.state.nats_seq)
+    }
+
+    /// Moves past a JetStream message refused for good (not journaled: after a crash it is
+    /// read and refused again).
+    pub fn skip_stream_message(&self, seq: u64) -> anyhow::Result<()> {
         let mut fleet = self.lock()?;
-        let mut line = serde_json::to_vec(batch).context("encoding the journal line")?;
+        fleet.state.nats_seq = fleet.state.nats_seq.max(seq);
+        Ok(())
+    }
+
+    fn journal_and_apply(&self, batch: &Batch, nats_seq: Option<u64>) -> anyhow::Result<Applied> {
+        let mut fleet = self.lock()?;
+        let mut line = match nats_seq {
+            None => serde_json::to_vec(batch),
+            Some(seq) => serde_json::to_vec(&StreamLineRef {
+                nats_seq: seq,
+                batch,
+            }),
+        }
+        .context("encoding the journal line")?;
         line.push(b'\n');
         let path = fleet.journal_path.clone();
         let before = fleet
@@ -107,6 +151,9 @@ impl Shared {
             return Err(e).with_context(|| format!("appending to {}", path.display()));
         }
         let (applied, forward, accepted) = fleet.state.apply(batch, Now::system());
+        if let Some(seq) = nats_seq {
+            fleet.state.nats_seq = fleet.state.nats_seq.max(seq);
+        }
         fleet.outputs.publish_records(&forward);
         if let Some(log) = fleet.received_log.as_mut() {
             let mut lines = String::new();
@@ -189,6 +236,13 @@ impl Shared {
                     "total_bytes_out": agg.addresses.grand_total().bytes_out,
                 },
                 "detect": f.detector.state.counters,
+                "nats": {
+                    "stream_seq": f.state.nats_seq,
+                    "messages": self.counters.nats_messages.load(std::sync::atomic::Ordering::Relaxed),
+                    "already_merged": self.counters.nats_already_merged.load(std::sync::atomic::Ordering::Relaxed),
+                    "consumer_resets": self.counters.nats_resets.load(std::sync::atomic::Ordering::Relaxed),
+                    "missing": self.counters.nats_missing.load(std::sync::atomic::Ordering::Relaxed),
+                },
                 "outputs": f.outputs.stats(),
             }))
         })

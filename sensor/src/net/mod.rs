@@ -10,9 +10,12 @@
 //!   HTTP sinks, the collector sink and `--collector` views.
 //! - `tls`: PEM certificates and keys, root stores, client TLS connectors (mutual TLS too).
 //! - `secrets`: token and secret files (one reader) and `Authorization: Bearer` parsing.
+//! - `nats`: NATS connections (JetStream transport): server lists, credentials files (user and
+//!   password, or an nkey seed), TLS with `tls`'s client configuration.
 
 pub mod client;
 pub mod error;
+pub mod nats;
 pub mod prometheus;
 pub mod secrets;
 pub mod server;

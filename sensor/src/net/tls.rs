@@ -68,6 +68,17 @@ pub fn connector(
     ca_file: Option<&Path>,
     identity: Option<ClientIdentity<'_>>,
 ) -> Result<TlsConnector, NetError> {
+    Ok(TlsConnector::from(Arc::new(client_config(
+        ca_file, identity,
+    )?)))
+}
+
+/// The client configuration [`connector`] uses (also handed to the NATS client, so that it
+/// verifies servers with the same provider, roots and client certificate).
+pub fn client_config(
+    ca_file: Option<&Path>,
+    identity: Option<ClientIdentity<'_>>,
+) -> Result<rustls::ClientConfig, NetError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -85,7 +96,7 @@ pub fn connector(
             })?,
         None => config.with_no_client_auth(),
     };
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 /// The name (or IP address) the peer's certificate must carry.

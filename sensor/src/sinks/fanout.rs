@@ -51,7 +51,10 @@ impl Outputs {
         state_dir: &Path,
     ) -> Result<(), SinkError> {
         self.running.push(c.start(agent, state_dir)?);
-        info!("shipping to the collector at {} as `{agent}`", c.url);
+        info!(
+            "shipping to the collector at {} ({:?}) as `{agent}`",
+            c.url, c.transport
+        );
         Ok(())
     }
 

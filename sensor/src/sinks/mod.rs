@@ -17,7 +17,8 @@
 //! - [`config::SinkConfig`]: `[[outputs]]` as an internally tagged enum (`type`), one variant
 //!   per sink; errors name the output and the key.
 //! - One folder per sink: `syslog/`, `hec/`, `file/` (ecs-file, ocsf-file), `webhook/`,
-//!   `ship/` (the collector, configured by `[ship]`), each with its `config.rs` (the typed
+//!   `ship/` (the collector, configured by `[ship]`), `nats/` (the collector's JetStream
+//!   transport, `[ship] transport = "nats"`), each with its `config.rs` (the typed
 //!   config, `deny_unknown_fields`, its validation), its `sink.rs` (the sink, its request and
 //!   the classification of its receiver's answers) and a `mod.rs` that wires the two.
 //!
@@ -46,6 +47,7 @@ pub mod error;
 pub mod fanout;
 pub mod file;
 pub mod hec;
+pub mod nats;
 pub mod retry;
 pub mod running;
 pub mod ship;

@@ -1,4 +1,5 @@
-//! `[ship]`: where and how the agent ships to a collector (off while `url` is empty).
+//! `[ship]`: where and how the agent ships to a collector (off while `url` is empty): over
+//! HTTPS to `sensor collector`, or to a NATS JetStream stream the collectors consume.
 
 use std::path::{Path, PathBuf};
 
@@ -6,12 +7,30 @@ use serde::Deserialize;
 
 use crate::ship::{MAX_CLIENTS_PER_SUMMARY, valid_name};
 
+/// How records travel to the collectors.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// POST to the collector's `/v1/ingest` (`url` is https://...).
+    #[default]
+    Https,
+    /// Publish to a JetStream stream (`url` lists tls://host:port servers).
+    Nats,
+}
+
 /// `[ship]`: where and how the agent ships to a collector (off while `url` is empty).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShipConfig {
+    pub transport: Transport,
     pub url: String,
     pub token_file: PathBuf,
+    /// NATS: `<user>:<password>` or an nkey user seed.
+    pub credentials_file: PathBuf,
+    /// NATS: the JetStream stream the subject belongs to (publishes elsewhere are refused).
+    pub stream: String,
+    /// NATS: records go to `<subject_prefix>.<agent name>`.
+    pub subject_prefix: String,
     pub ca_file: PathBuf,
     pub server_name: String,
     pub client_cert_file: PathBuf,
@@ -33,8 +52,12 @@ pub struct ShipConfig {
 impl Default for ShipConfig {
     fn default() -> Self {
         Self {
+            transport: Transport::Https,
             url: String::new(),
             token_file: PathBuf::new(),
+            credentials_file: PathBuf::new(),
+            stream: "SENSOR".into(),
+            subject_prefix: "sensor.ship".into(),
             ca_file: PathBuf::new(),
             server_name: String::new(),
             client_cert_file: PathBuf::new(),
@@ -66,15 +89,27 @@ impl ShipConfig {
         if !self.enabled() {
             return Ok(());
         }
-        let url = crate::net::client::parse_url(&self.url).map_err(|e| ("url", e.to_string()))?;
-        if url.scheme() != "https" {
-            return Err((
-                "url",
-                "the collector URL must be https:// (tokens never travel in clear)".into(),
-            ));
-        }
-        if self.token_file.as_os_str().is_empty() {
-            return Err(("token_file", "shipping needs a token_file".into()));
+        match self.transport {
+            Transport::Https => {
+                let url =
+                    crate::net::client::parse_url(&self.url).map_err(|e| ("url", e.to_string()))?;
+                if url.scheme() != "https" {
+                    return Err((
+                        "url",
+                        "the collector URL must be https:// (tokens never travel in clear)".into(),
+                    ));
+                }
+                if self.token_file.as_os_str().is_empty() {
+                    return Err(("token_file", "shipping needs a token_file".into()));
+                }
+                if opt_path(&self.credentials_file).is_some() {
+                    return Err((
+                        "credentials_file",
+                        "only for transport = \"nats\" (HTTPS uses token_file)".into(),
+                    ));
+                }
+            }
+            Transport::Nats => crate::sinks::nats::config::validate(&self.nats_keys())?,
         }
         if opt_path(&self.client_cert_file).is_some() != opt_path(&self.client_key_file).is_some() {
             return Err((
@@ -123,6 +158,23 @@ impl ShipConfig {
         Ok(())
     }
 
+    /// What the JetStream transport reads.
+    pub fn nats_keys(&self) -> crate::sinks::nats::config::NatsKeys<'_> {
+        crate::sinks::nats::config::NatsKeys {
+            url: &self.url,
+            credentials_file: &self.credentials_file,
+            ca_file: &self.ca_file,
+            client_cert_file: &self.client_cert_file,
+            client_key_file: &self.client_key_file,
+            token_file: &self.token_file,
+            server_name: &self.server_name,
+            stream: &self.stream,
+            subject_prefix: &self.subject_prefix,
+            batch_max_records: self.batch_max_records,
+            timeout_secs: self.timeout_secs,
+        }
+    }
+
     pub fn spool_dir(&self, state_dir: &Path) -> PathBuf {
         opt_path(&self.spool_dir).map_or_else(
             || state_dir.join("spool").join("collector"),
@@ -154,5 +206,71 @@ mod tests {
         };
         assert_eq!(half.validate().map_err(|e| e.0), Err("client_cert_file"));
         assert!(ShipConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn nats_keys_are_checked() {
+        let ok = ShipConfig {
+            transport: Transport::Nats,
+            url: "tls://nats-1.example.net:4222,tls://nats-2.example.net:4222".into(),
+            credentials_file: "/etc/sensor/nats.creds".into(),
+            ..ShipConfig::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let key = |c: ShipConfig| c.validate().map_err(|e| e.0);
+        for (c, k) in [
+            (
+                ShipConfig {
+                    url: "nats://127.0.0.1:4222".into(),
+                    ..ok.clone()
+                },
+                "url",
+            ),
+            (
+                ShipConfig {
+                    credentials_file: "".into(),
+                    ..ok.clone()
+                },
+                "credentials_file",
+            ),
+            (
+                ShipConfig {
+                    token_file: "/t".into(),
+                    ..ok.clone()
+                },
+                "token_file",
+            ),
+            (
+                ShipConfig {
+                    server_name: "x".into(),
+                    ..ok.clone()
+                },
+                "server_name",
+            ),
+            (
+                ShipConfig {
+                    stream: "a.b".into(),
+                    ..ok.clone()
+                },
+                "stream",
+            ),
+            (
+                ShipConfig {
+                    subject_prefix: "sensor.>".into(),
+                    ..ok.clone()
+                },
+                "subject_prefix",
+            ),
+        ] {
+            assert_eq!(key(c.clone()), Err(k), "{c:?}");
+        }
+        // The HTTPS transport refuses the NATS credentials (one of the two is a mistake).
+        let https = ShipConfig {
+            url: "https://collector.example.net:9443/v1/ingest".into(),
+            token_file: "/t".into(),
+            credentials_file: "/c".into(),
+            ..ShipConfig::default()
+        };
+        assert_eq!(key(https), Err("credentials_file"));
     }
 }

@@ -9,15 +9,20 @@
 //!
 //! - [`config`]: `[ship]` and its validation; starting the sink.
 //! - [`sink`]: the stream id, the request, and how the collector's answers are taken.
+//!
+//! With `transport = "nats"` the same records and spool go to a JetStream stream instead
+//! (`sinks::nats`).
 
 pub mod config;
 pub mod sink;
 
-pub use config::ShipConfig;
+pub use config::{ShipConfig, Transport};
 
 use std::{path::Path, time::Duration};
 
 use sink::{ShipSink, stream_id};
+
+use crate::sinks::nats::sink::JetStreamSink;
 
 use crate::{
     ship::{Payload, ShipRecord},
@@ -33,21 +38,36 @@ impl ShipConfig {
     pub fn start(&self, agent: &str, state_dir: &Path) -> Result<Running, SinkError> {
         let dir = self.spool_dir(state_dir);
         let spool = Spool::<ShipRecord>::open(&dir, self.spool_max_bytes)?;
-        let sink = ShipSink::new(self, agent, stream_id(&dir)?)?;
-        let ctx = Context {
-            name: "collector",
-            kind: "collector",
-            state_dir,
-        };
-        let agent = agent.to_owned();
-        Ok(Running::spawn(
-            &ctx,
-            sink,
-            spool,
-            Duration::from_secs(self.retry_max_secs),
-            true,
-            move |input| Some(record(&agent, input)),
-        ))
+        let stream = stream_id(&dir)?;
+        let retry = Duration::from_secs(self.retry_max_secs);
+        let name = agent.to_owned();
+        let accept = move |input: &Input<'_>| Some(record(&name, input));
+        Ok(match self.transport {
+            Transport::Https => Running::spawn(
+                &Context {
+                    name: "collector",
+                    kind: "collector",
+                    state_dir,
+                },
+                ShipSink::new(self, agent, stream)?,
+                spool,
+                retry,
+                true,
+                accept,
+            ),
+            Transport::Nats => Running::spawn(
+                &Context {
+                    name: "collector",
+                    kind: "jetstream",
+                    state_dir,
+                },
+                JetStreamSink::new(&self.nats_keys(), agent, stream)?,
+                spool,
+                retry,
+                true,
+                accept,
+            ),
+        })
     }
 }
 
