@@ -63,9 +63,10 @@ impl<T: Spooled> Queue<T> {
         let mut spool = self.spool();
         let appended = spool.append_all(items);
         let pending = spool.len() as u64;
-        drop(spool);
-        self.wake.notify_one();
-        match appended {
+        // The stats are updated while the spool is still held (lock order: spool, then stats):
+        // released first, the sink's task could ack and publish `pending = 0` in between, and
+        // this stale length would then stay in the stats of an empty spool.
+        let result = match appended {
             Ok(dropped) => {
                 update(&self.stats, |s| {
                     s.spooled += n as u64;
@@ -84,7 +85,10 @@ impl<T: Spooled> Queue<T> {
                 });
                 Err((n - done.min(n), msg))
             }
-        }
+        };
+        drop(spool);
+        self.wake.notify_one();
+        result
     }
 
     /// Takes no more; the task delivers what it can and returns.
@@ -137,17 +141,20 @@ pub async fn worker<S: Sink>(mut sink: S, queue: Arc<Queue<S::Item>>, mut retry:
             {
                 warn!("output `{name}`: cannot record delivery in the spool: {e}");
             }
-            spool.len() as u64
+            let pending = spool.len() as u64;
+            // Under the spool lock, like `push_all`, so the last writer of `pending` saw the
+            // spool last.
+            update(&stats, |s| {
+                s.sent += delivered.sent as u64;
+                s.rejected += delivered.rejected as u64;
+                s.dropped += delivered.rejected as u64;
+                s.pending = pending;
+                if delivered.sent > 0 {
+                    s.last_sent_at = Some(now_rfc3339());
+                }
+            });
+            pending
         };
-        update(&stats, |s| {
-            s.sent += delivered.sent as u64;
-            s.rejected += delivered.rejected as u64;
-            s.dropped += delivered.rejected as u64;
-            s.pending = pending;
-            if delivered.sent > 0 {
-                s.last_sent_at = Some(now_rfc3339());
-            }
-        });
         match failure {
             None if done == 0 => {
                 // Nothing done and no error: a misbehaving sink; do not spin.

@@ -389,6 +389,50 @@ url = "http://127.0.0.1:9000/hook"
         assert_eq!(s.last_error.as_deref(), Some("receiver down"));
     }
 
+    /// The fan-out pushes on its own thread while the task delivers: once everything is
+    /// sent, `pending` must read 0. (A stale length written after the task's last ack left a
+    /// CI run waiting forever on `pending: 2` with `sent == spooled`; the window is narrow,
+    /// so this guards the invariant rather than reproducing that run every time.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_is_zero_once_everything_is_sent() {
+        let stats: SharedStats = Arc::default();
+        let queue = engine::Queue::new(spool::Spool::memory(1 << 24), stats.clone());
+        let out = Flaky {
+            fail: 0,
+            refuse: vec![],
+            got: Arc::default(),
+        };
+        let task = tokio::spawn(engine::worker(
+            out,
+            queue.clone(),
+            Retry::new(Duration::from_millis(20)),
+        ));
+        let n = 20_000u64;
+        let pusher = {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                for i in 1..=n {
+                    let mut r = record("address", "10.0.0.1");
+                    r.id = format!("e{i}");
+                    queue.push(r).expect("spooled");
+                }
+            })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            let s = stats.lock().expect("lock").clone();
+            if s.sent == n {
+                break s;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "stuck: {s:?}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        pusher.join().expect("pusher");
+        assert_eq!((s.spooled, s.pending), (n, 0), "{s:?}");
+        queue.close();
+        task.await.expect("worker");
+    }
+
     #[test]
     fn counters_follow_the_alert_window() {
         let r = record("address", "10.0.0.1");
