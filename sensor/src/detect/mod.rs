@@ -728,6 +728,39 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
         assert_eq!(counts, vec![8, 8]);
     }
 
+    /// Health checks: six monitors in one /24 (no identity), each polling every 2 s all hour
+    /// with a ~160-byte `200 OK`: persistent, alike and ~5800 estimated "tokens" a minute
+    /// together, but every reply is about a head's size. No ring; the same monitors pulling
+    /// 500-byte replies (~100 tokens each) are one.
+    #[test]
+    fn health_checks_in_one_network_are_not_a_ring() {
+        let run = |reply: u64| {
+            let mut d = detector(Vec::new());
+            let mut agg = Aggregator::new(1000, 24, 56);
+            d.evaluate(&agg, at(0));
+            for t in (0..4000u64).step_by(60) {
+                for i in 1..=6 {
+                    let d = Delta {
+                        counts: Counts {
+                            requests: 30,
+                            bytes_in: 30 * 80,
+                            bytes_out: 30 * reply,
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    };
+                    agg.apply(format!("10.5.0.{i}").parse().expect("ip"), &d, at(t));
+                }
+            }
+            d.evaluate(&agg, at(4000))
+                .into_iter()
+                .filter(|e| e.alert.rule_id == RING_RULE_ID)
+                .count()
+        };
+        assert_eq!(run(160), 0, "health checks formed a ring");
+        assert_eq!(run(500), 1, "long replies from the same network are a ring");
+    }
+
     #[test]
     fn learning_mode_only_logs_until_the_baseline_exists() {
         let mut d = detector(vec![rule(FLOOD)]);

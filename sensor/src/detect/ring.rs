@@ -4,8 +4,11 @@
 //!
 //! Members are API identities, and addresses that carry no identity (where request heads are
 //! not visible). A member is harvesting over the last hour (>= 10 requests, replies at least
-//! as large as requests, at least 10 minutes old) and still active (a request in the last 10
-//! minutes). Members are linked when their mean request and reply sizes over the hour match
+//! as large as requests and on average at least `ring_min_reply_tokens` estimated tokens, at
+//! least 10 minutes old) and still active (a request in the last 10 minutes). The reply floor
+//! keeps out load-balancer health checks: several monitors in one network polling every few
+//! seconds are persistent, alike and, counted by their ~150-byte `200 OK` heads alone, pull
+//! a few thousand "tokens" a minute together, yet carry no model output. Members are linked when their mean request and reply sizes over the hour match
 //! (within one 15% step of a log scale, chained) and they share
 //!
 //! - a start: first seen within 3 minutes of each other (an orchestrator starting its
@@ -105,12 +108,16 @@ fn eligible<'a>(
     by: By,
     key: &'a str,
     c: &'a ClientStats,
+    cfg: &SignalConfig,
     now: Now,
 ) -> Option<Member<'a>> {
     let t = c.windows.get(now.secs(), Window::OneHour);
     let ten = c.windows.get(now.secs(), Window::TenMinutes);
     let age_ms = now.unix_ms.saturating_sub(c.first_seen_ms);
     if t.requests < 10 || ten.requests == 0 || age_ms < 10 * 60_000 || t.bytes_out < t.bytes_in {
+        return None;
+    }
+    if signals::est_tokens(&t) < cfg.ring_min_reply_tokens * t.requests as f64 {
         return None;
     }
     let req = signals::request_bytes(&t).max(1.0);
@@ -165,7 +172,7 @@ pub fn find(
 ) -> Vec<Ring> {
     let mut members = Vec::new();
     for (key, c) in &agg.identities.clients {
-        if let Some(m) = eligible(agg, By::Identity, key, c, now) {
+        if let Some(m) = eligible(agg, By::Identity, key, c, cfg, now) {
             members.push(m);
         }
     }
@@ -173,7 +180,7 @@ pub fn find(
         // Addresses with identities are judged through them.
         if behind.of(By::Address, key) == 0
             && c.last_identity.is_none()
-            && let Some(m) = eligible(agg, By::Address, key, c, now)
+            && let Some(m) = eligible(agg, By::Address, key, c, cfg, now)
         {
             members.push(m);
         }

@@ -22,6 +22,10 @@ pub struct SignalConfig {
     pub ring_min_members: usize,
     /// ...and together at least this many estimated output tokens per minute over 10 minutes.
     pub ring_tokens_per_minute: f64,
+    /// A ring member pulls long outputs: at least this many estimated output tokens per
+    /// request on average over the hour. Replies shorter than this are mostly the response
+    /// head (a health check's `200 OK` is ~150 bytes, ~30 "tokens"), not distillation data.
+    pub ring_min_reply_tokens: f64,
     /// Learning mode: until the population baseline has `baseline_min_minutes` of history,
     /// every match is recorded as log-only (`"mode": "log"`), not alerted.
     pub learning: bool,
@@ -35,6 +39,7 @@ impl Default for SignalConfig {
             output_floor_tokens_per_minute: 1000.0,
             ring_min_members: 5,
             ring_tokens_per_minute: 4000.0,
+            ring_min_reply_tokens: 64.0,
             learning: false,
             rings: true,
         }
@@ -56,6 +61,9 @@ impl SignalConfig {
         }
         if !(self.ring_tokens_per_minute.is_finite() && self.ring_tokens_per_minute >= 0.0) {
             return Err(("ring_tokens_per_minute", "must be a number >= 0".into()));
+        }
+        if !(self.ring_min_reply_tokens.is_finite() && self.ring_min_reply_tokens >= 0.0) {
+            return Err(("ring_min_reply_tokens", "must be a number >= 0".into()));
         }
         Ok(())
     }
