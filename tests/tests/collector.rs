@@ -253,6 +253,18 @@ struct Host {
 
 impl Host {
     fn start(dir: &Path, name: &str, token: &str, collector: &Collector, mtls: bool) -> Self {
+        Self::start_shipping(dir, name, token, collector, mtls, "")
+    }
+
+    /// `ship` is added to the agent's `[ship]` table.
+    fn start_shipping(
+        dir: &Path,
+        name: &str,
+        token: &str,
+        collector: &Collector,
+        mtls: bool,
+        ship: &str,
+    ) -> Self {
         let cg = Cgroup::new(&format!("col-{name}"));
         let port = free_port();
         let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
@@ -273,7 +285,7 @@ impl Host {
             &config,
             format!(
                 "[ship]\nurl = \"{}/v1/ingest\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n\
-                 agent_name = \"{name}\"\nretry_max_secs = 1\n{client}\n\
+                 agent_name = \"{name}\"\nretry_max_secs = 1\n{client}{ship}\n\
                  [detect]\ninterval_secs = 1\n\n[[detect.rules]]\nid = \"host-flood\"\n\
                  name = \"Request flood on one host\"\nkeys = [\"address\"]\nseverity = \"high\"\n\
                  when = [{{ metric = \"requests\", window = \"1m\", op = \">\", value = 15 }}]\n",
@@ -512,6 +524,158 @@ fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
         g,
         (t77.0 + t78.0, t77.1 + t78.1, t77.2 + t78.2, t77.3 + t78.3)
     );
+}
+
+/// `n` requests for the small file from `source` to nginx on `port` (one connection).
+fn requests_to(port: u16, source: &str, n: usize) -> Vec<Transfer> {
+    let url = format!("http://127.0.0.1:{port}/{}", SMALL.0);
+    let ops: Vec<Vec<String>> = (0..n)
+        .map(|_| op(&["--interface", source, url.as_str()]))
+        .collect();
+    curl(Command::new("curl"), &ops)
+}
+
+/// Issue #13's fleet blind spot: a client kept below every host's `top_clients` cut (and
+/// outside the keyed sample) used to reach the collector only folded into `rest`. The agents'
+/// sketches let the collector find it: its cells turn hot, the agents name it, and the fleet
+/// rule fires on it; a quieter client below the hot threshold stays folded. Nothing is lost:
+/// named rows and the folded remainder still sum to nginx's ground truth.
+#[test]
+fn a_thin_client_below_every_hosts_cut_is_found_by_the_sketch() {
+    if !privileged("a_thin_client_below_every_hosts_cut_is_found_by_the_sketch") {
+        return;
+    }
+    let tmp = TempDir::new("collector-sketch");
+    let certs = make_certs(&tmp.path);
+    let collector = Collector::start(
+        &tmp.path.join("collector"),
+        &certs,
+        false,
+        "[sketch]\nhot_requests_per_minute = 150\nhot_bytes_per_minute = 0\n\n\
+         [[detect.rules]]\nid = \"fleet-flood\"\nname = \"Request flood over several hosts\"\n\
+         keys = [\"address\"]\nseverity = \"high\"\n\
+         when = [{ metric = \"requests\", window = \"1m\", op = \">\", value = 100 }]\n",
+    );
+    // Two heavier clients take each host's top two; no sample. The fleet's identity secret
+    // is shared, as deployed: it keys the sketch cells, the same on every host.
+    let secret = tmp.path.join("identity.key");
+    fs::write(&secret, "fleet-identity-secret-0123456789").expect("secret");
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let ship = format!(
+        "top_clients = 2\nsample_percent = 0\n\n[identity]\nsecret_file = \"{}\"\n",
+        secret.display()
+    );
+    let hosts: Vec<Host> = AGENT_TOKENS[..3]
+        .iter()
+        .map(|(name, token)| Host::start_shipping(&tmp.path, name, token, &collector, false, &ship))
+        .collect();
+    const THIN: &str = "127.0.0.77";
+    const QUIET: &str = "127.0.0.88";
+    const HEAVY: [&str; 2] = ["127.0.0.101", "127.0.0.102"];
+    // Per host and round: 6 requests from each heavy client, 2 from the thin one (about 360
+    // a minute over the fleet, past the hot threshold of 150), 1 every other round from the
+    // quiet one (about 90 a minute over the fleet).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drivers: Vec<_> = hosts
+        .iter()
+        .map(|h| {
+            let (port, stop) = (h.port, stop.clone());
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                let mut round = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let started = std::time::Instant::now();
+                    for heavy in HEAVY {
+                        all.extend(requests_to(port, heavy, 6));
+                    }
+                    all.extend(requests_to(port, THIN, 2));
+                    if round.is_multiple_of(2) {
+                        all.extend(requests_to(port, QUIET, 1));
+                    }
+                    round += 1;
+                    std::thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
+                }
+                all
+            })
+        })
+        .collect();
+    let found = try_wait_for(
+        "the thin client named in the fleet view and the fleet alert on it",
+        Duration::from_secs(120),
+        || {
+            let rows = collector.clients_cli("address");
+            let thin = fleet_row(&rows, THIN).ok_or("the thin client is not named yet")?;
+            let alerts = collector.get("/v1/alerts");
+            alerts
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == THIN)
+                        .cloned()
+                })
+                .map(|a| (thin, a))
+                .ok_or_else(|| format!("fleet row {thin:?}, no alert yet"))
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let transfers: Vec<Vec<Transfer>> = drivers
+        .into_iter()
+        .map(|d| d.join().expect("traffic driver"))
+        .collect();
+    let (thin_row, alert) = found.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        alert["evidence"]["requests_1m"].as_f64().unwrap_or(0.0) > 100.0,
+        "{alert}"
+    );
+    // Every host named the thin client once its cells were hot: its row sums several hosts.
+    assert!(thin_row.2 > 12, "{thin_row:?}");
+    let parts: Vec<(&Host, &[Transfer])> = hosts
+        .iter()
+        .zip(&transfers)
+        .map(|(h, t)| (h, t.as_slice()))
+        .collect();
+    let truth = fleet_truth(&parts);
+    let all: u64 = truth.values().map(|t| t.2).sum();
+    // Nothing lost: named rows plus the folded remainder equal nginx's count, once the last
+    // periods are shipped.
+    wait_for(
+        "the fleet's request total to equal nginx's",
+        Duration::from_secs(60),
+        || {
+            let text = collector.metrics();
+            let total = text
+                .lines()
+                .find_map(|l| l.strip_prefix("sensor_collector_requests_total "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map_or(0, |v| v as u64);
+            if total == all {
+                Ok(())
+            } else {
+                Err(format!("fleet {total}, nginx {all}"))
+            }
+        },
+    );
+    let rows = collector.clients_cli("address");
+    let thin_now = fleet_row(&rows, THIN).expect("thin row");
+    assert!(
+        thin_now.2 <= truth[THIN].2,
+        "named counts never exceed the truth: {thin_now:?} vs {:?}",
+        truth[THIN]
+    );
+    assert!(
+        fleet_row(&rows, QUIET).is_none(),
+        "the quiet client (~90 a minute over the fleet) stays folded: {rows:?}"
+    );
+    for heavy in HEAVY {
+        assert_eq!(
+            fleet_row(&rows, heavy),
+            Some(truth[heavy]),
+            "{heavy}: top clients exact"
+        );
+    }
+    let health = collector.get("/v1/health");
+    assert_eq!(health["ingest"]["malformed"], 0, "{health}");
 }
 
 /// A valid batch (JSON) for the fuzzing agent, to mutate.

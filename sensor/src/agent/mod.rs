@@ -429,13 +429,16 @@ async fn bind_metrics(config: &Config) -> anyhow::Result<Option<metrics::Server>
 
 /// SIEM outputs, each a task of its own behind a bounded queue (see sinks/mod.rs), and
 /// shipping to the collector; a missing token file or CA file fails here.
-fn start_outputs(config: &Config) -> anyhow::Result<crate::sinks::Outputs> {
+fn start_outputs(
+    config: &Config,
+    hot: &Arc<crate::ship::sketch::Hot>,
+) -> anyhow::Result<crate::sinks::Outputs> {
     let mut outputs = crate::sinks::Outputs::start(&config.outputs, &config.state.dir)
         .context("cannot start the outputs")?;
     if config.ship.enabled() {
         let name = ship_name(config);
         outputs
-            .start_shipping(&config.ship, &name, &config.state.dir)
+            .start_shipping(&config.ship, &name, &config.state.dir, hot.clone())
             .context("cannot start shipping to the collector")?;
     }
     Ok(outputs)
@@ -605,7 +608,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = service::exit_on_config_error(effective_config(&args))?;
     // Before touching saved state or the kernel: a bad token file or a taken address fails fast.
     let metrics_server = bind_metrics(&config).await?;
-    let outputs = start_outputs(&config)?;
+    // The collector's hot cells: received by the shipping sink, used by the summaries.
+    let hot = Arc::<crate::ship::sketch::Hot>::default();
+    let outputs = start_outputs(&config, &hot)?;
     let mut capture = attach(&config, args.fresh)?;
     // Until the agent serves, a failed start detaches what this start attached; state an
     // earlier run pinned (continued here) stays for the next try.
@@ -628,6 +633,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &secret,
         config.ship.sample_percent,
         config.ship.sample_max_clients,
+        hot,
     );
     let boot_id = state::boot_id();
     let state: SharedState = Arc::new(Mutex::new(restore_state(&config, &capture, &boot_id)?));

@@ -70,6 +70,7 @@ fn batch(
                         period_s: PERIOD_SECS,
                         clients,
                         rest: Default::default(),
+                        sketch: Default::default(),
                     },
                 )
             }

@@ -49,6 +49,9 @@ pub struct CollectorConfig {
     pub clients: Clients,
     #[serde(default = "default_detect")]
     pub detect: Detect,
+    /// `[sketch]`: when the fleet names thin clients back to the agents.
+    #[serde(default)]
+    pub sketch: crate::ship::sketch::SketchConfig,
     #[serde(default)]
     pub outputs: Vec<crate::sinks::SinkConfig>,
 }

@@ -9,7 +9,10 @@ use crate::{
     detect::{Alert, AlertEvent, Detector, DetectorState},
     model::aggregate::{Aggregator, Now},
     model::keys::By,
-    ship::{Batch, PERIOD_SECS, Payload, ShipRecord, Summary},
+    ship::{
+        Batch, PERIOD_SECS, Payload, ShipRecord, Summary,
+        sketch::{FleetSketch, HotCells},
+    },
     sinks::Record,
 };
 
@@ -52,6 +55,9 @@ pub struct FleetState {
     /// consumer resumes right after it, so a message is merged once whatever was acknowledged.
     #[serde(default)]
     pub nats_seq: u64,
+    /// The agents' sketches of the last minute (soft state: rebuilt from new summaries).
+    #[serde(skip)]
+    pub sketch: FleetSketch,
 }
 
 /// What one batch did.
@@ -59,6 +65,10 @@ pub struct FleetState {
 pub struct Applied {
     pub accepted: usize,
     pub duplicates: usize,
+    /// The sketch cells that are hot over the fleet: the agent names every client whose
+    /// cells are all hot ([`crate::ship::sketch`]).
+    #[serde(skip_serializing_if = "HotCells::is_empty")]
+    pub hot: HotCells,
 }
 
 impl FleetState {
@@ -113,6 +123,7 @@ impl FleetState {
                         .map(|c| (format!("{}|{}", c.by, c.key), c.open_connections))
                         .collect();
                     merge_summary(&mut self.agg, s, now);
+                    self.sketch.add(s.start_s, &s.sketch, now.secs());
                 }
                 Payload::Alert { event, alert } => {
                     info.alerts += 1;
@@ -139,6 +150,7 @@ impl FleetState {
                 self.agent_alerts.remove(&k);
             }
         }
+        applied.hot = self.sketch.hot(now.secs());
         (applied, forward, accepted)
     }
 
@@ -247,6 +259,7 @@ mod tests {
                         forwarded: None,
                     }],
                     rest: BTreeMap::new(),
+                    sketch: BTreeMap::new(),
                 },
             )
         }
@@ -276,7 +289,8 @@ mod tests {
                 f.apply(&b, now).0,
                 Applied {
                     accepted: 0,
-                    duplicates: 1
+                    duplicates: 1,
+                    hot: Default::default(),
                 }
             );
         }

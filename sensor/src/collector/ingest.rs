@@ -9,7 +9,7 @@ use sha2::{Digest as _, Sha256};
 use crate::model::aggregate::Counts;
 use crate::ship::{
     Batch, MAX_CLIENTS_PER_SUMMARY, MAX_KEY_LEN, MAX_RECORDS_PER_BATCH, PERIOD_SECS, Payload,
-    WIRE_VERSION, valid_name,
+    WIRE_VERSION, sketch, valid_name,
 };
 
 // --- tokens ---------------------------------------------------------------------------------
@@ -441,8 +441,45 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                         ));
                     }
                 }
+                for (kind, cells) in &s.sketch {
+                    let at = at(&format!("summary.sketch.{kind}"));
+                    let sum = per_kind.get(kind.as_str()).copied().unwrap_or_default();
+                    if let Err(m) = sketch_matches(kind, cells, &sum) {
+                        return bad(format!("{at}: {m}"));
+                    }
+                }
             }
         }
+    }
+    Ok(())
+}
+
+/// A summary's sketch of one key kind: known kind, cells in range and in order, and every
+/// row summing to the kind's shipped counts (each client adds its counts to one cell per
+/// row), so a sketch can only redistribute what the summary already claims.
+fn sketch_matches(kind: &str, cells: &[sketch::Cell], sum: &Counts) -> Result<(), String> {
+    if crate::model::keys::By::parse(kind).is_none() {
+        return Err(format!("unknown key kind `{kind}`"));
+    }
+    if !cells.windows(2).all(|w| w[0].0 < w[1].0)
+        || cells.last().is_some_and(|c| c.0 >= sketch::CELLS)
+    {
+        return Err(format!(
+            "cells must be in increasing order below {}",
+            sketch::CELLS
+        ));
+    }
+    let mut rows = [(0u64, 0u64); sketch::ROWS];
+    for &(i, r, b) in cells {
+        let row = &mut rows[i as usize / sketch::WIDTH];
+        row.0 = row.0.saturating_add(r);
+        row.1 = row.1.saturating_add(b);
+    }
+    let want = (sum.requests, sum.bytes_in.saturating_add(sum.bytes_out));
+    if rows.iter().any(|row| *row != want) {
+        return Err(format!(
+            "every row must sum to the kind's requests and bytes {want:?}"
+        ));
     }
     Ok(())
 }
@@ -590,6 +627,7 @@ mod tests {
                                 forwarded: None,
                             }],
                             rest: Default::default(),
+                            sketch: Default::default(),
                         },
                     )
                 },
@@ -621,6 +659,37 @@ mod tests {
         );
         let json = serde_json::to_vec(&b).expect("json");
         assert_eq!(decode(&json, None, 1 << 20, "host-a", NOW), Ok(b));
+    }
+
+    /// The sketch may only redistribute what the summary claims: each row sums to the kind's
+    /// requests and bytes, cells in order and in range.
+    #[test]
+    fn sketches_must_match_the_summary() {
+        let with = |cells: Vec<sketch::Cell>| {
+            let mut b = batch();
+            if let Payload::Summary(s) = &mut b.records[0].payload {
+                s.sketch.insert("address".into(), cells);
+            }
+            validate(&b, "host-a", NOW)
+        };
+        let w = sketch::WIDTH as u32;
+        let good: Vec<sketch::Cell> = (0..sketch::ROWS as u32)
+            .map(|r| (r * w + 5, 4, 4100))
+            .collect();
+        assert_eq!(with(good.clone()), Ok(()));
+        let mut split = good.clone();
+        split[0] = (1, 1, 100);
+        split.insert(1, (2, 3, 4000));
+        assert_eq!(with(split), Ok(()), "a row may spread over cells");
+        let mut inflated = good.clone();
+        inflated[3].2 = 1_000_000;
+        assert!(matches!(with(inflated), Err(IngestError::Malformed(m)) if m.contains("sum")));
+        let mut outside = good.clone();
+        outside[3].0 = sketch::CELLS;
+        assert!(with(outside).is_err());
+        let mut unordered = good;
+        unordered.swap(0, 1);
+        assert!(with(unordered).is_err());
     }
 
     #[test]

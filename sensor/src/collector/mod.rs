@@ -121,6 +121,7 @@ fn restore(
         c.clients.group_prefix_v4,
         c.clients.group_prefix_v6,
     );
+    state.sketch = crate::ship::sketch::FleetSketch::new(c.sketch.clone());
     let journal = dir.join(JOURNAL);
     match drop_torn_tail(&journal) {
         Ok(0) => {}
@@ -300,6 +301,7 @@ mod tests {
                         period_s: 10,
                         clients: Vec::new(),
                         rest: Default::default(),
+                        sketch: Default::default(),
                     },
                 )
             }],

@@ -2,7 +2,7 @@
 //! views all name them, so they live below all of those.
 
 /// What a client is keyed by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum By {
     #[default]
     Address,

@@ -49,8 +49,9 @@ impl Outputs {
         c: &super::ship::ShipConfig,
         agent: &str,
         state_dir: &Path,
+        hot: std::sync::Arc<crate::ship::sketch::Hot>,
     ) -> Result<(), SinkError> {
-        self.running.push(c.start(agent, state_dir)?);
+        self.running.push(c.start(agent, state_dir, hot)?);
         info!(
             "shipping to the collector at {} ({:?}) as `{agent}`",
             c.url, c.transport

@@ -238,6 +238,7 @@ mod tests {
                         })
                         .collect(),
                     rest: Default::default(),
+                    sketch: Default::default(),
                 },
             )
         }

@@ -35,7 +35,14 @@ use crate::{
 
 impl ShipConfig {
     /// Opens the spool, reads the token and starts the sink, shipping as agent `agent`.
-    pub fn start(&self, agent: &str, state_dir: &Path) -> Result<Running, SinkError> {
+    /// Over HTTPS the collector's answers carry the fleet's hot sketch cells, handed to `hot`
+    /// (JetStream has no answer to carry them: see docs/fleet.md).
+    pub fn start(
+        &self,
+        agent: &str,
+        state_dir: &Path,
+        hot: std::sync::Arc<crate::ship::sketch::Hot>,
+    ) -> Result<Running, SinkError> {
         let dir = self.spool_dir(state_dir);
         let spool = Spool::<ShipRecord>::open(&dir, self.spool_max_bytes)?;
         let stream = stream_id(&dir)?;
@@ -49,7 +56,7 @@ impl ShipConfig {
                     kind: "collector",
                     state_dir,
                 },
-                ShipSink::new(self, agent, stream)?,
+                ShipSink::new(self, agent, stream, hot)?,
                 spool,
                 retry,
                 true,

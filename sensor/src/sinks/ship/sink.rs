@@ -69,10 +69,24 @@ pub struct ShipSink {
     batch_max: usize,
     /// After the collector refused a batch, send one record at a time to find the bad one.
     one_by_one: bool,
+    /// Where the hot sketch cells of the collector's answers go.
+    hot: std::sync::Arc<crate::ship::sketch::Hot>,
+}
+
+/// What the agent reads of the collector's answer to a batch.
+#[derive(serde::Deserialize)]
+struct Answer {
+    #[serde(default)]
+    hot: crate::ship::sketch::HotCells,
 }
 
 impl ShipSink {
-    pub fn new(c: &ShipConfig, agent: &str, stream: String) -> Result<Self, SinkError> {
+    pub fn new(
+        c: &ShipConfig,
+        agent: &str,
+        stream: String,
+        hot: std::sync::Arc<crate::ship::sketch::Hot>,
+    ) -> Result<Self, SinkError> {
         let identity = match (opt_path(&c.client_cert_file), opt_path(&c.client_key_file)) {
             (Some(cert_file), Some(key_file)) => Some(ClientIdentity {
                 cert_file,
@@ -92,6 +106,7 @@ impl ShipSink {
             stream,
             batch_max: c.batch_max_records,
             one_by_one: false,
+            hot,
         })
     }
 
@@ -104,6 +119,12 @@ impl ShipSink {
         match r.status {
             200..=299 => {
                 self.one_by_one = false;
+                // An answer without hot cells (or an older collector's) clears them.
+                let hot = serde_json::from_str::<Answer>(&r.body)
+                    .map(|a| a.hot)
+                    .unwrap_or_default();
+                self.hot
+                    .set(&hot, crate::model::aggregate::Now::system().secs());
                 Ok(Delivered::all(batch.len()))
             }
             // Refused as malformed: find the bad record, then drop (and count) only it.
@@ -177,8 +198,13 @@ mod tests {
         let spool_dir = dir.join("spool");
         let spool =
             crate::sinks::spool::Spool::<ShipRecord>::open(&spool_dir, 4096).expect("spool");
-        let out =
-            ShipSink::new(&c, "host-a", stream_id(&spool_dir).expect("stream")).expect("output");
+        let out = ShipSink::new(
+            &c,
+            "host-a",
+            stream_id(&spool_dir).expect("stream"),
+            Default::default(),
+        )
+        .expect("output");
         let stats =
             std::sync::Arc::new(std::sync::Mutex::new(crate::sinks::OutputStats::default()));
         let queue = crate::sinks::engine::Queue::new(spool, stats.clone());

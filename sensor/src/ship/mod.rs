@@ -14,7 +14,9 @@
 //! kind (address, group, identity, forwarded), and the rest of the period summed per kind.
 //! The collector adds them up across hosts, so a client spread over many hosts is seen whole.
 
-use std::{collections::BTreeMap, io::Write as _};
+pub mod sketch;
+
+use std::{collections::BTreeMap, io::Write as _, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +87,10 @@ pub struct Summary {
     /// Per key kind, the period's counts of the clients left out of `clients`.
     #[serde(default)]
     pub rest: BTreeMap<String, Counts>,
+    /// Per key kind, the count-min sketch of every client's period counts (named or not):
+    /// what the collector finds thin clients with ([`sketch`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sketch: BTreeMap<String, Vec<sketch::Cell>>,
 }
 
 /// One client's counts in a period, and its state at the period's end.
@@ -143,25 +149,30 @@ pub fn encode(batch: &Batch) -> Result<Vec<u8>, EncodeError> {
 // --- summaries ------------------------------------------------------------------------------
 
 /// Which clients below the `top_clients` cut a summary still names: a fixed share of all
-/// keys, chosen by HMAC under the fleet's identity secret. A ring that keeps every member
-/// below the cut on every host (tens of thousands of modest keys) still reaches the fleet
-/// rules through its sampled members, each with its exact counts. The choice is the same on
-/// every agent sharing the secret (so a sampled key's fleet totals are complete), the same
-/// for a key over time, and cannot be predicted (or avoided) by a client without the secret.
+/// keys, chosen by HMAC under the fleet's identity secret, and the clients whose sketch cells
+/// the collector named hot ([`sketch`]). A ring that keeps every member below the cut on
+/// every host (tens of thousands of modest keys) still reaches the fleet rules through its
+/// sampled members, each with its exact counts; a single key spread thinly over the fleet,
+/// through its hot cells. The choice is the same on every agent sharing the secret (so a
+/// sampled key's fleet totals are complete), the same for a key over time, and cannot be
+/// predicted (or avoided) by a client without the secret.
 pub struct Sample {
-    /// Keyed with a subkey of the identity secret, so that no rank equals any identity's id
-    /// (a client could otherwise present a credential whose id is another key's rank).
-    key: sensor_http::IdentityKey,
+    /// Keyed with a subkey of the identity secret, so that no place derives from any
+    /// identity's id (a client could otherwise present a credential whose id is another
+    /// key's rank).
+    mac: hmac::Hmac<sha2::Sha256>,
     /// Keys sampled per 10 000.
     per_10k: u32,
-    /// Sampled rows per key kind and period, at most: past it the share is halved (and halved
-    /// again) for that period, so that a host under pressure samples a subset of what the
-    /// others sample and every key it names is named by all of them.
+    /// Sampled rows per key kind and period, at most: past it only the lowest ranks are named
+    /// (a smaller share, for that period), so that a host under pressure samples a subset of
+    /// what the others sample. Rows named for hot cells have the same bound, the same way.
     max_rows: usize,
+    /// The collector's latest hot cells (set by the shipping sink).
+    hot: Arc<sketch::Hot>,
 }
 
 impl Sample {
-    pub fn new(secret: &[u8], percent: u32, max_rows: usize) -> Self {
+    pub fn new(secret: &[u8], percent: u32, max_rows: usize, hot: Arc<sketch::Hot>) -> Self {
         use hmac::Mac as _;
         let subkey = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(secret)
             .map(|mut m| {
@@ -169,37 +180,45 @@ impl Sample {
                 m.finalize().into_bytes().to_vec()
             })
             .unwrap_or_default();
+        // HMAC takes keys of any length; an error here is impossible.
+        let mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&subkey)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
         Self {
-            key: sensor_http::IdentityKey::new(&subkey),
+            mac,
             per_10k: percent.min(100) * 100,
             max_rows,
+            hot,
         }
     }
 
     /// No sampling: only the heaviest clients are named.
     #[cfg(test)]
     pub fn off() -> Self {
-        Self::new(&[0; 16], 0, 0)
+        Self::new(&[0; 16], 0, 0, Arc::default())
     }
 
-    /// The key's rank in the sample (0..10 000): sampled when below the share.
-    fn rank(&self, by: By, key: &str) -> u32 {
-        let id = self
-            .key
-            .id(format!("ship-sample\0{}\0{key}", by.name()).as_bytes());
-        // "k-" and 12 hex digits of the HMAC: uniform, so its value mod 10 000 is too.
-        let v = u64::from_str_radix(id.get(2..).unwrap_or_default(), 16).unwrap_or(u64::MAX);
-        (v % 10_000) as u32
+    /// The key's rank in the sample and its sketch cells.
+    fn place(&self, by: By, key: &str) -> sketch::Place {
+        use hmac::Mac as _;
+        let mut m = self.mac.clone();
+        m.update(b"ship-place\0");
+        m.update(by.name().as_bytes());
+        m.update(b"\0");
+        m.update(key.as_bytes());
+        sketch::Place::from_mac(&m.finalize().into_bytes().into())
     }
 }
 
 /// The summary of the 10-second period starting at `start_s`, or None when nothing happened
 /// and no connection is open: the `top` heaviest clients of each key kind and those of the
-/// rest that `sample` picks, each with its counts, and the remainder summed.
+/// rest that `sample` picks (keyed sample, hot cells), each with its counts, the remainder
+/// summed, and every client in the kind's sketch.
 pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) -> Option<Summary> {
     let period = start_s / PERIOD_SECS;
+    let hot = sample.hot.current(start_s + PERIOD_SECS);
     let mut clients = Vec::new();
     let mut rest = BTreeMap::new();
+    let mut sketches = BTreeMap::new();
     for by in By::ALL {
         let mut rows: Vec<(&String, Counts, u64)> = agg
             .table(by)
@@ -220,33 +239,37 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
                 .cmp(&(a.1.bytes_in + a.1.bytes_out, a.1.requests))
                 .then_with(|| a.0.cmp(b.0))
         });
+        let hot = hot.get(&by);
+        let mut sketch = sketch::Builder::default();
         let mut left = Counts::default();
         let mut named = Vec::with_capacity(rows.len().min(top));
         let mut sampled = Vec::new();
+        let mut heated = Vec::new();
         for (i, row) in rows.into_iter().enumerate() {
+            let place = sample.place(by, row.0);
+            if !row.1.is_zero() {
+                sketch.add(&place, &row.1);
+            }
             if i < top {
                 named.push(row);
-                continue;
-            }
-            if sample.per_10k > 0 {
-                let rank = sample.rank(by, row.0);
-                if rank < sample.per_10k {
-                    sampled.push((rank, row));
-                    continue;
-                }
-            }
-            left += row.1;
-        }
-        let mut level = sample.per_10k;
-        while level > 0 && sampled.iter().filter(|(r, _)| *r < level).count() > sample.max_rows {
-            level /= 2;
-        }
-        for (rank, row) in sampled {
-            if rank < level {
-                named.push(row);
+            } else if place.rank < sample.per_10k {
+                sampled.push((place.rank, row));
+            } else if sketch::all_hot(hot, &place) {
+                heated.push((place.rank, row));
             } else {
                 left += row.1;
             }
+        }
+        for mut extra in [sampled, heated] {
+            // Within the bound, lowest ranks first: a host under pressure names a subset of
+            // what the others name.
+            if extra.len() > sample.max_rows {
+                extra.sort_by_key(|(rank, _)| *rank);
+                for (_, row) in extra.drain(sample.max_rows..) {
+                    left += row.1;
+                }
+            }
+            named.extend(extra.into_iter().map(|(_, row)| row));
         }
         for (key, counts, open) in named {
             let c = &agg.table(by).clients[key];
@@ -262,12 +285,17 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
         if !left.is_zero() {
             rest.insert(by.name().to_owned(), left);
         }
+        let cells = sketch.finish();
+        if !cells.is_empty() {
+            sketches.insert(by.name().to_owned(), cells);
+        }
     }
     (!clients.is_empty() || !rest.is_empty()).then(|| Summary {
         start_s: period * PERIOD_SECS,
         period_s: PERIOD_SECS,
         clients,
         rest,
+        sketch: sketches,
     })
 }
 
@@ -348,7 +376,7 @@ pub(crate) mod tests {
             agg
         };
         let secret = [7u8; 32];
-        let sample = Sample::new(&secret, 10, 2000);
+        let sample = Sample::new(&secret, 10, 2000, Arc::default());
         let names = |agg: &Aggregator, sample: &Sample| {
             let s = summarize(agg, t, 50, sample).expect("summary");
             let named: Vec<(String, u64)> = s
@@ -374,11 +402,14 @@ pub(crate) mod tests {
         assert_eq!(total_b, 50 * 10_000 + 3000 * 70);
         let keys = |v: &[(String, u64)]| v.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
         assert_eq!(keys(&a), keys(&b), "the same members on every host");
-        let (other, _) = names(&host(100), &Sample::new(&[8u8; 32], 10, 2000));
+        let (other, _) = names(
+            &host(100),
+            &Sample::new(&[8u8; 32], 10, 2000, Arc::default()),
+        );
         assert_ne!(keys(&a), keys(&other), "another secret, other members");
-        // Past the bound the share halves: a host with more clients names a subset of what a
-        // host with fewer names, so every key it names is named everywhere.
-        let capped = Sample::new(&secret, 10, 100);
+        // Past the bound only the lowest ranks are named: a host with more clients names a
+        // subset of what a host with fewer names, so every key it names is named everywhere.
+        let capped = Sample::new(&secret, 10, 100, Arc::default());
         let (c1, t1) = names(&host(100), &capped);
         assert!(c1.len() <= 100 && c1.len() >= 20, "{}", c1.len());
         assert_eq!(t1, total_a);
@@ -414,6 +445,61 @@ pub(crate) mod tests {
         assert!(names(&host(100), &Sample::off()).0.is_empty());
     }
 
+    /// A client below the cut (and not sampled) is folded into `rest` until the collector
+    /// names its cells hot; then it is named with its exact counts, on every host sharing the
+    /// secret. Every row of the sketch sums to the kind's shipped counts.
+    #[test]
+    fn hot_cells_name_a_thin_client_below_the_cut() {
+        let t = 1_800_000_000u64;
+        let at = Now {
+            unix_ms: (t + 3) * 1000,
+        };
+        let mut agg = Aggregator::new(1000, 24, 56);
+        for i in 1..=5u8 {
+            agg.apply(std::net::IpAddr::from([10, 9, 0, i]), &bytes(10_000), at);
+        }
+        let thin = std::net::IpAddr::from([10, 1, 0, 7]);
+        agg.apply(thin, &bytes(50), at);
+        let hot = Arc::<sketch::Hot>::default();
+        let sample = Sample::new(&[7u8; 32], 0, 100, hot.clone());
+        let named = |s: &Summary| s.clients.iter().any(|c| c.key == "10.1.0.7");
+        let before = summarize(&agg, t, 2, &sample).expect("summary");
+        assert!(!named(&before), "below the cut, not sampled");
+        let address = &before.sketch["address"];
+        let mut rows = [(0u64, 0u64); sketch::ROWS];
+        for &(i, r, b) in address {
+            rows[i as usize / sketch::WIDTH].0 += r;
+            rows[i as usize / sketch::WIDTH].1 += b;
+        }
+        assert_eq!(rows, [(6, 5 * 110_000 + 550); sketch::ROWS]);
+        // The collector names the thin client's cells (and only those).
+        let cells = sample.place(By::Address, "10.1.0.7").cells;
+        hot.set(
+            &sketch::HotCells::from([("address".to_owned(), cells.to_vec())]),
+            t + 10,
+        );
+        let after = summarize(&agg, t, 2, &sample).expect("summary");
+        let row = after.clients.iter().find(|c| c.key == "10.1.0.7");
+        assert_eq!(row.map(|c| c.counts.bytes_in), Some(50), "named, exact");
+        assert_eq!(
+            after.clients.iter().filter(|c| c.by == "address").count(),
+            3,
+            "the top two and the hot one"
+        );
+        assert_eq!(after.rest["address"].bytes_in, 3 * 10_000);
+        // Hot cells of another kind, or expired, name nothing.
+        hot.set(
+            &sketch::HotCells::from([("identity".to_owned(), cells.to_vec())]),
+            t + 10,
+        );
+        assert!(!named(&summarize(&agg, t, 2, &sample).expect("summary")));
+        hot.set(
+            &sketch::HotCells::from([("address".to_owned(), cells.to_vec())]),
+            t - sketch::HOT_TTL_SECS,
+        );
+        assert!(!named(&summarize(&agg, t, 2, &sample).expect("summary")));
+    }
+
     #[test]
     fn batches_round_trip_through_gzip() {
         let rec = ShipRecord::summary(
@@ -433,6 +519,7 @@ pub(crate) mod tests {
                     forwarded: None,
                 }],
                 rest: BTreeMap::new(),
+                sketch: Default::default(),
             },
         );
         let batch = Batch {
