@@ -16,6 +16,7 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod fleet;
 pub mod guest;
 pub mod ports;
 pub mod siem;

@@ -22,7 +22,12 @@ use std::{
     time::Duration,
 };
 
-use sensor_tests::{siem::*, tmux::Tmux, *};
+use sensor_tests::{
+    fleet::{ThinTraffic, fleet_row, fleet_truth},
+    siem::*,
+    tmux::Tmux,
+    *,
+};
 use serde_json::Value;
 
 const AGENT_TOKENS: [(&str, &str); 4] = [
@@ -327,33 +332,6 @@ impl Host {
     }
 }
 
-/// Ground truth per client address summed over hosts.
-fn fleet_truth(parts: &[(&Host, &[Transfer])]) -> ClientTruth {
-    let mut sum = ClientTruth::new();
-    for (host, transfers) in parts {
-        let truth = host.nginx.truth(transfers);
-        for (client, t) in per_client(&truth, transfers, str::to_owned) {
-            let e = sum.entry(client).or_default();
-            e.0 += t.0;
-            e.1 += t.1;
-            e.2 += t.2;
-            e.3 += t.3;
-        }
-    }
-    sum
-}
-
-fn fleet_row(rows: &[Value], client: &str) -> Option<(u64, u64, u64, u64)> {
-    let r = rows.iter().find(|r| r["client"] == client)?;
-    let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
-    Some((
-        n("bytes_in"),
-        n("bytes_out"),
-        n("requests"),
-        n("connections"),
-    ))
-}
-
 /// Waits until the fleet view (through the real CLI) shows exactly `truth` for its clients.
 fn wait_fleet_equals(c: &Collector, truth: &ClientTruth) {
     wait_for(
@@ -396,12 +374,12 @@ fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
     let split: Vec<Vec<Transfer>> = hosts.iter().map(|h| h.requests("127.0.0.77", 12)).collect();
     // A second client on one host only: its fleet row is that host's.
     let single = hosts[0].requests("127.0.0.78", 5);
-    let mut parts: Vec<(&Host, &[Transfer])> = hosts
+    let mut parts: Vec<(&Nginx, &[Transfer])> = hosts
         .iter()
         .zip(&split)
-        .map(|(h, t)| (h, t.as_slice()))
+        .map(|(h, t)| (&h.nginx, t.as_slice()))
         .collect();
-    parts.push((&hosts[0], single.as_slice()));
+    parts.push((&hosts[0].nginx, single.as_slice()));
     let truth = fleet_truth(&parts);
     assert_eq!(truth["127.0.0.77"].2, 36);
     assert_eq!(truth["127.0.0.77"].3, 3, "one connection per host");
@@ -526,15 +504,6 @@ fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
     );
 }
 
-/// `n` requests for the small file from `source` to nginx on `port` (one connection).
-fn requests_to(port: u16, source: &str, n: usize) -> Vec<Transfer> {
-    let url = format!("http://127.0.0.1:{port}/{}", SMALL.0);
-    let ops: Vec<Vec<String>> = (0..n)
-        .map(|_| op(&["--interface", source, url.as_str()]))
-        .collect();
-    curl(Command::new("curl"), &ops)
-}
-
 /// Issue #13's fleet blind spot: a client kept below every host's `top_clients` cut (and
 /// outside the keyed sample) used to reach the collector only folded into `rest`. The agents'
 /// sketches let the collector find it: its cells turn hot, the agents name it, and the fleet
@@ -563,66 +532,35 @@ fn a_thin_client_below_every_hosts_cut_is_found_by_the_sketch() {
     fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod");
     let ship = format!(
-        "top_clients = 2\nsample_percent = 0\n\n[identity]\nsecret_file = \"{}\"\n",
+        "{}\n[identity]\nsecret_file = \"{}\"\n",
+        ThinTraffic::SHIP,
         secret.display()
     );
     let hosts: Vec<Host> = AGENT_TOKENS[..3]
         .iter()
         .map(|(name, token)| Host::start_shipping(&tmp.path, name, token, &collector, false, &ship))
         .collect();
-    const THIN: &str = "127.0.0.77";
-    const QUIET: &str = "127.0.0.88";
-    const HEAVY: [&str; 2] = ["127.0.0.101", "127.0.0.102"];
-    // Per host and round: 6 requests from each heavy client, 2 from the thin one (about 360
-    // a minute over the fleet, past the hot threshold of 150), 1 every other round from the
-    // quiet one (about 90 a minute over the fleet).
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let drivers: Vec<_> = hosts
-        .iter()
-        .map(|h| {
-            let (port, stop) = (h.port, stop.clone());
-            std::thread::spawn(move || {
-                let mut all = Vec::new();
-                let mut round = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    let started = std::time::Instant::now();
-                    for heavy in HEAVY {
-                        all.extend(requests_to(port, heavy, 6));
-                    }
-                    all.extend(requests_to(port, THIN, 2));
-                    if round.is_multiple_of(2) {
-                        all.extend(requests_to(port, QUIET, 1));
-                    }
-                    round += 1;
-                    std::thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
-                }
-                all
-            })
-        })
-        .collect();
+    let traffic = ThinTraffic::start(&hosts.iter().map(|h| h.port).collect::<Vec<_>>());
     let found = try_wait_for(
         "the thin client named in the fleet view and the fleet alert on it",
         Duration::from_secs(120),
         || {
             let rows = collector.clients_cli("address");
-            let thin = fleet_row(&rows, THIN).ok_or("the thin client is not named yet")?;
+            let thin =
+                fleet_row(&rows, ThinTraffic::THIN).ok_or("the thin client is not named yet")?;
             let alerts = collector.get("/v1/alerts");
             alerts
                 .as_array()
                 .and_then(|a| {
                     a.iter()
-                        .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == THIN)
+                        .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == ThinTraffic::THIN)
                         .cloned()
                 })
                 .map(|a| (thin, a))
                 .ok_or_else(|| format!("fleet row {thin:?}, no alert yet"))
         },
     );
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let transfers: Vec<Vec<Transfer>> = drivers
-        .into_iter()
-        .map(|d| d.join().expect("traffic driver"))
-        .collect();
+    let transfers = traffic.stop();
     let (thin_row, alert) = found.unwrap_or_else(|e| panic!("{e}"));
     assert!(
         alert["evidence"]["requests_1m"].as_f64().unwrap_or(0.0) > 100.0,
@@ -630,10 +568,10 @@ fn a_thin_client_below_every_hosts_cut_is_found_by_the_sketch() {
     );
     // Every host named the thin client once its cells were hot: its row sums several hosts.
     assert!(thin_row.2 > 12, "{thin_row:?}");
-    let parts: Vec<(&Host, &[Transfer])> = hosts
+    let parts: Vec<(&Nginx, &[Transfer])> = hosts
         .iter()
         .zip(&transfers)
-        .map(|(h, t)| (h, t.as_slice()))
+        .map(|(h, t)| (&h.nginx, t.as_slice()))
         .collect();
     let truth = fleet_truth(&parts);
     let all: u64 = truth.values().map(|t| t.2).sum();
@@ -656,24 +594,7 @@ fn a_thin_client_below_every_hosts_cut_is_found_by_the_sketch() {
             }
         },
     );
-    let rows = collector.clients_cli("address");
-    let thin_now = fleet_row(&rows, THIN).expect("thin row");
-    assert!(
-        thin_now.2 <= truth[THIN].2,
-        "named counts never exceed the truth: {thin_now:?} vs {:?}",
-        truth[THIN]
-    );
-    assert!(
-        fleet_row(&rows, QUIET).is_none(),
-        "the quiet client (~90 a minute over the fleet) stays folded: {rows:?}"
-    );
-    for heavy in HEAVY {
-        assert_eq!(
-            fleet_row(&rows, heavy),
-            Some(truth[heavy]),
-            "{heavy}: top clients exact"
-        );
-    }
+    ThinTraffic::check_rows(&collector.clients_cli("address"), &truth);
     let health = collector.get("/v1/health");
     assert_eq!(health["ingest"]["malformed"], 0, "{health}");
 }
@@ -768,7 +689,7 @@ fn outage_loses_nothing_and_bad_clients_are_refused() {
     collector.spawn();
 
     // Every count exactly once: the merged totals equal ground truth (host-b never got in).
-    let truth = fleet_truth(&[(&a, before.as_slice()), (&a, during.as_slice())]);
+    let truth = fleet_truth(&[(&a.nginx, before.as_slice()), (&a.nginx, during.as_slice())]);
     wait_fleet_equals(&collector, &truth);
     let rows = collector.clients_cli("address");
     assert!(
@@ -972,10 +893,10 @@ fn outage_loses_nothing_and_bad_clients_are_refused() {
     let after_crash = a.requests("127.0.0.64", 6);
     collector.spawn();
     let truth = fleet_truth(&[
-        (&a, before.as_slice()),
-        (&a, during.as_slice()),
-        (&a, crash.as_slice()),
-        (&a, after_crash.as_slice()),
+        (&a.nginx, before.as_slice()),
+        (&a.nginx, during.as_slice()),
+        (&a.nginx, crash.as_slice()),
+        (&a.nginx, after_crash.as_slice()),
     ]);
     wait_fleet_equals(&collector, &truth);
 }

@@ -19,7 +19,11 @@ use std::{
     time::Duration,
 };
 
-use sensor_tests::{siem::*, *};
+use sensor_tests::{
+    fleet::{ThinTraffic, fleet_row, fleet_truth},
+    siem::*,
+    *,
+};
 use serde_json::Value;
 
 const READER_TOKEN: &str = "reader-token-soc-0123456789";
@@ -61,7 +65,8 @@ impl User {
         }
     }
 
-    /// The server's entry: publish on its own subject only, replies in its own inbox only.
+    /// The server's entry: publish on its own subject only, replies in its own inbox only,
+    /// and the collector's hot sketch cells.
     fn server_entry(&self) -> String {
         let who = match &self.cred {
             Cred::Password(p) => format!("user: \"{}\", password: \"{p}\"", self.agent),
@@ -72,7 +77,7 @@ impl User {
         };
         format!(
             "{{ {who}, permissions: {{ publish: {{ allow: [\"sensor.ship.{a}\"] }}, \
-             subscribe: {{ allow: [\"_INBOX.{a}.>\"] }} }} }}",
+             subscribe: {{ allow: [\"_INBOX.{a}.>\", \"sensor.ship-hot\"] }} }} }}",
             a = self.agent
         )
     }
@@ -83,7 +88,7 @@ fn accounts(users: &[User]) -> String {
     let mut entries: Vec<String> = users.iter().map(User::server_entry).collect();
     entries.push(format!(
         "{{ user: \"collector\", password: \"{COLLECTOR_PASSWORD}\", permissions: {{ \
-         publish: {{ allow: [\"$JS.API.>\", \"$JS.ACK.SENSOR.>\"] }}, \
+         publish: {{ allow: [\"$JS.API.>\", \"$JS.ACK.SENSOR.>\", \"sensor.ship-hot\"] }}, \
          subscribe: {{ allow: [\"_INBOX_sensor_collector.sensor-collector.>\"] }} }} }}"
     ));
     format!(
@@ -349,6 +354,18 @@ struct Host {
 
 impl Host {
     fn start(dir: &Path, name: &str, user: &User, nats_urls: &str, ca: &Path) -> Self {
+        Self::start_with(dir, name, user, nats_urls, ca, "")
+    }
+
+    /// `extra` follows the agent's `[ship]` keys (more keys, or more tables).
+    fn start_with(
+        dir: &Path,
+        name: &str,
+        user: &User,
+        nats_urls: &str,
+        ca: &Path,
+        extra: &str,
+    ) -> Self {
         let cg = Cgroup::new(&format!("nats-{name}-{}", user.agent));
         let port = free_port();
         let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
@@ -359,7 +376,7 @@ impl Host {
             &config,
             format!(
                 "[ship]\ntransport = \"nats\"\nurl = \"{nats_urls}\"\ncredentials_file = \"{}\"\n\
-                 ca_file = \"{}\"\nagent_name = \"{name}\"\nretry_max_secs = 1\ntimeout_secs = 3\n\n\
+                 ca_file = \"{}\"\nagent_name = \"{name}\"\nretry_max_secs = 1\ntimeout_secs = 3\n{extra}\n\
                  [detect]\ninterval_secs = 1\n\n[[detect.rules]]\nid = \"host-flood\"\n\
                  name = \"Request flood on one host\"\nkeys = [\"address\"]\nseverity = \"high\"\n\
                  when = [{{ metric = \"requests\", window = \"1m\", op = \">\", value = 12 }}]\n",
@@ -399,33 +416,6 @@ impl Host {
             .and_then(|o| o.iter().find(|s| s["name"] == "collector").cloned())
             .unwrap_or(Value::Null)
     }
-}
-
-/// Ground truth per client address summed over hosts.
-fn fleet_truth(parts: &[(&Host, &[Transfer])]) -> ClientTruth {
-    let mut sum = ClientTruth::new();
-    for (host, transfers) in parts {
-        let truth = host.nginx.truth(transfers);
-        for (client, t) in per_client(&truth, transfers, str::to_owned) {
-            let e = sum.entry(client).or_default();
-            e.0 += t.0;
-            e.1 += t.1;
-            e.2 += t.2;
-            e.3 += t.3;
-        }
-    }
-    sum
-}
-
-fn fleet_row(rows: &[Value], client: &str) -> Option<(u64, u64, u64, u64)> {
-    let r = rows.iter().find(|r| r["client"] == client)?;
-    let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
-    Some((
-        n("bytes_in"),
-        n("bytes_out"),
-        n("requests"),
-        n("connections"),
-    ))
 }
 
 /// Waits until the fleet view (through the real CLI) shows exactly `truth` for its clients.
@@ -509,10 +499,10 @@ fn agents_ship_through_jetstream_exactly_across_a_collector_kill() {
         hosts.iter().map(|h| h.requests("127.0.0.77", 12)).collect();
     transfers[0].extend(hosts[0].requests("127.0.0.78", 5));
     let parts = |t: &[Vec<Transfer>]| -> ClientTruth {
-        let p: Vec<(&Host, &[Transfer])> = hosts
+        let p: Vec<(&Nginx, &[Transfer])> = hosts
             .iter()
             .zip(t)
-            .map(|(h, t)| (h, t.as_slice()))
+            .map(|(h, t)| (&h.nginx, t.as_slice()))
             .collect();
         fleet_truth(&p)
     };
@@ -623,7 +613,7 @@ fn an_agent_cannot_publish_on_another_agents_subject() {
     let impostor = Host::start(&tmp.path, "host-b", &users[0], &nats.url(), &certs.ca);
     let honest_t = honest.requests("127.0.0.81", 6);
     let impostor_t = impostor.requests("127.0.0.82", 6);
-    let truth = fleet_truth(&[(&honest, honest_t.as_slice())]);
+    let truth = fleet_truth(&[(&honest.nginx, honest_t.as_slice())]);
     wait_fleet_equals(&collector, &truth);
 
     let err = wait_for(
@@ -716,10 +706,10 @@ fn a_three_node_cluster_loses_nothing_when_a_node_dies() {
     let mut transfers: Vec<Vec<Transfer>> =
         hosts.iter().map(|h| h.requests("127.0.0.91", 10)).collect();
     let parts = |t: &[Vec<Transfer>]| -> ClientTruth {
-        let p: Vec<(&Host, &[Transfer])> = hosts
+        let p: Vec<(&Nginx, &[Transfer])> = hosts
             .iter()
             .zip(t)
-            .map(|(h, t)| (h, t.as_slice()))
+            .map(|(h, t)| (&h.nginx, t.as_slice()))
             .collect();
         fleet_truth(&p)
     };
@@ -777,5 +767,100 @@ fn a_three_node_cluster_loses_nothing_when_a_node_dies() {
             }
             Ok(())
         },
+    );
+}
+
+/// The thin-client test of tests/tests/collector.rs over JetStream: the collector publishes
+/// the hot sketch cells on `sensor.ship-hot` (only it may, by the server's permissions), the
+/// agents subscribe and name the client below every host's cut; its fleet rule fires.
+#[test]
+fn a_thin_client_is_found_through_jetstream() {
+    if !privileged("a_thin_client_is_found_through_jetstream") {
+        return;
+    }
+    let tmp = TempDir::new("nats-sketch");
+    let certs = make_certs(&tmp.path);
+    let users = [
+        User::password("host-a"),
+        User::password("host-b"),
+        User::nkey("host-c"),
+    ];
+    let nats = NatsServer::start(
+        &tmp.path.join("nats"),
+        "n1",
+        &certs,
+        &accounts(&users),
+        listen_port(),
+        None,
+    );
+    let collector = Collector::start(
+        &tmp.path.join("collector"),
+        &certs,
+        &nats.url(),
+        1,
+        "[sketch]\nhot_requests_per_minute = 150\nhot_bytes_per_minute = 0\n\n\
+         [[detect.rules]]\nid = \"fleet-flood\"\nname = \"Request flood over several hosts\"\n\
+         keys = [\"address\"]\nseverity = \"high\"\n\
+         when = [{ metric = \"requests\", window = \"1m\", op = \">\", value = 100 }]\n",
+    );
+    let secret = tmp.path.join("identity.key");
+    fs::write(&secret, "fleet-identity-secret-0123456789").expect("secret");
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let extra = format!(
+        "{}\n[identity]\nsecret_file = \"{}\"\n",
+        ThinTraffic::SHIP,
+        secret.display()
+    );
+    let hosts: Vec<Host> = users
+        .iter()
+        .map(|u| Host::start_with(&tmp.path, u.agent, u, &nats.url(), &certs.ca, &extra))
+        .collect();
+    let traffic = ThinTraffic::start(&hosts.iter().map(|h| h.port).collect::<Vec<_>>());
+    let found = try_wait_for(
+        "the thin client named in the fleet view and the fleet alert on it",
+        Duration::from_secs(120),
+        || {
+            let rows = collector.clients_cli("address");
+            fleet_row(&rows, ThinTraffic::THIN).ok_or("the thin client is not named yet")?;
+            let alerts = collector.try_get("/v1/alerts")?;
+            alerts
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == ThinTraffic::THIN)
+                })
+                .map(|_| ())
+                .ok_or_else(|| "no fleet alert yet".to_owned())
+        },
+    );
+    let transfers = traffic.stop();
+    found.unwrap_or_else(|e| panic!("{e}\n{}", collector.log_text()));
+    let parts: Vec<(&Nginx, &[Transfer])> = hosts
+        .iter()
+        .zip(&transfers)
+        .map(|(h, t)| (&h.nginx, t.as_slice()))
+        .collect();
+    let truth = fleet_truth(&parts);
+    // Once the last periods are merged (the heavy clients exact), the rows hold.
+    wait_for(
+        "the heavy clients' fleet rows to equal nginx's",
+        Duration::from_secs(90),
+        || {
+            let rows = collector.clients_cli("address");
+            for heavy in ThinTraffic::HEAVY {
+                let seen = fleet_row(&rows, heavy);
+                if seen != Some(truth[heavy]) {
+                    return Err(format!("{heavy}: fleet {seen:?}, truth {:?}", truth[heavy]));
+                }
+            }
+            Ok(())
+        },
+    );
+    ThinTraffic::check_rows(&collector.clients_cli("address"), &truth);
+    assert!(
+        !nats.log_text().contains("Permissions Violation"),
+        "{}",
+        nats.log_text()
     );
 }

@@ -67,6 +67,41 @@ pub struct Source {
     config: Nats,
 }
 
+/// Publishes the fleet's hot sketch cells for the agents ([`crate::ship::sketch`]) every
+/// few seconds on core NATS: agents subscribe, the server's permissions let only the
+/// collector publish. Core NATS, not JetStream: an agent that misses one gets the next.
+struct HotPublisher(tokio::task::JoinHandle<()>);
+
+impl HotPublisher {
+    fn start(client: async_nats::Client, prefix: &str, shared: &Arc<Shared>) -> Self {
+        let subject = crate::ship::sketch::hot_subject(prefix);
+        let shared = shared.clone();
+        Self(tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_secs(crate::ship::sketch::HOT_PUBLISH_SECS));
+            loop {
+                tick.tick().await;
+                let Ok(hot) = shared.with_fleet(|f| f.state.sketch.hot(Now::system().secs()))
+                else {
+                    return;
+                };
+                let Ok(body) = serde_json::to_vec(&hot) else {
+                    continue;
+                };
+                if let Err(e) = client.publish(subject.clone(), body.into()).await {
+                    warn!("publishing the hot sketch cells on {subject}: {e}");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for HotPublisher {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Why a consumer's run ended.
 enum Ended {
     /// A message arrived past the next expected one: recreate the consumer at the checkpoint.
@@ -131,12 +166,14 @@ impl Source {
     }
 
     /// One connection: makes sure of the stream, then runs consumers from the checkpoint.
-    async fn session(&self, shared: &Shared, delay: &mut Duration) -> anyhow::Result<()> {
+    async fn session(&self, shared: &Arc<Shared>, delay: &mut Duration) -> anyhow::Result<()> {
         let client = self.endpoint.connect(TIMEOUT).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(TIMEOUT)
             .build(client.clone());
         let stream = self.stream(&js).await?;
+        // Dropped (and with it the publishing task) when this session ends.
+        let _hot = HotPublisher::start(client.clone(), &self.config.subject_prefix, shared);
         info!(
             "consuming JetStream stream `{}` ({}.>) at {} as `{}`",
             self.config.stream,

@@ -38,6 +38,16 @@ pub const HOT_TTL_SECS: u64 = 60;
 /// Seconds of summaries the collector adds up: fleet rules' shortest window.
 pub const WINDOW_SECS: u64 = 60;
 
+/// Over JetStream the collector publishes the hot cells (core NATS, every few seconds) on
+/// this subject: outside the stream's `<subject_prefix>.>`, so they are never taken for an
+/// agent's batch.
+pub fn hot_subject(subject_prefix: &str) -> String {
+    format!("{subject_prefix}-hot")
+}
+
+/// How often the collector publishes the hot cells over NATS.
+pub const HOT_PUBLISH_SECS: u64 = 5;
+
 /// One cell on the wire: `[index, requests, bytes]` (bytes in and out).
 pub type Cell = (u32, u64, u64);
 

@@ -9,17 +9,23 @@
 //! and that longer batch must not be dropped as a duplicate of the shorter one. Overlapping
 //! messages are harmless: the collector counts each stream position once.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, message::PublishMessage};
+use futures_util::StreamExt as _;
+use log::warn;
 
 use super::config::NatsKeys;
 use crate::{
+    model::aggregate::Now,
     net::{
         nats::{Endpoint, EndpointOptions},
         tls::ClientIdentity,
     },
-    ship::{Batch, EncodeError, ShipRecord, WIRE_VERSION, encode},
+    ship::{
+        Batch, EncodeError, ShipRecord, WIRE_VERSION, encode,
+        sketch::{Hot, HotCells, hot_subject},
+    },
     sinks::{
         error::SinkError,
         sink::{Delivered, Failed, Sink},
@@ -46,11 +52,29 @@ pub struct JetStreamSink {
     stream: String,
     timeout: Duration,
     batch_max: usize,
+    /// Where the collector's hot sketch cells go, and the subject they come on.
+    hot: Arc<Hot>,
+    hot_subject: String,
+    /// The task taking them (aborted with the sink).
+    hot_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for JetStreamSink {
+    fn drop(&mut self) {
+        if let Some(t) = self.hot_task.take() {
+            t.abort();
+        }
+    }
 }
 
 impl JetStreamSink {
     /// Reads the credentials and TLS material (errors fail the agent's start).
-    pub fn new(c: &NatsKeys<'_>, agent: &str, spool_stream: String) -> Result<Self, SinkError> {
+    pub fn new(
+        c: &NatsKeys<'_>,
+        agent: &str,
+        spool_stream: String,
+        hot: Arc<Hot>,
+    ) -> Result<Self, SinkError> {
         let identity = match (opt(c.client_cert_file), opt(c.client_key_file)) {
             (Some(cert_file), Some(key_file)) => Some(ClientIdentity {
                 cert_file,
@@ -77,6 +101,9 @@ impl JetStreamSink {
             stream: c.stream.to_owned(),
             timeout: Duration::from_secs(c.timeout_secs),
             batch_max: c.batch_max_records,
+            hot,
+            hot_subject: hot_subject(c.subject_prefix),
+            hot_task: None,
         })
     }
 
@@ -89,6 +116,21 @@ impl JetStreamSink {
             .timeout(self.timeout)
             .build(client.clone());
         self.connection = Some((client.clone(), js.clone()));
+        // The collector's hot cells; the client subscribes again after reconnecting. A
+        // server that does not permit the subscription only costs the naming back.
+        match client.subscribe(self.hot_subject.clone()).await {
+            Ok(mut sub) => {
+                let hot = self.hot.clone();
+                self.hot_task = Some(tokio::spawn(async move {
+                    while let Some(msg) = sub.next().await {
+                        if let Ok(cells) = serde_json::from_slice::<HotCells>(&msg.payload) {
+                            hot.set(&cells, Now::system().secs());
+                        }
+                    }
+                }));
+            }
+            Err(e) => warn!("subscribing to {}: {e}", self.hot_subject),
+        }
         Ok((client, js))
     }
 
@@ -214,7 +256,7 @@ mod tests {
             batch_max_records: 100,
             timeout_secs: 1,
         };
-        JetStreamSink::new(&keys, "host-a", "ab12".into()).expect("sink")
+        JetStreamSink::new(&keys, "host-a", "ab12".into(), Arc::default()).expect("sink")
     }
 
     /// A record of `clients` distinct clients (about 100 bytes each, compressed less well

@@ -35,8 +35,8 @@ use crate::{
 
 impl ShipConfig {
     /// Opens the spool, reads the token and starts the sink, shipping as agent `agent`.
-    /// Over HTTPS the collector's answers carry the fleet's hot sketch cells, handed to `hot`
-    /// (JetStream has no answer to carry them: see docs/fleet.md).
+    /// The collector's hot sketch cells are handed to `hot`: over HTTPS from its answers,
+    /// over JetStream from the subject it publishes them on.
     pub fn start(
         &self,
         agent: &str,
@@ -68,7 +68,7 @@ impl ShipConfig {
                     kind: "jetstream",
                     state_dir,
                 },
-                JetStreamSink::new(&self.nats_keys(), agent, stream)?,
+                JetStreamSink::new(&self.nats_keys(), agent, stream, hot)?,
                 spool,
                 retry,
                 true,

@@ -1,0 +1,133 @@
+//! What the fleet tests share (tests/tests/collector.rs over HTTPS, tests/tests/nats.rs over
+//! JetStream): ground truth summed over hosts, fleet rows, and the traffic of the thin-client
+//! test (a client below every host's `top_clients` cut, found by the summaries' sketch).
+
+use std::{
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{ClientTruth, Nginx, SMALL, Transfer, curl, op, per_client};
+
+/// Ground truth per client address summed over hosts, from each host's nginx.
+pub fn fleet_truth(parts: &[(&Nginx, &[Transfer])]) -> ClientTruth {
+    let mut sum = ClientTruth::new();
+    for (nginx, transfers) in parts {
+        let truth = nginx.truth(transfers);
+        for (client, t) in per_client(&truth, transfers, str::to_owned) {
+            let e = sum.entry(client).or_default();
+            e.0 += t.0;
+            e.1 += t.1;
+            e.2 += t.2;
+            e.3 += t.3;
+        }
+    }
+    sum
+}
+
+/// (bytes in, bytes out, requests, connections) of `client` in a fleet view's rows.
+pub fn fleet_row(rows: &[Value], client: &str) -> Option<(u64, u64, u64, u64)> {
+    let r = rows.iter().find(|r| r["client"] == client)?;
+    let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
+    Some((
+        n("bytes_in"),
+        n("bytes_out"),
+        n("requests"),
+        n("connections"),
+    ))
+}
+
+/// `n` requests for the small file from `source` to nginx on `port` (one connection).
+pub fn requests_to(port: u16, source: &str, n: usize) -> Vec<Transfer> {
+    let url = format!("http://127.0.0.1:{port}/{}", SMALL.0);
+    let ops: Vec<Vec<String>> = (0..n)
+        .map(|_| op(&["--interface", source, url.as_str()]))
+        .collect();
+    curl(Command::new("curl"), &ops)
+}
+
+/// The thin-client traffic, on every host at once, once a second: 6 requests from each of
+/// two heavy clients (each host's top two with `top_clients = 2`), 2 from the thin one (about
+/// 120 a minute per host, 360 over three hosts: past a hot threshold of 150 only summed
+/// over the fleet) and 1 every other round from a quiet one (about 90 a minute over three
+/// hosts: below it).
+pub struct ThinTraffic {
+    stop: Arc<AtomicBool>,
+    drivers: Vec<JoinHandle<Vec<Transfer>>>,
+}
+
+impl ThinTraffic {
+    pub const THIN: &str = "127.0.0.77";
+    pub const QUIET: &str = "127.0.0.88";
+    pub const HEAVY: [&str; 2] = ["127.0.0.101", "127.0.0.102"];
+    /// The agents' `[ship]` keys that put the thin client below every host's cut.
+    pub const SHIP: &str = "top_clients = 2\nsample_percent = 0\n";
+
+    pub fn start(ports: &[u16]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let drivers = ports
+            .iter()
+            .map(|&port| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut all = Vec::new();
+                    let mut round = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let started = Instant::now();
+                        for heavy in Self::HEAVY {
+                            all.extend(requests_to(port, heavy, 6));
+                        }
+                        all.extend(requests_to(port, Self::THIN, 2));
+                        if round.is_multiple_of(2) {
+                            all.extend(requests_to(port, Self::QUIET, 1));
+                        }
+                        round += 1;
+                        std::thread::sleep(
+                            Duration::from_secs(1).saturating_sub(started.elapsed()),
+                        );
+                    }
+                    all
+                })
+            })
+            .collect();
+        Self { stop, drivers }
+    }
+
+    /// Stops after the current round; each host's transfers, in `start`'s order.
+    pub fn stop(self) -> Vec<Vec<Transfer>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.drivers
+            .into_iter()
+            .map(|d| d.join().expect("traffic driver"))
+            .collect()
+    }
+
+    /// Checks the fleet view once the last periods are merged: the thin client named with
+    /// no more than nginx's count, the quiet one still folded, the heavy ones exact.
+    pub fn check_rows(rows: &[Value], truth: &ClientTruth) {
+        let thin = fleet_row(rows, Self::THIN).expect("thin row");
+        assert!(
+            thin.2 <= truth[Self::THIN].2,
+            "named counts never exceed the truth: {thin:?} vs {:?}",
+            truth[Self::THIN]
+        );
+        assert!(
+            fleet_row(rows, Self::QUIET).is_none(),
+            "the quiet client (~90 a minute over the fleet) stays folded: {rows:?}"
+        );
+        for heavy in Self::HEAVY {
+            assert_eq!(
+                fleet_row(rows, heavy),
+                Some(truth[heavy]),
+                "{heavy}: top clients exact"
+            );
+        }
+    }
+}
