@@ -37,6 +37,8 @@ pub const MAX_HOT: usize = 1024;
 pub const HOT_TTL_SECS: u64 = 60;
 /// Seconds of summaries the collector adds up: fleet rules' shortest window.
 pub const WINDOW_SECS: u64 = 60;
+/// Periods starting further ahead of the collector's clock are not added.
+pub const MAX_AHEAD_SECS: u64 = 30;
 
 /// Over JetStream the collector publishes the hot cells (core NATS, every few seconds) on
 /// this subject: outside the stream's `<subject_prefix>.>`, so they are never taken for an
@@ -186,7 +188,7 @@ pub struct FleetSketch {
     config: SketchConfig,
     /// Period start -> key kind -> cell -> (requests, bytes).
     periods: BTreeMap<u64, HashMap<By, Sums>>,
-    /// The last answer and when it was computed (recomputed at most once a second).
+    /// The last answer and the second it was computed in (recomputed at most once a second).
     cached: Option<(u64, HotCells)>,
 }
 
@@ -203,9 +205,14 @@ impl FleetSketch {
     }
 
     /// Adds one agent's sketch of the period starting at `start_s` (cells validated by
-    /// ingest); periods older than the window are not kept.
+    /// ingest). Only periods of the window are kept: older ones, and ones more than
+    /// `MAX_AHEAD_SECS` in the collector's future (agents' clocks differ a little; a hostile
+    /// agent's far-future periods would otherwise pile up, 4096 cells each).
     pub fn add(&mut self, start_s: u64, sketch: &BTreeMap<String, Vec<Cell>>, now_s: u64) {
-        if !self.enabled() || start_s + WINDOW_SECS + super::PERIOD_SECS <= now_s {
+        if !self.enabled()
+            || start_s + WINDOW_SECS + super::PERIOD_SECS <= now_s
+            || start_s > now_s + MAX_AHEAD_SECS
+        {
             return;
         }
         let period = self.periods.entry(start_s).or_default();
@@ -218,7 +225,8 @@ impl FleetSketch {
                 e.1 = e.1.saturating_add(b);
             }
         }
-        self.cached = None;
+        // The cached answer stays for the rest of its second: every batch asks, and summing
+        // the window's cells per answer would cost the collector more than the merge.
     }
 
     /// The hot cells per key kind over the periods of the last minute, hottest first.
@@ -341,6 +349,14 @@ mod tests {
         // Forgotten once the collector stops naming them, and once the period ages out.
         assert!(agent.current(now + HOT_TTL_SECS).is_empty());
         assert!(fleet.hot(now + WINDOW_SECS + 20).is_empty());
+        // Far-future periods (a hostile agent's clock) are not kept.
+        let mut b = Builder::default();
+        b.add(&thin, &counts(1000, 0));
+        let sketch = BTreeMap::from([("address".to_owned(), b.finish())]);
+        for ahead in 1..100 {
+            fleet.add(now + MAX_AHEAD_SECS + 10 * ahead, &sketch, now);
+        }
+        assert!(fleet.periods.is_empty());
     }
 
     #[test]
