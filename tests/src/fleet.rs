@@ -32,8 +32,11 @@ pub fn fleet_truth(parts: &[(&Nginx, &[Transfer])]) -> ClientTruth {
     sum
 }
 
-/// (bytes in, bytes out, requests, connections) of `client` in a fleet view's rows.
-pub fn fleet_row(rows: &[Value], client: &str) -> Option<(u64, u64, u64, u64)> {
+/// (bytes in, bytes out, requests, connections) of a client in a fleet view.
+pub type Row = (u64, u64, u64, u64);
+
+/// `client`'s [`Row`] in a fleet view's rows.
+pub fn fleet_row(rows: &[Value], client: &str) -> Option<Row> {
     let r = rows.iter().find(|r| r["client"] == client)?;
     let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
     Some((
@@ -67,8 +70,25 @@ impl ThinTraffic {
     pub const THIN: &str = "127.0.0.77";
     pub const QUIET: &str = "127.0.0.88";
     pub const HEAVY: [&str; 2] = ["127.0.0.101", "127.0.0.102"];
-    /// The agents' `[ship]` keys that put the thin client below every host's cut.
-    pub const SHIP: &str = "top_clients = 2\nsample_percent = 0\n";
+    /// The collector's `[sketch]` thresholds and the fleet rule the thin client crosses.
+    pub const COLLECTOR: &str = "[sketch]\nhot_requests_per_minute = 150\nhot_bytes_per_minute = 0\n\n\
+         [[detect.rules]]\nid = \"fleet-flood\"\nname = \"Request flood over several hosts\"\n\
+         keys = [\"address\"]\nseverity = \"high\"\n\
+         when = [{ metric = \"requests\", window = \"1m\", op = \">\", value = 100 }]\n";
+
+    /// The agents' `[ship]` keys that put the thin client below every host's cut, and the
+    /// fleet's shared identity secret (written into `dir`): it keys the sketch cells, the same
+    /// on every host, as deployed.
+    pub fn agent_config(dir: &std::path::Path) -> String {
+        let secret = dir.join("identity.key");
+        std::fs::write(&secret, "fleet-identity-secret-0123456789").expect("secret");
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        format!(
+            "top_clients = 2\nsample_percent = 0\n\n[identity]\nsecret_file = \"{}\"\n",
+            secret.display()
+        )
+    }
 
     pub fn start(ports: &[u16]) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
@@ -107,6 +127,20 @@ impl ThinTraffic {
             .into_iter()
             .map(|d| d.join().expect("traffic driver"))
             .collect()
+    }
+
+    /// The thin client's fleet row and the fleet alert on it, once both exist.
+    pub fn found(rows: &[Value], alerts: &Value) -> Result<(Row, Value), String> {
+        let thin = fleet_row(rows, Self::THIN).ok_or("the thin client is not named yet")?;
+        alerts
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == Self::THIN)
+                    .cloned()
+            })
+            .map(|a| (thin, a))
+            .ok_or_else(|| format!("fleet row {thin:?}, no alert yet"))
     }
 
     /// Checks the fleet view once the last periods are merged: the thin client named with

@@ -520,22 +520,10 @@ fn a_thin_client_below_every_hosts_cut_is_found_by_the_sketch() {
         &tmp.path.join("collector"),
         &certs,
         false,
-        "[sketch]\nhot_requests_per_minute = 150\nhot_bytes_per_minute = 0\n\n\
-         [[detect.rules]]\nid = \"fleet-flood\"\nname = \"Request flood over several hosts\"\n\
-         keys = [\"address\"]\nseverity = \"high\"\n\
-         when = [{ metric = \"requests\", window = \"1m\", op = \">\", value = 100 }]\n",
+        ThinTraffic::COLLECTOR,
     );
-    // Two heavier clients take each host's top two; no sample. The fleet's identity secret
-    // is shared, as deployed: it keys the sketch cells, the same on every host.
-    let secret = tmp.path.join("identity.key");
-    fs::write(&secret, "fleet-identity-secret-0123456789").expect("secret");
-    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
-    let ship = format!(
-        "{}\n[identity]\nsecret_file = \"{}\"\n",
-        ThinTraffic::SHIP,
-        secret.display()
-    );
+    // Two heavier clients take each host's top two; no sample.
+    let ship = ThinTraffic::agent_config(&tmp.path);
     let hosts: Vec<Host> = AGENT_TOKENS[..3]
         .iter()
         .map(|(name, token)| Host::start_shipping(&tmp.path, name, token, &collector, false, &ship))
@@ -545,19 +533,10 @@ fn a_thin_client_below_every_hosts_cut_is_found_by_the_sketch() {
         "the thin client named in the fleet view and the fleet alert on it",
         Duration::from_secs(120),
         || {
-            let rows = collector.clients_cli("address");
-            let thin =
-                fleet_row(&rows, ThinTraffic::THIN).ok_or("the thin client is not named yet")?;
-            let alerts = collector.get("/v1/alerts");
-            alerts
-                .as_array()
-                .and_then(|a| {
-                    a.iter()
-                        .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == ThinTraffic::THIN)
-                        .cloned()
-                })
-                .map(|a| (thin, a))
-                .ok_or_else(|| format!("fleet row {thin:?}, no alert yet"))
+            ThinTraffic::found(
+                &collector.clients_cli("address"),
+                &collector.get("/v1/alerts"),
+            )
         },
     );
     let transfers = traffic.stop();

@@ -798,20 +798,9 @@ fn a_thin_client_is_found_through_jetstream() {
         &certs,
         &nats.url(),
         1,
-        "[sketch]\nhot_requests_per_minute = 150\nhot_bytes_per_minute = 0\n\n\
-         [[detect.rules]]\nid = \"fleet-flood\"\nname = \"Request flood over several hosts\"\n\
-         keys = [\"address\"]\nseverity = \"high\"\n\
-         when = [{ metric = \"requests\", window = \"1m\", op = \">\", value = 100 }]\n",
+        ThinTraffic::COLLECTOR,
     );
-    let secret = tmp.path.join("identity.key");
-    fs::write(&secret, "fleet-identity-secret-0123456789").expect("secret");
-    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
-    let extra = format!(
-        "{}\n[identity]\nsecret_file = \"{}\"\n",
-        ThinTraffic::SHIP,
-        secret.display()
-    );
+    let extra = ThinTraffic::agent_config(&tmp.path);
     let hosts: Vec<Host> = users
         .iter()
         .map(|u| Host::start_with(&tmp.path, u.agent, u, &nats.url(), &certs.ca, &extra))
@@ -821,17 +810,10 @@ fn a_thin_client_is_found_through_jetstream() {
         "the thin client named in the fleet view and the fleet alert on it",
         Duration::from_secs(120),
         || {
-            let rows = collector.clients_cli("address");
-            fleet_row(&rows, ThinTraffic::THIN).ok_or("the thin client is not named yet")?;
-            let alerts = collector.try_get("/v1/alerts")?;
-            alerts
-                .as_array()
-                .and_then(|a| {
-                    a.iter()
-                        .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == ThinTraffic::THIN)
-                })
-                .map(|_| ())
-                .ok_or_else(|| "no fleet alert yet".to_owned())
+            ThinTraffic::found(
+                &collector.clients_cli("address"),
+                &collector.try_get("/v1/alerts")?,
+            )
         },
     );
     let transfers = traffic.stop();
