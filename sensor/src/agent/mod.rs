@@ -625,8 +625,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let identities = Identities::new(&secret, &config);
     if config.ship.enabled() && config.identity.secret_file.as_os_str().is_empty() {
         warn!(
-            "shipping with this host's own identity secret: identities and the summaries' \
-             sample differ from other hosts'; give every agent the same [identity] secret_file"
+            "shipping with this host's own identity secret: identities, the summaries' \
+             sample and sketch cells differ from other hosts'; give every agent the same \
+             [identity] secret_file"
         );
     }
     let sample = crate::ship::Sample::new(

@@ -71,6 +71,7 @@ fn batch(
                         clients,
                         rest: Default::default(),
                         sketch: Default::default(),
+                        sketch_key: String::new(),
                     },
                 )
             }

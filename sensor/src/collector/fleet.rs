@@ -41,6 +41,9 @@ pub struct AgentInfo {
     /// Open connections per (key kind, key) at the end of the newest summary period.
     #[serde(default)]
     pub open: HashMap<String, u64>,
+    /// The sketch key of its newest summary: which hot cells its answers carry.
+    #[serde(default)]
+    pub sketch_key: String,
 }
 
 /// The merged state, saved in the collector's snapshot.
@@ -69,6 +72,8 @@ pub struct Applied {
     /// cells are all hot ([`crate::ship::sketch`]).
     #[serde(skip_serializing_if = "HotCells::is_empty")]
     pub hot: HotCells,
+    /// This collector reads summaries' sketches (agents send none until told so).
+    pub sketches: bool,
 }
 
 impl FleetState {
@@ -123,7 +128,11 @@ impl FleetState {
                         .map(|c| (format!("{}|{}", c.by, c.key), c.open_connections))
                         .collect();
                     merge_summary(&mut self.agg, s, now);
-                    self.sketch.add(s.start_s, &s.sketch, now.secs());
+                    if !s.sketch_key.is_empty() {
+                        info.sketch_key.clone_from(&s.sketch_key);
+                    }
+                    self.sketch
+                        .add(&s.sketch_key, s.start_s, &s.sketch, now.secs());
                 }
                 Payload::Alert { event, alert } => {
                     info.alerts += 1;
@@ -150,7 +159,13 @@ impl FleetState {
                 self.agent_alerts.remove(&k);
             }
         }
-        applied.hot = self.sketch.hot(now.secs());
+        let key = self
+            .agents
+            .get(&batch.agent)
+            .map(|i| i.sketch_key.clone())
+            .unwrap_or_default();
+        applied.hot = self.sketch.hot(&key, now.secs());
+        applied.sketches = true;
         (applied, forward, accepted)
     }
 
@@ -260,6 +275,7 @@ mod tests {
                     }],
                     rest: BTreeMap::new(),
                     sketch: BTreeMap::new(),
+                    sketch_key: String::new(),
                 },
             )
         }
@@ -291,6 +307,7 @@ mod tests {
                     accepted: 0,
                     duplicates: 1,
                     hot: Default::default(),
+                    sketches: true,
                 }
             );
         }

@@ -441,6 +441,12 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                         ));
                     }
                 }
+                if s.sketch_key.len() > 16 || !s.sketch_key.bytes().all(|c| c.is_ascii_hexdigit()) {
+                    return bad(format!(
+                        "{}: at most 16 hex digits",
+                        at("summary.sketch_key")
+                    ));
+                }
                 for (kind, cells) in &s.sketch {
                     let at = at(&format!("summary.sketch.{kind}"));
                     let sum = per_kind.get(kind.as_str()).copied().unwrap_or_default();
@@ -628,6 +634,7 @@ mod tests {
                             }],
                             rest: Default::default(),
                             sketch: Default::default(),
+                            sketch_key: String::new(),
                         },
                     )
                 },
@@ -690,6 +697,53 @@ mod tests {
         let mut unordered = good;
         unordered.swap(0, 1);
         assert!(with(unordered).is_err());
+    }
+
+    /// What `summarize` builds passes validation for every key kind: identities, forwarded
+    /// clients, clients with only an open connection, sampled and cut rows.
+    #[test]
+    fn real_summaries_with_sketches_validate() {
+        use crate::model::aggregate::ExchangeKeys;
+        use crate::model::aggregate::{Aggregator, Delta, Now};
+        let t = NOW / 10 * 10 - 10;
+        let at = Now {
+            unix_ms: (t + 2) * 1000,
+        };
+        let mut agg = Aggregator::new(1000, 24, 56);
+        for i in 0..40u8 {
+            let ip = std::net::IpAddr::from([10, 0, i / 8, i]);
+            let d = Delta {
+                counts: Counts {
+                    requests: 1 + u64::from(i),
+                    bytes_in: 100 * u64::from(i),
+                    bytes_out: 1000 * u64::from(i),
+                    connections: u64::from(i % 2),
+                    events_out: u64::from(i % 3),
+                },
+                ..Delta::default()
+            };
+            agg.apply(ip, &d, at);
+            let keys = ExchangeKeys {
+                identity: Some(format!("k-{:012x}", i % 7)),
+                forwarded: (i % 3 == 0).then(|| std::net::IpAddr::from([192, 0, 2, i])),
+            };
+            agg.apply_exchange(&keys, &d, at);
+        }
+        agg.table_mut(crate::model::keys::By::Address)
+            .set_open("10.0.0.0", 1);
+        let hot = std::sync::Arc::<sketch::Hot>::default();
+        hot.set_supported();
+        let sample = crate::ship::Sample::new(&[3u8; 32], 20, 5, hot);
+        let s = crate::ship::summarize(&agg, t, 3, &sample).expect("summary");
+        assert_eq!(
+            s.sketch.len(),
+            4,
+            "every kind sketched: {:?}",
+            s.sketch.keys()
+        );
+        let mut b = batch();
+        b.records[0].payload = Payload::Summary(s);
+        assert_eq!(validate(&b, "host-a", NOW), Ok(()));
     }
 
     #[test]

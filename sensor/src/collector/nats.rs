@@ -81,7 +81,8 @@ impl HotPublisher {
                 tokio::time::interval(Duration::from_secs(crate::ship::sketch::HOT_PUBLISH_SECS));
             loop {
                 tick.tick().await;
-                let Ok(hot) = shared.with_fleet(|f| f.state.sketch.hot(Now::system().secs()))
+                // Published even when empty: it tells agents this collector reads sketches.
+                let Ok(hot) = shared.with_fleet(|f| f.state.sketch.hot_all(Now::system().secs()))
                 else {
                     return;
                 };

@@ -91,6 +91,11 @@ pub struct Summary {
     /// what the collector finds thin clients with ([`sketch`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sketch: BTreeMap<String, Vec<sketch::Cell>>,
+    /// Which secret placed the sketch's cells (a fingerprint of its subkey): the collector
+    /// adds up only sketches of one key, so agents with another identity secret (a mistake,
+    /// or a rotation under way) do not blur each other's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sketch_key: String,
 }
 
 /// One client's counts in a period, and its state at the period's end.
@@ -127,6 +132,24 @@ impl ShipRecord {
             payload: Payload::Summary(s),
         }
     }
+}
+
+/// `records` as sent at `now_s`: summaries older than the collector's sketch window lose
+/// their sketch (it would be ignored; after an outage it would double what the spool holds
+/// on the wire for nothing).
+pub fn for_sending(records: &[ShipRecord], now_s: u64) -> Vec<ShipRecord> {
+    records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Payload::Summary(s) = &mut r.payload
+                && s.start_s + sketch::WINDOW_SECS + PERIOD_SECS < now_s
+            {
+                s.sketch.clear();
+            }
+            r
+        })
+        .collect()
 }
 
 /// A batch that could not be encoded.
@@ -169,6 +192,8 @@ pub struct Sample {
     max_rows: usize,
     /// The collector's latest hot cells (set by the shipping sink).
     hot: Arc<sketch::Hot>,
+    /// Fingerprint of the subkey: `Summary::sketch_key`.
+    sketch_key: String,
 }
 
 impl Sample {
@@ -183,11 +208,22 @@ impl Sample {
         // HMAC takes keys of any length; an error here is impossible.
         let mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&subkey)
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        let sketch_key: String = {
+            use hmac::Mac as _;
+            let mut m = mac.clone();
+            m.update(b"sketch key fingerprint");
+            m.finalize().into_bytes()[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        hot.set_key(&sketch_key);
         Self {
             mac,
             per_10k: percent.min(100) * 100,
             max_rows,
             hot,
+            sketch_key: sketch_key.clone(),
         }
     }
 
@@ -216,6 +252,8 @@ impl Sample {
 pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) -> Option<Summary> {
     let period = start_s / PERIOD_SECS;
     let hot = sample.hot.current(start_s + PERIOD_SECS);
+    // Only for a collector that said it reads sketches (an earlier one refuses the field).
+    let with_sketch = sample.hot.supported();
     let mut clients = Vec::new();
     let mut rest = BTreeMap::new();
     let mut sketches = BTreeMap::new();
@@ -243,34 +281,36 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
         let mut sketch = sketch::Builder::default();
         let mut left = Counts::default();
         let mut named = Vec::with_capacity(rows.len().min(top));
-        let mut sampled = Vec::new();
-        let mut heated = Vec::new();
+        // Below the cut: sampled rows (by rank), then rows whose cells are all hot (hottest
+        // first), together within `max_rows`; the rest is summed.
+        let mut extra = Vec::new();
         for (i, row) in rows.into_iter().enumerate() {
+            if i < top && !with_sketch {
+                named.push(row);
+                continue;
+            }
             let place = sample.place(by, row.0);
-            if !row.1.is_zero() {
+            if with_sketch && !row.1.is_zero() {
                 sketch.add(&place, &row.1);
             }
             if i < top {
                 named.push(row);
             } else if place.rank < sample.per_10k {
-                sampled.push((place.rank, row));
-            } else if sketch::all_hot(hot, &place) {
-                heated.push((place.rank, row));
+                extra.push(((0, place.rank), row));
+            } else if let Some(heat) = sketch::heat_rank(hot, &place) {
+                extra.push(((1, heat), row));
             } else {
                 left += row.1;
             }
         }
-        for mut extra in [sampled, heated] {
-            // Within the bound, lowest ranks first: a host under pressure names a subset of
-            // what the others name.
-            if extra.len() > sample.max_rows {
-                extra.sort_by_key(|(rank, _)| *rank);
-                for (_, row) in extra.drain(sample.max_rows..) {
-                    left += row.1;
-                }
+        if extra.len() > sample.max_rows {
+            // A host under pressure names a subset of what the others name.
+            extra.sort_by_key(|(order, _)| *order);
+            for (_, row) in extra.drain(sample.max_rows..) {
+                left += row.1;
             }
-            named.extend(extra.into_iter().map(|(_, row)| row));
         }
+        named.extend(extra.into_iter().map(|(_, row)| row));
         for (key, counts, open) in named {
             let c = &agg.table(by).clients[key];
             clients.push(ClientDelta {
@@ -296,6 +336,11 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
         clients,
         rest,
         sketch: sketches,
+        sketch_key: if with_sketch {
+            sample.sketch_key.clone()
+        } else {
+            String::new()
+        },
     })
 }
 
@@ -465,6 +510,13 @@ pub(crate) mod tests {
         let named = |s: &Summary| s.clients.iter().any(|c| c.key == "10.1.0.7");
         let before = summarize(&agg, t, 2, &sample).expect("summary");
         assert!(!named(&before), "below the cut, not sampled");
+        assert!(
+            before.sketch.is_empty() && before.sketch_key.is_empty(),
+            "no sketch until the collector says it reads them"
+        );
+        hot.set_supported();
+        let before = summarize(&agg, t, 2, &sample).expect("summary");
+        assert_eq!(before.sketch_key.len(), 16);
         let address = &before.sketch["address"];
         let mut rows = [(0u64, 0u64); sketch::ROWS];
         for &(i, r, b) in address {
@@ -520,6 +572,7 @@ pub(crate) mod tests {
                 }],
                 rest: BTreeMap::new(),
                 sketch: Default::default(),
+                sketch_key: String::new(),
             },
         );
         let batch = Batch {

@@ -16,8 +16,11 @@
 //! its cells turned hot stay in `rest`.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    sync::Mutex,
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use serde::{Deserialize, Serialize};
@@ -30,8 +33,6 @@ pub const ROWS: usize = 4;
 pub const WIDTH: usize = 1024;
 /// Cells of a sketch in all: indices are `row * WIDTH + column`.
 pub const CELLS: u32 = (ROWS * WIDTH) as u32;
-/// Hot cells named back per key kind, at most (the hottest first).
-pub const MAX_HOT: usize = 1024;
 /// An agent forgets the hot cells this long after the collector last named them (a
 /// collector away must not keep agents naming clients it no longer asks for).
 pub const HOT_TTL_SECS: u64 = 60;
@@ -104,38 +105,70 @@ impl Builder {
     }
 }
 
-/// The hot cells per key kind, as the collector names them back (wire format of its answer).
+/// The hot cells per key kind, hottest first, as the collector names them back.
 pub type HotCells = BTreeMap<String, Vec<u32>>;
 
+/// What the collector says on the NATS hot subject: the hot cells per sketch key (agents
+/// sharing an identity secret share a key; each agent takes its own).
+pub type HotByKey = BTreeMap<String, HotCells>;
+
 /// The agent's copy of the collector's hot cells, set from each answer, shared between the
-/// shipping sink (which receives them) and the summaries (which use them).
+/// shipping sink (which receives them) and the summaries (which use them). Also whether the
+/// collector reads sketches at all: until one says so, summaries carry none (a collector of
+/// an earlier version refuses fields it does not know).
 #[derive(Debug, Default)]
-pub struct Hot(Mutex<HotState>);
+pub struct Hot {
+    state: Mutex<HotState>,
+    supported: AtomicBool,
+    /// This agent's sketch key: which cells of the NATS hot subject are its.
+    key: Mutex<String>,
+}
 
 #[derive(Debug, Default)]
 struct HotState {
-    cells: HashMap<By, HashSet<u32>>,
+    /// Per kind: cell -> its place in the collector's hottest-first list.
+    cells: HashMap<By, HashMap<u32, u32>>,
     until_s: u64,
 }
 
 impl Hot {
+    /// The collector reads sketches (said by its answers, or by publishing hot cells).
+    pub fn set_supported(&self) {
+        self.supported.store(true, Ordering::Relaxed);
+    }
+
+    pub fn supported(&self) -> bool {
+        self.supported.load(Ordering::Relaxed)
+    }
+
+    pub fn set_key(&self, key: &str) {
+        if let Ok(mut k) = self.key.lock() {
+            key.clone_into(&mut k);
+        }
+    }
+
+    /// Takes this agent's cells from what the collector publishes over NATS.
+    pub fn set_from(&self, all: &HotByKey, now_s: u64) {
+        self.set_supported();
+        let key = self.key.lock().map(|k| k.clone()).unwrap_or_default();
+        self.set(all.get(&key).unwrap_or(&HotCells::new()), now_s);
+    }
+
     /// Replaces the hot cells with the collector's latest answer (kinds and indices it does
-    /// not know are ignored; at most MAX_HOT per kind are taken).
+    /// not know are ignored).
     pub fn set(&self, hot: &HotCells, now_s: u64) {
         let cells = hot
             .iter()
             .filter_map(|(kind, v)| {
                 let by = By::parse(kind)?;
-                let set: HashSet<u32> = v
-                    .iter()
-                    .copied()
-                    .filter(|&i| i < CELLS)
-                    .take(MAX_HOT)
-                    .collect();
-                Some((by, set))
+                let mut places = HashMap::new();
+                for (pos, &i) in v.iter().filter(|&&i| i < CELLS).enumerate() {
+                    places.entry(i).or_insert(pos as u32);
+                }
+                Some((by, places))
             })
             .collect();
-        if let Ok(mut s) = self.0.lock() {
+        if let Ok(mut s) = self.state.lock() {
             *s = HotState {
                 cells,
                 until_s: now_s + HOT_TTL_SECS,
@@ -144,17 +177,23 @@ impl Hot {
     }
 
     /// The hot cells in force at `now_s` (none once they expired).
-    pub fn current(&self, now_s: u64) -> HashMap<By, HashSet<u32>> {
-        match self.0.lock() {
+    pub fn current(&self, now_s: u64) -> HashMap<By, HashMap<u32, u32>> {
+        match self.state.lock() {
             Ok(s) if now_s < s.until_s => s.cells.clone(),
             _ => HashMap::new(),
         }
     }
 }
 
-/// Whether every cell of `place` is hot.
-pub fn all_hot(hot: Option<&HashSet<u32>>, place: &Place) -> bool {
-    hot.is_some_and(|h| place.cells.iter().all(|c| h.contains(c)))
+/// When every cell of `place` is hot: how hot the client is, as the place of its coolest
+/// cell in the collector's hottest-first list (lower: hotter).
+pub fn heat_rank(hot: Option<&HashMap<u32, u32>>, place: &Place) -> Option<u32> {
+    let hot = hot?;
+    place
+        .cells
+        .iter()
+        .map(|c| hot.get(c).copied())
+        .try_fold(0, |worst, p| p.map(|p| worst.max(p)))
 }
 
 /// `[sketch]` of the collector: what makes a cell hot (0 turns a measure off; both 0 turns
@@ -181,15 +220,51 @@ impl Default for SketchConfig {
 
 /// Cell -> (requests, bytes) of one key kind.
 type Sums = HashMap<u32, (u64, u64)>;
+/// Period start -> key kind -> cells.
+type Periods = BTreeMap<u64, HashMap<By, Sums>>;
 
-/// The collector's sum of the agents' sketches over the last minute.
+/// Sketch keys (fleets of agents with different identity secrets) summed apart, at most.
+pub const MAX_SKETCH_KEYS: usize = 8;
+
+/// The collector's sum of the agents' sketches over the last minute, per sketch key.
 #[derive(Debug, Clone, Default)]
 pub struct FleetSketch {
     config: SketchConfig,
-    /// Period start -> key kind -> cell -> (requests, bytes).
-    periods: BTreeMap<u64, HashMap<By, Sums>>,
-    /// The last answer and the second it was computed in (recomputed at most once a second).
-    cached: Option<(u64, HotCells)>,
+    keys: BTreeMap<String, Periods>,
+    /// The last answers and the second they were computed in (at most once a second).
+    cached: Option<(u64, HotByKey)>,
+    /// Sketches not added: too late, too far ahead, or of a sketch key past the bound.
+    pub ignored: u64,
+}
+
+/// Per row, the median requests and bytes of its cells (empty cells count as 0).
+fn row_medians(cells: &Sums) -> [(u64, u64); ROWS] {
+    let mut rows: [(Vec<u64>, Vec<u64>); ROWS] = Default::default();
+    for (i, (r, b)) in cells {
+        if let Some(row) = rows.get_mut(*i as usize / WIDTH) {
+            row.0.push(*r);
+            row.1.push(*b);
+        }
+    }
+    let median = |mut v: Vec<u64>| -> u64 {
+        // Fewer than half the cells hold anything: the median is an empty cell.
+        if v.len() <= WIDTH / 2 {
+            return 0;
+        }
+        let missing = WIDTH - v.len();
+        let k = WIDTH / 2 - missing;
+        *v.select_nth_unstable(k).1
+    };
+    let mut out = [(0, 0); ROWS];
+    for (o, (r, b)) in out.iter_mut().zip(rows) {
+        *o = (median(r), median(b));
+    }
+    out
+}
+
+/// The first period start of the window at `now_s`: the last six complete periods.
+fn window_start(now_s: u64) -> u64 {
+    (now_s / super::PERIOD_SECS * super::PERIOD_SECS).saturating_sub(WINDOW_SECS)
 }
 
 impl FleetSketch {
@@ -205,17 +280,32 @@ impl FleetSketch {
     }
 
     /// Adds one agent's sketch of the period starting at `start_s` (cells validated by
-    /// ingest). Only periods of the window are kept: older ones, and ones more than
-    /// `MAX_AHEAD_SECS` in the collector's future (agents' clocks differ a little; a hostile
-    /// agent's far-future periods would otherwise pile up, 4096 cells each).
-    pub fn add(&mut self, start_s: u64, sketch: &BTreeMap<String, Vec<Cell>>, now_s: u64) {
-        if !self.enabled()
-            || start_s + WINDOW_SECS + super::PERIOD_SECS <= now_s
-            || start_s > now_s + MAX_AHEAD_SECS
-        {
+    /// ingest), under the agents' sketch key. Only periods of the window are kept, and ones
+    /// at most `MAX_AHEAD_SECS` in the collector's future (agents' clocks differ a little; a
+    /// hostile agent's far-future periods would otherwise pile up).
+    pub fn add(
+        &mut self,
+        key: &str,
+        start_s: u64,
+        sketch: &BTreeMap<String, Vec<Cell>>,
+        now_s: u64,
+    ) {
+        if !self.enabled() || sketch.is_empty() {
             return;
         }
-        let period = self.periods.entry(start_s).or_default();
+        if start_s < window_start(now_s)
+            || start_s > now_s + MAX_AHEAD_SECS
+            || (!self.keys.contains_key(key) && self.keys.len() >= MAX_SKETCH_KEYS)
+        {
+            self.ignored += 1;
+            return;
+        }
+        let period = self
+            .keys
+            .entry(key.to_owned())
+            .or_default()
+            .entry(start_s)
+            .or_default();
         for (kind, cells) in sketch {
             let Some(by) = By::parse(kind) else { continue };
             let table = period.entry(by).or_default();
@@ -229,57 +319,80 @@ impl FleetSketch {
         // the window's cells per answer would cost the collector more than the merge.
     }
 
-    /// The hot cells per key kind over the periods of the last minute, hottest first.
-    pub fn hot(&mut self, now_s: u64) -> HotCells {
+    /// The hot cells of every sketch key over the window, hottest first.
+    pub fn hot_all(&mut self, now_s: u64) -> HotByKey {
         if !self.enabled() {
-            return HotCells::new();
+            return HotByKey::new();
         }
         if let Some((at, hot)) = &self.cached
             && *at == now_s
         {
             return hot.clone();
         }
-        let oldest = now_s.saturating_sub(WINDOW_SECS + super::PERIOD_SECS);
-        self.periods = self.periods.split_off(&oldest);
-        let mut sums: HashMap<By, Sums> = HashMap::new();
-        for kinds in self.periods.values() {
-            for (by, cells) in kinds {
-                let t = sums.entry(*by).or_default();
-                for (i, (r, b)) in cells {
-                    let e = t.entry(*i).or_default();
-                    e.0 = e.0.saturating_add(*r);
-                    e.1 = e.1.saturating_add(*b);
-                }
-            }
-        }
+        let oldest = window_start(now_s);
         let (rq, bq) = (
             self.config.hot_requests_per_minute,
             self.config.hot_bytes_per_minute,
         );
-        // How far past its threshold a cell is (the larger of the two measures).
-        let heat = |r: u64, b: u64| -> f64 {
-            let f = |v: u64, t: u64| if t == 0 { 0.0 } else { v as f64 / t as f64 };
-            f(r, rq).max(f(b, bq))
+        // How far past its threshold a cell is, above its row's median (the larger of the
+        // two measures): every cell of a row holds some 1/WIDTH of all clients, and on a
+        // busy fleet that floor alone passes a threshold; what stands above it is the
+        // cell's own heavy client (count-mean-min).
+        let heat = |r: u64, b: u64, floor: (u64, u64)| -> f64 {
+            let f = |v: u64, floor: u64, t: u64| {
+                if t == 0 {
+                    0.0
+                } else {
+                    v.saturating_sub(floor) as f64 / t as f64
+                }
+            };
+            f(r, floor.0, rq).max(f(b, floor.1, bq))
         };
-        let mut out = HotCells::new();
-        for (by, cells) in sums {
-            let mut hot: Vec<(f64, u32)> = cells
-                .into_iter()
-                .map(|(i, (r, b))| (heat(r, b), i))
-                .filter(|(h, _)| *h >= 1.0)
-                .collect();
-            if hot.is_empty() {
-                continue;
+        let mut all = HotByKey::new();
+        self.keys.retain(|_, periods| {
+            *periods = periods.split_off(&oldest);
+            !periods.is_empty()
+        });
+        for (key, periods) in &self.keys {
+            let mut sums: HashMap<By, Sums> = HashMap::new();
+            for kinds in periods.range(..=now_s).map(|(_, k)| k) {
+                for (by, cells) in kinds {
+                    let t = sums.entry(*by).or_default();
+                    for (i, (r, b)) in cells {
+                        let e = t.entry(*i).or_default();
+                        e.0 = e.0.saturating_add(*r);
+                        e.1 = e.1.saturating_add(*b);
+                    }
+                }
             }
-            hot.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            hot.truncate(MAX_HOT);
-            out.insert(
-                by.name().to_owned(),
-                hot.into_iter().map(|(_, i)| i).collect(),
-            );
+            let mut out = HotCells::new();
+            for (by, cells) in sums {
+                let floors = row_medians(&cells);
+                let mut hot: Vec<(f64, u32)> = cells
+                    .into_iter()
+                    .map(|(i, (r, b))| (heat(r, b, floors[i as usize / WIDTH]), i))
+                    .filter(|(h, _)| *h >= 1.0)
+                    .collect();
+                if hot.is_empty() {
+                    continue;
+                }
+                hot.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                out.insert(
+                    by.name().to_owned(),
+                    hot.into_iter().map(|(_, i)| i).collect(),
+                );
+            }
+            if !out.is_empty() {
+                all.insert(key.clone(), out);
+            }
         }
-        self.cached = Some((now_s, out.clone()));
-        out
+        self.cached = Some((now_s, all.clone()));
+        all
+    }
+
+    /// The hot cells of one sketch key.
+    pub fn hot(&mut self, key: &str, now_s: u64) -> HotCells {
+        self.hot_all(now_s).remove(key).unwrap_or_default()
     }
 }
 
@@ -329,7 +442,7 @@ mod tests {
             hot_requests_per_minute: 50,
             hot_bytes_per_minute: 0,
         });
-        let now = 1_000_000;
+        let now = 1_000_005;
         for agent in 0..3u64 {
             let mut b = Builder::default();
             b.add(&thin, &counts(20, 2000));
@@ -337,26 +450,70 @@ mod tests {
                 b.add(&quiet, &counts(10, 1000));
             }
             let sketch = BTreeMap::from([("address".to_owned(), b.finish())]);
-            fleet.add(now - 20, &sketch, now);
+            fleet.add("k1", now - 25, &sketch, now);
         }
-        let hot = fleet.hot(now);
+        let hot = fleet.hot("k1", now);
+        assert!(
+            fleet.hot("k2", now).is_empty(),
+            "another sketch key has its own cells"
+        );
         let agent = Hot::default();
         agent.set(&hot, now);
         let cur = agent.current(now);
-        assert!(all_hot(cur.get(&By::Address), &thin), "{hot:?}");
-        assert!(!all_hot(cur.get(&By::Address), &quiet), "{hot:?}");
-        assert!(!all_hot(cur.get(&By::Identity), &thin));
+        assert_eq!(heat_rank(cur.get(&By::Address), &thin), Some(3), "{hot:?}");
+        assert_eq!(heat_rank(cur.get(&By::Address), &quiet), None, "{hot:?}");
+        assert_eq!(heat_rank(cur.get(&By::Identity), &thin), None);
         // Forgotten once the collector stops naming them, and once the period ages out.
         assert!(agent.current(now + HOT_TTL_SECS).is_empty());
-        assert!(fleet.hot(now + WINDOW_SECS + 20).is_empty());
-        // Far-future periods (a hostile agent's clock) are not kept.
+        assert!(fleet.hot("k1", now + WINDOW_SECS + 20).is_empty());
+        // Too old, far-future (a hostile agent's clock) and past the key bound: not kept.
         let mut b = Builder::default();
         b.add(&thin, &counts(1000, 0));
         let sketch = BTreeMap::from([("address".to_owned(), b.finish())]);
         for ahead in 1..100 {
-            fleet.add(now + MAX_AHEAD_SECS + 10 * ahead, &sketch, now);
+            fleet.add("k1", now + MAX_AHEAD_SECS + 10 * ahead, &sketch, now);
         }
-        assert!(fleet.periods.is_empty());
+        fleet.add("k1", now - WINDOW_SECS - 10, &sketch, now);
+        for k in 0..MAX_SKETCH_KEYS + 5 {
+            fleet.add(&format!("x{k}"), now - 5, &sketch, now);
+        }
+        assert_eq!(fleet.keys.len(), MAX_SKETCH_KEYS);
+        assert!(fleet.keys.values().all(|p| p.len() == 1));
+        assert_eq!(fleet.ignored, 99 + 1 + 5);
+    }
+
+    /// On a busy fleet every cell holds thousands of requests a minute (far past the
+    /// threshold); what stands above its row's median is the thin client's.
+    #[test]
+    fn a_thin_client_stands_out_of_a_busy_fleets_floor() {
+        let mut fleet = FleetSketch::new(SketchConfig {
+            hot_requests_per_minute: 150,
+            hot_bytes_per_minute: 0,
+        });
+        let now = 2_000_005;
+        let thin = place([7, 8, 9, 10]);
+        let mut b = Builder::default();
+        for col in 0..WIDTH as u32 {
+            // 1000 requests in every cell of every row: the floor.
+            b.add(&place([col; ROWS]), &counts(1000, 0));
+        }
+        b.add(&thin, &counts(400, 0));
+        let sketch = BTreeMap::from([("identity".to_owned(), b.finish())]);
+        fleet.add("k", now - 15, &sketch, now);
+        let hot = fleet.hot("k", now);
+        let agent = Hot::default();
+        agent.set(&hot, now);
+        let cur = agent.current(now);
+        assert_eq!(
+            hot["identity"].len(),
+            ROWS,
+            "only the thin client's cells: {hot:?}"
+        );
+        assert_eq!(heat_rank(cur.get(&By::Identity), &thin), Some(3));
+        assert_eq!(
+            heat_rank(cur.get(&By::Identity), &place([1, 2, 3, 4])),
+            None
+        );
     }
 
     #[test]
@@ -369,7 +526,7 @@ mod tests {
         agent.set(&hot, 0);
         let cur = agent.current(0);
         assert_eq!(cur.len(), 1);
-        assert_eq!(cur[&By::Address].len(), MAX_HOT);
-        assert!(cur[&By::Address].iter().all(|&i| i < CELLS));
+        assert_eq!(cur[&By::Address].len(), CELLS as usize);
+        assert!(cur[&By::Address].keys().all(|&i| i < CELLS));
     }
 }

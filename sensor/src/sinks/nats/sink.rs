@@ -24,7 +24,7 @@ use crate::{
     },
     ship::{
         Batch, EncodeError, ShipRecord, WIRE_VERSION, encode,
-        sketch::{Hot, HotCells, hot_subject},
+        sketch::{Hot, HotByKey, hot_subject},
     },
     sinks::{
         error::SinkError,
@@ -109,29 +109,38 @@ impl JetStreamSink {
 
     async fn connected(&mut self) -> Result<(async_nats::Client, jetstream::Context), SinkError> {
         if let Some(c) = &self.connection {
-            return Ok(c.clone());
+            let c = c.clone();
+            if self.hot_task.is_none() {
+                self.subscribe_hot(&c.0).await;
+            }
+            return Ok(c);
         }
         let client = self.endpoint.connect(self.timeout).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(self.timeout)
             .build(client.clone());
         self.connection = Some((client.clone(), js.clone()));
-        // The collector's hot cells; the client subscribes again after reconnecting. A
-        // server that does not permit the subscription only costs the naming back.
+        self.subscribe_hot(&client).await;
+        Ok((client, js))
+    }
+
+    /// The collector's hot cells (the client subscribes again by itself after reconnecting).
+    /// A subscription that fails is tried again at the next delivery; one the server's
+    /// permissions refuse only costs the naming back of thin clients.
+    async fn subscribe_hot(&mut self, client: &async_nats::Client) {
         match client.subscribe(self.hot_subject.clone()).await {
             Ok(mut sub) => {
                 let hot = self.hot.clone();
                 self.hot_task = Some(tokio::spawn(async move {
                     while let Some(msg) = sub.next().await {
-                        if let Ok(cells) = serde_json::from_slice::<HotCells>(&msg.payload) {
-                            hot.set(&cells, Now::system().secs());
+                        if let Ok(all) = serde_json::from_slice::<HotByKey>(&msg.payload) {
+                            hot.set_from(&all, Now::system().secs());
                         }
                     }
                 }));
             }
             Err(e) => warn!("subscribing to {}: {e}", self.hot_subject),
         }
-        Ok((client, js))
     }
 
     /// The batch's message: as many of its first records as fit the server's `max_payload`
@@ -147,7 +156,7 @@ impl JetStreamSink {
                 version: WIRE_VERSION,
                 agent: self.agent.clone(),
                 stream: self.spool_stream.clone(),
-                records: batch[..n].to_vec(),
+                records: crate::ship::for_sending(&batch[..n], Now::system().secs()),
             })
             .map_err(|e| match e {
                 EncodeError::Json(e) => SinkError::Protocol(format!("encoding a batch: {e}")),
@@ -281,6 +290,7 @@ mod tests {
                         .collect(),
                     rest: Default::default(),
                     sketch: Default::default(),
+                    sketch_key: String::new(),
                 },
             )
         }

@@ -78,6 +78,8 @@ pub struct ShipSink {
 struct Answer {
     #[serde(default)]
     hot: crate::ship::sketch::HotCells,
+    #[serde(default)]
+    sketches: bool,
 }
 
 impl ShipSink {
@@ -119,12 +121,15 @@ impl ShipSink {
         match r.status {
             200..=299 => {
                 self.one_by_one = false;
-                // An answer without hot cells (or an older collector's) clears them.
-                let hot = serde_json::from_str::<Answer>(&r.body)
-                    .map(|a| a.hot)
-                    .unwrap_or_default();
-                self.hot
-                    .set(&hot, crate::model::aggregate::Now::system().secs());
+                // An answer without hot cells clears them; one saying `sketches` lets the
+                // summaries carry sketches (an earlier collector refuses the field).
+                if let Ok(a) = serde_json::from_str::<Answer>(&r.body) {
+                    if a.sketches {
+                        self.hot.set_supported();
+                    }
+                    self.hot
+                        .set(&a.hot, crate::model::aggregate::Now::system().secs());
+                }
                 Ok(Delivered::all(batch.len()))
             }
             // Refused as malformed: find the bad record, then drop (and count) only it.
@@ -159,7 +164,7 @@ impl Sink for ShipSink {
             version: WIRE_VERSION,
             agent: self.agent.clone(),
             stream: self.stream.clone(),
-            records: batch.to_vec(),
+            records: crate::ship::for_sending(batch, crate::model::aggregate::Now::system().secs()),
         })
         .map_err(encode_error)?;
         let headers = [
