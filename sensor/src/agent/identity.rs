@@ -201,17 +201,17 @@ impl Identities {
             events_out: ev.events_out_start,
         };
         if ev.flags & HEAD_REWIND != 0
-            && let Some(p) = self.pending.get_mut(&ev.cookie)
-            && p.start.bytes_in == start.bytes_in
+            && self
+                .pending
+                .get(&ev.cookie)
+                .is_some_and(|p| p.start.bytes_in >= start.bytes_in)
         {
-            // The same request read again from the copy TCP kept.
-            p.head_from = ev.head_offset;
-            p.buf.clear();
-            p.buf.extend_from_slice(bytes);
-            p.done = ev.flags & HEAD_DONE != 0;
-            return;
+            // The kernel read the pending request (the same one, or one it found after this
+            // one's start) from a copy TCP did not keep: this one replaces it.
+            self.pending.remove(&ev.cookie);
+        } else {
+            ready.extend(self.finish(ev.cookie));
         }
-        ready.extend(self.finish(ev.cookie));
         let next = Pending {
             peer,
             start,
