@@ -277,7 +277,7 @@ pub fn sensor_sockops(ctx: SockOpsContext) -> u32 {
 /// Runs when the server side reaches ESTABLISHED (tcp_init_transfer), before the payload of
 /// the handshake's final ACK, if any, is queued: rcv_nxt and snd_nxt are then ISN + 1 each way.
 /// Returns the port of a watched connection that found no room for its record.
-// A subprogram of its own: the record takes most of the stack the call chain may use.
+// A subprogram of its own, so its locals do not add to its caller's stack.
 #[inline(never)]
 fn open_connection(ctx: &SockOpsContext) -> Option<u16> {
     if !watched(ctx.local_port()) {
@@ -307,27 +307,26 @@ fn open_connection(ctx: &SockOpsContext) -> Option<u16> {
             )
         }
     };
+    let port = ctx.local_port() as u16;
+    // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The record is made zeroed where it lives and filled in place: it is larger than the
+    // 512 bytes of stack the whole call chain may use.
+    let stats = if map_path() {
+        new_in_map(cookie)
+    } else {
+        new_in_storage(ctx, cookie)
+    };
+    if stats.is_null() {
+        count_loss(Loss::ConnMapFull);
+        return Some(port);
+    }
     let now = now_ns();
-    // Built in place, field by field, in one zeroed stack copy: the record is over 200 bytes,
-    // and the whole call chain has 512 bytes of stack (older kernels count every frame).
-    let mut slot = core::mem::MaybeUninit::<ClosedConn>::uninit();
-    let record = slot.as_mut_ptr();
-    // SAFETY: record points at the stack slot; it is zeroed word by word first (volatile
-    // stores: a memset call would add a frame to the chain), and all-zero is a valid
-    // ClosedConn.
+    // SAFETY: stats points at the new, zeroed record (a live map value).
     unsafe {
-        let words = record.cast::<u64>();
-        let mut i = 0;
-        while i < core::mem::size_of::<ClosedConn>() / 8 {
-            core::ptr::write_volatile(words.add(i), 0);
-            i += 1;
-        }
-        // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
-        (*record).cookie = bpf_get_socket_cookie(ctx.as_ptr());
-        let stats = &raw mut (*record).stats;
         (*stats).local_addr = local_addr;
         (*stats).remote_addr = remote_addr;
-        (*stats).local_port = ctx.local_port() as u16;
+        (*stats).local_port = port;
         // remote_port holds the port in network order in its upper half on little endian
         // (sock_ops_convert_ctx_access shifts it); ntohl gives the host-order port.
         (*stats).remote_port = u32::from_be(ctx.remote_port()) as u16;
@@ -340,22 +339,31 @@ fn open_connection(ctx: &SockOpsContext) -> Option<u16> {
         (*stats).last_seen_ns = now;
         (*stats).in_seq_base = rcv_nxt;
         (*stats).out_seq_base = snd_nxt;
-        // The client's first bytes start the first turn.
+        // The client's first bytes start the first request.
         (*stats).parse.live.mode = MODE_ARMED;
     }
-    // SAFETY: every field is initialized (zero or written above).
-    let record = unsafe { slot.assume_init_mut() };
-    let recorded = if map_path() {
-        record_in_map(ctx, record)
-    } else {
-        record_in_storage(ctx, record)
-    };
-    if recorded {
+    if watch_close(ctx) {
         return None;
     }
+    if map_path() {
+        let _ = OPEN.remove(&cookie);
+    } else {
+        // SAFETY: context pointer; sk is the full socket new_in_storage found non-null.
+        let sk: *mut c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
+        if !sk.is_null() {
+            // SAFETY: a non-null full socket.
+            unsafe { bpf_sk_storage_delete(socks(), sk) };
+            release_live_slot();
+        }
+    }
     count_loss(Loss::ConnMapFull);
-    Some(record.stats.local_port)
+    Some(port)
 }
+
+/// An all-zero record, the initial value of a new `OPEN` entry (read-only data).
+static ZERO_STATS: [u64; core::mem::size_of::<ConnStats>() / 8] =
+    [0; core::mem::size_of::<ConnStats>() / 8];
+const _: () = assert!(core::mem::size_of::<ConnStats>() % 8 == 0);
 
 /// Logs a connection that found no room for its record (the log record is built on the
 /// stack).
@@ -367,54 +375,54 @@ fn no_room(ctx: &SockOpsContext, port: u16) {
     );
 }
 
-/// Map path: the live record goes into OPEN under the socket's cookie. False when
+/// Map path: a zeroed live record in OPEN under the socket's cookie; null when
 /// `max_connections` are live already.
 #[inline(always)]
-fn record_in_map(ctx: &SockOpsContext, record: &ClosedConn) -> bool {
+fn new_in_map(cookie: u64) -> *mut ConnStats {
+    // SAFETY: ZERO_STATS has ConnStats' size and 8-byte alignment, and all zero is a valid
+    // ConnStats.
+    let zero = unsafe { &*(&raw const ZERO_STATS).cast::<ConnStats>() };
     // NOEXIST: a cookie is never reused while the kernel runs, so an existing entry would be a
     // second callback for the same socket, whose counts must not restart.
-    if OPEN
-        .insert(&record.cookie, &record.stats, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        return false;
+    if OPEN.insert(&cookie, zero, u64::from(BPF_NOEXIST)).is_err() {
+        return core::ptr::null_mut();
     }
-    if watch_close(ctx) {
-        return true;
-    }
-    let _ = OPEN.remove(&record.cookie);
-    false
+    OPEN.get_ptr_mut(&cookie).unwrap_or(core::ptr::null_mut())
 }
 
-/// Iterator path: the live record goes into the socket's own storage. False when
-/// `max_connections` are live already or the kernel has no storage for it.
+/// Iterator path: a zeroed live record in the socket's own storage; null when
+/// `max_connections` are live already, the kernel has no storage for it, or the socket has a
+/// record already (a second callback, whose counts must not restart).
 #[inline(always)]
-fn record_in_storage(ctx: &SockOpsContext, record: &mut ClosedConn) -> bool {
+fn new_in_storage(ctx: &SockOpsContext, cookie: u64) -> *mut ConnStats {
     // SAFETY: context pointer; sk is the full socket (NULL otherwise).
     let sk: *mut c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
     if sk.is_null() || !take_live_slot() {
-        return false;
+        return core::ptr::null_mut();
     }
-    // SAFETY: sk is a non-null full socket; the initial value is a stack copy of the record.
-    let created = unsafe {
+    // SAFETY: sk is a non-null full socket; no initial value: the kernel zeroes new storage.
+    let record: *mut ClosedConn = unsafe {
         bpf_sk_storage_get(
             socks(),
             sk,
-            core::ptr::from_mut(record).cast(),
+            core::ptr::null_mut(),
             u64::from(BPF_SK_STORAGE_GET_F_CREATE),
         )
-    };
-    if created.is_null() {
+    }
+    .cast();
+    if record.is_null() {
         release_live_slot();
-        return false;
+        return core::ptr::null_mut();
     }
-    if watch_close(ctx) {
-        return true;
+    // SAFETY: record points into the socket's live storage.
+    unsafe {
+        if (*record).cookie != 0 {
+            release_live_slot();
+            return core::ptr::null_mut();
+        }
+        (*record).cookie = cookie;
+        &raw mut (*record).stats
     }
-    // SAFETY: as above.
-    unsafe { bpf_sk_storage_delete(socks(), sk) };
-    release_live_slot();
-    false
 }
 
 /// Asks for state callbacks on this socket only, to see it close.
