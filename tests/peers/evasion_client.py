@@ -1,18 +1,19 @@
 """An adversarial HTTP/1.1 client: what a client trying to go uncounted or unidentified can do
 with an ordinary socket, and with a raw one.
 
-Usage: evasion_client.py SPEC_JSON
+Usage: evasion_client.py SPEC_JSON | @SPEC_FILE
 
 SPEC: {"host": "127.0.0.1" or "::1", "port": N, "hold": bool, "dstopts": bool,
        "requests": [REQUEST, ...]}
   dstopts: every packet the client sends carries an IPv6 destination-options header.
-REQUEST: {"pieces": [TEXT, ...], "forge": FORGE?, "answers": N?, "continue_after": K?}
+REQUEST: {"pieces": [TEXT, ...], "forge": FORGE?, "answers": N?, "continue_after": K?,
+          "times": T?}
   pieces are sent one write each on a TCP_NODELAY socket, each after the previous one has left
   (the socket's send queue is empty and a moment has passed), so every piece is its own TCP
   segment; TEXT is latin-1 (bytes 0-255). Then N responses (default 1: pieces holding several
   requests are pipelined) are read in full (Content-Length). With continue_after, the client
   reads the server's interim `100 Continue` after the first K pieces before it sends the rest
-  (`Expect: 100-continue`).
+  (`Expect: 100-continue`). With times, each piece is its text T times over (one write).
 FORGE: {"seq_offset": N, "ack_offset": N, "payload": TEXT}
   before the request, a segment is injected through a raw socket on the connection's 4-tuple:
   sequence number = the client's next one + seq_offset, acknowledgment = the server's next one
@@ -127,7 +128,11 @@ def read_response(sock, buf):
 
 
 def main():
-    spec = json.loads(sys.argv[1])
+    arg = sys.argv[1]
+    if arg.startswith("@"):
+        with open(arg[1:]) as f:
+            arg = f.read()
+    spec = json.loads(arg)
     host, port = spec["host"], spec["port"]
     forging = any("forge" in r for r in spec["requests"])
     sniffer = None
@@ -162,7 +167,7 @@ def main():
             if k > 0 and k == request.get("continue_after"):
                 n, rest = read_interim(sock, rest)
                 received += n
-            data = piece.encode("latin-1")
+            data = piece.encode("latin-1") * request.get("times", 1)
             send_piece(sock, data)
             sent += len(data)
             segments += 1
