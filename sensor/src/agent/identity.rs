@@ -362,10 +362,18 @@ mod tests {
             head,
         };
         let mut ready = Vec::new();
-        ids.on_event(&event(0, HEAD_DONE, b"GET / HTTP/1.1\r\n\r\n"), peer, &mut ready);
+        ids.on_event(
+            &event(0, HEAD_DONE, b"GET / HTTP/1.1\r\n\r\n"),
+            peer,
+            &mut ready,
+        );
         // Forged: a pipelined request with another key, after the first.
         ids.on_event(
-            &event(18, HEAD_DONE, b"GET / HTTP/1.1\r\nx-api-key: forged\r\n\r\n"),
+            &event(
+                18,
+                HEAD_DONE,
+                b"GET / HTTP/1.1\r\nx-api-key: forged\r\n\r\n",
+            ),
             peer,
             &mut ready,
         );
@@ -380,7 +388,10 @@ mod tests {
         let last = ids.close(7).expect("the real request");
         assert_eq!(last.start.bytes_in, 18);
         assert_eq!(last.keys, ExchangeKeys::default());
-        assert_eq!(ids.stats.with_credential, 0, "the forged key was never read");
+        assert_eq!(
+            ids.stats.with_credential, 0,
+            "the forged key was never read"
+        );
     }
 
     #[test]
