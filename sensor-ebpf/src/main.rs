@@ -1435,8 +1435,23 @@ const NAME_LENGTH: u8 = 1;
 const NAME_TRANSFER: u8 = 2;
 /// The field names the scanner follows, lower case with their colon (nginx compares names
 /// without case; a name with anything before its colon is another field, which nginx ignores).
-const LENGTH_FIELD: &[u8; 15] = b"content-length:";
-const TRANSFER_FIELD: &[u8; 18] = b"transfer-encoding:";
+const LENGTH_FIELD: &[u8] = b"content-length:";
+const TRANSFER_FIELD: &[u8] = b"transfer-encoding:";
+/// The same names padded to 32 bytes, read at any index below 32 without a bounds check the
+/// compiler could move away from the read (older verifiers, 6.1, do not see a bound that was
+/// checked on a copy of the index).
+static LENGTH_NAME: [u8; 32] = padded(LENGTH_FIELD);
+static TRANSFER_NAME: [u8; 32] = padded(TRANSFER_FIELD);
+
+const fn padded(name: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < name.len() {
+        out[i] = name[i];
+        i += 1;
+    }
+    out
+}
 /// Most digits of a `Content-Length` followed (nginx refuses values past 2^63).
 const LENGTH_DIGITS: u8 = 18;
 
@@ -1624,11 +1639,19 @@ fn scan_head(f: &mut Frame, pos: *mut Pos, n: u64, lf: u64) {
 fn name_byte(f: &mut Frame, b: u8) {
     let lower = if b.is_ascii_uppercase() { b | 0x20 } else { b };
     let k = usize::from(f.name_len) & 31;
+    // Both reads before any comparison of `k` (see `LENGTH_NAME`).
+    // SAFETY: k < 32, the arrays' size.
+    let (length, transfer) = unsafe {
+        (
+            core::ptr::read_volatile((&raw const LENGTH_NAME).cast::<u8>().add(k)),
+            core::ptr::read_volatile((&raw const TRANSFER_NAME).cast::<u8>().add(k)),
+        )
+    };
     let mut names = f.names;
-    if k >= LENGTH_FIELD.len() || LENGTH_FIELD[k] != lower {
+    if k >= LENGTH_FIELD.len() || length != lower {
         names &= !NAME_LENGTH;
     }
-    if k >= TRANSFER_FIELD.len() || TRANSFER_FIELD[k] != lower {
+    if k >= TRANSFER_FIELD.len() || transfer != lower {
         names &= !NAME_TRANSFER;
     }
     f.names = names;
