@@ -13,7 +13,7 @@ pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
 
 /// Version of the kernel/agent interface (map layouts). Pinned state from another version is
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Most bytes of an HTTP/1.x request head the agent may ask the kernel to copy per request
 /// (`[identity] head_bytes`). Heads longer than one event's `HEAD_CHUNK` come in several events.
@@ -52,17 +52,31 @@ pub const PROTO_HTTP1: u8 = 1;
 /// `ConnStats::proto`: anything else (TLS, HTTP/2, ...): requests are counted as turns.
 pub const PROTO_OTHER: u8 = 2;
 
-/// `ParseState::mode`: not looking for a request start (the client is mid-request).
+/// `Frame::mode`: not looking for a request start: the framing of the current request is not
+/// known (a chunked or otherwise unframed body), so the next request starts a turn after the
+/// server's reply.
 pub const MODE_IDLE: u8 = 0;
-/// `ParseState::mode`: the server answered; the client's next bytes start a turn, parsed from
-/// `ParseState::cursor`.
+/// `Frame::mode`: the client's next bytes start a request (after the server answered, at the
+/// connection's start, or where the previous request's body ended), parsed from `cursor`.
 pub const MODE_ARMED: u8 = 1;
-/// `ParseState::mode`: the turn's first bytes were not a request (a body after `100 Continue`
-/// or an early reply): every later segment start is a candidate request start.
+/// `Frame::mode`: the turn's first bytes were not a request (a body after `100 Continue`
+/// or an early reply, unframed): every later segment start is a candidate request start.
 pub const MODE_BODY: u8 = 2;
-/// `ParseState::mode` flag: the current turn has been counted (a re-parse must not count it
+/// `Frame::mode`: inside a request head: scanned for its end and its framing fields
+/// (`Content-Length`, `Transfer-Encoding`).
+pub const MODE_HEAD: u8 = 3;
+/// `Frame::mode`: inside a `Content-Length` body, which ends at `Frame::req_end`; the next
+/// request starts there.
+pub const MODE_SKIP: u8 = 4;
+/// `Frame::mode` flag: the current turn has been counted (a re-parse must not count it
 /// again).
 pub const MODE_COUNTED: u8 = 0x10;
+
+/// `Frame::framing`: a `Content-Length` field was seen (its value is `content_length`).
+pub const FRAMING_LENGTH: u8 = 1;
+/// `Frame::framing`: the head's framing is not followed (a `Transfer-Encoding`, an invalid or
+/// conflicting `Content-Length`): the request's end is found from turn-taking.
+pub const FRAMING_UNKNOWN: u8 = 2;
 
 /// `RequestEvent::kind`: a request (or turn) began; `head` holds its first bytes.
 pub const EVENT_REQUEST: u8 = 0;
@@ -163,30 +177,59 @@ pub struct ConnStats {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ParseState {
-    /// Where the current turn began (the first client byte after the server's last reply, or
-    /// the segment start a body-mode candidate began at): the request's `bytes_in_start`.
+    /// The parser as it stands.
+    pub live: Frame,
+    /// The parser as it stood at a point where TCP had accepted every byte it had read: a
+    /// segment that sends again bytes the parser read but TCP has not accepted (TCP dropped the
+    /// first copy: corrupt or forged) makes it go back here and read the new copy.
+    pub snap: Frame,
+    /// End of the furthest segment that was in order when it passed (TCP may still have it in
+    /// its backlog); segments up to here are parsed, later ones wait for TCP.
+    pub in_order_end: u64,
+    /// One past the position of a FIN seen in order + 1 (0: none): TCP counts an accepted FIN
+    /// as one byte of `bytes_received`, which is not payload.
+    pub fin_end: u64,
+    /// Requests counted since `snap` was taken (taken back if the parser goes back to it).
+    pub since_snap: u64,
+}
+
+/// The request parser's position and state (see `ParseState`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// Where the current exchange began (the first client byte after the server's last reply,
+    /// where the previous request's body ended, or the segment start a body-mode candidate
+    /// began at): the request's `bytes_in_start`.
     pub turn_start: u64,
     /// The first byte of the method being parsed (after blank lines).
     pub req_begin: u64,
     /// The next byte the parser examines.
     pub cursor: u64,
-    /// End of the furthest segment that was in order when it passed (TCP may still have it in
-    /// its backlog); segments up to here are parsed, later ones wait for TCP.
-    pub in_order_end: u64,
+    /// `MODE_SKIP`: where the current request's body ends.
+    pub req_end: u64,
     /// Head capture of the current request: its first byte, the next byte to copy, and where
-    /// copying stops (the head's end once found, else `head_from + head_bytes`).
+    /// copying stops (the head's end once found, at most `head_from + head_bytes`).
     pub head_from: u64,
     pub head_next: u64,
     pub head_limit: u64,
-    /// One past the position of a FIN seen in order + 1 (0: none): TCP counts an accepted FIN
-    /// as one byte of `bytes_received`, which is not payload.
-    pub fin_end: u64,
+    /// The head's `Content-Length` (valid with `FRAMING_LENGTH`), and the value being read.
+    pub content_length: u64,
+    pub length_value: u64,
     /// Method bytes seen so far (they may come in earlier segments than the rest of the head).
     pub method: [u8; METHOD_MAX],
     /// `MODE_*`.
     pub mode: u8,
     pub method_len: u8,
-    pub _pad: [u8; 6],
+    /// Head scanner: where in a line it is (`LINE_*` in the kernel crate), how many bytes of a
+    /// field name matched, which names still match, `FRAMING_*` bits, and the digits of the
+    /// `Content-Length` value read (high bit: whitespace after them).
+    pub line: u8,
+    pub name_len: u8,
+    pub names: u8,
+    pub framing: u8,
+    pub digits: u8,
+    /// The current request's head events: 0 before the first, 1 while they go on, 2 after the last.
+    pub head_events: u8,
 }
 
 /// A connection record: the value of the `SOCKS` socket storage (live connections, read by the
@@ -296,10 +339,11 @@ impl Loss {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<ParseState>() == 88);
-const _: () = assert!(core::mem::size_of::<ConnStats>() == 120 + 88);
+const _: () = assert!(core::mem::size_of::<Frame>() == 96);
+const _: () = assert!(core::mem::size_of::<ParseState>() == 2 * 96 + 24);
+const _: () = assert!(core::mem::size_of::<ConnStats>() == 120 + 216);
 const _: () = assert!(core::mem::align_of::<ConnStats>() == 8);
-const _: () = assert!(core::mem::size_of::<ClosedConn>() == 8 + 120 + 88);
+const _: () = assert!(core::mem::size_of::<ClosedConn>() == 8 + 120 + 216);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 72 + HEAD_EVENT_MAX);
 const _: () = assert!(HEAD_EVENT_MAX.is_multiple_of(8) && HEAD_CHUNK.is_power_of_two());
 const _: () = assert!(METHOD_MAX.is_power_of_two() && METHOD_MAX <= 255);
@@ -310,6 +354,7 @@ mod user {
     // (the size assertions above pin that), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::ConnStats {}
     unsafe impl aya::Pod for super::ParseState {}
+    unsafe impl aya::Pod for super::Frame {}
     unsafe impl aya::Pod for super::ClosedConn {}
     unsafe impl aya::Pod for super::RequestEvent {}
 }
@@ -328,8 +373,10 @@ mod tests {
         assert_eq!(core::mem::offset_of!(ConnStats, events_out), 104);
         assert_eq!(core::mem::offset_of!(ConnStats, exchange_flags), 112);
         assert_eq!(core::mem::offset_of!(ConnStats, parse), 120);
-        assert_eq!(core::mem::offset_of!(ParseState, method), 64);
-        assert_eq!(core::mem::offset_of!(ParseState, mode), 80);
+        assert_eq!(core::mem::offset_of!(Frame, method), 72);
+        assert_eq!(core::mem::offset_of!(Frame, mode), 88);
+        assert_eq!(core::mem::offset_of!(ParseState, snap), 96);
+        assert_eq!(core::mem::offset_of!(ParseState, since_snap), 208);
         assert_eq!(core::mem::offset_of!(RequestEvent, head_offset), 56);
         assert_eq!(core::mem::offset_of!(RequestEvent, head_len), 64);
         assert_eq!(core::mem::offset_of!(RequestEvent, head_skip), 68);
@@ -363,18 +410,34 @@ mod tests {
                 exchange_flags: EXCHANGE_SSE,
                 _pad: 0,
                 parse: ParseState {
-                    turn_start: 11,
-                    req_begin: 12,
-                    cursor: 13,
-                    in_order_end: 14,
-                    head_from: 15,
-                    head_next: 16,
-                    head_limit: 17,
-                    fin_end: 18,
-                    method: *b"PROPFIND\0\0\0\0\0\0\0\0",
-                    mode: MODE_BODY | MODE_COUNTED,
-                    method_len: 8,
-                    _pad: [0; 6],
+                    live: Frame {
+                        turn_start: 11,
+                        req_begin: 12,
+                        cursor: 13,
+                        req_end: 14,
+                        head_from: 15,
+                        head_next: 16,
+                        head_limit: 17,
+                        content_length: 18,
+                        length_value: 19,
+                        method: *b"PROPFIND\0\0\0\0\0\0\0\0",
+                        mode: MODE_BODY | MODE_COUNTED,
+                        method_len: 8,
+                        line: 1,
+                        name_len: 2,
+                        names: 3,
+                        framing: FRAMING_LENGTH,
+                        digits: 4,
+                        head_events: 1,
+                    },
+                    snap: Frame {
+                        mode: MODE_SKIP,
+                        req_end: 20,
+                        ..Frame::default()
+                    },
+                    in_order_end: 21,
+                    fin_end: 22,
+                    since_snap: 23,
                 },
             },
         };

@@ -29,13 +29,13 @@ use core::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        __sk_buff, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE, seq_file,
     },
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_seq_write, bpf_sk_fullsock,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_loop, bpf_seq_write, bpf_sk_fullsock,
         bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skb_load_bytes, bpf_tcp_sock,
     },
     macros::{btf_map, cgroup_skb, map, sock_ops},
@@ -46,10 +46,11 @@ use aya_log_ebpf::warn;
 use sensor_common::{
     CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, CONFIG_SLOTS, ClosedConn, ConnStats,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES, EVENT_HEAD,
-    EVENT_REQUEST, EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, HEAD_BYTES_MAX, HEAD_CHUNK, HEAD_DONE,
-    HEAD_EVENT_MAX, HEAD_REWIND, HEAD_UNSEEN, LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss, METHOD_MAX,
-    MODE_ARMED, MODE_BODY, MODE_COUNTED, MODE_IDLE, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN,
-    ParseState, RequestEvent, SSE_SCAN_MAX,
+    EVENT_REQUEST, EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, FRAMING_LENGTH, FRAMING_UNKNOWN, Frame,
+    HEAD_BYTES_MAX, HEAD_CHUNK, HEAD_DONE, HEAD_EVENT_MAX, HEAD_REWIND, HEAD_UNSEEN,
+    LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss, METHOD_MAX, MODE_ARMED, MODE_BODY, MODE_COUNTED,
+    MODE_HEAD, MODE_IDLE, MODE_SKIP, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, RequestEvent,
+    SSE_SCAN_MAX,
 };
 
 /// cgroup_skb verdict that lets the packet through.
@@ -276,7 +277,7 @@ pub fn sensor_sockops(ctx: SockOpsContext) -> u32 {
 /// Runs when the server side reaches ESTABLISHED (tcp_init_transfer), before the payload of
 /// the handshake's final ACK, if any, is queued: rcv_nxt and snd_nxt are then ISN + 1 each way.
 /// Returns the port of a watched connection that found no room for its record.
-// A subprogram of its own: the record takes most of the stack the call chain may use.
+// A subprogram of its own, so its locals do not add to its caller's stack.
 #[inline(never)]
 fn open_connection(ctx: &SockOpsContext) -> Option<u16> {
     if !watched(ctx.local_port()) {
@@ -306,27 +307,26 @@ fn open_connection(ctx: &SockOpsContext) -> Option<u16> {
             )
         }
     };
+    let port = ctx.local_port() as u16;
+    // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The record is made zeroed where it lives and filled in place: it is larger than the
+    // 512 bytes of stack the whole call chain may use.
+    let stats = if map_path() {
+        new_in_map(cookie)
+    } else {
+        new_in_storage(ctx, cookie)
+    };
+    if stats.is_null() {
+        count_loss(Loss::ConnMapFull);
+        return Some(port);
+    }
     let now = now_ns();
-    // Built in place, field by field, in one zeroed stack copy: the record is over 200 bytes,
-    // and the whole call chain has 512 bytes of stack (older kernels count every frame).
-    let mut slot = core::mem::MaybeUninit::<ClosedConn>::uninit();
-    let record = slot.as_mut_ptr();
-    // SAFETY: record points at the stack slot; it is zeroed word by word first (volatile
-    // stores: a memset call would add a frame to the chain), and all-zero is a valid
-    // ClosedConn.
+    // SAFETY: stats points at the new, zeroed record (a live map value).
     unsafe {
-        let words = record.cast::<u64>();
-        let mut i = 0;
-        while i < core::mem::size_of::<ClosedConn>() / 8 {
-            core::ptr::write_volatile(words.add(i), 0);
-            i += 1;
-        }
-        // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
-        (*record).cookie = bpf_get_socket_cookie(ctx.as_ptr());
-        let stats = &raw mut (*record).stats;
         (*stats).local_addr = local_addr;
         (*stats).remote_addr = remote_addr;
-        (*stats).local_port = ctx.local_port() as u16;
+        (*stats).local_port = port;
         // remote_port holds the port in network order in its upper half on little endian
         // (sock_ops_convert_ctx_access shifts it); ntohl gives the host-order port.
         (*stats).remote_port = u32::from_be(ctx.remote_port()) as u16;
@@ -339,22 +339,31 @@ fn open_connection(ctx: &SockOpsContext) -> Option<u16> {
         (*stats).last_seen_ns = now;
         (*stats).in_seq_base = rcv_nxt;
         (*stats).out_seq_base = snd_nxt;
-        // The client's first bytes start the first turn.
-        (*stats).parse.mode = MODE_ARMED;
+        // The client's first bytes start the first request.
+        (*stats).parse.live.mode = MODE_ARMED;
     }
-    // SAFETY: every field is initialized (zero or written above).
-    let record = unsafe { slot.assume_init_mut() };
-    let recorded = if map_path() {
-        record_in_map(ctx, record)
-    } else {
-        record_in_storage(ctx, record)
-    };
-    if recorded {
+    if watch_close(ctx) {
         return None;
     }
+    if map_path() {
+        let _ = OPEN.remove(&cookie);
+    } else {
+        // SAFETY: context pointer; sk is the full socket new_in_storage found non-null.
+        let sk: *mut c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
+        if !sk.is_null() {
+            // SAFETY: a non-null full socket.
+            unsafe { bpf_sk_storage_delete(socks(), sk) };
+            release_live_slot();
+        }
+    }
     count_loss(Loss::ConnMapFull);
-    Some(record.stats.local_port)
+    Some(port)
 }
+
+/// An all-zero record, the initial value of a new `OPEN` entry (read-only data).
+static ZERO_STATS: [u64; core::mem::size_of::<ConnStats>() / 8] =
+    [0; core::mem::size_of::<ConnStats>() / 8];
+const _: () = assert!(core::mem::size_of::<ConnStats>() % 8 == 0);
 
 /// Logs a connection that found no room for its record (the log record is built on the
 /// stack).
@@ -366,54 +375,54 @@ fn no_room(ctx: &SockOpsContext, port: u16) {
     );
 }
 
-/// Map path: the live record goes into OPEN under the socket's cookie. False when
+/// Map path: a zeroed live record in OPEN under the socket's cookie; null when
 /// `max_connections` are live already.
 #[inline(always)]
-fn record_in_map(ctx: &SockOpsContext, record: &ClosedConn) -> bool {
+fn new_in_map(cookie: u64) -> *mut ConnStats {
+    // SAFETY: ZERO_STATS has ConnStats' size and 8-byte alignment, and all zero is a valid
+    // ConnStats.
+    let zero = unsafe { &*(&raw const ZERO_STATS).cast::<ConnStats>() };
     // NOEXIST: a cookie is never reused while the kernel runs, so an existing entry would be a
     // second callback for the same socket, whose counts must not restart.
-    if OPEN
-        .insert(&record.cookie, &record.stats, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        return false;
+    if OPEN.insert(&cookie, zero, u64::from(BPF_NOEXIST)).is_err() {
+        return core::ptr::null_mut();
     }
-    if watch_close(ctx) {
-        return true;
-    }
-    let _ = OPEN.remove(&record.cookie);
-    false
+    OPEN.get_ptr_mut(&cookie).unwrap_or(core::ptr::null_mut())
 }
 
-/// Iterator path: the live record goes into the socket's own storage. False when
-/// `max_connections` are live already or the kernel has no storage for it.
+/// Iterator path: a zeroed live record in the socket's own storage; null when
+/// `max_connections` are live already, the kernel has no storage for it, or the socket has a
+/// record already (a second callback, whose counts must not restart).
 #[inline(always)]
-fn record_in_storage(ctx: &SockOpsContext, record: &mut ClosedConn) -> bool {
+fn new_in_storage(ctx: &SockOpsContext, cookie: u64) -> *mut ConnStats {
     // SAFETY: context pointer; sk is the full socket (NULL otherwise).
     let sk: *mut c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
     if sk.is_null() || !take_live_slot() {
-        return false;
+        return core::ptr::null_mut();
     }
-    // SAFETY: sk is a non-null full socket; the initial value is a stack copy of the record.
-    let created = unsafe {
+    // SAFETY: sk is a non-null full socket; no initial value: the kernel zeroes new storage.
+    let record: *mut ClosedConn = unsafe {
         bpf_sk_storage_get(
             socks(),
             sk,
-            core::ptr::from_mut(record).cast(),
+            core::ptr::null_mut(),
             u64::from(BPF_SK_STORAGE_GET_F_CREATE),
         )
-    };
-    if created.is_null() {
+    }
+    .cast();
+    if record.is_null() {
         release_live_slot();
-        return false;
+        return core::ptr::null_mut();
     }
-    if watch_close(ctx) {
-        return true;
+    // SAFETY: record points into the socket's live storage.
+    unsafe {
+        if (*record).cookie != 0 {
+            release_live_slot();
+            return core::ptr::null_mut();
+        }
+        (*record).cookie = cookie;
+        &raw mut (*record).stats
     }
-    // SAFETY: as above.
-    unsafe { bpf_sk_storage_delete(socks(), sk) };
-    release_live_slot();
-    false
 }
 
 /// Asks for state callbacks on this socket only, to see it close.
@@ -912,12 +921,6 @@ unsafe fn advance(counter: *mut u64, seq_base: u32, segment: &Segment) -> bool {
     false
 }
 
-#[inline(always)]
-fn max3(a: i64, b: i64, c: i64) -> i64 {
-    let m = if a > b { a } else { b };
-    if m > c { m } else { c }
-}
-
 /// Where the client segment being handled lies in the client's stream, what TCP has accepted,
 /// and what the head functions pass each other. Kept in per-CPU map memory (ingress only) and
 /// read where needed instead of carried in registers: the verifier narrows a register's range
@@ -931,7 +934,9 @@ struct Pos {
     /// What TCP has accepted (`bytes_received`) before this segment.
     rcvd: i64,
     cookie: u64,
-    /// The parser's cursor before this segment was read.
+    /// Offset of the segment's payload in the packet.
+    payload: u64,
+    /// The parser's cursor when it began reading this segment.
     before: u64,
     /// `HEAD_*` flags for the next head event.
     flags: u64,
@@ -939,6 +944,12 @@ struct Pos {
     prefix: u64,
     /// `TURN_*`: what `parse_turn` decided.
     verdict: u64,
+    /// The head scanner's next index into `bytes`, and one past the head's last byte there
+    /// (0: the head does not end in them).
+    index: u64,
+    head_end: u64,
+    /// Bytes of the segment the head scanner reads.
+    bytes: [u64; SCAN_WORDS],
 }
 
 #[map]
@@ -996,6 +1007,7 @@ fn client_segment(
         put(&raw mut (*pos).end, end);
         put(&raw mut (*pos).rcvd, rcvd);
         put(&raw mut (*pos).cookie, cookie);
+        put(&raw mut (*pos).payload, segment.payload_offset as u64);
     }
     let p = &mut stats.parse;
     let frontier = if (p.in_order_end as i64) > rcvd {
@@ -1015,11 +1027,11 @@ fn client_segment(
     if end <= rcvd {
         return Ok(());
     }
-    let p = &stats.parse;
+    let f = &stats.parse.live;
     if stats.proto == PROTO_OTHER
-        && p.mode == MODE_BODY | MODE_COUNTED
-        && start < p.cursor as i64
-        && rcvd < p.cursor as i64
+        && f.mode == MODE_BODY | MODE_COUNTED
+        && start < f.cursor as i64
+        && rcvd < f.cursor as i64
     {
         // The connection was classified as non-HTTP from a copy of its first bytes that TCP
         // has not accepted; this segment carries them again: classify from it instead.
@@ -1029,29 +1041,136 @@ fn client_segment(
         other_turn(cookie, stats);
         return Ok(());
     }
-    http_turn(ctx, stats, segment, pos)
+    http_turn(ctx, stats, pos)
 }
 
 /// Non-HTTP protocols: the first client payload after server payload is a turn.
 fn other_turn(cookie: u64, stats: &mut ConnStats) {
-    let mode = stats.parse.mode;
+    let mode = stats.parse.live.mode;
     if mode & MODE_STATE == MODE_ARMED && mode & MODE_COUNTED == 0 {
-        stats.parse.mode = MODE_IDLE;
+        stats.parse.live.mode = MODE_IDLE;
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
         report_turn(cookie, stats, 0);
     }
 }
 
-/// HTTP/1.x (or not yet classified): parses the start of the client's turn, counts a request,
-/// and copies its head to the agent.
-#[inline(never)]
-fn http_turn(
-    ctx: &SkBuffContext,
-    stats: &mut ConnStats,
-    segment: &Segment,
+/// Most steps of the framing loop per segment (`bpf_loop`): each step reads a request start
+/// (up to 64 bytes of blank lines and method), up to 64 bytes of a head, or a body's bytes in
+/// the segment, so a buffer of 1 MiB of the smallest requests nginx answers (18 bytes each,
+/// two steps) is followed to its end: more than the largest GSO/GRO buffer (64 KiB, 512 KiB
+/// with BIG TCP). The loop's cost is what the segment holds, not this bound.
+const FRAME_STEPS: u32 = 1 << 17;
+
+/// What the framing loop's callback needs: `bpf_loop` passes it one pointer, to the caller's
+/// stack, where the packet context pointer keeps its type (a map could not hold it).
+#[repr(C)]
+struct StepArgs {
+    skb: *mut __sk_buff,
+    stats: *mut ConnStats,
     pos: *mut Pos,
-) -> Result<(), Unparsed> {
+}
+
+/// HTTP/1.x (or not yet classified): follows the client's bytes request by request. At a
+/// request start (the connection's first bytes, the first after the server's reply, or where
+/// the previous request's body ended) it reads the method and counts the request; then it
+/// reads the head to its end, finding `Content-Length` (and `Transfer-Encoding`), and copies
+/// the head to the agent; then it skips the body to where the next request starts, however
+/// many requests a segment holds and however they are split over segments. A request whose
+/// end it cannot know (a chunked body) ends its framing: the next request is found from
+/// turn-taking, as before pipelining was followed.
+#[inline(never)]
+fn http_turn(ctx: &SkBuffContext, stats: &mut ConnStats, pos: *mut Pos) -> Result<(), Unparsed> {
+    // SAFETY: this CPU's POS value.
+    let (start, rcvd) = unsafe {
+        put(&raw mut (*pos).flags, 0);
+        put(&raw mut (*pos).prefix, 0);
+        put(&raw mut (*pos).verdict, TURN_UNDECIDED);
+        (get(&raw const (*pos).start), get(&raw const (*pos).rcvd))
+    };
+    let p = &mut stats.parse;
+    let cursor = p.live.cursor as i64;
+    if cursor <= rcvd {
+        // TCP has accepted every byte the parser read: a point to come back to.
+        p.snap = p.live;
+        p.since_snap = 0;
+    } else if start < cursor {
+        // The parser read bytes TCP has not accepted, and this segment carries them again: TCP
+        // dropped the copy the parser read (corrupt, or forged with a bad ACK). Back to the
+        // last point where TCP had accepted all the parser read, if this segment reaches back
+        // to it; requests counted since then are taken back and read again from this copy.
+        if start <= p.snap.cursor as i64 {
+            p.live = p.snap;
+            let undo = p.since_snap;
+            p.since_snap = 0;
+            if undo > 0 {
+                // SAFETY: field of a live map value.
+                unsafe { atomic_add(&raw mut stats.requests, undo.wrapping_neg()) };
+            }
+            // SAFETY: this CPU's POS value.
+            unsafe { put(&raw mut (*pos).flags, u64::from(HEAD_REWIND)) };
+        } else {
+            // Both copies waited in TCP's backlog: the rest of this turn counts from
+            // turn-taking (the server's next reply starts the next one).
+            p.live.mode = MODE_IDLE;
+            return Ok(());
+        }
+    }
+    let f = &mut stats.parse.live;
+    if f.mode & MODE_STATE == MODE_BODY
+        && start >= f.cursor as i64
+        && start >= rcvd
+        && stats.proto == PROTO_HTTP1
+    {
+        // After an unframed body turn, a segment start may begin the next request (an early
+        // reply).
+        arm(f, start as u64);
+    }
+    // SAFETY: this CPU's POS value.
+    unsafe { put(&raw mut (*pos).before, f.cursor) };
+    let mut args = StepArgs {
+        skb: ctx.skb.skb,
+        stats: core::ptr::from_mut(stats),
+        pos,
+    };
+    // SAFETY: bpf_loop calls frame_step with a pointer to `args`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            FRAME_STEPS,
+            frame_step as *const () as *mut c_void,
+            (&raw mut args).cast(),
+            0,
+        )
+    };
+    // SAFETY: this CPU's POS value.
+    if unsafe { get(&raw const (*pos).verdict) } == TURN_UNPARSED {
+        return Err(Unparsed);
+    }
+    if stats.parse.live.mode & MODE_STATE == MODE_HEAD {
+        // The head goes on in the next segment: send what this one holds of it.
+        flush_head(ctx, stats, pos);
+    }
+    Ok(())
+}
+
+/// The framing loop's body: one step; 0 to go on, 1 to stop (`bpf_loop`).
+#[inline(never)]
+extern "C" fn frame_step(_index: u32, data: *mut c_void) -> i64 {
+    let args = data.cast::<StepArgs>();
+    // SAFETY: `data` is the StepArgs http_turn passed to bpf_loop.
+    let (skb, stats, pos) = unsafe { ((*args).skb, (*args).stats, (*args).pos) };
+    let ctx = SkBuffContext::new(skb);
+    // SAFETY: stats is the connection's live record, pos this CPU's POS value.
+    if frame_one(&ctx, unsafe { &mut *stats }, pos) {
+        0
+    } else {
+        1
+    }
+}
+
+/// One step of the framing loop; false when this segment has nothing more to give.
+#[inline(always)]
+fn frame_one(ctx: &SkBuffContext, stats: &mut ConnStats, pos: *mut Pos) -> bool {
     // SAFETY: this CPU's POS value.
     let (start, end, rcvd) = unsafe {
         (
@@ -1060,76 +1179,91 @@ fn http_turn(
             get(&raw const (*pos).rcvd),
         )
     };
-    let p = &mut stats.parse;
-    let counted = p.mode & MODE_COUNTED;
-    let mut state = p.mode & MODE_STATE;
-    let cursor = p.cursor as i64;
-    if state != MODE_IDLE && start < cursor && rcvd < cursor {
-        // The parser consumed bytes TCP has not accepted, and this segment carries them again.
-        let at = max3(start, rcvd, p.turn_start as i64) as u64;
-        p.cursor = at;
-        if at <= p.req_begin {
-            p.req_begin = at;
-            p.method_len = 0;
+    let f = &mut stats.parse.live;
+    let cursor = f.cursor as i64;
+    let state = f.mode & MODE_STATE;
+    if state == MODE_SKIP {
+        // A body: its bytes are not read, only counted off; body bytes TCP took out of order
+        // (never seen here) change nothing.
+        let cursor = if cursor < start && start <= rcvd {
+            start
         } else {
-            p.method_len = (at - p.req_begin) as u8;
+            cursor
+        };
+        if cursor < start || cursor >= end {
+            return false;
         }
-        state = MODE_ARMED;
-    } else if state == MODE_BODY && start >= cursor && start >= rcvd && stats.proto == PROTO_HTTP1 {
-        // After a body turn, a segment start may begin the next request (an early reply).
-        p.turn_start = start as u64;
-        p.req_begin = start as u64;
-        p.cursor = start as u64;
-        p.method_len = 0;
-        state = MODE_ARMED;
+        let req_end = f.req_end as i64;
+        if req_end <= end {
+            arm(f, req_end as u64);
+        } else {
+            f.cursor = end as u64;
+        }
+        return true;
     }
-    p.mode = state | counted;
-    let cursor = p.cursor as i64;
-    if state == MODE_ARMED && start <= cursor && cursor < end && cursor >= rcvd {
-        // SAFETY: this CPU's POS value.
-        unsafe { put(&raw mut (*pos).before, cursor as u64) };
-        match parse_turn(ctx, &mut stats.parse, segment, pos)? {
-            Turn::Undecided => {}
-            Turn::Request => {
-                stats.proto = PROTO_HTTP1;
-                let counted = stats.parse.mode & MODE_COUNTED != 0;
-                stats.parse.mode = MODE_IDLE;
-                let flags = if counted {
-                    // Read again after a dropped copy: the same turn, not a new request.
-                    HEAD_REWIND
-                } else {
+    if cursor < start || cursor >= end {
+        return false;
+    }
+    // Bytes TCP accepted that the parser never saw (they came out of order): what they held
+    // is unknown; the server's reply counts the turn.
+    if cursor < rcvd {
+        return false;
+    }
+    if state == MODE_ARMED {
+        return request_start(ctx, stats, pos);
+    }
+    if state == MODE_HEAD {
+        return head_bytes(ctx, stats, pos);
+    }
+    false
+}
+
+/// The next request starts at `at`.
+#[inline(always)]
+fn arm(f: &mut Frame, at: u64) {
+    f.turn_start = at;
+    f.req_begin = at;
+    f.cursor = at;
+    f.method_len = 0;
+    f.mode = MODE_ARMED;
+}
+
+/// A step at a request start: reads blank lines and the method.
+#[inline(never)]
+fn request_start(ctx: &SkBuffContext, stats: &mut ConnStats, pos: *mut Pos) -> bool {
+    match parse_turn(ctx, &mut stats.parse.live, pos) {
+        Ok(Turn::Undecided) => true,
+        Ok(Turn::Request) => {
+            stats.proto = PROTO_HTTP1;
+            if stats.parse.live.mode & MODE_COUNTED == 0 {
+                // SAFETY: field of a live map value.
+                unsafe { atomic_add(&raw mut stats.requests, 1) };
+                stats.parse.since_snap += 1;
+                stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
+            }
+            start_request(stats, pos);
+            true
+        }
+        Ok(Turn::NotRequest) => {
+            let counted = stats.parse.live.mode & MODE_COUNTED;
+            if stats.proto == PROTO_UNKNOWN {
+                stats.proto = PROTO_OTHER;
+                stats.parse.live.mode = MODE_BODY | MODE_COUNTED;
+                if counted == 0 {
                     // SAFETY: field of a live map value.
                     unsafe { atomic_add(&raw mut stats.requests, 1) };
-                    stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
-                    0
-                };
-                // SAFETY: this CPU's POS value.
-                unsafe { put(&raw mut (*pos).flags, u64::from(flags)) };
-                start_head(ctx, stats, segment, pos);
-                return Ok(());
-            }
-            Turn::NotRequest => {
-                let counted = stats.parse.mode & MODE_COUNTED;
-                if stats.proto == PROTO_UNKNOWN {
-                    stats.proto = PROTO_OTHER;
-                    stats.parse.mode = MODE_BODY | MODE_COUNTED;
-                    if counted == 0 {
-                        // SAFETY: field of a live map value.
-                        unsafe { atomic_add(&raw mut stats.requests, 1) };
-                        // SAFETY: this CPU's POS value.
-                        let cookie = unsafe { get(&raw const (*pos).cookie) };
-                        report_turn(cookie, stats, 0);
-                    }
-                    return Ok(());
+                    stats.parse.since_snap += 1;
+                    // SAFETY: this CPU's POS value.
+                    let cookie = unsafe { get(&raw const (*pos).cookie) };
+                    report_turn(cookie, stats, 0);
                 }
-                stats.parse.mode = MODE_BODY | counted;
+                return false;
             }
+            stats.parse.live.mode = MODE_BODY | counted;
+            false
         }
+        Err(Unparsed) => false,
     }
-    if stats.proto == PROTO_HTTP1 {
-        capture_head(ctx, stats, segment, pos);
-    }
-    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1139,9 +1273,8 @@ enum Turn {
     NotRequest,
 }
 
-/// Bytes the request-start parser reads per round, and rounds per segment: up to 64 bytes of
-/// blank lines before a request are skipped within one segment (any number across segments;
-/// more in one segment is counted from turn-taking, without a head).
+/// Bytes the request-start parser reads per round, and rounds per step (more blank lines take
+/// more steps of the framing loop).
 const PARSE_LOAD: usize = 16;
 const PARSE_ROUNDS: usize = 4;
 
@@ -1159,12 +1292,7 @@ fn method_byte(b: u8) -> bool {
 /// The parser state lives in the record, not in registers: the verifier then sees one state
 /// per loop position instead of one per partial match.
 #[inline(never)]
-fn parse_turn(
-    ctx: &SkBuffContext,
-    p: &mut ParseState,
-    segment: &Segment,
-    pos: *mut Pos,
-) -> Result<Turn, Unparsed> {
+fn parse_turn(ctx: &SkBuffContext, p: &mut Frame, pos: *mut Pos) -> Result<Turn, Unparsed> {
     let mut buf = [0u8; PARSE_LOAD];
     // The outcome is written to memory and read once at the end: one exit, so the verifier
     // joins the paths from every byte position instead of walking the caller once per exit.
@@ -1172,17 +1300,18 @@ fn parse_turn(
     unsafe { put(&raw mut (*pos).verdict, TURN_UNDECIDED) };
     'rounds: for _ in 0..PARSE_ROUNDS {
         // SAFETY: fields of live map values; volatile so each round reads what the last wrote.
-        let (cursor, start, end) = unsafe {
+        let (cursor, start, end, payload) = unsafe {
             (
                 core::ptr::read_volatile(&raw const p.cursor) as i64,
                 get(&raw const (*pos).start),
                 get(&raw const (*pos).end),
+                get(&raw const (*pos).payload),
             )
         };
         if cursor >= end || cursor < start {
             break;
         }
-        let offset = segment.payload_offset + (cursor - start) as usize;
+        let offset = payload as usize + (cursor - start) as usize;
         // SAFETY: buf has PARSE_LOAD bytes.
         let n = unsafe {
             load_into::<PARSE_LOAD>(
@@ -1253,13 +1382,21 @@ fn head_bytes_wanted() -> u64 {
     }
 }
 
-/// A request was counted: starts copying its head and sends the request event with the first
-/// bytes (the method bytes that came in earlier segments, then this segment's).
-#[inline(never)]
-fn start_head(ctx: &SkBuffContext, stats: &mut ConnStats, segment: &Segment, pos: *mut Pos) {
+/// `Frame::head_events`: the request event is still to be sent, the head's events go on, the
+/// last one was sent.
+const HEAD_EVENTS_FIRST: u8 = 0;
+const HEAD_EVENTS_OPEN: u8 = 1;
+const HEAD_EVENTS_DONE: u8 = 2;
+
+/// A request was counted: its head is read from here (the rest of the request line first) and
+/// copied from its first byte. The request event goes out once the head's end is found, or at
+/// the end of the segment, whichever comes first, so a head is not sent with the requests
+/// after it.
+#[inline(always)]
+fn start_request(stats: &mut ConnStats, pos: *mut Pos) {
     let wanted = head_bytes_wanted();
-    let p = &mut stats.parse;
-    let begin = p.req_begin;
+    let f = &mut stats.parse.live;
+    let begin = f.req_begin;
     // SAFETY: this CPU's POS value.
     let before = unsafe { get(&raw const (*pos).before) };
     // Method bytes from earlier segments (fewer than METHOD_MAX, or the parser would have
@@ -1269,103 +1406,359 @@ fn start_head(ctx: &SkBuffContext, stats: &mut ConnStats, segment: &Segment, pos
     } else {
         0
     };
-    p.head_from = begin;
-    p.head_next = begin + prefix;
-    p.head_limit = begin + wanted;
+    f.head_from = begin;
+    f.head_next = begin + prefix;
+    f.head_limit = begin + wanted;
+    f.head_events = HEAD_EVENTS_FIRST;
     // SAFETY: this CPU's POS value.
     unsafe { put(&raw mut (*pos).prefix, prefix) };
-    emit_head::<true>(ctx, stats, segment, pos);
+    f.mode = MODE_HEAD;
+    f.line = LINE_OTHER;
+    f.framing = 0;
+    f.content_length = 0;
+}
+
+/// Bytes of a segment the head scanner reads per step.
+const SCAN_BYTES: usize = 64;
+const SCAN_WORDS: usize = SCAN_BYTES / 8;
+
+/// `Frame::line`: the head scanner is at a line's first byte; after a CR there; in a field
+/// name that may still be `Content-Length` or `Transfer-Encoding`; in a `Content-Length`
+/// value; anywhere else in a line (the request line, other fields).
+const LINE_START: u8 = 0;
+const LINE_CR: u8 = 1;
+const LINE_NAME: u8 = 2;
+const LINE_LENGTH: u8 = 3;
+const LINE_OTHER: u8 = 4;
+/// `Frame::names`: which field names still match.
+const NAME_LENGTH: u8 = 1;
+const NAME_TRANSFER: u8 = 2;
+/// The field names the scanner follows, lower case with their colon (nginx compares names
+/// without case; a name with anything before its colon is another field, which nginx ignores).
+const LENGTH_FIELD: &[u8] = b"content-length:";
+const TRANSFER_FIELD: &[u8] = b"transfer-encoding:";
+/// The same names padded to 32 bytes, read at any index below 32 without a bounds check the
+/// compiler could move away from the read (older verifiers, 6.1, do not see a bound that was
+/// checked on a copy of the index).
+static LENGTH_NAME: [u8; 32] = padded(LENGTH_FIELD);
+static TRANSFER_NAME: [u8; 32] = padded(TRANSFER_FIELD);
+
+const fn padded(name: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < name.len() {
+        out[i] = name[i];
+        i += 1;
+    }
+    out
+}
+/// Most digits of a `Content-Length` followed (nginx refuses values past 2^63).
+const LENGTH_DIGITS: u8 = 18;
+
+/// A step inside a head: reads up to `SCAN_BYTES` of it, and at its end decides where the
+/// request ends.
+#[inline(never)]
+fn head_bytes(ctx: &SkBuffContext, stats: &mut ConnStats, pos: *mut Pos) -> bool {
     // SAFETY: this CPU's POS value.
-    unsafe { put(&raw mut (*pos).flags, 0) };
-    for _ in 1..CHUNKS_PER_SEGMENT {
-        if !emit_head::<false>(ctx, stats, segment, pos) {
+    let (start, end, payload) = unsafe {
+        (
+            get(&raw const (*pos).start),
+            get(&raw const (*pos).end),
+            get(&raw const (*pos).payload),
+        )
+    };
+    let cursor = stats.parse.live.cursor as i64;
+    // SAFETY: this CPU's POS value; `bytes` holds SCAN_BYTES.
+    let n = unsafe {
+        load_into::<SCAN_BYTES>(
+            ctx,
+            payload as usize + (cursor - start) as usize,
+            (&raw mut (*pos).bytes).cast(),
+            SCAN_BYTES,
+            (end - cursor) as u32,
+        )
+    };
+    if n == 0 {
+        // SAFETY: this CPU's POS value.
+        unsafe { put(&raw mut (*pos).verdict, TURN_UNPARSED) };
+        return false;
+    }
+    // One bit per byte read that is a line feed: the scanner jumps from a line's interesting
+    // start to its end without looking at the bytes between.
+    let mut lf = 0u64;
+    let mut w = 0;
+    while w < SCAN_WORDS {
+        // SAFETY: w < SCAN_WORDS.
+        let word = unsafe { get((&raw const (*pos).bytes).cast::<u64>().add(w)) };
+        let high = zero_bytes(word ^ (ONES * u64::from(b'\n')));
+        // Byte j's high bit to bit j (no two products overlap, so nothing carries).
+        let bits = (((high >> 7) & ONES).wrapping_mul(0x0102_0408_1020_4080)) >> 56;
+        lf |= bits << (8 * w);
+        w += 1;
+    }
+    if n < SCAN_BYTES {
+        lf &= (1u64 << n) - 1;
+    }
+    // SAFETY: this CPU's POS value.
+    unsafe {
+        put(&raw mut (*pos).index, 0);
+        put(&raw mut (*pos).head_end, 0);
+    }
+    scan_head(&mut stats.parse.live, pos, n as u64, lf);
+    // SAFETY: this CPU's POS value.
+    let (index, head_end) = unsafe {
+        (
+            get(&raw const (*pos).index),
+            get(&raw const (*pos).head_end),
+        )
+    };
+    let f = &mut stats.parse.live;
+    if head_end == 0 {
+        f.cursor = cursor as u64 + index;
+        return true;
+    }
+    let head_end = cursor as u64 + head_end;
+    f.cursor = head_end;
+    if head_end < f.head_limit {
+        f.head_limit = head_end;
+    }
+    flush_head(ctx, stats, pos);
+    let f = &mut stats.parse.live;
+    if f.head_events == HEAD_EVENTS_OPEN {
+        f.head_limit = f.head_next;
+        f.head_events = HEAD_EVENTS_DONE;
+        // SAFETY: this CPU's POS value.
+        let cookie = unsafe { get(&raw const (*pos).cookie) };
+        report_head_done(cookie, stats);
+    }
+    let f = &mut stats.parse.live;
+    if f.framing & FRAMING_UNKNOWN != 0 {
+        // Where this request ends is not followed (chunked): the next one is found from
+        // turn-taking.
+        f.mode = MODE_IDLE;
+        return false;
+    }
+    let length = if f.framing & FRAMING_LENGTH != 0 {
+        f.content_length
+    } else {
+        0
+    };
+    if length == 0 {
+        arm(f, head_end);
+    } else {
+        f.req_end = head_end + length;
+        f.mode = MODE_SKIP;
+    }
+    true
+}
+
+/// `x`, read back from a stack copy with a volatile load: the compiler cannot assume anything
+/// about the value (its range, or a comparison made before), so a mask or bound applied to it
+/// is kept for the verifier. To the verifier it is the same scalar (8-byte spill and fill).
+#[inline(always)]
+fn opaque(x: u64) -> u64 {
+    // SAFETY: a local.
+    unsafe { core::ptr::read_volatile(&x) }
+}
+
+/// The lowest set bit's index of `x` (not 0), without branches.
+#[inline(always)]
+fn lowest_bit(x: u64) -> u64 {
+    let mut v = (x & x.wrapping_neg()).wrapping_sub(1);
+    v -= (v >> 1) & 0x5555_5555_5555_5555;
+    v = (v & 0x3333_3333_3333_3333) + ((v >> 2) & 0x3333_3333_3333_3333);
+    v = (v + (v >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    v.wrapping_mul(ONES) >> 56
+}
+
+/// Reads head bytes `index..n` of `Pos::bytes` (line feeds marked in `lf`): follows lines,
+/// matches field names, reads `Content-Length` values, and stops just past the blank line that
+/// ends the head (`Pos::head_end`). Lines end at LF (nginx also takes a bare LF). The state is
+/// in memory (see `parse_turn`).
+#[inline(never)]
+fn scan_head(f: &mut Frame, pos: *mut Pos, n: u64, lf: u64) {
+    // SAFETY: this CPU's POS value.
+    let bytes = unsafe { (&raw const (*pos).bytes).cast::<u8>() };
+    for _ in 0..SCAN_BYTES {
+        // SAFETY: this CPU's POS value; fields of a live map value.
+        let (i, line) = unsafe {
+            (
+                get(&raw const (*pos).index),
+                core::ptr::read_volatile(&raw const f.line),
+            )
+        };
+        if i >= n {
             break;
         }
+        // The mask is what bounds the read of `bytes` below for the verifier. The compiler
+        // knows `i < n <= SCAN_BYTES` and drops a mask of `i` itself as redundant, leaving
+        // the bound to that comparison: older verifiers (6.1) learn nothing about either
+        // register from a comparison of two non-constant registers, and refused the
+        // unbounded index ("math between map_value pointer and register with unbounded min
+        // value"). The mask applies to a copy the compiler knows nothing about.
+        let i = opaque(i) & (SCAN_BYTES as u64 - 1);
+        if line == LINE_OTHER {
+            // To the line's end in one move.
+            let rest = lf >> i;
+            if rest == 0 {
+                // SAFETY: as above.
+                unsafe { put(&raw mut (*pos).index, n) };
+                break;
+            }
+            // SAFETY: as above.
+            unsafe { put(&raw mut (*pos).index, i + lowest_bit(rest) + 1) };
+            f.line = LINE_START;
+            continue;
+        }
+        // SAFETY: i < SCAN_BYTES, the size of `bytes`.
+        let b = unsafe { *bytes.add(i as usize) };
+        // SAFETY: as above.
+        unsafe { put(&raw mut (*pos).index, i + 1) };
+        if b == b'\n' {
+            if line == LINE_START || line == LINE_CR {
+                // SAFETY: as above.
+                unsafe { put(&raw mut (*pos).head_end, i + 1) };
+                break;
+            }
+            if line == LINE_LENGTH {
+                end_length(f);
+            }
+            f.line = LINE_START;
+            continue;
+        }
+        if line == LINE_CR {
+            // A CR not followed by LF where a line starts: nginx refuses the request (and
+            // closes the connection); nothing to follow.
+            f.framing |= FRAMING_UNKNOWN;
+            f.line = LINE_OTHER;
+            continue;
+        }
+        if line == LINE_LENGTH {
+            length_byte(f, b);
+            continue;
+        }
+        if line == LINE_START {
+            if b == b'\r' {
+                f.line = LINE_CR;
+                continue;
+            }
+            f.name_len = 0;
+            f.names = NAME_LENGTH | NAME_TRANSFER;
+        }
+        name_byte(f, b);
     }
+}
+
+/// One byte of a field name.
+#[inline(always)]
+fn name_byte(f: &mut Frame, b: u8) {
+    let lower = if b.is_ascii_uppercase() { b | 0x20 } else { b };
+    let k = usize::from(f.name_len) & 31;
+    // Both reads before any comparison of `k` (see `LENGTH_NAME`).
+    // SAFETY: k < 32, the arrays' size.
+    let (length, transfer) = unsafe {
+        (
+            core::ptr::read_volatile((&raw const LENGTH_NAME).cast::<u8>().add(k)),
+            core::ptr::read_volatile((&raw const TRANSFER_NAME).cast::<u8>().add(k)),
+        )
+    };
+    let mut names = f.names;
+    if k >= LENGTH_FIELD.len() || length != lower {
+        names &= !NAME_LENGTH;
+    }
+    if k >= TRANSFER_FIELD.len() || transfer != lower {
+        names &= !NAME_TRANSFER;
+    }
+    f.names = names;
+    f.name_len = (k + 1) as u8;
+    f.line = if names == 0 {
+        LINE_OTHER
+    } else if names & NAME_LENGTH != 0 && k + 1 == LENGTH_FIELD.len() {
+        f.digits = 0;
+        f.length_value = 0;
+        LINE_LENGTH
+    } else if names & NAME_TRANSFER != 0 && k + 1 == TRANSFER_FIELD.len() {
+        // Any transfer coding (chunked, or one nginx refuses): the body's end is not followed.
+        f.framing |= FRAMING_UNKNOWN;
+        LINE_OTHER
+    } else {
+        LINE_NAME
+    };
+}
+
+/// One byte of a `Content-Length` value: digits between optional spaces or tabs; anything
+/// else (which nginx refuses, closing the connection) leaves the framing unknown.
+#[inline(always)]
+fn length_byte(f: &mut Frame, b: u8) {
+    if b == b' ' || b == b'\t' || b == b'\r' {
+        if f.digits != 0 {
+            f.digits |= 0x80;
+        }
+        return;
+    }
+    if b.is_ascii_digit() && f.digits < LENGTH_DIGITS {
+        f.length_value = f.length_value * 10 + u64::from(b - b'0');
+        f.digits += 1;
+        return;
+    }
+    f.framing |= FRAMING_UNKNOWN;
+    f.line = LINE_OTHER;
+}
+
+/// The end of a `Content-Length` line: the value counts if it had digits and agrees with any
+/// earlier one (nginx refuses a second `Content-Length`).
+#[inline(always)]
+fn end_length(f: &mut Frame) {
+    if f.digits & 0x7f == 0
+        || (f.framing & FRAMING_LENGTH != 0 && f.content_length != f.length_value)
+    {
+        f.framing |= FRAMING_UNKNOWN;
+        return;
+    }
+    f.content_length = f.length_value;
+    f.framing |= FRAMING_LENGTH;
 }
 
 /// Head chunks one segment can carry (a GSO/GRO buffer holds up to 64 KiB).
 const CHUNKS_PER_SEGMENT: usize = (HEAD_BYTES_MAX as usize).div_ceil(HEAD_CHUNK);
 
-/// Copies more of the current request's head from a client segment TCP will take next.
+/// Sends the current request's head bytes this segment holds (up to where the copy stops):
+/// the request event first if it has not gone out yet.
 #[inline(never)]
-fn capture_head(ctx: &SkBuffContext, stats: &mut ConnStats, segment: &Segment, pos: *mut Pos) {
-    // SAFETY: this CPU's POS value.
-    let (start, end, rcvd) = unsafe {
-        (
-            get(&raw const (*pos).start),
-            get(&raw const (*pos).end),
-            get(&raw const (*pos).rcvd),
-        )
-    };
-    let p = &mut stats.parse;
-    let next = p.head_next as i64;
-    let mut flags = 0;
-    if (p.head_from as i64) < next && start < next && rcvd < next {
-        // Head bytes were copied from a segment TCP has not accepted, and this one carries
-        // them again: the agent replaces them with this copy.
-        let at = max3(start, rcvd, p.head_from as i64);
-        if at >= end {
-            return;
-        }
-        p.head_next = at as u64;
-        p.head_limit = p.head_from + head_bytes_wanted();
-        flags = HEAD_REWIND;
-    }
-    let next = p.head_next as i64;
-    if next >= p.head_limit as i64 {
-        return;
-    }
-    if next < rcvd {
-        // TCP accepted head bytes that never passed here in order (they came out of order
-        // and a retransmission filled the gap before them): the head stops where it is.
-        p.head_limit = p.head_next;
-        // SAFETY: this CPU's POS value.
-        let cookie = unsafe { get(&raw const (*pos).cookie) };
-        report_head_done(cookie, stats);
-        return;
-    }
-    // SAFETY: this CPU's POS value.
-    unsafe {
-        put(&raw mut (*pos).flags, u64::from(flags));
-        put(&raw mut (*pos).prefix, 0);
+fn flush_head(ctx: &SkBuffContext, stats: &mut ConnStats, pos: *mut Pos) {
+    if stats.parse.live.head_events == HEAD_EVENTS_FIRST {
+        emit_head::<true>(ctx, stats, pos);
     }
     for _ in 0..CHUNKS_PER_SEGMENT {
-        if !emit_head::<false>(ctx, stats, segment, pos) {
+        if !emit_head::<false>(ctx, stats, pos) {
             break;
         }
-        // SAFETY: this CPU's POS value.
-        unsafe { put(&raw mut (*pos).flags, 0) };
     }
 }
 
-/// Sends the next chunk of the current head from `segment` (if it holds the byte at
+/// Sends the next chunk of the current head from the segment (if it holds the byte at
 /// `head_next`), advancing `head_next`; false when there is nothing more to send from it. The
 /// first chunk of a request (`FIRST`, a request event) also carries the method bytes from
-/// earlier segments, and is searched for the blank line ending the head, so that a head in one
-/// segment is sent without its body.
+/// earlier segments, and goes out even without head bytes (identity off).
 #[inline(never)]
-fn emit_head<const FIRST: bool>(
-    ctx: &SkBuffContext,
-    stats: &mut ConnStats,
-    segment: &Segment,
-    pos: *const Pos,
-) -> bool {
+fn emit_head<const FIRST: bool>(ctx: &SkBuffContext, stats: &mut ConnStats, pos: *mut Pos) -> bool {
     // SAFETY: this CPU's POS value.
-    let (start, end, cookie, flags, prefix) = unsafe {
+    let (start, end, cookie, flags, prefix, payload) = unsafe {
         (
             get(&raw const (*pos).start),
             get(&raw const (*pos).end),
             get(&raw const (*pos).cookie),
             get(&raw const (*pos).flags) as u8,
             get(&raw const (*pos).prefix) as usize & (METHOD_MAX - 1),
+            get(&raw const (*pos).payload),
         )
     };
     let prefix = if FIRST { prefix } else { 0 };
-    let p = &mut stats.parse;
+    let p = &mut stats.parse.live;
     let next = p.head_next as i64;
     let limit = p.head_limit as i64;
-    if !FIRST && (next >= limit || next < start || next >= end) {
+    if !FIRST && (p.head_events != HEAD_EVENTS_OPEN || next >= limit || next < start || next >= end)
+    {
         return false;
     }
     let Some(ev) = REQUEST_SCRATCH.get_ptr_mut(0) else {
@@ -1398,7 +1791,7 @@ fn emit_head<const FIRST: bool>(
         let copied = if available > 0 {
             load_into::<HEAD_CHUNK>(
                 ctx,
-                segment.payload_offset + (next - start) as usize,
+                payload as usize + (next - start) as usize,
                 head.add(prefix),
                 HEAD_CHUNK,
                 available,
@@ -1406,25 +1799,15 @@ fn emit_head<const FIRST: bool>(
         } else {
             0
         };
-        let mut len = prefix + copied;
+        let len = prefix + copied;
         (*ev).head_offset = p.head_next - prefix as u64;
-        let mut done = false;
-        if FIRST && p.head_limit > p.head_from {
-            // The first chunk: cut it where the head ends. The length goes in and the
-            // position comes back through memory (see `Pos`).
-            core::ptr::write_volatile(&raw mut (*ev).head_len, len as u16);
-            find_head_end(head, &raw mut (*ev).head_len);
-            let found = usize::from(core::ptr::read_volatile(&raw const (*ev).head_len));
-            if found > 0 && found <= len {
-                len = found;
-                done = true;
-            }
-        }
         p.head_next = (*ev).head_offset + len as u64;
-        if done || p.head_next >= p.head_limit {
-            p.head_limit = p.head_next;
-            done = true;
-        }
+        let done = p.head_next >= p.head_limit;
+        p.head_events = if done {
+            HEAD_EVENTS_DONE
+        } else {
+            HEAD_EVENTS_OPEN
+        };
         (*ev).flags = flags | if done { HEAD_DONE } else { 0 };
         (*ev).head_len = len as u16;
         // Read back from memory and bounded here, where the verifier sees it: the compiler
@@ -1432,6 +1815,11 @@ fn emit_head<const FIRST: bool>(
         // do not track, and would drop a bound on the value it computed.
         usize::from(core::ptr::read_volatile(&raw const (*ev).head_len))
     };
+    // SAFETY: this CPU's POS value: later events are neither rewinds nor first.
+    unsafe {
+        put(&raw mut (*pos).flags, 0);
+        put(&raw mut (*pos).prefix, 0);
+    }
     let len = if len > HEAD_EVENT_MAX {
         HEAD_EVENT_MAX
     } else {
@@ -1443,7 +1831,8 @@ fn emit_head<const FIRST: bool>(
     if REQUESTS.output::<[u8]>(record, 0).is_err() {
         count_loss(Loss::RequestEventsDropped);
     }
-    !FIRST && p.head_next < p.head_limit
+    let p = &stats.parse.live;
+    p.head_events == HEAD_EVENTS_OPEN && (p.head_next as i64) < stop
 }
 
 /// Copies up to `cap` payload bytes at `offset` into `dst`, at most `available`; returns the
@@ -1475,9 +1864,9 @@ unsafe fn load_into<const BUF: usize>(
     if ret == 0 { n } else { 0 }
 }
 
-/// The fixed part of a `RequestEvent`, built on the stack for events without head bytes
-/// (egress may run in process context, where an ingress softirq could reuse the per-CPU
-/// scratch event).
+/// The fixed part of a `RequestEvent`, for events without head bytes: built on the stack or in
+/// the ring buffer, not in the per-CPU scratch event (egress may run in process context, where
+/// an ingress softirq could reuse it).
 #[repr(C)]
 struct TurnEvent {
     cookie: u64,
@@ -1507,11 +1896,11 @@ fn report_turn(cookie: u64, stats: &ConnStats, flags: u8) {
         cookie,
         ts_ns: stats.last_seen_ns,
         remote_addr: stats.remote_addr,
-        bytes_in_start: stats.parse.turn_start,
+        bytes_in_start: stats.parse.live.turn_start,
         // SAFETY: field of a live map value.
         bytes_out_start: unsafe { read_shared(&raw const stats.bytes_out) },
         events_out_start: stats.events_out,
-        head_offset: stats.parse.turn_start,
+        head_offset: stats.parse.live.turn_start,
         head_len: 0,
         kind: EVENT_REQUEST,
         flags: flags | HEAD_DONE,
@@ -1524,59 +1913,86 @@ fn report_turn(cookie: u64, stats: &ConnStats, flags: u8) {
 }
 
 /// Tells the agent that no more head bytes of the current request will come.
+///
+/// The event is written where it lives in the ring buffer, not built on the stack: `head_bytes`
+/// (one caller; this is inlined there) is the fifth frame of the packet program's deepest call chain
+/// (`sensor_ingress`, `client_segment`, `http_turn`, the `bpf_loop` callback `frame_step`,
+/// `head_bytes`, then `flush_head` and `emit_head`), and the verifier adds the frames of that
+/// chain, each rounded up to 32 bytes, against the 512 bytes of BPF stack. 6.1 counts the
+/// callback as called from the frame that passes it to `bpf_loop`; with the 80-byte event on
+/// its stack `head_bytes` took 144 bytes and the chain 576 (6.1 stopped at the shorter branch
+/// to `scan_head`: "combined stack size of 6 calls is 544. Too large"). Without it the chain
+/// takes 128 + 96 + 32 + 32 + 96 + 32 + 96 = 512 bytes, the whole budget: a frame on it that
+/// grows past its 32-byte step is refused there (the kernels test loads the program on 6.1).
 fn report_head_done(cookie: u64, stats: &ConnStats) {
-    let ev = TurnEvent {
-        cookie,
-        ts_ns: stats.last_seen_ns,
-        remote_addr: stats.remote_addr,
-        bytes_in_start: stats.parse.turn_start,
-        bytes_out_start: 0,
-        events_out_start: 0,
-        head_offset: stats.parse.head_next,
-        head_len: 0,
-        kind: EVENT_HEAD,
-        flags: HEAD_DONE,
-        head_skip: 0,
-        _pad: [0; 3],
-    };
-    if REQUESTS.output::<TurnEvent>(&ev, 0).is_err() {
+    let Some(mut entry) = REQUESTS.reserve::<TurnEvent>(0) else {
         count_loss(Loss::RequestEventsDropped);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: the reserved entry holds a TurnEvent; every field is written before the submit.
+    unsafe {
+        (*ev).cookie = cookie;
+        (*ev).ts_ns = stats.last_seen_ns;
+        (*ev).remote_addr = stats.remote_addr;
+        (*ev).bytes_in_start = stats.parse.live.turn_start;
+        (*ev).bytes_out_start = 0;
+        (*ev).events_out_start = 0;
+        (*ev).head_offset = stats.parse.live.head_next;
+        (*ev).head_len = 0;
+        (*ev).kind = EVENT_HEAD;
+        (*ev).flags = HEAD_DONE;
+        (*ev).head_skip = 0;
+        (*ev)._pad = [0; 3];
     }
+    entry.submit(0);
 }
 
-/// New server data: the client's next bytes start a new turn.
+/// New server data.
 ///
-/// If the parser never saw the bytes TCP accepted for the turn that just ended (the request
-/// came in the packet that completed the handshake, before the record existed; or after a
-/// gap, or behind more blank lines than one segment's scan), the server answering shows the
-/// turn happened: it is counted from turn-taking, without a head.
+/// While the client's requests are framed (the parser is at a request start, in a head, or in
+/// a body of known length), a reply changes nothing: the requests the client sent before it
+/// (pipelined) are already followed. Otherwise the client's next bytes start a new turn.
+///
+/// If the parser never saw bytes TCP accepted where a request starts (the request came in the
+/// packet that completed the handshake, before the record existed; or after a gap filled out
+/// of order), the server answering shows a request came: it is counted from turn-taking,
+/// without a head.
 // A subprogram of its own: its branches join before the SSE scan, which the verifier then
 // walks once instead of once per branch taken here.
 #[inline(never)]
 fn server_replied(cookie: u64, stats: &mut ConnStats, rcvd: u64) {
-    let state = stats.parse.mode & MODE_STATE;
-    let counted = stats.parse.mode & MODE_COUNTED != 0;
-    let stale = stats.parse.cursor < rcvd;
-    if state == MODE_ARMED && stale && !counted {
+    let at = payload_received(stats, rcvd);
+    let f = &mut stats.parse.live;
+    let state = f.mode & MODE_STATE;
+    let counted = f.mode & MODE_COUNTED != 0;
+    // What TCP accepted beyond the parser's position (`at` leaves out the byte TCP counts for
+    // a FIN: a client that half-closes after pipelined requests is answered after its FIN).
+    let stale = if state == MODE_SKIP {
+        at > f.req_end
+    } else {
+        f.cursor < at
+    };
+    if stale && !counted && (state == MODE_ARMED || state == MODE_SKIP) {
+        if state == MODE_SKIP {
+            f.turn_start = f.req_end;
+        }
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
         report_turn(cookie, stats, HEAD_UNSEEN);
         stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
     }
-    if state != MODE_ARMED || stale {
-        let at = payload_received(stats, rcvd);
-        let p = &mut stats.parse;
-        p.turn_start = at;
-        p.req_begin = at;
-        p.cursor = at;
-        p.method_len = 0;
-        p.mode = MODE_ARMED;
+    let f = &mut stats.parse.live;
+    let framed = state == MODE_ARMED || state == MODE_HEAD || state == MODE_SKIP;
+    if framed && !stale {
+        return;
     }
-    let p = &mut stats.parse;
-    if p.head_next < p.head_limit {
+    arm(f, at);
+    if f.head_events == HEAD_EVENTS_OPEN {
         // The server answers once it has the whole head: whatever was not copied by now
         // will not be.
-        p.head_limit = p.head_next;
+        f.head_limit = f.head_next;
+        f.head_events = HEAD_EVENTS_DONE;
         report_head_done(cookie, stats);
     }
 }
@@ -1584,63 +2000,11 @@ fn server_replied(cookie: u64, stats: &mut ConnStats, rcvd: u64) {
 /// Offset of `RequestEvent::head`: the fixed part of a request record.
 const HEAD_OFFSET: usize = core::mem::offset_of!(RequestEvent, head);
 
-/// Bytes of a request's first chunk searched for the blank line that ends the head.
-const HEAD_SCAN_MAX: usize = 1024;
-const _: () = assert!(HEAD_SCAN_MAX <= HEAD_EVENT_MAX && HEAD_SCAN_MAX % 8 == 0);
-
 /// High bit of each byte of `x` that is zero, exactly (no false positives above a zero byte).
 #[inline(always)]
 fn zero_bytes(x: u64) -> u64 {
     const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7)
-}
-
-/// Writes to `*found` where the head in the first `*found` bytes at `base` ends (just past the LF
-/// of its blank line: `\n\r\n` or `\n\n`), 0 when it does not end within them (or within
-/// `HEAD_SCAN_MAX`).
-///
-/// Eight bytes at a time: a mask of LF and CR bytes per word, shifted by one and two bytes
-/// (carrying the previous word's top bytes) to find an LF preceded by LF, or by CR and LF.
-///
-/// SAFETY: `base` points at `HEAD_SCAN_MAX` readable bytes, `found` into writable map memory.
-#[inline(never)]
-unsafe fn find_head_end(base: *const u8, found: *mut u16) {
-    const WORDS: usize = HEAD_SCAN_MAX / 8;
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    // SAFETY: per the contract; the caller put the length there.
-    let n = usize::from(unsafe { core::ptr::read_volatile(found) });
-    // SAFETY: per the contract.
-    unsafe { core::ptr::write_volatile(found, 0) };
-    let mut prev_lf = 0u64;
-    let mut prev_cr = 0u64;
-    let mut w = 0;
-    while w < WORDS && w * 8 < n {
-        // SAFETY: w * 8 + 8 <= HEAD_SCAN_MAX <= the event's head array; 8-byte aligned.
-        let word = unsafe { core::ptr::read_volatile(base.add(w * 8).cast::<u64>()) };
-        let lf = zero_bytes(word ^ (ONES * u64::from(b'\n')));
-        let cr = zero_bytes(word ^ (ONES * u64::from(b'\r')));
-        let lf1 = (lf << 8) | (prev_lf >> 56);
-        let cr1 = (cr << 8) | (prev_cr >> 56);
-        let lf2 = (lf << 16) | (prev_lf >> 48);
-        let ends = lf & (lf1 | (cr1 & lf2));
-        if ends != 0 {
-            // The lowest set bit: a byte position, found without branches (popcount of the
-            // bits below it, in SWAR arithmetic), so that all paths join again.
-            let below = (ends & ends.wrapping_neg()).wrapping_sub(1);
-            let bytes = (below >> 7) & 0x0101_0101_0101_0101;
-            let k = (bytes.wrapping_mul(0x0101_0101_0101_0101) >> 56) as usize;
-            let at = w * 8 + k + 1;
-            // Bytes past n are stale: a match there is no match.
-            if at <= n {
-                // SAFETY: per the contract.
-                unsafe { core::ptr::write_volatile(found, at as u16) };
-            }
-            return;
-        }
-        prev_lf = lf;
-        prev_cr = cr;
-        w += 1;
-    }
 }
 
 /// Counts server-sent events in a new reply segment of an HTTP/1.x connection.

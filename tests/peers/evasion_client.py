@@ -1,15 +1,19 @@
 """An adversarial HTTP/1.1 client: what a client trying to go uncounted or unidentified can do
 with an ordinary socket, and with a raw one.
 
-Usage: evasion_client.py SPEC_JSON
+Usage: evasion_client.py SPEC_JSON | @SPEC_FILE
 
 SPEC: {"host": "127.0.0.1" or "::1", "port": N, "hold": bool, "dstopts": bool,
        "requests": [REQUEST, ...]}
   dstopts: every packet the client sends carries an IPv6 destination-options header.
-REQUEST: {"pieces": [TEXT, ...], "forge": FORGE?}
+REQUEST: {"pieces": [TEXT, ...], "forge": FORGE?, "answers": N?, "continue_after": K?,
+          "times": T?}
   pieces are sent one write each on a TCP_NODELAY socket, each after the previous one has left
   (the socket's send queue is empty and a moment has passed), so every piece is its own TCP
-  segment; TEXT is latin-1 (bytes 0-255). The response is read in full (Content-Length).
+  segment; TEXT is latin-1 (bytes 0-255). Then N responses (default 1: pieces holding several
+  requests are pipelined) are read in full (Content-Length). With continue_after, the client
+  reads the server's interim `100 Continue` after the first K pieces before it sends the rest
+  (`Expect: 100-continue`). With times, each piece is its text T times over (one write).
 FORGE: {"seq_offset": N, "ack_offset": N, "payload": TEXT}
   before the request, a segment is injected through a raw socket on the connection's 4-tuple:
   sequence number = the client's next one + seq_offset, acknowledgment = the server's next one
@@ -88,6 +92,19 @@ def send_piece(sock, data):
     sock.sendall(data)
 
 
+def read_interim(sock, buf):
+    """Reads one interim (1xx) response head; returns (bytes read for it, rest)."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SystemExit("connection closed before the interim response")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 100"):
+        raise SystemExit("expected 100 Continue, got %r" % head[:40])
+    return len(head) + 4, rest
+
+
 def read_response(sock, buf):
     """Reads one response with a Content-Length body; returns (bytes read for it, rest)."""
     while b"\r\n\r\n" not in buf:
@@ -111,7 +128,11 @@ def read_response(sock, buf):
 
 
 def main():
-    spec = json.loads(sys.argv[1])
+    arg = sys.argv[1]
+    if arg.startswith("@"):
+        with open(arg[1:]) as f:
+            arg = f.read()
+    spec = json.loads(arg)
     host, port = spec["host"], spec["port"]
     forging = any("forge" in r for r in spec["requests"])
     sniffer = None
@@ -142,14 +163,18 @@ def main():
                                   client_isn + 1 + sent + forge["seq_offset"],
                                   server_isn + 1 + received + forge["ack_offset"], payload)
             raw.sendto(segment, (host, 0))
-        for piece in request["pieces"]:
-            data = piece.encode("latin-1")
+        for k, piece in enumerate(request["pieces"]):
+            if k > 0 and k == request.get("continue_after"):
+                n, rest = read_interim(sock, rest)
+                received += n
+            data = piece.encode("latin-1") * request.get("times", 1)
             send_piece(sock, data)
             sent += len(data)
             segments += 1
-        n, rest = read_response(sock, rest)
-        received += n
-        answered += 1
+        for _ in range(request.get("answers", 1)):
+            n, rest = read_response(sock, rest)
+            received += n
+            answered += 1
     print(json.dumps({"local_port": client_port, "sent": sent, "received": received,
                       "requests": answered, "segments": segments}), flush=True)
     if spec.get("hold"):

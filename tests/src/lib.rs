@@ -1143,9 +1143,21 @@ pub struct EvasionClient {
 impl EvasionClient {
     /// Runs the client until every request of `spec` is answered.
     pub fn run(spec: &serde_json::Value) -> Self {
+        let text = spec.to_string();
+        // A spec longer than one argument may be (128 KiB) goes through a file.
+        let file = (text.len() > 64 * 1024).then(|| {
+            let dir = TempDir::new("evasion-spec");
+            let path = dir.path.join("spec.json");
+            fs::write(&path, &text).expect("spec file");
+            (dir, path)
+        });
+        let arg = match &file {
+            Some((_, path)) => format!("@{}", path.display()),
+            None => text,
+        };
         let mut child = Command::new("python3")
             .arg(peers().join("evasion_client.py"))
-            .arg(spec.to_string())
+            .arg(arg)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

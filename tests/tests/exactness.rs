@@ -666,8 +666,10 @@ fn requests_split_at_any_byte_or_after_blank_lines_are_counted() {
 /// Segments forged on the connection's 4-tuple from a raw socket, which TCP drops, count for
 /// nothing and hide nothing: one far beyond the receive window (ISN + 2^30, which would have
 /// inflated bytes in by a GiB and suppressed every later count), and in-window ones whose ACK
-/// acknowledges data never sent, one carrying junk and one a fake request, each just before a
-/// real request at the same sequence numbers. Counts equal the client's, nginx's and `ss`'s.
+/// acknowledges data never sent, one carrying junk, one a fake request and one three pipelined
+/// fake requests, each just before a real request at the same sequence numbers (the parser
+/// takes back what it counted from the dropped copy). Counts equal the client's, nginx's and
+/// `ss`'s.
 #[test]
 fn forged_segments_tcp_drops_count_nothing_and_hide_nothing() {
     if !privileged("forged_segments_tcp_drops_count_nothing_and_hide_nothing") {
@@ -681,8 +683,11 @@ fn forged_segments_tcp_drops_count_nothing_and_hide_nothing() {
     let get = http_get(&small, "");
     let fake = format!("{}{}", http_get("/forged", ""), "x".repeat(1000));
     let put = "PUT /upload/forged HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello";
+    let pipelined = get.repeat(3);
     let requests = serde_json::json!([
         {"pieces": [get]},
+        {"forge": {"seq_offset": 0, "ack_offset": 1 << 20, "payload": pipelined},
+         "pieces": [put]},
         {"forge": {"seq_offset": 1u64 << 30, "ack_offset": 0, "payload": fake}, "pieces": [get]},
         {"pieces": [get]},
         {"forge": {"seq_offset": 0, "ack_offset": 1 << 20, "payload": "XXXX not a request"},
@@ -695,7 +700,7 @@ fn forged_segments_tcp_drops_count_nothing_and_hide_nothing() {
         "host": "127.0.0.1", "port": port, "hold": true, "requests": requests,
     }));
     let report = client.report.clone();
-    assert_eq!(report.requests, 7);
+    assert_eq!(report.requests, 8);
     wait_open_exact(
         &agent,
         port,
@@ -742,4 +747,232 @@ fn ipv6_extension_headers_do_not_hide_requests() {
     client.finish();
     assert_closed_exact_from(&agent, &nginx, "::1", &report);
     assert_eq!(agent.health()["loss"]["unparsed_packets"], 0);
+}
+
+/// A small deterministic generator (xorshift), so a failing split can be replayed.
+struct Splits(u64);
+
+impl Splits {
+    fn next(&mut self, below: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % below as u64) as usize
+    }
+
+    /// `text` cut at random points into pieces of 1..=max bytes.
+    fn pieces(&mut self, text: &str, max: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let n = (1 + self.next(max)).min(rest.len());
+            out.push(rest[..n].to_owned());
+            rest = &rest[n..];
+        }
+        out
+    }
+}
+
+/// A PUT of `body_len` bytes to `/upload/{name}` (nginx's WebDAV module takes it).
+fn http_put(name: &str, body_len: usize) -> String {
+    let body: String = (0..body_len)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    format!(
+        "PUT /upload/{name} HTTP/1.1\r\nHost: sensor-test\r\nContent-Length: {body_len}\r\n\r\n{body}"
+    )
+}
+
+/// Pipelining (HTTP/1.1 requests sent before the replies to earlier ones) counts every
+/// request: 100 GETs in one write, 100 PUTs with bodies of 0 to 300 bytes in one write, and
+/// requests after more than 64 bytes of blank lines inside a pipelined segment (their heads
+/// are seen: no request counted without its head). Before, each write counted as one request.
+/// Requests equal nginx's log and the client's answers; bytes equal the client's and `ss`'s.
+#[test]
+fn pipelined_requests_in_one_write_are_each_counted() {
+    if !privileged("pipelined_requests_in_one_write_are_each_counted") {
+        return;
+    }
+    let cg = Cgroup::new("pipeline");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let get = http_get(&format!("/{}", SMALL.0), "");
+    let mut rng = Splits(0x9e37_79b9_7f4a_7c15);
+    let gets = get.repeat(100);
+    let puts: String = (0..100)
+        .map(|i| http_put(&format!("p{i}"), rng.next(301)))
+        .collect();
+    let blank = "\r\n".repeat(100);
+    let padded = format!("{get}{blank}{get}\n\n\n{get}{blank}{}", http_put("pad", 7));
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "127.0.0.1", "port": port, "hold": true,
+        "requests": [
+            {"pieces": [get]},
+            {"pieces": [gets], "answers": 100},
+            {"pieces": [puts], "answers": 100},
+            {"pieces": [padded], "answers": 4},
+            {"pieces": [get]},
+        ],
+    }));
+    let report = client.report.clone();
+    assert_eq!(report.requests, 206);
+    wait_open_exact(
+        &agent,
+        port,
+        report.local_port,
+        (report.sent, report.received, report.requests),
+    );
+    client.finish();
+    assert_closed_exact(&agent, &nginx, &report);
+    let health = agent.health();
+    assert_eq!(
+        health["heads"]["unseen"], 0,
+        "every request's head was seen"
+    );
+    for (name, value) in health["loss"].as_object().expect("loss counters") {
+        assert_eq!(value, 0, "loss counter {name}");
+    }
+}
+
+/// Pipelined PUTs with bodies (and GETs between them), the whole stream cut at random points
+/// into TCP_NODELAY writes of 1 to 97 bytes, each its own segment: a request start, a
+/// `Content-Length` field or a body end may fall anywhere in a segment or across segments.
+/// Every request counts once, exactly as nginx logged them; bytes equal the client's and
+/// `ss`'s.
+#[test]
+fn pipelined_requests_split_at_random_points_are_each_counted() {
+    if !privileged("pipelined_requests_split_at_random_points_are_each_counted") {
+        return;
+    }
+    let cg = Cgroup::new("pipesplit");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let get = http_get(&format!("/{}", SMALL.0), "");
+    let mut rng = Splits(0x2545_f491_4f6c_dd1d);
+    let mut requests = vec![serde_json::json!({"pieces": [get.clone()]})];
+    for round in 0..3 {
+        let mut stream = String::new();
+        let mut n = 0;
+        for i in 0..20 {
+            if i % 4 == 3 {
+                stream.push_str(&get);
+            } else {
+                stream.push_str(&http_put(&format!("s{round}-{i}"), rng.next(200)));
+            }
+            n += 1;
+        }
+        requests.push(serde_json::json!({"pieces": rng.pieces(&stream, 97), "answers": n}));
+    }
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "127.0.0.1", "port": port, "hold": true, "requests": requests,
+    }));
+    let report = client.report.clone();
+    assert_eq!(report.requests, 61);
+    assert!(report.segments > 100, "{} writes", report.segments);
+    wait_open_exact(
+        &agent,
+        port,
+        report.local_port,
+        (report.sent, report.received, report.requests),
+    );
+    client.finish();
+    assert_closed_exact(&agent, &nginx, &report);
+    assert_eq!(agent.health()["heads"]["unseen"], 0);
+}
+
+/// `Expect: 100-continue`: the client sends the head, waits for nginx's `100 Continue`, then
+/// sends the body and the next request in one segment. The next request counts (before, a
+/// segment that began with a body hid any request after it in the same segment).
+#[test]
+fn request_after_a_continued_body_in_the_same_segment_is_counted() {
+    if !privileged("request_after_a_continued_body_in_the_same_segment_is_counted") {
+        return;
+    }
+    let cg = Cgroup::new("continue");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let get = http_get(&format!("/{}", SMALL.0), "");
+    let head = |name: &str| {
+        format!(
+            "PUT /upload/{name} HTTP/1.1\r\nHost: sensor-test\r\nContent-Length: 5\r\n\
+             Expect: 100-continue\r\n\r\n"
+        )
+    };
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "127.0.0.1", "port": port, "hold": true,
+        "requests": [
+            {"pieces": [get]},
+            {"pieces": [head("c1"), format!("hello{get}")], "continue_after": 1, "answers": 2},
+            {"pieces": [head("c2"), format!("hello{}{get}", http_put("c3", 11))],
+             "continue_after": 1, "answers": 3},
+            {"pieces": [get]},
+        ],
+    }));
+    let report = client.report.clone();
+    assert_eq!(report.requests, 7);
+    wait_open_exact(
+        &agent,
+        port,
+        report.local_port,
+        (report.sent, report.received, report.requests),
+    );
+    client.finish();
+    assert_closed_exact(&agent, &nginx, &report);
+}
+
+/// A client that sends large heads faster than the agent reads them (here: the agent is
+/// stopped while 1000 pipelined requests with 14 KiB heads pass) fills the request ring. The
+/// requests still count exactly (they are counted in the kernel's record); every request event
+/// that did not fit is counted in `request_events_dropped`, so the requests attributed to an
+/// identity plus the dropped events cover all of them.
+#[test]
+fn request_events_the_ring_cannot_take_are_counted() {
+    if !privileged("request_events_the_ring_cannot_take_are_counted") {
+        return;
+    }
+    let cg = Cgroup::new("ringfull");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let pad = "p".repeat(7000);
+    let get = http_get(
+        &format!("/{}", SMALL.0),
+        &format!("X-Pad-A: {pad}\r\nX-Pad-B: {pad}\r\nx-api-key: ring-key-0001\r\n"),
+    );
+    // SAFETY: kill(2) on the agent's pid, which this test started.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) }, 0);
+    let requests: Vec<_> = (0..20)
+        .map(|_| serde_json::json!({"pieces": [get], "times": 50, "answers": 50}))
+        .collect();
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "127.0.0.1", "port": port, "hold": true, "requests": requests,
+    }));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) }, 0);
+    let report = client.report.clone();
+    assert_eq!(report.requests, 1000);
+    wait_open_exact(
+        &agent,
+        port,
+        report.local_port,
+        (report.sent, report.received, report.requests),
+    );
+    client.finish();
+    assert_closed_exact(&agent, &nginx, &report);
+    let dropped = agent.health()["loss"]["request_events_dropped"]
+        .as_u64()
+        .expect("request_events_dropped");
+    assert!(dropped > 0, "the ring overflowed");
+    let identified: u64 = agent
+        .clients("identity")
+        .iter()
+        .map(|r| r["requests"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        identified < 1000 && identified + dropped >= 1000,
+        "{identified} requests attributed to an identity, {dropped} events dropped, of 1000"
+    );
 }

@@ -201,17 +201,17 @@ impl Identities {
             events_out: ev.events_out_start,
         };
         if ev.flags & HEAD_REWIND != 0
-            && let Some(p) = self.pending.get_mut(&ev.cookie)
-            && p.start.bytes_in == start.bytes_in
+            && self
+                .pending
+                .get(&ev.cookie)
+                .is_some_and(|p| p.start.bytes_in >= start.bytes_in)
         {
-            // The same request read again from the copy TCP kept.
-            p.head_from = ev.head_offset;
-            p.buf.clear();
-            p.buf.extend_from_slice(bytes);
-            p.done = ev.flags & HEAD_DONE != 0;
-            return;
+            // The kernel read the pending request (the same one, or one it found after this
+            // one's start) from a copy TCP did not keep: this one replaces it.
+            self.pending.remove(&ev.cookie);
+        } else {
+            ready.extend(self.finish(ev.cookie));
         }
-        ready.extend(self.finish(ev.cookie));
         let next = Pending {
             peer,
             start,
@@ -339,6 +339,59 @@ mod tests {
         );
         assert_eq!(ids.stats.malformed, 1);
         assert_eq!(ids.stats.with_credential, 2);
+    }
+
+    /// A request event the kernel read again from the copy TCP kept (`HEAD_REWIND`) replaces
+    /// the pending request that started at or after it (read from a dropped copy, e.g. the
+    /// last of forged pipelined requests): that one is never counted under its identity.
+    #[test]
+    fn a_rewound_request_replaces_requests_read_from_a_dropped_copy() {
+        let c = config("");
+        let mut ids = Identities::new(b"0123456789abcdef", &c);
+        let peer: IpAddr = "127.0.0.1".parse().expect("ip");
+        let event = |start: u64, flags: u8, head: &'static [u8]| crate::kernel::RequestRecord {
+            cookie: 7,
+            ts_ns: 1,
+            remote_addr: [0; 16],
+            bytes_in_start: start,
+            bytes_out_start: 0,
+            events_out_start: 0,
+            head_offset: start,
+            kind: sensor_common::EVENT_REQUEST,
+            flags,
+            head,
+        };
+        let mut ready = Vec::new();
+        ids.on_event(
+            &event(0, HEAD_DONE, b"GET / HTTP/1.1\r\n\r\n"),
+            peer,
+            &mut ready,
+        );
+        // Forged: a pipelined request with another key, after the first.
+        ids.on_event(
+            &event(
+                18,
+                HEAD_DONE,
+                b"GET / HTTP/1.1\r\nx-api-key: forged\r\n\r\n",
+            ),
+            peer,
+            &mut ready,
+        );
+        assert_eq!(ready.len(), 1, "the first request is complete");
+        // The real bytes at 18, read again: the forged request is dropped, not finished.
+        ids.on_event(
+            &event(18, HEAD_DONE | HEAD_REWIND, b"PUT /x HTTP/1.1\r\n\r\n"),
+            peer,
+            &mut ready,
+        );
+        assert_eq!(ready.len(), 1);
+        let last = ids.close(7).expect("the real request");
+        assert_eq!(last.start.bytes_in, 18);
+        assert_eq!(last.keys, ExchangeKeys::default());
+        assert_eq!(
+            ids.stats.with_credential, 0,
+            "the forged key was never read"
+        );
     }
 
     #[test]

@@ -5,7 +5,11 @@
 
 use std::path::Path;
 
-use aya::{Ebpf, EbpfLoader, maps::MapType, programs::ProgramType};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapType,
+    programs::{ProgramError, ProgramType},
+};
 use sensor_common::{GLOBAL_LIVE_READ, MAP_CLOSED, MAP_CONNS, MAP_OPEN, MAP_REQUESTS, PROG_ITER};
 use serde::Serialize;
 
@@ -39,11 +43,11 @@ pub fn iterator() -> Result<(), CaptureError> {
 
 /// Each program `path` uses, loaded (verified) and, for the iterator, linked: program name and
 /// the refusal, if any.
-pub fn programs(path: LivePath) -> Vec<(&'static str, Result<(), String>)> {
+pub fn programs(path: LivePath) -> Vec<(&'static str, Result<(), Refusal>)> {
     let mut ebpf = match load_unpinned(path) {
         Ok(ebpf) => ebpf,
         Err(e) => {
-            let e = e.to_string();
+            let e = Refusal::of(&e);
             return path
                 .pinned_links()
                 .iter()
@@ -58,13 +62,58 @@ pub fn programs(path: LivePath) -> Vec<(&'static str, Result<(), String>)> {
             if result.is_ok() && *name == PROG_ITER {
                 result = iter_link(&ebpf).map(drop);
             }
-            (*name, result.map_err(|e| short_error(&e)))
+            (*name, result.map_err(|e| Refusal::of(&e)))
         })
         .collect()
 }
 
-/// The refusal without the advice `CaptureError::Refused` adds for a failed start.
+/// Lines from the end of a refused program's verifier log that the doctor shows: the end says
+/// what was refused and where (the instructions before it, the reason, the statistics).
+const LOG_TAIL_LINES: usize = 60;
+
+/// Why the kernel refused a program, for the doctor.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// One line (`short_error`).
+    pub summary: String,
+    /// The end of the verifier's log, if the refusal carries one.
+    pub log_tail: Vec<String>,
+}
+
+impl Refusal {
+    fn of(e: &CaptureError) -> Self {
+        let log_tail = verifier_log(e)
+            .map(|(_, log)| {
+                let lines: Vec<&str> = log.lines().map(str::trim_end).collect();
+                let lines = match lines.iter().rposition(|l| !l.is_empty()) {
+                    Some(last) => &lines[..=last],
+                    None => &[][..],
+                };
+                lines[lines.len().saturating_sub(LOG_TAIL_LINES)..]
+                    .iter()
+                    .map(|l| (*l).to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            summary: short_error(e),
+            log_tail,
+        }
+    }
+}
+
+/// The refusal without the advice `CaptureError::Refused` adds for a failed start. A program
+/// the verifier refused is summed up by the verifier's reason (its log starts with the first
+/// instruction, which says nothing; `sensor run` prints the whole log).
 pub(super) fn short_error(e: &CaptureError) -> String {
+    if let Some((io_error, log)) = verifier_log(e) {
+        return match verifier_reason(&log) {
+            Some(reason) => {
+                format!("the BPF_PROG_LOAD syscall returned {io_error}; the verifier: {reason}")
+            }
+            None => format!("the BPF_PROG_LOAD syscall returned {io_error}"),
+        };
+    }
     let text = match e {
         CaptureError::Refused { source, .. } => {
             let cause = root_cause(source.as_ref());
@@ -77,8 +126,53 @@ pub(super) fn short_error(e: &CaptureError) -> String {
         }
         other => other.to_string(),
     };
-    // The verifier's log follows on later lines; `sensor run` prints it in full.
     text.lines().next().unwrap_or_default().to_owned()
+}
+
+/// The syscall's error and the verifier's log of a refused program load.
+fn verifier_log(e: &CaptureError) -> Option<(&std::io::Error, String)> {
+    let CaptureError::Refused { source, .. } = e else {
+        return None;
+    };
+    match source.downcast_ref::<ProgramError>()? {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => Some((io_error, verifier_log.to_string())),
+        _ => None,
+    }
+}
+
+/// The verifier's reason for a refusal: the last line before the statistics it appends
+/// ("verification time", "processed N insns"), with the instruction it refused if one comes
+/// just before (`1688: (0f) r6 += r4`).
+fn verifier_reason(log: &str) -> Option<String> {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let end = lines
+        .iter()
+        .rposition(|l| l.starts_with("verification time"))
+        .or_else(|| lines.iter().rposition(|l| l.starts_with("processed ")))
+        .unwrap_or(lines.len());
+    let (reason, before) = lines[..end].split_last()?;
+    let is_insn = |l: &str| {
+        l.split_once(':')
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if is_insn(reason) {
+        return Some((*reason).to_owned());
+    }
+    Some(match before.last().filter(|l| is_insn(l)) {
+        // The register states after `;` are in the log.
+        Some(insn) => format!(
+            "{reason} (at {})",
+            insn.split_once(" ;").map_or(*insn, |(i, _)| i).trim_end()
+        ),
+        None => (*reason).to_owned(),
+    })
 }
 
 /// One line of the doctor's report.
@@ -90,6 +184,9 @@ pub struct Check {
     pub detail: String,
     /// The agent cannot run without it (on any path).
     pub required: bool,
+    /// The end of the verifier's log, for a program the kernel refused.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub verifier_log: Vec<String>,
 }
 
 /// Everything `sensor doctor` found.
@@ -110,6 +207,7 @@ fn check(name: &str, ok: bool, detail: String, required: bool) -> Check {
         status: if ok { "ok" } else { "missing" },
         detail,
         required,
+        verifier_log: Vec::new(),
     }
 }
 
@@ -200,7 +298,10 @@ pub fn doctor(cgroup: &Path, live_read: LiveRead) -> Report {
                 let name = format!("{path} path: {program}");
                 checks.push(match result {
                     Ok(()) => check(&name, true, "loads".to_owned(), false),
-                    Err(e) => check(&name, false, e, false),
+                    Err(e) => Check {
+                        verifier_log: e.log_tail,
+                        ..check(&name, false, e.summary, false)
+                    },
                 });
             }
             if ok {
@@ -267,6 +368,12 @@ impl Report {
                 _ => "no",
             };
             let _ = writeln!(out, "  {:<width$}  {mark:<7}  {}", c.name, c.detail);
+            if !c.verifier_log.is_empty() {
+                let _ = writeln!(out, "    the end of the verifier's log:");
+                for line in &c.verifier_log {
+                    let _ = writeln!(out, "    | {line}");
+                }
+            }
         }
         match self.live_read {
             Some(path) => {
@@ -282,5 +389,50 @@ impl Report {
             "verdict: the agent cannot run here (see MISSING above)\n"
         });
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_reason;
+
+    #[test]
+    fn the_reason_is_the_last_line_before_the_statistics_with_its_instruction() {
+        // The end of 6.1's log for a refused packet program (log level 1 with statistics).
+        let log = "0: R1=ctx(off=0,imm=0) R10=fp0\n\
+                   ; unsafe { intrinsics::offset(self, count) }\n\
+                   1687: (79) r6 = *(u64 *)(r10 -16)     ; frame5: R6_w=map_value(off=88,ks=4,vs=152,imm=0) R10=fp0\n\
+                   1688: (0f) r6 += r4\n\
+                   math between map_value pointer and register with unbounded min value is not allowed\n\
+                   verification time 35284149 usec\n\
+                   stack depth 112+24+0+96\n\
+                   processed 263854 insns (limit 1000000) max_states_per_insn 43 total_states 15332 peak_states 1110 mark_read 46\n\n";
+        assert_eq!(
+            verifier_reason(log).as_deref(),
+            Some(
+                "math between map_value pointer and register with unbounded min value is not \
+                 allowed (at 1688: (0f) r6 += r4)"
+            )
+        );
+        // A refusal after the walk names no instruction.
+        let log = "combined stack size of 6 calls is 544. Too large\n\
+                   verification time 85107535 usec\n\
+                   stack depth 112+32+0+96\n\
+                   processed 683024 insns (limit 1000000) max_states_per_insn 55\n";
+        assert_eq!(
+            verifier_reason(log).as_deref(),
+            Some("combined stack size of 6 calls is 544. Too large")
+        );
+        // Without statistics, the last line; an instruction with its register states cut.
+        let log = "5: (85) call bpf_skb_load_bytes#26     ; R0_w=scalar()\n\
+                   R4 min value is outside of the allowed memory range\n";
+        assert_eq!(
+            verifier_reason(log).as_deref(),
+            Some(
+                "R4 min value is outside of the allowed memory range (at 5: (85) call \
+                 bpf_skb_load_bytes#26)"
+            )
+        );
+        assert_eq!(verifier_reason(""), None);
     }
 }
