@@ -431,7 +431,9 @@ impl Default for BootOptions {
         Self {
             memory_mib: 1024,
             cpus: 1,
-            timeout: Duration::from_secs(420),
+            // Two agent starts under TCG verify ~683k instructions each on 6.1 (270-343 s
+            // for the whole run on a quiet 2-CPU machine): room for a busy one.
+            timeout: Duration::from_secs(900),
             cmdline: "console=ttyS0 panic=-1 quiet".into(),
         }
     }
