@@ -326,6 +326,9 @@ pub struct Agent {
     /// The wrapper and the binary, then the arguments.
     command: Vec<std::ffi::OsString>,
     args: Vec<std::ffi::OsString>,
+    /// The binary the agent runs; its CLI calls use the same one (the bench has no debug
+    /// build).
+    bin: PathBuf,
     log_level: String,
     ready_within: Duration,
     _dir: TempDir,
@@ -379,11 +382,12 @@ impl Agent {
             args.extend(["--live-read".into(), path.into()]);
         }
         let mut command = l.wrapper;
-        command.push(if l.bin.as_os_str().is_empty() {
-            sensor_bin().into()
+        let bin = if l.bin.as_os_str().is_empty() {
+            sensor_bin()
         } else {
-            l.bin.into()
-        });
+            l.bin
+        };
+        command.push(bin.clone().into());
         let child = Self::spawn(&dir.path, &command, &args, l.log_level)?;
         let mut agent = Self {
             child,
@@ -392,6 +396,7 @@ impl Agent {
             state_dir,
             command,
             args,
+            bin,
             log_level: l.log_level.to_owned(),
             ready_within: l.ready_within,
             _dir: dir,
@@ -505,7 +510,7 @@ impl Agent {
 
     /// `sensor conns --json` through the real CLI.
     pub fn try_conns(&self) -> Result<Vec<Conn>, String> {
-        let out = Command::new(sensor_bin())
+        let out = Command::new(&self.bin)
             .args(["conns", "--json", "--socket"])
             .arg(&self.socket)
             .output()
@@ -523,7 +528,7 @@ impl Agent {
     /// `sensor clients --json --by BY` through the real CLI (all clients).
     pub fn clients(&self, by: &str) -> Vec<serde_json::Value> {
         let out = run_ok(
-            Command::new(sensor_bin())
+            Command::new(&self.bin)
                 .args([
                     "clients", "--json", "--limit", "1000000", "--by", by, "--socket",
                 ])
