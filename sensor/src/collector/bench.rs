@@ -72,6 +72,7 @@ fn batch(
                         rest: Default::default(),
                         sketch: Default::default(),
                         sketch_key: String::new(),
+                        elsewhere: Default::default(),
                     },
                 )
             }

@@ -276,6 +276,7 @@ mod tests {
                     rest: BTreeMap::new(),
                     sketch: BTreeMap::new(),
                     sketch_key: String::new(),
+                    elsewhere: Default::default(),
                 },
             )
         }

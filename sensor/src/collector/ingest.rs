@@ -395,6 +395,23 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     }
                     *per_kind.entry(kind).or_default() += *counts;
                 }
+                // Partitioned shipping: rows of this summary merged by other partitions. Not
+                // merged here, but part of what the sketch covers (and of the period's sum).
+                for (kind, counts) in &s.elsewhere {
+                    if crate::model::keys::By::parse(kind).is_none() {
+                        return bad(format!(
+                            "{}: unknown key kind `{kind}`",
+                            at("summary.elsewhere")
+                        ));
+                    }
+                    if let Some(f) = implausible_counts(counts) {
+                        return implausible(format!(
+                            "{}.{f}",
+                            at(&format!("summary.elsewhere.{kind}"))
+                        ));
+                    }
+                    *per_kind.entry(kind).or_default() += *counts;
+                }
                 for (j, c) in s.clients.iter().enumerate() {
                     let at = |f: &str| format!("records[{i}].summary.clients[{j}].{f}");
                     let Some(by) = crate::model::keys::By::parse(&c.by) else {
@@ -635,6 +652,7 @@ mod tests {
                             rest: Default::default(),
                             sketch: Default::default(),
                             sketch_key: String::new(),
+                            elsewhere: Default::default(),
                         },
                     )
                 },
@@ -744,6 +762,34 @@ mod tests {
         let mut b = batch();
         b.records[0].payload = Payload::Summary(s);
         assert_eq!(validate(&b, "host-a", NOW), Ok(()));
+        // Split into partitions, every part validates: partition 0's sketch covers the
+        // rows shipped elsewhere through `elsewhere`, without which it would not sum.
+        let parts = crate::ship::partition::split(&b.records, 4);
+        let mut rows = 0;
+        for (i, records) in parts.into_iter().enumerate() {
+            let part = Batch {
+                records,
+                ..b.clone()
+            };
+            assert_eq!(validate(&part, "host-a", NOW), Ok(()), "partition {i}");
+            if let Payload::Summary(s) = &part.records[0].payload {
+                rows += s.clients.len();
+                if i == 0 {
+                    assert!(!s.elsewhere.is_empty());
+                    let mut without = part.clone();
+                    if let Payload::Summary(s) = &mut without.records[0].payload {
+                        s.elsewhere.clear();
+                    }
+                    assert!(
+                        matches!(validate(&without, "host-a", NOW), Err(IngestError::Malformed(m)) if m.contains("sum"))
+                    );
+                }
+            }
+        }
+        let Payload::Summary(whole) = &b.records[0].payload else {
+            panic!("a summary")
+        };
+        assert_eq!(rows, whole.clients.len());
     }
 
     #[test]

@@ -310,6 +310,7 @@ mod tests {
                         rest: Default::default(),
                         sketch: Default::default(),
                         sketch_key: String::new(),
+                        elsewhere: Default::default(),
                     },
                 )
             }],

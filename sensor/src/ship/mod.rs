@@ -14,6 +14,7 @@
 //! kind (address, group, identity, forwarded), and the rest of the period summed per kind.
 //! The collector adds them up across hosts, so a client spread over many hosts is seen whole.
 
+pub mod partition;
 pub mod sketch;
 
 use std::{collections::BTreeMap, io::Write as _, sync::Arc};
@@ -96,6 +97,12 @@ pub struct Summary {
     /// or a rotation under way) do not blur each other's.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sketch_key: String,
+    /// Partitioned shipping ([`partition`]), in partition 0's part of a summary only: per key
+    /// kind, the counts of the rows shipped in the other partitions' parts. Never merged
+    /// (their partitions merge those rows); it lets the collector still check that the
+    /// sketch, which covers the whole summary, sums to the kind's total.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub elsewhere: BTreeMap<String, Counts>,
 }
 
 /// One client's counts in a period, and its state at the period's end.
@@ -341,6 +348,7 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
         } else {
             String::new()
         },
+        elsewhere: BTreeMap::new(),
     })
 }
 
@@ -573,6 +581,7 @@ pub(crate) mod tests {
                 rest: BTreeMap::new(),
                 sketch: Default::default(),
                 sketch_key: String::new(),
+                elsewhere: Default::default(),
             },
         );
         let batch = Batch {

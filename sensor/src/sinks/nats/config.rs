@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use crate::net::nats::{parse_servers, valid_name, valid_subject};
+use crate::{
+    net::nats::{parse_servers, valid_name, valid_subject},
+    ship::partition::MAX_PARTITIONS,
+};
 
 /// What the JetStream transport takes from `[ship]` (and the keys it must find empty).
 #[derive(Debug, Clone, Copy)]
@@ -17,6 +20,8 @@ pub struct NatsKeys<'a> {
     pub server_name: &'a str,
     pub stream: &'a str,
     pub subject_prefix: &'a str,
+    /// As many as the collectors' (1: unpartitioned).
+    pub partitions: u32,
     pub batch_max_records: usize,
     pub timeout_secs: u64,
 }
@@ -43,8 +48,18 @@ pub fn validate(c: &NatsKeys<'_>) -> Result<(), (&'static str, String)> {
             "not supported with NATS: the certificate must name the host in url".into(),
         ));
     }
+    if !(1..=MAX_PARTITIONS).contains(&c.partitions) {
+        return Err(("partitions", format!("must be 1..={MAX_PARTITIONS}")));
+    }
     if !valid_name(c.stream) {
         return Err(("stream", "1-64 letters, digits, - and _".into()));
+    }
+    // Partition streams are named `<stream>-p<N>` (N up to 63), also at most 64 characters.
+    if c.partitions > 1 && c.stream.len() > 60 {
+        return Err((
+            "stream",
+            "at most 60 characters with partitions (streams are named <stream>-p<N>)".into(),
+        ));
     }
     if !valid_subject(c.subject_prefix) {
         return Err((

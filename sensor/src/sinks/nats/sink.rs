@@ -8,6 +8,14 @@
 //! engine may hand over more records than the lost attempt had (the spool grew meanwhile),
 //! and that longer batch must not be dropped as a duplicate of the shorter one. Overlapping
 //! messages are harmless: the collector counts each stream position once.
+//!
+//! With `partitions` > 1 (several collectors, docs/fleet.md) a batch becomes one message per
+//! partition that has records of it ([`crate::ship::partition::split`]), on
+//! `<subject_prefix>.p<N>.<agent>` of the stream `<stream>-p<N>`, with the id suffixed
+//! `-p<N>` and the batch's whole range of positions in `Sensor-Positions` (a partition sees
+//! a subsequence of them: gaps are not spool drops). The batch is delivered once every one
+//! of its messages is acknowledged; a retry sends all again, and those stored already are
+//! dropped as duplicates.
 
 use std::{sync::Arc, time::Duration};
 
@@ -23,7 +31,7 @@ use crate::{
         tls::ClientIdentity,
     },
     ship::{
-        Batch, EncodeError, ShipRecord, WIRE_VERSION, encode,
+        Batch, EncodeError, ShipRecord, WIRE_VERSION, encode, partition,
         sketch::{Hot, HotByKey, hot_subject},
     },
     sinks::{
@@ -34,6 +42,31 @@ use crate::{
 
 /// Room left under the server's `max_payload` for the message's headers.
 const HEADERS_ROOM: usize = 512;
+/// One message of a batch: its partition and its body.
+type Message = (u32, Vec<u8>);
+
+/// The batch's first and last positions, on every partition's message.
+pub const POSITIONS_HEADER: &str = "Sensor-Positions";
+
+/// The subject an agent publishes partition `p` on: `<prefix>.<agent>` unpartitioned (as
+/// before partitions existed), else `<prefix>.p<N>.<agent>`. The partition comes before the
+/// agent so that one filter, `<prefix>.p<N>.>`, holds every agent (names may have dots).
+pub fn partition_subject(prefix: &str, agent: &str, partitions: u32, p: u32) -> String {
+    if partitions <= 1 {
+        format!("{prefix}.{agent}")
+    } else {
+        format!("{prefix}.p{p}.{agent}")
+    }
+}
+
+/// The stream of partition `p`: `<stream>` unpartitioned, else `<stream>-p<N>`.
+pub fn partition_stream(stream: &str, partitions: u32, p: u32) -> String {
+    if partitions <= 1 {
+        stream.to_owned()
+    } else {
+        format!("{stream}-p{p}")
+    }
+}
 
 fn opt(p: &std::path::Path) -> Option<&std::path::Path> {
     (!p.as_os_str().is_empty()).then_some(p)
@@ -48,8 +81,10 @@ pub struct JetStreamSink {
     agent: String,
     /// The spool's stream id: positions restart only with a new spool.
     spool_stream: String,
-    subject: String,
+    subject_prefix: String,
     stream: String,
+    /// `[ship] partitions`: as many as the collectors' (1: unpartitioned).
+    partitions: u32,
     timeout: Duration,
     batch_max: usize,
     /// Where the collector's hot sketch cells go, and the subject they come on.
@@ -97,8 +132,9 @@ impl JetStreamSink {
             connection: None,
             agent: agent.to_owned(),
             spool_stream,
-            subject: format!("{}.{agent}", c.subject_prefix),
+            subject_prefix: c.subject_prefix.to_owned(),
             stream: c.stream.to_owned(),
+            partitions: c.partitions,
             timeout: Duration::from_secs(c.timeout_secs),
             batch_max: c.batch_max_records,
             hot,
@@ -143,36 +179,64 @@ impl JetStreamSink {
         }
     }
 
-    /// The batch's message: as many of its first records as fit the server's `max_payload`
-    /// (halving), and how many that is. A single record too large for any message is `None`.
-    fn message(
+    fn subject(&self, p: u32) -> String {
+        partition_subject(&self.subject_prefix, &self.agent, self.partitions, p)
+    }
+
+    /// `Nats-Msg-Id` of partition `p`'s message of positions `first..=last`: unpartitioned
+    /// as it always was (a message retried across an upgrade is still recognized).
+    fn message_id(&self, p: u32, first: u64, last: u64) -> String {
+        let id = format!("{}-{}-{first}-{last}", self.agent, self.spool_stream);
+        if self.partitions <= 1 {
+            id
+        } else {
+            format!("{id}-p{p}")
+        }
+    }
+
+    /// The batch's messages, by partition (only partitions with records of it): as many of
+    /// its first records as fit the server's `max_payload` in every message (halving), and
+    /// how many that is. A single record too large for any message is refused for good.
+    fn messages(
         &self,
         batch: &[ShipRecord],
         max_payload: usize,
-    ) -> Result<(Vec<u8>, usize), Failed> {
+    ) -> Result<(Vec<Message>, usize), Failed> {
         let mut n = batch.len();
         loop {
-            let body = encode(&Batch {
-                version: WIRE_VERSION,
-                agent: self.agent.clone(),
-                stream: self.spool_stream.clone(),
-                records: crate::ship::for_sending(&batch[..n], Now::system().secs()),
-            })
-            .map_err(|e| match e {
-                EncodeError::Json(e) => SinkError::Protocol(format!("encoding a batch: {e}")),
-                EncodeError::Compress(e) => SinkError::io("compressing a batch", e),
-            })?;
-            if body.len() + HEADERS_ROOM <= max_payload {
-                return Ok((body, n));
+            let records = crate::ship::for_sending(&batch[..n], Now::system().secs());
+            let mut messages = Vec::new();
+            let mut largest = 0;
+            for (p, records) in (0..).zip(partition::split(&records, self.partitions)) {
+                if records.is_empty() {
+                    continue;
+                }
+                let body = encode(&Batch {
+                    version: WIRE_VERSION,
+                    agent: self.agent.clone(),
+                    stream: self.spool_stream.clone(),
+                    records,
+                })
+                .map_err(|e| match e {
+                    EncodeError::Json(e) => SinkError::Protocol(format!("encoding a batch: {e}")),
+                    EncodeError::Compress(e) => SinkError::io("compressing a batch", e),
+                })?;
+                largest = largest.max(body.len());
+                if body.len() + HEADERS_ROOM > max_payload {
+                    break;
+                }
+                messages.push((p, body));
+            }
+            if largest + HEADERS_ROOM <= max_payload {
+                return Ok((messages, n));
             }
             if n == 1 {
                 // No server of this cluster takes it: refused for good (dropped, counted).
                 return Err(Failed {
                     done: Delivered::rejected(0, 1),
                     error: SinkError::Protocol(format!(
-                        "record {} is {} bytes compressed, over the server's max_payload {max_payload}",
+                        "record {} is {largest} bytes compressed, over the server's max_payload {max_payload}",
                         batch[0].seq,
-                        body.len()
                     )),
                     retry_after: None,
                 });
@@ -180,13 +244,36 @@ impl JetStreamSink {
             n /= 2;
         }
     }
+
+    /// A publish without an acknowledgement: nothing of the batch counts as delivered.
+    fn unacknowledged(&self, id: &str, subject: &str, e: &dyn std::fmt::Display) -> Failed {
+        // A refused publish (permissions) is an asynchronous server error, not an answer:
+        // name it beside the missing acknowledgement.
+        let server = self
+            .endpoint
+            .take_server_error()
+            .map(|s| format!(" (server: {s})"))
+            .unwrap_or_default();
+        Failed::after(
+            0,
+            SinkError::Protocol(format!(
+                "JetStream did not acknowledge {id} on {subject}: {e}{server}"
+            )),
+        )
+    }
 }
 
 impl Sink for JetStreamSink {
     type Item = ShipRecord;
 
     fn target(&self) -> String {
-        format!("{} {}", self.endpoint.target(), self.subject)
+        let subject = if self.partitions <= 1 {
+            self.subject(0)
+        } else {
+            // Every partition's subject, in one pattern.
+            format!("{}.p*.{}", self.subject_prefix, self.agent)
+        };
+        format!("{} {subject}", self.endpoint.target())
     }
 
     fn batch_max(&self) -> usize {
@@ -199,42 +286,34 @@ impl Sink for JetStreamSink {
         };
         let (client, js) = self.connected().await?;
         let max_payload = client.server_info().max_payload;
-        let (body, n) = self.message(batch, max_payload)?;
-        let id = format!(
-            "{}-{}-{}-{}",
-            self.agent,
-            self.spool_stream,
-            first.seq,
-            batch[n - 1].seq
-        );
-        let publish = PublishMessage::build()
-            .payload(body.into())
-            .message_id(&id)
-            .expected_stream(&self.stream);
-        let acked = match js.send_publish(self.subject.clone(), publish).await {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        match acked {
-            // A duplicate was stored before (its acknowledgement was lost): delivered too.
-            Ok(_) => Ok(Delivered::all(n)),
-            Err(e) => {
-                // A refused publish (permissions) is an asynchronous server error, not an
-                // answer: name it beside the missing acknowledgement.
-                let server = self
-                    .endpoint
-                    .take_server_error()
-                    .map(|s| format!(" (server: {s})"))
-                    .unwrap_or_default();
-                Err(Failed::after(
-                    0,
-                    SinkError::Protocol(format!(
-                        "JetStream did not acknowledge {id} on {}: {e}{server}",
-                        self.subject
-                    )),
-                ))
+        let (messages, n) = self.messages(batch, max_payload)?;
+        let (first, last) = (first.seq, batch[n - 1].seq);
+        // Every partition's message is published before any acknowledgement is awaited:
+        // one round trip for the batch, not one per partition. Within a subject the order
+        // holds: the next batch is published only once this one is acknowledged.
+        let mut pending = Vec::with_capacity(messages.len());
+        for (p, body) in messages {
+            let id = self.message_id(p, first, last);
+            let subject = self.subject(p);
+            let mut publish = PublishMessage::build()
+                .payload(body.into())
+                .message_id(&id)
+                .expected_stream(partition_stream(&self.stream, self.partitions, p));
+            if self.partitions > 1 {
+                publish = publish.header(POSITIONS_HEADER, format!("{first}-{last}"));
+            }
+            match js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => pending.push((id, subject, ack)),
+                Err(e) => return Err(self.unacknowledged(&id, &subject, &e)),
             }
         }
+        for (id, subject, ack) in pending {
+            // A duplicate was stored before (its acknowledgement was lost): delivered too.
+            if let Err(e) = ack.await {
+                return Err(self.unacknowledged(&id, &subject, &e));
+            }
+        }
+        Ok(Delivered::all(n))
     }
 }
 
@@ -243,7 +322,7 @@ mod tests {
     use super::*;
     use crate::ship::{ClientDelta, Summary};
 
-    fn sink(dir: &std::path::Path) -> JetStreamSink {
+    fn sink(dir: &std::path::Path, partitions: u32) -> JetStreamSink {
         std::fs::create_dir_all(dir).expect("dir");
         std::fs::write(dir.join("creds"), "host-a:secret-password").expect("creds");
         std::fs::write(
@@ -264,6 +343,7 @@ mod tests {
             subject_prefix: "sensor.ship",
             batch_max_records: 100,
             timeout_secs: 1,
+            partitions,
         };
         JetStreamSink::new(&keys, "host-a", "ab12".into(), Arc::default()).expect("sink")
     }
@@ -291,6 +371,7 @@ mod tests {
                     rest: Default::default(),
                     sketch: Default::default(),
                     sketch_key: String::new(),
+                    elsewhere: Default::default(),
                 },
             )
         }
@@ -301,20 +382,89 @@ mod tests {
     #[test]
     fn messages_fit_the_servers_max_payload() {
         let dir = std::env::temp_dir().join(format!("sensor-nats-sink-{}", std::process::id()));
-        let s = sink(&dir);
-        assert_eq!(s.subject, "sensor.ship.host-a");
+        let s = sink(&dir, 1);
+        assert_eq!(s.subject(0), "sensor.ship.host-a");
         let batch: Vec<ShipRecord> = (1..=8).map(|i| record(i, 300)).collect();
-        let (whole, n) = s.message(&batch, 1 << 20).expect("fits");
+        let only = |(m, n): (Vec<Message>, usize)| {
+            assert_eq!(m.len(), 1, "one message unpartitioned");
+            (m.into_iter().next().map(|(_, b)| b).unwrap_or_default(), n)
+        };
+        let (whole, n) = only(s.messages(&batch, 1 << 20).expect("fits"));
         assert_eq!(n, 8);
-        let one = s.message(&batch[..1], 1 << 20).expect("one").0.len();
-        let (part, n) = s.message(&batch, one * 3 + HEADERS_ROOM).expect("part");
+        let one = only(s.messages(&batch[..1], 1 << 20).expect("one")).0.len();
+        let (part, n) = only(s.messages(&batch, one * 3 + HEADERS_ROOM).expect("part"));
         assert!((1..8).contains(&n), "{n}");
         assert!(part.len() + HEADERS_ROOM <= one * 3 + HEADERS_ROOM);
         assert!(whole.len() > part.len());
-        let Err(f) = s.message(&batch, one / 2) else {
+        let Err(f) = s.messages(&batch, one / 2) else {
             panic!("a record over max_payload")
         };
         assert_eq!(f.done, Delivered::rejected(0, 1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn decode(body: &[u8]) -> Batch {
+        let mut json = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(body), &mut json)
+            .expect("gunzip");
+        serde_json::from_slice(&json).expect("batch")
+    }
+
+    /// Partitioned: one message per partition with records, each on its own subject and
+    /// stream with a distinct id; together they carry every row once, with the sums of the
+    /// batch; every one fits max_payload, or the batch is cut for all of them.
+    #[test]
+    fn a_batch_becomes_one_message_per_partition() {
+        let dir = std::env::temp_dir().join(format!("sensor-nats-parts-{}", std::process::id()));
+        let s = sink(&dir, 4);
+        assert_eq!(s.subject(3), "sensor.ship.p3.host-a");
+        assert_eq!(partition_stream("SENSOR", 4, 3), "SENSOR-p3");
+        assert_eq!(partition_stream("SENSOR", 1, 0), "SENSOR");
+        assert_eq!(
+            partition_subject("sensor.ship", "a.b", 1, 0),
+            "sensor.ship.a.b"
+        );
+        let batch: Vec<ShipRecord> = (1..=4).map(|i| record(i, 200)).collect();
+        let (messages, n) = s.messages(&batch, 1 << 20).expect("fits");
+        assert_eq!(n, 4);
+        assert_eq!(
+            messages.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3],
+            "200 keys a summary reach every partition"
+        );
+        let ids: std::collections::BTreeSet<String> = messages
+            .iter()
+            .map(|(p, _)| s.message_id(*p, 1, 4))
+            .collect();
+        assert_eq!(ids.len(), 4, "{ids:?}");
+        assert!(ids.contains("host-a-ab12-1-4-p2"));
+        assert_eq!(sink(&dir, 1).message_id(0, 1, 4), "host-a-ab12-1-4");
+        let mut rows = 0;
+        let mut opened = 0;
+        for (p, body) in &messages {
+            let b = decode(body);
+            assert_eq!(b.records.len(), 4, "every summary in every partition");
+            for r in &b.records {
+                let crate::ship::Payload::Summary(sum) = &r.payload else {
+                    panic!("summaries")
+                };
+                for c in &sum.clients {
+                    assert_eq!(partition::partition_of(&c.by, &c.key, 4), *p);
+                    rows += 1;
+                    opened += c.open_connections;
+                }
+            }
+        }
+        assert_eq!(rows, 4 * 200, "every row once");
+        assert_eq!(opened, 4 * (0..200).sum::<u64>(), "sums preserved");
+        // A bound that one partition's message of the whole batch exceeds: cut for all.
+        let largest = messages.iter().map(|(_, b)| b.len()).max().unwrap_or(0);
+        let (cut, n) = s.messages(&batch, largest + HEADERS_ROOM - 1).expect("cut");
+        assert!(n < 4, "{n}");
+        assert!(
+            cut.iter()
+                .all(|(_, b)| b.len() + HEADERS_ROOM < largest + HEADERS_ROOM)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -31,6 +31,9 @@ pub struct ShipConfig {
     pub stream: String,
     /// NATS: records go to `<subject_prefix>.<agent name>`.
     pub subject_prefix: String,
+    /// NATS: partitions of the records by client key (`crate::ship::partition`), as many as
+    /// the collectors'; 1: unpartitioned.
+    pub partitions: u32,
     pub ca_file: PathBuf,
     pub server_name: String,
     pub client_cert_file: PathBuf,
@@ -58,6 +61,7 @@ impl Default for ShipConfig {
             credentials_file: PathBuf::new(),
             stream: "SENSOR".into(),
             subject_prefix: "sensor.ship".into(),
+            partitions: 1,
             ca_file: PathBuf::new(),
             server_name: String::new(),
             client_cert_file: PathBuf::new(),
@@ -106,6 +110,13 @@ impl ShipConfig {
                     return Err((
                         "credentials_file",
                         "only for transport = \"nats\" (HTTPS uses token_file)".into(),
+                    ));
+                }
+                if self.partitions != 1 {
+                    return Err((
+                        "partitions",
+                        "only for transport = \"nats\" (one HTTPS collector takes everything)"
+                            .into(),
                     ));
                 }
             }
@@ -170,6 +181,7 @@ impl ShipConfig {
             server_name: &self.server_name,
             stream: &self.stream,
             subject_prefix: &self.subject_prefix,
+            partitions: self.partitions,
             batch_max_records: self.batch_max_records,
             timeout_secs: self.timeout_secs,
         }
@@ -261,6 +273,28 @@ mod tests {
                 },
                 "subject_prefix",
             ),
+            (
+                ShipConfig {
+                    partitions: 0,
+                    ..ok.clone()
+                },
+                "partitions",
+            ),
+            (
+                ShipConfig {
+                    partitions: 65,
+                    ..ok.clone()
+                },
+                "partitions",
+            ),
+            (
+                ShipConfig {
+                    partitions: 2,
+                    stream: "S".repeat(61),
+                    ..ok.clone()
+                },
+                "stream",
+            ),
         ] {
             assert_eq!(key(c.clone()), Err(k), "{c:?}");
         }
@@ -271,6 +305,19 @@ mod tests {
             credentials_file: "/c".into(),
             ..ShipConfig::default()
         };
-        assert_eq!(key(https), Err("credentials_file"));
+        assert_eq!(key(https.clone()), Err("credentials_file"));
+        let https = ShipConfig {
+            credentials_file: "".into(),
+            partitions: 4,
+            ..https
+        };
+        assert_eq!(key(https), Err("partitions"));
+        // Partitioned NATS, and the longest stream name that leaves room for `-p63`.
+        let parts = ShipConfig {
+            partitions: 64,
+            stream: "S".repeat(60),
+            ..ok.clone()
+        };
+        assert_eq!(parts.validate(), Ok(()));
     }
 }
