@@ -16,6 +16,7 @@ pub mod config;
 pub mod counters;
 pub mod fleet;
 pub mod ingest;
+pub mod lease;
 pub mod metrics;
 pub mod nats;
 pub mod server;
