@@ -44,7 +44,7 @@ use crate::{
         nats::{Endpoint, EndpointOptions},
         tls::ClientIdentity,
     },
-    ship::valid_name,
+    ship::partition::parse_subject,
 };
 
 /// Connecting, and each JetStream API request.
@@ -341,13 +341,14 @@ impl Source {
         message: &jetstream::Message,
         seq: u64,
     ) -> anyhow::Result<()> {
-        let prefix = format!("{}.", self.config.subject_prefix);
-        let agent = message
-            .subject
-            .as_str()
-            .strip_prefix(&prefix)
-            .filter(|a| valid_name(a))
-            .map(str::to_owned);
+        // The partition is 0 until this consumer reads partition streams (the config
+        // refuses more than one partition so far).
+        let agent = parse_subject(
+            &self.config.subject_prefix,
+            self.config.partitions,
+            message.subject.as_str(),
+        )
+        .map(|(_, agent)| agent.to_owned());
         let Some(agent) = agent else {
             let e = IngestError::Malformed(format!(
                 "subject `{}` does not name an agent",

@@ -57,6 +57,52 @@ fn fmix64(mut h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
+/// The batch's first and last positions, on every partition's message.
+pub const POSITIONS_HEADER: &str = "Sensor-Positions";
+
+/// The subject an agent publishes partition `p` on: `<prefix>.<agent>` unpartitioned (as
+/// before partitions existed), else `<prefix>.p<N>.<agent>`. The partition comes before the
+/// agent so that one filter, `<prefix>.p<N>.>`, holds every agent (names may have dots).
+pub fn partition_subject(prefix: &str, agent: &str, partitions: u32, p: u32) -> String {
+    if partitions <= 1 {
+        format!("{prefix}.{agent}")
+    } else {
+        format!("{prefix}.p{p}.{agent}")
+    }
+}
+
+/// The stream of partition `p`: `<stream>` unpartitioned, else `<stream>-p<N>`.
+pub fn partition_stream(stream: &str, partitions: u32, p: u32) -> String {
+    if partitions <= 1 {
+        stream.to_owned()
+    } else {
+        format!("{stream}-p{p}")
+    }
+}
+
+/// The partition and agent a subject names: `<prefix>.<agent>` unpartitioned,
+/// `<prefix>.p<N>.<agent>` (N below `partitions`) else. `None`: not such a subject, or not
+/// a valid agent name (the collector refuses the message).
+pub fn parse_subject<'s>(
+    prefix: &str,
+    partitions: u32,
+    subject: &'s str,
+) -> Option<(u32, &'s str)> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    let (p, agent) = if partitions <= 1 {
+        (0, rest)
+    } else {
+        let (token, agent) = rest.split_once('.')?;
+        let p: u32 = token.strip_prefix('p')?.parse().ok()?;
+        // Only the canonical spelling (`p7`, not `p07`) and only partitions that exist.
+        if p >= partitions || format!("p{p}") != token {
+            return None;
+        }
+        (p, agent)
+    };
+    super::valid_name(agent).then_some((p, agent))
+}
+
 /// The records of each partition's message, by partition (an empty one: no message). With
 /// one partition the records are returned as they are.
 ///
@@ -363,5 +409,40 @@ mod tests {
         }
         // One partition: unchanged.
         assert_eq!(split(&records, 1), vec![records.clone()]);
+    }
+
+    /// What the agent publishes on, the collector reads back; nothing else names an agent.
+    #[test]
+    fn subjects_name_partition_and_agent() {
+        for (partitions, p, agent) in [(1, 0, "host-a"), (8, 7, "host.example.net"), (8, 0, "a")] {
+            let subject = partition_subject("sensor.ship", agent, partitions, p);
+            assert_eq!(
+                parse_subject("sensor.ship", partitions, &subject),
+                Some((p, agent)),
+                "{subject}"
+            );
+        }
+        assert_eq!(
+            partition_subject("sensor.ship", "a", 4, 3),
+            "sensor.ship.p3.a"
+        );
+        assert_eq!(partition_stream("SENSOR", 4, 3), "SENSOR-p3");
+        assert_eq!(partition_stream("SENSOR", 1, 0), "SENSOR");
+        for bad in [
+            "sensor.ship.p8.a",
+            "sensor.ship.p07.a",
+            "sensor.ship.x1.a",
+            "sensor.ship.p1",
+            "sensor.shipp1.a",
+            "other.p1.a",
+            "sensor.ship.p1.a b",
+        ] {
+            assert_eq!(parse_subject("sensor.ship", 8, bad), None, "{bad}");
+        }
+        // Unpartitioned, a dotted agent name is the whole rest.
+        assert_eq!(
+            parse_subject("sensor.ship", 1, "sensor.ship.p1.a"),
+            Some((0, "p1.a"))
+        );
     }
 }

@@ -31,7 +31,8 @@ use crate::{
         tls::ClientIdentity,
     },
     ship::{
-        Batch, EncodeError, ShipRecord, WIRE_VERSION, encode, partition,
+        Batch, EncodeError, ShipRecord, WIRE_VERSION, encode,
+        partition::{self, POSITIONS_HEADER, partition_stream, partition_subject},
         sketch::{Hot, HotByKey, hot_subject},
     },
     sinks::{
@@ -44,29 +45,6 @@ use crate::{
 const HEADERS_ROOM: usize = 512;
 /// One message of a batch: its partition and its body.
 type Message = (u32, Vec<u8>);
-
-/// The batch's first and last positions, on every partition's message.
-pub const POSITIONS_HEADER: &str = "Sensor-Positions";
-
-/// The subject an agent publishes partition `p` on: `<prefix>.<agent>` unpartitioned (as
-/// before partitions existed), else `<prefix>.p<N>.<agent>`. The partition comes before the
-/// agent so that one filter, `<prefix>.p<N>.>`, holds every agent (names may have dots).
-pub fn partition_subject(prefix: &str, agent: &str, partitions: u32, p: u32) -> String {
-    if partitions <= 1 {
-        format!("{prefix}.{agent}")
-    } else {
-        format!("{prefix}.p{p}.{agent}")
-    }
-}
-
-/// The stream of partition `p`: `<stream>` unpartitioned, else `<stream>-p<N>`.
-pub fn partition_stream(stream: &str, partitions: u32, p: u32) -> String {
-    if partitions <= 1 {
-        stream.to_owned()
-    } else {
-        format!("{stream}-p{p}")
-    }
-}
 
 fn opt(p: &std::path::Path) -> Option<&std::path::Path> {
     (!p.as_os_str().is_empty()).then_some(p)
