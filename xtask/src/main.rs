@@ -639,6 +639,8 @@ fn run_tests(
         .env("SENSOR_BIN", bin)
         .env("SENSOR_DEB", deb)
         .env("SENSOR_REQUIRE_PRIVILEGED", "1")
+        // The unit tests against a real nats-server (the lease bucket) must not skip in CI.
+        .env("SENSOR_REQUIRE_NATS", "1")
         .env("SENSOR_LIVE_READ", live_read.unwrap_or_default())
         .stdout(Stdio::piped());
     eprintln!("xtask: {cmd:?}");
