@@ -114,6 +114,10 @@ pub struct Nats {
     pub consumer: String,
     /// Partitions of the records by client key: as many as the agents' `[ship] partitions`.
     pub partitions: u32,
+    /// With partitions: this collector's name in the group (empty: the host name).
+    pub instance: String,
+    /// With partitions: how long a lease lives without renewal.
+    pub lease_ttl_secs: u64,
 }
 
 impl Default for Nats {
@@ -130,6 +134,8 @@ impl Default for Nats {
             max_age_secs: 7 * 86_400,
             consumer: "sensor-collector".into(),
             partitions: 1,
+            instance: String::new(),
+            lease_ttl_secs: 10,
         }
     }
 }
@@ -185,14 +191,12 @@ impl Nats {
                     .into(),
             ));
         }
-        if self.partitions > 1 {
-            // Consuming partition streams under leases is the next slice of the work
-            // (docs/fleet.md, "Several collectors"); this collector would read the
-            // unpartitioned stream only, and the agents' partitioned batches nowhere.
-            return Err((
-                "partitions",
-                "several collectors sharing partitions are not built yet: only 1".into(),
-            ));
+        if !self.instance.is_empty() && !valid_name(&self.instance) {
+            return Err(("instance", "1-64 letters, digits, - and _".into()));
+        }
+        // The lease is renewed every fifth of it and given up 4 s before it can expire.
+        if !(6..=600).contains(&self.lease_ttl_secs) {
+            return Err(("lease_ttl_secs", "must be 6..=600".into()));
         }
         if !valid_subject(&self.subject_prefix) {
             return Err((
@@ -361,7 +365,11 @@ mod tests {
             ("client_key_file = \"/k\"\n", "nats.client_cert_file"),
             ("partitions = 0\n", "nats.partitions"),
             ("partitions = 65\n", "nats.partitions"),
-            ("partitions = 4\n", "nats.partitions"),
+            ("partitions = 4\ninstance = \"a.b\"\n", "nats.instance"),
+            (
+                "partitions = 4\nlease_ttl_secs = 5\n",
+                "nats.lease_ttl_secs",
+            ),
             (
                 "partitions = 4\nstream = \"SSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSS\"\n",
                 "nats.stream",

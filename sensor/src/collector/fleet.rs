@@ -84,6 +84,20 @@ impl FleetState {
         batch: &'b Batch,
         now: Now,
     ) -> (Applied, Vec<Record>, Vec<&'b ShipRecord>) {
+        self.apply_part(batch, None, now)
+    }
+
+    /// As [`FleetState::apply`], for one partition's part of an agent's batch, which covers
+    /// the agent's positions `first..=last` (`Sensor-Positions`) while holding only the
+    /// records of this partition: positions in between that it lacks went to other
+    /// partitions, not lost. A gap is counted only where the range starts past the last
+    /// position merged plus one.
+    pub fn apply_part<'b>(
+        &mut self,
+        batch: &'b Batch,
+        positions: Option<(u64, u64)>,
+        now: Now,
+    ) -> (Applied, Vec<Record>, Vec<&'b ShipRecord>) {
         let mut applied = Applied::default();
         let mut forward = Vec::new();
         let mut accepted = Vec::new();
@@ -98,13 +112,20 @@ impl FleetState {
             }
         }
         let pos = info.streams.entry(batch.stream.clone()).or_default();
+        let ranged = positions.is_some();
+        if let Some((first, _)) = positions
+            && *pos > 0
+            && first > *pos + 1
+        {
+            info.gaps = info.gaps.saturating_add(first - *pos - 1);
+        }
         for rec in &batch.records {
             if rec.seq <= *pos {
                 applied.duplicates += 1;
                 info.duplicates += 1;
                 continue;
             }
-            if *pos > 0 && rec.seq > *pos + 1 {
+            if !ranged && *pos > 0 && rec.seq > *pos + 1 {
                 info.gaps = info.gaps.saturating_add(rec.seq - *pos - 1);
             }
             *pos = rec.seq;
@@ -146,6 +167,9 @@ impl FleetState {
                     });
                 }
             }
+        }
+        if let Some((_, last)) = positions {
+            *pos = (*pos).max(last);
         }
         if self.agent_alerts.len() > AGENT_ALERTS_KEPT {
             let mut by_age: Vec<(u64, String)> = self
@@ -384,5 +408,43 @@ mod tests {
             now,
         );
         assert_eq!(f.agents["a"].gaps, 3);
+    }
+
+    #[test]
+    fn a_partitions_part_counts_gaps_by_the_batchs_range() {
+        let t = 1_800_000_000;
+        let now = Now {
+            unix_ms: (t + 30) * 1000,
+        };
+        let mut f = FleetState::default();
+        // Positions 1..=4, of which this partition holds 1 and 3: no gap.
+        f.apply_part(
+            &batch("a", vec![summary("a", 1, t, "10.0.0.9", 1)]),
+            Some((1, 2)),
+            now,
+        );
+        let (applied, _, _) = f.apply_part(
+            &batch("a", vec![summary("a", 3, t + 10, "10.0.0.9", 1)]),
+            Some((3, 4)),
+            now,
+        );
+        assert_eq!(applied.accepted, 1);
+        assert_eq!(f.agents["a"].gaps, 0);
+        assert_eq!(f.agents["a"].streams["ab"], 4);
+        // The next batch starts at 7: 5 and 6 never came (the agent's spool dropped them).
+        f.apply_part(
+            &batch("a", vec![summary("a", 8, t + 20, "10.0.0.9", 1)]),
+            Some((7, 8)),
+            now,
+        );
+        assert_eq!(f.agents["a"].gaps, 2);
+        // A longer retry of a batch already merged adds nothing.
+        let (applied, _, _) = f.apply_part(
+            &batch("a", vec![summary("a", 8, t + 20, "10.0.0.9", 1)]),
+            Some((7, 9)),
+            now,
+        );
+        assert_eq!((applied.accepted, applied.duplicates), (0, 1));
+        assert_eq!(f.agents["a"].gaps, 2);
     }
 }

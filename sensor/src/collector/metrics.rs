@@ -12,7 +12,12 @@ use crate::{
 use super::{counters::Counters, shared::Fleet};
 
 /// Gathers the exposition (encoded by `Exposition::encode`, format 0.0.4).
-pub fn families(counters: &Counters, fleet: &Fleet, outputs: &[OutputStats]) -> Exposition {
+pub fn families(
+    counters: &Counters,
+    fleet: &Fleet,
+    outputs: &[OutputStats],
+    group: Option<&super::partitioned::Status>,
+) -> Exposition {
     let mut out = Exposition::default();
     let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     out.counter(
@@ -117,6 +122,9 @@ pub fn families(counters: &Counters, fleet: &Fleet, outputs: &[OutputStats]) -> 
         [(NO_LABELS, open)],
     );
     sink_families(&mut out, outputs);
+    if let Some(g) = group {
+        partitions(&mut out, g);
+    }
     out
 }
 
@@ -142,5 +150,49 @@ fn sink_families(out: &mut Exposition, outputs: &[OutputStats]) {
         "sensor_collector_output_dropped_total",
         "Events each SIEM output lost (spool bound, refused by the receiver, queue full).",
         outputs_of(&|o| o.dropped),
+    );
+}
+
+/// Several collectors: what this one holds and how often partitions moved.
+fn partitions(out: &mut Exposition, g: &super::partitioned::Status) {
+    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    out.gauge(
+        "sensor_collector_partitions_held",
+        "Partitions this collector merges now (its leases).",
+        [(NO_LABELS, g.held().len() as u64)],
+    );
+    out.counter(
+        "sensor_collector_partition_changes_total",
+        "Partition leases since the collector started, by event: taken (including taking \
+         over a dead collector's), lost (not renewed in time, or fenced), released (handed \
+         over to rebalance or at a clean stop).",
+        [
+            ("taken", c(&g.taken)),
+            ("lost", c(&g.lost)),
+            ("released", c(&g.released)),
+        ]
+        .map(|(event, n)| ([("event", event)], n)),
+    );
+    out.counter(
+        "sensor_collector_checkpoints_total",
+        "Partition checkpoints written to NATS (ok) or not (failed) since the collector started.",
+        [
+            ("ok", c(&g.checkpoints)),
+            ("failed", c(&g.checkpoint_failures)),
+        ]
+        .map(|(result, n)| ([("result", result)], n)),
+    );
+    let mut tracked = Vec::new();
+    for (p, shared) in g.states() {
+        if let Ok(n) = shared.with_fleet(|f| f.state.agg.addresses.clients.len() as u64) {
+            tracked.push((p.to_string(), n));
+        }
+    }
+    out.gauge(
+        "sensor_collector_partition_tracked_addresses",
+        "Client addresses merged exactly, per partition this collector holds.",
+        tracked
+            .iter()
+            .map(|(p, n)| ([("partition", p.as_str())], *n)),
     );
 }

@@ -9,6 +9,7 @@
 //! any retry) count each record once.
 
 pub mod admission;
+pub mod alerts;
 pub mod bench;
 pub mod budget;
 pub mod certname;
@@ -19,6 +20,7 @@ pub mod ingest;
 pub mod lease;
 pub mod metrics;
 pub mod nats;
+pub mod partitioned;
 pub mod server;
 pub mod shared;
 
@@ -139,7 +141,7 @@ fn restore(
             if let Ok(batch) = serde_json::from_slice::<Batch>(&line) {
                 forward.extend(state.apply(&batch, Now::system()).1);
             } else if let Ok(s) = serde_json::from_slice::<shared::StreamLine>(&line) {
-                forward.extend(state.apply(&s.batch, Now::system()).1);
+                forward.extend(state.apply_part(&s.batch, s.positions, Now::system()).1);
                 state.nats_seq = state.nats_seq.max(s.nats_seq);
             } else {
                 unreadable += 1;
@@ -192,7 +194,8 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         );
         Now::set_scale(config.detect.time_scale);
     }
-    let outputs = Outputs::start(&config.outputs, &dir).context("cannot start the outputs")?;
+    let outputs =
+        Arc::new(Outputs::start(&config.outputs, &dir).context("cannot start the outputs")?);
     let received_log = if config.state.received_log.as_os_str().is_empty() {
         None
     } else {
@@ -214,13 +217,15 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
             journal_path,
             outputs,
             received_log,
+            alerts: None,
         }),
         tokens,
-        counters: counters::Counters::default(),
+        counters: Arc::default(),
         max_body: l.max_body_bytes,
         started: std::time::SystemTime::now(),
         admission: admission::Admission::new(admission::Limits::default()),
         budget: budget::Budget::new(inflight_budget(l.max_body_bytes)),
+        group: std::sync::OnceLock::new(),
     });
     // The replayed batches are in the snapshot from now on.
     shared.snapshot(&dir)?;
@@ -237,12 +242,19 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         }
     );
     tokio::spawn(server::serve(listener, acceptor, shared.clone()));
+    let partitioned = config.nats.partitions > 1;
     if let Some(source) = source {
         info!(
             "reading agents' batches from JetStream at {}",
             source.target()
         );
-        tokio::spawn(source.run(shared.clone()));
+        if partitioned {
+            let group = partitioned::Group::new(source, &config, shared.clone())?;
+            shared.set_group(group.status());
+            tokio::spawn(group.run());
+        } else {
+            tokio::spawn(source.run(shared.clone()));
+        }
     }
 
     let alerts_path = crate::alerting::alerts_path(&config.detect, &dir);
@@ -256,7 +268,8 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     notifier.ready("collecting");
     loop {
         tokio::select! {
-            _ = detect.tick() => {
+            // Partitions run their fleet rules where they are merged.
+            _ = detect.tick(), if !partitioned => {
                 let events = shared.with_fleet(|f| {
                     let Fleet { state, detector, outputs, .. } = f;
                     let events = state.evaluate(detector, Now::system());
@@ -279,8 +292,19 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     info!("collector shutting down: saving state");
     shared.snapshot(&dir)?;
     // What the outputs hold goes to their spools for the next start.
-    let outputs = shared.with_fleet(|f| std::mem::take(&mut f.outputs))?;
-    outputs.shutdown(Duration::from_secs(2)).await;
+    if let Some(group) = shared.group() {
+        group.stop().await;
+    }
+    let mut outputs = shared.with_fleet(|f| std::mem::take(&mut f.outputs))?;
+    // The partitions' states hold the outputs too, until their aborted tasks are gone.
+    for _ in 0..40 {
+        match Arc::try_unwrap(outputs) {
+            Ok(o) => return Ok(o.shutdown(Duration::from_secs(2)).await),
+            Err(o) => outputs = o,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    warn!("the outputs were still in use at shutdown: not drained");
     Ok(())
 }
 

@@ -44,11 +44,11 @@ use crate::{
         nats::{Endpoint, EndpointOptions},
         tls::ClientIdentity,
     },
-    ship::partition::parse_subject,
+    ship::partition::{POSITIONS_HEADER, parse_subject},
 };
 
 /// Connecting, and each JetStream API request.
-const TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const TIMEOUT: Duration = Duration::from_secs(10);
 /// A message not acknowledged within this is delivered again.
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Messages per pull request, and how long a pull waits for them.
@@ -63,17 +63,17 @@ fn opt(p: &std::path::Path) -> Option<&std::path::Path> {
 
 /// A configured JetStream source.
 pub struct Source {
-    endpoint: Endpoint,
-    config: Nats,
+    pub(super) endpoint: Endpoint,
+    pub(super) config: Nats,
 }
 
 /// Publishes the fleet's hot sketch cells for the agents ([`crate::ship::sketch`]) every
 /// few seconds on core NATS: agents subscribe, the server's permissions let only the
 /// collector publish. Core NATS, not JetStream: an agent that misses one gets the next.
-struct HotPublisher(tokio::task::JoinHandle<()>);
+pub(super) struct HotPublisher(tokio::task::JoinHandle<()>);
 
 impl HotPublisher {
-    fn start(client: async_nats::Client, prefix: &str, shared: &Arc<Shared>) -> Self {
+    pub(super) fn start(client: async_nats::Client, prefix: &str, shared: &Arc<Shared>) -> Self {
         let subject = crate::ship::sketch::hot_subject(prefix);
         let shared = shared.clone();
         Self(tokio::spawn(async move {
@@ -104,7 +104,7 @@ impl Drop for HotPublisher {
 }
 
 /// Why a consumer's run ended.
-enum Ended {
+pub(super) enum Ended {
     /// A message arrived past the next expected one: recreate the consumer at the checkpoint.
     OutOfOrder { expected: u64, got: u64 },
 }
@@ -202,10 +202,22 @@ impl Source {
     /// stream sequence being an agent's batch.
     async fn stream(&self, js: &jetstream::Context) -> anyhow::Result<jetstream::stream::Stream> {
         let c = &self.config;
-        let subjects = vec![format!("{}.>", c.subject_prefix)];
+        self.stream_named(js, &c.stream, format!("{}.>", c.subject_prefix))
+            .await
+    }
+
+    /// The stream `name` holding exactly `subjects` (see [`Source::stream`]).
+    pub(super) async fn stream_named(
+        &self,
+        js: &jetstream::Context,
+        name: &str,
+        subjects: String,
+    ) -> anyhow::Result<jetstream::stream::Stream> {
+        let c = &self.config;
+        let subjects = vec![subjects];
         let stream = js
             .get_or_create_stream(jetstream::stream::Config {
-                name: c.stream.clone(),
+                name: name.to_owned(),
                 subjects: subjects.clone(),
                 storage: StorageType::File,
                 num_replicas: c.replicas,
@@ -216,12 +228,11 @@ impl Source {
                 ..Default::default()
             })
             .await
-            .with_context(|| format!("creating or opening the stream `{}`", c.stream))?;
+            .with_context(|| format!("creating or opening the stream `{name}`"))?;
         let have = &stream.cached_info().config.subjects;
         anyhow::ensure!(
             *have == subjects,
-            "the stream `{}` holds subjects {have:?}; the collector needs exactly {subjects:?}",
-            c.stream
+            "the stream `{name}` holds subjects {have:?}; the collector needs exactly {subjects:?}",
         );
         Ok(stream)
     }
@@ -233,11 +244,29 @@ impl Source {
         checkpoint: u64,
     ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
         let c = &self.config;
+        self.consumer_named(
+            stream,
+            &c.consumer,
+            format!("{}.>", c.subject_prefix),
+            checkpoint,
+        )
+        .await
+    }
+
+    /// The durable consumer `name` of `filter`, recreated to deliver from the message after
+    /// `checkpoint`.
+    pub(super) async fn consumer_named(
+        &self,
+        stream: &jetstream::stream::Stream,
+        name: &str,
+        filter: String,
+        checkpoint: u64,
+    ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
         // Whatever the old consumer had pending or acknowledged, the checkpoint decides.
-        match stream.delete_consumer(&c.consumer).await {
+        match stream.delete_consumer(name).await {
             Ok(_) => {}
             Err(e) if e.to_string().contains("not found") => {}
-            Err(e) => return Err(e).context(format!("deleting the consumer `{}`", c.consumer)),
+            Err(e) => return Err(e).context(format!("deleting the consumer `{name}`")),
         }
         let deliver_policy = if checkpoint == 0 {
             DeliverPolicy::All
@@ -248,19 +277,19 @@ impl Source {
         };
         stream
             .create_consumer(pull::Config {
-                durable_name: Some(c.consumer.clone()),
+                durable_name: Some(name.to_owned()),
                 deliver_policy,
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: ACK_WAIT,
-                filter_subject: format!("{}.>", c.subject_prefix),
+                filter_subject: filter,
                 ..Default::default()
             })
             .await
-            .with_context(|| format!("creating the consumer `{}`", c.consumer))
+            .with_context(|| format!("creating the consumer `{name}`"))
     }
 
     /// Merges messages in stream order until one arrives out of order (or an error).
-    async fn consume(
+    pub(super) async fn consume(
         &self,
         consumer: &jetstream::consumer::Consumer<pull::Config>,
         shared: &Shared,
@@ -341,8 +370,6 @@ impl Source {
         message: &jetstream::Message,
         seq: u64,
     ) -> anyhow::Result<()> {
-        // The partition is 0 until this consumer reads partition streams (the config
-        // refuses more than one partition so far).
         let agent = parse_subject(
             &self.config.subject_prefix,
             self.config.partitions,
@@ -355,6 +382,14 @@ impl Source {
                 message.subject
             ));
             return refuse(shared, message, seq, "?", &e).await;
+        };
+        let positions = if self.config.partitions > 1 {
+            match positions(message) {
+                Ok(p) => Some(p),
+                Err(e) => return refuse(shared, message, seq, &agent, &e).await,
+            }
+        } else {
+            None
         };
         let max = shared.max_body.saturating_mul(DECOMPRESSION_RATIO);
         let mut wait = Duration::from_millis(100);
@@ -388,7 +423,15 @@ impl Source {
         let (batch, _reservation) = batch;
         let mut wait = Duration::from_millis(200);
         loop {
-            match shared.accept_from_stream(&batch, seq) {
+            if let Some((first, last)) = positions
+                && batch.records.iter().any(|r| r.seq < first || r.seq > last)
+            {
+                let e = IngestError::Malformed(format!(
+                    "records outside the positions {first}-{last} the message names"
+                ));
+                return refuse(shared, message, seq, &agent, &e).await;
+            }
+            match shared.accept_from_stream(&batch, seq, positions) {
                 Ok(applied) => {
                     let c = &shared.counters;
                     c.batches.fetch_add(1, Ordering::Relaxed);
@@ -408,6 +451,21 @@ impl Source {
             }
         }
     }
+}
+
+/// The agent's positions a partition's message covers (`Sensor-Positions: <first>-<last>`).
+fn positions(message: &jetstream::Message) -> Result<(u64, u64), IngestError> {
+    let value = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(POSITIONS_HEADER))
+        .map(|v| v.as_str().to_owned())
+        .ok_or_else(|| IngestError::Malformed(format!("no {POSITIONS_HEADER} header")))?;
+    value
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+        .filter(|(a, b)| 0 < *a && a <= b)
+        .ok_or_else(|| IngestError::Malformed(format!("{POSITIONS_HEADER}: `{value}`")))
 }
 
 /// A batch refused for good: counted by reason as the HTTPS endpoint counts it, terminated

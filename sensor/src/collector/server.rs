@@ -256,11 +256,24 @@ async fn handle(req: Request<Incoming>, shared: &Shared, p: &Peer) -> Reply {
                     "send batches with a client certificate for {names:?}"
                 ));
             }
+            if shared.group().is_some() {
+                // Partitioned collectors merge what the partition streams carry; a batch
+                // merged here would be in no partition (and counted twice once shipped there).
+                return error(
+                    StatusCode::CONFLICT,
+                    "this collector shares partitions over NATS JetStream: ship with `transport = \"nats\"`",
+                );
+            }
             ingest(req, shared, &name, peer).await
         }
         (&Method::GET, "/v1/clients" | "/v1/alerts" | "/v1/health" | "/metrics") => {
             if role != Role::Reader {
                 return forbidden("read the fleet view");
+            }
+            if let Some(group) = shared.group()
+                && matches!(path.as_str(), "/v1/clients" | "/v1/alerts")
+            {
+                return gather(group, &path, &query).await;
             }
             read(shared, &path, &query)
         }
@@ -399,6 +412,33 @@ fn refuse(shared: &Shared, agent: &str, peer: SocketAddr, e: &IngestError) -> Re
     r
 }
 
+/// The fleet view of several collectors: each partition's holder answers for its partition
+/// (a partition without one, during a failover, makes it a 503: never a partial view).
+async fn gather(group: &super::partitioned::Status, path: &str, query: &str) -> Reply {
+    let body = if path == "/v1/clients" {
+        let q = match Query::parse(query) {
+            Ok(q) => q,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        group
+            .clients(&q, query)
+            .await
+            .map(|rows| serde_json::to_string(&rows))
+    } else {
+        group.alerts().await.map(|a| serde_json::to_string(&a))
+    };
+    match body {
+        Ok(Ok(b)) => json(StatusCode::OK, b),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+            r
+        }
+    }
+}
+
 fn read(shared: &Shared, path: &str, query: &str) -> Reply {
     let now = Now::system();
     let body = match path {
@@ -415,7 +455,14 @@ fn read(shared: &Shared, path: &str, query: &str) -> Reply {
         "/v1/alerts" => shared.with_fleet(|f| serde_json::to_string(&f.state.alerts(&f.detector))),
         "/metrics" => {
             return match shared
-                .with_fleet(|f| super::metrics::families(&shared.counters, f, &f.outputs.stats()))
+                .with_fleet(|f| {
+                    super::metrics::families(
+                        &shared.counters,
+                        f,
+                        &f.outputs.stats(),
+                        shared.group().map(|g| &**g),
+                    )
+                })
                 .and_then(|families| Ok(families.encode()?))
             {
                 Ok(text) => reply(StatusCode::OK, prometheus::CONTENT_TYPE, text),

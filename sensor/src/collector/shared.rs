@@ -47,6 +47,8 @@ pub(super) struct Snapshot {
 #[derive(Serialize)]
 struct StreamLineRef<'a> {
     nats_seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    positions: Option<(u64, u64)>,
     batch: &'a Batch,
 }
 
@@ -54,6 +56,9 @@ struct StreamLineRef<'a> {
 #[serde(deny_unknown_fields)]
 pub(super) struct StreamLine {
     pub(super) nats_seq: u64,
+    /// A partition's part: the agent's positions its batch covers.
+    #[serde(default)]
+    pub(super) positions: Option<(u64, u64)>,
     pub(super) batch: Batch,
 }
 
@@ -64,24 +69,94 @@ pub struct Fleet {
     pub(super) journal: File,
     pub(super) journal_path: PathBuf,
     /// The SIEM outputs: fed under this lock, so forwarded alerts keep the agents' order.
-    pub(super) outputs: Outputs,
+    /// Shared by the partitions a collector merges (one set of connections and spools).
+    pub(super) outputs: std::sync::Arc<Outputs>,
     /// `[state] received_log`: one line per accepted record.
     pub(super) received_log: Option<File>,
+    /// A partition's state: its alert events go to the collectors' alerts stream (and its
+    /// subject there), not to the outputs.
+    pub(super) alerts: Option<(std::sync::Arc<super::alerts::AlertStream>, String)>,
+}
+
+impl Fleet {
+    /// Forwards alert events: to the outputs, or for a partition to the alerts stream.
+    pub(super) fn forward(&self, records: &[crate::sinks::Record]) {
+        match &self.alerts {
+            Some((stream, subject)) => stream.publish(subject, records),
+            None => self.outputs.publish_records(records),
+        }
+    }
 }
 
 pub struct Shared {
     pub(super) fleet: Mutex<Fleet>,
     pub(super) tokens: Tokens,
-    pub(super) counters: Counters,
+    /// Shared with the partitions' states, so health and metrics count them all.
+    pub(super) counters: std::sync::Arc<Counters>,
     pub(super) max_body: usize,
     pub(super) started: std::time::SystemTime,
     /// Which connections are served (per-address and unauthenticated bounds).
     pub(super) admission: std::sync::Arc<Admission>,
     /// Bytes all requests in flight may hold (bodies and decompressed batches).
     pub(super) budget: std::sync::Arc<Budget>,
+    /// Several collectors sharing partitions: what this one holds (set once at start).
+    pub(super) group: std::sync::OnceLock<std::sync::Arc<super::partitioned::Status>>,
 }
 
 impl Shared {
+    pub(super) fn set_group(&self, status: std::sync::Arc<super::partitioned::Status>) {
+        let _ = self.group.set(status);
+    }
+
+    pub(super) fn group(&self) -> Option<&std::sync::Arc<super::partitioned::Status>> {
+        self.group.get()
+    }
+
+    /// The merged state of one partition this collector holds, beside the others: it
+    /// shares this (front) state's counters, budget, outputs and received log; its journal
+    /// starts empty (the checkpoint it was loaded from is the authority).
+    pub(super) fn partition(
+        &self,
+        state: FleetState,
+        detector: Detector,
+        journal_path: PathBuf,
+        alerts: (std::sync::Arc<super::alerts::AlertStream>, String),
+    ) -> anyhow::Result<Self> {
+        let (outputs, received_log) = self.with_fleet(|f| {
+            (
+                f.outputs.clone(),
+                f.received_log.as_ref().and_then(|l| l.try_clone().ok()),
+            )
+        })?;
+        if let Some(dir) = journal_path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&journal_path, b"")
+            .with_context(|| format!("emptying {}", journal_path.display()))?;
+        let journal = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&journal_path)
+            .with_context(|| format!("opening the journal {}", journal_path.display()))?;
+        Ok(Self {
+            fleet: Mutex::new(Fleet {
+                state,
+                detector,
+                journal,
+                journal_path,
+                outputs,
+                received_log,
+                alerts: Some(alerts),
+            }),
+            tokens: Tokens::default(),
+            counters: self.counters.clone(),
+            max_body: self.max_body,
+            started: self.started,
+            admission: self.admission.clone(),
+            budget: self.budget.clone(),
+            group: std::sync::OnceLock::new(),
+        })
+    }
+
     fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Fleet>> {
         self.fleet
             .lock()
@@ -106,8 +181,13 @@ impl Shared {
 
     /// As [`Shared::accept`], for the JetStream message at stream sequence `seq`: the
     /// journal line carries the sequence, so a replay restores where the consumer resumes.
-    pub fn accept_from_stream(&self, batch: &Batch, seq: u64) -> anyhow::Result<Applied> {
-        self.journal_and_apply(batch, Some(seq))
+    pub fn accept_from_stream(
+        &self,
+        batch: &Batch,
+        seq: u64,
+        positions: Option<(u64, u64)>,
+    ) -> anyhow::Result<Applied> {
+        self.journal_and_apply(batch, Some((seq, positions)))
     }
 
     /// The stream sequence of the last JetStream message merged (0: none).
@@ -123,12 +203,19 @@ impl Shared {
         Ok(())
     }
 
-    fn journal_and_apply(&self, batch: &Batch, nats_seq: Option<u64>) -> anyhow::Result<Applied> {
+    fn journal_and_apply(
+        &self,
+        batch: &Batch,
+        stream: Option<(u64, Option<(u64, u64)>)>,
+    ) -> anyhow::Result<Applied> {
         let mut fleet = self.lock()?;
-        let mut line = match nats_seq {
+        let nats_seq = stream.map(|(seq, _)| seq);
+        let positions = stream.and_then(|(_, p)| p);
+        let mut line = match stream {
             None => serde_json::to_vec(batch),
-            Some(seq) => serde_json::to_vec(&StreamLineRef {
+            Some((seq, positions)) => serde_json::to_vec(&StreamLineRef {
                 nats_seq: seq,
+                positions,
                 batch,
             }),
         }
@@ -150,11 +237,11 @@ impl Shared {
             let _ = fleet.journal.set_len(before);
             return Err(e).with_context(|| format!("appending to {}", path.display()));
         }
-        let (applied, forward, accepted) = fleet.state.apply(batch, Now::system());
+        let (applied, forward, accepted) = fleet.state.apply_part(batch, positions, Now::system());
         if let Some(seq) = nats_seq {
             fleet.state.nats_seq = fleet.state.nats_seq.max(seq);
         }
-        fleet.outputs.publish_records(&forward);
+        fleet.forward(&forward);
         if let Some(log) = fleet.received_log.as_mut() {
             let mut lines = String::new();
             for rec in accepted {
@@ -236,6 +323,7 @@ impl Shared {
                     "total_bytes_out": agg.addresses.grand_total().bytes_out,
                 },
                 "detect": f.detector.state.counters,
+                "partitions": self.group().map(|g| g.health()),
                 "nats": {
                     "stream_seq": f.state.nats_seq,
                     "messages": self.counters.nats_messages.load(std::sync::atomic::Ordering::Relaxed),
@@ -248,16 +336,35 @@ impl Shared {
         })
     }
 
-    /// Writes the snapshot, then empties the journal it covers.
-    pub(super) fn snapshot(&self, dir: &Path) -> anyhow::Result<()> {
+    /// The snapshot of the merged state, the stream sequence it covers and how many alert
+    /// events had been queued for the alerts stream by then; the journal is emptied (the
+    /// caller keeps the snapshot before anything else is merged).
+    pub(super) fn checkpoint(&self) -> anyhow::Result<(Vec<u8>, u64, u64)> {
         let fleet = self.lock()?;
-        let encoded = serde_json::to_vec(&SnapshotRef {
+        let encoded = Self::encode(&fleet)?;
+        let path = fleet.journal_path.clone();
+        fleet
+            .journal
+            .set_len(0)
+            .with_context(|| format!("emptying {}", path.display()))?;
+        let queued = fleet.alerts.as_ref().map_or(0, |(a, _)| a.queued());
+        Ok((encoded, fleet.state.nats_seq, queued))
+    }
+
+    fn encode(fleet: &Fleet) -> anyhow::Result<Vec<u8>> {
+        serde_json::to_vec(&SnapshotRef {
             version: SNAPSHOT_VERSION,
             saved_unix_ms: Now::system().unix_ms,
             fleet: &fleet.state,
             detector: &fleet.detector.state,
         })
-        .context("encoding the collector snapshot")?;
+        .context("encoding the collector snapshot")
+    }
+
+    /// Writes the snapshot, then empties the journal it covers.
+    pub(super) fn snapshot(&self, dir: &Path) -> anyhow::Result<()> {
+        let fleet = self.lock()?;
+        let encoded = Self::encode(&fleet)?;
         crate::model::state::save(dir, &encoded)?;
         let path = fleet.journal_path.clone();
         fleet

@@ -282,6 +282,13 @@ pub fn client_rows(agg: &Aggregator, q: &Query, now: Now) -> Vec<ClientRow> {
             row(key, group, q.by, c, now)
         })
         .collect();
+    sort_and_limit(&mut rows, q);
+    rows
+}
+
+/// Orders rows as `q` asks and keeps its `limit`: also how rows gathered from several
+/// collectors' partitions (disjoint keys, each its own top) become the fleet's top.
+pub fn sort_and_limit(rows: &mut Vec<ClientRow>, q: &Query) {
     match q.sort.as_str() {
         "client" => rows.sort_by(|a, b| a.client.cmp(&b.client)),
         "first_seen" => rows.sort_by(|a, b| b.first_seen.cmp(&a.first_seen)),
@@ -296,7 +303,6 @@ pub fn client_rows(agg: &Aggregator, q: &Query, now: Now) -> Vec<ClientRow> {
     if let Some(limit) = q.limit {
         rows.truncate(limit);
     }
-    rows
 }
 
 #[cfg(test)]

@@ -1,0 +1,300 @@
+//! SIEM forwarding when several collectors share partitions (docs/fleet.md, "SIEM forwarding
+//! exactly once per alert id").
+//!
+//! A partition's holder does not write to the outputs itself: a new holder merges again what
+//! its predecessor merged after the last checkpoint, and would forward those alerts again.
+//! Instead every alert event (agents' and fleet rules') goes into the JetStream stream
+//! `<stream>-alerts` with `Nats-Msg-Id` = the event's id, whose duplicate window (30 min)
+//! drops the copies a replay publishes. A partition's checkpoint is written only once the
+//! server has acknowledged every event merged before it, so no event falls between a
+//! checkpoint and a crash.
+//!
+//! One forwarder, the holder of partition 0, reads that stream in order and feeds the
+//! configured outputs. Its position (the last stream sequence whose events every output has
+//! delivered: nothing pending in any spool) is kept in the checkpoint bucket under `alerts`,
+//! written with the revision it read (fenced like the checkpoints). A new forwarder resumes
+//! after that position: events delivered by its predecessor after it are sent again with the
+//! same ids, which receivers deduplicate; none is lost with the predecessor's spool.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+    kv,
+    message::PublishMessage,
+};
+use futures_util::StreamExt as _;
+use log::{info, warn};
+
+use crate::{formats::Record, sinks::Outputs};
+
+/// The alerts stream's duplicate window: longer than a failover plus a replay from the last
+/// checkpoint.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(30 * 60);
+/// The forwarder's position in the checkpoint bucket.
+pub const POSITION_KEY: &str = "alerts";
+
+/// The stream holding the collectors' alert events.
+pub fn stream_name(stream: &str) -> String {
+    format!("{stream}-alerts")
+}
+
+/// Its subjects: `<subject_prefix>-alerts.p<N>`, by the partition that merged the event.
+pub fn subject(prefix: &str, p: u32) -> String {
+    format!("{prefix}-alerts.p{p}")
+}
+
+/// Publishes a collector's alert events to the alerts stream, in order, retrying until the
+/// server acknowledges each.
+pub struct AlertStream {
+    tx: tokio::sync::mpsc::UnboundedSender<(u64, String, Vec<u8>)>,
+    queued: AtomicU64,
+    acked: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+    /// Events that could not be encoded (none expected), counted.
+    pub unencodable: AtomicU64,
+}
+
+impl Drop for AlertStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl AlertStream {
+    pub fn start(js: jetstream::Context, stream: String) -> Arc<Self> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, String, Vec<u8>)>();
+        let (acked, _) = tokio::sync::watch::channel(0u64);
+        let acked_tx = acked.clone();
+        let task = tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 64 {
+                    match rx.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                // Retried as a whole until acknowledged: a copy already stored is dropped
+                // by its id.
+                loop {
+                    match publish(&js, &stream, &batch).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            warn!("publishing alert events to `{stream}`: {e:#}; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+                delay = Duration::from_millis(200);
+                if let Some((n, _, _)) = batch.last() {
+                    acked_tx.send_replace(*n);
+                }
+            }
+        });
+        Arc::new(Self {
+            tx,
+            queued: AtomicU64::new(0),
+            acked,
+            task,
+            unencodable: AtomicU64::new(0),
+        })
+    }
+
+    /// Queues events merged by partition `p` (never blocks: called under the merge lock).
+    pub fn publish(&self, p_subject: &str, records: &[Record]) {
+        for r in records {
+            let Ok(body) = serde_json::to_vec(r) else {
+                self.unencodable.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let n = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
+            let _ = self.tx.send((n, format!("{p_subject}\n{}", r.id), body));
+        }
+    }
+
+    /// Events queued so far (read under the merge lock: what a checkpoint covers).
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the first `n` events are acknowledged, at most `within`.
+    pub async fn acked_through(&self, n: u64, within: Duration) -> bool {
+        let mut rx = self.acked.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|a| *a >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    stream: &str,
+    batch: &[(u64, String, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let mut acks = Vec::with_capacity(batch.len());
+    for (_, subject_and_id, body) in batch {
+        let (subject, id) = subject_and_id
+            .split_once('\n')
+            .context("an alert event without subject")?;
+        let message = PublishMessage::build()
+            .payload(body.clone().into())
+            .message_id(id)
+            .expected_stream(stream);
+        acks.push(
+            js.send_publish(subject.to_owned(), message)
+                .await
+                .context("publishing")?,
+        );
+    }
+    for ack in acks {
+        ack.await.context("no acknowledgement")?;
+    }
+    Ok(())
+}
+
+/// Counters of the forwarder.
+#[derive(Debug, Default)]
+pub struct ForwardCounters {
+    pub forwarded: AtomicU64,
+    pub unreadable: AtomicU64,
+    pub missing: AtomicU64,
+}
+
+/// Feeds the outputs from the alerts stream until aborted (the holder of partition 0 runs
+/// it) or fenced (another forwarder moved the position).
+pub async fn forward(
+    stream: jetstream::stream::Stream,
+    consumer_name: String,
+    ckpt: kv::Store,
+    outputs: Arc<Outputs>,
+    counters: Arc<ForwardCounters>,
+) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match forward_session(&stream, &consumer_name, &ckpt, &outputs, &counters).await {
+            Ok(()) => {
+                warn!("the alert forwarder's position was moved by another collector: stopped");
+                return;
+            }
+            Err(e) => {
+                warn!("forwarding alert events: {e:#}; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Ok: fenced.
+async fn forward_session(
+    stream: &jetstream::stream::Stream,
+    consumer_name: &str,
+    ckpt: &kv::Store,
+    outputs: &Outputs,
+    counters: &ForwardCounters,
+) -> anyhow::Result<()> {
+    let (mut stored, mut revision) = match ckpt.entry(POSITION_KEY).await? {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let pos = std::str::from_utf8(&e.value)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .context("the forwarder's position is unreadable")?;
+            // Rewritten as it is: a former forwarder can no longer move it.
+            let rev = ckpt
+                .update(POSITION_KEY, e.value.clone(), e.revision)
+                .await?;
+            (pos, rev)
+        }
+        _ => (0, ckpt.create(POSITION_KEY, "0".into()).await?),
+    };
+    match stream.delete_consumer(consumer_name).await {
+        Ok(_) => {}
+        Err(e) if e.to_string().contains("not found") => {}
+        Err(e) => return Err(e).context(format!("deleting the consumer `{consumer_name}`")),
+    }
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(consumer_name.to_owned()),
+            deliver_policy: if stored == 0 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: stored + 1,
+                }
+            },
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating the consumer `{consumer_name}`"))?;
+    info!(
+        "forwarding alert events to the outputs from stream sequence {}",
+        stored + 1
+    );
+    let mut handed = stored;
+    loop {
+        let mut messages = consumer
+            .fetch()
+            .max_messages(64)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .context("pulling alert events")?;
+        while let Some(message) = tokio::time::timeout(Duration::from_secs(12), messages.next())
+            .await
+            .context("no answer to a pull request")?
+        {
+            let message = message.map_err(|e| anyhow::anyhow!("pulling alert events: {e}"))?;
+            let seq = message
+                .info()
+                .map_err(|e| anyhow::anyhow!("an alert event without metadata: {e}"))?
+                .stream_sequence;
+            if seq <= handed {
+                let _ = message.ack().await;
+                continue;
+            }
+            if seq > handed + 1 && handed > 0 {
+                counters
+                    .missing
+                    .fetch_add(seq - handed - 1, Ordering::Relaxed);
+            }
+            match serde_json::from_slice::<Record>(&message.payload) {
+                Ok(r) => {
+                    outputs.publish_records(std::slice::from_ref(&r));
+                    counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    counters.unreadable.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            handed = seq;
+            let _ = message.ack().await;
+        }
+        // The position moves only past events every output has delivered.
+        if handed > stored && outputs.stats().iter().all(|s| s.pending == 0) {
+            match ckpt
+                .update(POSITION_KEY, handed.to_string().into(), revision)
+                .await
+            {
+                Ok(r) => {
+                    revision = r;
+                    stored = handed;
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(()),
+                Err(e) => warn!("storing the forwarder's position: {e}"),
+            }
+        }
+    }
+}
