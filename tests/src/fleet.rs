@@ -165,3 +165,72 @@ impl ThinTraffic {
         }
     }
 }
+
+/// The partition of a client key, as agents and collectors compute it (docs/fleet.md,
+/// "Partitions": MurmurHash3's 64-bit finalizer of FNV-1a-64 of `kind ++ "\0" ++ key`,
+/// modulo `partitions`). Written out again here, not imported: the tests pick client
+/// addresses per partition with it, and it is pinned below by the sensor's own vector.
+pub fn partition_of(kind: &str, key: &str, partitions: u32) -> u32 {
+    if partitions <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in kind.bytes().chain(std::iter::once(0)).chain(key.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    u32::try_from(h % u64::from(partitions)).expect("below partitions")
+}
+
+/// `per` loopback client addresses (127.0.1.x) in each of `partitions` partitions, by
+/// partition: traffic from all of them reaches every partition.
+pub fn sources_by_partition(partitions: u32, per: usize) -> Vec<Vec<String>> {
+    let mut out = vec![Vec::new(); partitions as usize];
+    for x in 1..=254u32 {
+        let source = format!("127.0.1.{x}");
+        let p = partition_of("address", &source, partitions) as usize;
+        if out[p].len() < per {
+            out[p].push(source);
+        }
+        if out.iter().all(|s| s.len() == per) {
+            return out;
+        }
+    }
+    panic!("127.0.1.0/24 does not give {per} addresses in each of {partitions} partitions");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same values as the sensor's `the_function_is_fnv1a_of_kind_zero_key`.
+    #[test]
+    fn the_partition_function_is_the_sensors() {
+        let keys = [
+            ("address", "10.0.0.1"),
+            ("address", "10.0.0.2"),
+            ("group", "10.0.0.0/24"),
+            ("identity", "k-0123456789ab"),
+            ("forwarded", "2001:db8::1"),
+        ];
+        let got: Vec<u32> = keys.iter().map(|(k, v)| partition_of(k, v, 16)).collect();
+        assert_eq!(got, [9, 10, 15, 15, 12]);
+        assert_eq!(partition_of("address", "10.0.0.1", 1), 0);
+    }
+
+    #[test]
+    fn sources_cover_every_partition() {
+        let s = sources_by_partition(4, 2);
+        for (p, sources) in s.iter().enumerate() {
+            assert_eq!(sources.len(), 2);
+            for a in sources {
+                assert_eq!(partition_of("address", a, 4) as usize, p);
+            }
+        }
+    }
+}

@@ -20,7 +20,7 @@ use std::{
 };
 
 use sensor_tests::{
-    fleet::{ThinTraffic, fleet_row, fleet_truth},
+    fleet::{ThinTraffic, fleet_row, fleet_truth, partition_of, sources_by_partition},
     siem::*,
     *,
 };
@@ -65,8 +65,10 @@ impl User {
         }
     }
 
-    /// The server's entry: publish on its own subject only, replies in its own inbox only,
-    /// and the collector's hot sketch cells.
+    /// The server's entry: publish on its own subjects only (`sensor.ship.<agent>`
+    /// unpartitioned, `sensor.ship.<partition>.<agent>` with partitions: one token wildcard,
+    /// agent names in these tests have no dots), replies in its own inbox only, and the
+    /// collector's hot sketch cells. Nothing of the collectors' leases, checkpoints or views.
     fn server_entry(&self) -> String {
         let who = match &self.cred {
             Cred::Password(p) => format!("user: \"{}\", password: \"{p}\"", self.agent),
@@ -76,20 +78,39 @@ impl User {
             ),
         };
         format!(
-            "{{ {who}, permissions: {{ publish: {{ allow: [\"sensor.ship.{a}\"] }}, \
+            "{{ {who}, permissions: {{ publish: {{ allow: [\"sensor.ship.{a}\", \"sensor.ship.*.{a}\"] }}, \
              subscribe: {{ allow: [\"_INBOX.{a}.>\", \"sensor.ship-hot\"] }} }} }}",
             a = self.agent
         )
     }
 }
 
-/// The accounts block every server of a test shares: the agents and the collector.
-fn accounts(users: &[User]) -> String {
+/// The accounts block every server of a test shares: the agents and the collectors.
+///
+/// The collectors' user (all collectors share it): the JetStream API, acknowledgements on
+/// the stream (`SENSOR`, or `SENSOR-p<N>` for each of `partitions` and `SENSOR-alerts`), the
+/// hot sketch cells, and for several collectors (docs/fleet.md, "Permissions of the
+/// collectors' users") the alerts stream's subjects (`sensor.ship-alerts.>`), the lease
+/// bucket, the checkpoint bucket and object store (with the flow control of their ordered
+/// consumers), the view subjects, and replies to the other collectors' view requests in the
+/// collectors' inboxes.
+fn accounts(users: &[User], partitions: u32) -> String {
     let mut entries: Vec<String> = users.iter().map(User::server_entry).collect();
+    let mut acks = vec!["\"$JS.ACK.SENSOR.>\"".to_owned()];
+    if partitions > 1 {
+        acks.extend((0..partitions).map(|p| format!("\"$JS.ACK.SENSOR-p{p}.>\"")));
+        // The alerts stream's forwarder (one durable consumer).
+        acks.push("\"$JS.ACK.SENSOR-alerts.>\"".to_owned());
+    }
+    let shared = "\"$KV.SENSOR-leases.>\", \"$KV.SENSOR-ckpt.>\", \"$O.SENSOR-state.>\", \
+                  \"sensor.ship-view.>\", \"_INBOX_sensor_collector.>\"";
     entries.push(format!(
         "{{ user: \"collector\", password: \"{COLLECTOR_PASSWORD}\", permissions: {{ \
-         publish: {{ allow: [\"$JS.API.>\", \"$JS.ACK.SENSOR.>\", \"sensor.ship-hot\"] }}, \
-         subscribe: {{ allow: [\"_INBOX_sensor_collector.sensor-collector.>\"] }} }} }}"
+         publish: {{ allow: [\"$JS.API.>\", {acks}, \"sensor.ship-hot\", \"sensor.ship-alerts.>\", \
+         \"$JS.FC.KV_SENSOR-leases.>\", \"$JS.FC.KV_SENSOR-ckpt.>\", \"$JS.FC.OBJ_SENSOR-state.>\", \
+         {shared}] }}, \
+         subscribe: {{ allow: [{shared}] }} }} }}",
+        acks = acks.join(", ")
     ));
     format!(
         "accounts {{\n  SENSOR {{\n    jetstream: enabled\n    users: [\n      {}\n    ]\n  }}\n}}\n",
@@ -147,6 +168,27 @@ impl NatsServer {
         };
         s.spawn();
         s
+    }
+
+    /// `n` nodes clustered (`n0`, `n1` ... in `dir`), and the URLs of all of them as clients
+    /// are given them (comma-separated).
+    fn cluster(dir: &Path, certs: &Certs, accounts: &str, n: usize) -> (Vec<Self>, String) {
+        let ports: Vec<u16> = (0..n).map(|_| listen_port()).collect();
+        let routes: Vec<u16> = (0..n).map(|_| listen_port()).collect();
+        let nodes: Vec<Self> = (0..n)
+            .map(|i| {
+                Self::start(
+                    &dir.join(format!("n{i}")),
+                    &format!("n{i}"),
+                    certs,
+                    accounts,
+                    ports[i],
+                    Some((routes[i], &routes)),
+                )
+            })
+            .collect();
+        let urls = nodes.iter().map(Self::url).collect::<Vec<_>>().join(",");
+        (nodes, urls)
     }
 
     fn spawn(&mut self) {
@@ -210,8 +252,16 @@ struct Collector {
 }
 
 impl Collector {
-    /// `extra` is appended to the config (outputs).
-    fn start(dir: &Path, certs: &Certs, nats_urls: &str, replicas: usize, extra: &str) -> Self {
+    /// `nats_extra` follows the `[nats]` keys (partitions, instance ...), `extra` is appended
+    /// to the config (outputs).
+    fn start(
+        dir: &Path,
+        certs: &Certs,
+        nats_urls: &str,
+        replicas: usize,
+        nats_extra: &str,
+        extra: &str,
+    ) -> Self {
         fs::create_dir_all(dir).expect("collector dir");
         let hash = run_ok(
             Command::new("sh")
@@ -234,7 +284,7 @@ impl Collector {
                  tls_key_file = \"{}\"\ntokens_file = \"{}\"\n\n\
                  [state]\ndir = \"{}\"\nsnapshot_interval_secs = 2\nreceived_log = \"{}\"\n\n\
                  [nats]\nurl = \"{nats_urls}\"\ncredentials_file = \"{}\"\nca_file = \"{}\"\n\
-                 replicas = {replicas}\n\n[detect]\ninterval_secs = 1\n\n{extra}",
+                 replicas = {replicas}\n{nats_extra}\n[detect]\ninterval_secs = 1\n\n{extra}",
                 certs.cert.display(),
                 certs.key.display(),
                 dir.join("tokens").display(),
@@ -319,16 +369,56 @@ impl Collector {
 
     /// `sensor clients --collector ... --json`: the real CLI against the fleet view.
     fn clients_cli(&self, by: &str) -> Vec<Value> {
-        let out = run_ok(
-            Command::new(sensor_bin())
-                .args(["clients", "--json", "--by", by, "--collector"])
-                .arg(self.url())
-                .arg("--token-file")
-                .arg(&self.reader_token)
-                .arg("--ca-file")
-                .arg(&self.ca),
-        );
-        serde_json::from_str(&out).expect("clients JSON")
+        self.try_clients_cli(by)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()))
+    }
+
+    /// [`Collector::clients_cli`], its failure (a 503 while a partition changes hands, or
+    /// the collector down) as an error.
+    fn try_clients_cli(&self, by: &str) -> Result<Vec<Value>, String> {
+        let out = Command::new(sensor_bin())
+            .args(["clients", "--json", "--by", by, "--collector"])
+            .arg(self.url())
+            .arg("--token-file")
+            .arg(&self.reader_token)
+            .arg("--ca-file")
+            .arg(&self.ca)
+            .output()
+            .map_err(|e| format!("spawning sensor clients: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "sensor clients --collector {}: {}: {}",
+                self.url(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("clients JSON: {e}"))
+    }
+
+    /// `/v1/health`'s `partitions` (several collectors): count, instance, held, and the
+    /// counters taken, lost, released, checkpoints.
+    fn partitions(&self) -> Result<Partitions, String> {
+        let h = self.try_get("/v1/health")?;
+        let p = &h["partitions"];
+        let n = |k: &str| {
+            p[k].as_u64()
+                .ok_or_else(|| format!("/v1/health partitions.{k}: {h}"))
+        };
+        Ok(Partitions {
+            count: n("count")?,
+            instance: p["instance"].as_str().unwrap_or_default().to_owned(),
+            held: p["held"]
+                .as_array()
+                .ok_or_else(|| format!("/v1/health partitions.held: {h}"))?
+                .iter()
+                .filter_map(Value::as_u64)
+                .collect(),
+            taken: n("taken")?,
+            lost: n("lost")?,
+            released: n("released")?,
+            checkpoints: n("checkpoints")?,
+        })
     }
 
     fn received(&self) -> Vec<Value> {
@@ -340,6 +430,18 @@ impl Drop for Collector {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A collector's share of the partitions, from its `/v1/health`.
+#[derive(Debug, Clone)]
+struct Partitions {
+    count: u64,
+    instance: String,
+    held: BTreeSet<u64>,
+    taken: u64,
+    lost: u64,
+    released: u64,
+    checkpoints: u64,
 }
 
 /// One inference host: a cgroup, an nginx on its own port, an agent shipping to JetStream as
@@ -418,13 +520,14 @@ impl Host {
     }
 }
 
-/// Waits until the fleet view (through the real CLI) shows exactly `truth` for its clients.
+/// Waits until the fleet view (through the real CLI) shows exactly `truth` for its clients
+/// (a view refused meanwhile, 503 during a failover, is asked again).
 fn wait_fleet_equals(c: &Collector, truth: &ClientTruth) {
-    wait_for(
+    try_wait_for(
         "the fleet view to equal the summed ground truth",
         Duration::from_secs(90),
         || {
-            let rows = c.clients_cli("address");
+            let rows = c.try_clients_cli("address")?;
             for (client, t) in truth {
                 let seen = fleet_row(&rows, client);
                 if seen != Some(*t) {
@@ -433,7 +536,8 @@ fn wait_fleet_equals(c: &Collector, truth: &ClientTruth) {
             }
             Ok(())
         },
-    );
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&[c])));
 }
 
 /// Every record the collector merged, per agent: each position once, 1, 2, 3 ... in order.
@@ -465,6 +569,123 @@ fn agents_in_health(h: &Value) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// The partition share of several collectors: each holds `ceil(count / collectors)`, none
+/// holds a partition another holds, together they hold every partition; and each one's
+/// counters add up (held = taken - lost - released).
+fn check_split(shares: &[&Partitions], count: u64) -> Result<(), String> {
+    let each = count.div_ceil(shares.len() as u64);
+    let mut all = BTreeSet::new();
+    for p in shares {
+        if p.count != count {
+            return Err(format!(
+                "{} counts {} partitions, not {count}",
+                p.instance, p.count
+            ));
+        }
+        if p.held.len() as u64 != each {
+            return Err(format!("{} holds {:?}, not {each}", p.instance, p.held));
+        }
+        if !p.held.is_disjoint(&all) {
+            return Err(format!(
+                "{} holds one of {all:?} too: {:?}",
+                p.instance, p.held
+            ));
+        }
+        all.extend(p.held.iter().copied());
+    }
+    if all != (0..count).collect() {
+        return Err(format!("partitions held: {all:?}"));
+    }
+    for p in shares {
+        assert_eq!(
+            p.held.len() as u64 + p.lost + p.released,
+            p.taken,
+            "held = taken - lost - released: {p:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Waits until `a` and `b` share the `count` partitions ([`check_split`]).
+fn wait_shares(
+    a: &Collector,
+    b: &Collector,
+    count: u64,
+    what: &str,
+) -> Result<(Partitions, Partitions), String> {
+    try_wait_for(what, Duration::from_secs(60), || {
+        let (pa, pb) = (a.partitions()?, b.partitions()?);
+        check_split(&[&pa, &pb], count)?;
+        Ok((pa, pb))
+    })
+}
+
+/// [`log_tails`] and the NATS nodes' warnings and errors, for failure messages.
+fn diagnosis(cs: &[&Collector], nodes: &[NatsServer]) -> String {
+    let mut out = log_tails(cs);
+    for n in nodes {
+        let log = n.log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                (l.contains("[ERR]") || l.contains("[WRN]"))
+                    && !l.contains("Error trying to connect to route")
+            })
+            .collect();
+        out.push_str(&format!(
+            "\n--- {} (last warnings and errors) ---\n{}",
+            n.log.display(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        ));
+    }
+    out
+}
+
+/// The end of each collector's log, for failure messages.
+fn log_tails(cs: &[&Collector]) -> String {
+    cs.iter()
+        .map(|c| {
+            let log = c.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            format!(
+                "--- {} (last lines) ---\n{}",
+                c.log.display(),
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The agents' alerts of rule `rule` (each agent's alert ids once, from its alerts.jsonl)
+/// and the collector's fleet view of them (`/v1/alerts`), as sorted ids.
+fn agent_alert_ids(hosts: &[Host], rule: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for h in hosts {
+        let own: BTreeSet<String> = read_jsonl(&h.agent.state_dir.join("alerts.jsonl"))
+            .iter()
+            .filter(|e| e["alert"]["rule_id"] == rule)
+            .filter_map(|e| e["alert"]["id"].as_str().map(str::to_owned))
+            .collect();
+        ids.extend(own);
+    }
+    ids.sort();
+    ids
+}
+
+fn fleet_alert_ids(c: &Collector, rule: &str) -> Result<Vec<String>, String> {
+    let alerts = c.try_get("/v1/alerts")?;
+    let mut ids: Vec<String> = alerts
+        .as_array()
+        .ok_or_else(|| format!("/v1/alerts: {alerts}"))?
+        .iter()
+        .filter(|a| a["rule_id"] == rule)
+        .filter_map(|a| a["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
 /// Three agents (two with passwords, one with an nkey) publish to JetStream; the collector
 /// consumes. The fleet view equals nginx's ground truth; then the collector is killed (-9)
 /// while agents go on shipping, and restarted: still exact, every record merged once.
@@ -484,11 +705,12 @@ fn agents_ship_through_jetstream_exactly_across_a_collector_kill() {
         &tmp.path.join("nats"),
         "n1",
         &certs,
-        &accounts(&users),
+        &accounts(&users, 1),
         listen_port(),
         None,
     );
-    let mut collector = Collector::start(&tmp.path.join("collector"), &certs, &nats.url(), 1, "");
+    let mut collector =
+        Collector::start(&tmp.path.join("collector"), &certs, &nats.url(), 1, "", "");
     let hosts: Vec<Host> = users
         .iter()
         .map(|u| Host::start(&tmp.path, u.agent, u, &nats.url(), &certs.ca))
@@ -596,35 +818,100 @@ fn an_agent_cannot_publish_on_another_agents_subject() {
     if !privileged("an_agent_cannot_publish_on_another_agents_subject") {
         return;
     }
-    let tmp = TempDir::new("nats-perms");
+    an_impostor_is_refused("nats-perms", 1);
+}
+
+/// The same with four partitions (several collectors): host-a's credentials may publish on
+/// `sensor.ship.<partition>.host-a` only; shipping as host-b (`sensor.ship.p<N>.host-b`) is
+/// refused by the server whatever the partition.
+#[test]
+fn a_partitioned_agent_cannot_publish_as_another_agent() {
+    if !privileged("a_partitioned_agent_cannot_publish_as_another_agent") {
+        return;
+    }
+    an_impostor_is_refused("nats-perms-partitioned", 4);
+}
+
+/// host-a ships honestly; an agent with host-a's credentials ships as host-b. With
+/// `partitions` > 1 both agents and the one collector are partitioned (the collector holds
+/// every partition).
+fn an_impostor_is_refused(name: &str, partitions: u32) {
+    let tmp = TempDir::new(name);
     let certs = make_certs(&tmp.path);
     let users = [User::password("host-a"), User::nkey("host-b")];
     let nats = NatsServer::start(
         &tmp.path.join("nats"),
         "n1",
         &certs,
-        &accounts(&users),
+        &accounts(&users, partitions),
         listen_port(),
         None,
     );
-    let collector = Collector::start(&tmp.path.join("collector"), &certs, &nats.url(), 1, "");
-    let honest = Host::start(&tmp.path, "host-a", &users[0], &nats.url(), &certs.ca);
-    // host-a's credentials, host-b's name: publishes on sensor.ship.host-b.
-    let impostor = Host::start(&tmp.path, "host-b", &users[0], &nats.url(), &certs.ca);
+    let (nats_extra, ship_extra) = if partitions > 1 {
+        (
+            format!("partitions = {partitions}\ninstance = \"c1\"\n"),
+            format!("partitions = {partitions}\n"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    let collector = Collector::start(
+        &tmp.path.join("collector"),
+        &certs,
+        &nats.url(),
+        1,
+        &nats_extra,
+        "",
+    );
+    let honest = Host::start_with(
+        &tmp.path,
+        "host-a",
+        &users[0],
+        &nats.url(),
+        &certs.ca,
+        &ship_extra,
+    );
+    // host-a's credentials, host-b's name: publishes on sensor.ship[.p<N>].host-b.
+    let impostor = Host::start_with(
+        &tmp.path,
+        "host-b",
+        &users[0],
+        &nats.url(),
+        &certs.ca,
+        &ship_extra,
+    );
     let honest_t = honest.requests("127.0.0.81", 6);
     let impostor_t = impostor.requests("127.0.0.82", 6);
     let truth = fleet_truth(&[(&honest.nginx, honest_t.as_slice())]);
     wait_fleet_equals(&collector, &truth);
 
+    // The refused subject: host-b's own, or one of its partitions' (`sensor.ship.p<N>.host-b`).
+    let refused = |subject: &str| {
+        if partitions > 1 {
+            subject
+                .strip_prefix("sensor.ship.p")
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(p, agent)| {
+                    agent == "host-b" && p.parse::<u32>().is_ok_and(|p| p < partitions)
+                })
+        } else {
+            subject == "sensor.ship.host-b"
+        }
+    };
+    // The subject between the quotes after `marker` in `text`.
+    let quoted_after = |text: &str, marker: &str| -> Option<String> {
+        let rest = &text[text.find(marker)? + marker.len()..];
+        let rest = rest.strip_prefix('"')?;
+        Some(rest[..rest.find('"')?].to_owned())
+    };
     let err = wait_for(
         "the impostor's publish to be refused",
         Duration::from_secs(40),
         || {
             let s = impostor.shipping();
-            let e = s["last_error"].as_str().unwrap_or("").to_owned();
-            if s["retried"].as_u64().unwrap_or(0) >= 2
-                && e.contains("Permissions Violation for Publish to \"sensor.ship.host-b\"")
-            {
+            let e = s["last_error"].as_str().unwrap_or("");
+            let subject = quoted_after(e, "Permissions Violation for Publish to ");
+            if s["retried"].as_u64().unwrap_or(0) >= 2 && subject.as_deref().is_some_and(refused) {
                 Ok(s)
             } else {
                 Err(s.to_string())
@@ -634,22 +921,31 @@ fn an_agent_cannot_publish_on_another_agents_subject() {
     assert_eq!(err["sent"], 0, "{err}");
     let log = nats.log_text();
     assert!(
-        log.lines()
-            .any(|l| l.contains("Publish Violation") && l.contains("sensor.ship.host-b")),
+        log.lines().any(|l| l.contains("Publish Violation")
+            && l.split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ','))
+                .any(refused)),
         "the server logs the refused publish:\n{log}"
     );
     // Nothing of the impostor's reached the stream or the fleet view.
     let health = collector.health();
-    assert_eq!(
-        agents_in_health(&health),
-        ["host-a".to_owned()].into_iter().collect(),
-        "{health}"
-    );
+    if partitions > 1 {
+        // Agents the collector knows: none but host-a (the list may be per partition).
+        let agents = agents_in_health(&health);
+        assert!(!agents.contains("host-b"), "{health}");
+    } else {
+        assert_eq!(
+            agents_in_health(&health),
+            ["host-a".to_owned()].into_iter().collect(),
+            "{health}"
+        );
+    }
     assert!(
         fleet_row(&collector.clients_cli("address"), "127.0.0.82").is_none(),
         "{impostor_t:?}"
     );
-    assert_each_record_once_in_order(&collector, &["host-a"]);
+    if partitions <= 1 {
+        assert_each_record_once_in_order(&collector, &["host-a"]);
+    }
 }
 
 /// A three-node cluster, the stream on all three: one node is killed (-9) while agents
@@ -667,32 +963,14 @@ fn a_three_node_cluster_loses_nothing_when_a_node_dies() {
         User::nkey("host-b"),
         User::password("host-c"),
     ];
-    let acc = accounts(&users);
-    let ports: Vec<u16> = (0..3).map(|_| listen_port()).collect();
-    let routes: Vec<u16> = (0..3).map(|_| listen_port()).collect();
-    let mut nodes: Vec<NatsServer> = (0..3)
-        .map(|i| {
-            NatsServer::start(
-                &tmp.path.join(format!("n{i}")),
-                &format!("n{i}"),
-                &certs,
-                &acc,
-                ports[i],
-                Some((routes[i], &routes)),
-            )
-        })
-        .collect();
-    let urls = nodes
-        .iter()
-        .map(NatsServer::url)
-        .collect::<Vec<_>>()
-        .join(",");
+    let (mut nodes, urls) = NatsServer::cluster(&tmp.path, &certs, &accounts(&users, 1), 3);
     let rsyslog = Rsyslog::start(&tmp.path, "rsyslog", listen_port(), None, None);
     let collector = Collector::start(
         &tmp.path.join("collector"),
         &certs,
         &urls,
         3,
+        "",
         &format!(
             "[[outputs]]\ntype = \"syslog\"\nname = \"siem\"\naddress = \"127.0.0.1:{}\"\n\
              protocol = \"tcp\"\nretry_max_secs = 1\n",
@@ -770,6 +1048,291 @@ fn a_three_node_cluster_loses_nothing_when_a_node_dies() {
     );
 }
 
+/// Several collectors over JetStream (issue #17, docs/fleet.md "Several collectors"): a
+/// three-node cluster (streams, lease bucket and checkpoints replicated 3 times), three
+/// agents shipping in four partitions, two collectors `c1` and `c2` sharing them.
+///
+/// - They split the partitions two and two; the fleet view from either equals nginx's
+///   summed ground truth (each asks the other for its partitions).
+/// - c2 is killed (-9) while it merges, traffic goes on, and one NATS node is killed (-9)
+///   while c1 takes c2's partitions over (after their leases expire): c1 then holds all four
+///   and its view is exact again (c2's partitions loaded from their checkpoints and the
+///   streams replayed after them); meanwhile c1's view is refused or whole, never missing a
+///   partition's clients.
+/// - The node and c2 come back (c2 with its instance name and state dir): c1 gives two
+///   partitions back (after checkpointing them), and both views are exact, agents' alerts
+///   included.
+///
+/// Records merged after c2's last checkpoint are merged again by c1 from that checkpoint's
+/// state, so the two received logs may list such a record twice between them: together
+/// they hold every agent's positions at least once, and the exactly-once guarantee is the
+/// one of the merged state, which the exact fleet views check.
+#[test]
+fn collectors_share_partitions_and_take_over_from_a_killed_one() {
+    if !privileged("collectors_share_partitions_and_take_over_from_a_killed_one") {
+        return;
+    }
+    const P: u32 = 4;
+    let count = u64::from(P);
+    let tmp = TempDir::new("nats-collectors");
+    let certs = make_certs(&tmp.path);
+    let users = [
+        User::password("host-a"),
+        User::nkey("host-b"),
+        User::password("host-c"),
+    ];
+    let (mut nodes, urls) = NatsServer::cluster(&tmp.path, &certs, &accounts(&users, P), 3);
+    let nats_extra = |instance: &str| {
+        format!("partitions = {P}\ninstance = \"{instance}\"\nlease_ttl_secs = 10\n")
+    };
+    let c1 = Collector::start(
+        &tmp.path.join("c1"),
+        &certs,
+        &urls,
+        3,
+        &nats_extra("c1"),
+        "",
+    );
+    let mut c2 = Collector::start(
+        &tmp.path.join("c2"),
+        &certs,
+        &urls,
+        3,
+        &nats_extra("c2"),
+        "",
+    );
+    let ship = format!("partitions = {P}\n");
+    let hosts: Vec<Host> = users
+        .iter()
+        .map(|u| Host::start_with(&tmp.path, u.agent, u, &urls, &certs.ca, &ship))
+        .collect();
+    // Two client addresses in each partition, each sending to every host.
+    let sources = sources_by_partition(P, 2);
+    let all: Vec<&str> = sources.iter().flatten().map(String::as_str).collect();
+    let mut transfers: Vec<Vec<Transfer>> = hosts.iter().map(|_| Vec::new()).collect();
+    let send = |transfers: &mut Vec<Vec<Transfer>>, from: &[&str], n: usize| {
+        for (h, t) in hosts.iter().zip(transfers.iter_mut()) {
+            for source in from {
+                t.extend(h.requests(source, n));
+            }
+        }
+    };
+    let parts = |t: &[Vec<Transfer>]| -> ClientTruth {
+        let p: Vec<(&Nginx, &[Transfer])> = hosts
+            .iter()
+            .zip(t)
+            .map(|(h, t)| (&h.nginx, t.as_slice()))
+            .collect();
+        fleet_truth(&p)
+    };
+    // Phase 1: the partitions split 2 / 2, every partition has clients, both views exact.
+    send(&mut transfers, &all, 4);
+    let truth = parts(&transfers);
+    for source in &all {
+        assert_eq!(truth[*source].2, 12, "{source}: {truth:?}");
+    }
+    let (p1, p2) = wait_shares(
+        &c1,
+        &c2,
+        count,
+        "c1 and c2 to hold two partitions each, all four between them",
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", diagnosis(&[&c1, &c2], &nodes)));
+    assert_eq!((p1.instance.as_str(), p2.instance.as_str()), ("c1", "c2"));
+    wait_fleet_equals(&c1, &truth);
+    wait_fleet_equals(&c2, &truth);
+    // A checkpoint of c2's partitions with phase 1 in it (every snapshot_interval_secs).
+    let since = c2
+        .partitions()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .checkpoints;
+    wait_for(
+        "c2 to checkpoint its partitions after phase 1",
+        Duration::from_secs(60),
+        || {
+            let p = c2.partitions()?;
+            if p.checkpoints >= since + p2.held.len() as u64 {
+                Ok(())
+            } else {
+                Err(format!("{p:?}"))
+            }
+        },
+    );
+
+    // Phase 2: a client of one of c2's partitions crosses every agent's rule (15 requests
+    // a minute on each host), and c2 is killed (-9) while it merges the phase.
+    let c2_part = *p2.held.first().expect("c2 holds partitions");
+    let heavy = sources[c2_part as usize][0].as_str();
+    let merged = |c: &Collector| c.health()["nats"]["messages"].as_u64().unwrap_or(0);
+    let before = merged(&c2);
+    send(&mut transfers, &[heavy], 15);
+    send(&mut transfers, &all, 2);
+    wait_for(
+        "c2 to merge part of phase 2",
+        Duration::from_secs(30),
+        || {
+            let n = merged(&c2);
+            if n > before {
+                Ok(())
+            } else {
+                Err(format!("{n} messages"))
+            }
+        },
+    );
+    let c1_before = c1.partitions().unwrap_or_else(|e| panic!("{e}"));
+    c2.kill9();
+
+    // Phase 3 while c2 is down; one NATS node dies while c1 takes over (the leases of c2's
+    // partitions expire within lease_ttl_secs).
+    send(&mut transfers, &all, 3);
+    nodes[0].kill9();
+    let phase1 = truth;
+    let took = try_wait_for(
+        "c1 to take c2's partitions over",
+        Duration::from_secs(60),
+        || {
+            // Meanwhile the view from c1 is refused (503: a partition without an owner) or
+            // whole: every client merged before the kill is in it.
+            if let Ok(rows) = c1.try_clients_cli("address") {
+                for client in phase1.keys() {
+                    assert!(
+                        fleet_row(&rows, client).is_some(),
+                        "c1's view left out {client} (partition {}): {rows:?}",
+                        partition_of("address", client, P)
+                    );
+                }
+            }
+            let p = c1.partitions()?;
+            if p.held.len() as u64 == count && p.taken >= c1_before.taken + 2 {
+                Ok(p)
+            } else {
+                Err(format!("{p:?}"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", diagnosis(&[&c1, &c2], &nodes)));
+    check_split(&[&took], count).unwrap_or_else(|e| panic!("{e}"));
+    let truth = parts(&transfers);
+    assert_eq!(truth[heavy].2, 3 * (4 + 15 + 2 + 3), "{truth:?}");
+    wait_fleet_equals(&c1, &truth);
+
+    // The node comes back; phase 4 with the cluster whole again.
+    nodes[0].spawn();
+    send(&mut transfers, &all, 2);
+    wait_fleet_equals(&c1, &parts(&transfers));
+
+    // c2 comes back (same instance, same state dir): c1 releases two partitions to it after
+    // checkpointing them, c2 loads them and catches up.
+    let c1_before = c1.partitions().unwrap_or_else(|e| panic!("{e}"));
+    c2.spawn();
+    let (p1, p2) = wait_shares(
+        &c1,
+        &c2,
+        count,
+        "c1 to give two partitions back to the restarted c2",
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", diagnosis(&[&c1, &c2], &nodes)));
+    assert!(
+        p1.released >= c1_before.released + 2,
+        "c1 gives partitions back by releasing them (after a checkpoint), not by losing \
+         them: {c1_before:?} -> {p1:?}\n{}",
+        diagnosis(&[&c1, &c2], &nodes)
+    );
+    assert!(p2.taken >= 2, "{p2:?}");
+    // Phase 5 under the new split: both views exact.
+    send(&mut transfers, &all, 3);
+    let truth = parts(&transfers);
+    assert_eq!(truth[all[0]].2, 3 * (4 + 2 + 3 + 2 + 3), "{truth:?}");
+    wait_fleet_equals(&c2, &truth);
+    wait_fleet_equals(&c1, &truth);
+
+    // Every agent alert (the heavy client on each host, and any other) in both views, each
+    // agent's alert once.
+    let alerts = wait_for(
+        "every agent alert in the fleet view of both collectors",
+        Duration::from_secs(60),
+        || {
+            let want = agent_alert_ids(&hosts, "host-flood");
+            let (a1, a2) = (
+                fleet_alert_ids(&c1, "host-flood")?,
+                fleet_alert_ids(&c2, "host-flood")?,
+            );
+            if a1 == want && a2 == want {
+                Ok(want)
+            } else {
+                Err(format!("agents {want:?}, c1 {a1:?}, c2 {a2:?}"))
+            }
+        },
+    );
+    let on_heavy = c1
+        .try_get("/v1/alerts")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .as_array()
+        .map_or(0, |a| {
+            a.iter()
+                .filter(|a| a["rule_id"] == "host-flood" && a["key"] == heavy)
+                .count()
+        });
+    assert_eq!(
+        on_heavy,
+        hosts.len(),
+        "each agent's alert on {heavy}: {alerts:?}"
+    );
+
+    // A little longer: nothing arrives twice later either, from either collector.
+    std::thread::sleep(Duration::from_secs(3));
+    for c in [&c1, &c2] {
+        let rows = c.clients_cli("address");
+        for (client, t) in &truth {
+            assert_eq!(fleet_row(&rows, client), Some(*t), "{}: {client}", c.url());
+        }
+        let health = c.health();
+        assert_eq!(health["ingest"]["malformed"], 0, "{health}");
+        for a in health["agents"].as_array().into_iter().flatten() {
+            assert_eq!(a["gaps"], 0, "{a}");
+        }
+    }
+    check_split(
+        &[
+            &c1.partitions().unwrap_or_else(|e| panic!("{e}")),
+            &c2.partitions().unwrap_or_else(|e| panic!("{e}")),
+        ],
+        count,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Between them the received logs hold every agent's positions (at least once: see above).
+    wait_for(
+        "the received logs to hold every agent's positions 1, 2, 3 ...",
+        Duration::from_secs(30),
+        || {
+            let mut per_agent: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+            for r in c1.received().iter().chain(c2.received().iter()) {
+                per_agent
+                    .entry(r["agent"].as_str().unwrap_or("?").to_owned())
+                    .or_default()
+                    .insert(r["seq"].as_u64().unwrap_or(0));
+            }
+            let names: BTreeSet<&str> = per_agent.keys().map(String::as_str).collect();
+            if names != users.iter().map(|u| u.agent).collect() {
+                return Err(format!("agents merged: {names:?}"));
+            }
+            for (agent, seqs) in &per_agent {
+                let last = seqs.last().copied().unwrap_or(0);
+                if seqs.len() as u64 != last || seqs.first() != Some(&1) {
+                    let missing: Vec<u64> = (1..=last).filter(|s| !seqs.contains(s)).collect();
+                    return Err(format!("{agent}: positions missing {missing:?}"));
+                }
+            }
+            Ok(())
+        },
+    );
+    // The collectors' and agents' permissions were enough, and nobody tried more.
+    for n in &nodes {
+        let log = n.log_text();
+        assert!(!log.contains("Permissions Violation"), "{log}");
+    }
+}
+
 /// The thin-client test of tests/tests/collector.rs over JetStream: the collector publishes
 /// the hot sketch cells on `sensor.ship-hot` (only it may, by the server's permissions), the
 /// agents subscribe and name the client below every host's cut; its fleet rule fires.
@@ -789,7 +1352,7 @@ fn a_thin_client_is_found_through_jetstream() {
         &tmp.path.join("nats"),
         "n1",
         &certs,
-        &accounts(&users),
+        &accounts(&users, 1),
         listen_port(),
         None,
     );
@@ -798,6 +1361,7 @@ fn a_thin_client_is_found_through_jetstream() {
         &certs,
         &nats.url(),
         1,
+        "",
         ThinTraffic::COLLECTOR,
     );
     let extra = ThinTraffic::agent_config(&tmp.path);
