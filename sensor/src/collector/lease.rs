@@ -145,6 +145,15 @@ pub struct Tick {
     pub release: Vec<u32>,
 }
 
+/// What became of one renewal.
+enum Renewal {
+    Renewed(Held),
+    /// Refused (someone else holds it) or past its validity.
+    Lost,
+    /// No answer in time: kept while still valid.
+    Unanswered,
+}
+
 /// The leases of one collector, over the bucket.
 pub struct Leases {
     kv: kv::Store,
@@ -259,37 +268,71 @@ impl Leases {
         Ok(view)
     }
 
+    /// Until when this collector may merge partition `p` (its last renewal's validity).
+    pub fn valid_until(&self, p: u32) -> Option<Instant> {
+        self.held
+            .get(&p)
+            .map(|h| h.sent + self.ttl.saturating_sub(MARGIN))
+    }
+
     /// Renews what is held, keeps the membership alive, and takes free partitions up to
     /// this collector's share. Run every [`Leases::period`].
+    ///
+    /// Bounded: renewals go out together, each given half a period; the rest (membership,
+    /// reading the bucket, taking) at most a period, and skipped for this tick past it. A
+    /// server slow to answer (a node lost, a leader being elected) must not delay the next
+    /// renewals past the leases' validity.
     pub async fn tick(&mut self) -> Result<Tick, LeaseError> {
         let mut tick = Tick::default();
         let value = bytes::Bytes::from(self.me.clone().into_bytes());
-        // Renew first: the leases held matter more than the view.
-        for (p, held) in std::mem::take(&mut self.held) {
-            let sent = Instant::now();
-            if !held.valid(sent, self.ttl) {
-                tick.lost.push(p);
-                continue;
-            }
-            match self
-                .kv
-                .update(partition_key(p), value.clone(), held.revision)
-                .await
-            {
-                Ok(revision) => {
-                    self.held.insert(p, Held { revision, sent });
+        let ttl = self.ttl;
+        let wait = Self::period(ttl) / 2;
+        let renewals = std::mem::take(&mut self.held).into_iter().map(|(p, held)| {
+            let kv = self.kv.clone();
+            let value = value.clone();
+            async move {
+                let sent = Instant::now();
+                if !held.valid(sent, ttl) {
+                    return (p, held, Renewal::Lost);
                 }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => tick.lost.push(p),
-                // No answer: still held until its validity ends (retried next tick).
-                Err(_) => {
-                    if held.valid(Instant::now(), self.ttl) {
-                        self.held.insert(p, held);
-                    } else {
-                        tick.lost.push(p);
+                match tokio::time::timeout(wait, kv.update(partition_key(p), value, held.revision))
+                    .await
+                {
+                    Ok(Ok(revision)) => (p, held, Renewal::Renewed(Held { revision, sent })),
+                    Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        (p, held, Renewal::Lost)
                     }
+                    // No answer: still held until its validity ends (retried next tick).
+                    _ => (p, held, Renewal::Unanswered),
                 }
+            }
+        });
+        for (p, held, renewal) in futures_util::future::join_all(renewals).await {
+            match renewal {
+                Renewal::Renewed(h) => {
+                    self.held.insert(p, h);
+                }
+                Renewal::Unanswered if held.valid(Instant::now(), ttl) => {
+                    self.held.insert(p, held);
+                }
+                Renewal::Unanswered | Renewal::Lost => tick.lost.push(p),
             }
         }
+        // Cut short, what it did stands: a lease taken is in `held` and in `tick.taken`
+        // together (no await between), so none is held without being reported.
+        match tokio::time::timeout(Self::period(ttl), self.grow(&value, &mut tick)).await {
+            Ok(Err(e)) => log::warn!("{e}"),
+            Ok(Ok(())) => {}
+            Err(_) => log::warn!(
+                "lease bucket `{}`: no answer within a renewal period; taking resumes next tick",
+                self.bucket
+            ),
+        }
+        Ok(tick)
+    }
+
+    /// Keeps the membership alive and takes free partitions up to the share.
+    async fn grow(&mut self, value: &bytes::Bytes, tick: &mut Tick) -> Result<(), LeaseError> {
         let member = format!("{MEMBER}{}", self.me);
         self.member = Some(
             self.kv
@@ -312,7 +355,7 @@ impl Leases {
             .into_iter()
             .filter(|p| self.held.contains_key(p))
             .collect();
-        Ok(tick)
+        Ok(())
     }
 
     /// Gives partition `p` up (after its last checkpoint): another collector may take it at
@@ -325,6 +368,16 @@ impl Leases {
             .delete_expect_revision(partition_key(p), Some(held.revision))
             .await
             .map_err(|e| self.err("releasing", &e))
+    }
+
+    /// Stops renewing partition `p` without deleting it: it expires (no checkpoint to hand
+    /// over, or someone else already holds it).
+    pub fn forget(&mut self, p: u32) {
+        self.held.remove(&p);
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
     }
 
     /// A clean stop: every lease released and the membership removed.

@@ -186,7 +186,10 @@ impl Source {
             let checkpoint = shared.nats_seq()?;
             let consumer = self.consumer(&stream, checkpoint).await?;
             *delay = Duration::from_millis(500);
-            match self.consume(&consumer, shared, checkpoint).await? {
+            match self
+                .consume(&consumer, shared, checkpoint, &|| true)
+                .await?
+            {
                 Ended::OutOfOrder { expected, got } => {
                     shared.counters.nats_resets.fetch_add(1, Ordering::Relaxed);
                     warn!(
@@ -294,6 +297,7 @@ impl Source {
         consumer: &jetstream::consumer::Consumer<pull::Config>,
         shared: &Shared,
         checkpoint: u64,
+        may_merge: &(dyn Fn() -> bool + Sync),
     ) -> anyhow::Result<Ended> {
         let mut next = checkpoint + 1;
         // The first message of a new consumer is the oldest the stream still has from
@@ -347,6 +351,7 @@ impl Source {
                     }
                 }
                 first = false;
+                anyhow::ensure!(may_merge(), "no longer allowed to merge (lease)");
                 self.merge(shared, &message, seq).await?;
                 shared
                     .counters

@@ -411,8 +411,9 @@ impl Group {
         })
     }
 
-    /// One connection: leases renewed and taken every tick, partitions started, checkpointed,
-    /// released. Ok when stopped.
+    /// One connection: the leases are kept by a task of their own (never delayed by a
+    /// checkpoint or a slow server); this loop starts, checkpoints, evaluates and hands over
+    /// the partitions it reports. Ok when stopped.
     async fn session(&self, delay: &mut Duration) -> anyhow::Result<()> {
         let c = &self.config.nats;
         let stores = self.stores().await?;
@@ -420,7 +421,7 @@ impl Group {
             .timeout(TIMEOUT)
             .build(stores.client.clone());
         let ttl = Duration::from_secs(c.lease_ttl_secs);
-        let mut leases = Leases::open(
+        let leases = Leases::open(
             &js,
             &c.stream,
             c.replicas,
@@ -441,9 +442,11 @@ impl Group {
             self.source.target()
         );
         *delay = Duration::from_millis(500);
+        let valid = Arc::new(ValidUntil::default());
+        let (keeper, mut ticks) = Keeper::start(leases, ttl, valid.clone());
         let mut parts: BTreeMap<u32, Part> = BTreeMap::new();
-        let mut tick = tokio::time::interval(Leases::period(ttl));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval(Duration::from_millis(250));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut save = tokio::time::interval(Duration::from_secs(
             self.config.state.snapshot_interval_secs,
         ));
@@ -457,52 +460,52 @@ impl Group {
             tokio::select! {
                 () = stopped(&mut stop) => {
                     for (p, part) in std::mem::take(&mut parts) {
-                        self.hand_over(&stores, &mut leases, p, part).await;
+                        self.hand_over(&stores, &keeper, p, part).await;
                     }
                     self.set_parts(&parts);
-                    if let Err(e) = leases.release_all().await {
-                        warn!("leaving the collector group: {e}");
-                    }
+                    keeper.leave().await;
                     return Ok(());
                 }
-                _ = tick.tick() => {
-                    match leases.tick().await {
-                        Ok(t) => {
-                            for p in t.lost {
-                                if parts.remove(&p).is_some() {
-                                    self.status.lost.fetch_add(1, Ordering::Relaxed);
-                                    warn!("lost the lease of partition {p}: stopped merging it");
-                                }
+                t = ticks.recv() => {
+                    let Some(t) = t else {
+                        anyhow::bail!("the lease keeper stopped");
+                    };
+                    for p in t.lost {
+                        if parts.remove(&p).is_some() {
+                            self.status.lost.fetch_add(1, Ordering::Relaxed);
+                            warn!("lost the lease of partition {p}: stopped merging it");
+                        }
+                    }
+                    for p in t.taken {
+                        match self.take(&stores, p, &valid).await {
+                            Ok(part) => {
+                                parts.insert(p, part);
+                                self.status.taken.fetch_add(1, Ordering::Relaxed);
                             }
-                            for p in t.taken {
-                                match self.take(&stores, p).await {
-                                    Ok(part) => {
-                                        parts.insert(p, part);
-                                        self.status.taken.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    Err(e) => {
-                                        warn!("cannot start partition {p}: {e:#}; giving it up");
-                                        let _ = leases.release(p).await;
-                                    }
-                                }
-                            }
-                            for p in t.release {
-                                if let Some(part) = parts.remove(&p) {
-                                    self.hand_over(&stores, &mut leases, p, part).await;
-                                }
+                            Err(e) => {
+                                warn!("cannot start partition {p}: {e:#}; giving it up");
+                                keeper.release(p).await;
                             }
                         }
-                        Err(e) => warn!("renewing the leases: {e}"),
                     }
-                    // Whatever the bucket said: past its validity a lease is not ours.
-                    let now = Instant::now();
-                    let gone: Vec<u32> = parts.keys().copied().filter(|p| !leases.holds(*p, now)).collect();
-                    for p in gone {
-                        parts.remove(&p);
+                    for p in t.release {
+                        if let Some(part) = parts.remove(&p) {
+                            self.hand_over(&stores, &keeper, p, part).await;
+                        }
+                    }
+                    self.set_parts(&parts);
+                }
+                _ = check.tick() => {
+                    // Past its validity a lease is not ours, whatever the keeper hears.
+                    let gone: Vec<u32> = parts.keys().copied().filter(|p| !valid.valid(*p)).collect();
+                    for p in &gone {
+                        parts.remove(p);
                         self.status.lost.fetch_add(1, Ordering::Relaxed);
                         warn!("the lease of partition {p} could not be renewed in time: stopped merging it");
                     }
-                    self.set_parts(&parts);
+                    if !gone.is_empty() {
+                        self.set_parts(&parts);
+                    }
                 }
                 _ = save.tick() => {
                     let mut fenced = Vec::new();
@@ -518,6 +521,7 @@ impl Group {
                     }
                     for p in fenced {
                         parts.remove(&p);
+                        keeper.forget(p).await;
                         self.status.lost.fetch_add(1, Ordering::Relaxed);
                         warn!("partition {p} was taken over (its checkpoint pointer moved): stopped merging it");
                     }
@@ -542,26 +546,27 @@ impl Group {
     }
 
     /// Stops merging `p`, checkpoints it and releases its lease (rebalancing, or a clean
-    /// stop). Without a checkpoint the lease is kept to expire: the next holder then starts
-    /// from the last good one, which the stream's replay brings up to date anyway.
-    async fn hand_over(&self, stores: &Stores, leases: &mut Leases, p: u32, mut part: Part) {
+    /// stop). Without a checkpoint the lease is left to expire (no longer renewed): the next
+    /// holder then starts from the last good one, which the stream's replay brings up to
+    /// date anyway.
+    async fn hand_over(&self, stores: &Stores, keeper: &Keeper, p: u32, mut part: Part) {
         for t in &part.tasks {
             t.abort();
         }
         match self.checkpoint(stores, p, &mut part).await {
-            Ok(()) => match leases.release(p).await {
-                Ok(()) => {
+            Ok(()) => {
+                if keeper.release(p).await {
                     self.status.released.fetch_add(1, Ordering::Relaxed);
                     info!("released partition {p}");
                 }
-                Err(e) => warn!("releasing partition {p}: {e}"),
-            },
-            Err(Checkpoint::Fenced) => {}
+            }
+            Err(Checkpoint::Fenced) => keeper.forget(p).await,
             Err(Checkpoint::Failed(e)) => {
                 self.status
                     .checkpoint_failures
                     .fetch_add(1, Ordering::Relaxed);
                 warn!("last checkpoint of partition {p}: {e:#}; its lease is left to expire");
+                keeper.forget(p).await;
             }
         }
     }
@@ -569,7 +574,7 @@ impl Group {
     /// Takes over partition `p` (its lease just won): fences the checkpoint pointer, loads
     /// the checkpoint, starts its consumer, its view responder (and for partition 0 the hot
     /// cells' publisher).
-    async fn take(&self, stores: &Stores, p: u32) -> anyhow::Result<Part> {
+    async fn take(&self, stores: &Stores, p: u32, valid: &Arc<ValidUntil>) -> anyhow::Result<Part> {
         let key = format!("p{p}");
         let entry = stores
             .ckpt
@@ -639,6 +644,7 @@ impl Group {
             stores.streams[p as usize].clone(),
             p,
             shared.clone(),
+            valid.clone(),
         ));
         let view = tokio::spawn(serve_view(
             stores.client.clone(),
@@ -764,6 +770,136 @@ impl Group {
     }
 }
 
+/// Until when this collector may merge each partition it holds: moved on by every renewal,
+/// read by the partition's consumer before each merge.
+#[derive(Default)]
+pub struct ValidUntil(Mutex<BTreeMap<u32, Instant>>);
+
+impl ValidUntil {
+    pub fn valid(&self, p: u32) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|m| m.get(&p).is_some_and(|u| Instant::now() < *u))
+    }
+
+    fn set(&self, leases: &Leases, partitions: u32) {
+        if let Ok(mut m) = self.0.lock() {
+            m.clear();
+            for p in 0..partitions {
+                if let Some(u) = leases.valid_until(p) {
+                    m.insert(p, u);
+                }
+            }
+        }
+    }
+}
+
+enum Command {
+    /// Delete the lease (after its last checkpoint): answered whether it was released.
+    Release(u32, tokio::sync::oneshot::Sender<bool>),
+    /// Stop renewing it, and let it expire (no good checkpoint, or fenced).
+    Forget(u32, tokio::sync::oneshot::Sender<bool>),
+    /// Release everything and leave the group.
+    Leave(tokio::sync::oneshot::Sender<bool>),
+}
+
+/// The task that keeps the leases: renews them every period whatever else is going on.
+struct Keeper {
+    commands: tokio::sync::mpsc::Sender<Command>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Keeper {
+    fn start(
+        mut leases: Leases,
+        ttl: Duration,
+        valid: Arc<ValidUntil>,
+    ) -> (Self, tokio::sync::mpsc::Receiver<super::lease::Tick>) {
+        let (commands, mut rx) = tokio::sync::mpsc::channel::<Command>(16);
+        let (ticks_tx, ticks) = tokio::sync::mpsc::channel(16);
+        let partitions = leases.partitions();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Leases::period(ttl));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        match leases.tick().await {
+                            Ok(t) => {
+                                valid.set(&leases, partitions);
+                                if ticks_tx.send(t).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                valid.set(&leases, partitions);
+                                warn!("renewing the leases: {e}");
+                            }
+                        }
+                    }
+                    command = rx.recv() => {
+                        match command {
+                            Some(Command::Release(p, done)) => {
+                                let r = leases.release(p).await;
+                                if let Err(e) = &r {
+                                    warn!("releasing partition {p}: {e}");
+                                }
+                                valid.set(&leases, partitions);
+                                let _ = done.send(r.is_ok());
+                            }
+                            Some(Command::Forget(p, done)) => {
+                                leases.forget(p);
+                                valid.set(&leases, partitions);
+                                let _ = done.send(true);
+                            }
+                            Some(Command::Leave(done)) => {
+                                let r = leases.release_all().await;
+                                if let Err(e) = &r {
+                                    warn!("leaving the collector group: {e}");
+                                }
+                                valid.set(&leases, partitions);
+                                let _ = done.send(r.is_ok());
+                                return;
+                            }
+                            None => return,
+                        }
+                    }
+                }
+            }
+        });
+        (Self { commands, task }, ticks)
+    }
+
+    async fn ask(
+        &self,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<bool>) -> Command,
+    ) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.commands.send(command(tx)).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    async fn release(&self, p: u32) -> bool {
+        self.ask(|tx| Command::Release(p, tx)).await
+    }
+
+    async fn forget(&self, p: u32) {
+        self.ask(|tx| Command::Forget(p, tx)).await;
+    }
+
+    async fn leave(&self) {
+        self.ask(Command::Leave).await;
+    }
+}
+
 /// Resolves once the stop flag is set (the watch's guard is not kept: it is not `Send`).
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -782,7 +918,11 @@ async fn consume(
     stream: jetstream::stream::Stream,
     p: u32,
     shared: Arc<Shared>,
+    valid: Arc<ValidUntil>,
 ) {
+    // Checked before every merge: a holder whose lease may have lapsed merges nothing more
+    // (another collector may be taking the partition over).
+    let may_merge = move || valid.valid(p);
     let c = &source.config;
     let name = format!("{}-p{p}", c.consumer);
     let filter = format!("{}.p{p}.>", c.subject_prefix);
@@ -793,7 +933,9 @@ async fn consume(
             let consumer = source
                 .consumer_named(&stream, &name, filter.clone(), checkpoint)
                 .await?;
-            source.consume(&consumer, &shared, checkpoint).await
+            source
+                .consume(&consumer, &shared, checkpoint, &may_merge)
+                .await
         };
         match run.await {
             Ok(Ended::OutOfOrder { expected, got }) => {
