@@ -51,6 +51,7 @@ pub fn partition_key(p: u32) -> String {
     format!("{PARTITION}{p}")
 }
 
+#[cfg(test)]
 fn parse_partition_key(key: &str, partitions: u32) -> Option<u32> {
     let n = key.strip_prefix(PARTITION)?;
     // `p07` is not `p7`: only the canonical spelling counts.
@@ -163,6 +164,8 @@ pub struct Leases {
     ttl: Duration,
     held: BTreeMap<u32, Held>,
     member: Option<u64>,
+    /// The members of the last listing that answered, and when.
+    members_seen: (Option<Instant>, BTreeSet<String>),
 }
 
 impl Leases {
@@ -220,6 +223,7 @@ impl Leases {
             ttl,
             held: BTreeMap::new(),
             member: None,
+            members_seen: (None, BTreeSet::new()),
         })
     }
 
@@ -242,30 +246,56 @@ impl Leases {
     }
 
     /// Reads the bucket: live leases and members.
-    pub async fn view(&self) -> Result<View, LeaseError> {
+    pub async fn view(&mut self) -> Result<View, LeaseError> {
         let mut view = View::default();
-        let mut keys = self.kv.keys().await.map_err(|e| self.err("listing", &e))?;
-        let mut names = Vec::new();
-        while let Some(key) = keys.next().await {
-            names.push(key.map_err(|e| self.err("listing", &e))?);
-        }
-        for key in names {
-            if let Some(name) = key.strip_prefix(MEMBER) {
-                view.members.insert(name.to_owned());
-            } else if let Some(p) = parse_partition_key(&key, self.partitions) {
-                // Gone between the listing and the read: free.
-                let entry = self
-                    .kv
-                    .entry(key)
-                    .await
-                    .map_err(|e| self.err("reading", &e))?;
-                if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) {
-                    view.owners
-                        .insert(p, String::from_utf8_lossy(&e.value).into_owned());
-                }
+        // Each partition's key by direct get, which any replica answers: with a node of the
+        // cluster down, free partitions are still seen (and taken over).
+        let reads = (0..self.partitions).map(|p| {
+            let kv = self.kv.clone();
+            async move { (p, kv.entry(partition_key(p)).await) }
+        });
+        for (p, entry) in futures_util::future::join_all(reads).await {
+            let entry = entry.map_err(|e| self.err("reading", &e))?;
+            if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) {
+                view.owners
+                    .insert(p, String::from_utf8_lossy(&e.value).into_owned());
             }
         }
+        // The members from a listing of the keys (an ordered consumer, which a cluster
+        // missing a node may not serve for a while): bounded, and the last listing stands
+        // in when it does not answer. Only the shares of newcomers depend on it.
+        let wait = Self::period(self.ttl) / 2;
+        match tokio::time::timeout(wait, self.members()).await {
+            Ok(Ok(m)) => self.members_seen = (Some(Instant::now()), m),
+            Ok(Err(e)) => log::debug!("{e}"),
+            Err(_) => log::debug!(
+                "lease bucket `{}`: listing the members timed out",
+                self.bucket
+            ),
+        }
+        // A listing older than a lease's life may name collectors dead since: counted in
+        // the shares, they would keep their share of partitions free with nobody merging
+        // them. Past it, only the owners (and this collector) count until a listing answers.
+        if self
+            .members_seen
+            .0
+            .is_some_and(|at| at.elapsed() < self.ttl)
+        {
+            view.members.clone_from(&self.members_seen.1);
+        }
         Ok(view)
+    }
+
+    async fn members(&self) -> Result<BTreeSet<String>, LeaseError> {
+        let mut keys = self.kv.keys().await.map_err(|e| self.err("listing", &e))?;
+        let mut members = BTreeSet::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| self.err("listing", &e))?;
+            if let Some(name) = key.strip_prefix(MEMBER) {
+                members.insert(name.to_owned());
+            }
+        }
+        Ok(members)
     }
 
     /// Until when this collector may merge partition `p` (its last renewal's validity).
@@ -344,10 +374,13 @@ impl Leases {
         let plan = plan(self.partitions, &self.me, &view);
         for p in plan.take {
             let sent = Instant::now();
-            // Refused: another collector holds it, or won the race.
-            if let Ok(revision) = self.kv.create(partition_key(p), value.clone()).await {
-                self.held.insert(p, Held { revision, sent });
-                tick.taken.push(p);
+            match self.kv.create(partition_key(p), value.clone()).await {
+                Ok(revision) => {
+                    self.held.insert(p, Held { revision, sent });
+                    tick.taken.push(p);
+                }
+                // Another collector holds it, or won the race.
+                Err(e) => log::debug!("taking partition {p}: {e}"),
             }
         }
         tick.release = plan

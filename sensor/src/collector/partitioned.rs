@@ -11,13 +11,16 @@
 //!
 //! Checkpoints. The state of a partition lives in NATS, not on a collector's disk, so that
 //! whoever takes the lease next continues exactly: every `snapshot_interval_secs` (and before
-//! a partition is released) its snapshot goes into the object store `<stream>-state` under an
-//! immutable name, then the key `p<N>` of the key-value bucket `<stream>-ckpt` is pointed at
-//! it with the revision this holder last wrote (fencing: a new holder rewrites the key when
-//! it takes the lease, so a former holder that stalled past its lease can never point it
-//! back to an older state). A new holder loads the checkpoint and resumes the stream right
-//! after the sequence it covers: what the former holder merged since is merged again, into a
-//! state that lacks it.
+//! a partition is released) its snapshot (gzip JSON) is written in chunks under an immutable
+//! name into the key-value bucket `<stream>-ckpt`, then the key `p<N>` there is pointed at it
+//! with the revision this holder last wrote (fencing: a new holder rewrites the key when it
+//! takes the lease, so a former holder that stalled past its lease can never point it back
+//! to an older state). Chunks in a key-value bucket rather than JetStream's object store:
+//! both are chunked messages, but key-value reads are direct gets that any replica answers,
+//! while the object store reads through a consumer, which nats-server 2.9 could not create
+//! for a while after losing a node (seen in the failover test). A new holder loads the
+//! checkpoint and resumes the stream right after the sequence it covers: what the former
+//! holder merged since is merged again, into a state that lacks it.
 
 use std::{
     collections::BTreeMap,
@@ -30,7 +33,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, kv, object_store::ObjectStore};
+use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt as _;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
@@ -244,8 +247,10 @@ pub struct Group {
 struct Stores {
     client: async_nats::Client,
     streams: Vec<jetstream::stream::Stream>,
+    /// Checkpoint pointers `p<N>`, the checkpoints' chunks, the forwarder's position.
     ckpt: kv::Store,
-    objects: ObjectStore,
+    /// Bytes of a checkpoint chunk (under the server's `max_payload`).
+    chunk: usize,
     /// `<stream>-alerts`, and this collector's publisher into it.
     alerts: jetstream::stream::Stream,
     publisher: Arc<AlertStream>,
@@ -365,27 +370,12 @@ impl Group {
             .get_key_value(&ckpt_bucket)
             .await
             .with_context(|| format!("opening the bucket `{ckpt_bucket}`"))?;
-        let objects_bucket = format!("{}-state", c.stream);
-        js.get_or_create_stream(jetstream::stream::Config {
-            name: format!("OBJ_{objects_bucket}"),
-            description: Some("sensor collectors' partition checkpoints".into()),
-            subjects: vec![
-                format!("$O.{objects_bucket}.C.>"),
-                format!("$O.{objects_bucket}.M.>"),
-            ],
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            discard: jetstream::stream::DiscardPolicy::New,
-            allow_rollup: true,
-            allow_direct: true,
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("creating the object store `{objects_bucket}`"))?;
-        let objects = js
-            .get_object_store(&objects_bucket)
-            .await
-            .with_context(|| format!("opening the object store `{objects_bucket}`"))?;
+        // A chunk and its headers within one message.
+        let chunk = client
+            .server_info()
+            .max_payload
+            .saturating_sub(4096)
+            .max(4096);
         let alerts_stream = alerts::stream_name(&c.stream);
         let alerts = js
             .get_or_create_stream(jetstream::stream::Config {
@@ -405,7 +395,7 @@ impl Group {
             client,
             streams,
             ckpt,
-            objects,
+            chunk,
             alerts,
             publisher,
         })
@@ -682,29 +672,45 @@ impl Group {
     async fn load(
         &self,
         stores: &Stores,
-        object: &str,
+        pointer: &str,
     ) -> anyhow::Result<(super::fleet::FleetState, DetectorState)> {
-        let mut reader = stores
-            .objects
-            .get(object)
-            .await
-            .with_context(|| format!("opening the checkpoint `{object}`"))?;
+        let (name, chunks) = parse_pointer(pointer)
+            .with_context(|| format!("the checkpoint pointer `{pointer}` is unreadable"))?;
         let mut gz = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut gz)
-            .await
-            .with_context(|| format!("reading the checkpoint `{object}`"))?;
+        for i in 0..chunks {
+            let key = chunk_key(name, i);
+            let entry = stores
+                .ckpt
+                .entry(key.clone())
+                .await
+                .with_context(|| format!("reading {key}"))?
+                .filter(|e| e.operation == kv::Operation::Put)
+                .with_context(|| format!("the checkpoint chunk {key} is missing"))?;
+            gz.extend_from_slice(&entry.value);
+        }
         let mut json = Vec::new();
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_end(&mut json)
-            .with_context(|| format!("decompressing the checkpoint `{object}`"))?;
+            .with_context(|| format!("decompressing the checkpoint `{name}`"))?;
         let s: Snapshot = serde_json::from_slice(&json)
-            .with_context(|| format!("decoding the checkpoint `{object}`"))?;
+            .with_context(|| format!("decoding the checkpoint `{name}`"))?;
         anyhow::ensure!(
             s.version == SNAPSHOT_VERSION,
-            "the checkpoint `{object}` has format {} (this collector reads {SNAPSHOT_VERSION})",
+            "the checkpoint `{name}` has format {} (this collector reads {SNAPSHOT_VERSION})",
             s.version
         );
         Ok((s.fleet, s.detector))
+    }
+
+    /// Deletes a checkpoint's chunks (after the pointer moved past it).
+    async fn drop_chunks(stores: &Stores, pointer: &str) {
+        if let Some((name, chunks)) = parse_pointer(pointer) {
+            for i in 0..chunks {
+                if let Err(e) = stores.ckpt.purge(chunk_key(name, i)).await {
+                    log::debug!("deleting a checkpoint chunk of `{name}`: {e}");
+                }
+            }
+        }
     }
 
     /// Writes the partition's checkpoint and points `ckpt.p<N>` at it (fenced by revision).
@@ -732,42 +738,58 @@ impl Group {
             part.ckpt_revision,
             Now::system().unix_ms
         );
-        stores
-            .objects
-            .put(name.as_str(), &mut gz.as_slice())
-            .await
-            .map_err(|e| fail(anyhow::anyhow!("storing `{name}`: {e}")))?;
+        let mut chunks = 0usize;
+        for (i, piece) in gz.chunks(stores.chunk).enumerate() {
+            let key = chunk_key(&name, i);
+            if let Err(e) = stores
+                .ckpt
+                .put(&key, bytes::Bytes::copy_from_slice(piece))
+                .await
+            {
+                Self::drop_chunks(stores, &format!("{name} {i}")).await;
+                return Err(fail(anyhow::anyhow!("storing {key}: {e}")));
+            }
+            chunks = i + 1;
+        }
+        let pointer = format!("{name} {chunks}");
         let key = format!("p{p}");
         match stores
             .ckpt
             .update(
                 &key,
-                bytes::Bytes::from(name.clone().into_bytes()),
+                bytes::Bytes::from(pointer.clone().into_bytes()),
                 part.ckpt_revision,
             )
             .await
         {
             Ok(revision) => {
                 part.ckpt_revision = revision;
-                let old = std::mem::replace(&mut part.object, name);
-                if !old.is_empty()
-                    && let Err(e) = stores.objects.delete(&old).await
-                {
-                    log::debug!("deleting the old checkpoint `{old}`: {e}");
-                }
+                let old = std::mem::replace(&mut part.object, pointer);
+                Self::drop_chunks(stores, &old).await;
                 self.status.checkpoints.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                let _ = stores.objects.delete(&name).await;
+                Self::drop_chunks(stores, &pointer).await;
                 Err(Checkpoint::Fenced)
             }
             Err(e) => {
-                let _ = stores.objects.delete(&name).await;
+                Self::drop_chunks(stores, &pointer).await;
                 Err(fail(anyhow::anyhow!("pointing {key} at `{name}`: {e}")))
             }
         }
     }
+}
+
+/// A checkpoint pointer's value: `<name> <chunks>` (empty: no checkpoint yet).
+fn parse_pointer(pointer: &str) -> Option<(&str, usize)> {
+    let (name, chunks) = pointer.split_once(' ')?;
+    Some((name, chunks.parse().ok()?))
+}
+
+/// The key of a checkpoint's chunk `i`.
+fn chunk_key(name: &str, i: usize) -> String {
+    format!("chunk.{name}.{i}")
 }
 
 /// Until when this collector may merge each partition it holds: moved on by every renewal,
