@@ -102,12 +102,12 @@ fn accounts(users: &[User], partitions: u32) -> String {
         // The alerts stream's forwarder (one durable consumer).
         acks.push("\"$JS.ACK.SENSOR-alerts.>\"".to_owned());
     }
-    let shared = "\"$KV.SENSOR-leases.>\", \"$KV.SENSOR-ckpt.>\", \"$O.SENSOR-state.>\", \
-                  \"sensor.ship-view.>\", \"_INBOX_sensor_collector.>\"";
+    let shared = "\"$KV.SENSOR-leases.>\", \"$KV.SENSOR-ckpt.>\", \"sensor.ship-view.>\", \
+                  \"_INBOX_sensor_collector.>\"";
     entries.push(format!(
         "{{ user: \"collector\", password: \"{COLLECTOR_PASSWORD}\", permissions: {{ \
          publish: {{ allow: [\"$JS.API.>\", {acks}, \"sensor.ship-hot\", \"sensor.ship-alerts.>\", \
-         \"$JS.FC.KV_SENSOR-leases.>\", \"$JS.FC.KV_SENSOR-ckpt.>\", \"$JS.FC.OBJ_SENSOR-state.>\", \
+         \"$JS.FC.KV_SENSOR-leases.>\", \"$JS.FC.KV_SENSOR-ckpt.>\", \
          {shared}] }}, \
          subscribe: {{ allow: [{shared}] }} }} }}",
         acks = acks.join(", ")

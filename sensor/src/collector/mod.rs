@@ -299,7 +299,10 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     // The partitions' states hold the outputs too, until their aborted tasks are gone.
     for _ in 0..40 {
         match Arc::try_unwrap(outputs) {
-            Ok(o) => return Ok(o.shutdown(Duration::from_secs(2)).await),
+            Ok(o) => {
+                o.shutdown(Duration::from_secs(2)).await;
+                return Ok(());
+            }
             Err(o) => outputs = o,
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
