@@ -52,11 +52,33 @@ pub fn subject(prefix: &str, p: u32) -> String {
     format!("{prefix}-alerts.p{p}")
 }
 
+/// An event queued for the stream: its number, `<subject>\n<message id>`, its JSON.
+type Queued = (u64, String, Vec<u8>);
+
+/// Where an alert event comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    /// An agent's alert, merged from its batch.
+    Agent,
+    /// A fleet rule of the partition.
+    Fleet,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Fleet => "fleet",
+        }
+    }
+}
+
 /// Publishes a collector's alert events to the alerts stream, in order, retrying until the
 /// server acknowledges each.
 pub struct AlertStream {
-    tx: tokio::sync::mpsc::UnboundedSender<(u64, String, Vec<u8>)>,
-    queued: AtomicU64,
+    /// Numbered and queued together (under this lock): events enter the queue in the order
+    /// of their numbers, whichever partition's merge publishes them.
+    tx: std::sync::Mutex<(u64, tokio::sync::mpsc::UnboundedSender<Queued>)>,
     acked: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
     /// Events that could not be encoded (none expected), counted.
@@ -103,8 +125,7 @@ impl AlertStream {
             }
         });
         Arc::new(Self {
-            tx,
-            queued: AtomicU64::new(0),
+            tx: std::sync::Mutex::new((0, tx)),
             acked,
             task,
             unencodable: AtomicU64::new(0),
@@ -112,20 +133,27 @@ impl AlertStream {
     }
 
     /// Queues events merged by partition `p` (never blocks: called under the merge lock).
-    pub fn publish(&self, p_subject: &str, records: &[Record]) {
+    /// `source` keeps agents' and fleet rules' ids apart in the stream's de-duplication
+    /// (an agent named like a rule must not pre-empt the rule's event ids).
+    pub fn publish(&self, p_subject: &str, source: Source, records: &[Record]) {
+        let Ok(mut tx) = self.tx.lock() else {
+            return;
+        };
         for r in records {
             let Ok(body) = serde_json::to_vec(r) else {
                 self.unencodable.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let n = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
-            let _ = self.tx.send((n, format!("{p_subject}\n{}", r.id), body));
+            tx.0 += 1;
+            let n = tx.0;
+            let id = format!("{}:{}", source.name(), r.id);
+            let _ = tx.1.send((n, format!("{p_subject}\n{id}"), body));
         }
     }
 
     /// Events queued so far (read under the merge lock: what a checkpoint covers).
     pub fn queued(&self) -> u64 {
-        self.queued.load(Ordering::Relaxed)
+        self.tx.lock().map_or(0, |t| t.0)
     }
 
     /// Waits until the first `n` events are acknowledged, at most `within`.
@@ -181,14 +209,26 @@ pub async fn forward(
     counters: Arc<ForwardCounters>,
 ) {
     let mut delay = Duration::from_millis(500);
+    // What this forwarder handed to the outputs: a session restarted (a delivery gap, an
+    // error) resumes after it, not after the stored position (those would go out twice).
+    let mut handed = 0u64;
     loop {
-        match forward_session(&stream, &consumer_name, &ckpt, &outputs, &counters).await {
+        match forward_session(
+            &stream,
+            &consumer_name,
+            &ckpt,
+            &outputs,
+            &counters,
+            &mut handed,
+        )
+        .await
+        {
             Ok(()) => {
                 warn!("the alert forwarder's position was moved by another collector: stopped");
                 return;
             }
             Err(e) => {
-                warn!("forwarding alert events: {e:#}; retrying");
+                warn!("forwarding alert events: {e:#}; resuming after {handed}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
@@ -196,13 +236,14 @@ pub async fn forward(
     }
 }
 
-/// Ok: fenced.
+/// Ok: fenced (another forwarder moved the position).
 async fn forward_session(
     stream: &jetstream::stream::Stream,
     consumer_name: &str,
     ckpt: &kv::Store,
     outputs: &Outputs,
     counters: &ForwardCounters,
+    handed: &mut u64,
 ) -> anyhow::Result<()> {
     let (mut stored, mut revision) = match ckpt.entry(POSITION_KEY).await? {
         Some(e) if e.operation == kv::Operation::Put => {
@@ -218,6 +259,7 @@ async fn forward_session(
         }
         _ => (0, ckpt.create(POSITION_KEY, "0".into()).await?),
     };
+    *handed = (*handed).max(stored);
     match stream.delete_consumer(consumer_name).await {
         Ok(_) => {}
         Err(e) if e.to_string().contains("not found") => {}
@@ -226,11 +268,11 @@ async fn forward_session(
     let consumer = stream
         .create_consumer(pull::Config {
             durable_name: Some(consumer_name.to_owned()),
-            deliver_policy: if stored == 0 {
+            deliver_policy: if *handed == 0 {
                 DeliverPolicy::All
             } else {
                 DeliverPolicy::ByStartSequence {
-                    start_sequence: stored + 1,
+                    start_sequence: *handed + 1,
                 }
             },
             ack_policy: AckPolicy::Explicit,
@@ -241,9 +283,12 @@ async fn forward_session(
         .with_context(|| format!("creating the consumer `{consumer_name}`"))?;
     info!(
         "forwarding alert events to the outputs from stream sequence {}",
-        stored + 1
+        *handed + 1
     );
-    let mut handed = stored;
+    // The first message of a new consumer is the oldest the stream still has from there
+    // on: a higher sequence means the ones between are gone (its limits). Later, a gap is
+    // a delivery lost in flight: resume after what was handed, it comes again.
+    let mut first = true;
     loop {
         let mut messages = consumer
             .fetch()
@@ -261,15 +306,23 @@ async fn forward_session(
                 .info()
                 .map_err(|e| anyhow::anyhow!("an alert event without metadata: {e}"))?
                 .stream_sequence;
-            if seq <= handed {
+            if seq <= *handed {
                 let _ = message.ack().await;
                 continue;
             }
-            if seq > handed + 1 && handed > 0 {
-                counters
-                    .missing
-                    .fetch_add(seq - handed - 1, Ordering::Relaxed);
+            if seq > *handed + 1 {
+                anyhow::ensure!(
+                    first,
+                    "alert event {seq} delivered before {}: resuming",
+                    *handed + 1
+                );
+                if *handed > 0 {
+                    counters
+                        .missing
+                        .fetch_add(seq - *handed - 1, Ordering::Relaxed);
+                }
             }
+            first = false;
             match serde_json::from_slice::<Record>(&message.payload) {
                 Ok(r) => {
                     outputs.publish_records(std::slice::from_ref(&r));
@@ -279,20 +332,35 @@ async fn forward_session(
                     counters.unreadable.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            handed = seq;
+            *handed = seq;
             let _ = message.ack().await;
         }
         // The position moves only past events every output has delivered.
-        if handed > stored && outputs.stats().iter().all(|s| s.pending == 0) {
+        if *handed > stored && outputs.stats().iter().all(|s| s.pending == 0) {
+            let value = handed.to_string();
             match ckpt
-                .update(POSITION_KEY, handed.to_string().into(), revision)
+                .update(POSITION_KEY, value.clone().into(), revision)
                 .await
             {
                 Ok(r) => {
                     revision = r;
-                    stored = handed;
+                    stored = *handed;
                 }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    // An update of ours that timed out earlier may have been applied: ours
+                    // if the value is what this forwarder would have written since.
+                    match ckpt.entry(POSITION_KEY).await? {
+                        Some(en)
+                            if std::str::from_utf8(&en.value)
+                                .ok()
+                                .and_then(|v| v.parse::<u64>().ok())
+                                .is_some_and(|v| v > stored && v <= *handed) =>
+                        {
+                            revision = en.revision;
+                        }
+                        _ => return Ok(()),
+                    }
+                }
                 Err(e) => warn!("storing the forwarder's position: {e}"),
             }
         }

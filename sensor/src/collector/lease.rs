@@ -195,22 +195,37 @@ impl Leases {
         // The bucket's stream, made as async-nats' `create_key_value` makes it: that call
         // first asks for the account's JetStream info, whose answer from nats-server 2.9
         // (Debian bookworm's) async-nats 0.51 cannot parse.
-        js.get_or_create_stream(jetstream::stream::Config {
-            name: format!("KV_{bucket}"),
-            description: Some("sensor collectors' partition leases".into()),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            max_age: ttl,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas.max(1),
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err("creating", &e))?;
+        let stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: format!("KV_{bucket}"),
+                description: Some("sensor collectors' partition leases".into()),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age: ttl,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas.max(1),
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: jetstream::stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err("creating", &e))?;
+        // The server drops a lease after the bucket's max_age, whatever the collectors
+        // think: a collector believing in a longer lease would merge past it while another
+        // takes the partition over.
+        let max_age = stream.cached_info().config.max_age;
+        if max_age != ttl {
+            return Err(err(
+                "checking",
+                &format!(
+                    "it expires leases after {max_age:?}, this collector's lease_ttl_secs is {ttl:?}: \
+                     every collector of the group needs the same lease_ttl_secs (to change it, stop \
+                     them all and delete the stream KV_{bucket})"
+                ),
+            ));
+        }
         let kv = js
             .get_key_value(&bucket)
             .await
@@ -313,6 +328,13 @@ impl Leases {
     /// server slow to answer (a node lost, a leader being elected) must not delay the next
     /// renewals past the leases' validity.
     pub async fn tick(&mut self) -> Result<Tick, LeaseError> {
+        let mut tick = self.renew().await;
+        self.grow_bounded(&mut tick).await;
+        Ok(tick)
+    }
+
+    /// The renewals of a tick (bounded: each given half a period), their outcome in `lost`.
+    pub async fn renew(&mut self) -> Tick {
         let mut tick = Tick::default();
         let value = bytes::Bytes::from(self.me.clone().into_bytes());
         let ttl = self.ttl;
@@ -348,9 +370,15 @@ impl Leases {
                 Renewal::Unanswered | Renewal::Lost => tick.lost.push(p),
             }
         }
-        // Cut short, what it did stands: a lease taken is in `held` and in `tick.taken`
-        // together (no await between), so none is held without being reported.
-        match tokio::time::timeout(Self::period(ttl), self.grow(&value, &mut tick)).await {
+        tick
+    }
+
+    /// The rest of a tick: membership, reading the bucket, taking free partitions; at most
+    /// a period. Cut short, what it did stands: a lease taken is in `held` and in
+    /// `tick.taken` together (no await between), so none is held without being reported.
+    pub async fn grow_bounded(&mut self, tick: &mut Tick) {
+        let value = bytes::Bytes::from(self.me.clone().into_bytes());
+        match tokio::time::timeout(Self::period(self.ttl), self.grow(&value, tick)).await {
             Ok(Err(e)) => log::warn!("{e}"),
             Ok(Ok(())) => {}
             Err(_) => log::warn!(
@@ -358,7 +386,6 @@ impl Leases {
                 self.bucket
             ),
         }
-        Ok(tick)
     }
 
     /// Keeps the membership alive and takes free partitions up to the share.
@@ -397,10 +424,17 @@ impl Leases {
         let Some(held) = self.held.remove(&p) else {
             return Ok(());
         };
-        self.kv
-            .delete_expect_revision(partition_key(p), Some(held.revision))
-            .await
-            .map_err(|e| self.err("releasing", &e))
+        // Bounded like a renewal: the keeper renews the other leases right after.
+        match tokio::time::timeout(
+            Self::period(self.ttl) / 2,
+            self.kv
+                .delete_expect_revision(partition_key(p), Some(held.revision)),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(|e| self.err("releasing", &e)),
+            Err(_) => Err(self.err("releasing", &"no answer (the lease will expire)")),
+        }
     }
 
     /// Stops renewing partition `p` without deleting it: it expires (no checkpoint to hand

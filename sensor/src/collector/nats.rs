@@ -44,7 +44,7 @@ use crate::{
         nats::{Endpoint, EndpointOptions},
         tls::ClientIdentity,
     },
-    ship::partition::{POSITIONS_HEADER, parse_subject},
+    ship::partition::{POSITIONS_HEADER, misplaced, parse_subject},
 };
 
 /// Connecting, and each JetStream API request.
@@ -352,7 +352,7 @@ impl Source {
                 }
                 first = false;
                 anyhow::ensure!(may_merge(), "no longer allowed to merge (lease)");
-                self.merge(shared, &message, seq).await?;
+                self.merge(shared, &message, seq, may_merge).await?;
                 shared
                     .counters
                     .nats_messages
@@ -374,14 +374,15 @@ impl Source {
         shared: &Shared,
         message: &jetstream::Message,
         seq: u64,
+        may_merge: &(dyn Fn() -> bool + Sync),
     ) -> anyhow::Result<()> {
         let agent = parse_subject(
             &self.config.subject_prefix,
             self.config.partitions,
             message.subject.as_str(),
         )
-        .map(|(_, agent)| agent.to_owned());
-        let Some(agent) = agent else {
+        .map(|(p, agent)| (p, agent.to_owned()));
+        let Some((partition, agent)) = agent else {
             let e = IngestError::Malformed(format!(
                 "subject `{}` does not name an agent",
                 message.subject
@@ -436,6 +437,16 @@ impl Source {
                 ));
                 return refuse(shared, message, seq, &agent, &e).await;
             }
+            if let Some(why) = batch
+                .records
+                .iter()
+                .find_map(|r| misplaced(r, self.config.partitions, partition))
+            {
+                let e = IngestError::Malformed(format!("partition {partition}: {why}"));
+                return refuse(shared, message, seq, &agent, &e).await;
+            }
+            // The lease may have lapsed while this waited (memory budget, journal).
+            anyhow::ensure!(may_merge(), "no longer allowed to merge (lease)");
             match shared.accept_from_stream(&batch, seq, positions) {
                 Ok(applied) => {
                     let c = &shared.counters;

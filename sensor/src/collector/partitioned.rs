@@ -109,6 +109,16 @@ struct ViewAnswer {
     error: String,
 }
 
+impl ViewAnswer {
+    fn error(error: String) -> Self {
+        Self {
+            rows: Vec::new(),
+            alerts: Vec::new(),
+            error,
+        }
+    }
+}
+
 impl Status {
     pub fn held(&self) -> Vec<u32> {
         self.parts
@@ -249,6 +259,9 @@ struct Stores {
     streams: Vec<jetstream::stream::Stream>,
     /// Checkpoint pointers `p<N>`, the checkpoints' chunks, the forwarder's position.
     ckpt: kv::Store,
+    /// The bucket's stream (old checkpoints are purged from it, tombstones and all).
+    ckpt_stream: jetstream::stream::Stream,
+    ckpt_bucket: String,
     /// Bytes of a checkpoint chunk (under the server's `max_payload`).
     chunk: usize,
     /// `<stream>-alerts`, and this collector's publisher into it.
@@ -351,21 +364,22 @@ impl Group {
         // nats-server 2.9's account information (see `lease`). No max_age: a checkpoint
         // pointer must outlive its holder.
         let ckpt_bucket = format!("{}-ckpt", c.stream);
-        js.get_or_create_stream(jetstream::stream::Config {
-            name: format!("KV_{ckpt_bucket}"),
-            description: Some("sensor collectors' checkpoint pointers".into()),
-            subjects: vec![format!("$KV.{ckpt_bucket}.>")],
-            max_messages_per_subject: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("creating the bucket `{ckpt_bucket}`"))?;
+        let ckpt_stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: format!("KV_{ckpt_bucket}"),
+                description: Some("sensor collectors' checkpoint pointers".into()),
+                subjects: vec![format!("$KV.{ckpt_bucket}.>")],
+                max_messages_per_subject: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: jetstream::stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating the bucket `{ckpt_bucket}`"))?;
         let ckpt = js
             .get_key_value(&ckpt_bucket)
             .await
@@ -395,6 +409,8 @@ impl Group {
             client,
             streams,
             ckpt,
+            ckpt_stream,
+            ckpt_bucket,
             chunk,
             alerts,
             publisher,
@@ -490,6 +506,8 @@ impl Group {
                     let gone: Vec<u32> = parts.keys().copied().filter(|p| !valid.valid(*p)).collect();
                     for p in &gone {
                         parts.remove(p);
+                        // The keeper must not renew (and so hold) a lease nobody merges.
+                        keeper.forget(*p).await;
                         self.status.lost.fetch_add(1, Ordering::Relaxed);
                         warn!("the lease of partition {p} could not be renewed in time: stopped merging it");
                     }
@@ -522,7 +540,7 @@ impl Group {
                         let events = part.shared.with_fleet(|f| {
                             let events = f.state.evaluate(&mut f.detector, Now::system());
                             let records: Vec<Record> = events.iter().map(Record::new).collect();
-                            f.forward(&records);
+                            f.forward(&records, alerts::Source::Fleet);
                             events
                         });
                         if let Ok(events) = events {
@@ -625,8 +643,17 @@ impl Group {
                 alerts::subject(&self.config.nats.subject_prefix, p),
             ),
         )?);
+        // Everything fallible before the tasks start: a failed take leaves none running.
+        let outputs = self.front.with_fleet(|f| f.outputs.clone())?;
+        let mut stream = stores.streams[p as usize].clone();
+        let end = stream
+            .info()
+            .await
+            .with_context(|| format!("reading the state of partition {p}'s stream"))?
+            .state
+            .last_sequence;
         info!(
-            "took partition {p}: checkpoint `{}` at stream sequence {seq}",
+            "took partition {p}: checkpoint `{}` at stream sequence {seq}, stream at {end}",
             if object.is_empty() { "(none)" } else { &object }
         );
         let consume = tokio::spawn(consume(
@@ -640,6 +667,12 @@ impl Group {
             stores.client.clone(),
             view_subject(&self.config.nats.subject_prefix, p),
             shared.clone(),
+            Serving {
+                p,
+                caught_up_at: end,
+                valid: valid.clone(),
+                max_payload: stores.client.server_info().max_payload,
+            },
         ));
         let mut tasks = vec![consume, view];
         // Partition 0's holder publishes the hot sketch cells and forwards the alerts.
@@ -651,7 +684,6 @@ impl Group {
             )
         });
         if p == 0 {
-            let outputs = self.front.with_fleet(|f| f.outputs.clone())?;
             tasks.push(tokio::spawn(alerts::forward(
                 stores.alerts.clone(),
                 format!("{}-alerts", self.config.nats.consumer),
@@ -703,12 +735,13 @@ impl Group {
     }
 
     /// Deletes a checkpoint's chunks (after the pointer moved past it).
+    /// A stream purge by subject removes the messages outright: a key-value purge would
+    /// leave a tombstone per chunk, forever (every checkpoint's name is new).
     async fn drop_chunks(stores: &Stores, pointer: &str) {
-        if let Some((name, chunks)) = parse_pointer(pointer) {
-            for i in 0..chunks {
-                if let Err(e) = stores.ckpt.purge(chunk_key(name, i)).await {
-                    log::debug!("deleting a checkpoint chunk of `{name}`: {e}");
-                }
+        if let Some((name, _)) = parse_pointer(pointer) {
+            let subject = format!("$KV.{}.chunk.{name}.>", stores.ckpt_bucket);
+            if let Err(e) = stores.ckpt_stream.purge().filter(subject).await {
+                log::debug!("deleting the checkpoint `{name}`: {e}");
             }
         }
     }
@@ -774,8 +807,26 @@ impl Group {
                 Err(Checkpoint::Fenced)
             }
             Err(e) => {
-                Self::drop_chunks(stores, &pointer).await;
-                Err(fail(anyhow::anyhow!("pointing {key} at `{name}`: {e}")))
+                // No answer is not a no: the server may have moved the pointer. Read it
+                // back before purging what it may now name.
+                match stores.ckpt.entry(key.clone()).await {
+                    Ok(Some(entry)) if entry.value.as_ref() == pointer.as_bytes() => {
+                        part.ckpt_revision = entry.revision;
+                        let old = std::mem::replace(&mut part.object, pointer);
+                        Self::drop_chunks(stores, &old).await;
+                        self.status.checkpoints.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Ok(_) => {
+                        Self::drop_chunks(stores, &pointer).await;
+                        Err(fail(anyhow::anyhow!("pointing {key} at `{name}`: {e}")))
+                    }
+                    // Unknown either way: keep the chunks (a later checkpoint's pointer
+                    // moves past them; a taker sweeps them, below).
+                    Err(e2) => Err(fail(anyhow::anyhow!(
+                        "pointing {key} at `{name}`: {e}; reading it back: {e2}"
+                    ))),
+                }
             }
         }
     }
@@ -842,9 +893,14 @@ impl Keeper {
         mut leases: Leases,
         ttl: Duration,
         valid: Arc<ValidUntil>,
-    ) -> (Self, tokio::sync::mpsc::Receiver<super::lease::Tick>) {
+    ) -> (
+        Self,
+        tokio::sync::mpsc::UnboundedReceiver<super::lease::Tick>,
+    ) {
         let (commands, mut rx) = tokio::sync::mpsc::channel::<Command>(16);
-        let (ticks_tx, ticks) = tokio::sync::mpsc::channel(16);
+        // Unbounded: the keeper never waits for the session loop (which may be busy with a
+        // checkpoint); ticks are a few per period at most.
+        let (ticks_tx, ticks) = tokio::sync::mpsc::unbounded_channel();
         let partitions = leases.partitions();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Leases::period(ttl));
@@ -852,17 +908,13 @@ impl Keeper {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        match leases.tick().await {
-                            Ok(t) => {
-                                valid.set(&leases, partitions);
-                                if ticks_tx.send(t).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => {
-                                valid.set(&leases, partitions);
-                                warn!("renewing the leases: {e}");
-                            }
+                        // Validity published right after the renewals, before the slower rest.
+                        let mut t = leases.renew().await;
+                        valid.set(&leases, partitions);
+                        leases.grow_bounded(&mut t).await;
+                        valid.set(&leases, partitions);
+                        if ticks_tx.send(t).is_err() {
+                            return;
                         }
                     }
                     command = rx.recv() => {
@@ -950,6 +1002,10 @@ async fn consume(
     let filter = format!("{}.p{p}.>", c.subject_prefix);
     let mut delay = Duration::from_millis(500);
     loop {
+        // A lapsed holder must not recreate the durable consumer its successor reads with.
+        if !may_merge() {
+            return;
+        }
         let run = async {
             let checkpoint = shared.nats_seq()?;
             let consumer = source
@@ -977,7 +1033,25 @@ async fn consume(
 }
 
 /// Answers view requests for one partition held.
-async fn serve_view(client: async_nats::Client, subject: String, shared: Arc<Shared>) {
+/// When a holder's answers are the partition's: caught up with what the stream held when
+/// it took the partition (before, the state lacks what the former holder merged after its
+/// last checkpoint), and while its lease is valid.
+struct Serving {
+    p: u32,
+    caught_up_at: u64,
+    valid: Arc<ValidUntil>,
+    max_payload: usize,
+}
+
+/// Alerts one partition's answer lists at most (open first, newest first).
+const VIEW_ALERTS: usize = 1000;
+
+async fn serve_view(
+    client: async_nats::Client,
+    subject: String,
+    shared: Arc<Shared>,
+    serving: Serving,
+) {
     let mut sub = match client.subscribe(subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -987,15 +1061,30 @@ async fn serve_view(client: async_nats::Client, subject: String, shared: Arc<Sha
     };
     while let Some(msg) = sub.next().await {
         let Some(reply) = msg.reply else { continue };
-        let answer = match serde_json::from_slice::<ViewRequest>(&msg.payload) {
-            Ok(r) => view(&shared, &r),
-            Err(e) => ViewAnswer {
-                rows: Vec::new(),
-                alerts: Vec::new(),
-                error: format!("unreadable request: {e}"),
-            },
+        let merged = shared.nats_seq().unwrap_or(0);
+        let answer = if !serving.valid.valid(serving.p) {
+            ViewAnswer::error("this collector's lease of the partition lapsed".into())
+        } else if merged < serving.caught_up_at {
+            ViewAnswer::error(format!(
+                "catching up after a takeover (stream sequence {merged} of {})",
+                serving.caught_up_at
+            ))
+        } else {
+            match serde_json::from_slice::<ViewRequest>(&msg.payload) {
+                Ok(r) => view(&shared, &r),
+                Err(e) => ViewAnswer::error(format!("unreadable request: {e}")),
+            }
         };
-        let body = serde_json::to_vec(&answer).unwrap_or_default();
+        let mut body = serde_json::to_vec(&answer).unwrap_or_default();
+        if body.len() + 1024 > serving.max_payload {
+            // Said, not dropped: the asker would take silence for a failover.
+            body = serde_json::to_vec(&ViewAnswer::error(format!(
+                "partition {}'s answer is {} bytes, over the NATS max_payload: ask with a limit",
+                serving.p,
+                body.len()
+            )))
+            .unwrap_or_default();
+        }
         if let Err(e) = client.publish(reply, body.into()).await {
             log::debug!("answering a view request on {subject}: {e}");
         }
@@ -1020,7 +1109,10 @@ fn view(shared: &Shared, r: &ViewRequest) -> ViewAnswer {
                 return answer;
             }
         },
-        "alerts" => shared.with_fleet(|f| answer.alerts = f.state.alerts(&f.detector)),
+        "alerts" => shared.with_fleet(|f| {
+            answer.alerts = f.state.alerts(&f.detector);
+            answer.alerts.truncate(VIEW_ALERTS);
+        }),
         other => {
             answer.error = format!("unknown view `{other}`");
             return answer;

@@ -80,9 +80,9 @@ pub struct Fleet {
 
 impl Fleet {
     /// Forwards alert events: to the outputs, or for a partition to the alerts stream.
-    pub(super) fn forward(&self, records: &[crate::sinks::Record]) {
+    pub(super) fn forward(&self, records: &[crate::sinks::Record], source: super::alerts::Source) {
         match &self.alerts {
-            Some((stream, subject)) => stream.publish(subject, records),
+            Some((stream, subject)) => stream.publish(subject, source, records),
             None => self.outputs.publish_records(records),
         }
     }
@@ -241,7 +241,7 @@ impl Shared {
         if let Some(seq) = nats_seq {
             fleet.state.nats_seq = fleet.state.nats_seq.max(seq);
         }
-        fleet.forward(&forward);
+        fleet.forward(&forward, super::alerts::Source::Agent);
         if let Some(log) = fleet.received_log.as_mut() {
             let mut lines = String::new();
             for rec in accepted {

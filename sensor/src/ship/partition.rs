@@ -134,6 +134,43 @@ pub fn split(records: &[ShipRecord], partitions: u32) -> Vec<Vec<ShipRecord>> {
     out
 }
 
+/// Why a record does not belong in partition `p`'s message (None: it does), as [`split`]
+/// builds them. The collector refuses such a message: keys must stay disjoint across
+/// partitions (the fleet view's top is exact only then), and the remainder, the sketch
+/// and its `elsewhere` sums travel with partition 0 only.
+pub fn misplaced(rec: &ShipRecord, partitions: u32, p: u32) -> Option<String> {
+    if partitions <= 1 {
+        return None;
+    }
+    match &rec.payload {
+        Payload::Alert { alert, .. } => {
+            let want = partition_of(&alert.key_kind, &alert.key, partitions);
+            (want != p).then(|| {
+                format!(
+                    "alert on {} `{}` belongs to partition {want}",
+                    alert.key_kind, alert.key
+                )
+            })
+        }
+        Payload::Summary(s) => {
+            if let Some(c) = s
+                .clients
+                .iter()
+                .find(|c| partition_of(&c.by, &c.key, partitions) != p)
+            {
+                return Some(format!(
+                    "row {} `{}` belongs to partition {}",
+                    c.by,
+                    c.key,
+                    partition_of(&c.by, &c.key, partitions)
+                ));
+            }
+            (p != 0 && !(s.rest.is_empty() && s.sketch.is_empty() && s.elsewhere.is_empty()))
+                .then(|| "a remainder or sketch outside partition 0".to_owned())
+        }
+    }
+}
+
 /// One summary as `partitions` parts: each part the rows of its partition; `rest`, the
 /// sketch and its key in part 0, with `elsewhere` when there is a sketch to check.
 fn split_summary(s: &Summary, partitions: u32) -> Vec<Summary> {
@@ -175,6 +212,61 @@ mod tests {
     use crate::ship::ClientDelta;
 
     /// Pinned: agents and collectors of different versions must agree for ever.
+    #[test]
+    fn every_part_of_a_split_is_in_its_place_and_nothing_else_is() {
+        let records: Vec<ShipRecord> = (0..40u64)
+            .map(|i| {
+                let mut r = ShipRecord::summary(
+                    "a",
+                    Summary {
+                        start_s: 1_800_000_000 + i * 10,
+                        period_s: 10,
+                        clients: (0..30)
+                            .map(|k| ClientDelta {
+                                by: "address".into(),
+                                key: format!("10.0.{i}.{k}"),
+                                counts: Counts {
+                                    requests: 1,
+                                    ..Counts::default()
+                                },
+                                open_connections: 0,
+                                identity: None,
+                                forwarded: None,
+                            })
+                            .collect(),
+                        rest: BTreeMap::from([(
+                            "address".into(),
+                            Counts {
+                                requests: 3,
+                                ..Counts::default()
+                            },
+                        )]),
+                        sketch: BTreeMap::new(),
+                        sketch_key: String::new(),
+                        elsewhere: BTreeMap::new(),
+                    },
+                );
+                r.seq = i + 1;
+                r
+            })
+            .collect();
+        for (p, part) in (0..).zip(split(&records, 4)) {
+            for rec in &part {
+                assert_eq!(misplaced(rec, 4, p), None, "partition {p}");
+                // The same record in any other partition's message is refused.
+                for other in (0..4).filter(|o| *o != p) {
+                    let has_rows =
+                        matches!(&rec.payload, Payload::Summary(s) if !s.clients.is_empty());
+                    let has_rest =
+                        matches!(&rec.payload, Payload::Summary(s) if !s.rest.is_empty());
+                    if has_rows || (has_rest && other != 0) {
+                        assert!(misplaced(rec, 4, other).is_some(), "{p} in {other}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_function_is_fnv1a_of_kind_zero_key() {
         // FNV-1a 64 of the empty input is its offset basis; of "a", the published value.
