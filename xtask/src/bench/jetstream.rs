@@ -109,8 +109,8 @@ fn accounts(partitions: u32) -> String {
         acks.push(format!("\"$JS.ACK.{STREAM}-alerts.>\""));
     }
     let shared = format!(
-        "\"$KV.{STREAM}-leases.>\", \"$KV.{STREAM}-ckpt.>\", \"$O.{STREAM}-state.>\", \
-         \"{PREFIX}-view.>\", \"_INBOX_sensor_collector.>\""
+        "\"$KV.{STREAM}-leases.>\", \"$KV.{STREAM}-ckpt.>\", \"{PREFIX}-view.>\", \
+         \"_INBOX_sensor_collector.>\""
     );
     format!(
         "accounts {{\n  SENSOR {{\n    jetstream: enabled\n    users: [\n      \
@@ -119,8 +119,7 @@ fn accounts(partitions: u32) -> String {
          subscribe: {{ allow: [\"_INBOX.>\", \"{PREFIX}-hot\"] }} }} }}\n      \
          {{ user: \"collector\", password: \"{COLLECTOR_PASSWORD}\", permissions: {{ \
          publish: {{ allow: [\"$JS.API.>\", {acks}, \"{PREFIX}-hot\", \"{PREFIX}-alerts.>\", \
-         \"$JS.FC.KV_{STREAM}-leases.>\", \"$JS.FC.KV_{STREAM}-ckpt.>\", \
-         \"$JS.FC.OBJ_{STREAM}-state.>\", {shared}] }}, \
+         \"$JS.FC.KV_{STREAM}-leases.>\", \"$JS.FC.KV_{STREAM}-ckpt.>\", {shared}] }}, \
          subscribe: {{ allow: [{shared}] }} }} }}\n    ]\n  }}\n}}\n",
         acks = acks.join(", ")
     )
