@@ -66,7 +66,7 @@ pub struct Options {
     pub bounded_keys: usize,
     /// Client rows of the backlog each JetStream run publishes (rounded up to whole batches
     /// of every synthetic agent).
-    #[arg(long, default_value_t = 512_000)]
+    #[arg(long, default_value_t = 2_048_000)]
     pub jetstream_rows: u64,
     /// Phases to run (comma separated): ab, bpf, load, latency, memory, collector, alert,
     /// jetstream; and,
