@@ -281,14 +281,42 @@ pub struct CollectorArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchCollectorArgs {
-    /// The collector's ingest URL.
-    #[arg(long)]
-    pub url: String,
+    /// The collector's ingest URL (HTTPS: each agent sends batches for `--seconds`).
+    #[arg(
+        long,
+        required_unless_present = "nats_url",
+        conflicts_with = "nats_url"
+    )]
+    pub url: Option<String>,
+    /// The CA of the collector's (HTTPS) or the NATS servers' (JetStream) certificate.
     #[arg(long)]
     pub ca_file: std::path::PathBuf,
-    /// Agent tokens, one per line (`<name> <token>`): one synthetic agent each.
+    /// Agent tokens, one per line (`<name> <token>`): one synthetic agent each (HTTPS).
+    #[arg(long, required_unless_present = "nats_url")]
+    pub tokens_file: Option<std::path::PathBuf>,
+    /// Publish into JetStream instead, as agents with `[ship] transport = "nats"` do (the
+    /// agents' own sink): the NATS servers. Each of `--agents` synthetic agents publishes
+    /// `--batches` batches, each once JetStream acknowledged the one before, then ends.
+    #[arg(long, requires = "credentials_file")]
+    pub nats_url: Option<String>,
+    /// The agents' NATS credentials (`<user>:<password>` or an nkey seed), all agents alike.
     #[arg(long)]
-    pub tokens_file: std::path::PathBuf,
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// `[ship] partitions` (1: unpartitioned).
+    #[arg(long, default_value_t = 1)]
+    pub partitions: u32,
+    /// `[ship] stream`.
+    #[arg(long, default_value = "SENSOR")]
+    pub stream: String,
+    /// `[ship] subject_prefix`.
+    #[arg(long, default_value = "sensor.ship")]
+    pub subject_prefix: String,
+    /// Synthetic agents (JetStream; named bench-1, bench-2 ...).
+    #[arg(long, default_value_t = 16)]
+    pub agents: usize,
+    /// Batches per synthetic agent (JetStream).
+    #[arg(long, default_value_t = 8)]
+    pub batches: u64,
     /// Summaries per batch.
     #[arg(long, default_value_t = 20)]
     pub records: usize,

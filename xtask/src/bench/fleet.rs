@@ -65,11 +65,11 @@ pub struct AlertTime {
 pub const AGENTS: usize = 16;
 const READER: &str = "bench-reader-token-0123456789";
 
-struct Collector {
-    proc_: Proc,
-    url: String,
-    ca: PathBuf,
-    agent_tokens: Vec<(String, String)>,
+pub(super) struct Collector {
+    pub(super) proc_: Proc,
+    pub(super) url: String,
+    pub(super) ca: PathBuf,
+    pub(super) agent_tokens: Vec<(String, String)>,
 }
 
 fn openssl(args: &[&str]) -> anyhow::Result<()> {
@@ -80,56 +80,76 @@ fn openssl(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed (`cert.pem`, `key.pem`)
+/// in `dir`: the collector's, and the NATS server's in the JetStream phase.
+pub(super) fn tls_material(dir: &std::path::Path) -> anyhow::Result<()> {
+    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.pem"),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bench CA",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &p("key.pem"),
+        "-out",
+        &p("srv.csr"),
+        "-subj",
+        "/CN=collector.bench",
+    ])?;
+    fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n")?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("srv.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &p("cert.pem"),
+        "-days",
+        "2",
+        "-extfile",
+        &p("ext"),
+    ])?;
+    Ok(())
+}
+
 impl Bench<'_> {
     fn start_collector(&self, name: &str) -> anyhow::Result<Collector> {
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir)?;
+        tls_material(&dir)?;
+        self.start_collector_in(&dir, "", 0, "warn")
+    }
+
+    /// A collector of its own in `dir` (which holds [`tls_material`]), pinned to `cpu`, with
+    /// `extra` appended to its configuration (e.g. `[nats]`).
+    pub(super) fn start_collector_in(
+        &self,
+        dir: &std::path::Path,
+        extra: &str,
+        cpu: usize,
+        log: &str,
+    ) -> anyhow::Result<Collector> {
         let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &p("ca.key"),
-            "-out",
-            &p("ca.pem"),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=bench CA",
-        ])?;
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &p("key.pem"),
-            "-out",
-            &p("srv.csr"),
-            "-subj",
-            "/CN=collector.bench",
-        ])?;
-        fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n")?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &p("srv.csr"),
-            "-CA",
-            &p("ca.pem"),
-            "-CAkey",
-            &p("ca.key"),
-            "-CAcreateserial",
-            "-out",
-            &p("cert.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &p("ext"),
-        ])?;
         let agent_tokens: Vec<(String, String)> = (1..=AGENTS)
             .map(|i| {
                 (
@@ -149,7 +169,7 @@ impl Bench<'_> {
             dir.join("collector.toml"),
             format!(
                 "[listen]\naddress = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\n\
-                 tls_key_file = \"{}\"\ntokens_file = \"{}\"\n\n[state]\ndir = \"{}\"\n",
+                 tls_key_file = \"{}\"\ntokens_file = \"{}\"\n\n[state]\ndir = \"{}\"\n\n{extra}",
                 p("cert.pem"),
                 p("key.pem"),
                 p("tokens"),
@@ -158,11 +178,11 @@ impl Bench<'_> {
         )?;
         let mut proc_ = Proc::spawn(
             Command::new("taskset")
-                .args(["-c", "0"])
+                .args(["-c", &cpu.to_string()])
                 .arg(&self.bin)
                 .args(["collector", "--config"])
                 .arg(dir.join("collector.toml"))
-                .env("RUST_LOG", "warn"),
+                .env("RUST_LOG", log),
             &dir.join("collector.log"),
         )?;
         procs::wait_listening(port, "the collector", &mut proc_)?;
@@ -248,6 +268,19 @@ impl Bench<'_> {
                 c.ca.display()
             ),
         )?;
+        results.alert_times = self.alert_trials(&c, &config, 40)?;
+        Ok(())
+    }
+
+    /// Three extraction bots (from 127.`net`.0.1, .2, .3), each against a new agent of
+    /// `config` shipping to `c`.
+    pub(super) fn alert_trials(
+        &self,
+        c: &Collector,
+        config: &std::path::Path,
+        net: u8,
+    ) -> anyhow::Result<Vec<AlertTime>> {
+        let mut times = Vec::new();
         for trial in 0..3u8 {
             check_interrupted()?;
             let agent = procs::start_agent(&AgentSpec {
@@ -255,19 +288,19 @@ impl Bench<'_> {
                 bin: &self.bin,
                 cgroup: &self.cgroup.path,
                 ports: &[self.http_port],
-                config: Some(&config),
+                config: Some(config),
                 live_read: &self.opts.live_read,
             })?;
-            let src = Ipv4Addr::new(127, 40, 0, 1 + trial);
-            let t = self.one_bot(&agent, &c, src)?;
+            let src = Ipv4Addr::new(127, net, 0, 1 + trial);
+            let t = self.one_bot(&agent, c, src)?;
             eprintln!(
                 "bench: bot at {:.0} req/s: agent alert after {:.2} s, fleet alert after {:.2} s",
                 t.rate, t.agent_s, t.fleet_s
             );
-            results.alert_times.push(t);
+            times.push(t);
             agent.stop(procs::AGENT_PATIENCE)?;
         }
-        Ok(())
+        Ok(times)
     }
 
     fn one_bot(&self, agent: &Agent, c: &Collector, src: Ipv4Addr) -> anyhow::Result<AlertTime> {
@@ -320,21 +353,26 @@ impl Bench<'_> {
         result
     }
 
-    fn collector_alerts(&self, c: &Collector) -> anyhow::Result<Value> {
-        let out = run_bounded(
-            Command::new("curl")
-                .args(["-sf", "--max-time", "5", "--cacert"])
-                .arg(&c.ca)
-                .arg("-H")
-                .arg(format!("Authorization: Bearer {READER}"))
-                .arg(format!("{}/v1/alerts", c.url)),
-            Duration::from_secs(10),
-        )?;
-        if !out.status.success() {
-            bail!("GET /v1/alerts at the collector failed");
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+    pub(super) fn collector_alerts(&self, c: &Collector) -> anyhow::Result<Value> {
+        collector_get(c, "/v1/alerts")
     }
+}
+
+/// GET `path` at the collector with the reader token.
+pub(super) fn collector_get(c: &Collector, path: &str) -> anyhow::Result<Value> {
+    let out = run_bounded(
+        Command::new("curl")
+            .args(["-sf", "--max-time", "5", "--cacert"])
+            .arg(&c.ca)
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {READER}"))
+            .arg(format!("{}{path}", c.url)),
+        Duration::from_secs(10),
+    )?;
+    if !out.status.success() {
+        bail!("GET {path} at the collector failed");
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 /// An open alert for `key`: a fleet rule's (ids `fleet-...`) or any other.

@@ -14,6 +14,7 @@
 
 mod calib;
 mod fleet;
+mod jetstream;
 mod load;
 mod procs;
 mod report;
@@ -63,16 +64,21 @@ pub struct Options {
     /// the rest folded); 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     pub bounded_keys: usize,
-    /// Phases to run (comma separated): ab, bpf, load, latency, memory, collector, alert; and,
+    /// Client rows of the backlog each JetStream run publishes (rounded up to whole batches
+    /// of every synthetic agent).
+    #[arg(long, default_value_t = 2_048_000)]
+    pub jetstream_rows: u64,
+    /// Phases to run (comma separated): ab, bpf, load, latency, memory, collector, alert,
+    /// jetstream; and,
     /// not by default, `profile` (the agent under valgrind's callgrind during the keep-alive
     /// load: instructions per function) and `sample` (the agent sampled by `perf record -e
     /// cpu-clock` during the keep-alive load: where its time goes, cache misses and kernel
-    /// time included), output in target/bench/. The report is only written when all seven
+    /// time included), output in target/bench/. The report is only written when all eight
     /// measurements ran.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ab,bpf,load,latency,memory,collector,alert"
+        default_value = "ab,bpf,load,latency,memory,collector,alert,jetstream"
     )]
     pub phases: Vec<String>,
     /// Markdown file whose generated section is replaced.
@@ -90,7 +96,7 @@ const DEFAULT_MAX_CLIENTS: usize = 10_000;
 /// Phases that only profile the agent (not measurements; never in the report).
 const PROFILERS: [&str; 2] = ["profile", "sample"];
 
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 8] = [
     "ab",
     "bpf",
     "load",
@@ -98,6 +104,7 @@ const PHASES: [&str; 7] = [
     "memory",
     "collector",
     "alert",
+    "jetstream",
 ];
 
 /// wrk connections and threads: one wrk thread and one nginx worker leave the second core to
@@ -205,6 +212,10 @@ pub struct Results {
     pub ingest: Option<fleet::Ingest>,
     /// Extraction bots: time to the agent's and the fleet's alert.
     pub alert_times: Vec<fleet::AlertTime>,
+    /// Backlogs merged from JetStream: one collector, then a group of two.
+    pub jetstream: Vec<jetstream::JsIngest>,
+    /// Extraction bots, the agent shipping over NATS.
+    pub jetstream_alert_times: Vec<fleet::AlertTime>,
     pub elapsed: Duration,
 }
 
@@ -248,6 +259,10 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=100_000).contains(&opts.rate),
         "--rate must be 1..=100000"
+    );
+    anyhow::ensure!(
+        (1..=5_000_000).contains(&opts.jetstream_rows),
+        "--jetstream-rows must be 1..=5000000"
     );
     procs::install_signal_handlers();
     let nofile = procs::raise_nofile()?;
@@ -312,6 +327,9 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     }
     if phase("alert") {
         bench.time_to_alert(&mut results)?;
+    }
+    if phase("jetstream") {
+        bench.jetstream_ingest(&mut results)?;
     }
     if phase("profile") {
         bench.profile_agent(&root.join("target/bench"))?;

@@ -524,20 +524,113 @@ pub fn render(r: &Results) -> String {
             out,
             "| bot | requests/s | agent alert (≤ {HOST_ALERT_TARGET_S:.0} s) | fleet alert (≤ {FLEET_ALERT_TARGET_S:.0} s) |\n|---|---|---|---|"
         );
-        for (n, t) in r.alert_times.iter().enumerate() {
+        alert_rows(&mut out, &r.alert_times);
+    }
+    jetstream(&mut out, r);
+    out
+}
+
+fn alert_rows(out: &mut String, times: &[super::fleet::AlertTime]) {
+    for (n, t) in times.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.2} s, {} | {:.2} s, {} |",
+            n + 1,
+            t.rate,
+            t.agent_s,
+            verdict(t.agent_s <= HOST_ALERT_TARGET_S),
+            t.fleet_s,
+            verdict(t.fleet_s <= FLEET_ALERT_TARGET_S)
+        );
+    }
+}
+
+/// The backlogs merged from JetStream: one collector, then two sharing partitions.
+fn jetstream(out: &mut String, r: &Results) {
+    let Some(first) = r.jetstream.first() else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\n### Collector ingest through JetStream\n\nA nats-server of its own per run \
+         (JetStream, file store, TLS on loopback; one user for all synthetic agents, one for the \
+         collectors, with their permissions), not pinned. {} synthetic agents publish a backlog \
+         of batches of 20 summaries of 200 client rows through the agents' own JetStream sink \
+         (`sensor bench-collector --nats-url`: gzip JSON, with partitions one message per \
+         partition, every message acknowledged) while the collectors, started and settled on \
+         their streams and leases, are stopped (SIGSTOP); then they continue, and the wall time \
+         runs until every message is merged (`/v1/health` `nats.messages`, polled every 100 ms \
+         over HTTPS, which the collectors' CPU includes). Each collector is pinned to a CPU of \
+         its own; CPU time from /proc over the same span. Rows of a collector: those of the \
+         partitions it holds (no hand-over during the run). One run each.\n",
+        first.agents
+    );
+    let _ = writeln!(
+        out,
+        "| collectors | partitions | rows | messages (MB compressed) | wall time | rows/s (wall) | \
+         CPU s | rows per CPU-second | RSS after |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for j in &r.jetstream {
+        for c in &j.collectors {
+            let held = if c.held.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (partitions {})",
+                    c.held
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.2} s, {} | {:.2} s, {} |",
-                n + 1,
-                t.rate,
-                t.agent_s,
-                verdict(t.agent_s <= HOST_ALERT_TARGET_S),
-                t.fleet_s,
-                verdict(t.fleet_s <= FLEET_ALERT_TARGET_S)
+                "| {}{held} | {} | {} | {} | | | {:.2} | {:.0} | {:.1} MiB |",
+                c.instance,
+                j.partitions,
+                c.rows,
+                c.messages,
+                c.cpu_s,
+                c.rows_per_cpu_s(),
+                mib(c.rss_kib)
             );
         }
+        let _ = writeln!(
+            out,
+            "| **{} in total** | {} | {} | {} ({:.1}) | {:.2} s | {:.0} | {:.2} | {:.0} | |",
+            j.collectors.len(),
+            j.partitions,
+            j.rows,
+            j.messages,
+            j.compressed_bytes as f64 / 1e6,
+            j.wall_s,
+            j.rows_per_s(),
+            j.cpu_s(),
+            j.rows_per_cpu_s()
+        );
     }
-    out
+    for j in &r.jetstream {
+        let _ = writeln!(
+            out,
+            "\n{} partition(s): the backlog of {} summaries ({} client rows) was published in \
+             {:.1} s, every message acknowledged.",
+            j.partitions, j.summaries, j.rows, j.publish_s
+        );
+    }
+    if !r.jetstream_alert_times.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Time to alert through JetStream\n\nAs above, with the agent shipping over \
+             NATS (`[ship] transport = \"nats\"`) to the JetStream run's kind of nats-server, \
+             one collector consuming the stream (unpartitioned).\n"
+        );
+        let _ = writeln!(
+            out,
+            "| bot | requests/s | agent alert (≤ {HOST_ALERT_TARGET_S:.0} s) | fleet alert (≤ {FLEET_ALERT_TARGET_S:.0} s) |\n|---|---|---|---|"
+        );
+        alert_rows(out, &r.jetstream_alert_times);
+    }
 }
 
 /// Replaces the generated section of `path` (keeping everything around it), or creates the file
