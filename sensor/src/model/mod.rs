@@ -7,3 +7,5 @@ pub mod conntable;
 pub mod keys;
 pub mod report;
 pub mod state;
+#[cfg(test)]
+mod compat;
