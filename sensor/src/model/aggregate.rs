@@ -200,9 +200,58 @@ impl Windows {
         }
     }
 
+    #[cfg(test)]
+    fn get(&self, now_s: u64, w: Window) -> Counts {
+        WindowsRef::held(self).get(now_s, w)
+    }
+}
+
+/// A client's windows as read: its own buckets, or, for a compact client (see `Light`), the
+/// one 10-second period and minute that hold all of its counts, which are its totals.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowsRef<'a>(Rings<'a>);
+
+#[derive(Debug, Clone, Copy)]
+enum Rings<'a> {
+    Held(&'a Windows),
+    Single {
+        tens: [Bucket; 1],
+        minutes: [Bucket; 1],
+    },
+    Empty,
+}
+
+impl<'a> WindowsRef<'a> {
+    fn held(w: &'a Windows) -> Self {
+        Self(Rings::Held(w))
+    }
+
+    /// All of `counts` in the 10-second period `period` (unix seconds / 10).
+    fn single(period: u64, counts: Counts) -> Self {
+        Self(Rings::Single {
+            tens: [Bucket {
+                epoch: period,
+                counts,
+            }],
+            minutes: [Bucket {
+                epoch: period / 6,
+                counts,
+            }],
+        })
+    }
+
+    fn rings(&self) -> (&[Bucket], &[Bucket]) {
+        match &self.0 {
+            Rings::Held(w) => (&w.tens, &w.minutes),
+            Rings::Single { tens, minutes } => (tens, minutes),
+            Rings::Empty => (&[], &[]),
+        }
+    }
+
     /// Counts of the 10-second period `epoch` (unix seconds / 10), if still held.
     pub fn ten_seconds(&self, epoch: u64) -> Counts {
-        self.tens
+        self.rings()
+            .0
             .iter()
             .find(|b| b.epoch == epoch)
             .map_or_else(Counts::default, |b| b.counts)
@@ -212,7 +261,8 @@ impl Windows {
     /// last complete minute).
     pub fn minute(&self, now_s: u64, minutes_ago: u64) -> Counts {
         let epoch = (now_s / 60).saturating_sub(minutes_ago + 1);
-        self.minutes
+        self.rings()
+            .1
             .iter()
             .find(|b| b.epoch == epoch)
             .map_or_else(Counts::default, |b| b.counts)
@@ -222,17 +272,19 @@ impl Windows {
     /// request: how sustained its activity is. People pause; harvesting scripts do not.
     pub fn active_minutes(&self, now_s: u64, span: u64) -> u64 {
         let epoch = now_s / 60;
-        self.minutes
+        self.rings()
+            .1
             .iter()
             .filter(|b| b.epoch <= epoch && b.epoch + span > epoch && b.counts.requests > 0)
             .count() as u64
     }
 
     pub fn get(&self, now_s: u64, w: Window) -> Counts {
+        let (tens, minutes) = self.rings();
         match w {
-            Window::OneMinute => sum_recent(&self.tens, now_s / 10, TEN_SECONDS as u64),
-            Window::TenMinutes => sum_recent(&self.minutes, now_s / 60, 10),
-            Window::OneHour => sum_recent(&self.minutes, now_s / 60, MINUTES as u64),
+            Window::OneMinute => sum_recent(tens, now_s / 10, TEN_SECONDS as u64),
+            Window::TenMinutes => sum_recent(minutes, now_s / 60, 10),
+            Window::OneHour => sum_recent(minutes, now_s / 60, MINUTES as u64),
         }
     }
 }
@@ -348,43 +400,449 @@ impl Gaps {
     }
 }
 
+/// One client's statistics: a compact record while it fits one (`Light`), the full one
+/// (`Full`) from the first time it does not. Both are exact: a client becomes full before
+/// any change the compact record cannot hold, and reads see the same values either way.
+///
+/// Most of a large table is clients seen once or twice (scans, floods, crawlers): a compact
+/// record is 56 bytes in the table, a full one a further ~340 bytes and its window buckets
+/// on the heap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientStats(Repr);
+
+#[derive(Debug, Clone, PartialEq)]
+enum Repr {
+    Light(Light),
+    Full(Box<Full>),
+}
+
+impl Default for ClientStats {
+    fn default() -> Self {
+        Self(Repr::Light(Light::new(0)))
+    }
+}
+
+/// Everything, as snapshots store it (the format of `ClientStats` before compact records).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ClientStats {
+struct Full {
     /// Unix milliseconds.
-    pub first_seen_ms: u64,
-    pub last_seen_ms: u64,
-    pub totals: Counts,
-    pub open_connections: u64,
-    pub peak_open_connections: u64,
+    first_seen_ms: u64,
+    last_seen_ms: u64,
+    totals: Counts,
+    open_connections: u64,
+    peak_open_connections: u64,
     /// Distinct seconds in which the agent observed traffic from the client (poll resolution).
-    pub active_seconds: u64,
+    active_seconds: u64,
     last_active_s: u64,
-    pub windows: Windows,
-    pub gaps: Gaps,
+    windows: Windows,
+    gaps: Gaps,
     /// The most recent API identity seen from this client (for address and forwarded rows).
     #[serde(default)]
-    pub last_identity: Option<String>,
+    last_identity: Option<String>,
     /// The most recent forwarded client address (for address and identity rows).
     #[serde(default)]
-    pub last_forwarded: Option<IpAddr>,
+    last_forwarded: Option<IpAddr>,
     /// Distinct client addresses this key was used from (identity rows), up to
     /// `MAX_SEEN_FROM`; `seen_from_more` says when there were more.
     #[serde(default)]
-    pub seen_from: BTreeSet<IpAddr>,
+    seen_from: BTreeSet<IpAddr>,
     #[serde(default)]
-    pub seen_from_more: bool,
+    seen_from_more: bool,
     /// When (unix seconds, the agent's clock) each source address was last seen, for
     /// distinct sources over a window: `seen_from` never forgets, so a key shared by a
     /// roaming user for a month would look like a rotation ring. Bounded like `seen_from`;
     /// entries older than an hour go first.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub source_seen_s: BTreeMap<IpAddr, u64>,
+    source_seen_s: BTreeMap<IpAddr, u64>,
+}
+
+/// A client with at most one request timed, all of its counted traffic in one 10-second
+/// period, nothing annotated (identity, forwarded client, sources), and counters that fit
+/// the narrower fields. Its windows are that one period (and minute) holding its totals; its
+/// gaps are none. Any change beyond that makes it `Full` first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Light {
+    first_seen_ms: u64,
+    /// CLOCK_BOOTTIME of its request; 0 when none (or unknown).
+    last_request_ns: u64,
+    /// requests, bytes_in, bytes_out, connections, events_out.
+    totals: [u32; 5],
+    /// last_seen_ms - first_seen_ms.
+    last_seen_after_ms: u32,
+    open_connections: u16,
+    peak_open_connections: u16,
+    active_seconds: u32,
+    last_active_s: u32,
+    /// The 10-second period (unix s / 10) of all its counted traffic; `NO_PERIOD` before any.
+    period: u32,
+}
+
+/// `Light::period` of a client that has counted nothing yet.
+const NO_PERIOD: u32 = u32::MAX;
+
+/// Statistics of a client nobody holds (a light client's sources, a static for references).
+static NO_SOURCES: BTreeSet<IpAddr> = BTreeSet::new();
+static NO_SOURCES_SEEN: BTreeMap<IpAddr, u64> = BTreeMap::new();
+
+impl Light {
+    fn new(now_ms: u64) -> Self {
+        Self {
+            first_seen_ms: now_ms,
+            last_request_ns: 0,
+            totals: [0; 5],
+            last_seen_after_ms: 0,
+            open_connections: 0,
+            peak_open_connections: 0,
+            active_seconds: 0,
+            last_active_s: 0,
+            period: NO_PERIOD,
+        }
+    }
+
+    fn totals(&self) -> Counts {
+        let [requests, bytes_in, bytes_out, connections, events_out] = self.totals.map(u64::from);
+        Counts {
+            requests,
+            bytes_in,
+            bytes_out,
+            connections,
+            events_out,
+        }
+    }
+
+    fn windows(&self) -> WindowsRef<'_> {
+        if self.period == NO_PERIOD {
+            WindowsRef(Rings::Empty)
+        } else {
+            WindowsRef::single(u64::from(self.period), self.totals())
+        }
+    }
+
+    /// The same client as a full record.
+    fn to_full(self) -> Full {
+        let mut windows = Windows::default();
+        if self.period != NO_PERIOD {
+            // As `Windows::add` makes them (one bucket, no spare capacity).
+            windows.add(u64::from(self.period) * 10, self.totals());
+        }
+        Full {
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.first_seen_ms + u64::from(self.last_seen_after_ms),
+            totals: self.totals(),
+            open_connections: self.open_connections.into(),
+            peak_open_connections: self.peak_open_connections.into(),
+            active_seconds: self.active_seconds.into(),
+            last_active_s: self.last_active_s.into(),
+            windows,
+            gaps: Gaps {
+                last_request_ns: self.last_request_ns,
+                ..Gaps::default()
+            },
+            ..Full::default()
+        }
+    }
+
+    /// The compact record of `f`, if it has one (exactly the same statistics).
+    fn of(f: &Full) -> Option<Self> {
+        let narrow = |c: &Counts| -> Option<[u32; 5]> {
+            Some([
+                c.requests.try_into().ok()?,
+                c.bytes_in.try_into().ok()?,
+                c.bytes_out.try_into().ok()?,
+                c.connections.try_into().ok()?,
+                c.events_out.try_into().ok()?,
+            ])
+        };
+        let g = &f.gaps;
+        let no_gaps = g.n == 0
+            && g.mean_ns.to_bits() == 0
+            && g.m2.to_bits() == 0
+            && g.recent.iter().all(|d| {
+                d.w.to_bits() == 0 && d.s1.to_bits() == 0 && d.s2.to_bits() == 0 && d.at_ms == 0
+            });
+        let annotated = f.last_identity.is_some()
+            || f.last_forwarded.is_some()
+            || !f.seen_from.is_empty()
+            || f.seen_from_more
+            || !f.source_seen_s.is_empty();
+        if !no_gaps || annotated {
+            return None;
+        }
+        let period = match (f.windows.tens.as_slice(), f.windows.minutes.as_slice()) {
+            ([], []) if f.totals.is_zero() => NO_PERIOD,
+            ([t], [m])
+                if t.counts == f.totals && m.counts == f.totals && m.epoch == t.epoch / 6 =>
+            {
+                u32::try_from(t.epoch).ok().filter(|p| *p != NO_PERIOD)?
+            }
+            _ => return None,
+        };
+        Some(Self {
+            first_seen_ms: f.first_seen_ms,
+            last_request_ns: g.last_request_ns,
+            totals: narrow(&f.totals)?,
+            last_seen_after_ms: f
+                .last_seen_ms
+                .checked_sub(f.first_seen_ms)?
+                .try_into()
+                .ok()?,
+            open_connections: f.open_connections.try_into().ok()?,
+            peak_open_connections: f.peak_open_connections.try_into().ok()?,
+            active_seconds: f.active_seconds.try_into().ok()?,
+            last_active_s: f.last_active_s.try_into().ok()?,
+            period,
+        })
+    }
+
+    /// `ClientTable::apply`, if the result is still light.
+    fn apply(mut self, mut counts: Counts, opened: bool, closed: bool, now: Now) -> Option<Self> {
+        if opened {
+            counts.connections = 1;
+            self.open_connections = self.open_connections.checked_add(1)?;
+            self.peak_open_connections = self.peak_open_connections.max(self.open_connections);
+        }
+        if closed {
+            self.open_connections = self.open_connections.saturating_sub(1);
+        }
+        if !counts.is_zero() {
+            let s = now.secs();
+            let period = u32::try_from(s / 10).ok().filter(|p| *p != NO_PERIOD)?;
+            if self.period != NO_PERIOD && self.period != period {
+                return None;
+            }
+            self.period = period;
+            let add = [
+                counts.requests,
+                counts.bytes_in,
+                counts.bytes_out,
+                counts.connections,
+                counts.events_out,
+            ];
+            for (t, a) in self.totals.iter_mut().zip(add) {
+                *t = u32::try_from(u64::from(*t).checked_add(a)?).ok()?;
+            }
+            let last_seen =
+                (self.first_seen_ms + u64::from(self.last_seen_after_ms)).max(now.unix_ms);
+            self.last_seen_after_ms = last_seen.checked_sub(self.first_seen_ms)?.try_into().ok()?;
+            if s != u64::from(self.last_active_s) {
+                self.active_seconds = self.active_seconds.checked_add(1)?;
+                self.last_active_s = s.try_into().ok()?;
+            }
+        }
+        Some(self)
+    }
+
+    /// `Gaps::request_at`, if no gap results (a first request, or one out of order).
+    fn request(mut self, ts_ns: u64) -> Option<Self> {
+        if self.last_request_ns != 0 && ts_ns >= self.last_request_ns {
+            return None;
+        }
+        self.last_request_ns = self.last_request_ns.max(ts_ns);
+        Some(self)
+    }
+
+    /// `ClientTable::retract`, if the windows still hold exactly the totals afterwards: the
+    /// counts come out of the client's one period.
+    fn retract(mut self, c: Counts, now: Now) -> Option<Self> {
+        if self.period == NO_PERIOD || c.is_zero() {
+            // Nothing counted yet: all zero, nothing to take.
+            return Some(self);
+        }
+        if u64::from(self.period) != now.secs() / 10 {
+            return None;
+        }
+        let mut t = self.totals();
+        t.saturating_sub(c);
+        self.totals = [
+            t.requests,
+            t.bytes_in,
+            t.bytes_out,
+            t.connections,
+            t.events_out,
+        ]
+        .map(|v| v as u32);
+        Some(self)
+    }
+}
+
+impl ClientStats {
+    fn new(now: Now) -> Self {
+        Self(Repr::Light(Light::new(now.unix_ms)))
+    }
+
+    fn from_full(f: Full) -> Self {
+        match Light::of(&f) {
+            Some(l) => Self(Repr::Light(l)),
+            None => Self(Repr::Full(Box::new(f))),
+        }
+    }
+
+    /// The full record, made so first if the client is light.
+    fn full(&mut self) -> &mut Full {
+        if let Repr::Light(l) = self.0 {
+            self.0 = Repr::Full(Box::new(l.to_full()));
+        }
+        match &mut self.0 {
+            Repr::Full(f) => f,
+            Repr::Light(_) => unreachable!("made full above"),
+        }
+    }
+
+    /// Changes a light client with `op` if it stays light, else its full record with `full`.
+    fn update(&mut self, op: impl FnOnce(Light) -> Option<Light>, full: impl FnOnce(&mut Full)) {
+        if let Repr::Light(l) = &mut self.0
+            && let Some(next) = op(*l)
+        {
+            *l = next;
+            return;
+        }
+        full(self.full());
+    }
+
+    /// Whether the client holds only a compact record.
+    pub fn is_compact(&self) -> bool {
+        matches!(self.0, Repr::Light(_))
+    }
+
+    /// Unix milliseconds.
+    pub fn first_seen_ms(&self) -> u64 {
+        match &self.0 {
+            Repr::Light(l) => l.first_seen_ms,
+            Repr::Full(f) => f.first_seen_ms,
+        }
+    }
+
+    pub fn last_seen_ms(&self) -> u64 {
+        match &self.0 {
+            Repr::Light(l) => l.first_seen_ms + u64::from(l.last_seen_after_ms),
+            Repr::Full(f) => f.last_seen_ms,
+        }
+    }
+
+    pub fn totals(&self) -> Counts {
+        match &self.0 {
+            Repr::Light(l) => l.totals(),
+            Repr::Full(f) => f.totals,
+        }
+    }
+
+    pub fn open_connections(&self) -> u64 {
+        match &self.0 {
+            Repr::Light(l) => l.open_connections.into(),
+            Repr::Full(f) => f.open_connections,
+        }
+    }
+
+    pub fn peak_open_connections(&self) -> u64 {
+        match &self.0 {
+            Repr::Light(l) => l.peak_open_connections.into(),
+            Repr::Full(f) => f.peak_open_connections,
+        }
+    }
+
+    /// Distinct seconds in which the agent observed traffic from the client (poll resolution).
+    pub fn active_seconds(&self) -> u64 {
+        match &self.0 {
+            Repr::Light(l) => l.active_seconds.into(),
+            Repr::Full(f) => f.active_seconds,
+        }
+    }
+
+    pub fn windows(&self) -> WindowsRef<'_> {
+        match &self.0 {
+            Repr::Light(l) => l.windows(),
+            Repr::Full(f) => WindowsRef::held(&f.windows),
+        }
+    }
+
+    pub fn gaps(&self) -> Gaps {
+        match &self.0 {
+            Repr::Light(l) => Gaps {
+                last_request_ns: l.last_request_ns,
+                ..Gaps::default()
+            },
+            Repr::Full(f) => f.gaps,
+        }
+    }
+
+    /// The most recent API identity seen from this client (for address and forwarded rows).
+    pub fn last_identity(&self) -> Option<&str> {
+        match &self.0 {
+            Repr::Light(_) => None,
+            Repr::Full(f) => f.last_identity.as_deref(),
+        }
+    }
+
+    /// The most recent forwarded client address (for address and identity rows).
+    pub fn last_forwarded(&self) -> Option<IpAddr> {
+        match &self.0 {
+            Repr::Light(_) => None,
+            Repr::Full(f) => f.last_forwarded,
+        }
+    }
+
+    /// Distinct client addresses this key was used from (identity rows), up to
+    /// `MAX_SEEN_FROM`; `seen_from_more` says when there were more.
+    pub fn seen_from(&self) -> &BTreeSet<IpAddr> {
+        match &self.0 {
+            Repr::Light(_) => &NO_SOURCES,
+            Repr::Full(f) => &f.seen_from,
+        }
+    }
+
+    pub fn seen_from_more(&self) -> bool {
+        match &self.0 {
+            Repr::Light(_) => false,
+            Repr::Full(f) => f.seen_from_more,
+        }
+    }
+
+    /// When (unix seconds, the agent's clock) each source address was last seen (see
+    /// `seen_from`), at most `MAX_SEEN_FROM` of them.
+    pub fn source_seen_s(&self) -> &BTreeMap<IpAddr, u64> {
+        match &self.0 {
+            Repr::Light(_) => &NO_SOURCES_SEEN,
+            Repr::Full(f) => &f.source_seen_s,
+        }
+    }
+
+    /// Distinct source addresses seen in the last `span_s` seconds.
+    pub fn distinct_sources(&self, now_s: u64, span_s: u64) -> usize {
+        self.source_seen_s()
+            .values()
+            .filter(|t| t.saturating_add(span_s) > now_s)
+            .count()
+    }
+
+    /// Eviction order: idle before active, then light before heavy.
+    fn weight(&self) -> (bool, u64) {
+        let t = self.totals();
+        (
+            self.open_connections() > 0,
+            t.bytes_in.saturating_add(t.bytes_out),
+        )
+    }
+}
+
+impl Serialize for ClientStats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Repr::Light(l) => l.to_full().serialize(s),
+            Repr::Full(f) => f.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientStats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Full::deserialize(d).map(Self::from_full)
+    }
 }
 
 /// Distinct source addresses remembered per identity.
 pub const MAX_SEEN_FROM: usize = 1024;
 
-impl ClientStats {
+impl Full {
     fn note_source(&mut self, ip: IpAddr, now: Now) {
         if self.seen_from.len() < MAX_SEEN_FROM {
             self.seen_from.insert(ip);
@@ -400,22 +858,6 @@ impl ClientStats {
             self.source_seen_s.insert(ip, now_s);
         }
     }
-
-    /// Distinct source addresses seen in the last `span_s` seconds.
-    pub fn distinct_sources(&self, now_s: u64, span_s: u64) -> usize {
-        self.source_seen_s
-            .values()
-            .filter(|t| t.saturating_add(span_s) > now_s)
-            .count()
-    }
-
-    /// Eviction order: idle before active, then light before heavy.
-    fn weight(&self) -> (bool, u64) {
-        (
-            self.open_connections > 0,
-            self.totals.bytes_in.saturating_add(self.totals.bytes_out),
-        )
-    }
 }
 
 /// What was folded away to keep memory bounded.
@@ -427,11 +869,8 @@ pub struct Folded {
     pub totals: Counts,
 }
 
-/// Clients by key. foldhash instead of SipHash: several lookups per request event and per
-/// polled connection; its per-process random seed keeps keys chosen by clients from
-/// colliding on purpose. Values are boxed: a table of a million clients has two million slots,
-/// and a slot of a boxed value is 32 bytes instead of ~260.
-pub type ClientMap = hashbrown::HashMap<String, Box<ClientStats>, foldhash::fast::RandomState>;
+/// Clients by key (see `model::clientmap`): a million compact clients take ~100 bytes each.
+pub type ClientMap = crate::model::clientmap::ClientMap<ClientStats>;
 
 /// One table of clients (by address, or by address group), bounded.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -510,75 +949,59 @@ impl ClientTable {
 
     fn entry(&mut self, key: &str, now: Now) -> &mut ClientStats {
         // One probe; the key is copied only when it is new.
-        self.clients.entry_ref(key).or_insert_with(|| {
-            Box::new(ClientStats {
-                first_seen_ms: now.unix_ms,
-                last_seen_ms: now.unix_ms,
-                ..Default::default()
-            })
-        })
+        self.clients
+            .get_or_insert_with(key, || ClientStats::new(now))
     }
 
     pub fn apply(&mut self, key: &str, delta: &Delta, now: Now) {
-        let c = self.entry(key, now);
-        let mut counts = delta.counts;
-        if delta.opened {
-            counts.connections = 1;
-            c.open_connections += 1;
-            c.peak_open_connections = c.peak_open_connections.max(c.open_connections);
-        }
-        if delta.closed {
-            c.open_connections = c.open_connections.saturating_sub(1);
-        }
-        if !counts.is_zero() {
-            c.totals += counts;
-            c.windows.add(now.secs(), counts);
-            c.last_seen_ms = c.last_seen_ms.max(now.unix_ms);
-            if now.secs() != c.last_active_s {
-                c.active_seconds += 1;
-                c.last_active_s = now.secs();
-            }
-        }
+        self.entry(key, now).update(
+            |l| l.apply(delta.counts, delta.opened, delta.closed, now),
+            |c| c.apply(delta, now),
+        );
         self.bound();
     }
 
     /// Merges counts another observer (an agent, at the collector) saw at `at`.
     pub fn merge(&mut self, key: &str, counts: Counts, at: Now, now: Now) {
-        let c = self.entry(key, at);
-        c.first_seen_ms = c.first_seen_ms.min(at.unix_ms);
-        if !counts.is_zero() {
-            c.totals += counts;
-            c.windows.add_late(now.secs(), at.secs(), counts);
-            c.last_seen_ms = c.last_seen_ms.max(at.unix_ms);
-            if at.secs() / 10 != c.last_active_s / 10 {
-                // Resolution of merged activity: the 10-second summary period.
-                c.active_seconds += 10;
-                c.last_active_s = at.secs();
-            }
-        }
+        self.entry(key, at).full().merge(counts, at, now);
         self.bound();
     }
 
     /// Sets the connections open now (the collector's sum over agents).
     pub fn set_open(&mut self, key: &str, open: u64) {
         if let Some(c) = self.clients.get_mut(key) {
-            c.open_connections = open;
-            c.peak_open_connections = c.peak_open_connections.max(open);
+            c.update(
+                |mut l| {
+                    l.open_connections = open.try_into().ok()?;
+                    l.peak_open_connections = l.peak_open_connections.max(l.open_connections);
+                    Some(l)
+                },
+                |c| {
+                    c.open_connections = open;
+                    c.peak_open_connections = c.peak_open_connections.max(open);
+                },
+            );
         }
     }
 
     pub fn request(&mut self, key: &str, ts_ns: u64, now: Now) {
-        self.entry(key, now)
-            .gaps
-            .request_at(ts_ns, Some(now.unix_ms));
+        self.entry(key, now).update(
+            |l| l.request(ts_ns),
+            |c| c.gaps.request_at(ts_ns, Some(now.unix_ms)),
+        );
         self.bound();
     }
 
     /// Takes back counts attributed to `key` a moment ago (see `ConnTable::on_request`).
     pub fn retract(&mut self, key: &str, c: Counts, now: Now) {
         if let Some(stats) = self.clients.get_mut(key) {
-            stats.totals.saturating_sub(c);
-            stats.windows.retract(now.secs(), c);
+            stats.update(
+                |l| l.retract(c, now),
+                |stats| {
+                    stats.totals.saturating_sub(c);
+                    stats.windows.retract(now.secs(), c);
+                },
+            );
         }
     }
 
@@ -592,6 +1015,10 @@ impl ClientTable {
         now: Now,
     ) {
         let c = self.entry(key, now);
+        if identity.is_none() && forwarded.is_none() && source.is_none() {
+            return;
+        }
+        let c = c.full();
         if let Some(id) = identity
             && c.last_identity.as_deref() != Some(id)
         {
@@ -611,28 +1038,69 @@ impl ClientTable {
         if self.clients.len() <= self.max + slack {
             return;
         }
-        let mut by_weight: Vec<((bool, u64), String)> = self
+        // Ties go by key, as they always did.
+        let mut by_weight: Vec<((bool, u64), &str, usize)> = self
             .clients
             .iter()
-            .map(|(k, c)| (c.weight(), k.clone()))
+            .enumerate()
+            .map(|(i, (k, c))| (c.weight(), k, i))
             .collect();
         let excess = by_weight.len() - self.max;
         by_weight.select_nth_unstable(excess - 1);
-        for (_, key) in by_weight.into_iter().take(excess) {
-            if let Some(c) = self.clients.remove(&key) {
-                self.folded.clients += 1;
-                self.folded.totals += c.totals;
-            }
-        }
+        let victims: Vec<usize> = by_weight[..excess].iter().map(|(_, _, i)| *i).collect();
+        let folded = &mut self.folded;
+        self.clients.remove_positions(victims, |c| {
+            folded.clients += 1;
+            folded.totals += c.totals();
+        });
     }
 
     /// Sum over exact entries and the folded remainder: equals everything observed.
     pub fn grand_total(&self) -> Counts {
         let mut t = self.folded.totals;
         for c in self.clients.values() {
-            t += c.totals;
+            t += c.totals();
         }
         t
+    }
+}
+
+impl Full {
+    fn apply(&mut self, delta: &Delta, now: Now) {
+        let c = self;
+        let mut counts = delta.counts;
+        if delta.opened {
+            counts.connections = 1;
+            c.open_connections += 1;
+            c.peak_open_connections = c.peak_open_connections.max(c.open_connections);
+        }
+        if delta.closed {
+            c.open_connections = c.open_connections.saturating_sub(1);
+        }
+        if !counts.is_zero() {
+            c.totals += counts;
+            c.windows.add(now.secs(), counts);
+            c.last_seen_ms = c.last_seen_ms.max(now.unix_ms);
+            if now.secs() != c.last_active_s {
+                c.active_seconds += 1;
+                c.last_active_s = now.secs();
+            }
+        }
+    }
+
+    fn merge(&mut self, counts: Counts, at: Now, now: Now) {
+        let c = self;
+        c.first_seen_ms = c.first_seen_ms.min(at.unix_ms);
+        if !counts.is_zero() {
+            c.totals += counts;
+            c.windows.add_late(now.secs(), at.secs(), counts);
+            c.last_seen_ms = c.last_seen_ms.max(at.unix_ms);
+            if at.secs() / 10 != c.last_active_s / 10 {
+                // Resolution of merged activity: the 10-second summary period.
+                c.active_seconds += 10;
+                c.last_active_s = at.secs();
+            }
+        }
     }
 }
 
@@ -905,7 +1373,13 @@ impl Aggregator {
     pub fn close_all_connections(&mut self) {
         for table in self.tables_mut() {
             for c in table.clients.values_mut() {
-                c.open_connections = 0;
+                c.update(
+                    |mut l| {
+                        l.open_connections = 0;
+                        Some(l)
+                    },
+                    |f| f.open_connections = 0,
+                );
             }
         }
     }
@@ -914,7 +1388,13 @@ impl Aggregator {
     pub fn reset_request_clocks(&mut self) {
         for table in self.tables_mut() {
             for c in table.clients.values_mut() {
-                c.gaps.last_request_ns = 0;
+                c.update(
+                    |mut l| {
+                        l.last_request_ns = 0;
+                        Some(l)
+                    },
+                    |f| f.gaps.last_request_ns = 0,
+                );
             }
         }
     }
@@ -1105,9 +1585,9 @@ mod tests {
         t.apply("a", &close, now(3));
         t.apply("a", &open, now(4));
         let c = &t.clients["a"];
-        assert_eq!(c.totals.connections, 3);
-        assert_eq!(c.open_connections, 2);
-        assert_eq!(c.peak_open_connections, 2);
+        assert_eq!(c.totals().connections, 3);
+        assert_eq!(c.open_connections(), 2);
+        assert_eq!(c.peak_open_connections(), 2);
     }
 
     #[test]
@@ -1134,7 +1614,7 @@ mod tests {
         }
         let mut expected_total = Counts::default();
         for heavy in 0..5 {
-            expected_total += t.clients[&format!("heavy{heavy}")].totals;
+            expected_total += t.clients[&format!("heavy{heavy}")].totals();
         }
         for light in 0..1000 {
             let d = bytes(10);
@@ -1144,7 +1624,7 @@ mod tests {
         assert!(t.clients.len() <= 11, "bound holds: {}", t.clients.len());
         for heavy in 0..5 {
             assert_eq!(
-                t.clients[&format!("heavy{heavy}")].totals.bytes_in,
+                t.clients[&format!("heavy{heavy}")].totals().bytes_in,
                 1_000_000
             );
         }
@@ -1171,7 +1651,7 @@ mod tests {
             t.clients.contains_key("active"),
             "a client with an open connection stays"
         );
-        assert_eq!(t.clients["active"].totals.connections, 1);
+        assert_eq!(t.clients["active"].totals().connections, 1);
     }
 
     /// The stack-formatted keys are exactly the text the tables always used.

@@ -1,7 +1,8 @@
 //! Compatibility of the per-client tables with the format and behaviour of the code before
-//! the compact client records: `testdata/agg-v2-*.json` were written by that code (commit
-//! 009119f) from the scenario below. Loading them must give back the same snapshot, and the
-//! same scenario run by this code must write the same snapshot, rows and statistics.
+//! the compact client records: `testdata/agg-v2-*` were written by that code (commit
+//! bce1525, main 009119f with this file) from the scenario below. Loading them must give back
+//! the same snapshot, and the same scenario run by this code must write the same snapshot,
+//! rows and statistics.
 
 use std::net::IpAddr;
 
@@ -68,7 +69,11 @@ pub(crate) fn scenario() -> Aggregator {
     }
     // Counters beyond 32 bits.
     let big = ip("10.2.0.1");
-    agg.apply(big, &delta(counts(1, 10, 5_000_000_000), true, true), at(1_000));
+    agg.apply(
+        big,
+        &delta(counts(1, 10, 5_000_000_000), true, true),
+        at(1_000),
+    );
     agg.apply(
         ip("10.2.0.9"),
         &delta(counts(1, 1 << 33, 1), true, false),
@@ -77,7 +82,11 @@ pub(crate) fn scenario() -> Aggregator {
     // Many concurrent connections.
     let many = ip("10.2.0.2");
     for k in 0..70_000u64 {
-        agg.apply(many, &delta(Counts::default(), true, false), at(2_000 + k / 100));
+        agg.apply(
+            many,
+            &delta(Counts::default(), true, false),
+            at(2_000 + k / 100),
+        );
     }
     for _ in 0..3 {
         agg.apply(many, &delta(counts(1, 1, 1), false, true), at(2_500));
@@ -89,7 +98,11 @@ pub(crate) fn scenario() -> Aggregator {
         agg.request(stepping, 9_000_000_000 + ms * 1_000, at(ms));
     }
     // Open, never closed, never a byte.
-    agg.apply(ip("10.2.0.4"), &delta(Counts::default(), true, false), at(3_000));
+    agg.apply(
+        ip("10.2.0.4"),
+        &delta(Counts::default(), true, false),
+        at(3_000),
+    );
     // Counts taken back in the same period, and in a later one.
     let corrected = ip("10.2.0.5");
     agg.apply(corrected, &delta(counts(2, 50, 60), true, false), at(4_000));
@@ -97,7 +110,8 @@ pub(crate) fn scenario() -> Aggregator {
         .retract("10.2.0.5", counts(1, 20, 20), at(4_500));
     let later = ip("10.2.0.6");
     agg.apply(later, &delta(counts(2, 50, 60), true, false), at(4_000));
-    agg.addresses.retract("10.2.0.6", counts(1, 20, 20), at(75_000));
+    agg.addresses
+        .retract("10.2.0.6", counts(1, 20, 20), at(75_000));
     let zeroed = ip("10.2.0.7");
     agg.apply(zeroed, &delta(counts(2, 50, 60), true, false), at(4_000));
     agg.addresses
@@ -182,8 +196,8 @@ pub(crate) fn observed(agg: &Aggregator) -> Value {
         let table: &ClientTable = agg.table(by);
         let mut stats = serde_json::Map::new();
         for (key, c) in &table.clients {
-            let g = c.gaps;
-            let w = &c.windows;
+            let g = c.gaps();
+            let w = &c.windows();
             let s = now.secs();
             stats.insert(
                 key.to_string(),
@@ -201,22 +215,25 @@ pub(crate) fn observed(agg: &Aggregator) -> Value {
                     "n": g.n,
                     "last_request_ns": g.last_request_ns,
                     "distinct_sources": [c.distinct_sources(s, 60), c.distinct_sources(s, 3600)],
-                    "seen_from": c.seen_from.iter().collect::<Vec<_>>(),
-                    "seen_from_more": c.seen_from_more,
-                    "source_seen_s": c.source_seen_s.iter().collect::<Vec<_>>(),
-                    "last_identity": c.last_identity,
-                    "last_forwarded": c.last_forwarded,
-                    "totals": c.totals,
-                    "open": c.open_connections,
-                    "peak": c.peak_open_connections,
-                    "active_seconds": c.active_seconds,
-                    "first_seen_ms": c.first_seen_ms,
-                    "last_seen_ms": c.last_seen_ms,
+                    "seen_from": c.seen_from().iter().collect::<Vec<_>>(),
+                    "seen_from_more": c.seen_from_more(),
+                    "source_seen_s": c.source_seen_s().iter().collect::<Vec<_>>(),
+                    "last_identity": c.last_identity(),
+                    "last_forwarded": c.last_forwarded(),
+                    "totals": c.totals(),
+                    "open": c.open_connections(),
+                    "peak": c.peak_open_connections(),
+                    "active_seconds": c.active_seconds(),
+                    "first_seen_ms": c.first_seen_ms(),
+                    "last_seen_ms": c.last_seen_ms(),
                 }),
             );
         }
         out.insert(format!("stats_{}", by.name()), Value::Object(stats));
-        out.insert(format!("grand_total_{}", by.name()), json!(table.grand_total()));
+        out.insert(
+            format!("grand_total_{}", by.name()),
+            json!(table.grand_total()),
+        );
         out.insert(format!("folded_{}", by.name()), json!(table.folded));
     }
     Value::Object(out)
@@ -233,28 +250,160 @@ pub(crate) fn restarted(mut agg: Aggregator) -> Aggregator {
     agg
 }
 
-fn write_fixtures() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/testdata");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let write = |name: &str, v: &Value| {
-        std::fs::write(
-            dir.join(name),
-            serde_json::to_string_pretty(v).expect("json") + "\n",
-        )
-        .expect("write");
+fn fixture(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/model/testdata")
+        .join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    if name.ends_with(".gz") {
+        serde_json::from_reader(flate2::read::GzDecoder::new(&bytes[..])).expect("fixture")
+    } else {
+        serde_json::from_slice(&bytes).expect("fixture")
+    }
+}
+
+/// A snapshot's aggregates as the agent loads them.
+fn load(v: &Value, max_clients: usize) -> Aggregator {
+    let mut agg: Aggregator = serde_json::from_value(v.clone()).expect("loads");
+    agg.configure(max_clients, 24, 56);
+    agg
+}
+
+fn compact_share(agg: &Aggregator) -> (usize, usize) {
+    let all = By::ALL.iter().map(|b| agg.table(*b).clients.len()).sum();
+    let compact = By::ALL
+        .iter()
+        .flat_map(|b| agg.table(*b).clients.values())
+        .filter(|c| c.is_compact())
+        .count();
+    (compact, all)
+}
+
+/// Field by field, for a readable failure. serde_json reads a float to within a unit in the
+/// last place, not always exactly: floats compare to within a few of those.
+fn assert_same(what: &str, got: &Value, expected: &Value) {
+    assert_close(what, got, expected, (4.0 * f64::EPSILON, 0.0));
+}
+
+/// As `assert_same`, floats to within `rel` times the expected value plus `abs`.
+fn assert_close(what: &str, got: &Value, expected: &Value, (rel, abs): (f64, f64)) {
+    let assert_same = |what: &str, got: &Value, expected: &Value| {
+        assert_close(what, got, expected, (rel, abs));
     };
-    let agg = scenario();
-    write("agg-v2-scenario.json", &json!(agg));
-    write("agg-v2-scenario-observed.json", &observed(&agg));
-    write("agg-v2-scenario-restarted.json", &observed(&restarted(agg)));
-    let bounded = bounded_scenario();
-    write("agg-v2-bounded.json", &json!(bounded));
-    write("agg-v2-bounded-observed.json", &observed(&bounded));
+    if got == expected {
+        return;
+    }
+    if let (Some(g), Some(e)) = (got.as_f64(), expected.as_f64())
+        && got.is_f64()
+        && (g - e).abs() <= rel * e.abs() + abs
+    {
+        return;
+    }
+    if let (Value::Object(g), Value::Object(e)) = (got, expected) {
+        for (k, ev) in e {
+            assert_same(&format!("{what}.{k}"), g.get(k).unwrap_or(&Value::Null), ev);
+        }
+        for k in g.keys().filter(|k| !e.contains_key(*k)) {
+            panic!("{what}.{k}: not written by main");
+        }
+        return;
+    }
+    if let (Value::Array(g), Value::Array(e)) = (got, expected) {
+        for (i, (gv, ev)) in g.iter().zip(e).enumerate() {
+            assert_same(&format!("{what}[{i}]"), gv, ev);
+        }
+        assert_eq!(g.len(), e.len(), "{what}: length");
+        return;
+    }
+    let short = |v: &Value| v.to_string().chars().take(300).collect::<String>();
+    panic!("{what}: {} != {} (main)", short(got), short(expected));
 }
 
 #[test]
-fn write_old_fixtures() {
-    if std::env::var_os("WRITE_AGG_FIXTURES").is_some() {
-        write_fixtures();
+fn snapshots_written_by_main_load_and_save_unchanged() {
+    for (name, max) in [
+        ("agg-v2-scenario.json", 100_000),
+        ("agg-v2-bounded.json", 50),
+    ] {
+        let saved = fixture(name);
+        let agg = load(&saved, max);
+        let (compact, all) = compact_share(&agg);
+        assert!(compact > all / 2, "{name}: {compact} of {all} compact");
+        assert!(compact < all, "{name}: some full");
+        assert_same(name, &json!(agg), &saved);
     }
+}
+
+const LOADED: (f64, f64) = (1e-3, 1e-6);
+
+/// What main read from its tables in memory, read from their snapshots. The gaps' moments
+/// come back from JSON to within a unit in the last place (serde_json, as on main), which the
+/// CVs, small differences of large sums, magnify: floats compare to within 0.1 % or 1e-6.
+#[test]
+fn snapshots_written_by_main_read_the_same() {
+    let agg = load(&fixture("agg-v2-scenario.json"), 100_000);
+    assert_close(
+        "observed",
+        &observed(&agg),
+        &fixture("agg-v2-scenario-observed.json.gz"),
+        LOADED,
+    );
+    assert_close(
+        "restarted",
+        &observed(&restarted(agg)),
+        &fixture("agg-v2-scenario-restarted.json.gz"),
+        LOADED,
+    );
+    let bounded = load(&fixture("agg-v2-bounded.json"), 50);
+    assert_close(
+        "bounded",
+        &observed(&bounded),
+        &fixture("agg-v2-bounded-observed.json.gz"),
+        LOADED,
+    );
+}
+
+#[test]
+fn the_scenario_counts_as_on_main() {
+    let agg = scenario();
+    let (compact, all) = compact_share(&agg);
+    assert!(compact > all / 2, "{compact} of {all} compact");
+    assert!(
+        !agg.addresses.clients["10.2.0.1"].is_compact(),
+        "beyond 32 bits"
+    );
+    assert!(
+        !agg.addresses.clients["10.2.0.2"].is_compact(),
+        "70 000 open"
+    );
+    assert!(
+        agg.addresses.clients["10.0.1.1"].is_compact(),
+        "one request"
+    );
+    assert!(
+        agg.addresses.clients["10.2.0.5"].is_compact(),
+        "retracted in place"
+    );
+    assert!(
+        !agg.addresses.clients["10.2.0.6"].is_compact(),
+        "retracted later"
+    );
+    assert_same("snapshot", &json!(agg), &fixture("agg-v2-scenario.json"));
+    assert_same(
+        "observed",
+        &observed(&agg),
+        &fixture("agg-v2-scenario-observed.json.gz"),
+    );
+    assert_same(
+        "restarted",
+        &observed(&restarted(agg)),
+        &fixture("agg-v2-scenario-restarted.json.gz"),
+    );
+    let bounded = bounded_scenario();
+    assert_same("bounded", &json!(bounded), &fixture("agg-v2-bounded.json"));
+    assert_same(
+        "bounded observed",
+        &observed(&bounded),
+        &fixture("agg-v2-bounded-observed.json.gz"),
+    );
 }

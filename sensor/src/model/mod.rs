@@ -3,9 +3,10 @@
 //! sensor's above it.
 
 pub mod aggregate;
+pub mod clientmap;
+#[cfg(test)]
+mod compat;
 pub mod conntable;
 pub mod keys;
 pub mod report;
 pub mod state;
-#[cfg(test)]
-mod compat;
