@@ -222,7 +222,7 @@ fn top_clients(table: &ClientTable, n: usize) -> Vec<(&str, &ClientStats)> {
             .cmp(&a.1.totals().bytes_out)
             .then_with(|| a.0.cmp(b.0))
     };
-    let mut all: Vec<(&str, &ClientStats)> = table.clients.iter().map(|(k, c)| (k, c)).collect();
+    let mut all: Vec<(&str, &ClientStats)> = table.clients.iter().collect();
     if n == 0 {
         return Vec::new();
     }

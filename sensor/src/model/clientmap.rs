@@ -328,7 +328,7 @@ mod tests {
                 }
                 1 => {
                     let mut positions: Vec<usize> = (0..m.len())
-                        .filter(|i| (i + step as usize) % 7 == 0)
+                        .filter(|i| (i + step as usize).is_multiple_of(7))
                         .collect();
                     positions.truncate(3);
                     let keys: Vec<String> = positions
