@@ -1462,6 +1462,155 @@ mod tests {
         Now { unix_ms: s * 1000 }
     }
 
+    #[test]
+    fn record_sizes() {
+        assert_eq!(std::mem::size_of::<Light>(), 56);
+        assert_eq!(std::mem::size_of::<ClientStats>(), 64);
+    }
+
+    /// Random changes to a table whose clients are compact where they can be, and to one
+    /// whose clients are all full records (the code before compact records): both save and
+    /// read the same, after every change.
+    #[test]
+    fn compact_records_change_as_full_ones() {
+        let mut seed = 0x5eed_u64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let mut compact = ClientTable::new(10_000);
+        let mut full = ClientTable::new(10_000);
+        let mut t_ms = 1_800_000_000_000u64;
+        let mut ts_ns = 1_000_000_000u64;
+        let mut compact_seen = 0;
+        for step in 0..10_000u64 {
+            t_ms = match next(20) {
+                0 => t_ms.saturating_sub(next(30_000)),
+                1..=3 => t_ms + next(15_000),
+                _ => t_ms + next(300),
+            };
+            let at = Now { unix_ms: t_ms };
+            let key = format!("10.0.{}.{}", next(6), next(250));
+            if compact
+                .clients
+                .get(&key)
+                .is_some_and(ClientStats::is_compact)
+            {
+                compact_seen += 1;
+            }
+            let big = |n: u64| match n {
+                0 => u64::from(u32::MAX) - 1,
+                1 => u64::from(u32::MAX) + 1,
+                n => n * 17,
+            };
+            let counts = Counts {
+                requests: next(3),
+                bytes_in: big(next(2_000)),
+                bytes_out: big(next(2_000)),
+                connections: next(2),
+                events_out: next(4) / 3,
+            };
+            let op = next(100);
+            for t in [&mut compact, &mut full] {
+                match op {
+                    0..=39 => t.apply(
+                        &key,
+                        &Delta {
+                            counts: if op % 4 == 0 {
+                                Counts::default()
+                            } else {
+                                counts
+                            },
+                            opened: op % 3 == 0,
+                            closed: op % 5 == 0,
+                        },
+                        at,
+                    ),
+                    40..=69 => {
+                        let ts = match op % 10 {
+                            0 => 0,
+                            1 => ts_ns.saturating_sub(5_000_000),
+                            _ => ts_ns,
+                        };
+                        t.request(&key, ts, at);
+                    }
+                    70..=79 => t.retract(&key, counts, at),
+                    80..=84 => t.set_open(&key, if op == 80 { 70_000 } else { op % 3 }),
+                    85..=87 => t.annotate(
+                        &key,
+                        (op == 85).then_some("k-1"),
+                        (op == 86).then(|| "192.0.2.1".parse().expect("ip")),
+                        (op == 87).then(|| "192.0.2.2".parse().expect("ip")),
+                        at,
+                    ),
+                    88..=89 => t.merge(
+                        &key,
+                        counts,
+                        Now {
+                            unix_ms: t_ms - 5_000,
+                        },
+                        at,
+                    ),
+                    _ => t.apply(
+                        &key,
+                        &Delta {
+                            counts: Counts::default(),
+                            opened: false,
+                            closed: true,
+                        },
+                        at,
+                    ),
+                }
+            }
+            ts_ns += next(3_000_000_000);
+            for c in full.clients.values_mut() {
+                c.full();
+            }
+            assert_eq!(compact.clients.len(), full.clients.len());
+            if !full.clients.contains_key(&key) {
+                continue;
+            }
+            let key_of = |t: &ClientTable| serde_json::to_value(&t.clients[&key]).expect("json");
+            assert_eq!(key_of(&compact), key_of(&full), "{key} at step {step}");
+            let (c, f) = (&compact.clients[&key], &full.clients[&key]);
+            for w in Window::ALL {
+                assert_eq!(c.windows().get(at.secs(), w), f.windows().get(at.secs(), w));
+            }
+            assert_eq!(
+                c.windows().minute(at.secs(), 0),
+                f.windows().minute(at.secs(), 0)
+            );
+            assert_eq!(
+                c.windows().ten_seconds(at.secs() / 10),
+                f.windows().ten_seconds(at.secs() / 10)
+            );
+            assert_eq!(
+                c.windows().active_minutes(at.secs(), 10),
+                f.windows().active_minutes(at.secs(), 10)
+            );
+            assert_eq!(c.gaps(), f.gaps());
+            assert_eq!(c.weight(), f.weight());
+        }
+        assert_eq!(
+            serde_json::to_value(&compact).expect("json"),
+            serde_json::to_value(&full).expect("json")
+        );
+        assert!(
+            compact_seen > 1_000,
+            "changes to compact records: {compact_seen}"
+        );
+        // Loading makes records compact again where they can be, and changes nothing.
+        let loaded: ClientTable =
+            serde_json::from_value(serde_json::to_value(&full).expect("json")).expect("load");
+        assert!(loaded.clients.values().any(|c| c.is_compact()));
+        assert_eq!(
+            serde_json::to_value(&loaded).expect("json"),
+            serde_json::to_value(&full).expect("json")
+        );
+    }
+
     fn bytes(n: u64) -> Delta {
         Delta {
             counts: Counts {
