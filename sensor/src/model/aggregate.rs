@@ -405,8 +405,9 @@ impl Gaps {
 /// any change the compact record cannot hold, and reads see the same values either way.
 ///
 /// Most of a large table is clients seen once or twice (scans, floods, crawlers): a compact
-/// record is 56 bytes in the table, a full one a further ~340 bytes and its window buckets
-/// on the heap.
+/// record is 56 bytes in the table; a full one is a further 240 bytes, its window buckets
+/// (48 bytes each) and, for the few clients with an identity, forwarded client or sources
+/// behind them, those (`Seen`) on the heap.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientStats(Repr);
 
@@ -422,8 +423,8 @@ impl Default for ClientStats {
     }
 }
 
-/// Everything, as snapshots store it (the format of `ClientStats` before compact records).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Every statistic of a client.
+#[derive(Debug, Clone, Default, PartialEq)]
 struct Full {
     /// Unix milliseconds.
     first_seen_ms: u64,
@@ -436,24 +437,105 @@ struct Full {
     last_active_s: u64,
     windows: Windows,
     gaps: Gaps,
+    /// Who was seen behind the client; most clients have nothing.
+    seen: Option<Box<Seen>>,
+}
+
+/// Who was seen behind a client.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Seen {
     /// The most recent API identity seen from this client (for address and forwarded rows).
-    #[serde(default)]
     last_identity: Option<String>,
     /// The most recent forwarded client address (for address and identity rows).
-    #[serde(default)]
     last_forwarded: Option<IpAddr>,
     /// Distinct client addresses this key was used from (identity rows), up to
     /// `MAX_SEEN_FROM`; `seen_from_more` says when there were more.
-    #[serde(default)]
     seen_from: BTreeSet<IpAddr>,
-    #[serde(default)]
     seen_from_more: bool,
     /// When (unix seconds, the agent's clock) each source address was last seen, for
     /// distinct sources over a window: `seen_from` never forgets, so a key shared by a
     /// roaming user for a month would look like a rotation ring. Bounded like `seen_from`;
     /// entries older than an hour go first.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     source_seen_s: BTreeMap<IpAddr, u64>,
+}
+
+/// A client as snapshots hold it (the layout of `ClientStats` before compact records),
+/// written from either record without copying.
+#[derive(Serialize)]
+struct Saved<'a> {
+    first_seen_ms: u64,
+    last_seen_ms: u64,
+    totals: Counts,
+    open_connections: u64,
+    peak_open_connections: u64,
+    active_seconds: u64,
+    last_active_s: u64,
+    windows: SavedWindows<'a>,
+    gaps: Gaps,
+    last_identity: Option<&'a str>,
+    last_forwarded: Option<IpAddr>,
+    seen_from: &'a BTreeSet<IpAddr>,
+    seen_from_more: bool,
+    #[serde(skip_serializing_if = "no_sources")]
+    source_seen_s: &'a BTreeMap<IpAddr, u64>,
+}
+
+fn no_sources(m: &&BTreeMap<IpAddr, u64>) -> bool {
+    m.is_empty()
+}
+
+#[derive(Serialize)]
+struct SavedWindows<'a> {
+    tens: &'a [Bucket],
+    minutes: &'a [Bucket],
+}
+
+/// A client as snapshots hold it, read.
+#[derive(Deserialize)]
+struct Loaded {
+    first_seen_ms: u64,
+    last_seen_ms: u64,
+    totals: Counts,
+    open_connections: u64,
+    peak_open_connections: u64,
+    active_seconds: u64,
+    last_active_s: u64,
+    windows: Windows,
+    gaps: Gaps,
+    #[serde(default)]
+    last_identity: Option<String>,
+    #[serde(default)]
+    last_forwarded: Option<IpAddr>,
+    #[serde(default)]
+    seen_from: BTreeSet<IpAddr>,
+    #[serde(default)]
+    seen_from_more: bool,
+    #[serde(default)]
+    source_seen_s: BTreeMap<IpAddr, u64>,
+}
+
+impl From<Loaded> for Full {
+    fn from(l: Loaded) -> Self {
+        let seen = Seen {
+            last_identity: l.last_identity,
+            last_forwarded: l.last_forwarded,
+            seen_from: l.seen_from,
+            seen_from_more: l.seen_from_more,
+            source_seen_s: l.source_seen_s,
+        };
+        Self {
+            first_seen_ms: l.first_seen_ms,
+            last_seen_ms: l.last_seen_ms,
+            totals: l.totals,
+            open_connections: l.open_connections,
+            peak_open_connections: l.peak_open_connections,
+            active_seconds: l.active_seconds,
+            last_active_s: l.last_active_s,
+            windows: l.windows,
+            gaps: l.gaps,
+            seen: (seen != Seen::default()).then(|| Box::new(seen)),
+        }
+    }
 }
 
 /// A client with at most one request timed, all of its counted traffic in one 10-second
@@ -560,11 +642,7 @@ impl Light {
             && g.recent.iter().all(|d| {
                 d.w.to_bits() == 0 && d.s1.to_bits() == 0 && d.s2.to_bits() == 0 && d.at_ms == 0
             });
-        let annotated = f.last_identity.is_some()
-            || f.last_forwarded.is_some()
-            || !f.seen_from.is_empty()
-            || f.seen_from_more
-            || !f.source_seen_s.is_empty();
+        let annotated = f.seen.as_deref().is_some_and(|s| *s != Seen::default());
         if !no_gaps || annotated {
             return None;
         }
@@ -769,7 +847,7 @@ impl ClientStats {
     pub fn last_identity(&self) -> Option<&str> {
         match &self.0 {
             Repr::Light(_) => None,
-            Repr::Full(f) => f.last_identity.as_deref(),
+            Repr::Full(f) => f.seen.as_ref()?.last_identity.as_deref(),
         }
     }
 
@@ -777,7 +855,7 @@ impl ClientStats {
     pub fn last_forwarded(&self) -> Option<IpAddr> {
         match &self.0 {
             Repr::Light(_) => None,
-            Repr::Full(f) => f.last_forwarded,
+            Repr::Full(f) => f.seen.as_ref()?.last_forwarded,
         }
     }
 
@@ -786,14 +864,14 @@ impl ClientStats {
     pub fn seen_from(&self) -> &BTreeSet<IpAddr> {
         match &self.0 {
             Repr::Light(_) => &NO_SOURCES,
-            Repr::Full(f) => &f.seen_from,
+            Repr::Full(f) => f.seen.as_ref().map_or(&NO_SOURCES, |s| &s.seen_from),
         }
     }
 
     pub fn seen_from_more(&self) -> bool {
         match &self.0 {
             Repr::Light(_) => false,
-            Repr::Full(f) => f.seen_from_more,
+            Repr::Full(f) => f.seen.as_ref().is_some_and(|s| s.seen_from_more),
         }
     }
 
@@ -802,7 +880,10 @@ impl ClientStats {
     pub fn source_seen_s(&self) -> &BTreeMap<IpAddr, u64> {
         match &self.0 {
             Repr::Light(_) => &NO_SOURCES_SEEN,
-            Repr::Full(f) => &f.source_seen_s,
+            Repr::Full(f) => f
+                .seen
+                .as_ref()
+                .map_or(&NO_SOURCES_SEEN, |s| &s.source_seen_s),
         }
     }
 
@@ -826,23 +907,41 @@ impl ClientStats {
 
 impl Serialize for ClientStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match &self.0 {
-            Repr::Light(l) => l.to_full().serialize(s),
-            Repr::Full(f) => f.serialize(s),
+        let windows = self.windows();
+        let (tens, minutes) = windows.rings();
+        Saved {
+            first_seen_ms: self.first_seen_ms(),
+            last_seen_ms: self.last_seen_ms(),
+            totals: self.totals(),
+            open_connections: self.open_connections(),
+            peak_open_connections: self.peak_open_connections(),
+            active_seconds: self.active_seconds(),
+            last_active_s: match &self.0 {
+                Repr::Light(l) => l.last_active_s.into(),
+                Repr::Full(f) => f.last_active_s,
+            },
+            windows: SavedWindows { tens, minutes },
+            gaps: self.gaps(),
+            last_identity: self.last_identity(),
+            last_forwarded: self.last_forwarded(),
+            seen_from: self.seen_from(),
+            seen_from_more: self.seen_from_more(),
+            source_seen_s: self.source_seen_s(),
         }
+        .serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for ClientStats {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Full::deserialize(d).map(Self::from_full)
+        Loaded::deserialize(d).map(|l| Self::from_full(l.into()))
     }
 }
 
 /// Distinct source addresses remembered per identity.
 pub const MAX_SEEN_FROM: usize = 1024;
 
-impl Full {
+impl Seen {
     fn note_source(&mut self, ip: IpAddr, now: Now) {
         if self.seen_from.len() < MAX_SEEN_FROM {
             self.seen_from.insert(ip);
@@ -1018,7 +1117,7 @@ impl ClientTable {
         if identity.is_none() && forwarded.is_none() && source.is_none() {
             return;
         }
-        let c = c.full();
+        let c: &mut Seen = c.full().seen.get_or_insert_default();
         if let Some(id) = identity
             && c.last_identity.as_deref() != Some(id)
         {
@@ -1466,6 +1565,7 @@ mod tests {
     fn record_sizes() {
         assert_eq!(std::mem::size_of::<Light>(), 56);
         assert_eq!(std::mem::size_of::<ClientStats>(), 64);
+        assert_eq!(std::mem::size_of::<Full>(), 240);
     }
 
     /// Random changes to a table whose clients are compact where they can be, and to one
