@@ -405,9 +405,9 @@ impl Gaps {
 /// any change the compact record cannot hold, and reads see the same values either way.
 ///
 /// Most of a large table is clients seen once or twice (scans, floods, crawlers): a compact
-/// record is 56 bytes in the table; a full one is a further 240 bytes, its window buckets
-/// (48 bytes each) and, for the few clients with an identity, forwarded client or sources
-/// behind them, those (`Seen`) on the heap.
+/// record is 56 bytes in the table; a full one is a further 248 bytes on the heap, its window
+/// buckets (48 bytes each) once its traffic spans more than one 10-second period, and, for
+/// the few clients with an identity, forwarded client or sources behind them, those (`Seen`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientStats(Repr);
 
@@ -435,7 +435,12 @@ struct Full {
     /// Distinct seconds in which the agent observed traffic from the client (poll resolution).
     active_seconds: u64,
     last_active_s: u64,
+    /// The windows' buckets, unless `single` holds them.
     windows: Windows,
+    /// 1 + the 10-second period holding every count of the windows, which are then exactly
+    /// the totals, as long as they are (`windows` is then empty, nothing allocated); 0 when
+    /// `windows` holds the buckets.
+    single: u64,
     gaps: Gaps,
     /// Who was seen behind the client; most clients have nothing.
     seen: Option<Box<Seen>>,
@@ -515,7 +520,17 @@ struct Loaded {
 }
 
 impl From<Loaded> for Full {
-    fn from(l: Loaded) -> Self {
+    fn from(mut l: Loaded) -> Self {
+        let mut single = 0;
+        if let ([t], [m]) = (l.windows.tens.as_slice(), l.windows.minutes.as_slice())
+            && t.counts == l.totals
+            && m.counts == l.totals
+            && m.epoch == t.epoch / 6
+            && let Some(p) = t.epoch.checked_add(1)
+        {
+            single = p;
+            l.windows = Windows::default();
+        }
         let seen = Seen {
             last_identity: l.last_identity,
             last_forwarded: l.last_forwarded,
@@ -532,6 +547,7 @@ impl From<Loaded> for Full {
             active_seconds: l.active_seconds,
             last_active_s: l.last_active_s,
             windows: l.windows,
+            single,
             gaps: l.gaps,
             seen: (seen != Seen::default()).then(|| Box::new(seen)),
         }
@@ -602,11 +618,6 @@ impl Light {
 
     /// The same client as a full record.
     fn to_full(self) -> Full {
-        let mut windows = Windows::default();
-        if self.period != NO_PERIOD {
-            // As `Windows::add` makes them (one bucket, no spare capacity).
-            windows.add(u64::from(self.period) * 10, self.totals());
-        }
         Full {
             first_seen_ms: self.first_seen_ms,
             last_seen_ms: self.first_seen_ms + u64::from(self.last_seen_after_ms),
@@ -615,7 +626,11 @@ impl Light {
             peak_open_connections: self.peak_open_connections.into(),
             active_seconds: self.active_seconds.into(),
             last_active_s: self.last_active_s.into(),
-            windows,
+            single: if self.period == NO_PERIOD {
+                0
+            } else {
+                u64::from(self.period) + 1
+            },
             gaps: Gaps {
                 last_request_ns: self.last_request_ns,
                 ..Gaps::default()
@@ -647,6 +662,9 @@ impl Light {
             return None;
         }
         let period = match (f.windows.tens.as_slice(), f.windows.minutes.as_slice()) {
+            _ if f.single > 0 => u32::try_from(f.single - 1)
+                .ok()
+                .filter(|p| *p != NO_PERIOD)?,
             ([], []) if f.totals.is_zero() => NO_PERIOD,
             ([t], [m])
                 if t.counts == f.totals && m.counts == f.totals && m.epoch == t.epoch / 6 =>
@@ -829,7 +847,7 @@ impl ClientStats {
     pub fn windows(&self) -> WindowsRef<'_> {
         match &self.0 {
             Repr::Light(l) => l.windows(),
-            Repr::Full(f) => WindowsRef::held(&f.windows),
+            Repr::Full(f) => f.windows(),
         }
     }
 
@@ -1094,13 +1112,7 @@ impl ClientTable {
     /// Takes back counts attributed to `key` a moment ago (see `ConnTable::on_request`).
     pub fn retract(&mut self, key: &str, c: Counts, now: Now) {
         if let Some(stats) = self.clients.get_mut(key) {
-            stats.update(
-                |l| l.retract(c, now),
-                |stats| {
-                    stats.totals.saturating_sub(c);
-                    stats.windows.retract(now.secs(), c);
-                },
-            );
+            stats.update(|l| l.retract(c, now), |stats| stats.retract(c, now));
         }
     }
 
@@ -1165,6 +1177,50 @@ impl ClientTable {
 }
 
 impl Full {
+    fn single(&self) -> Option<u64> {
+        self.single.checked_sub(1)
+    }
+
+    fn windows(&self) -> WindowsRef<'_> {
+        match self.single() {
+            Some(p) => WindowsRef::single(p, self.totals),
+            None => WindowsRef::held(&self.windows),
+        }
+    }
+
+    /// The windows' buckets, made from the single period first if that held them.
+    fn rings(&mut self) -> &mut Windows {
+        if let Some(p) = self.single() {
+            self.single = 0;
+            // As `Windows::add` makes them (one bucket each, no spare capacity).
+            self.windows.add(p * 10, self.totals);
+        }
+        &mut self.windows
+    }
+
+    /// Adds counts of `now_s` to the totals and the windows.
+    fn add(&mut self, now_s: u64, counts: Counts) {
+        let period = now_s / 10;
+        let nothing = self.single == 0
+            && self.windows.tens.is_empty()
+            && self.windows.minutes.is_empty()
+            && self.totals.is_zero();
+        if nothing || self.single() == Some(period) {
+            self.single = period + 1;
+        } else {
+            self.rings().add(now_s, counts);
+        }
+        self.totals += counts;
+    }
+
+    /// Takes `c` back out of the totals and the current buckets.
+    fn retract(&mut self, c: Counts, now: Now) {
+        if self.single() != Some(now.secs() / 10) {
+            self.rings().retract(now.secs(), c);
+        }
+        self.totals.saturating_sub(c);
+    }
+
     fn apply(&mut self, delta: &Delta, now: Now) {
         let c = self;
         let mut counts = delta.counts;
@@ -1177,8 +1233,7 @@ impl Full {
             c.open_connections = c.open_connections.saturating_sub(1);
         }
         if !counts.is_zero() {
-            c.totals += counts;
-            c.windows.add(now.secs(), counts);
+            c.add(now.secs(), counts);
             c.last_seen_ms = c.last_seen_ms.max(now.unix_ms);
             if now.secs() != c.last_active_s {
                 c.active_seconds += 1;
@@ -1191,8 +1246,8 @@ impl Full {
         let c = self;
         c.first_seen_ms = c.first_seen_ms.min(at.unix_ms);
         if !counts.is_zero() {
+            c.rings().add_late(now.secs(), at.secs(), counts);
             c.totals += counts;
-            c.windows.add_late(now.secs(), at.secs(), counts);
             c.last_seen_ms = c.last_seen_ms.max(at.unix_ms);
             if at.secs() / 10 != c.last_active_s / 10 {
                 // Resolution of merged activity: the 10-second summary period.
@@ -1565,7 +1620,7 @@ mod tests {
     fn record_sizes() {
         assert_eq!(std::mem::size_of::<Light>(), 56);
         assert_eq!(std::mem::size_of::<ClientStats>(), 64);
-        assert_eq!(std::mem::size_of::<Full>(), 240);
+        assert_eq!(std::mem::size_of::<Full>(), 248);
     }
 
     /// Random changes to a table whose clients are compact where they can be, and to one
@@ -1666,7 +1721,7 @@ mod tests {
             }
             ts_ns += next(3_000_000_000);
             for c in full.clients.values_mut() {
-                c.full();
+                c.full().rings();
             }
             assert_eq!(compact.clients.len(), full.clients.len());
             if !full.clients.contains_key(&key) {
