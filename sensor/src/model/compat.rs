@@ -1,8 +1,8 @@
 //! Compatibility of the per-client tables with the format and behaviour of the code before
-//! the compact client records: `testdata/agg-v2-*` were written by that code (commit
-//! bce1525, main 009119f with this file) from the scenario below. Loading them must give back
-//! the same snapshot, and the same scenario run by this code must write the same snapshot,
-//! rows and statistics.
+//! the compact client records: `testdata/agg-v2-*` were written by that code (main at
+//! 009119f, with this file as first committed, run with WRITE_AGG_FIXTURES=1) from the
+//! scenario below. Loading them must give back the same snapshot, and the same scenario run
+//! by this code must write the same snapshot, rows and statistics.
 
 use std::net::IpAddr;
 
