@@ -217,16 +217,12 @@ fn answer<B>(
 /// order as `sensor clients` (sort `bytes_out`).
 fn top_clients(table: &ClientTable, n: usize) -> Vec<(&str, &ClientStats)> {
     let order = |a: &(&str, &ClientStats), b: &(&str, &ClientStats)| {
-        b.1.totals
+        b.1.totals()
             .bytes_out
-            .cmp(&a.1.totals.bytes_out)
+            .cmp(&a.1.totals().bytes_out)
             .then_with(|| a.0.cmp(b.0))
     };
-    let mut all: Vec<(&str, &ClientStats)> = table
-        .clients
-        .iter()
-        .map(|(k, c)| (k.as_str(), &**c))
-        .collect();
+    let mut all: Vec<(&str, &ClientStats)> = table.clients.iter().collect();
     if n == 0 {
         return Vec::new();
     }
@@ -339,11 +335,11 @@ pub fn families(state: &AgentState, top_n: usize) -> Exposition {
             [
                 (
                     [("client", *client), ("direction", "in")],
-                    c.totals.bytes_in,
+                    c.totals().bytes_in,
                 ),
                 (
                     [("client", *client), ("direction", "out")],
-                    c.totals.bytes_out,
+                    c.totals().bytes_out,
                 ),
             ]
         }),
@@ -355,22 +351,22 @@ pub fn families(state: &AgentState, top_n: usize) -> Exposition {
     out.counter(
         "sensor_client_requests_total",
         "Requests of one client address (top clients by bytes out only).",
-        per_client(|c| c.totals.requests),
+        per_client(|c| c.totals().requests),
     );
     out.counter(
         "sensor_client_connections_opened_total",
         "Connections opened by one client address (top clients by bytes out only).",
-        per_client(|c| c.totals.connections),
+        per_client(|c| c.totals().connections),
     );
     out.gauge(
         "sensor_client_connections_open",
         "Connections of one client address open now (top clients by bytes out only).",
-        per_client(|c| c.open_connections),
+        per_client(|c| c.open_connections()),
     );
     out.counter(
         "sensor_client_events_total",
         "Server-sent events streamed to one client address (top clients by bytes out only).",
-        per_client(|c| c.totals.events_out),
+        per_client(|c| c.totals().events_out),
     );
     keyed_families(&mut out, "identity", &state.agg.identities, top_n);
     keyed_families(&mut out, "forwarded", &state.agg.forwarded, top_n);
@@ -396,8 +392,8 @@ fn keyed_families(out: &mut Exposition, kind: &'static str, table: &ClientTable,
         &format!("TCP payload bytes of the exchanges of {what}; top {top_n} by bytes out only."),
         top.iter().flat_map(|(key, c)| {
             [
-                ([(label, *key), ("direction", "in")], c.totals.bytes_in),
-                ([(label, *key), ("direction", "out")], c.totals.bytes_out),
+                ([(label, *key), ("direction", "in")], c.totals().bytes_in),
+                ([(label, *key), ("direction", "out")], c.totals().bytes_out),
             ]
         }),
     );
@@ -407,12 +403,12 @@ fn keyed_families(out: &mut Exposition, kind: &'static str, table: &ClientTable,
     out.counter(
         &format!("sensor_{kind}_requests_total"),
         &format!("Requests of {what}; top {top_n} by bytes out only."),
-        series(|c| c.totals.requests),
+        series(|c| c.totals().requests),
     );
     out.counter(
         &format!("sensor_{kind}_events_total"),
         &format!("Server-sent events streamed to {what}; top {top_n} by bytes out only."),
-        series(|c| c.totals.events_out),
+        series(|c| c.totals().events_out),
     );
 }
 

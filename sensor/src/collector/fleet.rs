@@ -210,8 +210,8 @@ impl FleetState {
             let keys: Vec<String> = table
                 .clients
                 .iter()
-                .filter(|(_, c)| c.open_connections > 0)
-                .map(|(k, _)| k.clone())
+                .filter(|(_, c)| c.open_connections() > 0)
+                .map(|(k, _)| k.to_owned())
                 .collect();
             for k in keys {
                 table.set_open(&k, 0);
@@ -337,15 +337,15 @@ mod tests {
             );
         }
         let c = &f.agg.addresses.clients["10.0.0.9"];
-        assert_eq!(c.totals.requests, 300);
-        assert_eq!(c.windows.get(now.secs(), Window::OneMinute).requests, 300);
+        assert_eq!(c.totals().requests, 300);
+        assert_eq!(c.windows().get(now.secs(), Window::OneMinute).requests, 300);
         f.refresh_open(now);
-        assert_eq!(f.agg.addresses.clients["10.0.0.9"].open_connections, 6);
+        assert_eq!(f.agg.addresses.clients["10.0.0.9"].open_connections(), 6);
         // Much later, stale open counts are forgotten.
         f.refresh_open(Now {
             unix_ms: (t + 120) * 1000,
         });
-        assert_eq!(f.agg.addresses.clients["10.0.0.9"].open_connections, 0);
+        assert_eq!(f.agg.addresses.clients["10.0.0.9"].open_connections(), 0);
     }
 
     #[test]
@@ -362,14 +362,14 @@ mod tests {
             now,
         );
         let c = &f.agg.addresses.clients["10.0.0.9"];
-        assert_eq!(c.totals.requests, 57);
-        assert_eq!(c.windows.get(now.secs(), Window::OneMinute).requests, 7);
-        assert_eq!(c.windows.get(now.secs(), Window::TenMinutes).requests, 57);
+        assert_eq!(c.totals().requests, 57);
+        assert_eq!(c.windows().get(now.secs(), Window::OneMinute).requests, 7);
+        assert_eq!(c.windows().get(now.secs(), Window::TenMinutes).requests, 57);
         // The same period in a new stream (agent restored from an older snapshot): once.
         let mut again = batch("a", vec![summary("a", 1, t + 290, "10.0.0.9", 7)]);
         again.stream = "cd".into();
         f.apply(&again, now);
-        assert_eq!(f.agg.addresses.clients["10.0.0.9"].totals.requests, 57);
+        assert_eq!(f.agg.addresses.clients["10.0.0.9"].totals().requests, 57);
         assert_eq!(f.agents["a"].duplicates, 1);
     }
 
@@ -387,9 +387,9 @@ mod tests {
             now,
         );
         let c = &f.agg.addresses.clients["10.0.0.9"];
-        assert_eq!(c.totals.requests, 100 + u64::MAX / 1000);
+        assert_eq!(c.totals().requests, 100 + u64::MAX / 1000);
         assert_eq!(
-            c.totals.bytes_out,
+            c.totals().bytes_out,
             u64::MAX,
             "saturated, not wrapped to a small value"
         );

@@ -146,18 +146,18 @@ fn window_index(w: Window) -> usize {
 impl Evidence {
     pub fn of(c: &ClientStats, now: Now) -> Self {
         let mut e = Evidence {
-            requests_total: c.totals.requests as f64,
-            bytes_out_total: c.totals.bytes_out as f64,
-            connections_total: c.totals.connections as f64,
-            open_connections: c.open_connections as f64,
-            peak_open_connections: c.peak_open_connections as f64,
-            interval_cv: c.gaps.cv(),
-            interval_mean_ms: c.gaps.mean_ms(),
-            distinct_addresses: c.seen_from.len() as f64,
+            requests_total: c.totals().requests as f64,
+            bytes_out_total: c.totals().bytes_out as f64,
+            connections_total: c.totals().connections as f64,
+            open_connections: c.open_connections() as f64,
+            peak_open_connections: c.peak_open_connections() as f64,
+            interval_cv: c.gaps().cv(),
+            interval_mean_ms: c.gaps().mean_ms(),
+            distinct_addresses: c.seen_from().len() as f64,
             ..Default::default()
         };
         for w in Window::ALL {
-            let t = c.windows.get(now.secs(), w);
+            let t = c.windows().get(now.secs(), w);
             e.windows[window_index(w)] = WindowEvidence {
                 requests: t.requests as f64,
                 bytes_in: t.bytes_in as f64,

@@ -64,7 +64,7 @@ impl Baseline {
         let mut batch = Vec::new();
         for table in [&agg.addresses, &agg.identities] {
             for c in table.clients.values() {
-                let m = c.windows.minute(now.secs(), 0);
+                let m = c.windows().minute(now.secs(), 0);
                 if m.requests > 0 && batch.len() < BASELINE_SAMPLES_PER_MINUTE {
                     batch.push((m.requests, m.bytes_out));
                 }

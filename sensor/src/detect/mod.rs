@@ -77,8 +77,8 @@ impl Settings {
             By::Identity => {
                 self.allow_identities.contains(key)
                     || agg.identities.clients.get(key).is_some_and(|c| {
-                        c.seen_from.iter().any(|ip| self.allowed_ip(*ip))
-                            && c.seen_from.iter().all(|ip| self.allowed_ip(*ip))
+                        c.seen_from().iter().any(|ip| self.allowed_ip(*ip))
+                            && c.seen_from().iter().all(|ip| self.allowed_ip(*ip))
                     })
             }
         }
@@ -99,7 +99,7 @@ impl ActiveAddresses {
             // Formatted on the stack; allocated once per group, not per address.
             let group = agg.group_key(ip);
             for (per_group, w) in active.0.iter_mut().zip(Window::ALL) {
-                if c.windows.get(now.secs(), w).requests > 0 {
+                if c.windows().get(now.secs(), w).requests > 0 {
                     match per_group.get_mut(group.as_str()) {
                         Some(n) => *n += 1,
                         None => {

@@ -95,7 +95,7 @@ impl Sets {
 fn latest_source(by: By, key: &str, c: &ClientStats) -> Option<IpAddr> {
     match by {
         By::Identity => c
-            .source_seen_s
+            .source_seen_s()
             .iter()
             .max_by_key(|(_, t)| **t)
             .map(|(ip, _)| *ip),
@@ -111,9 +111,9 @@ fn eligible<'a>(
     cfg: &SignalConfig,
     now: Now,
 ) -> Option<Member<'a>> {
-    let t = c.windows.get(now.secs(), Window::OneHour);
-    let ten = c.windows.get(now.secs(), Window::TenMinutes);
-    let age_ms = now.unix_ms.saturating_sub(c.first_seen_ms);
+    let t = c.windows().get(now.secs(), Window::OneHour);
+    let ten = c.windows().get(now.secs(), Window::TenMinutes);
+    let age_ms = now.unix_ms.saturating_sub(c.first_seen_ms());
     if t.requests < 10 || ten.requests == 0 || age_ms < 10 * 60_000 || t.bytes_out < t.bytes_in {
         return None;
     }
@@ -179,7 +179,7 @@ pub fn find(
     for (key, c) in &agg.addresses.clients {
         // Addresses with identities are judged through them.
         if behind.of(By::Address, key) == 0
-            && c.last_identity.is_none()
+            && c.last_identity().is_none()
             && let Some(m) = eligible(agg, By::Address, key, c, cfg, now)
         {
             members.push(m);
@@ -191,18 +191,18 @@ pub fn find(
 
     // Synchronized starts: every window of SYNC_SPAN_MS starting at a member's start.
     let mut order: Vec<usize> = (0..members.len())
-        .filter(|&i| members[i].stats.first_seen_ms >= started_ms.saturating_add(COLD_START_MS))
+        .filter(|&i| members[i].stats.first_seen_ms() >= started_ms.saturating_add(COLD_START_MS))
         .collect();
-    order.sort_by_key(|&i| members[i].stats.first_seen_ms);
+    order.sort_by_key(|&i| members[i].stats.first_seen_ms());
     let mut end = 0;
     for (pos, &anchor) in order.iter().enumerate() {
         if taken[anchor] {
             continue;
         }
-        let first = members[anchor].stats.first_seen_ms;
+        let first = members[anchor].stats.first_seen_ms();
         end = end.max(pos);
         while end + 1 < order.len()
-            && members[order[end + 1]].stats.first_seen_ms <= first + SYNC_SPAN_MS
+            && members[order[end + 1]].stats.first_seen_ms() <= first + SYNC_SPAN_MS
         {
             end += 1;
         }
@@ -217,7 +217,7 @@ pub fn find(
         for comp in shape_components(&members, &run) {
             let spread = comp
                 .iter()
-                .map(|&i| members[i].stats.first_seen_ms)
+                .map(|&i| members[i].stats.first_seen_ms())
                 .max()
                 .unwrap_or(first)
                 - first;
@@ -345,7 +345,7 @@ fn ring(
     // network): the earliest member, which stays while the ring runs, tells them apart.
     let earliest = sorted
         .iter()
-        .min_by_key(|m| (m.stats.first_seen_ms, m.key))
+        .min_by_key(|m| (m.stats.first_seen_ms(), m.key))
         .map_or("", |m| m.key);
     Some(Ring {
         key: format!("{basis}:{earliest}"),

@@ -303,7 +303,7 @@ impl Inputs<'_> {
     /// The metric's value for one key.
     pub fn value(&self, cond: &Condition, c: &ClientStats, key: &str, by: By) -> f64 {
         let counts = |w: Option<Window>| -> Counts {
-            w.map_or(c.totals, |w| c.windows.get(self.now.secs(), w))
+            w.map_or(c.totals(), |w| c.windows().get(self.now.secs(), w))
         };
         let w = cond.window;
         match cond.metric {
@@ -312,8 +312,8 @@ impl Inputs<'_> {
             Metric::BytesOut => counts(w).bytes_out as f64,
             Metric::EventsOut => counts(w).events_out as f64,
             Metric::Connections => counts(w).connections as f64,
-            Metric::OpenConnections => c.open_connections as f64,
-            Metric::PeakOpenConnections => c.peak_open_connections as f64,
+            Metric::OpenConnections => c.open_connections() as f64,
+            Metric::PeakOpenConnections => c.peak_open_connections() as f64,
             Metric::OutInRatio => {
                 let t = counts(w);
                 ratio(t.bytes_out, t.bytes_in)
@@ -321,16 +321,16 @@ impl Inputs<'_> {
             // Windowed: the last ~10 minutes (1m, 10m) or ~hour; without a window, every
             // gap since first seen, as before (kept for configs that say so).
             Metric::IntervalCv => match w {
-                Some(w) => c.gaps.cv_recent(w, self.now.unix_ms),
-                None => c.gaps.cv(),
+                Some(w) => c.gaps().cv_recent(w, self.now.unix_ms),
+                None => c.gaps().cv(),
             }
             .unwrap_or(f64::INFINITY),
             Metric::DistinctAddresses => match w {
                 Some(w) => c.distinct_sources(self.now.secs(), minutes(w) * 60) as f64,
-                None => c.seen_from.len() as f64,
+                None => c.seen_from().len() as f64,
             },
             Metric::ActiveMinutes => c
-                .windows
+                .windows()
                 .active_minutes(self.now.secs(), minutes(w.unwrap_or(Window::TenMinutes)))
                 as f64,
             Metric::ReplyBytes => signals::reply_bytes(&counts(w)),

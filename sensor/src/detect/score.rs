@@ -116,7 +116,7 @@ fn scored(
         });
         return parts.finish();
     }
-    let hour = c.windows.get(now.secs(), Window::OneHour);
+    let hour = c.windows().get(now.secs(), Window::OneHour);
     let age = signals::age_minutes(c, now, 60);
     let rate = signals::est_tokens(&hour) / age.max(MIN_RATE_SPAN_MINUTES) as f64;
     let level = rate / cfg.output_floor_tokens_per_minute;
@@ -154,12 +154,12 @@ fn scored(
             format!("{out_in:.2} est. output tokens per prompt token: context-heavy")
         });
     }
-    if c.open_connections >= 3 {
-        parts.add("parallel", c.open_connections as f64, 1.0, || {
-            format!("{} open connections", c.open_connections)
+    if c.open_connections() >= 3 {
+        parts.add("parallel", c.open_connections() as f64, 1.0, || {
+            format!("{} open connections", c.open_connections())
         });
     }
-    if let Some(cv) = c.gaps.cv_recent(Window::TenMinutes, now.unix_ms)
+    if let Some(cv) = c.gaps().cv_recent(Window::TenMinutes, now.unix_ms)
         && cv < 0.35
     {
         parts.add("regular", cv, 1.0, || {
@@ -208,7 +208,7 @@ mod tests {
             };
             agg.apply(ip, &d, at(m * 60 + 1));
         }
-        *agg.addresses.clients["10.0.0.1"].clone()
+        agg.addresses.clients["10.0.0.1"].clone()
     }
 
     fn total(c: &ClientStats, minutes: u64) -> f64 {

@@ -105,7 +105,7 @@ pub fn minutes(w: Window) -> u64 {
 
 /// Minutes since the key was first seen (at least 1), capped at `cap`.
 pub fn age_minutes(c: &ClientStats, now: Now, cap: u64) -> u64 {
-    (now.unix_ms.saturating_sub(c.first_seen_ms) / 60_000 + 1).min(cap)
+    (now.unix_ms.saturating_sub(c.first_seen_ms()) / 60_000 + 1).min(cap)
 }
 
 /// Mean request size (bytes in per request) over a window.
@@ -123,15 +123,15 @@ pub fn reply_bytes(t: &Counts) -> f64 {
 pub fn duty(c: &ClientStats, now: Now, w: Window) -> f64 {
     let span = minutes(w);
     let observed = age_minutes(c, now, span);
-    c.windows.active_minutes(now.secs(), span) as f64 / observed as f64
+    c.windows().active_minutes(now.secs(), span) as f64 / observed as f64
 }
 
 /// Mean request size over the last 10 minutes relative to the last hour: above 1 when
 /// prompts grow (agents carrying their context along), about 1 for a stream of
 /// independent prompts.
 pub fn prompt_growth(c: &ClientStats, now: Now) -> f64 {
-    let recent = request_bytes(&c.windows.get(now.secs(), Window::TenMinutes));
-    let hour = request_bytes(&c.windows.get(now.secs(), Window::OneHour));
+    let recent = request_bytes(&c.windows().get(now.secs(), Window::TenMinutes));
+    let hour = request_bytes(&c.windows().get(now.secs(), Window::OneHour));
     if hour > 0.0 { recent / hour } else { 1.0 }
 }
 
@@ -148,7 +148,7 @@ impl IdentitiesBehind {
         let mut m: HashMap<String, u32, foldhash::fast::RandomState> = HashMap::default();
         let now_s = now.secs();
         for c in agg.identities.clients.values() {
-            for (ip, t) in &c.source_seen_s {
+            for (ip, t) in c.source_seen_s() {
                 if t.saturating_add(3600) > now_s {
                     let key = Key::address(*ip);
                     match m.get_mut(key.as_str()) {

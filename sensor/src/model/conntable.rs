@@ -565,10 +565,10 @@ mod tests {
         s.closed = 0;
         t.observe(7, &s, &mut agg, now());
         let c = &agg.addresses.clients["::1"];
-        assert_eq!(c.totals.bytes_in, 150);
-        assert_eq!(c.totals.requests, 1);
-        assert_eq!(c.totals.connections, 1);
-        assert_eq!(c.open_connections, 0);
+        assert_eq!(c.totals().bytes_in, 150);
+        assert_eq!(c.totals().requests, 1);
+        assert_eq!(c.totals().connections, 1);
+        assert_eq!(c.open_connections(), 0);
         assert_eq!(t.take_unreaped(), vec![7]);
         assert_eq!(t.closed_total, 1);
         assert_eq!(t.rows().len(), 1);
@@ -586,8 +586,8 @@ mod tests {
         restored.restore(&serde_json::from_str(&saved).expect("deserialize"));
         s.bytes_out = 1500;
         restored.observe(9, &s, &mut agg, now());
-        assert_eq!(agg.addresses.clients["::1"].totals.bytes_out, 1500);
-        assert_eq!(agg.addresses.clients["::1"].totals.connections, 1);
+        assert_eq!(agg.addresses.clients["::1"].totals().bytes_out, 1500);
+        assert_eq!(agg.addresses.clients["::1"].totals().connections, 1);
     }
 
     #[test]
@@ -632,8 +632,8 @@ mod tests {
             // The record is still in the kernel map and read again.
             t.observe(7, &s, &mut agg, later);
         }
-        assert_eq!(agg.addresses.clients["::1"].totals.bytes_in, 100);
-        assert_eq!(agg.addresses.clients["::1"].totals.connections, 1);
+        assert_eq!(agg.addresses.clients["::1"].totals().bytes_in, 100);
+        assert_eq!(agg.addresses.clients["::1"].totals().connections, 1);
         assert_eq!(t.closed_total, 1);
         // Once deleted from the kernel, the tombstone may go.
         assert_eq!(t.take_unreaped(), [7]);

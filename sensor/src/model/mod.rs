@@ -3,6 +3,9 @@
 //! sensor's above it.
 
 pub mod aggregate;
+pub mod clientmap;
+#[cfg(test)]
+mod compat;
 pub mod conntable;
 pub mod keys;
 pub mod report;

@@ -209,35 +209,35 @@ fn rfc3339_ms(unix_ms: u64) -> String {
 }
 
 fn row(key: &str, group: String, by: By, c: &ClientStats, now: Now) -> ClientRow {
-    let t = &c.totals;
+    let t = &c.totals();
     ClientRow {
         client: key.to_owned(),
         group,
         identity: match by {
             By::Identity => Some(key.to_owned()),
-            _ => c.last_identity.clone(),
+            _ => c.last_identity().map(str::to_owned),
         },
         forwarded_for: match by {
             By::Forwarded => Some(key.to_owned()),
-            _ => c.last_forwarded.map(|ip| ip.to_string()),
+            _ => c.last_forwarded().map(|ip| ip.to_string()),
         },
         requests: t.requests,
         bytes_in: t.bytes_in,
         bytes_out: t.bytes_out,
         connections: t.connections,
         events_out: t.events_out,
-        distinct_addresses: (by == By::Identity).then_some(c.seen_from.len() as u64),
-        open_connections: c.open_connections,
-        peak_open_connections: c.peak_open_connections,
-        first_seen: rfc3339_ms(c.first_seen_ms),
-        last_seen: rfc3339_ms(c.last_seen_ms),
-        active_seconds: c.active_seconds,
+        distinct_addresses: (by == By::Identity).then_some(c.seen_from().len() as u64),
+        open_connections: c.open_connections(),
+        peak_open_connections: c.peak_open_connections(),
+        first_seen: rfc3339_ms(c.first_seen_ms()),
+        last_seen: rfc3339_ms(c.last_seen_ms()),
+        active_seconds: c.active_seconds(),
         out_in_ratio: (t.bytes_in > 0).then(|| t.bytes_out as f64 / t.bytes_in as f64),
-        interval_mean_ms: c.gaps.mean_ms(),
-        interval_cv: c.gaps.cv(),
+        interval_mean_ms: c.gaps().mean_ms(),
+        interval_cv: c.gaps().cv(),
         windows: Window::ALL
             .iter()
-            .map(|w| (w.name().to_owned(), c.windows.get(now.secs(), *w).into()))
+            .map(|w| (w.name().to_owned(), c.windows().get(now.secs(), *w).into()))
             .collect(),
     }
 }
@@ -277,7 +277,7 @@ pub fn client_rows(agg: &Aggregator, q: &Query, now: Now) -> Vec<ClientRow> {
         .map(|(key, c)| {
             let group = match key.parse() {
                 Ok(ip) if grouped => agg.group(ip),
-                _ => key.clone(),
+                _ => key.to_owned(),
             };
             row(key, group, q.by, c, now)
         })

@@ -265,16 +265,16 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
     let mut rest = BTreeMap::new();
     let mut sketches = BTreeMap::new();
     for by in By::ALL {
-        let mut rows: Vec<(&String, Counts, u64)> = agg
+        let mut rows: Vec<(&str, Counts, u64)> = agg
             .table(by)
             .clients
             .iter()
             .filter_map(|(k, c)| {
-                let counts = c.windows.ten_seconds(period);
-                (!counts.is_zero() || c.open_connections > 0).then_some((
+                let counts = c.windows().ten_seconds(period);
+                (!counts.is_zero() || c.open_connections() > 0).then_some((
                     k,
                     counts,
-                    c.open_connections,
+                    c.open_connections(),
                 ))
             })
             .collect();
@@ -322,11 +322,11 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
             let c = &agg.table(by).clients[key];
             clients.push(ClientDelta {
                 by: by.name().to_owned(),
-                key: key.clone(),
+                key: key.to_owned(),
                 counts,
                 open_connections: open,
-                identity: c.last_identity.clone(),
-                forwarded: c.last_forwarded.map(|ip| ip.to_string()),
+                identity: c.last_identity().map(str::to_owned),
+                forwarded: c.last_forwarded().map(|ip| ip.to_string()),
             });
         }
         if !left.is_zero() {
