@@ -46,6 +46,31 @@ pub enum LeaseError {
     Ttl(Duration),
 }
 
+/// The stream of the key-value bucket `bucket`, made as async-nats' `create_key_value` makes
+/// it (history 1, direct gets), since that call cannot read nats-server 2.9's account
+/// information. `max_age` zero: values never expire.
+pub fn bucket_stream(
+    bucket: &str,
+    description: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
 /// The key of partition `p`'s lease.
 pub fn partition_key(p: u32) -> String {
     format!("{PARTITION}{p}")
@@ -196,20 +221,12 @@ impl Leases {
         // first asks for the account's JetStream info, whose answer from nats-server 2.9
         // (Debian bookworm's) async-nats 0.51 cannot parse.
         let stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: format!("KV_{bucket}"),
-                description: Some("sensor collectors' partition leases".into()),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: 1,
-                max_age: ttl,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas.max(1),
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: jetstream::stream::DiscardPolicy::New,
-                ..Default::default()
-            })
+            .get_or_create_stream(bucket_stream(
+                &bucket,
+                "sensor collectors' partition leases",
+                ttl,
+                replicas,
+            ))
             .await
             .map_err(|e| err("creating", &e))?;
         // The server drops a lease after the bucket's max_age, whatever the collectors

@@ -365,19 +365,12 @@ impl Group {
         // pointer must outlive its holder.
         let ckpt_bucket = format!("{}-ckpt", c.stream);
         let ckpt_stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: format!("KV_{ckpt_bucket}"),
-                description: Some("sensor collectors' checkpoint pointers".into()),
-                subjects: vec![format!("$KV.{ckpt_bucket}.>")],
-                max_messages_per_subject: 1,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: jetstream::stream::DiscardPolicy::New,
-                ..Default::default()
-            })
+            .get_or_create_stream(super::lease::bucket_stream(
+                &ckpt_bucket,
+                "sensor collectors' checkpoint pointers",
+                Duration::ZERO,
+                replicas,
+            ))
             .await
             .with_context(|| format!("creating the bucket `{ckpt_bucket}`"))?;
         let ckpt = js
