@@ -26,6 +26,7 @@ pub use alert::{
     TECHNIQUE_NAME, Technique, event_id,
 };
 pub use baseline::BaselineView;
+pub use ring::Candidate as RingCandidate;
 pub use rule::{Rule, RuleConfig, SEVERITIES};
 pub use signals::SignalConfig;
 pub use state::{DetectCounters, DetectorState};
@@ -41,6 +42,21 @@ use state::rfc3339;
 /// The ring rule's id and name (built in; `[detect.signals] rings` turns it off).
 pub const RING_RULE_ID: &str = "extraction-ring";
 const RING_RULE_NAME: &str = "Ring of keys extracting together";
+
+/// Where an evaluation's ring rule runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rings {
+    /// Over this aggregate (a host, a lone collector).
+    Here,
+    /// Elsewhere, over candidates gathered from several aggregates (a collector group's
+    /// partitions): `evaluate` leaves ring alerts alone, `evaluate_rings` drives them.
+    Gathered,
+}
+
+fn is_ring_slot(slot: &str) -> bool {
+    slot.strip_prefix(RING_RULE_ID)
+        .is_some_and(|rest| rest.starts_with('|'))
+}
 
 /// Detection settings (from `[detect]`).
 #[derive(Debug, Clone)]
@@ -255,6 +271,11 @@ impl Detector {
 
     /// Evaluates every rule over every key; returns what changed.
     pub fn evaluate(&mut self, agg: &Aggregator, now: Now) -> Vec<AlertEvent> {
+        self.evaluate_with(agg, now, Rings::Here)
+    }
+
+    /// Evaluates the rules, the ring rule only where `rings` says.
+    pub fn evaluate_with(&mut self, agg: &Aggregator, now: Now, rings: Rings) -> Vec<AlertEvent> {
         self.state.baseline.update(agg, now);
         self.state.counters.evaluations += 1;
         let active = ActiveAddresses::count(agg, now);
@@ -289,7 +310,7 @@ impl Detector {
                 }
             }
         }
-        if settings.signals.rings {
+        if settings.signals.rings && rings == Rings::Here {
             let allowed = |by: By, key: &str| settings.allowed(by, key, agg);
             let started = state.started_ms(now);
             for r in ring::find(agg, &behind, &allowed, &settings.signals, started, now) {
@@ -298,7 +319,58 @@ impl Detector {
                 events.extend(ring_matched(state, settings, slot, r, now));
             }
         }
-        events.extend(state.settle(&held, settings.resolve_after_ms, settings.suppress_ms, now));
+        // Ring alerts driven elsewhere are not this evaluation's to resolve.
+        let scope = |slot: &str| rings == Rings::Here || !is_ring_slot(slot);
+        events.extend(state.settle(
+            &held,
+            &scope,
+            settings.resolve_after_ms,
+            settings.suppress_ms,
+            now,
+        ));
+        events
+    }
+
+    /// This aggregate's ring candidates with their evidence, allow-listed keys left out
+    /// (none when the ring rule is off).
+    pub fn ring_candidates(&self, agg: &Aggregator, now: Now) -> Vec<RingCandidate> {
+        let settings = &self.settings;
+        if !settings.signals.rings {
+            return Vec::new();
+        }
+        let behind = IdentitiesBehind::count(agg, now);
+        let allowed = |by: By, key: &str| settings.allowed(by, key, agg);
+        let mut cands = ring::harvest(agg, &behind, &allowed, &settings.signals, now);
+        for c in &mut cands {
+            let stats = By::parse(&c.kind).and_then(|by| agg.table(by).clients.get(&c.key));
+            c.evidence = stats.map(|s| Evidence::of(s, now));
+        }
+        cands
+    }
+
+    /// The ring rule over candidates gathered from every partition (`Rings::Gathered`):
+    /// opens, updates and resolves ring alerts only.
+    pub fn evaluate_rings(&mut self, candidates: &[RingCandidate], now: Now) -> Vec<AlertEvent> {
+        let Self { settings, state } = self;
+        if !settings.signals.rings {
+            return Vec::new();
+        }
+        let started = state.started_ms(now);
+        let mut held = HashSet::new();
+        let mut events = Vec::new();
+        let none = |_: &RingCandidate| Evidence::default();
+        for r in ring::find_among(candidates, &none, &settings.signals, started) {
+            let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
+            held.insert(slot.clone());
+            events.extend(ring_matched(state, settings, slot, r, now));
+        }
+        events.extend(state.settle(
+            &held,
+            &is_ring_slot,
+            settings.resolve_after_ms,
+            settings.suppress_ms,
+            now,
+        ));
         events
     }
 
@@ -697,6 +769,80 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
         assert!(ring.tokens_per_minute >= 4000.0, "{ring:?}");
         assert_eq!(rings[0].key_kind, "ring");
         assert!(rings[0].key.starts_with("sync:"), "{}", rings[0].key);
+    }
+
+    /// A collector group: a ring whose 12 members fall three to a partition (below
+    /// `ring_min_members` in each) is found whole from the candidates the partitions report,
+    /// as one aggregate holding them all finds it; ring alerts are then driven by the
+    /// gathered evaluation alone.
+    #[test]
+    fn a_ring_spread_over_partitions_is_found_from_their_candidates() {
+        // Member `g(i)` of the farm: its address and start.
+        let farm = |agg: &mut Aggregator, n: u64, g: &dyn Fn(u64) -> u64| {
+            let ip = |i| {
+                let g = g(i);
+                format!("10.{}.0.{}", g % 3, g + 1)
+            };
+            keys(agg, n, ip, |i| 600 + g(i) * 5, 2, 3000, 60, 2000);
+        };
+        let mut whole = Aggregator::new(1000, 24, 56);
+        farm(&mut whole, 12, &|i| i);
+        let mut d = detector(Vec::new());
+        d.evaluate(&Aggregator::new(1000, 24, 56), at(0));
+        let expected: Vec<Alert> = d
+            .evaluate(&whole, at(2000))
+            .into_iter()
+            .map(|e| e.alert)
+            .filter(|a| a.rule_id == RING_RULE_ID)
+            .collect();
+        assert_eq!(expected.len(), 1, "{expected:#?}");
+
+        // Member i in partition i % 4.
+        let mut parts: Vec<(Detector, Aggregator)> = (0..4)
+            .map(|p: u64| {
+                let mut agg = Aggregator::new(1000, 24, 56);
+                farm(&mut agg, 3, &|i| i * 4 + p);
+                let mut d = detector(Vec::new());
+                d.evaluate(&Aggregator::new(1000, 24, 56), at(0));
+                (d, agg)
+            })
+            .collect();
+        let mut gathered = Vec::new();
+        for (d, agg) in &mut parts {
+            let alone = Detector::new(d.settings.clone(), d.state.clone()).evaluate(agg, at(2000));
+            assert!(alone.is_empty(), "3 members alone are no ring: {alone:#?}");
+            assert!(d.evaluate_with(agg, at(2000), Rings::Gathered).is_empty());
+            let cands = d.ring_candidates(agg, at(2000));
+            assert_eq!(cands.len(), 3);
+            // As they travel between collectors.
+            let wire = serde_json::to_vec(&cands).expect("json");
+            let back: Vec<RingCandidate> = serde_json::from_slice(&wire).expect("json");
+            assert_eq!(back, cands);
+            gathered.extend(back);
+        }
+        let (p0, agg0) = &mut parts[0];
+        let found = p0.evaluate_rings(&gathered, at(2000));
+        assert_eq!(found.len(), 1, "{found:#?}");
+        let (got, want) = (&found[0].alert, &expected[0]);
+        assert_eq!(found[0].event, EventKind::Open);
+        assert_eq!(got.key, want.key);
+        assert_eq!(got.evidence, want.evidence);
+        assert_eq!(got.explain, want.explain);
+        assert_eq!(
+            got.explain
+                .as_ref()
+                .and_then(|e| e.ring.as_ref())
+                .map(|r| r.member_count),
+            Some(12)
+        );
+
+        // The partition's own evaluations leave the ring alert alone, however long.
+        assert!(p0.evaluate_with(agg0, at(4000), Rings::Gathered).is_empty());
+        assert_eq!(p0.list().iter().filter(|a| a.is_open()).count(), 1);
+        // The gathered evaluation resolves it once the ring is gone.
+        let gone = p0.evaluate_rings(&[], at(4000));
+        assert_eq!(gone.len(), 1, "{gone:#?}");
+        assert_eq!(gone[0].event, EventKind::Resolve);
     }
 
     #[test]

@@ -25,11 +25,19 @@
 //! Alerts carry the ring (`explain.ring`): members, what they share, combined volume and the
 //! heaviest member's share. The ring key is its basis (`net:<group>` or `sync:<minute of the
 //! window's start>`) and its earliest member, stable while the ring runs.
+//!
+//! The rule runs in two steps: `harvest` turns the eligible keys of one aggregate into
+//! self-contained `Candidate`s, `find_among` links candidates into rings. On one host (and a
+//! lone collector) both run over the same aggregate; a collector group runs `harvest` in each
+//! partition and `find_among` once over the union, so a ring spread over partitions is found
+//! as a whole.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
 };
+
+use serde::{Deserialize, Serialize};
 
 use super::{
     alert::{Crossed, Evidence, RingInfo, WindowEvidence},
@@ -49,14 +57,25 @@ const COLD_START_MS: u64 = 300_000;
 /// Members listed in an alert.
 const MAX_LISTED: usize = 100;
 
-struct Member<'a> {
-    key: &'a str,
-    by: By,
-    stats: &'a ClientStats,
-    cell: (i64, i64),
-    group: Option<String>,
-    tokens_10m: f64,
-    persistent: bool,
+/// An eligible key, with everything the linking step needs (so it can travel between
+/// collectors).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub key: String,
+    /// The key's kind (`identity` or `address`).
+    pub kind: String,
+    pub first_seen_ms: u64,
+    /// The size match's log-scale cell of (mean request, mean reply) over the hour.
+    pub cell: (i64, i64),
+    /// The network of its latest source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub source: Option<IpAddr>,
+    pub tokens_10m: f64,
+    pub persistent: bool,
+    /// Its counters for the ring's evidence (left out where the aggregate is at hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
 }
 
 /// A ring found in one evaluation.
@@ -103,14 +122,14 @@ fn latest_source(by: By, key: &str, c: &ClientStats) -> Option<IpAddr> {
     }
 }
 
-fn eligible<'a>(
+fn eligible(
     agg: &Aggregator,
     by: By,
-    key: &'a str,
-    c: &'a ClientStats,
+    key: &str,
+    c: &ClientStats,
     cfg: &SignalConfig,
     now: Now,
-) -> Option<Member<'a>> {
+) -> Option<Candidate> {
     let t = c.windows().get(now.secs(), Window::OneHour);
     let ten = c.windows().get(now.secs(), Window::TenMinutes);
     let age_ms = now.unix_ms.saturating_sub(c.first_seen_ms());
@@ -126,19 +145,22 @@ fn eligible<'a>(
         (req.ln() / SHAPE_STEP).floor() as i64,
         (rep.ln() / SHAPE_STEP).floor() as i64,
     );
-    Some(Member {
-        key,
-        by,
-        stats: c,
+    let source = latest_source(by, key, c);
+    Some(Candidate {
+        key: key.to_owned(),
+        kind: by.name().to_owned(),
+        first_seen_ms: c.first_seen_ms(),
         cell,
-        group: latest_source(by, key, c).map(|ip| agg.group(ip)),
+        group: source.map(|ip| agg.group(ip)),
+        source,
         tokens_10m: signals::est_tokens(&ten),
         persistent: signals::duty(c, now, Window::OneHour) >= 0.8,
+        evidence: None,
     })
 }
 
 /// Components of the members in `idx` linked by matching shape (adjacent cells).
-fn shape_components(members: &[Member], idx: &[usize]) -> Vec<Vec<usize>> {
+fn shape_components(members: &[Candidate], idx: &[usize]) -> Vec<Vec<usize>> {
     let mut by_cell: HashMap<(i64, i64), Vec<usize>> = HashMap::new();
     for (pos, &i) in idx.iter().enumerate() {
         by_cell.entry(members[i].cell).or_default().push(pos);
@@ -161,7 +183,7 @@ fn shape_components(members: &[Member], idx: &[usize]) -> Vec<Vec<usize>> {
     comps.into_values().collect()
 }
 
-/// Candidate rings: by shared network, then by synchronized start, each split by shape.
+/// Rings among the keys of one aggregate.
 pub fn find(
     agg: &Aggregator,
     behind: &IdentitiesBehind,
@@ -170,6 +192,25 @@ pub fn find(
     started_ms: u64,
     now: Now,
 ) -> Vec<Ring> {
+    let members = harvest(agg, behind, allowed, cfg, now);
+    // Evidence only for the members of rings found (rare), straight from the aggregate.
+    let evidence = |m: &Candidate| {
+        By::parse(&m.kind)
+            .and_then(|by| agg.table(by).clients.get(&m.key))
+            .map(|c| Evidence::of(c, now))
+            .unwrap_or_default()
+    };
+    find_among(&members, &evidence, cfg, started_ms)
+}
+
+/// The eligible keys of one aggregate, allow-listed ones left out.
+pub fn harvest(
+    agg: &Aggregator,
+    behind: &IdentitiesBehind,
+    allowed: &dyn Fn(By, &str) -> bool,
+    cfg: &SignalConfig,
+    now: Now,
+) -> Vec<Candidate> {
     let mut members = Vec::new();
     for (key, c) in &agg.identities.clients {
         if let Some(m) = eligible(agg, By::Identity, key, c, cfg, now) {
@@ -185,24 +226,34 @@ pub fn find(
             members.push(m);
         }
     }
-    members.retain(|m| !allowed(m.by, m.key));
+    members.retain(|m| By::parse(&m.kind).is_none_or(|by| !allowed(by, &m.key)));
+    members
+}
+
+/// Rings among candidates: by synchronized start, then by shared network among those left,
+/// each split by shape. `evidence` gives a member's counters.
+pub fn find_among(
+    members: &[Candidate],
+    evidence: &dyn Fn(&Candidate) -> Evidence,
+    cfg: &SignalConfig,
+    started_ms: u64,
+) -> Vec<Ring> {
     let mut rings = Vec::new();
     let mut taken = vec![false; members.len()];
 
     // Synchronized starts: every window of SYNC_SPAN_MS starting at a member's start.
     let mut order: Vec<usize> = (0..members.len())
-        .filter(|&i| members[i].stats.first_seen_ms() >= started_ms.saturating_add(COLD_START_MS))
+        .filter(|&i| members[i].first_seen_ms >= started_ms.saturating_add(COLD_START_MS))
         .collect();
-    order.sort_by_key(|&i| members[i].stats.first_seen_ms());
+    order.sort_by_key(|&i| members[i].first_seen_ms);
     let mut end = 0;
     for (pos, &anchor) in order.iter().enumerate() {
         if taken[anchor] {
             continue;
         }
-        let first = members[anchor].stats.first_seen_ms();
+        let first = members[anchor].first_seen_ms;
         end = end.max(pos);
-        while end + 1 < order.len()
-            && members[order[end + 1]].stats.first_seen_ms() <= first + SYNC_SPAN_MS
+        while end + 1 < order.len() && members[order[end + 1]].first_seen_ms <= first + SYNC_SPAN_MS
         {
             end += 1;
         }
@@ -214,16 +265,16 @@ pub fn find(
         if run.len() < cfg.ring_min_members {
             continue;
         }
-        for comp in shape_components(&members, &run) {
+        for comp in shape_components(members, &run) {
             let spread = comp
                 .iter()
-                .map(|&i| members[i].stats.first_seen_ms())
+                .map(|&i| members[i].first_seen_ms)
                 .max()
                 .unwrap_or(first)
                 - first;
             let basis = format!("sync:{}", first / 60_000 * 60);
             let shared = format!("first seen within {} s of each other", spread / 1000);
-            if let Some(r) = ring(&members, &comp, basis, shared, cfg, now) {
+            if let Some(r) = ring(members, &comp, basis, shared, evidence, cfg) {
                 for &i in &comp {
                     taken[i] = true;
                 }
@@ -246,9 +297,16 @@ pub fn find(
         if idx.len() < cfg.ring_min_members {
             continue;
         }
-        for comp in shape_components(&members, &idx) {
+        for comp in shape_components(members, &idx) {
             let shared = format!("network {group}, each active in >= 80% of its minutes");
-            if let Some(r) = ring(&members, &comp, format!("net:{group}"), shared, cfg, now) {
+            if let Some(r) = ring(
+                members,
+                &comp,
+                format!("net:{group}"),
+                shared,
+                evidence,
+                cfg,
+            ) {
                 rings.push(r);
             }
         }
@@ -258,12 +316,12 @@ pub fn find(
 
 /// The ring of `comp`, if it is big enough and pulls enough together.
 fn ring(
-    members: &[Member],
+    members: &[Candidate],
     comp: &[usize],
     basis: String,
     shared: String,
+    evidence_of: &dyn Fn(&Candidate) -> Evidence,
     cfg: &SignalConfig,
-    now: Now,
 ) -> Option<Ring> {
     if comp.len() < cfg.ring_min_members {
         return None;
@@ -273,12 +331,17 @@ fn ring(
     if per_minute < cfg.ring_tokens_per_minute {
         return None;
     }
-    let mut sorted: Vec<&Member> = comp.iter().map(|&i| &members[i]).collect();
-    sorted.sort_by(|a, b| b.tokens_10m.total_cmp(&a.tokens_10m));
+    let mut sorted: Vec<&Candidate> = comp.iter().map(|&i| &members[i]).collect();
+    // Ties broken by key: the same ring lists the same members wherever it is found.
+    sorted.sort_by(|a, b| {
+        b.tokens_10m
+            .total_cmp(&a.tokens_10m)
+            .then_with(|| a.key.cmp(&b.key))
+    });
     let mut evidence = Evidence::default();
     let mut sources = std::collections::BTreeSet::new();
     for m in &sorted {
-        let e = Evidence::of(m.stats, now);
+        let e = m.evidence.unwrap_or_else(|| evidence_of(m));
         for (sum, one) in evidence.windows.iter_mut().zip(e.windows) {
             *sum = WindowEvidence {
                 requests: sum.requests + one.requests,
@@ -292,7 +355,7 @@ fn ring(
         evidence.connections_total += e.connections_total;
         evidence.open_connections += e.open_connections;
         evidence.peak_open_connections += e.peak_open_connections;
-        if let Some(ip) = latest_source(m.by, m.key, m.stats) {
+        if let Some(ip) = m.source {
             sources.insert(ip);
         }
     }
@@ -302,13 +365,13 @@ fn ring(
         ten.bytes_in / ten.requests.max(1.0),
         ten.bytes_out / ten.requests.max(1.0),
     );
-    let kinds: std::collections::BTreeSet<&str> = sorted.iter().map(|m| m.by.name()).collect();
+    let kinds: std::collections::BTreeSet<&str> = sorted.iter().map(|m| m.kind.as_str()).collect();
     let info = RingInfo {
         member_kind: kinds.into_iter().collect::<Vec<_>>().join(","),
         members: sorted
             .iter()
             .take(MAX_LISTED)
-            .map(|m| m.key.to_owned())
+            .map(|m| m.key.clone())
             .collect(),
         member_count: sorted.len() as u64,
         shared: vec![
@@ -345,8 +408,8 @@ fn ring(
     // network): the earliest member, which stays while the ring runs, tells them apart.
     let earliest = sorted
         .iter()
-        .min_by_key(|m| (m.stats.first_seen_ms(), m.key))
-        .map_or("", |m| m.key);
+        .min_by_key(|m| (m.first_seen_ms, &m.key))
+        .map_or("", |m| m.key.as_str());
     Some(Ring {
         key: format!("{basis}:{earliest}"),
         info,

@@ -143,18 +143,20 @@ impl DetectorState {
         }
     }
 
-    /// After an evaluation: forgets pending matches that no longer hold, resolves open alerts
-    /// whose conditions have not held for `resolve_after_ms` (then suppresses their slot for
-    /// `suppress_ms`), and bounds what is kept.
+    /// After an evaluation of the slots in `scope`: forgets pending matches that no longer
+    /// hold, resolves open alerts whose conditions have not held for `resolve_after_ms` (then
+    /// suppresses their slot for `suppress_ms`), and bounds what is kept.
     pub(super) fn settle(
         &mut self,
         held: &HashSet<String>,
+        scope: &dyn Fn(&str) -> bool,
         resolve_after_ms: u64,
         suppress_ms: u64,
         now: Now,
     ) -> Vec<AlertEvent> {
-        self.pending.retain(|slot, _| held.contains(slot));
-        let events = self.resolve_cleared(held, resolve_after_ms, suppress_ms, now);
+        self.pending
+            .retain(|slot, _| held.contains(slot) || !scope(slot));
+        let events = self.resolve_cleared(held, scope, resolve_after_ms, suppress_ms, now);
         self.suppressed_until.retain(|_, t| *t > now.unix_ms);
         self.prune_resolved();
         events
@@ -163,6 +165,7 @@ impl DetectorState {
     fn resolve_cleared(
         &mut self,
         held: &HashSet<String>,
+        scope: &dyn Fn(&str) -> bool,
         resolve_after_ms: u64,
         suppress_ms: u64,
         now: Now,
@@ -170,7 +173,7 @@ impl DetectorState {
         let mut events = Vec::new();
         let mut resolved = Vec::new();
         for (slot, id) in &self.open {
-            if held.contains(slot) {
+            if held.contains(slot) || !scope(slot) {
                 continue;
             }
             // An open slot without its alert has nothing to resolve: just close the slot.
