@@ -418,6 +418,7 @@ impl Collector {
             lost: n("lost")?,
             released: n("released")?,
             checkpoints: n("checkpoints")?,
+            ring_rounds: n("ring_rounds")?,
         })
     }
 
@@ -442,6 +443,8 @@ struct Partitions {
     lost: u64,
     released: u64,
     checkpoints: u64,
+    /// Complete rounds of the ring rule over every partition (run by partition 0's holder).
+    ring_rounds: u64,
 }
 
 /// One inference host: a cgroup, an nginx on its own port, an agent shipping to JetStream as
@@ -1088,9 +1091,14 @@ fn collectors_share_partitions_and_take_over_from_a_killed_one() {
     // Both collectors name the same SIEM: the holder of partition 0 forwards the alerts
     // stream to it, whichever collector that is at the time.
     let rsyslog = Rsyslog::start(&tmp.path, "rsyslog", listen_port(), None, None);
+    // A fleet rule the heavy client crosses in phase 2, around c2's kill: its alert must
+    // reach the SIEM too, once by id, whoever merged it.
     let outputs = format!(
         "[[outputs]]\ntype = \"syslog\"\nname = \"siem\"\naddress = \"127.0.0.1:{}\"\n\
-         protocol = \"tcp\"\nretry_max_secs = 1\n",
+         protocol = \"tcp\"\nretry_max_secs = 1\n\n\
+         [[detect.rules]]\nid = \"fleet-heavy\"\nname = \"Heavy across the fleet\"\n\
+         keys = [\"address\"]\nseverity = \"high\"\n\
+         when = [{{ metric = \"requests\", window = \"1h\", op = \">=\", value = 60 }}]\n",
         rsyslog.tcp_port
     );
     let c1 = Collector::start(
@@ -1371,10 +1379,66 @@ fn collectors_share_partitions_and_take_over_from_a_killed_one() {
             Ok(())
         },
     );
+    // The fleet rule's alert: one, on the heavy client (3 hosts x 21 requests by the end of
+    // phase 2; a light client makes 42 in all), the same in both views, and its opening in
+    // the SIEM, from whichever collector merged it.
+    let fleet = wait_for(
+        "the fleet rule's alert in both views",
+        Duration::from_secs(60),
+        || {
+            let (a1, a2) = (
+                fleet_alert_ids(&c1, "fleet-heavy")?,
+                fleet_alert_ids(&c2, "fleet-heavy")?,
+            );
+            if a1.len() == 1 && a1 == a2 {
+                Ok(a1[0].clone())
+            } else {
+                Err(format!("c1 {a1:?}, c2 {a2:?}"))
+            }
+        },
+    );
+    assert!(fleet.contains(&format!(":{heavy}:")), "{fleet}");
+    wait_for(
+        "the fleet alert's opening in rsyslog",
+        Duration::from_secs(60),
+        || {
+            let ids = rsyslog.ids();
+            let open: Vec<&String> = ids
+                .iter()
+                .filter(|id| id.starts_with(&format!("{fleet}:open:")))
+                .collect();
+            if open.is_empty() {
+                Err(format!("not in {ids:?}"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    // The ring rule ran over every partition's candidates after the last move.
+    let rounds = |c: &Collector| c.partitions().map(|p| p.ring_rounds).unwrap_or(0);
+    let before = rounds(&c1) + rounds(&c2);
+    wait_for(
+        "a complete round of the ring rule over every partition",
+        Duration::from_secs(30),
+        || {
+            let now = rounds(&c1) + rounds(&c2);
+            if now > before {
+                Ok(())
+            } else {
+                Err(format!("{now} rounds"))
+            }
+        },
+    );
     let ids = rsyslog.ids();
     let distinct: BTreeSet<&String> = ids.iter().collect();
     let twice = ids.len() - distinct.len();
     eprintln!("rsyslog: {} events, {twice} sent twice", distinct.len());
+    // Sent twice or not, no alert was opened twice under two ids: one opening per alert id.
+    let openings: Vec<&&String> = distinct
+        .iter()
+        .filter(|id| id.starts_with("fleet-heavy:") && id.contains(":open:"))
+        .collect();
+    assert_eq!(openings.len(), 1, "{openings:?}");
     // The collectors' and agents' permissions were enough, and nobody tried more.
     for n in &nodes {
         let log = n.log_text();

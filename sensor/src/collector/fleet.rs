@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    detect::{Alert, AlertEvent, Detector, DetectorState},
+    detect::{Alert, AlertEvent, Detector, DetectorState, Rings},
     model::aggregate::{Aggregator, Now},
     model::keys::By,
     ship::{
@@ -226,10 +226,10 @@ impl FleetState {
         }
     }
 
-    /// Runs the fleet rules.
-    pub fn evaluate(&mut self, detector: &mut Detector, now: Now) -> Vec<AlertEvent> {
+    /// Runs the fleet rules (the ring rule where `rings` says).
+    pub fn evaluate(&mut self, detector: &mut Detector, now: Now, rings: Rings) -> Vec<AlertEvent> {
         self.refresh_open(now);
-        detector.evaluate(&self.agg, now)
+        detector.evaluate_with(&self.agg, now, rings)
     }
 
     /// Fleet alerts and the agents' alerts, open first, then newest.

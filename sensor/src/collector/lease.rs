@@ -482,6 +482,7 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collector::testnats::NatsServer;
 
     fn view(owners: &[(u32, &str)], members: &[&str]) -> View {
         View {
@@ -614,12 +615,7 @@ mod tests {
     /// could still have been merging them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn leases_move_to_the_survivor_against_a_real_server() {
-        let Some(server) = NatsServer::start() else {
-            assert!(
-                std::env::var_os("SENSOR_REQUIRE_NATS").is_none(),
-                "SENSOR_REQUIRE_NATS is set but nats-server is not installed"
-            );
-            eprintln!("skipped: no nats-server");
+        let Some(server) = NatsServer::start_or_skip("sensor-lease") else {
             return;
         };
         let ttl = Duration::from_secs(6);
@@ -682,53 +678,5 @@ mod tests {
         c1.release_all().await.expect("leave");
         c2.release_all().await.expect("leave");
         assert_eq!(c2.view().await.expect("view"), View::default());
-    }
-
-    /// A nats-server with JetStream on a free port, its store in a temporary directory;
-    /// killed when dropped.
-    struct NatsServer {
-        child: std::process::Child,
-        dir: std::path::PathBuf,
-        url: String,
-    }
-
-    impl NatsServer {
-        fn start() -> Option<Self> {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .ok()?
-                .local_addr()
-                .ok()?
-                .port();
-            let dir =
-                std::env::temp_dir().join(format!("sensor-lease-{}-{port}", std::process::id()));
-            let child = std::process::Command::new("nats-server")
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-                .arg(&dir)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .ok()?;
-            let server = Self {
-                child,
-                dir,
-                url: format!("nats://127.0.0.1:{port}"),
-            };
-            let ready = Instant::now();
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                if ready.elapsed() > Duration::from_secs(10) {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Some(server)
-        }
-    }
-
-    impl Drop for NatsServer {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }

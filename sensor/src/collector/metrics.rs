@@ -182,6 +182,22 @@ fn partitions(out: &mut Exposition, g: &super::partitioned::Status) {
         ]
         .map(|(result, n)| ([("result", result)], n)),
     );
+    out.counter(
+        "sensor_collector_ring_rounds_total",
+        "Rounds of the ring rule over every partition's candidates run by this collector \
+         (while it holds partition 0): complete, or incomplete (a partition did not answer in \
+         full; nothing was judged).",
+        [
+            ("complete", c(&g.rings.rounds)),
+            ("incomplete", c(&g.rings.incomplete)),
+        ]
+        .map(|(result, n)| ([("result", result)], n)),
+    );
+    out.gauge(
+        "sensor_collector_ring_candidates",
+        "Ring candidates gathered from every partition in the last complete round.",
+        [(NO_LABELS, c(&g.rings.candidates))],
+    );
     let mut tracked = Vec::new();
     for (p, shared) in g.states() {
         if let Ok(n) = shared.with_fleet(|f| f.state.agg.addresses.clients.len() as u64) {

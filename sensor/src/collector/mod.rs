@@ -21,8 +21,11 @@ pub mod lease;
 pub mod metrics;
 pub mod nats;
 pub mod partitioned;
+pub mod rings;
 pub mod server;
 pub mod shared;
+#[cfg(test)]
+mod testnats;
 
 use std::{
     fs::{File, OpenOptions},
@@ -272,7 +275,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
             _ = detect.tick(), if !partitioned => {
                 let events = shared.with_fleet(|f| {
                     let Fleet { state, detector, outputs, .. } = f;
-                    let events = state.evaluate(detector, Now::system());
+                    let events = state.evaluate(detector, Now::system(), crate::detect::Rings::Here);
                     outputs.publish(&events);
                     events
                 })?;

@@ -43,10 +43,11 @@ use super::{
     config::CollectorConfig,
     lease::Leases,
     nats::{Ended, HotPublisher, Source, TIMEOUT},
+    rings,
     shared::{SNAPSHOT_VERSION, Shared, Snapshot},
 };
 use crate::{
-    detect::{Alert, Detector, DetectorState},
+    detect::{Alert, Detector, DetectorState, RingCandidate, Rings},
     formats::Record,
     model::{
         aggregate::Now,
@@ -74,6 +75,8 @@ pub struct Status {
     pub checkpoint_failures: AtomicU64,
     /// The alert forwarder's counters (while this collector holds partition 0).
     pub forwarder: Arc<alerts::ForwardCounters>,
+    /// The ring rule's rounds over every partition (while this collector holds partition 0).
+    pub rings: Arc<rings::RingCounters>,
     stop: tokio::sync::watch::Sender<bool>,
     stopped: tokio::sync::watch::Sender<bool>,
 }
@@ -91,30 +94,39 @@ pub enum GatherError {
 
 /// A view request to a partition's holder.
 #[derive(Debug, Serialize, Deserialize)]
-struct ViewRequest {
-    /// `clients` or `alerts`.
-    what: String,
+pub(super) struct ViewRequest {
+    /// `clients`, `alerts` or `ring-candidates`.
+    pub what: String,
     /// The `/v1/clients` query string.
     #[serde(default)]
-    query: String,
+    pub query: String,
+    /// Ring candidates: the round and the page (the index of its first candidate).
+    #[serde(default)]
+    pub round: u64,
+    #[serde(default)]
+    pub page: usize,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct ViewAnswer {
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(super) struct ViewAnswer {
     #[serde(default)]
-    rows: Vec<ClientRow>,
+    pub rows: Vec<ClientRow>,
     #[serde(default)]
-    alerts: Vec<Alert>,
+    pub alerts: Vec<Alert>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<RingCandidate>,
+    /// Ring candidates: where the next page starts, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_page: Option<usize>,
     #[serde(default)]
-    error: String,
+    pub error: String,
 }
 
 impl ViewAnswer {
-    fn error(error: String) -> Self {
+    pub(super) fn error(error: String) -> Self {
         Self {
-            rows: Vec::new(),
-            alerts: Vec::new(),
             error,
+            ..Self::default()
         }
     }
 }
@@ -149,6 +161,9 @@ impl Status {
             "alerts_forwarded": n(&self.forwarder.forwarded),
             "alerts_unreadable": n(&self.forwarder.unreadable),
             "alerts_missing": n(&self.forwarder.missing),
+            "ring_rounds": n(&self.rings.rounds),
+            "ring_rounds_incomplete": n(&self.rings.incomplete),
+            "ring_candidates": n(&self.rings.candidates),
         })
     }
 
@@ -159,7 +174,7 @@ impl Status {
         let _ = tokio::time::timeout(Duration::from_secs(10), stopped.wait_for(|s| *s)).await;
     }
 
-    async fn ask(&self, request: &ViewRequest) -> Result<Vec<ViewAnswer>, GatherError> {
+    async fn ask_all(&self, request: &ViewRequest) -> Result<Vec<ViewAnswer>, GatherError> {
         let client = self
             .client
             .lock()
@@ -168,34 +183,30 @@ impl Status {
             .ok_or(GatherError::NotConnected)?;
         let body =
             serde_json::to_vec(request).map_err(|e| GatherError::Unreadable(0, e.to_string()))?;
-        let asks = (0..self.count).map(|p| {
-            let client = client.clone();
-            let subject = view_subject(&self.prefix, p);
-            let body = body.clone();
-            async move {
-                let answer =
-                    tokio::time::timeout(VIEW_TIMEOUT, client.request(subject, body.into()))
-                        .await
-                        .map_err(|_| GatherError::Unanswered(p, "timed out".into()))?
-                        .map_err(|e| GatherError::Unanswered(p, e.to_string()))?;
-                let answer: ViewAnswer = serde_json::from_slice(&answer.payload)
-                    .map_err(|e| GatherError::Unreadable(p, e.to_string()))?;
-                if !answer.error.is_empty() {
-                    return Err(GatherError::Unreadable(p, answer.error));
-                }
-                Ok(answer)
-            }
-        });
+        let asks = (0..self.count).map(|p| ask(&client, &self.prefix, p, body.clone()));
         futures_util::future::try_join_all(asks).await
+    }
+
+    /// The connection view requests go through, and the subjects' prefix.
+    pub(super) fn asker(&self) -> Result<(async_nats::Client, &str), GatherError> {
+        let client = self
+            .client
+            .lock()
+            .ok()
+            .and_then(|c| c.clone())
+            .ok_or(GatherError::NotConnected)?;
+        Ok((client, &self.prefix))
     }
 
     /// `/v1/clients` over the whole fleet: each partition's top for `q` (keys are disjoint
     /// across partitions, so the top of their union is the fleet's top).
     pub async fn clients(&self, q: &Query, query: &str) -> Result<Vec<ClientRow>, GatherError> {
         let answers = self
-            .ask(&ViewRequest {
+            .ask_all(&ViewRequest {
                 what: "clients".into(),
                 query: query.to_owned(),
+                round: 0,
+                page: 0,
             })
             .await?;
         let mut rows: Vec<ClientRow> = answers.into_iter().flat_map(|a| a.rows).collect();
@@ -206,9 +217,11 @@ impl Status {
     /// `/v1/alerts` over the whole fleet: open first, newest first, as one collector lists them.
     pub async fn alerts(&self) -> Result<Vec<Alert>, GatherError> {
         let answers = self
-            .ask(&ViewRequest {
+            .ask_all(&ViewRequest {
                 what: "alerts".into(),
                 query: String::new(),
+                round: 0,
+                page: 0,
             })
             .await?;
         let mut v: Vec<Alert> = answers.into_iter().flat_map(|a| a.alerts).collect();
@@ -219,6 +232,26 @@ impl Status {
         });
         Ok(v)
     }
+}
+
+/// One view request to partition `p`'s holder; an answer that is an error is one.
+pub(super) async fn ask(
+    client: &async_nats::Client,
+    prefix: &str,
+    p: u32,
+    body: Vec<u8>,
+) -> Result<ViewAnswer, GatherError> {
+    let subject = view_subject(prefix, p);
+    let answer = tokio::time::timeout(VIEW_TIMEOUT, client.request(subject, body.into()))
+        .await
+        .map_err(|_| GatherError::Unanswered(p, "timed out".into()))?
+        .map_err(|e| GatherError::Unanswered(p, e.to_string()))?;
+    let answer: ViewAnswer = serde_json::from_slice(&answer.payload)
+        .map_err(|e| GatherError::Unreadable(p, e.to_string()))?;
+    if !answer.error.is_empty() {
+        return Err(GatherError::Unreadable(p, answer.error));
+    }
+    Ok(answer)
 }
 
 /// Where partition `p`'s holder answers view requests.
@@ -299,6 +332,7 @@ impl Group {
             checkpoints: AtomicU64::new(0),
             checkpoint_failures: AtomicU64::new(0),
             forwarder: Arc::default(),
+            rings: Arc::default(),
             stop,
             stopped,
         });
@@ -531,7 +565,8 @@ impl Group {
                 _ = detect.tick() => {
                     for part in parts.values() {
                         let events = part.shared.with_fleet(|f| {
-                            let events = f.state.evaluate(&mut f.detector, Now::system());
+                            // Rings span partitions: partition 0's holder runs them (`rings`).
+                            let events = f.state.evaluate(&mut f.detector, Now::system(), Rings::Gathered);
                             let records: Vec<Record> = events.iter().map(Record::new).collect();
                             f.forward(&records, alerts::Source::Fleet);
                             events
@@ -677,6 +712,17 @@ impl Group {
             )
         });
         if p == 0 {
+            tasks.push(tokio::spawn(rings::run(rings::Round {
+                status: self.status.clone(),
+                p0: shared.clone(),
+                valid: valid.clone(),
+                every: Duration::from_secs(self.config.detect.interval_secs),
+                alerts_path: crate::alerting::alerts_path(
+                    &self.config.detect,
+                    &self.config.state.dir,
+                ),
+                front: self.front.clone(),
+            })));
             tasks.push(tokio::spawn(alerts::forward(
                 stores.alerts.clone(),
                 format!("{}-alerts", self.config.nats.consumer),
@@ -839,7 +885,7 @@ fn chunk_key(name: &str, i: usize) -> String {
 /// Until when this collector may merge each partition it holds: moved on by every renewal,
 /// read by the partition's consumer before each merge.
 #[derive(Default)]
-pub struct ValidUntil(Mutex<BTreeMap<u32, Instant>>);
+pub(super) struct ValidUntil(Mutex<BTreeMap<u32, Instant>>);
 
 impl ValidUntil {
     pub fn valid(&self, p: u32) -> bool {
@@ -1052,6 +1098,9 @@ async fn serve_view(
             return;
         }
     };
+    let mut pages = rings::Pages::default();
+    // Candidates fill half a message: the rest is the envelope and headroom.
+    let budget = serving.max_payload / 2;
     while let Some(msg) = sub.next().await {
         let Some(reply) = msg.reply else { continue };
         let merged = shared.nats_seq().unwrap_or(0);
@@ -1064,6 +1113,13 @@ async fn serve_view(
             ))
         } else {
             match serde_json::from_slice::<ViewRequest>(&msg.payload) {
+                Ok(r) if r.what == rings::WHAT => pages.answer(&r, budget, || {
+                    let now = Now::system();
+                    shared.with_fleet(|f| {
+                        f.state.refresh_open(now);
+                        f.detector.ring_candidates(&f.state.agg, now)
+                    })
+                }),
                 Ok(r) => view(&shared, &r),
                 Err(e) => ViewAnswer::error(format!("unreadable request: {e}")),
             }
@@ -1085,11 +1141,7 @@ async fn serve_view(
 }
 
 fn view(shared: &Shared, r: &ViewRequest) -> ViewAnswer {
-    let mut answer = ViewAnswer {
-        rows: Vec::new(),
-        alerts: Vec::new(),
-        error: String::new(),
-    };
+    let mut answer = ViewAnswer::default();
     let now = Now::system();
     let result = match r.what.as_str() {
         "clients" => match Query::parse(&r.query) {
