@@ -61,9 +61,50 @@ pub fn requests_to(port: u16, source: &str, n: usize) -> Vec<Transfer> {
 /// 120 a minute per host, 360 over three hosts: past a hot threshold of 150 only summed
 /// over the fleet) and 1 every other round from a quiet one (about 90 a minute over three
 /// hosts: below it).
-pub struct ThinTraffic {
+pub struct ThinTraffic(Traffic);
+
+/// Traffic in the background, one driver thread per nginx port: `round(port, n)` every
+/// `every` (round n = 0, 1, ...) until stopped.
+pub struct Traffic {
     stop: Arc<AtomicBool>,
     drivers: Vec<JoinHandle<Vec<Transfer>>>,
+}
+
+impl Traffic {
+    pub fn start<F>(ports: &[u16], every: Duration, round: F) -> Self
+    where
+        F: Fn(u16, u64) -> Vec<Transfer> + Clone + Send + 'static,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let drivers = ports
+            .iter()
+            .map(|&port| {
+                let stop = stop.clone();
+                let round = round.clone();
+                std::thread::spawn(move || {
+                    let mut all = Vec::new();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let started = Instant::now();
+                        all.extend(round(port, n));
+                        n += 1;
+                        std::thread::sleep(every.saturating_sub(started.elapsed()));
+                    }
+                    all
+                })
+            })
+            .collect();
+        Self { stop, drivers }
+    }
+
+    /// Stops after the current round; each port's transfers, in `start`'s order.
+    pub fn stop(self) -> Vec<Vec<Transfer>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.drivers
+            .into_iter()
+            .map(|d| d.join().expect("traffic driver"))
+            .collect()
+    }
 }
 
 impl ThinTraffic {
@@ -91,42 +132,26 @@ impl ThinTraffic {
     }
 
     pub fn start(ports: &[u16]) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let drivers = ports
-            .iter()
-            .map(|&port| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    let mut all = Vec::new();
-                    let mut round = 0u64;
-                    while !stop.load(Ordering::SeqCst) {
-                        let started = Instant::now();
-                        for heavy in Self::HEAVY {
-                            all.extend(requests_to(port, heavy, 6));
-                        }
-                        all.extend(requests_to(port, Self::THIN, 2));
-                        if round.is_multiple_of(2) {
-                            all.extend(requests_to(port, Self::QUIET, 1));
-                        }
-                        round += 1;
-                        std::thread::sleep(
-                            Duration::from_secs(1).saturating_sub(started.elapsed()),
-                        );
-                    }
-                    all
-                })
-            })
-            .collect();
-        Self { stop, drivers }
+        Self(Traffic::start(
+            ports,
+            Duration::from_secs(1),
+            |port, round| {
+                let mut all = Vec::new();
+                for heavy in Self::HEAVY {
+                    all.extend(requests_to(port, heavy, 6));
+                }
+                all.extend(requests_to(port, Self::THIN, 2));
+                if round.is_multiple_of(2) {
+                    all.extend(requests_to(port, Self::QUIET, 1));
+                }
+                all
+            },
+        ))
     }
 
     /// Stops after the current round; each host's transfers, in `start`'s order.
     pub fn stop(self) -> Vec<Vec<Transfer>> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.drivers
-            .into_iter()
-            .map(|d| d.join().expect("traffic driver"))
-            .collect()
+        self.0.stop()
     }
 
     /// The thin client's fleet row and the fleet alert on it, once both exist.

@@ -16,11 +16,14 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sensor_tests::{
-    fleet::{ThinTraffic, fleet_row, fleet_truth, partition_of, sources_by_partition},
+    fleet::{
+        ThinTraffic, Traffic, fleet_row, fleet_truth, partition_of, requests_to,
+        sources_by_partition,
+    },
     siem::*,
     *,
 };
@@ -360,6 +363,20 @@ impl Collector {
             return Err(format!("curl {path}: {}", out.status));
         }
         serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// `/metrics` (Prometheus text).
+    fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-s", "-f", "--max-time", "10", "--cacert"])
+            .arg(&self.ca)
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {READER_TOKEN}"))
+            .arg(format!("{}/metrics", self.url()))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "curl /metrics: {}", out.status);
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn health(&self) -> Value {
@@ -1122,9 +1139,27 @@ fn collectors_share_partitions_and_take_over_from_a_killed_one() {
         .iter()
         .map(|u| Host::start_with(&tmp.path, u.agent, u, &urls, &certs.ca, &ship))
         .collect();
-    // Two client addresses in each partition, each sending to every host.
-    let sources = sources_by_partition(P, 2);
-    let all: Vec<&str> = sources.iter().flatten().map(String::as_str).collect();
+    // Two client addresses in each partition, each sending to every host in phases; a third
+    // in each sends in the background all along (a request every 6 s to each host: below the
+    // agents' rule, past the fleet rule after two minutes), through both kills and restarts.
+    let sources = sources_by_partition(P, 3);
+    let all: Vec<&str> = sources
+        .iter()
+        .flat_map(|s| &s[..2])
+        .map(String::as_str)
+        .collect();
+    let background: Vec<String> = sources.iter().map(|s| s[2].clone()).collect();
+    let ports: Vec<u16> = hosts.iter().map(|h| h.port).collect();
+    let traffic_started = Instant::now();
+    let traffic = {
+        let background = background.clone();
+        Traffic::start(&ports, Duration::from_secs(6), move |port, _| {
+            background
+                .iter()
+                .flat_map(|s| requests_to(port, s, 1))
+                .collect()
+        })
+    };
     let mut transfers: Vec<Vec<Transfer>> = hosts.iter().map(|_| Vec::new()).collect();
     let send = |transfers: &mut Vec<Vec<Transfer>>, from: &[&str], n: usize| {
         for (h, t) in hosts.iter().zip(transfers.iter_mut()) {
@@ -1263,6 +1298,23 @@ fn collectors_share_partitions_and_take_over_from_a_killed_one() {
     wait_fleet_equals(&c2, &truth);
     wait_fleet_equals(&c1, &truth);
 
+    // Traffic over several minutes: the background goes on to three minutes, then stops;
+    // both views count all of it, exactly.
+    std::thread::sleep(Duration::from_secs(180).saturating_sub(traffic_started.elapsed()));
+    for (t, b) in transfers.iter_mut().zip(traffic.stop()) {
+        t.extend(b);
+    }
+    let truth = parts(&transfers);
+    for b in &background {
+        assert!(
+            truth[b.as_str()].2 >= 3 * 25,
+            "{b}: {:?}",
+            truth[b.as_str()]
+        );
+    }
+    wait_fleet_equals(&c2, &truth);
+    wait_fleet_equals(&c1, &truth);
+
     // Every agent alert (the heavy client on each host, and any other) in both views, each
     // agent's alert once.
     let alerts = wait_for(
@@ -1379,38 +1431,41 @@ fn collectors_share_partitions_and_take_over_from_a_killed_one() {
             Ok(())
         },
     );
-    // The fleet rule's alert: one, on the heavy client (3 hosts x 21 requests by the end of
-    // phase 2; a light client makes 42 in all), the same in both views, and its opening in
+    // The fleet rule's alerts: one on the heavy client (3 hosts x 21 requests by the end of
+    // phase 2, around c2's kill; a light client makes 42 in all) and one on each background
+    // client (past 60 after two minutes), the same in both views, and each one's opening in
     // the SIEM, from whichever collector merged it.
+    let mut keyed: Vec<String> = background.iter().map(|b| format!(":{b}:")).collect();
+    keyed.push(format!(":{heavy}:"));
     let fleet = wait_for(
-        "the fleet rule's alert in both views",
+        "the fleet rule's alerts in both views",
         Duration::from_secs(60),
         || {
             let (a1, a2) = (
                 fleet_alert_ids(&c1, "fleet-heavy")?,
                 fleet_alert_ids(&c2, "fleet-heavy")?,
             );
-            if a1.len() == 1 && a1 == a2 {
-                Ok(a1[0].clone())
+            let one_each = keyed
+                .iter()
+                .all(|k| a1.iter().filter(|id| id.contains(k.as_str())).count() == 1);
+            if one_each && a1.len() == keyed.len() && a1 == a2 {
+                Ok(a1)
             } else {
                 Err(format!("c1 {a1:?}, c2 {a2:?}"))
             }
         },
     );
-    assert!(fleet.contains(&format!(":{heavy}:")), "{fleet}");
     wait_for(
-        "the fleet alert's opening in rsyslog",
+        "each fleet alert's opening in rsyslog",
         Duration::from_secs(60),
         || {
             let ids = rsyslog.ids();
-            let open: Vec<&String> = ids
+            match fleet
                 .iter()
-                .filter(|id| id.starts_with(&format!("{fleet}:open:")))
-                .collect();
-            if open.is_empty() {
-                Err(format!("not in {ids:?}"))
-            } else {
-                Ok(())
+                .find(|f| !ids.iter().any(|id| id.starts_with(&format!("{f}:open:"))))
+            {
+                Some(f) => Err(format!("{f} not in {ids:?}")),
+                None => Ok(()),
             }
         },
     );
@@ -1429,16 +1484,48 @@ fn collectors_share_partitions_and_take_over_from_a_killed_one() {
             }
         },
     );
+    // The collectors' own metrics show the failovers: c1 took c2's partitions over (more
+    // than its own two) and released two back; c2 (restarted) took two; their exposition
+    // agrees with their health.
+    for c in [&c1, &c2] {
+        let p = c.partitions().unwrap_or_else(|e| panic!("{e}"));
+        let text = c.metrics();
+        for (event, n) in [
+            ("taken", p.taken),
+            ("lost", p.lost),
+            ("released", p.released),
+        ] {
+            let line = format!("sensor_collector_partition_changes_total{{event=\"{event}\"}} {n}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{}: no `{line}` in\n{text}",
+                p.instance
+            );
+        }
+        let held = format!("sensor_collector_partitions_held {}", p.held.len());
+        assert!(
+            text.lines().any(|l| l == held),
+            "{}: no `{held}`",
+            p.instance
+        );
+        assert!(text.contains("sensor_collector_ring_rounds_total{result=\"complete\"}"));
+    }
+    let (p1, p2) = (
+        c1.partitions().unwrap_or_else(|e| panic!("{e}")),
+        c2.partitions().unwrap_or_else(|e| panic!("{e}")),
+    );
+    assert!(p1.taken >= 4 && p1.released >= 2, "c1: {p1:?}");
+    assert!(p2.taken >= 2, "c2 after its restart: {p2:?}");
     let ids = rsyslog.ids();
     let distinct: BTreeSet<&String> = ids.iter().collect();
     let twice = ids.len() - distinct.len();
     eprintln!("rsyslog: {} events, {twice} sent twice", distinct.len());
-    // Sent twice or not, no alert was opened twice under two ids: one opening per alert id.
+    // Sent twice or not, no client's alert was opened twice under two ids.
     let openings: Vec<&&String> = distinct
         .iter()
         .filter(|id| id.starts_with("fleet-heavy:") && id.contains(":open:"))
         .collect();
-    assert_eq!(openings.len(), 1, "{openings:?}");
+    assert_eq!(openings.len(), keyed.len(), "{openings:?}");
     // The collectors' and agents' permissions were enough, and nobody tried more.
     for n in &nodes {
         let log = n.log_text();

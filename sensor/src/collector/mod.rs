@@ -13,6 +13,7 @@ pub mod alerts;
 pub mod bench;
 pub mod budget;
 pub mod certname;
+pub mod ckpt;
 pub mod config;
 pub mod counters;
 pub mod fleet;

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     alerts::{self, AlertStream},
+    ckpt,
     config::CollectorConfig,
     lease::Leases,
     nats::{Ended, HotPublisher, Source, TIMEOUT},
@@ -300,6 +301,17 @@ struct Stores {
     /// `<stream>-alerts`, and this collector's publisher into it.
     alerts: jetstream::stream::Stream,
     publisher: Arc<AlertStream>,
+}
+
+impl Stores {
+    fn chunks(&self) -> ckpt::Chunks<'_> {
+        ckpt::Chunks {
+            kv: &self.ckpt,
+            stream: &self.ckpt_stream,
+            bucket: &self.ckpt_bucket,
+            size: self.chunk,
+        }
+    }
 }
 
 impl Group {
@@ -745,20 +757,9 @@ impl Group {
         stores: &Stores,
         pointer: &str,
     ) -> anyhow::Result<(super::fleet::FleetState, DetectorState)> {
-        let (name, chunks) = parse_pointer(pointer)
+        let (name, chunks) = ckpt::parse_pointer(pointer)
             .with_context(|| format!("the checkpoint pointer `{pointer}` is unreadable"))?;
-        let mut gz = Vec::new();
-        for i in 0..chunks {
-            let key = chunk_key(name, i);
-            let entry = stores
-                .ckpt
-                .entry(key.clone())
-                .await
-                .with_context(|| format!("reading {key}"))?
-                .filter(|e| e.operation == kv::Operation::Put)
-                .with_context(|| format!("the checkpoint chunk {key} is missing"))?;
-            gz.extend_from_slice(&entry.value);
-        }
+        let gz = stores.chunks().read(name, chunks).await?;
         let mut json = Vec::new();
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_end(&mut json)
@@ -771,18 +772,6 @@ impl Group {
             s.version
         );
         Ok((s.fleet, s.detector))
-    }
-
-    /// Deletes a checkpoint's chunks (after the pointer moved past it).
-    /// A stream purge by subject removes the messages outright: a key-value purge would
-    /// leave a tombstone per chunk, forever (every checkpoint's name is new).
-    async fn drop_chunks(stores: &Stores, pointer: &str) {
-        if let Some((name, _)) = parse_pointer(pointer) {
-            let subject = format!("$KV.{}.chunk.{name}.>", stores.ckpt_bucket);
-            if let Err(e) = stores.ckpt_stream.purge().filter(subject).await {
-                log::debug!("deleting the checkpoint `{name}`: {e}");
-            }
-        }
     }
 
     /// Writes the partition's checkpoint and points `ckpt.p<N>` at it (fenced by revision).
@@ -810,19 +799,11 @@ impl Group {
             part.ckpt_revision,
             Now::system().unix_ms
         );
-        let mut chunks = 0usize;
-        for (i, piece) in gz.chunks(stores.chunk).enumerate() {
-            let key = chunk_key(&name, i);
-            if let Err(e) = stores
-                .ckpt
-                .put(&key, bytes::Bytes::copy_from_slice(piece))
-                .await
-            {
-                Self::drop_chunks(stores, &format!("{name} {i}")).await;
-                return Err(fail(anyhow::anyhow!("storing {key}: {e}")));
-            }
-            chunks = i + 1;
-        }
+        let (chunks, first) = stores
+            .chunks()
+            .write(&name, &gz)
+            .await
+            .map_err(|e| fail(e.into()))?;
         let pointer = format!("{name} {chunks}");
         let key = format!("p{p}");
         match stores
@@ -837,12 +818,12 @@ impl Group {
             Ok(revision) => {
                 part.ckpt_revision = revision;
                 let old = std::mem::replace(&mut part.object, pointer);
-                Self::drop_chunks(stores, &old).await;
+                stores.chunks().sweep(p, first, &old).await;
                 self.status.checkpoints.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                Self::drop_chunks(stores, &pointer).await;
+                stores.chunks().drop(&pointer).await;
                 Err(Checkpoint::Fenced)
             }
             Err(e) => {
@@ -852,16 +833,16 @@ impl Group {
                     Ok(Some(entry)) if entry.value.as_ref() == pointer.as_bytes() => {
                         part.ckpt_revision = entry.revision;
                         let old = std::mem::replace(&mut part.object, pointer);
-                        Self::drop_chunks(stores, &old).await;
+                        stores.chunks().sweep(p, first, &old).await;
                         self.status.checkpoints.fetch_add(1, Ordering::Relaxed);
                         Ok(())
                     }
                     Ok(_) => {
-                        Self::drop_chunks(stores, &pointer).await;
+                        stores.chunks().drop(&pointer).await;
                         Err(fail(anyhow::anyhow!("pointing {key} at `{name}`: {e}")))
                     }
                     // Unknown either way: keep the chunks (a later checkpoint's pointer
-                    // moves past them; a taker sweeps them, below).
+                    // moves past them, and its sweep deletes them).
                     Err(e2) => Err(fail(anyhow::anyhow!(
                         "pointing {key} at `{name}`: {e}; reading it back: {e2}"
                     ))),
@@ -869,17 +850,6 @@ impl Group {
             }
         }
     }
-}
-
-/// A checkpoint pointer's value: `<name> <chunks>` (empty: no checkpoint yet).
-fn parse_pointer(pointer: &str) -> Option<(&str, usize)> {
-    let (name, chunks) = pointer.split_once(' ')?;
-    Some((name, chunks.parse().ok()?))
-}
-
-/// The key of a checkpoint's chunk `i`.
-fn chunk_key(name: &str, i: usize) -> String {
-    format!("chunk.{name}.{i}")
 }
 
 /// Until when this collector may merge each partition it holds: moved on by every renewal,
