@@ -156,6 +156,31 @@ impl AlertStream {
         self.tx.lock().map_or(0, |t| t.0)
     }
 
+    /// Events queued and not yet acknowledged.
+    pub fn backlog(&self) -> u64 {
+        self.queued().saturating_sub(*self.acked.borrow())
+    }
+
+    /// Waits while more than `max` events wait for their acknowledgement. Merging is what
+    /// makes events: a partition's consumer waits here before each pull, so an alerts
+    /// stream that cannot take them holds the merge back (the records wait in their
+    /// streams) instead of growing this queue without bound.
+    pub async fn room(&self, max: u64) {
+        let mut acked = self.acked.subscribe();
+        let mut said = false;
+        while self.backlog() > max {
+            if !said {
+                warn!(
+                    "{} alert events wait for the alerts stream: merging paused until it takes them",
+                    self.backlog()
+                );
+                said = true;
+            }
+            // Re-checked at least every second: `queued` moves without a notification.
+            let _ = tokio::time::timeout(Duration::from_secs(1), acked.changed()).await;
+        }
+    }
+
     /// Waits until the first `n` events are acknowledged, at most `within`.
     pub async fn acked_through(&self, n: u64, within: Duration) -> bool {
         let mut rx = self.acked.subscribe();
@@ -364,5 +389,58 @@ async fn forward_session(
                 Err(e) => warn!("storing the forwarder's position: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{collector::testnats::NatsServer, sinks::tests::record};
+
+    /// Against a real nats-server: while the alerts stream cannot take events (it does not
+    /// exist yet) they wait in the queue, retried, and `room` holds a merge back once more
+    /// than its bound wait; once the stream is there every event is acknowledged, once by
+    /// id, and `room` lets the merge go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_that_cannot_take_events_holds_the_merge_back() {
+        let Some(server) = NatsServer::start_or_skip("sensor-alerts") else {
+            return;
+        };
+        let client = async_nats::connect(server.url.as_str())
+            .await
+            .expect("connect");
+        let js = jetstream::new(client);
+        let name = stream_name("SENSOR");
+        let publisher = AlertStream::start(js.clone(), name.clone());
+        let records: Vec<Record> = (0..5)
+            .map(|i| record("address", &format!("10.0.0.{i}")))
+            .collect();
+        publisher.publish(&subject("sensor", 0), Source::Fleet, &records);
+        assert_eq!(publisher.queued(), 5);
+        let held = tokio::time::timeout(Duration::from_secs(2), publisher.room(2)).await;
+        assert!(
+            held.is_err(),
+            "room while 5 events wait for a missing stream"
+        );
+        assert_eq!(publisher.backlog(), 5);
+
+        js.create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec!["sensor-alerts.>".into()],
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+        tokio::time::timeout(Duration::from_secs(20), publisher.room(2))
+            .await
+            .expect("room once the stream takes them");
+        assert!(publisher.acked_through(5, Duration::from_secs(20)).await);
+        assert_eq!(publisher.backlog(), 0);
+        // The same events again (a successor replaying them): acknowledged, not stored twice.
+        publisher.publish(&subject("sensor", 0), Source::Fleet, &records);
+        assert!(publisher.acked_through(10, Duration::from_secs(20)).await);
+        let mut stream = js.get_stream(&name).await.expect("stream");
+        assert_eq!(stream.info().await.expect("info").state.messages, 5);
     }
 }

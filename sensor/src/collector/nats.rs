@@ -304,6 +304,7 @@ impl Source {
         // `next` on: a higher sequence there means the ones between are gone.
         let mut first = true;
         loop {
+            shared.alert_room().await;
             let mut messages = consumer
                 .fetch()
                 .max_messages(FETCH)

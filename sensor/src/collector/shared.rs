@@ -78,6 +78,10 @@ pub struct Fleet {
     pub(super) alerts: Option<(std::sync::Arc<super::alerts::AlertStream>, String)>,
 }
 
+/// Alert events a collector may hold unacknowledged by the alerts stream before its
+/// partitions stop merging (a few KiB each).
+pub(super) const MAX_ALERT_BACKLOG: u64 = 10_000;
+
 impl Fleet {
     /// Forwards alert events: to the outputs, or for a partition to the alerts stream.
     pub(super) fn forward(&self, records: &[crate::sinks::Record], source: super::alerts::Source) {
@@ -155,6 +159,18 @@ impl Shared {
             budget: self.budget.clone(),
             group: std::sync::OnceLock::new(),
         })
+    }
+
+    /// For a partition's state: waits while its alerts stream is far behind (see
+    /// [`super::alerts::AlertStream::room`]).
+    pub(super) async fn alert_room(&self) {
+        let stream = self
+            .lock()
+            .ok()
+            .and_then(|f| f.alerts.as_ref().map(|(s, _)| s.clone()));
+        if let Some(stream) = stream {
+            stream.room(MAX_ALERT_BACKLOG).await;
+        }
     }
 
     fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Fleet>> {
