@@ -478,11 +478,19 @@ fn positions(message: &jetstream::Message) -> Result<(u64, u64), IngestError> {
         .and_then(|h| h.get(POSITIONS_HEADER))
         .map(|v| v.as_str().to_owned())
         .ok_or_else(|| IngestError::Malformed(format!("no {POSITIONS_HEADER} header")))?;
-    value
-        .split_once('-')
-        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
-        .filter(|(a, b)| 0 < *a && a <= b)
+    parse_positions(&value)
         .ok_or_else(|| IngestError::Malformed(format!("{POSITIONS_HEADER}: `{value}`")))
+}
+
+/// `<first>-<last>`: decimal positions, 1 <= first <= last.
+fn parse_positions(value: &str) -> Option<(u64, u64)> {
+    let (a, b) = value.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    if !digits(a) || !digits(b) {
+        return None;
+    }
+    let (a, b) = (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?);
+    (0 < a && a <= b).then_some((a, b))
 }
 
 /// A batch refused for good: counted by reason as the HTTPS endpoint counts it, terminated
@@ -514,4 +522,41 @@ async fn refuse(
     shared.skip_stream_message(seq)?;
     let _ = message.ack_with(AckKind::Term).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A partition's message names the agent positions it covers; anything but two decimal
+    /// positions in order is refused (the message is then counted as malformed).
+    #[test]
+    fn positions_headers_are_two_positions_in_order() {
+        assert_eq!(parse_positions("1-1"), Some((1, 1)));
+        assert_eq!(parse_positions("7-42"), Some((7, 42)));
+        assert_eq!(
+            parse_positions("1-18446744073709551615"),
+            Some((1, u64::MAX))
+        );
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "0-5",
+            "5-1",
+            "1-2-3",
+            " 1-2",
+            "1-2 ",
+            "+1-2",
+            "1-+2",
+            "a-b",
+            "1_000-2000",
+            "18446744073709551616-1",
+            "1-18446744073709551616",
+            "１-２",
+        ] {
+            assert_eq!(parse_positions(bad), None, "`{bad}`");
+        }
+    }
 }
