@@ -350,7 +350,8 @@ impl Collector {
         format!("https://127.0.0.1:{}", self.port)
     }
 
-    fn try_get(&self, path: &str) -> Result<Value, String> {
+    /// GET `path` with the reader token: the body.
+    fn try_fetch(&self, path: &str) -> Result<Vec<u8>, String> {
         let out = Command::new("curl")
             .args(["-s", "-f", "--max-time", "10", "--cacert"])
             .arg(&self.ca)
@@ -362,21 +363,19 @@ impl Collector {
         if !out.status.success() {
             return Err(format!("curl {path}: {}", out.status));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+        Ok(out.stdout)
+    }
+
+    fn try_get(&self, path: &str) -> Result<Value, String> {
+        serde_json::from_slice(&self.try_fetch(path)?).map_err(|e| e.to_string())
     }
 
     /// `/metrics` (Prometheus text).
     fn metrics(&self) -> String {
-        let out = Command::new("curl")
-            .args(["-s", "-f", "--max-time", "10", "--cacert"])
-            .arg(&self.ca)
-            .arg("-H")
-            .arg(format!("Authorization: Bearer {READER_TOKEN}"))
-            .arg(format!("{}/metrics", self.url()))
-            .output()
-            .expect("curl");
-        assert!(out.status.success(), "curl /metrics: {}", out.status);
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let body = self
+            .try_fetch("/metrics")
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()));
+        String::from_utf8_lossy(&body).into_owned()
     }
 
     fn health(&self) -> Value {

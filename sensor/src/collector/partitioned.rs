@@ -176,15 +176,10 @@ impl Status {
     }
 
     async fn ask_all(&self, request: &ViewRequest) -> Result<Vec<ViewAnswer>, GatherError> {
-        let client = self
-            .client
-            .lock()
-            .ok()
-            .and_then(|c| c.clone())
-            .ok_or(GatherError::NotConnected)?;
+        let (client, prefix) = self.asker()?;
         let body =
             serde_json::to_vec(request).map_err(|e| GatherError::Unreadable(0, e.to_string()))?;
-        let asks = (0..self.count).map(|p| ask(&client, &self.prefix, p, body.clone()));
+        let asks = (0..self.count).map(|p| ask(&client, prefix, p, body.clone()));
         futures_util::future::try_join_all(asks).await
     }
 
