@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 pub mod fleet;
 pub mod guest;
+pub mod natsjwt;
 pub mod ports;
 pub mod siem;
 pub mod systemd;

@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use sensor_tests::natsjwt::Operator;
 use sensor_tests::{
     fleet::{
         ThinTraffic, Traffic, fleet_row, fleet_truth, partition_of, requests_to,
@@ -37,6 +38,8 @@ enum Cred {
     Password(String),
     /// The seed; the server holds the public key.
     Nkey(String),
+    /// A `.creds` file (decentralized auth): the user JWT carries the permissions.
+    Creds(String),
 }
 
 struct User {
@@ -60,18 +63,25 @@ impl User {
         }
     }
 
+    /// A user of `operator`'s account with the agent's permissions in its JWT.
+    fn creds(agent: &'static str, operator: &Operator) -> Self {
+        let (publish, subscribe) = agent_permissions(agent);
+        Self {
+            agent,
+            cred: Cred::Creds(operator.user_creds(agent, &publish, &subscribe)),
+        }
+    }
+
     /// The agent's credentials file, as `[ship] credentials_file` reads it.
     fn credentials(&self) -> String {
         match &self.cred {
             Cred::Password(p) => format!("{}:{p}\n", self.agent),
             Cred::Nkey(seed) => format!("{seed}\n"),
+            Cred::Creds(creds) => creds.clone(),
         }
     }
 
-    /// The server's entry: publish on its own subjects only (`sensor.ship.<agent>`
-    /// unpartitioned, `sensor.ship.<partition>.<agent>` with partitions: one token wildcard,
-    /// agent names in these tests have no dots), replies in its own inbox only, and the
-    /// collector's hot sketch cells. Nothing of the collectors' leases, checkpoints or views.
+    /// The server's entry (for users the server configuration lists).
     fn server_entry(&self) -> String {
         let who = match &self.cred {
             Cred::Password(p) => format!("user: \"{}\", password: \"{p}\"", self.agent),
@@ -79,41 +89,87 @@ impl User {
                 "nkey: \"{}\"",
                 nkeys::KeyPair::from_seed(seed).expect("seed").public_key()
             ),
+            Cred::Creds(_) => panic!(
+                "{}: a JWT user is not listed in the server's config",
+                self.agent
+            ),
         };
+        let (publish, subscribe) = agent_permissions(self.agent);
         format!(
-            "{{ {who}, permissions: {{ publish: {{ allow: [\"sensor.ship.{a}\", \"sensor.ship.*.{a}\"] }}, \
-             subscribe: {{ allow: [\"_INBOX.{a}.>\", \"sensor.ship-hot\"] }} }} }}",
-            a = self.agent
+            "{{ {who}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }} }}",
+            quoted(&publish),
+            quoted(&subscribe)
         )
     }
 }
 
+/// `["a", "b"]` as the server configuration's list items `"a", "b"`.
+fn quoted(subjects: &[String]) -> String {
+    subjects
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An agent's permissions (publish, subscribe): publish on its own subjects only
+/// (`sensor.ship.<agent>` unpartitioned, `sensor.ship.<partition>.<agent>` with partitions:
+/// one token wildcard, agent names in these tests have no dots), replies in its own inbox
+/// only, and the collector's hot sketch cells. Nothing of the collectors' leases,
+/// checkpoints or views.
+fn agent_permissions(agent: &str) -> (Vec<String>, Vec<String>) {
+    (
+        vec![
+            format!("sensor.ship.{agent}"),
+            format!("sensor.ship.*.{agent}"),
+        ],
+        vec![format!("_INBOX.{agent}.>"), "sensor.ship-hot".to_owned()],
+    )
+}
+
+/// The collectors' permissions (publish, subscribe; all collectors share one user): the
+/// JetStream API, acknowledgements on the stream (`SENSOR`, or `SENSOR-p<N>` for each of
+/// `partitions` and `SENSOR-alerts`), the hot sketch cells, and for several collectors
+/// (docs/fleet.md, "Permissions of the collectors' users") the alerts stream's subjects
+/// (`sensor.ship-alerts.>`), the lease bucket, the checkpoint bucket (with the flow control
+/// of their ordered consumers), the view subjects, and replies to the other collectors'
+/// view requests in the collectors' inboxes.
+fn collector_permissions(partitions: u32) -> (Vec<String>, Vec<String>) {
+    let mut publish = vec!["$JS.API.>".to_owned(), "$JS.ACK.SENSOR.>".to_owned()];
+    if partitions > 1 {
+        publish.extend((0..partitions).map(|p| format!("$JS.ACK.SENSOR-p{p}.>")));
+        // The alerts stream's forwarder (one durable consumer).
+        publish.push("$JS.ACK.SENSOR-alerts.>".to_owned());
+    }
+    let shared = [
+        "$KV.SENSOR-leases.>",
+        "$KV.SENSOR-ckpt.>",
+        "sensor.ship-view.>",
+        "_INBOX_sensor_collector.>",
+    ]
+    .map(str::to_owned);
+    publish.extend(
+        [
+            "sensor.ship-hot",
+            "sensor.ship-alerts.>",
+            "$JS.FC.KV_SENSOR-leases.>",
+            "$JS.FC.KV_SENSOR-ckpt.>",
+        ]
+        .map(str::to_owned),
+    );
+    publish.extend(shared.iter().cloned());
+    (publish, shared.to_vec())
+}
+
 /// The accounts block every server of a test shares: the agents and the collectors.
-///
-/// The collectors' user (all collectors share it): the JetStream API, acknowledgements on
-/// the stream (`SENSOR`, or `SENSOR-p<N>` for each of `partitions` and `SENSOR-alerts`), the
-/// hot sketch cells, and for several collectors (docs/fleet.md, "Permissions of the
-/// collectors' users") the alerts stream's subjects (`sensor.ship-alerts.>`), the lease
-/// bucket, the checkpoint bucket and object store (with the flow control of their ordered
-/// consumers), the view subjects, and replies to the other collectors' view requests in the
-/// collectors' inboxes.
 fn accounts(users: &[User], partitions: u32) -> String {
     let mut entries: Vec<String> = users.iter().map(User::server_entry).collect();
-    let mut acks = vec!["\"$JS.ACK.SENSOR.>\"".to_owned()];
-    if partitions > 1 {
-        acks.extend((0..partitions).map(|p| format!("\"$JS.ACK.SENSOR-p{p}.>\"")));
-        // The alerts stream's forwarder (one durable consumer).
-        acks.push("\"$JS.ACK.SENSOR-alerts.>\"".to_owned());
-    }
-    let shared = "\"$KV.SENSOR-leases.>\", \"$KV.SENSOR-ckpt.>\", \"sensor.ship-view.>\", \
-                  \"_INBOX_sensor_collector.>\"";
+    let (publish, subscribe) = collector_permissions(partitions);
     entries.push(format!(
         "{{ user: \"collector\", password: \"{COLLECTOR_PASSWORD}\", permissions: {{ \
-         publish: {{ allow: [\"$JS.API.>\", {acks}, \"sensor.ship-hot\", \"sensor.ship-alerts.>\", \
-         \"$JS.FC.KV_SENSOR-leases.>\", \"$JS.FC.KV_SENSOR-ckpt.>\", \
-         {shared}] }}, \
-         subscribe: {{ allow: [{shared}] }} }} }}",
-        acks = acks.join(", ")
+         publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }} }}",
+        quoted(&publish),
+        quoted(&subscribe)
     ));
     format!(
         "accounts {{\n  SENSOR {{\n    jetstream: enabled\n    users: [\n      {}\n    ]\n  }}\n}}\n",
@@ -265,6 +321,20 @@ impl Collector {
         nats_extra: &str,
         extra: &str,
     ) -> Self {
+        let creds = format!("collector:{COLLECTOR_PASSWORD}\n");
+        Self::start_as(dir, certs, nats_urls, replicas, nats_extra, extra, &creds)
+    }
+
+    /// `start` with the NATS credentials file `creds`.
+    fn start_as(
+        dir: &Path,
+        certs: &Certs,
+        nats_urls: &str,
+        replicas: usize,
+        nats_extra: &str,
+        extra: &str,
+        creds: &str,
+    ) -> Self {
         fs::create_dir_all(dir).expect("collector dir");
         let hash = run_ok(
             Command::new("sh")
@@ -275,8 +345,8 @@ impl Collector {
         fs::write(dir.join("tokens"), format!("reader soc sha256:{hash}\n")).expect("tokens");
         let reader_token = dir.join("reader.token");
         fs::write(&reader_token, READER_TOKEN).expect("reader token");
-        let creds = dir.join("nats.creds");
-        fs::write(&creds, format!("collector:{COLLECTOR_PASSWORD}\n")).expect("creds");
+        let creds_file = dir.join("nats.creds");
+        fs::write(&creds_file, creds).expect("creds");
         let port = listen_port();
         let received_log = dir.join("received.jsonl");
         let config = dir.join("collector.toml");
@@ -293,7 +363,7 @@ impl Collector {
                 dir.join("tokens").display(),
                 dir.join("state").display(),
                 received_log.display(),
-                creds.display(),
+                creds_file.display(),
                 certs.ca.display(),
             ),
         )
@@ -837,7 +907,19 @@ fn an_agent_cannot_publish_on_another_agents_subject() {
     if !privileged("an_agent_cannot_publish_on_another_agents_subject") {
         return;
     }
-    an_impostor_is_refused("nats-perms", 1);
+    an_impostor_is_refused("nats-perms", 1, Auth::Listed);
+}
+
+/// The same with decentralized auth (operator mode): every user, the collector's too, has
+/// a `.creds` file whose JWT, signed by the account, carries its permissions; the server
+/// knows only the operator and the account. host-a ships; host-a's `.creds` shipping as
+/// host-b is refused.
+#[test]
+fn an_agent_with_a_creds_file_cannot_publish_as_another() {
+    if !privileged("an_agent_with_a_creds_file_cannot_publish_as_another") {
+        return;
+    }
+    an_impostor_is_refused("nats-perms-jwt", 1, Auth::Operator);
 }
 
 /// The same with four partitions (several collectors): host-a's credentials may publish on
@@ -848,21 +930,48 @@ fn a_partitioned_agent_cannot_publish_as_another_agent() {
     if !privileged("a_partitioned_agent_cannot_publish_as_another_agent") {
         return;
     }
-    an_impostor_is_refused("nats-perms-partitioned", 4);
+    an_impostor_is_refused("nats-perms-partitioned", 4, Auth::Listed);
+}
+
+/// How a test's nats-server knows its users.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// Listed in its configuration (passwords, nkeys).
+    Listed,
+    /// Decentralized: an operator, an account, user JWTs in `.creds` files.
+    Operator,
 }
 
 /// host-a ships honestly; an agent with host-a's credentials ships as host-b. With
 /// `partitions` > 1 both agents and the one collector are partitioned (the collector holds
 /// every partition).
-fn an_impostor_is_refused(name: &str, partitions: u32) {
+fn an_impostor_is_refused(name: &str, partitions: u32, auth: Auth) {
     let tmp = TempDir::new(name);
     let certs = make_certs(&tmp.path);
-    let users = [User::password("host-a"), User::nkey("host-b")];
+    let operator = Operator::default();
+    let (users, trust, collector_creds) = match auth {
+        Auth::Listed => {
+            let users = [User::password("host-a"), User::nkey("host-b")];
+            let trust = accounts(&users, partitions);
+            (users, trust, format!("collector:{COLLECTOR_PASSWORD}\n"))
+        }
+        Auth::Operator => {
+            let (publish, subscribe) = collector_permissions(partitions);
+            (
+                [
+                    User::creds("host-a", &operator),
+                    User::creds("host-b", &operator),
+                ],
+                operator.server_config(),
+                operator.user_creds("collector", &publish, &subscribe),
+            )
+        }
+    };
     let nats = NatsServer::start(
         &tmp.path.join("nats"),
         "n1",
         &certs,
-        &accounts(&users, partitions),
+        &trust,
         listen_port(),
         None,
     );
@@ -874,13 +983,14 @@ fn an_impostor_is_refused(name: &str, partitions: u32) {
     } else {
         (String::new(), String::new())
     };
-    let collector = Collector::start(
+    let collector = Collector::start_as(
         &tmp.path.join("collector"),
         &certs,
         &nats.url(),
         1,
         &nats_extra,
         "",
+        &collector_creds,
     );
     let honest = Host::start_with(
         &tmp.path,

@@ -63,13 +63,18 @@ pub fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// How a client authenticates: a NATS user and password, or an nkey (the seed signs the
-/// server's nonce; the server holds only the public key).
+/// How a client authenticates: a NATS user and password, an nkey (the seed signs the
+/// server's nonce; the server holds only the public key), or a `.creds` file of
+/// decentralized auth (a user JWT signed by its account, and the user's seed).
 #[derive(Clone)]
 pub enum Credentials {
     UserPassword { user: String, password: String },
     Nkey { seed: String },
+    Creds { creds: String, public: String },
 }
+
+const JWT_BEGIN: &str = "-----BEGIN NATS USER JWT-----";
+const SEED_BEGIN: &str = "-----BEGIN USER NKEY SEED-----";
 
 impl fmt::Debug for Credentials {
     /// Never the password or the seed.
@@ -80,19 +85,23 @@ impl fmt::Debug for Credentials {
                 Ok(kp) => write!(f, "nkey {}", kp.public_key()),
                 Err(_) => f.write_str("nkey"),
             },
+            Self::Creds { public, .. } => write!(f, "user JWT of {public}"),
         }
     }
 }
 
 impl Credentials {
-    /// Reads a credentials file: an nkey user seed (`SU...`, as `nk -gen user` writes it), or
-    /// `<user>:<password>` on one line.
+    /// Reads a credentials file: an nkey user seed (`SU...`, as `nk -gen user` writes it),
+    /// `<user>:<password>` on one line, or a `.creds` file (as `nsc` writes it).
     pub fn read(path: &Path) -> Result<Self, NetError> {
         let secret = secrets::read_secret(path, "NATS credentials file")?;
         Self::parse(&secret).map_err(|m| NetError::Config(format!("{}: {m}", path.display())))
     }
 
     fn parse(secret: &str) -> Result<Self, String> {
+        if secret.contains(JWT_BEGIN) {
+            return Self::parse_creds(secret);
+        }
         if secret.starts_with("SU") && !secret.contains(':') {
             return match nkeys::KeyPair::from_seed(secret) {
                 Ok(_) => Ok(Self::Nkey {
@@ -113,10 +122,39 @@ impl Credentials {
                     password: password.to_owned(),
                 })
             }
-            _ => {
-                Err("expected `<user>:<password>` on one line, or an nkey user seed (SU...)".into())
-            }
+            _ => Err(
+                "expected `<user>:<password>` on one line, an nkey user seed (SU...), or a .creds file"
+                    .into(),
+            ),
         }
+    }
+
+    /// A `.creds` file: the user JWT and the seed, each on the line after its BEGIN marker.
+    /// Checked now (a JWT of three parts, a valid user seed) so that a broken file fails the
+    /// start; the server checks the JWT's signatures and permissions.
+    fn parse_creds(secret: &str) -> Result<Self, String> {
+        let after = |marker: &str| {
+            let mut lines = secret.lines().skip_while(|l| l.trim() != marker);
+            lines.next()?;
+            lines
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .map(str::to_owned)
+        };
+        let jwt = after(JWT_BEGIN).ok_or(".creds: no JWT after its BEGIN line")?;
+        if jwt.split('.').count() != 3 || jwt.starts_with('-') {
+            return Err(".creds: the user JWT is not a JWT".into());
+        }
+        let seed = after(SEED_BEGIN).ok_or(".creds: no USER NKEY SEED block")?;
+        let kp = nkeys::KeyPair::from_seed(&seed)
+            .map_err(|e| format!(".creds: not a valid nkey user seed: {e}"))?;
+        if !seed.starts_with("SU") {
+            return Err(".creds: the seed is not a user seed (SU...)".into());
+        }
+        Ok(Self::Creds {
+            creds: secret.to_owned(),
+            public: kp.public_key(),
+        })
     }
 }
 
@@ -174,6 +212,8 @@ impl Endpoint {
                 ConnectOptions::with_user_and_password(user.clone(), password.clone())
             }
             Credentials::Nkey { seed } => ConnectOptions::with_nkey(seed.clone()),
+            Credentials::Creds { creds, .. } => ConnectOptions::with_credentials(creds)
+                .map_err(|e| NetError::Config(format!("the .creds file: {e}")))?,
         };
         let last = self.last_error.clone();
         let name = self.name.clone();
@@ -266,5 +306,28 @@ mod tests {
             format!("{:?}", Credentials::parse("u:secret").expect("u")),
             "user `u`"
         );
+        // A .creds file as nsc writes it; shown by the user's public key, never the seed.
+        let kp = nkeys::KeyPair::new_user();
+        let seed = kp.seed().expect("seed");
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\neyJ0eXAi.eyJqdGki.c2ln\n------END NATS USER JWT------\n\n\
+             ****** IMPORTANT ******\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n\
+             ------END USER NKEY SEED------\n"
+        );
+        let parsed = Credentials::parse(creds.trim()).expect("creds");
+        let shown = format!("{parsed:?}");
+        assert_eq!(shown, format!("user JWT of {}", kp.public_key()));
+        assert!(!shown.contains(&seed));
+        for broken in [
+            creds.replace("eyJ0eXAi.eyJqdGki.c2ln", "not-a-jwt"),
+            creds.replace(&seed, "SUAXXXX"),
+            creds.replace(&seed, &nkeys::KeyPair::new_account().seed().expect("seed")),
+            creds.replace(
+                "-----BEGIN USER NKEY SEED-----",
+                "-----BEGIN SOMETHING-----",
+            ),
+        ] {
+            assert!(Credentials::parse(broken.trim()).is_err(), "{broken}");
+        }
     }
 }
