@@ -600,6 +600,23 @@ impl Host {
         curl(Command::new("curl"), &ops)
     }
 
+    /// The ids the SIEM gets for this agent's alert events (`<agent>:<alert id>:<event>:
+    /// <updates>`), in the order of its alerts.jsonl.
+    fn alert_event_ids(&self) -> Vec<String> {
+        read_jsonl(&self.agent.state_dir.join("alerts.jsonl"))
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}:{}:{}:{}",
+                    self.name,
+                    e["alert"]["id"].as_str().unwrap_or("?"),
+                    e["event"].as_str().unwrap_or("?"),
+                    e["alert"]["updates"]
+                )
+            })
+            .collect()
+    }
+
     /// The agent's delivery counters for the collector.
     fn shipping(&self) -> Value {
         self.agent.health()["outputs"]
@@ -1153,17 +1170,7 @@ fn a_three_node_cluster_loses_nothing_when_a_node_dies() {
             let ids = rsyslog.ids();
             for h in &hosts {
                 let name = h.name.as_str();
-                let expected: Vec<String> = read_jsonl(&h.agent.state_dir.join("alerts.jsonl"))
-                    .iter()
-                    .map(|e| {
-                        format!(
-                            "{name}:{}:{}:{}",
-                            e["alert"]["id"].as_str().unwrap_or("?"),
-                            e["event"].as_str().unwrap_or("?"),
-                            e["alert"]["updates"]
-                        )
-                    })
-                    .collect();
+                let expected = h.alert_event_ids();
                 let got: Vec<&String> = ids
                     .iter()
                     .filter(|id| id.starts_with(&format!("{name}:")))
@@ -1516,18 +1523,7 @@ fn collectors_share_partitions_and_take_over_from_a_killed_one() {
             let got: BTreeSet<String> = rsyslog.ids().into_iter().collect();
             for h in &hosts {
                 let name = h.name.as_str();
-                let expected: BTreeSet<String> =
-                    read_jsonl(&h.agent.state_dir.join("alerts.jsonl"))
-                        .iter()
-                        .map(|e| {
-                            format!(
-                                "{name}:{}:{}:{}",
-                                e["alert"]["id"].as_str().unwrap_or("?"),
-                                e["event"].as_str().unwrap_or("?"),
-                                e["alert"]["updates"]
-                            )
-                        })
-                        .collect();
+                let expected: BTreeSet<String> = h.alert_event_ids().into_iter().collect();
                 let seen: BTreeSet<String> = got
                     .iter()
                     .filter(|id| id.starts_with(&format!("{name}:")))
