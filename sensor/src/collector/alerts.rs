@@ -162,7 +162,7 @@ impl AlertStream {
     }
 
     /// Waits while more than `max` events wait for their acknowledgement. Merging is what
-    /// makes events: a partition's consumer waits here before each pull, so an alerts
+    /// makes events: a partition's consumer waits here before each message, so an alerts
     /// stream that cannot take them holds the merge back (the records wait in their
     /// streams) instead of growing this queue without bound.
     pub async fn room(&self, max: u64) {

@@ -111,7 +111,7 @@ impl Chunks<'_> {
                 partition_token(name)
             );
             if let Err(e) = self.stream.purge().filter(subject).await {
-                log::debug!("deleting the checkpoint `{name}`: {e}");
+                log::warn!("deleting the checkpoint `{name}`: {e}");
             }
         }
     }
@@ -128,13 +128,13 @@ impl Chunks<'_> {
         }
         let subject = format!("$KV.{}.chunk.p{p}.>", self.bucket);
         if let Err(e) = self.stream.purge().filter(subject).sequence(first).await {
-            log::debug!("deleting partition {p}'s older checkpoints: {e}");
+            log::warn!("deleting partition {p}'s older checkpoints: {e}");
         }
         // A checkpoint loaded from the former layout (`chunk.<name>.<i>`).
         if let Some((name, _)) = parse_pointer(old) {
             let legacy = format!("$KV.{}.chunk.{name}.>", self.bucket);
             if let Err(e) = self.stream.purge().filter(legacy).await {
-                log::debug!("deleting the checkpoint `{name}`: {e}");
+                log::warn!("deleting the checkpoint `{name}`: {e}");
             }
         }
     }

@@ -193,6 +193,12 @@ fn partitions(out: &mut Exposition, g: &super::partitioned::Status) {
         ]
         .map(|(result, n)| ([("result", result)], n)),
     );
+    out.counter(
+        "sensor_collector_ring_candidates_cut_total",
+        "Ring candidates partition holders left out of rounds (the lightest, over 20 000 a \
+         partition); rounds with any resolve nothing.",
+        [(NO_LABELS, c(&g.rings.cut))],
+    );
     out.gauge(
         "sensor_collector_ring_candidates",
         "Ring candidates gathered from every partition in the last complete round.",

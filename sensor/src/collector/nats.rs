@@ -304,7 +304,6 @@ impl Source {
         // `next` on: a higher sequence there means the ones between are gone.
         let mut first = true;
         loop {
-            shared.alert_room().await;
             let mut messages = consumer
                 .fetch()
                 .max_messages(FETCH)
@@ -352,6 +351,8 @@ impl Source {
                     }
                 }
                 first = false;
+                // Before each message: one batch may carry many alert events.
+                shared.alert_room().await;
                 anyhow::ensure!(may_merge(), "no longer allowed to merge (lease)");
                 self.merge(shared, &message, seq, may_merge).await?;
                 shared

@@ -119,6 +119,9 @@ pub(super) struct ViewAnswer {
     /// Ring candidates: where the next page starts, if there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_page: Option<usize>,
+    /// Ring candidates the holder left out of the round (the lightest, over its bound).
+    #[serde(default)]
+    pub cut: u64,
     #[serde(default)]
     pub error: String,
 }
@@ -165,6 +168,7 @@ impl Status {
             "ring_rounds": n(&self.rings.rounds),
             "ring_rounds_incomplete": n(&self.rings.incomplete),
             "ring_candidates": n(&self.rings.candidates),
+            "ring_candidates_cut": n(&self.rings.cut),
         })
     }
 
@@ -179,7 +183,7 @@ impl Status {
         let (client, prefix) = self.asker()?;
         let body =
             serde_json::to_vec(request).map_err(|e| GatherError::Unreadable(0, e.to_string()))?;
-        let asks = (0..self.count).map(|p| ask(&client, prefix, p, body.clone()));
+        let asks = (0..self.count).map(|p| ask(&client, prefix, p, body.clone(), VIEW_TIMEOUT));
         futures_util::future::try_join_all(asks).await
     }
 
@@ -236,9 +240,10 @@ pub(super) async fn ask(
     prefix: &str,
     p: u32,
     body: Vec<u8>,
+    within: Duration,
 ) -> Result<ViewAnswer, GatherError> {
     let subject = view_subject(prefix, p);
-    let answer = tokio::time::timeout(VIEW_TIMEOUT, client.request(subject, body.into()))
+    let answer = tokio::time::timeout(within, client.request(subject, body.into()))
         .await
         .map_err(|_| GatherError::Unanswered(p, "timed out".into()))?
         .map_err(|e| GatherError::Unanswered(p, e.to_string()))?;
@@ -570,10 +575,11 @@ impl Group {
                     self.set_parts(&parts);
                 }
                 _ = detect.tick() => {
-                    for part in parts.values() {
+                    for (p, part) in &parts {
+                        // Rings span partitions: partition 0's holder runs them (`rings`).
+                        let rings = if *p == 0 { Rings::Gathered } else { Rings::Elsewhere };
                         let events = part.shared.with_fleet(|f| {
-                            // Rings span partitions: partition 0's holder runs them (`rings`).
-                            let events = f.state.evaluate(&mut f.detector, Now::system(), Rings::Gathered);
+                            let events = f.state.evaluate(&mut f.detector, Now::system(), rings);
                             let records: Vec<Record> = events.iter().map(Record::new).collect();
                             f.forward(&records, alerts::Source::Fleet);
                             events

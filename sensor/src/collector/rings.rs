@@ -23,7 +23,7 @@ use log::{debug, warn};
 
 use super::{
     alerts,
-    partitioned::{GatherError, Status, ValidUntil, ViewAnswer, ViewRequest, ask},
+    partitioned::{GatherError, Status, VIEW_TIMEOUT, ValidUntil, ViewAnswer, ViewRequest, ask},
     shared::Shared,
 };
 use crate::{detect::RingCandidate, formats::Record, model::aggregate::Now};
@@ -31,9 +31,15 @@ use crate::{detect::RingCandidate, formats::Record, model::aggregate::Now};
 /// The view request's name for a page of ring candidates.
 pub(super) const WHAT: &str = "ring-candidates";
 
-/// Pages one partition may take in a round: with pages of half a megabyte (the default
-/// `max_payload` is 1 MiB), about 150 000 candidates.
-const MAX_PAGES: usize = 64;
+/// Candidates a holder reports per partition and round: the heaviest (by output tokens over
+/// 10 minutes), the rest counted as cut. A bound on the exchange, the gatherer's memory and
+/// the linking, whatever agents report: a candidate is 0.5 to 1 KiB of JSON, so at most
+/// about 20 MiB a partition, in pages of half the server's `max_payload`.
+pub(super) const MAX_PARTITION_CANDIDATES: usize = 20_000;
+
+/// Pages one partition may take in a round: enough for `MAX_PARTITION_CANDIDATES` of the
+/// largest candidates in pages of 256 KiB (a server's `max_payload` of 512 KiB).
+const MAX_PAGES: usize = 96;
 
 /// Rounds of the ring rule at this collector (while it holds partition 0).
 #[derive(Debug, Default)]
@@ -44,6 +50,9 @@ pub struct RingCounters {
     pub incomplete: AtomicU64,
     /// Candidates in the last complete round.
     pub candidates: AtomicU64,
+    /// Candidates holders left out of rounds (over `MAX_PARTITION_CANDIDATES`, the lightest):
+    /// rounds with any are judged, but resolve nothing.
+    pub cut: AtomicU64,
 }
 
 /// A holder's candidates of one round, kept while the gatherer pages through them (so the
@@ -52,6 +61,8 @@ pub struct RingCounters {
 pub(super) struct Pages {
     round: u64,
     list: Vec<RingCandidate>,
+    /// Candidates of the harvest left out (over `MAX_PARTITION_CANDIDATES`).
+    cut: u64,
 }
 
 impl Pages {
@@ -66,10 +77,17 @@ impl Pages {
         let mut answer = ViewAnswer::default();
         if r.page == 0 {
             match harvest() {
-                Ok(list) => {
+                Ok(mut list) => {
+                    let mut cut = 0;
+                    if list.len() > MAX_PARTITION_CANDIDATES {
+                        list.sort_by(|a, b| b.tokens_10m.total_cmp(&a.tokens_10m));
+                        cut = (list.len() - MAX_PARTITION_CANDIDATES) as u64;
+                        list.truncate(MAX_PARTITION_CANDIDATES);
+                    }
                     *self = Self {
                         round: r.round,
                         list,
+                        cut,
                     }
                 }
                 Err(e) => return ViewAnswer::error(format!("{e:#}")),
@@ -93,17 +111,24 @@ impl Pages {
         }
         answer.candidates = self.list[r.page..end].to_vec();
         answer.next_page = (end < self.list.len()).then_some(end);
+        answer.cut = self.cut;
+        if answer.next_page.is_none() {
+            // Served in full: not kept until the next round.
+            self.list = Vec::new();
+        }
         answer
     }
 }
 
-/// Every partition's candidates for one round, or why not.
+/// Every partition's candidates for one round and how many holders cut, or why not; each
+/// page asked for `within` (`VIEW_TIMEOUT`).
 pub(super) async fn gather(
     client: &async_nats::Client,
     prefix: &str,
     partitions: u32,
     round: u64,
-) -> Result<Vec<RingCandidate>, GatherError> {
+    within: Duration,
+) -> Result<(Vec<RingCandidate>, u64), GatherError> {
     let asks = (0..partitions).map(|p| async move {
         let mut list = Vec::new();
         let mut page = 0;
@@ -116,8 +141,14 @@ pub(super) async fn gather(
             };
             let body = serde_json::to_vec(&request)
                 .map_err(|e| GatherError::Unreadable(p, e.to_string()))?;
-            let answer = ask(client, prefix, p, body).await?;
+            let answer = ask(client, prefix, p, body, within).await?;
             list.extend(answer.candidates);
+            if list.len() > MAX_PARTITION_CANDIDATES {
+                return Err(GatherError::Unreadable(
+                    p,
+                    format!("more than {MAX_PARTITION_CANDIDATES} ring candidates"),
+                ));
+            }
             match answer.next_page {
                 Some(next) if next > page => page = next,
                 Some(_) => {
@@ -126,7 +157,7 @@ pub(super) async fn gather(
                         "a page that does not advance".into(),
                     ));
                 }
-                None => return Ok(list),
+                None => return Ok((list, answer.cut)),
             }
         }
         Err(GatherError::Unreadable(
@@ -135,7 +166,8 @@ pub(super) async fn gather(
         ))
     });
     let lists = futures_util::future::try_join_all(asks).await?;
-    Ok(lists.into_iter().flatten().collect())
+    let cut = lists.iter().map(|(_, c)| c).sum();
+    Ok((lists.into_iter().flat_map(|(l, _)| l).collect(), cut))
 }
 
 /// What a round needs besides the group's status.
@@ -161,10 +193,12 @@ pub(super) async fn run(r: Round) {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let gathered = match r.status.asker() {
-            Ok((client, prefix)) => gather(&client, prefix, r.status.count, round).await,
+            Ok((client, prefix)) => {
+                gather(&client, prefix, r.status.count, round, VIEW_TIMEOUT).await
+            }
             Err(e) => Err(e),
         };
-        let candidates = match gathered {
+        let (candidates, cut) = match gathered {
             Ok(c) => c,
             Err(e) => {
                 counters.incomplete.fetch_add(1, Ordering::Relaxed);
@@ -181,24 +215,38 @@ pub(super) async fn run(r: Round) {
             }
         };
         warned = false;
+        counters.cut.fetch_add(cut, Ordering::Relaxed);
+        let Ok(context) = r.p0.with_fleet(|f| f.detector.ring_context(Now::system())) else {
+            continue;
+        };
+        let n = candidates.len() as u64;
+        // Linking costs up to `MAX_LINK_WORK` steps: on a blocking thread, with no lock held,
+        // so partition 0 keeps merging and answering meanwhile.
+        let found = match context {
+            Some((cfg, started)) => tokio::task::spawn_blocking(move || {
+                crate::detect::link_rings(&candidates, &cfg, started)
+            })
+            .await
+            .ok(),
+            None => None,
+        };
         let valid = r.valid.clone();
         let events = r.p0.with_fleet(|f| {
             // Partition 0's state changes only while its lease is ours.
             if !valid.valid(0) {
-                return Vec::new();
+                return None;
             }
-            let events = f.detector.evaluate_rings(&candidates, Now::system());
+            let events = f.detector.apply_rings(found, cut == 0, Now::system());
             let records: Vec<Record> = events.iter().map(Record::new).collect();
             f.forward(&records, alerts::Source::Fleet);
-            events
+            Some(events)
         });
+        let Ok(Some(events)) = events else {
+            continue;
+        };
         counters.rounds.fetch_add(1, Ordering::Relaxed);
-        counters
-            .candidates
-            .store(candidates.len() as u64, Ordering::Relaxed);
-        if let Ok(events) = events
-            && !events.is_empty()
-        {
+        counters.candidates.store(n, Ordering::Relaxed);
+        if !events.is_empty() {
             let lost = crate::alerting::record_alerts(&r.alerts_path, &events);
             r.front.count_alert_log_lost(lost);
         }
@@ -218,6 +266,8 @@ mod tests {
     };
 
     const T0: u64 = 1_800_000_000_000;
+    /// Page timeout in the tests: they run beside hundreds of others on two CPUs.
+    const SLOW: Duration = Duration::from_secs(20);
     const MINUTE: u64 = 60_000;
 
     fn at(ms: u64) -> Now {
@@ -323,6 +373,39 @@ mod tests {
         assert!(failed.error.contains("state poisoned"), "{}", failed.error);
     }
 
+    /// A holder reports at most `MAX_PARTITION_CANDIDATES` a round, the heaviest, and says
+    /// how many it left out; its pages then hold nothing more.
+    #[test]
+    fn a_holder_reports_its_heaviest_candidates_and_counts_the_rest() {
+        let n = MAX_PARTITION_CANDIDATES + 5;
+        let list: Vec<RingCandidate> = (0..n)
+            .map(|i| candidate(format!("k-{i:06}"), T0, (0, 0), i as f64))
+            .collect();
+        let mut pages = Pages::default();
+        let (mut got, mut page) = (Vec::new(), 0);
+        loop {
+            let a = pages.answer(&request(1, page), 1 << 20, || Ok(list.clone()));
+            assert!(a.error.is_empty(), "{}", a.error);
+            assert_eq!(a.cut, 5);
+            got.extend(a.candidates);
+            match a.next_page {
+                Some(next) => page = next,
+                None => break,
+            }
+        }
+        assert_eq!(got.len(), MAX_PARTITION_CANDIDATES);
+        let lightest = got.iter().map(|c| c.tokens_10m).fold(f64::MAX, f64::min);
+        assert_eq!(lightest, 5.0, "the five lightest are the ones left out");
+        // Served in full: nothing kept, a late page is refused.
+        assert!(pages.list.is_empty());
+        assert!(
+            !pages
+                .answer(&request(1, 1), 1 << 20, || Ok(Vec::new()))
+                .error
+                .is_empty()
+        );
+    }
+
     /// Responders on the view subjects of `prefix`, as partition holders run them (each with
     /// its own pages, or — `forgetful` — a fresh one per request, as a holder that changed
     /// between pages is).
@@ -370,7 +453,8 @@ mod tests {
         serve(&client, "moving", lists.clone(), true);
         client.flush().await.expect("flush");
 
-        let gathered = gather(&client, "fleet", 4, 1).await.expect("gather");
+        let (gathered, cut) = gather(&client, "fleet", 4, 1, SLOW).await.expect("gather");
+        assert_eq!(cut, 0);
         assert_eq!(gathered.len(), 4 * 2003);
         let keys: BTreeSet<&str> = gathered.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(keys.len(), gathered.len(), "a candidate gathered twice");
@@ -410,11 +494,11 @@ mod tests {
             assert!(alone.evaluate_rings(list, at(T0 + 25 * MINUTE)).is_empty());
         }
 
-        match gather(&client, "fleet", 5, 2).await {
+        match gather(&client, "fleet", 5, 2, SLOW).await {
             Err(GatherError::Unanswered(4, _)) => {}
             other => panic!("a partition without a holder: {other:?}"),
         }
-        match gather(&client, "moving", 4, 3).await {
+        match gather(&client, "moving", 4, 3, SLOW).await {
             Err(GatherError::Unreadable(_, e)) if e.contains("not paged here") => {}
             other => panic!("a holder that changed between pages: {other:?}"),
         }

@@ -49,9 +49,15 @@ pub enum Rings {
     /// Over this aggregate (a host, a lone collector).
     Here,
     /// Elsewhere, over candidates gathered from several aggregates (a collector group's
-    /// partitions): `evaluate` leaves ring alerts alone, `evaluate_rings` drives them.
+    /// partitions), into this detector (partition 0's): `evaluate` leaves ring alerts alone,
+    /// `evaluate_rings` drives them.
     Gathered,
+    /// Elsewhere, into another detector (a collector group's other partitions): ring alerts
+    /// this state still holds (from before the group's rule moved to partition 0) resolve.
+    Elsewhere,
 }
+
+pub use ring::Found as FoundRings;
 
 fn is_ring_slot(slot: &str) -> bool {
     slot.strip_prefix(RING_RULE_ID)
@@ -310,17 +316,24 @@ impl Detector {
                 }
             }
         }
+        let mut rings_judged = rings != Rings::Gathered;
         if settings.signals.rings && rings == Rings::Here {
             let allowed = |by: By, key: &str| settings.allowed(by, key, agg);
             let started = state.started_ms(now);
-            for r in ring::find(agg, &behind, &allowed, &settings.signals, started, now) {
+            let found = ring::find(agg, &behind, &allowed, &settings.signals, started, now);
+            rings_judged = found.complete;
+            if !found.complete {
+                state.counters.rings_incomplete += 1;
+            }
+            for r in found.rings {
                 let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
                 held.insert(slot.clone());
                 events.extend(ring_matched(state, settings, slot, r, now));
             }
         }
-        // Ring alerts driven elsewhere are not this evaluation's to resolve.
-        let scope = |slot: &str| rings == Rings::Here || !is_ring_slot(slot);
+        // Ring alerts driven elsewhere, or by an evaluation that stopped short, are not this
+        // evaluation's to resolve.
+        let scope = |slot: &str| rings_judged || !is_ring_slot(slot);
         events.extend(state.settle(
             &held,
             &scope,
@@ -349,24 +362,52 @@ impl Detector {
     }
 
     /// The ring rule over candidates gathered from every partition (`Rings::Gathered`):
-    /// opens, updates and resolves ring alerts only.
+    /// opens, updates and resolves ring alerts only. In three steps, so that the linking
+    /// (the costly one) runs without the detector: `ring_context`, `link_rings`, `apply_rings`.
     pub fn evaluate_rings(&mut self, candidates: &[RingCandidate], now: Now) -> Vec<AlertEvent> {
+        let found = self
+            .ring_context(now)
+            .map(|(cfg, started)| link_rings(candidates, &cfg, started));
+        self.apply_rings(found, true, now)
+    }
+
+    /// What linking needs from the detector: the ring settings and its start (None when the
+    /// ring rule is off).
+    pub fn ring_context(&mut self, now: Now) -> Option<(SignalConfig, u64)> {
+        self.settings
+            .signals
+            .rings
+            .then(|| (self.settings.signals.clone(), self.state.started_ms(now)))
+    }
+
+    /// Opens and updates the alerts of the rings `found`, and resolves those no longer found
+    /// when the linking and the gathering (`gathered_all`) saw every candidate. With the
+    /// ring rule off (`found` None) every ring alert resolves in its time.
+    pub fn apply_rings(
+        &mut self,
+        found: Option<FoundRings>,
+        gathered_all: bool,
+        now: Now,
+    ) -> Vec<AlertEvent> {
         let Self { settings, state } = self;
-        if !settings.signals.rings {
-            return Vec::new();
-        }
-        let started = state.started_ms(now);
         let mut held = HashSet::new();
         let mut events = Vec::new();
-        let none = |_: &RingCandidate| Evidence::default();
-        for r in ring::find_among(candidates, &none, &settings.signals, started) {
-            let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
-            held.insert(slot.clone());
-            events.extend(ring_matched(state, settings, slot, r, now));
+        let mut judged = true;
+        if let Some(found) = found {
+            judged = found.complete && gathered_all;
+            if !judged {
+                state.counters.rings_incomplete += 1;
+            }
+            for r in found.rings {
+                let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
+                held.insert(slot.clone());
+                events.extend(ring_matched(state, settings, slot, r, now));
+            }
         }
+        let scope = |slot: &str| judged && is_ring_slot(slot);
         events.extend(state.settle(
             &held,
-            &is_ring_slot,
+            &scope,
             settings.resolve_after_ms,
             settings.suppress_ms,
             now,
@@ -386,6 +427,12 @@ impl Detector {
         });
         v
     }
+}
+
+/// Links gathered candidates into rings (no detector needed: run it off any lock).
+pub fn link_rings(candidates: &[RingCandidate], cfg: &SignalConfig, started_ms: u64) -> FoundRings {
+    let none = |_: &RingCandidate| Evidence::default();
+    ring::find_among(candidates, &none, cfg, started_ms)
 }
 
 /// A key whose rule conditions hold: after `for_minutes`, and unless allow-listed, it
@@ -842,6 +889,70 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
         // The gathered evaluation resolves it once the ring is gone.
         let gone = p0.evaluate_rings(&[], at(4000));
         assert_eq!(gone.len(), 1, "{gone:#?}");
+        assert_eq!(gone[0].event, EventKind::Resolve);
+    }
+
+    fn light(key: String, first_seen_ms: u64) -> RingCandidate {
+        RingCandidate {
+            key,
+            kind: "identity".into(),
+            first_seen_ms,
+            cell: (40, 50),
+            group: None,
+            source: None,
+            tokens_10m: 0.1,
+            persistent: false,
+            evidence: None,
+        }
+    }
+
+    /// Candidates are whatever agents report: linking them must stay cheap. A crowd started
+    /// together is judged in one pass (every later window is a part of the first), so
+    /// 50 000 of them are judged in full; candidates spread so that every window is new and
+    /// large stop the linking at its bound, and the evaluation says it is incomplete: open
+    /// ring alerts then stay open instead of resolving on a partial look.
+    #[test]
+    fn linking_is_bounded_whatever_the_candidates() {
+        let cfg = SignalConfig::default();
+        let start = 1_800_000_000_000;
+        let crowd: Vec<RingCandidate> = (0..50_000u64)
+            .map(|i| light(format!("k-{i}"), start + 600_000 + i % 170_000))
+            .collect();
+        let found = link_rings(&crowd, &cfg, start);
+        assert!(found.complete);
+        assert!(found.rings.is_empty(), "light keys are no ring");
+
+        // Windows of 3 minutes over 6 000 keys 60 ms apart: each holds 3 000, each new.
+        let spread: Vec<RingCandidate> = (0..6_000u64)
+            .map(|i| light(format!("k-{i}"), start + 600_000 + i * 60))
+            .collect();
+        let found = link_rings(&spread, &cfg, start);
+        assert!(!found.complete, "stopped at MAX_LINK_WORK");
+
+        // An open ring alert is kept through incomplete evaluations and resolves after a
+        // complete one.
+        let mut d = detector(Vec::new());
+        d.evaluate(&Aggregator::new(10, 24, 56), at(0));
+        let farm: Vec<RingCandidate> = (0..6u64)
+            .map(|i| RingCandidate {
+                tokens_10m: 12_000.0,
+                ..light(format!("k-ring-{i}"), at(600).unix_ms + i * 1000)
+            })
+            .collect();
+        let opened = d.evaluate_rings(&farm, at(1500));
+        assert_eq!(opened.len(), 1, "{opened:#?}");
+        let later = at(1500 + 3600);
+        let (ctx_cfg, started) = d.ring_context(later).expect("rings on");
+        let partial = link_rings(&spread, &ctx_cfg, started);
+        assert!(d.apply_rings(Some(partial), true, later).is_empty());
+        let cut = link_rings(&[], &ctx_cfg, started);
+        assert!(
+            d.apply_rings(Some(cut), false, later).is_empty(),
+            "a gathering that cut"
+        );
+        assert_eq!(d.state.counters.rings_incomplete, 2);
+        let gone = d.evaluate_rings(&[], later);
+        assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].event, EventKind::Resolve);
     }
 

@@ -56,6 +56,11 @@ const SYNC_SPAN_MS: u64 = 180_000;
 const COLD_START_MS: u64 = 300_000;
 /// Members listed in an alert.
 const MAX_LISTED: usize = 100;
+/// Members the synchronized-start sweep may visit in one evaluation (summed over the windows
+/// it links). Its cost grows with the candidates times the members of a window; past this it
+/// stops, and the evaluation says it is incomplete (nothing resolved on it) instead of
+/// holding the detector for seconds: candidates may be chosen by a hostile agent.
+pub const MAX_LINK_WORK: usize = 2_000_000;
 
 /// An eligible key, with everything the linking step needs (so it can travel between
 /// collectors).
@@ -76,6 +81,13 @@ pub struct Candidate {
     /// Its counters for the ring's evidence (left out where the aggregate is at hand).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<Evidence>,
+}
+
+/// The rings of one evaluation, and whether it looked at every candidate (when not, open
+/// ring alerts are kept, not resolved).
+pub struct Found {
+    pub rings: Vec<Ring>,
+    pub complete: bool,
 }
 
 /// A ring found in one evaluation.
@@ -191,7 +203,7 @@ pub fn find(
     cfg: &SignalConfig,
     started_ms: u64,
     now: Now,
-) -> Vec<Ring> {
+) -> Found {
     let members = harvest(agg, behind, allowed, cfg, now);
     // Evidence only for the members of rings found (rare), straight from the aggregate.
     let evidence = |m: &Candidate| {
@@ -237,9 +249,11 @@ pub fn find_among(
     evidence: &dyn Fn(&Candidate) -> Evidence,
     cfg: &SignalConfig,
     started_ms: u64,
-) -> Vec<Ring> {
+) -> Found {
     let mut rings = Vec::new();
     let mut taken = vec![false; members.len()];
+    let mut work = 0usize;
+    let mut complete = true;
 
     // Synchronized starts: every window of SYNC_SPAN_MS starting at a member's start.
     let mut order: Vec<usize> = (0..members.len())
@@ -247,6 +261,12 @@ pub fn find_among(
         .collect();
     order.sort_by_key(|&i| members[i].first_seen_ms);
     let mut end = 0;
+    // The window end of the last run judged: a later anchor with the same end sees a subset
+    // of that run (less what became rings), whose components are parts of components that
+    // were too small or too light, so too small or too light themselves (both criteria only
+    // grow with members): skipping it changes nothing, and makes a crowd started together
+    // cost one pass instead of one per member.
+    let mut judged_end = None;
     for (pos, &anchor) in order.iter().enumerate() {
         if taken[anchor] {
             continue;
@@ -256,6 +276,15 @@ pub fn find_among(
         while end + 1 < order.len() && members[order[end + 1]].first_seen_ms <= first + SYNC_SPAN_MS
         {
             end += 1;
+        }
+        if judged_end == Some(end) {
+            continue;
+        }
+        judged_end = Some(end);
+        work += end + 1 - pos;
+        if work > MAX_LINK_WORK {
+            complete = false;
+            break;
         }
         let run: Vec<usize> = order[pos..=end]
             .iter()
@@ -311,7 +340,7 @@ pub fn find_among(
             }
         }
     }
-    rings
+    Found { rings, complete }
 }
 
 /// The ring of `comp`, if it is big enough and pulls enough together.

@@ -50,6 +50,10 @@ pub struct DetectCounters {
     pub suppressed: u64,
     /// Rule matches on allow-listed keys.
     pub allowlisted: u64,
+    /// Ring evaluations that stopped short (too many candidates to link, or a gathering
+    /// that missed some): nothing resolved on them.
+    #[serde(default)]
+    pub rings_incomplete: u64,
     /// Matches of log-only rules.
     pub logged: u64,
 }
