@@ -245,31 +245,35 @@ impl Pipeline {
     /// Writes the state, then lets the kernel forget the closed connections it accounts.
     fn snapshot(&mut self) -> anyhow::Result<()> {
         let now = Now::system();
-        // Encoded under the lock, straight from the live aggregates (no copy of them).
-        let (encoded, reaped) = {
+        // Encoded under the lock, straight from the live aggregates (no copy of them) into
+        // the temporary file; synced and renamed outside it.
+        let (written, reaped) = {
             let mut s = lock(&self.state)?;
             // Before taking the unreaped ones: their tombstones stay until they are deleted.
             s.table.expire_tombstones(now);
             let reaped = s.table.take_unreaped();
-            let encoded = state::encode(&SnapshotRef {
-                version: state::SNAPSHOT_VERSION,
-                boot_id: &self.boot_id,
-                instance: &self.capture.instance,
-                saved_unix_ms: now.unix_ms,
-                agg: &s.agg,
-                conns: s.table.state(),
-                detector: &s.detector.state,
-                shipped_through: s.shipped_through,
-            });
-            match encoded {
-                Ok(encoded) => (encoded, reaped),
+            let written = state::write_tmp(
+                &self.config.state.dir,
+                &SnapshotRef {
+                    version: state::SNAPSHOT_VERSION,
+                    boot_id: &self.boot_id,
+                    instance: &self.capture.instance,
+                    saved_unix_ms: now.unix_ms,
+                    agg: &s.agg,
+                    conns: s.table.state(),
+                    detector: &s.detector.state,
+                    shipped_through: s.shipped_through,
+                },
+            );
+            match written {
+                Ok(written) => (written, reaped),
                 Err(e) => {
                     s.table.restore_unreaped(reaped);
                     return Err(e);
                 }
             }
         };
-        if let Err(e) = state::save(&self.config.state.dir, &encoded) {
+        if let Err(e) = state::commit(&self.config.state.dir, written) {
             // Keep the records in the kernel until a snapshot holds them.
             let mut s = lock(&self.state)?;
             s.table.restore_unreaped(reaped);
