@@ -151,7 +151,13 @@ struct Candidate<'a> {
 impl Candidate<'_> {
     /// The lifecycle slot: one alert at a time per rule, key kind and key.
     fn slot(&self) -> String {
-        format!("{}|{}|{}", self.rule.id, self.by.name(), self.key)
+        // Built for every key a rule holds on at every evaluation: no formatting machinery.
+        let (id, by) = (self.rule.id.as_str(), self.by.name());
+        let mut slot = String::with_capacity(id.len() + by.len() + self.key.len() + 2);
+        for part in [id, "|", by, "|", self.key] {
+            slot.push_str(part);
+        }
+        slot
     }
 
     fn holds(&self, inputs: &Inputs) -> bool {
@@ -296,7 +302,7 @@ impl Detector {
         };
         let mut events = Vec::new();
         // Slots whose conditions hold in this evaluation.
-        let mut held = HashSet::new();
+        let mut held = state::Slots::default();
         for rule in &settings.rules {
             for &by in &rule.keys {
                 for (key, stats) in &agg.table(by).clients {
@@ -311,8 +317,8 @@ impl Detector {
                         continue;
                     }
                     let slot = cand.slot();
-                    held.insert(slot.clone());
-                    events.extend(matched(state, settings, slot, &cand, &inputs, agg));
+                    events.extend(matched(state, settings, &slot, &cand, &inputs, agg));
+                    held.insert(slot);
                 }
             }
         }
@@ -390,7 +396,7 @@ impl Detector {
         now: Now,
     ) -> Vec<AlertEvent> {
         let Self { settings, state } = self;
-        let mut held = HashSet::new();
+        let mut held = state::Slots::default();
         let mut events = Vec::new();
         let mut judged = true;
         if let Some(found) = found {
@@ -440,13 +446,13 @@ pub fn link_rings(candidates: &[RingCandidate], cfg: &SignalConfig, started_ms: 
 fn matched(
     state: &mut DetectorState,
     settings: &Settings,
-    slot: String,
+    slot: &str,
     cand: &Candidate,
     inputs: &Inputs,
     agg: &Aggregator,
 ) -> Option<AlertEvent> {
     let now = inputs.now;
-    let since = state.holding_since(&slot, now);
+    let since = state.holding_since(slot, now);
     // Keys still inside `for_minutes` (often thousands under a timing rule) and allow-listed
     // ones need nothing more.
     if now.unix_ms.saturating_sub(since) < cand.rule.for_ms {
@@ -458,7 +464,7 @@ fn matched(
     }
     let crossed = cand.crossed(inputs);
     let explain = cand.explain(inputs);
-    if let Some(id) = state.open_id(&slot).cloned() {
+    if let Some(id) = state.open_id(slot).cloned() {
         return state.update(
             &id,
             Evidence::of(cand.stats, now),
@@ -467,7 +473,7 @@ fn matched(
             now,
         );
     }
-    if state.suppressed(&slot, now) {
+    if state.suppressed(slot, now) {
         return None;
     }
     let rule = cand.rule;
@@ -485,7 +491,7 @@ fn matched(
         explain,
     };
     let alert = draft.alert(&settings.host, &state.baseline.view, now);
-    Some(state.open(slot, alert))
+    Some(state.open(slot.to_owned(), alert))
 }
 
 /// In learning mode, matches before the baseline exists are only recorded.

@@ -11,6 +11,12 @@ use super::{
 };
 use crate::model::aggregate::Now;
 
+/// String-keyed maps of the detector: it probes them for every key a rule holds on
+/// (thousands per evaluation under a timing rule), so a fast hash rather than SipHash.
+pub(super) type SlotMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+/// The slots that held in one evaluation.
+pub(super) type Slots = HashSet<String, foldhash::fast::RandomState>;
+
 /// Resolved alerts kept for display (every open one is kept).
 const RESOLVED_KEPT: usize = 1000;
 
@@ -25,18 +31,18 @@ pub struct DetectorState {
     /// Open alerts and resolved ones kept for display (bounded).
     pub alerts: BTreeMap<String, Alert>,
     /// (rule, kind, key) -> since when the rule's conditions hold.
-    pending: HashMap<String, u64>,
+    pending: SlotMap<u64>,
     /// (rule, kind, key) -> id of its open alert.
-    open: HashMap<String, String>,
+    open: SlotMap<String>,
     /// (rule, kind, key) -> no new alert before this time (unix ms).
-    suppressed_until: HashMap<String, u64>,
+    suppressed_until: SlotMap<u64>,
     /// When this detector first evaluated (unix ms, agent clock): rings do not judge keys
     /// by a start that is only the detector's own.
     #[serde(default)]
     started_ms: u64,
     /// Alert id -> when its last open or update event went out (unix ms).
     #[serde(default)]
-    event_sent_ms: HashMap<String, u64>,
+    event_sent_ms: SlotMap<u64>,
     pub(super) baseline: Baseline,
     pub counters: DetectCounters,
 }
@@ -152,7 +158,7 @@ impl DetectorState {
     /// suppresses their slot for `suppress_ms`), and bounds what is kept.
     pub(super) fn settle(
         &mut self,
-        held: &HashSet<String>,
+        held: &Slots,
         scope: &dyn Fn(&str) -> bool,
         resolve_after_ms: u64,
         suppress_ms: u64,
@@ -168,7 +174,7 @@ impl DetectorState {
 
     fn resolve_cleared(
         &mut self,
-        held: &HashSet<String>,
+        held: &Slots,
         scope: &dyn Fn(&str) -> bool,
         resolve_after_ms: u64,
         suppress_ms: u64,
