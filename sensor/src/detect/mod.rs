@@ -331,11 +331,7 @@ impl Detector {
             if !found.complete {
                 state.counters.rings_incomplete += 1;
             }
-            for r in found.rings {
-                let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
-                held.insert(slot.clone());
-                events.extend(ring_matched(state, settings, slot, r, now));
-            }
+            events.extend(rings_matched(state, settings, found.rings, &mut held, now));
         }
         // Ring alerts driven elsewhere, or by an evaluation that stopped short, are not this
         // evaluation's to resolve.
@@ -404,11 +400,7 @@ impl Detector {
             if !judged {
                 state.counters.rings_incomplete += 1;
             }
-            for r in found.rings {
-                let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
-                held.insert(slot.clone());
-                events.extend(ring_matched(state, settings, slot, r, now));
-            }
+            events.extend(rings_matched(state, settings, found.rings, &mut held, now));
         }
         let scope = |slot: &str| judged && is_ring_slot(slot);
         events.extend(state.settle(
@@ -502,6 +494,23 @@ fn learning_mode(state: &DetectorState, settings: &Settings, mode: Mode) -> Mode
     } else {
         mode
     }
+}
+
+/// The rings found in one evaluation: each slot held, each alert updated or opened.
+fn rings_matched(
+    state: &mut DetectorState,
+    settings: &Settings,
+    rings: Vec<ring::Ring>,
+    held: &mut state::Slots,
+    now: Now,
+) -> Vec<AlertEvent> {
+    let mut events = Vec::new();
+    for r in rings {
+        let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
+        held.insert(slot.clone());
+        events.extend(ring_matched(state, settings, slot, r, now));
+    }
+    events
 }
 
 /// A ring found: updates its open alert, or opens one (unless suppressed or allow-listed:
