@@ -746,9 +746,12 @@ fn packet(ctx: &SkBuffContext) -> Result<Option<Packet>, Unparsed> {
     };
     // SAFETY: stats points into a live map value; fields are only updated atomically or as
     // single aligned stores, which tolerate concurrent readers.
-    unsafe {
-        (*stats).last_seen_ns = now_ns();
-        if received != NOT_READ {
+    // The clock is read for packets with data or a FIN only (the time request events carry):
+    // a bulk transfer's pure ACKs are most of its packets, and a clock read costs as much as
+    // the rest of such a packet's work.
+    if received != NOT_READ {
+        unsafe {
+            (*stats).last_seen_ns = now_ns();
             note_received(&mut *stats, received);
         }
     }
@@ -1293,7 +1296,14 @@ fn method_byte(b: u8) -> bool {
 /// per loop position instead of one per partial match.
 #[inline(never)]
 fn parse_turn(ctx: &SkBuffContext, p: &mut Frame, pos: *mut Pos) -> Result<Turn, Unparsed> {
-    let mut buf = [0u8; PARSE_LOAD];
+    // Zeroed by volatile word stores: LLVM turns a zeroed stack array (or plain zero stores)
+    // into a call to the BPF `memset` subprogram, a byte loop, which showed in profiles.
+    let mut words = [0u64; PARSE_LOAD / 8];
+    for i in 0..PARSE_LOAD / 8 {
+        // SAFETY: i indexes `words`.
+        unsafe { core::ptr::write_volatile(words.as_mut_ptr().add(i), 0) };
+    }
+    let buf = words.as_mut_ptr().cast::<u8>();
     // The outcome is written to memory and read once at the end: one exit, so the verifier
     // joins the paths from every byte position instead of walking the caller once per exit.
     // SAFETY: this CPU's POS value.
@@ -1313,15 +1323,8 @@ fn parse_turn(ctx: &SkBuffContext, p: &mut Frame, pos: *mut Pos) -> Result<Turn,
         }
         let offset = payload as usize + (cursor - start) as usize;
         // SAFETY: buf has PARSE_LOAD bytes.
-        let n = unsafe {
-            load_into::<PARSE_LOAD>(
-                ctx,
-                offset,
-                buf.as_mut_ptr(),
-                PARSE_LOAD,
-                (end - cursor) as u32,
-            )
-        };
+        let n =
+            unsafe { load_into::<PARSE_LOAD>(ctx, offset, buf, PARSE_LOAD, (end - cursor) as u32) };
         if n == 0 {
             // SAFETY: this CPU's POS value.
             unsafe { put(&raw mut (*pos).verdict, TURN_UNPARSED) };
@@ -1329,7 +1332,8 @@ fn parse_turn(ctx: &SkBuffContext, p: &mut Frame, pos: *mut Pos) -> Result<Turn,
         }
         let mut i = 0;
         while i < PARSE_LOAD && i < n {
-            let b = buf[i];
+            // SAFETY: i < PARSE_LOAD, the size of `words` in bytes.
+            let b = unsafe { *buf.add(i) };
             // SAFETY: as above.
             let k = unsafe { core::ptr::read_volatile(&raw const p.method_len) };
             let at = unsafe { core::ptr::read_volatile(&raw const p.cursor) } + 1;
@@ -1783,7 +1787,7 @@ fn emit_head<const FIRST: bool>(ctx: &SkBuffContext, stats: &mut ConnStats, pos:
         (*ev).events_out_start = stats.events_out;
         (*ev).kind = if FIRST { EVENT_REQUEST } else { EVENT_HEAD };
         (*ev).head_skip = 0;
-        (*ev)._pad = [0; 3];
+        zero_pad(&raw mut (*ev)._pad);
         let head = (&raw mut (*ev).head).cast::<u8>();
         if prefix > 0 {
             core::ptr::copy_nonoverlapping(p.method.as_ptr(), head, METHOD_MAX);
@@ -1891,24 +1895,46 @@ const _: () = assert!(
 );
 
 /// Tells the agent that a turn (or a request whose bytes passed unseen) began.
+///
+/// Written where it lives in the ring buffer: no copy from the stack, and no `memset` call for
+/// a zeroed stack struct's padding.
 fn report_turn(cookie: u64, stats: &ConnStats, flags: u8) {
-    let ev = TurnEvent {
-        cookie,
-        ts_ns: stats.last_seen_ns,
-        remote_addr: stats.remote_addr,
-        bytes_in_start: stats.parse.live.turn_start,
-        // SAFETY: field of a live map value.
-        bytes_out_start: unsafe { read_shared(&raw const stats.bytes_out) },
-        events_out_start: stats.events_out,
-        head_offset: stats.parse.live.turn_start,
-        head_len: 0,
-        kind: EVENT_REQUEST,
-        flags: flags | HEAD_DONE,
-        head_skip: 0,
-        _pad: [0; 3],
-    };
-    if REQUESTS.output::<TurnEvent>(&ev, 0).is_err() {
+    let Some(mut entry) = REQUESTS.reserve::<TurnEvent>(0) else {
         count_loss(Loss::RequestEventsDropped);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: the reserved entry holds a TurnEvent; every field is written before the submit;
+    // bytes_out is a field of a live map value.
+    unsafe {
+        (*ev).cookie = cookie;
+        (*ev).ts_ns = stats.last_seen_ns;
+        (*ev).remote_addr = stats.remote_addr;
+        (*ev).bytes_in_start = stats.parse.live.turn_start;
+        (*ev).bytes_out_start = read_shared(&raw const stats.bytes_out);
+        (*ev).events_out_start = stats.events_out;
+        (*ev).head_offset = stats.parse.live.turn_start;
+        (*ev).head_len = 0;
+        (*ev).kind = EVENT_REQUEST;
+        (*ev).flags = flags | HEAD_DONE;
+        (*ev).head_skip = 0;
+        zero_pad(&raw mut (*ev)._pad);
+    }
+    entry.submit(0);
+}
+
+/// Zeroes an event's three padding bytes one store each: `= [0; 3]` (alignment 1) becomes a
+/// call to the BPF `memset` subprogram, a byte loop.
+///
+/// SAFETY: `pad` points to writable event memory.
+#[inline(always)]
+unsafe fn zero_pad(pad: *mut [u8; 3]) {
+    let p = pad.cast::<u8>();
+    // SAFETY: per the contract, three writable bytes.
+    unsafe {
+        core::ptr::write_volatile(p, 0);
+        core::ptr::write_volatile(p.add(1), 0);
+        core::ptr::write_volatile(p.add(2), 0);
     }
 }
 
@@ -1936,14 +1962,15 @@ fn report_head_done(cookie: u64, stats: &ConnStats) {
         (*ev).ts_ns = stats.last_seen_ns;
         (*ev).remote_addr = stats.remote_addr;
         (*ev).bytes_in_start = stats.parse.live.turn_start;
-        (*ev).bytes_out_start = 0;
-        (*ev).events_out_start = 0;
+        // Volatile: LLVM folds two adjacent zero stores into a `memset` call.
+        core::ptr::write_volatile(&raw mut (*ev).bytes_out_start, 0);
+        core::ptr::write_volatile(&raw mut (*ev).events_out_start, 0);
         (*ev).head_offset = stats.parse.live.head_next;
         (*ev).head_len = 0;
         (*ev).kind = EVENT_HEAD;
         (*ev).flags = HEAD_DONE;
         (*ev).head_skip = 0;
-        (*ev)._pad = [0; 3];
+        zero_pad(&raw mut (*ev)._pad);
     }
     entry.submit(0);
 }
@@ -2103,22 +2130,43 @@ unsafe fn pattern_starts_at(words: *const u64, w: usize, k: usize, b: u8) -> u64
     zero_bytes(unsafe { window(words, w, k) } ^ (ONES * u64::from(b)))
 }
 
-/// Zeroes the 16 bytes after the first `n` of the scratch buffer (see above).
+/// Zeroes the bytes after the first `n` of the scratch buffer to the end of the next word
+/// (at least 9 bytes): every position a scan may start a pattern at, at or past `n`, lies in
+/// the word holding byte `n - 1` or before, so each such start meets a zero first (see above).
+/// Two word stores, not a `write_bytes`, which became a call to the BPF `memset` subprogram (a
+/// byte loop) for the unaligned range.
 ///
-/// SAFETY: `base` points at this CPU's `Scratch::bytes`, `n <= SSE_SCAN_MAX`.
+/// SAFETY: `base` points at this CPU's `Scratch::bytes` (8-byte aligned), `n <= SSE_SCAN_MAX`.
 #[inline(always)]
 unsafe fn zero_tail(base: *mut u8, n: usize) {
     let n = n & (2 * SSE_SCAN_MAX - 1);
     if n <= SSE_SCAN_MAX {
-        // SAFETY: the buffer has 16 bytes of slack past SSE_SCAN_MAX.
-        unsafe { core::ptr::write_bytes(base.add(n), 0, 16) };
+        let words = base.cast::<u64>();
+        let w = n / 8;
+        // The low `n % 8` bytes of word `w` (little endian) are copied bytes and stay.
+        let keep = (n % 8) as u64;
+        let mask = if keep == 0 {
+            0
+        } else {
+            u64::MAX >> (64 - 8 * keep)
+        };
+        // SAFETY: w <= SSE_SCAN_MAX / 8, and the buffer has two words of slack past
+        // SSE_SCAN_MAX: words w and w + 1 lie in it.
+        unsafe {
+            let first = core::ptr::read_volatile(words.add(w));
+            core::ptr::write_volatile(words.add(w), first & mask);
+            core::ptr::write_volatile(words.add(w + 1), 0);
+        }
     }
 }
 
-/// Whether the first `*len` bytes at `base` contain `event-stream`.
+/// Whether the response head in the first `*len` bytes at `base` contains `event-stream`.
 ///
 /// Looks for the pattern's `-` eight bytes at a time and checks the whole pattern only in the
-/// words around one: about a tenth of the work of checking every word.
+/// words around one: about a tenth of the work of checking every word. Stops at the blank line
+/// that ends the head (`\n\r\n`): the body is not read (it was most of the scan for a small
+/// reply in one segment), and the pattern in the body, after the head, is not taken for the
+/// head's `Content-Type`. A head that does not end in the bytes is read to their end.
 #[inline(never)]
 fn names_event_stream(base: *const u8, len: *const u64) -> bool {
     const PATTERN: &[u8; 12] = b"event-stream";
@@ -2129,28 +2177,70 @@ fn names_event_stream(base: *const u8, len: *const u64) -> bool {
     while w < SSE_WORDS && w * 8 < n {
         // SAFETY: w < SSE_WORDS; the scratch buffer is 8-byte aligned.
         let word = unsafe { core::ptr::read_volatile(words.add(w)) };
+        // The pattern's `-` is its sixth byte: it starts in this word or the one before.
+        let from = if w > 0 { w - 1 } else { 0 };
+        // A blank line starting in this word (at a line feed of it) ends the head: pattern
+        // starts from its end on are the body's.
+        let lf = zero_bytes(word ^ (ONES * u64::from(b'\n')));
+        // SAFETY: words w ..= w + 1 lie in the buffer and its slack.
+        let blank = if lf != 0 {
+            unsafe {
+                lf & pattern_starts_at(words, w, 1, b'\r') & pattern_starts_at(words, w, 2, b'\n')
+            }
+        } else {
+            0
+        };
+        let (keep_from, keep_next) = if blank == 0 {
+            (HIGHS, HIGHS)
+        } else {
+            let head_end = 8 * w + (lowest_bit(blank) >> 3) as usize + 3;
+            (
+                starts_below(from, head_end),
+                starts_below(from + 1, head_end),
+            )
+        };
         if zero_bytes(word ^ (ONES * u64::from(b'-'))) != 0 {
-            // The pattern's `-` is its sixth byte: it starts in this word or the one before.
             // Three of its bytes first (`e`, `v`, `-`), the rest only where those match.
-            let from = if w > 0 { w - 1 } else { 0 };
             // SAFETY: words from ..= w + 2 lie in the buffer and its slack.
             let maybe = unsafe {
-                pattern_starts(words, from, b"ev") & pattern_starts_at(words, from, 5, b'-')
+                pattern_starts(words, from, b"ev")
+                    & pattern_starts_at(words, from, 5, b'-')
+                    & keep_from
                     | pattern_starts(words, from + 1, b"ev")
                         & pattern_starts_at(words, from + 1, 5, b'-')
+                        & keep_next
             };
             // SAFETY: as above.
             if maybe != 0
                 && unsafe {
-                    pattern_starts(words, from, PATTERN) | pattern_starts(words, from + 1, PATTERN)
+                    pattern_starts(words, from, PATTERN) & keep_from
+                        | pattern_starts(words, from + 1, PATTERN) & keep_next
                 } != 0
             {
                 return true;
             }
         }
+        if blank != 0 {
+            // A pattern of the head ends before the blank line, so its `-` is in this word or
+            // an earlier one: every start that can still match was checked.
+            return false;
+        }
         w += 1;
     }
     false
+}
+
+/// High bits of the bytes of word `w` that lie before byte `end` of the buffer.
+#[inline(always)]
+fn starts_below(w: usize, end: usize) -> u64 {
+    let first = 8 * w;
+    if end >= first + 8 {
+        HIGHS
+    } else if end <= first {
+        0
+    } else {
+        HIGHS & ((1u64 << (8 * (end - first))) - 1)
+    }
 }
 
 /// Adds to `*found` the number of `data:` at a line start (or at offset 0) in the first

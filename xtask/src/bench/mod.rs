@@ -135,6 +135,8 @@ pub struct Wrk {
     pub p90_us: f64,
     pub p99_us: f64,
     pub errors: u64,
+    /// Requests completed in the run (wrk's own count).
+    pub requests: u64,
 }
 
 /// One side (with or without the sensor) of one A/B round.
@@ -203,6 +205,9 @@ pub struct Results {
     pub with: Vec<Round>,
     /// (program, workload) -> one sample per round.
     pub bpf: BTreeMap<(String, String), Vec<BpfSample>>,
+    /// workload -> per round: the sensor's BPF time in the window above the empty programs'
+    /// floor, divided by the requests wrk completed in it (ns per request).
+    pub bpf_per_request: BTreeMap<String, Vec<f64>>,
     pub idle_cpu_pct: f64,
     pub load: Vec<LoadRow>,
     pub latency_open_ms: Vec<f64>,
@@ -474,6 +479,29 @@ fn prog_stats(id: u64) -> anyhow::Result<(u64, u64)> {
 }
 
 /// Rounds of the BPF-statistics phase (its figures vary little between rounds).
+/// The sensor's BPF time in one statistics window per request: every sensor program's run
+/// time, less what the empty program of the same direction cost per run times the runs
+/// (sock_ops has no empty twin: its whole time counts), over the requests wrk completed.
+fn per_request_ns(window: &BTreeMap<&str, (u64, u64)>, requests: u64) -> f64 {
+    let floor = |empty: &str| {
+        window
+            .get(empty)
+            .filter(|(_, runs)| *runs > 0)
+            .map_or(0.0, |(ns, runs)| *ns as f64 / *runs as f64)
+    };
+    let mut total = 0.0;
+    for (name, (ns, runs)) in window {
+        let per_run_floor = match *name {
+            "sensor_ingress" => floor(calib::EMPTY_INGRESS),
+            "sensor_egress" => floor(calib::EMPTY_EGRESS),
+            n if n.starts_with("sensor_") => 0.0,
+            _ => continue,
+        };
+        total += *ns as f64 - per_run_floor * *runs as f64;
+    }
+    total / requests as f64
+}
+
 pub fn bpf_rounds(opts: &Options) -> usize {
     opts.rounds.min(5)
 }
@@ -624,6 +652,7 @@ impl Bench<'_> {
             p90_us: n("p90_us"),
             p99_us: n("p99_us"),
             errors: v["errors"].as_u64().unwrap_or(0),
+            requests: v["requests"].as_u64().unwrap_or(0),
         })
     }
 
@@ -714,21 +743,36 @@ impl Bench<'_> {
                     .values()
                     .map(|id| prog_stats(*id))
                     .collect::<Result<_, _>>()?;
-                match workload {
+                let requests = match workload {
                     "iperf3" => {
                         self.iperf(secs)?;
+                        None
                     }
-                    "wrk keep-alive" => {
-                        self.wrk(false, secs)?;
-                    }
-                    _ => {
-                        self.wrk(true, secs)?;
-                    }
-                }
+                    "wrk keep-alive" => Some(self.wrk(false, secs)?.requests),
+                    _ => Some(self.wrk(true, secs)?.requests),
+                };
                 let after: Vec<(u64, u64)> = progs
                     .values()
                     .map(|id| prog_stats(*id))
                     .collect::<Result<_, _>>()?;
+                // (total ns, runs) of each program in this window.
+                let window: BTreeMap<&str, (u64, u64)> = progs
+                    .keys()
+                    .zip(before.iter().zip(&after))
+                    .map(|(name, ((t0, c0), (t1, c1)))| {
+                        (
+                            name.as_str(),
+                            (t1.saturating_sub(*t0), c1.saturating_sub(*c0)),
+                        )
+                    })
+                    .collect();
+                if let Some(requests) = requests.filter(|&n| n > 0) {
+                    results
+                        .bpf_per_request
+                        .entry(workload.to_owned())
+                        .or_default()
+                        .push(per_request_ns(&window, requests));
+                }
                 for ((name, (t0, c0)), (t1, c1)) in progs.keys().zip(before).zip(after) {
                     let runs = c1.saturating_sub(c0);
                     let ns = t1.saturating_sub(t0);
