@@ -2160,13 +2160,10 @@ unsafe fn zero_tail(base: *mut u8, n: usize) {
     }
 }
 
-/// Whether the response head in the first `*len` bytes at `base` contains `event-stream`.
+/// Whether the first `*len` bytes at `base` contain `event-stream`.
 ///
 /// Looks for the pattern's `-` eight bytes at a time and checks the whole pattern only in the
-/// words around one: about a tenth of the work of checking every word. Stops at the blank line
-/// that ends the head (`\n\r\n`): the body is not read (it was most of the scan for a small
-/// reply in one segment), and the pattern in the body, after the head, is not taken for the
-/// head's `Content-Type`. A head that does not end in the bytes is read to their end.
+/// words around one: about a tenth of the work of checking every word.
 #[inline(never)]
 fn names_event_stream(base: *const u8, len: *const u64) -> bool {
     const PATTERN: &[u8; 12] = b"event-stream";
@@ -2177,70 +2174,28 @@ fn names_event_stream(base: *const u8, len: *const u64) -> bool {
     while w < SSE_WORDS && w * 8 < n {
         // SAFETY: w < SSE_WORDS; the scratch buffer is 8-byte aligned.
         let word = unsafe { core::ptr::read_volatile(words.add(w)) };
-        // The pattern's `-` is its sixth byte: it starts in this word or the one before.
-        let from = if w > 0 { w - 1 } else { 0 };
-        // A blank line starting in this word (at a line feed of it) ends the head: pattern
-        // starts from its end on are the body's.
-        let lf = zero_bytes(word ^ (ONES * u64::from(b'\n')));
-        // SAFETY: words w ..= w + 1 lie in the buffer and its slack.
-        let blank = if lf != 0 {
-            unsafe {
-                lf & pattern_starts_at(words, w, 1, b'\r') & pattern_starts_at(words, w, 2, b'\n')
-            }
-        } else {
-            0
-        };
-        let (keep_from, keep_next) = if blank == 0 {
-            (HIGHS, HIGHS)
-        } else {
-            let head_end = 8 * w + (lowest_bit(blank) >> 3) as usize + 3;
-            (
-                starts_below(from, head_end),
-                starts_below(from + 1, head_end),
-            )
-        };
         if zero_bytes(word ^ (ONES * u64::from(b'-'))) != 0 {
+            // The pattern's `-` is its sixth byte: it starts in this word or the one before.
             // Three of its bytes first (`e`, `v`, `-`), the rest only where those match.
+            let from = if w > 0 { w - 1 } else { 0 };
             // SAFETY: words from ..= w + 2 lie in the buffer and its slack.
             let maybe = unsafe {
-                pattern_starts(words, from, b"ev")
-                    & pattern_starts_at(words, from, 5, b'-')
-                    & keep_from
+                pattern_starts(words, from, b"ev") & pattern_starts_at(words, from, 5, b'-')
                     | pattern_starts(words, from + 1, b"ev")
                         & pattern_starts_at(words, from + 1, 5, b'-')
-                        & keep_next
             };
             // SAFETY: as above.
             if maybe != 0
                 && unsafe {
-                    pattern_starts(words, from, PATTERN) & keep_from
-                        | pattern_starts(words, from + 1, PATTERN) & keep_next
+                    pattern_starts(words, from, PATTERN) | pattern_starts(words, from + 1, PATTERN)
                 } != 0
             {
                 return true;
             }
         }
-        if blank != 0 {
-            // A pattern of the head ends before the blank line, so its `-` is in this word or
-            // an earlier one: every start that can still match was checked.
-            return false;
-        }
         w += 1;
     }
     false
-}
-
-/// High bits of the bytes of word `w` that lie before byte `end` of the buffer.
-#[inline(always)]
-fn starts_below(w: usize, end: usize) -> u64 {
-    let first = 8 * w;
-    if end >= first + 8 {
-        HIGHS
-    } else if end <= first {
-        0
-    } else {
-        HIGHS & ((1u64 << (8 * (end - first))) - 1)
-    }
 }
 
 /// Adds to `*found` the number of `data:` at a line start (or at offset 0) in the first
