@@ -64,12 +64,14 @@ struct Pipeline {
     sample: crate::ship::Sample,
 }
 
-/// One read of the kernel's live connection map.
+/// What one read of the kernel's connection maps leaves to its caller.
 struct LiveRead {
-    records: crate::kernel::Records,
     loss: Vec<(&'static str, u64)>,
     now: Now,
 }
+
+/// Cookies (kernel-made, so a fast hasher is safe).
+type CookieSet = HashSet<u64, foldhash::fast::RandomState>;
 
 /// The main loop's clocks.
 struct Timers {
@@ -119,79 +121,76 @@ impl Pipeline {
     }
 
     fn drain_requests(&mut self) -> anyhow::Result<()> {
-        let now = Now::system();
-        let mut s = lock(&self.state)?;
-        let AgentState {
-            table, agg, heads, ..
-        } = &mut *s;
-        let ring = self.requests.get_mut();
-        let mut ready = Vec::new();
-        while let Some(item) = ring.next() {
-            let Some(ev) = decode_request(&item) else {
-                warn!("short request record ({} bytes)", item.len());
-                continue;
-            };
-            let peer = socket_addr(ev.remote_addr, 0).ip();
-            // Heads come in chunks, and may be replaced while TCP has not accepted them: a
-            // request is applied once its head is complete (see `Identities`).
-            self.identities.on_event(&ev, peer, &mut ready);
-            drop(item);
-            for r in ready.drain(..) {
-                apply_request(table, agg, r, now);
-            }
-        }
-        *heads = self.identities.stats;
-        Ok(())
+        drain_requests(&self.state, &mut self.identities, &mut self.requests)
     }
 
     /// Reads the whole kernel map and accounts every record (after the request events the
-    /// read covers), then runs `then` under the same lock with what was read.
-    fn read_live(&mut self, then: impl FnOnce(&mut AgentState, LiveRead)) -> anyhow::Result<()> {
-        let records = self.capture.poll();
-        // After the read: every request whose bytes the read includes has its event queued.
-        self.drain_requests()?;
-        let loss = self.capture.loss_counts();
-        let now = Now::system();
-        let mut s = lock(&self.state)?;
-        let AgentState {
-            table, agg, heads, ..
-        } = &mut *s;
-        for (cookie, stats) in &records {
-            // A head whose bytes TCP has accepted (bytes_in is TCP's own count) can no longer
-            // be replaced: its request is complete.
-            let ready = if stats.closed != 0 {
-                self.identities.close(*cookie)
-            } else {
-                self.identities.settle(*cookie, stats.bytes_in)
-            };
-            if let Some(r) = ready {
-                apply_request(table, agg, r, now);
+    /// read covers), batch by batch: a poll holds one batch of records, not the whole map
+    /// (under a new-connection load it holds tens of thousands of closed records awaiting a
+    /// snapshot). With `present`, collects the cookies read.
+    fn read_live(&mut self, mut present: Option<&mut CookieSet>) -> anyhow::Result<LiveRead> {
+        let Self {
+            capture,
+            state,
+            identities,
+            requests,
+            ..
+        } = self;
+        capture.poll_each(|cookies, records| -> anyhow::Result<()> {
+            // After the read of this batch: every request whose bytes it includes has its
+            // event queued.
+            drain_requests(state, identities, requests)?;
+            let now = Now::system();
+            let mut s = lock(state)?;
+            let AgentState {
+                table, agg, heads, ..
+            } = &mut *s;
+            for (cookie, stats) in cookies.iter().zip(records) {
+                if let Some(present) = present.as_deref_mut() {
+                    present.insert(*cookie);
+                }
+                // A head whose bytes TCP has accepted (bytes_in is TCP's own count) can no
+                // longer be replaced: its request is complete.
+                let ready = if stats.closed != 0 {
+                    identities.close(*cookie)
+                } else {
+                    identities.settle(*cookie, stats.bytes_in)
+                };
+                if let Some(r) = ready {
+                    apply_request(table, agg, r, now);
+                }
+                table.observe(*cookie, stats, agg, now);
             }
-            table.observe(*cookie, stats, agg, now);
-        }
-        *heads = self.identities.stats;
-        then(&mut s, LiveRead { records, loss, now });
-        Ok(())
+            *heads = identities.stats;
+            Ok(())
+        })?;
+        // Also when the map is empty: the requests of the read's moment are accounted.
+        drain_requests(state, identities, requests)?;
+        Ok(LiveRead {
+            loss: capture.loss_counts(),
+            now: Now::system(),
+        })
     }
 
     /// The periodic read: accounts live connections, expires closed ones past retention.
     fn poll(&mut self) -> anyhow::Result<()> {
-        self.read_live(|s, read| {
-            s.table.expire(Instant::now());
-            s.loss = read.loss;
-        })
+        let read = self.read_live(None)?;
+        let mut s = lock(&self.state)?;
+        s.table.expire(Instant::now());
+        s.loss = read.loss;
+        Ok(())
     }
 
     /// At start: accounts everything the kernel counted while no agent ran, and closes the
     /// restored connections the kernel no longer holds.
     fn catch_up(&mut self, closed: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         self.drain_closed(closed)?;
-        self.read_live(|s, read| {
-            let present: HashSet<u64, foldhash::fast::RandomState> =
-                read.records.iter().map(|(c, _)| *c).collect();
-            let AgentState { table, agg, .. } = s;
-            table.forget_missing(&present, agg, read.now);
-        })
+        let mut present = CookieSet::default();
+        let read = self.read_live(Some(&mut present))?;
+        let mut s = lock(&self.state)?;
+        let AgentState { table, agg, .. } = &mut *s;
+        table.forget_missing(&present, agg, read.now);
+        Ok(())
     }
 
     /// At stop: accounts what is left in the rings and the map.
@@ -324,6 +323,37 @@ impl Pipeline {
         self.config = next;
         Ok(())
     }
+}
+
+/// Accounts the queued request events.
+fn drain_requests(
+    state: &SharedState,
+    identities: &mut Identities,
+    requests: &mut AsyncFd<RingBuf<MapData>>,
+) -> anyhow::Result<()> {
+    let now = Now::system();
+    let mut s = lock(state)?;
+    let AgentState {
+        table, agg, heads, ..
+    } = &mut *s;
+    let ring = requests.get_mut();
+    let mut ready = Vec::new();
+    while let Some(item) = ring.next() {
+        let Some(ev) = decode_request(&item) else {
+            warn!("short request record ({} bytes)", item.len());
+            continue;
+        };
+        let peer = socket_addr(ev.remote_addr, 0).ip();
+        // Heads come in chunks, and may be replaced while TCP has not accepted them: a
+        // request is applied once its head is complete (see `Identities`).
+        identities.on_event(&ev, peer, &mut ready);
+        drop(item);
+        for r in ready.drain(..) {
+            apply_request(table, agg, r, now);
+        }
+    }
+    *heads = identities.stats;
+    Ok(())
 }
 
 /// A request whose head is complete: splits the connection's exchanges at its start.

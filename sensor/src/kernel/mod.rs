@@ -31,7 +31,6 @@ use sensor_common::{
 };
 
 use self::sys::BATCH;
-pub use self::sys::Records;
 pub use crate::config::LiveRead;
 
 /// Maps pinned under the instance directory, by name.
@@ -259,6 +258,8 @@ pub struct Capture {
     pub loss: PerCpuArray<MapData, u64>,
     closed: Option<RingBuf<MapData>>,
     requests: Option<RingBuf<MapData>>,
+    /// The poll's batch buffers, kept between polls.
+    buf: sys::BatchBuf,
 }
 
 /// Checks what loading needs, so the operator gets one clear message instead of an EPERM.
@@ -616,6 +617,7 @@ impl Capture {
             path,
             path_reason: "continued from the pinned state of the previous run".to_owned(),
             iter_path: iter_path(&instance_dir),
+            buf: sys::BatchBuf::default(),
             conns,
             open: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_OPEN)?))
                 .map_err(map_err(MAP_OPEN))?,
@@ -751,6 +753,7 @@ impl Capture {
             _ebpf: Some(ebpf),
             cgroup,
             iter_path: iter_path(&instance_dir),
+            buf: sys::BatchBuf::default(),
             instance_dir,
             instance,
             reused: false,
@@ -818,22 +821,36 @@ impl Capture {
         self.closed.take().ok_or(CaptureError::Missing(MAP_CLOSED))
     }
 
-    /// Reads every record the kernel holds: the live ones (iterator path: socket storage,
-    /// through the iterator; map path: the OPEN map), then the closed-but-not-yet-deleted ones
-    /// (the CONNS map). In that order, a connection that closes between the two reads shows
-    /// in both, never in neither, and the later, closed record comes last.
-    pub fn poll(&self) -> Records {
-        let mut records = match self.path {
-            LivePath::Iterator => read_live(&self.iter_path).unwrap_or_else(|e| {
-                warn!("reading the live connections failed: {e}");
-                Records::new()
-            }),
+    /// Reads every record the kernel holds, batch by batch into `each`: the live ones
+    /// (iterator path: socket storage, through the iterator; map path: the OPEN map), then the
+    /// closed-but-not-yet-deleted ones (the CONNS map). In that order, a connection that closes
+    /// between the two reads shows in both, never in neither, and the later, closed record
+    /// comes last. A record may be handed over twice (a batch walk the kernel refuses halfway
+    /// is read again key by key): observations are idempotent.
+    pub fn poll_each<E>(
+        &mut self,
+        mut each: impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match self.path {
+            LivePath::Iterator => match read_live(&self.iter_path) {
+                Ok(records) => {
+                    for chunk in records.chunks(BATCH) {
+                        self.buf.keys.clear();
+                        self.buf.values.clear();
+                        for (cookie, stats) in chunk {
+                            self.buf.keys.push(*cookie);
+                            self.buf.values.push(*stats);
+                        }
+                        each(&self.buf.keys, &self.buf.values)?;
+                    }
+                }
+                Err(e) => warn!("reading the live connections failed: {e}"),
+            },
             // A record the close removes between the kernel's get_next_key and lookup is not
             // lost: the close put it in CONNS first, which is read next.
-            LivePath::Map => read_map(&self.open),
-        };
-        records.extend(read_map(&self.conns));
-        records
+            LivePath::Map => read_map(&self.open, &mut self.buf, &mut each)?,
+        }
+        read_map(&self.conns, &mut self.buf, &mut each)
     }
 
     /// Loss counters summed over CPUs, by name.
@@ -852,16 +869,36 @@ impl Capture {
     }
 }
 
-/// Every record of a cookie-keyed map: a few batch syscalls, or key by key where the kernel
-/// has no batch operations.
-fn read_map(map: &HashMap<MapData, u64, ConnStats>) -> Records {
-    match sys::lookup_all(map.map().fd().as_fd().as_raw_fd()) {
-        Ok(records) => records,
-        Err(e) => {
+/// Every record of a cookie-keyed map into `each`: a few batch syscalls, or key by key where
+/// the kernel has no batch operations.
+fn read_map<E>(
+    map: &HashMap<MapData, u64, ConnStats>,
+    buf: &mut sys::BatchBuf,
+    each: &mut impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
+) -> Result<(), E> {
+    match sys::lookup_each(map.map().fd().as_fd().as_raw_fd(), buf, &mut *each) {
+        Ok(()) => Ok(()),
+        Err(sys::WalkError::Each(e)) => Err(e),
+        Err(sys::WalkError::Kernel(e)) => {
             log::debug!("batch lookup unavailable ({e}); reading the map key by key");
             // A key deleted between the kernel's get_next_key and lookup shows as an error;
             // only the agent deletes closed records, so that cannot lose one.
-            map.iter().filter_map(Result::ok).collect()
+            buf.keys.clear();
+            buf.values.clear();
+            for (cookie, stats) in map.iter().filter_map(Result::ok) {
+                buf.keys.push(cookie);
+                buf.values.push(stats);
+                if buf.keys.len() == BATCH {
+                    each(&buf.keys, &buf.values)?;
+                    buf.keys.clear();
+                    buf.values.clear();
+                }
+            }
+            if buf.keys.is_empty() {
+                Ok(())
+            } else {
+                each(&buf.keys, &buf.values)
+            }
         }
     }
 }
@@ -1007,7 +1044,7 @@ fn iter_path(instance_dir: &Path) -> PathBuf {
 static LAST_WALK_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Every live record: one walk of the iterator (opening the pinned link starts it).
-fn read_live(path: &Path) -> std::io::Result<Records> {
+fn read_live(path: &Path) -> std::io::Result<Vec<(u64, ConnStats)>> {
     use std::sync::atomic::Ordering::Relaxed;
     let last = LAST_WALK_BYTES.load(Relaxed);
     let mut bytes = Vec::with_capacity(last + last / 8 + 4096);

@@ -21,9 +21,6 @@ const BPF_MAP_TYPE_HASH: u32 = 1;
 /// Records per batch syscall.
 pub const BATCH: usize = 4096;
 
-/// Connection records keyed by socket cookie.
-pub type Records = Vec<(u64, ConnStats)>;
-
 /// bpf(2) with `attr` as the attribute union's member of the command.
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a valid bpf_attr prefix of the size passed; the buffers it points to are
@@ -129,12 +126,40 @@ pub fn obj_pin(fd: &OwnedFd, path: &Path) -> std::io::Result<()> {
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
 
-/// Every (cookie, record) of a `u64 -> ConnStats` map, with BPF_MAP_LOOKUP_BATCH. ENOENT ends
-/// the walk (with the last elements read).
-pub fn lookup_all(fd: RawFd) -> std::io::Result<Records> {
-    let mut records = Records::new();
-    let mut keys = vec![0u64; BATCH];
-    let mut values = vec![ConnStats::default(); BATCH];
+/// Buffers of one batch read (`BATCH` records, ~1.4 MiB), reused by every poll: a poll walks
+/// the map through them instead of collecting every record (tens of thousands of closed
+/// records wait for a snapshot under a new-connection load) into one growing vector.
+pub struct BatchBuf {
+    pub keys: Vec<u64>,
+    pub values: Vec<ConnStats>,
+}
+
+impl Default for BatchBuf {
+    fn default() -> Self {
+        Self {
+            keys: vec![0; BATCH],
+            values: vec![ConnStats::default(); BATCH],
+        }
+    }
+}
+
+/// Why a walk of the map stopped early.
+pub enum WalkError<E> {
+    /// The kernel refused a batch (no batch operations).
+    Kernel(std::io::Error),
+    /// `each` failed.
+    Each(E),
+}
+
+/// Every (cookie, record) of a `u64 -> ConnStats` map, with BPF_MAP_LOOKUP_BATCH, handed to
+/// `each` one batch at a time. ENOENT ends the walk (with the last elements read).
+pub fn lookup_each<E>(
+    fd: RawFd,
+    buf: &mut BatchBuf,
+    mut each: impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
+) -> Result<(), WalkError<E>> {
+    buf.keys.resize(BATCH, 0);
+    buf.values.resize(BATCH, ConnStats::default());
     // Opaque cursors (a bucket index for hash maps); 8 bytes covers every map type.
     let mut cursor = 0u64;
     let mut next = 0u64;
@@ -149,24 +174,26 @@ pub fn lookup_all(fd: RawFd) -> std::io::Result<Records> {
                 std::ptr::from_mut(&mut cursor) as u64
             },
             out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
+            keys: buf.keys.as_mut_ptr() as u64,
+            values: buf.values.as_mut_ptr() as u64,
             count: BATCH as u32,
             map_fd: fd as u32,
             ..Default::default()
         };
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let n = (attr.count as usize).min(BATCH);
-        records.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        if n > 0 {
+            each(&buf.keys[..n], &buf.values[..n]).map_err(WalkError::Each)?;
+        }
         match result {
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(records),
-            Err(e) => return Err(e),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(WalkError::Kernel(e)),
         }
         cursor = next;
         first = false;
     }
-    Ok(records)
+    Ok(())
 }
 
 /// Deletes `keys` with BPF_MAP_DELETE_BATCH; on failure, how many were deleted before the error.
