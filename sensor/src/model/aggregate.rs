@@ -14,6 +14,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use crate::model::clientmap::Handle;
 use serde::{Deserialize, Serialize};
 
 /// Counters kept per client, in totals and in each window bucket. Zero fields are left out of
@@ -1078,6 +1079,24 @@ impl ClientTable {
         self.bound();
     }
 
+    /// As `apply`, through `handle` (see `ClientMap::get_or_insert_cached`): `key` is
+    /// formatted only when the handle is stale.
+    pub fn apply_cached<K: AsRef<str>>(
+        &mut self,
+        handle: &mut Option<Handle>,
+        key: impl FnOnce() -> K,
+        delta: &Delta,
+        now: Now,
+    ) {
+        self.clients
+            .get_or_insert_cached(handle, key, || ClientStats::new(now))
+            .update(
+                |l| l.apply(delta.counts, delta.opened, delta.closed, now),
+                |c| c.apply(delta, now),
+            );
+        self.bound();
+    }
+
     /// Merges counts another observer (an agent, at the collector) saw at `at`.
     pub fn merge(&mut self, key: &str, counts: Counts, at: Now, now: Now) {
         self.entry(key, at).full().merge(counts, at, now);
@@ -1099,6 +1118,23 @@ impl ClientTable {
                 },
             );
         }
+    }
+
+    /// As `request`, through `handle` (see `apply_cached`).
+    pub fn request_cached<K: AsRef<str>>(
+        &mut self,
+        handle: &mut Option<Handle>,
+        key: impl FnOnce() -> K,
+        ts_ns: u64,
+        now: Now,
+    ) {
+        self.clients
+            .get_or_insert_cached(handle, key, || ClientStats::new(now))
+            .update(
+                |l| l.request(ts_ns),
+                |c| c.gaps.request_at(ts_ns, Some(now.unix_ms)),
+            );
+        self.bound();
     }
 
     pub fn request(&mut self, key: &str, ts_ns: u64, now: Now) {
@@ -1375,6 +1411,12 @@ impl Key {
     }
 }
 
+impl AsRef<str> for Key {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
 impl std::fmt::Write for Key {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         if self.len + s.len() > self.buf.len() {
@@ -1382,6 +1424,27 @@ impl std::fmt::Write for Key {
         }
         self.push(s.as_bytes());
         Ok(())
+    }
+}
+
+/// Where one peer's entries stand in the address and group tables (a connection keeps this
+/// between polls). Handles of another peer are never used: `ip` is checked first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientSlots {
+    ip: Option<IpAddr>,
+    address: Option<Handle>,
+    group: Option<Handle>,
+}
+
+impl ClientSlots {
+    /// Forgets the handles unless they are `ip`'s.
+    fn reset_unless(&mut self, ip: IpAddr) {
+        if self.ip != Some(ip) {
+            *self = Self {
+                ip: Some(ip),
+                ..Default::default()
+            };
+        }
     }
 }
 
@@ -1439,6 +1502,20 @@ impl Aggregator {
         let group = Key::group(ip, self.v4_prefix, self.v6_prefix);
         self.addresses.apply(Key::address(ip).as_str(), delta, now);
         self.groups.apply(group.as_str(), delta, now);
+    }
+
+    /// As `apply`, through the entries `slots` remembers for `ip` (a connection's peer,
+    /// observed every poll): no key formatted or hashed while they stay valid.
+    pub fn apply_cached(&mut self, ip: IpAddr, slots: &mut ClientSlots, delta: &Delta, now: Now) {
+        if delta.counts.is_zero() && !delta.opened && !delta.closed {
+            return;
+        }
+        slots.reset_unless(ip);
+        let (v4, v6) = (self.v4_prefix, self.v6_prefix);
+        self.addresses
+            .apply_cached(&mut slots.address, || Key::address(ip), delta, now);
+        self.groups
+            .apply_cached(&mut slots.group, || Key::group(ip, v4, v6), delta, now);
     }
 
     pub fn request(&mut self, ip: IpAddr, ts_ns: u64, now: Now) {
@@ -1503,7 +1580,24 @@ impl Aggregator {
 
     /// A request began: timing for every key, and who is behind whom.
     pub fn request_keys(&mut self, peer: IpAddr, keys: &ExchangeKeys, ts_ns: u64, now: Now) {
-        self.request(peer, ts_ns, now);
+        self.request_keys_cached(peer, &mut ClientSlots::default(), keys, ts_ns, now);
+    }
+
+    /// As `request_keys`, through the entries `slots` remembers for `peer`.
+    pub fn request_keys_cached(
+        &mut self,
+        peer: IpAddr,
+        slots: &mut ClientSlots,
+        keys: &ExchangeKeys,
+        ts_ns: u64,
+        now: Now,
+    ) {
+        slots.reset_unless(peer);
+        let (v4, v6) = (self.v4_prefix, self.v6_prefix);
+        self.addresses
+            .request_cached(&mut slots.address, || Key::address(peer), ts_ns, now);
+        self.groups
+            .request_cached(&mut slots.group, || Key::group(peer, v4, v6), ts_ns, now);
         let id = keys.identity.as_deref();
         // `request` made the entry; annotating it with nothing is a no-op.
         if id.is_some() || keys.forwarded.is_some() {

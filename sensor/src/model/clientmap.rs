@@ -86,6 +86,24 @@ pub struct ClientMap<V> {
     index: HashTable<u32>,
     slots: Vec<Slot<V>>,
     hasher: foldhash::fast::RandomState,
+    /// Changes whenever an entry moves (a removal), and differs between maps: a `Handle` of
+    /// another epoch is stale.
+    epoch: u64,
+}
+
+/// Where a key was found: the entry's place, valid while its map's epoch stays the same
+/// (entries only move when one is removed). Lets a caller that looks the same key up again
+/// and again (a connection's client, every poll) skip formatting and hashing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handle {
+    epoch: u64,
+    at: u32,
+}
+
+/// Epochs are unique across every map of the process, so a handle never matches another map.
+fn next_epoch() -> u64 {
+    static EPOCHS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    EPOCHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl<V> Default for ClientMap<V> {
@@ -94,6 +112,7 @@ impl<V> Default for ClientMap<V> {
             index: HashTable::new(),
             slots: Vec::new(),
             hasher: foldhash::fast::RandomState::default(),
+            epoch: next_epoch(),
         }
     }
 }
@@ -104,6 +123,7 @@ impl<V: Clone> Clone for ClientMap<V> {
             index: self.index.clone(),
             slots: self.slots.clone(),
             hasher: self.hasher.clone(),
+            epoch: next_epoch(),
         }
     }
 }
@@ -146,10 +166,38 @@ impl<V> ClientMap<V> {
     /// The value of `key`, inserted from `make` if missing: one probe, and the key is copied
     /// only when new.
     pub fn get_or_insert_with(&mut self, key: &str, make: impl FnOnce() -> V) -> &mut V {
+        let at = self.insert_position(key, make);
+        &mut self.slots[at].value
+    }
+
+    /// As `get_or_insert_with`, through `handle` when it is still valid (no key formatted,
+    /// no probe), else by the key `key()` formats; `handle` is then set for the next call.
+    pub fn get_or_insert_cached<K: AsRef<str>>(
+        &mut self,
+        handle: &mut Option<Handle>,
+        key: impl FnOnce() -> K,
+        make: impl FnOnce() -> V,
+    ) -> &mut V {
+        let at = match *handle {
+            Some(h) if h.epoch == self.epoch && (h.at as usize) < self.slots.len() => h.at as usize,
+            _ => {
+                let at = self.insert_position(key().as_ref(), make);
+                // Positions fit in u32 (`insert_position` makes sure).
+                *handle = Some(Handle {
+                    epoch: self.epoch,
+                    at: at as u32,
+                });
+                at
+            }
+        };
+        &mut self.slots[at].value
+    }
+
+    fn insert_position(&mut self, key: &str, make: impl FnOnce() -> V) -> usize {
         let hash = self.hasher.hash_one(key);
         let slots = &self.slots;
         let hasher = &self.hasher;
-        let at = match self.index.entry(
+        match self.index.entry(
             hash,
             |&i| slots[i as usize].key.as_str() == key,
             |&i| hasher.hash_one(slots[i as usize].key.as_str()),
@@ -167,8 +215,7 @@ impl<V> ClientMap<V> {
                 });
                 at
             }
-        };
-        &mut self.slots[at].value
+        }
     }
 
     /// Inserts or replaces the value of `key`.
@@ -186,6 +233,7 @@ impl<V> ClientMap<V> {
 
     /// Removes the entry at `at` of the iteration order; the last entry takes its place.
     fn remove_at(&mut self, at: usize) -> V {
+        self.epoch = next_epoch();
         let hash = self.hasher.hash_one(self.slots[at].key.as_str());
         if let Ok(o) = self.index.find_entry(hash, |&i| i as usize == at) {
             o.remove();
@@ -311,6 +359,52 @@ mod tests {
         ] {
             assert_eq!(KeyText::new(s).as_str(), s);
         }
+    }
+
+    /// Handles kept per key across removals (which move entries) land on the key's own entry,
+    /// exactly as a lookup by key does.
+    #[test]
+    fn cached_handles_behave_as_lookups() {
+        let mut m: ClientMap<u64> = ClientMap::default();
+        let mut reference = std::collections::HashMap::new();
+        let mut handles: std::collections::HashMap<String, Option<Handle>> =
+            std::collections::HashMap::new();
+        let mut x: u64 = 7;
+        for step in 0..20_000u64 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let key = format!("10.0.{}.{}", (x >> 40) % 8, (x >> 50) % 64);
+            if (x >> 33).is_multiple_of(5) {
+                assert_eq!(m.remove(&key), reference.remove(&key));
+            } else {
+                let handle = handles.entry(key.clone()).or_default();
+                *m.get_or_insert_cached(handle, || key.clone(), || 0) += step;
+                *reference.entry(key.clone()).or_insert(0) += step;
+            }
+            assert_eq!(m.len(), reference.len());
+            assert_eq!(m.get(&key), reference.get(&key));
+        }
+        for (k, v) in &reference {
+            assert_eq!(m.get(k), Some(v));
+        }
+    }
+
+    /// A handle never reaches into another map, a clone included.
+    #[test]
+    fn handles_belong_to_one_map() {
+        let mut a: ClientMap<u64> = ClientMap::default();
+        let mut b: ClientMap<u64> = ClientMap::default();
+        let mut handle = None;
+        *a.get_or_insert_cached(&mut handle, || "1.1.1.1", || 0) += 1;
+        let from_a = handle;
+        *b.get_or_insert_cached(&mut handle, || "2.2.2.2", || 0) += 5;
+        assert_ne!(handle, from_a, "re-resolved in b");
+        let mut c = a.clone();
+        let mut h = from_a;
+        *c.get_or_insert_cached(&mut h, || "3.3.3.3", || 0) += 7;
+        assert_eq!(a["1.1.1.1"], 1);
+        assert_eq!(b["2.2.2.2"], 5);
+        assert_eq!(c["1.1.1.1"], 1);
+        assert_eq!(c["3.3.3.3"], 7);
     }
 
     /// Against std's HashMap: inserts, lookups, removals in any order, and serde.

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::model::aggregate::{Aggregator, Counts, Delta, ExchangeKeys, Now};
+use crate::model::aggregate::{Aggregator, ClientSlots, Counts, Delta, ExchangeKeys, Now};
 
 use sensor_common::{ConnStats, PROTO_HTTP1, PROTO_OTHER};
 use serde::{Deserialize, Serialize};
@@ -104,6 +104,22 @@ pub fn row(cookie: u64, s: &ConnStats, open: bool, keys: Option<&ExchangeKeys>) 
     }
 }
 
+/// A connection not yet closed: its last accounted counters, and where its client's entries
+/// are (so a poll's observation of it formats and hashes no key).
+struct Live {
+    stats: ConnStats,
+    slots: ClientSlots,
+}
+
+impl Live {
+    fn new(stats: ConnStats) -> Self {
+        Self {
+            stats,
+            slots: ClientSlots::default(),
+        }
+    }
+}
+
 struct Closed {
     cookie: u64,
     stats: ConnStats,
@@ -187,7 +203,7 @@ type CookieMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 #[derive(Default)]
 pub struct ConnTable {
     /// Last accounted counters of connections not yet closed.
-    live: CookieMap<ConnStats>,
+    live: CookieMap<Live>,
     /// Closed connections accounted since the last reap: to delete from the kernel map once
     /// a snapshot holds them.
     unreaped: Vec<u64>,
@@ -265,7 +281,11 @@ impl ConnTable {
             }
             return;
         }
-        let previous = self.live.get(&cookie);
+        let mut fresh = ClientSlots::default();
+        let (previous, slots) = match self.live.get_mut(&cookie) {
+            Some(Live { stats, slots }) => (Some(&*stats), slots),
+            None => (None, &mut fresh),
+        };
         let delta = Delta {
             counts: Counts {
                 requests: stats
@@ -285,7 +305,7 @@ impl ConnTable {
             opened: previous.is_none(),
             closed: stats.closed != 0,
         };
-        agg.apply(remote_ip(stats), &delta, now);
+        agg.apply_cached(remote_ip(stats), slots, &delta, now);
         if let Some(ex) = self.exchanges.get_mut(&cookie) {
             let current = Progress::of(stats);
             let (gain, _) = ex.attributed.diff(current);
@@ -314,7 +334,14 @@ impl ConnTable {
             self.expire(Instant::now());
         } else {
             // Counters only grow; keep the larger of each in case observations cross.
-            let entry = self.live.entry(cookie).or_insert(*stats);
+            let entry = &mut self
+                .live
+                .entry(cookie)
+                .or_insert(Live {
+                    stats: *stats,
+                    slots: fresh,
+                })
+                .stats;
             entry.bytes_in = entry.bytes_in.max(stats.bytes_in);
             entry.bytes_out = entry.bytes_out.max(stats.bytes_out);
             entry.requests = entry.requests.max(stats.requests);
@@ -343,7 +370,11 @@ impl ConnTable {
         agg: &mut Aggregator,
         now: Now,
     ) {
-        agg.request_keys(peer, &keys, ts_ns, now);
+        // A kept-alive connection's peer entries are where its last poll found them.
+        match self.live.get_mut(&cookie) {
+            Some(live) => agg.request_keys_cached(peer, &mut live.slots, &keys, ts_ns, now),
+            None => agg.request_keys(peer, &keys, ts_ns, now),
+        }
         if self.tombstones.contains_key(&cookie) {
             return;
         }
@@ -425,9 +456,10 @@ impl ConnTable {
             if let Some(ex) = self.exchanges.remove(&cookie) {
                 close_exchange_connections(&ex, agg, now);
             }
-            if let Some(stats) = self.live.remove(&cookie) {
-                agg.apply(
-                    remote_ip(&stats),
+            if let Some(mut live) = self.live.remove(&cookie) {
+                agg.apply_cached(
+                    remote_ip(&live.stats),
+                    &mut live.slots,
                     &Delta {
                         closed: true,
                         ..Default::default()
@@ -476,7 +508,7 @@ impl ConnTable {
 
     pub fn state(&self) -> ConnState {
         ConnState {
-            live: self.live.iter().map(|(c, s)| (*c, *s)).collect(),
+            live: self.live.iter().map(|(c, l)| (*c, l.stats)).collect(),
             tombstones: self.tombstones.iter().map(|(c, t)| (*c, *t)).collect(),
             exchanges: self
                 .exchanges
@@ -487,7 +519,11 @@ impl ConnTable {
     }
 
     pub fn restore(&mut self, state: &ConnState) {
-        self.live = state.live.iter().copied().collect();
+        self.live = state
+            .live
+            .iter()
+            .map(|(c, s)| (*c, Live::new(*s)))
+            .collect();
         self.tombstones = state.tombstones.iter().copied().collect();
         self.restored = state.tombstones.iter().map(|(c, _)| (*c, ())).collect();
         self.exchanges = state.exchanges.iter().cloned().collect();
@@ -497,10 +533,10 @@ impl ConnTable {
         let mut rows: Vec<ConnRow> = self
             .live
             .iter()
-            .map(|(cookie, s)| {
+            .map(|(cookie, l)| {
                 row(
                     *cookie,
-                    s,
+                    &l.stats,
                     true,
                     self.exchanges.get(cookie).map(|e| &e.keys),
                 )
@@ -640,6 +676,108 @@ mod tests {
         later.unix_ms += 1000 * (TOMBSTONE_SECS + 1);
         t.expire_tombstones(later);
         assert!(t.tombstones.is_empty());
+    }
+
+    fn stats_from(ip: [u8; 4], port: u16) -> ConnStats {
+        let mut s = stats(port);
+        s.remote_addr = std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets();
+        s
+    }
+
+    /// Cached client entries give exactly what lookups by key give, also while the tables
+    /// fold entries away (which moves the others) and connections open, grow and close.
+    #[test]
+    fn cached_client_entries_count_as_lookups() {
+        let mut agg = Aggregator::new(5, 24, 56);
+        let mut reference = Aggregator::new(5, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        let mut last: HashMap<u64, ConnStats> = HashMap::new();
+        let mut x: u64 = 3;
+        for _ in 0..5_000 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let cookie = 1 + (x >> 40) % 40;
+            let ip = [10, 0, ((x >> 20) % 3) as u8, (cookie % 13) as u8];
+            let mut s = *last.entry(cookie).or_insert_with(|| stats_from(ip, 1));
+            s.bytes_in += (x >> 50) % 100;
+            s.requests += (x >> 45) % 2;
+            s.closed = u8::from((x >> 33).is_multiple_of(9));
+            let previous = t.live.get(&cookie).map(|l| l.stats);
+            let tombstoned = t.tombstones.contains_key(&cookie);
+            t.observe(cookie, &s, &mut agg, now());
+            if !tombstoned {
+                let delta = Delta {
+                    counts: Counts {
+                        requests: s.requests - previous.map_or(0, |p| p.requests),
+                        bytes_in: s.bytes_in - previous.map_or(0, |p| p.bytes_in),
+                        ..Default::default()
+                    },
+                    opened: previous.is_none(),
+                    closed: s.closed != 0,
+                };
+                reference.apply(remote_ip(&s), &delta, now());
+            }
+            if s.closed != 0 {
+                // The cookie's connection is gone; a new one (a new cookie) takes its number.
+                last.remove(&cookie);
+                t.tombstones.remove(&cookie);
+            } else {
+                last.insert(cookie, s);
+            }
+        }
+        assert!(agg.addresses.folded.clients > 0, "entries moved");
+        let json = |a: &Aggregator| serde_json::to_string(a).expect("serialize");
+        assert_eq!(json(&agg), json(&reference));
+    }
+
+    /// A cookie seen again with another peer (a reused number) never counts on the old one.
+    #[test]
+    fn a_cookie_with_another_peer_counts_on_the_new_peer() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        let mut a = stats_from([10, 0, 0, 1], 1);
+        a.bytes_in = 10;
+        t.observe(5, &a, &mut agg, now());
+        let mut b = stats_from([10, 0, 1, 2], 1);
+        b.bytes_in = 25;
+        t.observe(5, &b, &mut agg, now());
+        assert_eq!(agg.addresses.clients["10.0.0.1"].totals().bytes_in, 10);
+        assert_eq!(agg.addresses.clients["10.0.1.2"].totals().bytes_in, 15);
+        assert_eq!(agg.groups.clients["10.0.1.0/24"].totals().bytes_in, 15);
+        // Requests through the cached entries of the new peer.
+        t.on_request(
+            5,
+            remote_ip(&b),
+            Progress::of(&b),
+            ExchangeKeys::default(),
+            1,
+            &mut agg,
+            now(),
+        );
+        assert_eq!(agg.addresses.clients.len(), 2);
+        // And the close lands there too.
+        b.closed = 1;
+        t.observe(5, &b, &mut agg, now());
+        assert_eq!(agg.addresses.clients["10.0.1.2"].open_connections(), 0);
+        assert_eq!(t.live_count(), 0);
+    }
+
+    /// A restored table re-resolves its entries (handles are not saved).
+    #[test]
+    fn restored_connections_find_their_clients_again() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        let mut s = stats_from([10, 0, 0, 9], 1);
+        s.bytes_in = 10;
+        t.observe(3, &s, &mut agg, now());
+        let saved = serde_json::to_string(&agg).expect("serialize");
+        let mut agg: Aggregator = serde_json::from_str(&saved).expect("deserialize");
+        let mut restored = ConnTable::new(Duration::from_secs(60), 10);
+        restored.restore(&t.state());
+        s.bytes_in = 30;
+        restored.observe(3, &s, &mut agg, now());
+        assert_eq!(agg.addresses.clients.len(), 1);
+        assert_eq!(agg.addresses.clients["10.0.0.9"].totals().bytes_in, 30);
+        assert_eq!(agg.addresses.clients["10.0.0.9"].totals().connections, 1);
     }
 
     #[test]
