@@ -259,7 +259,7 @@ impl Pipeline {
                     instance: &self.capture.instance,
                     saved_unix_ms: now.unix_ms,
                     agg: &s.agg,
-                    conns: s.table.state(),
+                    conns: s.table.saved(),
                     detector: &s.detector.state,
                     shipped_through: s.shipped_through,
                 },

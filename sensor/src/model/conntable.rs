@@ -314,6 +314,37 @@ pub struct ConnState {
     pub exchanges: Vec<(u64, Exchange)>,
 }
 
+/// A `ConnState` borrowed from the table (`ConnTable::saved`): the same encoding.
+pub struct SavedConns<'a>(&'a ConnTable);
+
+impl Serialize for SavedConns<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+
+        /// A sequence encoded from an iterator, as the `Vec` of `ConnState` would be.
+        struct Seq<F>(F);
+        impl<I, F> Serialize for Seq<F>
+        where
+            F: Fn() -> I,
+            I: Iterator<Item: Serialize>,
+        {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq((self.0)())
+            }
+        }
+
+        let t = self.0;
+        let mut st = s.serialize_struct("ConnState", 3)?;
+        st.serialize_field(
+            "live",
+            &Seq(|| t.live.iter().map(|(c, l)| (*c, l.stats.stats()))),
+        )?;
+        st.serialize_field("tombstones", &Seq(|| t.tombstones.iter()))?;
+        st.serialize_field("exchanges", &Seq(|| t.exchanges.iter()))?;
+        st.end()
+    }
+}
+
 /// A connection carrying these keys closed.
 fn close_exchange_connections(ex: &Exchange, agg: &mut Aggregator, now: Now) {
     let closed = Delta {
@@ -577,7 +608,8 @@ impl ConnTable {
     /// to be deleted from the kernel map: while snapshots fail (a full disk) the records stay
     /// in the kernel, and without their tombstone they would be counted again.
     pub fn expire_tombstones(&mut self, now: Now) {
-        let pending: std::collections::HashSet<u64> = self.unreaped.iter().copied().collect();
+        let pending: HashSet<u64, foldhash::fast::RandomState> =
+            self.unreaped.iter().copied().collect();
         self.tombstones
             .retain(|c, at| now.secs().saturating_sub(*at) < TOMBSTONE_SECS || pending.contains(c));
         let tombstones = &self.tombstones;
@@ -602,6 +634,12 @@ impl ConnTable {
                 .map(|(c, e)| (*c, e.clone()))
                 .collect(),
         }
+    }
+
+    /// What `state` gives, encoded straight from the table (a snapshot under a new-connection
+    /// load holds hundreds of thousands of tombstones: no copy of them per snapshot).
+    pub fn saved(&self) -> SavedConns<'_> {
+        SavedConns(self)
     }
 
     pub fn restore(&mut self, state: &ConnState) {
@@ -885,6 +923,37 @@ mod tests {
             serde_json::to_string(&t.state().live).expect("serialize"),
             serde_json::to_string(&vec![(1u64, s)]).expect("serialize"),
             "the snapshot's text is unchanged"
+        );
+    }
+
+    /// The borrowed encoding is the copied one's, byte for byte.
+    #[test]
+    fn saved_conns_encode_as_conn_state() {
+        let mut agg = Aggregator::new(100, 24, 56);
+        let mut t = ConnTable::new(Duration::from_secs(60), 10);
+        for c in 0..20u64 {
+            let mut s = stats_from([10, 0, 0, c as u8], 1000 + c as u16);
+            s.bytes_in = c * 10;
+            s.closed = u8::from(c % 3 == 0);
+            t.observe(c, &s, &mut agg, now());
+            let keys = ExchangeKeys {
+                identity: (c % 2 == 0).then(|| format!("id-{c}")),
+                forwarded: None,
+            };
+            t.on_request(
+                c,
+                remote_ip(&s),
+                Progress::default(),
+                keys,
+                1,
+                &mut agg,
+                now(),
+            );
+        }
+        assert!(!t.exchanges.is_empty() && !t.tombstones.is_empty());
+        assert_eq!(
+            serde_json::to_string(&t.saved()).expect("serialize"),
+            serde_json::to_string(&t.state()).expect("serialize")
         );
     }
 

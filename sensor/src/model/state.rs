@@ -10,7 +10,10 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::{model::aggregate::Aggregator, model::conntable::ConnState};
+use crate::{
+    model::aggregate::Aggregator,
+    model::conntable::{ConnState, SavedConns},
+};
 
 /// Bumped when the snapshot format changes incompatibly.
 pub const SNAPSHOT_VERSION: u32 = 2;
@@ -42,7 +45,7 @@ pub struct SnapshotRef<'a> {
     pub instance: &'a str,
     pub saved_unix_ms: u64,
     pub agg: &'a Aggregator,
-    pub conns: ConnState,
+    pub conns: SavedConns<'a>,
     pub detector: &'a crate::detect::DetectorState,
     pub shipped_through: u64,
 }
