@@ -83,8 +83,16 @@ pub struct Identities {
     policy: CredentialPolicy,
     names: BTreeMap<String, String>,
     pending: HashMap<u64, Pending, foldhash::fast::RandomState>,
+    /// Head buffers of finished requests, reused by the next ones: one allocation and free
+    /// less per request (thousands a second under load).
+    spare: Vec<Vec<u8>>,
     pub stats: HeadStats,
 }
+
+/// Spare head buffers kept, and the largest kept (a typical head; bigger ones are freed, so
+/// the spares hold at most 256 KiB).
+const SPARE_BUFFERS: usize = 64;
+const SPARE_MAX_BYTES: usize = 4096;
 
 /// Where the secret lives: the configured file, or identity.key in the state directory.
 pub fn secret_path(config: &Config) -> PathBuf {
@@ -145,6 +153,7 @@ impl Identities {
             policy: CredentialPolicy::default(),
             names: BTreeMap::new(),
             pending: HashMap::default(),
+            spare: Vec::new(),
             stats: HeadStats::default(),
         };
         ids.reconfigure(config);
@@ -217,7 +226,11 @@ impl Identities {
             start,
             ts_ns: ev.ts_ns,
             head_from: ev.head_offset,
-            buf: bytes.to_vec(),
+            buf: {
+                let mut buf = self.spare.pop().unwrap_or_default();
+                buf.extend_from_slice(bytes);
+                buf
+            },
             done: ev.flags & HEAD_DONE != 0,
             unseen: ev.flags & HEAD_UNSEEN != 0,
         };
@@ -246,13 +259,17 @@ impl Identities {
     }
 
     fn finish(&mut self, cookie: u64) -> Option<Ready> {
-        let p = self.pending.remove(&cookie)?;
+        let mut p = self.pending.remove(&cookie)?;
         let keys = if p.unseen {
             self.stats.unseen += 1;
             ExchangeKeys::default()
         } else {
             self.keys(p.peer, &p.buf)
         };
+        if self.spare.len() < SPARE_BUFFERS && p.buf.capacity() <= SPARE_MAX_BYTES {
+            p.buf.clear();
+            self.spare.push(std::mem::take(&mut p.buf));
+        }
         Some(Ready {
             cookie,
             peer: p.peer,
@@ -339,6 +356,38 @@ mod tests {
         );
         assert_eq!(ids.stats.malformed, 1);
         assert_eq!(ids.stats.with_credential, 2);
+    }
+
+    /// Head buffers are reused from request to request: a shorter head after a longer one
+    /// carries nothing of it.
+    #[test]
+    fn reused_head_buffers_start_empty() {
+        let c = config("");
+        let mut ids = Identities::new(b"0123456789abcdef", &c);
+        let peer: IpAddr = "127.0.0.1".parse().expect("ip");
+        let event = |cookie: u64, head: &'static [u8]| crate::kernel::RequestRecord {
+            cookie,
+            ts_ns: 1,
+            remote_addr: [0; 16],
+            bytes_in_start: 0,
+            bytes_out_start: 0,
+            events_out_start: 0,
+            head_offset: 0,
+            kind: sensor_common::EVENT_REQUEST,
+            flags: HEAD_DONE,
+            head,
+        };
+        let long = b"GET / HTTP/1.1\r\nx-api-key: first-key-that-is-long\r\n\r\n";
+        let mut ready = Vec::new();
+        ids.on_event(&event(1, long), peer, &mut ready);
+        let first = ids.close(1).expect("ready").keys;
+        assert!(first.identity.is_some());
+        assert_eq!(ids.spare.len(), 1);
+        ids.on_event(&event(2, b"GET / HTTP/1.1\r\n\r\n"), peer, &mut ready);
+        assert_eq!(ids.close(2).expect("ready").keys, ExchangeKeys::default());
+        ids.on_event(&event(3, long), peer, &mut ready);
+        assert_eq!(ids.close(3).expect("ready").keys, first);
+        assert_eq!(ids.stats.malformed, 0);
     }
 
     /// A request event the kernel read again from the copy TCP kept (`HEAD_REWIND`) replaces
