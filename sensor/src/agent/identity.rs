@@ -267,7 +267,9 @@ impl Identities {
             self.keys(p.peer, &p.buf)
         };
         if self.spare.len() < SPARE_BUFFERS && p.buf.capacity() <= SPARE_MAX_BYTES {
-            p.buf.clear();
+            // The head may carry a credential: nothing of it stays in a kept buffer (zeroize's
+            // writes are not optimised away, and `Vec::zeroize` clears the length too).
+            zeroize::Zeroize::zeroize(&mut p.buf);
             self.spare.push(std::mem::take(&mut p.buf));
         }
         Some(Ready {
@@ -388,6 +390,14 @@ mod tests {
         ids.on_event(&event(3, long), peer, &mut ready);
         assert_eq!(ids.close(3).expect("ready").keys, first);
         assert_eq!(ids.stats.malformed, 0);
+        // The kept buffers hold nothing of the heads they carried, credentials included.
+        for buf in &ids.spare {
+            assert!(buf.is_empty());
+            // SAFETY: the buffer's own allocation; `Vec::zeroize` wrote zeros over all its
+            // `capacity` bytes, so every one is initialised.
+            let kept = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.capacity()) };
+            assert!(!kept.windows(5).any(|w| w == b"first"), "{kept:?}");
+        }
     }
 
     /// A request event the kernel read again from the copy TCP kept (`HEAD_REWIND`) replaces

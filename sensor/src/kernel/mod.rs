@@ -826,7 +826,8 @@ impl Capture {
     /// closed-but-not-yet-deleted ones (the CONNS map). In that order, a connection that closes
     /// between the two reads shows in both, never in neither, and the later, closed record
     /// comes last. A record may be handed over twice (a batch walk the kernel refuses halfway
-    /// is read again key by key): observations are idempotent.
+    /// is read again key by key): observations are idempotent. The hash maps are walked a
+    /// batch at a time; the iterator's output is read whole, then handed over in batches.
     pub fn poll_each<E>(
         &mut self,
         mut each: impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,

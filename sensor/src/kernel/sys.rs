@@ -180,15 +180,20 @@ pub fn lookup_each<E>(
             map_fd: fd as u32,
             ..Default::default()
         };
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // Only a call that succeeded or ended the walk (ENOENT) reports how many elements it
+        // wrote; one refused up front leaves `count` as we set it, over a buffer holding zeros
+        // or an earlier batch, none of which may be taken for records.
+        let last = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(WalkError::Kernel(e)),
+        };
         let n = (attr.count as usize).min(BATCH);
         if n > 0 {
             each(&buf.keys[..n], &buf.values[..n]).map_err(WalkError::Each)?;
         }
-        match result {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Err(e) => return Err(WalkError::Kernel(e)),
+        if last {
+            return Ok(());
         }
         cursor = next;
         first = false;
@@ -253,5 +258,21 @@ mod tests {
         assert_eq!(std::mem::offset_of!(BatchAttr, map_fd), 36);
         assert_eq!(std::mem::offset_of!(MapCreateAttr, map_name), 28);
         assert_eq!(std::mem::offset_of!(MapCreateAttr, btf_fd), 48);
+    }
+
+    /// A batch the kernel refuses hands nothing over: not the zeros of a fresh buffer, not the
+    /// records an earlier walk left in a reused one.
+    #[test]
+    fn a_refused_batch_hands_over_no_record() {
+        let not_a_map = std::fs::File::open("/dev/null").expect("/dev/null");
+        let mut buf = BatchBuf::default();
+        buf.keys.fill(7);
+        let mut handed = 0;
+        let walk = lookup_each(not_a_map.as_raw_fd(), &mut buf, |keys, _| {
+            handed += keys.len();
+            Ok::<(), ()>(())
+        });
+        assert!(matches!(walk, Err(WalkError::Kernel(_))));
+        assert_eq!(handed, 0);
     }
 }
