@@ -744,12 +744,12 @@ fn packet(ctx: &SkBuffContext) -> Result<Option<Packet>, Unparsed> {
     } else {
         NOT_READ
     };
-    // SAFETY: stats points into a live map value; fields are only updated atomically or as
-    // single aligned stores, which tolerate concurrent readers.
     // The clock is read for packets with data or a FIN only (the time request events carry):
     // a bulk transfer's pure ACKs are most of its packets, and a clock read costs as much as
     // the rest of such a packet's work.
     if received != NOT_READ {
+        // SAFETY: stats points into a live map value; fields are only updated atomically or
+        // as single aligned stores, which tolerate concurrent readers.
         unsafe {
             (*stats).last_seen_ns = now_ns();
             note_received(&mut *stats, received);
@@ -1279,6 +1279,8 @@ enum Turn {
 /// Bytes the request-start parser reads per round, and rounds per step (more blank lines take
 /// more steps of the framing loop).
 const PARSE_LOAD: usize = 16;
+// `parse_turn` holds the bytes in whole words.
+const _: () = assert!(PARSE_LOAD.is_multiple_of(8));
 const PARSE_ROUNDS: usize = 4;
 
 /// RFC 9112 method characters as nginx accepts them: upper-case letters, `_` and `-`.
@@ -1868,9 +1870,9 @@ unsafe fn load_into<const BUF: usize>(
     if ret == 0 { n } else { 0 }
 }
 
-/// The fixed part of a `RequestEvent`, for events without head bytes: built on the stack or in
-/// the ring buffer, not in the per-CPU scratch event (egress may run in process context, where
-/// an ingress softirq could reuse it).
+/// The fixed part of a `RequestEvent`, for events without head bytes: written in place in the
+/// ring buffer, not in the per-CPU scratch event (egress may run in process context, where an
+/// ingress softirq could reuse it).
 #[repr(C)]
 struct TurnEvent {
     cookie: u64,

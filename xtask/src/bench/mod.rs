@@ -478,7 +478,6 @@ fn prog_stats(id: u64) -> anyhow::Result<(u64, u64)> {
     ))
 }
 
-/// Rounds of the BPF-statistics phase (its figures vary little between rounds).
 /// The sensor's BPF time in one statistics window per request: every sensor program's run
 /// time, less what the empty program of the same direction cost per run times the runs
 /// (sock_ops has no empty twin: its whole time counts), over the requests wrk completed.
@@ -502,6 +501,7 @@ fn per_request_ns(window: &BTreeMap<&str, (u64, u64)>, requests: u64) -> f64 {
     total / requests as f64
 }
 
+/// Rounds of the BPF-statistics phase (its figures vary little between rounds).
 pub fn bpf_rounds(opts: &Options) -> usize {
     opts.rounds.min(5)
 }

@@ -333,7 +333,11 @@ pub fn render(r: &Results) -> String {
          (keep-alive, 1 KiB replies): {}.",
         spread(keep_alive, 0),
         spread(per_request("wrk new connection"), 0),
-        word.split(';').next().unwrap_or(&word),
+        if keep_alive.is_empty() {
+            "not measured (no window with completed requests)"
+        } else {
+            word.split(';').next().unwrap_or(&word)
+        },
     );
 
     let _ = writeln!(
