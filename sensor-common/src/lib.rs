@@ -242,6 +242,14 @@ pub struct ClosedConn {
     pub stats: ConnStats,
 }
 
+/// Bytes of a live record the `sensor_conns` iterator writes: the `ClosedConn` up to the
+/// kernel's parser state (the cookie and everything the agent reports), which is the larger
+/// part of the record and of no use to the agent. The kernel's seq_file hands the reader at
+/// most 32 KiB per read and restarts its walk of a socket-storage bucket at every read, so
+/// the records' size sets how often a walk of every live connection starts over.
+pub const LIVE_RECORD_BYTES: usize =
+    core::mem::offset_of!(ClosedConn, stats) + core::mem::offset_of!(ConnStats, parse);
+
 /// A record on the `REQUESTS` ring buffer: a request (or turn) began (`EVENT_REQUEST`), or more
 /// bytes of its head (`EVENT_HEAD`). Feeds identity and the inter-request timing statistics;
 /// the counts themselves are in `ConnStats`. Records are cut after `head_skip + head_len` bytes
@@ -344,6 +352,12 @@ const _: () = assert!(core::mem::size_of::<ParseState>() == 2 * 96 + 24);
 const _: () = assert!(core::mem::size_of::<ConnStats>() == 120 + 216);
 const _: () = assert!(core::mem::align_of::<ConnStats>() == 8);
 const _: () = assert!(core::mem::size_of::<ClosedConn>() == 8 + 120 + 216);
+// The parser state is the record's tail: the live record is a prefix of `ClosedConn`.
+const _: () = assert!(
+    core::mem::offset_of!(ConnStats, parse) + core::mem::size_of::<ParseState>()
+        == core::mem::size_of::<ConnStats>()
+);
+const _: () = assert!(LIVE_RECORD_BYTES == 128 && LIVE_RECORD_BYTES.is_multiple_of(8));
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 72 + HEAD_EVENT_MAX);
 const _: () = assert!(HEAD_EVENT_MAX.is_multiple_of(8) && HEAD_CHUNK.is_power_of_two());
 const _: () = assert!(METHOD_MAX.is_power_of_two() && METHOD_MAX <= 255);

@@ -48,9 +48,9 @@ use sensor_common::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES, EVENT_HEAD,
     EVENT_REQUEST, EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, FRAMING_LENGTH, FRAMING_UNKNOWN, Frame,
     HEAD_BYTES_MAX, HEAD_CHUNK, HEAD_DONE, HEAD_EVENT_MAX, HEAD_REWIND, HEAD_UNSEEN,
-    LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss, METHOD_MAX, MODE_ARMED, MODE_BODY, MODE_COUNTED,
-    MODE_HEAD, MODE_IDLE, MODE_SKIP, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, RequestEvent,
-    SSE_SCAN_MAX,
+    LIVE_READ_ITERATOR, LIVE_READ_MAP, LIVE_RECORD_BYTES, Loss, METHOD_MAX, MODE_ARMED, MODE_BODY,
+    MODE_COUNTED, MODE_HEAD, MODE_IDLE, MODE_SKIP, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN,
+    RequestEvent, SSE_SCAN_MAX,
 };
 
 /// cgroup_skb verdict that lets the packet through.
@@ -533,8 +533,9 @@ struct IterMeta {
     seq_num: u64,
 }
 
-/// Iterator over `SOCKS` (`bpf_iter__bpf_sk_storage_map`): writes every live record, as
-/// `ClosedConn` bytes, to the reader. The agent opens the pinned link to read them.
+/// Iterator over `SOCKS` (`bpf_iter__bpf_sk_storage_map`): writes every live record to the
+/// reader, as the first `LIVE_RECORD_BYTES` of its `ClosedConn` (the parser state left out).
+/// The agent opens the pinned link to read them.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_sk_storage_map")]
 pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
@@ -553,7 +554,7 @@ pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
     // SAFETY: meta is the kernel's iterator metadata; value is a SOCKS value.
     unsafe {
         let seq = (*meta).seq;
-        bpf_seq_write(seq, value, core::mem::size_of::<ClosedConn>() as u32);
+        bpf_seq_write(seq, value, LIVE_RECORD_BYTES as u32);
     }
     0
 }

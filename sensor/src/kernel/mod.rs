@@ -25,9 +25,9 @@ use aya::{
 use log::{info, warn};
 use sensor_common::{
     ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ConnStats,
-    GLOBAL_LIVE_READ, HEAD_BYTES_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, Loss, MAP_CLOSED,
-    MAP_CONFIG, MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS,
-    PROG_EGRESS, PROG_INGRESS, PROG_ITER, PROG_SOCKOPS, RequestEvent,
+    GLOBAL_LIVE_READ, HEAD_BYTES_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, LIVE_RECORD_BYTES, Loss,
+    MAP_CLOSED, MAP_CONFIG, MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS,
+    MAP_SOCKS, PROG_EGRESS, PROG_INGRESS, PROG_ITER, PROG_SOCKOPS, RequestEvent,
 };
 
 use self::sys::BATCH;
@@ -260,6 +260,8 @@ pub struct Capture {
     requests: Option<RingBuf<MapData>>,
     /// The poll's batch buffers, kept between polls.
     buf: sys::BatchBuf,
+    /// The iterator's output, kept between polls (iterator path).
+    walk: Vec<u8>,
 }
 
 /// Checks what loading needs, so the operator gets one clear message instead of an EPERM.
@@ -618,6 +620,7 @@ impl Capture {
             path_reason: "continued from the pinned state of the previous run".to_owned(),
             iter_path: iter_path(&instance_dir),
             buf: sys::BatchBuf::default(),
+            walk: Vec::new(),
             conns,
             open: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_OPEN)?))
                 .map_err(map_err(MAP_OPEN))?,
@@ -754,6 +757,7 @@ impl Capture {
             cgroup,
             iter_path: iter_path(&instance_dir),
             buf: sys::BatchBuf::default(),
+            walk: Vec::new(),
             instance_dir,
             instance,
             reused: false,
@@ -833,14 +837,17 @@ impl Capture {
         mut each: impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
     ) -> Result<(), E> {
         match self.path {
-            LivePath::Iterator => match read_live(&self.iter_path) {
-                Ok(records) => {
-                    for chunk in records.chunks(BATCH) {
+            LivePath::Iterator => match read_live(&self.iter_path, &mut self.walk) {
+                Ok(()) => {
+                    for chunk in self.walk.chunks(BATCH * LIVE_RECORD_BYTES) {
                         self.buf.keys.clear();
                         self.buf.values.clear();
-                        for (cookie, stats) in chunk {
-                            self.buf.keys.push(*cookie);
-                            self.buf.values.push(*stats);
+                        for (cookie, stats) in chunk
+                            .chunks_exact(LIVE_RECORD_BYTES)
+                            .filter_map(decode_live)
+                        {
+                            self.buf.keys.push(cookie);
+                            self.buf.values.push(stats);
                         }
                         each(&self.buf.keys, &self.buf.values)?;
                     }
@@ -1040,22 +1047,28 @@ fn iter_path(instance_dir: &Path) -> PathBuf {
     instance_dir.join(format!("link-{PROG_ITER}"))
 }
 
-/// Bytes the last walk of the iterator returned: the next read starts with room for as many
-/// (and some), instead of growing its buffer step by step through megabytes.
-static LAST_WALK_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Every live record: one walk of the iterator (opening the pinned link starts it), into
+/// `bytes` (kept between walks: its capacity is the last walk's size, so a walk of many
+/// connections does not grow a new buffer step by step through megabytes every poll).
+fn read_live(path: &Path, bytes: &mut Vec<u8>) -> std::io::Result<()> {
+    bytes.clear();
+    // A walk far smaller than the last one gives back what it no longer needs.
+    if bytes.capacity() > (1 << 20) {
+        bytes.shrink_to(bytes.capacity() / 2);
+    }
+    File::open(path)?.read_to_end(bytes)?;
+    Ok(())
+}
 
-/// Every live record: one walk of the iterator (opening the pinned link starts it).
-fn read_live(path: &Path) -> std::io::Result<Vec<(u64, ConnStats)>> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let last = LAST_WALK_BYTES.load(Relaxed);
-    let mut bytes = Vec::with_capacity(last + last / 8 + 4096);
-    File::open(path)?.read_to_end(&mut bytes)?;
-    LAST_WALK_BYTES.store(bytes.len(), Relaxed);
-    Ok(bytes
-        .chunks_exact(std::mem::size_of::<ClosedConn>())
-        .filter_map(decode_closed)
-        .map(|rec| (rec.cookie, rec.stats))
-        .collect())
+/// Decodes one live record of the iterator (`LIVE_RECORD_BYTES`: a `ClosedConn` without the
+/// kernel's parser state, which the agent never reads; it decodes as zeros).
+pub fn decode_live(bytes: &[u8]) -> Option<(u64, ConnStats)> {
+    if bytes.len() < LIVE_RECORD_BYTES {
+        return None;
+    }
+    let mut whole = [0u8; std::mem::size_of::<ClosedConn>()];
+    whole[..LIVE_RECORD_BYTES].copy_from_slice(&bytes[..LIVE_RECORD_BYTES]);
+    decode_closed(&whole).map(|rec| (rec.cookie, rec.stats))
 }
 
 /// Makes the pinned port map of an instance hold exactly `ports` (as `reuse` does on start).
@@ -1225,6 +1238,38 @@ fn spawn_kernel_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A live record is the prefix of the `ClosedConn` the kernel holds: every reported field
+    /// decodes as written, the parser state (not written) as zeros, and a short record (the
+    /// tail of a read cut short) decodes as nothing.
+    #[test]
+    fn live_records_decode_every_reported_field() {
+        let mut rec = ClosedConn {
+            cookie: 0x1122_3344_5566_7788,
+            ..ClosedConn::default()
+        };
+        let s = &mut rec.stats;
+        s.local_addr = [3; 16];
+        s.remote_addr = [4; 16];
+        (s.local_port, s.remote_port, s.family, s.proto, s.closed) = (8000, 40000, 10, 1, 1);
+        (s.bytes_in, s.bytes_out, s.packets_in, s.packets_out) = (5, 6, 7, 8);
+        (s.requests, s.first_seen_ns, s.last_seen_ns) = (9, 10, 11);
+        (s.in_seq_base, s.out_seq_base, s.events_out) = (12, 13, 14);
+        (s.exchange_flags, s._pad) = (15, 16);
+        s.parse.fin_end = 17;
+        s.parse.live.cursor = 18;
+        // SAFETY: ClosedConn is plain old data without padding (sensor-common asserts it).
+        let bytes: [u8; std::mem::size_of::<ClosedConn>()] = unsafe { std::mem::transmute(rec) };
+        let (cookie, stats) = decode_live(&bytes[..LIVE_RECORD_BYTES]).expect("a whole record");
+        assert_eq!(cookie, rec.cookie);
+        let want = ConnStats {
+            parse: Default::default(),
+            ..rec.stats
+        };
+        assert_eq!(stats, want);
+        assert_ne!(stats, rec.stats, "the parser state is not in a live record");
+        assert!(decode_live(&bytes[..LIVE_RECORD_BYTES - 1]).is_none());
+    }
 
     /// The borrowed decoding reads what the kernel wrote: the fields, and the head from
     /// `head_skip` for `head_len` bytes within what the record holds.
