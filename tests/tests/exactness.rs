@@ -976,3 +976,62 @@ fn request_events_the_ring_cannot_take_are_counted() {
         "{identified} requests attributed to an identity, {dropped} events dropped, of 1000"
     );
 }
+
+/// Closes the close ring cannot take (a ring of one page, the agent stopped while a hundred
+/// connections open and close) are counted as `ringbuf_full` and found in the closed-record
+/// map by the next poll: every connection is there, exact, although the agent reads that map
+/// only when the ring lost a close.
+#[test]
+fn closes_the_ring_cannot_take_are_found_in_the_map() {
+    if !privileged("closes_the_ring_cannot_take_are_found_in_the_map") {
+        return;
+    }
+    const CONNECTIONS: usize = 100;
+    let cg = Cgroup::new("closefull");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let tmp = TempDir::new("closefull");
+    let config = tmp.path.join("sensor.toml");
+    // 4096 bytes: about eleven close records.
+    std::fs::write(&config, "[capture]\nring_buffer_bytes = 4096\n").expect("config");
+    let agent = Agent::start_with(
+        &cg,
+        &[port],
+        POLL_MS,
+        &["--config", config.to_str().expect("utf-8")],
+    );
+    // Everything the agent has seen before is through the ring: the first poll read the map.
+    thread::sleep(Duration::from_millis(3 * POLL_MS));
+    // SAFETY: kill(2) on the agent's pid, which this test started.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) }, 0);
+    let ops: Vec<Vec<String>> = (0..CONNECTIONS)
+        .map(|i| {
+            let mut o = op(&["--interface", "127.0.3.1", "-H", "Connection: close"]);
+            o.push(format!("http://127.0.0.1:{port}/{}?n={i}", SMALL.0));
+            o
+        })
+        .collect();
+    let transfers = curl(Command::new("curl"), &ops);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) }, 0);
+    assert_eq!(transfers.len(), CONNECTIONS);
+    let conns = agent.wait_closed(CONNECTIONS, |c| c.remote.starts_with("127.0.3.1:"));
+    let truth = nginx.truth(&transfers);
+    let total = |f: fn(&Conn) -> u64| conns.iter().map(f).sum::<u64>();
+    assert_eq!(
+        total(|c| c.bytes_in),
+        truth.values().map(|t| t.0).sum::<u64>()
+    );
+    assert_eq!(
+        total(|c| c.bytes_out),
+        truth.values().map(|t| t.1).sum::<u64>()
+    );
+    assert_eq!(total(|c| c.requests), CONNECTIONS as u64);
+    let full = agent.health()["loss"]["ringbuf_full"]
+        .as_u64()
+        .expect("ringbuf_full");
+    assert!(
+        full >= (CONNECTIONS - 20) as u64,
+        "the ring overflowed: {full} closes counted as not fitting"
+    );
+}

@@ -262,6 +262,41 @@ pub struct Capture {
     buf: sys::BatchBuf,
     /// The iterator's output, kept between polls (iterator path).
     walk: Vec<u8>,
+    /// When the poll reads `conns` again (see `closed_read_due`).
+    closed_reads: ClosedReads,
+}
+
+/// When a poll reads the closed records (`CONNS`). Every close is pushed through the `CLOSED`
+/// ring, or counted as `ringbuf_full` after its record went into `CONNS`; so the map holds
+/// nothing the agent has not had through the ring unless that count moved. Under a load of
+/// short connections the map holds every close of the last snapshot interval (tens of
+/// thousands), which reading every second would copy out again and again.
+#[derive(Debug, Default)]
+struct ClosedReads {
+    /// `ringbuf_full` as it stood before the last read of `CONNS` (None: never read).
+    ring_full_seen: Option<u64>,
+    /// Polls since that read.
+    polls_since: u32,
+}
+
+/// Polls between reads of `CONNS` when no close was lost from the ring: a bound on how late
+/// a record shows whose loss count the agent could not see (never on x86, whose stores are
+/// seen in order: the count is written after the record).
+const CLOSED_READ_EVERY: u32 = 60;
+
+impl ClosedReads {
+    /// Whether this poll reads `CONNS`, given `ringbuf_full` now (read before the map).
+    fn due(&mut self, ring_full: u64) -> bool {
+        let due =
+            self.ring_full_seen != Some(ring_full) || self.polls_since + 1 >= CLOSED_READ_EVERY;
+        if due {
+            self.ring_full_seen = Some(ring_full);
+            self.polls_since = 0;
+        } else {
+            self.polls_since += 1;
+        }
+        due
+    }
 }
 
 /// Checks what loading needs, so the operator gets one clear message instead of an EPERM.
@@ -621,6 +656,7 @@ impl Capture {
             iter_path: iter_path(&instance_dir),
             buf: sys::BatchBuf::default(),
             walk: Vec::new(),
+            closed_reads: ClosedReads::default(),
             conns,
             open: HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_OPEN)?))
                 .map_err(map_err(MAP_OPEN))?,
@@ -758,6 +794,7 @@ impl Capture {
             iter_path: iter_path(&instance_dir),
             buf: sys::BatchBuf::default(),
             walk: Vec::new(),
+            closed_reads: ClosedReads::default(),
             instance_dir,
             instance,
             reused: false,
@@ -825,10 +862,12 @@ impl Capture {
         self.closed.take().ok_or(CaptureError::Missing(MAP_CLOSED))
     }
 
-    /// Reads every record the kernel holds, batch by batch into `each`: the live ones
+    /// Reads the records the kernel holds, batch by batch into `each`: the live ones
     /// (iterator path: socket storage, through the iterator; map path: the OPEN map), then the
-    /// closed-but-not-yet-deleted ones (the CONNS map). In that order, a connection that closes
-    /// between the two reads shows in both, never in neither, and the later, closed record
+    /// closed-but-not-yet-deleted ones (the CONNS map) at the first poll, whenever a close did
+    /// not fit in the ring since the last read of them, and every `CLOSED_READ_EVERY` polls;
+    /// other closes come through the ring. In that order, a connection that closes between the
+    /// two reads shows in both or in the ring, never in neither, and the later, closed record
     /// comes last. A record may be handed over twice (a batch walk the kernel refuses halfway
     /// is read again key by key): observations are idempotent. The hash maps are walked a
     /// batch at a time; the iterator's output is read whole, then handed over in batches.
@@ -858,21 +897,25 @@ impl Capture {
             // lost: the close put it in CONNS first, which is read next.
             LivePath::Map => read_map(&self.open, &mut self.buf, &mut each)?,
         }
+        if !self.closed_reads.due(self.loss_count(Loss::RingBufFull)) {
+            return Ok(());
+        }
         read_map(&self.conns, &mut self.buf, &mut each)
+    }
+
+    /// One loss counter summed over CPUs.
+    fn loss_count(&self, kind: Loss) -> u64 {
+        self.loss
+            .get(&(kind as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 
     /// Loss counters summed over CPUs, by name.
     pub fn loss_counts(&self) -> Vec<(&'static str, u64)> {
         Loss::ALL
             .iter()
-            .map(|kind| {
-                let total = self
-                    .loss
-                    .get(&(*kind as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (kind.name(), total)
-            })
+            .map(|kind| (kind.name(), self.loss_count(*kind)))
             .collect()
     }
 }
@@ -1238,6 +1281,25 @@ fn spawn_kernel_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The closed records are read at the first poll, after every loss from the ring (also one
+    /// right after another) and at least every `CLOSED_READ_EVERY` polls; not otherwise.
+    #[test]
+    fn closed_records_are_read_when_the_ring_lost_one() {
+        let mut r = ClosedReads::default();
+        assert!(r.due(0), "the first poll reads them");
+        assert!(!r.due(0));
+        assert!(r.due(1), "a close the ring could not take");
+        assert!(r.due(3));
+        assert!(!r.due(3));
+        let mut reads = 0;
+        for _ in 0..10 * CLOSED_READ_EVERY {
+            reads += u32::from(r.due(3));
+        }
+        assert_eq!(reads, 10, "one read every CLOSED_READ_EVERY polls");
+        // A counter that went back (pinned state replaced under a running agent) is a change.
+        assert!(r.due(0));
+    }
 
     /// A live record is the prefix of the `ClosedConn` the kernel holds: every reported field
     /// decodes as written, the parser state (not written) as zeros, and a short record (the
