@@ -6,8 +6,10 @@
 
 /// Default capacity of the live-connection map (entries, one per open watched connection).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
-/// Default size of the ring buffer that carries closed-connection records (bytes, power of two).
-pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
+/// Default size of the ring buffer that carries closed-connection records (bytes, power of two):
+/// about 15 000 records of `LIVE_RECORD_BYTES` (and an 8-byte header each). A close that does
+/// not fit waits in the closed-record map for the agent's next poll.
+pub const DEFAULT_RING_BYTES: u32 = 1 << 21;
 /// Default size of the ring buffer that carries request events (bytes, power of two).
 pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
 
@@ -233,8 +235,9 @@ pub struct Frame {
 }
 
 /// A connection record: the value of the `SOCKS` socket storage (live connections, read by the
-/// agent through the `sensor_conns` iterator), and a record on the `CLOSED` ring buffer (the
-/// final counters of a connection that closed).
+/// agent through the `sensor_conns` iterator). The iterator's records and those of the
+/// `CLOSED` ring buffer (the final counters of a connection that closed) are its first
+/// `LIVE_RECORD_BYTES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClosedConn {
@@ -242,11 +245,12 @@ pub struct ClosedConn {
     pub stats: ConnStats,
 }
 
-/// Bytes of a live record the `sensor_conns` iterator writes: the `ClosedConn` up to the
-/// kernel's parser state (the cookie and everything the agent reports), which is the larger
-/// part of the record and of no use to the agent. The kernel's seq_file hands the reader at
-/// most 32 KiB per read and restarts its walk of a socket-storage bucket at every read, so
-/// the records' size sets how often a walk of every live connection starts over.
+/// Bytes of a record the agent reads from the `sensor_conns` iterator and the `CLOSED` ring:
+/// the `ClosedConn` up to the kernel's parser state (the cookie and everything the agent
+/// reports), which is the larger part of the record and of no use to the agent. The kernel's
+/// seq_file hands the reader at most 32 KiB per read and restarts its walk of a socket-storage
+/// bucket at every read, so the records' size sets how often a walk of every live connection
+/// starts over; on the ring it sets how many closes fit.
 pub const LIVE_RECORD_BYTES: usize =
     core::mem::offset_of!(ClosedConn, stats) + core::mem::offset_of!(ConnStats, parse);
 
@@ -358,6 +362,17 @@ const _: () = assert!(
         == core::mem::size_of::<ConnStats>()
 );
 const _: () = assert!(LIVE_RECORD_BYTES == 128 && LIVE_RECORD_BYTES.is_multiple_of(8));
+
+/// A record on the `CLOSED` ring: the first `LIVE_RECORD_BYTES` of a `ClosedConn`, as words
+/// (the kernel copies them from the connection's record; the agent decodes them as a live
+/// record).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ClosedRecord {
+    pub words: [u64; LIVE_RECORD_BYTES / 8],
+}
+
+const _: () = assert!(core::mem::size_of::<ClosedRecord>() == LIVE_RECORD_BYTES);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 72 + HEAD_EVENT_MAX);
 const _: () = assert!(HEAD_EVENT_MAX.is_multiple_of(8) && HEAD_CHUNK.is_power_of_two());
 const _: () = assert!(METHOD_MAX.is_power_of_two() && METHOD_MAX <= 255);

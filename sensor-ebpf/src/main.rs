@@ -44,7 +44,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use sensor_common::{
-    CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, CONFIG_SLOTS, ClosedConn, ConnStats,
+    CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, CONFIG_SLOTS, ClosedConn, ClosedRecord, ConnStats,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES, EVENT_HEAD,
     EVENT_REQUEST, EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, FRAMING_LENGTH, FRAMING_UNKNOWN, Frame,
     HEAD_BYTES_MAX, HEAD_CHUNK, HEAD_DONE, HEAD_EVENT_MAX, HEAD_REWIND, HEAD_UNSEEN,
@@ -469,11 +469,15 @@ fn close_connection(ctx: &SockOpsContext) {
         {
             count_loss(Loss::ConnMapFull);
         }
-        match CLOSED.reserve::<ClosedConn>(0) {
+        match CLOSED.reserve::<ClosedRecord>(0) {
             Some(mut entry) => {
                 // Copied straight from the record, not through the stack (512 bytes for the
-                // whole call chain).
-                core::ptr::copy_nonoverlapping(record.cast_const(), entry.as_mut_ptr(), 1);
+                // whole call chain): its first LIVE_RECORD_BYTES, without the parser state.
+                core::ptr::copy_nonoverlapping(
+                    record.cast_const().cast::<u8>(),
+                    entry.as_mut_ptr().cast::<u8>(),
+                    LIVE_RECORD_BYTES,
+                );
                 entry.submit(0);
             }
             // The agent's next poll finds the closed record in CONNS: a delay, not a loss.
@@ -507,13 +511,17 @@ fn close_in_map(ctx: &SockOpsContext) {
         if CONNS.insert(&cookie, &*stats, u64::from(BPF_ANY)).is_err() {
             count_loss(Loss::ConnMapFull);
         }
-        match CLOSED.reserve::<ClosedConn>(0) {
+        match CLOSED.reserve::<ClosedRecord>(0) {
             Some(mut entry) => {
                 // Copied straight from the map value, not through the stack (512 bytes for
-                // the whole call chain).
-                let out = entry.as_mut_ptr();
-                (*out).cookie = cookie;
-                core::ptr::copy_nonoverlapping(stats.cast_const(), &raw mut (*out).stats, 1);
+                // the whole call chain): the cookie, then the stats up to the parser state.
+                let out = entry.as_mut_ptr().cast::<u64>();
+                *out = cookie;
+                core::ptr::copy_nonoverlapping(
+                    stats.cast_const().cast::<u8>(),
+                    out.add(1).cast::<u8>(),
+                    LIVE_RECORD_BYTES - 8,
+                );
                 entry.submit(0);
             }
             // The agent's next poll finds the closed record in CONNS: a delay, not a loss.

@@ -32,7 +32,7 @@ use crate::{
     cli::{RunArgs, effective_config},
     config::Config,
     detect::{Detector, DetectorState},
-    kernel::{Capture, CaptureSettings, decode_closed, decode_request},
+    kernel::{Capture, CaptureSettings, decode_live, decode_request},
     model::aggregate::{Aggregator, Now},
     model::conntable::{ConnTable, socket_addr},
     model::state::{self, SnapshotRef},
@@ -45,9 +45,9 @@ use crate::{
 /// notification), and each wakeup costs an interrupt in the kernel program that submits the
 /// record plus a round through the agent's event loop. Draining at once would empty the ring
 /// after every record, so every request and every close would pay for a wakeup; waiting a
-/// little lets a whole batch share one. The rings hold far more than a batch (4 MiB of close
-/// records, 2 MiB of request events: tens of thousands each), and a closed connection still
-/// shows within this delay.
+/// little lets a whole batch share one. The rings hold far more than a batch (by default
+/// 2 MiB of close records, about 15 000; 8 MiB of request events, tens of thousands), and a
+/// closed connection still shows within this delay.
 const RING_BATCH: Duration = Duration::from_millis(50);
 
 /// Everything the main loop owns.
@@ -105,13 +105,13 @@ impl Pipeline {
             table, agg, heads, ..
         } = &mut *s;
         while let Some(item) = ring.next() {
-            match decode_closed(&item) {
-                Some(rec) => {
+            match decode_live(&item) {
+                Some((cookie, stats)) => {
                     // The connection's last request is complete with what arrived.
-                    if let Some(r) = self.identities.close(rec.cookie) {
+                    if let Some(r) = self.identities.close(cookie) {
                         apply_request(table, agg, r, now);
                     }
-                    table.observe(rec.cookie, &rec.stats, agg, now);
+                    table.observe(cookie, &stats, agg, now);
                 }
                 None => warn!("short close record ({} bytes)", item.len()),
             }

@@ -1103,15 +1103,15 @@ fn read_live(path: &Path, bytes: &mut Vec<u8>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Decodes one live record of the iterator (`LIVE_RECORD_BYTES`: a `ClosedConn` without the
-/// kernel's parser state, which the agent never reads; it decodes as zeros).
+/// Decodes one record of the iterator or the close ring (`LIVE_RECORD_BYTES`: a `ClosedConn`
+/// without the kernel's parser state, which the agent never reads; it decodes as zeros).
 pub fn decode_live(bytes: &[u8]) -> Option<(u64, ConnStats)> {
     if bytes.len() < LIVE_RECORD_BYTES {
         return None;
     }
     let mut whole = [0u8; std::mem::size_of::<ClosedConn>()];
     whole[..LIVE_RECORD_BYTES].copy_from_slice(&bytes[..LIVE_RECORD_BYTES]);
-    decode_closed(&whole).map(|rec| (rec.cookie, rec.stats))
+    decode::<ClosedConn>(&whole).map(|rec| (rec.cookie, rec.stats))
 }
 
 /// Makes the pinned port map of an instance hold exactly `ports` (as `reuse` does on start).
@@ -1154,10 +1154,6 @@ pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     (bytes.len() >= std::mem::size_of::<T>())
         // SAFETY: length checked; T is Pod (any bit pattern is valid).
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
-
-pub fn decode_closed(bytes: &[u8]) -> Option<ClosedConn> {
-    decode(bytes)
 }
 
 /// The fixed part of a `RequestEvent` (everything before `head`), read without copying the
