@@ -73,7 +73,7 @@ pub struct Detect {
 impl Default for Detect {
     fn default() -> Self {
         Self {
-            interval_secs: 2,
+            interval_secs: 1,
             resolve_after_secs: 120,
             suppress_secs: 600,
             allow_addresses: Vec::new(),
