@@ -473,10 +473,12 @@ fn close_connection(ctx: &SockOpsContext) {
             Some(mut entry) => {
                 // Copied straight from the record, not through the stack (512 bytes for the
                 // whole call chain): its first LIVE_RECORD_BYTES, without the parser state.
+                // Word by word: both are 8-byte aligned (a copy through byte pointers became
+                // single-byte loads and stores).
                 core::ptr::copy_nonoverlapping(
-                    record.cast_const().cast::<u8>(),
-                    entry.as_mut_ptr().cast::<u8>(),
-                    LIVE_RECORD_BYTES,
+                    record.cast_const().cast::<ClosedRecord>(),
+                    entry.as_mut_ptr(),
+                    1,
                 );
                 entry.submit(0);
             }
@@ -517,10 +519,11 @@ fn close_in_map(ctx: &SockOpsContext) {
                 // the whole call chain): the cookie, then the stats up to the parser state.
                 let out = entry.as_mut_ptr().cast::<u64>();
                 *out = cookie;
+                // Word by word, as above.
                 core::ptr::copy_nonoverlapping(
-                    stats.cast_const().cast::<u8>(),
-                    out.add(1).cast::<u8>(),
-                    LIVE_RECORD_BYTES - 8,
+                    stats.cast_const().cast::<u64>(),
+                    out.add(1),
+                    LIVE_RECORD_BYTES / 8 - 1,
                 );
                 entry.submit(0);
             }

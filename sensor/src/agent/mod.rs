@@ -196,6 +196,8 @@ impl Pipeline {
     /// At stop: accounts what is left in the rings and the map.
     fn final_read(&mut self, closed: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         self.drain_closed(closed)?;
+        // The ring is not drained again: a close after the drain is read from the map.
+        self.capture.read_closed_next();
         self.poll()
     }
 

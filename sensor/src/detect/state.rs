@@ -22,7 +22,7 @@ const RESOLVED_KEPT: usize = 1000;
 
 /// An open alert sends at most one update event per this long (agent clock): a count of
 /// evaluations would tie the cadence to `interval_secs` (12 evaluations were a minute at
-/// 5 s, but 24 s at the default 2 s).
+/// 5 s, but 12 s at the default 1 s).
 const UPDATE_EVERY_MS: u64 = 60_000;
 
 /// Alert lifecycle state, saved with the agent's snapshot.

@@ -289,13 +289,16 @@ impl ClosedReads {
     fn due(&mut self, ring_full: u64) -> bool {
         let due =
             self.ring_full_seen != Some(ring_full) || self.polls_since + 1 >= CLOSED_READ_EVERY;
-        if due {
-            self.ring_full_seen = Some(ring_full);
-            self.polls_since = 0;
-        } else {
+        if !due {
             self.polls_since += 1;
         }
         due
+    }
+
+    /// A read of `CONNS` that began with `ringbuf_full` at `ring_full` went through.
+    fn done(&mut self, ring_full: u64) {
+        self.ring_full_seen = Some(ring_full);
+        self.polls_since = 0;
     }
 }
 
@@ -894,13 +897,23 @@ impl Capture {
                 Err(e) => warn!("reading the live connections failed: {e}"),
             },
             // A record the close removes between the kernel's get_next_key and lookup is not
-            // lost: the close put it in CONNS first, which is read next.
+            // lost: the close pushed it through the ring, or put it in CONNS and counted
+            // `ringbuf_full`, which makes the read below (or the next poll's) read CONNS.
             LivePath::Map => read_map(&self.open, &mut self.buf, &mut each)?,
         }
-        if !self.closed_reads.due(self.loss_count(Loss::RingBufFull)) {
+        let ring_full = self.loss_count(Loss::RingBufFull);
+        if !self.closed_reads.due(ring_full) {
             return Ok(());
         }
-        read_map(&self.conns, &mut self.buf, &mut each)
+        read_map(&self.conns, &mut self.buf, &mut each)?;
+        self.closed_reads.done(ring_full);
+        Ok(())
+    }
+
+    /// Makes the next poll read the closed records whatever the ring lost (the agent's last
+    /// read before it stops: the ring is not drained again).
+    pub fn read_closed_next(&mut self) {
+        self.closed_reads = ClosedReads::default();
     }
 
     /// One loss counter summed over CPUs.
@@ -1094,10 +1107,15 @@ fn iter_path(instance_dir: &Path) -> PathBuf {
 /// `bytes` (kept between walks: its capacity is the last walk's size, so a walk of many
 /// connections does not grow a new buffer step by step through megabytes every poll).
 fn read_live(path: &Path, bytes: &mut Vec<u8>) -> std::io::Result<()> {
+    let last = bytes.len();
     bytes.clear();
-    // A walk far smaller than the last one gives back what it no longer needs.
-    if bytes.capacity() > (1 << 20) {
-        bytes.shrink_to(bytes.capacity() / 2);
+    // Room for the last walk's size and some; a buffer far larger than that (the connections
+    // went away) gives back what it no longer needs.
+    let want = last + last / 8 + 4096;
+    if bytes.capacity() > (1 << 20) && last < bytes.capacity() / 4 {
+        bytes.shrink_to(want);
+    } else {
+        bytes.reserve(want);
     }
     File::open(path)?.read_to_end(bytes)?;
     Ok(())
@@ -1283,18 +1301,34 @@ mod tests {
     #[test]
     fn closed_records_are_read_when_the_ring_lost_one() {
         let mut r = ClosedReads::default();
-        assert!(r.due(0), "the first poll reads them");
-        assert!(!r.due(0));
-        assert!(r.due(1), "a close the ring could not take");
-        assert!(r.due(3));
-        assert!(!r.due(3));
+        // Each poll as `poll_each` does it: a read that is due, then done when it went through.
+        let poll = |r: &mut ClosedReads, ring_full: u64| {
+            let due = r.due(ring_full);
+            if due {
+                r.done(ring_full);
+            }
+            due
+        };
+        assert!(poll(&mut r, 0), "the first poll reads them");
+        assert!(!poll(&mut r, 0));
+        assert!(poll(&mut r, 1), "a close the ring could not take");
+        assert!(poll(&mut r, 3));
+        assert!(!poll(&mut r, 3));
         let mut reads = 0;
         for _ in 0..10 * CLOSED_READ_EVERY {
-            reads += u32::from(r.due(3));
+            reads += u32::from(poll(&mut r, 3));
         }
         assert_eq!(reads, 10, "one read every CLOSED_READ_EVERY polls");
         // A counter that went back (pinned state replaced under a running agent) is a change.
-        assert!(r.due(0));
+        assert!(poll(&mut r, 0));
+        // A read that did not go through is due again at the next poll.
+        assert!(r.due(5));
+        assert!(r.due(5));
+        r.done(5);
+        assert!(!r.due(5));
+        // Before the agent stops: read them whatever the ring lost.
+        r = ClosedReads::default();
+        assert!(r.due(5));
     }
 
     /// A live record is the prefix of the `ClosedConn` the kernel holds: every reported field

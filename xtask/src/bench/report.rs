@@ -461,8 +461,8 @@ pub fn render(r: &Results) -> String {
         out,
         "\n### Poll latency: first request of a burst to `sensor clients`\n\nA new client \
          address per trial sends one request; the bench then runs the real `sensor clients \
-         --json` every ~5 ms until that address shows the request (agent defaults: map poll every \
-         1000 ms). The connection is either kept open (seen by the next map poll) or closed by \
+         --json` every ~5 ms until that address shows the request (agent defaults: live read every \
+         1000 ms). The connection is either kept open (seen by the next live read) or closed by \
          the server after the reply (seen through the close ring buffer, which the agent drains \
          50 ms after a wakeup). Includes the CLI's own run time.\n"
     );
@@ -533,8 +533,8 @@ pub fn render(r: &Results) -> String {
             out,
             "\n### Time to alert\n\nAn extraction bot (one new connection per request, as fast \
              as it gets answers) against nginx on a watched port; the agent runs the default \
-             rules (`request-flood`: more than 120 requests in a minute; map poll 1 s, rules \
-             every 2 s) and ships to a collector with the default fleet rules \
+             rules (`request-flood`: more than 120 requests in a minute; live read 1 s, rules \
+             every second) and ships to a collector with the default fleet rules \
              (`fleet-request-flood`: more than 300 a minute; summaries every 10 s, rules every \
              5 s). Seconds from the bot's first request to the alert in `/v1/alerts`.\n"
         );
