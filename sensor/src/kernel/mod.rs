@@ -262,7 +262,7 @@ pub struct Capture {
     buf: sys::BatchBuf,
     /// The iterator's output, kept between polls (iterator path).
     walk: Vec<u8>,
-    /// When the poll reads `conns` again (see `closed_read_due`).
+    /// When the poll reads `conns` again (see `ClosedReads`).
     closed_reads: ClosedReads,
 }
 
