@@ -289,7 +289,7 @@ impl Bench<'_> {
                 cgroup: &self.cgroup.path,
                 ports: &[self.http_port],
                 config: Some(config),
-                live_read: &self.opts.live_read,
+                live_read: &self.live_read,
             })?;
             let src = Ipv4Addr::new(127, net, 0, 1 + trial);
             let t = self.one_bot(&agent, c, src)?;

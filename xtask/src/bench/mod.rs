@@ -2,8 +2,8 @@
 //!
 //! The servers (nginx, an iperf3 server) run in a cgroup of the bench's own that the agent
 //! watches; the clients run outside it. Each A/B round measures every workload once without
-//! the sensor (nothing attached) and once with it (the agent started, programs attached, then
-//! stopped cleanly, which detaches them). Then, with the agent attached: the kernel's per-program
+//! the sensor (nothing attached) and once with it on each live-read path measured (the agent
+//! started, programs attached, then stopped cleanly, which detaches them). Then, with the agent attached: the kernel's per-program
 //! run-time statistics, the agent's CPU and memory under load from thousands of client
 //! addresses, the latency from a request to its appearance in `sensor clients`, and the
 //! aggregation's memory with many distinct clients (synthetic, in a child process).
@@ -84,9 +84,11 @@ pub struct Options {
     /// Markdown file whose generated section is replaced.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
-    /// The agent's live-read path (`sensor run --live-read`): auto, iterator or map. Run the
-    /// bench once per path to compare them where the kernel loads both.
-    #[arg(long, default_value = "auto")]
+    /// The agent's live-read paths to measure (`sensor run --live-read`): `all` (the path
+    /// `auto` picks, and the map path too when that is the iterator: every path this kernel
+    /// loads), or one of auto, iterator, map. The data path, BPF, agent-load and poll-latency
+    /// phases run once per path; the other phases use the first.
+    #[arg(long, default_value = "all")]
     pub live_read: String,
 }
 
@@ -138,6 +140,9 @@ pub struct Wrk {
     /// Requests completed in the run (wrk's own count).
     pub requests: u64,
 }
+
+/// The live-read paths `--live-read` accepts.
+const LIVE_READS: [&str; 4] = ["all", "auto", "iterator", "map"];
 
 /// One side (with or without the sensor) of one A/B round.
 #[derive(Debug, Clone, Copy, Default)]
@@ -197,11 +202,15 @@ pub struct Machine {
     pub foreign_programs: usize,
 }
 
+/// What depends on the agent's live-read path: one per path measured.
 #[derive(Debug, Default)]
-pub struct Results {
-    pub machine: Machine,
-    pub options: Option<Options>,
-    pub without: Vec<Round>,
+pub struct PathResults {
+    /// `--live-read` as the bench passed it.
+    pub requested: String,
+    /// The path the agent took (its `/v1/health`), and why.
+    pub path: String,
+    pub reason: String,
+    /// The A/B rounds' "with" sides (the "without" sides are shared: `Results::without`).
     pub with: Vec<Round>,
     /// (program, workload) -> one sample per round.
     pub bpf: BTreeMap<(String, String), Vec<BpfSample>>,
@@ -212,6 +221,18 @@ pub struct Results {
     pub load: Vec<LoadRow>,
     pub latency_open_ms: Vec<f64>,
     pub latency_closed_ms: Vec<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Results {
+    pub machine: Machine,
+    pub options: Option<Options>,
+    /// The A/B rounds' "without" sides, one per round, shared by every path's "with".
+    pub without: Vec<Round>,
+    /// One per live-read path measured, the first the one the other phases ran on.
+    pub paths: Vec<PathResults>,
+    /// Why a path `all` asks for was not measured (the kernel refused it), if one was not.
+    pub paths_skipped: Option<String>,
     pub memory: Vec<MemoryRow>,
     /// The collector's ingest run.
     pub ingest: Option<fleet::Ingest>,
@@ -234,6 +255,8 @@ struct Bench<'a> {
     iperf_port: u16,
     lua: PathBuf,
     nofile: u64,
+    /// `--live-read` of the agents of the phases that run on one path only.
+    live_read: String,
 }
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
@@ -242,6 +265,11 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         bail!("the bench needs root (BPF, cgroups, sysctls)");
     }
     anyhow::ensure!(opts.rounds >= 1, "--rounds must be at least 1");
+    anyhow::ensure!(
+        LIVE_READS.contains(&opts.live_read.as_str()),
+        "--live-read must be one of {}",
+        LIVE_READS.join(", ")
+    );
     if let Some(p) = opts
         .phases
         .iter()
@@ -299,6 +327,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         iperf_port,
         lua,
         nofile,
+        live_read: String::new(),
     };
     let _nginx = bench.start_nginx()?;
     let _iperf = bench.start_iperf()?;
@@ -311,18 +340,28 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         );
     }
 
+    let (paths, skipped) = bench.live_read_paths()?;
+    results.paths = paths;
+    results.paths_skipped = skipped;
+    let bench = Bench {
+        live_read: results.paths[0].requested.clone(),
+        ..bench
+    };
+
     let phase = |name: &str| opts.phases.iter().any(|p| p == name);
     if phase("ab") {
         bench.ab_rounds(&mut results)?;
     }
-    if phase("bpf") {
-        bench.bpf_costs(&mut results)?;
-    }
-    if phase("load") {
-        bench.agent_load(&mut results)?;
-    }
-    if phase("latency") {
-        bench.poll_latency(&mut results)?;
+    for path in &mut results.paths {
+        if phase("bpf") {
+            bench.bpf_costs(path)?;
+        }
+        if phase("load") {
+            bench.agent_load(path)?;
+        }
+        if phase("latency") {
+            bench.poll_latency(path)?;
+        }
     }
     if phase("memory") {
         bench.aggregate_memory(&mut results)?;
@@ -531,19 +570,51 @@ fn percentile(values: &[f64], p: f64) -> f64 {
 }
 
 impl Bench<'_> {
+    /// An agent on the live-read path of the single-path phases.
     fn agent(&self) -> anyhow::Result<Agent> {
-        self.agent_with(&[])
+        self.agent_with(&[], &self.live_read)
     }
 
-    fn agent_with(&self, wrapper: &[String]) -> anyhow::Result<Agent> {
+    fn agent_with(&self, wrapper: &[String], live_read: &str) -> anyhow::Result<Agent> {
         procs::start_agent(&AgentSpec {
             wrapper,
             bin: &self.bin,
             cgroup: &self.cgroup.path,
             ports: &[self.http_port, self.iperf_port],
             config: None,
-            live_read: &self.opts.live_read,
+            live_read,
         })
+    }
+
+    /// The live-read paths to measure, each with the path its agent took and why; and, for
+    /// `all`, why a path was left out. An agent is started (and stopped) for each, so a path
+    /// the kernel refuses fails here, before any measurement, unless `all` asked for it.
+    fn live_read_paths(&self) -> anyhow::Result<(Vec<PathResults>, Option<String>)> {
+        let probe = |requested: &str| -> anyhow::Result<PathResults> {
+            let agent = self.agent_with(&[], requested)?;
+            let (path, reason) = procs::live_read_of(&agent)?;
+            agent.stop(procs::AGENT_PATIENCE)?;
+            Ok(PathResults {
+                requested: requested.to_owned(),
+                path,
+                reason,
+                ..Default::default()
+            })
+        };
+        if self.opts.live_read != "all" {
+            return Ok((vec![probe(&self.opts.live_read)?], None));
+        }
+        let first = probe("auto")?;
+        if first.path == "iterator" {
+            let map = probe("map")?;
+            return Ok((vec![first, map], None));
+        }
+        // Only the iterator can be refused (the map path is the fallback that always loads).
+        let skipped = format!(
+            "the iterator path was not measured: this kernel refuses it ({})",
+            first.reason
+        );
+        Ok((vec![first], Some(skipped)))
     }
 
     fn target(&self) -> SocketAddrV4 {
@@ -660,13 +731,15 @@ impl Bench<'_> {
     /// (the agent started for it and stopped after it), so the two sides of a pair are seconds
     /// apart and share the machine's background load as far as possible.
     fn ab_rounds(&self, results: &mut Results) -> anyhow::Result<()> {
+        let paths: Vec<String> = results.paths.iter().map(|p| p.requested.clone()).collect();
         for round in 1..=self.opts.rounds {
-            let mut pair = [Round::default(), Round::default()];
+            // Side 0 without the sensor, then one side per live-read path.
+            let mut sides = vec![Round::default(); 1 + paths.len()];
             for workload in 0..3 {
-                for (side, with) in [false, true].into_iter().enumerate() {
+                for side in 0..sides.len() {
                     check_interrupted()?;
-                    let agent = if with {
-                        Some(self.agent()?)
+                    let agent = if side > 0 {
+                        Some(self.agent_with(&[], &paths[side - 1])?)
                     } else {
                         let attached = attached_programs(&self.cgroup.path)?;
                         anyhow::ensure!(
@@ -681,7 +754,7 @@ impl Bench<'_> {
                         Some(a) => Some((procs::cpu_seconds(a.pid())?, Instant::now())),
                         None => None,
                     };
-                    let r = &mut pair[side];
+                    let r = &mut sides[side];
                     match workload {
                         0 => r.iperf_gbps = self.iperf(secs)?,
                         1 => r.keep_alive = self.wrk(false, secs)?,
@@ -697,29 +770,32 @@ impl Bench<'_> {
                     }
                 }
             }
-            let [without, with] = pair;
-            eprintln!(
-                "bench: round {round}/{} without / with: iperf3 {:.2} / {:.2} Gbit/s, keep-alive \
-                 {:.0} / {:.0} req/s, new connections {:.0} / {:.0} req/s",
-                self.opts.rounds,
-                without.iperf_gbps,
-                with.iperf_gbps,
-                without.keep_alive.rps,
-                with.keep_alive.rps,
-                without.close.rps,
-                with.close.rps
-            );
+            let without = sides[0];
+            for (path, with) in results.paths.iter_mut().zip(&sides[1..]) {
+                eprintln!(
+                    "bench: round {round}/{} without / with ({}): iperf3 {:.2} / {:.2} Gbit/s, \
+                     keep-alive {:.0} / {:.0} req/s, new connections {:.0} / {:.0} req/s",
+                    self.opts.rounds,
+                    path.path,
+                    without.iperf_gbps,
+                    with.iperf_gbps,
+                    without.keep_alive.rps,
+                    with.keep_alive.rps,
+                    without.close.rps,
+                    with.close.rps
+                );
+                path.with.push(*with);
+            }
             results.without.push(without);
-            results.with.push(with);
         }
         Ok(())
     }
 
     /// Kernel-side cost per program run, from the kernel's own run-time statistics.
-    fn bpf_costs(&self, results: &mut Results) -> anyhow::Result<()> {
+    fn bpf_costs(&self, results: &mut PathResults) -> anyhow::Result<()> {
         // Declared before the agent: restored after it stops, whatever happens.
         let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
-        let agent = self.agent()?;
+        let agent = self.agent_with(&[], &results.requested)?;
         let _floor = calib::EmptyPrograms::attach(&self.cgroup.path)?;
         let progs = attached_programs(&self.cgroup.path)?;
         for name in [
@@ -790,15 +866,18 @@ impl Bench<'_> {
                         });
                 }
             }
-            eprintln!("bench: BPF statistics round {round}/{rounds}");
+            eprintln!(
+                "bench: BPF statistics round {round}/{rounds} ({})",
+                results.path
+            );
         }
         agent.stop(procs::AGENT_PATIENCE)?;
         Ok(())
     }
 
     /// The agent's CPU and memory while many clients keep it busy.
-    fn agent_load(&self, results: &mut Results) -> anyhow::Result<()> {
-        let agent = self.agent()?;
+    fn agent_load(&self, results: &mut PathResults) -> anyhow::Result<()> {
+        let agent = self.agent_with(&[], &results.requested)?;
         let pid = agent.pid();
         // Idle cost first: polls with nothing to read.
         procs::sleep(Duration::from_secs(1))?;
@@ -863,8 +942,9 @@ impl Bench<'_> {
                 loss: if loss.is_empty() { "none".into() } else { loss },
             };
             eprintln!(
-                "bench: agent under load ({}): {:.0} req/s, {} errors, CPU {:.2}% of one core, \
-                 RSS {} KiB",
+                "bench: agent under load ({}, {}): {:.0} req/s, {} errors, CPU {:.2}% of one \
+                 core, RSS {} KiB",
+                results.path,
                 row.name,
                 row.outcome.rate(),
                 row.outcome.errors,
@@ -888,7 +968,7 @@ impl Bench<'_> {
             "--tool=callgrind".to_owned(),
             format!("--callgrind-out-file={}", out.display()),
         ];
-        let agent = self.agent_with(&wrapper)?;
+        let agent = self.agent_with(&wrapper, &self.live_read)?;
         let spec = load::Spec {
             target: self.target(),
             path: REPLY_PATH.to_owned(),
@@ -990,8 +1070,8 @@ impl Bench<'_> {
     }
 
     /// From the first request of a burst to the client's row in `sensor clients` counting it.
-    fn poll_latency(&self, results: &mut Results) -> anyhow::Result<()> {
-        let agent = self.agent()?;
+    fn poll_latency(&self, results: &mut PathResults) -> anyhow::Result<()> {
+        let agent = self.agent_with(&[], &results.requested)?;
         for trial in 0..self.opts.latency_trials.min(250) {
             for close in [false, true] {
                 check_interrupted()?;

@@ -214,9 +214,6 @@ pub struct AgentSpec<'a> {
     pub live_read: &'a str,
 }
 
-/// The live-read path the agents of this run took and why, as the first one reported it.
-pub static LIVE_READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
 pub fn start_agent(spec: &AgentSpec<'_>) -> anyhow::Result<Agent> {
     let mut extra: Vec<std::ffi::OsString> = vec![
         "--fresh".into(),
@@ -234,16 +231,20 @@ pub fn start_agent(spec: &AgentSpec<'_>) -> anyhow::Result<Agent> {
         ready_within: AGENT_PATIENCE,
         ..sensor_tests::Launch::new(spec.cgroup, spec.ports)
     })?;
-    if LIVE_READ.get().is_none() {
-        let health: serde_json::Value =
-            serde_json::from_str(&api_get(&agent.socket, "/v1/health")?).context("health JSON")?;
-        let _ = LIVE_READ.set(format!(
-            "{} ({})",
-            health["live_read"].as_str().unwrap_or("?"),
-            health["live_read_reason"].as_str().unwrap_or("?")
-        ));
-    }
     Ok(agent)
+}
+
+/// The live-read path a running agent took and why (its `/v1/health`).
+pub fn live_read_of(agent: &Agent) -> anyhow::Result<(String, String)> {
+    let health: serde_json::Value =
+        serde_json::from_str(&api_get(&agent.socket, "/v1/health")?).context("health JSON")?;
+    let field = |k: &str| {
+        health[k]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no {k} in the agent's health"))
+    };
+    Ok((field("live_read")?, field("live_read_reason")?))
 }
 
 /// GET on the agent's local API; the body of a 200 reply.
