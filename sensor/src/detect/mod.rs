@@ -35,7 +35,7 @@ use crate::model::{
     aggregate::{Aggregator, ClientStats, Now, Window},
     keys::By,
 };
-use rule::Inputs;
+use rule::{Inputs, WindowMemo};
 use signals::IdentitiesBehind;
 use state::rfc3339;
 
@@ -150,29 +150,28 @@ struct Candidate<'a> {
 
 impl Candidate<'_> {
     /// The lifecycle slot: one alert at a time per rule, key kind and key.
-    fn slot(&self) -> String {
-        // Built for every key a rule holds on at every evaluation: no formatting machinery.
-        let (id, by) = (self.rule.id.as_str(), self.by.name());
-        let mut slot = String::with_capacity(id.len() + by.len() + self.key.len() + 2);
-        for part in [id, "|", by, "|", self.key] {
+    /// Into `slot` (cleared first): built for every key a rule holds on at every evaluation,
+    /// so into a buffer kept across keys, without formatting machinery.
+    fn slot_into(&self, slot: &mut String) {
+        slot.clear();
+        for part in [self.rule.id.as_str(), "|", self.by.name(), "|", self.key] {
             slot.push_str(part);
         }
-        slot
     }
 
-    fn holds(&self, inputs: &Inputs) -> bool {
+    fn holds(&self, inputs: &Inputs, memo: &mut WindowMemo) -> bool {
         self.rule
             .when
             .iter()
-            .all(|cond| cond.op.holds(self.value(cond, inputs), cond.value))
+            .all(|cond| cond.op.holds(self.value(cond, inputs, memo), cond.value))
     }
 
-    fn value(&self, cond: &rule::Condition, inputs: &Inputs) -> f64 {
-        inputs.value(cond, self.stats, self.key, self.by)
+    fn value(&self, cond: &rule::Condition, inputs: &Inputs, memo: &mut WindowMemo) -> f64 {
+        inputs.value(cond, self.stats, self.key, self.by, memo)
     }
 
     /// Every condition with its threshold and the value found.
-    fn crossed(&self, inputs: &Inputs) -> Vec<Crossed> {
+    fn crossed(&self, inputs: &Inputs, memo: &mut WindowMemo) -> Vec<Crossed> {
         self.rule
             .when
             .iter()
@@ -181,7 +180,7 @@ impl Candidate<'_> {
                 window: cond.window.map(|w| w.name().to_owned()),
                 op: cond.op.symbol().into(),
                 threshold: cond.value,
-                value: self.value(cond, inputs),
+                value: self.value(cond, inputs, memo),
             })
             .collect()
     }
@@ -290,9 +289,15 @@ impl Detector {
     pub fn evaluate_with(&mut self, agg: &Aggregator, now: Now, rings: Rings) -> Vec<AlertEvent> {
         self.state.baseline.update(agg, now);
         self.state.counters.evaluations += 1;
-        let active = ActiveAddresses::count(agg, now);
+        // Every address parsed and its windows summed: only for rules that read it.
+        let active = if self.settings.rules.iter().any(Rule::reads_active_addresses) {
+            ActiveAddresses::count(agg, now)
+        } else {
+            ActiveAddresses::default()
+        };
         let behind = IdentitiesBehind::count(agg, now);
         let Self { settings, state } = self;
+        state.begin_pass();
         let inputs = Inputs {
             now,
             active: &active,
@@ -300,12 +305,33 @@ impl Detector {
             behind: &behind,
             signals: &settings.signals,
         };
-        let mut events = Vec::new();
-        // Slots whose conditions hold in this evaluation.
-        let mut held = state::Slots::default();
-        for rule in &settings.rules {
-            for &by in &rule.keys {
-                for (key, stats) in &agg.table(by).clients {
+        // Key by key, every rule over the key's table in turn, so that a key's window sums
+        // are read once for all of them (`WindowMemo`). Each event is tagged with its rule's
+        // place and the table's place in the rule's keys, and a stable sort puts them back in
+        // rule order: what a rule-major walk gave. Nothing a key's rules do touches another
+        // key's slots, so the walk's order changes nothing else.
+        let mut tagged: Vec<(usize, usize, AlertEvent)> = Vec::new();
+        // The slot's name, built in one buffer for every key that holds.
+        let mut slot = String::new();
+        for by in By::ALL {
+            let rules: Vec<(usize, usize, &Rule)> = settings
+                .rules
+                .iter()
+                .enumerate()
+                .flat_map(|(i, rule)| {
+                    rule.keys
+                        .iter()
+                        .enumerate()
+                        .filter(move |(_, b)| **b == by)
+                        .map(move |(place, _)| (i, place, rule))
+                })
+                .collect();
+            if rules.is_empty() {
+                continue;
+            }
+            for (key, stats) in &agg.table(by).clients {
+                let mut memo = WindowMemo::default();
+                for &(i, place, rule) in &rules {
                     let cand = Candidate {
                         rule,
                         by,
@@ -313,15 +339,19 @@ impl Detector {
                         stats,
                     };
                     // Most keys cross nothing: test first, describe only what holds.
-                    if !cand.holds(&inputs) {
+                    if !cand.holds(&inputs, &mut memo) {
                         continue;
                     }
-                    let slot = cand.slot();
-                    events.extend(matched(state, settings, &slot, &cand, &inputs, agg));
-                    held.insert(slot);
+                    cand.slot_into(&mut slot);
+                    if let Some(e) = matched(state, settings, &slot, &cand, &inputs, agg, &mut memo)
+                    {
+                        tagged.push((i, place, e));
+                    }
                 }
             }
         }
+        tagged.sort_by_key(|(i, place, _)| (*i, *place));
+        let mut events: Vec<AlertEvent> = tagged.into_iter().map(|(_, _, e)| e).collect();
         let mut rings_judged = rings != Rings::Gathered;
         if settings.signals.rings && rings == Rings::Here {
             let allowed = |by: By, key: &str| settings.allowed(by, key, agg);
@@ -331,18 +361,12 @@ impl Detector {
             if !found.complete {
                 state.counters.rings_incomplete += 1;
             }
-            events.extend(rings_matched(state, settings, found.rings, &mut held, now));
+            events.extend(rings_matched(state, settings, found.rings, now));
         }
         // Ring alerts driven elsewhere, or by an evaluation that stopped short, are not this
         // evaluation's to resolve.
         let scope = |slot: &str| rings_judged || !is_ring_slot(slot);
-        events.extend(state.settle(
-            &held,
-            &scope,
-            settings.resolve_after_ms,
-            settings.suppress_ms,
-            now,
-        ));
+        events.extend(state.settle(&scope, settings.resolve_after_ms, settings.suppress_ms, now));
         events
     }
 
@@ -392,7 +416,7 @@ impl Detector {
         now: Now,
     ) -> Vec<AlertEvent> {
         let Self { settings, state } = self;
-        let mut held = state::Slots::default();
+        state.begin_pass();
         let mut events = Vec::new();
         let mut judged = true;
         if let Some(found) = found {
@@ -400,16 +424,10 @@ impl Detector {
             if !judged {
                 state.counters.rings_incomplete += 1;
             }
-            events.extend(rings_matched(state, settings, found.rings, &mut held, now));
+            events.extend(rings_matched(state, settings, found.rings, now));
         }
         let scope = |slot: &str| judged && is_ring_slot(slot);
-        events.extend(state.settle(
-            &held,
-            &scope,
-            settings.resolve_after_ms,
-            settings.suppress_ms,
-            now,
-        ));
+        events.extend(state.settle(&scope, settings.resolve_after_ms, settings.suppress_ms, now));
         events
     }
 
@@ -442,6 +460,7 @@ fn matched(
     cand: &Candidate,
     inputs: &Inputs,
     agg: &Aggregator,
+    memo: &mut WindowMemo,
 ) -> Option<AlertEvent> {
     let now = inputs.now;
     let since = state.holding_since(slot, now);
@@ -454,7 +473,7 @@ fn matched(
         state.counters.allowlisted += 1;
         return None;
     }
-    let crossed = cand.crossed(inputs);
+    let crossed = cand.crossed(inputs, memo);
     let explain = cand.explain(inputs);
     if let Some(id) = state.open_id(slot).cloned() {
         return state.update(
@@ -496,18 +515,17 @@ fn learning_mode(state: &DetectorState, settings: &Settings, mode: Mode) -> Mode
     }
 }
 
-/// The rings found in one evaluation: each slot held, each alert updated or opened.
+/// The rings found in one evaluation: each slot held (marked by `ring_matched`), each alert
+/// updated or opened.
 fn rings_matched(
     state: &mut DetectorState,
     settings: &Settings,
     rings: Vec<ring::Ring>,
-    held: &mut state::Slots,
     now: Now,
 ) -> Vec<AlertEvent> {
     let mut events = Vec::new();
     for r in rings {
         let slot = format!("{RING_RULE_ID}|ring|{}", r.key);
-        held.insert(slot.clone());
         events.extend(ring_matched(state, settings, slot, r, now));
     }
     events
@@ -679,6 +697,84 @@ when = [{ metric = "requests", window = "1m", op = ">", value = 100 }]"#;
         }
         // The 1m window first exceeds 10 requests at 20 s; two minutes later it fires.
         assert_eq!(fired_at, Some(140));
+    }
+
+    #[test]
+    fn a_pending_match_is_saved_as_its_start_and_forgotten_when_it_stops_holding() {
+        let flood =
+            || rule(&format!("{FLOOD}\nfor_minutes = 2").replace("value = 100", "value = 10"));
+        let mut d = detector(vec![flood()]);
+        let mut agg = Aggregator::new(100, 24, 56);
+        for s in (0..=60).step_by(10) {
+            requests(&mut agg, "10.0.0.1", 5, at(s));
+            assert!(d.evaluate(&agg, at(s)).is_empty());
+        }
+        // Saved as the snapshot has always held it: slot -> since (unix ms).
+        let saved = serde_json::to_value(&d.state).expect("encode");
+        let since = &saved["pending"]["flood|address|10.0.0.1"];
+        assert_eq!(since.as_u64(), Some(at(20).unix_ms), "{saved}");
+        // A restarted agent goes on from the saved start: the alert comes when it would have.
+        let mut restored = detector(vec![flood()]);
+        restored.state = serde_json::from_value(saved).expect("decode");
+        let mut fired_at = None;
+        for s in (70..=200).step_by(10) {
+            requests(&mut agg, "10.0.0.1", 5, at(s));
+            if !restored.evaluate(&agg, at(s)).is_empty() && fired_at.is_none() {
+                fired_at = Some(s);
+            }
+        }
+        assert_eq!(fired_at, Some(140));
+        // One evaluation where it does not hold forgets the start: the next match waits for
+        // `for_minutes` again.
+        let mut d = detector(vec![flood()]);
+        let mut agg = Aggregator::new(100, 24, 56);
+        for s in (0..=100).step_by(10) {
+            requests(&mut agg, "10.0.0.1", 5, at(s));
+            assert!(d.evaluate(&agg, at(s)).is_empty());
+        }
+        // Quiet long enough for the one-minute window to fall to 10 or fewer.
+        assert!(d.evaluate(&agg, at(170)).is_empty());
+        let saved = serde_json::to_value(&d.state).expect("encode");
+        assert!(
+            saved["pending"].as_object().is_some_and(|m| m.is_empty()),
+            "{saved}"
+        );
+        let mut fired_at = None;
+        for s in (180..=400).step_by(10) {
+            requests(&mut agg, "10.0.0.1", 5, at(s));
+            if !d.evaluate(&agg, at(s)).is_empty() && fired_at.is_none() {
+                fired_at = Some(s);
+            }
+        }
+        // Over 10 in the one-minute window again at 200 s (its third burst); fires 2 min later.
+        assert_eq!(fired_at, Some(320));
+    }
+
+    #[test]
+    fn events_come_rule_by_rule_in_table_order() {
+        let second = FLOOD
+            .replace("\"flood\"", "\"second\"")
+            .replace("Flood", "Second");
+        let bytes = r#"id = "bytes"
+name = "Bytes"
+keys = ["identity", "address"]
+when = [{ metric = "bytes_out", window = "10m", op = ">", value = 1000 }]"#;
+        let mut d = detector(vec![rule(FLOOD), rule(bytes), rule(&second)]);
+        let mut agg = Aggregator::new(100, 24, 56);
+        for i in 1..=5 {
+            requests(&mut agg, &format!("10.0.0.{i}"), 200, at(0));
+        }
+        let order: Vec<&str> = agg.addresses.clients.keys().collect();
+        let ev = d.evaluate(&agg, at(1));
+        let got: Vec<(&str, &str)> = ev
+            .iter()
+            .map(|e| (e.alert.rule_id.as_str(), e.alert.key.as_str()))
+            .collect();
+        let want: Vec<(&str, &str)> = ["flood", "bytes", "second"]
+            .into_iter()
+            .flat_map(|r| order.iter().map(move |k| (r, *k)))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -276,6 +276,13 @@ impl Rule {
     }
 
     /// Start (unix seconds) of the period the alert id of a match at `now` names.
+    /// Whether a condition reads the active addresses of a group (costly to gather).
+    pub fn reads_active_addresses(&self) -> bool {
+        self.when
+            .iter()
+            .any(|c| c.metric == Metric::ActiveAddresses)
+    }
+
     pub fn window_start(&self, now: Now) -> u64 {
         let span_ms = match self.shortest_window() {
             Some(Window::OneMinute) | None => 60_000,
@@ -285,6 +292,10 @@ impl Rule {
         now.unix_ms / span_ms * span_ms / 1000
     }
 }
+
+/// One key's window sums, read at most once per evaluation (indexed by `Window`).
+#[derive(Debug, Default)]
+pub struct WindowMemo([Option<Counts>; 3]);
 
 /// What a condition reads besides the key's own counters.
 pub struct Inputs<'a> {
@@ -301,9 +312,21 @@ pub struct Inputs<'a> {
 
 impl Inputs<'_> {
     /// The metric's value for one key.
-    pub fn value(&self, cond: &Condition, c: &ClientStats, key: &str, by: By) -> f64 {
-        let counts = |w: Option<Window>| -> Counts {
-            w.map_or(c.totals(), |w| c.windows().get(self.now.secs(), w))
+    /// The value of `cond`'s metric for one key. `memo` holds the key's window sums once
+    /// read (a fresh one per key): most rules read the same one or two windows.
+    pub fn value(
+        &self,
+        cond: &Condition,
+        c: &ClientStats,
+        key: &str,
+        by: By,
+        memo: &mut WindowMemo,
+    ) -> f64 {
+        let mut counts = |w: Option<Window>| -> Counts {
+            w.map_or(c.totals(), |w| {
+                let slot = &mut memo.0[w as usize];
+                *slot.get_or_insert_with(|| c.windows().get(self.now.secs(), w))
+            })
         };
         let w = cond.window;
         match cond.metric {

@@ -1,7 +1,7 @@
 //! The alert lifecycle (open -> update -> resolve, then suppression), saved with the agent's
 //! snapshot. Field names are the snapshot's format.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,8 +14,28 @@ use crate::model::aggregate::Now;
 /// String-keyed maps of the detector: it probes them for every key a rule holds on
 /// (thousands per evaluation under a timing rule), so a fast hash rather than SipHash.
 pub(super) type SlotMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
-/// The slots that held in one evaluation.
-pub(super) type Slots = HashSet<String, foldhash::fast::RandomState>;
+
+/// A slot whose rule conditions hold: since when, and the last evaluation pass that found
+/// them holding. Saved as its `since` alone (the snapshot's format); the pass is this
+/// process's own count and starts over at 0, below every pass of the new process.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(from = "u64", into = "u64")]
+struct Pending {
+    since: u64,
+    pass: u64,
+}
+
+impl From<u64> for Pending {
+    fn from(since: u64) -> Self {
+        Self { since, pass: 0 }
+    }
+}
+
+impl From<Pending> for u64 {
+    fn from(p: Pending) -> Self {
+        p.since
+    }
+}
 
 /// Resolved alerts kept for display (every open one is kept).
 const RESOLVED_KEPT: usize = 1000;
@@ -30,8 +50,14 @@ const UPDATE_EVERY_MS: u64 = 60_000;
 pub struct DetectorState {
     /// Open alerts and resolved ones kept for display (bounded).
     pub alerts: BTreeMap<String, Alert>,
-    /// (rule, kind, key) -> since when the rule's conditions hold.
-    pending: SlotMap<u64>,
+    /// (rule, kind, key) -> since when the rule's conditions hold. An evaluation marks the
+    /// slots it finds holding with its pass number instead of collecting them in a set: under
+    /// a timing rule that is every key, each evaluation, and a set cost an allocation and a
+    /// hash of the slot's name for each.
+    pending: SlotMap<Pending>,
+    /// The current evaluation pass (`begin_pass`); not saved.
+    #[serde(skip)]
+    pass: u64,
     /// (rule, kind, key) -> id of its open alert.
     open: SlotMap<String>,
     /// (rule, kind, key) -> no new alert before this time (unix ms).
@@ -70,12 +96,29 @@ pub fn rfc3339(ms: u64) -> String {
 }
 
 impl DetectorState {
-    /// Since when the conditions of `slot` have held (now, if they just started to).
+    /// Starts an evaluation pass: the slots `holding_since` marks from here on are the ones
+    /// that hold in it, for `settle`.
+    pub(super) fn begin_pass(&mut self) {
+        self.pass += 1;
+    }
+
+    /// Since when the conditions of `slot` have held (now, if they just started to); marks
+    /// the slot as holding in this pass.
     pub(super) fn holding_since(&mut self, slot: &str, now: Now) -> u64 {
-        match self.pending.get(slot) {
-            Some(t) => *t,
+        let pass = self.pass;
+        match self.pending.get_mut(slot) {
+            Some(p) => {
+                p.pass = pass;
+                p.since
+            }
             None => {
-                self.pending.insert(slot.to_owned(), now.unix_ms);
+                self.pending.insert(
+                    slot.to_owned(),
+                    Pending {
+                        since: now.unix_ms,
+                        pass,
+                    },
+                );
                 now.unix_ms
             }
         }
@@ -153,20 +196,21 @@ impl DetectorState {
         }
     }
 
-    /// After an evaluation of the slots in `scope`: forgets pending matches that no longer
-    /// hold, resolves open alerts whose conditions have not held for `resolve_after_ms` (then
-    /// suppresses their slot for `suppress_ms`), and bounds what is kept.
+    /// After an evaluation pass over the slots in `scope`: resolves open alerts whose
+    /// conditions have not held for `resolve_after_ms` (then suppresses their slot for
+    /// `suppress_ms`), forgets pending matches that no longer hold, and bounds what is kept.
     pub(super) fn settle(
         &mut self,
-        held: &Slots,
         scope: &dyn Fn(&str) -> bool,
         resolve_after_ms: u64,
         suppress_ms: u64,
         now: Now,
     ) -> Vec<AlertEvent> {
+        // Before the pending slots are pruned: they are what says which slots held.
+        let events = self.resolve_cleared(scope, resolve_after_ms, suppress_ms, now);
+        let pass = self.pass;
         self.pending
-            .retain(|slot, _| held.contains(slot) || !scope(slot));
-        let events = self.resolve_cleared(held, scope, resolve_after_ms, suppress_ms, now);
+            .retain(|slot, p| p.pass == pass || !scope(slot));
         self.suppressed_until.retain(|_, t| *t > now.unix_ms);
         self.prune_resolved();
         events
@@ -174,7 +218,6 @@ impl DetectorState {
 
     fn resolve_cleared(
         &mut self,
-        held: &Slots,
         scope: &dyn Fn(&str) -> bool,
         resolve_after_ms: u64,
         suppress_ms: u64,
@@ -182,8 +225,10 @@ impl DetectorState {
     ) -> Vec<AlertEvent> {
         let mut events = Vec::new();
         let mut resolved = Vec::new();
+        let (pending, pass) = (&self.pending, self.pass);
+        let held = |slot: &str| pending.get(slot).is_some_and(|p| p.pass == pass);
         for (slot, id) in &self.open {
-            if held.contains(slot) || !scope(slot) {
+            if held(slot) || !scope(slot) {
                 continue;
             }
             // An open slot without its alert has nothing to resolve: just close the slot.
