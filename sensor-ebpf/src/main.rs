@@ -35,7 +35,7 @@ use aya_ebpf::{
     },
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_loop, bpf_seq_write, bpf_sk_fullsock,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_loop, bpf_seq_write,
         bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skb_load_bytes, bpf_tcp_sock,
     },
     macros::{btf_map, cgroup_skb, map, sock_ops},
@@ -859,18 +859,15 @@ const NOT_READ: u64 = u64::MAX;
 /// has no full TCP socket.
 #[inline(never)]
 fn tcp_bytes_received(ctx: &SkBuffContext) -> u64 {
-    // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL). The
-    // helpers return NULL for sockets that are not full TCP sockets.
+    // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL).
+    // bpf_tcp_sock takes any socket and returns NULL unless it is a full TCP socket (it runs
+    // sk_fullsock itself), so no bpf_sk_fullsock call first: one helper call less per packet.
     unsafe {
         let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
         if sk.is_null() {
             return NOT_READ;
         }
-        let full = bpf_sk_fullsock(sk);
-        if full.is_null() {
-            return NOT_READ;
-        }
-        let tp = bpf_tcp_sock(full);
+        let tp = bpf_tcp_sock(sk);
         if tp.is_null() {
             return NOT_READ;
         }
