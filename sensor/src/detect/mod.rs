@@ -755,25 +755,38 @@ when = [{ metric = "requests", window = "1m", op = ">", value = 100 }]"#;
         let second = FLOOD
             .replace("\"flood\"", "\"second\"")
             .replace("Flood", "Second");
-        let bytes = r#"id = "bytes"
-name = "Bytes"
+        // Two tables, the identity table first: the walk goes address table first.
+        let both = r#"id = "both"
+name = "Both"
 keys = ["identity", "address"]
-when = [{ metric = "bytes_out", window = "10m", op = ">", value = 1000 }]"#;
-        let mut d = detector(vec![rule(FLOOD), rule(bytes), rule(&second)]);
+when = [{ metric = "distinct_addresses", op = ">=", value = 0 }]"#;
+        let mut d = detector(vec![rule(FLOOD), rule(both), rule(&second)]);
         let mut agg = Aggregator::new(100, 24, 56);
         for i in 1..=5 {
-            requests(&mut agg, &format!("10.0.0.{i}"), 200, at(0));
+            let ip = format!("10.0.0.{i}");
+            requests(&mut agg, &ip, 200, at(0));
+            let keys = ExchangeKeys {
+                identity: Some(format!("k-{i}")),
+                forwarded: None,
+            };
+            agg.request_keys(ip.parse().expect("ip"), &keys, 1, at(0));
         }
-        let order: Vec<&str> = agg.addresses.clients.keys().collect();
+        let addresses: Vec<&str> = agg.addresses.clients.keys().collect();
+        let identities: Vec<&str> = agg.identities.clients.keys().collect();
+        assert_eq!(identities.len(), 5);
         let ev = d.evaluate(&agg, at(1));
         let got: Vec<(&str, &str)> = ev
             .iter()
             .map(|e| (e.alert.rule_id.as_str(), e.alert.key.as_str()))
             .collect();
-        let want: Vec<(&str, &str)> = ["flood", "bytes", "second"]
-            .into_iter()
-            .flat_map(|r| order.iter().map(move |k| (r, *k)))
-            .collect();
+        let rows = |rule: &'static str, keys: &[&str]| -> Vec<(&'static str, String)> {
+            keys.iter().map(|k| (rule, k.to_string())).collect()
+        };
+        let mut want = rows("flood", &addresses);
+        want.extend(rows("both", &identities));
+        want.extend(rows("both", &addresses));
+        want.extend(rows("second", &addresses));
+        let want: Vec<(&str, &str)> = want.iter().map(|(r, k)| (*r, k.as_str())).collect();
         assert_eq!(got, want);
     }
 

@@ -275,7 +275,6 @@ impl Rule {
             })
     }
 
-    /// Start (unix seconds) of the period the alert id of a match at `now` names.
     /// Whether a condition reads the active addresses of a group (costly to gather).
     pub fn reads_active_addresses(&self) -> bool {
         self.when
@@ -283,6 +282,7 @@ impl Rule {
             .any(|c| c.metric == Metric::ActiveAddresses)
     }
 
+    /// Start (unix seconds) of the period the alert id of a match at `now` names.
     pub fn window_start(&self, now: Now) -> u64 {
         let span_ms = match self.shortest_window() {
             Some(Window::OneMinute) | None => 60_000,
@@ -311,7 +311,6 @@ pub struct Inputs<'a> {
 }
 
 impl Inputs<'_> {
-    /// The metric's value for one key.
     /// The value of `cond`'s metric for one key. `memo` holds the key's window sums once
     /// read (a fresh one per key): most rules read the same one or two windows.
     pub fn value(

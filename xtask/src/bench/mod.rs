@@ -3,7 +3,8 @@
 //! The servers (nginx, an iperf3 server) run in a cgroup of the bench's own that the agent
 //! watches; the clients run outside it. Each A/B round measures every workload once without
 //! the sensor (nothing attached) and once with it on each live-read path measured (the agent
-//! started, programs attached, then stopped cleanly, which detaches them). Then, with the agent attached: the kernel's per-program
+//! started, programs attached, then stopped cleanly, which detaches them). Then, with the
+//! agent attached, on each path: the kernel's per-program
 //! run-time statistics, the agent's CPU and memory under load from thousands of client
 //! addresses, the latency from a request to its appearance in `sensor clients`, and the
 //! aggregation's memory with many distinct clients (synthetic, in a child process).
@@ -595,7 +596,9 @@ impl Bench<'_> {
             let (path, reason) = procs::live_read_of(&agent)?;
             agent.stop(procs::AGENT_PATIENCE)?;
             Ok(PathResults {
-                requested: requested.to_owned(),
+                // Later agents ask for the path by name: one that cannot take it fails the
+                // run instead of measuring another path under this one's heading.
+                requested: path.clone(),
                 path,
                 reason,
                 ..Default::default()
@@ -610,10 +613,8 @@ impl Bench<'_> {
             return Ok((vec![first, map], None));
         }
         // Only the iterator can be refused (the map path is the fallback that always loads).
-        let skipped = format!(
-            "the iterator path was not measured: this kernel refuses it ({})",
-            first.reason
-        );
+        // The reason is already in the header with the path measured.
+        let skipped = "the iterator path was not measured: this kernel refuses it".to_owned();
         Ok((vec![first], Some(skipped)))
     }
 
@@ -729,7 +730,9 @@ impl Bench<'_> {
 
     /// A B A B: in each round, each workload runs without, then right after with the sensor
     /// (the agent started for it and stopped after it), so the two sides of a pair are seconds
-    /// apart and share the machine's background load as far as possible.
+    /// apart and share the machine's background load as far as possible. With two live-read
+    /// paths the order is A B1 B2, always in that order: the second path's side is one run
+    /// further from its "without" run than the first's.
     fn ab_rounds(&self, results: &mut Results) -> anyhow::Result<()> {
         let paths: Vec<String> = results.paths.iter().map(|p| p.requested.clone()).collect();
         for round in 1..=self.opts.rounds {
