@@ -731,15 +731,20 @@ impl Bench<'_> {
     /// A B A B: in each round, each workload runs without, then right after with the sensor
     /// (the agent started for it and stopped after it), so the two sides of a pair are seconds
     /// apart and share the machine's background load as far as possible. With two live-read
-    /// paths the order is A B1 B2, always in that order: the second path's side is one run
-    /// further from its "without" run than the first's.
+    /// paths the order is A B1 B2 in odd rounds and A B2 B1 in even ones.
     fn ab_rounds(&self, results: &mut Results) -> anyhow::Result<()> {
         let paths: Vec<String> = results.paths.iter().map(|p| p.requested.clone()).collect();
         for round in 1..=self.opts.rounds {
-            // Side 0 without the sensor, then one side per live-read path.
+            // Side 0 without the sensor, then one side per live-read path: in the paths' order
+            // in odd rounds, reversed in even ones, so that no path is always the one further
+            // from the "without" run.
             let mut sides = vec![Round::default(); 1 + paths.len()];
+            let mut order: Vec<usize> = (0..sides.len()).collect();
+            if round % 2 == 0 {
+                order[1..].reverse();
+            }
             for workload in 0..3 {
-                for side in 0..sides.len() {
+                for &side in &order {
                     check_interrupted()?;
                     let agent = if side > 0 {
                         Some(self.agent_with(&[], &paths[side - 1])?)

@@ -326,7 +326,8 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
         out,
         "\n### Data path with and without the sensor{on}\n\n{} rounds; in each, every workload runs \
          without (no program attached), then right after with the sensor (agent running; \
-         with more than one live-read path, each path in turn after the same \"without\" run), \
+         with more than one live-read path, each path in turn after the same \"without\" run, \
+         the paths swapping places every round), \
          {} s each; median (min–max) over the rounds; ratio = median with / median without, and in \
          brackets the median of the per-round ratios (each pair seconds apart, so less exposed \
          to the machine's changing background load: the verdict uses it). wrk: {} thread, {} \
