@@ -705,3 +705,119 @@ pub fn write(path: &Path, generated: &str) -> anyhow::Result<()> {
     };
     fs::write(path, new).with_context(|| format!("writing {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Options, PathResults, Results, Round, Wrk};
+    use super::render;
+
+    fn options() -> Options {
+        Options {
+            rounds: 2,
+            seconds: 4,
+            clients: 10_000,
+            rate: 10_000,
+            load_seconds: 20,
+            latency_trials: 10,
+            keys: vec![0],
+            bounded_keys: 0,
+            jetstream_rows: 1,
+            phases: vec!["ab".into()],
+            output: "BENCHMARKS.md".into(),
+            live_read: "all".into(),
+        }
+    }
+
+    fn round(rps: f64) -> Round {
+        let wrk = Wrk {
+            rps,
+            p50_us: 100.0,
+            p90_us: 200.0,
+            p99_us: 300.0,
+            errors: 0,
+            requests: 1,
+        };
+        Round {
+            iperf_gbps: 10.0,
+            keep_alive: wrk,
+            close: wrk,
+            agent_cpu_pct: [0.0; 3],
+        }
+    }
+
+    fn path(name: &str, rps: f64) -> PathResults {
+        PathResults {
+            requested: name.into(),
+            path: name.into(),
+            reason: format!("reason of {name}"),
+            with: vec![round(rps), round(rps)],
+            ..Default::default()
+        }
+    }
+
+    /// Each path's sections carry its name and its own "with" runs against the shared
+    /// "without" runs; the header names both paths.
+    #[test]
+    fn two_paths_get_a_section_each() {
+        let r = Results {
+            options: Some(options()),
+            without: vec![round(1000.0), round(1000.0)],
+            paths: vec![path("iterator", 900.0), path("map", 800.0)],
+            ..Default::default()
+        };
+        let text = render(&r);
+        assert!(
+            text.contains("live-read paths iterator (reason of iterator) and map (reason of map)"),
+            "{text}"
+        );
+        for (name, ratio) in [("iterator", "0.900"), ("map", "0.800")] {
+            let heading =
+                format!("### Data path with and without the sensor, live-read path {name}");
+            let at = text
+                .find(&heading)
+                .unwrap_or_else(|| panic!("no {heading}:\n{text}"));
+            let section = &text[at..];
+            let row = section
+                .lines()
+                .find(|l| l.starts_with("| wrk keep-alive: requests/s"))
+                .expect("keep-alive row");
+            assert!(row.contains(&format!("(**{ratio}**)")), "{name}: {row}");
+            for title in [
+                "BPF cost per program run",
+                "Agent CPU and memory under load",
+            ] {
+                assert!(
+                    text.contains(&format!("### {title}, live-read path {name}")),
+                    "{title} for {name}:\n{text}"
+                );
+            }
+        }
+    }
+
+    /// One path: no path in the headings, and the header says why the other is missing.
+    #[test]
+    fn one_path_says_why_the_other_is_missing() {
+        let r = Results {
+            options: Some(options()),
+            without: vec![round(1000.0), round(1000.0)],
+            paths: vec![path("map", 950.0)],
+            paths_skipped: Some(
+                "the iterator path was not measured: this kernel refuses it".into(),
+            ),
+            ..Default::default()
+        };
+        let text = render(&r);
+        assert!(
+            text.contains(
+                "live-read path map (reason of map); the iterator path was not measured: this \
+                 kernel refuses it"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("### Data path with and without the sensor\n"),
+            "{text}"
+        );
+        assert!(!text.contains("live-read path map\n"), "{text}");
+    }
+}
