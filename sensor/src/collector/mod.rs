@@ -51,6 +51,8 @@ use config::CollectorConfig;
 use fleet::FleetState;
 use shared::{Fleet, SNAPSHOT_VERSION, Shared, Snapshot};
 
+/// The collector's snapshot (JSON, its own format: `shared::SNAPSHOT_VERSION`).
+const SNAPSHOT_FILE: &str = "state.json";
 const JOURNAL: &str = "journal.jsonl";
 
 /// Cuts a line torn by a crash (bytes after the last newline) off the end of the journal. Left
@@ -106,7 +108,7 @@ fn restore(
     let mut forward = Vec::new();
     let mut state = FleetState::default();
     let mut detector = DetectorState::default();
-    let snapshot_path = dir.join("state.json");
+    let snapshot_path = dir.join(SNAPSHOT_FILE);
     match std::fs::read(&snapshot_path) {
         Ok(bytes) => {
             let s: Snapshot = serde_json::from_slice(&bytes)

@@ -381,7 +381,7 @@ impl Shared {
     pub(super) fn snapshot(&self, dir: &Path) -> anyhow::Result<()> {
         let fleet = self.lock()?;
         let encoded = Self::encode(&fleet)?;
-        crate::model::state::save(dir, &encoded)?;
+        crate::model::state::save(dir, super::SNAPSHOT_FILE, &encoded)?;
         let path = fleet.journal_path.clone();
         fleet
             .journal

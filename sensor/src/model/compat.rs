@@ -281,7 +281,7 @@ fn compact_share(agg: &Aggregator) -> (usize, usize) {
 
 /// Field by field, for a readable failure. serde_json reads a float to within a unit in the
 /// last place, not always exactly: floats compare to within a few of those.
-fn assert_same(what: &str, got: &Value, expected: &Value) {
+pub(crate) fn assert_same(what: &str, got: &Value, expected: &Value) {
     assert_close(what, got, expected, (4.0 * f64::EPSILON, 0.0));
 }
 

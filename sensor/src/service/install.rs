@@ -351,7 +351,7 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         if config.state.dir != State::default().dir {
             // A custom state directory may hold other things: only the agent's files go.
             let dir = layout.path(&config.state.dir.display().to_string());
-            for name in ["state.json", "state.json.tmp"] {
+            for name in crate::model::state::FILE_NAMES {
                 remove_file(&dir.join(name))?;
             }
         }
