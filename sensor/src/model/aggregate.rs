@@ -17,22 +17,85 @@ use std::{
 use crate::model::clientmap::Handle;
 use serde::{Deserialize, Serialize};
 
-/// Counters kept per client, in totals and in each window bucket. Zero fields are left out of
-/// snapshots (most window buckets are mostly zero).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Counters kept per client, in totals and in each window bucket. In JSON (the views, format 2
+/// snapshots) zero fields are left out (most window buckets are mostly zero); in binary
+/// formats (format 3 snapshots, positional) they are five numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub requests: u64,
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub bytes_in: u64,
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub bytes_out: u64,
     /// Connections opened.
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub connections: u64,
     /// Server-sent events in streamed replies.
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub events_out: u64,
+}
+
+/// `Counts` as JSON has it: named fields, zeros left out.
+#[derive(Serialize, Deserialize)]
+struct NamedCounts {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    requests: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    bytes_in: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    bytes_out: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    connections: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    events_out: u64,
+}
+
+/// A positional format cannot leave fields out: the five numbers in order.
+type CountsTuple = (u64, u64, u64, u64, u64);
+
+impl Serialize for Counts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let Self {
+            requests,
+            bytes_in,
+            bytes_out,
+            connections,
+            events_out,
+        } = *self;
+        if s.is_human_readable() {
+            NamedCounts {
+                requests,
+                bytes_in,
+                bytes_out,
+                connections,
+                events_out,
+            }
+            .serialize(s)
+        } else {
+            (requests, bytes_in, bytes_out, connections, events_out).serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Counts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let n = NamedCounts::deserialize(d)?;
+            Ok(Self {
+                requests: n.requests,
+                bytes_in: n.bytes_in,
+                bytes_out: n.bytes_out,
+                connections: n.connections,
+                events_out: n.events_out,
+            })
+        } else {
+            let (requests, bytes_in, bytes_out, connections, events_out) =
+                CountsTuple::deserialize(d)?;
+            Ok(Self {
+                requests,
+                bytes_in,
+                bytes_out,
+                connections,
+                events_out,
+            })
+        }
+    }
 }
 
 fn is_zero(n: &u64) -> bool {

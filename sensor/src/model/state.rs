@@ -2,12 +2,16 @@
 //! so a restarted agent (crash, kill -9, upgrade) continues where the last one left off.
 //!
 //! Format 3 is MessagePack (`state.msgpack`); format 2 was the same fields as JSON
-//! (`state.json`), which an upgraded agent still reads once and then removes. MessagePack
-//! because the snapshot is rewritten every few seconds from every client's record: as JSON,
-//! formatting numbers and escaping field names was the largest single part of the agent's
-//! work under load (callgrind, BENCHMARKS.md); MessagePack writes the same self-describing
-//! fields (optional ones may be left out, as before) about three times faster. Field names
-//! are kept, so later formats can still add fields with defaults.
+//! (`state.json`), which an upgraded agent still reads once and then removes. The snapshot
+//! is rewritten every few seconds from every client's and connection's record: as JSON,
+//! formatting numbers and writing field names was the largest single part of the agent's work
+//! under load (callgrind, BENCHMARKS.md). Format 3 writes numbers in binary and structs as
+//! arrays of their fields in declaration order, without names.
+//!
+//! Positional, so for a struct saved here: a new field goes last, with `#[serde(default)]`
+//! (older snapshots end before it); `skip_serializing_if` only on a struct's last field, or
+//! on the human-readable form alone (`Counts` leaves zeros out of JSON, not out of format 3).
+//! `tests::format_3_reads_back_every_field_exactly` saves and reads every part.
 
 use std::{
     fs,
@@ -95,22 +99,17 @@ pub fn write_tmp(dir: &Path, snapshot: &SnapshotRef<'_>) -> anyhow::Result<Writt
     Ok(Written { file, tmp })
 }
 
-/// The snapshot as format 3: MessagePack, structs as maps of named fields (so fields that are
-/// left out when empty, and fields added later with defaults, read back), addresses and
-/// other values in their readable forms as in format 2.
+/// The snapshot as format 3: MessagePack, structs as arrays (see the module's notes),
+/// not human-readable (addresses as their bytes).
 fn encode<W: std::io::Write, T: Serialize + ?Sized>(
     out: &mut W,
     value: &T,
 ) -> Result<(), rmp_serde::encode::Error> {
-    let mut ser = rmp_serde::Serializer::new(out)
-        .with_struct_map()
-        .with_human_readable();
-    value.serialize(&mut ser)
+    value.serialize(&mut rmp_serde::Serializer::new(out))
 }
 
 fn decode<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, rmp_serde::decode::Error> {
-    let mut de = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
-    T::deserialize(&mut de)
+    rmp_serde::from_slice(bytes)
 }
 
 /// Puts a written snapshot in place durably (fsync, rename, directory fsync), then removes a
@@ -370,9 +369,9 @@ when = [{ metric = "requests", window = "1h", op = ">", value = 0 }]"#;
         let s = owned();
         write(&dir.0, &s);
         let bytes = fs::read(dir.0.join(FILE_NAME)).expect("file");
-        // A MessagePack map, not JSON text.
+        // A MessagePack array (the snapshot's fields in order), not JSON text.
         assert!(
-            matches!(bytes[0], 0x80..=0x8f | 0xde | 0xdf),
+            matches!(bytes[0], 0x90..=0x9f | 0xdc | 0xdd),
             "{:#x}",
             bytes[0]
         );
@@ -443,7 +442,7 @@ when = [{ metric = "requests", window = "1h", op = ">", value = 0 }]"#;
     fn unusable_state_starts_from_zero() {
         let dir = Dir::new("unusable");
         // Torn or foreign bytes.
-        fs::write(dir.0.join(FILE_NAME), b"\x85\xa7version\x03").expect("file");
+        fs::write(dir.0.join(FILE_NAME), b"\x98\x03\xa4boot").expect("file");
         assert!(load(&dir.0).is_none());
         fs::write(dir.0.join(FILE_NAME), b"{\"version\":3}").expect("file");
         assert!(load(&dir.0).is_none());
