@@ -138,7 +138,9 @@ pub const PROG_ITER: &str = "sensor_conns";
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct ConnStats {
+    #[cfg_attr(feature = "user", serde(with = "addr16"))]
     pub local_addr: [u8; 16],
+    #[cfg_attr(feature = "user", serde(with = "addr16"))]
     pub remote_addr: [u8; 16],
     pub local_port: u16,
     pub remote_port: u16,
@@ -482,5 +484,38 @@ mod tests {
         // SAFETY: bytes has the exact size and any bit pattern is a valid ClosedConn.
         let back: ClosedConn = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
         assert_eq!(back, rec);
+    }
+}
+
+/// A 16-byte address as an array of numbers in human-readable formats (JSON, as before), as
+/// one byte string in binary ones: the agent's snapshot holds two per live connection, and
+/// sixteen numbers each were most of what it wrote for them.
+#[cfg(feature = "user")]
+mod addr16 {
+    use serde::{Deserialize as _, Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(a: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            serde::Serialize::serialize(a, s)
+        } else {
+            s.serialize_bytes(a)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        if d.is_human_readable() {
+            return <[u8; 16]>::deserialize(d);
+        }
+        struct Bytes;
+        impl de::Visitor<'_> for Bytes {
+            type Value = [u8; 16];
+            fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str("16 bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                v.try_into().map_err(|_| E::invalid_length(v.len(), &self))
+            }
+        }
+        d.deserialize_bytes(Bytes)
     }
 }

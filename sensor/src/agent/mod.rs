@@ -62,6 +62,9 @@ struct Pipeline {
     requests: AsyncFd<RingBuf<MapData>>,
     /// Which clients below the summaries' cut are still named (keyed by the identity secret).
     sample: crate::ship::Sample,
+    /// An earlier agent's format 2 snapshot is in the state directory: removed once this
+    /// agent's first snapshot is saved (`state::retire_legacy`).
+    retire_legacy: bool,
 }
 
 /// What one read of the kernel's connection maps leaves to its caller.
@@ -279,6 +282,9 @@ impl Pipeline {
             let mut s = lock(&self.state)?;
             s.table.restore_unreaped(reaped);
             return Err(e);
+        }
+        if std::mem::take(&mut self.retire_legacy) {
+            state::retire_legacy(&self.config.state.dir);
         }
         let left = self.capture.delete(&reaped);
         if !left.is_empty() {
@@ -502,8 +508,13 @@ fn attach(config: &Config, fresh: bool) -> anyhow::Result<Capture> {
     .context("cannot start capture")
 }
 
-/// The agent's state: saved aggregates, connections and alerts where a snapshot exists.
-fn restore_state(config: &Config, capture: &Capture, boot_id: &str) -> anyhow::Result<AgentState> {
+/// The agent's state: saved aggregates, connections and alerts where a snapshot exists; and
+/// whether an earlier agent's format 2 snapshot is there to retire.
+fn restore_state(
+    config: &Config,
+    capture: &Capture,
+    boot_id: &str,
+) -> anyhow::Result<(AgentState, bool)> {
     let c = &config.clients;
     let mut agg = Aggregator::new(c.max_clients, c.group_prefix_v4, c.group_prefix_v6);
     let mut table = ConnTable::new(
@@ -512,7 +523,10 @@ fn restore_state(config: &Config, capture: &Capture, boot_id: &str) -> anyhow::R
     );
     let mut detector_state = DetectorState::default();
     let mut shipped_through = 0;
-    if let Some(saved) = state::load(&config.state.dir) {
+    let mut legacy = false;
+    if let Some(loaded) = state::load(&config.state.dir) {
+        legacy = loaded.legacy;
+        let saved = loaded.snapshot;
         detector_state = saved.detector;
         shipped_through = saved.shipped_through;
         agg = saved.agg;
@@ -540,7 +554,7 @@ fn restore_state(config: &Config, capture: &Capture, boot_id: &str) -> anyhow::R
         Now::set_scale(config.detect.time_scale);
     }
     let detector = Detector::new(detect_settings(&config.detect, hostname())?, detector_state);
-    Ok(AgentState {
+    let state = AgentState {
         table,
         agg,
         max_clients: c.max_clients,
@@ -555,7 +569,8 @@ fn restore_state(config: &Config, capture: &Capture, boot_id: &str) -> anyhow::R
         detector,
         shipped_through,
         alert_log_lost: 0,
-    })
+    };
+    Ok((state, legacy))
 }
 
 /// The local API and, if configured, the metrics endpoint.
@@ -673,7 +688,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         hot,
     );
     let boot_id = state::boot_id();
-    let state: SharedState = Arc::new(Mutex::new(restore_state(&config, &capture, &boot_id)?));
+    let (restored, retire_legacy) = restore_state(&config, &capture, &boot_id)?;
+    let state: SharedState = Arc::new(Mutex::new(restored));
     let mut pipeline = Pipeline {
         capture,
         state: state.clone(),
@@ -682,6 +698,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         identities,
         requests,
         sample,
+        retire_legacy,
     };
     pipeline.catch_up(closed.get_mut())?;
     pipeline

@@ -11,7 +11,9 @@
 //! Positional, so for a struct saved here: a new field goes last, with `#[serde(default)]`
 //! (older snapshots end before it); `skip_serializing_if` only on a struct's last field, or
 //! on the human-readable form alone (`Counts` leaves zeros out of JSON, not out of format 3).
-//! `tests::format_3_reads_back_every_field_exactly` saves and reads every part.
+//! `Counts` is a fixed tuple of five: another counter needs a new format. A snapshot with
+//! fields an agent does not know is unreadable to it (a downgrade past a field starts from
+//! zero, logged). `tests::format_3_reads_back_every_field_exactly` saves and reads every part.
 
 use std::{
     fs,
@@ -33,7 +35,7 @@ const FILE_NAME: &str = "state.msgpack";
 /// Format 2: the same fields, as JSON.
 const LEGACY_VERSION: u32 = 2;
 const LEGACY_FILE_NAME: &str = "state.json";
-/// Every file the agent may leave in its state directory (for uninstall).
+/// Every file the agent may leave in its state directory (for uninstall and `--fresh`).
 pub const FILE_NAMES: [&str; 4] = [
     "state.msgpack",
     "state.msgpack.tmp",
@@ -112,22 +114,34 @@ fn decode<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, rmp_serde::de
     rmp_serde::from_slice(bytes)
 }
 
-/// Puts a written snapshot in place durably (fsync, rename, directory fsync), then removes a
-/// format 2 file left by an earlier agent: it is stale from now on, and an older agent
-/// started later must not take it for the current state (it would count again what this one
-/// has already counted and let go of).
+/// Puts a written snapshot in place durably (fsync, rename, directory fsync).
 pub fn commit(dir: &Path, written: Written) -> anyhow::Result<()> {
     written
         .file
         .sync_data()
         .with_context(|| format!("syncing {}", written.tmp.display()))?;
     drop(written.file);
-    install(dir, &written.tmp, FILE_NAME)?;
+    install(dir, &written.tmp, FILE_NAME)
+}
+
+/// Removes the format 2 snapshot `load` found, once a format 3 one is durably in place: it is
+/// stale from then on, and an older agent started later must not take it for the current
+/// state (it would count again what this one has already counted and let go of). Only a file
+/// that read as an agent's snapshot is removed (a collector configured with the same
+/// directory keeps its own `state.json`). A failure is only logged: the snapshot is saved.
+pub fn retire_legacy(dir: &Path) {
     let legacy = dir.join(LEGACY_FILE_NAME);
     match fs::remove_file(&legacy) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", legacy.display())),
+        Ok(()) => {
+            if let Err(e) = sync_dir(dir) {
+                log::warn!("{e:#}");
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!(
+            "cannot remove the earlier agent's stale state {}: {e}; an older agent started later would count from it",
+            legacy.display()
+        ),
     }
 }
 
@@ -166,24 +180,50 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("syncing state dir {}", dir.display()))
 }
 
+/// A snapshot as `load` found it.
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    /// A format 2 agent snapshot is in the directory (used or stale): `retire_legacy` once a
+    /// format 3 snapshot is saved.
+    pub legacy: bool,
+}
+
 /// Loads the snapshot, if there is a usable one; explains in the log why not otherwise.
-/// Reads format 3 (`state.msgpack`), or format 2 (`state.json`) when an upgraded agent
-/// starts for the first time.
-pub fn load(dir: &Path) -> Option<Snapshot> {
-    if let Some(bytes) = read(&dir.join(FILE_NAME)) {
-        return checked(
+/// Reads format 3 (`state.msgpack`) and format 2 (`state.json`, an agent before this
+/// format); when both are there (an older agent ran in between, or this one stopped between
+/// saving and retiring the old file) the one saved last.
+pub fn load(dir: &Path) -> Option<Loaded> {
+    let current = read(&dir.join(FILE_NAME)).and_then(|bytes| {
+        checked(
             dir.join(FILE_NAME),
             decode::<Snapshot>(&bytes),
             SNAPSHOT_VERSION,
-        );
-    }
-    let legacy = dir.join(LEGACY_FILE_NAME);
-    let bytes = read(&legacy)?;
-    checked(
-        legacy,
-        serde_json::from_slice::<Snapshot>(&bytes),
-        LEGACY_VERSION,
-    )
+        )
+    });
+    let legacy = read(&dir.join(LEGACY_FILE_NAME)).and_then(|bytes| {
+        checked(
+            dir.join(LEGACY_FILE_NAME),
+            serde_json::from_slice::<Snapshot>(&bytes),
+            LEGACY_VERSION,
+        )
+    });
+    let found_legacy = legacy.is_some();
+    let snapshot = match (current, legacy) {
+        (Some(c), Some(l)) if l.saved_unix_ms > c.saved_unix_ms => {
+            log::info!(
+                "{} is newer than {} (an older agent ran in between): continuing from it",
+                LEGACY_FILE_NAME,
+                FILE_NAME
+            );
+            l
+        }
+        (Some(c), _) => c,
+        (None, l) => l?,
+    };
+    Some(Loaded {
+        snapshot,
+        legacy: found_legacy,
+    })
 }
 
 /// The file's bytes; `None` if there is no such file, or (logged) it cannot be read.
@@ -227,9 +267,9 @@ fn checked<E: std::fmt::Display>(
     }
 }
 
-/// Discards the saved state (`--fresh`), in either format.
+/// Discards the saved state (`--fresh`), in either format, and temporary files left by a crash.
 pub fn remove(dir: &Path) {
-    for name in [FILE_NAME, LEGACY_FILE_NAME] {
+    for name in FILE_NAMES {
         let _ = fs::remove_file(dir.join(name));
     }
 }
@@ -289,20 +329,48 @@ mod tests {
             }]]
         }))
         .expect("conns");
-        // Alerts opened, held and suppressed by a rule every scenario client matches.
+        // Alerts opened and held (a rule every scenario client matches over the hour),
+        // resolved and suppressed (one over the last minute), a learned baseline.
         let agg = crate::model::compat::scenario();
         let mut detector = crate::detect::Detector::without_rules();
-        let rule = r#"id = "any"
-name = "Any"
-keys = ["address", "identity"]
-when = [{ metric = "requests", window = "1h", op = ">", value = 0 }]"#;
-        detector.settings.rules = vec![
-            crate::detect::Rule::from_config(&toml::from_str(rule).expect("toml")).expect("rule"),
-        ];
-        let now = crate::model::aggregate::Now {
-            unix_ms: 1_800_000_200_000,
+        let rule = |id: &str, window: &str| {
+            let text = format!(
+                "id = \"{id}\"\nname = \"{id}\"\nkeys = [\"address\", \"identity\"]\n\
+                 when = [{{ metric = \"requests\", window = \"{window}\", op = \">\", value = 0 }}]"
+            );
+            crate::detect::Rule::from_config(&toml::from_str(&text).expect("toml")).expect("rule")
         };
-        assert!(!detector.evaluate(&agg, now).is_empty(), "alerts open");
+        detector.settings.rules = vec![rule("hour", "1h"), rule("minute", "1m")];
+        detector.settings.suppress_ms = 600_000;
+        let at = |s: u64| crate::model::aggregate::Now {
+            unix_ms: 1_800_000_000_000 + s * 1000,
+        };
+        assert!(!detector.evaluate(&agg, at(100)).is_empty(), "alerts open");
+        detector.evaluate(&agg, at(170));
+        detector.evaluate(&agg, at(500));
+        let st = serde_json::to_value(&detector.state).expect("json");
+        assert!(
+            st["alerts"]
+                .as_object()
+                .expect("alerts")
+                .values()
+                .any(|a| a["state"] == "resolved" && a["resolved_at"].is_string()),
+            "a resolved alert"
+        );
+        assert!(
+            st["alerts"]
+                .as_object()
+                .expect("alerts")
+                .values()
+                .any(|a| a["state"] == "open")
+        );
+        assert!(!st["suppressed_until"].as_object().expect("map").is_empty());
+        assert!(
+            !st["baseline"]["minutes"]
+                .as_array()
+                .expect("minutes")
+                .is_empty()
+        );
         let detector = detector.state;
         Snapshot {
             version: SNAPSHOT_VERSION,
@@ -363,6 +431,12 @@ when = [{ metric = "requests", window = "1h", op = ">", value = 0 }]"#;
         );
     }
 
+    fn write_legacy(dir: &Path, s: &Snapshot) {
+        let mut s = serde_json::to_value(s).expect("json");
+        s["version"] = json!(LEGACY_VERSION);
+        fs::write(dir.join(LEGACY_FILE_NAME), s.to_string()).expect("legacy file");
+    }
+
     #[test]
     fn format_3_reads_back_every_field_exactly() {
         let dir = Dir::new("roundtrip");
@@ -375,67 +449,80 @@ when = [{ metric = "requests", window = "1h", op = ">", value = 0 }]"#;
             "{:#x}",
             bytes[0]
         );
-        assert_exact(&load(&dir.0).expect("loads"), &s);
+        let loaded = load(&dir.0).expect("loads");
+        assert!(!loaded.legacy);
+        assert_exact(&loaded.snapshot, &s);
         assert!(!dir.0.join(format!("{FILE_NAME}.tmp")).exists());
     }
 
     #[test]
-    fn a_format_2_file_is_read_once_then_replaced() {
+    fn a_format_2_file_is_read_once_then_retired() {
         let dir = Dir::new("upgrade");
-        let mut s = owned();
-        s.version = LEGACY_VERSION;
-        fs::write(
-            dir.0.join(LEGACY_FILE_NAME),
-            serde_json::to_vec(&s).expect("json"),
-        )
-        .expect("legacy file");
+        let s = owned();
+        write_legacy(&dir.0, &s);
         let loaded = load(&dir.0).expect("format 2 loads");
-        assert_close(&loaded, &s);
-        let mut next = loaded;
+        assert!(loaded.legacy);
+        let mut next = loaded.snapshot;
+        assert_eq!(next.version, LEGACY_VERSION);
         next.version = SNAPSHOT_VERSION;
+        assert_close(&next, &s);
         next.saved_unix_ms += 5_000;
         write(&dir.0, &next);
+        retire_legacy(&dir.0);
         // An older agent started after this one finds no stale state to count again.
         assert!(!dir.0.join(LEGACY_FILE_NAME).exists());
-        assert_exact(&load(&dir.0).expect("loads"), &next);
+        let loaded = load(&dir.0).expect("loads");
+        assert!(!loaded.legacy);
+        assert_exact(&loaded.snapshot, &next);
     }
 
     #[test]
-    fn the_newer_format_wins_when_both_files_are_there() {
+    fn of_both_formats_the_snapshot_saved_last_is_used() {
+        // Saved, then stopped before retiring the old file: format 3 is newer.
         let dir = Dir::new("both");
         let mut old = owned();
-        old.version = LEGACY_VERSION;
         old.shipped_through = 1;
-        fs::write(
-            dir.0.join(LEGACY_FILE_NAME),
-            serde_json::to_vec(&old).expect("json"),
-        )
-        .expect("legacy file");
+        write_legacy(&dir.0, &old);
         let s = owned();
-        let mut table = ConnTable::new(Duration::from_secs(120), 1000);
-        table.restore(&s.conns);
-        // Written but the legacy file not yet removed (a crash between the two steps).
-        let written = write_tmp(
-            &dir.0,
-            &SnapshotRef {
-                version: s.version,
-                boot_id: &s.boot_id,
-                instance: &s.instance,
-                saved_unix_ms: s.saved_unix_ms,
-                agg: &s.agg,
-                conns: table.saved(),
-                detector: &s.detector,
-                shipped_through: s.shipped_through,
-            },
-        )
-        .expect("write");
-        written.file.sync_data().expect("sync");
-        install(&dir.0, &written.tmp, FILE_NAME).expect("install");
-        assert!(dir.0.join(LEGACY_FILE_NAME).exists());
-        assert_eq!(
-            load(&dir.0).expect("loads").shipped_through,
-            s.shipped_through
+        write(&dir.0, &s);
+        let loaded = load(&dir.0).expect("loads");
+        assert!(
+            loaded.legacy,
+            "the stale file is retired after the next save"
         );
+        assert_eq!(loaded.snapshot.shipped_through, s.shipped_through);
+        // Downgraded, then upgraded again: the older agent's format 2 snapshot is newer.
+        let mut newer = owned();
+        newer.saved_unix_ms = s.saved_unix_ms + 60_000;
+        newer.shipped_through = 7;
+        write_legacy(&dir.0, &newer);
+        let loaded = load(&dir.0).expect("loads");
+        assert!(loaded.legacy);
+        assert_eq!(loaded.snapshot.version, LEGACY_VERSION);
+        assert_eq!(loaded.snapshot.shipped_through, 7);
+    }
+
+    #[test]
+    fn a_state_json_that_is_not_an_agent_snapshot_is_left_alone() {
+        // A collector configured with the agent's directory keeps its own state.json.
+        let dir = Dir::new("collector");
+        let collector = json!({"version": 1, "saved_unix_ms": 5, "fleet": {}, "detector": {}});
+        fs::write(dir.0.join(LEGACY_FILE_NAME), collector.to_string()).expect("file");
+        let s = owned();
+        write(&dir.0, &s);
+        let loaded = load(&dir.0).expect("loads");
+        assert!(!loaded.legacy, "not retired");
+        assert_exact(&loaded.snapshot, &s);
+        assert!(dir.0.join(LEGACY_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn a_failed_retirement_is_only_logged() {
+        let dir = Dir::new("retire");
+        // Not removable as a file.
+        fs::create_dir(dir.0.join(LEGACY_FILE_NAME)).expect("dir");
+        retire_legacy(&dir.0);
+        assert!(dir.0.join(LEGACY_FILE_NAME).is_dir());
     }
 
     #[test]
@@ -464,11 +551,18 @@ when = [{ metric = "requests", window = "1h", op = ">", value = 0 }]"#;
             load(&dir.0).is_none(),
             "format 3 fields in JSON are not format 2"
         );
-        // --fresh removes either.
-        fs::write(dir.0.join(FILE_NAME), b"x").expect("file");
+        for name in [FILE_NAME, LEGACY_FILE_NAME] {
+            assert!(FILE_NAMES.contains(&name));
+            assert!(FILE_NAMES.contains(&format!("{name}.tmp").as_str()));
+        }
+        // --fresh removes either, and temporary files a crash left.
+        for name in FILE_NAMES {
+            fs::write(dir.0.join(name), b"x").expect("file");
+        }
         remove(&dir.0);
-        assert!(!dir.0.join(FILE_NAME).exists());
-        assert!(!dir.0.join(LEGACY_FILE_NAME).exists());
+        for name in FILE_NAMES {
+            assert!(!dir.0.join(name).exists(), "{name}");
+        }
         assert!(load(&dir.0).is_none());
     }
 }
