@@ -313,6 +313,9 @@ impl<V: Serialize> Serialize for ClientMap<V> {
     }
 }
 
+/// The most a decoded table reserves before its entries arrive.
+const PREALLOC_BYTES: usize = 1 << 20;
+
 impl<'de, V: Deserialize<'de>> Deserialize<'de> for ClientMap<V> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct MapVisitor<V>(PhantomData<V>);
@@ -326,7 +329,11 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for ClientMap<V> {
 
             fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
                 let mut map = ClientMap::default();
-                let n = a.size_hint().unwrap_or(0);
+                // A binary format states the length up front, and a hostile or corrupt file
+                // may claim billions: reserve at most what ~1 MiB holds (as serde does for its
+                // own collections); a real table grows past it as entries arrive.
+                let most = PREALLOC_BYTES / std::mem::size_of::<Slot<V>>().max(1);
+                let n = a.size_hint().unwrap_or(0).min(most);
                 map.slots.reserve(n);
                 map.index.reserve(n, |_| 0);
                 while let Some((k, v)) = a.next_entry::<std::borrow::Cow<'de, str>, V>()? {

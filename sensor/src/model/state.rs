@@ -526,6 +526,19 @@ mod tests {
     }
 
     #[test]
+    fn a_hostile_length_prefix_allocates_nothing_for_it() {
+        // MessagePack states a map's length up front: a file claiming 2^32 - 1 clients (and
+        // holding none) must be refused for what it holds, not make the agent reserve room
+        // for what it claims (an allocation failure aborts the process).
+        let dir = Dir::new("hostile");
+        let mut bytes = vec![0x98, 0x03, 0xa1, b'b', 0xa1, b'i', 0x00];
+        // agg: [addresses: [clients: map32 of u32::MAX entries ...
+        bytes.extend([0x94, 0x92, 0xdf, 0xff, 0xff, 0xff, 0xff]);
+        fs::write(dir.0.join(FILE_NAME), &bytes).expect("file");
+        assert!(load(&dir.0).is_none());
+    }
+
+    #[test]
     fn unusable_state_starts_from_zero() {
         let dir = Dir::new("unusable");
         // Torn or foreign bytes.
