@@ -605,6 +605,23 @@ mod tests {
         agg.apply(ip.parse().expect("ip"), &d, now);
     }
 
+    /// Five requests from 10.0.0.1 every 10 s over `secs`, an evaluation after each: when the
+    /// first event came.
+    fn first_event_at(
+        d: &mut Detector,
+        agg: &mut Aggregator,
+        secs: impl Iterator<Item = u64>,
+    ) -> Option<u64> {
+        let mut fired_at = None;
+        for s in secs {
+            requests(agg, "10.0.0.1", 5, at(s));
+            if !d.evaluate(agg, at(s)).is_empty() && fired_at.is_none() {
+                fired_at = Some(s);
+            }
+        }
+        fired_at
+    }
+
     const FLOOD: &str = r#"id = "flood"
 name = "Flood"
 keys = ["address"]
@@ -688,13 +705,7 @@ when = [{ metric = "requests", window = "1m", op = ">", value = 100 }]"#;
             &format!("{FLOOD}\nfor_minutes = 2").replace("value = 100", "value = 10"),
         )]);
         let mut agg = Aggregator::new(100, 24, 56);
-        let mut fired_at = None;
-        for s in (0..=200).step_by(10) {
-            requests(&mut agg, "10.0.0.1", 5, at(s));
-            if !d.evaluate(&agg, at(s)).is_empty() && fired_at.is_none() {
-                fired_at = Some(s);
-            }
-        }
+        let fired_at = first_event_at(&mut d, &mut agg, (0..=200).step_by(10));
         // The 1m window first exceeds 10 requests at 20 s; two minutes later it fires.
         assert_eq!(fired_at, Some(140));
     }
@@ -716,13 +727,7 @@ when = [{ metric = "requests", window = "1m", op = ">", value = 100 }]"#;
         // A restarted agent goes on from the saved start: the alert comes when it would have.
         let mut restored = detector(vec![flood()]);
         restored.state = serde_json::from_value(saved).expect("decode");
-        let mut fired_at = None;
-        for s in (70..=200).step_by(10) {
-            requests(&mut agg, "10.0.0.1", 5, at(s));
-            if !restored.evaluate(&agg, at(s)).is_empty() && fired_at.is_none() {
-                fired_at = Some(s);
-            }
-        }
+        let fired_at = first_event_at(&mut restored, &mut agg, (70..=200).step_by(10));
         assert_eq!(fired_at, Some(140));
         // One evaluation where it does not hold forgets the start: the next match waits for
         // `for_minutes` again.
@@ -739,13 +744,7 @@ when = [{ metric = "requests", window = "1m", op = ">", value = 100 }]"#;
             saved["pending"].as_object().is_some_and(|m| m.is_empty()),
             "{saved}"
         );
-        let mut fired_at = None;
-        for s in (180..=400).step_by(10) {
-            requests(&mut agg, "10.0.0.1", 5, at(s));
-            if !d.evaluate(&agg, at(s)).is_empty() && fired_at.is_none() {
-                fired_at = Some(s);
-            }
-        }
+        let fired_at = first_event_at(&mut d, &mut agg, (180..=400).step_by(10));
         // Over 10 in the one-minute window again at 200 s (its third burst); fires 2 min later.
         assert_eq!(fired_at, Some(320));
     }
