@@ -128,11 +128,41 @@ fn trim(mut v: &[u8]) -> &[u8] {
 }
 
 /// A well-formed field line's name and (trimmed) value; None for lines a server ignores.
+///
+/// The name is what precedes the first byte that is not a token character, which must be the
+/// colon: the same line a search for the first colon followed by a check of the name accepts
+/// (a colon is not a token character), in one pass over the name instead of two.
 fn field(line: &[u8]) -> Option<(&[u8], &[u8])> {
-    let colon = memchr::memchr(b':', line)?;
-    let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-    (!name.is_empty() && name.iter().all(|&b| is_tchar(b)) && is_field_value(value))
-        .then_some((name, value))
+    let colon = line.iter().position(|&b| !is_tchar(b))?;
+    if colon == 0 || line[colon] != b':' {
+        return None;
+    }
+    let value = trim(&line[colon + 1..]);
+    is_field_value(value).then_some((&line[..colon], value))
+}
+
+/// `method SP target SP version` of a request line: a token, visible ASCII, HTTP/1.x. One pass
+/// over each part: a part ends at the first byte it may not hold, which must be the space.
+fn request_line(line: &[u8]) -> Result<(&[u8], &[u8]), HeadError> {
+    let m = line.iter().position(|&b| !is_tchar(b));
+    let Some(m) = m.filter(|&m| m > 0 && line[m] == b' ') else {
+        return Err(HeadError::RequestLine);
+    };
+    let rest = &line[m + 1..];
+    let t = rest.iter().position(|&b| !(0x21..=0x7e).contains(&b));
+    let Some(t) = t.filter(|&t| t > 0 && rest[t] == b' ') else {
+        return Err(HeadError::RequestLine);
+    };
+    let version = &rest[t + 1..];
+    if version != b"HTTP/1.1" && version != b"HTTP/1.0" {
+        // A fourth part is a malformed line, not another version.
+        return Err(if version.contains(&b' ') {
+            HeadError::RequestLine
+        } else {
+            HeadError::Version
+        });
+    }
+    Ok((&line[..m], &rest[..t]))
 }
 
 /// Parses the head at the start of `buf`. Blank lines before the request line are skipped;
@@ -153,24 +183,11 @@ pub fn parse_head_with<'a>(
         buf = rest;
     }
     let (line, rest) = next_line(buf).ok_or(HeadError::IncompleteRequestLine)?;
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(HeadError::RequestLine);
-    };
-    if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
-        return Err(HeadError::RequestLine);
-    }
-    if target.is_empty() || !target.iter().all(|&b| (0x21..=0x7e).contains(&b)) {
-        return Err(HeadError::RequestLine);
-    }
-    if version != b"HTTP/1.1" && version != b"HTTP/1.0" {
-        return Err(HeadError::Version);
-    }
+    let (method, target) = request_line(line)?;
+    // Both are ASCII by the checks above: UTF-8 validation cannot fail and is all it takes.
     let mut head = RequestHead {
-        method: ascii(method).ok_or(HeadError::RequestLine)?,
-        path: ascii(target).ok_or(HeadError::RequestLine)?,
+        method: std::str::from_utf8(method).map_err(|_| HeadError::RequestLine)?,
+        path: std::str::from_utf8(target).map_err(|_| HeadError::RequestLine)?,
         host: None,
         fields: &[],
         truncated: true,
@@ -262,7 +279,7 @@ impl<'a, 'p> HeadScan<'a, 'p> {
     }
 
     /// The credential and the forwarded list of `head`, the head the lines came from.
-    pub fn finish(self, head: &RequestHead<'a>) -> (Credential<'a>, Option<String>) {
+    pub fn finish(mut self, head: &RequestHead<'a>) -> (Credential<'a>, Option<String>) {
         (self.cred.finish(head.path), self.fwd.finish(head))
     }
 }
@@ -309,34 +326,67 @@ impl ForwardedScan {
 /// most `MAX_CARRIERS` (the agent's config refuses more; any beyond are ignored here).
 struct CredentialScan<'a, 'p> {
     policy: &'p CredentialPolicy,
+    /// One bit per length of a field name some carrier reads (`name_bit`): every other line
+    /// is passed over without comparing its name to each carrier's (most lines of a head).
+    names: u64,
+    /// Some carrier reads the query string.
+    query: bool,
+    /// Some carrier saw a value in a field line.
+    any: bool,
     seen: [Seen<'a>; MAX_CARRIERS],
+}
+
+/// A field name's bit in `CredentialScan::names`: names of 63 bytes or more share one.
+fn name_bit(len: usize) -> u64 {
+    1 << len.min(63)
 }
 
 impl<'a, 'p> CredentialScan<'a, 'p> {
     fn new(policy: &'p CredentialPolicy) -> Self {
+        let (mut names, mut query) = (0, false);
+        for carrier in policy.carriers.iter().take(MAX_CARRIERS) {
+            match carrier {
+                Carrier::Bearer | Carrier::Basic => names |= name_bit(AUTHORIZATION.len()),
+                Carrier::Header(h) => names |= name_bit(h.len()),
+                Carrier::Query(_) => query = true,
+            }
+        }
         Self {
             policy,
+            names,
+            query,
+            any: false,
             seen: std::array::from_fn(|_| Seen::None),
         }
     }
 
     fn field(&mut self, name: &'a [u8], value: &'a [u8]) {
+        if self.names & name_bit(name.len()) == 0 {
+            return;
+        }
         for (carrier, seen) in self.policy.carriers.iter().zip(self.seen.iter_mut()) {
             if let Some(v) = carrier.carried_in(name, value) {
                 seen.add(v);
+                self.any = true;
             }
         }
     }
 
-    fn finish(mut self, path: &'a str) -> Credential<'a> {
+    /// By reference: the scan is large (a slot per carrier), and moving it was a copy per
+    /// request.
+    fn finish(&mut self, path: &'a str) -> Credential<'a> {
+        let query = if self.query {
+            memchr::memchr(b'?', path.as_bytes()).map(|q| &path[q + 1..])
+        } else {
+            None
+        };
+        if !self.any && query.is_none() {
+            // Nothing any carrier could decide on (most requests without a key).
+            return Credential::None;
+        }
         let policy = self.policy;
         let n = policy.carriers.len().min(MAX_CARRIERS);
-        let has_query = policy
-            .carriers
-            .iter()
-            .any(|c| matches!(c, Carrier::Query(_)));
-        if has_query && let Some(q) = memchr::memchr(b'?', path.as_bytes()) {
-            let query = &path[q + 1..];
+        if let Some(query) = query {
             for (carrier, seen) in policy.carriers.iter().zip(self.seen.iter_mut()) {
                 if let Carrier::Query(param) = carrier {
                     for pair in query.split('&') {
@@ -351,7 +401,7 @@ impl<'a, 'p> CredentialScan<'a, 'p> {
                 }
             }
         }
-        let seen = self.seen.into_iter().take(n);
+        let seen = self.seen.iter_mut().take(n).map(std::mem::take);
         if policy.ordered {
             // The operator named the backend's carriers in order: the first present decides.
             for s in seen {
@@ -382,7 +432,9 @@ impl<'a, 'p> CredentialScan<'a, 'p> {
 }
 
 /// What a carrier held across a head's lines.
+#[derive(Default)]
 enum Seen<'a> {
+    #[default]
     None,
     One(Cow<'a, [u8]>),
     /// Different values in several lines of one carrier.
@@ -477,7 +529,7 @@ impl Carrier {
     /// The credential this field line carries for this carrier, if any.
     fn carried_in<'a>(&self, name: &[u8], value: &'a [u8]) -> Option<Cow<'a, [u8]>> {
         match self {
-            Carrier::Bearer | Carrier::Basic if name.eq_ignore_ascii_case(b"authorization") => {
+            Carrier::Bearer | Carrier::Basic if name.eq_ignore_ascii_case(AUTHORIZATION) => {
                 let (scheme, rest) = split_scheme(value)?;
                 let rest = trim(rest);
                 if rest.is_empty() {
@@ -500,6 +552,9 @@ impl Carrier {
         }
     }
 }
+
+/// The field the `Bearer` and `Basic` carriers read.
+const AUTHORIZATION: &[u8] = b"authorization";
 
 /// `scheme SP rest` of an Authorization value.
 fn split_scheme(value: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -805,5 +860,112 @@ mod tests {
         assert_eq!("query:key".parse(), Ok(Carrier::Query("key".into())));
         assert_eq!("query:".parse::<Carrier>(), Err(CarrierError));
         assert_eq!("bad name".parse::<Carrier>(), Err(CarrierError));
+    }
+
+    /// A field line as RFC 9110 defines it, in the two passes the parser used to make: the
+    /// name is everything before the first colon and must be a non-empty token.
+    fn field_by_definition(line: &[u8]) -> Option<(&[u8], &[u8])> {
+        let colon = line.iter().position(|&b| b == b':')?;
+        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        (!name.is_empty()
+            && name.iter().all(|&b| is_tchar(b))
+            && value.iter().all(|&b| is_field_value_char(b)))
+        .then_some((name, value))
+    }
+
+    /// The request line as the parser used to split it: exactly three parts around spaces.
+    fn request_line_by_definition(line: &[u8]) -> Result<(&[u8], &[u8]), HeadError> {
+        let mut parts = line.split(|&b| b == b' ');
+        let (Some(method), Some(target), Some(version), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(HeadError::RequestLine);
+        };
+        if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
+            return Err(HeadError::RequestLine);
+        }
+        if target.is_empty() || !target.iter().all(|&b| (0x21..=0x7e).contains(&b)) {
+            return Err(HeadError::RequestLine);
+        }
+        if version != b"HTTP/1.1" && version != b"HTTP/1.0" {
+            return Err(HeadError::Version);
+        }
+        Ok((method, target))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 20_000,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// The one-pass request line split gives what splitting at every space does,
+        /// errors included.
+        #[test]
+        fn request_lines_split_as_defined(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(vec![
+                        b"GET".to_vec(), b"POST".to_vec(), b"/v1/x?key=1".to_vec(),
+                        b"HTTP/1.1".to_vec(), b"HTTP/1.0".to_vec(), b"HTTP/2".to_vec(),
+                        Vec::new(), b"\x7f".to_vec(), b"a\tb".to_vec(), b"\xc3\xa9".to_vec(),
+                        b"(x)".to_vec(),
+                    ]),
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..6),
+                ],
+                0..5,
+            ),
+        ) {
+            let line = parts.join(&b' ');
+            proptest::prop_assert_eq!(request_line(&line), request_line_by_definition(&line));
+        }
+
+        /// The one-pass field split accepts and splits exactly the lines the definition does,
+        /// for lines made of the bytes that decide it (colons, blanks, controls, DEL, obs-text,
+        /// token and non-token characters).
+        #[test]
+        fn field_lines_split_as_defined(line in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::sample::select(b":: \t\r\x7f\x00\x80\xffaZ9-_\"(@/,=".to_vec()),
+                proptest::prelude::any::<u8>(),
+            ],
+            0..24,
+        )) {
+            proptest::prop_assert_eq!(field(&line), field_by_definition(&line));
+        }
+    }
+
+    /// Lines are passed over by the length of their name: a line of a carrier's name length
+    /// that is another field, and a carrier whose name is longer than the length bits, still
+    /// give what comparing every name would.
+    #[test]
+    fn carriers_are_found_whatever_the_other_names_lengths() {
+        let policy = CredentialPolicy::default();
+        // `x-stainless-os` has the length of `x-goog-api-key`.
+        let head =
+            parse_head(b"GET / HTTP/1.1\r\nX-Stainless-OS: Linux\r\nX-Goog-Api-Key: g1\r\n\r\n")
+                .expect("head");
+        assert_eq!(one(head.credential(&policy)), b"g1");
+        let long = "x-".to_owned() + &"k".repeat(80);
+        let policy = CredentialPolicy {
+            carriers: vec![Carrier::Header(long.clone())],
+            ordered: false,
+        };
+        let text = format!(
+            "GET / HTTP/1.1\r\nX-{}: no\r\n{long}: yes\r\n\r\n",
+            "j".repeat(80)
+        );
+        let head = parse_head(text.as_bytes()).expect("head");
+        assert_eq!(one(head.credential(&policy)), b"yes");
+        // No carrier saw anything, no query: nothing, without looking further.
+        let head = parse_head(b"GET /v1/models HTTP/1.1\r\nHost: h\r\n\r\n").expect("head");
+        assert_eq!(
+            head.credential(&CredentialPolicy::default()),
+            Credential::None
+        );
+        // Only the query holds it.
+        let head = parse_head(b"GET /v1/models?key=q1 HTTP/1.1\r\nHost: h\r\n\r\n").expect("head");
+        assert_eq!(one(head.credential(&CredentialPolicy::default())), b"q1");
     }
 }

@@ -34,8 +34,10 @@ impl IdentityKey {
         let tag = mac.finalize().into_bytes();
         let mut id = String::with_capacity(2 + 2 * ID_BYTES);
         id.push_str("k-");
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         for b in &tag[..ID_BYTES] {
-            id.push_str(&format!("{b:02x}"));
+            id.push(char::from(HEX[usize::from(b >> 4)]));
+            id.push(char::from(HEX[usize::from(b & 0x0f)]));
         }
         id
     }
