@@ -184,7 +184,7 @@ pub fn parse_head_with<'a>(
     }
     let (line, rest) = next_line(buf).ok_or(HeadError::IncompleteRequestLine)?;
     let (method, target) = request_line(line)?;
-    // Both are ASCII by the checks above: UTF-8 validation cannot fail and is all it takes.
+    // Both are ASCII by the checks above: only the conversion to `str` is left (no error).
     let mut head = RequestHead {
         method: std::str::from_utf8(method).map_err(|_| HeadError::RequestLine)?,
         path: std::str::from_utf8(target).map_err(|_| HeadError::RequestLine)?,
@@ -372,8 +372,8 @@ impl<'a, 'p> CredentialScan<'a, 'p> {
         }
     }
 
-    /// By reference: the scan is large (a slot per carrier), and moving it was a copy per
-    /// request.
+    /// Takes the values out of the slots: a second call would see none. Both callers own the
+    /// scan and call this once (`HeadScan::finish`, `RequestHead::credential`).
     fn finish(&mut self, path: &'a str) -> Credential<'a> {
         let query = if self.query {
             memchr::memchr(b'?', path.as_bytes()).map(|q| &path[q + 1..])
@@ -947,11 +947,22 @@ mod tests {
             parse_head(b"GET / HTTP/1.1\r\nX-Stainless-OS: Linux\r\nX-Goog-Api-Key: g1\r\n\r\n")
                 .expect("head");
         assert_eq!(one(head.credential(&policy)), b"g1");
+        // `cache-control` has the length of `authorization`.
+        let head = parse_head(
+            b"GET / HTTP/1.1\r\nCache-Control: Bearer no\r\nAuthorization: Bearer b1\r\n\r\n",
+        )
+        .expect("head");
+        assert_eq!(one(head.credential(&policy)), b"b1");
+        // Names of 63 bytes or more share a length bit: a longer name of the same prefix is
+        // still another field.
         let long = "x-".to_owned() + &"k".repeat(80);
         let policy = CredentialPolicy {
             carriers: vec![Carrier::Header(long.clone())],
             ordered: false,
         };
+        let longer = format!("GET / HTTP/1.1\r\n{long}k: no\r\n\r\n");
+        let head = parse_head(longer.as_bytes()).expect("head");
+        assert_eq!(head.credential(&policy), Credential::None);
         let text = format!(
             "GET / HTTP/1.1\r\nX-{}: no\r\n{long}: yes\r\n\r\n",
             "j".repeat(80)

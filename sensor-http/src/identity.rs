@@ -29,12 +29,12 @@ impl IdentityKey {
     /// A short, stable identifier for `credential`: "k-" and 12 hex digits of
     /// HMAC-SHA256(secret, credential).
     pub fn id(&self, credential: &[u8]) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut mac = self.mac.clone();
         mac.update(credential);
         let tag = mac.finalize().into_bytes();
         let mut id = String::with_capacity(2 + 2 * ID_BYTES);
         id.push_str("k-");
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         for b in &tag[..ID_BYTES] {
             id.push(char::from(HEX[usize::from(b >> 4)]));
             id.push(char::from(HEX[usize::from(b & 0x0f)]));
