@@ -195,6 +195,9 @@ pub struct ParseState {
     pub fin_end: u64,
     /// Requests counted since `snap` was taken (taken back if the parser goes back to it).
     pub since_snap: u64,
+    /// The kernel tick (`jiffies`) in which `last_seen_ns` was last read from the clock: bulk
+    /// data refreshes it once per tick, not per packet (see docs/counters.md).
+    pub clock_tick: u64,
 }
 
 /// The request parser's position and state (see `ParseState`).
@@ -354,10 +357,10 @@ impl Loss {
 }
 
 const _: () = assert!(core::mem::size_of::<Frame>() == 96);
-const _: () = assert!(core::mem::size_of::<ParseState>() == 2 * 96 + 24);
-const _: () = assert!(core::mem::size_of::<ConnStats>() == 120 + 216);
+const _: () = assert!(core::mem::size_of::<ParseState>() == 2 * 96 + 32);
+const _: () = assert!(core::mem::size_of::<ConnStats>() == 120 + 224);
 const _: () = assert!(core::mem::align_of::<ConnStats>() == 8);
-const _: () = assert!(core::mem::size_of::<ClosedConn>() == 8 + 120 + 216);
+const _: () = assert!(core::mem::size_of::<ClosedConn>() == 8 + 120 + 224);
 // The parser state is the record's tail: the live record is a prefix of `ClosedConn`.
 const _: () = assert!(
     core::mem::offset_of!(ConnStats, parse) + core::mem::size_of::<ParseState>()
@@ -408,6 +411,7 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Frame, mode), 88);
         assert_eq!(core::mem::offset_of!(ParseState, snap), 96);
         assert_eq!(core::mem::offset_of!(ParseState, since_snap), 208);
+        assert_eq!(core::mem::offset_of!(ParseState, clock_tick), 216);
         assert_eq!(core::mem::offset_of!(RequestEvent, head_offset), 56);
         assert_eq!(core::mem::offset_of!(RequestEvent, head_len), 64);
         assert_eq!(core::mem::offset_of!(RequestEvent, head_skip), 68);
@@ -469,6 +473,7 @@ mod tests {
                     in_order_end: 21,
                     fin_end: 22,
                     since_snap: 23,
+                    clock_tick: 24,
                 },
             },
         };

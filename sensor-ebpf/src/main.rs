@@ -35,7 +35,7 @@ use aya_ebpf::{
     },
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_loop, bpf_seq_write,
+        bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_boot_ns, bpf_loop, bpf_seq_write,
         bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skb_load_bytes, bpf_tcp_sock,
     },
     macros::{btf_map, cgroup_skb, map, sock_ops},
@@ -224,6 +224,24 @@ fn watched(port: u32) -> bool {
 fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// The kernel's tick count (`jiffies`): a load, where a clock read goes through the clock
+/// source (about as much as the rest of a bulk packet's work in a VM).
+fn tick() -> u64 {
+    // SAFETY: helper without arguments (a privileged helper: the agent loads with CAP_BPF).
+    unsafe { bpf_jiffies64() }
+}
+
+/// Whether the client's next payload may begin a request (whose event carries
+/// `last_seen_ns` as its time): always on HTTP and unclassified connections; on other
+/// protocols only once the server has answered the last turn (`other_turn`). A connection
+/// classified anew from another copy of its first bytes (`client_segment`) may date that one
+/// request up to a tick early.
+#[inline(always)]
+fn may_begin_turn(stats: &ConnStats) -> bool {
+    let mode = stats.parse.live.mode;
+    stats.proto != PROTO_OTHER || (mode & MODE_STATE == MODE_ARMED && mode & MODE_COUNTED == 0)
 }
 
 /// Atomically adds to a `u64` field of a map value.
@@ -736,7 +754,7 @@ struct Packet {
 /// The record and facts of a packet on a watched port; None for packets of connections
 /// without a record (the listener's own, or connections older than the sensor).
 #[inline(always)]
-fn packet(ctx: &SkBuffContext) -> Result<Option<Packet>, Unparsed> {
+fn packet<const INGRESS: bool>(ctx: &SkBuffContext) -> Result<Option<Packet>, Unparsed> {
     // SAFETY: context pointer; local_port is the socket's bound port in host order.
     let local_port = unsafe { (*ctx.skb.skb).local_port };
     if !watched(local_port) {
@@ -756,14 +774,21 @@ fn packet(ctx: &SkBuffContext) -> Result<Option<Packet>, Unparsed> {
     } else {
         NOT_READ
     };
-    // The clock is read for packets with data or a FIN only (the time request events carry):
-    // a bulk transfer's pure ACKs are most of its packets, and a clock read costs as much as
-    // the rest of such a packet's work.
+    // The clock is read for packets with data or a FIN only: a bulk transfer's pure ACKs are
+    // most of its packets, and a clock read costs as much as the rest of such a packet's work.
+    // Of those, bulk data (replies, streamed events, uploads on non-HTTP connections) reads
+    // it once per kernel tick; a client packet that may begin a request always does, since
+    // its event carries `last_seen_ns` as the request's time (timing rules read the gaps).
     if received != NOT_READ {
         // SAFETY: stats points into a live map value; fields are only updated atomically or
-        // as single aligned stores, which tolerate concurrent readers.
+        // as single aligned stores, which tolerate concurrent readers (two CPUs racing here
+        // store two clock readings of the same moment).
         unsafe {
-            (*stats).last_seen_ns = now_ns();
+            let now_tick = tick();
+            if (INGRESS && may_begin_turn(&*stats)) || (*stats).parse.clock_tick != now_tick {
+                (*stats).last_seen_ns = now_ns();
+                (*stats).parse.clock_tick = now_tick;
+            }
             note_received(&mut *stats, received);
         }
     }
@@ -776,7 +801,7 @@ fn packet(ctx: &SkBuffContext) -> Result<Option<Packet>, Unparsed> {
 }
 
 fn count_ingress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
-    let Some(pkt) = packet(ctx)? else {
+    let Some(pkt) = packet::<true>(ctx)? else {
         return Ok(());
     };
     // SAFETY: as in `packet`.
@@ -801,7 +826,7 @@ fn count_ingress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
 }
 
 fn count_egress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
-    let Some(pkt) = packet(ctx)? else {
+    let Some(pkt) = packet::<false>(ctx)? else {
         return Ok(());
     };
     // SAFETY: as in `packet`.
@@ -2017,6 +2042,8 @@ fn server_replied(cookie: u64, stats: &mut ConnStats, rcvd: u64) {
         }
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
+        // The request's time is its answer's: read now, not the tick's first reply packet.
+        stats.last_seen_ns = now_ns();
         report_turn(cookie, stats, HEAD_UNSEEN);
         stats.exchange_flags = EXCHANGE_RESPONSE_PENDING;
     }

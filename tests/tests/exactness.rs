@@ -152,6 +152,67 @@ fn streamed_reply_shows_progress_and_ends_exact() {
     assert_same("streamed", &truth, &sensor_per_connection(&conns));
 }
 
+/// `last_seen` of an open connection follows its reply data to within a kernel tick: bulk
+/// data packets refresh it from the clock once per tick, not each (docs/counters.md). A
+/// keep-alive client reads a 2 MB reply streamed over five seconds and keeps the connection
+/// open; the next live read shows the time of the reply's end, not of its request.
+#[test]
+fn last_seen_follows_streamed_data_to_within_a_tick() {
+    use std::io::{Read, Write};
+    if !privileged("last_seen_follows_streamed_data_to_within_a_tick") {
+        return;
+    }
+    let cg = Cgroup::new("lastseen");
+    let port = free_port();
+    let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let head = format!("GET /stream/{} HTTP/1.1\r\nHost: t\r\n\r\n", BIG.0);
+    conn.write_all(head.as_bytes()).expect("request");
+    let mut reply = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    // The head (up to its blank line) and then Content-Length bytes.
+    let body_start = loop {
+        let n = conn.read(&mut buf).expect("read");
+        assert!(n > 0, "nginx closed early");
+        reply.extend_from_slice(&buf[..n]);
+        if let Some(i) = reply.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    while reply.len() < body_start + BIG.1 {
+        let n = conn.read(&mut buf).expect("read");
+        assert!(n > 0, "nginx closed early");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let done = std::time::SystemTime::now();
+    // Two live reads later, with the connection still open.
+    thread::sleep(Duration::from_millis(3 * POLL_MS));
+    let row = wait_for(
+        "the open connection",
+        Duration::from_secs(10),
+        || match agent.conns().as_slice() {
+            [c] if c.state == "open" && c.bytes_out as usize >= BIG.1 => Ok(c.clone()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let seen = humantime::parse_rfc3339(&row.last_seen).expect("last_seen is RFC 3339");
+    // The last reply packet left before `done`; `last_seen` is at most a tick (10 ms at the
+    // lowest HZ, 100) before it, shown to the millisecond. The slack covers the client's read
+    // of that packet under load; the request was five seconds earlier.
+    let early = done.duration_since(seen).unwrap_or_default();
+    let late = seen.duration_since(done).unwrap_or_default();
+    assert!(
+        early <= Duration::from_millis(60) && late <= Duration::from_millis(2),
+        "last_seen {} vs reply read at {}: {early:?} early, {late:?} late",
+        row.last_seen,
+        humantime::format_rfc3339_millis(done),
+    );
+    drop(conn);
+}
+
 /// A thousand short connections from ten source addresses, all opened and closed between two
 /// polls (the poll interval is a minute): every one reaches the agent through the ring buffer,
 /// with zero difference in bytes and requests.

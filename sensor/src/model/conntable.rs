@@ -105,7 +105,7 @@ pub fn row(cookie: u64, s: &ConnStats, open: bool, keys: Option<&ExchangeKeys>) 
 }
 
 /// A connection's record as the table keeps it: the kernel's `ConnStats` without its request
-/// parser's state (216 of its 336 bytes), which the agent neither shows nor saves. Tens of
+/// parser's state (224 of its 344 bytes), which the agent neither shows nor saves. Tens of
 /// thousands are held (live, and closed ones listed for a while).
 #[derive(Debug, Clone, Copy)]
 struct Kept {
