@@ -233,15 +233,13 @@ fn tick() -> u64 {
     unsafe { bpf_jiffies64() }
 }
 
-/// Whether the client's next payload may begin a request (whose event carries
-/// `last_seen_ns` as its time): always on HTTP and unclassified connections; on other
-/// protocols only once the server has answered the last turn (`other_turn`). A connection
-/// classified anew from another copy of its first bytes (`client_segment`) may date that one
-/// request up to a tick early.
+/// Whether a client packet may begin a request whose event carries this packet's
+/// `last_seen_ns` as the request's time: on HTTP and unclassified connections any may. On
+/// other protocols the turn (`other_turn`) and a reclassification (`client_segment`) read the
+/// clock themselves: a reply arming the turn on another CPU meanwhile cannot date it early.
 #[inline(always)]
-fn may_begin_turn(stats: &ConnStats) -> bool {
-    let mode = stats.parse.live.mode;
-    stats.proto != PROTO_OTHER || (mode & MODE_STATE == MODE_ARMED && mode & MODE_COUNTED == 0)
+fn may_begin_request(stats: &ConnStats) -> bool {
+    stats.proto != PROTO_OTHER
 }
 
 /// Atomically adds to a `u64` field of a map value.
@@ -776,16 +774,16 @@ fn packet<const INGRESS: bool>(ctx: &SkBuffContext) -> Result<Option<Packet>, Un
     };
     // The clock is read for packets with data or a FIN only: a bulk transfer's pure ACKs are
     // most of its packets, and a clock read costs as much as the rest of such a packet's work.
-    // Of those, bulk data (replies, streamed events, uploads on non-HTTP connections) reads
-    // it once per kernel tick; a client packet that may begin a request always does, since
-    // its event carries `last_seen_ns` as the request's time (timing rules read the gaps).
+    // Of those, bulk data (replies, streamed events, non-HTTP traffic) reads it once per kernel
+    // tick; a client packet on an HTTP connection always does, since a request's event
+    // carries `last_seen_ns` as the request's time (timing rules read the gaps).
     if received != NOT_READ {
         // SAFETY: stats points into a live map value; fields are only updated atomically or
         // as single aligned stores, which tolerate concurrent readers (two CPUs racing here
         // store two clock readings of the same moment).
         unsafe {
             let now_tick = tick();
-            if (INGRESS && may_begin_turn(&*stats)) || (*stats).parse.clock_tick != now_tick {
+            if (INGRESS && may_begin_request(&*stats)) || (*stats).parse.clock_tick != now_tick {
                 (*stats).last_seen_ns = now_ns();
                 (*stats).parse.clock_tick = now_tick;
             }
@@ -1071,8 +1069,10 @@ fn client_segment(
         && rcvd < f.cursor as i64
     {
         // The connection was classified as non-HTTP from a copy of its first bytes that TCP
-        // has not accepted; this segment carries them again: classify from it instead.
+        // has not accepted; this segment carries them again: classify from it instead. Its
+        // request is dated now (`packet` read the clock for non-HTTP only once per tick).
         stats.proto = PROTO_UNKNOWN;
+        stats.last_seen_ns = now_ns();
     }
     if stats.proto == PROTO_OTHER {
         other_turn(cookie, stats);
@@ -1088,6 +1088,9 @@ fn other_turn(cookie: u64, stats: &mut ConnStats) {
         stats.parse.live.mode = MODE_IDLE;
         // SAFETY: field of a live map value.
         unsafe { atomic_add(&raw mut stats.requests, 1) };
+        // The turn's time: this packet's, read now (`packet` reads the clock for non-HTTP
+        // data once per tick only).
+        stats.last_seen_ns = now_ns();
         report_turn(cookie, stats, 0);
     }
 }

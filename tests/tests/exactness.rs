@@ -152,14 +152,14 @@ fn streamed_reply_shows_progress_and_ends_exact() {
     assert_same("streamed", &truth, &sensor_per_connection(&conns));
 }
 
-/// `last_seen` of an open connection follows its reply data to within a kernel tick: bulk
+/// `last_seen` of an open connection follows its reply data (to within a kernel tick): bulk
 /// data packets refresh it from the clock once per tick, not each (docs/counters.md). A
 /// keep-alive client reads a 2 MB reply streamed over five seconds and keeps the connection
 /// open; the next live read shows the time of the reply's end, not of its request.
 #[test]
-fn last_seen_follows_streamed_data_to_within_a_tick() {
+fn last_seen_follows_streamed_data() {
     use std::io::{Read, Write};
-    if !privileged("last_seen_follows_streamed_data_to_within_a_tick") {
+    if !privileged("last_seen_follows_streamed_data") {
         return;
     }
     let cg = Cgroup::new("lastseen");
@@ -200,17 +200,85 @@ fn last_seen_follows_streamed_data_to_within_a_tick() {
     );
     let seen = humantime::parse_rfc3339(&row.last_seen).expect("last_seen is RFC 3339");
     // The last reply packet left before `done`; `last_seen` is at most a tick (10 ms at the
-    // lowest HZ, 100) before it, shown to the millisecond. The slack covers the client's read
-    // of that packet under load; the request was five seconds earlier.
+    // lowest HZ, 100) before it, shown to the millisecond (rounded down). The rest of the
+    // slack is the client's wake-up to read that packet on a loaded machine; the request, the
+    // time a stale `last_seen` would show, was five seconds earlier.
     let early = done.duration_since(seen).unwrap_or_default();
     let late = seen.duration_since(done).unwrap_or_default();
     assert!(
-        early <= Duration::from_millis(60) && late <= Duration::from_millis(2),
+        early <= Duration::from_millis(250) && late <= Duration::from_millis(2),
         "last_seen {} vs reply read at {}: {early:?} early, {late:?} late",
         row.last_seen,
         humantime::format_rfc3339_millis(done),
     );
     drop(conn);
+}
+
+/// A protocol that is not HTTP (binary messages, as TLS or a custom RPC) counts request turns:
+/// the client's first payload and each one after the server answered. A strict ping-pong
+/// client against a server in the watched cgroup makes the truth known by construction: seven
+/// exchanges are seven turns, on the live record and on the closed one, with exact bytes.
+#[test]
+fn non_http_turns_are_counted_exactly() {
+    use std::io::{Read, Write};
+    if !privileged("non_http_turns_are_counted_exactly") {
+        return;
+    }
+    const EXCHANGES: usize = 7;
+    const ASK: usize = 100;
+    const ANSWER: usize = 3000;
+    let cg = Cgroup::new("turns");
+    let port = free_port();
+    // Answers every ASK-byte message with ANSWER bytes, until the client closes.
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port})); s.listen(1)\n\
+         c, _ = s.accept()\n\
+         while True:\n\
+         \x20   got = b''\n\
+         \x20   while len(got) < {ASK}:\n\
+         \x20       b = c.recv({ASK} - len(got))\n\
+         \x20       if not b: raise SystemExit(0)\n\
+         \x20       got += b\n\
+         \x20   c.sendall(b'\\x17' * {ANSWER})\n"
+    );
+    let mut server = cg
+        .command("python3")
+        .args(["-c", &script])
+        .spawn()
+        .expect("python3 server");
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let mut conn = wait_for("the server listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // A TLS record header's first byte: no HTTP method starts so.
+    let ask = [0x16u8; ASK];
+    let mut answer = vec![0u8; ANSWER];
+    for _ in 0..EXCHANGES {
+        conn.write_all(&ask).expect("ask");
+        conn.read_exact(&mut answer).expect("answer");
+    }
+    let want = |c: &Conn| {
+        c.protocol == "other"
+            && c.requests == EXCHANGES as u64
+            && c.bytes_in == (EXCHANGES * ASK) as u64
+            && c.bytes_out == (EXCHANGES * ANSWER) as u64
+    };
+    wait_for(
+        "the open connection's turns",
+        Duration::from_secs(10),
+        || match agent.conns().as_slice() {
+            [c] if c.state == "open" && want(c) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    drop(conn);
+    let closed = agent.wait_closed(1, |_| true);
+    assert!(want(&closed[0]), "{closed:?}");
+    let _ = server.wait();
 }
 
 /// A thousand short connections from ten source addresses, all opened and closed between two
