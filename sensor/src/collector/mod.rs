@@ -232,6 +232,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         admission: admission::Admission::new(admission::Limits::default()),
         budget: budget::Budget::new(inflight_budget(l.max_body_bytes)),
         group: std::sync::OnceLock::new(),
+        merged: Arc::default(),
     });
     // The replayed batches are in the snapshot from now on.
     shared.snapshot(&dir)?;
@@ -272,18 +273,27 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let notifier = crate::service::notify::Notifier::from_env();
     notifier.ready("collecting");
+    let merged = shared.merged.clone();
+    // A rule run due because summaries were merged, and when the last run was.
+    let mut soon: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut last_run = tokio::time::Instant::now();
     loop {
         tokio::select! {
             // Partitions run their fleet rules where they are merged.
             _ = detect.tick(), if !partitioned => {
-                let events = shared.with_fleet(|f| {
-                    let Fleet { state, detector, outputs, .. } = f;
-                    let events = state.evaluate(detector, Now::system(), crate::detect::Rings::Here);
-                    outputs.publish(&events);
-                    events
-                })?;
-                let lost = crate::alerting::record_alerts(&alerts_path, &events);
-                shared.count_alert_log_lost(lost);
+                run_fleet_rules(&shared, &alerts_path)?;
+                last_run = tokio::time::Instant::now();
+            }
+            // New summaries: the rules run once the burst of batches is in, and at most once
+            // a second however many agents ship (the tick still runs them on time).
+            _ = merged.notified(), if !partitioned && soon.is_none() => {
+                let at = (tokio::time::Instant::now() + MERGED_SETTLE).max(last_run + MERGED_MIN_GAP);
+                soon = Some(Box::pin(tokio::time::sleep_until(at)));
+            }
+            _ = async { if let Some(s) = soon.as_mut() { s.await } }, if soon.is_some() => {
+                soon = None;
+                run_fleet_rules(&shared, &alerts_path)?;
+                last_run = tokio::time::Instant::now();
             }
             _ = save.tick() => {
                 if let Err(e) = shared.snapshot(&dir) {
@@ -314,6 +324,30 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     warn!("the outputs were still in use at shutdown: not drained");
+    Ok(())
+}
+
+/// After summaries are merged, the fleet rules wait this long for the rest of a burst of
+/// batches (agents ship at the same period boundary)...
+const MERGED_SETTLE: Duration = Duration::from_millis(200);
+/// ...and run at most this often on merges: a large fleet ships batches all the time.
+const MERGED_MIN_GAP: Duration = Duration::from_secs(1);
+
+/// One run of the fleet rules: alert events to the outputs and the alert log.
+fn run_fleet_rules(shared: &Shared, alerts_path: &std::path::Path) -> anyhow::Result<()> {
+    let events = shared.with_fleet(|f| {
+        let Fleet {
+            state,
+            detector,
+            outputs,
+            ..
+        } = f;
+        let events = state.evaluate(detector, Now::system(), crate::detect::Rings::Here);
+        outputs.publish(&events);
+        events
+    })?;
+    let lost = crate::alerting::record_alerts(alerts_path, &events);
+    shared.count_alert_log_lost(lost);
     Ok(())
 }
 

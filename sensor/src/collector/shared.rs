@@ -105,6 +105,9 @@ pub struct Shared {
     pub(super) budget: std::sync::Arc<Budget>,
     /// Several collectors sharing partitions: what this one holds (set once at start).
     pub(super) group: std::sync::OnceLock<std::sync::Arc<super::partitioned::Status>>,
+    /// Signalled when a batch merged summaries: the fleet rules run soon after, instead of
+    /// at their next tick (a fleet alert waits for the agents' 10-second period already).
+    pub(super) merged: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -158,6 +161,7 @@ impl Shared {
             admission: self.admission.clone(),
             budget: self.budget.clone(),
             group: std::sync::OnceLock::new(),
+            merged: std::sync::Arc::default(),
         })
     }
 
@@ -254,6 +258,13 @@ impl Shared {
             return Err(e).with_context(|| format!("appending to {}", path.display()));
         }
         let (applied, forward, accepted) = fleet.state.apply_part(batch, positions, Now::system());
+        if accepted
+            .iter()
+            .any(|rec| matches!(rec.payload, crate::ship::Payload::Summary(_)))
+        {
+            // One stored permit however many batches: the rule run takes them all.
+            self.merged.notify_one();
+        }
         if let Some(seq) = nats_seq {
             fleet.state.nats_seq = fleet.state.nats_seq.max(seq);
         }
