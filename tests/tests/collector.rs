@@ -344,6 +344,21 @@ impl Host {
 }
 
 /// Waits until the fleet view (through the real CLI) shows exactly `truth` for its clients.
+/// The collector's `fleet-flood` alert on `key`, waited for up to `deadline`.
+fn wait_fleet_alert(c: &Collector, key: &str, deadline: Duration) -> Value {
+    wait_for("the fleet alert", deadline, || {
+        let alerts = c.get("/v1/alerts");
+        alerts
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == key)
+                    .cloned()
+            })
+            .ok_or_else(|| alerts.to_string())
+    })
+}
+
 fn wait_fleet_equals(c: &Collector, truth: &ClientTruth) {
     wait_for(
         "the fleet view to equal the summed ground truth",
@@ -396,17 +411,7 @@ fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
     assert_eq!(truth["127.0.0.77"].3, 3, "one connection per host");
     wait_fleet_equals(&collector, &truth);
 
-    let alert = wait_for("the fleet alert", Duration::from_secs(30), || {
-        let alerts = collector.get("/v1/alerts");
-        alerts
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == "127.0.0.77")
-                    .cloned()
-            })
-            .ok_or_else(|| alerts.to_string())
-    });
+    let alert = wait_fleet_alert(&collector, "127.0.0.77", Duration::from_secs(30));
     assert!(alert["host"].as_str().unwrap_or("").starts_with("fleet@"));
     assert_eq!(alert["technique"]["id"], "AML.T0024.002");
     assert!(alert["evidence"]["requests_1m"].as_f64().unwrap_or(0.0) >= 36.0);
@@ -515,11 +520,6 @@ fn a_client_split_across_hosts_crosses_the_fleet_threshold() {
     );
 }
 
-/// Issue #13's fleet blind spot: a client kept below every host's `top_clients` cut (and
-/// outside the keyed sample) used to reach the collector only folded into `rest`. The agents'
-/// sketches let the collector find it: its cells turn hot, the agents name it, and the fleet
-/// rule fires on it; a quieter client below the hot threshold stays folded. Nothing is lost:
-/// named rows and the folded remainder still sum to nginx's ground truth.
 /// Fleet rules run when summaries arrive, not only at their tick: with the tick an hour
 /// apart, a summary crossing a fleet rule gives the fleet alert within seconds (the bench's
 /// time to the fleet alert is the agents' period and this, not the tick's phase).
@@ -550,19 +550,14 @@ fn fleet_rules_run_when_summaries_arrive() {
     );
     assert_eq!(collector.post(AGENT_TOKENS[0].1, &batch, None).0, 200);
     // Far less than the tick: a run after the merge (at most a second after the last run).
-    wait_for("the fleet alert", Duration::from_secs(10), || {
-        let alerts = collector.get("/v1/alerts");
-        alerts
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|a| a["rule_id"] == "fleet-flood" && a["key"] == "10.7.7.7")
-                    .cloned()
-            })
-            .ok_or_else(|| alerts.to_string())
-    });
+    wait_fleet_alert(&collector, "10.7.7.7", Duration::from_secs(10));
 }
 
+/// Issue #13's fleet blind spot: a client kept below every host's `top_clients` cut (and
+/// outside the keyed sample) used to reach the collector only folded into `rest`. The agents'
+/// sketches let the collector find it: its cells turn hot, the agents name it, and the fleet
+/// rule fires on it; a quieter client below the hot threshold stays folded. Nothing is lost:
+/// named rows and the folded remainder still sum to nginx's ground truth.
 #[test]
 fn a_thin_client_below_every_hosts_cut_is_found_by_the_sketch() {
     if !privileged("a_thin_client_below_every_hosts_cut_is_found_by_the_sketch") {
