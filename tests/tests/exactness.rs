@@ -281,6 +281,132 @@ fn non_http_turns_are_counted_exactly() {
     let _ = server.wait();
 }
 
+/// Server-sent events count only in replies whose head's `Content-Type` is
+/// `text/event-stream`. A server in the watched cgroup answers each path with a crafted head,
+/// then the same `data:` events, each in its own segment; curl reads each reply from its own
+/// address. `event-stream` elsewhere (another field, the body right after the head, as a reply
+/// echoing the client's prompt would carry it, a longer media type) makes nothing SSE; odd but
+/// legal heads (bare LF lines, upper case, a tab, no space) still count every event.
+#[test]
+fn events_count_only_for_event_stream_replies() {
+    if !privileged("events_count_only_for_event_stream_replies") {
+        return;
+    }
+    const EVENTS: u64 = 5;
+    let cg = Cgroup::new("events");
+    let port = free_port();
+    // (path, reply head and first bytes, counts the events)
+    let variants: [(&str, &str, bool); 7] = [
+        (
+            "sse",
+            "HTTP/1.1 200 OK\r\nServer: t\r\nContent-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+            true,
+        ),
+        (
+            "odd",
+            "HTTP/1.1 200 OK\nX-Request-Id: 0123-4567-89ab\nCONTENT-TYPE:\tText/Event-Stream\nConnection: close\n\n",
+            true,
+        ),
+        (
+            "last",
+            "HTTP/1.1 200 OK\r\ncontent-type:text/event-stream\r\n\r\n",
+            true,
+        ),
+        (
+            "echo",
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"echo\":\"\r\nContent-Type: text/event-stream\r\n\"}\n",
+            false,
+        ),
+        (
+            "untyped",
+            "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nContent-Type: text/event-stream\r\n\r\n",
+            false,
+        ),
+        (
+            "field",
+            "HTTP/1.1 200 OK\r\nX-Stream: text/event-stream\r\nContent-Type: text/plain\r\n\r\n",
+            false,
+        ),
+        (
+            "longer",
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-streams\r\n\r\n",
+            false,
+        ),
+    ];
+    let table: String = variants
+        .iter()
+        .map(|(path, head, _)| format!("    '/{path}': {head:?}.encode(),\n"))
+        .collect();
+    // One thread per connection: reads the head, sends the variant's head in one segment,
+    // then the events one segment each (TCP_NODELAY, paced), and closes.
+    let script = format!(
+        "import socket, threading, time\n\
+         heads = {{\n{table}}}\n\
+         def serve(c):\n\
+         \x20   c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n\
+         \x20   got = b''\n\
+         \x20   while b'\\r\\n\\r\\n' not in got:\n\
+         \x20       b = c.recv(4096)\n\
+         \x20       if not b: c.close(); return\n\
+         \x20       got += b\n\
+         \x20   path = got.split(b' ')[1].decode()\n\
+         \x20   c.sendall(heads[path])\n\
+         \x20   for i in range({EVENTS}):\n\
+         \x20       time.sleep(0.02)\n\
+         \x20       c.sendall(b'data: {{\"i\": %d}}\\n\\n' % i)\n\
+         \x20   c.close()\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port})); s.listen(16)\n\
+         while True:\n\
+         \x20   c, _ = s.accept()\n\
+         \x20   threading.Thread(target=serve, args=(c,)).start()\n"
+    );
+    let mut server = cg
+        .command("python3")
+        .args(["-c", &script])
+        .spawn()
+        .expect("python3 server");
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    wait_for("the server listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
+    });
+    let source = |i: usize| format!("127.0.7.{}", i + 1);
+    let ops: Vec<Vec<String>> = variants
+        .iter()
+        .enumerate()
+        .map(|(i, (path, _, _))| {
+            let mut o = op(&["--interface", &source(i), "--http1.1"]);
+            o.push(format!("http://127.0.0.1:{port}/{path}"));
+            o
+        })
+        .collect();
+    let transfers = curl(Command::new("curl"), &ops);
+    assert_eq!(transfers.len(), variants.len(), "{transfers:?}");
+    // The probe connection above, and one per variant.
+    agent.wait_closed(variants.len() + 1, |_| true);
+    let events: BTreeMap<String, u64> = agent
+        .clients("address")
+        .iter()
+        .map(|r| {
+            (
+                r["client"].as_str().unwrap_or("?").to_owned(),
+                r["events_out"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect();
+    for (i, (path, _, sse)) in variants.iter().enumerate() {
+        let want = if *sse { EVENTS } else { 0 };
+        assert_eq!(
+            events.get(&source(i)),
+            Some(&want),
+            "/{path}: events counted from {} ({events:?})",
+            source(i)
+        );
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
 /// A thousand short connections from ten source addresses, all opened and closed between two
 /// polls (the poll interval is a minute): every one reaches the agent through the ring buffer,
 /// with zero difference in bytes and requests.
