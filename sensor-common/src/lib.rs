@@ -12,10 +12,15 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 pub const DEFAULT_RING_BYTES: u32 = 1 << 21;
 /// Default size of the ring buffer that carries request events (bytes, power of two).
 pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
+/// Largest size of the ring buffer the iterator hands live records through (bytes, power of
+/// two): about 30 000 records of `LIVE_RECORD_BYTES` (and an 8-byte header each). The agent
+/// sizes it for `max_connections`, up to this; records beyond go through the iterator's
+/// seq_file, whose reads restart the walk of a bucket (see `LIVE_RECORD_BYTES`).
+pub const LIVE_RING_BYTES_MAX: u32 = 1 << 22;
 
 /// Version of the kernel/agent interface (map layouts). Pinned state from another version is
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// Most bytes of an HTTP/1.x request head the agent may ask the kernel to copy per request
 /// (`[identity] head_bytes`). Heads longer than one event's `HEAD_CHUNK` come in several events.
@@ -102,6 +107,7 @@ pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_LIVE: &str = "LIVE";
 pub const MAP_CLOSED: &str = "CLOSED";
 pub const MAP_REQUESTS: &str = "REQUESTS";
+pub const MAP_LIVE_RECORDS: &str = "LIVE_RECORDS";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_PORTS: &str = "PORTS";
@@ -250,7 +256,8 @@ pub struct ClosedConn {
     pub stats: ConnStats,
 }
 
-/// Bytes of a record the agent reads from the `sensor_conns` iterator and the `CLOSED` ring:
+/// Bytes of a record the agent reads from the `sensor_conns` iterator (through the
+/// `LIVE_RECORDS` ring, or its seq_file for records beyond the ring) and the `CLOSED` ring:
 /// the `ClosedConn` up to the kernel's parser state (the cookie and everything the agent
 /// reports), which is the larger part of the record and of no use to the agent. The kernel's
 /// seq_file hands the reader at most 32 KiB per read and restarts its walk of a socket-storage

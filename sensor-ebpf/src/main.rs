@@ -29,9 +29,9 @@ use core::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE, seq_file,
+        __sk_buff, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, seq_file,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -48,9 +48,9 @@ use sensor_common::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES, EVENT_HEAD,
     EVENT_REQUEST, EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, FRAMING_LENGTH, FRAMING_UNKNOWN, Frame,
     HEAD_BYTES_MAX, HEAD_CHUNK, HEAD_DONE, HEAD_EVENT_MAX, HEAD_REWIND, HEAD_UNSEEN,
-    LIVE_READ_ITERATOR, LIVE_READ_MAP, LIVE_RECORD_BYTES, Loss, METHOD_MAX, MODE_ARMED, MODE_BODY,
-    MODE_COUNTED, MODE_HEAD, MODE_IDLE, MODE_SKIP, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN,
-    RequestEvent, SSE_SCAN_MAX,
+    LIVE_READ_ITERATOR, LIVE_READ_MAP, LIVE_RECORD_BYTES, LIVE_RING_BYTES_MAX, Loss, METHOD_MAX,
+    MODE_ARMED, MODE_BODY, MODE_COUNTED, MODE_HEAD, MODE_IDLE, MODE_SKIP, PROTO_HTTP1, PROTO_OTHER,
+    PROTO_UNKNOWN, RequestEvent, SSE_SCAN_MAX,
 };
 
 /// cgroup_skb verdict that lets the packet through.
@@ -125,6 +125,12 @@ static CLOSED: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
 /// Request start events, for inter-request timing in the agent. Records are as long as the
 /// head they carry (`RequestEvent` cut after `head_len` bytes of `head`).
+/// Live records on the iterator path, written by `sensor_conns` during a walk and read by the
+/// agent right after it. The agent sizes it (`LIVE_RING_BYTES_MAX` at most; a page on the map
+/// path, where it is unused).
+#[map]
+static LIVE_RECORDS: RingBuf = RingBuf::with_byte_size(LIVE_RING_BYTES_MAX, 0);
+
 #[map]
 static REQUESTS: RingBuf = RingBuf::with_byte_size(DEFAULT_REQUEST_RING_BYTES, 0);
 
@@ -560,9 +566,16 @@ struct IterMeta {
     seq_num: u64,
 }
 
-/// Iterator over `SOCKS` (`bpf_iter__bpf_sk_storage_map`): writes every live record to the
+/// Iterator over `SOCKS` (`bpf_iter__bpf_sk_storage_map`): hands every live record to the
 /// reader, as the first `LIVE_RECORD_BYTES` of its `ClosedConn` (the parser state left out).
 /// The agent opens the pinned link to read them.
+///
+/// Records go through the `LIVE_RECORDS` ring buffer, not the seq_file: a read of the seq_file
+/// returns at most its 32 KiB buffer, and every read restarts the kernel's walk of the current
+/// socket-storage bucket from its head (`bpf_sk_storage_map_seq_find_next` skips the elements
+/// already shown), so a walk handed out 128 bytes at a time steps over a bucket's elements
+/// quadratically often. Writing nothing to the seq_file, one read walks every element once.
+/// A record the ring has no room for goes to the seq_file as before, so none is lost.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_sk_storage_map")]
 pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
@@ -572,16 +585,25 @@ pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
     let (meta, value) = unsafe {
         (
             core::ptr::read_volatile(args) as *const IterMeta,
-            core::ptr::read_volatile(args.add(3)) as *const c_void,
+            core::ptr::read_volatile(args.add(3)) as *const [u8; LIVE_RECORD_BYTES],
         )
     };
     if meta.is_null() || value.is_null() {
         return 0;
     }
-    // SAFETY: meta is the kernel's iterator metadata; value is a SOCKS value.
-    unsafe {
-        let seq = (*meta).seq;
-        bpf_seq_write(seq, value, LIVE_RECORD_BYTES as u32);
+    // SAFETY: value is a SOCKS value (a ClosedConn, larger than LIVE_RECORD_BYTES), readable
+    // for the program's run.
+    let record = unsafe { &*value };
+    // No wakeup: the agent reads the ring when its read of the seq_file returns, not on poll.
+    if LIVE_RECORDS
+        .output::<[u8; LIVE_RECORD_BYTES]>(record, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        // SAFETY: meta is the kernel's iterator metadata.
+        unsafe {
+            let seq = (*meta).seq;
+            bpf_seq_write(seq, value.cast(), LIVE_RECORD_BYTES as u32);
+        }
     }
     0
 }

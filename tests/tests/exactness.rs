@@ -604,6 +604,104 @@ fn live_counters_match_ss() {
     let _ = client.wait();
 }
 
+/// More live connections than the iterator's ring can hand over in one read (a 4096-byte
+/// ring holds 30 records): the records the ring has no room for come through the iterator's
+/// own output, and every connection is listed with exactly what its client sent and received.
+#[test]
+fn live_connections_beyond_the_ring_are_read_exactly() {
+    if !privileged("live_connections_beyond_the_ring_are_read_exactly") {
+        return;
+    }
+    const CONNECTIONS: usize = 100;
+    let cg = Cgroup::new("livering");
+    let port = free_port();
+    let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let tmp = TempDir::new("livering");
+    let config = tmp.path.join("sensor.toml");
+    std::fs::write(&config, "[capture]\nlive_ring_bytes = 4096\n").expect("config");
+    let agent = Agent::start_with(
+        &cg,
+        &[port],
+        POLL_MS,
+        &["--config", config.to_str().expect("utf-8")],
+    );
+    // Each connection sends one request (its path of its own length) and reads the whole
+    // reply; all stay open until the test ends. Prints "port sent received" per connection.
+    let script = format!(
+        "import socket, sys\n\
+         out = []\n\
+         conns = []\n\
+         for i in range({CONNECTIONS}):\n\
+         \x20   c = socket.create_connection(('127.0.0.1', {port}))\n\
+         \x20   req = b'GET /{small}?' + b'p' * i + b' HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n'\n\
+         \x20   c.sendall(req)\n\
+         \x20   got = b''\n\
+         \x20   while b'\\r\\n\\r\\n' not in got:\n\
+         \x20       got += c.recv(65536)\n\
+         \x20   head, _, body = got.partition(b'\\r\\n\\r\\n')\n\
+         \x20   length = int([l.split(b':')[1] for l in head.split(b'\\r\\n') if l.lower().startswith(b'content-length:')][0])\n\
+         \x20   while len(body) < length:\n\
+         \x20       body += c.recv(65536)\n\
+         \x20   conns.append(c)\n\
+         \x20   out.append('%d %d %d' % (c.getsockname()[1], len(req), len(head) + 4 + len(body)))\n\
+         print(' '.join(out), flush=True)\n\
+         sys.stdin.read()\n",
+        small = SMALL.0
+    );
+    let mut client = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 client");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("client output");
+    let words: Vec<u64> = line
+        .split_whitespace()
+        .map(|w| w.parse().expect("number"))
+        .collect();
+    let truth: BTreeMap<u64, (u64, u64, u64)> = words
+        .chunks_exact(3)
+        .map(|t| (t[0], (t[1], t[2], 1)))
+        .collect();
+    assert_eq!(truth.len(), CONNECTIONS, "{line}");
+    wait_for(
+        "every held connection listed, exact",
+        Duration::from_secs(15),
+        || {
+            let seen: BTreeMap<u64, (u64, u64, u64)> = agent
+                .conns()
+                .iter()
+                .filter(|c| c.state == "open")
+                .filter_map(|c| {
+                    let port = c.remote.rsplit(':').next()?.parse().ok()?;
+                    Some((port, (c.bytes_in, c.bytes_out, c.requests)))
+                })
+                .collect();
+            if seen == truth {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} listed; first differences: {:?}",
+                    seen.len(),
+                    truth
+                        .iter()
+                        .filter(|(p, t)| seen.get(p) != Some(t))
+                        .take(3)
+                        .map(|(p, t)| (p, t, seen.get(p)))
+                        .collect::<Vec<_>>()
+                ))
+            }
+        },
+    );
+    drop(client.stdin.take());
+    let _ = client.wait();
+}
+
 /// (bytes_received, bytes_acked, segs_in, segs_out) of the server socket on `port`.
 fn ss_server_socket(port: u16) -> Result<(u64, u64, u64, u64), String> {
     let out = run_ok(Command::new("ss").args([

@@ -25,18 +25,20 @@ use aya::{
 use log::{info, warn};
 use sensor_common::{
     ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ConnStats,
-    GLOBAL_LIVE_READ, HEAD_BYTES_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, LIVE_RECORD_BYTES, Loss,
-    MAP_CLOSED, MAP_CONFIG, MAP_CONNS, MAP_LIVE, MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS,
-    MAP_SOCKS, PROG_EGRESS, PROG_INGRESS, PROG_ITER, PROG_SOCKOPS, RequestEvent,
+    GLOBAL_LIVE_READ, HEAD_BYTES_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, LIVE_RECORD_BYTES,
+    LIVE_RING_BYTES_MAX, Loss, MAP_CLOSED, MAP_CONFIG, MAP_CONNS, MAP_LIVE, MAP_LIVE_RECORDS,
+    MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS, PROG_EGRESS, PROG_INGRESS, PROG_ITER,
+    PROG_SOCKOPS, RequestEvent,
 };
 
 use self::sys::BATCH;
 pub use crate::config::LiveRead;
 
 /// Maps pinned under the instance directory, by name.
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 10] = [
     MAP_SOCKS,
     MAP_LIVE,
+    MAP_LIVE_RECORDS,
     MAP_OPEN,
     MAP_CONNS,
     MAP_CLOSED,
@@ -207,6 +209,8 @@ pub struct CaptureSettings {
     pub ports: Vec<u16>,
     pub max_connections: u32,
     pub ring_buffer_bytes: u32,
+    /// `[capture] live_ring_bytes` (0: sized for `max_connections`).
+    pub live_ring_bytes: u32,
     /// bpffs directory for pinned maps and links.
     pub pin_dir: PathBuf,
     /// Discard pinned state instead of continuing from it.
@@ -255,6 +259,8 @@ pub struct Capture {
     open: HashMap<MapData, u64, ConnStats>,
     /// The pinned iterator link over the live records: each open starts a new walk.
     iter_path: PathBuf,
+    /// The ring the walk hands live records through (iterator path).
+    live_records: RingBuf<MapData>,
     pub loss: PerCpuArray<MapData, u64>,
     closed: Option<RingBuf<MapData>>,
     requests: Option<RingBuf<MapData>>,
@@ -657,6 +663,11 @@ impl Capture {
             path,
             path_reason: "continued from the pinned state of the previous run".to_owned(),
             iter_path: iter_path(&instance_dir),
+            live_records: RingBuf::try_from(Map::RingBuf(open_pinned_map(
+                &instance_dir,
+                MAP_LIVE_RECORDS,
+            )?))
+            .map_err(map_err(MAP_LIVE_RECORDS))?,
             buf: sys::BatchBuf::default(),
             walk: Vec::new(),
             closed_reads: ClosedReads::default(),
@@ -702,7 +713,8 @@ impl Capture {
             .override_global(GLOBAL_LIVE_READ, &global, true)
             .map_max_entries(MAP_CONNS, settings.max_connections)
             .map_max_entries(MAP_OPEN, settings.max_connections)
-            .map_max_entries(MAP_CLOSED, settings.ring_buffer_bytes);
+            .map_max_entries(MAP_CLOSED, settings.ring_buffer_bytes)
+            .map_max_entries(MAP_LIVE_RECORDS, live_ring_bytes(path, settings));
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -790,11 +802,14 @@ impl Capture {
             RingBuf::try_from(take(&mut ebpf, MAP_CLOSED)?).map_err(map_err(MAP_CLOSED))?;
         let requests =
             RingBuf::try_from(take(&mut ebpf, MAP_REQUESTS)?).map_err(map_err(MAP_REQUESTS))?;
+        let live_records = RingBuf::try_from(take(&mut ebpf, MAP_LIVE_RECORDS)?)
+            .map_err(map_err(MAP_LIVE_RECORDS))?;
         cleanup.armed = false;
         Ok(Self {
             _ebpf: Some(ebpf),
             cgroup,
             iter_path: iter_path(&instance_dir),
+            live_records,
             buf: sys::BatchBuf::default(),
             walk: Vec::new(),
             closed_reads: ClosedReads::default(),
@@ -879,23 +894,49 @@ impl Capture {
         mut each: impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
     ) -> Result<(), E> {
         match self.path {
-            LivePath::Iterator => match read_live(&self.iter_path, &mut self.walk) {
-                Ok(()) => {
-                    for chunk in self.walk.chunks(BATCH * LIVE_RECORD_BYTES) {
-                        self.buf.keys.clear();
-                        self.buf.values.clear();
-                        for (cookie, stats) in chunk
+            LivePath::Iterator => {
+                // Records a walk left in the ring (one an earlier agent did not finish reading,
+                // or someone else's read of the link) are not this walk's.
+                while self.live_records.next().is_some() {}
+                match read_live(&self.iter_path, &mut self.walk) {
+                    Ok(()) => {
+                        let ring = &mut self.live_records;
+                        let buf = &mut self.buf;
+                        buf.keys.clear();
+                        buf.values.clear();
+                        while let Some(item) = ring.next() {
+                            if let Some((cookie, stats)) = decode_live(&item) {
+                                buf.keys.push(cookie);
+                                buf.values.push(stats);
+                            }
+                            drop(item);
+                            if buf.keys.len() == BATCH {
+                                each(&buf.keys, &buf.values)?;
+                                buf.keys.clear();
+                                buf.values.clear();
+                            }
+                        }
+                        // Records the ring had no room for came through the seq_file.
+                        for (cookie, stats) in self
+                            .walk
                             .chunks_exact(LIVE_RECORD_BYTES)
                             .filter_map(decode_live)
                         {
-                            self.buf.keys.push(cookie);
-                            self.buf.values.push(stats);
+                            buf.keys.push(cookie);
+                            buf.values.push(stats);
+                            if buf.keys.len() == BATCH {
+                                each(&buf.keys, &buf.values)?;
+                                buf.keys.clear();
+                                buf.values.clear();
+                            }
                         }
-                        each(&self.buf.keys, &self.buf.values)?;
+                        if !buf.keys.is_empty() {
+                            each(&buf.keys, &buf.values)?;
+                        }
                     }
+                    Err(e) => warn!("reading the live connections failed: {e}"),
                 }
-                Err(e) => warn!("reading the live connections failed: {e}"),
-            },
+            }
             // A record the close removes between the kernel's get_next_key and lookup is not
             // lost: the close pushed it through the ring, or put it in CONNS and counted
             // `ringbuf_full`, which makes the read below (or the next poll's) read CONNS.
@@ -1097,6 +1138,23 @@ fn iter_link(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, CaptureError> {
         .as_fd()
         .as_raw_fd();
     sys::iter_link_create(prog_fd, map_fd).map_err(|e| refused(PROG_ITER, e))
+}
+
+/// Size of the ring the iterator hands live records through: `[capture] live_ring_bytes`, or
+/// room for `max_connections` records, at most `LIVE_RING_BYTES_MAX` (the rest of a larger
+/// walk goes through the seq_file); a page on the map path, which does not use it.
+fn live_ring_bytes(path: LivePath, settings: &CaptureSettings) -> u32 {
+    const PAGE: u64 = 4096;
+    if path == LivePath::Map {
+        return PAGE as u32;
+    }
+    if settings.live_ring_bytes != 0 {
+        return settings.live_ring_bytes;
+    }
+    // Each record has an 8-byte header in the ring.
+    let want = u64::from(settings.max_connections) * (LIVE_RECORD_BYTES as u64 + 8);
+    want.next_power_of_two()
+        .clamp(PAGE, u64::from(LIVE_RING_BYTES_MAX)) as u32
 }
 
 fn iter_path(instance_dir: &Path) -> PathBuf {

@@ -10,7 +10,9 @@ use aya::{
     maps::MapType,
     programs::{ProgramError, ProgramType},
 };
-use sensor_common::{GLOBAL_LIVE_READ, MAP_CLOSED, MAP_CONNS, MAP_OPEN, MAP_REQUESTS, PROG_ITER};
+use sensor_common::{
+    GLOBAL_LIVE_READ, MAP_CLOSED, MAP_CONNS, MAP_LIVE_RECORDS, MAP_OPEN, MAP_REQUESTS, PROG_ITER,
+};
 use serde::Serialize;
 
 use super::{
@@ -29,7 +31,8 @@ fn load_unpinned(path: LivePath) -> Result<Ebpf, CaptureError> {
         .map_max_entries(MAP_CONNS, 1)
         .map_max_entries(MAP_OPEN, 1)
         .map_max_entries(MAP_CLOSED, page)
-        .map_max_entries(MAP_REQUESTS, page);
+        .map_max_entries(MAP_REQUESTS, page)
+        .map_max_entries(MAP_LIVE_RECORDS, page);
     Ok(loader.load(KERNEL_OBJECT)?)
 }
 
