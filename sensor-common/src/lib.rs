@@ -12,11 +12,11 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 pub const DEFAULT_RING_BYTES: u32 = 1 << 21;
 /// Default size of the ring buffer that carries request events (bytes, power of two).
 pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
-/// Largest size of the ring buffer the iterator hands live records through (bytes, power of
-/// two): about 30 000 records of `LIVE_RECORD_BYTES` (and an 8-byte header each). The agent
-/// sizes it for `max_connections`, up to this; records beyond go through the iterator's
-/// seq_file, whose reads restart the walk of a bucket (see `LIVE_RECORD_BYTES`).
-pub const LIVE_RING_BYTES_MAX: u32 = 1 << 22;
+/// Most slots of the array the iterator hands live records through by default (`LiveSlot`s,
+/// 136 bytes each: 4.25 MiB). The agent sizes it for `max_connections`, up to this unless
+/// `[capture] live_slots` says otherwise; records beyond go through the iterator's seq_file,
+/// whose reads restart the walk of a bucket (see `LIVE_RECORD_BYTES`).
+pub const DEFAULT_LIVE_SLOTS_MAX: u32 = 32_768;
 
 /// Version of the kernel/agent interface (map layouts). Pinned state from another version is
 /// replaced, never reused.
@@ -265,6 +265,30 @@ pub struct ClosedConn {
 /// starts over; on the ring it sets how many closes fit.
 pub const LIVE_RECORD_BYTES: usize =
     core::mem::offset_of!(ClosedConn, stats) + core::mem::offset_of!(ConnStats, parse);
+
+/// One slot of the `LIVE_RECORDS` array: the `seq_num`-th record of an iterator walk, tagged
+/// with the walk's session (`bpf_iter_meta::session_id`, unique per open of the iterator) so
+/// the agent can tell its walk's records from an earlier or concurrent walk's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveSlot {
+    pub session: u64,
+    pub record: [u8; LIVE_RECORD_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<LiveSlot>() == 8 + LIVE_RECORD_BYTES);
+
+/// What the iterator writes to its seq_file when a walk ends, after the records that did not go
+/// into the array: the walk's session, `bpf_iter_meta::seq_num` at the end (the last record's
+/// number, one less than the records handed over, or 0 when there was none), and whether the
+/// walk had the array (1) or, another walk holding it, wrote every record to the seq_file (0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveWalkEnd {
+    pub session: u64,
+    pub last: u64,
+    pub slots: u64,
+}
+const _: () = assert!(core::mem::size_of::<LiveWalkEnd>() == 24);
 
 /// A record on the `REQUESTS` ring buffer: a request (or turn) began (`EVENT_REQUEST`), or more
 /// bytes of its head (`EVENT_HEAD`). Feeds identity and the inter-request timing statistics;

@@ -29,14 +29,14 @@ use core::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP,
+        __sk_buff, BPF_ANY, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
         BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, seq_file,
     },
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_boot_ns, bpf_loop, bpf_seq_write,
-        bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skb_load_bytes, bpf_tcp_sock,
+        bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_loop,
+        bpf_seq_write, bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skb_load_bytes, bpf_tcp_sock,
     },
     macros::{btf_map, cgroup_skb, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -48,7 +48,7 @@ use sensor_common::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_RING_BYTES, DEFAULT_RING_BYTES, EVENT_HEAD,
     EVENT_REQUEST, EXCHANGE_RESPONSE_PENDING, EXCHANGE_SSE, FRAMING_LENGTH, FRAMING_UNKNOWN, Frame,
     HEAD_BYTES_MAX, HEAD_CHUNK, HEAD_DONE, HEAD_EVENT_MAX, HEAD_REWIND, HEAD_UNSEEN,
-    LIVE_READ_ITERATOR, LIVE_READ_MAP, LIVE_RECORD_BYTES, LIVE_RING_BYTES_MAX, Loss, METHOD_MAX,
+    LIVE_READ_ITERATOR, LIVE_READ_MAP, LIVE_RECORD_BYTES, LiveSlot, LiveWalkEnd, Loss, METHOD_MAX,
     MODE_ARMED, MODE_BODY, MODE_COUNTED, MODE_HEAD, MODE_IDLE, MODE_SKIP, PROTO_HTTP1, PROTO_OTHER,
     PROTO_UNKNOWN, RequestEvent, SSE_SCAN_MAX,
 };
@@ -125,11 +125,24 @@ static CLOSED: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
 /// Request start events, for inter-request timing in the agent. Records are as long as the
 /// head they carry (`RequestEvent` cut after `head_len` bytes of `head`).
-/// Live records on the iterator path, written by `sensor_conns` during a walk and read by the
-/// agent right after it. The agent sizes it (`LIVE_RING_BYTES_MAX` at most; a page on the map
-/// path, where it is unused).
+/// Live records on the iterator path, written by `sensor_conns` during a walk (the walk's n-th
+/// record in slot n) and read by the agent, which maps the array into its memory, right after
+/// it. The agent sizes it (`DEFAULT_LIVE_SLOTS_MAX` by default; one slot on the map path, where
+/// it is unused).
 #[map]
-static LIVE_RECORDS: RingBuf = RingBuf::with_byte_size(LIVE_RING_BYTES_MAX, 0);
+static LIVE_RECORDS: Array<LiveSlot> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Which walk holds `LIVE_RECORDS`: its session and when it took it. A walk takes the array at
+/// its first record if no other walk holds it (or the holder took it over `LIVE_CLAIM_NS` ago:
+/// a reader that closed the link before the end never gives it back), and gives it back at its
+/// end. A walk that finds it held writes its records to the seq_file, so two readers of the
+/// link never write each other's slots.
+#[map]
+static LIVE_OWNER: Array<[u64; 2]> = Array::with_max_entries(1, 0);
+
+/// How long a walk may hold `LIVE_RECORDS` before another may take it (a walk of every slot
+/// takes milliseconds).
+const LIVE_CLAIM_NS: u64 = 1_000_000_000;
 
 #[map]
 static REQUESTS: RingBuf = RingBuf::with_byte_size(DEFAULT_REQUEST_RING_BYTES, 0);
@@ -570,12 +583,12 @@ struct IterMeta {
 /// reader, as the first `LIVE_RECORD_BYTES` of its `ClosedConn` (the parser state left out).
 /// The agent opens the pinned link to read them.
 ///
-/// Records go through the `LIVE_RECORDS` ring buffer, not the seq_file: a read of the seq_file
-/// returns at most its 32 KiB buffer, and every read restarts the kernel's walk of the current
+/// Records go into the `LIVE_RECORDS` array, not the seq_file: a read of the seq_file returns
+/// at most its 32 KiB buffer, and every read restarts the kernel's walk of the current
 /// socket-storage bucket from its head (`bpf_sk_storage_map_seq_find_next` skips the elements
 /// already shown), so a walk handed out 128 bytes at a time steps over a bucket's elements
-/// quadratically often. Writing nothing to the seq_file, one read walks every element once.
-/// A record the ring has no room for goes to the seq_file as before, so none is lost.
+/// quadratically often. Writing only a 16-byte end to the seq_file, one read walks every element
+/// once. A record the array has no slot for goes to the seq_file as before, so none is lost.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_sk_storage_map")]
 pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
@@ -585,26 +598,80 @@ pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
     let (meta, value) = unsafe {
         (
             core::ptr::read_volatile(args) as *const IterMeta,
-            core::ptr::read_volatile(args.add(3)) as *const [u8; LIVE_RECORD_BYTES],
+            core::ptr::read_volatile(args.add(3)) as *const [u64; LIVE_RECORD_BYTES / 8],
         )
     };
-    if meta.is_null() || value.is_null() {
+    if meta.is_null() {
         return 0;
     }
-    // SAFETY: value is a SOCKS value (a ClosedConn, larger than LIVE_RECORD_BYTES), readable
-    // for the program's run.
-    let record = unsafe { &*value };
-    // No wakeup: the agent reads the ring when its read of the seq_file returns, not on poll.
-    if LIVE_RECORDS
-        .output::<[u8; LIVE_RECORD_BYTES]>(record, u64::from(BPF_RB_NO_WAKEUP))
-        .is_err()
-    {
-        // SAFETY: meta is the kernel's iterator metadata.
+    // SAFETY: meta is the kernel's iterator metadata, readable for the program's run. seq_num
+    // numbers the session's objects from 0 (bpf_seq_read counts up when it finds the next one;
+    // an object whose output did not fit is shown again in the next read under its number).
+    let (seq, session, index) = unsafe { ((*meta).seq, (*meta).session_id, (*meta).seq_num) };
+    let Some(owner) = LIVE_OWNER.get_ptr_mut(0) else {
+        // Never (slot 0 of an array); the record still reaches the reader.
+        if !value.is_null() {
+            // SAFETY: as below.
+            unsafe { bpf_seq_write(seq, value.cast(), LIVE_RECORD_BYTES as u32) };
+        }
+        return 0;
+    };
+    let owner = owner.cast::<u64>();
+    if value.is_null() {
+        // The walk's end: at the stop, seq_num is still the last object's (0 if none).
+        // SAFETY: owner is LIVE_OWNER's value: two u64s.
+        let slots = unsafe { atomic_replace(owner, session, 0) };
+        let end = LiveWalkEnd {
+            session,
+            last: index,
+            slots: u64::from(slots),
+        };
+        // SAFETY: `end` is on the stack for the call.
         unsafe {
-            let seq = (*meta).seq;
-            bpf_seq_write(seq, value.cast(), LIVE_RECORD_BYTES as u32);
+            bpf_seq_write(
+                seq,
+                (&raw const end).cast(),
+                core::mem::size_of::<LiveWalkEnd>() as u32,
+            )
+        };
+        return 0;
+    }
+    // SAFETY: owner is LIVE_OWNER's value: two u64s.
+    unsafe {
+        if index == 0 {
+            let holder = read_shared(owner);
+            if holder != session {
+                let now = bpf_ktime_get_ns();
+                let since = read_shared(owner.add(1));
+                if (holder == 0 || now.wrapping_sub(since) > LIVE_CLAIM_NS)
+                    && atomic_replace(owner, holder, session)
+                {
+                    core::ptr::write_volatile(owner.add(1), now);
+                }
+            }
         }
     }
+    // SAFETY: as above.
+    let holds = unsafe { read_shared(owner) } == session;
+    if holds
+        && index <= u64::from(u32::MAX)
+        && let Some(slot) = LIVE_RECORDS.get_ptr_mut(index as u32)
+    {
+        // SAFETY: slot is a LIVE_RECORDS value; value a SOCKS value (a ClosedConn, larger than
+        // LIVE_RECORD_BYTES), readable for the program's run. Word by word: a copy of the
+        // array would become a call to the BPF `memcpy` subprogram.
+        unsafe {
+            (*slot).session = session;
+            let to = (&raw mut (*slot).record).cast::<u64>();
+            let from = value.cast::<u64>();
+            for i in 0..LIVE_RECORD_BYTES / 8 {
+                core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));
+            }
+        }
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { bpf_seq_write(seq, value.cast(), LIVE_RECORD_BYTES as u32) };
     0
 }
 

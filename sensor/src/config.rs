@@ -27,9 +27,9 @@ pub fn installed_config() -> String {
     )
 }
 
-/// Largest `[capture] live_ring_bytes` (1 GiB): a ring is kernel memory held for the agent's
-/// life.
-pub const LIVE_RING_BYTES_LIMIT: u32 = 1 << 30;
+/// Largest `[capture] live_slots` (136 MiB of slots): the array is kernel memory held for the
+/// agent's life.
+pub const LIVE_SLOTS_LIMIT: u32 = 1 << 20;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -316,9 +316,9 @@ pub struct Capture {
     pub poll_interval_ms: u64,
     pub max_connections: u32,
     pub ring_buffer_bytes: u32,
-    /// Ring buffer the iterator hands live records through (bytes; 0: sized for
-    /// `max_connections`, see `kernel::live_ring_bytes`).
-    pub live_ring_bytes: u32,
+    /// Slots of the array the iterator hands live records through (0: sized for
+    /// `max_connections`, see `kernel::live_slots`).
+    pub live_slots: u32,
     /// How live connections are read from the kernel (see `LiveRead`).
     pub live_read: LiveRead,
 }
@@ -367,7 +367,7 @@ impl Default for Capture {
             poll_interval_ms: 1000,
             max_connections: sensor_common::DEFAULT_MAX_CONNECTIONS,
             ring_buffer_bytes: sensor_common::DEFAULT_RING_BYTES,
-            live_ring_bytes: 0,
+            live_slots: 0,
             live_read: LiveRead::Auto,
         }
     }
@@ -569,18 +569,11 @@ impl Config {
                 format!("{} is not a power of two >= 4096", c.ring_buffer_bytes),
             ));
         }
-        if c.live_ring_bytes != 0
-            && (c.live_ring_bytes < 4096
-                || c.live_ring_bytes > LIVE_RING_BYTES_LIMIT
-                || !c.live_ring_bytes.is_power_of_two())
-        {
+        if c.live_slots > LIVE_SLOTS_LIMIT {
             return Err((
                 "capture",
-                "live_ring_bytes",
-                format!(
-                    "{} is neither 0 nor a power of two in 4096..={LIVE_RING_BYTES_LIMIT}",
-                    c.live_ring_bytes
-                ),
+                "live_slots",
+                format!("{} is outside 0..={LIVE_SLOTS_LIMIT}", c.live_slots),
             ));
         }
         if self.api.socket.as_os_str().is_empty() {
@@ -865,17 +858,17 @@ mod tests {
         );
         let err = Config::parse("[capture]\nports = [0]\n", "s.toml").unwrap_err();
         assert_eq!((err.line, err.key.as_deref()), (2, Some("capture.ports")));
-        for bad in ["2048", "12288", "2147483648"] {
-            let text = format!("[capture]\nports = [8080]\n\nlive_ring_bytes = {bad}\n");
+        for bad in ["1048577", "-1", "\"many\""] {
+            let text = format!("[capture]\nports = [8080]\n\nlive_slots = {bad}\n");
             let err = Config::parse(&text, "s.toml").unwrap_err();
             assert_eq!(
                 (err.line, err.key.as_deref()),
-                (4, Some("capture.live_ring_bytes")),
+                (4, Some("capture.live_slots")),
                 "{bad}"
             );
         }
-        for good in ["0", "4096", "1073741824"] {
-            let text = format!("[capture]\nlive_ring_bytes = {good}\n");
+        for good in ["0", "1", "1048576"] {
+            let text = format!("[capture]\nlive_slots = {good}\n");
             assert!(Config::parse(&text, "s.toml").is_ok(), "{good}");
         }
     }

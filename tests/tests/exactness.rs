@@ -604,12 +604,14 @@ fn live_counters_match_ss() {
     let _ = client.wait();
 }
 
-/// More live connections than the iterator's ring can hand over in one read (a 4096-byte
-/// ring holds 30 records): the records the ring has no room for come through the iterator's
-/// own output, and every connection is listed with exactly what its client sent and received.
+/// More live connections than the iterator's array has slots for (30): the records beyond
+/// come through the iterator's own output, and every connection is listed with exactly what
+/// its client sent and received. Meanwhile another reader walks the same pinned iterator link
+/// over and over (as root may): the agent tells its walk's slots from the other's, and walks
+/// again when they were rewritten before it read them.
 #[test]
-fn live_connections_beyond_the_ring_are_read_exactly() {
-    if !privileged("live_connections_beyond_the_ring_are_read_exactly") {
+fn live_connections_beyond_the_slots_are_read_exactly() {
+    if !privileged("live_connections_beyond_the_slots_are_read_exactly") {
         return;
     }
     const CONNECTIONS: usize = 100;
@@ -618,13 +620,32 @@ fn live_connections_beyond_the_ring_are_read_exactly() {
     let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
     let tmp = TempDir::new("livering");
     let config = tmp.path.join("sensor.toml");
-    std::fs::write(&config, "[capture]\nlive_ring_bytes = 4096\n").expect("config");
+    std::fs::write(&config, "[capture]\nlive_slots = 30\n").expect("config");
     let agent = Agent::start_with(
         &cg,
         &[port],
         POLL_MS,
         &["--config", config.to_str().expect("utf-8")],
     );
+    // The other reader (iterator path only: the map path has no link).
+    let link = std::fs::read_dir(&agent.pin_dir)
+        .expect("pin dir")
+        .flatten()
+        .map(|e| e.path().join("link-sensor_conns"))
+        .find(|p| p.exists());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = link.map(|link| {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut walks = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if std::fs::read(&link).is_ok() {
+                    walks += 1;
+                }
+            }
+            walks
+        })
+    });
     // Each connection sends one request (its path of its own length) and reads the whole
     // reply; all stay open until the test ends. Prints "port sent received" per connection.
     let script = format!(
@@ -698,6 +719,13 @@ fn live_connections_beyond_the_ring_are_read_exactly() {
             }
         },
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(reader) = reader {
+        assert!(
+            reader.join().expect("reader") > 0,
+            "the other reader walked"
+        );
+    }
     drop(client.stdin.take());
     let _ = client.wait();
 }

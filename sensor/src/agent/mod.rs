@@ -500,7 +500,7 @@ fn attach(config: &Config, fresh: bool) -> anyhow::Result<Capture> {
         ports: config.capture.ports.clone(),
         max_connections: config.capture.max_connections,
         ring_buffer_bytes: config.capture.ring_buffer_bytes,
-        live_ring_bytes: config.capture.live_ring_bytes,
+        live_slots: config.capture.live_slots,
         pin_dir: config.state.bpf_pin_dir.clone(),
         fresh,
         head_bytes: config.identity.head_bytes,

@@ -25,10 +25,10 @@ use aya::{
 use log::{info, warn};
 use sensor_common::{
     ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ConnStats,
-    GLOBAL_LIVE_READ, HEAD_BYTES_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP, LIVE_RECORD_BYTES,
-    LIVE_RING_BYTES_MAX, Loss, MAP_CLOSED, MAP_CONFIG, MAP_CONNS, MAP_LIVE, MAP_LIVE_RECORDS,
-    MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS, PROG_EGRESS, PROG_INGRESS, PROG_ITER,
-    PROG_SOCKOPS, RequestEvent,
+    DEFAULT_LIVE_SLOTS_MAX, GLOBAL_LIVE_READ, HEAD_BYTES_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP,
+    LIVE_RECORD_BYTES, LiveWalkEnd, Loss, MAP_CLOSED, MAP_CONFIG, MAP_CONNS, MAP_LIVE,
+    MAP_LIVE_RECORDS, MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS, PROG_EGRESS,
+    PROG_INGRESS, PROG_ITER, PROG_SOCKOPS, RequestEvent,
 };
 
 use self::sys::BATCH;
@@ -209,8 +209,8 @@ pub struct CaptureSettings {
     pub ports: Vec<u16>,
     pub max_connections: u32,
     pub ring_buffer_bytes: u32,
-    /// `[capture] live_ring_bytes` (0: sized for `max_connections`).
-    pub live_ring_bytes: u32,
+    /// `[capture] live_slots` (0: sized for `max_connections`).
+    pub live_slots: u32,
     /// bpffs directory for pinned maps and links.
     pub pin_dir: PathBuf,
     /// Discard pinned state instead of continuing from it.
@@ -259,8 +259,10 @@ pub struct Capture {
     open: HashMap<MapData, u64, ConnStats>,
     /// The pinned iterator link over the live records: each open starts a new walk.
     iter_path: PathBuf,
-    /// The ring the walk hands live records through (iterator path).
-    live_records: RingBuf<MapData>,
+    /// The array the walk hands live records through (iterator path), mapped; and the map,
+    /// whose fd the mapping came from.
+    live_slots: Option<sys::LiveSlots>,
+    _live_map: MapData,
     pub loss: PerCpuArray<MapData, u64>,
     closed: Option<RingBuf<MapData>>,
     requests: Option<RingBuf<MapData>>,
@@ -638,6 +640,7 @@ impl Capture {
             Array::try_from(Map::Array(open_pinned_map(&instance_dir, MAP_CONFIG)?))
                 .map_err(map_err(MAP_CONFIG))?;
         write_config(&mut config, settings)?;
+        let live_map = open_pinned_map(&instance_dir, MAP_LIVE_RECORDS)?;
         let conns: HashMap<MapData, u64, ConnStats> =
             HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_CONNS)?))
                 .map_err(map_err(MAP_CONNS))?;
@@ -663,11 +666,8 @@ impl Capture {
             path,
             path_reason: "continued from the pinned state of the previous run".to_owned(),
             iter_path: iter_path(&instance_dir),
-            live_records: RingBuf::try_from(Map::RingBuf(open_pinned_map(
-                &instance_dir,
-                MAP_LIVE_RECORDS,
-            )?))
-            .map_err(map_err(MAP_LIVE_RECORDS))?,
+            live_slots: map_live_slots(path, &live_map)?,
+            _live_map: live_map,
             buf: sys::BatchBuf::default(),
             walk: Vec::new(),
             closed_reads: ClosedReads::default(),
@@ -714,7 +714,7 @@ impl Capture {
             .map_max_entries(MAP_CONNS, settings.max_connections)
             .map_max_entries(MAP_OPEN, settings.max_connections)
             .map_max_entries(MAP_CLOSED, settings.ring_buffer_bytes)
-            .map_max_entries(MAP_LIVE_RECORDS, live_ring_bytes(path, settings));
+            .map_max_entries(MAP_LIVE_RECORDS, live_slots(path, settings));
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -802,14 +802,18 @@ impl Capture {
             RingBuf::try_from(take(&mut ebpf, MAP_CLOSED)?).map_err(map_err(MAP_CLOSED))?;
         let requests =
             RingBuf::try_from(take(&mut ebpf, MAP_REQUESTS)?).map_err(map_err(MAP_REQUESTS))?;
-        let live_records = RingBuf::try_from(take(&mut ebpf, MAP_LIVE_RECORDS)?)
-            .map_err(map_err(MAP_LIVE_RECORDS))?;
+        let live_map = match take(&mut ebpf, MAP_LIVE_RECORDS)? {
+            Map::Array(data) => data,
+            _ => return Err(CaptureError::Missing(MAP_LIVE_RECORDS)),
+        };
+        let live_slots = map_live_slots(path, &live_map)?;
         cleanup.armed = false;
         Ok(Self {
             _ebpf: Some(ebpf),
             cgroup,
             iter_path: iter_path(&instance_dir),
-            live_records,
+            live_slots,
+            _live_map: live_map,
             buf: sys::BatchBuf::default(),
             walk: Vec::new(),
             closed_reads: ClosedReads::default(),
@@ -825,6 +829,79 @@ impl Capture {
             closed: Some(closed),
             requests: Some(requests),
         })
+    }
+
+    /// One walk of the iterator, handed to `each` batch by batch: the records it put in the
+    /// array's slots (read in place), then those it had no slot for (its seq_file output before
+    /// the end marker). If another reader of the link rewrote slots before they were read, the
+    /// walk is made again (records handed over twice are observed twice: idempotent).
+    fn walk_live<E>(
+        &mut self,
+        each: &mut impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
+    ) -> Result<std::io::Result<()>, E> {
+        let Some(slots) = self.live_slots.as_ref() else {
+            return Ok(Err(std::io::Error::other(
+                "the live-record array is not mapped",
+            )));
+        };
+        let buf = &mut self.buf;
+        for _ in 0..WALK_ATTEMPTS {
+            if let Err(e) = read_live(&self.iter_path, &mut self.walk) {
+                return Ok(Err(e));
+            }
+            let (beyond, end) = match split_walk(&self.walk) {
+                Ok(parts) => parts,
+                Err(e) => return Ok(Err(e)),
+            };
+            // The walk's records fill slots 0.. (up to the array's end, the rest went to the
+            // seq_file): the run of slots holding its session. A slot rewritten by another walk
+            // ends the run early, which the end marker's count then contradicts (except for a
+            // walk of one record, which then reads as an empty one: only another reader of the
+            // root-only link can cause either, and the next poll reads again).
+            buf.keys.clear();
+            buf.values.clear();
+            let mut in_slots = 0;
+            while end.slots != 0
+                && let Some(record) = slots.slot(in_slots, end.session)
+            {
+                in_slots += 1;
+                if let Some((cookie, stats)) = decode_live(&record) {
+                    buf.keys.push(cookie);
+                    buf.values.push(stats);
+                }
+                if buf.keys.len() == BATCH {
+                    each(&buf.keys, &buf.values)?;
+                    buf.keys.clear();
+                    buf.values.clear();
+                }
+            }
+            let records = in_slots + beyond.len() / LIVE_RECORD_BYTES;
+            // With the array, the seq_file holds only what did not fit in it.
+            let whole = (end.slots == 0 || beyond.is_empty() || in_slots == slots.len())
+                && end.last == records.saturating_sub(1) as u64;
+            if !whole {
+                continue;
+            }
+            for (cookie, stats) in beyond
+                .chunks_exact(LIVE_RECORD_BYTES)
+                .filter_map(decode_live)
+            {
+                buf.keys.push(cookie);
+                buf.values.push(stats);
+                if buf.keys.len() == BATCH {
+                    each(&buf.keys, &buf.values)?;
+                    buf.keys.clear();
+                    buf.values.clear();
+                }
+            }
+            if !buf.keys.is_empty() {
+                each(&buf.keys, &buf.values)?;
+            }
+            return Ok(Ok(()));
+        }
+        Ok(Err(std::io::Error::other(
+            "another reader of the iterator link rewrote the live-record slots during every walk",
+        )))
     }
 
     /// Replaces the watched ports in the running programs (SIGHUP reload). Connections already
@@ -895,46 +972,8 @@ impl Capture {
     ) -> Result<(), E> {
         match self.path {
             LivePath::Iterator => {
-                // Records a walk left in the ring (one an earlier agent did not finish reading,
-                // or someone else's read of the link) are not this walk's.
-                while self.live_records.next().is_some() {}
-                match read_live(&self.iter_path, &mut self.walk) {
-                    Ok(()) => {
-                        let ring = &mut self.live_records;
-                        let buf = &mut self.buf;
-                        buf.keys.clear();
-                        buf.values.clear();
-                        while let Some(item) = ring.next() {
-                            if let Some((cookie, stats)) = decode_live(&item) {
-                                buf.keys.push(cookie);
-                                buf.values.push(stats);
-                            }
-                            drop(item);
-                            if buf.keys.len() == BATCH {
-                                each(&buf.keys, &buf.values)?;
-                                buf.keys.clear();
-                                buf.values.clear();
-                            }
-                        }
-                        // Records the ring had no room for came through the seq_file.
-                        for (cookie, stats) in self
-                            .walk
-                            .chunks_exact(LIVE_RECORD_BYTES)
-                            .filter_map(decode_live)
-                        {
-                            buf.keys.push(cookie);
-                            buf.values.push(stats);
-                            if buf.keys.len() == BATCH {
-                                each(&buf.keys, &buf.values)?;
-                                buf.keys.clear();
-                                buf.values.clear();
-                            }
-                        }
-                        if !buf.keys.is_empty() {
-                            each(&buf.keys, &buf.values)?;
-                        }
-                    }
-                    Err(e) => warn!("reading the live connections failed: {e}"),
+                if let Err(e) = self.walk_live(&mut each)? {
+                    warn!("reading the live connections failed: {e}");
                 }
             }
             // A record the close removes between the kernel's get_next_key and lookup is not
@@ -1140,21 +1179,71 @@ fn iter_link(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, CaptureError> {
     sys::iter_link_create(prog_fd, map_fd).map_err(|e| refused(PROG_ITER, e))
 }
 
-/// Size of the ring the iterator hands live records through: `[capture] live_ring_bytes`, or
-/// room for `max_connections` records, at most `LIVE_RING_BYTES_MAX` (the rest of a larger
-/// walk goes through the seq_file); a page on the map path, which does not use it.
-fn live_ring_bytes(path: LivePath, settings: &CaptureSettings) -> u32 {
-    const PAGE: u64 = 4096;
+/// Slots of the array the iterator hands live records through: `[capture] live_slots`, or one
+/// per `max_connections`, at most `DEFAULT_LIVE_SLOTS_MAX` (the rest of a larger walk goes
+/// through the seq_file); one on the map path, which does not use it.
+fn live_slots(path: LivePath, settings: &CaptureSettings) -> u32 {
     if path == LivePath::Map {
-        return PAGE as u32;
+        return 1;
     }
-    if settings.live_ring_bytes != 0 {
-        return settings.live_ring_bytes;
+    if settings.live_slots != 0 {
+        return settings.live_slots;
     }
-    // Each record has an 8-byte header in the ring.
-    let want = u64::from(settings.max_connections) * (LIVE_RECORD_BYTES as u64 + 8);
-    want.next_power_of_two()
-        .clamp(PAGE, u64::from(LIVE_RING_BYTES_MAX)) as u32
+    settings.max_connections.min(DEFAULT_LIVE_SLOTS_MAX)
+}
+
+/// The live-record array mapped into the agent, all its slots (iterator path only). A failure
+/// is the iterator's: `auto` then reads from the map instead.
+fn map_live_slots(path: LivePath, map: &MapData) -> Result<Option<sys::LiveSlots>, CaptureError> {
+    if path != LivePath::Iterator {
+        return Ok(None);
+    }
+    let context = |e: std::io::Error| {
+        CaptureError::Iter(std::io::Error::new(
+            e.kind(),
+            format!("mapping {MAP_LIVE_RECORDS}: {e}"),
+        ))
+    };
+    let slots = map
+        .info()
+        .map_err(|e| context(std::io::Error::other(e)))?
+        .max_entries();
+    sys::LiveSlots::map(map.fd().as_fd(), slots)
+        .map(Some)
+        .map_err(context)
+}
+
+/// Walks of the iterator a poll tries when another reader of the link rewrites the slots
+/// before they are read.
+const WALK_ATTEMPTS: usize = 3;
+
+/// A walk's seq_file output: the records the array had no slot for, and the end marker.
+fn split_walk(bytes: &[u8]) -> std::io::Result<(&[u8], LiveWalkEnd)> {
+    const END: usize = std::mem::size_of::<LiveWalkEnd>();
+    let bad = || {
+        std::io::Error::other(format!(
+            "the iterator's output ({} bytes) is not whole records and an end marker",
+            bytes.len()
+        ))
+    };
+    let split = bytes.len().checked_sub(END).ok_or_else(bad)?;
+    let (records, end) = bytes.split_at(split);
+    if !records.len().is_multiple_of(LIVE_RECORD_BYTES) {
+        return Err(bad());
+    }
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&end[8 * i..8 * i + 8]);
+        u64::from_ne_bytes(w)
+    };
+    Ok((
+        records,
+        LiveWalkEnd {
+            session: word(0),
+            last: word(1),
+            slots: word(2),
+        },
+    ))
 }
 
 fn iter_path(instance_dir: &Path) -> PathBuf {
@@ -1392,6 +1481,54 @@ mod tests {
     /// A live record is the prefix of the `ClosedConn` the kernel holds: every reported field
     /// decodes as written, the parser state (not written) as zeros, and a short record (the
     /// tail of a read cut short) decodes as nothing.
+    /// A walk's seq_file output splits into whole records and the end marker; anything else
+    /// (a cut record, no marker) is refused, not guessed at.
+    #[test]
+    fn walk_output_splits_into_records_and_end() {
+        let end = LiveWalkEnd {
+            session: 7,
+            last: 41,
+            slots: 1,
+        };
+        let mut bytes = vec![0xabu8; 2 * LIVE_RECORD_BYTES];
+        for word in [end.session, end.last, end.slots] {
+            bytes.extend_from_slice(&word.to_ne_bytes());
+        }
+        let (records, got) = split_walk(&bytes).expect("whole");
+        assert_eq!((records.len(), got), (2 * LIVE_RECORD_BYTES, end));
+        let (records, got) = split_walk(&bytes[2 * LIVE_RECORD_BYTES..]).expect("marker only");
+        assert_eq!((records.len(), got), (0, end));
+        assert!(split_walk(&bytes[1..]).is_err(), "a cut record");
+        assert!(split_walk(&bytes[..10]).is_err(), "no marker");
+        assert!(split_walk(&[]).is_err(), "nothing");
+    }
+
+    /// Slots on the iterator path: one per connection up to the default cap, or as configured;
+    /// one on the map path.
+    #[test]
+    fn live_slots_follow_the_settings() {
+        let mut settings = CaptureSettings {
+            cgroup: PathBuf::new(),
+            ports: vec![8000],
+            max_connections: 1000,
+            ring_buffer_bytes: 4096,
+            live_slots: 0,
+            pin_dir: PathBuf::new(),
+            fresh: false,
+            head_bytes: 0,
+            live_read: LiveRead::Auto,
+        };
+        assert_eq!(live_slots(LivePath::Iterator, &settings), 1000);
+        assert_eq!(live_slots(LivePath::Map, &settings), 1);
+        settings.max_connections = 1 << 20;
+        assert_eq!(
+            live_slots(LivePath::Iterator, &settings),
+            DEFAULT_LIVE_SLOTS_MAX
+        );
+        settings.live_slots = 30;
+        assert_eq!(live_slots(LivePath::Iterator, &settings), 30);
+    }
+
     #[test]
     fn live_records_decode_every_reported_field() {
         let mut rec = ClosedConn {

@@ -1,13 +1,13 @@
 //! Every raw bpf(2) call the agent makes itself: what aya 0.14 does not offer (a map iterator's
-//! link, batch map operations) and the probes `sensor doctor` runs. One chokepoint, so the
-//! attribute layouts and the unsafe code live in one place.
+//! link, batch map operations, the mapping of an mmapable array) and the probes `sensor doctor`
+//! runs. One chokepoint, so the attribute layouts and the unsafe code live in one place.
 
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::Path,
 };
 
-use sensor_common::ConnStats;
+use sensor_common::{ConnStats, LiveSlot};
 
 // Commands and types from include/uapi/linux/bpf.h.
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -112,6 +112,81 @@ pub fn iter_link_create(prog_fd: RawFd, map_fd: RawFd) -> std::io::Result<OwnedF
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new link fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The values of a `BPF_F_MMAPABLE` array of `LiveSlot`s, mapped read-only into the agent (aya
+/// 0.14 has no mapping of array maps). The kernel writes the slots while the agent reads them:
+/// every read is volatile, and `slot` reports a slot rewritten during its read.
+pub struct LiveSlots {
+    ptr: std::ptr::NonNull<LiveSlot>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only read through `&self`.
+unsafe impl Send for LiveSlots {}
+
+impl LiveSlots {
+    /// Maps the `slots` values of the array map `fd` (an array's values are laid out one after
+    /// another, each rounded up to 8 bytes: a `LiveSlot` is 136).
+    pub fn map(fd: std::os::fd::BorrowedFd<'_>, slots: u32) -> std::io::Result<Self> {
+        let len = slots as usize;
+        let bytes = (len * std::mem::size_of::<LiveSlot>()).max(1);
+        // SAFETY: a new shared read-only mapping of the map's fd; the kernel checks the size
+        // against the map's and refuses maps without BPF_F_MMAPABLE.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<LiveSlot>())
+            .ok_or_else(|| std::io::Error::other("mmap returned NULL"))?;
+        Ok(Self { ptr, len, bytes })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Slot `index`'s record if the slot holds `session`'s, read whole: None if it holds
+    /// another walk's record, or was rewritten by another walk while it was read (the session
+    /// is read again after the record).
+    pub fn slot(
+        &self,
+        index: usize,
+        session: u64,
+    ) -> Option<[u8; sensor_common::LIVE_RECORD_BYTES]> {
+        if index >= self.len {
+            return None;
+        }
+        // SAFETY: index < len, inside the mapping, which lives as long as self; LiveSlot is
+        // plain data, so any bytes are a valid value.
+        unsafe {
+            let slot = self.ptr.as_ptr().add(index);
+            if std::ptr::read_volatile(&raw const (*slot).session) != session {
+                return None;
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            let record = std::ptr::read_volatile(&raw const (*slot).record);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            (std::ptr::read_volatile(&raw const (*slot).session) == session).then_some(record)
+        }
+    }
+}
+
+impl Drop for LiveSlots {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value made, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
 }
 
 /// BPF_OBJ_PIN of any BPF object fd at `path` on a bpffs.
