@@ -839,7 +839,7 @@ impl Capture {
         &mut self,
         each: &mut impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
     ) -> Result<std::io::Result<()>, E> {
-        let Some(slots) = self.live_slots.as_ref() else {
+        let Some(slots) = self.live_slots.as_mut() else {
             return Ok(Err(std::io::Error::other(
                 "the live-record array is not mapped",
             )));
@@ -853,6 +853,12 @@ impl Capture {
                 Ok(parts) => parts,
                 Err(e) => return Ok(Err(e)),
             };
+            // The walk filled slots 0..=last (or fewer, the rest beyond): map that far.
+            if end.slots != 0
+                && let Err(e) = slots.reserve(usize::try_from(end.last).unwrap_or(usize::MAX) + 1)
+            {
+                return Ok(Err(e));
+            }
             // The walk's records fill slots 0.. (up to the array's end, the rest went to the
             // seq_file): the run of slots holding its session. A slot rewritten by another walk
             // ends the run early, which the end marker's count then contradicts (except for a
@@ -1208,7 +1214,7 @@ fn map_live_slots(path: LivePath, map: &MapData) -> Result<Option<sys::LiveSlots
         .info()
         .map_err(|e| context(std::io::Error::other(e)))?
         .max_entries();
-    sys::LiveSlots::map(map.fd().as_fd(), slots)
+    sys::LiveSlots::new(map.fd().as_fd(), slots)
         .map(Some)
         .map_err(context)
 }

@@ -115,11 +115,17 @@ pub fn iter_link_create(prog_fd: RawFd, map_fd: RawFd) -> std::io::Result<OwnedF
 }
 
 /// The values of a `BPF_F_MMAPABLE` array of `LiveSlot`s, mapped read-only into the agent (aya
-/// 0.14 has no mapping of array maps). The kernel writes the slots while the agent reads them:
+/// 0.14 has no mapping of array maps). Only a prefix is mapped, grown as walks fill more slots:
+/// the kernel maps every page of a mapping at once (remap_vmalloc_range), and the whole array
+/// would count in the agent's RSS. The kernel writes the slots while the agent reads them:
 /// every read is volatile, and `slot` reports a slot rewritten during its read.
 pub struct LiveSlots {
-    ptr: std::ptr::NonNull<LiveSlot>,
+    fd: OwnedFd,
+    /// Slots in the array.
     len: usize,
+    /// The mapping: its first `mapped` slots, `bytes` long (none yet when `mapped` is 0).
+    ptr: Option<std::ptr::NonNull<LiveSlot>>,
+    mapped: usize,
     bytes: usize,
 }
 
@@ -127,20 +133,50 @@ pub struct LiveSlots {
 unsafe impl Send for LiveSlots {}
 
 impl LiveSlots {
-    /// Maps the `slots` values of the array map `fd` (an array's values are laid out one after
-    /// another, each rounded up to 8 bytes: a `LiveSlot` is 136).
-    pub fn map(fd: std::os::fd::BorrowedFd<'_>, slots: u32) -> std::io::Result<Self> {
-        let len = slots as usize;
-        let bytes = (len * std::mem::size_of::<LiveSlot>()).max(1);
-        // SAFETY: a new shared read-only mapping of the map's fd; the kernel checks the size
-        // against the map's and refuses maps without BPF_F_MMAPABLE.
+    /// The array map `fd` of `slots` values (an array's values are laid out one after another,
+    /// each rounded up to 8 bytes: a `LiveSlot` is 136); nothing mapped yet.
+    pub fn new(fd: std::os::fd::BorrowedFd<'_>, slots: u32) -> std::io::Result<Self> {
+        let mut this = Self {
+            fd: fd.try_clone_to_owned()?,
+            len: slots as usize,
+            ptr: None,
+            mapped: 0,
+            bytes: 0,
+        };
+        // A first page: the kernel refuses an array without BPF_F_MMAPABLE here, at the start.
+        this.reserve(1)?;
+        Ok(this)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Maps at least the first `slots` slots (with a quarter more room), at most all.
+    pub fn reserve(&mut self, slots: usize) -> std::io::Result<()> {
+        let slots = slots.min(self.len);
+        if slots <= self.mapped && self.ptr.is_some() {
+            return Ok(());
+        }
+        // SAFETY: sysconf(3) has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .unwrap_or(4096)
+            .max(1);
+        let want = (slots + slots / 4).clamp(1, self.len.max(1));
+        let whole = self.len.max(1) * std::mem::size_of::<LiveSlot>();
+        let bytes = (want * std::mem::size_of::<LiveSlot>())
+            .div_ceil(page)
+            .saturating_mul(page)
+            .min(whole.div_ceil(page) * page);
+        // SAFETY: a new shared read-only mapping of the map's fd, no longer than the map's
+        // values; the kernel checks both.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 0,
             )
         };
@@ -149,28 +185,37 @@ impl LiveSlots {
         }
         let ptr = std::ptr::NonNull::new(ptr.cast::<LiveSlot>())
             .ok_or_else(|| std::io::Error::other("mmap returned NULL"))?;
-        Ok(Self { ptr, len, bytes })
+        self.unmap();
+        self.ptr = Some(ptr);
+        self.bytes = bytes;
+        self.mapped = (bytes / std::mem::size_of::<LiveSlot>()).min(self.len);
+        Ok(())
     }
 
-    pub fn len(&self) -> usize {
-        self.len
+    fn unmap(&mut self) {
+        if let Some(ptr) = self.ptr.take() {
+            // SAFETY: the mapping this value made, unmapped once.
+            unsafe { libc::munmap(ptr.as_ptr().cast(), self.bytes) };
+        }
+        self.mapped = 0;
     }
 
     /// Slot `index`'s record if the slot holds `session`'s, read whole: None if it holds
-    /// another walk's record, or was rewritten by another walk while it was read (the session
-    /// is read again after the record).
+    /// another walk's record, was rewritten by another walk while it was read (the session is
+    /// read again after the record), or is not mapped.
     pub fn slot(
         &self,
         index: usize,
         session: u64,
     ) -> Option<[u8; sensor_common::LIVE_RECORD_BYTES]> {
-        if index >= self.len {
+        let ptr = self.ptr?;
+        if index >= self.mapped {
             return None;
         }
-        // SAFETY: index < len, inside the mapping, which lives as long as self; LiveSlot is
+        // SAFETY: index < mapped, inside the mapping, which lives as long as self; LiveSlot is
         // plain data, so any bytes are a valid value.
         unsafe {
-            let slot = self.ptr.as_ptr().add(index);
+            let slot = ptr.as_ptr().add(index);
             if std::ptr::read_volatile(&raw const (*slot).session) != session {
                 return None;
             }
@@ -184,8 +229,7 @@ impl LiveSlots {
 
 impl Drop for LiveSlots {
     fn drop(&mut self) {
-        // SAFETY: the mapping this value made, unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+        self.unmap();
     }
 }
 
