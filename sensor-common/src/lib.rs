@@ -256,8 +256,8 @@ pub struct ClosedConn {
     pub stats: ConnStats,
 }
 
-/// Bytes of a record the agent reads from the `sensor_conns` iterator (through the
-/// `LIVE_RECORDS` ring, or its seq_file for records beyond the ring) and the `CLOSED` ring:
+/// Bytes of a record the agent reads from the `sensor_conns` iterator (from the `LIVE_RECORDS`
+/// array, or its seq_file for records beyond the array) and the `CLOSED` ring:
 /// the `ClosedConn` up to the kernel's parser state (the cookie and everything the agent
 /// reports), which is the larger part of the record and of no use to the agent. The kernel's
 /// seq_file hands the reader at most 32 KiB per read and restarts its walk of a socket-storage
@@ -279,14 +279,15 @@ const _: () = assert!(core::mem::size_of::<LiveSlot>() == 8 + LIVE_RECORD_BYTES)
 
 /// What the iterator writes to its seq_file when a walk ends, after the records that did not go
 /// into the array: the walk's session, `bpf_iter_meta::seq_num` at the end (the last record's
-/// number, one less than the records handed over, or 0 when there was none), and whether the
-/// walk had the array (1) or, another walk holding it, wrote every record to the seq_file (0).
+/// number, one less than the records handed over, or 0 when there was none), and how many
+/// records it wrote to slots 0.. (0 when another walk held the array and every record went to
+/// the seq_file).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LiveWalkEnd {
     pub session: u64,
     pub last: u64,
-    pub slots: u64,
+    pub in_slots: u64,
 }
 const _: () = assert!(core::mem::size_of::<LiveWalkEnd>() == 24);
 

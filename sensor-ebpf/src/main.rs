@@ -23,7 +23,7 @@
 
 use core::{
     ffi::c_void,
-    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg},
 };
 
 use aya_ebpf::{
@@ -123,8 +123,6 @@ static CONNS: HashMap<u64, ConnStats> = HashMap::with_max_entries(DEFAULT_MAX_CO
 #[map]
 static CLOSED: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-/// Request start events, for inter-request timing in the agent. Records are as long as the
-/// head they carry (`RequestEvent` cut after `head_len` bytes of `head`).
 /// Live records on the iterator path, written by `sensor_conns` during a walk (the walk's n-th
 /// record in slot n) and read by the agent, which maps the array into its memory, right after
 /// it. The agent sizes it (`DEFAULT_LIVE_SLOTS_MAX` by default; one slot on the map path, where
@@ -132,18 +130,21 @@ static CLOSED: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 static LIVE_RECORDS: Array<LiveSlot> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// Which walk holds `LIVE_RECORDS`: its session and when it took it. A walk takes the array at
+/// Which walk holds `LIVE_RECORDS`: its session, when it took it, and how many records it has
+/// written to slots (0..count). A walk takes the array at
 /// its first record if no other walk holds it (or the holder took it over `LIVE_CLAIM_NS` ago:
 /// a reader that closed the link before the end never gives it back), and gives it back at its
 /// end. A walk that finds it held writes its records to the seq_file, so two readers of the
 /// link never write each other's slots.
 #[map]
-static LIVE_OWNER: Array<[u64; 2]> = Array::with_max_entries(1, 0);
+static LIVE_OWNER: Array<[u64; 3]> = Array::with_max_entries(1, 0);
 
 /// How long a walk may hold `LIVE_RECORDS` before another may take it (a walk of every slot
 /// takes milliseconds).
 const LIVE_CLAIM_NS: u64 = 1_000_000_000;
 
+/// Request start events, for inter-request timing in the agent. Records are as long as the
+/// head they carry (`RequestEvent` cut after `head_len` bytes of `head`).
 #[map]
 static REQUESTS: RingBuf = RingBuf::with_byte_size(DEFAULT_REQUEST_RING_BYTES, 0);
 
@@ -587,7 +588,7 @@ struct IterMeta {
 /// at most its 32 KiB buffer, and every read restarts the kernel's walk of the current
 /// socket-storage bucket from its head (`bpf_sk_storage_map_seq_find_next` skips the elements
 /// already shown), so a walk handed out 128 bytes at a time steps over a bucket's elements
-/// quadratically often. Writing only a 16-byte end to the seq_file, one read walks every element
+/// quadratically often. Writing only a 24-byte end to the seq_file, one read walks every element
 /// once. A record the array has no slot for goes to the seq_file as before, so none is lost.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_sk_storage_map")]
@@ -618,13 +619,17 @@ pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
     };
     let owner = owner.cast::<u64>();
     if value.is_null() {
-        // The walk's end: at the stop, seq_num is still the last object's (0 if none).
-        // SAFETY: owner is LIVE_OWNER's value: two u64s.
-        let slots = unsafe { atomic_replace(owner, session, 0) };
-        let end = LiveWalkEnd {
-            session,
-            last: index,
-            slots: u64::from(slots),
+        // The walk's end: at the stop, seq_num is still the last object's (0 if none). The
+        // count of records in slots is read before the array is given back.
+        // SAFETY: owner is LIVE_OWNER's value: three u64s.
+        let end = unsafe {
+            let written = read_shared(owner.add(2));
+            let held = atomic_replace(owner, session, 0);
+            LiveWalkEnd {
+                session,
+                last: index,
+                in_slots: if held { written } else { 0 },
+            }
         };
         // SAFETY: `end` is on the stack for the call.
         unsafe {
@@ -647,6 +652,7 @@ pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
                     && atomic_replace(owner, holder, session)
                 {
                     core::ptr::write_volatile(owner.add(1), now);
+                    core::ptr::write_volatile(owner.add(2), 0);
                 }
             }
         }
@@ -659,14 +665,20 @@ pub extern "C" fn sensor_conns(ctx: *mut c_void) -> i32 {
     {
         // SAFETY: slot is a LIVE_RECORDS value; value a SOCKS value (a ClosedConn, larger than
         // LIVE_RECORD_BYTES), readable for the program's run. Word by word: a copy of the
-        // array would become a call to the BPF `memcpy` subprogram.
+        // array would become a call to the BPF `memcpy` subprogram. The slot's session is
+        // cleared before the record is written and set after, each by an exchange (a BPF
+        // atomic with fetch, fully ordered on every JIT): a reader that sees the session
+        // before and after its read of the record read no other walk's bytes.
         unsafe {
-            (*slot).session = session;
+            let tag = &raw mut (*slot).session;
+            atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(tag, 0);
             let to = (&raw mut (*slot).record).cast::<u64>();
             let from = value.cast::<u64>();
             for i in 0..LIVE_RECORD_BYTES / 8 {
                 core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));
             }
+            atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(tag, session);
+            core::ptr::write_volatile(owner.add(2), index + 1);
         }
         return 0;
     }
@@ -2192,7 +2204,14 @@ fn count_events(ctx: &SkBuffContext, stats: &mut ConnStats, segment: &Segment) {
         if head {
             core::ptr::write_volatile(&raw mut (*scratch).len, n as u64);
             let sse = head_names_event_stream(base, &raw const (*scratch).len);
-            stats.exchange_flags = if sse { EXCHANGE_SSE } else { 0 };
+            stats.exchange_flags = if sse {
+                EXCHANGE_SSE
+            } else if n >= 10 && interim_status(core::ptr::read_volatile(base.cast::<[u8; 10]>())) {
+                // 100 Continue or 103 Early Hints: the final head comes in a later segment.
+                EXCHANGE_RESPONSE_PENDING
+            } else {
+                0
+            };
             if !sse {
                 return;
             }
@@ -2279,6 +2298,13 @@ unsafe fn zero_tail(base: *mut u8, n: usize) {
             core::ptr::write_volatile(words.add(w + 1), 0);
         }
     }
+}
+
+/// Whether a status line starts `HTTP/1.x 1`: an interim (1xx) response, whose head ends before
+/// the final response's.
+#[inline(always)]
+fn interim_status(b: [u8; 10]) -> bool {
+    b[..7] == *b"HTTP/1." && b[8] == b' ' && b[9] == b'1'
 }
 
 /// Whether a response head in the first `*len` bytes at `base` has a `Content-Type` of

@@ -27,9 +27,10 @@ pub fn installed_config() -> String {
     )
 }
 
-/// Largest `[capture] live_slots` (136 MiB of slots): the array is kernel memory held for the
-/// agent's life.
-pub const LIVE_SLOTS_LIMIT: u32 = 1 << 20;
+/// Largest `[capture] live_slots` (68 MiB of slots): the array is kernel memory held for the
+/// agent's life, and a walk that writes only to slots must stay under the kernel's limit of
+/// objects per read of an iterator (MAX_ITER_OBJECTS, 1 000 000).
+pub const LIVE_SLOTS_LIMIT: u32 = 1 << 19;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -858,7 +859,7 @@ mod tests {
         );
         let err = Config::parse("[capture]\nports = [0]\n", "s.toml").unwrap_err();
         assert_eq!((err.line, err.key.as_deref()), (2, Some("capture.ports")));
-        for bad in ["1048577", "-1", "\"many\""] {
+        for bad in ["524289", "-1", "\"many\""] {
             let text = format!("[capture]\nports = [8080]\n\nlive_slots = {bad}\n");
             let err = Config::parse(&text, "s.toml").unwrap_err();
             assert_eq!(
@@ -867,7 +868,7 @@ mod tests {
                 "{bad}"
             );
         }
-        for good in ["0", "1", "1048576"] {
+        for good in ["0", "1", "524288"] {
             let text = format!("[capture]\nlive_slots = {good}\n");
             assert!(Config::parse(&text, "s.toml").is_ok(), "{good}");
         }

@@ -65,12 +65,17 @@ struct Pipeline {
     /// An earlier agent's format 2 snapshot is in the state directory: removed once this
     /// agent's first snapshot is saved (`state::retire_legacy`).
     retire_legacy: bool,
+    /// The start's read of live connections was incomplete: restored connections the kernel
+    /// no longer holds are closed at the first complete poll instead.
+    forget_pending: bool,
 }
 
 /// What one read of the kernel's connection maps leaves to its caller.
 struct LiveRead {
     loss: Vec<(&'static str, u64)>,
     now: Now,
+    /// Every live record was read (see `Capture::poll_each`).
+    complete: bool,
 }
 
 /// Cookies (kernel-made, so a fast hasher is safe).
@@ -139,7 +144,7 @@ impl Pipeline {
             requests,
             ..
         } = self;
-        capture.poll_each(|cookies, records| -> anyhow::Result<()> {
+        let complete = capture.poll_each(|cookies, records| -> anyhow::Result<()> {
             // After the read of this batch: every request whose bytes it includes has its
             // event queued.
             drain_requests(state, identities, requests)?;
@@ -172,11 +177,15 @@ impl Pipeline {
         Ok(LiveRead {
             loss: capture.loss_counts(),
             now: Now::system(),
+            complete,
         })
     }
 
     /// The periodic read: accounts live connections, expires closed ones past retention.
     fn poll(&mut self) -> anyhow::Result<()> {
+        if self.forget_pending {
+            return self.read_and_forget();
+        }
         let read = self.read_live(None)?;
         let mut s = lock(&self.state)?;
         s.table.expire(Instant::now());
@@ -188,11 +197,22 @@ impl Pipeline {
     /// restored connections the kernel no longer holds.
     fn catch_up(&mut self, closed: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         self.drain_closed(closed)?;
+        self.read_and_forget()
+    }
+
+    /// A read of every record that also closes the connections the kernel no longer holds,
+    /// if the read was complete (a connection missing from an incomplete one may be live);
+    /// otherwise the next poll tries again.
+    fn read_and_forget(&mut self) -> anyhow::Result<()> {
         let mut present = CookieSet::default();
         let read = self.read_live(Some(&mut present))?;
         let mut s = lock(&self.state)?;
         let AgentState { table, agg, .. } = &mut *s;
-        table.forget_missing(&present, agg, read.now);
+        self.forget_pending = !read.complete;
+        if read.complete {
+            table.forget_missing(&present, agg, read.now);
+        }
+        s.loss = read.loss;
         Ok(())
     }
 
@@ -700,6 +720,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         requests,
         sample,
         retire_legacy,
+        forget_pending: false,
     };
     pipeline.catch_up(closed.get_mut())?;
     pipeline

@@ -641,6 +641,17 @@ impl Capture {
                 .map_err(map_err(MAP_CONFIG))?;
         write_config(&mut config, settings)?;
         let live_map = open_pinned_map(&instance_dir, MAP_LIVE_RECORDS)?;
+        if path == LivePath::Iterator
+            && let Ok(info) = live_map.info()
+            && info.max_entries() != live_slots(path, settings)
+        {
+            warn!(
+                "live_slots = {} applies when the pinned state is replaced (sensor run --fresh, \
+                 losing what it holds); the running array keeps {} slots",
+                live_slots(path, settings),
+                info.max_entries()
+            );
+        }
         let conns: HashMap<MapData, u64, ConnStats> =
             HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_CONNS)?))
                 .map_err(map_err(MAP_CONNS))?;
@@ -853,21 +864,23 @@ impl Capture {
                 Ok(parts) => parts,
                 Err(e) => return Ok(Err(e)),
             };
-            // The walk filled slots 0..=last (or fewer, the rest beyond): map that far.
-            if end.slots != 0
-                && let Err(e) = slots.reserve(usize::try_from(end.last).unwrap_or(usize::MAX) + 1)
-            {
+            // The walk wrote its first `in_slots` records to slots 0.. (the rest went to the
+            // seq_file): map that far, and read them while they hold its session. A slot that
+            // another walk rewrote ends the run early, which the count then contradicts.
+            let wrote = usize::try_from(end.in_slots).unwrap_or(usize::MAX);
+            if wrote > slots.len() {
+                return Ok(Err(std::io::Error::other(format!(
+                    "the iterator reports {wrote} records in {} slots",
+                    slots.len()
+                ))));
+            }
+            if let Err(e) = slots.reserve(wrote) {
                 return Ok(Err(e));
             }
-            // The walk's records fill slots 0.. (up to the array's end, the rest went to the
-            // seq_file): the run of slots holding its session. A slot rewritten by another walk
-            // ends the run early, which the end marker's count then contradicts (except for a
-            // walk of one record, which then reads as an empty one: only another reader of the
-            // root-only link can cause either, and the next poll reads again).
             buf.keys.clear();
             buf.values.clear();
             let mut in_slots = 0;
-            while end.slots != 0
+            while in_slots < wrote
                 && let Some(record) = slots.slot(in_slots, end.session)
             {
                 in_slots += 1;
@@ -881,11 +894,7 @@ impl Capture {
                     buf.values.clear();
                 }
             }
-            let records = in_slots + beyond.len() / LIVE_RECORD_BYTES;
-            // With the array, the seq_file holds only what did not fit in it.
-            let whole = (end.slots == 0 || beyond.is_empty() || in_slots == slots.len())
-                && end.last == records.saturating_sub(1) as u64;
-            if !whole {
+            if !walk_is_whole(&end, in_slots, beyond.len() / LIVE_RECORD_BYTES) {
                 continue;
             }
             for (cookie, stats) in beyond
@@ -972,14 +981,19 @@ impl Capture {
     /// comes last. A record may be handed over twice (a batch walk the kernel refuses halfway
     /// is read again key by key): observations are idempotent. The hash maps are walked a
     /// batch at a time; the iterator's output is read whole, then handed over in batches.
+    ///
+    /// Returns whether every live record was read: false when the iterator's read failed (then
+    /// the records handed over are a part, and a connection missing from them may be live).
     pub fn poll_each<E>(
         &mut self,
         mut each: impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
-    ) -> Result<(), E> {
+    ) -> Result<bool, E> {
+        let mut complete = true;
         match self.path {
             LivePath::Iterator => {
                 if let Err(e) = self.walk_live(&mut each)? {
                     warn!("reading the live connections failed: {e}");
+                    complete = false;
                 }
             }
             // A record the close removes between the kernel's get_next_key and lookup is not
@@ -989,11 +1003,11 @@ impl Capture {
         }
         let ring_full = self.loss_count(Loss::RingBufFull);
         if !self.closed_reads.due(ring_full) {
-            return Ok(());
+            return Ok(complete);
         }
         read_map(&self.conns, &mut self.buf, &mut each)?;
         self.closed_reads.done(ring_full);
-        Ok(())
+        Ok(complete)
     }
 
     /// Makes the next poll read the closed records whatever the ring lost (the agent's last
@@ -1198,8 +1212,8 @@ fn live_slots(path: LivePath, settings: &CaptureSettings) -> u32 {
     settings.max_connections.min(DEFAULT_LIVE_SLOTS_MAX)
 }
 
-/// The live-record array mapped into the agent, all its slots (iterator path only). A failure
-/// is the iterator's: `auto` then reads from the map instead.
+/// The live-record array for mapping into the agent (a prefix at a time; iterator path only).
+/// A failure is the iterator's: on a fresh start `auto` then reads from the map instead.
 fn map_live_slots(path: LivePath, map: &MapData) -> Result<Option<sys::LiveSlots>, CaptureError> {
     if path != LivePath::Iterator {
         return Ok(None);
@@ -1222,6 +1236,14 @@ fn map_live_slots(path: LivePath, map: &MapData) -> Result<Option<sys::LiveSlots
 /// Walks of the iterator a poll tries when another reader of the link rewrites the slots
 /// before they are read.
 const WALK_ATTEMPTS: usize = 3;
+
+/// Whether a walk's records were all read: every record it wrote to slots was read from them
+/// (none rewritten by another walk meanwhile), and those and the records of its seq_file are
+/// as many as the objects it walked (`last` numbers the last one, 0 also when there was none).
+fn walk_is_whole(end: &LiveWalkEnd, read_from_slots: usize, beyond: usize) -> bool {
+    let records = read_from_slots as u64 + beyond as u64;
+    read_from_slots as u64 == end.in_slots && end.last == records.saturating_sub(1)
+}
 
 /// A walk's seq_file output: the records the array had no slot for, and the end marker.
 fn split_walk(bytes: &[u8]) -> std::io::Result<(&[u8], LiveWalkEnd)> {
@@ -1247,7 +1269,7 @@ fn split_walk(bytes: &[u8]) -> std::io::Result<(&[u8], LiveWalkEnd)> {
         LiveWalkEnd {
             session: word(0),
             last: word(1),
-            slots: word(2),
+            in_slots: word(2),
         },
     ))
 }
@@ -1484,9 +1506,6 @@ mod tests {
         assert!(r.due(5));
     }
 
-    /// A live record is the prefix of the `ClosedConn` the kernel holds: every reported field
-    /// decodes as written, the parser state (not written) as zeros, and a short record (the
-    /// tail of a read cut short) decodes as nothing.
     /// A walk's seq_file output splits into whole records and the end marker; anything else
     /// (a cut record, no marker) is refused, not guessed at.
     #[test]
@@ -1494,10 +1513,10 @@ mod tests {
         let end = LiveWalkEnd {
             session: 7,
             last: 41,
-            slots: 1,
+            in_slots: 40,
         };
         let mut bytes = vec![0xabu8; 2 * LIVE_RECORD_BYTES];
-        for word in [end.session, end.last, end.slots] {
+        for word in [end.session, end.last, end.in_slots] {
             bytes.extend_from_slice(&word.to_ne_bytes());
         }
         let (records, got) = split_walk(&bytes).expect("whole");
@@ -1535,6 +1554,33 @@ mod tests {
         assert_eq!(live_slots(LivePath::Iterator, &settings), 30);
     }
 
+    /// A walk is whole when every record it put in slots was read from them and the records
+    /// read are as many as it walked; a slot another walk rewrote, or a count that disagrees,
+    /// is not.
+    #[test]
+    fn walks_are_whole_only_when_every_record_was_read() {
+        let end = |last, in_slots| LiveWalkEnd {
+            session: 3,
+            last,
+            in_slots,
+        };
+        // No records; one in a slot; one beyond (another walk held the array).
+        assert!(walk_is_whole(&end(0, 0), 0, 0));
+        assert!(walk_is_whole(&end(0, 1), 1, 0));
+        assert!(walk_is_whole(&end(0, 0), 0, 1));
+        // 100 records, 30 in slots and 70 beyond.
+        assert!(walk_is_whole(&end(99, 30), 30, 70));
+        // A slot rewritten before it was read: the run of the walk's slots ends early.
+        assert!(!walk_is_whole(&end(0, 1), 0, 0));
+        assert!(!walk_is_whole(&end(99, 30), 29, 70));
+        // Counts that disagree with the objects walked.
+        assert!(!walk_is_whole(&end(99, 30), 30, 69));
+        assert!(!walk_is_whole(&end(5, 0), 0, 0));
+    }
+
+    /// A live record is the prefix of the `ClosedConn` the kernel holds: every reported field
+    /// decodes as written, the parser state (not written) as zeros, and a short record (the
+    /// tail of a read cut short) decodes as nothing.
     #[test]
     fn live_records_decode_every_reported_field() {
         let mut rec = ClosedConn {

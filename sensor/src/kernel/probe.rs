@@ -32,7 +32,7 @@ fn load_unpinned(path: LivePath) -> Result<Ebpf, CaptureError> {
         .map_max_entries(MAP_OPEN, 1)
         .map_max_entries(MAP_CLOSED, page)
         .map_max_entries(MAP_REQUESTS, page)
-        .map_max_entries(MAP_LIVE_RECORDS, page);
+        .map_max_entries(MAP_LIVE_RECORDS, 1);
     Ok(loader.load(KERNEL_OBJECT)?)
 }
 
