@@ -259,10 +259,9 @@ pub struct Capture {
     open: HashMap<MapData, u64, ConnStats>,
     /// The pinned iterator link over the live records: each open starts a new walk.
     iter_path: PathBuf,
-    /// The array the walk hands live records through (iterator path), mapped; and the map,
-    /// whose fd the mapping came from.
+    /// The array the walk hands live records through (iterator path), mapped (it holds its
+    /// own fd of the map).
     live_slots: Option<sys::LiveSlots>,
-    _live_map: MapData,
     pub loss: PerCpuArray<MapData, u64>,
     closed: Option<RingBuf<MapData>>,
     requests: Option<RingBuf<MapData>>,
@@ -678,7 +677,6 @@ impl Capture {
             path_reason: "continued from the pinned state of the previous run".to_owned(),
             iter_path: iter_path(&instance_dir),
             live_slots: map_live_slots(path, &live_map)?,
-            _live_map: live_map,
             buf: sys::BatchBuf::default(),
             walk: Vec::new(),
             closed_reads: ClosedReads::default(),
@@ -755,6 +753,12 @@ impl Capture {
         // Every program is verified before anything is attached, so a kernel that refuses one
         // refuses the start with nothing attached yet.
         load_programs(&mut ebpf, path)?;
+        // Mapped before anything is attached, like the verification: a kernel that refuses the
+        // mapping refuses the start with nothing attached yet.
+        let live_slots = match ebpf.map(MAP_LIVE_RECORDS) {
+            Some(Map::Array(data)) => map_live_slots(path, data)?,
+            _ => return Err(CaptureError::Missing(MAP_LIVE_RECORDS)),
+        };
         let cgroup_fd = File::open(&cgroup).map_err(|source| CaptureError::Io {
             path: cgroup.clone(),
             source,
@@ -813,18 +817,12 @@ impl Capture {
             RingBuf::try_from(take(&mut ebpf, MAP_CLOSED)?).map_err(map_err(MAP_CLOSED))?;
         let requests =
             RingBuf::try_from(take(&mut ebpf, MAP_REQUESTS)?).map_err(map_err(MAP_REQUESTS))?;
-        let live_map = match take(&mut ebpf, MAP_LIVE_RECORDS)? {
-            Map::Array(data) => data,
-            _ => return Err(CaptureError::Missing(MAP_LIVE_RECORDS)),
-        };
-        let live_slots = map_live_slots(path, &live_map)?;
         cleanup.armed = false;
         Ok(Self {
             _ebpf: Some(ebpf),
             cgroup,
             iter_path: iter_path(&instance_dir),
             live_slots,
-            _live_map: live_map,
             buf: sys::BatchBuf::default(),
             walk: Vec::new(),
             closed_reads: ClosedReads::default(),
@@ -877,21 +875,14 @@ impl Capture {
             if let Err(e) = slots.reserve(wrote) {
                 return Ok(Err(e));
             }
-            buf.keys.clear();
-            buf.values.clear();
+            buf.clear();
             let mut in_slots = 0;
             while in_slots < wrote
                 && let Some(record) = slots.slot(in_slots, end.session)
             {
                 in_slots += 1;
                 if let Some((cookie, stats)) = decode_live(&record) {
-                    buf.keys.push(cookie);
-                    buf.values.push(stats);
-                }
-                if buf.keys.len() == BATCH {
-                    each(&buf.keys, &buf.values)?;
-                    buf.keys.clear();
-                    buf.values.clear();
+                    buf.push(cookie, stats, each)?;
                 }
             }
             if !walk_is_whole(&end, in_slots, beyond.len() / LIVE_RECORD_BYTES) {
@@ -901,17 +892,9 @@ impl Capture {
                 .chunks_exact(LIVE_RECORD_BYTES)
                 .filter_map(decode_live)
             {
-                buf.keys.push(cookie);
-                buf.values.push(stats);
-                if buf.keys.len() == BATCH {
-                    each(&buf.keys, &buf.values)?;
-                    buf.keys.clear();
-                    buf.values.clear();
-                }
+                buf.push(cookie, stats, each)?;
             }
-            if !buf.keys.is_empty() {
-                each(&buf.keys, &buf.values)?;
-            }
+            buf.flush(each)?;
             return Ok(Ok(()));
         }
         Ok(Err(std::io::Error::other(
@@ -1047,22 +1030,11 @@ fn read_map<E>(
             log::debug!("batch lookup unavailable ({e}); reading the map key by key");
             // A key deleted between the kernel's get_next_key and lookup shows as an error;
             // only the agent deletes closed records, so that cannot lose one.
-            buf.keys.clear();
-            buf.values.clear();
+            buf.clear();
             for (cookie, stats) in map.iter().filter_map(Result::ok) {
-                buf.keys.push(cookie);
-                buf.values.push(stats);
-                if buf.keys.len() == BATCH {
-                    each(&buf.keys, &buf.values)?;
-                    buf.keys.clear();
-                    buf.values.clear();
-                }
+                buf.push(cookie, stats, each)?;
             }
-            if buf.keys.is_empty() {
-                Ok(())
-            } else {
-                each(&buf.keys, &buf.values)
-            }
+            buf.flush(each)
         }
     }
 }

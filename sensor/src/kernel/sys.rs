@@ -262,6 +262,44 @@ impl Default for BatchBuf {
     }
 }
 
+impl BatchBuf {
+    /// Empties the buffers for a new walk.
+    pub fn clear(&mut self) {
+        self.keys.clear();
+        self.values.clear();
+    }
+
+    /// Adds a record, handing the batch to `each` when it is full.
+    pub fn push<E>(
+        &mut self,
+        cookie: u64,
+        stats: ConnStats,
+        each: &mut impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.keys.push(cookie);
+        self.values.push(stats);
+        if self.keys.len() < BATCH {
+            return Ok(());
+        }
+        each(&self.keys, &self.values)?;
+        self.clear();
+        Ok(())
+    }
+
+    /// Hands what is left to `each`, if anything.
+    pub fn flush<E>(
+        &mut self,
+        each: &mut impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        each(&self.keys, &self.values)?;
+        self.clear();
+        Ok(())
+    }
+}
+
 /// Why a walk of the map stopped early.
 pub enum WalkError<E> {
     /// The kernel refused a batch (no batch operations).
