@@ -54,6 +54,11 @@ pub struct Options {
     /// Seconds of each agent-CPU load.
     #[arg(long, default_value_t = 20)]
     pub load_seconds: u64,
+    /// Rounds of the agent-CPU loads (each: idle, keep-alive, new connection, on every
+    /// live-read path, the paths swapping places every round): the verdict is on their median,
+    /// with their range.
+    #[arg(long, default_value_t = 3)]
+    pub load_rounds: usize,
     /// Poll-latency trials per connection kind.
     #[arg(long, default_value_t = 10)]
     pub latency_trials: usize,
@@ -218,7 +223,9 @@ pub struct PathResults {
     /// workload -> per round: the sensor's BPF time in the window above the empty programs'
     /// floor, divided by the requests wrk completed in it (ns per request).
     pub bpf_per_request: BTreeMap<String, Vec<f64>>,
-    pub idle_cpu_pct: f64,
+    /// One per load round.
+    pub idle_cpu_pct: Vec<f64>,
+    /// One per load and round, in the order they ran.
     pub load: Vec<LoadRow>,
     pub latency_open_ms: Vec<f64>,
     pub latency_closed_ms: Vec<f64>,
@@ -283,8 +290,10 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(
-        (1..=60).contains(&opts.seconds) && (1..=120).contains(&opts.load_seconds),
-        "--seconds must be 1..=60 and --load-seconds 1..=120"
+        (1..=60).contains(&opts.seconds)
+            && (1..=120).contains(&opts.load_seconds)
+            && (1..=9).contains(&opts.load_rounds),
+        "--seconds must be 1..=60, --load-seconds 1..=120 and --load-rounds 1..=9"
     );
     anyhow::ensure!(
         (1..=60_000).contains(&opts.clients),
@@ -353,13 +362,23 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     if phase("ab") {
         bench.ab_rounds(&mut results)?;
     }
-    for path in &mut results.paths {
-        if phase("bpf") {
+    if phase("bpf") {
+        for path in &mut results.paths {
             bench.bpf_costs(path)?;
         }
-        if phase("load") {
-            bench.agent_load(path)?;
+    }
+    if phase("load") {
+        // Round by round, every path in each (swapping places), so each path's rounds share
+        // the machine's background load of the same minutes.
+        for round in 0..opts.load_rounds {
+            let n = results.paths.len();
+            for i in 0..n {
+                let at = if round % 2 == 0 { i } else { n - 1 - i };
+                bench.agent_load(&mut results.paths[at])?;
+            }
         }
+    }
+    for path in &mut results.paths {
         if phase("latency") {
             bench.poll_latency(path)?;
         }
@@ -892,7 +911,9 @@ impl Bench<'_> {
         let (c0, t0) = (procs::cpu_seconds(pid)?, Instant::now());
         procs::sleep(Duration::from_secs(5))?;
         let c1 = procs::cpu_seconds(pid)?;
-        results.idle_cpu_pct = 100.0 * ((c1.0 - c0.0) + (c1.1 - c0.1)) / t0.elapsed().as_secs_f64();
+        results
+            .idle_cpu_pct
+            .push(100.0 * ((c1.0 - c0.0) + (c1.1 - c0.1)) / t0.elapsed().as_secs_f64());
 
         let spec = load::Spec {
             target: self.target(),

@@ -52,6 +52,38 @@ fn noisy_verdict(per_round: &[f64], target: f64, at_most: bool) -> String {
     format!("{word}; rounds {min:.3}–{max:.3}")
 }
 
+/// The verdict on agent CPU (at most `target` % of a core) over the load rounds: as
+/// `noisy_verdict`, with the range in percent.
+fn cpu_verdict(per_round: &[f64], target: f64) -> String {
+    let min = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let med = median(per_round);
+    let word = if med <= target {
+        if max <= target {
+            "met"
+        } else {
+            "met (within noise)"
+        }
+    } else if min <= target {
+        "**missed (within noise)**"
+    } else {
+        "**missed**"
+    };
+    format!("{word}; rounds {min:.2}–{max:.2} %")
+}
+
+/// The load rows grouped by load, in the order the loads first ran.
+fn load_groups(rows: &[super::LoadRow]) -> Vec<Vec<&super::LoadRow>> {
+    let mut groups: Vec<Vec<&super::LoadRow>> = Vec::new();
+    for row in rows {
+        match groups.iter_mut().find(|g| g[0].name == row.name) {
+            Some(g) => g.push(row),
+            None => groups.push(vec![row]),
+        }
+    }
+    groups
+}
+
 fn per_round(with: &[f64], without: &[f64]) -> Vec<f64> {
     with.iter().zip(without).map(|(b, a)| b / a).collect()
 }
@@ -489,10 +521,16 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
          {} threads of blocking HTTP/1.1 clients, each client bound to its own source address \
          in 127.20.0.0/16 (250 per /24), paced to the target rate for {} s against nginx in the \
          watched cgroup; agent at its defaults (poll every 1 s, snapshot every 5 s, at most \
-         10 000 clients). CPU = (utime + stime) of the agent from /proc/PID/stat over the timed \
-         part, in % of one core; RSS = VmRSS at its end (peak = VmHWM).\n",
+         10 000 clients). {} rounds, each with an agent of its own (with more than one \
+         live-read path, each path in turn, the paths swapping places every round). CPU = \
+         (utime + stime) of the agent from /proc/PID/stat over the timed part, in % of one \
+         core: median (min–max) over the rounds, the verdict on the median with the rounds' \
+         range; user + system of the median round. RSS = VmRSS at the end of the median round; \
+         peak = the largest VmHWM of any round, which the RSS verdict uses. Requests/s, tracked \
+         clients: the median round's; errors: all rounds'.\n",
         super::LOAD_THREADS,
-        o.load_seconds
+        o.load_seconds,
+        o.load_rounds
     );
     let _ = writeln!(
         out,
@@ -501,33 +539,56 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
     );
     let _ = writeln!(
         out,
-        "| idle (attached, no traffic, 5 s) | 0 | 0 | 0 | {:.2} % | | | | | |",
-        p.idle_cpu_pct
+        "| idle (attached, no traffic, 5 s) | 0 | 0 | 0 | {} % | | | | | |",
+        spread(&p.idle_cpu_pct, 2)
     );
-    for l in &p.load {
-        let cpu_target = if l.name.starts_with("keep-alive") {
+    for rows in load_groups(&p.load) {
+        let Some(first) = rows.first() else {
+            continue;
+        };
+        let cpu: Vec<f64> = rows.iter().map(|l| l.cpu_pct).collect();
+        // The round whose CPU is the median (the lower of the two middle ones for an even
+        // count): its other columns are shown.
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by(|&a, &b| cpu[a].total_cmp(&cpu[b]));
+        let mid = rows[order[(order.len() - 1) / 2]];
+        let cpu_target = if first.name.starts_with("keep-alive") {
             AGENT_CPU_KEEPALIVE_TARGET_PCT
         } else {
             AGENT_CPU_CLOSE_TARGET_PCT
         };
-        let rss_ok = mib(l.hwm_kib) <= AGENT_RSS_TARGET_MIB;
+        let peak = rows.iter().map(|l| l.hwm_kib).max().unwrap_or(0);
+        let errors: u64 = rows.iter().map(|l| l.outcome.errors).sum();
+        let loss: Vec<&str> = rows
+            .iter()
+            .map(|l| l.loss.as_str())
+            .filter(|l| *l != "none")
+            .collect();
+        let loss = if loss.is_empty() {
+            "none".to_owned()
+        } else {
+            loss.join("; ")
+        };
+        let rss_ok = mib(peak) <= AGENT_RSS_TARGET_MIB;
         let _ = writeln!(
             out,
-            "| {} | {} | {} / {:.0} | {} | **{:.2} %** ({:.2} + {:.2}) | {:.1} MiB ({:.1} MiB) | {} | {} | ≤ {cpu_target} % and ≤ {AGENT_RSS_TARGET_MIB:.0} MiB at {} req/s | CPU {}, RSS {} |",
-            l.name,
-            l.clients,
-            l.target_rate,
-            l.outcome.rate(),
-            l.outcome.errors,
-            l.cpu_pct,
-            l.user_pct,
-            l.system_pct,
-            mib(l.rss_kib),
-            mib(l.hwm_kib),
-            l.tracked_addresses,
-            l.loss,
-            l.target_rate,
-            verdict(l.cpu_pct <= cpu_target),
+            "| {} | {} | {} / {:.0} | {} | **{:.2} %** ({:.2}–{:.2}; median round {:.2} + {:.2}) | {:.1} MiB ({:.1} MiB) | {} | {} | ≤ {cpu_target} % and ≤ {AGENT_RSS_TARGET_MIB:.0} MiB at {} req/s | CPU {}, RSS {} |",
+            first.name,
+            first.clients,
+            first.target_rate,
+            mid.outcome.rate(),
+            errors,
+            median(&cpu),
+            cpu.iter().copied().fold(f64::INFINITY, f64::min),
+            cpu.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            mid.user_pct,
+            mid.system_pct,
+            mib(mid.rss_kib),
+            mib(peak),
+            mid.tracked_addresses,
+            loss,
+            first.target_rate,
+            cpu_verdict(&cpu, cpu_target),
             verdict(rss_ok)
         );
     }
@@ -718,6 +779,7 @@ mod tests {
             clients: 10_000,
             rate: 10_000,
             load_seconds: 20,
+            load_rounds: 3,
             latency_trials: 10,
             keys: vec![0],
             bounded_keys: 0,
@@ -792,6 +854,79 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn load_row(name: &str, cpu_pct: f64, hwm_kib: u64) -> super::super::LoadRow {
+        super::super::LoadRow {
+            name: name.into(),
+            clients: 10_000,
+            target_rate: 10_000,
+            outcome: super::super::load::Outcome {
+                requests: 200_000,
+                errors: 1,
+                elapsed: std::time::Duration::from_secs(20),
+            },
+            cpu_pct,
+            user_pct: cpu_pct * 0.75,
+            system_pct: cpu_pct * 0.25,
+            rss_kib: 40 * 1024,
+            hwm_kib,
+            tracked_addresses: 10_000,
+            loss: "none".into(),
+        }
+    }
+
+    /// Agent CPU over several rounds: one row per load with the median, the rounds' range,
+    /// the peak RSS of any round and every round's errors; the verdict says "within noise"
+    /// when the rounds straddle the target.
+    #[test]
+    fn load_rounds_give_median_range_and_worst_peak() {
+        let mut p = path("iterator", 900.0);
+        p.idle_cpu_pct = vec![0.0, 0.1, 0.0];
+        for (ka, nc) in [(3.0, 1.2), (0.9, 1.8), (3.5, 1.6)] {
+            p.load.push(load_row(
+                "keep-alive, one connection per client",
+                ka,
+                50 * 1024,
+            ));
+            p.load
+                .push(load_row("new connection per request", nc, 70 * 1024));
+        }
+        let r = Results {
+            options: Some(options()),
+            without: vec![round(1000.0), round(1000.0)],
+            paths: vec![p],
+            ..Default::default()
+        };
+        let text = render(&r);
+        let row = |start: &str| {
+            text.lines()
+                .find(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no {start} row:\n{text}"))
+                .to_owned()
+        };
+        let ka = row("| keep-alive");
+        assert!(
+            ka.contains("**3.00 %** (0.90–3.50; median round 2.25 + 0.75)"),
+            "{ka}"
+        );
+        assert!(ka.contains("| 3 |"), "errors of every round: {ka}");
+        assert!(
+            ka.contains("**missed (within noise)**; rounds 0.90–3.50 %"),
+            "{ka}"
+        );
+        assert!(ka.contains("RSS met"), "{ka}");
+        let nc = row("| new connection");
+        assert!(nc.contains("**1.60 %** (1.20–1.80;"), "{nc}");
+        assert!(
+            nc.contains("(70.0 MiB)") && nc.contains("RSS **missed**"),
+            "{nc}"
+        );
+        assert!(
+            text.contains("| idle (attached, no traffic, 5 s) | 0 | 0 | 0 | 0.00 (0.00–0.10) % |"),
+            "{text}"
+        );
+        assert_eq!(text.matches("| keep-alive").count(), 1, "{text}");
     }
 
     /// One path: no path in the headings, and the header says why the other is missing.
