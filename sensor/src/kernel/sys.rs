@@ -220,7 +220,16 @@ impl LiveSlots {
                 return None;
             }
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-            let record = std::ptr::read_volatile(&raw const (*slot).record);
+            // Word by word: a volatile read of the byte array became a byte-by-byte copy
+            // (most of the live read's instructions per connection). The record is 8-byte
+            // aligned in the slot (after the u64 session).
+            const WORDS: usize = sensor_common::LIVE_RECORD_BYTES / 8;
+            const _: () = assert!(sensor_common::LIVE_RECORD_BYTES.is_multiple_of(8));
+            let words = (&raw const (*slot).record).cast::<u64>();
+            let mut record = [0u8; sensor_common::LIVE_RECORD_BYTES];
+            for (i, out) in record.chunks_exact_mut(8).enumerate().take(WORDS) {
+                out.copy_from_slice(&std::ptr::read_volatile(words.add(i)).to_ne_bytes());
+            }
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
             (std::ptr::read_volatile(&raw const (*slot).session) == session).then_some(record)
         }
