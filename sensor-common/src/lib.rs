@@ -20,7 +20,7 @@ pub const DEFAULT_LIVE_SLOTS_MAX: u32 = 32_768;
 
 /// Version of the kernel/agent interface (map layouts). Pinned state from another version is
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// Most bytes of an HTTP/1.x request head the agent may ask the kernel to copy per request
 /// (`[identity] head_bytes`). Heads longer than one event's `HEAD_CHUNK` come in several events.
@@ -410,9 +410,45 @@ pub struct ClosedRecord {
 }
 
 const _: () = assert!(core::mem::size_of::<ClosedRecord>() == LIVE_RECORD_BYTES);
+
+/// Bytes of a `ConnStats` the closed-record map (`CONNS`) keeps: everything up to the
+/// kernel's parser state, which the agent does not read. The map is preallocated for
+/// `max_connections` records, and the close copies one in: a third of the whole record.
+pub const CLOSED_STATS_BYTES: usize = core::mem::offset_of!(ConnStats, parse);
+
+/// A value of `CONNS`: the first `CLOSED_STATS_BYTES` of a closed connection's `ConnStats`, as
+/// words (the agent decodes them as a `ConnStats` with a zero parser state).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClosedStats {
+    pub words: [u64; CLOSED_STATS_BYTES / 8],
+}
+
+const _: () = assert!(core::mem::size_of::<ClosedStats>() == CLOSED_STATS_BYTES);
+const _: () = assert!(CLOSED_STATS_BYTES == 120 && LIVE_RECORD_BYTES == 8 + CLOSED_STATS_BYTES);
+// `ConnStats` is 8-byte aligned, so its prefix can be read as `ClosedStats` in place.
+const _: () = assert!(core::mem::align_of::<ConnStats>() == core::mem::align_of::<ClosedStats>());
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 72 + HEAD_EVENT_MAX);
 const _: () = assert!(HEAD_EVENT_MAX.is_multiple_of(8) && HEAD_CHUNK.is_power_of_two());
 const _: () = assert!(METHOD_MAX.is_power_of_two() && METHOD_MAX <= 255);
+
+impl ConnStats {
+    /// The record a `CONNS` value holds, with a zero parser state.
+    pub fn from_closed(closed: &ClosedStats) -> Self {
+        let mut stats = Self::default();
+        // SAFETY: ConnStats is repr(C) plain data of integers and byte arrays with no padding;
+        // its first CLOSED_STATS_BYTES are what ClosedStats holds (offset_of above), and any
+        // bytes are a valid value.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                closed.words.as_ptr().cast::<u8>(),
+                core::ptr::from_mut(&mut stats).cast::<u8>(),
+                CLOSED_STATS_BYTES,
+            );
+        }
+        stats
+    }
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -423,6 +459,7 @@ mod user {
     unsafe impl aya::Pod for super::Frame {}
     unsafe impl aya::Pod for super::ClosedConn {}
     unsafe impl aya::Pod for super::RequestEvent {}
+    unsafe impl aya::Pod for super::ClosedStats {}
 }
 
 #[cfg(test)]
@@ -449,6 +486,32 @@ mod tests {
         assert_eq!(core::mem::offset_of!(RequestEvent, head_skip), 68);
         assert_eq!(core::mem::offset_of!(RequestEvent, head), 72);
         assert_eq!(core::mem::offset_of!(ClosedConn, stats), 8);
+    }
+
+    /// A closed record's map value is the record's prefix: read back, it is the record with a
+    /// zero parser state.
+    #[test]
+    fn closed_stats_are_the_record_without_its_parser_state() {
+        let mut stats = ConnStats {
+            local_addr: [7; 16],
+            remote_addr: [9; 16],
+            local_port: 8080,
+            remote_port: 51000,
+            bytes_in: 11,
+            bytes_out: 22,
+            requests: 3,
+            events_out: 4,
+            exchange_flags: 5,
+            closed: 1,
+            ..Default::default()
+        };
+        stats.parse.since_snap = 9;
+        // SAFETY: ConnStats starts with the CLOSED_STATS_BYTES that ClosedStats holds, and
+        // both are 8-byte aligned plain data.
+        let closed = unsafe { *core::ptr::from_ref(&stats).cast::<ClosedStats>() };
+        let back = ConnStats::from_closed(&closed);
+        stats.parse = ParseState::default();
+        assert_eq!(back, stats);
     }
 
     /// Records cross the kernel boundary as raw bytes: a byte copy must give the same value back.

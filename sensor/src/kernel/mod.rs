@@ -24,7 +24,7 @@ use aya::{
 };
 use log::{info, warn};
 use sensor_common::{
-    ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ConnStats,
+    ABI_VERSION, CONFIG_HEAD_BYTES, CONFIG_MAX_CONNECTIONS, ClosedConn, ClosedStats, ConnStats,
     DEFAULT_LIVE_SLOTS_MAX, GLOBAL_LIVE_READ, HEAD_BYTES_MAX, LIVE_READ_ITERATOR, LIVE_READ_MAP,
     LIVE_RECORD_BYTES, LiveWalkEnd, Loss, MAP_CLOSED, MAP_CONFIG, MAP_CONNS, MAP_LIVE,
     MAP_LIVE_RECORDS, MAP_LOSS, MAP_OPEN, MAP_PORTS, MAP_REQUESTS, MAP_SOCKS, PROG_EGRESS,
@@ -253,7 +253,7 @@ pub struct Capture {
     pub path: LivePath,
     pub path_reason: String,
     /// Closed connections until the agent deletes them.
-    pub conns: HashMap<MapData, u64, ConnStats>,
+    pub conns: HashMap<MapData, u64, ClosedStats>,
     /// Live connections on the map path (on the iterator path they are read through
     /// `iter_path`).
     open: HashMap<MapData, u64, ConnStats>,
@@ -651,7 +651,7 @@ impl Capture {
                 info.max_entries()
             );
         }
-        let conns: HashMap<MapData, u64, ConnStats> =
+        let conns: HashMap<MapData, u64, ClosedStats> =
             HashMap::try_from(Map::HashMap(open_pinned_map(&instance_dir, MAP_CONNS)?))
                 .map_err(map_err(MAP_CONNS))?;
         // Map sizes are fixed when the maps are created: a changed bound applies once the
@@ -988,7 +988,7 @@ impl Capture {
         if !self.closed_reads.due(ring_full) {
             return Ok(complete);
         }
-        read_map(&self.conns, &mut self.buf, &mut each)?;
+        read_closed(&self.conns, &mut self.buf, &mut each)?;
         self.closed_reads.done(ring_full);
         Ok(complete)
     }
@@ -1035,6 +1035,51 @@ fn read_map<E>(
                 buf.push(cookie, stats, each)?;
             }
             buf.flush(each)
+        }
+    }
+}
+
+/// Every record of the closed-record map (`ClosedStats` values), batch by batch into `each`
+/// as `ConnStats` with a zero parser state (`read_map`'s batches, converted in `buf`).
+fn read_closed<E>(
+    map: &HashMap<MapData, u64, ClosedStats>,
+    buf: &mut sys::BatchBuf,
+    each: &mut impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
+) -> Result<(), E> {
+    // Batch buffers of their own for the map's smaller values, for this read only (once a
+    // minute, or after a loss from the ring): not kept in the agent's memory between reads.
+    let (mut keys, mut values) = (Vec::new(), Vec::<ClosedStats>::new());
+    let mut convert = |cookies: &[u64], closed: &[ClosedStats]| -> Result<(), E> {
+        buf.clear();
+        for (cookie, c) in cookies.iter().zip(closed) {
+            buf.keys.push(*cookie);
+            buf.values.push(ConnStats::from_closed(c));
+        }
+        let result = each(&buf.keys, &buf.values);
+        buf.clear();
+        result
+    };
+    let fd = map.map().fd().as_fd().as_raw_fd();
+    match sys::lookup_each_as(fd, &mut keys, &mut values, &mut convert) {
+        Ok(()) => Ok(()),
+        Err(sys::WalkError::Each(e)) => Err(e),
+        Err(sys::WalkError::Kernel(e)) => {
+            log::debug!("batch lookup unavailable ({e}); reading the map key by key");
+            // As in `read_map`: only the agent deletes closed records.
+            let (mut cookies, mut closed) = (Vec::new(), Vec::new());
+            for (cookie, c) in map.iter().filter_map(Result::ok) {
+                cookies.push(cookie);
+                closed.push(c);
+                if cookies.len() == sys::BATCH {
+                    convert(&cookies, &closed)?;
+                    cookies.clear();
+                    closed.clear();
+                }
+            }
+            if cookies.is_empty() {
+                return Ok(());
+            }
+            convert(&cookies, &closed)
         }
     }
 }

@@ -322,10 +322,21 @@ pub enum WalkError<E> {
 pub fn lookup_each<E>(
     fd: RawFd,
     buf: &mut BatchBuf,
-    mut each: impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
+    each: impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
 ) -> Result<(), WalkError<E>> {
-    buf.keys.resize(BATCH, 0);
-    buf.values.resize(BATCH, ConnStats::default());
+    lookup_each_as(fd, &mut buf.keys, &mut buf.values, each)
+}
+
+/// `lookup_each` for a map whose values are `V` (plain data the kernel writes whole), into
+/// the given buffers.
+pub fn lookup_each_as<V: Copy + Default, E>(
+    fd: RawFd,
+    keys: &mut Vec<u64>,
+    values: &mut Vec<V>,
+    mut each: impl FnMut(&[u64], &[V]) -> Result<(), E>,
+) -> Result<(), WalkError<E>> {
+    keys.resize(BATCH, 0);
+    values.resize(BATCH, V::default());
     // Opaque cursors (a bucket index for hash maps); 8 bytes covers every map type.
     let mut cursor = 0u64;
     let mut next = 0u64;
@@ -340,8 +351,8 @@ pub fn lookup_each<E>(
                 std::ptr::from_mut(&mut cursor) as u64
             },
             out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: buf.keys.as_mut_ptr() as u64,
-            values: buf.values.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
             count: BATCH as u32,
             map_fd: fd as u32,
             ..Default::default()
@@ -356,7 +367,7 @@ pub fn lookup_each<E>(
         };
         let n = (attr.count as usize).min(BATCH);
         if n > 0 {
-            each(&buf.keys[..n], &buf.values[..n]).map_err(WalkError::Each)?;
+            each(&keys[..n], &values[..n]).map_err(WalkError::Each)?;
         }
         if last {
             return Ok(());
