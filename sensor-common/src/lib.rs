@@ -136,7 +136,8 @@ pub const PROG_ITER: &str = "sensor_conns";
 
 /// Per-connection counters: with the socket cookie, the socket storage (`SOCKS`) of a live
 /// connection on the iterator path, the value of the `OPEN` map (keyed by socket cookie) on the
-/// map path; the value of the `CONNS` map (keyed by socket cookie) once it closed.
+/// map path; once it closed, its first `CLOSED_STATS_BYTES` are the value of the `CONNS` map
+/// (`ClosedStats`, keyed by socket cookie).
 ///
 /// Addresses are 16 bytes in network order; IPv4 is stored as an IPv4-mapped IPv6 address.
 /// "in" is client -> this host, "out" is this host -> client.

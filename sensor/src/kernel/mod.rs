@@ -52,7 +52,7 @@ const PINNED_MAPS: [&str; 10] = [
 pub enum LivePath {
     /// Records in socket storage, read through the `sensor_conns` iterator (a tracing program).
     Iterator,
-    /// Records in the cookie-keyed `CONNS` map, read with batch lookups: no tracing program.
+    /// Records in the cookie-keyed `OPEN` map, read with batch lookups: no tracing program.
     Map,
 }
 
@@ -1023,7 +1023,7 @@ fn read_map<E>(
     buf: &mut sys::BatchBuf,
     each: &mut impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
 ) -> Result<(), E> {
-    match sys::lookup_each(map.map().fd().as_fd().as_raw_fd(), buf, &mut *each) {
+    match sys::lookup_each(map, &mut buf.keys, &mut buf.values, &mut *each) {
         Ok(()) => Ok(()),
         Err(sys::WalkError::Each(e)) => Err(e),
         Err(sys::WalkError::Kernel(e)) => {
@@ -1059,8 +1059,7 @@ fn read_closed<E>(
         buf.clear();
         result
     };
-    let fd = map.map().fd().as_fd().as_raw_fd();
-    match sys::lookup_each_as(fd, &mut keys, &mut values, &mut convert) {
+    match sys::lookup_each(map, &mut keys, &mut values, &mut convert) {
         Ok(()) => Ok(()),
         Err(sys::WalkError::Each(e)) => Err(e),
         Err(sys::WalkError::Kernel(e)) => {

@@ -317,19 +317,27 @@ pub enum WalkError<E> {
     Each(E),
 }
 
-/// Every (cookie, record) of a `u64 -> ConnStats` map, with BPF_MAP_LOOKUP_BATCH, handed to
-/// `each` one batch at a time. ENOENT ends the walk (with the last elements read).
-pub fn lookup_each<E>(
-    fd: RawFd,
-    buf: &mut BatchBuf,
-    each: impl FnMut(&[u64], &[ConnStats]) -> Result<(), E>,
+/// Every (cookie, record) of a `u64 -> V` map, with BPF_MAP_LOOKUP_BATCH, handed to `each` one
+/// batch at a time, through `keys` and `values`. ENOENT ends the walk (with the last elements
+/// read). The typed map vouches for the value size the kernel writes (aya checks it when the
+/// map is opened).
+pub fn lookup_each<V: aya::Pod + Default, E>(
+    map: &aya::maps::HashMap<aya::maps::MapData, u64, V>,
+    keys: &mut Vec<u64>,
+    values: &mut Vec<V>,
+    each: impl FnMut(&[u64], &[V]) -> Result<(), E>,
 ) -> Result<(), WalkError<E>> {
-    lookup_each_as(fd, &mut buf.keys, &mut buf.values, each)
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    // SAFETY: the map's keys are u64 and its values V, as its type says.
+    unsafe { lookup_raw(map.map().fd().as_fd().as_raw_fd(), keys, values, each) }
 }
 
-/// `lookup_each` for a map whose values are `V` (plain data the kernel writes whole), into
-/// the given buffers.
-pub fn lookup_each_as<V: Copy + Default, E>(
+/// `lookup_each` on a raw fd.
+///
+/// SAFETY: `fd` is not a map, or a map with 8-byte keys and `size_of::<V>()`-byte values: the
+/// kernel writes up to `BATCH` of each into the buffers.
+unsafe fn lookup_raw<V: aya::Pod + Default, E>(
     fd: RawFd,
     keys: &mut Vec<u64>,
     values: &mut Vec<V>,
@@ -445,10 +453,18 @@ mod tests {
         let mut buf = BatchBuf::default();
         buf.keys.fill(7);
         let mut handed = 0;
-        let walk = lookup_each(not_a_map.as_raw_fd(), &mut buf, |keys, _| {
-            handed += keys.len();
-            Ok::<(), ()>(())
-        });
+        // SAFETY: not a map: the kernel refuses the batch and writes nothing.
+        let walk = unsafe {
+            lookup_raw(
+                not_a_map.as_raw_fd(),
+                &mut buf.keys,
+                &mut buf.values,
+                |keys, _| {
+                    handed += keys.len();
+                    Ok::<(), ()>(())
+                },
+            )
+        };
         assert!(matches!(walk, Err(WalkError::Kernel(_))));
         assert_eq!(handed, 0);
     }
