@@ -1048,39 +1048,29 @@ fn read_closed<E>(
 ) -> Result<(), E> {
     // Batch buffers of their own for the map's smaller values, for this read only (once a
     // minute, or after a loss from the ring): not kept in the agent's memory between reads.
+    // The converted records go through `buf` as every other walk's do.
     let (mut keys, mut values) = (Vec::new(), Vec::<ClosedStats>::new());
-    let mut convert = |cookies: &[u64], closed: &[ClosedStats]| -> Result<(), E> {
-        buf.clear();
+    buf.clear();
+    let walk = sys::lookup_each(map, &mut keys, &mut values, |cookies, closed| {
         for (cookie, c) in cookies.iter().zip(closed) {
-            buf.keys.push(*cookie);
-            buf.values.push(ConnStats::from_closed(c));
+            buf.push(*cookie, ConnStats::from_closed(c), each)?;
         }
-        let result = each(&buf.keys, &buf.values);
-        buf.clear();
-        result
-    };
-    match sys::lookup_each(map, &mut keys, &mut values, &mut convert) {
-        Ok(()) => Ok(()),
-        Err(sys::WalkError::Each(e)) => Err(e),
+        Ok(())
+    });
+    match walk {
+        Ok(()) => {}
+        Err(sys::WalkError::Each(e)) => return Err(e),
         Err(sys::WalkError::Kernel(e)) => {
             log::debug!("batch lookup unavailable ({e}); reading the map key by key");
-            // As in `read_map`: only the agent deletes closed records.
-            let (mut cookies, mut closed) = (Vec::new(), Vec::new());
+            // As in `read_map`: only the agent deletes closed records, and the records not
+            // yet handed over are read again here.
+            buf.clear();
             for (cookie, c) in map.iter().filter_map(Result::ok) {
-                cookies.push(cookie);
-                closed.push(c);
-                if cookies.len() == sys::BATCH {
-                    convert(&cookies, &closed)?;
-                    cookies.clear();
-                    closed.clear();
-                }
+                buf.push(cookie, ConnStats::from_closed(&c), each)?;
             }
-            if cookies.is_empty() {
-                return Ok(());
-            }
-            convert(&cookies, &closed)
         }
     }
+    buf.flush(each)
 }
 
 /// The path to start on when no pinned state is continued, and why.
