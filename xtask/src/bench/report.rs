@@ -30,10 +30,10 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
 
-/// The verdict of a per-round ratio series against `target` (at least, or at most when
-/// `at_most`), with the rounds' range: "within noise" when the median misses but some rounds
-/// reach the target, or meets it while some rounds miss (the spread is wider than the gap).
-fn noisy_verdict(per_round: &[f64], target: f64, at_most: bool) -> String {
+/// The verdict of a per-round series against `target` (at least, or at most when `at_most`),
+/// and the rounds' range: "within noise" when the median misses but some rounds reach the
+/// target, or meets it while some rounds miss (the spread is wider than the gap).
+fn verdict_over_rounds(per_round: &[f64], target: f64, at_most: bool) -> (&'static str, f64, f64) {
     let min = per_round.iter().copied().fold(f64::INFINITY, f64::min);
     let max = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let med = median(per_round);
@@ -49,26 +49,19 @@ fn noisy_verdict(per_round: &[f64], target: f64, at_most: bool) -> String {
     } else {
         "**missed**"
     };
+    (word, min, max)
+}
+
+/// `verdict_over_rounds` of a ratio series, with the range.
+fn noisy_verdict(per_round: &[f64], target: f64, at_most: bool) -> String {
+    let (word, min, max) = verdict_over_rounds(per_round, target, at_most);
     format!("{word}; rounds {min:.3}–{max:.3}")
 }
 
-/// The verdict on agent CPU (at most `target` % of a core) over the load rounds: as
-/// `noisy_verdict`, with the range in percent.
+/// `verdict_over_rounds` of agent CPU (at most `target` % of a core), with the range in
+/// percent.
 fn cpu_verdict(per_round: &[f64], target: f64) -> String {
-    let min = per_round.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let med = median(per_round);
-    let word = if med <= target {
-        if max <= target {
-            "met"
-        } else {
-            "met (within noise)"
-        }
-    } else if min <= target {
-        "**missed (within noise)**"
-    } else {
-        "**missed**"
-    };
+    let (word, min, max) = verdict_over_rounds(per_round, target, true);
     format!("{word}; rounds {min:.2}–{max:.2} %")
 }
 
