@@ -111,6 +111,10 @@ impl ThinTraffic {
     pub const THIN: &str = "127.0.0.77";
     pub const QUIET: &str = "127.0.0.88";
     pub const HEAVY: [&str; 2] = ["127.0.0.101", "127.0.0.102"];
+    /// The agents' own request rule (a minute): every client here stays below it on each
+    /// host, as a thin client does. A client that crossed it would be named through the
+    /// agent's early part of its period, not found by the sketch.
+    pub const HOST_FLOOD: u32 = 1000;
     /// The collector's `[sketch]` thresholds and the fleet rule the thin client crosses.
     pub const COLLECTOR: &str = "[sketch]\nhot_requests_per_minute = 150\nhot_bytes_per_minute = 0\n\n\
          [[detect.rules]]\nid = \"fleet-flood\"\nname = \"Request flood over several hosts\"\n\

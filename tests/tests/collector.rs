@@ -269,10 +269,11 @@ struct Host {
 
 impl Host {
     fn start(dir: &Path, name: &str, token: &str, collector: &Collector, mtls: bool) -> Self {
-        Self::start_shipping(dir, name, token, collector, mtls, "")
+        Self::start_shipping(dir, name, token, collector, mtls, "", 15)
     }
 
-    /// `ship` is added to the agent's `[ship]` table.
+    /// `ship` is added to the agent's `[ship]` table; its rule `host-flood` fires past
+    /// `host_flood` requests a minute from one address.
     fn start_shipping(
         dir: &Path,
         name: &str,
@@ -280,6 +281,7 @@ impl Host {
         collector: &Collector,
         mtls: bool,
         ship: &str,
+        host_flood: u32,
     ) -> Self {
         let cg = Cgroup::new(&format!("col-{name}"));
         let port = free_port();
@@ -304,7 +306,7 @@ impl Host {
                  agent_name = \"{name}\"\nretry_max_secs = 1\n{client}{ship}\n\
                  [detect]\ninterval_secs = 1\n\n[[detect.rules]]\nid = \"host-flood\"\n\
                  name = \"Request flood on one host\"\nkeys = [\"address\"]\nseverity = \"high\"\n\
-                 when = [{{ metric = \"requests\", window = \"1m\", op = \">\", value = 15 }}]\n",
+                 when = [{{ metric = \"requests\", window = \"1m\", op = \">\", value = {host_flood} }}]\n",
                 collector.url(),
                 token_file.display(),
                 collector.ca.display(),
@@ -553,6 +555,71 @@ fn fleet_rules_run_when_summaries_arrive() {
     wait_fleet_alert(&collector, "10.7.7.7", Duration::from_secs(10));
 }
 
+/// A host alert ships the period so far (an early part): the fleet alert comes within the
+/// same 10-second period, not after its end. Requests start in the period's first second
+/// and the collector's rule tick is an hour, so only an early part merged before the period
+/// ends can raise it then. After the period, the early part and the rest sum to nginx's
+/// ground truth, with nothing counted twice.
+#[test]
+fn a_host_alert_ships_its_period_so_far() {
+    if !privileged("a_host_alert_ships_its_period_so_far") {
+        return;
+    }
+    let tmp = TempDir::new("collector-early");
+    let certs = make_certs(&tmp.path);
+    let collector = Collector::start_with(
+        &tmp.path.join("collector"),
+        &certs,
+        false,
+        3600,
+        "[[detect.rules]]\nid = \"fleet-flood\"\nname = \"Request flood over several hosts\"\n\
+         keys = [\"address\"]\nseverity = \"high\"\n\
+         when = [{ metric = \"requests\", window = \"1m\", op = \">\", value = 30 }]\n",
+    );
+    let (name, token) = AGENT_TOKENS[0];
+    let host = Host::start(&tmp.path, name, token, &collector, false);
+    // Traffic from another client first: the collector's first answer tells the agent it
+    // takes early parts (an agent that has not heard yet waits, within the period).
+    let warm = host.requests("127.0.0.80", 2);
+    wait_for(
+        "the agent's first delivery",
+        Duration::from_secs(30),
+        || {
+            let s = host.shipping();
+            (s["sent"].as_u64().unwrap_or(0) > 0)
+                .then_some(())
+                .ok_or_else(|| s.to_string())
+        },
+    );
+    // The start of a period (agents and collector share this clock).
+    let period_end = wait_for("a period's first second", Duration::from_secs(15), || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock");
+        (now.as_secs().is_multiple_of(10) && now.subsec_millis() < 500)
+            .then_some(now.as_secs() + 10)
+            .ok_or_else(|| format!("{}", now.as_secs_f64()))
+    });
+    let bot = host.requests("127.0.0.79", 40);
+    let alert = wait_fleet_alert(&collector, "127.0.0.79", Duration::from_secs(30));
+    let seen = now_s();
+    assert!(
+        seen < period_end,
+        "the fleet alert came at {seen}, at or after its period's end {period_end}: {alert}"
+    );
+    let truth = fleet_truth(&[
+        (&host.nginx, bot.as_slice()),
+        (&host.nginx, warm.as_slice()),
+    ]);
+    assert_eq!(truth["127.0.0.79"].2, 40);
+    wait_fleet_equals(&collector, &truth);
+    let health = collector.get("/v1/health");
+    let agent = &health["agents"][0];
+    assert_eq!(agent["duplicates"], 0, "{agent}");
+    assert_eq!(agent["gaps"], 0, "{agent}");
+    assert_eq!(health["ingest"]["malformed"], 0, "{health}");
+}
+
 /// Issue #13's fleet blind spot: a client kept below every host's `top_clients` cut (and
 /// outside the keyed sample) used to reach the collector only folded into `rest`. The agents'
 /// sketches let the collector find it: its cells turn hot, the agents name it, and the fleet
@@ -575,7 +642,17 @@ fn a_thin_client_below_every_hosts_cut_is_found_by_the_sketch() {
     let ship = ThinTraffic::agent_config(&tmp.path);
     let hosts: Vec<Host> = AGENT_TOKENS[..3]
         .iter()
-        .map(|(name, token)| Host::start_shipping(&tmp.path, name, token, &collector, false, &ship))
+        .map(|(name, token)| {
+            Host::start_shipping(
+                &tmp.path,
+                name,
+                token,
+                &collector,
+                false,
+                &ship,
+                ThinTraffic::HOST_FLOOD,
+            )
+        })
         .collect();
     let traffic = ThinTraffic::start(&hosts.iter().map(|h| h.port).collect::<Vec<_>>());
     let found = try_wait_for(

@@ -545,10 +545,11 @@ struct Host {
 
 impl Host {
     fn start(dir: &Path, name: &str, user: &User, nats_urls: &str, ca: &Path) -> Self {
-        Self::start_with(dir, name, user, nats_urls, ca, "")
+        Self::start_with(dir, name, user, nats_urls, ca, "", 12)
     }
 
-    /// `extra` follows the agent's `[ship]` keys (more keys, or more tables).
+    /// `extra` follows the agent's `[ship]` keys (more keys, or more tables); its rule
+    /// `host-flood` fires past `host_flood` requests a minute from one address.
     fn start_with(
         dir: &Path,
         name: &str,
@@ -556,6 +557,7 @@ impl Host {
         nats_urls: &str,
         ca: &Path,
         extra: &str,
+        host_flood: u32,
     ) -> Self {
         let cg = Cgroup::new(&format!("nats-{name}-{}", user.agent));
         let port = free_port();
@@ -570,7 +572,7 @@ impl Host {
                  ca_file = \"{}\"\nagent_name = \"{name}\"\nretry_max_secs = 1\ntimeout_secs = 3\n{extra}\n\
                  [detect]\ninterval_secs = 1\n\n[[detect.rules]]\nid = \"host-flood\"\n\
                  name = \"Request flood on one host\"\nkeys = [\"address\"]\nseverity = \"high\"\n\
-                 when = [{{ metric = \"requests\", window = \"1m\", op = \">\", value = 12 }}]\n",
+                 when = [{{ metric = \"requests\", window = \"1m\", op = \">\", value = {host_flood} }}]\n",
                 creds.display(),
                 ca.display(),
             ),
@@ -1016,6 +1018,7 @@ fn an_impostor_is_refused(name: &str, partitions: u32, auth: Auth) {
         &nats.url(),
         &certs.ca,
         &ship_extra,
+        12,
     );
     // host-a's credentials, host-b's name: publishes on sensor.ship[.p<N>].host-b.
     let impostor = Host::start_with(
@@ -1025,6 +1028,7 @@ fn an_impostor_is_refused(name: &str, partitions: u32, auth: Auth) {
         &nats.url(),
         &certs.ca,
         &ship_extra,
+        12,
     );
     let honest_t = honest.requests("127.0.0.81", 6);
     let impostor_t = impostor.requests("127.0.0.82", 6);
@@ -1253,7 +1257,7 @@ fn collectors_share_partitions_and_take_over_from_a_killed_one() {
     let ship = format!("partitions = {P}\n");
     let hosts: Vec<Host> = users
         .iter()
-        .map(|u| Host::start_with(&tmp.path, u.agent, u, &urls, &certs.ca, &ship))
+        .map(|u| Host::start_with(&tmp.path, u.agent, u, &urls, &certs.ca, &ship, 12))
         .collect();
     // Two client addresses in each partition, each sending to every host in phases; a third
     // in each sends in the background all along (a request every 6 s to each host: below the
@@ -1672,7 +1676,17 @@ fn a_thin_client_is_found_through_jetstream() {
     let extra = ThinTraffic::agent_config(&tmp.path);
     let hosts: Vec<Host> = users
         .iter()
-        .map(|u| Host::start_with(&tmp.path, u.agent, u, &nats.url(), &certs.ca, &extra))
+        .map(|u| {
+            Host::start_with(
+                &tmp.path,
+                u.agent,
+                u,
+                &nats.url(),
+                &certs.ca,
+                &extra,
+                ThinTraffic::HOST_FLOOD,
+            )
+        })
         .collect();
     let traffic = ThinTraffic::start(&hosts.iter().map(|h| h.port).collect::<Vec<_>>());
     let found = try_wait_for(

@@ -434,6 +434,7 @@ mod tests {
     fn state(max_clients: usize) -> AgentState {
         AgentState {
             shipped_through: 0,
+            early: Default::default(),
             alert_log_lost: 0,
             table: ConnTable::new(Duration::from_secs(60), 10),
             agg: Aggregator::new(max_clients, 24, 56),

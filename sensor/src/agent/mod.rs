@@ -238,6 +238,15 @@ impl Pipeline {
         for summary in summaries {
             outputs.ship_summary(summary);
         }
+        // After the periods completed: an early part belongs to the current one.
+        let early = {
+            let mut s = lock(&self.state)?;
+            let AgentState { agg, early, .. } = &mut *s;
+            early.take(agg, Now::system().secs(), self.sample.takes_parts())
+        };
+        if let Some(part) = early {
+            outputs.ship_summary(part);
+        }
         Ok(())
     }
 
@@ -245,8 +254,30 @@ impl Pipeline {
     fn detect(&self, outputs: &crate::sinks::Outputs) -> anyhow::Result<()> {
         let events = {
             let mut s = lock(&self.state)?;
-            let AgentState { agg, detector, .. } = &mut *s;
-            detector.evaluate(agg, Now::system())
+            let AgentState {
+                agg,
+                detector,
+                early,
+                ..
+            } = &mut *s;
+            let now = Now::system();
+            let events = detector.evaluate(agg, now);
+            if outputs.shipping() {
+                // The fleet rules get these clients' period so far at the next ship tick.
+                early.want(
+                    now.secs(),
+                    events
+                        .iter()
+                        .filter(|e| e.event == crate::detect::EventKind::Open)
+                        .filter_map(|e| {
+                            Some((
+                                crate::model::keys::By::parse(&e.alert.key_kind)?,
+                                e.alert.key.clone(),
+                            ))
+                        }),
+                );
+            }
+            events
         };
         let lost = record_alerts(
             &alerts_path(&self.config.detect, &self.config.state.dir),
@@ -287,6 +318,7 @@ impl Pipeline {
                     conns: s.table.saved(),
                     detector: &s.detector.state,
                     shipped_through: s.shipped_through,
+                    early: s.early.shipped.as_ref(),
                 },
             );
             match written {
@@ -427,7 +459,13 @@ fn due_summaries(
     let mut out = Vec::new();
     let mut start = first;
     while start < current {
-        out.extend(crate::ship::summarize(&s.agg, start, top, sample));
+        out.extend(crate::ship::summarize(
+            &s.agg,
+            start,
+            top,
+            sample,
+            s.early.of(start),
+        ));
         start += PERIOD_SECS;
     }
     s.shipped_through = s.shipped_through.max(current.saturating_sub(PERIOD_SECS));
@@ -544,12 +582,14 @@ fn restore_state(
     );
     let mut detector_state = DetectorState::default();
     let mut shipped_through = 0;
+    let mut early = None;
     let mut legacy = false;
     if let Some(loaded) = state::load(&config.state.dir) {
         legacy = loaded.legacy;
         let saved = loaded.snapshot;
         detector_state = saved.detector;
         shipped_through = saved.shipped_through;
+        early = saved.early;
         agg = saved.agg;
         agg.configure(c.max_clients, c.group_prefix_v4, c.group_prefix_v6);
         if saved.boot_id == boot_id {
@@ -589,6 +629,7 @@ fn restore_state(
         heads: HeadStats::default(),
         detector,
         shipped_through,
+        early: crate::ship::early::EarlyParts::restore(early),
         alert_log_lost: 0,
     };
     Ok((state, legacy))

@@ -31,6 +31,8 @@ pub struct AgentState {
     pub detector: Detector,
     /// Start (unix s) of the last summary period shipped to the collector.
     pub shipped_through: u64,
+    /// Early parts of periods shipped when alerts are raised.
+    pub early: crate::ship::early::EarlyParts,
     /// Alert events the alert log could not take (disk full, unwritable path).
     pub alert_log_lost: u64,
 }

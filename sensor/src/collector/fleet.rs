@@ -10,7 +10,7 @@ use crate::{
     model::aggregate::{Aggregator, Now},
     model::keys::By,
     ship::{
-        Batch, PERIOD_SECS, Payload, ShipRecord, Summary,
+        Batch, PERIOD_SECS, Payload, ShipRecord, Summary, early,
         sketch::{FleetSketch, HotCells},
     },
     sinks::Record,
@@ -28,8 +28,12 @@ const AGENT_ALERTS_KEPT: usize = 5000;
 pub struct AgentInfo {
     /// Highest position accepted per stream.
     pub streams: BTreeMap<String, u64>,
-    /// Start of the newest summary period merged.
+    /// Start of the newest summary (period or part of one) merged.
     pub last_summary_s: u64,
+    /// End of the newest summary merged: the next must start there or later (0: none merged
+    /// since the collector kept it; then `last_summary_s`'s period end).
+    #[serde(default)]
+    pub summary_end_s: u64,
     pub last_batch_ms: u64,
     pub records: u64,
     pub summaries: u64,
@@ -44,6 +48,19 @@ pub struct AgentInfo {
     /// The sketch key of its newest summary: which hot cells its answers carry.
     #[serde(default)]
     pub sketch_key: String,
+}
+
+/// Where an agent's next summary may start, from its newest merged one's start and end
+/// (`AgentInfo`; a free function so it borrows the two fields only).
+fn merged_until(last_start_s: u64, last_end_s: u64) -> u64 {
+    if last_end_s > 0 {
+        last_end_s
+    } else if last_start_s > 0 {
+        // Kept by an earlier collector: whole periods only.
+        last_start_s + PERIOD_SECS
+    } else {
+        0
+    }
 }
 
 /// The merged state, saved in the collector's snapshot.
@@ -74,6 +91,8 @@ pub struct Applied {
     pub hot: HotCells,
     /// This collector reads summaries' sketches (agents send none until told so).
     pub sketches: bool,
+    /// This collector takes early parts of periods ([`crate::ship::early`]).
+    pub parts: bool,
 }
 
 impl FleetState {
@@ -134,26 +153,41 @@ impl FleetState {
             info.records += 1;
             match &rec.payload {
                 Payload::Summary(s) => {
-                    // A period is merged once per agent, whatever stream carried it (an agent
-                    // restored from an older state snapshot may build a period again).
-                    if s.start_s <= info.last_summary_s {
+                    // A period (or part of one) is merged once per agent, whatever stream
+                    // carried it (an agent restored from an older state snapshot may build a
+                    // period again): each must start where the last one merged ended or
+                    // later, so an early part's rest comes once and nothing overlaps.
+                    if s.start_s < merged_until(info.last_summary_s, info.summary_end_s) {
                         info.duplicates += 1;
                         continue;
                     }
                     info.last_summary_s = s.start_s;
+                    info.summary_end_s = s.start_s + s.period_s;
                     info.summaries += 1;
-                    info.open = s
+                    let open = s
                         .clients
                         .iter()
-                        .filter(|c| c.open_connections > 0)
-                        .map(|c| (format!("{}|{}", c.by, c.key), c.open_connections))
-                        .collect();
+                        .map(|c| (format!("{}|{}", c.by, c.key), c.open_connections));
+                    if early::is_early(s) {
+                        // Only the alerting clients: the others' stand until the rest.
+                        for (k, n) in open {
+                            if n > 0 {
+                                info.open.insert(k, n);
+                            } else {
+                                info.open.remove(&k);
+                            }
+                        }
+                    } else {
+                        info.open = open.filter(|(_, n)| *n > 0).collect();
+                    }
                     merge_summary(&mut self.agg, s, now);
                     if !s.sketch_key.is_empty() {
                         info.sketch_key.clone_from(&s.sketch_key);
                     }
+                    // Under its period's start: a rest's sketch adds to its period's.
+                    let period_s = s.start_s / PERIOD_SECS * PERIOD_SECS;
                     self.sketch
-                        .add(&s.sketch_key, s.start_s, &s.sketch, now.secs());
+                        .add(&s.sketch_key, period_s, &s.sketch, now.secs());
                 }
                 Payload::Alert { event, alert } => {
                     info.alerts += 1;
@@ -190,6 +224,7 @@ impl FleetState {
             .unwrap_or_default();
         applied.hot = self.sketch.hot(&key, now.secs());
         applied.sketches = true;
+        applied.parts = true;
         (applied, forward, accepted)
     }
 
@@ -333,6 +368,7 @@ mod tests {
                     duplicates: 1,
                     hot: Default::default(),
                     sketches: true,
+                    parts: true,
                 }
             );
         }
@@ -346,6 +382,67 @@ mod tests {
             unix_ms: (t + 120) * 1000,
         });
         assert_eq!(f.agg.addresses.clients["10.0.0.9"].open_connections(), 0);
+    }
+
+    /// An early part and its rest are both merged, once each, in their period's bucket; a
+    /// part overlapping what was merged (a replay, a whole period after its early part, a
+    /// second rest) is a duplicate. The early part updates the open connections of its
+    /// clients only.
+    #[test]
+    fn an_early_part_and_its_rest_merge_once_each() {
+        let t = 1_800_000_000;
+        let now = Now {
+            unix_ms: (t + 4) * 1000,
+        };
+        let part = |seq, start, len, key: &str, requests| {
+            let mut r = summary("a", seq, start, key, requests);
+            if let Payload::Summary(s) = &mut r.payload {
+                s.period_s = len;
+            }
+            r
+        };
+        let mut f = FleetState {
+            agg: Aggregator::new(100, 24, 56),
+            ..FleetState::default()
+        };
+        f.apply(
+            &batch("a", vec![summary("a", 1, t - 10, "10.0.0.1", 5)]),
+            now,
+        );
+        f.refresh_open(now);
+        let early = part(2, t, 3, "10.0.0.9", 40);
+        assert_eq!(f.apply(&batch("a", vec![early]), now).0.accepted, 1);
+        f.refresh_open(now);
+        let open = |f: &FleetState, k: &str| f.agg.addresses.clients[k].open_connections();
+        assert_eq!((open(&f, "10.0.0.1"), open(&f, "10.0.0.9")), (2, 2));
+        assert_eq!(f.agg.addresses.clients["10.0.0.9"].totals().requests, 40);
+        let later = Now {
+            unix_ms: (t + 11) * 1000,
+        };
+        // The whole period after its early part would count the early rows twice.
+        f.apply(&batch("a", vec![summary("a", 3, t, "10.0.0.9", 60)]), later);
+        assert_eq!(f.agents["a"].duplicates, 1);
+        f.apply(&batch("a", vec![part(4, t + 3, 7, "10.0.0.9", 20)]), later);
+        f.apply(&batch("a", vec![part(5, t + 5, 5, "10.0.0.9", 20)]), later);
+        assert_eq!(f.agents["a"].duplicates, 2, "a second rest");
+        let c = &f.agg.addresses.clients["10.0.0.9"];
+        assert_eq!(c.totals().requests, 60);
+        assert_eq!(c.windows().ten_seconds(t / 10).requests, 60);
+        // The rest replaces the open connections: 10.0.0.1 is not in it.
+        f.refresh_open(later);
+        assert_eq!(open(&f, "10.0.0.1"), 0);
+        // The next period follows.
+        f.apply(
+            &batch("a", vec![summary("a", 6, t + 10, "10.0.0.9", 1)]),
+            later,
+        );
+        assert_eq!(f.agg.addresses.clients["10.0.0.9"].totals().requests, 61);
+        // Kept by an earlier collector (no end recorded): its period's end.
+        let mut old = FleetState::default();
+        old.apply(&batch("a", vec![summary("a", 1, t, "10.0.0.9", 5)]), later);
+        old.agents.get_mut("a").expect("agent").summary_end_s = 0;
+        old.apply(&batch("a", vec![part(2, t + 3, 7, "10.0.0.9", 5)]), later);
+        assert_eq!(old.agents["a"].duplicates, 1);
     }
 
     #[test]

@@ -364,9 +364,10 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                 }
             }
             Payload::Summary(s) => {
-                if s.period_s != PERIOD_SECS || s.start_s % PERIOD_SECS != 0 {
+                if !crate::ship::early::valid_span(s.start_s, s.period_s) {
                     return bad(format!(
-                        "{}: periods are {PERIOD_SECS} s, starting at multiples of {PERIOD_SECS}",
+                        "{}: periods are {PERIOD_SECS} s, starting at multiples of \
+                         {PERIOD_SECS}, or one's early part (from its start) or rest (to its end)",
                         at("summary.start_s")
                     ));
                 }
@@ -752,7 +753,7 @@ mod tests {
         let hot = std::sync::Arc::<sketch::Hot>::default();
         hot.set_supported();
         let sample = crate::ship::Sample::new(&[3u8; 32], 20, 5, hot);
-        let s = crate::ship::summarize(&agg, t, 3, &sample).expect("summary");
+        let s = crate::ship::summarize(&agg, t, 3, &sample, None).expect("summary");
         assert_eq!(
             s.sketch.len(),
             4,
@@ -832,6 +833,28 @@ mod tests {
             validate(&b, "host-a", 1_800_000_000 - MAX_CLOCK_AHEAD_SECS - 1),
             Err(IngestError::Malformed(m)) if m.contains("ahead")
         ));
+        // A period, its early part or its rest; nothing across periods or in their middle.
+        for (start, len, ok) in [
+            (1_800_000_000, 10, true),
+            (1_800_000_000, 4, true),
+            (1_800_000_004, 6, true),
+            (1_800_000_004, 10, false),
+            (1_800_000_004, 3, false),
+            (1_800_000_000, 0, false),
+        ] {
+            let mut b = batch();
+            if let Payload::Summary(s) = &mut b.records[0].payload {
+                (s.start_s, s.period_s) = (start, len);
+            }
+            b.records[0].id = format!("host-a:summary:{start}");
+            let r = validate(&b, "host-a", NOW);
+            assert_eq!(r.is_ok(), ok, "{start} {len}: {r:?}");
+            if !ok {
+                assert!(
+                    matches!(r, Err(IngestError::Malformed(m)) if m.contains("summary.start_s"))
+                );
+            }
+        }
         // Unknown fields are refused (strict parsing).
         let json = br#"{"version":1,"agent":"host-a","stream":"ab","records":[],"extra":1}"#;
         assert!(decode(json, None, 1 << 20, "host-a", NOW).is_err());

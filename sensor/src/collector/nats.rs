@@ -81,7 +81,8 @@ impl HotPublisher {
                 tokio::time::interval(Duration::from_secs(crate::ship::sketch::HOT_PUBLISH_SECS));
             loop {
                 tick.tick().await;
-                // Published even when empty: it tells agents this collector reads sketches.
+                // Published even when empty: it tells agents this collector reads sketches
+                // (and, by its header, takes early parts).
                 let Ok(hot) = shared.with_fleet(|f| f.state.sketch.hot_all(Now::system().secs()))
                 else {
                     return;
@@ -89,7 +90,12 @@ impl HotPublisher {
                 let Ok(body) = serde_json::to_vec(&hot) else {
                     continue;
                 };
-                if let Err(e) = client.publish(subject.clone(), body.into()).await {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(crate::ship::sketch::PARTS_HEADER, "1");
+                if let Err(e) = client
+                    .publish_with_headers(subject.clone(), headers, body.into())
+                    .await
+                {
                     warn!("publishing the hot sketch cells on {subject}: {e}");
                 }
             }

@@ -9,4 +9,5 @@ mod compat;
 pub mod conntable;
 pub mod keys;
 pub mod report;
+pub mod shipped;
 pub mod state;

@@ -13,7 +13,14 @@
 //! added in the period just completed, for the `top_clients` heaviest clients of each key
 //! kind (address, group, identity, forwarded), and the rest of the period summed per kind.
 //! The collector adds them up across hosts, so a client spread over many hosts is seen whole.
+//!
+//! Early parts ([`early`]): when the agent raises an alert, it ships the period so far for
+//! the alerting clients at once (`[start, start + k)`), and the rest of the period
+//! (`[start + k, start + 10)`, those clients' counts less what the early part carried) when
+//! it ends, so the fleet rules see a bot within seconds of the host seeing it, not at the
+//! period's end.
 
+pub mod early;
 pub mod partition;
 pub mod sketch;
 
@@ -77,11 +84,12 @@ pub enum Payload {
     Summary(Summary),
 }
 
-/// What the agent's clients did in one 10-second period.
+/// What the agent's clients did in one 10-second period, or in one of its two parts when an
+/// early part was shipped ([`early`]): `[start, start + k)` or `[start + k, start + 10)`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Summary {
-    /// Unix seconds; the period is [start_s, start_s + period_s).
+    /// Unix seconds; the summary covers [start_s, start_s + period_s), within one period.
     pub start_s: u64,
     pub period_s: u64,
     pub clients: Vec<ClientDelta>,
@@ -234,6 +242,11 @@ impl Sample {
         }
     }
 
+    /// Whether the collector said it takes early parts ([`early`]).
+    pub fn takes_parts(&self) -> bool {
+        self.hot.takes_parts()
+    }
+
     /// No sampling: only the heaviest clients are named.
     #[cfg(test)]
     pub fn off() -> Self {
@@ -255,9 +268,18 @@ impl Sample {
 /// The summary of the 10-second period starting at `start_s`, or None when nothing happened
 /// and no connection is open: the `top` heaviest clients of each key kind and those of the
 /// rest that `sample` picks (keyed sample, hot cells), each with its counts, the remainder
-/// summed, and every client in the kind's sketch.
-pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) -> Option<Summary> {
+/// summed, and every client in the kind's sketch. After an early part of the same period
+/// (`early`), the rest of it: the early part's clients count what they did after it.
+pub fn summarize(
+    agg: &Aggregator,
+    start_s: u64,
+    top: usize,
+    sample: &Sample,
+    early: Option<&early::Early>,
+) -> Option<Summary> {
     let period = start_s / PERIOD_SECS;
+    let early = early.filter(|e| e.start_s == period * PERIOD_SECS);
+    let shipped = early.map(early::Early::shipped).unwrap_or_default();
     let hot = sample.hot.current(start_s + PERIOD_SECS);
     // Only for a collector that said it reads sketches (an earlier one refuses the field).
     let with_sketch = sample.hot.supported();
@@ -270,7 +292,10 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
             .clients
             .iter()
             .filter_map(|(k, c)| {
-                let counts = c.windows().ten_seconds(period);
+                let mut counts = c.windows().ten_seconds(period);
+                if let Some(before) = shipped.get(&(by, k)) {
+                    counts.saturating_sub(*before);
+                }
                 (!counts.is_zero() || c.open_connections() > 0).then_some((
                     k,
                     counts,
@@ -337,9 +362,10 @@ pub fn summarize(agg: &Aggregator, start_s: u64, top: usize, sample: &Sample) ->
             sketches.insert(by.name().to_owned(), cells);
         }
     }
+    let before = early.map_or(0, |e| e.period_s);
     (!clients.is_empty() || !rest.is_empty()).then(|| Summary {
-        start_s: period * PERIOD_SECS,
-        period_s: PERIOD_SECS,
+        start_s: period * PERIOD_SECS + before,
+        period_s: PERIOD_SECS - before,
         clients,
         rest,
         sketch: sketches,
@@ -381,7 +407,7 @@ pub(crate) mod tests {
             // The next period: not part of the summary of `t`.
             agg.apply(ip, &bytes(1), at(t + 12));
         }
-        let s = summarize(&agg, t, 2, &Sample::off()).expect("summary");
+        let s = summarize(&agg, t, 2, &Sample::off(), None).expect("summary");
         assert_eq!((s.start_s, s.period_s), (t, 10));
         let addrs: Vec<_> = s
             .clients
@@ -396,7 +422,7 @@ pub(crate) mod tests {
         assert_eq!(g.len(), 1);
         assert_eq!(g[0].counts.bytes_in, 1500);
         assert_eq!(g[0].counts.requests, 5);
-        assert!(summarize(&agg, t - 10, 2, &Sample::off()).is_none());
+        assert!(summarize(&agg, t - 10, 2, &Sample::off(), None).is_none());
     }
 
     /// A ring of modest keys below the cut on every host: a tenth of them (the same tenth on
@@ -431,7 +457,7 @@ pub(crate) mod tests {
         let secret = [7u8; 32];
         let sample = Sample::new(&secret, 10, 2000, Arc::default());
         let names = |agg: &Aggregator, sample: &Sample| {
-            let s = summarize(agg, t, 50, sample).expect("summary");
+            let s = summarize(agg, t, 50, sample, None).expect("summary");
             let named: Vec<(String, u64)> = s
                 .clients
                 .iter()
@@ -516,14 +542,14 @@ pub(crate) mod tests {
         let hot = Arc::<sketch::Hot>::default();
         let sample = Sample::new(&[7u8; 32], 0, 100, hot.clone());
         let named = |s: &Summary| s.clients.iter().any(|c| c.key == "10.1.0.7");
-        let before = summarize(&agg, t, 2, &sample).expect("summary");
+        let before = summarize(&agg, t, 2, &sample, None).expect("summary");
         assert!(!named(&before), "below the cut, not sampled");
         assert!(
             before.sketch.is_empty() && before.sketch_key.is_empty(),
             "no sketch until the collector says it reads them"
         );
         hot.set_supported();
-        let before = summarize(&agg, t, 2, &sample).expect("summary");
+        let before = summarize(&agg, t, 2, &sample, None).expect("summary");
         assert_eq!(before.sketch_key.len(), 16);
         let address = &before.sketch["address"];
         let mut rows = [(0u64, 0u64); sketch::ROWS];
@@ -538,7 +564,7 @@ pub(crate) mod tests {
             &sketch::HotCells::from([("address".to_owned(), cells.to_vec())]),
             t + 10,
         );
-        let after = summarize(&agg, t, 2, &sample).expect("summary");
+        let after = summarize(&agg, t, 2, &sample, None).expect("summary");
         let row = after.clients.iter().find(|c| c.key == "10.1.0.7");
         assert_eq!(row.map(|c| c.counts.bytes_in), Some(50), "named, exact");
         assert_eq!(
@@ -552,12 +578,16 @@ pub(crate) mod tests {
             &sketch::HotCells::from([("identity".to_owned(), cells.to_vec())]),
             t + 10,
         );
-        assert!(!named(&summarize(&agg, t, 2, &sample).expect("summary")));
+        assert!(!named(
+            &summarize(&agg, t, 2, &sample, None).expect("summary")
+        ));
         hot.set(
             &sketch::HotCells::from([("address".to_owned(), cells.to_vec())]),
             t - sketch::HOT_TTL_SECS,
         );
-        assert!(!named(&summarize(&agg, t, 2, &sample).expect("summary")));
+        assert!(!named(
+            &summarize(&agg, t, 2, &sample, None).expect("summary")
+        ));
     }
 
     #[test]

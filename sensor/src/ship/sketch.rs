@@ -48,6 +48,10 @@ pub fn hot_subject(subject_prefix: &str) -> String {
     format!("{subject_prefix}-hot")
 }
 
+/// Header on the hot cells' messages of a collector that takes early parts of periods
+/// ([`super::early`]); agents of an earlier version ignore it.
+pub const PARTS_HEADER: &str = "Sensor-Parts";
+
 /// How often the collector publishes the hot cells over NATS.
 pub const HOT_PUBLISH_SECS: u64 = 5;
 
@@ -120,6 +124,8 @@ pub type HotByKey = BTreeMap<String, HotCells>;
 pub struct Hot {
     state: Mutex<HotState>,
     supported: AtomicBool,
+    /// The collector takes early parts of periods ([`super::early`]).
+    parts: AtomicBool,
     /// This agent's sketch key: which cells of the NATS hot subject are its.
     key: Mutex<String>,
 }
@@ -139,6 +145,16 @@ impl Hot {
 
     pub fn supported(&self) -> bool {
         self.supported.load(Ordering::Relaxed)
+    }
+
+    /// The collector takes early parts (said by its answers, or by a header on the hot
+    /// cells it publishes).
+    pub fn set_takes_parts(&self) {
+        self.parts.store(true, Ordering::Relaxed);
+    }
+
+    pub fn takes_parts(&self) -> bool {
+        self.parts.load(Ordering::Relaxed)
     }
 
     pub fn set_key(&self, key: &str) {

@@ -33,7 +33,7 @@ use crate::{
     ship::{
         Batch, EncodeError, ShipRecord, WIRE_VERSION, encode,
         partition::{self, POSITIONS_HEADER, partition_stream, partition_subject},
-        sketch::{Hot, HotByKey, hot_subject},
+        sketch::{Hot, HotByKey, PARTS_HEADER, hot_subject},
     },
     sinks::{
         error::SinkError,
@@ -147,6 +147,13 @@ impl JetStreamSink {
                 let hot = self.hot.clone();
                 self.hot_task = Some(tokio::spawn(async move {
                     while let Some(msg) = sub.next().await {
+                        if msg
+                            .headers
+                            .as_ref()
+                            .is_some_and(|h| h.get(PARTS_HEADER).is_some())
+                        {
+                            hot.set_takes_parts();
+                        }
                         if let Ok(all) = serde_json::from_slice::<HotByKey>(&msg.payload) {
                             hot.set_from(&all, Now::system().secs());
                         }

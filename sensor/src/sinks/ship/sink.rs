@@ -80,6 +80,8 @@ struct Answer {
     hot: crate::ship::sketch::HotCells,
     #[serde(default)]
     sketches: bool,
+    #[serde(default)]
+    parts: bool,
 }
 
 impl ShipSink {
@@ -126,6 +128,9 @@ impl ShipSink {
                 if let Ok(a) = serde_json::from_str::<Answer>(&r.body) {
                     if a.sketches {
                         self.hot.set_supported();
+                    }
+                    if a.parts {
+                        self.hot.set_takes_parts();
                     }
                     self.hot
                         .set(&a.hot, crate::model::aggregate::Now::system().secs());
@@ -227,7 +232,7 @@ mod tests {
                 &bytes(100 + i),
                 Now { unix_ms: t * 1000 },
             );
-            let s = summarize(&agg, t, 10, &crate::ship::Sample::off()).expect("summary");
+            let s = summarize(&agg, t, 10, &crate::ship::Sample::off(), None).expect("summary");
             queue
                 .push(ShipRecord::summary("host-a", s))
                 .expect("spooled");
