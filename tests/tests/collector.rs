@@ -567,6 +567,8 @@ fn a_host_alert_ships_its_period_so_far() {
     }
     let tmp = TempDir::new("collector-early");
     let certs = make_certs(&tmp.path);
+    // The host's threshold: whatever the early part carries after the host alert (counted
+    // by then: more than 15) crosses the fleet rule.
     let collector = Collector::start_with(
         &tmp.path.join("collector"),
         &certs,
@@ -574,7 +576,7 @@ fn a_host_alert_ships_its_period_so_far() {
         3600,
         "[[detect.rules]]\nid = \"fleet-flood\"\nname = \"Request flood over several hosts\"\n\
          keys = [\"address\"]\nseverity = \"high\"\n\
-         when = [{ metric = \"requests\", window = \"1m\", op = \">\", value = 30 }]\n",
+         when = [{ metric = \"requests\", window = \"1m\", op = \">\", value = 15 }]\n",
     );
     let (name, token) = AGENT_TOKENS[0];
     let host = Host::start(&tmp.path, name, token, &collector, false);
@@ -602,11 +604,13 @@ fn a_host_alert_ships_its_period_so_far() {
     });
     let bot = host.requests("127.0.0.79", 40);
     let alert = wait_fleet_alert(&collector, "127.0.0.79", Duration::from_secs(30));
-    let seen = now_s();
+    let raised_ms = alert["first_seen_ms"].as_u64().expect("first_seen_ms");
     assert!(
-        seen < period_end,
-        "the fleet alert came at {seen}, at or after its period's end {period_end}: {alert}"
+        raised_ms < period_end * 1000,
+        "the fleet alert was raised at {raised_ms} ms, at or after its period's end \
+         {period_end} s: {alert}"
     );
+    assert_eq!(host.agent.health()["early_parts_shipped"], 1);
     let truth = fleet_truth(&[
         (&host.nginx, bot.as_slice()),
         (&host.nginx, warm.as_slice()),

@@ -56,6 +56,8 @@ struct Health<'a> {
     loss: std::collections::BTreeMap<&'static str, u64>,
     /// Alert events the alert log could not take (the outputs still got them).
     alert_log_lost: u64,
+    /// Early parts of periods shipped to the collector since start (docs/collector.md).
+    early_parts_shipped: u64,
     clients: ClientsHealth,
     /// Per SIEM output: sent, retried, spooled, pending, dropped, last error.
     outputs: Vec<crate::sinks::OutputStats>,
@@ -190,6 +192,7 @@ pub fn route_request(
                 closed_connections_total: state.table.closed_total,
                 loss: state.loss.iter().copied().collect(),
                 alert_log_lost: state.alert_log_lost,
+                early_parts_shipped: state.early.count,
                 clients: ClientsHealth {
                     max_clients: state.max_clients,
                     tracked_addresses: a.clients.len(),

@@ -303,6 +303,11 @@ pub fn families(state: &AgentState, top_n: usize) -> Exposition {
         "Alert events the alert log (alerts.jsonl) could not take; the outputs still got them.",
         [(NO_LABELS, state.alert_log_lost)],
     );
+    out.counter(
+        "sensor_early_parts_shipped_total",
+        "Early parts of summary periods shipped to the collector when alerts were raised.",
+        [(NO_LABELS, state.early.count)],
+    );
     out.gauge(
         "sensor_clients_max",
         "Configured bound on clients kept exactly, per table (clients.max_clients).",

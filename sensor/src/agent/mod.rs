@@ -239,13 +239,22 @@ impl Pipeline {
             outputs.ship_summary(summary);
         }
         // After the periods completed: an early part belongs to the current one.
-        let early = {
+        let now = Now::system().secs();
+        let part = {
             let mut s = lock(&self.state)?;
             let AgentState { agg, early, .. } = &mut *s;
-            early.take(agg, Now::system().secs(), self.sample.takes_parts())
+            early.take(agg, now, self.sample.takes_parts(now), &self.sample)
         };
-        if let Some(part) = early {
-            outputs.ship_summary(part);
+        if let Some((part, carried)) = part {
+            // Recorded before it is spooled: a restart in between then ships the period's
+            // rest, not the whole period (which the collector refuses as overlapping).
+            match crate::model::shipped::save(&self.config.state.dir, &carried) {
+                Ok(()) => {
+                    lock(&self.state)?.early.shipped(carried);
+                    outputs.ship_summary(part);
+                }
+                Err(e) => warn!("not shipping the early part of this period: {e:#}"),
+            }
         }
         Ok(())
     }
@@ -318,7 +327,6 @@ impl Pipeline {
                     conns: s.table.saved(),
                     detector: &s.detector.state,
                     shipped_through: s.shipped_through,
-                    early: s.early.shipped.as_ref(),
                 },
             );
             match written {
@@ -582,14 +590,12 @@ fn restore_state(
     );
     let mut detector_state = DetectorState::default();
     let mut shipped_through = 0;
-    let mut early = None;
     let mut legacy = false;
     if let Some(loaded) = state::load(&config.state.dir) {
         legacy = loaded.legacy;
         let saved = loaded.snapshot;
         detector_state = saved.detector;
         shipped_through = saved.shipped_through;
-        early = saved.early;
         agg = saved.agg;
         agg.configure(c.max_clients, c.group_prefix_v4, c.group_prefix_v6);
         if saved.boot_id == boot_id {
@@ -629,7 +635,9 @@ fn restore_state(
         heads: HeadStats::default(),
         detector,
         shipped_through,
-        early: crate::ship::early::EarlyParts::restore(early),
+        early: crate::ship::early::EarlyParts::restore(crate::model::shipped::load(
+            &config.state.dir,
+        )),
         alert_log_lost: 0,
     };
     Ok((state, legacy))

@@ -45,6 +45,11 @@ pub struct AgentInfo {
     /// Open connections per (key kind, key) at the end of the newest summary period.
     #[serde(default)]
     pub open: HashMap<String, u64>,
+    /// The same for the clients of the newest early part, newer than `open` where both have
+    /// a key; replaced by each early part and cleared by each whole period or rest, so it
+    /// never holds more than one part's rows.
+    #[serde(default)]
+    pub open_early: HashMap<String, u64>,
     /// The sketch key of its newest summary: which hot cells its answers carry.
     #[serde(default)]
     pub sketch_key: String,
@@ -170,15 +175,10 @@ impl FleetState {
                         .map(|c| (format!("{}|{}", c.by, c.key), c.open_connections));
                     if early::is_early(s) {
                         // Only the alerting clients: the others' stand until the rest.
-                        for (k, n) in open {
-                            if n > 0 {
-                                info.open.insert(k, n);
-                            } else {
-                                info.open.remove(&k);
-                            }
-                        }
+                        info.open_early = open.collect();
                     } else {
                         info.open = open.filter(|(_, n)| *n > 0).collect();
+                        info.open_early.clear();
                     }
                     merge_summary(&mut self.agg, s, now);
                     if !s.sketch_key.is_empty() {
@@ -235,7 +235,12 @@ impl FleetState {
             if info.last_summary_s + PERIOD_SECS + OPEN_FRESH_SECS < now.secs() {
                 continue;
             }
-            for (k, n) in &info.open {
+            let newer = info.open_early.iter();
+            let older = info
+                .open
+                .iter()
+                .filter(|(k, _)| !info.open_early.contains_key(*k));
+            for (k, n) in newer.chain(older) {
                 let s = sum.entry(k.as_str()).or_default();
                 *s = s.saturating_add(*n);
             }
@@ -431,12 +436,20 @@ mod tests {
         // The rest replaces the open connections: 10.0.0.1 is not in it.
         f.refresh_open(later);
         assert_eq!(open(&f, "10.0.0.1"), 0);
+        assert!(f.agents["a"].open_early.is_empty());
         // The next period follows.
         f.apply(
             &batch("a", vec![summary("a", 6, t + 10, "10.0.0.9", 1)]),
             later,
         );
         assert_eq!(f.agg.addresses.clients["10.0.0.9"].totals().requests, 61);
+        // Early parts alone (a hostile agent never sending the rest) hold one part's rows.
+        for p in 0..5u64 {
+            let key = format!("10.0.1.{p}");
+            let start = t + 100 + 10 * p;
+            f.apply(&batch("a", vec![part(10 + p, start, 2, &key, 1)]), later);
+        }
+        assert_eq!(f.agents["a"].open_early.len(), 1);
         // Kept by an earlier collector (no end recorded): its period's end.
         let mut old = FleetState::default();
         old.apply(&batch("a", vec![summary("a", 1, t, "10.0.0.9", 5)]), later);

@@ -371,6 +371,16 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                         at("summary.start_s")
                     ));
                 }
+                // An early part names its alerting clients and nothing else.
+                if crate::ship::early::is_early(s)
+                    && (!s.rest.is_empty() || s.clients.len() > crate::ship::early::MAX_KEYS)
+                {
+                    return bad(format!(
+                        "{}: an early part carries at most {} clients and no rest",
+                        at("summary"),
+                        crate::ship::early::MAX_KEYS
+                    ));
+                }
                 if s.start_s > now_s + MAX_CLOCK_AHEAD_SECS {
                     return bad(format!(
                         "{}: {} is more than a day ahead of the collector's clock ({now_s})",
@@ -855,6 +865,30 @@ mod tests {
                 );
             }
         }
+        // An early part with a remainder, or more clients than an agent names in one.
+        let early = |f: &dyn Fn(&mut Summary)| {
+            let mut b = batch();
+            if let Payload::Summary(s) = &mut b.records[0].payload {
+                s.period_s = 4;
+                f(s);
+            }
+            validate(&b, "host-a", NOW)
+        };
+        assert!(early(&|_| {}).is_ok());
+        let r = early(&|s| {
+            s.rest.insert("address".into(), s.clients[0].counts);
+        });
+        assert!(matches!(r, Err(IngestError::Malformed(m)) if m.contains("early part")));
+        let r = early(&|s| {
+            let c = s.clients[0].clone();
+            s.clients = (0..=crate::ship::early::MAX_KEYS)
+                .map(|i| ClientDelta {
+                    key: format!("10.1.{}.{}", i / 256, i % 256),
+                    ..c.clone()
+                })
+                .collect();
+        });
+        assert!(matches!(r, Err(IngestError::Malformed(m)) if m.contains("early part")));
         // Unknown fields are refused (strict parsing).
         let json = br#"{"version":1,"agent":"host-a","stream":"ab","records":[],"extra":1}"#;
         assert!(decode(json, None, 1 << 20, "host-a", NOW).is_err());

@@ -36,11 +36,13 @@ const FILE_NAME: &str = "state.msgpack";
 const LEGACY_VERSION: u32 = 2;
 const LEGACY_FILE_NAME: &str = "state.json";
 /// Every file the agent may leave in its state directory (for uninstall and `--fresh`).
-pub const FILE_NAMES: [&str; 4] = [
+pub const FILE_NAMES: [&str; 6] = [
     "state.msgpack",
     "state.msgpack.tmp",
     "state.json",
     "state.json.tmp",
+    "early.json",
+    "early.json.tmp",
 ];
 
 #[derive(Serialize, Deserialize)]
@@ -58,9 +60,6 @@ pub struct Snapshot {
     /// Start (unix s) of the last summary period shipped to the collector.
     #[serde(default)]
     pub shipped_through: u64,
-    /// What the latest early part of a period carried ([`crate::ship::early`]).
-    #[serde(default)]
-    pub early: Option<super::shipped::Early>,
 }
 
 /// What the agent writes: the same fields as `Snapshot`, borrowing the aggregates so that
@@ -75,7 +74,6 @@ pub struct SnapshotRef<'a> {
     pub conns: SavedConns<'a>,
     pub detector: &'a crate::detect::DetectorState,
     pub shipped_through: u64,
-    pub early: Option<&'a super::shipped::Early>,
 }
 
 /// A snapshot written to the temporary file, not yet in place (`commit`).
@@ -169,7 +167,7 @@ pub fn save(dir: &Path, name: &str, encoded: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Renames a synced temporary file over `name`, then syncs the directory.
-fn install(dir: &Path, tmp: &Path, name: &str) -> anyhow::Result<()> {
+pub(super) fn install(dir: &Path, tmp: &Path, name: &str) -> anyhow::Result<()> {
     let path = dir.join(name);
     fs::rename(tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
     // The rename is durable only once the directory entry is: without this, a power loss
@@ -385,18 +383,6 @@ mod tests {
             conns,
             detector,
             shipped_through: 1_799_999_990,
-            early: Some(crate::model::shipped::Early {
-                start_s: 1_800_000_000,
-                period_s: 2,
-                rows: vec![crate::model::shipped::EarlyRow {
-                    by: "address".into(),
-                    key: "10.0.0.1".into(),
-                    counts: crate::model::aggregate::Counts {
-                        requests: 3,
-                        ..Default::default()
-                    },
-                }],
-            }),
         }
     }
 
@@ -415,7 +401,6 @@ mod tests {
                 conns: table.saved(),
                 detector: &s.detector,
                 shipped_through: s.shipped_through,
-                early: s.early.as_ref(),
             },
         )
         .expect("write");
@@ -470,46 +455,6 @@ mod tests {
         assert!(!loaded.legacy);
         assert_exact(&loaded.snapshot, &s);
         assert!(!dir.0.join(format!("{FILE_NAME}.tmp")).exists());
-    }
-
-    /// A snapshot of an agent from before early parts (no `early` at the end) loads, with none.
-    #[test]
-    fn a_snapshot_without_early_parts_loads() {
-        #[derive(Serialize)]
-        struct Before<'a> {
-            version: u32,
-            boot_id: &'a str,
-            instance: &'a str,
-            saved_unix_ms: u64,
-            agg: &'a Aggregator,
-            conns: SavedConns<'a>,
-            detector: &'a crate::detect::DetectorState,
-            shipped_through: u64,
-        }
-        let dir = Dir::new("before-early");
-        let s = owned();
-        let mut table = ConnTable::new(Duration::from_secs(120), 1000);
-        table.restore(&s.conns);
-        let mut bytes = Vec::new();
-        encode(
-            &mut bytes,
-            &Before {
-                version: s.version,
-                boot_id: &s.boot_id,
-                instance: &s.instance,
-                saved_unix_ms: s.saved_unix_ms,
-                agg: &s.agg,
-                conns: table.saved(),
-                detector: &s.detector,
-                shipped_through: s.shipped_through,
-            },
-        )
-        .expect("encode");
-        fs::create_dir_all(&dir.0).expect("dir");
-        fs::write(dir.0.join(FILE_NAME), bytes).expect("write");
-        let loaded = load(&dir.0).expect("loads");
-        assert_eq!(loaded.snapshot.early, None);
-        assert_eq!(loaded.snapshot.shipped_through, s.shipped_through);
     }
 
     #[test]
@@ -621,7 +566,11 @@ mod tests {
             load(&dir.0).is_none(),
             "format 3 fields in JSON are not format 2"
         );
-        for name in [FILE_NAME, LEGACY_FILE_NAME] {
+        for name in [
+            FILE_NAME,
+            LEGACY_FILE_NAME,
+            crate::model::shipped::FILE_NAME,
+        ] {
             assert!(FILE_NAMES.contains(&name));
             assert!(FILE_NAMES.contains(&format!("{name}.tmp").as_str()));
         }

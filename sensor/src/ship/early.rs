@@ -14,7 +14,7 @@
 //! collector with the period's end, as before. Only to a collector that said it takes parts
 //! (an earlier one refuses summaries shorter than a period).
 
-use super::{ClientDelta, PERIOD_SECS, Summary};
+use super::{ClientDelta, PERIOD_SECS, Sample, Summary, sketch};
 use crate::model::{aggregate::Aggregator, keys::By};
 
 pub use crate::model::shipped::{Early, EarlyRow};
@@ -31,7 +31,9 @@ pub struct EarlyParts {
     wanted: Vec<(By, String)>,
     wanted_s: u64,
     /// What the latest early part carried (the rest of its period ships less it).
-    pub shipped: Option<Early>,
+    shipped: Option<Early>,
+    /// Early parts shipped since the agent started.
+    pub count: u64,
 }
 
 impl EarlyParts {
@@ -53,21 +55,34 @@ impl EarlyParts {
         self.wanted.extend(keys.into_iter().take(room));
     }
 
-    /// The early part to ship at `now_s`: when alerts want one in this period, none was
-    /// shipped in it yet, and the collector takes parts (`accepted`; until it says so, the
-    /// wish waits, within the period).
-    pub fn take(&mut self, agg: &Aggregator, now_s: u64, accepted: bool) -> Option<Summary> {
+    /// The early part to ship at `now_s` and what it carries: when alerts want one in this
+    /// period, none was shipped in it yet, and the collector takes parts (`accepted`; until
+    /// it says so, the wish waits, within the period). Once it is recorded, [`Self::shipped`].
+    pub fn take(
+        &mut self,
+        agg: &Aggregator,
+        now_s: u64,
+        accepted: bool,
+        sample: &Sample,
+    ) -> Option<(Summary, Early)> {
         let start = now_s / PERIOD_SECS * PERIOD_SECS;
         if self.wanted_s != start || self.wanted.is_empty() || !accepted {
             return None;
         }
-        let keys = std::mem::take(&mut self.wanted);
         if self.shipped.as_ref().is_some_and(|e| e.start_s == start) {
+            self.wanted.clear();
             return None;
         }
-        let (summary, early) = early_part(agg, now_s, &keys)?;
-        self.shipped = Some(early);
-        Some(summary)
+        // Clients that did nothing in the period yet keep their wish.
+        let part = early_part(agg, now_s, &self.wanted, sample)?;
+        self.wanted.clear();
+        Some(part)
+    }
+
+    /// The early part `carried` was recorded and spooled.
+    pub fn shipped(&mut self, carried: Early) {
+        self.shipped = Some(carried);
+        self.count += 1;
     }
 
     /// What the early part of the period starting at `start_s` carried, if one was shipped.
@@ -79,7 +94,12 @@ impl EarlyParts {
 /// The early part of the period holding `now_s` for `keys` (the alerting clients), and what
 /// it carries; None when none of them did anything in the period yet, or when less than a
 /// second of the period is left (its end ships it whole as soon).
-pub fn early_part(agg: &Aggregator, now_s: u64, keys: &[(By, String)]) -> Option<(Summary, Early)> {
+pub fn early_part(
+    agg: &Aggregator,
+    now_s: u64,
+    keys: &[(By, String)],
+    sample: &Sample,
+) -> Option<(Summary, Early)> {
     let period = now_s / PERIOD_SECS;
     let start_s = period * PERIOD_SECS;
     // The seconds begun so far: the collector merges a part at its last moment, which stays
@@ -91,6 +111,10 @@ pub fn early_part(agg: &Aggregator, now_s: u64, keys: &[(By, String)]) -> Option
     let mut clients = Vec::new();
     let mut rows = Vec::new();
     let mut seen = std::collections::HashSet::new();
+    // With the collector reading sketches, the part's rows in their cells: the two parts'
+    // sketches then cover the period's counts exactly, as one summary's would.
+    let with_sketch = sample.hot.supported();
+    let mut sketches: std::collections::HashMap<By, sketch::Builder> = Default::default();
     for (by, key) in keys {
         if !seen.insert((*by, key.as_str())) {
             continue;
@@ -101,6 +125,12 @@ pub fn early_part(agg: &Aggregator, now_s: u64, keys: &[(By, String)]) -> Option
         let counts = c.windows().ten_seconds(period);
         if counts.is_zero() {
             continue;
+        }
+        if with_sketch {
+            sketches
+                .entry(*by)
+                .or_default()
+                .add(&sample.place(*by, key), &counts);
         }
         clients.push(ClientDelta {
             by: by.name().to_owned(),
@@ -124,8 +154,16 @@ pub fn early_part(agg: &Aggregator, now_s: u64, keys: &[(By, String)]) -> Option
         period_s,
         clients,
         rest: Default::default(),
-        sketch: Default::default(),
-        sketch_key: String::new(),
+        sketch: sketches
+            .into_iter()
+            .map(|(by, b)| (by.name().to_owned(), b.finish()))
+            .filter(|(_, cells)| !cells.is_empty())
+            .collect(),
+        sketch_key: if with_sketch {
+            sample.sketch_key.clone()
+        } else {
+            String::new()
+        },
         elsewhere: Default::default(),
     };
     Some((
@@ -186,7 +224,10 @@ mod tests {
             (By::Address, "10.0.0.9".to_owned()),
             (By::Address, "10.0.0.77".to_owned()),
         ];
-        let (part, early) = early_part(&agg, t + 2, &keys).expect("early part");
+        let hot = std::sync::Arc::<crate::ship::sketch::Hot>::default();
+        hot.set_supported();
+        let sample = Sample::new(&[7u8; 32], 0, 100, hot);
+        let (part, early) = early_part(&agg, t + 2, &keys, &sample).expect("early part");
         assert_eq!((part.start_s, part.period_s), (t, 3));
         assert!(is_early(&part) && valid_span(part.start_s, part.period_s));
         assert_eq!(
@@ -195,13 +236,11 @@ mod tests {
             "the alerting client once, no unknown key"
         );
         assert_eq!(part.clients[0].counts.bytes_in, 200);
-        assert!(part.rest.is_empty() && part.sketch.is_empty());
+        assert!(part.rest.is_empty());
+        assert_eq!(part.sketch_key.len(), 16);
         // More after the early part.
         agg.apply(bot, &bytes(100), at(t + 6, 0));
         agg.apply(other, &bytes(5), at(t + 7, 0));
-        let hot = std::sync::Arc::<crate::ship::sketch::Hot>::default();
-        hot.set_supported();
-        let sample = Sample::new(&[7u8; 32], 0, 100, hot);
         let rest = summarize(&agg, t, 10, &sample, Some(&early)).expect("rest");
         assert_eq!((rest.start_s, rest.period_s), (t + 3, 7));
         assert!(!is_early(&rest) && valid_span(rest.start_s, rest.period_s));
@@ -223,12 +262,39 @@ mod tests {
         // The group (not alerting) is whole in the rest.
         assert_eq!(row(&rest, "group", "10.0.0.0/24").requests, 5);
         assert_ne!(whole, whole_now);
-        // The rest's sketch covers the rest's rows.
-        let mut sum = [0u64; crate::ship::sketch::ROWS];
-        for &(i, r, _) in &rest.sketch["address"] {
-            sum[i as usize / crate::ship::sketch::WIDTH] += r;
+        // Each part's sketch covers its rows (2 requests early, 3 in the rest), and the two
+        // add up, cell by cell, to the whole period's.
+        let rows = |s: &Summary| {
+            let mut sum = [0u64; crate::ship::sketch::ROWS];
+            for &(i, r, _) in &s.sketch["address"] {
+                sum[i as usize / crate::ship::sketch::WIDTH] += r;
+            }
+            sum
+        };
+        assert_eq!(rows(&part), [2; crate::ship::sketch::ROWS]);
+        assert_eq!(rows(&rest), [3; crate::ship::sketch::ROWS]);
+        let cells = |s: &Summary| {
+            let mut m = std::collections::BTreeMap::new();
+            for &(i, r, b) in &s.sketch["address"] {
+                let e: &mut (u64, u64) = m.entry(i).or_default();
+                (e.0, e.1) = (e.0 + r, e.1 + b);
+            }
+            m
+        };
+        let whole_sketch = summarize(&agg, t, 10, &sample, None).expect("summary");
+        let mut both = cells(&part);
+        for (i, (r, b)) in cells(&rest) {
+            let e = both.entry(i).or_default();
+            (e.0, e.1) = (e.0 + r, e.1 + b);
         }
-        assert_eq!(sum, [3; crate::ship::sketch::ROWS]);
+        assert_eq!(both, cells(&whole_sketch));
+        // Below the cut in the rest, the early part's client is still named (with a top of
+        // one, the other client is the heaviest after the early part).
+        agg.apply(other, &bytes(1000), at(t + 8, 0));
+        let cut = summarize(&agg, t, 1, &Sample::off(), Some(&early)).expect("rest");
+        assert_eq!(row(&cut, "address", "10.0.0.9").bytes_in, 100);
+        assert_eq!(row(&cut, "address", "10.0.0.1").bytes_in, 1012);
+        assert!(!cut.rest.contains_key("address"), "{:?}", cut.rest);
         // Another period's summary ignores it.
         agg.apply(bot, &bytes(1), at(t + 11, 0));
         let next = summarize(&agg, t + 10, 10, &Sample::off(), Some(&early)).expect("next");
@@ -241,10 +307,10 @@ mod tests {
         let t = 1_800_000_000u64;
         let mut agg = Aggregator::new(100, 24, 56);
         let keys = vec![(By::Address, "10.0.0.9".to_owned())];
-        assert!(early_part(&agg, t + 3, &keys).is_none());
+        assert!(early_part(&agg, t + 3, &keys, &Sample::off()).is_none());
         agg.apply(std::net::IpAddr::from([10, 0, 0, 9]), &bytes(1), at(t, 10));
-        assert!(early_part(&agg, t + 9, &keys).is_none());
-        let (p, _) = early_part(&agg, t, &keys).expect("first second");
+        assert!(early_part(&agg, t + 9, &keys, &Sample::off()).is_none());
+        let (p, _) = early_part(&agg, t, &keys, &Sample::off()).expect("first second");
         assert_eq!(p.period_s, 1);
     }
 
@@ -259,24 +325,40 @@ mod tests {
         agg.apply(ip(8), &bytes(100), at(t + 1, 0));
         let key = |i: u8| (By::Address, format!("10.0.0.{i}"));
         let mut parts = EarlyParts::default();
+        let off = Sample::off();
         parts.want(t + 1, [key(9)]);
-        assert!(parts.take(&agg, t + 1, false).is_none(), "not taken yet");
-        let p = parts
-            .take(&agg, t + 2, true)
+        assert!(
+            parts.take(&agg, t + 1, false, &off).is_none(),
+            "not taken yet"
+        );
+        let (p, carried) = parts
+            .take(&agg, t + 2, true, &off)
             .expect("once the collector takes parts");
+        assert!(parts.of(t).is_none(), "not recorded yet");
+        parts.shipped(carried);
+        assert_eq!(parts.count, 1);
         assert_eq!((p.start_s, p.period_s, p.clients.len()), (t, 3, 1));
         assert_eq!(parts.of(t).map(|e| e.rows.len()), Some(1));
         assert!(parts.of(t + 10).is_none());
         parts.want(t + 4, [key(8)]);
-        assert!(parts.take(&agg, t + 4, true).is_none(), "one per period");
+        assert!(
+            parts.take(&agg, t + 4, true, &off).is_none(),
+            "one per period"
+        );
         // A wish from an earlier period is not shipped in a later one.
         parts.want(t + 15, [key(8)]);
         agg.apply(ip(8), &bytes(1), at(t + 21, 0));
-        assert!(parts.take(&agg, t + 21, true).is_none());
+        assert!(parts.take(&agg, t + 21, true, &off).is_none());
         parts.want(t + 21, (0..2000).map(|_| key(8)));
         assert_eq!(parts.wanted.len(), MAX_KEYS);
-        let p = parts.take(&agg, t + 21, true).expect("next period");
+        let (p, _) = parts.take(&agg, t + 21, true, &off).expect("next period");
         assert_eq!((p.start_s, p.clients.len()), (t + 20, 1));
+        // A client alerting before it did anything in the period keeps its wish.
+        parts.want(t + 31, [key(7)]);
+        assert!(parts.take(&agg, t + 31, true, &off).is_none());
+        agg.apply(ip(7), &bytes(1), at(t + 32, 0));
+        let (p, _) = parts.take(&agg, t + 32, true, &off).expect("once it did");
+        assert_eq!((p.start_s, p.period_s), (t + 30, 3));
     }
 
     #[test]

@@ -242,9 +242,9 @@ impl Sample {
         }
     }
 
-    /// Whether the collector said it takes early parts ([`early`]).
-    pub fn takes_parts(&self) -> bool {
-        self.hot.takes_parts()
+    /// Whether the collector said lately that it takes early parts ([`early`]).
+    pub fn takes_parts(&self, now_s: u64) -> bool {
+        self.hot.takes_parts(now_s)
     }
 
     /// No sampling: only the heaviest clients are named.
@@ -317,7 +317,11 @@ pub fn summarize(
         // first), together within `max_rows`; the rest is summed.
         let mut extra = Vec::new();
         for (i, row) in rows.into_iter().enumerate() {
-            if i < top && !with_sketch {
+            // The top, and the clients of the period's early part: named whatever they did
+            // after it, so a client cannot fold its rest (or its open connections) away by
+            // going quiet once it alerted.
+            let first = i < top || shipped.contains_key(&(by, row.0));
+            if first && !with_sketch {
                 named.push(row);
                 continue;
             }
@@ -325,7 +329,7 @@ pub fn summarize(
             if with_sketch && !row.1.is_zero() {
                 sketch.add(&place, &row.1);
             }
-            if i < top {
+            if first {
                 named.push(row);
             } else if place.rank < sample.per_10k {
                 extra.push(((0, place.rank), row));

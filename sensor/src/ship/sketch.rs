@@ -19,7 +19,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     sync::{
         Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -51,6 +51,9 @@ pub fn hot_subject(subject_prefix: &str) -> String {
 /// Header on the hot cells' messages of a collector that takes early parts of periods
 /// ([`super::early`]); agents of an earlier version ignore it.
 pub const PARTS_HEADER: &str = "Sensor-Parts";
+/// How long an answer saying the collector takes early parts holds (HTTPS answers come with
+/// every batch; the hot cells every `HOT_PUBLISH_SECS`, three of which may be missed).
+pub const PARTS_TTL_SECS: u64 = 3 * HOT_PUBLISH_SECS;
 
 /// How often the collector publishes the hot cells over NATS.
 pub const HOT_PUBLISH_SECS: u64 = 5;
@@ -124,8 +127,11 @@ pub type HotByKey = BTreeMap<String, HotCells>;
 pub struct Hot {
     state: Mutex<HotState>,
     supported: AtomicBool,
-    /// The collector takes early parts of periods ([`super::early`]).
-    parts: AtomicBool,
+    /// Until when (unix s) the collector is known to take early parts of periods
+    /// ([`super::early`]): renewed by its answers and hot-cell messages, so a collector
+    /// rolled back to an earlier version (or an older partition holder) is not sent parts
+    /// for long.
+    parts_until_s: AtomicU64,
     /// This agent's sketch key: which cells of the NATS hot subject are its.
     key: Mutex<String>,
 }
@@ -147,14 +153,14 @@ impl Hot {
         self.supported.load(Ordering::Relaxed)
     }
 
-    /// The collector takes early parts (said by its answers, or by a header on the hot
-    /// cells it publishes).
-    pub fn set_takes_parts(&self) {
-        self.parts.store(true, Ordering::Relaxed);
+    /// The collector takes early parts until `until_s` (said by its answers, or by a header
+    /// on the hot cells it publishes); 0: it does not (an answer without it).
+    pub fn set_takes_parts(&self, until_s: u64) {
+        self.parts_until_s.store(until_s, Ordering::Relaxed);
     }
 
-    pub fn takes_parts(&self) -> bool {
-        self.parts.load(Ordering::Relaxed)
+    pub fn takes_parts(&self, now_s: u64) -> bool {
+        now_s < self.parts_until_s.load(Ordering::Relaxed)
     }
 
     pub fn set_key(&self, key: &str) {

@@ -109,6 +109,7 @@ pub async fn worker<S: Sink>(mut sink: S, queue: Arc<Queue<S::Item>>, mut retry:
     let stats = queue.stats.clone();
     let name = stats.lock().map(|s| s.name.clone()).unwrap_or_default();
     let mut next_attempt = tokio::time::Instant::now();
+    sink.prepare().await;
     loop {
         if queue.spool().is_empty() {
             if queue.is_closed() {

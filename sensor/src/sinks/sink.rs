@@ -77,4 +77,11 @@ pub trait Sink: Send + 'static {
         &'a mut self,
         batch: &'a [Self::Item],
     ) -> impl Future<Output = Result<Delivered, Failed>> + Send + 'a;
+
+    /// Once, when the sink's task starts, before anything is delivered: a sink that also
+    /// listens to its receiver (the NATS sink's hot cells) connects here instead of at its
+    /// first delivery. Failures are the first delivery's to report.
+    fn prepare(&mut self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::ready(())
+    }
 }

@@ -63,6 +63,8 @@ pub struct AlertTime {
 }
 
 pub const AGENTS: usize = 16;
+/// Extraction bots timed per transport, each against a new agent.
+pub const TRIALS: usize = 3;
 const READER: &str = "bench-reader-token-0123456789";
 
 pub(super) struct Collector {
@@ -255,33 +257,39 @@ impl Bench<'_> {
         let c = self.start_collector("collector-alert")?;
         let dir = self.dir.join("alert-agent");
         fs::create_dir_all(&dir)?;
-        let (name, token) = &c.agent_tokens[0];
-        fs::write(dir.join("ship.token"), token)?;
-        let config = dir.join("sensor.toml");
-        fs::write(
-            &config,
-            format!(
-                "[ship]\nurl = \"{}/v1/ingest\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n\
-                 agent_name = \"{name}\"\n",
-                c.url,
-                dir.join("ship.token").display(),
-                c.ca.display()
-            ),
-        )?;
-        results.alert_times = self.alert_trials(&c, &config, 40)?;
+        let mut configs = Vec::new();
+        for (trial, (name, token)) in c.agent_tokens.iter().take(TRIALS).enumerate() {
+            let token_file = dir.join(format!("ship-{trial}.token"));
+            fs::write(&token_file, token)?;
+            let config = dir.join(format!("sensor-{trial}.toml"));
+            fs::write(
+                &config,
+                format!(
+                    "[ship]\nurl = \"{}/v1/ingest\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n\
+                     agent_name = \"{name}\"\n",
+                    c.url,
+                    token_file.display(),
+                    c.ca.display()
+                ),
+            )?;
+            configs.push(config);
+        }
+        results.alert_times = self.alert_trials(&c, &configs, 40)?;
         Ok(())
     }
 
-    /// Three extraction bots (from 127.`net`.0.1, .2, .3), each against a new agent of
-    /// `config` shipping to `c`.
+    /// Extraction bots (from 127.`net`.0.1, .2, ...), each against a new agent shipping to
+    /// `c`, with a config of its own from `configs`: each under its own name, as a new host
+    /// (an agent under the name of one just stopped, without its state, would have the
+    /// period of its predecessor's early part refused as overlapping).
     pub(super) fn alert_trials(
         &self,
         c: &Collector,
-        config: &std::path::Path,
+        configs: &[std::path::PathBuf],
         net: u8,
     ) -> anyhow::Result<Vec<AlertTime>> {
         let mut times = Vec::new();
-        for trial in 0..3u8 {
+        for (trial, config) in (0..).zip(configs) {
             check_interrupted()?;
             let agent = procs::start_agent(&AgentSpec {
                 wrapper: &[],

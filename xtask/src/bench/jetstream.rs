@@ -281,18 +281,22 @@ impl Bench<'_> {
         let nats = start_nats(&dir, 1)?;
         let cdir = collector_dir(&dir, "c1")?;
         let c = self.start_collector_in(&cdir, &nats_section(&dir, &nats, 1, "c1"), 0, "warn")?;
-        let config = dir.join("sensor.toml");
-        fs::write(
-            &config,
-            format!(
-                "[ship]\ntransport = \"nats\"\nurl = \"{}\"\ncredentials_file = \"{}\"\n\
-                 ca_file = \"{}\"\nagent_name = \"bench-1\"\n",
-                nats.url,
-                dir.join("agent.creds").display(),
-                dir.join("ca.pem").display(),
-            ),
-        )?;
-        results.jetstream_alert_times = self.alert_trials(&c, &config, 41)?;
+        let mut configs = Vec::new();
+        for trial in 1..=fleet::TRIALS {
+            let config = dir.join(format!("sensor-{trial}.toml"));
+            fs::write(
+                &config,
+                format!(
+                    "[ship]\ntransport = \"nats\"\nurl = \"{}\"\ncredentials_file = \"{}\"\n\
+                     ca_file = \"{}\"\nagent_name = \"bench-{trial}\"\n",
+                    nats.url,
+                    dir.join("agent.creds").display(),
+                    dir.join("ca.pem").display(),
+                ),
+            )?;
+            configs.push(config);
+        }
+        results.jetstream_alert_times = self.alert_trials(&c, &configs, 41)?;
         Ok(())
     }
 

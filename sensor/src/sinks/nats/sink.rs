@@ -33,7 +33,7 @@ use crate::{
     ship::{
         Batch, EncodeError, ShipRecord, WIRE_VERSION, encode,
         partition::{self, POSITIONS_HEADER, partition_stream, partition_subject},
-        sketch::{Hot, HotByKey, PARTS_HEADER, hot_subject},
+        sketch::{Hot, HotByKey, PARTS_HEADER, PARTS_TTL_SECS, hot_subject},
     },
     sinks::{
         error::SinkError,
@@ -152,7 +152,7 @@ impl JetStreamSink {
                             .as_ref()
                             .is_some_and(|h| h.get(PARTS_HEADER).is_some())
                         {
-                            hot.set_takes_parts();
+                            hot.set_takes_parts(Now::system().secs() + PARTS_TTL_SECS);
                         }
                         if let Ok(all) = serde_json::from_slice::<HotByKey>(&msg.payload) {
                             hot.set_from(&all, Now::system().secs());
@@ -263,6 +263,15 @@ impl Sink for JetStreamSink {
 
     fn batch_max(&self) -> usize {
         self.batch_max
+    }
+
+    /// Connects (and subscribes to the hot cells) at start: the collector's hot cells, and
+    /// whether it takes early parts, are then known before the first alert, not seconds
+    /// after it. A failure here is retried by the first delivery.
+    async fn prepare(&mut self) {
+        if let Err(e) = self.connected().await {
+            log::info!("not connected to NATS yet ({e}); the first delivery tries again");
+        }
     }
 
     async fn deliver(&mut self, batch: &[ShipRecord]) -> Result<Delivered, Failed> {

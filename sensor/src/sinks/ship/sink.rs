@@ -129,9 +129,13 @@ impl ShipSink {
                     if a.sketches {
                         self.hot.set_supported();
                     }
-                    if a.parts {
-                        self.hot.set_takes_parts();
-                    }
+                    // Each answer says it again (a collector rolled back stops it at once).
+                    let now_s = crate::model::aggregate::Now::system().secs();
+                    self.hot.set_takes_parts(if a.parts {
+                        now_s + crate::ship::sketch::PARTS_TTL_SECS
+                    } else {
+                        0
+                    });
                     self.hot
                         .set(&a.hot, crate::model::aggregate::Now::system().secs());
                 }
