@@ -556,10 +556,11 @@ fn fleet_rules_run_when_summaries_arrive() {
 }
 
 /// A host alert ships the period so far (an early part): the fleet alert comes within the
-/// same 10-second period, not after its end. Requests start in the period's first second
-/// and the collector's rule tick is an hour, so only an early part merged before the period
-/// ends can raise it then. After the period, the early part and the rest sum to nginx's
-/// ground truth, with nothing counted twice.
+/// same 10-second period, not after its end. A decoy crosses the host's rule first, in the
+/// period's first second; the bot follows once the decoy's part is out, and gets a part of
+/// its own. The collector's rule tick is an hour, so only early parts merged before the
+/// period ends can raise the alerts then. After the period, the parts and the rest sum to
+/// nginx's ground truth, with nothing counted twice.
 #[test]
 fn a_host_alert_ships_its_period_so_far() {
     if !privileged("a_host_alert_ships_its_period_so_far") {
@@ -602,17 +603,27 @@ fn a_host_alert_ships_its_period_so_far() {
             .then_some(now.as_secs() + 10)
             .ok_or_else(|| format!("{}", now.as_secs_f64()))
     });
+    let decoy = host.requests("127.0.0.78", 20);
+    wait_for("the decoy's early part", Duration::from_secs(10), || {
+        let h = host.agent.health();
+        (h["early_parts_shipped"] == 1)
+            .then_some(())
+            .ok_or_else(|| h["early_parts_shipped"].to_string())
+    });
     let bot = host.requests("127.0.0.79", 40);
-    let alert = wait_fleet_alert(&collector, "127.0.0.79", Duration::from_secs(30));
-    let raised_ms = alert["first_seen_ms"].as_u64().expect("first_seen_ms");
-    assert!(
-        raised_ms < period_end * 1000,
-        "the fleet alert was raised at {raised_ms} ms, at or after its period's end \
-         {period_end} s: {alert}"
-    );
-    assert_eq!(host.agent.health()["early_parts_shipped"], 1);
+    for key in ["127.0.0.78", "127.0.0.79"] {
+        let alert = wait_fleet_alert(&collector, key, Duration::from_secs(30));
+        let raised_ms = alert["first_seen_ms"].as_u64().expect("first_seen_ms");
+        assert!(
+            raised_ms < period_end * 1000,
+            "the fleet alert on {key} was raised at {raised_ms} ms, at or after its period's \
+             end {period_end} s: {alert}"
+        );
+    }
+    assert_eq!(host.agent.health()["early_parts_shipped"], 2);
     let truth = fleet_truth(&[
         (&host.nginx, bot.as_slice()),
+        (&host.nginx, decoy.as_slice()),
         (&host.nginx, warm.as_slice()),
     ]);
     assert_eq!(truth["127.0.0.79"].2, 40);

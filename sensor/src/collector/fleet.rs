@@ -45,11 +45,14 @@ pub struct AgentInfo {
     /// Open connections per (key kind, key) at the end of the newest summary period.
     #[serde(default)]
     pub open: HashMap<String, u64>,
-    /// The same for the clients of the newest early part, newer than `open` where both have
-    /// a key; replaced by each early part and cleared by each whole period or rest, so it
-    /// never holds more than one part's rows.
+    /// The same for the clients of the newest period's early parts, newer than `open` where
+    /// both have a key; started again by a new period's parts and cleared by each whole
+    /// period or rest, so it holds one period's parts' rows at most (9 of 1000).
     #[serde(default)]
     pub open_early: HashMap<String, u64>,
+    /// The period (start / 10) `open_early` is of.
+    #[serde(default)]
+    pub open_early_period: u64,
     /// The sketch key of its newest summary: which hot cells its answers carry.
     #[serde(default)]
     pub sketch_key: String,
@@ -175,7 +178,12 @@ impl FleetState {
                         .map(|c| (format!("{}|{}", c.by, c.key), c.open_connections));
                     if early::is_early(s) {
                         // Only the alerting clients: the others' stand until the rest.
-                        info.open_early = open.collect();
+                        let period = s.start_s / PERIOD_SECS;
+                        if info.open_early_period != period {
+                            info.open_early.clear();
+                            info.open_early_period = period;
+                        }
+                        info.open_early.extend(open);
                     } else {
                         info.open = open.filter(|(_, n)| *n > 0).collect();
                         info.open_early.clear();
@@ -450,6 +458,12 @@ mod tests {
             f.apply(&batch("a", vec![part(10 + p, start, 2, &key, 1)]), later);
         }
         assert_eq!(f.agents["a"].open_early.len(), 1);
+        // Parts of one period add up theirs.
+        f.apply(
+            &batch("a", vec![part(20, t + 143, 2, "10.0.2.1", 1)]),
+            later,
+        );
+        assert_eq!(f.agents["a"].open_early.len(), 2);
         // Kept by an earlier collector (no end recorded): its period's end.
         let mut old = FleetState::default();
         old.apply(&batch("a", vec![summary("a", 1, t, "10.0.0.9", 5)]), later);

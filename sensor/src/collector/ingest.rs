@@ -260,14 +260,16 @@ pub const MAX_EVENTS_PER_PERIOD: u64 = 10_000_000 * PERIOD_SECS;
 /// Connections open at once on one host (TCP's port space times a generous fan-in).
 pub const MAX_OPEN_CONNECTIONS: u64 = 1 << 24;
 
-/// The first counter of `c` beyond the per-period bounds, by name.
-fn implausible_counts(c: &Counts) -> Option<&'static str> {
+/// The first counter of `c` beyond the bounds of `secs` seconds of a period, by name.
+fn implausible_counts(c: &Counts, secs: u64) -> Option<&'static str> {
+    let bytes = MAX_BYTES_PER_PERIOD / PERIOD_SECS * secs;
+    let events = MAX_EVENTS_PER_PERIOD / PERIOD_SECS * secs;
     [
-        ("bytes_in", c.bytes_in, MAX_BYTES_PER_PERIOD),
-        ("bytes_out", c.bytes_out, MAX_BYTES_PER_PERIOD),
-        ("requests", c.requests, MAX_EVENTS_PER_PERIOD),
-        ("connections", c.connections, MAX_EVENTS_PER_PERIOD),
-        ("events_out", c.events_out, MAX_EVENTS_PER_PERIOD),
+        ("bytes_in", c.bytes_in, bytes),
+        ("bytes_out", c.bytes_out, bytes),
+        ("requests", c.requests, events),
+        ("connections", c.connections, events),
+        ("events_out", c.events_out, events),
     ]
     .into_iter()
     .find(|(_, v, max)| v > max)
@@ -371,10 +373,12 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                         at("summary.start_s")
                     ));
                 }
-                // An early part names its alerting clients and nothing else.
-                if crate::ship::early::is_early(s)
-                    && (!s.rest.is_empty() || s.clients.len() > crate::ship::early::MAX_KEYS)
-                {
+                // An early part names its alerting clients and nothing else, with what they did
+                // in its seconds (so a period's parts together claim at most what its early
+                // parts' seconds and one whole period allow: under twice a period's bound).
+                let early = crate::ship::early::is_early(s);
+                let secs = if early { s.period_s } else { PERIOD_SECS };
+                if early && (!s.rest.is_empty() || s.clients.len() > crate::ship::early::MAX_KEYS) {
                     return bad(format!(
                         "{}: an early part carries at most {} clients and no rest",
                         at("summary"),
@@ -401,7 +405,7 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     if crate::model::keys::By::parse(kind).is_none() {
                         return bad(format!("{}: unknown key kind `{kind}`", at("summary.rest")));
                     }
-                    if let Some(f) = implausible_counts(counts) {
+                    if let Some(f) = implausible_counts(counts, secs) {
                         return implausible(format!("{}.{f}", at(&format!("summary.rest.{kind}"))));
                     }
                     *per_kind.entry(kind).or_default() += *counts;
@@ -415,7 +419,7 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                             at("summary.elsewhere")
                         ));
                     }
-                    if let Some(f) = implausible_counts(counts) {
+                    if let Some(f) = implausible_counts(counts, secs) {
                         return implausible(format!(
                             "{}.{f}",
                             at(&format!("summary.elsewhere.{kind}"))
@@ -453,7 +457,7 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     {
                         return bad(format!("{}: not an IP address", at("forwarded")));
                     }
-                    if let Some(f) = implausible_counts(&c.counts) {
+                    if let Some(f) = implausible_counts(&c.counts, secs) {
                         return implausible(format!("{}.{f}", at("counts")));
                     }
                     if c.open_connections > MAX_OPEN_CONNECTIONS {
@@ -462,7 +466,7 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     *per_kind.entry(c.by.as_str()).or_default() += c.counts;
                 }
                 for (kind, sum) in &per_kind {
-                    if let Some(f) = implausible_counts(sum) {
+                    if let Some(f) = implausible_counts(sum, secs) {
                         return implausible(format!(
                             "{}: the period's {f} over all `{kind}` clients",
                             at("summary")
@@ -849,7 +853,8 @@ mod tests {
             (1_800_000_000, 4, true),
             (1_800_000_004, 6, true),
             (1_800_000_004, 10, false),
-            (1_800_000_004, 3, false),
+            (1_800_000_004, 3, true),
+            (1_800_000_004, 7, false),
             (1_800_000_000, 0, false),
         ] {
             let mut b = batch();
@@ -879,6 +884,18 @@ mod tests {
             s.rest.insert("address".into(), s.clients[0].counts);
         });
         assert!(matches!(r, Err(IngestError::Malformed(m)) if m.contains("early part")));
+        // Its counts are bounded by its seconds: 4 s of the period's bound, not all 10.
+        let r = early(&|s| {
+            s.clients[0].counts.bytes_out = MAX_BYTES_PER_PERIOD / 10 * 4;
+        });
+        assert!(r.is_ok(), "{r:?}");
+        let r = early(&|s| {
+            s.clients[0].counts.bytes_out = MAX_BYTES_PER_PERIOD / 10 * 4 + 1;
+        });
+        assert!(
+            matches!(&r, Err(IngestError::Implausible(m)) if m.contains("bytes_out")),
+            "{r:?}"
+        );
         let r = early(&|s| {
             let c = s.clients[0].clone();
             s.clients = (0..=crate::ship::early::MAX_KEYS)

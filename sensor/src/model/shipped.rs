@@ -1,7 +1,7 @@
 //! What the agent shipped of the current period ahead of its end (an early part, see
 //! `ship::early`): saved in the state directory before the part is spooled, so that an agent
-//! restarted (or killed) between the two parts of a period ships the rest, not the whole
-//! period (which the collector would refuse as overlapping the early part). Its own small
+//! restarted (or killed) between the parts of a period ships the rest, not the whole period
+//! (which the collector would refuse as overlapping the early parts). Its own small
 //! file, not the periodic snapshot: that one is seconds old when the agent is killed. Here,
 //! below `ship`, so the saved state does not import upward.
 
@@ -16,13 +16,13 @@ use super::{aggregate::Counts, keys::By};
 /// The file in the agent's state directory.
 pub const FILE_NAME: &str = "early.json";
 
-/// What the early part of a period carried: the rest of the period ships its clients less
-/// these counts.
+/// What the early parts of a period carried, summed per client: the rest of the period ships
+/// its clients less these counts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Early {
     /// The period's start (unix s).
     pub start_s: u64,
-    /// Seconds of the period the early part covers (1..=9).
+    /// Seconds of the period the early parts cover, from its start (1..=9).
     pub period_s: u64,
     pub rows: Vec<EarlyRow>,
 }
@@ -36,7 +36,26 @@ pub struct EarlyRow {
 }
 
 impl Early {
-    /// Counts per (kind, key) the early part carried.
+    /// Adds a part's rows to the period's.
+    pub fn add(&mut self, rows: Vec<EarlyRow>) {
+        let mut at: HashMap<(String, String), usize> = self
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((r.by.clone(), r.key.clone()), i))
+            .collect();
+        for row in rows {
+            match at.get(&(row.by.clone(), row.key.clone())) {
+                Some(&i) => self.rows[i].counts += row.counts,
+                None => {
+                    at.insert((row.by.clone(), row.key.clone()), self.rows.len());
+                    self.rows.push(row);
+                }
+            }
+        }
+    }
+
+    /// Counts per (kind, key) the early parts carried.
     pub fn shipped(&self) -> HashMap<(By, &str), Counts> {
         self.rows
             .iter()
@@ -46,7 +65,7 @@ impl Early {
 }
 
 /// Writes `early` durably (temporary file, synced, renamed, directory synced): done before
-/// the part is spooled, so a crash in between loses at most the early part's counts, never
+/// the part is spooled, so a crash in between loses at most that part's counts, never
 /// the whole period.
 pub fn save(dir: &Path, early: &Early) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;

@@ -1,18 +1,19 @@
-//! Early parts: a period shipped in two when the agent raises an alert.
+//! Early parts: a period shipped in parts when the agent raises alerts.
 //!
 //! A fleet alert needs the collector to hold the bot's counts, and summaries leave at the end
 //! of their 10-second period: a bot that starts just after a period boundary reaches the
 //! fleet rules about 10 seconds after the host saw it. So when a rule run on the host raises
-//! an alert, the agent ships at once the period so far for the alerting clients only
-//! (`[start, start + k)`, their exact counts, no remainder and no sketch), and at the period's
-//! end the rest (`[start + k, start + 10)`): every client as usual, the early part's clients
-//! with what they did after it. The two parts add up to the period exactly; the collector
-//! accepts at most these two per period and agent (a part must start where the last one
-//! merged ended).
+//! alerts, the agent ships at its next shipping tick what the alerting clients did since the
+//! period's last part (`[start + j, start + k)`, `j` where the last part ended, `k` the
+//! seconds begun): their exact counts and sketch cells, no remainder. At the period's end it
+//! ships the rest (`[start + k, start + 10)`): every client as usual, the early parts'
+//! clients with what they did after them, always named. The parts add up to the period
+//! exactly; the collector merges a part only if it starts where the agent's last merged one
+//! ended or later, so none overlaps another.
 //!
-//! One early part per period: an alert raised after it in the same period reaches the
-//! collector with the period's end, as before. Only to a collector that said it takes parts
-//! (an earlier one refuses summaries shorter than a period).
+//! At most one part a second (the shipping tick), each of at most [`MAX_KEYS`] clients: a
+//! decoy that alerts first does not hold a later bot's part back. Only to a collector that
+//! said lately that it takes parts (an earlier one refuses summaries shorter than a period).
 
 use super::{ClientDelta, PERIOD_SECS, Sample, Summary, sketch};
 use crate::model::{aggregate::Aggregator, keys::By};
@@ -20,17 +21,17 @@ use crate::model::{aggregate::Aggregator, keys::By};
 pub use crate::model::shipped::{Early, EarlyRow};
 
 /// Alerting clients kept for one early part, at most (one rule run raising more alerts than
-/// this ships the rest at the period's end).
+/// this ships the others at the period's end).
 pub const MAX_KEYS: usize = 1000;
 
 /// The agent's early parts: which alerting clients want one, and what the current period's
-/// carried.
+/// parts carried.
 #[derive(Debug, Default)]
 pub struct EarlyParts {
-    /// Alerting clients waiting for the early part of the period starting at `wanted_s`.
+    /// Alerting clients waiting for an early part of the period starting at `wanted_s`.
     wanted: Vec<(By, String)>,
     wanted_s: u64,
-    /// What the latest early part carried (the rest of its period ships less it).
+    /// What the period's early parts carried so far (its rest ships less it).
     shipped: Option<Early>,
     /// Early parts shipped since the agent started.
     pub count: u64,
@@ -55,9 +56,10 @@ impl EarlyParts {
         self.wanted.extend(keys.into_iter().take(room));
     }
 
-    /// The early part to ship at `now_s` and what it carries: when alerts want one in this
-    /// period, none was shipped in it yet, and the collector takes parts (`accepted`; until
-    /// it says so, the wish waits, within the period). Once it is recorded, [`Self::shipped`].
+    /// The early part to ship at `now_s`, and what the period's parts carry with it: when
+    /// alerts want one in this period and the collector takes parts (`accepted`; until it
+    /// says so, the wish waits, within the period). Once it is recorded and spooled,
+    /// [`Self::shipped`].
     pub fn take(
         &mut self,
         agg: &Aggregator,
@@ -69,49 +71,50 @@ impl EarlyParts {
         if self.wanted_s != start || self.wanted.is_empty() || !accepted {
             return None;
         }
-        if self.shipped.as_ref().is_some_and(|e| e.start_s == start) {
-            self.wanted.clear();
-            return None;
-        }
-        // Clients that did nothing in the period yet keep their wish.
-        let part = early_part(agg, now_s, &self.wanted, sample)?;
+        // Clients that did nothing since the period's last part keep their wish.
+        let part = early_part(agg, now_s, &self.wanted, sample, self.of(start))?;
         self.wanted.clear();
         Some(part)
     }
 
-    /// The early part `carried` was recorded and spooled.
+    /// The early part whose period's record is `carried` was recorded and spooled.
     pub fn shipped(&mut self, carried: Early) {
         self.shipped = Some(carried);
         self.count += 1;
     }
 
-    /// What the early part of the period starting at `start_s` carried, if one was shipped.
+    /// What the early parts of the period starting at `start_s` carried, if any was shipped.
     pub fn of(&self, start_s: u64) -> Option<&Early> {
         self.shipped.as_ref().filter(|e| e.start_s == start_s)
     }
 }
 
-/// The early part of the period holding `now_s` for `keys` (the alerting clients), and what
-/// it carries; None when none of them did anything in the period yet, or when less than a
-/// second of the period is left (its end ships it whole as soon).
+/// The next early part of the period holding `now_s` for `keys` (the alerting clients) after
+/// the period's earlier parts (`before`), and the period's record with it; None when none of
+/// them did anything since, when a part already covers this second, or when less than a
+/// second of the period is left (its end ships the rest as soon).
 pub fn early_part(
     agg: &Aggregator,
     now_s: u64,
     keys: &[(By, String)],
     sample: &Sample,
+    before: Option<&Early>,
 ) -> Option<(Summary, Early)> {
     let period = now_s / PERIOD_SECS;
     let start_s = period * PERIOD_SECS;
+    let before = before.filter(|e| e.start_s == start_s);
+    let from = before.map_or(0, |e| e.period_s);
     // The seconds begun so far: the collector merges a part at its last moment, which stays
     // in this period.
-    let period_s = now_s - start_s + 1;
-    if period_s >= PERIOD_SECS {
+    let to = now_s - start_s + 1;
+    if to >= PERIOD_SECS || to <= from {
         return None;
     }
+    let carried = before.map(Early::shipped).unwrap_or_default();
     let mut clients = Vec::new();
     let mut rows = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    // With the collector reading sketches, the part's rows in their cells: the two parts'
+    // With the collector reading sketches, the part's rows in their cells: the parts'
     // sketches then cover the period's counts exactly, as one summary's would.
     let with_sketch = sample.hot.supported();
     let mut sketches: std::collections::HashMap<By, sketch::Builder> = Default::default();
@@ -122,7 +125,10 @@ pub fn early_part(
         let Some(c) = agg.table(*by).clients.get(key.as_str()) else {
             continue;
         };
-        let counts = c.windows().ten_seconds(period);
+        let mut counts = c.windows().ten_seconds(period);
+        if let Some(done) = carried.get(&(*by, key.as_str())) {
+            counts.saturating_sub(*done);
+        }
         if counts.is_zero() {
             continue;
         }
@@ -150,8 +156,8 @@ pub fn early_part(
         return None;
     }
     let summary = Summary {
-        start_s,
-        period_s,
+        start_s: start_s + from,
+        period_s: to - from,
         clients,
         rest: Default::default(),
         sketch: sketches
@@ -166,32 +172,27 @@ pub fn early_part(
         },
         elsewhere: Default::default(),
     };
-    Some((
-        summary,
-        Early {
-            start_s,
-            period_s,
-            rows,
-        },
-    ))
+    let mut record = before.cloned().unwrap_or(Early {
+        start_s,
+        period_s: 0,
+        rows: Vec::new(),
+    });
+    record.period_s = to;
+    record.add(rows);
+    Some((summary, record))
 }
 
-/// Whether a summary's span is one the collector accepts: a whole period, its early part
-/// (from the period's start) or its rest (to the period's end).
+/// Whether a summary's span is one the collector accepts: within one period, 1 to 10 s.
 pub fn valid_span(start_s: u64, period_s: u64) -> bool {
     let Some(end) = start_s.checked_add(period_s) else {
         return false;
     };
-    if period_s == PERIOD_SECS {
-        return start_s.is_multiple_of(PERIOD_SECS);
-    }
-    (1..PERIOD_SECS).contains(&period_s)
-        && (start_s.is_multiple_of(PERIOD_SECS) || end.is_multiple_of(PERIOD_SECS))
+    (1..=PERIOD_SECS).contains(&period_s) && start_s / PERIOD_SECS == (end - 1) / PERIOD_SECS
 }
 
-/// Whether a summary is an early part (the rest of its period is still to come).
+/// Whether a summary is an early part (it does not reach its period's end: the rest follows).
 pub fn is_early(s: &Summary) -> bool {
-    s.period_s < PERIOD_SECS && s.start_s.is_multiple_of(PERIOD_SECS)
+    !(s.start_s + s.period_s).is_multiple_of(PERIOD_SECS)
 }
 
 #[cfg(test)]
@@ -227,7 +228,7 @@ mod tests {
         let hot = std::sync::Arc::<crate::ship::sketch::Hot>::default();
         hot.set_supported();
         let sample = Sample::new(&[7u8; 32], 0, 100, hot);
-        let (part, early) = early_part(&agg, t + 2, &keys, &sample).expect("early part");
+        let (part, early) = early_part(&agg, t + 2, &keys, &sample, None).expect("early part");
         assert_eq!((part.start_s, part.period_s), (t, 3));
         assert!(is_early(&part) && valid_span(part.start_s, part.period_s));
         assert_eq!(
@@ -307,17 +308,18 @@ mod tests {
         let t = 1_800_000_000u64;
         let mut agg = Aggregator::new(100, 24, 56);
         let keys = vec![(By::Address, "10.0.0.9".to_owned())];
-        assert!(early_part(&agg, t + 3, &keys, &Sample::off()).is_none());
+        assert!(early_part(&agg, t + 3, &keys, &Sample::off(), None).is_none());
         agg.apply(std::net::IpAddr::from([10, 0, 0, 9]), &bytes(1), at(t, 10));
-        assert!(early_part(&agg, t + 9, &keys, &Sample::off()).is_none());
-        let (p, _) = early_part(&agg, t, &keys, &Sample::off()).expect("first second");
+        assert!(early_part(&agg, t + 9, &keys, &Sample::off(), None).is_none());
+        let (p, _) = early_part(&agg, t, &keys, &Sample::off(), None).expect("first second");
         assert_eq!(p.period_s, 1);
     }
 
-    /// One early part per period, only once the collector takes parts, and only for the
-    /// period the alerts were raised in.
+    /// Parts once the collector takes them, at most one a second, each with what its clients
+    /// did since the period's last part (a decoy alerting first does not hold a later bot
+    /// back), and only in the period the alerts were raised in.
     #[test]
-    fn one_early_part_per_period_once_the_collector_takes_them() {
+    fn parts_follow_each_other_within_a_period() {
         let t = 1_800_000_000u64;
         let mut agg = Aggregator::new(100, 24, 56);
         let ip = |i| std::net::IpAddr::from([10, 0, 0, i]);
@@ -338,13 +340,44 @@ mod tests {
         parts.shipped(carried);
         assert_eq!(parts.count, 1);
         assert_eq!((p.start_s, p.period_s, p.clients.len()), (t, 3, 1));
-        assert_eq!(parts.of(t).map(|e| e.rows.len()), Some(1));
         assert!(parts.of(t + 10).is_none());
-        parts.want(t + 4, [key(8)]);
+        // The decoy (10.0.0.9) took the first part; the bot (10.0.0.8) alerts later in the
+        // same second: its part waits for the next second, then covers what follows.
+        parts.want(t + 2, [key(8), key(9)]);
         assert!(
-            parts.take(&agg, t + 4, true, &off).is_none(),
-            "one per period"
+            parts.take(&agg, t + 2, true, &off).is_none(),
+            "one a second"
         );
+        agg.apply(ip(9), &bytes(5), at(t + 4, 0));
+        let (p, carried) = parts.take(&agg, t + 4, true, &off).expect("next second");
+        parts.shipped(carried);
+        assert_eq!((p.start_s, p.period_s), (t + 3, 2));
+        let got: Vec<(&str, u64)> = p
+            .clients
+            .iter()
+            .map(|c| (c.key.as_str(), c.counts.bytes_in))
+            .collect();
+        assert_eq!(
+            got,
+            [("10.0.0.8", 100), ("10.0.0.9", 5)],
+            "since the last part"
+        );
+        let rec = parts.of(t).expect("record");
+        assert_eq!(rec.period_s, 5);
+        let shipped = rec.shipped();
+        assert_eq!(shipped[&(By::Address, "10.0.0.9")].bytes_in, 105);
+        assert_eq!(shipped[&(By::Address, "10.0.0.8")].bytes_in, 100);
+        // The rest ships what is left of each.
+        agg.apply(ip(8), &bytes(7), at(t + 8, 0));
+        let rest = summarize(&agg, t, 10, &off, parts.of(t)).expect("rest");
+        assert_eq!((rest.start_s, rest.period_s), (t + 5, 5));
+        let r: Vec<(&str, u64)> = rest
+            .clients
+            .iter()
+            .filter(|c| c.by == "address")
+            .map(|c| (c.key.as_str(), c.counts.bytes_in))
+            .collect();
+        assert_eq!(r, [("10.0.0.8", 7)]);
         // A wish from an earlier period is not shipped in a later one.
         parts.want(t + 15, [key(8)]);
         agg.apply(ip(8), &bytes(1), at(t + 21, 0));
@@ -362,19 +395,19 @@ mod tests {
     }
 
     #[test]
-    fn spans_are_a_period_or_one_of_its_two_parts() {
+    fn spans_stay_within_one_period() {
         let t = 1_800_000_000u64;
         for (start, len, ok) in [
             (t, 10, true),
             (t + 1, 10, false),
             (t, 3, true),
             (t + 3, 7, true),
-            (t + 3, 6, false),
+            (t + 3, 6, true),
             (t + 3, 8, false),
             (t, 0, false),
             (t + 9, 1, true),
             (t, 11, false),
-            (u64::MAX - 3, 3, false),
+            (u64::MAX - 3, 4, false),
         ] {
             assert_eq!(valid_span(start, len), ok, "{start} {len}");
         }

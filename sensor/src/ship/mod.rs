@@ -14,11 +14,11 @@
 //! kind (address, group, identity, forwarded), and the rest of the period summed per kind.
 //! The collector adds them up across hosts, so a client spread over many hosts is seen whole.
 //!
-//! Early parts ([`early`]): when the agent raises an alert, it ships the period so far for
-//! the alerting clients at once (`[start, start + k)`), and the rest of the period
-//! (`[start + k, start + 10)`, those clients' counts less what the early part carried) when
-//! it ends, so the fleet rules see a bot within seconds of the host seeing it, not at the
-//! period's end.
+//! Early parts ([`early`]): when the agent raises alerts, it ships what the alerting clients
+//! did in the period so far at once (`[start + j, start + k)`, after the period's earlier
+//! parts), and the rest of the period (`[start + k, start + 10)`, those clients' counts less
+//! what the parts carried) when it ends, so the fleet rules see a bot within seconds of the
+//! host seeing it, not at the period's end.
 
 pub mod early;
 pub mod partition;
@@ -84,8 +84,8 @@ pub enum Payload {
     Summary(Summary),
 }
 
-/// What the agent's clients did in one 10-second period, or in one of its two parts when an
-/// early part was shipped ([`early`]): `[start, start + k)` or `[start + k, start + 10)`.
+/// What the agent's clients did in one 10-second period, or in one of its parts when early
+/// parts were shipped ([`early`]): a span within the period.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Summary {
@@ -269,7 +269,7 @@ impl Sample {
 /// and no connection is open: the `top` heaviest clients of each key kind and those of the
 /// rest that `sample` picks (keyed sample, hot cells), each with its counts, the remainder
 /// summed, and every client in the kind's sketch. After an early part of the same period
-/// (`early`), the rest of it: the early part's clients count what they did after it.
+/// (`early`), the rest of it: the early parts' clients count what they did after them.
 pub fn summarize(
     agg: &Aggregator,
     start_s: u64,
