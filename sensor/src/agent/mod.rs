@@ -239,21 +239,40 @@ impl Pipeline {
             outputs.ship_summary(summary);
         }
         // After the periods completed: an early part belongs to the current one.
+        self.ship_early(outputs)
+    }
+
+    /// Ships an early part of the current period, if alerts want one.
+    fn ship_early(&self, outputs: &crate::sinks::Outputs) -> anyhow::Result<()> {
+        use crate::model::shipped;
         let now = Now::system().secs();
-        let part = {
+        let (part, before) = {
             let mut s = lock(&self.state)?;
             let AgentState { agg, early, .. } = &mut *s;
-            early.take(agg, now, self.sample.takes_parts(now), &self.sample)
+            let part = early.take(agg, now, self.sample.takes_parts(), &self.sample);
+            let period = now / crate::ship::PERIOD_SECS * crate::ship::PERIOD_SECS;
+            (part, early.of(period).cloned())
         };
-        if let Some((part, carried)) = part {
-            // Recorded before it is spooled: a restart in between then ships the period's
-            // rest, not the whole period (which the collector refuses as overlapping).
-            match crate::model::shipped::save(&self.config.state.dir, &carried) {
-                Ok(()) => {
-                    lock(&self.state)?.early.shipped(carried);
-                    outputs.ship_summary(part);
-                }
-                Err(e) => warn!("not shipping the early part of this period: {e:#}"),
+        let Some((part, carried)) = part else {
+            return Ok(());
+        };
+        let dir = &self.config.state.dir;
+        // Recorded before it is spooled: a restart in between then ships the period's rest,
+        // not the whole period (which the collector refuses as overlapping).
+        if let Err(e) = shipped::save(dir, &carried) {
+            warn!("not shipping an early part of this period: {e:#}");
+            return Ok(());
+        }
+        if outputs.ship_summary(part) {
+            lock(&self.state)?.early.shipped(carried);
+        } else {
+            // Not spooled (counted as dropped): the rest must carry what it would have.
+            let reverted = match &before {
+                Some(b) => shipped::save(dir, b),
+                None => shipped::remove(dir),
+            };
+            if let Err(e) = reverted {
+                warn!("an early part was not spooled and its record stays: {e:#}");
             }
         }
         Ok(())
@@ -296,6 +315,12 @@ impl Pipeline {
             lock(&self.state)?.alert_log_lost += lost;
         }
         outputs.publish(&events);
+        if outputs.shipping() {
+            // At once, not at the next shipping tick: the fleet rules' second. Through `ship`:
+            // a period that just ended goes first (a part of the new one merged before it
+            // would make the collector refuse its rest as overlapping).
+            self.ship(outputs)?;
+        }
         Ok(())
     }
 

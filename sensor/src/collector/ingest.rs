@@ -250,31 +250,11 @@ fn valid_text(s: &str, max: usize) -> bool {
 
 // --- plausibility ----------------------------------------------------------------------------
 
-/// Bytes one host can move in one direction in one summary period: a 400 Gbit/s link for
-/// 10 s. A summary claiming more (for one client, or for all clients of a key kind) did not
-/// come from real traffic; it is refused before it can be added to anything.
-pub const MAX_BYTES_PER_PERIOD: u64 = 50_000_000_000 * PERIOD_SECS;
-/// Requests, connections and server-sent events one host can see in one period (10 million
-/// a second, far above any inference server).
-pub const MAX_EVENTS_PER_PERIOD: u64 = 10_000_000 * PERIOD_SECS;
+pub use crate::ship::{MAX_BYTES_PER_PERIOD, MAX_EVENTS_PER_PERIOD};
 /// Connections open at once on one host (TCP's port space times a generous fan-in).
 pub const MAX_OPEN_CONNECTIONS: u64 = 1 << 24;
 
-/// The first counter of `c` beyond the bounds of `secs` seconds of a period, by name.
-fn implausible_counts(c: &Counts, secs: u64) -> Option<&'static str> {
-    let bytes = MAX_BYTES_PER_PERIOD / PERIOD_SECS * secs;
-    let events = MAX_EVENTS_PER_PERIOD / PERIOD_SECS * secs;
-    [
-        ("bytes_in", c.bytes_in, bytes),
-        ("bytes_out", c.bytes_out, bytes),
-        ("requests", c.requests, events),
-        ("connections", c.connections, events),
-        ("events_out", c.events_out, events),
-    ]
-    .into_iter()
-    .find(|(_, v, max)| v > max)
-    .map(|(name, _, _)| name)
-}
+use crate::ship::implausible_counts;
 
 /// How far an agent's clock may run ahead of the collector's: a period further in the future
 /// would hold back every later summary of that agent (periods are merged once, in order).
@@ -374,10 +354,15 @@ pub fn validate(b: &Batch, agent: &str, now_s: u64) -> Result<(), IngestError> {
                     ));
                 }
                 // An early part names its alerting clients and nothing else, with what they did
-                // in its seconds (so a period's parts together claim at most what its early
-                // parts' seconds and one whole period allow: under twice a period's bound).
+                // in its period so far (its counts may have begun before its span: a client's
+                // first part carries the period from its start), so a period's parts together
+                // claim at most a few times a period's bound, of the agent's own traffic.
                 let early = crate::ship::early::is_early(s);
-                let secs = if early { s.period_s } else { PERIOD_SECS };
+                let secs = if early {
+                    s.start_s % PERIOD_SECS + s.period_s
+                } else {
+                    PERIOD_SECS
+                };
                 if early && (!s.rest.is_empty() || s.clients.len() > crate::ship::early::MAX_KEYS) {
                     return bad(format!(
                         "{}: an early part carries at most {} clients and no rest",

@@ -78,6 +78,18 @@ pub fn save(dir: &Path, early: &Early) -> anyhow::Result<()> {
     super::state::install(dir, &tmp, FILE_NAME)
 }
 
+/// Removes the record (its part could not be spooled, and no earlier part of the period
+/// was).
+pub fn remove(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join(FILE_NAME);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What the last early part carried, if the file is there and reads (a damaged one is
 /// logged and ignored: the rest of its period is then shipped whole, and refused).
 pub fn load(dir: &Path) -> Option<Early> {

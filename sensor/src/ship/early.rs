@@ -15,8 +15,13 @@
 //! decoy that alerts first does not hold a later bot's part back. Only to a collector that
 //! said lately that it takes parts (an earlier one refuses summaries shorter than a period).
 
+use std::collections::{HashMap, HashSet};
+
 use super::{ClientDelta, PERIOD_SECS, Sample, Summary, sketch};
-use crate::model::{aggregate::Aggregator, keys::By};
+use crate::model::{
+    aggregate::{Aggregator, Counts},
+    keys::By,
+};
 
 pub use crate::model::shipped::{Early, EarlyRow};
 
@@ -29,7 +34,7 @@ pub const MAX_KEYS: usize = 1000;
 #[derive(Debug, Default)]
 pub struct EarlyParts {
     /// Alerting clients waiting for an early part of the period starting at `wanted_s`.
-    wanted: Vec<(By, String)>,
+    wanted: HashSet<(By, String)>,
     wanted_s: u64,
     /// What the period's early parts carried so far (its rest ships less it).
     shipped: Option<Early>,
@@ -52,8 +57,12 @@ impl EarlyParts {
             self.wanted.clear();
             self.wanted_s = start;
         }
-        let room = MAX_KEYS.saturating_sub(self.wanted.len());
-        self.wanted.extend(keys.into_iter().take(room));
+        for key in keys {
+            if self.wanted.len() >= MAX_KEYS {
+                break;
+            }
+            self.wanted.insert(key);
+        }
     }
 
     /// The early part to ship at `now_s`, and what the period's parts carry with it: when
@@ -71,9 +80,17 @@ impl EarlyParts {
         if self.wanted_s != start || self.wanted.is_empty() || !accepted {
             return None;
         }
-        // Clients that did nothing since the period's last part keep their wish.
         let part = early_part(agg, now_s, &self.wanted, sample, self.of(start))?;
-        self.wanted.clear();
+        // Clients that did nothing since the period's last part (or that the part could not
+        // carry) keep their wish.
+        let shipped: HashSet<(&str, &str)> = part
+            .0
+            .clients
+            .iter()
+            .map(|c| (c.by.as_str(), c.key.as_str()))
+            .collect();
+        self.wanted
+            .retain(|(by, key)| !shipped.contains(&(by.name(), key.as_str())));
         Some(part)
     }
 
@@ -93,10 +110,10 @@ impl EarlyParts {
 /// the period's earlier parts (`before`), and the period's record with it; None when none of
 /// them did anything since, when a part already covers this second, or when less than a
 /// second of the period is left (its end ships the rest as soon).
-pub fn early_part(
+pub fn early_part<'k>(
     agg: &Aggregator,
     now_s: u64,
-    keys: &[(By, String)],
+    keys: impl IntoIterator<Item = &'k (By, String)>,
     sample: &Sample,
     before: Option<&Early>,
 ) -> Option<(Summary, Early)> {
@@ -113,11 +130,15 @@ pub fn early_part(
     let carried = before.map(Early::shipped).unwrap_or_default();
     let mut clients = Vec::new();
     let mut rows = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
+    // What the collector takes of a part: the period's bound scaled to the seconds since its
+    // start, per client and per kind. A client past it (a catch-up after a restart lands the
+    // downtime's bytes at once) comes with the rest, whose bound is the whole period's.
+    let mut per_kind: HashMap<By, Counts> = HashMap::new();
     // With the collector reading sketches, the part's rows in their cells: the parts'
     // sketches then cover the period's counts exactly, as one summary's would.
     let with_sketch = sample.hot.supported();
-    let mut sketches: std::collections::HashMap<By, sketch::Builder> = Default::default();
+    let mut sketches: HashMap<By, sketch::Builder> = Default::default();
     for (by, key) in keys {
         if !seen.insert((*by, key.as_str())) {
             continue;
@@ -129,9 +150,15 @@ pub fn early_part(
         if let Some(done) = carried.get(&(*by, key.as_str())) {
             counts.saturating_sub(*done);
         }
-        if counts.is_zero() {
+        if counts.is_zero() || super::implausible_counts(&counts, to).is_some() {
             continue;
         }
+        let mut sum = per_kind.get(by).copied().unwrap_or_default();
+        sum += counts;
+        if super::implausible_counts(&sum, to).is_some() {
+            continue;
+        }
+        per_kind.insert(*by, sum);
         if with_sketch {
             sketches
                 .entry(*by)
@@ -155,6 +182,7 @@ pub fn early_part(
     if clients.is_empty() {
         return None;
     }
+    clients.sort_by(|a, b| (&a.by, &a.key).cmp(&(&b.by, &b.key)));
     let summary = Summary {
         start_s: start_s + from,
         period_s: to - from,
@@ -290,9 +318,11 @@ mod tests {
         }
         assert_eq!(both, cells(&whole_sketch));
         // Below the cut in the rest, the early part's client is still named (with a top of
-        // one, the other client is the heaviest after the early part).
+        // one, the other client is the heaviest after the early part), within the bound of
+        // rows named below the cut.
         agg.apply(other, &bytes(1000), at(t + 8, 0));
-        let cut = summarize(&agg, t, 1, &Sample::off(), Some(&early)).expect("rest");
+        let named_below = Sample::new(&[7u8; 32], 0, 1, Default::default());
+        let cut = summarize(&agg, t, 1, &named_below, Some(&early)).expect("rest");
         assert_eq!(row(&cut, "address", "10.0.0.9").bytes_in, 100);
         assert_eq!(row(&cut, "address", "10.0.0.1").bytes_in, 1012);
         assert!(!cut.rest.contains_key("address"), "{:?}", cut.rest);
@@ -301,6 +331,32 @@ mod tests {
         let next = summarize(&agg, t + 10, 10, &Sample::off(), Some(&early)).expect("next");
         assert_eq!((next.start_s, next.period_s), (t + 10, 10));
         assert_eq!(row(&next, "address", "10.0.0.9").bytes_in, 1);
+    }
+
+    /// A client past what a part of its seconds may claim (a catch-up after a restart) is
+    /// left to the rest, whose bound is the whole period's.
+    #[test]
+    fn a_part_stays_within_its_seconds_bound() {
+        let t = 1_800_000_000u64;
+        let mut agg = Aggregator::new(100, 24, 56);
+        let huge = crate::model::aggregate::Delta {
+            counts: Counts {
+                bytes_out: crate::ship::MAX_BYTES_PER_PERIOD / 10 * 2 + 1,
+                ..Counts::default()
+            },
+            ..Default::default()
+        };
+        agg.apply(std::net::IpAddr::from([10, 0, 0, 9]), &huge, at(t, 100));
+        agg.apply(std::net::IpAddr::from([10, 0, 0, 8]), &bytes(1), at(t, 100));
+        let keys = vec![
+            (By::Address, "10.0.0.9".to_owned()),
+            (By::Address, "10.0.0.8".to_owned()),
+        ];
+        let (p, _) = early_part(&agg, t + 1, &keys, &Sample::off(), None).expect("part");
+        let named: Vec<&str> = p.clients.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(named, ["10.0.0.8"]);
+        let (p, _) = early_part(&agg, t + 2, &keys, &Sample::off(), None).expect("part");
+        assert_eq!(p.clients.len(), 2, "within 3 s of the bound");
     }
 
     #[test]
@@ -383,9 +439,12 @@ mod tests {
         agg.apply(ip(8), &bytes(1), at(t + 21, 0));
         assert!(parts.take(&agg, t + 21, true, &off).is_none());
         parts.want(t + 21, (0..2000).map(|_| key(8)));
+        assert_eq!(parts.wanted.len(), 1, "once each");
+        parts.want(t + 21, (0..2000u32).map(|i| (By::Identity, i.to_string())));
         assert_eq!(parts.wanted.len(), MAX_KEYS);
         let (p, _) = parts.take(&agg, t + 21, true, &off).expect("next period");
         assert_eq!((p.start_s, p.clients.len()), (t + 20, 1));
+        assert_eq!(parts.wanted.len(), MAX_KEYS - 1, "the idle ones wait");
         // A client alerting before it did anything in the period keeps its wish.
         parts.want(t + 31, [key(7)]);
         assert!(parts.take(&agg, t + 31, true, &off).is_none());

@@ -44,6 +44,29 @@ pub const MAX_CLIENTS_PER_SUMMARY: usize = 40_000;
 pub const MAX_NAME_LEN: usize = 128;
 pub const MAX_KEY_LEN: usize = 256;
 
+/// Bytes one host can move in one direction in one summary period: a 400 Gbit/s link for
+/// 10 s. A summary claiming more (for one client, or for all clients of a key kind) did not
+/// come from real traffic; it is refused before it can be added to anything.
+pub const MAX_BYTES_PER_PERIOD: u64 = 50_000_000_000 * PERIOD_SECS;
+/// Requests, connections and server-sent events one host can see in one period (10 million
+/// a second, far above any inference server).
+pub const MAX_EVENTS_PER_PERIOD: u64 = 10_000_000 * PERIOD_SECS;
+/// The first counter of `c` beyond the bounds of `secs` seconds of a period, by name.
+pub fn implausible_counts(c: &Counts, secs: u64) -> Option<&'static str> {
+    let bytes = MAX_BYTES_PER_PERIOD / PERIOD_SECS * secs;
+    let events = MAX_EVENTS_PER_PERIOD / PERIOD_SECS * secs;
+    [
+        ("bytes_in", c.bytes_in, bytes),
+        ("bytes_out", c.bytes_out, bytes),
+        ("requests", c.requests, events),
+        ("connections", c.connections, events),
+        ("events_out", c.events_out, events),
+    ]
+    .into_iter()
+    .find(|(_, v, max)| v > max)
+    .map(|(name, _, _)| name)
+}
+
 /// Agent and collector names: what a token is registered under.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -243,8 +266,8 @@ impl Sample {
     }
 
     /// Whether the collector said lately that it takes early parts ([`early`]).
-    pub fn takes_parts(&self, now_s: u64) -> bool {
-        self.hot.takes_parts(now_s)
+    pub fn takes_parts(&self) -> bool {
+        self.hot.takes_parts()
     }
 
     /// No sampling: only the heaviest clients are named.
@@ -317,11 +340,7 @@ pub fn summarize(
         // first), together within `max_rows`; the rest is summed.
         let mut extra = Vec::new();
         for (i, row) in rows.into_iter().enumerate() {
-            // The top, and the clients of the period's early part: named whatever they did
-            // after it, so a client cannot fold its rest (or its open connections) away by
-            // going quiet once it alerted.
-            let first = i < top || shipped.contains_key(&(by, row.0));
-            if first && !with_sketch {
+            if i < top && !with_sketch {
                 named.push(row);
                 continue;
             }
@@ -329,12 +348,17 @@ pub fn summarize(
             if with_sketch && !row.1.is_zero() {
                 sketch.add(&place, &row.1);
             }
-            if first {
+            if i < top {
                 named.push(row);
+            } else if shipped.contains_key(&(by, row.0)) {
+                // The clients of the period's early parts come first below the cut: a client
+                // cannot fold its rest (or its open connections) away by going quiet once
+                // it alerted, within the bound below.
+                extra.push(((0, 0), row));
             } else if place.rank < sample.per_10k {
-                extra.push(((0, place.rank), row));
+                extra.push(((1, place.rank), row));
             } else if let Some(heat) = sketch::heat_rank(hot, &place) {
-                extra.push(((1, heat), row));
+                extra.push(((2, heat), row));
             } else {
                 left += row.1;
             }

@@ -19,7 +19,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     sync::{
         Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
 };
 
@@ -127,11 +127,11 @@ pub type HotByKey = BTreeMap<String, HotCells>;
 pub struct Hot {
     state: Mutex<HotState>,
     supported: AtomicBool,
-    /// Until when (unix s) the collector is known to take early parts of periods
-    /// ([`super::early`]): renewed by its answers and hot-cell messages, so a collector
-    /// rolled back to an earlier version (or an older partition holder) is not sent parts
-    /// for long.
-    parts_until_s: AtomicU64,
+    /// Until when the collector is known to take early parts of periods ([`super::early`]):
+    /// renewed by its answers and hot-cell messages, so a collector rolled back to an earlier
+    /// version (or an older partition holder) is not sent parts for long. On the monotonic
+    /// clock: the agent's own runs sped up in evaluations (`time_scale`).
+    parts_until: Mutex<Option<std::time::Instant>>,
     /// This agent's sketch key: which cells of the NATS hot subject are its.
     key: Mutex<String>,
 }
@@ -153,14 +153,20 @@ impl Hot {
         self.supported.load(Ordering::Relaxed)
     }
 
-    /// The collector takes early parts until `until_s` (said by its answers, or by a header
-    /// on the hot cells it publishes); 0: it does not (an answer without it).
-    pub fn set_takes_parts(&self, until_s: u64) {
-        self.parts_until_s.store(until_s, Ordering::Relaxed);
+    /// The collector said it takes early parts (its answers, or a header on the hot cells it
+    /// publishes), or did not (an answer without it): for the next `PARTS_TTL_SECS`.
+    pub fn set_takes_parts(&self, takes: bool) {
+        if let Ok(mut until) = self.parts_until.lock() {
+            *until = takes.then(|| {
+                std::time::Instant::now() + std::time::Duration::from_secs(PARTS_TTL_SECS)
+            });
+        }
     }
 
-    pub fn takes_parts(&self, now_s: u64) -> bool {
-        now_s < self.parts_until_s.load(Ordering::Relaxed)
+    pub fn takes_parts(&self) -> bool {
+        self.parts_until
+            .lock()
+            .is_ok_and(|u| u.is_some_and(|u| std::time::Instant::now() < u))
     }
 
     pub fn set_key(&self, key: &str) {

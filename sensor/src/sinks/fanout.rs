@@ -69,21 +69,25 @@ impl Outputs {
     /// Spools already-built records (the collector forwarding agents' alerts).
     pub fn publish_records(&self, records: &[Record]) {
         let inputs: Vec<Input<'_>> = records.iter().map(Input::Alert).collect();
-        self.offer(&inputs, || format!("{} alert event(s)", records.len()));
+        let _ = self.offer(&inputs, || format!("{} alert event(s)", records.len()));
     }
 
-    /// Spools a per-client summary for the collector (when shipping is on).
-    pub fn ship_summary(&self, summary: crate::ship::Summary) {
+    /// Spools a per-client summary for the collector (when shipping is on); false when a sink
+    /// could not spool it (counted as dropped).
+    pub fn ship_summary(&self, summary: crate::ship::Summary) -> bool {
         let start = summary.start_s;
-        self.offer(&[Input::Summary(&summary)], || format!("summary {start}"));
+        self.offer(&[Input::Summary(&summary)], || format!("summary {start}"))
     }
 
-    fn offer(&self, inputs: &[Input<'_>], what: impl Fn() -> String) {
+    /// False when a sink could not spool all of `inputs`.
+    fn offer(&self, inputs: &[Input<'_>], what: impl Fn() -> String) -> bool {
         if inputs.is_empty() {
-            return;
+            return true;
         }
+        let mut all = true;
         for r in &self.running {
             if let Err((lost, err)) = r.feed.offer(inputs) {
+                all = false;
                 update(&r.stats, |s| s.dropped += lost as u64);
                 warn!(
                     "output `{}`: {lost} of {} not spooled: {err}",
@@ -92,6 +96,7 @@ impl Outputs {
                 );
             }
         }
+        all
     }
 
     /// Whether a sink takes summaries (the agent builds them only then).

@@ -33,7 +33,7 @@ use crate::{
     ship::{
         Batch, EncodeError, ShipRecord, WIRE_VERSION, encode,
         partition::{self, POSITIONS_HEADER, partition_stream, partition_subject},
-        sketch::{Hot, HotByKey, PARTS_HEADER, PARTS_TTL_SECS, hot_subject},
+        sketch::{Hot, HotByKey, PARTS_HEADER, hot_subject},
     },
     sinks::{
         error::SinkError,
@@ -152,7 +152,7 @@ impl JetStreamSink {
                             .as_ref()
                             .is_some_and(|h| h.get(PARTS_HEADER).is_some())
                         {
-                            hot.set_takes_parts(Now::system().secs() + PARTS_TTL_SECS);
+                            hot.set_takes_parts(true);
                         }
                         if let Ok(all) = serde_json::from_slice::<HotByKey>(&msg.payload) {
                             hot.set_from(&all, Now::system().secs());

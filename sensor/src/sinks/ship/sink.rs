@@ -130,12 +130,7 @@ impl ShipSink {
                         self.hot.set_supported();
                     }
                     // Each answer says it again (a collector rolled back stops it at once).
-                    let now_s = crate::model::aggregate::Now::system().secs();
-                    self.hot.set_takes_parts(if a.parts {
-                        now_s + crate::ship::sketch::PARTS_TTL_SECS
-                    } else {
-                        0
-                    });
+                    self.hot.set_takes_parts(a.parts);
                     self.hot
                         .set(&a.hot, crate::model::aggregate::Now::system().secs());
                 }
