@@ -86,12 +86,17 @@ pub struct Identities {
     /// Head buffers of finished requests, reused by the next ones: one allocation and free
     /// less per request (thousands a second under load).
     spare: Vec<Vec<u8>>,
+    /// Capacity of the buffers in `spare`, in bytes.
+    spare_bytes: usize,
     pub stats: HeadStats,
 }
 
-/// Spare head buffers kept, and the largest kept (a typical head; bigger ones are freed, so
-/// the spares hold at most 256 KiB).
-const SPARE_BUFFERS: usize = 64;
+/// Bytes of spare head buffers kept, and the largest buffer kept (a typical head; bigger
+/// ones are freed). Bounded by bytes, not by count: every connection's head waits for the
+/// live read that settles it, so with thousands of kept-alive clients thousands of buffers
+/// are freed at one read and wanted again within the second (a bound of 64 buffers left
+/// most requests allocating one). The spares are what those heads held a moment before.
+const SPARE_BYTES: usize = 4 << 20;
 const SPARE_MAX_BYTES: usize = 4096;
 
 /// Where the secret lives: the configured file, or identity.key in the state directory.
@@ -154,6 +159,7 @@ impl Identities {
             names: BTreeMap::new(),
             pending: HashMap::default(),
             spare: Vec::new(),
+            spare_bytes: 0,
             stats: HeadStats::default(),
         };
         ids.reconfigure(config);
@@ -227,7 +233,13 @@ impl Identities {
             ts_ns: ev.ts_ns,
             head_from: ev.head_offset,
             buf: {
-                let mut buf = self.spare.pop().unwrap_or_default();
+                let mut buf = match self.spare.pop() {
+                    Some(b) => {
+                        self.spare_bytes -= b.capacity();
+                        b
+                    }
+                    None => Vec::new(),
+                };
                 buf.extend_from_slice(bytes);
                 buf
             },
@@ -266,11 +278,13 @@ impl Identities {
         } else {
             self.keys(p.peer, &p.buf)
         };
-        if self.spare.len() < SPARE_BUFFERS && p.buf.capacity() <= SPARE_MAX_BYTES {
+        let cap = p.buf.capacity();
+        if cap > 0 && cap <= SPARE_MAX_BYTES && self.spare_bytes + cap <= SPARE_BYTES {
             // The head may carry a credential: nothing of it stays in a kept buffer (zeroize's
             // writes are not optimised away, and `Vec::zeroize` clears the length too).
             zeroize::Zeroize::zeroize(&mut p.buf);
             self.spare.push(std::mem::take(&mut p.buf));
+            self.spare_bytes += cap;
         }
         Some(Ready {
             cookie,
@@ -358,6 +372,60 @@ mod tests {
         );
         assert_eq!(ids.stats.malformed, 1);
         assert_eq!(ids.stats.with_credential, 2);
+    }
+
+    /// Spare buffers are bounded by their bytes, however many heads were pending at once, and
+    /// an empty head keeps none.
+    #[test]
+    fn spare_buffers_are_bounded_by_bytes() {
+        let c = config("");
+        let mut ids = Identities::new(b"0123456789abcdef", &c);
+        let peer: IpAddr = "127.0.0.1".parse().expect("ip");
+        let mut head = b"GET / HTTP/1.1\r\nx-filler: ".to_vec();
+        head.resize(1000, b'a');
+        head.extend_from_slice(b"\r\n\r\n");
+        fn event(cookie: u64, head: &[u8]) -> crate::kernel::RequestRecord<'_> {
+            crate::kernel::RequestRecord {
+                cookie,
+                ts_ns: 1,
+                remote_addr: [0; 16],
+                bytes_in_start: 0,
+                bytes_out_start: 0,
+                events_out_start: 0,
+                head_offset: 0,
+                kind: sensor_common::EVENT_REQUEST,
+                flags: HEAD_DONE,
+                head,
+            }
+        }
+        let pending = SPARE_BYTES / head.len() + 100;
+        let mut ready = Vec::new();
+        for cookie in 0..pending as u64 {
+            ids.on_event(&event(cookie, &head), peer, &mut ready);
+        }
+        for cookie in 0..pending as u64 {
+            assert!(ids.close(cookie).is_some());
+        }
+        assert!(ids.spare_bytes <= SPARE_BYTES, "{}", ids.spare_bytes);
+        assert!(ids.spare.len() < pending);
+        assert_eq!(
+            ids.spare_bytes,
+            ids.spare.iter().map(Vec::capacity).sum::<usize>()
+        );
+        // Taken again by the next heads, and the count follows.
+        let kept = ids.spare.len();
+        for cookie in 0..10 {
+            ids.on_event(&event(cookie, &head), peer, &mut ready);
+        }
+        assert_eq!(ids.spare.len(), kept - 10);
+        assert_eq!(
+            ids.spare_bytes,
+            ids.spare.iter().map(Vec::capacity).sum::<usize>()
+        );
+        // A turn without head bytes finishes at once and keeps no buffer.
+        let mut fresh = Identities::new(b"0123456789abcdef", &c);
+        fresh.on_event(&event(1, b""), peer, &mut ready);
+        assert!(fresh.spare.is_empty());
     }
 
     /// Head buffers are reused from request to request: a shorter head after a longer one

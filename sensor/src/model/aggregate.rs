@@ -1432,38 +1432,44 @@ impl Key {
         unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 
+    /// Appends what fits (every key does: the longest is 49 bytes).
     fn push(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.push_byte(*b);
-        }
-    }
-
-    #[inline]
-    fn push_byte(&mut self, b: u8) {
-        if let Some(slot) = self.buf.get_mut(self.len) {
-            *slot = b;
-            self.len += 1;
-        }
+        let start = self.len.min(self.buf.len());
+        let n = bytes.len().min(self.buf.len() - start);
+        self.buf[start..start + n].copy_from_slice(&bytes[..n]);
+        self.len = start + n;
     }
 
     fn push_decimal(&mut self, v: u8) {
-        if v >= 100 {
-            self.push_byte(b'0' + v / 100);
-        }
-        if v >= 10 {
-            self.push_byte(b'0' + v / 10 % 10);
-        }
-        self.push_byte(b'0' + v % 10);
+        let (digits, len) = OCTET_TEXT[usize::from(v)];
+        self.push(&digits[..usize::from(len)]);
     }
 
     fn push_ip(&mut self, ip: IpAddr) {
         match ip {
             IpAddr::V4(a) => {
+                // Each octet's text from a table into a local buffer, copied once: under a
+                // new connection per request this ran for every key of every connection,
+                // digit by digit (about a twentieth of the agent's instructions).
+                let mut text = [0u8; 16];
+                let mut n = 0;
                 for (i, octet) in a.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        self.push_byte(b'.');
+                    let (digits, len) = OCTET_TEXT[usize::from(octet)];
+                    // n <= 12 here (three octets of at most 3 digits and a dot each).
+                    text[n..n + 3].copy_from_slice(&digits);
+                    n += usize::from(len);
+                    if i < 3 {
+                        text[n] = b'.';
+                        n += 1;
                     }
-                    self.push_decimal(octet);
+                }
+                let start = self.len;
+                if let Some(slot) = self.buf.get_mut(start..start + text.len()) {
+                    // A fixed-size copy (no call to memcpy), of which the first n bytes count.
+                    slot.copy_from_slice(&text);
+                    self.len = start + n;
+                } else {
+                    self.push(&text[..n]);
                 }
             }
             IpAddr::V6(a) => {
@@ -1473,6 +1479,24 @@ impl Key {
         }
     }
 }
+
+/// The decimal text of every octet value: its digits, left-aligned, and how many there are.
+static OCTET_TEXT: [([u8; 3], u8); 256] = {
+    let mut t = [([0u8; 3], 0u8); 256];
+    let mut v = 0;
+    while v < 256 {
+        let b = v as u8;
+        t[v] = if b >= 100 {
+            ([b'0' + b / 100, b'0' + b / 10 % 10, b'0' + b % 10], 3)
+        } else if b >= 10 {
+            ([b'0' + b / 10, b'0' + b % 10, 0], 2)
+        } else {
+            ([b'0' + b, 0, 0], 1)
+        };
+        v += 1;
+    }
+    t
+};
 
 impl AsRef<str> for Key {
     fn as_ref(&self) -> &str {
@@ -2146,7 +2170,10 @@ mod tests {
         .iter()
         .map(|s| s.parse().expect("ip"))
         .collect();
-        // A spread of IPv4 addresses covering every octet width.
+        // Every octet value in every position, and a spread of addresses.
+        for v in 0..=255u8 {
+            ips.push(IpAddr::V4(std::net::Ipv4Addr::new(v, 255 - v, v / 3, v)));
+        }
         let mut x: u32 = 0x9e37_79b9;
         for _ in 0..2000 {
             x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);

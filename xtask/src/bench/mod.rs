@@ -76,9 +76,9 @@ pub struct Options {
     pub jetstream_rows: u64,
     /// Phases to run (comma separated): ab, bpf, load, latency, memory, collector, alert,
     /// jetstream; and,
-    /// not by default, `profile` (the agent under valgrind's callgrind during the keep-alive
+    /// not by default, `profile` (the agent under valgrind's callgrind during the
     /// load: instructions per function) and `sample` (the agent sampled by `perf record -e
-    /// cpu-clock` during the keep-alive load: where its time goes, cache misses and kernel
+    /// cpu-clock` during the --profile-load load: where its time goes, cache misses and kernel
     /// time included), output in target/bench/. The report is only written when all eight
     /// measurements ran.
     #[arg(
@@ -87,6 +87,10 @@ pub struct Options {
         default_value = "ab,bpf,load,latency,memory,collector,alert,jetstream"
     )]
     pub phases: Vec<String>,
+    /// The load the profilers (`profile`, `sample`) run under: `keep-alive` (one kept-alive
+    /// connection per client) or `close` (a new connection per request).
+    #[arg(long, default_value = "keep-alive", value_parser = ["keep-alive", "close"])]
+    pub profile_load: String,
     /// Markdown file whose generated section is replaced.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
@@ -987,7 +991,7 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Not a measurement: the agent under callgrind while the keep-alive load runs, for the
+    /// Not a measurement: the agent under callgrind while the `--profile-load` load runs, for the
     /// cost per call of its functions (this machine has no hardware counters for perf).
     fn profile_agent(&self, out_dir: &Path) -> anyhow::Result<()> {
         fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -1006,10 +1010,8 @@ impl Bench<'_> {
             duration: Duration::from_secs(self.opts.load_seconds),
             threads: LOAD_THREADS,
         };
-        let mut pool = load::KeepAlive::connect(&spec)?;
-        let outcome = pool.run(&spec);
+        let outcome = self.profiled_load(&spec)?;
         let health = procs::api_get(&agent.socket, "/v1/health")?;
-        drop(pool);
         agent.stop(procs::AGENT_PATIENCE)?;
         let annotated = run_bounded(
             Command::new("callgrind_annotate")
@@ -1030,9 +1032,17 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// The profilers' load (`--profile-load`), run to its end.
+    fn profiled_load(&self, spec: &load::Spec) -> anyhow::Result<load::Outcome> {
+        Ok(match self.opts.profile_load.as_str() {
+            "close" => load::new_connections(spec),
+            _ => load::KeepAlive::connect(spec)?.run(spec),
+        })
+    }
+
     /// Not a measurement: the agent sampled at ~1 kHz of CPU time by `perf record -e
     /// cpu-clock` (a software clock: this machine kind has no hardware counters) while the
-    /// keep-alive load runs. Unlike callgrind, it sees what instructions do not (cache misses,
+    /// `--profile-load` load runs. Unlike callgrind, it sees what instructions do not (cache misses,
     /// time in the kernel) and runs the agent at full speed, batching as it does in production.
     fn sample_agent(&self, out_dir: &Path) -> anyhow::Result<()> {
         fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -1046,7 +1056,10 @@ impl Bench<'_> {
             duration: Duration::from_secs(self.opts.load_seconds),
             threads: LOAD_THREADS,
         };
-        let mut pool = load::KeepAlive::connect(&spec)?;
+        let mut pool = match self.opts.profile_load.as_str() {
+            "close" => None,
+            _ => Some(load::KeepAlive::connect(&spec)?),
+        };
         let mut perf = Command::new("perf")
             .args(["record", "-q", "-F", "999", "-e", "cpu-clock", "-g", "-p"])
             .arg(agent.pid().to_string())
@@ -1056,7 +1069,10 @@ impl Bench<'_> {
             .stdout(Stdio::null())
             .spawn()
             .context("starting perf (Debian package linux-perf; `cargo xtask setup --bench`)")?;
-        let outcome = pool.run(&spec);
+        let outcome = match pool.as_mut() {
+            Some(pool) => pool.run(&spec),
+            None => load::new_connections(&spec),
+        };
         // perf writes its data on SIGINT.
         let stopped = Command::new("kill")
             .args(["-INT", &perf.id().to_string()])

@@ -780,6 +780,7 @@ mod tests {
             phases: vec!["ab".into()],
             output: "BENCHMARKS.md".into(),
             live_read: "all".into(),
+            profile_load: "keep-alive".into(),
         }
     }
 
