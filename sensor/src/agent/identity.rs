@@ -95,8 +95,9 @@ pub struct Identities {
 /// ones are freed). Bounded by bytes, not by count: every connection's head waits for the
 /// live read that settles it, so with thousands of kept-alive clients thousands of buffers
 /// are freed at one read and wanted again within the second (a bound of 64 buffers left
-/// most requests allocating one). The spares are what those heads held a moment before.
-const SPARE_BYTES: usize = 4 << 20;
+/// most requests allocating one). The spares are what those heads held a moment before;
+/// 1 MiB keeps ten thousand short heads' buffers and little of the agent's memory budget.
+const SPARE_BYTES: usize = 1 << 20;
 const SPARE_MAX_BYTES: usize = 4096;
 
 /// Where the secret lives: the configured file, or identity.key in the state directory.
