@@ -788,6 +788,27 @@ mod tests {
         );
     }
 
+    /// A Host value with bytes beyond ASCII (UTF-8 or not: obs-text a server may accept) is no
+    /// host, and the head still parses; a request line with such a byte is refused.
+    #[test]
+    fn non_ascii_host_is_no_host_and_non_ascii_targets_are_refused() {
+        for value in [&b"caf\xc3\xa9.example"[..], b"\xff\xfe", b"a\x80"] {
+            let mut head = b"GET /x HTTP/1.1\r\nHost: ".to_vec();
+            head.extend_from_slice(value);
+            head.extend_from_slice(b"\r\nX-Api-Key: k\r\n\r\n");
+            let h = parse_head(&head).expect("parses");
+            assert_eq!(h.host, None, "{value:?}");
+            assert!(!h.truncated);
+            assert_eq!(h.fields().count(), 2);
+        }
+        for line in [
+            &b"GET /caf\xc3\xa9 HTTP/1.1\r\n\r\n"[..],
+            b"G\xffT / HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(parse_head(line), Err(HeadError::RequestLine), "{line:?}");
+        }
+    }
+
     #[test]
     fn truncated_heads_keep_complete_fields_but_no_forwarding() {
         let h = parse_head(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nAuthoriz")

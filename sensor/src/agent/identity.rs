@@ -375,6 +375,22 @@ mod tests {
         assert_eq!(ids.stats.with_credential, 2);
     }
 
+    /// A request event at the start of a connection whose whole head is `head`.
+    fn event(cookie: u64, head: &[u8]) -> crate::kernel::RequestRecord<'_> {
+        crate::kernel::RequestRecord {
+            cookie,
+            ts_ns: 1,
+            remote_addr: [0; 16],
+            bytes_in_start: 0,
+            bytes_out_start: 0,
+            events_out_start: 0,
+            head_offset: 0,
+            kind: sensor_common::EVENT_REQUEST,
+            flags: HEAD_DONE,
+            head,
+        }
+    }
+
     /// Spare buffers are bounded by their bytes, however many heads were pending at once, and
     /// an empty head keeps none.
     #[test]
@@ -385,20 +401,6 @@ mod tests {
         let mut head = b"GET / HTTP/1.1\r\nx-filler: ".to_vec();
         head.resize(1000, b'a');
         head.extend_from_slice(b"\r\n\r\n");
-        fn event(cookie: u64, head: &[u8]) -> crate::kernel::RequestRecord<'_> {
-            crate::kernel::RequestRecord {
-                cookie,
-                ts_ns: 1,
-                remote_addr: [0; 16],
-                bytes_in_start: 0,
-                bytes_out_start: 0,
-                events_out_start: 0,
-                head_offset: 0,
-                kind: sensor_common::EVENT_REQUEST,
-                flags: HEAD_DONE,
-                head,
-            }
-        }
         let pending = SPARE_BYTES / head.len() + 100;
         let mut ready = Vec::new();
         for cookie in 0..pending as u64 {
@@ -436,18 +438,6 @@ mod tests {
         let c = config("");
         let mut ids = Identities::new(b"0123456789abcdef", &c);
         let peer: IpAddr = "127.0.0.1".parse().expect("ip");
-        let event = |cookie: u64, head: &'static [u8]| crate::kernel::RequestRecord {
-            cookie,
-            ts_ns: 1,
-            remote_addr: [0; 16],
-            bytes_in_start: 0,
-            bytes_out_start: 0,
-            events_out_start: 0,
-            head_offset: 0,
-            kind: sensor_common::EVENT_REQUEST,
-            flags: HEAD_DONE,
-            head,
-        };
         let long = b"GET / HTTP/1.1\r\nx-api-key: first-key-that-is-long\r\n\r\n";
         let mut ready = Vec::new();
         ids.on_event(&event(1, long), peer, &mut ready);
@@ -478,16 +468,10 @@ mod tests {
         let mut ids = Identities::new(b"0123456789abcdef", &c);
         let peer: IpAddr = "127.0.0.1".parse().expect("ip");
         let event = |start: u64, flags: u8, head: &'static [u8]| crate::kernel::RequestRecord {
-            cookie: 7,
-            ts_ns: 1,
-            remote_addr: [0; 16],
             bytes_in_start: start,
-            bytes_out_start: 0,
-            events_out_start: 0,
             head_offset: start,
-            kind: sensor_common::EVENT_REQUEST,
             flags,
-            head,
+            ..event(7, head)
         };
         let mut ready = Vec::new();
         ids.on_event(

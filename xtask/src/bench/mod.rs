@@ -36,6 +36,38 @@ use serde_json::Value;
 
 use procs::{Agent, AgentSpec, Cgroup, Proc, Sysctl, TempDir, check_interrupted, run_bounded};
 
+/// The load the profilers run under (`--profile-load`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileLoad {
+    /// One kept-alive connection per client.
+    KeepAlive,
+    /// A new connection per request.
+    Close,
+}
+
+/// A profilers' load, its connections made before the profiler starts (keep-alive), so that
+/// the profile holds the paced requests only.
+enum Profiled {
+    KeepAlive(load::KeepAlive),
+    Close,
+}
+
+impl Profiled {
+    fn connect(kind: ProfileLoad, spec: &load::Spec) -> anyhow::Result<Self> {
+        Ok(match kind {
+            ProfileLoad::KeepAlive => Self::KeepAlive(load::KeepAlive::connect(spec)?),
+            ProfileLoad::Close => Self::Close,
+        })
+    }
+
+    fn run(&mut self, spec: &load::Spec) -> load::Outcome {
+        match self {
+            Self::KeepAlive(pool) => pool.run(spec),
+            Self::Close => load::new_connections(spec),
+        }
+    }
+}
+
 /// Command-line knobs of `cargo xtask bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
@@ -77,9 +109,9 @@ pub struct Options {
     /// Phases to run (comma separated): ab, bpf, load, latency, memory, collector, alert,
     /// jetstream; and,
     /// not by default, `profile` (the agent under valgrind's callgrind during the
-    /// load: instructions per function) and `sample` (the agent sampled by `perf record -e
-    /// cpu-clock` during the --profile-load load: where its time goes, cache misses and kernel
-    /// time included), output in target/bench/. The report is only written when all eight
+    /// `--profile-load` load: instructions per function) and `sample` (the agent sampled by
+    /// `perf record -e cpu-clock` during that load: where its time goes, cache misses and
+    /// kernel time included), output in target/bench/. The report is only written when all eight
     /// measurements ran.
     #[arg(
         long,
@@ -87,10 +119,9 @@ pub struct Options {
         default_value = "ab,bpf,load,latency,memory,collector,alert,jetstream"
     )]
     pub phases: Vec<String>,
-    /// The load the profilers (`profile`, `sample`) run under: `keep-alive` (one kept-alive
-    /// connection per client) or `close` (a new connection per request).
-    #[arg(long, default_value = "keep-alive", value_parser = ["keep-alive", "close"])]
-    pub profile_load: String,
+    /// The load the profilers (`profile`, `sample`) run under.
+    #[arg(long, value_enum, default_value_t = ProfileLoad::KeepAlive)]
+    pub profile_load: ProfileLoad,
     /// Markdown file whose generated section is replaced.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
@@ -1010,7 +1041,7 @@ impl Bench<'_> {
             duration: Duration::from_secs(self.opts.load_seconds),
             threads: LOAD_THREADS,
         };
-        let outcome = self.profiled_load(&spec)?;
+        let outcome = Profiled::connect(self.opts.profile_load, &spec)?.run(&spec);
         let health = procs::api_get(&agent.socket, "/v1/health")?;
         agent.stop(procs::AGENT_PATIENCE)?;
         let annotated = run_bounded(
@@ -1032,14 +1063,6 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// The profilers' load (`--profile-load`), run to its end.
-    fn profiled_load(&self, spec: &load::Spec) -> anyhow::Result<load::Outcome> {
-        Ok(match self.opts.profile_load.as_str() {
-            "close" => load::new_connections(spec),
-            _ => load::KeepAlive::connect(spec)?.run(spec),
-        })
-    }
-
     /// Not a measurement: the agent sampled at ~1 kHz of CPU time by `perf record -e
     /// cpu-clock` (a software clock: this machine kind has no hardware counters) while the
     /// `--profile-load` load runs. Unlike callgrind, it sees what instructions do not (cache misses,
@@ -1056,10 +1079,7 @@ impl Bench<'_> {
             duration: Duration::from_secs(self.opts.load_seconds),
             threads: LOAD_THREADS,
         };
-        let mut pool = match self.opts.profile_load.as_str() {
-            "close" => None,
-            _ => Some(load::KeepAlive::connect(&spec)?),
-        };
+        let mut pool = Profiled::connect(self.opts.profile_load, &spec)?;
         let mut perf = Command::new("perf")
             .args(["record", "-q", "-F", "999", "-e", "cpu-clock", "-g", "-p"])
             .arg(agent.pid().to_string())
@@ -1069,10 +1089,7 @@ impl Bench<'_> {
             .stdout(Stdio::null())
             .spawn()
             .context("starting perf (Debian package linux-perf; `cargo xtask setup --bench`)")?;
-        let outcome = match pool.as_mut() {
-            Some(pool) => pool.run(&spec),
-            None => load::new_connections(&spec),
-        };
+        let outcome = pool.run(&spec);
         // perf writes its data on SIGINT.
         let stopped = Command::new("kill")
             .args(["-INT", &perf.id().to_string()])

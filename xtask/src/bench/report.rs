@@ -780,7 +780,7 @@ mod tests {
             phases: vec!["ab".into()],
             output: "BENCHMARKS.md".into(),
             live_read: "all".into(),
-            profile_load: "keep-alive".into(),
+            profile_load: crate::bench::ProfileLoad::KeepAlive,
         }
     }
 
