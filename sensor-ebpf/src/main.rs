@@ -31,7 +31,8 @@ use aya_ebpf::{
     bindings::{
         __sk_buff, BPF_ANY, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
         BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, seq_file,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_NEW_SYN_RECV,
+        BPF_TCP_TIME_WAIT, seq_file,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -864,7 +865,7 @@ struct Packet {
 fn packet<const INGRESS: bool>(ctx: &SkBuffContext) -> Result<Option<Packet>, Unparsed> {
     // SAFETY: context pointer; local_port is the socket's bound port in host order.
     let local_port = unsafe { (*ctx.skb.skb).local_port };
-    if !watched(local_port) {
+    if !watched(local_port) || !may_have_record(ctx) {
         return Ok(None);
     }
     let Some((cookie, stats)) = record_of_packet(ctx) else {
@@ -957,6 +958,32 @@ fn count_egress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
         }
     }
     Ok(())
+}
+
+/// Whether the packet's socket can be a recorded connection, from its state alone: a
+/// listener (a SYN, and the handshake's final ACK, which is filtered with the listener before
+/// the connection's socket exists), a request socket (SYN-ACK), a TIME_WAIT socket (its last
+/// ACKs) or a closed one has none: a record is made when the connection's own socket becomes
+/// ESTABLISHED (or SYN_RECV with Fast Open) and is gone once it reaches TCP_CLOSE (which moving
+/// to TIME_WAIT passes through). Those packets, four of the ten of a short connection, then
+/// cost neither a socket cookie (which a request socket would have to be given) nor a hash
+/// lookup that misses.
+#[inline(always)]
+fn may_have_record(ctx: &SkBuffContext) -> bool {
+    // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL). `state`
+    // is part of sock_common, readable on any socket the pointer may be (the verifier allows
+    // it on PTR_TO_SOCK_COMMON).
+    unsafe {
+        let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        let state = (*sk).state;
+        !(state == BPF_TCP_LISTEN
+            || state == BPF_TCP_NEW_SYN_RECV
+            || state == BPF_TCP_TIME_WAIT
+            || state == BPF_TCP_CLOSE)
+    }
 }
 
 /// The live record of the connection a packet belongs to: its cookie and counters.
