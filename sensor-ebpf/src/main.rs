@@ -4,8 +4,9 @@
 //!   port is established and, when the connection closes, marks it closed and pushes its final
 //!   counters to the agent through the `CLOSED` ring buffer. The agent frees the record once it
 //!   has durably accounted it, so a crashed agent finds every closed connection on restart.
-//! * `sensor_ingress` / `sensor_egress` (cgroup_skb): count payload bytes, segments and requests
-//!   of every packet of a recorded connection.
+//! * `sensor_ingress` / `sensor_egress` (cgroup_skb): count payload bytes and requests of every
+//!   packet of a recorded connection with data or a FIN, copying TCP's own segment counts into
+//!   its record; pure ACKs return before the record lookup (see `packet`).
 //! * `sensor_conns` (iterator over `SOCKS`): how the agent reads live records on the iterator
 //!   path. It is a tracing program, which some kernels refuse; on the map path it is never
 //!   loaded and live records sit in `OPEN` instead (see `LIVE_READ`).
@@ -32,7 +33,7 @@ use aya_ebpf::{
         __sk_buff, BPF_ANY, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
         BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_NEW_SYN_RECV,
-        BPF_TCP_TIME_WAIT, seq_file,
+        BPF_TCP_TIME_WAIT, bpf_tcp_sock, seq_file,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -67,6 +68,7 @@ const IPPROTO_DSTOPTS: u8 = 60;
 const MAX_EXT_HEADERS: usize = 4;
 const IPV6_HEADER_LEN: usize = 40;
 const TCP_FIN: u8 = 0x01;
+const TCP_ACK: u8 = 0x10;
 /// The state bits of `ParseState::mode` (the rest are flags).
 const MODE_STATE: u8 = 0x0f;
 // Copy sizes are powers of two so that `load_into` can bound lengths with a mask.
@@ -496,8 +498,10 @@ fn close_connection(ctx: &SockOpsContext) {
     let rcvd = unsafe { (*ctx.ops).bytes_received };
     // SAFETY: record points into the socket's live storage.
     unsafe {
-        // TCP's final count: what it accepted, including bytes no later packet reported.
+        // TCP's final counts: what it accepted, including bytes no later packet reported, and
+        // its segments each way, including pure ACKs no data packet copied.
         note_received(&mut (*record).stats, rcvd);
+        final_segments(ctx, &raw mut (*record).stats);
         (*record).stats.last_seen_ns = now_ns();
         (*record).stats.closed = 1;
         let cookie = (*record).cookie;
@@ -531,6 +535,21 @@ fn close_connection(ctx: &SockOpsContext) {
     }
 }
 
+/// TCP's segment counts at the close into the record: every segment of the connection has
+/// passed the packet programs and TCP's count by now.
+///
+/// SAFETY: `stats` points into a live record.
+#[inline(always)]
+unsafe fn final_segments(ctx: &SockOpsContext, stats: *mut ConnStats) {
+    // SAFETY: context pointer; segs_in and segs_out are readable for full sockets. `stats`
+    // per the function contract.
+    unsafe {
+        let (segs_in, segs_out) = ((*ctx.ops).segs_in, (*ctx.ops).segs_out);
+        note_segments(&raw mut (*stats).packets_in, segs_in);
+        note_segments(&raw mut (*stats).packets_out, segs_out);
+    }
+}
+
 /// `close_connection` on the map path: the final record moves from OPEN to CONNS.
 fn close_in_map(ctx: &SockOpsContext) {
     // SAFETY: the context is a sock_ops context, which bpf_get_socket_cookie accepts.
@@ -543,8 +562,9 @@ fn close_in_map(ctx: &SockOpsContext) {
     // SAFETY: pointer into a live map value, which stays valid (RCU) until this program ends
     // even after the remove below.
     unsafe {
-        // TCP's final count: what it accepted, including bytes no later packet reported.
+        // TCP's final counts, as in `close_connection`.
         note_received(&mut *stats, rcvd);
+        final_segments(ctx, stats);
         (*stats).last_seen_ns = now_ns();
         (*stats).closed = 1;
         // The final record stays in CONNS until the agent has accounted it durably.
@@ -778,6 +798,9 @@ fn load<T: Copy>(ctx: &SkBuffContext, offset: usize) -> Result<T, Unparsed> {
 /// TCP header facts of one packet. cgroup_skb buffers start at the network header.
 struct Segment {
     seq: u32,
+    /// The acknowledgment number; meaningful when `acks` is 1.
+    ack: u32,
+    acks: u8,
     payload_offset: usize,
     payload_len: u32,
     /// Segments the buffer carries (GSO/GRO aggregate several), as the kernel's segs_in/out.
@@ -834,15 +857,19 @@ fn parse(ctx: &SkBuffContext) -> Result<Segment, Unparsed> {
     if l4_offset < 20 || l4_offset > MAX_L4_OFFSET {
         return Err(Unparsed);
     }
-    // Sequence number at 4..8, data offset in the high nibble of byte 12, flags at 13.
+    // Sequence number at 4..8, acknowledgment number at 8..12, data offset in the high nibble
+    // of byte 12, flags at 13.
     let tcp: [u8; 14] = load(ctx, l4_offset)?;
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
     let payload_offset = l4_offset + usize::from(tcp[12] >> 4) * 4;
     // skb->len is the network-layer length: ip_rcv trims ingress padding, and a GSO buffer's
     // length covers all its segments.
     let payload_len = ctx.len().saturating_sub(payload_offset as u32);
     Ok(Segment {
         seq,
+        ack,
+        acks: u8::from(tcp[13] & TCP_ACK != 0),
         payload_offset,
         payload_len,
         segments: u64::from(if gso_segs == 0 { 1 } else { gso_segs }),
@@ -868,20 +895,37 @@ fn packet<const INGRESS: bool>(ctx: &SkBuffContext) -> Result<Option<Packet>, Un
     if !watched(local_port) || !may_have_record(ctx) {
         return Ok(None);
     }
+    let parsed = parse(ctx);
+    // Packets with payload or a FIN; an unparsed one is looked up to be counted as such.
+    let data = match &parsed {
+        Ok(segment) => segment.payload_len > 0 || segment.fin != 0,
+        Err(_) => true,
+    };
+    // A pure ACK (most of a bulk transfer's packets: every other one in the direction the data
+    // does not travel) changes nothing the record holds but the segment counts, which are
+    // TCP's own and copied by the connection's next data packet and by its close: it returns
+    // here, before the cookie and the hash lookup. Except a client ACK that acknowledges
+    // everything the server sent: the one that leaves a connection idle after a reply, so an
+    // idle connection's live counts are TCP's (docs/counters.md).
+    if let Ok(segment) = &parsed
+        && !data
+        && !(INGRESS && segment.acks != 0 && acks_all_sent(ctx, segment.ack))
+    {
+        return Ok(None);
+    }
     let Some((cookie, stats)) = record_of_packet(ctx) else {
         return Ok(None);
     };
-    let segment = parse(ctx)?;
-    // What TCP itself has accepted from the client, in order: it advances only for data that
-    // passed its checks (checksum, sequence window, PAWS, ACK), none of which have run yet for
-    // an ingress packet (cgroup_skb ingress runs from tcp_filter, before tcp_rcv_established).
-    // Read where it matters: packets with payload or a FIN (a bulk transfer's pure ACKs are
-    // most packets, and TCP's count is read again at the next data packet and at the close).
-    let received = if segment.payload_len > 0 || segment.fin != 0 {
-        tcp_bytes_received(ctx)
-    } else {
-        NOT_READ
-    };
+    let segment = parsed?;
+    // TCP's own counts: its segments each way into the record (an ingress packet is filtered
+    // before TCP counts it), and what it has accepted from the client, in order: that advances
+    // only for data that passed its checks (checksum, sequence window, PAWS, ACK), none of
+    // which have run yet for an ingress packet (cgroup_skb ingress runs from tcp_filter, before
+    // tcp_segs_in and tcp_rcv_established).
+    let ahead = if INGRESS { segment.segments as u32 } else { 0 };
+    let rcvd = tcp_counts(ctx, stats, ahead);
+    // What TCP accepted matters for packets with payload or a FIN only.
+    let received = if data { rcvd } else { NOT_READ };
     // The clock is read for packets with data or a FIN only: a bulk transfer's pure ACKs are
     // most of its packets, and a clock read costs as much as the rest of such a packet's work.
     // Of those, bulk data (replies, streamed events, non-HTTP traffic) reads it once per kernel
@@ -912,10 +956,6 @@ fn count_ingress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
     let Some(pkt) = packet::<true>(ctx)? else {
         return Ok(());
     };
-    // SAFETY: as in `packet`.
-    unsafe {
-        atomic_add(&raw mut (*pkt.stats).packets_in, pkt.segment.segments);
-    }
     let rcvd = pkt.received;
     if rcvd == NOT_READ {
         return Ok(());
@@ -939,8 +979,6 @@ fn count_egress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
     };
     // SAFETY: as in `packet`.
     let stats = unsafe { &mut *pkt.stats };
-    // SAFETY: field of a live map value.
-    unsafe { atomic_add(&raw mut stats.packets_out, pkt.segment.segments) };
     let rcvd = pkt.received;
     if rcvd == NOT_READ {
         return Ok(());
@@ -1013,24 +1051,67 @@ fn record_of_packet(ctx: &SkBuffContext) -> Option<(u64, *mut ConnStats)> {
 /// verifier about an argument register.
 const NOT_READ: u64 = u64::MAX;
 
-/// Payload bytes the kernel's TCP has received in order on the packet's connection
-/// (`tcp_sock.bytes_received`, which a FIN also advances by one), `NOT_READ` where the packet
-/// has no full TCP socket.
-#[inline(never)]
-fn tcp_bytes_received(ctx: &SkBuffContext) -> u64 {
+/// The packet's full TCP socket (`bpf_tcp_sock`), null where it has none.
+#[inline(always)]
+fn tcp_sock_of(ctx: &SkBuffContext) -> *mut bpf_tcp_sock {
     // SAFETY: context pointer; sk is readable by cgroup_skb programs (may be NULL).
     // bpf_tcp_sock takes any socket and returns NULL unless it is a full TCP socket (it runs
     // sk_fullsock itself), so no bpf_sk_fullsock call first: one helper call less per packet.
     unsafe {
         let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return NOT_READ;
+            return core::ptr::null_mut();
         }
-        let tp = bpf_tcp_sock(sk);
-        if tp.is_null() {
-            return NOT_READ;
-        }
+        bpf_tcp_sock(sk)
+    }
+}
+
+/// Copies TCP's own segment counts (`segs_in`, plus `ahead` segments it has not counted yet,
+/// and `segs_out`) into the record, and returns the payload bytes it has received in order
+/// (`tcp_sock.bytes_received`, which a FIN also advances by one); `NOT_READ` where the packet
+/// has no full TCP socket.
+#[inline(never)]
+fn tcp_counts(ctx: &SkBuffContext, stats: *mut ConnStats, ahead: u32) -> u64 {
+    let tp = tcp_sock_of(ctx);
+    if tp.is_null() {
+        return NOT_READ;
+    }
+    // SAFETY: tp is a full TCP socket, readable for the program's run; stats a live record.
+    unsafe {
+        note_segments(&raw mut (*stats).packets_in, (*tp).segs_in.wrapping_add(ahead));
+        note_segments(&raw mut (*stats).packets_out, (*tp).segs_out);
         (*tp).bytes_received
+    }
+}
+
+/// Whether an acknowledgment number covers everything the packet's socket has sent
+/// (`snd_nxt`): the client's ACK that leaves the connection with nothing in flight. At or
+/// beyond, not equal: TCP advances `snd_nxt` only after a segment went out
+/// (`tcp_event_new_data_sent` after `tcp_transmit_skb`), and over loopback or a veth the
+/// client's ACK of it can reach this program first, from the softirq the transmit ran.
+#[inline(never)]
+fn acks_all_sent(ctx: &SkBuffContext, ack: u32) -> bool {
+    let tp = tcp_sock_of(ctx);
+    // SAFETY: tp is a full TCP socket, readable for the program's run.
+    !tp.is_null() && (ack.wrapping_sub(unsafe { (*tp).snd_nxt }) as i32) >= 0
+}
+
+/// Advances a segment counter to TCP's 32-bit count `segs`, extending it to 64 bits: the
+/// counter's low 32 bits follow TCP's (both start at the handshake's count), so it moves by
+/// the forward distance between them. Updates come with every data packet and the close,
+/// far less than 2^31 segments apart. A plain store, as in `note_received`: two CPUs racing
+/// may leave the smaller of two of TCP's counts for a moment; readers keep the largest.
+///
+/// SAFETY: `field` points into a live record.
+#[inline(always)]
+unsafe fn note_segments(field: *mut u64, segs: u32) {
+    // SAFETY: per the function contract; a single aligned load and store.
+    unsafe {
+        let current = read_shared(field);
+        let forward = segs.wrapping_sub(current as u32);
+        if (forward as i32) > 0 {
+            core::ptr::write_volatile(field, current + u64::from(forward));
+        }
     }
 }
 
