@@ -798,9 +798,6 @@ fn load<T: Copy>(ctx: &SkBuffContext, offset: usize) -> Result<T, Unparsed> {
 /// TCP header facts of one packet. cgroup_skb buffers start at the network header.
 struct Segment {
     seq: u32,
-    /// The acknowledgment number; meaningful when `acks` is 1.
-    ack: u32,
-    acks: u8,
     payload_offset: usize,
     payload_len: u32,
     /// Segments the buffer carries (GSO/GRO aggregate several), as the kernel's segs_in/out.
@@ -857,19 +854,15 @@ fn parse(ctx: &SkBuffContext) -> Result<Segment, Unparsed> {
     if l4_offset < 20 || l4_offset > MAX_L4_OFFSET {
         return Err(Unparsed);
     }
-    // Sequence number at 4..8, acknowledgment number at 8..12, data offset in the high nibble
-    // of byte 12, flags at 13.
+    // Sequence number at 4..8, data offset in the high nibble of byte 12, flags at 13.
     let tcp: [u8; 14] = load(ctx, l4_offset)?;
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
     let payload_offset = l4_offset + usize::from(tcp[12] >> 4) * 4;
     // skb->len is the network-layer length: ip_rcv trims ingress padding, and a GSO buffer's
     // length covers all its segments.
     let payload_len = ctx.len().saturating_sub(payload_offset as u32);
     Ok(Segment {
         seq,
-        ack,
-        acks: u8::from(tcp[13] & TCP_ACK != 0),
         payload_offset,
         payload_len,
         segments: u64::from(if gso_segs == 0 { 1 } else { gso_segs }),
@@ -895,37 +888,22 @@ fn packet<const INGRESS: bool>(ctx: &SkBuffContext) -> Result<Option<Packet>, Un
     if !watched(local_port) || !may_have_record(ctx) {
         return Ok(None);
     }
-    let parsed = parse(ctx);
-    // Packets with payload or a FIN; an unparsed one is looked up to be counted as such.
-    let data = match &parsed {
-        Ok(segment) => segment.payload_len > 0 || segment.fin != 0,
-        Err(_) => true,
-    };
-    // A pure ACK (most of a bulk transfer's packets: every other one in the direction the data
-    // does not travel) changes nothing the record holds but the segment counts, which are
-    // TCP's own and copied by the connection's next data packet and by its close: it returns
-    // here, before the cookie and the hash lookup. Except a client ACK that acknowledges
-    // everything the server sent: the one that leaves a connection idle after a reply, so an
-    // idle connection's live counts are TCP's (docs/counters.md).
-    if let Ok(segment) = &parsed
-        && !data
-        && !(INGRESS && segment.acks != 0 && acks_all_sent(ctx, segment.ack))
-    {
+    if skips_pure_ack::<INGRESS>(ctx) {
         return Ok(None);
     }
     let Some((cookie, stats)) = record_of_packet(ctx) else {
         return Ok(None);
     };
-    let segment = parsed?;
-    // TCP's own counts: its segments each way into the record (an ingress packet is filtered
-    // before TCP counts it), and what it has accepted from the client, in order: that advances
-    // only for data that passed its checks (checksum, sequence window, PAWS, ACK), none of
-    // which have run yet for an ingress packet (cgroup_skb ingress runs from tcp_filter, before
-    // tcp_segs_in and tcp_rcv_established).
-    let ahead = if INGRESS { segment.segments as u32 } else { 0 };
-    let rcvd = tcp_counts(ctx, stats, ahead);
-    // What TCP accepted matters for packets with payload or a FIN only.
-    let received = if data { rcvd } else { NOT_READ };
+    let segment = parse(ctx)?;
+    // What TCP itself has accepted from the client, in order: it advances only for data that
+    // passed its checks (checksum, sequence window, PAWS, ACK), none of which have run yet for
+    // an ingress packet (cgroup_skb ingress runs from tcp_filter, before tcp_rcv_established).
+    // Read where it matters: packets with payload or a FIN.
+    let received = if segment.payload_len > 0 || segment.fin != 0 {
+        tcp_bytes_received(ctx)
+    } else {
+        NOT_READ
+    };
     // The clock is read for packets with data or a FIN only: a bulk transfer's pure ACKs are
     // most of its packets, and a clock read costs as much as the rest of such a packet's work.
     // Of those, bulk data (replies, streamed events, non-HTTP traffic) reads it once per kernel
@@ -957,26 +935,28 @@ fn count_ingress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
         return Ok(());
     };
     let rcvd = pkt.received;
-    if rcvd == NOT_READ {
-        return Ok(());
-    }
-    if pkt.segment.payload_len == 0 && pkt.segment.fin == 0 {
+    if rcvd == NOT_READ || (pkt.segment.payload_len == 0 && pkt.segment.fin == 0) {
+        // A client ACK of everything the server sent (`skips_pure_ack`): its segment counts.
+        copy_segments(ctx, pkt.stats, pkt.segment.segments as u32);
         return Ok(());
     }
     // SAFETY: as in `packet`.
-    client_segment(
+    let parsed = client_segment(
         ctx,
         pkt.cookie,
         unsafe { &mut *pkt.stats },
         &pkt.segment,
         rcvd,
-    )
+    );
+    copy_segments(ctx, pkt.stats, pkt.segment.segments as u32);
+    parsed
 }
 
 fn count_egress(ctx: &SkBuffContext) -> Result<(), Unparsed> {
     let Some(pkt) = packet::<false>(ctx)? else {
         return Ok(());
     };
+    copy_segments(ctx, pkt.stats, 0);
     // SAFETY: as in `packet`.
     let stats = unsafe { &mut *pkt.stats };
     let rcvd = pkt.received;
@@ -1051,6 +1031,61 @@ fn record_of_packet(ctx: &SkBuffContext) -> Option<(u64, *mut ConnStats)> {
 /// verifier about an argument register.
 const NOT_READ: u64 = u64::MAX;
 
+/// Whether `packet` stops at this packet: a pure ACK (no payload, no FIN; most of a bulk
+/// transfer's packets: every other one in the direction the data does not travel) changes
+/// nothing the record holds but the segment counts, which are TCP's own and copied by the
+/// connection's next data packet and by its close, so it returns before the cookie and the hash
+/// lookup. Except a client ACK that acknowledges everything the server sent: the one that
+/// leaves a connection idle after a reply, so an idle connection's live counts are TCP's
+/// (docs/counters.md).
+///
+/// Reads only what it needs, without `parse`'s loop over IPv6 extension headers: a packet with
+/// any (or one this cannot read) goes on to `parse` and the lookup, as every packet did before.
+/// A small subprogram without loops: 6.1's verifier, which walks the request parser once per
+/// distinct state reaching it, close to its limit of a million instructions, sees the same
+/// states there as without this check.
+#[inline(never)]
+fn skips_pure_ack<const INGRESS: bool>(ctx: &SkBuffContext) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: context pointer; protocol is readable by cgroup_skb programs.
+    let protocol = unsafe { (*skb).protocol };
+    let l4_offset = if protocol == u32::from(ETH_P_IP.to_be()) {
+        let Ok(ip) = load::<[u8; 10]>(ctx, 0) else {
+            return false;
+        };
+        if ip[9] != IPPROTO_TCP {
+            return false;
+        }
+        u32::from(ip[0] & 0x0f) * 4
+    } else if protocol == u32::from(ETH_P_IPV6.to_be()) {
+        let Ok(ip6) = load::<[u8; 8]>(ctx, 0) else {
+            return false;
+        };
+        if ip6[6] != IPPROTO_TCP {
+            return false;
+        }
+        IPV6_HEADER_LEN as u32
+    } else {
+        return false;
+    };
+    if l4_offset < 20 {
+        return false;
+    }
+    // Acknowledgment number at 8..12, data offset in the high nibble of byte 12, flags at 13.
+    let Ok(tcp) = load::<[u8; 14]>(ctx, l4_offset as usize & 0x3f) else {
+        return false;
+    };
+    let headers = l4_offset + u32::from(tcp[12] >> 4) * 4;
+    if ctx.len() > headers || tcp[13] & TCP_FIN != 0 {
+        return false;
+    }
+    if !INGRESS || tcp[13] & TCP_ACK == 0 {
+        return true;
+    }
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    !acks_all_sent(ctx, ack)
+}
+
 /// The packet's full TCP socket (`bpf_tcp_sock`), null where it has none.
 #[inline(always)]
 fn tcp_sock_of(ctx: &SkBuffContext) -> *mut bpf_tcp_sock {
@@ -1066,21 +1101,36 @@ fn tcp_sock_of(ctx: &SkBuffContext) -> *mut bpf_tcp_sock {
     }
 }
 
-/// Copies TCP's own segment counts (`segs_in`, plus `ahead` segments it has not counted yet,
-/// and `segs_out`) into the record, and returns the payload bytes it has received in order
-/// (`tcp_sock.bytes_received`, which a FIN also advances by one); `NOT_READ` where the packet
+/// Payload bytes the kernel's TCP has received in order on the packet's connection
+/// (`tcp_sock.bytes_received`, which a FIN also advances by one), `NOT_READ` where the packet
 /// has no full TCP socket.
 #[inline(never)]
-fn tcp_counts(ctx: &SkBuffContext, stats: *mut ConnStats, ahead: u32) -> u64 {
+fn tcp_bytes_received(ctx: &SkBuffContext) -> u64 {
     let tp = tcp_sock_of(ctx);
     if tp.is_null() {
         return NOT_READ;
     }
+    // SAFETY: tp is a full TCP socket, readable for the program's run.
+    unsafe { (*tp).bytes_received }
+}
+
+/// Copies TCP's own segment counts into the record: `segs_in` plus `ahead` segments it has not
+/// counted yet (an ingress packet is filtered before `tcp_segs_in`), and `segs_out` (an egress
+/// packet is filtered after `tcp_transmit_skb` counted it). Called after the request parser, so
+/// the verifier walks that parser with the same states as before the counts were TCP's.
+#[inline(never)]
+fn copy_segments(ctx: &SkBuffContext, stats: *mut ConnStats, ahead: u32) {
+    let tp = tcp_sock_of(ctx);
+    if tp.is_null() {
+        return;
+    }
     // SAFETY: tp is a full TCP socket, readable for the program's run; stats a live record.
     unsafe {
-        note_segments(&raw mut (*stats).packets_in, (*tp).segs_in.wrapping_add(ahead));
+        note_segments(
+            &raw mut (*stats).packets_in,
+            (*tp).segs_in.wrapping_add(ahead),
+        );
         note_segments(&raw mut (*stats).packets_out, (*tp).segs_out);
-        (*tp).bytes_received
     }
 }
 

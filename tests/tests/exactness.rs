@@ -690,7 +690,10 @@ fn trailing_acks_show_at_the_next_data_packet() {
     std::io::Write::write_all(&mut stdin, b"go\n").expect("tell the client");
     line.clear();
     std::io::BufRead::read_line(&mut stdout, &mut line).expect("client output");
-    assert!(line.starts_with("done 20"), "the upload was answered: {line}");
+    assert!(
+        line.starts_with("done 20"),
+        "the upload was answered: {line}"
+    );
     let (sensor, kernel) = wait_for(
         "sensor and ss to agree once the reply is acknowledged",
         Duration::from_secs(15),
