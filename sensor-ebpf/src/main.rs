@@ -1037,7 +1037,7 @@ const NOT_READ: u64 = u64::MAX;
 /// connection's next data packet and by its close, so it returns before the cookie and the hash
 /// lookup. Except a client ACK that acknowledges everything the server sent: the one that
 /// leaves a connection idle after a reply, so an idle connection's live counts are TCP's
-/// (docs/counters.md).
+/// (docs/counters.md); and a packet that takes TCP's count across a multiple of 2^24.
 ///
 /// Reads only what it needs, without `parse`'s loop over IPv6 extension headers: a packet with
 /// any (or one this cannot read) goes on to `parse` and the lookup, as every packet did before.
@@ -1079,12 +1079,36 @@ fn skips_pure_ack<const INGRESS: bool>(ctx: &SkBuffContext) -> bool {
     if ctx.len() > headers || tcp[13] & TCP_FIN != 0 {
         return false;
     }
-    if !INGRESS || tcp[13] & TCP_ACK == 0 {
+    let tp = tcp_sock_of(ctx);
+    if tp.is_null() {
+        // No full TCP socket: no record either.
         return true;
     }
+    // SAFETY: tp is a full TCP socket, readable for the program's run.
+    let (segs_in, segs_out, snd_nxt) = unsafe { ((*tp).segs_in, (*tp).segs_out, (*tp).snd_nxt) };
+    // A packet that takes TCP's count across a multiple of 2^24 is copied whatever it is, so a
+    // peer cannot stretch the distance between two copies to the 2^31 past which
+    // `note_segments` would no longer follow TCP's 32-bit count (a flood of empty segments).
+    // Egress packets were counted by TCP before they reach this program, ingress ones not yet.
+    if !INGRESS {
+        return segs_out & SEGS_COPY_MASK != 0;
+    }
+    if segs_in.wrapping_add(1) & SEGS_COPY_MASK == 0 {
+        return false;
+    }
+    if tcp[13] & TCP_ACK == 0 {
+        return true;
+    }
+    // The client acknowledges everything the server sent: at or beyond `snd_nxt`, not equal,
+    // since TCP advances `snd_nxt` only after a segment went out (`tcp_event_new_data_sent`
+    // after `tcp_transmit_skb`), and over loopback or a veth the client's ACK of it can reach
+    // this program first, from the softirq the transmit ran.
     let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
-    !acks_all_sent(ctx, ack)
+    (ack.wrapping_sub(snd_nxt) as i32) < 0
 }
+
+/// `skips_pure_ack` copies the segment counts when TCP's crosses a multiple of this + 1.
+const SEGS_COPY_MASK: u32 = (1 << 24) - 1;
 
 /// The packet's full TCP socket (`bpf_tcp_sock`), null where it has none.
 #[inline(always)]
@@ -1134,22 +1158,10 @@ fn copy_segments(ctx: &SkBuffContext, stats: *mut ConnStats, ahead: u32) {
     }
 }
 
-/// Whether an acknowledgment number covers everything the packet's socket has sent
-/// (`snd_nxt`): the client's ACK that leaves the connection with nothing in flight. At or
-/// beyond, not equal: TCP advances `snd_nxt` only after a segment went out
-/// (`tcp_event_new_data_sent` after `tcp_transmit_skb`), and over loopback or a veth the
-/// client's ACK of it can reach this program first, from the softirq the transmit ran.
-#[inline(never)]
-fn acks_all_sent(ctx: &SkBuffContext, ack: u32) -> bool {
-    let tp = tcp_sock_of(ctx);
-    // SAFETY: tp is a full TCP socket, readable for the program's run.
-    !tp.is_null() && (ack.wrapping_sub(unsafe { (*tp).snd_nxt }) as i32) >= 0
-}
-
 /// Advances a segment counter to TCP's 32-bit count `segs`, extending it to 64 bits: the
 /// counter's low 32 bits follow TCP's (both start at the handshake's count), so it moves by
-/// the forward distance between them. Updates come with every data packet and the close,
-/// far less than 2^31 segments apart. A plain store, as in `note_received`: two CPUs racing
+/// the forward distance between them. Updates come with every data packet, the close and
+/// every 2^24th segment (`skips_pure_ack`), far less than 2^31 segments apart. A plain store, as in `note_received`: two CPUs racing
 /// may leave the smaller of two of TCP's counts for a moment; readers keep the largest.
 ///
 /// SAFETY: `field` points into a live record.

@@ -620,7 +620,7 @@ fn live_counters_match_ss() {
 }
 
 /// Segment counts are TCP's own, copied by data packets: the server's pure ACKs of an upload
-/// it has not answered yet show at the next data packet, never more than TCP counted, while
+/// it has not answered yet show at the next data packet (below TCP's count until then), while
 /// the client's segments (all with data) are exact at once. (The last upload bytes, which TCP
 /// takes after the packet programs ran, also show at the next data packet: docs/counters.md.)
 /// Once the reply has gone out and the client acknowledged it, every count equals `ss -ti`.
@@ -669,7 +669,9 @@ fn trailing_acks_show_at_the_next_data_packet() {
             let [c] = conns.as_slice() else {
                 return Err(format!("{conns:?}"));
             };
-            if kernel.0 >= 300_000 && c.packets_in == kernel.2 {
+            // The server's ACK of the last upload segment leaves after that segment's copy,
+            // and nothing copies after it: the lag shows that pure ACKs skip the lookup.
+            if kernel.0 >= 300_000 && c.packets_in == kernel.2 && c.packets_out < kernel.3 {
                 Ok((c.clone(), kernel))
             } else {
                 Err(format!("sensor {c:?} ss {kernel:?}"))
@@ -682,9 +684,9 @@ fn trailing_acks_show_at_the_next_data_packet() {
         "never more than TCP took {kernel:?}: {sensor:?}"
     );
     assert!(
-        sensor.packets_out >= 2 && sensor.packets_out <= kernel.3,
-        "the server's segments: the handshake's and what data packets copied, never more than \
-         TCP's {kernel:?}: {sensor:?}"
+        sensor.packets_out >= 2,
+        "the server's segments: the handshake's and what data packets copied ({kernel:?}): \
+         {sensor:?}"
     );
     let mut stdin = client.stdin.take().expect("stdin");
     std::io::Write::write_all(&mut stdin, b"go\n").expect("tell the client");
