@@ -4,8 +4,10 @@ with an ordinary socket, and with a raw one.
 Usage: evasion_client.py SPEC_JSON | @SPEC_FILE
 
 SPEC: {"host": "127.0.0.1" or "::1", "port": N, "hold": bool, "dstopts": bool,
-       "requests": [REQUEST, ...]}
+       "ip_options": bool, "requests": [REQUEST, ...]}
   dstopts: every packet the client sends carries an IPv6 destination-options header.
+  ip_options: every packet the client sends carries 40 bytes of IPv4 options (the most an IPv4
+  header holds).
 REQUEST: {"pieces": [TEXT, ...], "forge": FORGE?, "answers": N?, "continue_after": K?,
           "times": T?}
   pieces are sent one write each on a TCP_NODELAY socket, each after the previous one has left
@@ -145,6 +147,9 @@ def main():
     if spec.get("dstopts"):
         # An IPv6 destination-options header (PadN, 8 bytes) on every packet the client sends.
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+    if spec.get("ip_options"):
+        # 39 NOPs and an end-of-options: a 60-byte IPv4 header on every packet the client sends.
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([1] * 39 + [0]))
     sock.bind((host, 0))
     client_port = sock.getsockname()[1]
     sock.connect((host, port))

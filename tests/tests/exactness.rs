@@ -595,22 +595,10 @@ fn live_counters_match_ss() {
     )
     .expect("client output");
     assert_eq!(line.trim(), "done");
-    let (sensor, kernel) = wait_for(
+    let (sensor, kernel) = agreeing_with_ss(
+        &agent,
+        port,
         "sensor and ss to agree on the idle connection",
-        Duration::from_secs(15),
-        || {
-            let kernel = ss_server_socket(port)?;
-            let conns = agent.conns();
-            let [c] = conns.as_slice() else {
-                return Err(format!("{conns:?}"));
-            };
-            let sensor = (c.bytes_in, c.bytes_out, c.packets_in, c.packets_out);
-            if sensor == kernel {
-                Ok((c.clone(), kernel))
-            } else {
-                Err(format!("sensor {sensor:?} ss {kernel:?}"))
-            }
-        },
     );
     assert_eq!(sensor.state, "open");
     assert_eq!(sensor.requests, 3);
@@ -664,15 +652,11 @@ fn trailing_acks_show_at_the_next_data_packet() {
         "the sensor to show the unanswered upload",
         Duration::from_secs(15),
         || {
-            let kernel = ss_server_socket(port)?;
-            let conns = agent.conns();
-            let [c] = conns.as_slice() else {
-                return Err(format!("{conns:?}"));
-            };
+            let (c, kernel) = one_conn_and_ss(&agent, port)?;
             // The server's ACK of the last upload segment leaves after that segment's copy,
             // and nothing copies after it: the lag shows that pure ACKs skip the lookup.
             if kernel.0 >= 300_000 && c.packets_in == kernel.2 && c.packets_out < kernel.3 {
-                Ok((c.clone(), kernel))
+                Ok((c, kernel))
             } else {
                 Err(format!("sensor {c:?} ss {kernel:?}"))
             }
@@ -696,22 +680,10 @@ fn trailing_acks_show_at_the_next_data_packet() {
         line.starts_with("done 20"),
         "the upload was answered: {line}"
     );
-    let (sensor, kernel) = wait_for(
+    let (sensor, kernel) = agreeing_with_ss(
+        &agent,
+        port,
         "sensor and ss to agree once the reply is acknowledged",
-        Duration::from_secs(15),
-        || {
-            let kernel = ss_server_socket(port)?;
-            let conns = agent.conns();
-            let [c] = conns.as_slice() else {
-                return Err(format!("{conns:?}"));
-            };
-            let sensor = (c.bytes_in, c.bytes_out, c.packets_in, c.packets_out);
-            if sensor == kernel {
-                Ok((c.clone(), kernel))
-            } else {
-                Err(format!("sensor {sensor:?} ss {kernel:?}"))
-            }
-        },
     );
     assert_eq!(sensor.requests, 1);
     assert!(kernel.0 > 600_000, "{kernel:?}");
@@ -854,6 +826,33 @@ fn live_connections_beyond_the_slots_are_read_exactly() {
     }
     drop(client.stdin.take());
     let _ = client.wait();
+}
+
+/// `ss -ti`'s (bytes_received, bytes_acked, segs_in, segs_out) of a server socket.
+type SsCounters = (u64, u64, u64, u64);
+
+/// The agent's one connection and the server socket's counters from `ss -ti`.
+fn one_conn_and_ss(agent: &Agent, port: u16) -> Result<(Conn, SsCounters), String> {
+    let kernel = ss_server_socket(port)?;
+    let conns = agent.conns();
+    let [c] = conns.as_slice() else {
+        return Err(format!("{conns:?}"));
+    };
+    Ok((c.clone(), kernel))
+}
+
+/// Waits until the agent's one connection shows exactly `ss -ti`'s payload bytes and
+/// segments each way.
+fn agreeing_with_ss(agent: &Agent, port: u16, what: &str) -> (Conn, SsCounters) {
+    wait_for(what, Duration::from_secs(15), || {
+        let (c, kernel) = one_conn_and_ss(agent, port)?;
+        let sensor = (c.bytes_in, c.bytes_out, c.packets_in, c.packets_out);
+        if sensor == kernel {
+            Ok((c, kernel))
+        } else {
+            Err(format!("sensor {sensor:?} ss {kernel:?}"))
+        }
+    })
 }
 
 /// (bytes_received, bytes_acked, segs_in, segs_out) of the server socket on `port`.
@@ -1260,6 +1259,47 @@ fn ipv6_extension_headers_do_not_hide_requests() {
     );
     client.finish();
     assert_closed_exact_from(&agent, &nginx, "::1", &report);
+    assert_eq!(agent.health()["loss"]["unparsed_packets"], 0);
+}
+
+/// A client whose every packet carries the most IPv4 options a header holds (40 bytes, which
+/// any client may set with IP_OPTIONS) is counted like any other: the check that lets pure
+/// ACKs skip the record lookup reads the header length from the packet, so a data packet, down
+/// to one byte, is never taken for a pure ACK.
+#[test]
+fn ipv4_options_do_not_hide_requests() {
+    if !privileged("ipv4_options_do_not_hide_requests") {
+        return;
+    }
+    let cg = Cgroup::new("ipopts");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let get = http_get(&format!("/{}", SMALL.0), "");
+    let put = "PUT /upload/ipopts HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n";
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "127.0.0.1", "port": port, "hold": true, "ip_options": true,
+        "requests": [
+            {"pieces": [get]},
+            {"pieces": ["G", &get[1..]]},
+            {"pieces": [put, "h", "e", "l", "l", "o"]},
+            {"pieces": [http_get(&format!("/{}", BIG.0), "")]},
+        ],
+    }));
+    let report = client.report.clone();
+    assert_eq!(report.requests, 4);
+    let (sensor, kernel) = agreeing_with_ss(
+        &agent,
+        port,
+        "sensor and ss to agree on the idle connection",
+    );
+    assert_eq!(
+        (sensor.bytes_in, sensor.bytes_out, sensor.requests),
+        (report.sent, report.received, report.requests),
+        "ss {kernel:?}"
+    );
+    client.finish();
+    assert_closed_exact(&agent, &nginx, &report);
     assert_eq!(agent.health()["loss"]["unparsed_packets"], 0);
 }
 
