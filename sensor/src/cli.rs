@@ -266,6 +266,14 @@ pub struct BenchAggregateArgs {
     /// The table bound (`[clients] max_clients`); default: N, so every client stays exact.
     #[arg(long, value_name = "M")]
     pub max_clients: Option<usize>,
+    /// Minutes of history per client: one request every 10 s over the last M minutes (60:
+    /// every window full, as for a client active for an hour). 0: a single request.
+    #[arg(long, value_name = "M", default_value_t = 0)]
+    pub history_minutes: u64,
+    /// Writes this many snapshots of the state (the agent's own encoder, into a temporary
+    /// directory) and reports their median CPU time and size.
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub snapshots: usize,
 }
 
 /// Command line of `sensor collector`.

@@ -169,12 +169,135 @@ const MINUTES: usize = 60;
 /// Only buckets that hold something are stored (at most 6 and 60), oldest first: most
 /// clients are active in a few periods of the hour, and a full ring of 66 buckets per client
 /// (2640 bytes) dominated the agent's memory.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// In JSON, the two lists of buckets. In a snapshot (format 4), both rings in one MessagePack
+/// `bin` of varints (`encode_rings`); format 3 snapshots hold the two lists, which still read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Windows {
+    tens: Vec<Bucket>,
+    minutes: Vec<Bucket>,
+}
+
+/// `Windows` as JSON and format 3 snapshots have it.
+#[derive(Deserialize)]
+struct WindowsLists {
     #[serde(deserialize_with = "sorted")]
     tens: Vec<Bucket>,
     #[serde(deserialize_with = "sorted")]
     minutes: Vec<Bucket>,
+}
+
+impl<'de> Deserialize<'de> for Windows {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let l = WindowsLists::deserialize(d)?;
+            return Ok(Self {
+                tens: l.tens,
+                minutes: l.minutes,
+            });
+        }
+        d.deserialize_any(WindowsVisitor)
+    }
+}
+
+/// A snapshot's windows: format 4's `bin`, or format 3's array of the two lists.
+struct WindowsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for WindowsVisitor {
+    type Value = Windows;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a client's windows")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Windows, E> {
+        decode_rings(v).map_err(E::custom)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Windows, A::Error> {
+        use serde::de::Error as _;
+        let mut ring = || -> Result<Vec<Bucket>, A::Error> {
+            let mut v: Vec<Bucket> = seq
+                .next_element()?
+                .ok_or_else(|| A::Error::invalid_length(0, &"two rings"))?;
+            v.sort_unstable_by_key(|b| b.epoch);
+            Ok(v)
+        };
+        let tens = ring()?;
+        let minutes = ring()?;
+        Ok(Windows { tens, minutes })
+    }
+}
+
+/// Both rings into `out`, each as its bucket count and then, per bucket, the distance in
+/// periods from the bucket before (wrapping; the first bucket's from 0, so its epoch) and its
+/// five counts, every number as a LEB128 varint (`integer-encoding`). A client active for an
+/// hour holds 66 buckets: serde's walk over them value by value was most of a snapshot's work,
+/// and MessagePack's own integers through rmp still cost ~30 instructions a number
+/// (`sensor bench-aggregate --history-minutes 60 --snapshots 5`, BENCHMARKS.md).
+fn encode_rings(out: &mut Vec<u8>, tens: &[Bucket], minutes: &[Bucket]) {
+    use integer_encoding::VarInt as _;
+    // At most 10 bytes a number: 2 counts and 6 numbers per bucket.
+    out.reserve(20 + (tens.len() + minutes.len()) * 60);
+    let mut at = out.len();
+    out.resize(out.capacity(), 0);
+    let mut put = |v: u64| at += v.encode_var(&mut out[at..]);
+    for ring in [tens, minutes] {
+        put(ring.len() as u64);
+        let mut prev = 0u64;
+        for b in ring {
+            put(b.epoch.wrapping_sub(prev));
+            prev = b.epoch;
+            let c = b.counts;
+            for v in [
+                c.requests,
+                c.bytes_in,
+                c.bytes_out,
+                c.connections,
+                c.events_out,
+            ] {
+                put(v);
+            }
+        }
+    }
+    out.truncate(at);
+}
+
+/// `encode_rings` read back; a ring longer than its span, a malformed or cut number, or bytes
+/// left over make the snapshot unreadable.
+fn decode_rings(mut bytes: &[u8]) -> Result<Windows, String> {
+    use integer_encoding::VarInt as _;
+    let mut rings = [Vec::new(), Vec::new()];
+    for (ring, span) in rings.iter_mut().zip([TEN_SECONDS, MINUTES]) {
+        let mut get = || -> Result<u64, String> {
+            let (v, n) = u64::decode_var(bytes).ok_or("windows: a malformed number")?;
+            bytes = &bytes[n..];
+            Ok(v)
+        };
+        let n = get()?;
+        if n > span as u64 {
+            return Err(format!("windows: {n} buckets in a ring of {span}"));
+        }
+        let mut prev = 0u64;
+        for _ in 0..n {
+            let epoch = prev.wrapping_add(get()?);
+            prev = epoch;
+            let counts = Counts {
+                requests: get()?,
+                bytes_in: get()?,
+                bytes_out: get()?,
+                connections: get()?,
+                events_out: get()?,
+            };
+            ring.push(Bucket { epoch, counts });
+        }
+        ring.sort_unstable_by_key(|b| b.epoch);
+    }
+    if !bytes.is_empty() {
+        return Err(format!("windows: {} bytes after the rings", bytes.len()));
+    }
+    let [tens, minutes] = rings;
+    Ok(Windows { tens, minutes })
 }
 
 /// Buckets oldest first, whatever order a snapshot lists them in (snapshots of the earlier
@@ -553,10 +676,57 @@ fn no_sources(m: &&BTreeMap<IpAddr, u64>) -> bool {
     m.is_empty()
 }
 
-#[derive(Serialize)]
+/// In JSON the two lists; in a snapshot `encode_rings`' `bin`.
 struct SavedWindows<'a> {
     tens: &'a [Bucket],
     minutes: &'a [Bucket],
+}
+
+/// `SavedWindows` as JSON has it.
+#[derive(Serialize)]
+struct SavedLists<'a> {
+    tens: &'a [Bucket],
+    minutes: &'a [Bucket],
+}
+
+thread_local! {
+    /// `SavedWindows`' encoding buffer, reused from client to client.
+    static RINGS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+thread_local! {
+    static FORMAT_3_WINDOWS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with snapshots writing windows as format 3 did (the tests of reading it).
+#[cfg(test)]
+pub(crate) fn with_format_3_windows<R>(f: impl FnOnce() -> R) -> R {
+    FORMAT_3_WINDOWS.set(true);
+    let r = f();
+    FORMAT_3_WINDOWS.set(false);
+    r
+}
+
+impl Serialize for SavedWindows<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[cfg(test)]
+        let lists = s.is_human_readable() || FORMAT_3_WINDOWS.get();
+        #[cfg(not(test))]
+        let lists = s.is_human_readable();
+        if lists {
+            return SavedLists {
+                tens: self.tens,
+                minutes: self.minutes,
+            }
+            .serialize(s);
+        }
+        RINGS.with_borrow_mut(|buf| {
+            buf.clear();
+            encode_rings(buf, self.tens, self.minutes);
+            s.serialize_bytes(buf)
+        })
+    }
 }
 
 /// A client as snapshots hold it, read.
@@ -2052,6 +2222,103 @@ mod tests {
         assert!(json.len() < 200, "{json}");
         let back: Windows = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, w);
+    }
+
+    fn bucket(epoch: u64, n: u64) -> Bucket {
+        Bucket {
+            epoch,
+            counts: Counts {
+                requests: n,
+                bytes_in: n << 7,
+                bytes_out: u64::MAX - n,
+                connections: n & 1,
+                events_out: n << 40,
+            },
+        }
+    }
+
+    proptest::proptest! {
+        /// A snapshot's rings read back exactly, oldest first, whatever the epochs (far
+        /// apart, repeated, out of order, near u64::MAX) and counts.
+        #[test]
+        fn snapshot_rings_read_back_exactly(
+            tens in proptest::collection::vec((proptest::prelude::any::<u64>(), 0u64..1 << 20), 0..=TEN_SECONDS),
+            minutes in proptest::collection::vec((proptest::prelude::any::<u64>(), 0u64..1 << 20), 0..=MINUTES),
+        ) {
+            let tens: Vec<Bucket> = tens.into_iter().map(|(e, n)| bucket(e, n)).collect();
+            let minutes: Vec<Bucket> = minutes.into_iter().map(|(e, n)| bucket(e, n)).collect();
+            let mut bytes = Vec::new();
+            encode_rings(&mut bytes, &tens, &minutes);
+            let back = decode_rings(&bytes).expect("decodes");
+            let sorted = |mut v: Vec<Bucket>| {
+                v.sort_by_key(|b| b.epoch);
+                v
+            };
+            // Equal epochs keep no order of their own: compare as multisets.
+            let key = |v: &[Bucket]| {
+                let mut k: Vec<_> = v.iter().map(|b| (b.epoch, b.counts.requests)).collect();
+                k.sort_unstable();
+                k
+            };
+            proptest::prop_assert_eq!(key(&back.tens), key(&sorted(tens)));
+            proptest::prop_assert_eq!(key(&back.minutes), key(&sorted(minutes)));
+            proptest::prop_assert!(back.tens.is_sorted_by_key(|b| b.epoch));
+        }
+    }
+
+    #[test]
+    fn snapshot_rings_through_msgpack_and_refused_when_malformed() {
+        let mut w = Windows::default();
+        // A client making one short request every 10 s for an hour.
+        for s in (0..3_600).step_by(10) {
+            let c = Counts {
+                requests: 1,
+                bytes_in: 120 + s % 7,
+                bytes_out: 1_500 + s,
+                connections: 1,
+                events_out: 0,
+            };
+            w.add(1_800_000_000 + s, c);
+        }
+        assert_eq!((w.tens.len(), w.minutes.len()), (TEN_SECONDS, MINUTES));
+        let saved = SavedWindows {
+            tens: &w.tens,
+            minutes: &w.minutes,
+        };
+        let bytes = rmp_serde::to_vec(&saved).expect("encode");
+        let back: Windows = rmp_serde::from_slice(&bytes).expect("decode");
+        assert_eq!(back, w);
+        // Format 3's two lists (structs as arrays) read as the same windows.
+        let lists = rmp_serde::to_vec(&(&w.tens, &w.minutes)).expect("encode");
+        assert!(
+            bytes.len() * 3 < lists.len() * 2,
+            "{} {}",
+            bytes.len(),
+            lists.len()
+        );
+        let back: Windows = rmp_serde::from_slice(&lists).expect("decode");
+        assert_eq!(back, w);
+        // Malformed: cut short, a bucket too many, a byte left over, not an integer.
+        let mut raw = Vec::new();
+        encode_rings(&mut raw, &w.tens, &w.minutes);
+        assert!(decode_rings(&raw[..raw.len() - 1]).is_err());
+        let mut long = w.tens.clone();
+        long.push(bucket(1, 1));
+        let mut over = Vec::new();
+        encode_rings(&mut over, &long, &[]);
+        assert!(
+            decode_rings(&over)
+                .unwrap_err()
+                .contains("buckets in a ring of 6")
+        );
+        let mut trailing = raw.clone();
+        trailing.push(0);
+        assert!(
+            decode_rings(&trailing)
+                .unwrap_err()
+                .contains("after the rings")
+        );
+        assert!(decode_rings(&[0xff; 11]).unwrap_err().contains("malformed"));
     }
 
     #[test]

@@ -1,19 +1,24 @@
 //! Durable agent state: per-client aggregates and connection bookkeeping, written atomically
 //! so a restarted agent (crash, kill -9, upgrade) continues where the last one left off.
 //!
-//! Format 3 is MessagePack (`state.msgpack`); format 2 was the same fields as JSON
+//! Format 4 is MessagePack (`state.msgpack`); format 2 was the same fields as JSON
 //! (`state.json`), which an upgraded agent still reads once and then removes. The snapshot
 //! is rewritten every few seconds from every client's and connection's record: as JSON,
 //! formatting numbers and writing field names was the largest single part of the agent's work
-//! under load (callgrind, BENCHMARKS.md). Format 3 writes numbers in binary and structs as
-//! arrays of their fields in declaration order, without names.
+//! under load (callgrind, BENCHMARKS.md). Formats 3 and 4 write numbers in binary and structs
+//! as arrays of their fields in declaration order, without names. Format 4 differs from 3 only
+//! in a client's windows: one `bin` of varints instead of arrays of buckets (the hour
+//! of a busy client's windows, 66 buckets, through serde one value at a time, made a snapshot
+//! of 10 000 such clients cost ~60 ms of CPU: `model::aggregate::encode_rings`). An agent
+//! reads formats 3 and 4 (and 2); an older agent refuses format 4 (logged, from zero).
 //!
 //! Positional, so for a struct saved here: a new field goes last, with `#[serde(default)]`
 //! (older snapshots end before it); `skip_serializing_if` only on a struct's last field, or
-//! on the human-readable form alone (`Counts` leaves zeros out of JSON, not out of format 3).
+//! on the human-readable form alone (`Counts` leaves zeros out of JSON, not out of formats 3 and 4).
 //! `Counts` is a fixed tuple of five: another counter needs a new format. A snapshot with
 //! fields an agent does not know is unreadable to it (a downgrade past a field starts from
-//! zero, logged). `tests::format_3_reads_back_every_field_exactly` saves and reads every part.
+//! zero, logged). `tests::format_4_reads_back_every_field_exactly` saves and reads every part;
+//! `tests::a_format_3_file_still_reads` reads the earlier windows.
 
 use std::{
     fs,
@@ -30,7 +35,9 @@ use crate::{
 };
 
 /// Bumped when the snapshot format changes incompatibly.
-pub const SNAPSHOT_VERSION: u32 = 3;
+pub const SNAPSHOT_VERSION: u32 = 4;
+/// Earlier formats of `state.msgpack` this agent still reads (their windows decode too).
+const READABLE_VERSIONS: [u32; 2] = [3, SNAPSHOT_VERSION];
 const FILE_NAME: &str = "state.msgpack";
 /// Format 2: the same fields, as JSON.
 const LEGACY_VERSION: u32 = 2;
@@ -82,6 +89,13 @@ pub struct Written {
     tmp: PathBuf,
 }
 
+impl Written {
+    /// Bytes written.
+    pub fn len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+}
+
 /// Buffer between the encoder and the temporary file.
 const WRITE_BUFFER: usize = 256 * 1024;
 
@@ -103,7 +117,7 @@ pub fn write_tmp(dir: &Path, snapshot: &SnapshotRef<'_>) -> anyhow::Result<Writt
     Ok(Written { file, tmp })
 }
 
-/// The snapshot as format 3: MessagePack, structs as arrays (see the module's notes),
+/// The snapshot as format 4: MessagePack, structs as arrays (see the module's notes),
 /// not human-readable (addresses as their bytes).
 fn encode<W: std::io::Write, T: Serialize + ?Sized>(
     out: &mut W,
@@ -126,7 +140,7 @@ pub fn commit(dir: &Path, written: Written) -> anyhow::Result<()> {
     install(dir, &written.tmp, FILE_NAME)
 }
 
-/// Removes the format 2 snapshot `load` found, once a format 3 one is durably in place: it is
+/// Removes the format 2 snapshot `load` found, once a format 4 one is durably in place: it is
 /// stale from then on, and an older agent started later must not take it for the current
 /// state (it would count again what this one has already counted and let go of). Only a file
 /// that read as an agent's snapshot is removed (a collector configured with the same
@@ -186,12 +200,12 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 pub struct Loaded {
     pub snapshot: Snapshot,
     /// A format 2 agent snapshot is in the directory (used or stale): `retire_legacy` once a
-    /// format 3 snapshot is saved.
+    /// format 4 snapshot is saved.
     pub legacy: bool,
 }
 
 /// Loads the snapshot, if there is a usable one; explains in the log why not otherwise.
-/// Reads format 3 (`state.msgpack`) and format 2 (`state.json`, an agent before this
+/// Reads formats 3 and 4 (`state.msgpack`) and format 2 (`state.json`, an agent before this
 /// format); when both are there (an older agent ran in between, or this one stopped between
 /// saving and retiring the old file) the one saved last.
 pub fn load(dir: &Path) -> Option<Loaded> {
@@ -199,14 +213,14 @@ pub fn load(dir: &Path) -> Option<Loaded> {
         checked(
             dir.join(FILE_NAME),
             decode::<Snapshot>(&bytes),
-            SNAPSHOT_VERSION,
+            &READABLE_VERSIONS,
         )
     });
     let legacy = read(&dir.join(LEGACY_FILE_NAME)).and_then(|bytes| {
         checked(
             dir.join(LEGACY_FILE_NAME),
             serde_json::from_slice::<Snapshot>(&bytes),
-            LEGACY_VERSION,
+            &[LEGACY_VERSION],
         )
     });
     let found_legacy = legacy.is_some();
@@ -243,17 +257,17 @@ fn read(p: &Path) -> Option<Vec<u8>> {
     }
 }
 
-/// The decoded snapshot if it has the version its encoding goes with; logged otherwise.
+/// The decoded snapshot if it has a version its encoding goes with; logged otherwise.
 fn checked<E: std::fmt::Display>(
     p: PathBuf,
     decoded: Result<Snapshot, E>,
-    version: u32,
+    versions: &[u32],
 ) -> Option<Snapshot> {
     match decoded {
-        Ok(s) if s.version == version => Some(s),
+        Ok(s) if versions.contains(&s.version) => Some(s),
         Ok(s) => {
             log::warn!(
-                "saved state {} has format {} (this agent reads {version} there); starting from zero",
+                "saved state {} has format {} (this agent reads {versions:?} there); starting from zero",
                 p.display(),
                 s.version
             );
@@ -440,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn format_3_reads_back_every_field_exactly() {
+    fn format_4_reads_back_every_field_exactly() {
         let dir = Dir::new("roundtrip");
         let s = owned();
         write(&dir.0, &s);
@@ -455,6 +469,28 @@ mod tests {
         assert!(!loaded.legacy);
         assert_exact(&loaded.snapshot, &s);
         assert!(!dir.0.join(format!("{FILE_NAME}.tmp")).exists());
+    }
+
+    #[test]
+    fn a_format_3_file_still_reads() {
+        let dir = Dir::new("format3");
+        let mut s = owned();
+        s.version = 3;
+        crate::model::aggregate::with_format_3_windows(|| write(&dir.0, &s));
+        let format_3 = fs::read(dir.0.join(FILE_NAME)).expect("file");
+        let loaded = load(&dir.0).expect("format 3 loads");
+        assert_exact(&loaded.snapshot, &s);
+        // The same state as format 4 is smaller: the windows were most of it.
+        s.version = SNAPSHOT_VERSION;
+        write(&dir.0, &s);
+        let format_4 = fs::read(dir.0.join(FILE_NAME)).expect("file");
+        assert!(
+            format_4.len() < format_3.len(),
+            "{} {}",
+            format_4.len(),
+            format_3.len()
+        );
+        assert_exact(&load(&dir.0).expect("loads").snapshot, &s);
     }
 
     #[test]
@@ -550,7 +586,7 @@ mod tests {
         assert!(load(&dir.0).is_none());
         // A version this encoding does not go with.
         let mut s = owned();
-        s.version = 4;
+        s.version = 5;
         let mut bytes = Vec::new();
         encode(&mut bytes, &s).expect("encode");
         fs::write(dir.0.join(FILE_NAME), &bytes).expect("file");
@@ -564,7 +600,7 @@ mod tests {
         .expect("legacy file");
         assert!(
             load(&dir.0).is_none(),
-            "format 3 fields in JSON are not format 2"
+            "format 4 fields in JSON are not format 2"
         );
         for name in [
             FILE_NAME,

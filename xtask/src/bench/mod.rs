@@ -135,6 +135,12 @@ pub struct Options {
 
 /// `[clients] max_clients` of the embedded default configuration.
 const DEFAULT_MAX_CLIENTS: usize = 10_000;
+/// `[state] snapshot_interval_secs` of the embedded default configuration.
+pub const DEFAULT_SNAPSHOT_SECS: u64 = 5;
+/// The aggregation's steady state: an hour of history fills every window of a client.
+pub const HISTORY_MINUTES: u64 = 60;
+/// Snapshots timed in that state (the median is reported).
+pub const SNAPSHOT_ROUNDS: usize = 5;
 
 /// Phases that only profile the agent (not measurements; never in the report).
 const PROFILERS: [&str; 2] = ["profile", "sample"];
@@ -228,6 +234,11 @@ pub struct MemoryRow {
     pub rss_kib: u64,
     pub hwm_kib: u64,
     pub fill_ms: u64,
+    /// Minutes of history per client (0: one request each).
+    pub history_minutes: u64,
+    /// Median CPU time of one snapshot of the table (0: none written), and its size.
+    pub snapshot_cpu_us: u64,
+    pub snapshot_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -1186,17 +1197,27 @@ impl Bench<'_> {
 
     /// The aggregation's memory with N distinct clients, in a child process measured from here.
     fn aggregate_memory(&self, results: &mut Results) -> anyhow::Result<()> {
-        let mut runs: Vec<(usize, Option<usize>)> =
-            self.opts.keys.iter().map(|k| (*k, None)).collect();
+        let mut runs: Vec<(usize, Option<usize>, u64)> =
+            self.opts.keys.iter().map(|k| (*k, None, 0)).collect();
         if self.opts.bounded_keys > 0 {
-            runs.push((self.opts.bounded_keys, Some(DEFAULT_MAX_CLIENTS)));
+            runs.push((self.opts.bounded_keys, Some(DEFAULT_MAX_CLIENTS), 0));
         }
-        for (keys, bound) in runs {
+        // The load's table after an hour: every client's windows full.
+        runs.push((DEFAULT_MAX_CLIENTS, None, HISTORY_MINUTES));
+        for (keys, bound, history) in runs {
             check_interrupted()?;
             let mut cmd = Command::new(&self.bin);
             cmd.args(["bench-aggregate", "--keys", &keys.to_string()]);
             if let Some(bound) = bound {
                 cmd.args(["--max-clients", &bound.to_string()]);
+            }
+            if history > 0 {
+                cmd.args([
+                    "--history-minutes",
+                    &history.to_string(),
+                    "--snapshots",
+                    &SNAPSHOT_ROUNDS.to_string(),
+                ]);
             }
             let child = cmd
                 .stdin(Stdio::piped())
@@ -1230,6 +1251,9 @@ impl Bench<'_> {
                 rss_kib: procs::status_kib(pid, "VmRSS")?,
                 hwm_kib: procs::status_kib(pid, "VmHWM")?,
                 fill_ms: v["fill_ms"].as_u64().unwrap_or(0),
+                history_minutes: history,
+                snapshot_cpu_us: v["snapshot_cpu_us"].as_u64().unwrap_or(0),
+                snapshot_bytes: v["snapshot_bytes"].as_u64().unwrap_or(0),
             };
             // Closing stdin lets it exit; Proc's drop reaps it (or kills it if it hangs).
             drop(proc_.child.stdin.take());

@@ -225,7 +225,11 @@ pub fn render(r: &Results) -> String {
         .iter()
         .find(|x| x.keys == 0)
         .map_or(0, |x| x.rss_kib);
-    for row in r.memory.iter().filter(|x| x.bound.is_none()) {
+    for row in r
+        .memory
+        .iter()
+        .filter(|x| x.bound.is_none() && x.history_minutes == 0)
+    {
         let per = if row.keys > 0 {
             format!(
                 "{:.0} B",
@@ -273,6 +277,30 @@ pub fn render(r: &Results) -> String {
             mib(row.rss_kib),
             mib(row.hwm_kib),
             row.fill_ms
+        );
+    }
+
+    for row in r.memory.iter().filter(|x| x.history_minutes > 0) {
+        let ms = row.snapshot_cpu_us as f64 / 1000.0;
+        let _ = writeln!(
+            out,
+            "\n**After an hour.** The rows above hold one request per client; a client active \
+             for an hour holds every bucket of its windows (6 of 10 s, 60 of a minute). `sensor \
+             bench-aggregate --keys {keys} --history-minutes {h} --snapshots {n}`: {keys} \
+             clients, one request every 10 s each over the last {h} minutes, then {n} snapshots \
+             of the table through the agent's own encoder (`state::write_tmp`, no fsync), timed \
+             by the thread's CPU clock.\n\n\
+             | clients | history | RSS | peak RSS | snapshot CPU (median of {n}) | snapshot size | \
+             CPU at the default snapshot interval ({secs} s) |\n|---|---|---|---|---|---|---|\n\
+             | {keys} | {h} min | {:.1} MiB | {:.1} MiB | {ms:.1} ms | {:.1} MiB | {:.2} % of a core |",
+            mib(row.rss_kib),
+            mib(row.hwm_kib),
+            row.snapshot_bytes as f64 / (1024.0 * 1024.0),
+            ms / (super::DEFAULT_SNAPSHOT_SECS as f64 * 1000.0) * 100.0,
+            keys = row.keys,
+            h = row.history_minutes,
+            n = super::SNAPSHOT_ROUNDS,
+            secs = super::DEFAULT_SNAPSHOT_SECS,
         );
     }
 
