@@ -699,22 +699,27 @@ thread_local! {
     static FORMAT_3_WINDOWS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` with snapshots writing windows as format 3 did (the tests of reading it).
+/// Runs `f` with snapshots writing windows and connection records as format 3 did (the
+/// tests of reading it).
 #[cfg(test)]
-pub(crate) fn with_format_3_windows<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_format_3<R>(f: impl FnOnce() -> R) -> R {
     FORMAT_3_WINDOWS.set(true);
     let r = f();
     FORMAT_3_WINDOWS.set(false);
     r
 }
 
+/// Whether this snapshot is written as format 3 (`with_format_3`; never outside tests).
+pub(crate) fn writing_format_3() -> bool {
+    #[cfg(test)]
+    return FORMAT_3_WINDOWS.get();
+    #[cfg(not(test))]
+    false
+}
+
 impl Serialize for SavedWindows<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[cfg(test)]
-        let lists = s.is_human_readable() || FORMAT_3_WINDOWS.get();
-        #[cfg(not(test))]
-        let lists = s.is_human_readable();
-        if lists {
+        if s.is_human_readable() || writing_format_3() {
             return SavedLists {
                 tens: self.tens,
                 minutes: self.minutes,
