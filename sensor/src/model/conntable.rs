@@ -310,6 +310,7 @@ pub struct ConnTable {
 pub struct ConnState {
     #[serde(deserialize_with = "saved_live")]
     pub live: Vec<(u64, ConnStats)>,
+    #[serde(deserialize_with = "saved_tombstones")]
     pub tombstones: Vec<(u64, u64)>,
     #[serde(default)]
     pub exchanges: Vec<(u64, Exchange)>,
@@ -344,7 +345,7 @@ impl Serialize for SavedConns<'_> {
                     .map(|(c, l)| (*c, SavedStats(l.stats.stats())))
             }),
         )?;
-        st.serialize_field("tombstones", &Seq(|| t.tombstones.iter()))?;
+        st.serialize_field("tombstones", &SavedTombstones(&t.tombstones))?;
         st.serialize_field("exchanges", &Seq(|| t.exchanges.iter()))?;
         st.end()
     }
@@ -512,6 +513,85 @@ fn saved_live<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(u64, ConnSt
     }
     let v = Vec::<(u64, LoadedStats)>::deserialize(d)?;
     Ok(v.into_iter().map(|(c, s)| (c, s.0)).collect())
+}
+
+/// The tombstones (cookie, unix seconds of the close) in a snapshot. In JSON pairs; in format
+/// 4 one `bin`: their number, then per tombstone the differences from the one before of its
+/// cookie and of its time, zigzag LEB128 varints (cookies of one boot are close together, and
+/// so are the times). Under a new-connection load a snapshot holds the last ~10 s of closes
+/// (`TOMBSTONE_SECS`), and serde's pairs were most of the connection table's encoding.
+struct SavedTombstones<'a>(&'a CookieMap<u64>);
+
+impl Serialize for SavedTombstones<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use integer_encoding::VarInt as _;
+        if s.is_human_readable() || crate::model::aggregate::writing_format_3() {
+            return s.collect_seq(self.0.iter().map(|(c, t)| (*c, *t)));
+        }
+        STATS.with_borrow_mut(|buf| {
+            buf.clear();
+            // At most 10 bytes a number.
+            buf.resize(10 + self.0.len() * 20, 0);
+            let mut at = (self.0.len() as u64).encode_var(&mut buf[..]);
+            let (mut cookie, mut time) = (0u64, 0u64);
+            for (c, t) in self.0.iter() {
+                at += (c.wrapping_sub(cookie) as i64).encode_var(&mut buf[at..]);
+                at += (t.wrapping_sub(time) as i64).encode_var(&mut buf[at..]);
+                (cookie, time) = (*c, *t);
+            }
+            buf.truncate(at);
+            s.serialize_bytes(buf)
+        })
+    }
+}
+
+/// `SavedTombstones` read back; a count beyond what the bytes can hold, a malformed number or
+/// bytes left over make the snapshot unreadable.
+fn decode_tombstones(mut bytes: &[u8]) -> Result<Vec<(u64, u64)>, String> {
+    use integer_encoding::VarInt as _;
+    let (n, len) = u64::decode_var(bytes).ok_or("tombstones: a malformed count")?;
+    bytes = &bytes[len..];
+    // Two bytes at least per tombstone: no room is reserved for what the bytes cannot hold.
+    if n > bytes.len() as u64 / 2 {
+        return Err(format!("tombstones: {n} in {} bytes", bytes.len()));
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    let (mut cookie, mut time) = (0u64, 0u64);
+    for _ in 0..n {
+        let mut get = || -> Result<i64, String> {
+            let (v, len) = i64::decode_var(bytes).ok_or("tombstones: a malformed number")?;
+            bytes = &bytes[len..];
+            Ok(v)
+        };
+        cookie = cookie.wrapping_add(get()? as u64);
+        time = time.wrapping_add(get()? as u64);
+        out.push((cookie, time));
+    }
+    if !bytes.is_empty() {
+        return Err(format!("tombstones: {} bytes after them", bytes.len()));
+    }
+    Ok(out)
+}
+
+/// `ConnState::tombstones` read: JSON's pairs, format 3's pairs or format 4's `bin`.
+fn saved_tombstones<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(u64, u64)>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<(u64, u64)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("tombstones")
+        }
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+            decode_tombstones(v).map_err(E::custom)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Vec::<(u64, u64)>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+    if d.is_human_readable() {
+        return Vec::<(u64, u64)>::deserialize(d);
+    }
+    d.deserialize_any(V)
 }
 
 /// A connection carrying these keys closed.
@@ -884,6 +964,56 @@ mod tests {
             let back: LoadedStats = rmp_serde::from_slice(&packed).expect("decode");
             proptest::prop_assert_eq!(back.0, c);
         }
+    }
+
+    proptest::proptest! {
+        /// Tombstones read back exactly, whatever the cookies and times (any order, far apart).
+        #[test]
+        fn snapshot_tombstones_read_back_exactly(
+            pairs in proptest::collection::hash_map(proptest::prelude::any::<u64>(), proptest::prelude::any::<u64>(), 0..200),
+        ) {
+            let map: CookieMap<u64> = pairs.iter().map(|(c, t)| (*c, *t)).collect();
+            let packed = rmp_serde::to_vec(&SavedTombstones(&map)).expect("encode");
+            let mut back = rmp_serde::from_slice::<Tombstones>(&packed).expect("decode").0;
+            back.sort_unstable();
+            let mut expected: Vec<(u64, u64)> = pairs.into_iter().collect();
+            expected.sort_unstable();
+            proptest::prop_assert_eq!(back, expected);
+        }
+    }
+
+    /// `ConnState::tombstones` alone, as a snapshot reads it.
+    #[derive(Deserialize)]
+    struct Tombstones(#[serde(deserialize_with = "saved_tombstones")] Vec<(u64, u64)>);
+
+    #[test]
+    fn malformed_tombstones_are_refused() {
+        let map: CookieMap<u64> = [(4096, 1_800_000_000), (4097, 1_800_000_001)]
+            .into_iter()
+            .collect();
+        let packed = rmp_serde::to_vec(&SavedTombstones(&map)).expect("encode");
+        // Format 3's pairs still read.
+        let pairs: Vec<(u64, u64)> = map.iter().map(|(c, t)| (*c, *t)).collect();
+        let old = rmp_serde::to_vec(&pairs).expect("encode");
+        assert_eq!(
+            rmp_serde::from_slice::<Tombstones>(&old).expect("decode").0,
+            pairs
+        );
+        // The bin's payload (after its 2-byte header): cut, padded, a count it cannot hold.
+        let raw = &packed[2..];
+        assert!(decode_tombstones(&raw[..raw.len() - 1]).is_err());
+        let mut trailing = raw.to_vec();
+        trailing.push(0);
+        assert!(
+            decode_tombstones(&trailing)
+                .unwrap_err()
+                .contains("after them")
+        );
+        assert!(
+            decode_tombstones(&[0xff, 0xff, 0xff, 0xff, 0x0f])
+                .unwrap_err()
+                .contains("in 0 bytes")
+        );
     }
 
     #[test]
