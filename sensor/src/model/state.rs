@@ -7,11 +7,11 @@
 //! formatting numbers and writing field names was the largest single part of the agent's work
 //! under load (callgrind, BENCHMARKS.md). Formats 3 and 4 write numbers in binary and structs
 //! as arrays of their fields in declaration order, without names. Format 4 differs from 3 only
-//! in a client's windows and a connection's record: each one `bin` of varints instead of an
-//! array of values (the hour of a busy client's windows, 66 buckets, through serde one value
-//! at a time, made a snapshot of 10 000 such clients cost ~60 ms of CPU:
-//! `model::aggregate::encode_rings`, `model::conntable::encode_stats`). An agent reads formats
-//! 3 and 4 (and 2); an older agent refuses format 4 (logged, from zero).
+//! in a client's windows, a connection's record and the tombstones: each one `bin` of varints
+//! instead of an array of values (the hour of a busy client's windows, 66 buckets, through
+//! serde one value at a time, made a snapshot of 10 000 such clients cost ~60 ms of CPU:
+//! `model::aggregate::encode_rings`, `model::conntable::encode_stats`, `SavedTombstones`). An
+//! agent reads formats 3 and 4 (and 2); an older agent refuses format 4 (logged, from zero).
 //!
 //! Positional, so for a struct saved here: a new field goes last, with `#[serde(default)]`
 //! (older snapshots end before it); `skip_serializing_if` only on a struct's last field, or
