@@ -138,17 +138,18 @@ impl KeepAlive {
 
     /// The clients take turns, one request each, at the paced rate, for the spec's duration.
     pub fn run(&mut self, spec: &Spec) -> Outcome {
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: bench\r\nUser-Agent: sensor-bench\r\n\r\n",
-            spec.path
-        );
-        let per_thread = spec.rate as f64 / self.pools.len().max(1) as f64;
+        let threads = self.pools.len().max(1);
+        let per_thread = spec.rate as f64 / threads as f64;
         let results: Vec<Outcome> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .pools
                 .iter_mut()
-                .map(|pool| {
-                    let request = request.as_bytes();
+                .enumerate()
+                .map(|(t, pool)| {
+                    // Pool slot j holds client t + j * threads (`connect`).
+                    let requests: Vec<Vec<u8>> = (0..pool.len())
+                        .map(|j| sdk_request(&spec.path, t + j * threads, false))
+                        .collect();
                     s.spawn(move || {
                         let mut out = Outcome::default();
                         let mut buf = Vec::with_capacity(16 * 1024);
@@ -158,12 +159,13 @@ impl KeepAlive {
                         {
                             pace(start, k, per_thread);
                             let len = pool.len();
-                            let slot = &mut pool[(k as usize) % len];
+                            let j = (k as usize) % len;
+                            let slot = &mut pool[j];
                             k += 1;
                             let Some(stream) = slot else {
                                 continue;
                             };
-                            let ok = stream.write_all(request).is_ok()
+                            let ok = stream.write_all(&requests[j]).is_ok()
                                 && read_response(stream, &mut buf).unwrap_or(false);
                             if ok {
                                 out.requests += 1;
@@ -189,16 +191,15 @@ impl KeepAlive {
 /// One new connection per request (`Connection: close`), cycling through the clients' source
 /// addresses; the server closes first, so TIME_WAIT stays on the server side.
 pub fn new_connections(spec: &Spec) -> Outcome {
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: bench\r\nUser-Agent: sensor-bench\r\nConnection: close\r\n\r\n",
-        spec.path
-    );
+    let requests: Vec<Vec<u8>> = (0..spec.clients.max(1))
+        .map(|i| sdk_request(&spec.path, i, true))
+        .collect();
+    let requests = &requests;
     let threads = spec.threads.max(1);
     let per_thread = spec.rate as f64 / threads as f64;
     let results: Vec<Outcome> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let request = request.as_bytes();
                 s.spawn(move || {
                     let mut out = Outcome::default();
                     let mut buf = Vec::with_capacity(16 * 1024);
@@ -210,7 +211,7 @@ pub fn new_connections(spec: &Spec) -> Outcome {
                         k += 1;
                         let ok = connect_from(client_addr(client), spec.target)
                             .and_then(|mut stream| {
-                                stream.write_all(request)?;
+                                stream.write_all(&requests[client])?;
                                 read_response(&mut stream, &mut buf)
                             })
                             .unwrap_or(false);
@@ -231,6 +232,37 @@ pub fn new_connections(spec: &Spec) -> Outcome {
             .collect()
     });
     merge(&results)
+}
+
+/// Client `i`'s request: the head the OpenAI Python SDK sends (its field lines in its order,
+/// but as a GET without Content-Length, since nginx serves the reply as a file), with an API
+/// key of the client's own, so that the agent parses, hashes and counts what an inference
+/// API's clients send.
+pub fn sdk_request(path: &str, i: usize, close: bool) -> Vec<u8> {
+    let connection = if close { "close" } else { "keep-alive" };
+    // 48 key characters that differ from client to client (not secret: bench clients).
+    let key: String = (0..48u64)
+        .map(|n| {
+            let x = (i as u64 + 1)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .rotate_left(n as u32 + 7);
+            char::from(
+                b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                    [(x % 62) as usize],
+            )
+        })
+        .collect();
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nAccept-Encoding: gzip, deflate\r\n\
+         Connection: {connection}\r\nAccept: application/json\r\n\
+         Content-Type: application/json\r\nUser-Agent: OpenAI/Python 1.51.0\r\n\
+         X-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.51.0\r\n\
+         X-Stainless-OS: Linux\r\nX-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\n\
+         X-Stainless-Runtime-Version: 3.11.7\r\n\
+         Authorization: Bearer sk-proj-{key}\r\nX-Stainless-Async: false\r\n\
+         X-Stainless-Retry-Count: 0\r\n\r\n"
+    )
+    .into_bytes()
 }
 
 fn merge(results: &[Outcome]) -> Outcome {
@@ -263,4 +295,26 @@ pub fn one_request(
         bail!("request from {src} did not get a 200");
     }
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sdk_heads_have_fifteen_fields_and_a_key_per_client() {
+        let a = String::from_utf8(sdk_request("/reply.json", 0, false)).expect("ascii");
+        let b = String::from_utf8(sdk_request("/reply.json", 1, true)).expect("ascii");
+        let (head, rest) = a.split_once("\r\n\r\n").expect("blank line");
+        assert!(rest.is_empty());
+        assert_eq!(head.lines().count(), 16, "{head}");
+        assert_eq!(a.len(), 499);
+        let key = |h: &str| {
+            h.lines()
+                .find_map(|l| l.strip_prefix("Authorization: Bearer ").map(str::to_owned))
+                .expect("key")
+        };
+        assert_ne!(key(&a), key(&b));
+        assert!(b.contains("Connection: close\r\n"));
+    }
 }

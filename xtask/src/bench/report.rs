@@ -540,8 +540,9 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
         out,
         "\n### Agent CPU and memory under load{on}\n\nThe bench's own load generator (`xtask/src/bench/load.rs`): \
          {} threads of blocking HTTP/1.1 clients, each client bound to its own source address \
-         in 127.20.0.0/16 (250 per /24), paced to the target rate for {} s against nginx in the \
-         watched cgroup; agent at its defaults (poll every 1 s, snapshot every 5 s, at most \
+         in 127.20.0.0/16 (250 per /24) and sending the head the OpenAI Python SDK sends \
+         (15 field lines, ~500 bytes, a bearer API key of its own), paced to the target rate for \
+         {} s against nginx in the watched cgroup; agent at its defaults (poll every 1 s, snapshot every 5 s, at most \
          10 000 clients). {} rounds, each with an agent of its own (with more than one \
          live-read path, each path in turn, the paths swapping places every round). CPU = \
          (utime + stime) of the agent from /proc/PID/stat over the timed part, in % of one \
