@@ -14,7 +14,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use crate::model::clientmap::Handle;
+use crate::model::{clientmap::Handle, packed};
 use serde::{Deserialize, Serialize};
 
 /// Counters kept per client, in totals and in each window bucket. In JSON (the views, format 2
@@ -196,36 +196,13 @@ impl<'de> Deserialize<'de> for Windows {
                 minutes: l.minutes,
             });
         }
-        d.deserialize_any(WindowsVisitor)
-    }
-}
-
-/// A snapshot's windows: format 4's `bin`, or format 3's array of the two lists.
-struct WindowsVisitor;
-
-impl<'de> serde::de::Visitor<'de> for WindowsVisitor {
-    type Value = Windows;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a client's windows")
-    }
-
-    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Windows, E> {
-        decode_rings(v).map_err(E::custom)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Windows, A::Error> {
-        use serde::de::Error as _;
-        let mut ring = || -> Result<Vec<Bucket>, A::Error> {
-            let mut v: Vec<Bucket> = seq
-                .next_element()?
-                .ok_or_else(|| A::Error::invalid_length(0, &"two rings"))?;
-            v.sort_unstable_by_key(|b| b.epoch);
-            Ok(v)
+        // Format 3's array of the two lists.
+        let lists = |(mut tens, mut minutes): (Vec<Bucket>, Vec<Bucket>)| {
+            tens.sort_unstable_by_key(|b| b.epoch);
+            minutes.sort_unstable_by_key(|b| b.epoch);
+            Windows { tens, minutes }
         };
-        let tens = ring()?;
-        let minutes = ring()?;
-        Ok(Windows { tens, minutes })
+        packed::bin_or_seq(d, "a client's windows", decode_rings, lists)
     }
 }
 
@@ -236,17 +213,13 @@ impl<'de> serde::de::Visitor<'de> for WindowsVisitor {
 /// and MessagePack's own integers through rmp still cost ~30 instructions a number
 /// (`sensor bench-aggregate --history-minutes 60 --snapshots 5`, BENCHMARKS.md).
 fn encode_rings(out: &mut Vec<u8>, tens: &[Bucket], minutes: &[Bucket]) {
-    use integer_encoding::VarInt as _;
-    // At most 10 bytes a number: 2 counts and 6 numbers per bucket.
-    out.reserve(20 + (tens.len() + minutes.len()) * 60);
-    let mut at = out.len();
-    out.resize(out.capacity(), 0);
-    let mut put = |v: u64| at += v.encode_var(&mut out[at..]);
+    // 2 counts and 6 numbers per bucket.
+    let mut p = packed::Packer::new(out, 2 + (tens.len() + minutes.len()) * 6);
     for ring in [tens, minutes] {
-        put(ring.len() as u64);
+        p.put(ring.len() as u64);
         let mut prev = 0u64;
         for b in ring {
-            put(b.epoch.wrapping_sub(prev));
+            p.put(b.epoch.wrapping_sub(prev));
             prev = b.epoch;
             let c = b.counts;
             for v in [
@@ -256,46 +229,39 @@ fn encode_rings(out: &mut Vec<u8>, tens: &[Bucket], minutes: &[Bucket]) {
                 c.connections,
                 c.events_out,
             ] {
-                put(v);
+                p.put(v);
             }
         }
     }
-    out.truncate(at);
+    p.finish();
 }
 
 /// `encode_rings` read back; a ring longer than its span, a malformed or cut number, or bytes
 /// left over make the snapshot unreadable.
-fn decode_rings(mut bytes: &[u8]) -> Result<Windows, String> {
-    use integer_encoding::VarInt as _;
+fn decode_rings(bytes: &[u8]) -> Result<Windows, String> {
+    let mut u = packed::Unpacker::new(bytes, "windows");
     let mut rings = [Vec::new(), Vec::new()];
     for (ring, span) in rings.iter_mut().zip([TEN_SECONDS, MINUTES]) {
-        let mut get = || -> Result<u64, String> {
-            let (v, n) = u64::decode_var(bytes).ok_or("windows: a malformed number")?;
-            bytes = &bytes[n..];
-            Ok(v)
-        };
-        let n = get()?;
+        let n = u.get()?;
         if n > span as u64 {
             return Err(format!("windows: {n} buckets in a ring of {span}"));
         }
         let mut prev = 0u64;
         for _ in 0..n {
-            let epoch = prev.wrapping_add(get()?);
+            let epoch = prev.wrapping_add(u.get()?);
             prev = epoch;
             let counts = Counts {
-                requests: get()?,
-                bytes_in: get()?,
-                bytes_out: get()?,
-                connections: get()?,
-                events_out: get()?,
+                requests: u.get()?,
+                bytes_in: u.get()?,
+                bytes_out: u.get()?,
+                connections: u.get()?,
+                events_out: u.get()?,
             };
             ring.push(Bucket { epoch, counts });
         }
         ring.sort_unstable_by_key(|b| b.epoch);
     }
-    if !bytes.is_empty() {
-        return Err(format!("windows: {} bytes after the rings", bytes.len()));
-    }
+    u.end("the rings")?;
     let [tens, minutes] = rings;
     Ok(Windows { tens, minutes })
 }

@@ -8,6 +8,7 @@ use std::{
 };
 
 use crate::model::aggregate::{Aggregator, ClientSlots, Counts, Delta, ExchangeKeys, Now};
+use crate::model::packed;
 
 use sensor_common::{ConnStats, PROTO_HTTP1, PROTO_OTHER};
 use serde::{Deserialize, Serialize};
@@ -379,7 +380,6 @@ impl Serialize for SavedStats {
 /// Every field a snapshot keeps, in declaration order (all named: a new field of `ConnStats`
 /// does not compile here until it is saved or left out on purpose).
 fn encode_stats(out: &mut Vec<u8>, c: &ConnStats) {
-    use integer_encoding::VarInt as _;
     let ConnStats {
         local_addr,
         remote_addr,
@@ -403,11 +403,9 @@ fn encode_stats(out: &mut Vec<u8>, c: &ConnStats) {
         // The kernel's parser state: not saved (as in JSON).
         parse: _,
     } = *c;
-    out.extend_from_slice(&local_addr);
-    out.extend_from_slice(&remote_addr);
-    // At most 10 bytes a number.
-    let mut at = out.len();
-    out.resize(at + STATS_NUMBERS * 10, 0);
+    let mut p = packed::Packer::new(out, 4 + STATS_NUMBERS);
+    p.bytes(&local_addr);
+    p.bytes(&remote_addr);
     for v in [
         u64::from(local_port),
         u64::from(remote_port),
@@ -427,9 +425,9 @@ fn encode_stats(out: &mut Vec<u8>, c: &ConnStats) {
         u64::from(exchange_flags),
         u64::from(_pad),
     ] {
-        at += v.encode_var(&mut out[at..]);
+        p.put(v);
     }
-    out.truncate(at);
+    p.finish();
 }
 
 /// Numbers `encode_stats` writes after the addresses.
@@ -438,47 +436,31 @@ const STATS_NUMBERS: usize = 17;
 /// `encode_stats` read back: a number out of its field's range, a cut or malformed number, or
 /// bytes left over make the snapshot unreadable.
 fn decode_stats(bytes: &[u8]) -> Result<ConnStats, String> {
-    use integer_encoding::VarInt as _;
-    let addr = |b: &[u8]| -> Result<[u8; 16], String> {
-        b.try_into().map_err(|_| "connection: cut short".to_owned())
-    };
-    let local_addr = addr(bytes.get(..16).unwrap_or_default())?;
-    let remote_addr = addr(bytes.get(16..32).unwrap_or_default())?;
-    let mut rest = &bytes[32..];
-    let mut n = [0u64; STATS_NUMBERS];
-    for v in &mut n {
-        let (x, len) = u64::decode_var(rest).ok_or("connection: a malformed number")?;
-        *v = x;
-        rest = &rest[len..];
-    }
-    if !rest.is_empty() {
-        return Err(format!("connection: {} bytes after the record", rest.len()));
-    }
-    fn small<T: TryFrom<u64>>(v: u64) -> Result<T, String> {
-        T::try_from(v).map_err(|_| format!("connection: {v} out of range"))
-    }
-    Ok(ConnStats {
-        local_addr,
-        remote_addr,
-        local_port: small(n[0])?,
-        remote_port: small(n[1])?,
-        family: small(n[2])?,
-        proto: small(n[3])?,
-        closed: small(n[4])?,
-        bytes_in: n[5],
-        bytes_out: n[6],
-        packets_in: n[7],
-        packets_out: n[8],
-        requests: n[9],
-        first_seen_ns: n[10],
-        last_seen_ns: n[11],
-        in_seq_base: small(n[12])?,
-        out_seq_base: small(n[13])?,
-        events_out: n[14],
-        exchange_flags: small(n[15])?,
-        _pad: small(n[16])?,
+    let mut u = packed::Unpacker::new(bytes, "connection");
+    let c = ConnStats {
+        local_addr: u.bytes()?,
+        remote_addr: u.bytes()?,
+        local_port: u.small()?,
+        remote_port: u.small()?,
+        family: u.small()?,
+        proto: u.small()?,
+        closed: u.small()?,
+        bytes_in: u.get()?,
+        bytes_out: u.get()?,
+        packets_in: u.get()?,
+        packets_out: u.get()?,
+        requests: u.get()?,
+        first_seen_ns: u.get()?,
+        last_seen_ns: u.get()?,
+        in_seq_base: u.small()?,
+        out_seq_base: u.small()?,
+        events_out: u.get()?,
+        exchange_flags: u.small()?,
+        _pad: u.small()?,
         parse: Default::default(),
-    })
+    };
+    u.end("the record")?;
+    Ok(c)
 }
 
 /// A snapshot's connection record: format 4's `bin`, or format 3's array of the fields.
@@ -486,23 +468,8 @@ struct LoadedStats(ConnStats);
 
 impl<'de> Deserialize<'de> for LoadedStats {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = ConnStats;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a connection record")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ConnStats, E> {
-                decode_stats(v).map_err(E::custom)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                seq: A,
-            ) -> Result<ConnStats, A::Error> {
-                ConnStats::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
-            }
-        }
-        d.deserialize_any(V).map(LoadedStats)
+        packed::bin_or_seq(d, "a connection record", decode_stats, |c: ConnStats| c)
+            .map(LoadedStats)
     }
 }
 
@@ -524,22 +491,20 @@ struct SavedTombstones<'a>(&'a CookieMap<u64>);
 
 impl Serialize for SavedTombstones<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use integer_encoding::VarInt as _;
         if s.is_human_readable() || crate::model::aggregate::writing_format_3() {
             return s.collect_seq(self.0.iter().map(|(c, t)| (*c, *t)));
         }
         STATS.with_borrow_mut(|buf| {
             buf.clear();
-            // At most 10 bytes a number.
-            buf.resize(10 + self.0.len() * 20, 0);
-            let mut at = (self.0.len() as u64).encode_var(&mut buf[..]);
+            let mut p = packed::Packer::new(buf, 1 + self.0.len() * 2);
+            p.put(self.0.len() as u64);
             let (mut cookie, mut time) = (0u64, 0u64);
             for (c, t) in self.0.iter() {
-                at += (c.wrapping_sub(cookie) as i64).encode_var(&mut buf[at..]);
-                at += (t.wrapping_sub(time) as i64).encode_var(&mut buf[at..]);
+                p.put_signed(c.wrapping_sub(cookie) as i64);
+                p.put_signed(t.wrapping_sub(time) as i64);
                 (cookie, time) = (*c, *t);
             }
-            buf.truncate(at);
+            p.finish();
             s.serialize_bytes(buf)
         })
     }
@@ -547,51 +512,30 @@ impl Serialize for SavedTombstones<'_> {
 
 /// `SavedTombstones` read back; a count beyond what the bytes can hold, a malformed number or
 /// bytes left over make the snapshot unreadable.
-fn decode_tombstones(mut bytes: &[u8]) -> Result<Vec<(u64, u64)>, String> {
-    use integer_encoding::VarInt as _;
-    let (n, len) = u64::decode_var(bytes).ok_or("tombstones: a malformed count")?;
-    bytes = &bytes[len..];
+fn decode_tombstones(bytes: &[u8]) -> Result<Vec<(u64, u64)>, String> {
+    let mut u = packed::Unpacker::new(bytes, "tombstones");
+    let n = u.get()?;
     // Two bytes at least per tombstone: no room is reserved for what the bytes cannot hold.
-    if n > bytes.len() as u64 / 2 {
-        return Err(format!("tombstones: {n} in {} bytes", bytes.len()));
+    if n > u.remaining() as u64 / 2 {
+        return Err(format!("tombstones: {n} in {} bytes", u.remaining()));
     }
     let mut out = Vec::with_capacity(n as usize);
     let (mut cookie, mut time) = (0u64, 0u64);
     for _ in 0..n {
-        let mut get = || -> Result<i64, String> {
-            let (v, len) = i64::decode_var(bytes).ok_or("tombstones: a malformed number")?;
-            bytes = &bytes[len..];
-            Ok(v)
-        };
-        cookie = cookie.wrapping_add(get()? as u64);
-        time = time.wrapping_add(get()? as u64);
+        cookie = cookie.wrapping_add(u.get_signed()? as u64);
+        time = time.wrapping_add(u.get_signed()? as u64);
         out.push((cookie, time));
     }
-    if !bytes.is_empty() {
-        return Err(format!("tombstones: {} bytes after them", bytes.len()));
-    }
+    u.end("them")?;
     Ok(out)
 }
 
 /// `ConnState::tombstones` read: JSON's pairs, format 3's pairs or format 4's `bin`.
 fn saved_tombstones<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(u64, u64)>, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Vec<(u64, u64)>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("tombstones")
-        }
-        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
-            decode_tombstones(v).map_err(E::custom)
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-            Vec::<(u64, u64)>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
-        }
-    }
     if d.is_human_readable() {
         return Vec::<(u64, u64)>::deserialize(d);
     }
-    d.deserialize_any(V)
+    packed::bin_or_seq(d, "tombstones", decode_tombstones, |v: Vec<(u64, u64)>| v)
 }
 
 /// A connection carrying these keys closed.

@@ -8,6 +8,7 @@ pub mod clientmap;
 mod compat;
 pub mod conntable;
 pub mod keys;
+mod packed;
 pub mod report;
 pub mod shipped;
 pub mod state;
