@@ -10,8 +10,11 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 /// about 15 000 records of `LIVE_RECORD_BYTES` (and an 8-byte header each). A close that does
 /// not fit waits in the closed-record map for the agent's next poll.
 pub const DEFAULT_RING_BYTES: u32 = 1 << 21;
-/// Default size of the ring buffer that carries request events (bytes, power of two).
-pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 23;
+/// Default size of the ring buffer that carries request events (bytes, power of two):
+/// ~7 500 events with a 500-byte head, 150 ms of 50 000 requests/s. 8 MiB before: the
+/// agent's RSS counts a ring's pages twice (they are mapped twice), and the ring was a quarter
+/// of the agent's RSS under load (BENCHMARKS.md).
+pub const DEFAULT_REQUEST_RING_BYTES: u32 = 1 << 22;
 /// Most slots of the array the iterator hands live records through by default (`LiveSlot`s,
 /// 136 bytes each: 4.25 MiB). The agent sizes it for `max_connections`, up to this unless
 /// `[capture] live_slots` says otherwise; records beyond go through the iterator's seq_file,

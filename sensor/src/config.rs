@@ -317,6 +317,7 @@ pub struct Capture {
     pub poll_interval_ms: u64,
     pub max_connections: u32,
     pub ring_buffer_bytes: u32,
+    pub request_ring_bytes: u32,
     /// Slots of the array the iterator hands live records through (0: sized for
     /// `max_connections`, see `kernel::live_slots`).
     pub live_slots: u32,
@@ -368,6 +369,7 @@ impl Default for Capture {
             poll_interval_ms: 1000,
             max_connections: sensor_common::DEFAULT_MAX_CONNECTIONS,
             ring_buffer_bytes: sensor_common::DEFAULT_RING_BYTES,
+            request_ring_bytes: sensor_common::DEFAULT_REQUEST_RING_BYTES,
             live_slots: 0,
             live_read: LiveRead::Auto,
         }
@@ -563,12 +565,17 @@ impl Config {
         if c.max_connections == 0 {
             return Err(("capture", "max_connections", "must be at least 1".into()));
         }
-        if c.ring_buffer_bytes < 4096 || !c.ring_buffer_bytes.is_power_of_two() {
-            return Err((
-                "capture",
-                "ring_buffer_bytes",
-                format!("{} is not a power of two >= 4096", c.ring_buffer_bytes),
-            ));
+        for (key, bytes) in [
+            ("ring_buffer_bytes", c.ring_buffer_bytes),
+            ("request_ring_bytes", c.request_ring_bytes),
+        ] {
+            if bytes < 4096 || !bytes.is_power_of_two() {
+                return Err((
+                    "capture",
+                    key,
+                    format!("{bytes} is not a power of two >= 4096"),
+                ));
+            }
         }
         if c.live_slots > LIVE_SLOTS_LIMIT {
             return Err((
@@ -857,6 +864,17 @@ mod tests {
             (err.line, err.key.as_deref()),
             (3, Some("capture.ring_buffer_bytes"))
         );
+        let text = "[capture]\nrequest_ring_bytes = 4096\n\nrequest_ring_bytes_x = 1\n";
+        assert_eq!(Config::parse(text, "s.toml").unwrap_err().line, 4);
+        for bad in ["2048", "6000"] {
+            let text = format!("[capture]\nports = [8080]\nrequest_ring_bytes = {bad}\n");
+            let err = Config::parse(&text, "s.toml").unwrap_err();
+            assert_eq!(
+                (err.line, err.key.as_deref()),
+                (3, Some("capture.request_ring_bytes")),
+                "{bad}"
+            );
+        }
         let err = Config::parse("[capture]\nports = [0]\n", "s.toml").unwrap_err();
         assert_eq!((err.line, err.key.as_deref()), (2, Some("capture.ports")));
         for bad in ["524289", "-1", "\"many\""] {

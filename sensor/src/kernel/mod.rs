@@ -209,6 +209,7 @@ pub struct CaptureSettings {
     pub ports: Vec<u16>,
     pub max_connections: u32,
     pub ring_buffer_bytes: u32,
+    pub request_ring_bytes: u32,
     /// `[capture] live_slots` (0: sized for `max_connections`).
     pub live_slots: u32,
     /// bpffs directory for pinned maps and links.
@@ -723,6 +724,7 @@ impl Capture {
             .map_max_entries(MAP_CONNS, settings.max_connections)
             .map_max_entries(MAP_OPEN, settings.max_connections)
             .map_max_entries(MAP_CLOSED, settings.ring_buffer_bytes)
+            .map_max_entries(MAP_REQUESTS, settings.request_ring_bytes)
             .map_max_entries(MAP_LIVE_RECORDS, live_slots(path, settings));
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -1543,6 +1545,7 @@ mod tests {
             ports: vec![8000],
             max_connections: 1000,
             ring_buffer_bytes: 4096,
+            request_ring_bytes: 4096,
             live_slots: 0,
             pin_dir: PathBuf::new(),
             fresh: false,

@@ -102,6 +102,7 @@ fn compare(old: &Config, new: &Config) -> (Vec<Change>, Config) {
         capture.cgroup,
         capture.max_connections,
         capture.ring_buffer_bytes,
+        capture.request_ring_bytes,
         capture.live_slots,
         capture.live_read,
         api.socket,
