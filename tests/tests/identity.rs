@@ -499,3 +499,52 @@ fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+/// Short connections at a high rate (wrk, one request per connection), each request with the
+/// same API key: every request nginx served is attributed to the key, and no head stays
+/// pending once the load has ended. Before, a request whose event and whose connection's close
+/// both landed while the agent was between its reads of the two rings waited for a close that
+/// was already accounted: lost to its identity, its head held for good.
+#[test]
+fn short_connections_at_a_high_rate_keep_every_request_identified() {
+    if !privileged("short_connections_at_a_high_rate_keep_every_request_identified") {
+        return;
+    }
+    let cg = Cgroup::new("shortconns");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], 200);
+    let key = format!("sk-short-{}-5d1e", std::process::id());
+    run_ok(Command::new("wrk").args([
+        "-t1",
+        "-c8",
+        "-d2s",
+        "-H",
+        "Connection: close",
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        &format!("http://127.0.0.1:{port}/{}", SMALL.0),
+    ]));
+    let id = identity_of(&["--state-dir".as_ref(), agent.state_dir.as_os_str()], &key);
+    let (served, identified, heads) =
+        wait_for("every request identified", Duration::from_secs(30), || {
+            let served = nginx.records().len() as u64;
+            let identified = rows_by(&agent, "identity")
+                .get(&id)
+                .map_or(0, |&(requests, ..)| requests);
+            let heads = agent.health()["heads"].clone();
+            if served > 1000 && identified == served && heads["pending"] == 0 {
+                Ok((served, identified, heads))
+            } else {
+                Err(format!(
+                    "nginx served {served}, {identified} identified, heads {heads}"
+                ))
+            }
+        });
+    assert_eq!(
+        heads["parsed"], served,
+        "{identified} identified; heads {heads}"
+    );
+    assert_eq!(heads["with_credential"], served);
+    assert_eq!(agent.health()["loss"]["request_events_dropped"], 0);
+}

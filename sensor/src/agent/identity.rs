@@ -48,6 +48,9 @@ pub struct HeadStats {
     pub unseen: u64,
     /// Field lines that were not well-formed, skipped (the rest of the head still counts).
     pub skipped_fields: u64,
+    /// Requests whose head waits to be complete (a gauge): each holds its head's bytes until
+    /// TCP has accepted them or the connection closes.
+    pub pending: u64,
 }
 
 /// A request the agent has a complete view of: apply it to the connection table.
@@ -225,6 +228,7 @@ impl Identities {
             // The kernel read the pending request (the same one, or one it found after this
             // one's start) from a copy TCP did not keep: this one replaces it.
             self.pending.remove(&ev.cookie);
+            self.stats.pending = self.pending.len() as u64;
         } else {
             ready.extend(self.finish(ev.cookie));
         }
@@ -249,6 +253,7 @@ impl Identities {
         };
         let complete = next.buf.is_empty() && next.done;
         self.pending.insert(ev.cookie, next);
+        self.stats.pending = self.pending.len() as u64;
         if complete {
             // A turn without head bytes (not HTTP, identity off, or unseen): nothing to wait
             // for.
@@ -273,6 +278,7 @@ impl Identities {
 
     fn finish(&mut self, cookie: u64) -> Option<Ready> {
         let mut p = self.pending.remove(&cookie)?;
+        self.stats.pending = self.pending.len() as u64;
         let keys = if p.unseen {
             self.stats.unseen += 1;
             ExchangeKeys::default()
