@@ -26,18 +26,21 @@ impl<'a> Packer<'a> {
     }
 
     /// Raw bytes (fixed-size fields such as addresses).
+    #[inline]
     pub(crate) fn bytes(&mut self, b: &[u8]) {
         self.room(b.len());
         self.out[self.at..self.at + b.len()].copy_from_slice(b);
         self.at += b.len();
     }
 
+    #[inline]
     pub(crate) fn put(&mut self, v: u64) {
         self.room(MAX_VARINT);
         self.at += v.encode_var(&mut self.out[self.at..]);
     }
 
     /// Zigzag: small differences either way stay short.
+    #[inline]
     pub(crate) fn put_signed(&mut self, v: i64) {
         self.room(MAX_VARINT);
         self.at += v.encode_var(&mut self.out[self.at..]);
@@ -48,6 +51,7 @@ impl<'a> Packer<'a> {
     }
 
     /// A wrong `numbers` costs a resize, never a panic.
+    #[inline]
     fn room(&mut self, n: usize) {
         if self.out.len() - self.at < n {
             self.out.resize(self.at + n, 0);
@@ -80,12 +84,14 @@ impl<'a> Unpacker<'a> {
         Ok(*head)
     }
 
+    #[inline]
     pub(crate) fn get(&mut self) -> Result<u64, String> {
         let (v, n) = u64::decode_var(self.bytes).ok_or_else(|| self.malformed())?;
         self.bytes = &self.bytes[n..];
         Ok(v)
     }
 
+    #[inline]
     pub(crate) fn get_signed(&mut self) -> Result<i64, String> {
         let (v, n) = i64::decode_var(self.bytes).ok_or_else(|| self.malformed())?;
         self.bytes = &self.bytes[n..];
