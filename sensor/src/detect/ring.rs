@@ -128,7 +128,7 @@ fn latest_source(by: By, key: &str, c: &ClientStats) -> Option<IpAddr> {
         By::Identity => c
             .source_seen_s()
             .iter()
-            .max_by_key(|(_, t)| **t)
+            .max_by_key(|(_, t)| *t)
             .map(|(ip, _)| *ip),
         _ => key.parse().ok(),
     }
