@@ -7,11 +7,14 @@ fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = cli::Cli::parse();
     match cli.command {
-        cli::Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(agent::run(args)),
+        cli::Command::Run(args) => {
+            agent::tune_allocator();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(agent::run(args))
+        }
         cli::Command::Collector(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

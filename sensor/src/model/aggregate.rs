@@ -1903,7 +1903,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let n = (x % 1500) as u32;
-            let ip: IpAddr = if n % 3 == 0 {
+            let ip: IpAddr = if n.is_multiple_of(3) {
                 std::net::Ipv6Addr::from(u128::from(n) << 64).into()
             } else {
                 std::net::Ipv4Addr::from(0x0a00_0000 + n).into()
