@@ -18,10 +18,13 @@ pub(crate) struct Packer<'a> {
 }
 
 impl<'a> Packer<'a> {
-    /// Writes after what `out` holds, with room kept for `numbers` varints (more still fit).
+    /// Writes after what `out` holds, with room kept for `numbers` varints of two bytes, the
+    /// usual size (counts, and differences of times and cookies); longer ones grow the buffer
+    /// as they come. Room for the longest possible (10 bytes each) was most of the memory a
+    /// snapshot took under a new-connection load: 100 000 tombstones, mostly 3 bytes each.
     pub(crate) fn new(out: &'a mut Vec<u8>, numbers: usize) -> Self {
         let at = out.len();
-        out.resize(at + numbers * MAX_VARINT, 0);
+        out.resize(at + numbers * 2 + MAX_VARINT, 0);
         Self { out, at }
     }
 
