@@ -565,15 +565,16 @@ impl Config {
         if c.max_connections == 0 {
             return Err(("capture", "max_connections", "must be at least 1".into()));
         }
-        for (key, bytes) in [
-            ("ring_buffer_bytes", c.ring_buffer_bytes),
-            ("request_ring_bytes", c.request_ring_bytes),
+        // The request ring must hold the largest request event (a head chunk of 16 KiB).
+        for (key, bytes, least) in [
+            ("ring_buffer_bytes", c.ring_buffer_bytes, 4096),
+            ("request_ring_bytes", c.request_ring_bytes, 65536),
         ] {
-            if bytes < 4096 || !bytes.is_power_of_two() {
+            if bytes < least || !bytes.is_power_of_two() {
                 return Err((
                     "capture",
                     key,
-                    format!("{bytes} is not a power of two >= 4096"),
+                    format!("{bytes} is not a power of two >= {least}"),
                 ));
             }
         }
@@ -864,9 +865,9 @@ mod tests {
             (err.line, err.key.as_deref()),
             (3, Some("capture.ring_buffer_bytes"))
         );
-        let text = "[capture]\nrequest_ring_bytes = 4096\n\nrequest_ring_bytes_x = 1\n";
+        let text = "[capture]\nrequest_ring_bytes = 65536\n\nrequest_ring_bytes_x = 1\n";
         assert_eq!(Config::parse(text, "s.toml").unwrap_err().line, 4);
-        for bad in ["2048", "6000"] {
+        for bad in ["4096", "100000"] {
             let text = format!("[capture]\nports = [8080]\nrequest_ring_bytes = {bad}\n");
             let err = Config::parse(&text, "s.toml").unwrap_err();
             assert_eq!(

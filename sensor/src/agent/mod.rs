@@ -57,8 +57,9 @@ struct Pipeline {
     config: Config,
     boot_id: String,
     identities: Identities,
-    /// Request events are always drained first: the kernel emits a connection's request
-    /// events before its close, and exchanges must be split before the close is accounted.
+    /// Request events are accounted before the closes read with them: the kernel emits a
+    /// connection's request events before its close, and exchanges must be split before the
+    /// close is accounted (`drain_closed`).
     requests: AsyncFd<RingBuf<MapData>>,
     /// Close records taken from their ring, awaiting the request events (`drain_closed`);
     /// empty between drains, its room reused.
@@ -137,6 +138,10 @@ impl Pipeline {
             table.observe(cookie, &stats, agg, now);
         }
         *heads = self.identities.stats;
+        // A burst (or the catch-up after a restart: a full ring) leaves no lasting room.
+        if closes.capacity() > 4096 {
+            closes.shrink_to(1024);
+        }
         self.closes = closes;
         Ok(())
     }
@@ -735,7 +740,7 @@ async fn run_until_stopped(
                 let mut guard = guard.context("close ring buffer")?;
                 tokio::time::sleep(RING_BATCH).await;
                 guard.clear_ready();
-                // Drains the request ring first (a connection's requests precede its close).
+                // Takes the closes, then the request events, then accounts the closes.
                 pipeline.drain_closed(guard.get_inner_mut())?;
             }
             guard = pipeline.requests.readable() => {

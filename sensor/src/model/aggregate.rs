@@ -743,12 +743,14 @@ impl From<Loaded> for Full {
             single = p;
             l.windows = Windows::default();
         }
+        // Bounded as `note_source` bounds them, whatever the snapshot holds.
+        let over = l.seen_from.len() > MAX_SEEN_FROM;
         let seen = Seen {
             last_identity: l.last_identity,
             last_forwarded: l.last_forwarded,
-            seen_from: l.seen_from.into_iter().collect(),
-            seen_from_more: l.seen_from_more,
-            source_seen_s: l.source_seen_s.into_iter().collect(),
+            seen_from: l.seen_from.into_iter().take(MAX_SEEN_FROM).collect(),
+            seen_from_more: l.seen_from_more || over,
+            source_seen_s: l.source_seen_s.into_iter().take(MAX_SEEN_FROM).collect(),
         };
         Self {
             first_seen_ms: l.first_seen_ms,
@@ -1887,6 +1889,23 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A saved client listing more sources than the bound (a hostile or corrupt state file)
+    /// is cut to the bound on load and says there were more.
+    #[test]
+    fn sources_beyond_the_bound_are_cut_on_load() {
+        let mut v = serde_json::to_value(ClientStats::default()).expect("json");
+        let ips: Vec<String> = (0..MAX_SEEN_FROM as u32 + 100)
+            .map(|n| std::net::Ipv4Addr::from(0x0a00_0000 + n).to_string())
+            .collect();
+        v["seen_from"] = serde_json::json!(ips);
+        v["source_seen_s"] = ips.iter().map(|ip| (ip.clone(), 5)).collect();
+        let c: ClientStats = serde_json::from_value(v).expect("client");
+        assert_eq!(c.seen_from().len(), MAX_SEEN_FROM);
+        assert!(c.seen_from_more());
+        assert_eq!(c.source_seen_s().len(), MAX_SEEN_FROM);
+        assert!(c.seen_from().is_sorted() && c.source_seen_s().is_sorted());
+    }
 
     /// The sorted lists of sources keep what the B-trees they replaced kept (the earlier
     /// code, kept here as the model), through more addresses than the bound and hours of

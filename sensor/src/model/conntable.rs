@@ -408,7 +408,7 @@ fn encode_stats(out: &mut Vec<u8>, c: &ConnStats) {
         // The kernel's parser state: not saved (as in JSON).
         parse: _,
     } = *c;
-    let mut p = packed::Packer::new(out, 4 + STATS_NUMBERS);
+    let mut p = packed::Packer::new(out, 16 + STATS_NUMBERS);
     p.bytes(&local_addr);
     p.bytes(&remote_addr);
     for v in [
