@@ -216,3 +216,29 @@ fn collector_views_refuse_a_token_over_plain_http() {
         assert!(err.contains("would travel in clear"), "{view}: {err}");
     }
 }
+
+/// Ring sizes are fixed when the pinned state is created: an agent restarted on it with
+/// another size says the new one applies only once the state is replaced, and keeps counting.
+#[test]
+fn a_changed_ring_size_on_pinned_state_is_named() {
+    if !privileged("a_changed_ring_size_on_pinned_state_is_named") {
+        return;
+    }
+    let cg = Cgroup::new("ringsize");
+    let port = free_port();
+    let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let mut agent = Agent::start(&cg, &[port], 200);
+    agent.kill9();
+    let tmp = TempDir::new("ringsize");
+    let config = tmp.path.join("sensor.toml");
+    std::fs::write(&config, "[capture]\nrequest_ring_bytes = 131072\n").expect("config");
+    agent.restart_with(&["--config", config.to_str().expect("utf-8")]);
+    assert_eq!(agent.health()["continued_from_pinned_state"], true);
+    let log = agent.log();
+    assert!(
+        log.contains("request_ring_bytes = 131072 applies when the pinned state is replaced")
+            && log.contains("the running ring keeps 4194304 bytes"),
+        "{log}"
+    );
+    assert!(!log.contains("ring_buffer_bytes = "), "{log}");
+}

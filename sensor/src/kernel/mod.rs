@@ -667,6 +667,22 @@ impl Capture {
                 info.max_entries()
             );
         }
+        let closed = open_pinned_map(&instance_dir, MAP_CLOSED)?;
+        let requests = open_pinned_map(&instance_dir, MAP_REQUESTS)?;
+        for (key, map, want) in [
+            ("ring_buffer_bytes", &closed, settings.ring_buffer_bytes),
+            ("request_ring_bytes", &requests, settings.request_ring_bytes),
+        ] {
+            if let Ok(info) = map.info()
+                && info.max_entries() != want
+            {
+                warn!(
+                    "{key} = {want} applies when the pinned state is replaced (sensor run \
+                     --fresh, losing what it holds); the running ring keeps {} bytes",
+                    info.max_entries()
+                );
+            }
+        }
         Ok(Self {
             _ebpf: None,
             cgroup,
@@ -689,13 +705,9 @@ impl Capture {
                 MAP_LOSS,
             )?))
             .map_err(map_err(MAP_LOSS))?,
-            closed: Some(
-                RingBuf::try_from(Map::RingBuf(open_pinned_map(&instance_dir, MAP_CLOSED)?))
-                    .map_err(map_err(MAP_CLOSED))?,
-            ),
+            closed: Some(RingBuf::try_from(Map::RingBuf(closed)).map_err(map_err(MAP_CLOSED))?),
             requests: Some(
-                RingBuf::try_from(Map::RingBuf(open_pinned_map(&instance_dir, MAP_REQUESTS)?))
-                    .map_err(map_err(MAP_REQUESTS))?,
+                RingBuf::try_from(Map::RingBuf(requests)).map_err(map_err(MAP_REQUESTS))?,
             ),
         })
     }
