@@ -271,13 +271,8 @@ pub struct Exchange {
 const MAX_KEYS_PER_CONNECTION: usize = 64;
 
 /// How long a reaped connection's cookie is remembered, so a late duplicate of its final record
-/// (the ring buffer and the map race by microseconds) is never counted twice. A tombstone
-/// whose record still waits in the kernel map is kept whatever its age
-/// (`expire_tombstones`), and a restart consults the restored ones before it expires any: the
-/// window only has to outlast a record left in the ring, which the agent drains within
-/// `RING_BATCH` of it landing. 30 s, six default snapshot intervals: at 10 000 new connections
-/// a second the 120 s it was held 1.2 million tombstones (~36 MiB of hash table).
-const TOMBSTONE_SECS: u64 = 30;
+/// (the ring buffer and the map race by microseconds) is never counted twice.
+const TOMBSTONE_SECS: u64 = 120;
 
 /// Connections as the agent has accounted them, and the recently closed ones for display.
 ///
@@ -490,8 +485,8 @@ fn saved_live<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(u64, ConnSt
 /// The tombstones (cookie, unix seconds of the close) in a snapshot. In JSON pairs; in format
 /// 4 one `bin`: their number, then per tombstone the differences from the one before of its
 /// cookie and of its time, zigzag LEB128 varints (cookies of one boot are close together, and
-/// so are the times). Under a new-connection load a snapshot holds the closes of the last
-/// `TOMBSTONE_SECS`, and serde's pairs were most of the connection table's encoding.
+/// so are the times). Under a new-connection load a snapshot holds the last ~10 s of closes
+/// (`TOMBSTONE_SECS`), and serde's pairs were most of the connection table's encoding.
 struct SavedTombstones<'a>(&'a CookieMap<u64>);
 
 impl Serialize for SavedTombstones<'_> {
@@ -1092,29 +1087,6 @@ mod tests {
         assert_eq!(restarted.take_unreaped(), [7], "queued for deletion once");
         assert_eq!(restarted.closed_total, 0, "not counted again");
         assert!(agg2.addresses.clients.is_empty(), "not counted again");
-    }
-
-    /// A close record read again after its connection was accounted and reaped (a copy left
-    /// in the ring) is not counted within `TOMBSTONE_SECS` of the accounting; the tombstone
-    /// goes after it, and with it the table's memory of the connection.
-    #[test]
-    fn a_late_duplicate_within_the_tombstone_window_is_not_counted() {
-        let mut agg = Aggregator::new(100, 24, 56);
-        let mut t = ConnTable::new(Duration::from_secs(60), 10);
-        let mut s = stats(1);
-        s.closed = 1;
-        s.bytes_in = 100;
-        t.observe(7, &s, &mut agg, now());
-        assert_eq!(t.take_unreaped(), [7], "reaped after a snapshot");
-        let mut later = now();
-        later.unix_ms += (TOMBSTONE_SECS - 1) * 1000;
-        t.expire_tombstones(later);
-        t.observe(7, &s, &mut agg, later);
-        assert_eq!(agg.addresses.clients["::1"].totals().bytes_in, 100);
-        assert_eq!(t.closed_total, 1);
-        later.unix_ms += 2000;
-        t.expire_tombstones(later);
-        assert!(t.tombstones.is_empty());
     }
 
     /// Snapshots that keep failing (a full disk) keep the closed records in the kernel; their
