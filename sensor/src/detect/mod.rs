@@ -1079,6 +1079,50 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
         assert_eq!(gone[0].event, EventKind::Resolve);
     }
 
+    /// Persistent look-alike identities in one network, started minutes apart (no shared
+    /// start): all behind one address they are an office behind its NAT, judged per identity;
+    /// the same identities spread over three addresses of the network are a ring.
+    #[test]
+    fn a_network_ring_spans_addresses_and_one_shared_egress_is_not_one() {
+        let run = |addresses: u64| {
+            let mut d = detector(Vec::new());
+            let mut agg = Aggregator::new(1000, 24, 56);
+            d.evaluate(&agg, at(0));
+            for i in 0..12u64 {
+                let addr: IpAddr = format!("10.7.0.{}", 1 + i % addresses).parse().expect("ip");
+                let keys = ExchangeKeys {
+                    identity: Some(format!("k-office-{i}")),
+                    forwarded: None,
+                };
+                let mut t = 400 + i * 240;
+                while t < 4400 {
+                    let d = Delta {
+                        counts: Counts {
+                            requests: 2,
+                            bytes_in: 2 * 800,
+                            bytes_out: 2 * 3000,
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    };
+                    agg.apply(addr, &d, at(t));
+                    agg.apply_exchange(&keys, &d, at(t));
+                    agg.request_keys(addr, &keys, t * 1_000_000_000, at(t));
+                    t += 60;
+                }
+            }
+            d.evaluate(&agg, at(4400))
+                .into_iter()
+                .filter(|e| e.alert.rule_id == RING_RULE_ID)
+                .map(|e| e.alert.key)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), Vec::<String>::new(), "one shared egress formed a ring");
+        let spread = run(3);
+        assert_eq!(spread.len(), 1, "{spread:?}");
+        assert!(spread[0].starts_with("net:10.7.0.0/24:"), "{spread:?}");
+    }
+
     #[test]
     fn two_farms_started_together_with_different_shapes_are_two_rings() {
         let mut d = detector(Vec::new());

@@ -15,8 +15,9 @@
 //!   accounts). Keys first seen in the detector's first 5 minutes are left out: at a cold
 //!   start every client "starts" at once; or
 //! - a network (the /24 or /56 of their latest source), when each is also persistent (active
-//!   in >= 80% of the minutes of the hour it was seen): people behind one NAT pause, an
-//!   account farm does not.
+//!   in >= 80% of the minutes of the hour it was seen) and they come from at least two
+//!   addresses: people behind one NAT pause, an account farm does not; and identities all
+//!   behind one address are a shared egress, judged per identity.
 //!
 //! A ring alerts when it has `ring_min_members` members and together they pulled
 //! `ring_tokens_per_minute` estimated output tokens a minute over the last 10 minutes: a set
@@ -327,6 +328,14 @@ pub fn find_among(
             continue;
         }
         for comp in shape_components(members, &idx) {
+            // Identities all behind one address are a shared egress (an office NAT), judged
+            // per identity as the score rule does (score.rs): people from one population
+            // converge to the same mean sizes within an hour, so "alike and persistent behind
+            // one address" is what a busy office looks like too. A network ring spans
+            // addresses.
+            if distinct_sources(members, &comp) < 2 {
+                continue;
+            }
             let shared = format!("network {group}, each active in >= 80% of its minutes");
             if let Some(r) = ring(
                 members,
@@ -341,6 +350,16 @@ pub fn find_among(
         }
     }
     Found { rings, complete }
+}
+
+/// Distinct source addresses of the members in `comp` (a member whose source is unknown
+/// counts as one of its own).
+fn distinct_sources(members: &[Candidate], comp: &[usize]) -> usize {
+    let mut known: Vec<IpAddr> = comp.iter().filter_map(|&i| members[i].source).collect();
+    let unknown = comp.len() - known.len();
+    known.sort_unstable();
+    known.dedup();
+    known.len() + unknown
 }
 
 /// The ring of `comp`, if it is big enough and pulls enough together.
