@@ -1117,7 +1117,11 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
                 .map(|e| e.alert.key)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(run(1), Vec::<String>::new(), "one shared egress formed a ring");
+        assert_eq!(
+            run(1),
+            Vec::<String>::new(),
+            "one shared egress formed a ring"
+        );
         let spread = run(3);
         assert_eq!(spread.len(), 1, "{spread:?}");
         assert!(spread[0].starts_with("net:10.7.0.0/24:"), "{spread:?}");

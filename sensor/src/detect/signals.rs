@@ -2,12 +2,12 @@
 //! request shape (sizes, out/in), estimated output tokens, identities behind an address, and
 //! the settings that scale them (`[detect.signals]`).
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    aggregate::{Aggregator, ClientStats, Counts, Key, Now, Window},
+    aggregate::{Aggregator, ClientStats, Counts, Now, Window},
     keys::By,
 };
 
@@ -138,25 +138,20 @@ pub fn prompt_growth(c: &ClientStats, now: Now) -> f64 {
 /// Per evaluation: how many API identities were seen from each source address in the last
 /// hour. An address with several is a shared egress (an office NAT, a proxy, a frontend
 /// pool): its traffic is many people's, and it is judged per identity. Keyed by the address
-/// as the client tables spell it, so looking a table key up needs no parsing (the detector
-/// asks for every address and forwarded key at every evaluation).
+/// itself: counting formats nothing and allocates nothing per identity (it runs over every
+/// identity at every evaluation); a lookup parses the table's key, and only when some
+/// address has identities at all.
 #[derive(Default)]
-pub struct IdentitiesBehind(HashMap<String, u32, foldhash::fast::RandomState>);
+pub struct IdentitiesBehind(HashMap<IpAddr, u32, foldhash::fast::RandomState>);
 
 impl IdentitiesBehind {
     pub fn count(agg: &Aggregator, now: Now) -> Self {
-        let mut m: HashMap<String, u32, foldhash::fast::RandomState> = HashMap::default();
+        let mut m: HashMap<IpAddr, u32, foldhash::fast::RandomState> = HashMap::default();
         let now_s = now.secs();
         for c in agg.identities.clients.values() {
             for (ip, t) in c.source_seen_s() {
                 if t.saturating_add(3600) > now_s {
-                    let key = Key::address(*ip);
-                    match m.get_mut(key.as_str()) {
-                        Some(n) => *n += 1,
-                        None => {
-                            m.insert(key.as_str().to_owned(), 1);
-                        }
-                    }
+                    *m.entry(*ip).or_insert(0) += 1;
                 }
             }
         }
@@ -169,7 +164,15 @@ impl IdentitiesBehind {
         match by {
             By::Identity => 1,
             By::Group => 0,
-            By::Address | By::Forwarded => self.0.get(key).copied().unwrap_or(0),
+            By::Address | By::Forwarded => {
+                if self.0.is_empty() {
+                    return 0;
+                }
+                key.parse::<IpAddr>()
+                    .ok()
+                    .and_then(|ip| self.0.get(&ip).copied())
+                    .unwrap_or(0)
+            }
         }
     }
 }

@@ -270,9 +270,19 @@ pub struct Exchange {
 /// Distinct identities remembered per connection.
 const MAX_KEYS_PER_CONNECTION: usize = 64;
 
-/// How long a reaped connection's cookie is remembered, so a late duplicate of its final record
-/// (the ring buffer and the map race by microseconds) is never counted twice.
-const TOMBSTONE_SECS: u64 = 120;
+/// How long a reaped connection's cookie is remembered, in real seconds, so a late duplicate of
+/// its final record (the ring buffer and the map race by microseconds, and a live read holds
+/// what it read for at most a poll) is never counted twice. Records the kernel map still holds
+/// keep their tombstone whatever its age (`expire_tombstones`). A connection's tombstone is
+/// most of what it leaves behind: at 10 000 new connections a second this window is 300 000
+/// of them.
+const TOMBSTONE_SECS: u64 = 30;
+
+/// `TOMBSTONE_SECS` on the agent's clock, which an evaluation speeds up (`Now::scale`): the
+/// race it covers runs in real time.
+fn tombstone_window_secs() -> u64 {
+    TOMBSTONE_SECS.saturating_mul(Now::scale())
+}
 
 /// Connections as the agent has accounted them, and the recently closed ones for display.
 ///
@@ -485,8 +495,8 @@ fn saved_live<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(u64, ConnSt
 /// The tombstones (cookie, unix seconds of the close) in a snapshot. In JSON pairs; in format
 /// 4 one `bin`: their number, then per tombstone the differences from the one before of its
 /// cookie and of its time, zigzag LEB128 varints (cookies of one boot are close together, and
-/// so are the times). Under a new-connection load a snapshot holds the last ~10 s of closes
-/// (`TOMBSTONE_SECS`), and serde's pairs were most of the connection table's encoding.
+/// so are the times). Under a new-connection load a snapshot holds the last `TOMBSTONE_SECS`
+/// of closes, and serde's pairs were most of the connection table's encoding.
 struct SavedTombstones<'a>(&'a CookieMap<u64>);
 
 impl Serialize for SavedTombstones<'_> {
@@ -797,14 +807,15 @@ impl ConnTable {
         }
     }
 
-    /// Forgets tombstones older than `TOMBSTONE_SECS`, except those of records still waiting
+    /// Forgets tombstones older than `TOMBSTONE_SECS` (real seconds), except those of records still waiting
     /// to be deleted from the kernel map: while snapshots fail (a full disk) the records stay
     /// in the kernel, and without their tombstone they would be counted again.
     pub fn expire_tombstones(&mut self, now: Now) {
         let pending: HashSet<u64, foldhash::fast::RandomState> =
             self.unreaped.iter().copied().collect();
+        let window = tombstone_window_secs();
         self.tombstones
-            .retain(|c, at| now.secs().saturating_sub(*at) < TOMBSTONE_SECS || pending.contains(c));
+            .retain(|c, at| now.secs().saturating_sub(*at) < window || pending.contains(c));
         let tombstones = &self.tombstones;
         self.restored.retain(|c, ()| tombstones.contains_key(c));
     }
@@ -1115,7 +1126,7 @@ mod tests {
         assert_eq!(t.closed_total, 1);
         // Once deleted from the kernel, the tombstone may go.
         assert_eq!(t.take_unreaped(), [7]);
-        later.unix_ms += 1000 * (TOMBSTONE_SECS + 1);
+        later.unix_ms += 1000 * (tombstone_window_secs() + 1);
         t.expire_tombstones(later);
         assert!(t.tombstones.is_empty());
     }

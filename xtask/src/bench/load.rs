@@ -27,6 +27,7 @@ pub fn client_addr(i: usize) -> Ipv4Addr {
     )
 }
 
+#[derive(Clone)]
 pub struct Spec {
     pub target: SocketAddrV4,
     pub path: String,

@@ -86,6 +86,10 @@ pub struct Options {
     /// Seconds of each agent-CPU load.
     #[arg(long, default_value_t = 20)]
     pub load_seconds: u64,
+    /// Seconds of the new-connection load: longer than the agent holds a closed connection's
+    /// tombstone (30 s) plus a snapshot period, so its memory is read at steady state.
+    #[arg(long, default_value_t = 45)]
+    pub close_load_seconds: u64,
     /// Rounds of the agent-CPU loads (each: idle, keep-alive, new connection, on every
     /// live-read path, the paths swapping places every round): the verdict is on their median,
     /// with their range.
@@ -338,8 +342,10 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=60).contains(&opts.seconds)
             && (1..=120).contains(&opts.load_seconds)
+            && (1..=300).contains(&opts.close_load_seconds)
             && (1..=9).contains(&opts.load_rounds),
-        "--seconds must be 1..=60, --load-seconds 1..=120 and --load-rounds 1..=9"
+        "--seconds must be 1..=60, --load-seconds 1..=120, --close-load-seconds 1..=300 and \
+         --load-rounds 1..=9"
     );
     anyhow::ensure!(
         (1..=60_000).contains(&opts.clients),
@@ -982,7 +988,10 @@ impl Bench<'_> {
             let (c0, t0) = (procs::cpu_seconds(pid)?, Instant::now());
             let outcome = match pool.as_mut() {
                 Some(pool) => pool.run(&spec),
-                None => load::new_connections(&spec),
+                None => load::new_connections(&load::Spec {
+                    duration: Duration::from_secs(self.opts.close_load_seconds),
+                    ..spec.clone()
+                }),
             };
             let c1 = procs::cpu_seconds(pid)?;
             let wall = t0.elapsed().as_secs_f64();

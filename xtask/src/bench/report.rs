@@ -542,7 +542,9 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
          {} threads of blocking HTTP/1.1 clients, each client bound to its own source address \
          in 127.20.0.0/16 (250 per /24) and sending the head the OpenAI Python SDK sends \
          (15 field lines, ~500 bytes, a bearer API key of its own), paced to the target rate for \
-         {} s against nginx in the watched cgroup; agent at its defaults (poll every 1 s, snapshot every 5 s, at most \
+         {} s (keep-alive) and {} s (a new connection per request: longer than the 30 s a \
+         closed connection's tombstone is held plus a snapshot period, so its memory is read at \
+         steady state) against nginx in the watched cgroup; agent at its defaults (poll every 1 s, snapshot every 5 s, at most \
          10 000 clients). {} rounds, each with an agent of its own (with more than one \
          live-read path, each path in turn, the paths swapping places every round). CPU = \
          (utime + stime) of the agent from /proc/PID/stat over the timed part, in % of one \
@@ -552,6 +554,7 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
          clients: the median round's; errors: all rounds'.\n",
         super::LOAD_THREADS,
         o.load_seconds,
+        o.close_load_seconds,
         o.load_rounds
     );
     let _ = writeln!(
@@ -801,6 +804,7 @@ mod tests {
             clients: 10_000,
             rate: 10_000,
             load_seconds: 20,
+            close_load_seconds: 45,
             load_rounds: 3,
             latency_trials: 10,
             keys: vec![0],
