@@ -363,21 +363,32 @@ pub enum Loss {
     /// A close notification did not fit in the ring buffer (the agent finds the closed record in
     /// the map at its next poll: a delay, not a loss).
     RingBufFull = 0,
-    /// A new watched connection found the connection map full: it is not counted at all.
+    /// A new watched connection found the live-connection table full (`max_connections`): it
+    /// is not counted at all.
     ConnMapFull = 1,
     /// A packet of a watched connection whose headers could not be read (counted, not parsed).
     Unparsed = 2,
     /// A request event did not fit in its ring buffer: the request is counted, but its time is
     /// missing from the inter-request statistics.
     RequestEventsDropped = 3,
+    /// A closed connection's final record did not fit in the closed-record map (it holds
+    /// `max_connections` until the agent has saved them): it reaches the agent through the
+    /// ring buffer, counted exactly, but an agent crash before that drain would lose it.
+    /// Exposure, not a loss.
+    ClosedMapFull = 4,
+    /// A closed connection's final record fit neither the closed-record map nor the ring
+    /// buffer: what the connection carried since the agent's last read of it is lost.
+    ClosedLost = 5,
 }
 
 impl Loss {
-    pub const ALL: [Loss; 4] = [
+    pub const ALL: [Loss; 6] = [
         Loss::RingBufFull,
         Loss::ConnMapFull,
         Loss::Unparsed,
         Loss::RequestEventsDropped,
+        Loss::ClosedMapFull,
+        Loss::ClosedLost,
     ];
     /// Number of slots in the `LOSS` map.
     pub const SLOTS: u32 = 8;
@@ -388,6 +399,8 @@ impl Loss {
             Loss::ConnMapFull => "conn_map_full",
             Loss::Unparsed => "unparsed_packets",
             Loss::RequestEventsDropped => "request_events_dropped",
+            Loss::ClosedMapFull => "closed_map_full",
+            Loss::ClosedLost => "closed_lost",
         }
     }
 }

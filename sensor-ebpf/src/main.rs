@@ -508,9 +508,7 @@ fn close_connection(ctx: &SockOpsContext) {
         // The final record stays in CONNS until the agent has accounted it durably.
         // The record's prefix, read in place (ConnStats starts with what ClosedStats holds).
         let closed = &*(&raw const (*record).stats).cast::<ClosedStats>();
-        if CONNS.insert(&cookie, closed, u64::from(BPF_ANY)).is_err() {
-            count_loss(Loss::ConnMapFull);
-        }
+        let kept = CONNS.insert(&cookie, closed, u64::from(BPF_ANY)).is_ok();
         match CLOSED.reserve::<ClosedRecord>(0) {
             Some(mut entry) => {
                 // Copied straight from the record, not through the stack (512 bytes for the
@@ -523,9 +521,17 @@ fn close_connection(ctx: &SockOpsContext) {
                     1,
                 );
                 entry.submit(0);
+                if !kept {
+                    count_loss(Loss::ClosedMapFull);
+                }
             }
-            // The agent's next poll finds the closed record in CONNS: a delay, not a loss.
-            None => count_loss(Loss::RingBufFull),
+            // In CONNS, the agent's next poll finds the closed record: a delay, not a loss.
+            // In neither, the record is gone.
+            None => count_loss(if kept {
+                Loss::RingBufFull
+            } else {
+                Loss::ClosedLost
+            }),
         }
         // Later packets (a reset after the close) are not counted, and the iterator no longer
         // lists the connection as live.
@@ -568,16 +574,13 @@ fn close_in_map(ctx: &SockOpsContext) {
         (*stats).last_seen_ns = now_ns();
         (*stats).closed = 1;
         // The final record stays in CONNS until the agent has accounted it durably.
-        if CONNS
+        let kept = CONNS
             .insert(
                 &cookie,
                 &*stats.cast_const().cast::<ClosedStats>(),
                 u64::from(BPF_ANY),
             )
-            .is_err()
-        {
-            count_loss(Loss::ConnMapFull);
-        }
+            .is_ok();
         match CLOSED.reserve::<ClosedRecord>(0) {
             Some(mut entry) => {
                 // Copied straight from the map value, not through the stack (512 bytes for
@@ -591,9 +594,16 @@ fn close_in_map(ctx: &SockOpsContext) {
                     LIVE_RECORD_BYTES / 8 - 1,
                 );
                 entry.submit(0);
+                if !kept {
+                    count_loss(Loss::ClosedMapFull);
+                }
             }
-            // The agent's next poll finds the closed record in CONNS: a delay, not a loss.
-            None => count_loss(Loss::RingBufFull),
+            // As in `close_connection`.
+            None => count_loss(if kept {
+                Loss::RingBufFull
+            } else {
+                Loss::ClosedLost
+            }),
         }
         // Later packets (a reset after the close) find no record and are not counted, and
         // the agent's read no longer lists the connection as live.

@@ -279,8 +279,82 @@ fn doctor_fails_where_the_agent_cannot_run() {
 /// Closed records waiting for the agent never take the room of live ones: with the agent down
 /// (nobody deletes closed records), more short connections close than `max_connections`, and
 /// a connection opened after them is still recorded. The closes beyond the closed-record map's
-/// room still reach the agent through the ring buffer: every request is counted, and
-/// `conn_map_full` says how many closed records the map could not keep. On both paths.
+/// room still reach the agent through the ring buffer: every request is counted,
+/// `closed_map_full` says how many closed records the map could not keep, and `conn_map_full`
+/// (connections not counted) stays 0. On both paths.
+/// A close whose final record fits neither the closed-record map nor the ring buffer is
+/// counted in `closed_lost`: with the agent stopped, `max_connections = 4` and a one-page
+/// close ring, more short connections open and close than both hold. The connections the
+/// agent shows plus those it counts as lost are every connection made; none is counted as not
+/// tracked (`conn_map_full`: they were live one at a time). On both paths.
+#[test]
+fn closes_that_fit_nowhere_are_counted_as_lost() {
+    if !privileged("closes_that_fit_nowhere_are_counted_as_lost") {
+        return;
+    }
+    // SAFETY: sysconf(3) has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
+    // A close record is 128 bytes and an 8-byte header: more closes than the page holds.
+    let connections = page / 136 + 20;
+    for live_read in ["auto", "map"] {
+        let cg = Cgroup::new("nowhere");
+        let port = free_port();
+        let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+        let dir = TempDir::new("nowhere-config");
+        let config = dir.path.join("sensor.toml");
+        std::fs::write(
+            &config,
+            format!("[capture]\nmax_connections = 4\nring_buffer_bytes = {page}\n"),
+        )
+        .expect("config");
+        let agent = Agent::start_with(
+            &cg,
+            &[port],
+            200,
+            &[
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--live-read",
+                live_read,
+            ],
+        );
+        // SAFETY: kill(2) on the agent's pid, which this test started.
+        assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) }, 0);
+        let ops: Vec<Vec<String>> = (0..connections)
+            .map(|i| {
+                let mut o = op(&["--interface", "127.0.3.2", "-H", "Connection: close"]);
+                o.push(format!("http://127.0.0.1:{port}/{}?n={i}", SMALL.0));
+                o
+            })
+            .collect();
+        assert_eq!(curl(Command::new("curl"), &ops).len(), connections);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) }, 0);
+        wait_for(
+            "every connection shown or counted as lost",
+            Duration::from_secs(15),
+            || {
+                let seen = agent
+                    .conns()
+                    .iter()
+                    .filter(|c| c.remote.starts_with("127.0.3.2:") && c.state == "closed")
+                    .count() as u64;
+                let loss = &agent.health()["loss"];
+                let lost = loss["closed_lost"].as_u64().unwrap_or(0);
+                let uncounted = loss["conn_map_full"].as_u64().unwrap_or(u64::MAX);
+                if lost > 0 && uncounted == 0 && seen + lost == connections as u64 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{live_read}: {seen} shown + {lost} closed_lost of {connections}, \
+                         conn_map_full {uncounted}"
+                    ))
+                }
+            },
+        );
+    }
+}
+
 #[test]
 fn closed_records_never_crowd_out_live_ones() {
     if !privileged("closed_records_never_crowd_out_live_ones") {
@@ -325,14 +399,16 @@ fn closed_records_never_crowd_out_live_ones() {
                     .iter()
                     .map(|c| c["requests"].as_u64().unwrap_or(0))
                     .sum();
-                let lost = agent.health()["loss"]["conn_map_full"]
-                    .as_u64()
-                    .unwrap_or(0);
-                if open && requests == 6 && lost == 2 {
+                let loss = &agent.health()["loss"];
+                let kept_out = loss["closed_map_full"].as_u64().unwrap_or(0);
+                let uncounted = loss["conn_map_full"].as_u64().unwrap_or(u64::MAX);
+                let lost = loss["closed_lost"].as_u64().unwrap_or(u64::MAX);
+                if open && requests == 6 && kept_out == 2 && uncounted == 0 && lost == 0 {
                     Ok(())
                 } else {
                     Err(format!(
-                        "{live_read}: open {open}, requests {requests}, conn_map_full {lost}"
+                        "{live_read}: open {open}, requests {requests}, closed_map_full \
+                         {kept_out}, conn_map_full {uncounted}, closed_lost {lost}"
                     ))
                 }
             },
