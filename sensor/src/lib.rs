@@ -4,7 +4,8 @@
 //! The modules are the architecture (docs/architecture.md draws them and the data's path). Each
 //! imports only modules listed before it:
 //!
-//! 1. `stdout`: standard output for one-shot commands (quiet on a closed pipe).
+//! 1. `stdout`, `pace`: standard output for one-shot commands (quiet on a closed pipe);
+//!    yielding the CPU to the host's own work during long loops.
 //! 2. `model`: keys, per-client counters in bounded memory, the connection table, rows as views
 //!    show them, saved state.
 //! 3. `detect`: the rule engine, alert state, baselines.
@@ -22,6 +23,8 @@
 //! 13. `collector`: `sensor collector`, the fleet tier.
 
 mod stdout;
+
+mod pace;
 
 mod model;
 

@@ -118,7 +118,9 @@ impl Pipeline {
     /// identity, its head held for good (under a new-connection load, thousands a minute).
     fn drain_closed(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         let mut closes = std::mem::take(&mut self.closes);
+        let mut pace = crate::pace::Pace::new();
         while let Some(item) = ring.next() {
+            pace.step();
             match decode_live(&item) {
                 Some(close) => closes.push(close),
                 None => warn!("short close record ({} bytes)", item.len()),
@@ -131,6 +133,7 @@ impl Pipeline {
             table, agg, heads, ..
         } = &mut *s;
         for (cookie, stats) in closes.drain(..) {
+            pace.step();
             // The connection's last request is complete with what arrived.
             if let Some(r) = self.identities.close(cookie) {
                 apply_request(table, agg, r, now);
@@ -171,7 +174,9 @@ impl Pipeline {
             let AgentState {
                 table, agg, heads, ..
             } = &mut *s;
+            let mut pace = crate::pace::Pace::new();
             for (cookie, stats) in cookies.iter().zip(records) {
+                pace.step();
                 if let Some(present) = present.as_deref_mut() {
                     present.insert(*cookie);
                 }
@@ -449,7 +454,9 @@ fn drain_requests(
     } = &mut *s;
     let ring = requests.get_mut();
     let mut ready = Vec::new();
+    let mut pace = crate::pace::Pace::new();
     while let Some(item) = ring.next() {
+        pace.step();
         let Some(ev) = decode_request(&item) else {
             warn!("short request record ({} bytes)", item.len());
             continue;

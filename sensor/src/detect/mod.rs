@@ -329,7 +329,10 @@ impl Detector {
             if rules.is_empty() {
                 continue;
             }
+            let mut pace = crate::pace::Pace::new();
             for (key, stats) in &agg.table(by).clients {
+                // Every key of every table each evaluation: milliseconds with many clients.
+                pace.step();
                 let mut memo = WindowMemo::default();
                 for &(i, place, rule) in &rules {
                     let cand = Candidate {
