@@ -509,7 +509,7 @@ fn close_connection(ctx: &SockOpsContext) {
         // The record's prefix, read in place (ConnStats starts with what ClosedStats holds).
         let closed = &*(&raw const (*record).stats).cast::<ClosedStats>();
         let kept = CONNS.insert(&cookie, closed, u64::from(BPF_ANY)).is_ok();
-        match CLOSED.reserve::<ClosedRecord>(0) {
+        let sent = match CLOSED.reserve::<ClosedRecord>(0) {
             Some(mut entry) => {
                 // Copied straight from the record, not through the stack (512 bytes for the
                 // whole call chain): its first LIVE_RECORD_BYTES, without the parser state.
@@ -521,23 +521,30 @@ fn close_connection(ctx: &SockOpsContext) {
                     1,
                 );
                 entry.submit(0);
-                if !kept {
-                    count_loss(Loss::ClosedMapFull);
-                }
+                true
             }
-            // In CONNS, the agent's next poll finds the closed record: a delay, not a loss.
-            // In neither, the record is gone.
-            None => count_loss(if kept {
-                Loss::RingBufFull
-            } else {
-                Loss::ClosedLost
-            }),
-        }
+            None => false,
+        };
+        count_close(kept, sent);
         // Later packets (a reset after the close) are not counted, and the iterator no longer
         // lists the connection as live.
         if bpf_sk_storage_delete(socks(), sk) == 0 {
             release_live_slot();
         }
+    }
+}
+
+/// Where a final record went, as a loss counter. `kept`: it is in CONNS; `sent`: it is in the
+/// close ring. Both: nothing to count. Only in the ring: delivered exactly, but exposed to an
+/// agent crash until the agent writes it down. Only in CONNS: the agent's next poll finds it,
+/// a delay. In neither: the record is gone.
+#[inline(always)]
+fn count_close(kept: bool, sent: bool) {
+    match (kept, sent) {
+        (true, true) => {}
+        (false, true) => count_loss(Loss::ClosedMapFull),
+        (true, false) => count_loss(Loss::RingBufFull),
+        (false, false) => count_loss(Loss::ClosedLost),
     }
 }
 
@@ -581,7 +588,7 @@ fn close_in_map(ctx: &SockOpsContext) {
                 u64::from(BPF_ANY),
             )
             .is_ok();
-        match CLOSED.reserve::<ClosedRecord>(0) {
+        let sent = match CLOSED.reserve::<ClosedRecord>(0) {
             Some(mut entry) => {
                 // Copied straight from the map value, not through the stack (512 bytes for
                 // the whole call chain): the cookie, then the stats up to the parser state.
@@ -594,17 +601,11 @@ fn close_in_map(ctx: &SockOpsContext) {
                     LIVE_RECORD_BYTES / 8 - 1,
                 );
                 entry.submit(0);
-                if !kept {
-                    count_loss(Loss::ClosedMapFull);
-                }
+                true
             }
-            // As in `close_connection`.
-            None => count_loss(if kept {
-                Loss::RingBufFull
-            } else {
-                Loss::ClosedLost
-            }),
-        }
+            None => false,
+        };
+        count_close(kept, sent);
         // Later packets (a reset after the close) find no record and are not counted, and
         // the agent's read no longer lists the connection as live.
         let _ = OPEN.remove(&cookie);

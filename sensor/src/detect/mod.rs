@@ -114,7 +114,9 @@ pub struct ActiveAddresses([HashMap<String, u64, foldhash::fast::RandomState>; 3
 impl ActiveAddresses {
     fn count(agg: &Aggregator, now: Now) -> Self {
         let mut active = Self::default();
+        let mut pace = crate::pace::Pace::new();
         for (addr, c) in &agg.addresses.clients {
+            pace.step();
             let Ok(ip) = addr.parse::<IpAddr>() else {
                 continue;
             };

@@ -225,12 +225,16 @@ pub fn harvest(
     now: Now,
 ) -> Vec<Candidate> {
     let mut members = Vec::new();
+    // Every key each evaluation, as the rules' walk: paced the same way.
+    let mut pace = crate::pace::Pace::new();
     for (key, c) in &agg.identities.clients {
+        pace.step();
         if let Some(m) = eligible(agg, By::Identity, key, c, cfg, now) {
             members.push(m);
         }
     }
     for (key, c) in &agg.addresses.clients {
+        pace.step();
         // Addresses with identities are judged through them.
         if behind.of(By::Address, key) == 0
             && c.last_identity().is_none()

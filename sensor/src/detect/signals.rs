@@ -148,7 +148,9 @@ impl IdentitiesBehind {
     pub fn count(agg: &Aggregator, now: Now) -> Self {
         let mut m: HashMap<IpAddr, u32, foldhash::fast::RandomState> = HashMap::default();
         let now_s = now.secs();
+        let mut pace = crate::pace::Pace::new();
         for c in agg.identities.clients.values() {
+            pace.step();
             for (ip, t) in c.source_seen_s() {
                 if t.saturating_add(3600) > now_s {
                     *m.entry(*ip).or_insert(0) += 1;

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     model::aggregate::Aggregator,
     model::conntable::{ConnState, SavedConns},
+    pace::Paced,
 };
 
 /// Bumped when the snapshot format changes incompatibly.
@@ -108,10 +109,13 @@ pub fn write_tmp(dir: &Path, snapshot: &SnapshotRef<'_>) -> anyhow::Result<Writt
     fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
     let file = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    // Paced: the encoding runs under the state lock for tens of milliseconds on a large table,
+    // in one burst the scheduler would preempt only at a tick.
+    let mut out = Paced::new(std::io::BufWriter::with_capacity(WRITE_BUFFER, file));
     encode(&mut out, snapshot)
         .with_context(|| format!("writing the state snapshot to {}", tmp.display()))?;
     let file = out
+        .into_inner()
         .into_inner()
         .map_err(|e| e.into_error())
         .with_context(|| format!("writing {}", tmp.display()))?;
