@@ -119,14 +119,23 @@ impl Pipeline {
     fn drain_closed(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         let mut closes = std::mem::take(&mut self.closes);
         let mut pace = crate::pace::Pace::new();
+        let mut close_bytes = 0usize;
         while let Some(item) = ring.next() {
             pace.step();
+            close_bytes += item.len();
             match decode_live(&item) {
                 Some(close) => closes.push(close),
                 None => warn!("short close record ({} bytes)", item.len()),
             }
         }
-        self.drain_requests()?;
+        let request_bytes = self.drain_requests()?;
+        // A drain that found either ring an eighth full or more: the agent is behind the
+        // traffic, and yielding now would let the rings fill further (see `pace`).
+        let capture = &self.config.capture;
+        crate::pace::set_behind(
+            close_bytes >= capture.ring_buffer_bytes as usize / 8
+                || request_bytes >= capture.request_ring_bytes as usize / 8,
+        );
         let now = Now::system();
         let mut s = lock(&self.state)?;
         let AgentState {
@@ -149,7 +158,7 @@ impl Pipeline {
         Ok(())
     }
 
-    fn drain_requests(&mut self) -> anyhow::Result<()> {
+    fn drain_requests(&mut self) -> anyhow::Result<usize> {
         drain_requests(&self.state, &mut self.identities, &mut self.requests)
     }
 
@@ -441,12 +450,12 @@ impl Pipeline {
     }
 }
 
-/// Accounts the queued request events.
+/// Accounts the queued request events; returns the bytes read from the ring.
 fn drain_requests(
     state: &SharedState,
     identities: &mut Identities,
     requests: &mut AsyncFd<RingBuf<MapData>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let now = Now::system();
     let mut s = lock(state)?;
     let AgentState {
@@ -455,8 +464,10 @@ fn drain_requests(
     let ring = requests.get_mut();
     let mut ready = Vec::new();
     let mut pace = crate::pace::Pace::new();
+    let mut bytes = 0usize;
     while let Some(item) = ring.next() {
         pace.step();
+        bytes += item.len();
         let Some(ev) = decode_request(&item) else {
             warn!("short request record ({} bytes)", item.len());
             continue;
@@ -471,7 +482,7 @@ fn drain_requests(
         }
     }
     *heads = identities.stats;
-    Ok(())
+    Ok(bytes)
 }
 
 /// A request whose head is complete: splits the connection's exchanges at its start.
