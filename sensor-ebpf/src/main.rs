@@ -1273,6 +1273,10 @@ struct Pos {
     /// (0: the head does not end in them).
     index: u64,
     head_end: u64,
+    /// How many of `bytes` hold the segment's bytes, and which of them are line feeds (one
+    /// bit each): the head scanner's inputs, passed in memory (see `scan_step`).
+    scan_n: u64,
+    scan_lf: u64,
     /// Bytes of the segment the head scanner reads.
     bytes: [u64; SCAN_WORDS],
 }
@@ -1836,13 +1840,17 @@ fn head_bytes(ctx: &SkBuffContext, stats: &mut ConnStats, pos: *mut Pos) -> bool
     unsafe {
         put(&raw mut (*pos).index, 0);
         put(&raw mut (*pos).head_end, 0);
+        put(&raw mut (*pos).scan_n, n as u64);
+        put(&raw mut (*pos).scan_lf, lf);
     }
-    scan_head(&mut stats.parse.live, pos, n as u64, lf);
-    // SAFETY: this CPU's POS value.
-    let (index, head_end) = unsafe {
+    scan_head(&mut stats.parse.live, pos);
+    // Read again from memory, not kept in a register across the scan (see `scan_head`).
+    // SAFETY: this CPU's POS value; a field of a live map value.
+    let (index, head_end, cursor) = unsafe {
         (
             get(&raw const (*pos).index),
             get(&raw const (*pos).head_end),
+            ld(&raw const stats.parse.live.cursor) as i64,
         )
     };
     let f = &mut stats.parse.live;
@@ -1904,89 +1912,144 @@ fn lowest_bit(x: u64) -> u64 {
     v.wrapping_mul(ONES) >> 56
 }
 
-/// Reads head bytes `index..n` of `Pos::bytes` (line feeds marked in `lf`): follows lines,
-/// matches field names, reads `Content-Length` values, and stops just past the blank line that
-/// ends the head (`Pos::head_end`). Lines end at LF (nginx also takes a bare LF). The state is
-/// in memory (see `parse_turn`).
-#[inline(never)]
-fn scan_head(f: &mut Frame, pos: *mut Pos, n: u64, lf: u64) {
-    // SAFETY: this CPU's POS value.
-    let bytes = unsafe { (&raw const (*pos).bytes).cast::<u8>() };
+/// Reads a field of the connection's `Frame` from memory (a volatile load): the head scanner
+/// keeps no value of the frame in a register from one step to the next (see `scan_step`).
+///
+/// SAFETY: `field` points into a live map value.
+#[inline(always)]
+unsafe fn ld<T: Copy>(field: *const T) -> T {
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// Writes a field of the connection's `Frame` (see `ld`).
+///
+/// SAFETY: as `ld`.
+#[inline(always)]
+unsafe fn st<T: Copy>(field: *mut T, value: T) {
+    unsafe { core::ptr::write_volatile(field, value) }
+}
+
+/// Reads head bytes `index..n` of `Pos::bytes` (line feeds marked in `lf`), one `scan_step`
+/// at a time: follows lines, matches field names, reads `Content-Length` values, and stops
+/// just past the blank line that ends the head (`Pos::head_end`).
+///
+/// The loop only calls: each step is a subprogram whose state lives in memory (`Pos`, the
+/// frame), so every path through a step comes back to the loop's head in the same verifier
+/// state (the call leaves r1-r5 unset and r0 tested; nothing else changes). Written as one
+/// loop with the step inlined, the paths through a step left different values in registers
+/// that were dead at the loop's head, and 6.18's verifier, which compares states inside a
+/// loop before it cleans them of dead registers, pruned none of them: it walked the 64 steps
+/// once per combination, past its limit on one 6.18 build ("BPF program is too large.
+/// Processed 1000001 insn") and at 60 % of it on another.
+#[inline(always)]
+fn scan_head(f: &mut Frame, pos: *mut Pos) {
+    let f: *mut Frame = f;
     for _ in 0..SCAN_BYTES {
-        // SAFETY: this CPU's POS value; fields of a live map value.
-        let (i, line) = unsafe {
-            (
-                get(&raw const (*pos).index),
-                core::ptr::read_volatile(&raw const f.line),
-            )
-        };
-        if i >= n {
+        if !scan_step(f, pos) {
             break;
         }
-        // The mask is what bounds the read of `bytes` below for the verifier. The compiler
-        // knows `i < n <= SCAN_BYTES` and drops a mask of `i` itself as redundant, leaving
-        // the bound to that comparison: older verifiers (6.1) learn nothing about either
-        // register from a comparison of two non-constant registers, and refused the
-        // unbounded index ("math between map_value pointer and register with unbounded min
-        // value"). The mask applies to a copy the compiler knows nothing about.
-        let i = opaque(i) & (SCAN_BYTES as u64 - 1);
-        if line == LINE_OTHER {
-            // To the line's end in one move.
-            let rest = lf >> i;
-            if rest == 0 {
-                // SAFETY: as above.
-                unsafe { put(&raw mut (*pos).index, n) };
-                break;
-            }
+    }
+}
+
+/// One step of the head scanner: a byte, or a whole line it does not read; false when the
+/// bytes are done or the head ended. Lines end at LF (nginx also takes a bare LF). Inputs in
+/// memory: `Pos::scan_n` bytes of `Pos::bytes`, their line feeds in `Pos::scan_lf`.
+#[inline(never)]
+fn scan_step(f: *mut Frame, pos: *mut Pos) -> bool {
+    // SAFETY: this CPU's POS value; fields of a live map value.
+    let (bytes, n, lf, i, line) = unsafe {
+        (
+            (&raw const (*pos).bytes).cast::<u8>(),
+            get(&raw const (*pos).scan_n),
+            get(&raw const (*pos).scan_lf),
+            get(&raw const (*pos).index),
+            ld(&raw const (*f).line),
+        )
+    };
+    if i >= n {
+        return false;
+    }
+    // The mask is what bounds the read of `bytes` below for the verifier. The compiler
+    // knows `i < n <= SCAN_BYTES` and drops a mask of `i` itself as redundant, leaving
+    // the bound to that comparison: older verifiers (6.1) learn nothing about either
+    // register from a comparison of two non-constant registers, and refused the
+    // unbounded index ("math between map_value pointer and register with unbounded min
+    // value"). The mask applies to a copy the compiler knows nothing about.
+    let i = opaque(i) & (SCAN_BYTES as u64 - 1);
+    if line == LINE_OTHER {
+        // To the line's end in one move.
+        let rest = lf >> i;
+        if rest == 0 {
             // SAFETY: as above.
-            unsafe { put(&raw mut (*pos).index, i + lowest_bit(rest) + 1) };
-            f.line = LINE_START;
-            continue;
+            unsafe { put(&raw mut (*pos).index, n) };
+            return false;
         }
-        // SAFETY: i < SCAN_BYTES, the size of `bytes`.
-        let b = unsafe { *bytes.add(i as usize) };
         // SAFETY: as above.
-        unsafe { put(&raw mut (*pos).index, i + 1) };
-        if b == b'\n' {
-            if line == LINE_START || line == LINE_CR {
-                // SAFETY: as above.
-                unsafe { put(&raw mut (*pos).head_end, i + 1) };
-                break;
-            }
-            if line == LINE_LENGTH {
-                end_length(f);
-            }
-            f.line = LINE_START;
-            continue;
+        unsafe {
+            put(&raw mut (*pos).index, i + lowest_bit(rest) + 1);
+            st(&raw mut (*f).line, LINE_START);
         }
-        if line == LINE_CR {
-            // A CR not followed by LF where a line starts: nginx refuses the request (and
-            // closes the connection); nothing to follow.
-            f.framing |= FRAMING_UNKNOWN;
-            f.line = LINE_OTHER;
-            continue;
+        return true;
+    }
+    // SAFETY: i < SCAN_BYTES, the size of `bytes`.
+    let b = unsafe { *bytes.add(i as usize) };
+    // SAFETY: as above.
+    unsafe { put(&raw mut (*pos).index, i + 1) };
+    if b == b'\n' {
+        if line == LINE_START || line == LINE_CR {
+            // SAFETY: as above.
+            unsafe { put(&raw mut (*pos).head_end, i + 1) };
+            return false;
         }
         if line == LINE_LENGTH {
-            length_byte(f, b);
-            continue;
+            end_length(f);
         }
-        if line == LINE_START {
-            if b == b'\r' {
-                f.line = LINE_CR;
-                continue;
-            }
-            f.name_len = 0;
-            f.names = NAME_LENGTH | NAME_TRANSFER;
+        // SAFETY: as above.
+        unsafe { st(&raw mut (*f).line, LINE_START) };
+        return true;
+    }
+    if line == LINE_CR {
+        // A CR not followed by LF where a line starts: nginx refuses the request (and
+        // closes the connection); nothing to follow.
+        unknown_framing(f);
+        return true;
+    }
+    if line == LINE_LENGTH {
+        length_byte(f, b);
+        return true;
+    }
+    if line == LINE_START {
+        if b == b'\r' {
+            // SAFETY: as above.
+            unsafe { st(&raw mut (*f).line, LINE_CR) };
+            return true;
         }
-        name_byte(f, b);
+        // SAFETY: as above.
+        unsafe {
+            st(&raw mut (*f).name_len, 0);
+            st(&raw mut (*f).names, NAME_LENGTH | NAME_TRANSFER);
+        }
+    }
+    name_byte(f, b);
+    true
+}
+
+/// The request's end is not followed (see `FRAMING_UNKNOWN`); the rest of the line is skipped.
+#[inline(always)]
+fn unknown_framing(f: *mut Frame) {
+    // SAFETY: a live map value (`scan_head`).
+    unsafe {
+        st(&raw mut (*f).framing, ld(&raw const (*f).framing) | FRAMING_UNKNOWN);
+        st(&raw mut (*f).line, LINE_OTHER);
     }
 }
 
 /// One byte of a field name.
 #[inline(always)]
-fn name_byte(f: &mut Frame, b: u8) {
+fn name_byte(f: *mut Frame, b: u8) {
     let lower = if b.is_ascii_uppercase() { b | 0x20 } else { b };
-    let k = usize::from(f.name_len) & 31;
+    // SAFETY: a live map value (`scan_head`).
+    let k = usize::from(unsafe { ld(&raw const (*f).name_len) }) & 31;
     // Both reads before any comparison of `k` (see `LENGTH_NAME`).
     // SAFETY: k < 32, the arrays' size.
     let (length, transfer) = unsafe {
@@ -1995,61 +2058,81 @@ fn name_byte(f: &mut Frame, b: u8) {
             core::ptr::read_volatile((&raw const TRANSFER_NAME).cast::<u8>().add(k)),
         )
     };
-    let mut names = f.names;
+    // SAFETY: as above.
+    let mut names = unsafe { ld(&raw const (*f).names) };
     if k >= LENGTH_FIELD.len() || length != lower {
         names &= !NAME_LENGTH;
     }
     if k >= TRANSFER_FIELD.len() || transfer != lower {
         names &= !NAME_TRANSFER;
     }
-    f.names = names;
-    f.name_len = (k + 1) as u8;
-    f.line = if names == 0 {
+    // SAFETY: as above.
+    unsafe {
+        st(&raw mut (*f).names, names);
+        st(&raw mut (*f).name_len, (k + 1) as u8);
+    }
+    let line = if names == 0 {
         LINE_OTHER
     } else if names & NAME_LENGTH != 0 && k + 1 == LENGTH_FIELD.len() {
-        f.digits = 0;
-        f.length_value = 0;
+        // SAFETY: as above.
+        unsafe {
+            st(&raw mut (*f).digits, 0);
+            st(&raw mut (*f).length_value, 0);
+        }
         LINE_LENGTH
     } else if names & NAME_TRANSFER != 0 && k + 1 == TRANSFER_FIELD.len() {
         // Any transfer coding (chunked, or one nginx refuses): the body's end is not followed.
-        f.framing |= FRAMING_UNKNOWN;
-        LINE_OTHER
+        unknown_framing(f);
+        return;
     } else {
         LINE_NAME
     };
+    // SAFETY: as above.
+    unsafe { st(&raw mut (*f).line, line) };
 }
 
 /// One byte of a `Content-Length` value: digits between optional spaces or tabs; anything
 /// else (which nginx refuses, closing the connection) leaves the framing unknown.
 #[inline(always)]
-fn length_byte(f: &mut Frame, b: u8) {
+fn length_byte(f: *mut Frame, b: u8) {
+    // SAFETY: a live map value (`scan_head`).
+    let digits = unsafe { ld(&raw const (*f).digits) };
     if b == b' ' || b == b'\t' || b == b'\r' {
-        if f.digits != 0 {
-            f.digits |= 0x80;
+        if digits != 0 {
+            // SAFETY: as above.
+            unsafe { st(&raw mut (*f).digits, digits | 0x80) };
         }
         return;
     }
-    if b.is_ascii_digit() && f.digits < LENGTH_DIGITS {
-        f.length_value = f.length_value * 10 + u64::from(b - b'0');
-        f.digits += 1;
+    if b.is_ascii_digit() && digits < LENGTH_DIGITS {
+        // SAFETY: as above.
+        unsafe {
+            let value = ld(&raw const (*f).length_value);
+            st(&raw mut (*f).length_value, value * 10 + u64::from(b - b'0'));
+            st(&raw mut (*f).digits, digits + 1);
+        }
         return;
     }
-    f.framing |= FRAMING_UNKNOWN;
-    f.line = LINE_OTHER;
+    unknown_framing(f);
 }
 
 /// The end of a `Content-Length` line: the value counts if it had digits and agrees with any
 /// earlier one (nginx refuses a second `Content-Length`).
 #[inline(always)]
-fn end_length(f: &mut Frame) {
-    if f.digits & 0x7f == 0
-        || (f.framing & FRAMING_LENGTH != 0 && f.content_length != f.length_value)
-    {
-        f.framing |= FRAMING_UNKNOWN;
-        return;
+fn end_length(f: *mut Frame) {
+    // SAFETY: a live map value (`scan_head`).
+    unsafe {
+        let framing = ld(&raw const (*f).framing);
+        let value = ld(&raw const (*f).length_value);
+        if ld(&raw const (*f).digits) & 0x7f == 0
+            || (framing & FRAMING_LENGTH != 0 && ld(&raw const (*f).content_length) != value)
+        {
+            st(&raw mut (*f).framing, framing | FRAMING_UNKNOWN);
+            return;
+        }
+        st(&raw mut (*f).content_length, value);
+        st(&raw mut (*f).framing, framing | FRAMING_LENGTH);
     }
-    f.content_length = f.length_value;
-    f.framing |= FRAMING_LENGTH;
 }
 
 /// Head chunks one segment can carry (a GSO/GRO buffer holds up to 64 KiB).

@@ -274,6 +274,38 @@ pub struct Conn {
     pub last_seen: String,
 }
 
+/// The share of the verifier's budget (1 000 000 instructions processed) a program may take
+/// on a test kernel. Builds of one kernel version differ in what their verifiers walk: the
+/// packet program once took 60 % of the limit on one 6.18 build and passed it on another.
+/// A quarter leaves room for the next kernel's verifier to walk four times as much.
+pub const VERIFIER_SHARE_MAX: f64 = 0.25;
+
+/// Every program the `sensor doctor --json` report says loaded, with the instructions its
+/// verifier processed; fails a test where one took more than `VERIFIER_SHARE_MAX` of the
+/// limit or where the kernel did not say (5.16 and newer do). Returns (check name, count).
+pub fn verifier_headroom(report: &serde_json::Value) -> Vec<(String, u64)> {
+    let mut seen = Vec::new();
+    for check in report["checks"].as_array().expect("checks") {
+        let name = check["name"].as_str().unwrap_or_default();
+        if !name.contains(" path: ") || check["status"] != "ok" {
+            continue;
+        }
+        let n = check["verified_insns"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: the doctor gives no verifier count: {check}"));
+        assert!(
+            n as f64 <= VERIFIER_SHARE_MAX * 1_000_000.0,
+            "{name}: the verifier processed {n} instructions, more than {} % of its limit on \
+             kernel {}",
+            VERIFIER_SHARE_MAX * 100.0,
+            report["kernel"]
+        );
+        seen.push((name.to_owned(), n));
+    }
+    assert!(!seen.is_empty(), "no program loaded: {report:#}");
+    seen
+}
+
 /// The live-read path every agent of this run is forced onto (`SENSOR_LIVE_READ`), if any.
 pub fn forced_live_read() -> Option<String> {
     std::env::var("SENSOR_LIVE_READ")

@@ -559,6 +559,9 @@ fn debian_6_1_cloud_kernel_counts_exactly_and_stops_clean() {
         serde_json::from_str(ok(&s, "doctor")).expect("sensor doctor --json in the guest");
     assert_eq!(doctor["can_run"], true, "{doctor:#}");
     let predicted = doctor["live_read"].as_str().expect("a live-read path");
+    for (name, n) in sensor_tests::verifier_headroom(&doctor) {
+        eprintln!("{name} on the guest: the verifier processed {n} instructions");
+    }
     eprintln!(
         "sensor doctor on {}: live read {predicted} ({})",
         doctor["kernel"], doctor["live_read_reason"]

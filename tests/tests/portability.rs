@@ -66,6 +66,9 @@ fn doctor_predicts_the_agents_live_read_path() {
         "doctor on kernel {}: live read {predicted} ({})",
         report["kernel"], report["live_read_reason"]
     );
+    for (name, n) in verifier_headroom(&report) {
+        println!("{name}: the verifier processed {n} instructions");
+    }
 
     let port = free_port();
     let _nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);

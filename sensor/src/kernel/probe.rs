@@ -44,9 +44,21 @@ pub fn iterator() -> Result<(), CaptureError> {
     iter_link(&ebpf).map(drop)
 }
 
+/// A program the kernel loaded: how much of the verifier's budget it took.
+#[derive(Debug, Clone, Copy)]
+pub struct Loaded {
+    /// Instructions the verifier processed (walked, over every path it followed) to accept
+    /// the program; the kernel refuses a program past `VERIFIER_INSN_LIMIT`. None before
+    /// kernel 5.16, which does not report it.
+    pub verified_insns: Option<u32>,
+}
+
+/// The verifier's budget per program (BPF_COMPLEXITY_LIMIT_INSNS, the same since 5.2).
+pub const VERIFIER_INSN_LIMIT: u32 = 1_000_000;
+
 /// Each program `path` uses, loaded (verified) and, for the iterator, linked: program name and
-/// the refusal, if any.
-pub fn programs(path: LivePath) -> Vec<(&'static str, Result<(), Refusal>)> {
+/// what the verifier took, or the refusal.
+pub fn programs(path: LivePath) -> Vec<(&'static str, Result<Loaded, Refusal>)> {
     let mut ebpf = match load_unpinned(path) {
         Ok(ebpf) => ebpf,
         Err(e) => {
@@ -65,7 +77,13 @@ pub fn programs(path: LivePath) -> Vec<(&'static str, Result<(), Refusal>)> {
             if result.is_ok() && *name == PROG_ITER {
                 result = iter_link(&ebpf).map(drop);
             }
-            (*name, result.map_err(|e| Refusal::of(&e)))
+            let loaded = result.map(|()| Loaded {
+                verified_insns: ebpf
+                    .program(name)
+                    .and_then(|p| p.info().ok())
+                    .and_then(|info| info.verified_instruction_count()),
+            });
+            (*name, loaded.map_err(|e| Refusal::of(&e)))
         })
         .collect()
 }
@@ -190,6 +208,9 @@ pub struct Check {
     /// The end of the verifier's log, for a program the kernel refused.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub verifier_log: Vec<String>,
+    /// For a program the kernel loaded: instructions its verifier processed (see `Loaded`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified_insns: Option<u32>,
 }
 
 /// Everything `sensor doctor` found.
@@ -211,6 +232,7 @@ fn check(name: &str, ok: bool, detail: String, required: bool) -> Check {
         detail,
         required,
         verifier_log: Vec::new(),
+        verified_insns: None,
     }
 }
 
@@ -224,6 +246,18 @@ fn kernel_release() -> String {
         std::ffi::CStr::from_ptr(u.release.as_ptr())
             .to_string_lossy()
             .into_owned()
+    }
+}
+
+/// "loads", with the share of the verifier's budget the program took where the kernel says:
+/// a program near the limit on one kernel may be refused by another build of it.
+fn loads_detail(loaded: Loaded) -> String {
+    match loaded.verified_insns {
+        Some(n) => format!(
+            "loads (the verifier processed {n} instructions, {:.1} % of its limit)",
+            f64::from(n) * 100.0 / f64::from(VERIFIER_INSN_LIMIT)
+        ),
+        None => "loads".to_owned(),
     }
 }
 
@@ -300,7 +334,10 @@ pub fn doctor(cgroup: &Path, live_read: LiveRead) -> Report {
             for (program, result) in results {
                 let name = format!("{path} path: {program}");
                 checks.push(match result {
-                    Ok(()) => check(&name, true, "loads".to_owned(), false),
+                    Ok(loaded) => Check {
+                        verified_insns: loaded.verified_insns,
+                        ..check(&name, true, loads_detail(loaded), false)
+                    },
                     Err(e) => Check {
                         verifier_log: e.log_tail,
                         ..check(&name, false, e.summary, false)
