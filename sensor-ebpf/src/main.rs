@@ -2039,7 +2039,10 @@ fn scan_step(f: *mut Frame, pos: *mut Pos) -> bool {
 fn unknown_framing(f: *mut Frame) {
     // SAFETY: a live map value (`scan_head`).
     unsafe {
-        st(&raw mut (*f).framing, ld(&raw const (*f).framing) | FRAMING_UNKNOWN);
+        st(
+            &raw mut (*f).framing,
+            ld(&raw const (*f).framing) | FRAMING_UNKNOWN,
+        );
         st(&raw mut (*f).line, LINE_OTHER);
     }
 }

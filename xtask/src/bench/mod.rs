@@ -256,6 +256,8 @@ pub struct Machine {
     pub started_utc: String,
     pub revision: String,
     pub foreign_programs: usize,
+    /// `reference_ms` at the start and at the end of the run.
+    pub reference_ms: (f64, f64),
 }
 
 /// What depends on the agent's live-read path: one per path measured.
@@ -457,6 +459,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
     results.elapsed = started.elapsed();
     results.machine.load_end = loadavg();
+    results.machine.reference_ms.1 = reference_ms();
     let generated = report::render(&results);
     let output = if opts.output.is_absolute() {
         opts.output.clone()
@@ -478,6 +481,46 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Rounds of the reference workload; the fastest counts (the one least disturbed).
+const REFERENCE_ROUNDS: usize = 5;
+
+/// The machine's speed, for comparing runs made on different days (machines of one kind
+/// differed several-fold between sessions): milliseconds of one thread filling a hash map
+/// with 1 000 000 pseudo-random u64 keys and looking each up four times, the fastest of
+/// `REFERENCE_ROUNDS`. Like the agent's work, it is bound by memory latency more than by
+/// arithmetic; lower is faster.
+fn reference_ms() -> f64 {
+    const KEYS: u64 = 1_000_000;
+    let mut best = f64::INFINITY;
+    for _ in 0..REFERENCE_ROUNDS {
+        let started = Instant::now();
+        let mut map: std::collections::HashMap<u64, u64> =
+            std::collections::HashMap::with_capacity(KEYS as usize);
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            // xorshift64: the same keys every run.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let keys: Vec<u64> = (0..KEYS).map(|_| next()).collect();
+        for (i, k) in keys.iter().enumerate() {
+            map.insert(*k, i as u64);
+        }
+        let mut sum = 0u64;
+        for _ in 0..4 {
+            // In the reverse order of the inserts: no help from the cache's last lines.
+            for k in keys.iter().rev() {
+                sum = sum.wrapping_add(map.get(k).copied().unwrap_or(0));
+            }
+        }
+        std::hint::black_box(sum);
+        best = best.min(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    best
 }
 
 fn loadavg() -> String {
@@ -530,6 +573,7 @@ fn machine(root: &Path) -> Machine {
             .to_owned(),
         load_start: loadavg(),
         load_end: String::new(),
+        reference_ms: (reference_ms(), 0.0),
         started_utc: text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
         revision: if dirty {
             format!("{revision} (with uncommitted changes)")
