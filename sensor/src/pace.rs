@@ -137,13 +137,13 @@ mod tests {
             assert!(!pace.step());
         }
         assert!(pace.step(), "a slice passed: the EVERY-th item yields");
-        // Just yielded: the next EVERY items are within a slice on any machine that runs tests
-        // at all (64 increments).
+        // Just yielded: the next EVERY items do not yield if they take less than a slice (a
+        // test thread preempted between them may take longer: then nothing is asserted).
+        let yielded_at = pace.since;
         let quick = (0..Pace::EVERY).filter(|_| pace.step()).count();
-        assert!(
-            quick == 0 || pace.since.elapsed() >= Pace::SLICE,
-            "yielded within a slice"
-        );
+        if yielded_at.elapsed() < Pace::SLICE {
+            assert_eq!(quick, 0, "yielded within a slice");
+        }
         // Behind the traffic: no yield however long the work (in this test, not one of its
         // own: the flag is the process's).
         set_behind(true);
