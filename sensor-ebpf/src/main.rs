@@ -1977,19 +1977,7 @@ fn scan_step(f: *mut Frame, pos: *mut Pos) -> bool {
     // value"). The mask applies to a copy the compiler knows nothing about.
     let i = opaque(i) & (SCAN_BYTES as u64 - 1);
     if line == LINE_OTHER {
-        // To the line's end in one move.
-        let rest = lf >> i;
-        if rest == 0 {
-            // SAFETY: as above.
-            unsafe { put(&raw mut (*pos).index, n) };
-            return false;
-        }
-        // SAFETY: as above.
-        unsafe {
-            put(&raw mut (*pos).index, i + lowest_bit(rest) + 1);
-            st(&raw mut (*f).line, LINE_START);
-        }
-        return true;
+        return to_line_end(f, pos, n, lf, i);
     }
     // SAFETY: i < SCAN_BYTES, the size of `bytes`.
     let b = unsafe { *bytes.add(i as usize) };
@@ -2012,25 +2000,52 @@ fn scan_step(f: *mut Frame, pos: *mut Pos) -> bool {
         // A CR not followed by LF where a line starts: nginx refuses the request (and
         // closes the connection); nothing to follow.
         unknown_framing(f);
-        return true;
-    }
-    if line == LINE_LENGTH {
+    } else if line == LINE_LENGTH {
         length_byte(f, b);
+    } else {
+        if line == LINE_START {
+            if b == b'\r' {
+                // SAFETY: as above.
+                unsafe { st(&raw mut (*f).line, LINE_CR) };
+                return true;
+            }
+            // SAFETY: as above.
+            unsafe {
+                st(&raw mut (*f).name_len, 0);
+                st(&raw mut (*f).names, NAME_LENGTH | NAME_TRANSFER);
+            }
+        }
+        name_byte(f, b);
+    }
+    // A line the scanner has no more use for (most field names are decided at their first
+    // byte) is skipped to its end in the same step: one step a line, not two.
+    // SAFETY: as above.
+    if unsafe { ld(&raw const (*f).line) } != LINE_OTHER {
         return true;
     }
-    if line == LINE_START {
-        if b == b'\r' {
-            // SAFETY: as above.
-            unsafe { st(&raw mut (*f).line, LINE_CR) };
-            return true;
-        }
-        // SAFETY: as above.
-        unsafe {
-            st(&raw mut (*f).name_len, 0);
-            st(&raw mut (*f).names, NAME_LENGTH | NAME_TRANSFER);
-        }
+    let next = i + 1;
+    if next >= n {
+        // The bytes are done (the index is already `next`).
+        return false;
     }
-    name_byte(f, b);
+    to_line_end(f, pos, n, lf, opaque(next) & (SCAN_BYTES as u64 - 1))
+}
+
+/// Moves the scanner from byte `i` (< `n`) past the end of its line, in one move; false when
+/// the line does not end in the bytes read (the index is then `n`).
+#[inline(always)]
+fn to_line_end(f: *mut Frame, pos: *mut Pos, n: u64, lf: u64, i: u64) -> bool {
+    let rest = lf >> i;
+    if rest == 0 {
+        // SAFETY: this CPU's POS value.
+        unsafe { put(&raw mut (*pos).index, n) };
+        return false;
+    }
+    // SAFETY: this CPU's POS value; a field of a live map value.
+    unsafe {
+        put(&raw mut (*pos).index, i + lowest_bit(rest) + 1);
+        st(&raw mut (*f).line, LINE_START);
+    }
     true
 }
 
