@@ -1277,6 +1277,8 @@ struct Pos {
     /// bit each): the head scanner's inputs, passed in memory (see `scan_step`).
     scan_n: u64,
     scan_lf: u64,
+    /// The parser's cursor at `bytes[0]` (kept here across the scan, not in a register).
+    scan_from: i64,
     /// Bytes of the segment the head scanner reads.
     bytes: [u64; SCAN_WORDS],
 }
@@ -1842,15 +1844,16 @@ fn head_bytes(ctx: &SkBuffContext, stats: &mut ConnStats, pos: *mut Pos) -> bool
         put(&raw mut (*pos).head_end, 0);
         put(&raw mut (*pos).scan_n, n as u64);
         put(&raw mut (*pos).scan_lf, lf);
+        put(&raw mut (*pos).scan_from, cursor);
     }
     scan_head(&mut stats.parse.live, pos);
     // Read again from memory, not kept in a register across the scan (see `scan_head`).
-    // SAFETY: this CPU's POS value; a field of a live map value.
+    // SAFETY: this CPU's POS value.
     let (index, head_end, cursor) = unsafe {
         (
             get(&raw const (*pos).index),
             get(&raw const (*pos).head_end),
-            ld(&raw const stats.parse.live.cursor) as i64,
+            get(&raw const (*pos).scan_from),
         )
     };
     let f = &mut stats.parse.live;
@@ -2134,17 +2137,17 @@ fn length_byte(f: *mut Frame, b: u8) {
     unknown_framing(f);
 }
 
-/// The end of a `Content-Length` line: the value counts if it had digits and agrees with any
-/// earlier one (nginx refuses a second `Content-Length`).
+/// The end of a `Content-Length` line: the value counts if it had digits and is the head's
+/// first. nginx refuses a second `Content-Length`, equal or not ("client sent duplicate
+/// header line": 400, and it closes the connection), so the bytes after such a head are no
+/// request of its: the framing is left unknown, and the server's reply decides.
 #[inline(always)]
 fn end_length(f: *mut Frame) {
     // SAFETY: a live map value (`scan_head`).
     unsafe {
         let framing = ld(&raw const (*f).framing);
         let value = ld(&raw const (*f).length_value);
-        if ld(&raw const (*f).digits) & 0x7f == 0
-            || (framing & FRAMING_LENGTH != 0 && ld(&raw const (*f).content_length) != value)
-        {
+        if ld(&raw const (*f).digits) & 0x7f == 0 || framing & FRAMING_LENGTH != 0 {
             st(&raw mut (*f).framing, framing | FRAMING_UNKNOWN);
             return;
         }

@@ -9,13 +9,15 @@ SPEC: {"host": "127.0.0.1" or "::1", "port": N, "hold": bool, "dstopts": bool,
   ip_options: every packet the client sends carries 40 bytes of IPv4 options (the most an IPv4
   header holds).
 REQUEST: {"pieces": [TEXT, ...], "forge": FORGE?, "answers": N?, "continue_after": K?,
-          "times": T?}
+          "times": T?, "then_closed": bool?}
   pieces are sent one write each on a TCP_NODELAY socket, each after the previous one has left
   (the socket's send queue is empty and a moment has passed), so every piece is its own TCP
   segment; TEXT is latin-1 (bytes 0-255). Then N responses (default 1: pieces holding several
   requests are pipelined) are read in full (Content-Length). With continue_after, the client
   reads the server's interim `100 Continue` after the first K pieces before it sends the rest
   (`Expect: 100-continue`). With times, each piece is its text T times over (one write).
+  With then_closed, the server closes the connection after those responses: the client reads
+  to the end of the stream (the last request).
 FORGE: {"seq_offset": N, "ack_offset": N, "payload": TEXT}
   before the request, a segment is injected through a raw socket on the connection's 4-tuple:
   sequence number = the client's next one + seq_offset, acknowledgment = the server's next one
@@ -180,6 +182,14 @@ def main():
             n, rest = read_response(sock, rest)
             received += n
             answered += 1
+        if request.get("then_closed"):
+            received += len(rest)
+            rest = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += len(chunk)
     print(json.dumps({"local_port": client_port, "sent": sent, "received": received,
                       "requests": answered, "segments": segments}), flush=True)
     if spec.get("hold"):

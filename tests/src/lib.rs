@@ -282,17 +282,25 @@ pub const VERIFIER_SHARE_MAX: f64 = 0.25;
 
 /// Every program the `sensor doctor --json` report says loaded, with the instructions its
 /// verifier processed; fails a test where one took more than `VERIFIER_SHARE_MAX` of the
-/// limit or where the kernel did not say (5.16 and newer do). Returns (check name, count).
+/// limit. Kernels before 5.16 do not report the count: there the check is said to be
+/// impossible and the program left out. Returns (check name, count).
 pub fn verifier_headroom(report: &serde_json::Value) -> Vec<(String, u64)> {
     let mut seen = Vec::new();
+    let mut loaded = 0;
     for check in report["checks"].as_array().expect("checks") {
         let name = check["name"].as_str().unwrap_or_default();
         if !name.contains(" path: ") || check["status"] != "ok" {
             continue;
         }
-        let n = check["verified_insns"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{name}: the doctor gives no verifier count: {check}"));
+        loaded += 1;
+        let Some(n) = check["verified_insns"].as_u64() else {
+            eprintln!(
+                "{name}: kernel {} does not report the verifier's count (5.16 and newer do): \
+                 its headroom is not checked",
+                report["kernel"]
+            );
+            continue;
+        };
         assert!(
             n as f64 <= VERIFIER_SHARE_MAX * 1_000_000.0,
             "{name}: the verifier processed {n} instructions, more than {} % of its limit on \
@@ -302,7 +310,7 @@ pub fn verifier_headroom(report: &serde_json::Value) -> Vec<(String, u64)> {
         );
         seen.push((name.to_owned(), n));
     }
-    assert!(!seen.is_empty(), "no program loaded: {report:#}");
+    assert!(loaded > 0, "no program loaded: {report:#}");
     seen
 }
 

@@ -1389,6 +1389,41 @@ fn pipelined_requests_in_one_write_are_each_counted() {
     }
 }
 
+/// A head with a second `Content-Length`, equal to the first, and a request pipelined after
+/// it: nginx refuses the head ("client sent duplicate header line": 400) and closes the
+/// connection, so the request after it is never served. The sensor counts what nginx logged,
+/// not the pipelined request a framing by the first `Content-Length` would find (which it
+/// counted before).
+#[test]
+fn a_second_content_length_frames_as_nginx_does() {
+    if !privileged("a_second_content_length_frames_as_nginx_does") {
+        return;
+    }
+    let cg = Cgroup::new("dupcl");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let get = http_get(&format!("/{}", SMALL.0), "");
+    let twice = http_get(
+        &format!("/{}", SMALL.0),
+        "Content-Length: 0\r\nContent-Length: 0\r\n",
+    );
+    let client = EvasionClient::run(&serde_json::json!({
+        "host": "127.0.0.1", "port": port, "hold": true,
+        "requests": [
+            {"pieces": [get]},
+            {"pieces": [format!("{twice}{get}")], "answers": 1, "then_closed": true},
+        ],
+    }));
+    let report = client.report.clone();
+    assert_eq!(report.requests, 2, "a GET, then nginx's 400");
+    client.finish();
+    assert_closed_exact(&agent, &nginx, &report);
+    for (name, value) in agent.health()["loss"].as_object().expect("loss counters") {
+        assert_eq!(value, 0, "loss counter {name}");
+    }
+}
+
 /// Pipelined PUTs with bodies (and GETs between them), the whole stream cut at random points
 /// into TCP_NODELAY writes of 1 to 97 bytes, each its own segment: a request start, a
 /// `Content-Length` field or a body end may fall anywhere in a segment or across segments.
