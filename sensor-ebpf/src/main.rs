@@ -1286,15 +1286,17 @@ struct Pos {
 #[map]
 static POS: PerCpuArray<Pos> = PerCpuArray::with_max_entries(1, 0);
 
-/// Reads a field of `Pos` (see there why through memory).
+/// Reads a field of `Pos` (see there why through memory), or of the connection's `Frame` in
+/// the head scanner, which keeps no value of it in a register from one step to the next (see
+/// `scan_head`).
 ///
-/// SAFETY: `field` points into this CPU's `POS` value.
+/// SAFETY: `field` points into this CPU's `POS` value or another live map value.
 #[inline(always)]
 unsafe fn get<T: Copy>(field: *const T) -> T {
     unsafe { core::ptr::read_volatile(field) }
 }
 
-/// Writes a field of `Pos`.
+/// Writes a field of `Pos` or, in the head scanner, of the `Frame` (see `get`).
 ///
 /// SAFETY: as `get`.
 #[inline(always)]
@@ -1915,23 +1917,6 @@ fn lowest_bit(x: u64) -> u64 {
     v.wrapping_mul(ONES) >> 56
 }
 
-/// Reads a field of the connection's `Frame` from memory (a volatile load): the head scanner
-/// keeps no value of the frame in a register from one step to the next (see `scan_step`).
-///
-/// SAFETY: `field` points into a live map value.
-#[inline(always)]
-unsafe fn ld<T: Copy>(field: *const T) -> T {
-    unsafe { core::ptr::read_volatile(field) }
-}
-
-/// Writes a field of the connection's `Frame` (see `ld`).
-///
-/// SAFETY: as `ld`.
-#[inline(always)]
-unsafe fn st<T: Copy>(field: *mut T, value: T) {
-    unsafe { core::ptr::write_volatile(field, value) }
-}
-
 /// Reads head bytes `index..n` of `Pos::bytes` (line feeds marked in `lf`), one `scan_step`
 /// at a time: follows lines, matches field names, reads `Content-Length` values, and stops
 /// just past the blank line that ends the head (`Pos::head_end`).
@@ -1966,7 +1951,7 @@ fn scan_step(f: *mut Frame, pos: *mut Pos) -> bool {
             get(&raw const (*pos).scan_n),
             get(&raw const (*pos).scan_lf),
             get(&raw const (*pos).index),
-            ld(&raw const (*f).line),
+            get(&raw const (*f).line),
         )
     };
     if i >= n {
@@ -1996,7 +1981,7 @@ fn scan_step(f: *mut Frame, pos: *mut Pos) -> bool {
             end_length(f);
         }
         // SAFETY: as above.
-        unsafe { st(&raw mut (*f).line, LINE_START) };
+        unsafe { put(&raw mut (*f).line, LINE_START) };
         return true;
     }
     if line == LINE_CR {
@@ -2009,13 +1994,13 @@ fn scan_step(f: *mut Frame, pos: *mut Pos) -> bool {
         if line == LINE_START {
             if b == b'\r' {
                 // SAFETY: as above.
-                unsafe { st(&raw mut (*f).line, LINE_CR) };
+                unsafe { put(&raw mut (*f).line, LINE_CR) };
                 return true;
             }
             // SAFETY: as above.
             unsafe {
-                st(&raw mut (*f).name_len, 0);
-                st(&raw mut (*f).names, NAME_LENGTH | NAME_TRANSFER);
+                put(&raw mut (*f).name_len, 0);
+                put(&raw mut (*f).names, NAME_LENGTH | NAME_TRANSFER);
             }
         }
         name_byte(f, b);
@@ -2023,7 +2008,7 @@ fn scan_step(f: *mut Frame, pos: *mut Pos) -> bool {
     // A line the scanner has no more use for (most field names are decided at their first
     // byte) is skipped to its end in the same step: one step a line, not two.
     // SAFETY: as above.
-    if unsafe { ld(&raw const (*f).line) } != LINE_OTHER {
+    if unsafe { get(&raw const (*f).line) } != LINE_OTHER {
         return true;
     }
     let next = i + 1;
@@ -2047,7 +2032,7 @@ fn to_line_end(f: *mut Frame, pos: *mut Pos, n: u64, lf: u64, i: u64) -> bool {
     // SAFETY: this CPU's POS value; a field of a live map value.
     unsafe {
         put(&raw mut (*pos).index, i + lowest_bit(rest) + 1);
-        st(&raw mut (*f).line, LINE_START);
+        put(&raw mut (*f).line, LINE_START);
     }
     true
 }
@@ -2057,11 +2042,11 @@ fn to_line_end(f: *mut Frame, pos: *mut Pos, n: u64, lf: u64, i: u64) -> bool {
 fn unknown_framing(f: *mut Frame) {
     // SAFETY: a live map value (`scan_head`).
     unsafe {
-        st(
+        put(
             &raw mut (*f).framing,
-            ld(&raw const (*f).framing) | FRAMING_UNKNOWN,
+            get(&raw const (*f).framing) | FRAMING_UNKNOWN,
         );
-        st(&raw mut (*f).line, LINE_OTHER);
+        put(&raw mut (*f).line, LINE_OTHER);
     }
 }
 
@@ -2070,7 +2055,7 @@ fn unknown_framing(f: *mut Frame) {
 fn name_byte(f: *mut Frame, b: u8) {
     let lower = if b.is_ascii_uppercase() { b | 0x20 } else { b };
     // SAFETY: a live map value (`scan_head`).
-    let k = usize::from(unsafe { ld(&raw const (*f).name_len) }) & 31;
+    let k = usize::from(unsafe { get(&raw const (*f).name_len) }) & 31;
     // Both reads before any comparison of `k` (see `LENGTH_NAME`).
     // SAFETY: k < 32, the arrays' size.
     let (length, transfer) = unsafe {
@@ -2080,7 +2065,7 @@ fn name_byte(f: *mut Frame, b: u8) {
         )
     };
     // SAFETY: as above.
-    let mut names = unsafe { ld(&raw const (*f).names) };
+    let mut names = unsafe { get(&raw const (*f).names) };
     if k >= LENGTH_FIELD.len() || length != lower {
         names &= !NAME_LENGTH;
     }
@@ -2089,16 +2074,16 @@ fn name_byte(f: *mut Frame, b: u8) {
     }
     // SAFETY: as above.
     unsafe {
-        st(&raw mut (*f).names, names);
-        st(&raw mut (*f).name_len, (k + 1) as u8);
+        put(&raw mut (*f).names, names);
+        put(&raw mut (*f).name_len, (k + 1) as u8);
     }
     let line = if names == 0 {
         LINE_OTHER
     } else if names & NAME_LENGTH != 0 && k + 1 == LENGTH_FIELD.len() {
         // SAFETY: as above.
         unsafe {
-            st(&raw mut (*f).digits, 0);
-            st(&raw mut (*f).length_value, 0);
+            put(&raw mut (*f).digits, 0);
+            put(&raw mut (*f).length_value, 0);
         }
         LINE_LENGTH
     } else if names & NAME_TRANSFER != 0 && k + 1 == TRANSFER_FIELD.len() {
@@ -2109,7 +2094,7 @@ fn name_byte(f: *mut Frame, b: u8) {
         LINE_NAME
     };
     // SAFETY: as above.
-    unsafe { st(&raw mut (*f).line, line) };
+    unsafe { put(&raw mut (*f).line, line) };
 }
 
 /// One byte of a `Content-Length` value: digits between optional spaces or tabs; anything
@@ -2117,20 +2102,20 @@ fn name_byte(f: *mut Frame, b: u8) {
 #[inline(always)]
 fn length_byte(f: *mut Frame, b: u8) {
     // SAFETY: a live map value (`scan_head`).
-    let digits = unsafe { ld(&raw const (*f).digits) };
+    let digits = unsafe { get(&raw const (*f).digits) };
     if b == b' ' || b == b'\t' || b == b'\r' {
         if digits != 0 {
             // SAFETY: as above.
-            unsafe { st(&raw mut (*f).digits, digits | 0x80) };
+            unsafe { put(&raw mut (*f).digits, digits | 0x80) };
         }
         return;
     }
     if b.is_ascii_digit() && digits < LENGTH_DIGITS {
         // SAFETY: as above.
         unsafe {
-            let value = ld(&raw const (*f).length_value);
-            st(&raw mut (*f).length_value, value * 10 + u64::from(b - b'0'));
-            st(&raw mut (*f).digits, digits + 1);
+            let value = get(&raw const (*f).length_value);
+            put(&raw mut (*f).length_value, value * 10 + u64::from(b - b'0'));
+            put(&raw mut (*f).digits, digits + 1);
         }
         return;
     }
@@ -2145,14 +2130,14 @@ fn length_byte(f: *mut Frame, b: u8) {
 fn end_length(f: *mut Frame) {
     // SAFETY: a live map value (`scan_head`).
     unsafe {
-        let framing = ld(&raw const (*f).framing);
-        let value = ld(&raw const (*f).length_value);
-        if ld(&raw const (*f).digits) & 0x7f == 0 || framing & FRAMING_LENGTH != 0 {
-            st(&raw mut (*f).framing, framing | FRAMING_UNKNOWN);
+        let framing = get(&raw const (*f).framing);
+        let value = get(&raw const (*f).length_value);
+        if get(&raw const (*f).digits) & 0x7f == 0 || framing & FRAMING_LENGTH != 0 {
+            put(&raw mut (*f).framing, framing | FRAMING_UNKNOWN);
             return;
         }
-        st(&raw mut (*f).content_length, value);
-        st(&raw mut (*f).framing, framing | FRAMING_LENGTH);
+        put(&raw mut (*f).content_length, value);
+        put(&raw mut (*f).framing, framing | FRAMING_LENGTH);
     }
 }
 
