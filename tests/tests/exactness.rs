@@ -1424,6 +1424,45 @@ fn a_second_content_length_frames_as_nginx_does() {
     }
 }
 
+/// A framing field whose name ends in a space or tab before its colon (`Content-Length : N`,
+/// `Transfer-Encoding\t: chunked`): nginx refuses the head ("client sent invalid header line":
+/// 400, and it closes), so the body, itself a complete GET, is never served. Read as just
+/// another field, the framing would end the head at its blank line and count the body as a
+/// third request (the kernel did before); exact now.
+#[test]
+fn a_framing_name_with_a_space_before_its_colon_frames_as_nginx_does() {
+    if !privileged("a_framing_name_with_a_space_before_its_colon_frames_as_nginx_does") {
+        return;
+    }
+    let cg = Cgroup::new("spacecl");
+    let port = free_port();
+    let nginx = Nginx::start(&cg, None, &[format!("127.0.0.1:{port}")]);
+    let agent = Agent::start(&cg, &[port], POLL_MS);
+    let get = http_get(&format!("/{}", SMALL.0), "");
+    let chunk = format!("{:x}\r\n{get}\r\n0\r\n\r\n", get.len());
+    for (field, body) in [
+        (format!("Content-Length : {}", get.len()), get.clone()),
+        (format!("Content-Length\t: {}", get.len()), get.clone()),
+        ("Transfer-Encoding : chunked".to_owned(), chunk),
+    ] {
+        let bad = http_get(&format!("/{}", SMALL.0), &format!("{field}\r\n"));
+        let client = EvasionClient::run(&serde_json::json!({
+            "host": "127.0.0.1", "port": port, "hold": true,
+            "requests": [
+                {"pieces": [get.clone()]},
+                {"pieces": [format!("{bad}{body}")], "answers": 1, "then_closed": true},
+            ],
+        }));
+        let report = client.report.clone();
+        assert_eq!(report.requests, 2, "{field:?}: a GET, then nginx's 400");
+        client.finish();
+        assert_closed_exact(&agent, &nginx, &report);
+    }
+    for (name, value) in agent.health()["loss"].as_object().expect("loss counters") {
+        assert_eq!(value, 0, "loss counter {name}");
+    }
+}
+
 /// Pipelined PUTs with bodies (and GETs between them), the whole stream cut at random points
 /// into TCP_NODELAY writes of 1 to 97 bytes, each its own segment: a request start, a
 /// `Content-Length` field or a body end may fall anywhere in a segment or across segments.
