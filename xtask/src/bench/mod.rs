@@ -225,6 +225,8 @@ pub struct LoadRow {
     pub rss_kib: u64,
     pub hwm_kib: u64,
     pub tracked_addresses: u64,
+    /// Alerts open when the load ended (the agent's `/v1/health`).
+    pub open_alerts: u64,
     pub loss: String,
 }
 
@@ -1067,17 +1069,19 @@ impl Bench<'_> {
                 rss_kib: procs::status_kib(pid, "VmRSS")?,
                 hwm_kib: procs::status_kib(pid, "VmHWM")?,
                 tracked_addresses: health["clients"]["tracked_addresses"].as_u64().unwrap_or(0),
+                open_alerts: health["open_alerts"].as_u64().unwrap_or(0),
                 loss: if loss.is_empty() { "none".into() } else { loss },
             };
             eprintln!(
                 "bench: agent under load ({}, {}): {:.0} req/s, {} errors, CPU {:.2}% of one \
-                 core, RSS {} KiB",
+                 core, RSS {} KiB, {} alerts open",
                 results.path,
                 row.name,
                 row.outcome.rate(),
                 row.outcome.errors,
                 row.cpu_pct,
-                row.rss_kib
+                row.rss_kib,
+                row.open_alerts
             );
             results.load.push(row);
             drop(pool);

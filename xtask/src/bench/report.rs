@@ -557,7 +557,11 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
          core: median (min–max) over the rounds, the verdict on the median with the rounds' \
          range; user + system of the median round. RSS = VmRSS at the end of the median round; \
          peak = the largest VmHWM of any round, which the RSS verdict uses. Requests/s, tracked \
-         clients: the median round's; errors: all rounds'.\n",
+         clients, alerts open: the median round's; errors: all rounds'. Each client sends a request \
+         a second like clockwork, and one agent serves both loads: once a client has made 60 \
+         requests in 10 minutes (during the second load), the `machine-regular` rule opens an \
+         alert for its address and one for its API key, as it should for such a client. Those \
+         alerts' memory is part of the second load's RSS.\n",
         super::LOAD_THREADS,
         o.load_seconds,
         o.close_load_seconds,
@@ -565,12 +569,12 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
     );
     let _ = writeln!(
         out,
-        "| load | clients | requests/s (target / achieved) | errors | agent CPU (user + system) | agent RSS (peak) | tracked clients | kernel-side loss | target | |\n\
-         |---|---|---|---|---|---|---|---|---|---|"
+        "| load | clients | requests/s (target / achieved) | errors | agent CPU (user + system) | agent RSS (peak) | tracked clients | alerts open at the end | kernel-side loss | target | |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
     );
     let _ = writeln!(
         out,
-        "| idle (attached, no traffic, 5 s) | 0 | 0 | 0 | {} % | | | | | |",
+        "| idle (attached, no traffic, 5 s) | 0 | 0 | 0 | {} % | | | | | | |",
         spread(&p.idle_cpu_pct, 2)
     );
     for rows in load_groups(&p.load) {
@@ -603,7 +607,7 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
         let rss_ok = mib(peak) <= AGENT_RSS_TARGET_MIB;
         let _ = writeln!(
             out,
-            "| {} | {} | {} / {:.0} | {} | **{:.2} %** ({:.2}–{:.2}; median round {:.2} + {:.2}) | {:.1} MiB ({:.1} MiB) | {} | {} | ≤ {cpu_target} % and ≤ {AGENT_RSS_TARGET_MIB:.0} MiB at {} req/s | CPU {}, RSS {} |",
+            "| {} | {} | {} / {:.0} | {} | **{:.2} %** ({:.2}–{:.2}; median round {:.2} + {:.2}) | {:.1} MiB ({:.1} MiB) | {} | {} | {} | ≤ {cpu_target} % and ≤ {AGENT_RSS_TARGET_MIB:.0} MiB at {} req/s | CPU {}, RSS {} |",
             first.name,
             first.clients,
             first.target_rate,
@@ -617,6 +621,7 @@ fn path_sections(out: &mut String, o: &Options, without: &[Round], p: &PathResul
             mib(mid.rss_kib),
             mib(peak),
             mid.tracked_addresses,
+            mid.open_alerts,
             loss,
             first.target_rate,
             cpu_verdict(&cpu, cpu_target),
@@ -905,6 +910,7 @@ mod tests {
             rss_kib: 40 * 1024,
             hwm_kib,
             tracked_addresses: 10_000,
+            open_alerts: 0,
             loss: "none".into(),
         }
     }
