@@ -281,9 +281,9 @@ impl FleetState {
     }
 
     /// Fleet alerts and the agents' alerts, open first, then newest.
-    pub fn alerts(&self, detector: &Detector) -> Vec<Alert> {
+    pub fn alerts<'a>(&'a self, detector: &'a Detector) -> Vec<&'a Alert> {
         let mut v = detector.list();
-        v.extend(self.agent_alerts.values().cloned());
+        v.extend(self.agent_alerts.values());
         v.sort_by(|a, b| {
             b.is_open()
                 .cmp(&a.is_open())

@@ -582,21 +582,21 @@ pub fn sanitize(b: &mut Batch, agent: &str) {
             &["low", "medium", "high", "critical"],
             "medium",
         );
-        a.window = one_of(&a.window, &["1m", "10m", "1h", "total"], "total");
+        a.window = one_of(&a.window, &["1m", "10m", "1h", "total"], "total").into();
         a.first_seen = clean_text(&a.first_seen, 64);
         a.last_seen = clean_text(&a.last_seen, 64);
         a.resolved_at = a.resolved_at.as_deref().map(|t| clean_text(t, 64));
-        a.technique.framework = clean_text(&a.technique.framework, 64);
-        a.technique.id = clean_text(&a.technique.id, 64);
-        a.technique.name = clean_text(&a.technique.name, MAX_TEXT_LEN);
+        a.technique.framework = clean_text(&a.technique.framework, 64).into();
+        a.technique.id = clean_text(&a.technique.id, 64).into();
+        a.technique.name = clean_text(&a.technique.name, MAX_TEXT_LEN).into();
         for c in &mut a.conditions {
-            c.metric = clean_text(&c.metric, 64);
-            c.op = clean_text(&c.op, 8);
-            c.window = c.window.as_deref().map(|w| clean_text(w, 16));
+            c.metric = clean_text(&c.metric, 64).into();
+            c.op = clean_text(&c.op, 8).into();
+            c.window = c.window.as_deref().map(|w| clean_text(w, 16).into());
         }
         if let Some(e) = &mut a.explain {
             for p in &mut e.parts {
-                p.signal = clean_text(&p.signal, 64);
+                p.signal = clean_text(&p.signal, 64).into();
                 p.why = clean_text(&p.why, MAX_TEXT_LEN);
             }
             if let Some(r) = &mut e.ring {
@@ -1062,7 +1062,7 @@ mod tests {
             "Flood  <13>1 - host-b sensor - - CEF:0|x |y "
         );
         assert_eq!(
-            (alert.severity.as_str(), alert.window.as_str()),
+            (alert.severity.as_str(), alert.window.as_ref()),
             ("medium", "total")
         );
         assert_eq!(alert.technique.name, "t u");

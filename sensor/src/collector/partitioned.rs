@@ -1126,8 +1126,9 @@ fn view(shared: &Shared, r: &ViewRequest) -> ViewAnswer {
             }
         },
         "alerts" => shared.with_fleet(|f| {
-            answer.alerts = f.state.alerts(&f.detector);
-            answer.alerts.truncate(VIEW_ALERTS);
+            let mut alerts = f.state.alerts(&f.detector);
+            alerts.truncate(VIEW_ALERTS);
+            answer.alerts = alerts.into_iter().cloned().collect();
         }),
         other => {
             answer.error = format!("unknown view `{other}`");

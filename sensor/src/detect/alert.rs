@@ -90,21 +90,27 @@ impl std::fmt::Display for EventKind {
     }
 }
 
+/// A name the agent's own code gives (a key kind, window, metric, operator, signal, the
+/// technique): borrowed from the code, not allocated per alert. An alert held ~30 strings,
+/// most of them these; with 20 000 alerts open the strings were a fifth of the agent's
+/// memory. Read back (a snapshot, the collector's ingest) they are owned as before.
+pub type Label = std::borrow::Cow<'static, str>;
+
 /// A condition as evaluated when the alert last fired: the threshold crossed and the value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Crossed {
-    pub metric: String,
-    pub window: Option<String>,
-    pub op: String,
+    pub metric: Label,
+    pub window: Option<Label>,
+    pub op: Label,
     pub threshold: f64,
     pub value: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Technique {
-    pub framework: String,
-    pub id: String,
-    pub name: String,
+    pub framework: Label,
+    pub id: Label,
+    pub name: Label,
 }
 
 /// One window's counters in an alert's evidence.
@@ -234,7 +240,7 @@ impl From<BTreeMap<String, f64>> for Evidence {
 /// One signal's contribution to a score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Part {
-    pub signal: String,
+    pub signal: Label,
     /// The signal's value (tokens/minute, a share, a ratio, a count: see `why`).
     pub value: f64,
     pub points: f64,
@@ -290,13 +296,13 @@ pub struct Alert {
     pub rule_id: String,
     pub rule_name: String,
     /// address, group, identity or forwarded.
-    pub key_kind: String,
+    pub key_kind: Label,
     pub key: String,
     pub severity: String,
     pub mode: Mode,
     pub state: AlertState,
     /// The shortest window among the rule's conditions ("1m" ...), or "total".
-    pub window: String,
+    pub window: Label,
     /// The key's counters when the alert last fired.
     pub evidence: Evidence,
     pub conditions: Vec<Crossed>,

@@ -179,7 +179,7 @@ impl Candidate<'_> {
             .iter()
             .map(|cond| Crossed {
                 metric: cond.metric.name().into(),
-                window: cond.window.map(|w| w.name().to_owned()),
+                window: cond.window.map(|w| w.name().into()),
                 op: cond.op.symbol().into(),
                 threshold: cond.value,
                 value: self.value(cond, inputs, memo),
@@ -203,12 +203,12 @@ impl Candidate<'_> {
 struct Draft<'a> {
     rule_id: &'a str,
     rule_name: &'a str,
-    key_kind: &'a str,
+    key_kind: &'static str,
     key: &'a str,
     severity: &'a str,
     mode: Mode,
     /// The shortest window of the conditions ("total" for none) and its start.
-    window: &'a str,
+    window: &'static str,
     window_start: u64,
     evidence: Evidence,
     crossed: Vec<Crossed>,
@@ -224,12 +224,12 @@ impl Draft<'_> {
             ),
             rule_id: self.rule_id.to_owned(),
             rule_name: self.rule_name.to_owned(),
-            key_kind: self.key_kind.to_owned(),
+            key_kind: self.key_kind.into(),
             key: self.key.to_owned(),
             severity: self.severity.to_owned(),
             mode: self.mode,
             state: AlertState::Open,
-            window: self.window.to_owned(),
+            window: self.window.into(),
             evidence: self.evidence,
             conditions: self.crossed,
             baseline: (baseline.history_minutes > 0).then(|| baseline.clone()),
@@ -437,9 +437,11 @@ impl Detector {
     }
 
     /// Open alerts first (most severe, then newest), then resolved ones (newest first).
-    pub fn list(&self) -> Vec<Alert> {
+    /// Borrowed: with thousands open, a copy of each for one API answer doubled the memory
+    /// they take.
+    pub fn list(&self) -> Vec<&Alert> {
         let rank = |s: &str| SEVERITIES.iter().position(|x| *x == s).unwrap_or(0);
-        let mut v: Vec<Alert> = self.state.alerts.values().cloned().collect();
+        let mut v: Vec<&Alert> = self.state.alerts.values().map(|a| &**a).collect();
         v.sort_by(|a, b| {
             b.is_open()
                 .cmp(&a.is_open())

@@ -41,7 +41,7 @@ struct Parts {
 }
 
 impl Parts {
-    fn add(&mut self, signal: &str, value: f64, points: f64, why: impl FnOnce() -> String) {
+    fn add(&mut self, signal: &'static str, value: f64, points: f64, why: impl FnOnce() -> String) {
         let points = (points * 100.0).round() / 100.0;
         self.total += points;
         if self.explain {

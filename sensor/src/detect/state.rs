@@ -49,7 +49,7 @@ const UPDATE_EVERY_MS: u64 = 60_000;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DetectorState {
     /// Open alerts and resolved ones kept for display (bounded).
-    pub alerts: BTreeMap<String, Alert>,
+    pub alerts: BTreeMap<String, Box<Alert>>,
     /// (rule, kind, key) -> since when the rule's conditions hold. An evaluation marks the
     /// slots it finds holding with its pass number instead of collecting them in a set: under
     /// a timing rule that is every key, each evaluation, and a set cost an allocation and a
@@ -165,7 +165,7 @@ impl DetectorState {
         *sent = now.unix_ms;
         Some(AlertEvent {
             event: EventKind::Update,
-            alert: a.clone(),
+            alert: (**a).clone(),
         })
     }
 
@@ -189,7 +189,8 @@ impl DetectorState {
         self.open.insert(slot, alert.id.clone());
         self.event_sent_ms
             .insert(alert.id.clone(), alert.first_seen_ms);
-        self.alerts.insert(alert.id.clone(), alert.clone());
+        self.alerts
+            .insert(alert.id.clone(), Box::new(alert.clone()));
         AlertEvent {
             event: EventKind::Open,
             alert,
@@ -241,7 +242,7 @@ impl DetectorState {
                 a.resolved_at = Some(rfc3339(now.unix_ms));
                 events.push(AlertEvent {
                     event: EventKind::Resolve,
-                    alert: a.clone(),
+                    alert: (**a).clone(),
                 });
                 resolved.push(slot.clone());
             }

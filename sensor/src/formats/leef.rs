@@ -52,16 +52,16 @@ pub fn attributes(rec: &Record) -> Vec<(&'static str, String)> {
         ("sequence", rec.seq.to_string()),
         ("ruleId", a.rule_id.clone()),
         ("ruleName", a.rule_name.clone()),
-        ("keyKind", a.key_kind.clone()),
+        ("keyKind", a.key_kind.to_string()),
         ("key", a.key.clone()),
         ("severity", a.severity.clone()),
         ("requests", requests.to_string()),
-        ("window", a.window.clone()),
+        ("window", a.window.to_string()),
         ("startTime", a.first_seen_ms.to_string()),
         ("endTime", a.last_seen_ms.to_string()),
-        ("techniqueId", a.technique.id.clone()),
-        ("techniqueName", a.technique.name.clone()),
-        ("framework", a.technique.framework.clone()),
+        ("techniqueId", a.technique.id.to_string()),
+        ("techniqueName", a.technique.name.to_string()),
+        ("framework", a.technique.framework.to_string()),
     ]);
     attrs
 }

@@ -57,7 +57,7 @@ impl Record {
 
     /// The alert's key as an IP address, when it is one (address and forwarded keys).
     pub fn source_ip(&self) -> Option<std::net::IpAddr> {
-        match self.alert.key_kind.as_str() {
+        match self.alert.key_kind.as_ref() {
             "address" | "forwarded" => self.alert.key.parse().ok(),
             _ => None,
         }

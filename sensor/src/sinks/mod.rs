@@ -93,7 +93,7 @@ pub mod tests {
             id: format!("request-flood:{key_kind}:{key}:1800000000"),
             rule_id: "request-flood".into(),
             rule_name: "Sustained request flood".into(),
-            key_kind: key_kind.into(),
+            key_kind: key_kind.to_owned().into(),
             key: key.into(),
             severity: "high".into(),
             mode: Mode::Alert,

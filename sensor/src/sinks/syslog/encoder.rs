@@ -77,17 +77,17 @@ impl Rfc5424 {
             ("event", rec.event.clone()),
             ("alert", a.id.clone()),
             ("rule", a.rule_id.clone()),
-            ("key_kind", a.key_kind.clone()),
+            ("key_kind", a.key_kind.to_string()),
             ("key", a.key.clone()),
             ("severity", a.severity.clone()),
             ("mode", a.mode.to_string()),
-            ("window", a.window.clone()),
+            ("window", a.window.to_string()),
             ("requests", requests.to_string()),
             ("bytes_in", bytes_in.to_string()),
             ("bytes_out", bytes_out.to_string()),
             ("first_seen", a.first_seen.clone()),
             ("last_seen", a.last_seen.clone()),
-            ("technique", a.technique.id.clone()),
+            ("technique", a.technique.id.to_string()),
         ];
         let mut sd = format!("[{}", self.sd_id);
         for (name, value) in params {
