@@ -582,6 +582,20 @@ impl Agent {
         self.api("/v1/health")
     }
 
+    /// The agent's alert log (alerts.jsonl), once every alert event the API can show has
+    /// been written: the agent writes it on a thread of its own.
+    pub fn alert_log(&self) -> Vec<serde_json::Value> {
+        wait_for(
+            "the agent's alert log to be written",
+            Duration::from_secs(30),
+            || match self.health()["alert_log_queued"].as_u64() {
+                Some(0) => Ok(()),
+                other => Err(format!("alert_log_queued {other:?}")),
+            },
+        );
+        crate::siem::read_jsonl(&self.state_dir.join("alerts.jsonl"))
+    }
+
     /// Waits until every connection in `expected_remotes` is reported closed.
     pub fn wait_closed(&self, expected: usize, filter: impl Fn(&Conn) -> bool) -> Vec<Conn> {
         wait_for(

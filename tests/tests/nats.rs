@@ -605,7 +605,8 @@ impl Host {
     /// The ids the SIEM gets for this agent's alert events (`<agent>:<alert id>:<event>:
     /// <updates>`), in the order of its alerts.jsonl.
     fn alert_event_ids(&self) -> Vec<String> {
-        read_jsonl(&self.agent.state_dir.join("alerts.jsonl"))
+        self.agent
+            .alert_log()
             .iter()
             .map(|e| {
                 format!(
@@ -770,7 +771,9 @@ fn log_tails(cs: &[&Collector]) -> String {
 fn agent_alert_ids(hosts: &[Host], rule: &str) -> Vec<String> {
     let mut ids = Vec::new();
     for h in hosts {
-        let own: BTreeSet<String> = read_jsonl(&h.agent.state_dir.join("alerts.jsonl"))
+        let own: BTreeSet<String> = h
+            .agent
+            .alert_log()
             .iter()
             .filter(|e| e["alert"]["rule_id"] == rule)
             .filter_map(|e| e["alert"]["id"].as_str().map(str::to_owned))

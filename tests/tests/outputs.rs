@@ -178,7 +178,9 @@ impl Run {
                 }
             },
         );
-        let expected: Vec<Expected> = read_jsonl(&self.agent.state_dir.join("alerts.jsonl"))
+        let expected: Vec<Expected> = self
+            .agent
+            .alert_log()
             .into_iter()
             .map(|l| {
                 let alert = l["alert"].clone();

@@ -56,6 +56,9 @@ struct Health<'a> {
     loss: std::collections::BTreeMap<&'static str, u64>,
     /// Alert events the alert log could not take (the outputs still got them).
     alert_log_lost: u64,
+    /// Alert events on their way to the alert log: every event of an alert the API shows is
+    /// in the log once this is 0.
+    alert_log_queued: usize,
     /// Early parts of periods shipped to the collector since start (docs/collector.md).
     early_parts_shipped: u64,
     clients: ClientsHealth,
@@ -192,6 +195,9 @@ pub fn route_request(
                 closed_connections_total: state.table.closed_total,
                 loss: state.loss.iter().copied().collect(),
                 alert_log_lost: state.alert_log_lost,
+                alert_log_queued: state
+                    .alert_log_queued
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 early_parts_shipped: state.early.count,
                 clients: ClientsHealth {
                     max_clients: state.max_clients,

@@ -441,6 +441,7 @@ mod tests {
             shipped_through: 0,
             early: Default::default(),
             alert_log_lost: 0,
+            alert_log_queued: Default::default(),
             table: ConnTable::new(Duration::from_secs(60), 10),
             agg: Aggregator::new(max_clients, 24, 56),
             max_clients,

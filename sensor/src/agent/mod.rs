@@ -28,7 +28,7 @@ use identity::{HeadStats, Identities, Ready, load_secret, secret_path};
 use shared::{AgentState, SharedState};
 
 use crate::{
-    alerting::{alerts_path, detect_settings, hostname, record_alerts},
+    alerting::{alerts_path, detect_settings, hostname},
     cli::{RunArgs, effective_config},
     config::Config,
     detect::{Detector, DetectorState},
@@ -72,6 +72,7 @@ struct Pipeline {
     /// The start's read of live connections was incomplete: restored connections the kernel
     /// no longer holds are closed at the first complete poll instead.
     forget_pending: bool,
+    alert_log: crate::alerting::AlertLog,
 }
 
 /// What one read of the kernel's connection maps leaves to its caller.
@@ -322,6 +323,8 @@ impl Pipeline {
             } = &mut *s;
             let now = Now::system();
             let events = detector.evaluate(agg, now);
+            // Counted as on their way to the log before the API can show what they changed.
+            self.alert_log.reserve(events.len());
             if outputs.shipping() {
                 // The fleet rules get these clients' period so far at the next ship tick.
                 early.want(
@@ -339,14 +342,16 @@ impl Pipeline {
             }
             events
         };
-        let lost = record_alerts(
-            &alerts_path(&self.config.detect, &self.config.state.dir),
-            &events,
-        );
-        if lost > 0 {
-            lock(&self.state)?.alert_log_lost += lost;
-        }
         outputs.publish(&events);
+        // Written off the loop (see `AlertLog`).
+        self.alert_log.record(
+            alerts_path(&self.config.detect, &self.config.state.dir),
+            events,
+        );
+        let lost = self.alert_log.lost();
+        if lost > 0 {
+            lock(&self.state)?.alert_log_lost = lost;
+        }
         if outputs.shipping() {
             // At once, not at the next shipping tick: the fleet rules' second. Through `ship`:
             // a period that just ended goes first (a part of the new one merged before it
@@ -701,6 +706,7 @@ fn restore_state(
             &config.state.dir,
         )),
         alert_log_lost: 0,
+        alert_log_queued: Default::default(),
     };
     Ok((state, legacy))
 }
@@ -856,6 +862,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         sample,
         retire_legacy,
         forget_pending: false,
+        alert_log: crate::alerting::AlertLog::start(lock(&state)?.alert_log_queued.clone())
+            .context("starting the alert log's writer")?,
     };
     pipeline.catch_up(closed.get_mut())?;
     pipeline

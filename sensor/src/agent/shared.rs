@@ -35,6 +35,8 @@ pub struct AgentState {
     pub early: crate::ship::early::EarlyParts,
     /// Alert events the alert log could not take (disk full, unwritable path).
     pub alert_log_lost: u64,
+    /// Alert events handed to the alert log's writer and not yet written (`AlertLog`).
+    pub alert_log_queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub type SharedState = Arc<Mutex<AgentState>>;
