@@ -224,7 +224,7 @@ mod tests {
         let path = dir.join("alerts.jsonl");
         let event = AlertEvent {
             event: EventKind::Open,
-            alert: crate::sinks::tests::alert("address", "10.1.2.3"),
+            alert: crate::sinks::tests::alert("address", "10.1.2.3").into(),
         };
         let line = serde_json::to_string(&event).expect("json").len() as u64 + 1;
         // Three events per file: ten events fill the file and three rotated ones.
@@ -263,7 +263,7 @@ mod tests {
         let path = dir.join("alerts.jsonl");
         let event = |key: &str| AlertEvent {
             event: EventKind::Open,
-            alert: crate::sinks::tests::alert("address", key),
+            alert: crate::sinks::tests::alert("address", key).into(),
         };
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let log = AlertLog::start(queued.clone()).expect("writer");

@@ -666,7 +666,8 @@ mod tests {
                                 // The collector sets it to the token's agent name.
                                 host: "host-a".into(),
                                 ..crate::sinks::tests::alert("address", "10.1.2.3")
-                            },
+                            }
+                            .into(),
                         },
                     )
                 },

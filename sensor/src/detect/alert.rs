@@ -335,11 +335,14 @@ pub fn event_id(alert: &Alert, event: &str) -> String {
     format!("{}:{event}:{}", alert.id, alert.updates)
 }
 
-/// What happened to an alert, for the JSON lines file and the shipping outputs.
+/// What happened to an alert, for the JSON lines file and the shipping outputs. The alert is
+/// shared with the detector's copy (copied only if the detector changes it while the event is
+/// still on its way): an evaluation that opened 20 000 alerts made a copy of each, ~50 MB at
+/// once, which the allocator kept.
 #[derive(Debug, Clone, Serialize)]
 pub struct AlertEvent {
     pub event: EventKind,
-    pub alert: Alert,
+    pub alert: std::sync::Arc<Alert>,
 }
 
 #[cfg(test)]

@@ -931,7 +931,7 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
         let ev = d.evaluate(&agg, at(2000));
         let rings: Vec<&Alert> = ev
             .iter()
-            .map(|e| &e.alert)
+            .map(|e| &*e.alert)
             .filter(|a| a.rule_id == RING_RULE_ID)
             .collect();
         assert_eq!(rings.len(), 1, "{rings:#?}");
@@ -969,7 +969,7 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
         let expected: Vec<Alert> = d
             .evaluate(&whole, at(2000))
             .into_iter()
-            .map(|e| e.alert)
+            .map(|e| (*e.alert).clone())
             .filter(|a| a.rule_id == RING_RULE_ID)
             .collect();
         assert_eq!(expected.len(), 1, "{expected:#?}");
@@ -1121,7 +1121,7 @@ when = [{ metric = "active_addresses", window = "10m", op = ">=", value = 3 }]"#
             d.evaluate(&agg, at(4400))
                 .into_iter()
                 .filter(|e| e.alert.rule_id == RING_RULE_ID)
-                .map(|e| e.alert.key)
+                .map(|e| e.alert.key.clone())
                 .collect::<Vec<_>>()
         };
         assert_eq!(

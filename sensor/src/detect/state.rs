@@ -49,7 +49,7 @@ const UPDATE_EVERY_MS: u64 = 60_000;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DetectorState {
     /// Open alerts and resolved ones kept for display (bounded).
-    pub alerts: BTreeMap<String, Box<Alert>>,
+    pub alerts: BTreeMap<String, std::sync::Arc<Alert>>,
     /// (rule, kind, key) -> since when the rule's conditions hold. An evaluation marks the
     /// slots it finds holding with its pass number instead of collecting them in a set: under
     /// a timing rule that is every key, each evaluation, and a set cost an allocation and a
@@ -147,7 +147,8 @@ impl DetectorState {
         explain: Option<Explanation>,
         now: Now,
     ) -> Option<AlertEvent> {
-        let a = self.alerts.get_mut(id)?;
+        let shared = self.alerts.get_mut(id)?;
+        let a = std::sync::Arc::make_mut(shared);
         a.updates += 1;
         a.last_seen_ms = now.unix_ms;
         a.last_seen = rfc3339(now.unix_ms);
@@ -165,7 +166,7 @@ impl DetectorState {
         *sent = now.unix_ms;
         Some(AlertEvent {
             event: EventKind::Update,
-            alert: (**a).clone(),
+            alert: shared.clone(),
         })
     }
 
@@ -189,8 +190,8 @@ impl DetectorState {
         self.open.insert(slot, alert.id.clone());
         self.event_sent_ms
             .insert(alert.id.clone(), alert.first_seen_ms);
-        self.alerts
-            .insert(alert.id.clone(), Box::new(alert.clone()));
+        let alert = std::sync::Arc::new(alert);
+        self.alerts.insert(alert.id.clone(), alert.clone());
         AlertEvent {
             event: EventKind::Open,
             alert,
@@ -233,16 +234,17 @@ impl DetectorState {
                 continue;
             }
             // An open slot without its alert has nothing to resolve: just close the slot.
-            let Some(a) = self.alerts.get_mut(id) else {
+            let Some(shared) = self.alerts.get_mut(id) else {
                 resolved.push(slot.clone());
                 continue;
             };
-            if now.unix_ms.saturating_sub(a.last_seen_ms) >= resolve_after_ms {
+            if now.unix_ms.saturating_sub(shared.last_seen_ms) >= resolve_after_ms {
+                let a = std::sync::Arc::make_mut(shared);
                 a.state = AlertState::Resolved;
                 a.resolved_at = Some(rfc3339(now.unix_ms));
                 events.push(AlertEvent {
                     event: EventKind::Resolve,
-                    alert: (**a).clone(),
+                    alert: shared.clone(),
                 });
                 resolved.push(slot.clone());
             }

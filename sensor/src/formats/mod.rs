@@ -32,7 +32,7 @@ impl Record {
             id: event_id(&e.alert, e.event.as_str()),
             seq: 0,
             event: e.event.as_str().to_owned(),
-            alert: e.alert.clone(),
+            alert: (*e.alert).clone(),
         }
     }
 

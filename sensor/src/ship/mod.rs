@@ -158,7 +158,7 @@ impl ShipRecord {
             seq: 0,
             payload: Payload::Alert {
                 event: e.event.as_str().to_owned(),
-                alert: Box::new(e.alert.clone()),
+                alert: Box::new((*e.alert).clone()),
             },
         }
     }

@@ -379,7 +379,7 @@ mod tests {
         let alert = crate::sinks::tests::alert(kind, key);
         let e = crate::detect::AlertEvent {
             event: crate::detect::EventKind::Open,
-            alert,
+            alert: alert.into(),
         };
         ShipRecord {
             seq,

@@ -148,7 +148,7 @@ pub mod tests {
         let events: Vec<_> = (0..3)
             .map(|i| crate::detect::AlertEvent {
                 event: crate::detect::EventKind::Open,
-                alert: alert("address", &format!("10.0.0.{i}")),
+                alert: alert("address", &format!("10.0.0.{i}")).into(),
             })
             .collect();
         outputs.publish(&events);

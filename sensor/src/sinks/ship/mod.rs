@@ -103,7 +103,7 @@ mod tests {
         let alert = crate::sinks::tests::alert("address", "10.0.0.1");
         let e = AlertEvent {
             event: crate::detect::EventKind::Open,
-            alert,
+            alert: alert.into(),
         };
         let rec = crate::formats::Record::new(&e);
         assert_eq!(
